@@ -1,0 +1,27 @@
+# Every target brings the virtual environment up to date first (near-instant when it already is).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+HPD    := $(VENV)/bin/hpd
+STAMP  := $(VENV)/.installed
+PYTHON ?= python3
+
+.PHONY: teacher-cache distill test bench status clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+teacher-cache: $(STAMP)
+	$(HPD) run --until score
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+status: $(STAMP)
+	$(HPD) status
+
+clean:
+	rm -rf work

@@ -1,0 +1,109 @@
+"""The `hpd` command line."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub at run time
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from storage.logit_cache import CacheMismatchError  # noqa: E402
+from storage.shards import CorruptShardError  # noqa: E402
+
+from . import config as config_mod  # noqa: E402
+from .errors import HpdError  # noqa: E402
+from .graph import STAGES  # noqa: E402
+from .stage import Runner, context_from_config  # noqa: E402
+
+USER_ERRORS = (HpdError, CorruptShardError, CacheMismatchError)
+
+config_option = click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+                             help="run configuration (TOML); defaults to the built-in math run")
+set_option = click.option("--set", "-s", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                          help="override one config value, e.g. --set score.top_k=32 (repeatable)")
+
+
+def _runner(config_path, overrides) -> Runner:
+    cfg = config_mod.load(config_path, overrides)
+    return Runner(STAGES, cfg, context_from_config(cfg))
+
+
+@click.group()
+def cli():
+    """hpd: offline-first Hybrid Policy Distillation with shared teacher logit caches."""
+
+
+@cli.command()
+@click.argument("stage", required=False)
+@click.option("--until", help="run out-of-date stages up to and including this one")
+@click.option("--force", is_flag=True, help="rerun even if up to date")
+@config_option
+@set_option
+def run(stage, until, force, config_path, overrides):
+    """Run STAGE, or every out-of-date stage in order."""
+    runner = _runner(config_path, overrides)
+    if stage and until:
+        raise HpdError("give either a STAGE or --until, not both")
+    if until:
+        if until not in runner.order:
+            raise HpdError(f"unknown stage {until!r}; stages: {', '.join(runner.order)}")
+        for name in runner.order[:runner.order.index(until) + 1]:
+            runner.run_stage(name, force=force)
+    else:
+        runner.run(stage, force=force)
+    _print_status(runner)
+
+
+@cli.command()
+@config_option
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(config_path, overrides, as_json):
+    """Show every stage's state for the configured run."""
+    _print_status(_runner(config_path, overrides), as_json)
+
+
+def _print_status(runner: Runner, as_json: bool = False) -> None:
+    rows = []
+    for name in runner.order:
+        state, detail = runner.state(name)
+        m = runner.manifest(name) or {}
+        rows.append({"stage": name, "state": state, "detail": detail, "seconds": m.get("seconds"),
+                     "outputs": m.get("outputs", {})})
+    if as_json:
+        click.echo(json.dumps({"run": runner.ctx.run_name, "run_dir": str(runner.ctx.run_dir), "stages": rows},
+                              indent=1))
+        return
+    click.echo(f"run {runner.ctx.run_name}  ({runner.ctx.run_dir})")
+    for r in rows:
+        secs = f"{r['seconds']:.1f}s" if r["seconds"] is not None else ""
+        click.echo(f"  {r['stage']:<10} {r['state']:<12} {secs:>8}  {r['detail'] or _summary(r['outputs'])}")
+
+
+def _summary(outputs: dict) -> str:
+    if "cache" in outputs:
+        return (f"{outputs['cache']}  {outputs['tokens']:,} tokens, {outputs['bytes'] / 1e6:.1f} MB, "
+                f"{outputs['bytes_per_token']} B/token")
+    if "model_dir" in outputs:
+        rep = outputs.get("report") or {}
+        acc = f"  held-out acc {rep['heldout_accuracy']:.1%}" if rep else ""
+        return f"{outputs['model_dir']}{acc}"
+    if "sequences" in outputs:
+        return f"{outputs['count']:,} sequences, {outputs['tokens']:,} tokens"
+    return ""
+
+
+def main():
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except USER_ERRORS as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)

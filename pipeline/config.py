@@ -1,0 +1,86 @@
+"""Run configuration: built-in defaults, then a user TOML file, then --set overrides.
+
+Every key a user may set exists in defaults.toml with its type; an unknown key or a value of the wrong type
+is an error, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+
+from .errors import HpdError
+
+DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
+
+
+def defaults() -> dict:
+    return tomllib.loads(DEFAULTS_FILE.read_text())
+
+
+def _coerce(where: str, default, value):
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    raise HpdError(f"config {where} must be a {type(default).__name__}, got {value!r}")
+
+
+def _merge(base: dict, update: dict, source: str) -> None:
+    for section, values in update.items():
+        if section not in base or not isinstance(values, dict):
+            raise HpdError(f"unknown config section [{section}] in {source}; known: {', '.join(base)}")
+        for key, value in values.items():
+            if key not in base[section]:
+                raise HpdError(f"unknown config key {section}.{key} in {source}; "
+                               f"known keys of [{section}]: {', '.join(base[section])}")
+            base[section][key] = _coerce(f"{section}.{key}", base[section][key], value)
+
+
+def parse_override(text: str) -> dict:
+    """`section.key=value`; the value is read as TOML (numbers, booleans, quoted strings), else as a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise HpdError(f"override {text!r} must look like SECTION.KEY=VALUE, e.g. score.top_k=32")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return {section: {key: value}}
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    cfg = copy.deepcopy(defaults())
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise HpdError(f"config file {path} does not exist; pass an existing TOML file to --config")
+        try:
+            user = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise HpdError(f"config file {path} is not valid TOML: {e}") from None
+        _merge(cfg, user, str(path))
+    for text in overrides:
+        _merge(cfg, parse_override(text), "--set")
+    return cfg
+
+
+def dumps(cfg: dict) -> str:
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    return "\n".join(f"[{s}]\n" + "".join(f"{k} = {fmt(v)}\n" for k, v in vals.items())
+                     for s, vals in cfg.items())

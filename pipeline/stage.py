@@ -1,0 +1,157 @@
+"""The stage contract and the runner that decides what is out of date.
+
+A stage reads one config section and the published outputs of the stages it names as inputs, and returns
+its own outputs (always with a "fingerprint" that downstream stages key on). The runner records a manifest
+per stage in the run directory: config fingerprint, input fingerprints, code version, outputs and timings.
+A stage whose manifest matches its current config and inputs, and whose outputs still exist, is skipped.
+Stages publish their bulk outputs atomically themselves (storage/ does that) and resume from their last
+published shard, so the runner only has to rerun what is not done.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from storage import atomic
+from storage.fingerprint import digest
+
+from .errors import HpdError
+
+
+@dataclass
+class Context:
+    """Where a run keeps its things. Caches and models are shared by every run under the same home."""
+    home: Path
+    run_name: str
+    seed: int
+    log: Callable[[str], None] = print
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "runs" / self.run_name
+
+    @property
+    def cache_root(self) -> Path:
+        return self.home / "caches"
+
+    @property
+    def model_root(self) -> Path:
+        return self.home / "models"
+
+    def stage_dir(self, stage: str) -> Path:
+        d = self.run_dir / stage
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+@dataclass
+class Stage:
+    name: str
+    module: str                       # stages.<module> with run(ctx, cfg, inputs) and published(outputs)
+    section: str                      # the one config section it reads
+    inputs: tuple[str, ...] = ()
+    doc: str = ""
+    _mod: object = field(default=None, repr=False)
+
+    @property
+    def impl(self):
+        if self._mod is None:
+            self._mod = importlib.import_module(self.module)
+        return self._mod
+
+    def code_version(self) -> str:
+        return hashlib.sha256(Path(inspect.getfile(self.impl)).read_bytes()).hexdigest()[:12]
+
+
+def context_from_config(cfg: dict) -> Context:
+    home = Path(os.environ.get("HPD_HOME") or cfg["run"]["home"]).resolve()
+    return Context(home=home, run_name=cfg["run"]["name"], seed=cfg["run"]["seed"])
+
+
+class Runner:
+    def __init__(self, stages: list[Stage], cfg: dict, ctx: Context):
+        self.stages = {s.name: s for s in stages}
+        self.order = [s.name for s in stages]
+        self.cfg, self.ctx = cfg, ctx
+
+    # -- manifests -------------------------------------------------------------------------------------
+    def manifest_path(self, name: str) -> Path:
+        return self.ctx.run_dir / name / "manifest.json"
+
+    def manifest(self, name: str) -> dict | None:
+        p = self.manifest_path(name)
+        return atomic.read_json(p) if p.exists() else None
+
+    def config_fingerprint(self, name: str) -> str:
+        return digest({"section": self.cfg[self.stages[name].section], "seed": self.ctx.seed})
+
+    # -- state -----------------------------------------------------------------------------------------
+    def state(self, name: str) -> tuple[str, str]:
+        """(state, detail) with state one of done, stale, interrupted, missing, waiting."""
+        stage = self.stages[name]
+        for up in stage.inputs:
+            if self.state(up)[0] != "done":
+                return "waiting", f"needs {up}"
+        m = self.manifest(name)
+        attempt = self.ctx.run_dir / name / "attempt.json"
+        if m is None:
+            return ("interrupted", "resumes from its last published shard") if attempt.exists() else ("missing", "")
+        if m["config_fingerprint"] != self.config_fingerprint(name):
+            return "stale", f"[{stage.section}] config changed"
+        current = {up: self.manifest(up)["outputs"]["fingerprint"] for up in stage.inputs}
+        if m["inputs"] != current:
+            changed = [up for up in stage.inputs if m["inputs"].get(up) != current[up]]
+            return "stale", f"input changed: {', '.join(changed)}"
+        if not stage.impl.published(m["outputs"]):
+            return "stale", "published output is missing"
+        return "done", ""
+
+    # -- running ---------------------------------------------------------------------------------------
+    def run_stage(self, name: str, force: bool = False) -> dict:
+        stage = self.stages[name]
+        for up in stage.inputs:
+            st, detail = self.state(up)
+            if st != "done":
+                raise HpdError(f"stage {name} needs {up}, which is {st}{f' ({detail})' if detail else ''}; "
+                               f"run `hpd run {up}` first, or `hpd run` for everything")
+        if not force and self.state(name)[0] == "done":
+            self.ctx.log(f"[{name}] up to date")
+            return self.manifest(name)
+        inputs = {up: self.manifest(up)["outputs"] for up in stage.inputs}
+        section = self.cfg[stage.section]
+        attempt = self.ctx.stage_dir(name) / "attempt.json"
+        atomic.write_json(attempt, {"started": time.time(), "config_fingerprint": self.config_fingerprint(name)})
+        self.ctx.log(f"[{name}] running")
+        t0 = time.time()
+        outputs = stage.impl.run(self.ctx, section, inputs)
+        seconds = time.time() - t0
+        manifest = {
+            "stage": name, "run": self.ctx.run_name, "config": section, "seed": self.ctx.seed,
+            "config_fingerprint": self.config_fingerprint(name),
+            "inputs": {up: inputs[up]["fingerprint"] for up in stage.inputs},
+            "code_version": stage.code_version(), "outputs": outputs,
+            "finished_at": time.time(), "seconds": round(seconds, 2),
+        }
+        atomic.write_json(self.manifest_path(name), manifest)
+        attempt.unlink(missing_ok=True)
+        self.ctx.log(f"[{name}] done in {seconds:.1f}s")
+        return manifest
+
+    def run(self, target: str | None = None, force: bool = False) -> None:
+        self.ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        from .config import dumps
+
+        atomic.write_bytes(self.ctx.run_dir / "config.toml", dumps(self.cfg).encode())
+        if target is not None:
+            if target not in self.stages:
+                raise HpdError(f"unknown stage {target!r}; stages: {', '.join(self.order)}")
+            self.run_stage(target, force=force)
+            return
+        for name in self.order:
+            self.run_stage(name, force=force)

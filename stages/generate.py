@@ -1,0 +1,164 @@
+"""generate: prompts become token sequences (prompt + response) for the teacher to score.
+
+Responses are either the data set's own (off-policy data, as the paper does for math) or N samples per
+prompt from the teacher (SeqKD-style). Sequences are published in shards, so an interrupted teacher
+sampling run resumes after its last shard.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.errors import HpdError
+from storage import sequences as seqstore
+from storage.fingerprint import digest, file_digest
+
+from . import modeling
+
+
+def read_prompts(path: str, prompt_field: str, response_field: str | None, limit: int = 0):
+    """(prompts, responses) from a JSONL / JSON / Parquet / Arrow file or a saved dataset directory."""
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise HpdError(f"prompts file {p} does not exist; set generate.prompts to a JSONL, Parquet or Arrow file")
+    datasets.disable_progress_bars()
+    try:
+        if p.is_dir():
+            ds = datasets.load_from_disk(str(p))
+        elif p.suffix in (".jsonl", ".json"):
+            ds = _read_json(p)
+        elif p.suffix == ".parquet":
+            ds = datasets.Dataset.from_parquet(str(p))
+        elif p.suffix == ".arrow":
+            ds = datasets.Dataset.from_file(str(p))
+        else:
+            raise HpdError(f"prompts file {p}: unknown format {p.suffix!r}; use .jsonl, .json, .parquet or .arrow")
+    except HpdError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise HpdError(f"prompts file {p} cannot be read ({str(e).splitlines()[0]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise HpdError(f"{p} holds several splits ({', '.join(ds)}); point generate.prompts at one split")
+    for field in filter(None, (prompt_field, response_field)):
+        if field not in ds.column_names:
+            raise HpdError(f"{p} has no field {field!r} (fields: {', '.join(ds.column_names)}); "
+                           f"set generate.prompt_field / generate.response_field")
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    prompts = ds[prompt_field]
+    responses = ds[response_field] if response_field else None
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str) or not text.strip():
+            raise HpdError(f"{p} row {i + 1}: the prompt is empty; fill it in or remove the row")
+    if responses is not None:
+        for i, text in enumerate(responses):
+            if not isinstance(text, str) or not text:
+                raise HpdError(f"{p} row {i + 1}: the response is empty; fill it in, remove the row, "
+                               f"or use generate.mode=\"teacher\"")
+    return prompts, responses
+
+
+def _read_json(p: Path):
+    import datasets
+
+    try:
+        return datasets.Dataset.from_json(str(p))
+    except Exception:
+        # datasets' own error does not say where; find the first bad line for the user.
+        with open(p) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise HpdError(f"{p} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+                if not isinstance(obj, dict):
+                    raise HpdError(f"{p} line {n} is not a JSON object; each line must be {{\"prompt\": ...}}")
+        raise
+
+
+def encode_pair(tokenizer, prompt: str, response: str | None) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and (if given) the response, through the chat template when there is one."""
+    if tokenizer.chat_template:
+        user = [{"role": "user", "content": prompt}]
+        p_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(p_text, add_special_tokens=False)["input_ids"]
+        if response is None:
+            return p_ids, []
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+        if not full.startswith(p_text):
+            raise HpdError("the tokenizer's chat template does not render the prompt as a prefix of the "
+                           "conversation; responses cannot be separated from prompts")
+        return p_ids, tokenizer(full[len(p_text):], add_special_tokens=False)["input_ids"]
+    p_ids = tokenizer(prompt)["input_ids"]
+    if response is None:
+        return p_ids, []
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        r_ids = r_ids + [tokenizer.eos_token_id]
+    return p_ids, r_ids
+
+
+def run(ctx, cfg: dict, inputs: dict) -> dict:
+    teacher, data = inputs["teacher"], inputs["data"]
+    source = cfg["prompts"] or data.get("train")
+    if not source:
+        raise HpdError("generate.prompts is empty and there is no built-in task; set generate.prompts to a file")
+    if cfg["mode"] not in ("dataset", "teacher"):
+        raise HpdError(f"generate.mode must be \"dataset\" or \"teacher\", got {cfg['mode']!r}")
+    if cfg["samples_per_prompt"] < 1 or cfg["shard_size"] < 1 or cfg["temperature"] <= 0:
+        raise HpdError("generate.samples_per_prompt and generate.shard_size must be >= 1, temperature > 0")
+    from_data = cfg["mode"] == "dataset"
+    prompts, responses = read_prompts(source, cfg["prompt_field"], cfg["response_field"] if from_data else None,
+                                      cfg["num_prompts"])
+    model, tokenizer = modeling.load_causal_lm(teacher["model_dir"])
+    context = modeling.context_length(model)
+    pairs = [encode_pair(tokenizer, p, r) for p, r in
+             zip(prompts, responses if from_data else [None] * len(prompts))]
+    for i, (p, r) in enumerate(pairs):
+        n = len(p) + (len(r) if from_data else cfg["max_new_tokens"])
+        if n > context:
+            what = "prompt + response" if from_data else "prompt + generate.max_new_tokens"
+            raise HpdError(f"{source} row {i + 1}: {what} is {n} tokens, longer than the teacher's context of "
+                           f"{context}; shorten it or lower generate.max_new_tokens")
+
+    n_per = 1 if from_data else cfg["samples_per_prompt"]
+    per_shard = cfg["shard_size"]  # prompts per shard
+    num_shards = -(-len(pairs) // per_shard)
+    meta = {"config": cfg, "teacher": teacher["fingerprint"], "source": file_digest(source)
+            if Path(source).is_file() else str(source), "seed": ctx.seed, "shard_size": per_shard * n_per}
+    final = ctx.stage_dir("generate") / "sequences"
+    writer = seqstore.SequenceWriter(final, meta)
+    for shard in tqdm(range(num_shards), desc="generate", disable=num_shards < 2):
+        if writer.done(shard):
+            continue
+        lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(pairs))
+        if from_data:
+            prompt_ids = [pairs[i][0] for i in range(lo, hi)]
+            resp_ids = [pairs[i][1] for i in range(lo, hi)]
+            prompt_index = list(range(lo, hi))
+        else:
+            torch.manual_seed(ctx.seed * 100003 + shard)  # a resumed shard samples exactly what it would have
+            prompt_ids = [pairs[i][0] for i in range(lo, hi) for _ in range(n_per)]
+            prompt_index = [i for i in range(lo, hi) for _ in range(n_per)]
+            resp_ids = modeling.sample(model, tokenizer, prompt_ids, max_new_tokens=cfg["max_new_tokens"],
+                                       temperature=cfg["temperature"], batch_size=cfg["batch_size"],
+                                       desc=f"sampling shard {shard}")
+        first = lo * n_per
+        table = seqstore.rows_table(range(first, first + len(prompt_ids)), prompt_index,
+                                    [len(p) for p in prompt_ids], [p + r for p, r in zip(prompt_ids, resp_ids)])
+        writer.write_rows(shard, table)
+    manifest = writer.finish(num_shards)
+    tokens = sum(s["tokens"] for s in manifest["shards"])
+    return {"sequences": str(final), "count": manifest["rows"], "tokens": tokens,
+            "fingerprint": manifest["fingerprint"]}
+
+
+def published(outputs: dict) -> bool:
+    return (Path(outputs["sequences"]) / "manifest.json").is_file()

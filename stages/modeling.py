@@ -1,0 +1,112 @@
+"""Loading local HF causal LMs, and the two things every stage does with them: sample and score."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.errors import HpdError
+from storage.fingerprint import digest, files_digest
+
+WEIGHT_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.bin"]
+TOKENIZER_FILES = ["tokenizer*", "vocab*", "merges*", "special_tokens_map.json", "chat_template*", "*.model",
+                   "added_tokens.json"]
+
+
+def check_causal_lm(path: str | Path):
+    """The model's config, or a one-line error saying why `path` is not a local causal LM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise HpdError(f"model path {path} has no config.json; give a local directory saved with "
+                       f"save_pretrained (config, weights and tokenizer)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for bad configs
+        raise HpdError(f"model path {path}: config.json cannot be read ({str(e).splitlines()[0]})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise HpdError(f"model path {path} holds a {config.model_type!r} model, which is not a causal LM; "
+                       f"give a decoder model that AutoModelForCausalLM can load")
+    return config
+
+
+def load_causal_lm(path: str | Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_causal_lm(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise HpdError(f"model path {path}: tokenizer cannot be loaded ({str(e).splitlines()[0]}); "
+                       f"save it next to the model with tokenizer.save_pretrained") from None
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def context_length(model) -> int:
+    c = model.config
+    for name in ("max_position_embeddings", "n_positions", "seq_length"):
+        if getattr(c, name, None):
+            return int(getattr(c, name))
+    return 1 << 30
+
+
+def model_fingerprints(path: str | Path) -> dict:
+    """Identity of a model directory: its config and weights, and separately its tokenizer."""
+    return {"model": files_digest(path, WEIGHT_FILES), "tokenizer": files_digest(path, TOKENIZER_FILES)}
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def pad_right(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.from_numpy(np.array(s, dtype=np.int64))
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+           greedy: bool = False, batch_size: int = 64, desc: str = "sampling") -> list[list[int]]:
+    """Continue each prompt; returns the response ids, cut after the first end-of-sequence token."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    out: list[list[int]] = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=len(prompts) <= batch_size):
+        ids, mask = pad_left(prompts[i:i + batch_size], pad)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=not greedy, temperature=temperature if not greedy else None,
+                             top_k=None, top_p=None, pad_token_id=pad, eos_token_id=eos)
+        for row in gen[:, ids.shape[1]:].tolist():
+            if eos in row:
+                row = row[:row.index(eos) + 1]
+            out.append(row)
+    return out
+
+
+@torch.no_grad()
+def log_probs(model, seqs: list, pad_id: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 next-token log-probs [B, L, V] of right-padded sequences, and the padding mask."""
+    ids, mask = pad_right(seqs, pad_id)
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    return torch.log_softmax(logits / temperature, dim=-1), mask
+
+
+def config_digest(model_config) -> str:
+    return digest(model_config.to_dict())

@@ -1,0 +1,100 @@
+"""score: the teacher runs over the sequences once and its distributions go into a shared logit cache.
+
+For each response position the teacher's top-k, the exact log-prob of the sequence's own next token and
+the log of the mass outside the top-k are kept (see storage/logit_cache.py). The cache is keyed by the
+teacher's weights, its tokenizer, the sequences' content, k and temperature: a run that asks for the same
+ones reuses the cache at once, and any other teacher, data or k gets a cache of its own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.errors import HpdError
+from storage.logit_cache import CacheRoot, LogitCache, ScoredSequence, cache_key, key_id
+from storage.sequences import SequenceStore
+
+from . import modeling
+
+DEFAULT_K = 64
+
+
+@torch.no_grad()
+def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k: int, temperature: float,
+                pad_id: int) -> list[dict]:
+    """Top-k, exact target log-prob and tail log-mass for every response position of each sequence."""
+    lp, _ = modeling.log_probs(model, seqs, pad_id, temperature)
+    top_lp, top_ids = torch.topk(lp, top_k, dim=-1)  # [B, L, k], sorted by log-prob
+    nxt = torch.zeros(lp.shape[:2], dtype=torch.long)
+    for b, s in enumerate(seqs):
+        nxt[b, :len(s) - 1] = torch.as_tensor(s[1:], dtype=torch.long)
+    target = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+    # The tail is summed directly over the tokens outside the top-k: log(1 - sum(top)) loses all precision
+    # when the top-k hold nearly all the mass, which is exactly the common case.
+    tail = torch.logsumexp(lp.scatter(-1, top_ids, -float("inf")), dim=-1)
+    out = []
+    for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
+        sl = slice(p - 1, len(s) - 1)
+        out.append({"start": p - 1, "topk_ids": top_ids[b, sl].numpy(), "topk_logprobs": top_lp[b, sl].numpy(),
+                    "target_logprob": target[b, sl].numpy(), "tail_logmass": tail[b, sl].numpy()})
+    return out
+
+
+def run(ctx, cfg: dict, inputs: dict) -> dict:
+    teacher, gen = inputs["teacher"], inputs["generate"]
+    k, temperature = cfg["top_k"] or min(DEFAULT_K, teacher["vocab_size"]), cfg["temperature"]
+    if not 1 <= k <= teacher["vocab_size"]:
+        raise HpdError(f"score.top_k={k} must be between 1 and the teacher's vocabulary size "
+                       f"({teacher['vocab_size']}); lower it")
+    if temperature <= 0 or cfg["batch_size"] < 1 or cfg["shard_size"] < 1:
+        raise HpdError("score.temperature must be > 0, score.batch_size and score.shard_size >= 1")
+    key = cache_key(teacher=teacher["model_fingerprint"], tokenizer=teacher["tokenizer_fingerprint"],
+                    data=gen["fingerprint"], top_k=k, temperature=temperature)
+    root = CacheRoot(ctx.cache_root)
+    with root.lock(key):
+        cache = root.find(key)
+        if cache is not None:
+            ctx.log(f"[score] cache {cache.id} already holds this teacher, data and k: reusing it")
+        else:
+            cache = _build(ctx, {**cfg, "top_k": k}, teacher, gen, root, key)
+        root.record_use(cache, ctx.run_name)
+    m = cache.manifest
+    return {"cache": str(cache.dir), "cache_id": cache.id, "fingerprint": key_id(key), "top_k": k,
+            "sequences": m["rows"], "tokens": m["tokens"], "bytes": m["bytes"],
+            "bytes_per_token": round(m["bytes"] / max(m["tokens"], 1), 2)}
+
+
+def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict) -> LogitCache:
+    store = SequenceStore(Path(gen["sequences"]))
+    model, tokenizer = modeling.load_causal_lm(teacher["model_dir"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    size = cfg["shard_size"]
+    writer = root.writer(key, shard_size=size, num_sequences=len(store), vocab_size=teacher["vocab_size"])
+    num_shards = -(-len(store) // size)
+    resumed = sum(writer.done(i) for i in range(num_shards))
+    if resumed:
+        ctx.log(f"[score] resuming: {resumed} of {num_shards} shards already published")
+    bar = tqdm(total=len(store), desc="teacher scoring", unit="seq", initial=resumed * size)
+    for shard in range(num_shards):
+        if writer.done(shard):
+            continue
+        seq_ids, plens, seqs = store.range(shard * size, min((shard + 1) * size, len(store)))
+        rows = []
+        for i in range(0, len(seqs), cfg["batch_size"]):
+            part = slice(i, i + cfg["batch_size"])
+            scored = score_batch(model, seqs[part], list(plens[part]), top_k=cfg["top_k"],
+                                 temperature=cfg["temperature"], pad_id=pad)
+            rows += [ScoredSequence(seq_id=int(sid), input_ids=s, **sc)
+                     for sid, s, sc in zip(seq_ids[part], seqs[part], scored)]
+            bar.update(len(scored))
+        writer.write_rows(shard, rows)
+    bar.close()
+    writer.finish(num_shards)
+    return LogitCache(root.path_for(key))
+
+
+def published(outputs: dict) -> bool:
+    return (Path(outputs["cache"]) / "manifest.json").is_file()

@@ -1,0 +1,76 @@
+"""The built-in math task: column addition of several numbers with a scratchpad whose steps vary.
+
+    prompt    347+582+916:
+    response  2+7+0+6=15,1+8+4+4=17,1+5+3+9=18|1845
+
+Columns are worked from the units up. Each column lists its terms (one digit per operand plus the carry
+coming in) in a uniformly random order, then their two-digit sum; the total follows `|`. The order is a
+genuine choice, so a teacher that learned the task spreads its next-token mass over the terms not yet
+written (about a quarter of response positions are such choices), while the sums are deterministic and
+require carrying information across steps. That mix is what gives distillation something to transfer.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+CHARS = "0123456789+:=,|"
+SPECIALS = ["<pad>", "<eos>", "<unk>"]
+
+
+def _column_width(operands: int) -> int:
+    return len(str(operands * 9 + operands - 1))
+
+
+def make_example(rng: random.Random, operands: int, digits: int) -> dict:
+    nums = [rng.randrange(10 ** digits) for _ in range(operands)]
+    prompt = "+".join(f"{n:0{digits}d}" for n in nums) + ":"
+    steps, carry = [], 0
+    for col in range(digits):
+        terms = [(n // 10 ** col) % 10 for n in nums] + [carry]
+        rng.shuffle(terms)
+        total = sum(terms)
+        steps.append("+".join(map(str, terms)) + f"={total:0{_column_width(operands)}d}")
+        carry = total // 10
+    answer = f"{sum(nums):0{len(str(operands * (10 ** digits - 1)))}d}"
+    return {"prompt": prompt, "response": ",".join(steps) + "|" + answer, "answer": answer}
+
+
+def write_split(path: Path, n: int, seed: int, operands: int, digits: int, exclude: set[str] = frozenset()) -> set:
+    """Write n distinct problems as JSONL (prompt, response, answer); returns their prompts."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    with open(path, "w") as f:
+        while len(seen) < n:
+            ex = make_example(rng, operands, digits)
+            if ex["prompt"] in seen or ex["prompt"] in exclude:
+                continue
+            seen.add(ex["prompt"])
+            f.write(json.dumps(ex) + "\n")
+    return seen
+
+
+def extract_answer(response: str) -> str | None:
+    """The digits after the last `|`, or None when the response never reached an answer."""
+    m = re.search(r"\|\s*(\d+)\s*$", response.split("<eos>")[0].strip())
+    return m.group(1) if m else None
+
+
+def is_correct(response: str, answer: str) -> bool:
+    got = extract_answer(response)
+    return got is not None and int(got) == int(answer)
+
+
+def build_tokenizer():
+    """A character-level tokenizer built with the `tokenizers` library, wrapped as an HF fast tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left")

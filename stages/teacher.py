@@ -1,0 +1,120 @@
+"""teacher: use the local HF causal LM the user names, or train the built-in task's teacher once.
+
+The built-in teacher is an ordinary HF model directory (config, safetensors, tokenizer) under the shared
+model root, named by a hash of what determines it (its config, the training data and the seed), so every
+run asking for the same teacher reuses it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import HpdError
+from storage import atomic
+from storage.fingerprint import digest
+from storage.shards import lock_for
+
+from . import modeling
+from .tasks import arithmetic
+from .training import train_causal_lm
+
+REPORT = "hpd-teacher.json"
+
+
+def _outputs(model_dir: Path, report: dict | None) -> dict:
+    config = modeling.check_causal_lm(model_dir)
+    fps = modeling.model_fingerprints(model_dir)
+    return {"model_dir": str(model_dir), "model_fingerprint": fps["model"], "tokenizer_fingerprint": fps["tokenizer"],
+            "vocab_size": int(config.vocab_size), "report": report, "fingerprint": digest(fps)}
+
+
+def run(ctx, cfg: dict, inputs: dict) -> dict:
+    if cfg["path"]:
+        path = Path(cfg["path"]).expanduser().resolve()
+        if not path.is_dir():
+            raise HpdError(f"teacher.path {path} is not a directory; give a local HF causal-LM directory")
+        modeling.load_causal_lm(path)  # proves it loads before anything downstream relies on it
+        return _outputs(path, None)
+    data = inputs["data"]
+    if not data["builtin"]:
+        raise HpdError("teacher.path is empty and data.builtin is empty: name a local teacher with "
+                       "--set teacher.path=DIR, or use a built-in task")
+    name = f"{data['builtin']}-teacher-{digest({'cfg': cfg, 'data': data['fingerprint'], 'seed': ctx.seed})[:12]}"
+    final = ctx.model_root / name
+    ctx.model_root.mkdir(parents=True, exist_ok=True)
+    with lock_for(final):
+        if not (final / REPORT).exists():
+            _train(ctx, cfg, data, final)
+        else:
+            ctx.log(f"[teacher] reusing {final}")
+    return _outputs(final, json.loads((final / REPORT).read_text()))
+
+
+def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tmp = final.with_name(f".tmp-{final.name}")
+    tmp.mkdir(parents=True, exist_ok=True)  # kept across crashes: Trainer resumes from its checkpoints
+    tokenizer = arithmetic.build_tokenizer()
+    rows = [json.loads(line) for line in open(data["train"])]
+    seqs = [_encode(tokenizer, r["prompt"], r["response"]) for r in rows]
+    context = 1 << (max(len(s[0]) for s in seqs) - 1).bit_length()
+    torch.manual_seed(ctx.seed)
+    model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=context, n_embd=cfg["n_embd"], n_layer=cfg["n_layer"],
+        n_head=cfg["n_head"], bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    params = sum(p.numel() for p in model.parameters())
+    ctx.log(f"[teacher] training a {params / 1e6:.2f}M-parameter GPT-2 on {len(rows)} traces for {cfg['steps']} steps")
+    dataset = Dataset.from_dict({"input_ids": [s[0] for s in seqs], "prompt_len": [s[1] for s in seqs]})
+    train_causal_lm(model, tokenizer, dataset, tmp / "checkpoints", steps=cfg["steps"], batch_size=cfg["batch_size"],
+                    learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"], seed=ctx.seed)
+    model.eval()
+    report = {"parameters": params, **evaluate(model, tokenizer, data["heldout"], cfg["eval_examples"])}
+    ctx.log(f"[teacher] held-out accuracy {report['heldout_accuracy']:.1%}, "
+            f"mean response entropy {report['response_entropy_nats']:.3f} nats")
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    atomic.write_json(tmp / "model" / REPORT, report)
+    shutil.rmtree(tmp / "checkpoints")
+    atomic.publish_dir(tmp / "model", final)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _encode(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return p + r, len(p)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, heldout: str, n: int) -> dict:
+    """Greedy exact-answer accuracy, and mean next-token entropy on the held-out traces' response tokens."""
+    rows = [json.loads(line) for line in open(heldout)][:n]
+    prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    outs = modeling.sample(model, tokenizer, prompts, max_new_tokens=model.config.n_positions - max(map(len, prompts)),
+                           greedy=True, batch_size=250, desc="teacher eval")
+    correct = sum(arithmetic.is_correct(tokenizer.decode(o, skip_special_tokens=True), r["answer"])
+                  for o, r in zip(outs, rows))
+    ent_sum, ent_n = 0.0, 0
+    for i in range(0, len(rows), 250):
+        enc = [_encode(tokenizer, r["prompt"], r["response"]) for r in rows[i:i + 250]]
+        lp, mask = modeling.log_probs(model, [e[0] for e in enc], tokenizer.pad_token_id)
+        ent = -(lp.exp() * lp).sum(-1)  # [B, L]: entropy of the distribution for token t+1
+        for b, (ids, plen) in enumerate(enc):
+            ent_sum += ent[b, plen - 1:len(ids) - 1].sum().item()
+            ent_n += len(ids) - plen
+    return {"heldout_accuracy": correct / len(rows), "heldout_examples": len(rows),
+            "response_entropy_nats": ent_sum / max(ent_n, 1), "uniform_entropy_nats": math.log(len(tokenizer))}
+
+
+def published(outputs: dict) -> bool:
+    # Recomputing the fingerprint (memoised by file size and mtime) notices weights changed in place.
+    path = Path(outputs["model_dir"])
+    return (path / "config.json").is_file() and \
+        digest(modeling.model_fingerprints(path)) == outputs["fingerprint"]

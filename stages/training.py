@@ -1,0 +1,51 @@
+"""Causal-LM training on (prompt, response) token sequences with the HF Trainer.
+
+The loss covers response tokens only; prompts are conditioning. Trainer provides the loop, the cosine
+schedule, checkpoints every `save_steps` and resumption from the newest one after a crash.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .modeling import pad_right
+
+
+class ResponseCollator:
+    """Right-pads a batch and masks prompt and padding positions out of the labels."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        ids, mask = pad_right([r["input_ids"] for r in rows], self.pad_id)
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        for i, r in enumerate(rows):
+            labels[i, :r["prompt_len"]] = -100
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def latest_checkpoint(output_dir: Path) -> str | None:
+    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, batch_size: int,
+                    learning_rate: float, warmup_steps: int, seed: int, save_steps: int = 100,
+                    trainer_cls=None, **trainer_kwargs):
+    """Train `model` for `steps` optimizer steps; resumes from a checkpoint in `output_dir` if there is one."""
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(seed)
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=warmup_steps,
+        weight_decay=0.01, logging_steps=max(1, steps // 20), save_strategy="steps", save_steps=save_steps,
+        save_total_limit=1, report_to="none", seed=seed, data_seed=seed, use_cpu=True,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False)
+    trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=dataset,
+                                       data_collator=ResponseCollator(tokenizer.pad_token_id), **trainer_kwargs)
+    trainer.train(resume_from_checkpoint=latest_checkpoint(output_dir))
+    return trainer

@@ -1,0 +1,132 @@
+"""A directory of Arrow IPC shards (zstd), published one shard at a time and then as a whole.
+
+Layout while being built:   <parent>/.tmp-<name>/journal.json + shard-00000.arrow ...
+Layout once published:      <parent>/<name>/manifest.json     + shard-00000.arrow ...
+
+The journal lists every shard that was fully written (rows, bytes, checksum), so an interrupted writer
+resumes after its last published shard. Only `finish()` writes manifest.json and renames the directory,
+so a reader never mistakes a partial set for finished work.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+from filelock import FileLock
+
+from . import atomic
+from .fingerprint import file_digest
+
+MANIFEST = "manifest.json"
+JOURNAL = "journal.json"
+_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
+class CorruptShardError(RuntimeError):
+    pass
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.arrow"
+
+
+def lock_for(final_dir: Path) -> FileLock:
+    """One writer per shard set: a second run asking for the same set waits, then finds it published."""
+    return FileLock(str(final_dir.parent / f".{final_dir.name}.lock"))
+
+
+class ShardWriter:
+    def __init__(self, final_dir: Path, meta: dict):
+        self.final_dir = Path(final_dir)
+        self.tmp_dir = self.final_dir.parent / f".tmp-{self.final_dir.name}"
+        self.meta = meta
+        self.shards: dict[int, dict] = {}
+        journal = self.tmp_dir / JOURNAL
+        if journal.exists():
+            state = atomic.read_json(journal)
+            if state.get("meta") == meta:
+                self.shards = {int(i): s for i, s in state["shards"].items() if self._intact(s)}
+            else:  # left over from different settings: nothing in it can be trusted
+                shutil.rmtree(self.tmp_dir)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._save_journal()
+        self.started = time.time()
+
+    def _intact(self, shard: dict) -> bool:
+        path = self.tmp_dir / shard["file"]
+        return path.exists() and file_digest(path) == shard["checksum"]
+
+    def _save_journal(self) -> None:
+        atomic.write_json(self.tmp_dir / JOURNAL, {"meta": self.meta, "shards": self.shards})
+
+    def done(self, index: int) -> bool:
+        return index in self.shards
+
+    def write(self, index: int, table: pa.Table, **stats) -> dict:
+        name = shard_name(index)
+        part = self.tmp_dir / f".{name}.tmp"
+        with pa.OSFile(str(part), "wb") as sink:
+            with pa.ipc.new_file(sink, table.schema, options=_WRITE_OPTIONS) as writer:
+                writer.write_table(table)
+        with open(part, "rb+") as f:
+            import os
+
+            os.fsync(f.fileno())
+        part.replace(self.tmp_dir / name)
+        entry = {"file": name, "rows": table.num_rows, "bytes": (self.tmp_dir / name).stat().st_size,
+                 "checksum": file_digest(self.tmp_dir / name), **stats}
+        self.shards[index] = entry
+        self._save_journal()
+        return entry
+
+    def finish(self, num_shards: int, **summary) -> dict:
+        missing = [i for i in range(num_shards) if i not in self.shards]
+        if missing:
+            raise RuntimeError(f"cannot publish {self.final_dir.name}: shards {missing[:5]} were never written")
+        shards = [self.shards[i] for i in range(num_shards)]
+        manifest = {**self.meta, **summary, "shards": shards,
+                    "rows": sum(s["rows"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
+                    "published_at": time.time()}
+        atomic.write_json(self.tmp_dir / MANIFEST, manifest)
+        (self.tmp_dir / JOURNAL).unlink()
+        atomic.publish_dir(self.tmp_dir, self.final_dir)
+        return manifest
+
+
+class ShardSet:
+    """A published shard set. Every shard's checksum is checked the first time it is opened."""
+
+    def __init__(self, directory: Path, verify: bool = True):
+        self.dir = Path(directory)
+        path = self.dir / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"{self.dir} is not a published shard set (no {MANIFEST})")
+        self.manifest = atomic.read_json(path)
+        self.verify = verify
+        self._tables: dict[int, pa.Table] = {}
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def check(self, index: int) -> None:
+        entry = self.manifest["shards"][index]
+        path = self.dir / entry["file"]
+        if not path.exists() or file_digest(path) != entry["checksum"]:
+            raise CorruptShardError(
+                f"shard {path} is missing or corrupt (checksum mismatch); rebuild it by rerunning the stage "
+                f"that wrote {self.dir.name}")
+
+    def table(self, index: int) -> pa.Table:
+        if index not in self._tables:
+            if self.verify:
+                self.check(index)
+            source = pa.memory_map(str(self.dir / self.manifest["shards"][index]["file"]), "r")
+            self._tables[index] = pa.ipc.open_file(source).read_all()
+        return self._tables[index]
+
+    def tables(self):
+        for i in range(self.num_shards):
+            yield self.table(i)
