@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import click
 
@@ -31,7 +30,23 @@ def _runner(config_path, overrides) -> Runner:
     return Runner(STAGES, cfg, context_from_config(cfg))
 
 
-@click.group()
+class UserError(click.ClickException):
+    """Printed as one `error: ...` line, exit status 2."""
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+class HpdGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+@click.group(cls=HpdGroup)
 def cli():
     """hpd: offline-first Hybrid Policy Distillation with shared teacher logit caches."""
 
@@ -97,13 +112,4 @@ def _summary(outputs: dict) -> str:
 
 
 def main():
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except USER_ERRORS as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    cli.main(prog_name="hpd")

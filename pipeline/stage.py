@@ -69,6 +69,22 @@ class Stage:
         return hashlib.sha256(Path(inspect.getfile(self.impl)).read_bytes()).hexdigest()[:12]
 
 
+# Paths inside the home are stored relative to it, so a home can be moved or copied as a whole.
+_HOME = "@home/"
+
+
+def _to_home(value, home: Path):
+    if isinstance(value, str) and value.startswith(str(home) + os.sep):
+        return _HOME + os.path.relpath(value, home)
+    return value
+
+
+def _from_home(value, home: Path):
+    if isinstance(value, str) and value.startswith(_HOME):
+        return str(home / value[len(_HOME):])
+    return value
+
+
 def context_from_config(cfg: dict) -> Context:
     home = Path(os.environ.get("HPD_HOME") or cfg["run"]["home"]).resolve()
     return Context(home=home, run_name=cfg["run"]["name"], seed=cfg["run"]["seed"])
@@ -86,7 +102,11 @@ class Runner:
 
     def manifest(self, name: str) -> dict | None:
         p = self.manifest_path(name)
-        return atomic.read_json(p) if p.exists() else None
+        if not p.exists():
+            return None
+        m = atomic.read_json(p)
+        m["outputs"] = {k: _from_home(v, self.ctx.home) for k, v in m["outputs"].items()}
+        return m
 
     def config_fingerprint(self, name: str) -> str:
         return digest({"section": self.cfg[self.stages[name].section], "seed": self.ctx.seed})
@@ -109,7 +129,7 @@ class Runner:
             changed = [up for up in stage.inputs if m["inputs"].get(up) != current[up]]
             return "stale", f"input changed: {', '.join(changed)}"
         if not stage.impl.published(m["outputs"]):
-            return "stale", "published output is missing"
+            return "stale", "published output is missing or changed on disk"
         return "done", ""
 
     # -- running ---------------------------------------------------------------------------------------
@@ -135,7 +155,8 @@ class Runner:
             "stage": name, "run": self.ctx.run_name, "config": section, "seed": self.ctx.seed,
             "config_fingerprint": self.config_fingerprint(name),
             "inputs": {up: inputs[up]["fingerprint"] for up in stage.inputs},
-            "code_version": stage.code_version(), "outputs": outputs,
+            "code_version": stage.code_version(),
+            "outputs": {k: _to_home(v, self.ctx.home) for k, v in outputs.items()},
             "finished_at": time.time(), "seconds": round(seconds, 2),
         }
         atomic.write_json(self.manifest_path(name), manifest)

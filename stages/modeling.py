@@ -18,7 +18,8 @@ TOKENIZER_FILES = ["tokenizer*", "vocab*", "merges*", "special_tokens_map.json",
 def check_causal_lm(path: str | Path):
     """The model's config, or a one-line error saying why `path` is not a local causal LM."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -28,15 +29,23 @@ def check_causal_lm(path: str | Path):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for bad configs
         raise HpdError(f"model path {path}: config.json cannot be read ({str(e).splitlines()[0]})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise HpdError(f"model path {path} holds a {config.model_type!r} model, which is not a causal LM; "
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    saved_as = getattr(config, "architectures", None) or []
+    # Encoder families (BERT, RoBERTa, ...) are registered for causal LM too, but only as decoders.
+    encoder_only = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder
+    if (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.is_encoder_decoder or encoder_only
+            or (saved_as and not causal_classes.intersection(saved_as))):
+        what = saved_as[0] if saved_as else config.model_type
+        raise HpdError(f"model path {path} holds a {what!r} model, which is not a causal LM; "
                        f"give a decoder model that AutoModelForCausalLM can load")
     return config
 
 
 def load_causal_lm(path: str | Path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # loading takes seconds; its bar would bury one-line errors
     check_causal_lm(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -30,7 +30,7 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
     top_lp, top_ids = torch.topk(lp, top_k, dim=-1)  # [B, L, k], sorted by log-prob
     nxt = torch.zeros(lp.shape[:2], dtype=torch.long)
     for b, s in enumerate(seqs):
-        nxt[b, :len(s) - 1] = torch.as_tensor(s[1:], dtype=torch.long)
+        nxt[b, :len(s) - 1] = torch.from_numpy(np.array(s[1:], dtype=np.int64))
     target = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
     # The tail is summed directly over the tokens outside the top-k: log(1 - sum(top)) loses all precision
     # when the top-k hold nearly all the mass, which is exactly the common case.

@@ -125,7 +125,7 @@ class LogitCache:
     def rows(self, seq_id: int) -> ScoredSequence:
         t, r = self._row(seq_id)
         k = self.k
-        tgt = np.asarray(t.column("target_logprob")[r].values.to_numpy(zero_copy_only=False), np.float32)
+        tgt = np.array(t.column("target_logprob")[r].values.to_numpy(zero_copy_only=False), np.float32)
         n = len(tgt)
         return ScoredSequence(
             seq_id=seq_id, input_ids=np.empty(0, np.int32), start=t.column("start")[r].as_py(),
@@ -133,7 +133,7 @@ class LogitCache:
             topk_logprobs=t.column("topk_logprobs")[r].values.to_numpy(zero_copy_only=False)
             .astype(np.float32).reshape(n, k),
             target_logprob=tgt,
-            tail_logmass=np.asarray(t.column("tail_logmass")[r].values.to_numpy(zero_copy_only=False), np.float32))
+            tail_logmass=np.array(t.column("tail_logmass")[r].values.to_numpy(zero_copy_only=False), np.float32))
 
     def batch(self, seq_ids, input_ids: list | None = None, length: int | None = None) -> CacheBatch:
         """Rows for `seq_ids`, placed at their token positions in a [B, length] grid.

@@ -9,7 +9,9 @@ so a reader never mistakes a partial set for finished work.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -35,6 +37,19 @@ def shard_name(index: int) -> str:
 def lock_for(final_dir: Path) -> FileLock:
     """One writer per shard set: a second run asking for the same set waits, then finds it published."""
     return FileLock(str(final_dir.parent / f".{final_dir.name}.lock"))
+
+
+_written_here = 0
+
+
+def _crash_point() -> None:
+    """Fault injection for the crash tests: HPD_KILL_AFTER_SHARDS=N makes this process SIGKILL itself
+    right after publishing its N-th shard, the harshest interruption there is (no cleanup runs)."""
+    global _written_here
+    _written_here += 1
+    limit = os.environ.get("HPD_KILL_AFTER_SHARDS")
+    if limit and _written_here >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ShardWriter:
@@ -71,14 +86,13 @@ class ShardWriter:
             with pa.ipc.new_file(sink, table.schema, options=_WRITE_OPTIONS) as writer:
                 writer.write_table(table)
         with open(part, "rb+") as f:
-            import os
-
             os.fsync(f.fileno())
         part.replace(self.tmp_dir / name)
         entry = {"file": name, "rows": table.num_rows, "bytes": (self.tmp_dir / name).stat().st_size,
                  "checksum": file_digest(self.tmp_dir / name), **stats}
         self.shards[index] = entry
         self._save_journal()
+        _crash_point()
         return entry
 
     def finish(self, num_shards: int, **summary) -> dict:

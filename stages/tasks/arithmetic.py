@@ -24,8 +24,8 @@ def _column_width(operands: int) -> int:
     return len(str(operands * 9 + operands - 1))
 
 
-def make_example(rng: random.Random, operands: int, digits: int) -> dict:
-    nums = [rng.randrange(10 ** digits) for _ in range(operands)]
+def make_example(rng: random.Random, operands: int, digits: int, nums: list[int] | None = None) -> dict:
+    nums = nums or [rng.randrange(10 ** digits) for _ in range(operands)]
     prompt = "+".join(f"{n:0{digits}d}" for n in nums) + ":"
     steps, carry = [], 0
     for col in range(digits):

@@ -1,0 +1,55 @@
+"""Shared fixtures. Everything is real (HF models saved and loaded from disk, the `tokenizers` library,
+`datasets`, Arrow files); only the scale is small so the suite runs in minutes on 2 cores."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+from pipeline import config as config_mod  # noqa: E402
+from pipeline.graph import STAGES  # noqa: E402
+from pipeline.stage import Context, Runner  # noqa: E402
+
+# A run small enough to train, generate and score in a few seconds.
+TINY = [
+    "data.train_examples=600", "data.heldout_examples=40",
+    "teacher.n_layer=1", "teacher.n_embd=32", "teacher.n_head=2", "teacher.steps=8", "teacher.batch_size=32",
+    "teacher.warmup_steps=1", "teacher.eval_examples=20",
+    "generate.num_prompts=240", "generate.shard_size=100",
+    "score.shard_size=50", "score.batch_size=32",
+]
+
+
+def make_runner(home: Path, *overrides: str, run: str = "tiny") -> Runner:
+    cfg = config_mod.load(None, [*TINY, f"run.name={run!r}".replace("'", '"'), *overrides])
+    return Runner(STAGES, cfg, Context(home=Path(home), run_name=run, seed=cfg["run"]["seed"], log=lambda s: None))
+
+
+@pytest.fixture(scope="session")
+def tiny_home(tmp_path_factory) -> Path:
+    """A home with one finished tiny run (data, teacher, generate, score). Tests must not modify it."""
+    home = tmp_path_factory.mktemp("home")
+    make_runner(home).run()
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_runner(tiny_home) -> Runner:
+    return make_runner(tiny_home)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tiny_runner) -> Path:
+    return Path(tiny_runner.manifest("teacher")["outputs"]["model_dir"])
+
+
+def copy_home(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

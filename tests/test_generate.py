@@ -1,0 +1,77 @@
+"""generate: user data files read with `datasets`, teacher sampling with correct padding, chat templates."""
+import json
+from pathlib import Path
+
+import datasets
+import torch
+
+from stages import modeling
+from stages.generate import encode_pair
+from storage.sequences import SequenceStore
+
+from conftest import copy_home, make_runner
+
+ROWS = [{"prompt": "1+2:", "response": "3"}, {"prompt": "12+30+4:", "response": "46"},
+        {"prompt": "999+1:", "response": "1000"}, {"prompt": "5:", "response": "5"}]
+
+
+def _sequences(runner):
+    store = SequenceStore(Path(runner.manifest("generate")["outputs"]["sequences"]))
+    return [store.get(i) for i in range(len(store))]
+
+
+def test_user_jsonl_and_parquet_give_the_same_sequences(tiny_home, tmp_path):
+    home = copy_home(tiny_home, tmp_path / "home")
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    parquet = tmp_path / "data.parquet"
+    datasets.Dataset.from_list(ROWS).to_parquet(str(parquet))
+    results = []
+    for run, src in [("jsonl", jsonl), ("parquet", parquet)]:
+        r = make_runner(home, f'generate.prompts="{src}"', run=run)
+        r.run()
+        results.append(_sequences(r))
+    assert [(list(a), p) for a, p in results[0]] == [(list(a), p) for a, p in results[1]]
+    tok = modeling.load_causal_lm(make_runner(home).manifest("teacher")["outputs"]["model_dir"])[1]
+    for (ids, plen), row in zip(results[0], ROWS):
+        assert tok.decode(ids[:plen]) == row["prompt"]
+        assert tok.decode(ids[plen:]) == row["response"] + "<eos>"
+
+
+def test_batched_left_padded_sampling_equals_one_at_a_time(teacher_dir):
+    model, tok = modeling.load_causal_lm(teacher_dir)
+    prompts = [tok(r["prompt"])["input_ids"] for r in ROWS]
+    batched = modeling.sample(model, tok, prompts, max_new_tokens=12, greedy=True, batch_size=8)
+    single = [modeling.sample(model, tok, [p], max_new_tokens=12, greedy=True)[0] for p in prompts]
+    assert batched == single
+    assert all(len(x) <= 12 for x in batched)
+
+
+def test_teacher_samples_per_prompt(tiny_home, tmp_path):
+    home = copy_home(tiny_home, tmp_path / "home")
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in ROWS))
+    overrides = [f'generate.prompts="{jsonl}"', 'generate.mode="teacher"', "generate.samples_per_prompt=3",
+                 "generate.max_new_tokens=16", "generate.shard_size=2"]
+    r = make_runner(home, *overrides, run="sampled")
+    r.run("data"), r.run("teacher"), r.run("generate")
+    seqs = _sequences(r)
+    assert len(seqs) == 3 * len(ROWS)
+    tok = modeling.load_causal_lm(r.manifest("teacher")["outputs"]["model_dir"])[1]
+    for i, (ids, plen) in enumerate(seqs):
+        assert tok.decode(ids[:plen]) == ROWS[i // 3]["prompt"]
+        resp = list(ids[plen:])
+        assert 1 <= len(resp) <= 16 and (tok.eos_token_id not in resp[:-1])
+    # Seeded: the same config samples the same sequences again, in another home.
+    again = make_runner(tmp_path / "home2", *overrides, run="sampled")
+    again.run()
+    assert again.manifest("generate")["outputs"]["fingerprint"] == r.manifest("generate")["outputs"]["fingerprint"]
+
+
+def test_chat_template_separates_prompt_and_response(teacher_dir):
+    _, tok = modeling.load_causal_lm(teacher_dir)
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %}:{% endif %}"
+                         "{% endfor %}")
+    p_ids, r_ids = encode_pair(tok, "1+2", "3|0003")
+    assert tok.decode(p_ids) == "1+2:" and tok.decode(r_ids) == "3|0003"
+    assert torch.equal(torch.tensor(p_ids + r_ids), torch.tensor(tok("1+2:3|0003")["input_ids"]))

@@ -1,0 +1,121 @@
+"""Stage skip / resume logic, reproducibility and cache keys, through the real stages."""
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import HpdError
+from storage.logit_cache import LogitCache
+
+from conftest import copy_home, make_runner
+
+
+def _mtimes(runner):
+    return {s: runner.manifest_path(s).stat().st_mtime_ns for s in runner.order}
+
+
+def test_up_to_date_stages_are_skipped(tiny_home, tmp_path):
+    home = copy_home(tiny_home, tmp_path / "home")
+    runner = make_runner(home)
+    assert all(runner.state(s)[0] == "done" for s in runner.order)
+    before = _mtimes(runner)
+    runner.run()
+    assert _mtimes(runner) == before  # nothing reran
+
+
+def test_config_change_reruns_only_that_stage_and_downstream(tiny_home, tmp_path):
+    home = copy_home(tiny_home, tmp_path / "home")
+    runner = make_runner(home, "score.top_k=4")
+    assert runner.state("score") == ("stale", "[score] config changed")
+    assert runner.state("generate")[0] == "done"
+    before = _mtimes(runner)
+    runner.run()
+    after = _mtimes(runner)
+    assert [s for s in runner.order if after[s] != before[s]] == ["score"]
+    assert runner.manifest("score")["outputs"]["top_k"] == 4
+
+    # A change upstream makes everything downstream stale, through the fingerprints.
+    runner = make_runner(home, "score.top_k=4", "generate.num_prompts=120")
+    assert runner.state("generate")[0] == "stale"
+    assert runner.state("score")[0] == "waiting"
+    runner.run()
+    assert runner.manifest("generate")["outputs"]["count"] == 120
+    assert runner.manifest("score")["outputs"]["sequences"] == 120
+
+
+def test_single_stage_needs_its_inputs(tmp_path):
+    runner = make_runner(tmp_path / "home")
+    with pytest.raises(HpdError, match="needs data.*hpd run data"):
+        runner.run("teacher")
+    runner.run("data")
+    assert runner.state("data")[0] == "done" and runner.state("teacher")[0] == "missing"
+
+
+def test_deleted_output_makes_stage_stale(tiny_home, tmp_path):
+    import shutil
+
+    home = copy_home(tiny_home, tmp_path / "home")
+    runner = make_runner(home)
+    shutil.rmtree(runner.manifest("score")["outputs"]["cache"])
+    assert runner.state("score") == ("stale", "published output is missing or changed on disk")
+    runner.run()
+    assert runner.state("score")[0] == "done"
+
+
+def test_same_config_same_teacher_data_and_cache(tiny_runner, tmp_path):
+    """Every run is seeded: a fresh home with the same config rebuilds byte-identical artefacts."""
+    other = make_runner(tmp_path / "home")
+    other.run()
+    for stage in ("data", "teacher", "generate", "score"):
+        assert other.manifest(stage)["outputs"]["fingerprint"] == tiny_runner.manifest(stage)["outputs"]["fingerprint"]
+    a = LogitCache(Path(tiny_runner.manifest("score")["outputs"]["cache"]))
+    b = LogitCache(Path(other.manifest("score")["outputs"]["cache"]))
+    assert [s["checksum"] for s in a.manifest["shards"]] == [s["checksum"] for s in b.manifest["shards"]]
+
+
+def test_second_experiment_shares_the_cache(tiny_home, tmp_path):
+    home = copy_home(tiny_home, tmp_path / "home")
+    first = make_runner(home)
+    exp2 = make_runner(home, run="exp2")
+    exp2.run()
+    assert exp2.manifest("score")["outputs"]["cache"] == first.manifest("score")["outputs"]["cache"]
+    assert exp2.manifest("teacher")["outputs"]["model_dir"] == first.manifest("teacher")["outputs"]["model_dir"]
+    users = json.loads((Path(first.manifest("score")["outputs"]["cache"]) / "users.json").read_text())
+    assert users == ["exp2", "tiny"]
+    assert len(list((home / "caches").iterdir())) - len(list((home / "caches").glob(".*"))) == 1
+
+
+def test_cache_key_changes_with_teacher_data_and_k(tiny_home, tmp_path):
+    home = copy_home(tiny_home, tmp_path / "home")
+    base = make_runner(home).manifest("score")["outputs"]["cache_id"]
+    ids = {"base": base}
+    for name, override in [("k", "score.top_k=3"), ("temperature", "score.temperature=2.0"),
+                           ("data", "generate.num_prompts=150"), ("teacher", "teacher.steps=9")]:
+        r = make_runner(home, override, run=name)
+        r.run()
+        ids[name] = r.manifest("score")["outputs"]["cache_id"]
+    assert len(set(ids.values())) == len(ids), ids
+    again = make_runner(home, "score.top_k=3", run="k-again")
+    again.run()
+    assert again.manifest("score")["outputs"]["cache_id"] == ids["k"]
+
+
+def test_teacher_changed_in_place_is_noticed(tmp_path, tiny_home):
+    """A user teacher whose weights change on disk makes the teacher stage (and all after it) stale."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    home = copy_home(tiny_home, tmp_path / "home")
+    user_teacher = tmp_path / "my-teacher"
+    shutil.copytree(make_runner(home).manifest("teacher")["outputs"]["model_dir"], user_teacher)
+    r = make_runner(home, f'teacher.path="{user_teacher}"', run="user")
+    r.run()
+    first = r.manifest("score")["outputs"]["cache_id"]
+    weights = load_file(user_teacher / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.5
+    save_file(weights, user_teacher / "model.safetensors", metadata={"format": "pt"})
+    assert r.state("teacher") == ("stale", "published output is missing or changed on disk")
+    r.run()
+    assert r.manifest("score")["outputs"]["cache_id"] != first
