@@ -25,3 +25,6 @@ status: $(STAMP)
 
 clean:
 	rm -rf work
+
+bench: $(STAMP)
+	$(PY) bench/default_task.py

@@ -53,7 +53,7 @@ class Context:
 @dataclass
 class Stage:
     name: str
-    module: str                       # stages.<module> with run(ctx, cfg, inputs) and published(outputs)
+    module: str                       # stages.<module>: run(ctx, cfg, inputs), published(outputs), VERSION
     section: str                      # the one config section it reads
     inputs: tuple[str, ...] = ()
     doc: str = ""
@@ -109,7 +109,9 @@ class Runner:
         return m
 
     def config_fingerprint(self, name: str) -> str:
-        return digest({"section": self.cfg[self.stages[name].section], "seed": self.ctx.seed})
+        stage = self.stages[name]
+        return digest({"section": self.cfg[stage.section], "seed": self.ctx.seed,
+                       "version": getattr(stage.impl, "VERSION", 1)})
 
     # -- state -----------------------------------------------------------------------------------------
     def state(self, name: str) -> tuple[str, str]:
@@ -123,7 +125,7 @@ class Runner:
         if m is None:
             return ("interrupted", "resumes from its last published shard") if attempt.exists() else ("missing", "")
         if m["config_fingerprint"] != self.config_fingerprint(name):
-            return "stale", f"[{stage.section}] config changed"
+            return "stale", f"[{stage.section}] config (or the stage's VERSION) changed"
         current = {up: self.manifest(up)["outputs"]["fingerprint"] for up in stage.inputs}
         if m["inputs"] != current:
             changed = [up for up in stage.inputs if m["inputs"].get(up) != current[up]]

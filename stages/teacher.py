@@ -23,6 +23,9 @@ from .tasks import arithmetic
 from .training import train_causal_lm
 
 REPORT = "hpd-teacher.json"
+# Bump when the built-in training recipe in code changes: the stage reruns and the new teacher gets a new
+# directory, so a teacher trained by the old recipe is never reused for the new one.
+VERSION = 3
 
 
 def _outputs(model_dir: Path, report: dict | None) -> dict:
@@ -43,7 +46,8 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     if not data["builtin"]:
         raise HpdError("teacher.path is empty and data.builtin is empty: name a local teacher with "
                        "--set teacher.path=DIR, or use a built-in task")
-    name = f"{data['builtin']}-teacher-{digest({'cfg': cfg, 'data': data['fingerprint'], 'seed': ctx.seed})[:12]}"
+    ident = {'cfg': cfg, 'data': data['fingerprint'], 'seed': ctx.seed, 'recipe': VERSION}
+    name = f"{data['builtin']}-teacher-{digest(ident)[:12]}"
     final = ctx.model_root / name
     ctx.model_root.mkdir(parents=True, exist_ok=True)
     with lock_for(final):
@@ -67,7 +71,8 @@ def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
     torch.manual_seed(ctx.seed)
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tokenizer), n_positions=context, n_embd=cfg["n_embd"], n_layer=cfg["n_layer"],
-        n_head=cfg["n_head"], bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        n_head=cfg["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # exact algorithms: no dropout
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id))
     params = sum(p.numel() for p in model.parameters())
     ctx.log(f"[teacher] training a {params / 1e6:.2f}M-parameter GPT-2 on {len(rows)} traces for {cfg['steps']} steps")

@@ -43,7 +43,7 @@ def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, 
         output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=warmup_steps,
-        weight_decay=0.01, logging_steps=max(1, steps // 20), save_strategy="steps", save_steps=save_steps,
+        weight_decay=0.01, adam_beta2=0.95, logging_steps=max(1, steps // 20), save_strategy="steps", save_steps=save_steps,
         save_total_limit=1, report_to="none", seed=seed, data_seed=seed, use_cpu=True,
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False)
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=dataset,

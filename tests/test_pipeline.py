@@ -26,7 +26,7 @@ def test_up_to_date_stages_are_skipped(tiny_home, tmp_path):
 def test_config_change_reruns_only_that_stage_and_downstream(tiny_home, tmp_path):
     home = copy_home(tiny_home, tmp_path / "home")
     runner = make_runner(home, "score.top_k=4")
-    assert runner.state("score") == ("stale", "[score] config changed")
+    assert runner.state("score")[0] == "stale" and "[score] config" in runner.state("score")[1]
     assert runner.state("generate")[0] == "done"
     before = _mtimes(runner)
     runner.run()
