@@ -78,7 +78,8 @@ def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
     ctx.log(f"[teacher] training a {params / 1e6:.2f}M-parameter GPT-2 on {len(rows)} traces for {cfg['steps']} steps")
     dataset = Dataset.from_dict({"input_ids": [s[0] for s in seqs], "prompt_len": [s[1] for s in seqs]})
     train_causal_lm(model, tokenizer, dataset, tmp / "checkpoints", steps=cfg["steps"], batch_size=cfg["batch_size"],
-                    learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"], seed=ctx.seed)
+                    learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"], seed=ctx.seed,
+                    save_steps=cfg["checkpoint_steps"])
     model.eval()
     report = {"parameters": params, **evaluate(model, tokenizer, data["heldout"], cfg["eval_examples"])}
     ctx.log(f"[teacher] held-out accuracy {report['heldout_accuracy']:.1%}, "

@@ -8,6 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
+
+from storage.faults import crash_point
 
 from .modeling import pad_right
 
@@ -25,6 +28,11 @@ class ResponseCollator:
         for i, r in enumerate(rows):
             labels[i, :r["prompt_len"]] = -100
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class _CrashPoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        crash_point("checkpoint")
 
 
 def latest_checkpoint(output_dir: Path) -> str | None:
@@ -47,6 +55,7 @@ def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, 
         save_total_limit=1, report_to="none", seed=seed, data_seed=seed, use_cpu=True,
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False)
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=dataset,
-                                       data_collator=ResponseCollator(tokenizer.pad_token_id), **trainer_kwargs)
+                                       data_collator=ResponseCollator(tokenizer.pad_token_id),
+                                       callbacks=[_CrashPoint()], **trainer_kwargs)
     trainer.train(resume_from_checkpoint=latest_checkpoint(output_dir))
     return trainer

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pyarrow as pa
 from filelock import FileLock
 
 from . import atomic
+from .faults import crash_point
 from .fingerprint import file_digest
 
 MANIFEST = "manifest.json"
@@ -37,19 +37,6 @@ def shard_name(index: int) -> str:
 def lock_for(final_dir: Path) -> FileLock:
     """One writer per shard set: a second run asking for the same set waits, then finds it published."""
     return FileLock(str(final_dir.parent / f".{final_dir.name}.lock"))
-
-
-_written_here = 0
-
-
-def _crash_point() -> None:
-    """Fault injection for the crash tests: HPD_KILL_AFTER_SHARDS=N makes this process SIGKILL itself
-    right after publishing its N-th shard, the harshest interruption there is (no cleanup runs)."""
-    global _written_here
-    _written_here += 1
-    limit = os.environ.get("HPD_KILL_AFTER_SHARDS")
-    if limit and _written_here >= int(limit):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ShardWriter:
@@ -92,7 +79,7 @@ class ShardWriter:
                  "checksum": file_digest(self.tmp_dir / name), **stats}
         self.shards[index] = entry
         self._save_journal()
-        _crash_point()
+        crash_point("shard")
         return entry
 
     def finish(self, num_shards: int, **summary) -> dict:

@@ -22,7 +22,7 @@ def test_sigkilled_scoring_resumes_to_identical_cache(tiny_home, tiny_runner, tm
     args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", "score"]
     for o in TINY + ['run.name="tiny"']:
         args += ["--set", o]
-    env = {**os.environ, "HPD_HOME": str(home), "HPD_KILL_AFTER_SHARDS": "2"}
+    env = {**os.environ, "HPD_HOME": str(home), "HPD_KILL_AT": "shard:2"}
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
@@ -44,3 +44,27 @@ def test_sigkilled_scoring_resumes_to_identical_cache(tiny_home, tiny_runner, tm
     for field in ("topk_ids", "topk_logprobs", "target_logprob", "tail_logmass", "mask"):
         assert getattr(a, field).equal(getattr(b, field))
     assert not partial.exists() and runner.state("score")[0] == "done"
+
+
+def test_sigkilled_teacher_training_resumes_from_its_checkpoint(tmp_path):
+    """Killed right after its first checkpoint, teacher training resumes there and ends with the same weights."""
+    overrides = ["teacher.steps=8", "teacher.checkpoint_steps=4", "teacher.n_embd=24"]
+    reference = make_runner(tmp_path / "ref", *overrides)
+    reference.run("data"), reference.run("teacher")
+
+    home = tmp_path / "crashed"
+    args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", "--until", "teacher"]
+    for o in TINY + overrides + ['run.name="tiny"']:
+        args += ["--set", o]
+    env = {**os.environ, "HPD_HOME": str(home), "HPD_KILL_AT": "checkpoint:1"}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    partial = [p for p in (home / "models").iterdir() if p.name.startswith(".tmp-")]
+    assert len(partial) == 1 and (partial[0] / "checkpoints" / "checkpoint-4").is_dir()
+    assert not [p for p in (home / "models").iterdir() if not p.name.startswith(".")]  # nothing published
+
+    runner = make_runner(home, *overrides)
+    assert runner.state("teacher")[0] == "interrupted"
+    runner.run("teacher")
+    assert runner.manifest("teacher")["outputs"]["fingerprint"] == reference.manifest("teacher")["outputs"]["fingerprint"]
+    assert not partial[0].exists()
