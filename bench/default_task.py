@@ -48,7 +48,9 @@ def student_sft(teacher_out: dict, data_out: dict, tcfg: dict, n_layer: int, n_e
                     learning_rate=tcfg["learning_rate"], warmup_steps=tcfg["warmup_steps"], seed=seed,
                     save_steps=10 ** 9)
     model.eval()
-    report = teacher_stage.evaluate(model, tok, data_out["heldout"], tcfg["eval_examples"])
+    from stages.tasks import TASKS
+
+    report = teacher_stage.evaluate(model, tok, data_out["heldout"], tcfg["eval_examples"], TASKS["math"])
     return {"seed": seed, "parameters": sum(p.numel() for p in model.parameters()),
             "train_seconds": round(time.time() - t0, 1), **report}
 

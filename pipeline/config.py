@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import HpdError
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
+PRESETS = Path(__file__).with_name("presets")  # `--config dialogue` names pipeline/presets/dialogue.toml
 
 
 def defaults() -> dict:
@@ -62,8 +63,11 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
     cfg = copy.deepcopy(defaults())
     if path:
         path = Path(path)
+        if not path.is_file() and (PRESETS / f"{path}.toml").is_file():
+            path = PRESETS / f"{path}.toml"
         if not path.is_file():
-            raise HpdError(f"config file {path} does not exist; pass an existing TOML file to --config")
+            presets = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+            raise HpdError(f"config file {path} does not exist; pass a TOML file or a preset ({presets}) to --config")
         try:
             user = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:

@@ -1,4 +1,5 @@
-"""data: materialise the built-in task as JSONL files (train and held-out), or nothing for user data."""
+"""data: materialise a built-in task as JSONL files (train and held-out) plus its tokenizer, or nothing
+when the user brings their own prompts."""
 from __future__ import annotations
 
 import shutil
@@ -8,31 +9,31 @@ from pipeline.errors import HpdError
 from storage import atomic
 from storage.fingerprint import digest, file_digest
 
-from .tasks import arithmetic
-
-BUILTINS = {"math"}
+from .tasks import TASKS
 
 
 def run(ctx, cfg: dict, inputs: dict) -> dict:
     name = cfg["builtin"]
     if not name:
         return {"builtin": "", "fingerprint": digest("no built-in data")}
-    if name not in BUILTINS:
-        raise HpdError(f"unknown built-in task data.builtin={name!r}; choose one of {sorted(BUILTINS)} or \"\"")
-    if min(cfg["operands"], cfg["digits"]) < 1 or cfg["operands"] > 9:
-        raise HpdError("data.operands must be 1-9 and data.digits at least 1")
+    if name not in TASKS:
+        raise HpdError(f"unknown built-in task data.builtin={name!r}; choose one of {sorted(TASKS)} or \"\"")
     final = ctx.stage_dir("data") / name
     tmp = final.with_name(f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    heldout = arithmetic.write_split(tmp / "heldout.jsonl", cfg["heldout_examples"], ctx.seed * 1000 + 2,
-                                     cfg["operands"], cfg["digits"])
-    arithmetic.write_split(tmp / "train.jsonl", cfg["train_examples"], ctx.seed * 1000 + 1,
-                           cfg["operands"], cfg["digits"], exclude=heldout)
+    task = TASKS[name]
+    try:
+        counts = task.write_data(tmp, cfg, ctx.seed)
+    except ValueError as e:
+        raise HpdError(str(e)) from None
+    task.build_tokenizer(tmp / "train.jsonl", cfg).save_pretrained(tmp / "tokenizer")
     atomic.publish_dir(tmp, final)
     files = {f: file_digest(final / f) for f in ("train.jsonl", "heldout.jsonl")}
+    files["tokenizer"] = file_digest(final / "tokenizer" / "tokenizer.json")
     return {"builtin": name, "train": str(final / "train.jsonl"), "heldout": str(final / "heldout.jsonl"),
-            "train_examples": cfg["train_examples"], "heldout_examples": cfg["heldout_examples"],
+            "tokenizer": str(final / "tokenizer"),
+            "train_examples": counts["train"], "heldout_examples": counts["heldout"],
             "fingerprint": digest(files)}
 
 

@@ -19,7 +19,7 @@ from storage.fingerprint import digest
 from storage.shards import lock_for
 
 from . import modeling
-from .tasks import arithmetic
+from .tasks import TASKS
 from .training import train_causal_lm
 
 REPORT = "hpd-teacher.json"
@@ -60,11 +60,11 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
 
 def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
     from datasets import Dataset
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     tmp = final.with_name(f".tmp-{final.name}")
     tmp.mkdir(parents=True, exist_ok=True)  # kept across crashes: Trainer resumes from its checkpoints
-    tokenizer = arithmetic.build_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"])
     rows = [json.loads(line) for line in open(data["train"])]
     seqs = [_encode(tokenizer, r["prompt"], r["response"]) for r in rows]
     context = 1 << (max(len(s[0]) for s in seqs) - 1).bit_length()
@@ -81,8 +81,10 @@ def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
                     learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"], seed=ctx.seed,
                     save_steps=cfg["checkpoint_steps"])
     model.eval()
-    report = {"parameters": params, **evaluate(model, tokenizer, data["heldout"], cfg["eval_examples"])}
-    ctx.log(f"[teacher] held-out accuracy {report['heldout_accuracy']:.1%}, "
+    report = {"parameters": params,
+              **evaluate(model, tokenizer, data["heldout"], cfg["eval_examples"], TASKS[data["builtin"]])}
+    acc = f"held-out accuracy {report['heldout_accuracy']:.1%}, " if "heldout_accuracy" in report else ""
+    ctx.log(f"[teacher] {acc}held-out response NLL {report['response_nll_nats']:.3f} nats/token, "
             f"mean response entropy {report['response_entropy_nats']:.3f} nats")
     model.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
@@ -99,24 +101,31 @@ def _encode(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, heldout: str, n: int) -> dict:
-    """Greedy exact-answer accuracy, and mean next-token entropy on the held-out traces' response tokens."""
+def evaluate(model, tokenizer, heldout: str, n: int, task=None, batch_size: int = 32) -> dict:
+    """Held-out response NLL and mean next-token entropy (teacher-forced on the reference responses), and
+    greedy exact-answer accuracy when the task can check answers."""
     rows = [json.loads(line) for line in open(heldout)][:n]
-    prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-    outs = modeling.sample(model, tokenizer, prompts, max_new_tokens=model.config.n_positions - max(map(len, prompts)),
-                           greedy=True, batch_size=250, desc="teacher eval")
-    correct = sum(arithmetic.is_correct(tokenizer.decode(o, skip_special_tokens=True), r["answer"])
-                  for o, r in zip(outs, rows))
-    ent_sum, ent_n = 0.0, 0
-    for i in range(0, len(rows), 250):
-        enc = [_encode(tokenizer, r["prompt"], r["response"]) for r in rows[i:i + 250]]
-        lp, mask = modeling.log_probs(model, [e[0] for e in enc], tokenizer.pad_token_id)
+    report = {"heldout_examples": len(rows), "uniform_entropy_nats": math.log(len(tokenizer))}
+    if task is not None and hasattr(task, "is_correct"):
+        prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+        room = model.config.n_positions - max(map(len, prompts))
+        outs = modeling.sample(model, tokenizer, prompts, max_new_tokens=room, greedy=True, batch_size=250,
+                               desc="teacher eval")
+        report["heldout_accuracy"] = sum(task.is_correct(tokenizer.decode(o, skip_special_tokens=True), r)
+                                         for o, r in zip(outs, rows)) / len(rows)
+    ent_sum = nll_sum = 0.0
+    count = 0
+    for i in range(0, len(rows), batch_size):
+        enc = [_encode(tokenizer, r["prompt"], r["response"]) for r in rows[i:i + batch_size]]
+        lp, _ = modeling.log_probs(model, [e[0] for e in enc], tokenizer.pad_token_id)
         ent = -(lp.exp() * lp).sum(-1)  # [B, L]: entropy of the distribution for token t+1
         for b, (ids, plen) in enumerate(enc):
-            ent_sum += ent[b, plen - 1:len(ids) - 1].sum().item()
-            ent_n += len(ids) - plen
-    return {"heldout_accuracy": correct / len(rows), "heldout_examples": len(rows),
-            "response_entropy_nats": ent_sum / max(ent_n, 1), "uniform_entropy_nats": math.log(len(tokenizer))}
+            sl = slice(plen - 1, len(ids) - 1)
+            ent_sum += ent[b, sl].sum().item()
+            nll_sum -= lp[b, sl].gather(-1, torch.tensor(ids[plen:]).unsqueeze(-1)).sum().item()
+            count += len(ids) - plen
+    report.update(response_entropy_nats=ent_sum / max(count, 1), response_nll_nats=nll_sum / max(count, 1))
+    return report
 
 
 def published(outputs: dict) -> bool:

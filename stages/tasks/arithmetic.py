@@ -52,18 +52,29 @@ def write_split(path: Path, n: int, seed: int, operands: int, digits: int, exclu
     return seen
 
 
+def write_data(out: Path, cfg: dict, seed: int) -> dict:
+    """train.jsonl / heldout.jsonl with disjoint problems; returns the counts."""
+    if min(cfg["operands"], cfg["digits"]) < 1 or cfg["operands"] > 9:
+        raise ValueError("data.operands must be 1-9 and data.digits at least 1")
+    held = write_split(out / "heldout.jsonl", cfg["heldout_examples"], seed * 1000 + 2, cfg["operands"], cfg["digits"])
+    write_split(out / "train.jsonl", cfg["train_examples"], seed * 1000 + 1, cfg["operands"], cfg["digits"],
+                exclude=held)
+    return {"train": cfg["train_examples"], "heldout": cfg["heldout_examples"]}
+
+
 def extract_answer(response: str) -> str | None:
     """The digits after the last `|`, or None when the response never reached an answer."""
     m = re.search(r"\|\s*(\d+)\s*$", response.split("<eos>")[0].strip())
     return m.group(1) if m else None
 
 
-def is_correct(response: str, answer: str) -> bool:
+def is_correct(response: str, answer: str | dict) -> bool:
+    answer = answer["answer"] if isinstance(answer, dict) else answer
     got = extract_answer(response)
     return got is not None and int(got) == int(answer)
 
 
-def build_tokenizer():
+def build_tokenizer(train_path=None, cfg=None):
     """A character-level tokenizer built with the `tokenizers` library, wrapped as an HF fast tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
