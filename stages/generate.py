@@ -156,7 +156,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
         writer.write_rows(shard, table)
     manifest = writer.finish(num_shards)
     tokens = sum(s["tokens"] for s in manifest["shards"])
-    return {"sequences": str(final), "count": manifest["rows"], "tokens": tokens,
+    return {"sequences": str(final), "source": str(source), "count": manifest["rows"], "tokens": tokens,
             "fingerprint": manifest["fingerprint"]}
 
 

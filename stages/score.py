@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.errors import HpdError
+from storage import encodings
 from storage.logit_cache import CacheRoot, LogitCache, ScoredSequence, cache_key, key_id
 from storage.sequences import SequenceStore
 
@@ -51,8 +52,14 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
                        f"({teacher['vocab_size']}); lower it")
     if temperature <= 0 or cfg["batch_size"] < 1 or cfg["shard_size"] < 1:
         raise HpdError("score.temperature must be > 0, score.batch_size and score.shard_size >= 1")
+    try:
+        encoding = encodings.get(cfg["encoding"])
+    except ValueError as e:
+        raise HpdError(f"score.encoding: {e}") from None
+    if k < 2 and encoding.name != "fp16":
+        raise HpdError(f"score.encoding={encoding.name} needs top_k >= 2; use encoding=\"fp16\" for k=1")
     key = cache_key(teacher=teacher["model_fingerprint"], tokenizer=teacher["tokenizer_fingerprint"],
-                    data=gen["fingerprint"], top_k=k, temperature=temperature)
+                    data=gen["fingerprint"], top_k=k, temperature=temperature, encoding=encoding.spec)
     root = CacheRoot(ctx.cache_root)
     with root.lock(key):
         cache = root.find(key)
@@ -63,6 +70,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
         root.record_use(cache, ctx.run_name)
     m = cache.manifest
     return {"cache": str(cache.dir), "cache_id": cache.id, "fingerprint": key_id(key), "top_k": k,
+            "encoding": encoding.name,
             "sequences": m["rows"], "tokens": m["tokens"], "bytes": m["bytes"],
             "bytes_per_token": round(m["bytes"] / max(m["tokens"], 1), 2)}
 
@@ -72,7 +80,9 @@ def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict)
     model, tokenizer = modeling.load_causal_lm(teacher["model_dir"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     size = cfg["shard_size"]
-    writer = root.writer(key, shard_size=size, num_sequences=len(store), vocab_size=teacher["vocab_size"])
+    writer = root.writer(key, shard_size=size, num_sequences=len(store), vocab_size=teacher["vocab_size"],
+                         provenance={"teacher": teacher["model_dir"], "sequences": gen["sequences"],
+                                     "sequences_source": gen.get("source", ""), "run": ctx.run_name})
     num_shards = -(-len(store) // size)
     resumed = sum(writer.done(i) for i in range(num_shards))
     if resumed:

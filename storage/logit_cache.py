@@ -1,15 +1,19 @@
 """The teacher logit cache: one schema, one key, one directory per key under a shared cache root.
 
-Per scored position t (the teacher's distribution for the token at t+1) a cache row stores
-  - the top-k token ids and their log-probs (float16: |error| <= |log p| * 2**-11, round to nearest),
-  - the exact float32 log-prob of the sequence's own next token (even when outside the top-k),
+Per scored position t (the teacher's distribution for the token at t+1) a cache keeps
+  - the top-k token ids and their log-probs, laid out by one of the encodings in storage/encodings.py,
+  - the exact float32 log-prob of the sequence's own next token (even when it is outside the top-k),
   - the float32 log of the probability mass outside the top-k ("tail"; -inf when k = vocabulary size).
-Rows are keyed by seq_id and carry a CRC of the sequence's tokens, so a reader can prove that the cached
-row belongs to the batch it is paired with (rows matched by position alone fail silently elsewhere).
+A row is one sequence: its seq_id, a CRC of its tokens (so a reader can prove the row belongs to the batch
+it is paired with; matching rows by position alone fails silently elsewhere), the first scored position,
+and list columns over its positions. Shards hold record batches of ROWS_PER_BATCH sequences, so reading one
+sequence decompresses only its record batch.
 """
 from __future__ import annotations
 
+import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,16 +22,22 @@ import pyarrow as pa
 import torch
 
 from . import atomic
+from . import encodings as enc
 from .fingerprint import digest
 from .shards import MANIFEST, ShardSet, ShardWriter, lock_for
 
-FORMAT_VERSION = 1
-LOGPROB_REL_ERROR = 2.0 ** -11  # float16 round-to-nearest
+FORMAT_VERSION = 2
+ROWS_PER_BATCH = 32
+DEFAULT_ENCODING = "rank-q8"
 
 
-def cache_key(*, teacher: str, tokenizer: str, data: str, top_k: int, temperature: float) -> dict:
-    return {"format_version": FORMAT_VERSION, "teacher": teacher, "tokenizer": tokenizer, "data": data,
-            "top_k": int(top_k), "temperature": float(temperature)}
+def cache_key(*, teacher: str, tokenizer: str, data: str, top_k: int, temperature: float,
+              encoding: str | dict = DEFAULT_ENCODING, derived_from: str | None = None) -> dict:
+    key = {"format_version": FORMAT_VERSION, "teacher": teacher, "tokenizer": tokenizer, "data": data,
+           "top_k": int(top_k), "temperature": float(temperature), "encoding": enc.get(encoding).spec}
+    if derived_from:  # a repacked cache is its own thing: never mistaken for one scored at that k
+        key["derived_from"] = derived_from
+    return key
 
 
 def key_id(key: dict) -> str:
@@ -38,46 +48,69 @@ def tokens_crc(ids) -> int:
     return zlib.crc32(np.asarray(ids, dtype=np.int32).tobytes())
 
 
-def id_type(vocab_size: int) -> pa.DataType:
-    return pa.uint16() if vocab_size <= 1 << 16 else pa.uint32()
-
-
-def schema(vocab_size: int) -> pa.Schema:
-    return pa.schema([
-        ("seq_id", pa.int64()),
-        ("tokens_crc", pa.uint32()),
-        ("start", pa.int32()),  # first scored position; the row covers start .. start+n-1
-        ("topk_ids", pa.list_(id_type(vocab_size))),  # n*k, row-major by position
-        ("topk_logprobs", pa.list_(pa.float16())),
-        ("target_logprob", pa.list_(pa.float32())),
-        ("tail_logmass", pa.list_(pa.float32())),
-    ])
-
-
 @dataclass
 class ScoredSequence:
     seq_id: int
     input_ids: np.ndarray
     start: int
-    topk_ids: np.ndarray        # [n, k]
+    topk_ids: np.ndarray        # [n, k], sorted by log-prob, descending
     topk_logprobs: np.ndarray   # [n, k]
     target_logprob: np.ndarray  # [n]
     tail_logmass: np.ndarray    # [n]
 
 
-def rows_table(rows: list[ScoredSequence], vocab_size: int) -> pa.Table:
-    ids_np = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-    s = schema(vocab_size)
-    return pa.table({
+def _list_column(values: np.ndarray, offsets: np.ndarray, typ: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, typ))
+
+
+def rows_table(rows: list[ScoredSequence], encoding: enc.Encoding, vocab_size: int) -> pa.Table:
+    n = np.array([len(r.target_logprob) for r in rows], np.int64)
+    pos_off = np.concatenate([[0], np.cumsum(n)])
+    k = rows[0].topk_ids.shape[1] if rows else 0
+    cols = encoding.encode(np.concatenate([r.topk_ids for r in rows]),
+                           np.concatenate([r.topk_logprobs for r in rows]).astype(np.float32), vocab_size)
+    types = encoding.arrow_types(vocab_size)
+    table = {
         "seq_id": pa.array([r.seq_id for r in rows], pa.int64()),
         "tokens_crc": pa.array([tokens_crc(r.input_ids) for r in rows], pa.uint32()),
         "start": pa.array([r.start for r in rows], pa.int32()),
-        "topk_ids": pa.array([r.topk_ids.astype(ids_np).ravel() for r in rows], s.field("topk_ids").type),
-        "topk_logprobs": pa.array([r.topk_logprobs.astype(np.float16).ravel() for r in rows],
-                                  s.field("topk_logprobs").type),
-        "target_logprob": pa.array([r.target_logprob.astype(np.float32) for r in rows], pa.list_(pa.float32())),
-        "tail_logmass": pa.array([r.tail_logmass.astype(np.float32) for r in rows], pa.list_(pa.float32())),
-    }, schema=s)
+        "target_logprob": _list_column(np.concatenate([r.target_logprob for r in rows]).astype(np.float32),
+                                       pos_off, pa.float32()),
+        "tail_logmass": _list_column(np.concatenate([r.tail_logmass for r in rows]).astype(np.float32),
+                                     pos_off, pa.float32()),
+    }
+    for name, per_entry in encoding.per_entry_columns().items():
+        width = len(cols[name]) // max(int(pos_off[-1]), 1) if per_entry else 1
+        table[name] = _list_column(cols[name], pos_off * width, types[name])
+    assert k == 0 or all(r.topk_ids.shape[1] == k for r in rows)
+    return pa.table(table)
+
+
+@dataclass
+class Decoded:
+    """One record batch, decoded: positions of all its rows stacked, rows delimited by `offsets`."""
+    seq_ids: np.ndarray
+    starts: np.ndarray
+    crcs: np.ndarray
+    offsets: np.ndarray          # [R+1] into the position axis
+    topk_ids: torch.Tensor       # [P, k] int64
+    topk_logprobs: torch.Tensor  # [P, k] float32
+    target_logprob: torch.Tensor  # [P]
+    tail_logmass: torch.Tensor   # [P]
+
+
+def decode_batch(rb: pa.RecordBatch, encoding: enc.Encoding, k: int) -> Decoded:
+    def flat(name):
+        return rb.column(name).values.to_numpy(zero_copy_only=False)
+
+    tgt = rb.column("target_logprob")
+    offsets = tgt.offsets.to_numpy().astype(np.int64) - tgt.offsets[0].as_py()
+    P = int(offsets[-1])
+    ids, lps = encoding.decode({name: flat(name) for name in encoding.per_entry_columns()}, P, k)
+    return Decoded(seq_ids=rb.column("seq_id").to_numpy(), starts=rb.column("start").to_numpy(),
+                   crcs=rb.column("tokens_crc").to_numpy(), offsets=offsets, topk_ids=ids, topk_logprobs=lps,
+                   target_logprob=torch.from_numpy(flat("target_logprob").copy()),
+                   tail_logmass=torch.from_numpy(flat("tail_logmass").copy()))
 
 
 @dataclass
@@ -99,72 +132,87 @@ class CacheMismatchError(RuntimeError):
 
 
 class LogitCache:
-    """A published cache. `batch()` returns the rows of given sequences as aligned tensors."""
+    """A published cache, memory-mapped; `batch()` returns the rows of given sequences as aligned tensors."""
 
-    def __init__(self, directory: Path, verify: bool = True):
+    def __init__(self, directory: Path, verify: bool = True, decoded_batches: int = 16):
         self.dir = Path(directory)
         self.shards = ShardSet(self.dir, verify=verify)
         self.manifest = self.shards.manifest
         self.key = self.manifest["key"]
         self.k = self.key["top_k"]
+        self.encoding = enc.get(self.key["encoding"])
         self.shard_size = self.manifest["shard_size"]
+        self.rows_per_batch = self.manifest["rows_per_batch"]
+        self._decoded: OrderedDict = OrderedDict()
+        self._capacity = decoded_batches
 
     @property
     def id(self) -> str:
         return self.dir.name
 
-    def _row(self, seq_id: int):
+    @property
+    def num_sequences(self) -> int:
+        return self.manifest["rows"]
+
+    def decoded(self, shard: int, batch: int) -> Decoded:
+        key = (shard, batch)
+        if key not in self._decoded:
+            rb = self.shards.reader(shard).get_batch(batch)
+            self._decoded[key] = decode_batch(rb, self.encoding, self.k)
+            if len(self._decoded) > self._capacity:
+                self._decoded.popitem(last=False)
+        self._decoded.move_to_end(key)
+        return self._decoded[key]
+
+    def iter_decoded(self):
+        for shard in range(self.shards.num_shards):
+            for batch in range(self.shards.reader(shard).num_record_batches):
+                yield decode_batch(self.shards.reader(shard).get_batch(batch), self.encoding, self.k)
+
+    def _locate(self, seq_id: int) -> tuple[Decoded, int]:
         shard, row = divmod(int(seq_id), self.shard_size)
-        if not 0 <= shard < self.shards.num_shards:
+        if not (0 <= shard < self.shards.num_shards and 0 <= seq_id < self.num_sequences):
             raise KeyError(f"sequence {seq_id} is not in cache {self.id}")
-        t = self.shards.table(shard)
-        if t.column("seq_id")[row].as_py() != seq_id:
+        batch, r = divmod(row, self.rows_per_batch)
+        d = self.decoded(shard, batch)
+        if d.seq_ids[r] != seq_id:
             raise CacheMismatchError(f"cache {self.id} shard {shard} row {row} is not sequence {seq_id}")
-        return t, row
+        return d, r
 
     def rows(self, seq_id: int) -> ScoredSequence:
-        t, r = self._row(seq_id)
-        k = self.k
-        tgt = np.array(t.column("target_logprob")[r].values.to_numpy(zero_copy_only=False), np.float32)
-        n = len(tgt)
-        return ScoredSequence(
-            seq_id=seq_id, input_ids=np.empty(0, np.int32), start=t.column("start")[r].as_py(),
-            topk_ids=t.column("topk_ids")[r].values.to_numpy().astype(np.int64).reshape(n, k),
-            topk_logprobs=t.column("topk_logprobs")[r].values.to_numpy(zero_copy_only=False)
-            .astype(np.float32).reshape(n, k),
-            target_logprob=tgt,
-            tail_logmass=np.array(t.column("tail_logmass")[r].values.to_numpy(zero_copy_only=False), np.float32))
+        d, r = self._locate(seq_id)
+        sl = slice(d.offsets[r], d.offsets[r + 1])
+        return ScoredSequence(seq_id=int(seq_id), input_ids=np.empty(0, np.int32), start=int(d.starts[r]),
+                              topk_ids=d.topk_ids[sl].numpy(), topk_logprobs=d.topk_logprobs[sl].numpy(),
+                              target_logprob=d.target_logprob[sl].numpy(), tail_logmass=d.tail_logmass[sl].numpy())
 
     def batch(self, seq_ids, input_ids: list | None = None, length: int | None = None) -> CacheBatch:
         """Rows for `seq_ids`, placed at their token positions in a [B, length] grid.
 
         Pass the batch's token ids as `input_ids` to have every row's token CRC checked against them.
         """
-        rows = [self.rows(int(s)) for s in seq_ids]
+        located = [self._locate(s) for s in seq_ids]
         if input_ids is not None:
-            for i, (r, ids) in enumerate(zip(rows, input_ids)):
-                t, row = self._row(r.seq_id)
-                if t.column("tokens_crc")[row].as_py() != tokens_crc(ids):
+            for i, ((d, r), ids) in enumerate(zip(located, input_ids)):
+                if d.crcs[r] != tokens_crc(ids):
                     raise CacheMismatchError(
-                        f"cache {self.id}: row for sequence {r.seq_id} was scored on different tokens than "
+                        f"cache {self.id}: row for sequence {d.seq_ids[r]} was scored on different tokens than "
                         f"batch item {i}; the cache does not belong to these sequences")
-        need = max(r.start + len(r.target_logprob) for r in rows)
+        spans = [(int(d.starts[r]), int(d.offsets[r]), int(d.offsets[r + 1])) for d, r in located]
+        need = max(s + (b - a) for s, a, b in spans)
         L = length or need
         if L < need:
             raise ValueError(f"length {L} is shorter than the cached positions ({need})")
-        B, k = len(rows), self.k
-        out = CacheBatch(
-            topk_ids=torch.zeros(B, L, k, dtype=torch.long),
-            topk_logprobs=torch.full((B, L, k), -float("inf")),
-            target_logprob=torch.zeros(B, L),
-            tail_logmass=torch.full((B, L), -float("inf")),
-            mask=torch.zeros(B, L, dtype=torch.bool))
-        for b, r in enumerate(rows):
-            sl = slice(r.start, r.start + len(r.target_logprob))
-            out.topk_ids[b, sl] = torch.from_numpy(r.topk_ids)
-            out.topk_logprobs[b, sl] = torch.from_numpy(r.topk_logprobs)
-            out.target_logprob[b, sl] = torch.from_numpy(r.target_logprob)
-            out.tail_logmass[b, sl] = torch.from_numpy(r.tail_logmass)
+        B, k = len(located), self.k
+        out = CacheBatch(topk_ids=torch.zeros(B, L, k, dtype=torch.long),
+                         topk_logprobs=torch.full((B, L, k), -float("inf")), target_logprob=torch.zeros(B, L),
+                         tail_logmass=torch.full((B, L), -float("inf")), mask=torch.zeros(B, L, dtype=torch.bool))
+        for b, ((d, _), (s, lo, hi)) in enumerate(zip(located, spans)):
+            sl = slice(s, s + hi - lo)
+            out.topk_ids[b, sl] = d.topk_ids[lo:hi]
+            out.topk_logprobs[b, sl] = d.topk_logprobs[lo:hi]
+            out.target_logprob[b, sl] = d.target_logprob[lo:hi]
+            out.tail_logmass[b, sl] = d.tail_logmass[lo:hi]
             out.mask[b, sl] = True
         return out
 
@@ -190,28 +238,51 @@ class CacheRoot:
         self.root.mkdir(parents=True, exist_ok=True)
         return lock_for(self.path_for(key))
 
-    def writer(self, key: dict, *, shard_size: int, num_sequences: int, vocab_size: int) -> "CacheWriter":
-        return CacheWriter(self.path_for(key), {"format": "hpd-logit-cache", "key": key, "shard_size": shard_size,
-                                                "num_sequences": num_sequences, "vocab_size": vocab_size})
+    def writer(self, key: dict, *, shard_size: int, num_sequences: int, vocab_size: int,
+               provenance: dict | None = None) -> "CacheWriter":
+        return CacheWriter(self.path_for(key), {
+            "format": "hpd-logit-cache", "key": key, "shard_size": shard_size, "rows_per_batch": ROWS_PER_BATCH,
+            "num_sequences": num_sequences, "vocab_size": vocab_size, "provenance": provenance or {}})
 
-    def list(self) -> list[LogitCache]:
+    def open(self, cache_id: str) -> LogitCache:
+        matches = [p for p in self._published() if p.name.startswith(cache_id)] if cache_id else []
+        if len(matches) != 1:
+            what = "no cache" if not matches else f"{len(matches)} caches"
+            raise KeyError(f"{what} under {self.root} with an id starting {cache_id!r}; `hpd cache ls` lists them")
+        return LogitCache(matches[0], verify=False)
+
+    def _published(self) -> list[Path]:
         if not self.root.exists():
             return []
-        return [LogitCache(p, verify=False) for p in sorted(self.root.iterdir())
-                if p.is_dir() and (p / MANIFEST).exists()]
+        return [p for p in sorted(self.root.iterdir()) if p.is_dir() and (p / MANIFEST).exists()]
+
+    def list(self) -> list[LogitCache]:
+        return [LogitCache(p, verify=False) for p in self._published()]
 
     def record_use(self, cache: LogitCache, run: str) -> None:
-        """Remember which runs use a cache, so `gc` knows what is still referenced."""
+        """Remember which runs use a cache and when it was last used."""
         path = cache.dir / "users.json"
-        users = atomic.read_json(path) if path.exists() else []
-        if run not in users:
-            atomic.write_json(path, sorted(users + [run]))
+        users = atomic.read_json(path) if path.exists() else {}
+        if isinstance(users, list):
+            users = {u: 0 for u in users}
+        users[run] = time.time()
+        atomic.write_json(path, users)
+
+
+def users(cache: LogitCache) -> dict[str, float]:
+    path = cache.dir / "users.json"
+    return atomic.read_json(path) if path.exists() else {}
 
 
 class CacheWriter(ShardWriter):
+    @property
+    def encoding(self) -> enc.Encoding:
+        return enc.get(self.meta["key"]["encoding"])
+
     def write_rows(self, index: int, rows: list[ScoredSequence]) -> dict:
-        table = rows_table(rows, self.meta["vocab_size"])
-        return self.write(index, table, tokens=int(sum(len(r.target_logprob) for r in rows)))
+        table = rows_table(rows, self.encoding, self.meta["vocab_size"])
+        return self.write(index, table, rows_per_batch=self.meta["rows_per_batch"],
+                          tokens=int(sum(len(r.target_logprob) for r in rows)))
 
     def finish(self, num_shards: int, **summary) -> dict:
         tokens = sum(self.shards[i]["tokens"] for i in range(num_shards) if i in self.shards)

@@ -22,8 +22,9 @@ from .faults import crash_point
 from .fingerprint import file_digest
 
 MANIFEST = "manifest.json"
+ZSTD_LEVEL = 9  # measured in bench/cache_formats.py: smaller than level 1 at a still-small write cost
 JOURNAL = "journal.json"
-_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=ZSTD_LEVEL))
 
 
 class CorruptShardError(RuntimeError):
@@ -66,12 +67,12 @@ class ShardWriter:
     def done(self, index: int) -> bool:
         return index in self.shards
 
-    def write(self, index: int, table: pa.Table, **stats) -> dict:
+    def write(self, index: int, table: pa.Table, rows_per_batch: int | None = None, **stats) -> dict:
         name = shard_name(index)
         part = self.tmp_dir / f".{name}.tmp"
         with pa.OSFile(str(part), "wb") as sink:
             with pa.ipc.new_file(sink, table.schema, options=_WRITE_OPTIONS) as writer:
-                writer.write_table(table)
+                writer.write_table(table, max_chunksize=rows_per_batch)
         with open(part, "rb+") as f:
             os.fsync(f.fileno())
         part.replace(self.tmp_dir / name)
@@ -107,6 +108,7 @@ class ShardSet:
         self.manifest = atomic.read_json(path)
         self.verify = verify
         self._tables: dict[int, pa.Table] = {}
+        self._readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
 
     @property
     def num_shards(self) -> int:
@@ -120,12 +122,18 @@ class ShardSet:
                 f"shard {path} is missing or corrupt (checksum mismatch); rebuild it by rerunning the stage "
                 f"that wrote {self.dir.name}")
 
-    def table(self, index: int) -> pa.Table:
-        if index not in self._tables:
+    def reader(self, index: int) -> pa.ipc.RecordBatchFileReader:
+        """The shard's memory-mapped file reader; its checksum is checked on first open."""
+        if index not in self._readers:
             if self.verify:
                 self.check(index)
             source = pa.memory_map(str(self.dir / self.manifest["shards"][index]["file"]), "r")
-            self._tables[index] = pa.ipc.open_file(source).read_all()
+            self._readers[index] = pa.ipc.open_file(source)
+        return self._readers[index]
+
+    def table(self, index: int) -> pa.Table:
+        if index not in self._tables:
+            self._tables[index] = self.reader(index).read_all()
         return self._tables[index]
 
     def tables(self):
