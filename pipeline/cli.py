@@ -111,5 +111,128 @@ def _summary(outputs: dict) -> str:
     return ""
 
 
+# -- hpd cache ------------------------------------------------------------------------------------------
+@cli.group()
+def cache():
+    """Inspect, verify, repack and clean the shared logit caches."""
+
+
+def _root(config_path, overrides):
+    from storage.logit_cache import CacheRoot
+
+    ctx = context_from_config(config_mod.load(config_path, overrides))
+    return ctx, CacheRoot(ctx.cache_root)
+
+
+def _open(root, cache_id):
+    try:
+        return root.open(cache_id)
+    except KeyError as e:
+        raise HpdError(e.args[0]) from None
+
+
+@cache.command("ls")
+@config_option
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def cache_ls(config_path, overrides, as_json):
+    """Every cache under the cache root."""
+    from storage import catalog
+
+    _, root = _root(config_path, overrides)
+    rows = [catalog.describe(c) for c in root.list()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo(f"no caches under {root.root}")
+        return
+    click.echo(f"{'id':<22}{'k':>4} {'encoding':<14}{'seqs':>8}{'tokens':>11}{'size':>10}{'B/tok':>8}  "
+               f"{'last use':<10} teacher / data / runs")
+    for r in rows:
+        enc = r["encoding"]["name"] + (f":{r['encoding']['step']:g}" if r["encoding"]["step"] else "")
+        click.echo(f"{r['id']:<22}{r['k']:>4} {enc:<14}{r['sequences']:>8,}{r['tokens']:>11,}"
+                   f"{r['bytes'] / 1e6:>8.1f}MB{r['bytes_per_token']:>8}  {catalog.age(r['last_used']):<10} "
+                   f"{r['teacher']} / {r['data']} / {','.join(r['runs']) or '-'}")
+
+
+@cache.command("show")
+@click.argument("cache_id")
+@config_option
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def cache_show(cache_id, config_path, overrides, as_json):
+    """One cache: its key, provenance, totals and shards."""
+    from storage import catalog
+
+    _, root = _root(config_path, overrides)
+    c = _open(root, cache_id)
+    info = {**catalog.describe(c), "full_key": c.key, "provenance": c.manifest.get("provenance", {}),
+            "shard_list": c.manifest["shards"]}
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    for name in ("id", "path", "teacher", "data", "k", "encoding", "temperature", "sequences", "tokens", "bytes",
+                 "bytes_per_token", "shards", "runs", "derived_from"):
+        click.echo(f"{name:<16}{info[name]}")
+    click.echo(f"{'last used':<16}{catalog.age(info['last_used'])}")
+    click.echo("key             " + json.dumps(c.key, sort_keys=True))
+
+
+@cache.command("verify")
+@click.argument("cache_id")
+@config_option
+@set_option
+def cache_verify(cache_id, config_path, overrides):
+    """Check every shard's checksum; exit 1 naming each bad shard."""
+    from storage import catalog
+
+    _, root = _root(config_path, overrides)
+    c = _open(root, cache_id)
+    bad = catalog.verify(c)
+    for msg in bad:
+        click.echo(f"bad: {msg}", err=True)
+    if bad:
+        raise click.exceptions.Exit(1)
+    click.echo(f"{c.id}: all {c.shards.num_shards} shards intact")
+
+
+@cache.command("repack")
+@click.argument("cache_id")
+@click.option("--k", "k", type=int, required=True, help="the new, smaller k")
+@click.option("--encoding", default=None, help="fp16 | rank-q8[:STEP] | idsort-q8[:STEP] (default: the same)")
+@config_option
+@set_option
+def cache_repack(cache_id, k, encoding, config_path, overrides):
+    """Derive a cache with a smaller k (or another encoding) without running the teacher."""
+    from storage import catalog
+
+    _, root = _root(config_path, overrides)
+    c = _open(root, cache_id)
+    try:
+        new = catalog.repack(c, root, k, encoding)
+    except ValueError as e:
+        raise HpdError(str(e)) from None
+    d = catalog.describe(new)
+    click.echo(f"{new.id}: k={d['k']} {d['encoding']['name']}, {d['bytes'] / 1e6:.1f} MB, "
+               f"{d['bytes_per_token']} B/token (from {c.id})")
+
+
+@cache.command("gc")
+@click.option("--dry-run", is_flag=True, help="list what would be removed, remove nothing")
+@config_option
+@set_option
+def cache_gc(dry_run, config_path, overrides):
+    """Remove unfinished temporaries and caches that no run references."""
+    from storage import catalog
+
+    ctx, root = _root(config_path, overrides)
+    doomed = catalog.gc(root, catalog.referenced_caches(ctx.home), dry_run=dry_run)
+    for path, why in doomed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {path} ({why})")
+    if not doomed:
+        click.echo("nothing to remove")
+
+
 def main():
     cli.main(prog_name="hpd")

@@ -57,6 +57,11 @@ class ScoredSequence:
     topk_logprobs: np.ndarray   # [n, k]
     target_logprob: np.ndarray  # [n]
     tail_logmass: np.ndarray    # [n]
+    crc: int | None = None      # of input_ids; given directly when the tokens are not at hand (repack)
+
+    @property
+    def tokens_crc(self) -> int:
+        return self.crc if self.crc is not None else tokens_crc(self.input_ids)
 
 
 def _list_column(values: np.ndarray, offsets: np.ndarray, typ: pa.DataType) -> pa.Array:
@@ -72,7 +77,7 @@ def rows_table(rows: list[ScoredSequence], encoding: enc.Encoding, vocab_size: i
     types = encoding.arrow_types(vocab_size)
     table = {
         "seq_id": pa.array([r.seq_id for r in rows], pa.int64()),
-        "tokens_crc": pa.array([tokens_crc(r.input_ids) for r in rows], pa.uint32()),
+        "tokens_crc": pa.array([r.tokens_crc for r in rows], pa.uint32()),
         "start": pa.array([r.start for r in rows], pa.int32()),
         "target_logprob": _list_column(np.concatenate([r.target_logprob for r in rows]).astype(np.float32),
                                        pos_off, pa.float32()),

@@ -1,0 +1,221 @@
+"""Cache encodings on the dialogue teacher: size, fidelity and speed for k in {8,16,32,64,128}.
+
+Writes bench/results/cache_formats.json and bench/results/cache_formats.md. Measured:
+  - bytes per scored token on disk (real shards written by storage/, zstd level as shipped, plus levels 1/3/19),
+  - fidelity against the teacher's full float64 distribution, two ways:
+      kl_bucket  KL over the k+1 buckets (top-k entries + one tail bucket): what the encoding loses;
+      kl_full    KL over the whole vocabulary with the tail mass spread uniformly over the other tokens:
+                 what truncation to k loses on top of it (no encoding can recover the tail's shape);
+  - encode and decode throughput (tokens/s, one core), and the reader's time for a training batch as a
+    fraction of a student training step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline import config as config_mod  # noqa: E402
+from pipeline.graph import STAGES  # noqa: E402
+from pipeline.stage import Context, Runner  # noqa: E402
+from stages import modeling  # noqa: E402
+from storage import encodings as enc  # noqa: E402
+from storage import shards as shards_mod  # noqa: E402
+from storage.logit_cache import CacheRoot, LogitCache, ScoredSequence, cache_key  # noqa: E402
+from storage.sequences import SequenceStore  # noqa: E402
+
+KS = [8, 16, 32, 64, 128]
+ENCODINGS = ["fp16", "rank-q8:0.03125", "rank-q8:0.0625", "rank-q8:0.125", "idsort-q8:0.0625"]
+ANCHORS = {"dense bf16, vocab 152k": 297 * 1024, "top-64 int32 id + fp16, raw": 384,
+           "Megatron-LM top-128 before zstd": 528, "DistillKit recommended k=128": "312-344",
+           "DistillKit budget k=50": "114-127", "small model k=64 int32+fp16 after zstd (field.md)": "152-203",
+           "same, 8-bit log-probs": "137-144"}
+
+
+def rebuild_kl(full_lp: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail: torch.Tensor) -> tuple:
+    """(kl_bucket, kl_full) per position, float64. full_lp [P, V]; ids/lps [P, k] decoded; tail [P] exact."""
+    P, V = full_lp.shape
+    k = ids.shape[1]
+    p_top = full_lp.gather(1, ids)  # exact log-probs of the cached ids
+    q_top, q_tail = lps.double(), tail.double()
+    norm = torch.logsumexp(torch.cat([q_top, q_tail[:, None]], 1), 1, keepdim=True)  # rebuilt mass may miss 1
+    q_top, q_tail = q_top - norm, q_tail - norm[:, 0]
+    pt = p_top.exp()
+    kl_top = (pt * (p_top - q_top)).sum(1)
+    p_tail = tail.double()
+    finite = torch.isfinite(p_tail)
+    kl_bucket = kl_top + torch.where(finite, p_tail.exp() * (p_tail - q_tail), torch.zeros_like(p_tail))
+    if k == V:
+        return kl_bucket, kl_bucket
+    outside = torch.ones_like(full_lp, dtype=torch.bool).scatter(1, ids, False)
+    q_each = (q_tail - np.log(V - k))[:, None]
+    kl_tail = torch.where(outside, full_lp.exp() * (full_lp - q_each), torch.zeros_like(full_lp)).sum(1)
+    return kl_bucket, kl_top + kl_tail
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
+    ap.add_argument("--sequences", type=int, default=1000)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cache_formats"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # "one core" throughput, and stable numbers on a noisy machine
+
+    cfg = config_mod.load("dialogue", [])
+    runner = Runner(STAGES, cfg, Context(home=Path(args.home).resolve(), run_name="dialogue", seed=0))
+    for stage in ("data", "teacher", "generate"):
+        runner.run_stage(stage)
+    teacher = runner.manifest("teacher")["outputs"]
+    store = SequenceStore(Path(runner.manifest("generate")["outputs"]["sequences"]))
+    model, tok = modeling.load_causal_lm(teacher["model_dir"])
+    V = teacher["vocab_size"]
+    n = min(args.sequences, len(store))
+    seq_ids, plens, seqs = store.range(0, n)
+
+    kmax = max(KS)
+    rows, kl = [], {(k, e): [[], []] for k in KS for e in ENCODINGS}
+    entropy, tails = [], {k: [] for k in KS}
+    t_score = time.perf_counter()
+    for i in range(0, n, 16):
+        part = slice(i, i + 16)
+        lp_all, _ = modeling.log_probs(model, seqs[part], tok.pad_token_id)
+        for b, (s, p) in enumerate(zip(seqs[part], plens[part])):
+            full = lp_all[b, p - 1:len(s) - 1].double()  # [n, V]
+            entropy.append(-(full.exp() * full).sum(1))
+            top_lp, top_ids = torch.topk(full, kmax, dim=1)
+            target = full.gather(1, torch.as_tensor(np.asarray(s[p:], np.int64))[:, None])[:, 0]
+            rows.append(ScoredSequence(seq_id=int(seq_ids[i + b]), input_ids=s, start=int(p) - 1,
+                                       topk_ids=top_ids.numpy(), topk_logprobs=top_lp.float().numpy(),
+                                       target_logprob=target.float().numpy(),
+                                       tail_logmass=torch.logsumexp(full.scatter(1, top_ids, -np.inf), 1).float().numpy()))
+            for k in KS:
+                tail_k = torch.logsumexp(full.scatter(1, top_ids[:, :k], -np.inf), 1)
+                tails[k].append(tail_k.exp())
+                for e in ENCODINGS:
+                    code = enc.get(e)
+                    cols = code.encode(top_ids[:, :k].numpy(), top_lp[:, :k].float().numpy(), V)
+                    d_ids, d_lps = code.decode(cols, len(full), k)
+                    a, f = rebuild_kl(full, d_ids, d_lps, tail_k.float())
+                    kl[(k, e)][0].append(a)
+                    kl[(k, e)][1].append(f)
+    t_score = time.perf_counter() - t_score
+    tokens = sum(len(r.target_logprob) for r in rows)
+
+    def with_k(k):
+        out = []
+        for r in rows:
+            lp = torch.from_numpy(r.topk_logprobs).double()
+            tail = torch.logaddexp(torch.from_numpy(r.tail_logmass).double(), torch.logsumexp(lp[:, k:], 1)) \
+                if k < kmax else torch.from_numpy(r.tail_logmass).double()
+            out.append(ScoredSequence(seq_id=r.seq_id, input_ids=r.input_ids, start=r.start,
+                                      topk_ids=r.topk_ids[:, :k], topk_logprobs=r.topk_logprobs[:, :k],
+                                      target_logprob=r.target_logprob, tail_logmass=tail.float().numpy()))
+        return out
+
+    results, tmp = [], Path(tempfile.mkdtemp(prefix="hpd-formats-"))
+    decode_speed = {}
+    for k in KS:
+        krows = with_k(k)
+        for e in ENCODINGS:
+            code = enc.get(e)
+            for level in ([1, 3, shards_mod.ZSTD_LEVEL, 19] if k == 64 else [shards_mod.ZSTD_LEVEL]):
+                shards_mod._WRITE_OPTIONS = __import__("pyarrow").ipc.IpcWriteOptions(
+                    compression=__import__("pyarrow").Codec("zstd", compression_level=level))
+                key = cache_key(teacher=f"bench-{level}", tokenizer="t", data="d", top_k=k, temperature=1.0,
+                                encoding=code.spec)
+                root = CacheRoot(tmp / f"z{level}")
+                w = root.writer(key, shard_size=len(krows), num_sequences=len(krows), vocab_size=V)
+                t0 = time.perf_counter()
+                w.write_rows(0, krows)
+                w.finish(1)
+                t_enc = time.perf_counter() - t0
+                cache = LogitCache(root.path_for(key))
+                t0 = time.perf_counter()
+                decoded_tokens = sum(int(d.offsets[-1]) for d in cache.iter_decoded())
+                t_dec = time.perf_counter() - t0
+                assert decoded_tokens == tokens
+                kb, kf = (torch.cat(x).mean().item() for x in kl[(k, e)])
+                results.append({"k": k, "encoding": e, "zstd_level": level,
+                                "bytes_per_token": cache.manifest["bytes"] / tokens,
+                                "kl_bucket": kb, "kl_full": kf,
+                                "encode_tokens_per_s": tokens / t_enc, "decode_tokens_per_s": tokens / t_dec})
+                if level == shards_mod.ZSTD_LEVEL:
+                    decode_speed[(k, e)] = tokens / t_dec
+    shards_mod._WRITE_OPTIONS = __import__("pyarrow").ipc.IpcWriteOptions(
+        compression=__import__("pyarrow").Codec("zstd", compression_level=shards_mod.ZSTD_LEVEL))
+
+    # Loader time against a student step: random batches of 32 sequences from the k=64 default-encoded cache.
+    loader = {}
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(os.cpu_count())
+    key = cache_key(teacher=f"bench-{shards_mod.ZSTD_LEVEL}", tokenizer="t", data="d", top_k=64, temperature=1.0,
+                    encoding=enc.get("rank-q8").spec)
+    cache = LogitCache(CacheRoot(tmp / f"z{shards_mod.ZSTD_LEVEL}").path_for(key))
+    student = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=model.config.n_positions, n_embd=64, n_layer=2,
+                                         n_head=2))
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    t_load = t_step = 0.0
+    for _ in range(10):
+        ids = rng.choice(n, 32, replace=False)
+        batch_seqs = [seqs[j] for j in ids]
+        t0 = time.perf_counter()
+        cb = cache.batch(ids, input_ids=batch_seqs, length=max(map(len, batch_seqs)))
+        t_load += time.perf_counter() - t0
+        x, m = modeling.pad_right(batch_seqs, tok.pad_token_id)
+        t0 = time.perf_counter()
+        logits = student(input_ids=x, attention_mask=m).logits
+        logq = torch.log_softmax(logits.float(), -1)
+        loss = -(cb.topk_logprobs.exp() * logq.gather(-1, cb.topk_ids))[cb.mask].sum() / cb.mask.sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        t_step += time.perf_counter() - t0
+    loader = {"batch": 32, "student_parameters": sum(p.numel() for p in student.parameters()),
+              "loader_seconds_per_batch": t_load / 10, "student_step_seconds": t_step / 10,
+              "loader_fraction_of_step": t_load / t_step}
+
+    summary = {"teacher": teacher["report"], "vocab_size": V, "sequences": n, "scored_tokens": tokens,
+               "teacher_entropy_nats": torch.cat(entropy).mean().item(),
+               "tail_mass_mean": {k: torch.cat(tails[k]).mean().item() for k in KS},
+               "scoring_seconds": t_score, "zstd_level": shards_mod.ZSTD_LEVEL, "results": results,
+               "loader": loader, "anchors_bytes_per_token": ANCHORS}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    md = [f"Dialogue teacher ({teacher['report']['parameters'] / 1e6:.2f}M parameters, vocabulary {V:,}), "
+          f"{n:,} sequences, {tokens:,} scored tokens, mean teacher entropy {summary['teacher_entropy_nats']:.2f} "
+          f"nats; zstd level {shards_mod.ZSTD_LEVEL}; throughput on one core.", "",
+          "| k | encoding | bytes/token | KL bucket (nats) | KL full vocab (nats) | tail mass | decode tok/s | encode tok/s |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r["zstd_level"] != shards_mod.ZSTD_LEVEL:
+            continue
+        md.append(f"| {r['k']} | {r['encoding']} | {r['bytes_per_token']:.1f} | {r['kl_bucket']:.5f} | "
+                  f"{r['kl_full']:.3f} | {summary['tail_mass_mean'][r['k']]:.3f} | "
+                  f"{r['decode_tokens_per_s'] / 1e6:.2f}M | {r['encode_tokens_per_s'] / 1e6:.2f}M |")
+    md += ["", "zstd level at k=64 (bytes/token):", "", "| encoding | " + " | ".join(
+        f"level {lv}" for lv in [1, 3, shards_mod.ZSTD_LEVEL, 19]) + " |", "|---|---|---|---|---|"]
+    for e in ENCODINGS:
+        sizes = {r["zstd_level"]: r["bytes_per_token"] for r in results if r["k"] == 64 and r["encoding"] == e}
+        md.append(f"| {e} | " + " | ".join(f"{sizes[lv]:.1f}" for lv in [1, 3, shards_mod.ZSTD_LEVEL, 19]) + " |")
+    md += ["", f"Reader: a batch of {loader['batch']} random sequences takes {loader['loader_seconds_per_batch'] * 1e3:.1f} ms, "
+           f"{loader['loader_fraction_of_step']:.1%} of a {loader['student_parameters'] / 1e3:.0f}k-parameter student's "
+           f"training step ({loader['student_step_seconds'] * 1e3:.0f} ms)."]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

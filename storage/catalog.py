@@ -1,0 +1,128 @@
+"""The catalog of caches under a cache root: listing, verification, repacking and garbage collection."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from filelock import Timeout
+
+from . import encodings as enc
+from .logit_cache import CacheRoot, LogitCache, ScoredSequence, key_id, users
+from .shards import CorruptShardError, lock_for
+
+
+def describe(cache: LogitCache) -> dict:
+    m, key = cache.manifest, cache.key
+    prov = m.get("provenance", {})
+    used = users(cache)
+    return {
+        "id": cache.id, "key": key_id(key), "teacher": prov.get("teacher", key["teacher"][:12]),
+        "data": prov.get("sequences_source") or prov.get("sequences") or key["data"][:12],
+        "k": key["top_k"], "encoding": enc.get(key["encoding"]).spec, "temperature": key["temperature"],
+        "sequences": m["rows"], "tokens": m["tokens"], "bytes": m["bytes"],
+        "bytes_per_token": round(m["bytes"] / max(m["tokens"], 1), 2), "shards": len(m["shards"]),
+        "created": m.get("published_at"), "last_used": max(used.values(), default=m.get("published_at")),
+        "runs": sorted(used), "derived_from": key.get("derived_from"), "path": str(cache.dir),
+    }
+
+
+def verify(cache: LogitCache) -> list[str]:
+    """Every shard's checksum; returns the messages for the bad ones (empty when all are intact)."""
+    bad = []
+    for i in range(cache.shards.num_shards):
+        try:
+            cache.shards.check(i)
+        except CorruptShardError as e:
+            bad.append(str(e))
+    return bad
+
+
+def repack(cache: LogitCache, root: CacheRoot, k: int, encoding: str | dict | None = None) -> LogitCache:
+    """A cache with a smaller k (and/or another encoding) derived from `cache` without the teacher.
+
+    The dropped entries' mass joins the tail. Rank-ordered encodings keep their exact rank order, so the
+    new top-k is the prefix; id-ordered ones are re-ranked by their stored (quantised) log-probs.
+    """
+    if not 1 <= k <= cache.k:
+        raise ValueError(f"repack k={k} must be between 1 and the cache's k ({cache.k})")
+    encoding = enc.get(encoding or cache.key["encoding"])
+    if k < 2 and encoding.name != "fp16":
+        raise ValueError(f"encoding {encoding.name} needs k >= 2; use --encoding fp16 for k=1")
+    key = {**cache.key, "top_k": k, "encoding": encoding.spec, "derived_from": cache.id}
+    with root.lock(key):
+        found = root.find(key)
+        if found is not None:
+            return found
+        writer = root.writer(key, shard_size=cache.shard_size, num_sequences=cache.num_sequences,
+                             vocab_size=cache.manifest["vocab_size"],
+                             provenance={**cache.manifest.get("provenance", {}), "repacked_from": cache.id})
+        ranked = enc.get(cache.key["encoding"]).name != "idsort-q8"
+        for shard in range(cache.shards.num_shards):
+            if writer.done(shard):
+                continue
+            rows = []
+            for b in range(cache.shards.reader(shard).num_record_batches):
+                d = cache.decoded(shard, b)
+                lps, ids = d.topk_logprobs, d.topk_ids
+                if not ranked:
+                    lps, order = lps.sort(dim=1, descending=True, stable=True)
+                    ids = ids.gather(1, order)
+                dropped = torch.logsumexp(lps[:, k:].double(), dim=1).float() if k < cache.k else None
+                tail = d.tail_logmass if dropped is None else torch.logaddexp(d.tail_logmass, dropped)
+                for r in range(len(d.seq_ids)):
+                    sl = slice(d.offsets[r], d.offsets[r + 1])
+                    rows.append(ScoredSequence(
+                        seq_id=int(d.seq_ids[r]), input_ids=None, crc=int(d.crcs[r]), start=int(d.starts[r]),
+                        topk_ids=ids[sl, :k].numpy(), topk_logprobs=lps[sl, :k].numpy(),
+                        target_logprob=d.target_logprob[sl].numpy(), tail_logmass=tail[sl].numpy()))
+            writer.write_rows(shard, rows)
+        writer.finish(cache.shards.num_shards)
+    return LogitCache(root.path_for(key))
+
+
+def referenced_caches(home: Path) -> set[str]:
+    """Cache directories named by any stage manifest of any run under `home`."""
+    import json
+
+    refs = set()
+    for manifest in (home / "runs").glob("*/*/manifest.json"):
+        outputs = json.loads(manifest.read_text()).get("outputs", {})
+        for v in outputs.values():
+            if isinstance(v, str) and ("/caches/" in v or v.startswith("@home/caches/")):
+                refs.add(Path(v).name)
+    return refs
+
+
+def gc(root: CacheRoot, referenced: set[str], dry_run: bool = False) -> list[tuple[Path, str]]:
+    """Remove temporaries no writer holds and published caches no run references; returns what (and why)."""
+    doomed: list[tuple[Path, str]] = []
+    if not root.root.exists():
+        return doomed
+    for p in sorted(root.root.iterdir()):
+        if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+            final = p.with_name(p.name.split("-", 1)[1])
+            try:  # a live writer holds the lock: its temporary is work in progress, not garbage
+                with lock_for(final).acquire(timeout=0):
+                    doomed.append((p, "unfinished temporary"))
+            except Timeout:
+                continue
+        elif p.is_dir() and (p / "manifest.json").exists() and p.name not in referenced:
+            doomed.append((p, "no run references it"))
+    if not dry_run:
+        for p, _ in doomed:
+            shutil.rmtree(p, ignore_errors=True)
+            lock = p.parent / f".{p.name}.lock"
+            lock.unlink(missing_ok=True)
+    return doomed
+
+
+def age(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = time.time() - ts
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"

@@ -1,0 +1,120 @@
+"""`hpd cache` ls / show / verify / repack / gc, and two writers racing for one cache key."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from storage.logit_cache import LogitCache
+
+from conftest import TINY, copy_home, make_runner
+
+
+def _hpd(home, *args):
+    return CliRunner().invoke(cli, list(args), env={"HPD_HOME": str(home)})
+
+
+@pytest.fixture()
+def home(tiny_home, tmp_path):
+    return copy_home(tiny_home, tmp_path / "home")
+
+
+def test_ls_and_show_json(home, tiny_runner):
+    out = tiny_runner.manifest("score")["outputs"]
+    r = _hpd(home, "cache", "ls", "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["id"] == out["cache_id"] and row["k"] == out["top_k"] and row["runs"] == ["tiny"]
+    assert row["tokens"] == out["tokens"] and row["bytes"] == out["bytes"]
+    assert row["bytes_per_token"] == pytest.approx(row["bytes"] / row["tokens"], abs=0.01)
+    assert row["sequences"] == 240 and row["encoding"]["name"] == "rank-q8"
+    assert "models/" in row["teacher"] and row["data"].endswith("train.jsonl")
+    r = _hpd(home, "cache", "show", out["cache_id"][:8], "--json")
+    shown = json.loads(r.stdout)
+    assert shown["id"] == row["id"] and len(shown["shard_list"]) == shown["shards"] == 5
+    assert _hpd(home, "cache", "ls").exit_code == 0
+    r = _hpd(home, "cache", "show", "zzzz")
+    assert r.exit_code == 2 and "no cache" in r.stderr
+
+
+def test_verify_names_each_bad_shard(home, tiny_runner):
+    cache_id = tiny_runner.manifest("score")["outputs"]["cache_id"]
+    assert _hpd(home, "cache", "verify", cache_id).exit_code == 0
+    for name in ("shard-00001.arrow", "shard-00003.arrow"):
+        p = home / "caches" / cache_id / name
+        data = bytearray(p.read_bytes())
+        data[len(data) // 3] ^= 0x01  # one flipped bit
+        p.write_bytes(bytes(data))
+    r = _hpd(home, "cache", "verify", cache_id)
+    assert r.exit_code == 1
+    assert "shard-00001.arrow" in r.stderr and "shard-00003.arrow" in r.stderr and "shard-00000" not in r.stderr
+
+
+def test_repack_agrees_with_scoring_at_that_k(home):
+    base = make_runner(home)
+    cache = LogitCache(Path(base.manifest("score")["outputs"]["cache"]))
+    r = _hpd(home, "cache", "repack", cache.id, "--k", "4")
+    assert r.exit_code == 0, r.output
+    repacked = [c for c in (home / "caches").iterdir() if c.is_dir() and not c.name.startswith(".")
+                and c.name != cache.id]
+    assert len(repacked) == 1
+    rp = LogitCache(repacked[0])
+    assert rp.k == 4 and rp.key["derived_from"] == cache.id
+    scored = make_runner(home, "score.top_k=4", run="k4")
+    scored.run()
+    direct = LogitCache(Path(scored.manifest("score")["outputs"]["cache"]))
+    assert direct.id != rp.id  # a derived cache never passes for a scored one
+    ids = list(range(cache.num_sequences))
+    a, b = rp.batch(ids), direct.batch(ids)
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.topk_ids[a.mask], b.topk_ids[b.mask])
+    assert torch.equal(a.target_logprob, b.target_logprob)
+    step = cache.encoding.step
+    assert (a.topk_logprobs[a.mask] - b.topk_logprobs[b.mask]).abs().max() <= step / 2 + 0.01
+    # The tail absorbs the dropped entries, each known to within the quantisation error.
+    assert (a.tail_logmass[a.mask] - b.tail_logmass[b.mask]).abs().max() <= step / 2 + 0.01
+    again = _hpd(home, "cache", "repack", cache.id, "--k", "4")
+    assert rp.id in again.stdout  # keyed and shared: the same request reuses it
+    bad = _hpd(home, "cache", "repack", cache.id, "--k", "99")
+    assert bad.exit_code == 2 and "must be between 1" in bad.stderr
+
+
+def test_gc_removes_temporaries_and_unreferenced_caches(home, tiny_runner):
+    keep = tiny_runner.manifest("score")["outputs"]["cache_id"]
+    _hpd(home, "cache", "repack", keep, "--k", "3")
+    (home / "caches" / ".tmp-deadbeef").mkdir()
+    r = _hpd(home, "cache", "gc", "--dry-run")
+    assert r.exit_code == 0 and r.stdout.count("would remove") == 2
+    assert (home / "caches" / ".tmp-deadbeef").exists()
+    r = _hpd(home, "cache", "gc")
+    left = sorted(p.name for p in (home / "caches").iterdir() if p.is_dir())
+    assert left == [keep], r.output
+
+
+def test_concurrent_writers_share_one_cache(home, tmp_path):
+    """Two runs asking for the same new cache at once: one builds it, the other waits and reuses it."""
+    cache_dir = Path(make_runner(home).manifest("score")["outputs"]["cache"])
+    shutil.rmtree(cache_dir)
+    procs = []
+    for run in ("a", "b"):
+        args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run"]
+        for o in TINY + [f'run.name="{run}"']:
+            args += ["--set", o]
+        procs.append(subprocess.Popen(args, env={**os.environ, "HPD_HOME": str(home)}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
+    ids = {make_runner(home, run=r).manifest("score")["outputs"]["cache_id"] for r in ("a", "b")}
+    assert ids == {cache_dir.name}
+    assert not [p for p in (home / "caches").iterdir() if p.name.startswith(".tmp-")]
+    r = _hpd(home, "cache", "verify", cache_dir.name)
+    assert r.exit_code == 0
+    users = json.loads((cache_dir / "users.json").read_text())
+    assert {"a", "b"} <= set(users)
