@@ -28,3 +28,4 @@ clean:
 
 bench: $(STAMP)
 	$(PY) bench/default_task.py
+	$(PY) bench/cache_formats.py

@@ -31,7 +31,7 @@ from pipeline.stage import Context, Runner  # noqa: E402
 from stages import modeling  # noqa: E402
 from storage import encodings as enc  # noqa: E402
 from storage import shards as shards_mod  # noqa: E402
-from storage.logit_cache import CacheRoot, LogitCache, ScoredSequence, cache_key  # noqa: E402
+from storage.logit_cache import DEFAULT_ENCODING, CacheRoot, LogitCache, ScoredSequence, cache_key, decode_batch  # noqa: E402
 from storage.sequences import SequenceStore  # noqa: E402
 
 KS = [8, 16, 32, 64, 128]
@@ -66,7 +66,8 @@ def rebuild_kl(full_lp: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
-    ap.add_argument("--sequences", type=int, default=1000)
+    ap.add_argument("--sequences", type=int, default=1000, help="sequences for sizes and speeds")
+    ap.add_argument("--kl-sequences", type=int, default=200, help="of which, sequences for the KL measures")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cache_formats"))
     args = ap.parse_args()
     torch.set_num_threads(1)  # "one core" throughput, and stable numbers on a noisy machine
@@ -98,7 +99,7 @@ def main():
                                        topk_ids=top_ids.numpy(), topk_logprobs=top_lp.float().numpy(),
                                        target_logprob=target.float().numpy(),
                                        tail_logmass=torch.logsumexp(full.scatter(1, top_ids, -np.inf), 1).float().numpy()))
-            for k in KS:
+            for k in KS if i + b < args.kl_sequences else []:
                 tail_k = torch.logsumexp(full.scatter(1, top_ids[:, :k], -np.inf), 1)
                 tails[k].append(tail_k.exp())
                 for e in ENCODINGS:
@@ -160,10 +161,10 @@ def main():
 
     torch.set_num_threads(os.cpu_count())
     key = cache_key(teacher=f"bench-{shards_mod.ZSTD_LEVEL}", tokenizer="t", data="d", top_k=64, temperature=1.0,
-                    encoding=enc.get("rank-q8").spec)
+                    encoding=enc.get(DEFAULT_ENCODING).spec)
     cache = LogitCache(CacheRoot(tmp / f"z{shards_mod.ZSTD_LEVEL}").path_for(key))
     student = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=model.config.n_positions, n_embd=64, n_layer=2,
-                                         n_head=2))
+                                         n_head=2, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     t_load = t_step = 0.0
@@ -186,7 +187,38 @@ def main():
               "loader_seconds_per_batch": t_load / 10, "student_step_seconds": t_step / 10,
               "loader_fraction_of_step": t_load / t_step}
 
-    summary = {"teacher": teacher["report"], "vocab_size": V, "sequences": n, "scored_tokens": tokens,
+    # The container: Arrow's own IPC compression (what shards use: any pyarrow reader opens them) against
+    # whole record batches serialised uncompressed and compressed as one zstd frame each, in the same run.
+    import pyarrow as pa
+    import zstandard
+
+    torch.set_num_threads(1)
+    table = cache.shards.table(0)
+    code = enc.get(DEFAULT_ENCODING)
+    reader = cache.shards.reader(0)
+    frames = [zstandard.ZstdCompressor(level=shards_mod.ZSTD_LEVEL).compress(rb.serialize().to_pybytes())
+              for rb in table.to_batches()]
+    dctx = zstandard.ZstdDecompressor()
+
+    def arrow_native():
+        for i in range(reader.num_record_batches):
+            decode_batch(reader.get_batch(i), code, 64)
+
+    def zstd_frames():
+        for f in frames:
+            decode_batch(pa.ipc.read_record_batch(pa.py_buffer(dctx.decompress(f)), table.schema), code, 64)
+
+    container = {}
+    for name, fn in (("arrow_ipc_zstd", arrow_native), ("zstd_frames", zstd_frames)) * 2:  # interleaved, twice
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        container.setdefault(name, []).append(3 * tokens / (time.perf_counter() - t0))
+    container = {name: max(v) for name, v in container.items()}
+    container["zstd_frames_bytes_per_token"] = sum(map(len, frames)) / tokens
+
+    summary = {"teacher": teacher["report"], "container_decode_tokens_per_s": container, "vocab_size": V, "sequences": n, "scored_tokens": tokens,
+               "kl_sequences": min(args.kl_sequences, n),
                "teacher_entropy_nats": torch.cat(entropy).mean().item(),
                "tail_mass_mean": {k: torch.cat(tails[k]).mean().item() for k in KS},
                "scoring_seconds": t_score, "zstd_level": shards_mod.ZSTD_LEVEL, "results": results,
@@ -195,8 +227,9 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     md = [f"Dialogue teacher ({teacher['report']['parameters'] / 1e6:.2f}M parameters, vocabulary {V:,}), "
-          f"{n:,} sequences, {tokens:,} scored tokens, mean teacher entropy {summary['teacher_entropy_nats']:.2f} "
-          f"nats; zstd level {shards_mod.ZSTD_LEVEL}; throughput on one core.", "",
+          f"{n:,} sequences, {tokens:,} scored tokens (KL over the first {summary['kl_sequences']}), mean teacher "
+          f"entropy {summary['teacher_entropy_nats']:.2f} nats; zstd level {shards_mod.ZSTD_LEVEL}; throughput on "
+          f"one core.", "",
           "| k | encoding | bytes/token | KL bucket (nats) | KL full vocab (nats) | tail mass | decode tok/s | encode tok/s |",
           "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -210,6 +243,9 @@ def main():
     for e in ENCODINGS:
         sizes = {r["zstd_level"]: r["bytes_per_token"] for r in results if r["k"] == 64 and r["encoding"] == e}
         md.append(f"| {e} | " + " | ".join(f"{sizes[lv]:.1f}" for lv in [1, 3, shards_mod.ZSTD_LEVEL, 19]) + " |")
+    md += ["", f"Container, k=64 {DEFAULT_ENCODING}, read + decode on one core, same run: Arrow IPC zstd (shipped) "
+           f"{container['arrow_ipc_zstd'] / 1e6:.2f}M tok/s; one zstd frame per serialised record batch "
+           f"{container['zstd_frames'] / 1e6:.2f}M tok/s ({container['zstd_frames_bytes_per_token']:.1f} B/token)."]
     md += ["", f"Reader: a batch of {loader['batch']} random sequences takes {loader['loader_seconds_per_batch'] * 1e3:.1f} ms, "
            f"{loader['loader_fraction_of_step']:.1%} of a {loader['student_parameters'] / 1e3:.0f}k-parameter student's "
            f"training step ({loader['student_step_seconds'] * 1e3:.0f} ms)."]

@@ -69,20 +69,21 @@ class Encoding:
     def decode(self, cols: dict[str, np.ndarray], P: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.name == "fp16":
             return (torch.from_numpy(cols["ids"].reshape(P, k).astype(np.int64)),
-                    torch.from_numpy(np.ascontiguousarray(cols["lp16"])).view(P, k).float())
+                    torch.from_numpy(cols["lp16"].copy()).view(P, k).float())  # copy: Arrow's buffer is read-only
         top1 = cols["top1"].astype(np.float32).reshape(P, 1)
         if self.name == "rank-q8":
-            q = np.zeros((P, k), np.float32)
-            np.cumsum(cols["q"].reshape(P, k - 1), axis=1, dtype=np.float32, out=q[:, 1:])
+            q = np.zeros((P, k), np.uint16)  # integer cumsum: faster than float, exact up to 255 * 255
+            np.cumsum(cols["q"].reshape(P, k - 1), axis=1, dtype=np.uint16, out=q[:, 1:])
             ids = cols["ids"].reshape(P, k).astype(np.int64)
         elif self.name == "idsort-q8":
-            q = cols["q"].reshape(P, k).astype(np.float32)
+            q = cols["q"].reshape(P, k)
             ids = np.cumsum(cols["ids"].reshape(P, k), axis=1, dtype=np.int64)
         else:
             raise ValueError(f"unknown encoding {self.name!r}")
-        q *= np.float32(-self.step)
-        q += top1
-        return torch.from_numpy(ids), torch.from_numpy(q)
+        lps = q.astype(np.float32)
+        lps *= np.float32(-self.step)
+        lps += top1
+        return torch.from_numpy(ids), torch.from_numpy(lps)
 
     def per_entry_columns(self) -> dict[str, bool]:
         """Column name -> True if it holds k (or k-1) values per position, False if one per position."""

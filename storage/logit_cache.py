@@ -28,7 +28,7 @@ from .shards import MANIFEST, ShardSet, ShardWriter, lock_for
 
 FORMAT_VERSION = 2
 ROWS_PER_BATCH = 32
-DEFAULT_ENCODING = "rank-q8"
+DEFAULT_ENCODING = "idsort-q8"
 
 
 def cache_key(*, teacher: str, tokenizer: str, data: str, top_k: int, temperature: float,
