@@ -18,6 +18,8 @@ from storage.fingerprint import digest, file_digest
 
 from . import modeling
 
+VERSION = 2  # 2: sequences in zstd-framed shards
+
 
 def read_prompts(path: str, prompt_field: str, response_field: str | None, limit: int = 0):
     """(prompts, responses) from a JSONL / JSON / Parquet / Arrow file or a saved dataset directory."""
@@ -161,4 +163,5 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
 
 
 def published(outputs: dict) -> bool:
-    return (Path(outputs["sequences"]) / "manifest.json").is_file()
+    manifest = Path(outputs["sequences"]) / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("format") == seqstore.FORMAT

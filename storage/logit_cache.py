@@ -26,7 +26,7 @@ from . import encodings as enc
 from .fingerprint import digest
 from .shards import MANIFEST, ShardSet, ShardWriter, lock_for
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: zstd-framed shards; part of every key, so older caches are never reused
 ROWS_PER_BATCH = 32
 DEFAULT_ENCODING = "idsort-q8"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from .fingerprint import digest
-from .shards import ShardSet, ShardWriter
+from .shards import CorruptShardError, ShardSet, ShardWriter
 
 SCHEMA = pa.schema([
     ("seq_id", pa.int64()),
@@ -17,7 +17,7 @@ SCHEMA = pa.schema([
     ("prompt_len", pa.int32()),     # response starts at this token
     ("input_ids", pa.list_(pa.int32())),
 ])
-FORMAT = "hpd-sequences/1"
+FORMAT = "hpd-sequences/2"  # 2: zstd-framed shards
 
 
 def rows_table(seq_ids, prompt_index, prompt_lens, input_ids) -> pa.Table:
@@ -59,6 +59,9 @@ class SequenceStore:
     def __init__(self, directory: Path):
         self.shards = ShardSet(directory)
         self.manifest = self.shards.manifest
+        if self.manifest.get("format") != FORMAT:
+            raise CorruptShardError(f"sequences in {directory} have format {self.manifest.get('format')!r}, this "
+                                    f"hpd reads {FORMAT!r}; rerun the generate stage")
         self.shard_size = self.manifest["shard_size"]
 
     @property

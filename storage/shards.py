@@ -39,7 +39,11 @@ class FramedShard:
 
     def __init__(self, path: Path):
         outer = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-        self.schema = pa.ipc.read_schema(pa.py_buffer(outer.schema.metadata[_FRAME_SCHEMA_KEY]))
+        meta = outer.schema.metadata or {}
+        if _FRAME_SCHEMA_KEY not in meta:
+            raise CorruptShardError(f"shard {path} was written in an older layout; rebuild it by rerunning the "
+                                    f"stage that wrote it")
+        self.schema = pa.ipc.read_schema(pa.py_buffer(meta[_FRAME_SCHEMA_KEY]))
         self._frames = outer.read_all().column("frame").combine_chunks()
         self._dctx = zstandard.ZstdDecompressor()
 
