@@ -29,3 +29,4 @@ clean:
 bench: $(STAMP)
 	$(PY) bench/default_task.py
 	$(PY) bench/cache_formats.py
+	$(PY) bench/readme.py

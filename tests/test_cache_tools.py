@@ -118,3 +118,24 @@ def test_concurrent_writers_share_one_cache(home, tmp_path):
     assert r.exit_code == 0
     users = json.loads((cache_dir / "users.json").read_text())
     assert {"a", "b"} <= set(users)
+
+
+READER = """
+import hashlib, sys
+from storage.logit_cache import LogitCache
+c = LogitCache(sys.argv[1])
+b = c.batch(list(range(c.num_sequences)))
+h = hashlib.sha256()
+for t in (b.topk_ids, b.topk_logprobs, b.target_logprob, b.tail_logmass, b.mask):
+    h.update(t.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_two_experiments_read_one_cache_at_once(tiny_runner):
+    path = tiny_runner.manifest("score")["outputs"]["cache"]
+    procs = [subprocess.Popen([sys.executable, "-c", READER, path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert outs[0][0] == outs[1][0] and len(outs[0][0].strip()) == 64

@@ -1,0 +1,76 @@
+"""Rewrites the measured sections of README.md from bench/results/ (run by `make bench` after the benches)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def default_task() -> str:
+    r = json.loads((RESULTS / "default_task.json").read_text())
+    t, s, c, st = r["teacher"], r["sft_student_same_budget"], r["cache"], r["stage_seconds"]
+    return f"""**Measured** (`make bench`, 2 CPU cores, `bench/results/default_task.json`):
+
+| | |
+|---|---|
+| teacher | GPT-2, 4 layers, width 128, {t['parameters'] / 1e6:.2f}M parameters, 350 steps of batch 128, lr 2e-3 cosine to 0.1x |
+| teacher held-out exact-answer accuracy (greedy, {t['heldout_examples']} problems) | **{t['heldout_accuracy']:.1%}** |
+| teacher mean next-token entropy on held-out response tokens | **{t['response_entropy_nats']:.3f} nats** (held-out NLL {t['response_nll_nats']:.3f}; uniform over the vocabulary: {t['uniform_entropy_nats']:.2f}) |
+| SFT student 7.6x smaller (2 layers, width 64, {s['parameters'] / 1e3:.0f}k parameters), same steps, batch and data, {len(s['runs'])} seeds | {s['heldout_accuracy_mean']:.1%} mean (min {s['heldout_accuracy_min']:.1%}, max {s['heldout_accuracy_max']:.1%}): far below the teacher |
+| cache | {c['sequences']:,} sequences, {c['tokens']:,} scored tokens, {c['bytes'] / 1e6:.1f} MB, **{c['bytes_per_token']} bytes/token** at k = {c['top_k']} (the whole vocabulary) |
+
+Stage wall times of a from-scratch `make teacher-cache` (install excluded): data {st['data']:.1f} s,
+teacher {st['teacher']:.0f} s, generate {st['generate']:.1f} s, score {st['score']:.1f} s; about
+{r['teacher_cache_cold_seconds'] / 60:.0f} minutes in all. A second `make teacher-cache` finds every stage up to
+date and takes about 4 s, nearly all of it Python start-up and imports. The teacher is reproducible: trained
+twice from the same config it came out byte-identical ({t['heldout_accuracy']:.1%} both times).
+"""
+
+
+def cache_formats() -> str:
+    r = json.loads((RESULTS / "cache_formats.json").read_text())
+    row = next(x for x in r["results"] if x["k"] == 64 and x["encoding"].startswith("idsort")
+               and x["zstd_level"] == r["zstd_level"])
+    c, ld, cb = r["container_decode_tokens_per_s"], r["loader"], r["column_bytes_per_token_k64"]
+    table = (RESULTS / "cache_formats.md").read_text()
+    return f"""### Size, fidelity and speed (measured on the dialogue teacher)
+
+`make bench` (`bench/cache_formats.py`) scores {r['sequences']:,} dialogue sequences with the built-in dialogue
+teacher (`hpd run --config dialogue`: real conversations from `chitchat-dataset`, byte-level BPE with
+{r['vocab_size']:,} tokens, {r['teacher']['parameters'] / 1e6:.2f}M-parameter GPT-2 trained for a few minutes)
+and writes real shards for every k and encoding. Fidelity is measured against the teacher's full float64
+distribution in two ways: **KL bucket** is KL(p || p-hat) over the k+1 outcomes the cache represents (the
+top-k tokens and one tail bucket), i.e. what the encoding loses; **KL full vocab** spreads the tail bucket's
+mass uniformly over the other tokens and so adds what truncation to k loses (the shape of the tail is not
+stored by any top-k cache).
+
+Targets at k = 64 and where the default (`idsort-q8`, step 1/16 nat, zstd level {r['zstd_level']}) stands:
+
+| target | measured | |
+|---|---|---|
+| at most 100 bytes/token (stretch 64) | **{row['bytes_per_token']:.1f}** | met; stretch not met. Where the bytes go (each column compressed alone): quantised log-prob gaps {cb['q']:.1f}, ids {cb['ids']:.1f}, exact target + tail {cb['target_logprob'] + cb['tail_logmass']:.1f}, top-1 {cb['top1']:.1f}. A coarser step or fewer bits per gap is the way to 64, at a measured cost in KL (see rank-q8's steps below) |
+| mean KL(p, p-hat) at most 0.01 nats (top-k plus tail bucket) | **{row['kl_bucket']:.5f}** (bucket) | met; over the full vocabulary {row['kl_full']:.3f}, which is truncation: this small teacher is diffuse (mean entropy {r['teacher_entropy_nats']:.1f} nats, {r['tail_mass_mean']['64']:.0%} of its mass outside the top 64), and no encoding of a top-64 cache changes that |
+| decode at least 1M tokens/s at k = 64, one core | **{c['zstd_frames'] / 1e6:.2f}M** (warm) | met with zstd frames per record batch; Arrow's own per-buffer IPC compression decoded {c['arrow_ipc_zstd'] / 1e6:.2f}M in the same run, which is why shards use frames |
+| loader never the bottleneck | {ld['loader_fraction_of_step']:.1%} of a student step | a random batch of {ld['batch']} sequences: {ld['loader_seconds_per_batch'] * 1e3:.0f} ms, against {ld['student_step_seconds'] * 1e3:.0f} ms for a {ld['student_parameters'] / 1e3:.0f}k-parameter student's step |
+
+{table}
+The per-row decode column is one pass over a freshly opened cache of {r['sequences']:,} sequences and is noisier
+than the interleaved, repeated container measurement; these machines vary by up to 2x between runs.
+"""
+
+
+def main():
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, fn in (("default-task", default_task), ("cache-formats", cache_formats)):
+        begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text,
+                      flags=re.S)
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
