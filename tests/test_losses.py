@@ -1,0 +1,230 @@
+"""Every loss against an independent, straightforward float64 implementation: values and gradients."""
+import math
+
+import pytest
+import torch
+
+from stages.losses import METHODS, distill_loss, hpd_weights
+from storage.logit_cache import CacheBatch
+
+B, L, V = 2, 7, 11
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[0, :3] = -100  # a prompt
+    labels[1, -1] = -100  # padding
+    return student, teacher, labels
+
+
+def _as_cache(teacher: torch.Tensor, labels: torch.Tensor, k: int) -> CacheBatch:
+    """What the score stage stores: top-k, exact next-token log-prob, tail mass (float32, aligned to t)."""
+    lp = torch.log_softmax(teacher, -1)
+    top, ids = lp.topk(k, -1)
+    nxt = torch.cat([labels[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1).clamp_min(0)
+    tail = torch.logsumexp(lp.scatter(-1, ids, -math.inf), -1) if k < V else torch.full((B, L), -math.inf)
+    mask = torch.cat([labels[:, 1:] != -100, torch.zeros(B, 1, dtype=torch.bool)], 1)
+    return CacheBatch(topk_ids=ids, topk_logprobs=top.float(), target_logprob=lp.gather(-1, nxt[..., None])[..., 0].float(),
+                      tail_logmass=tail.float(), mask=mask)
+
+
+# -- references: one position's p and q (float64 probability vectors), written the obvious way ----------------
+def kl(a, b):
+    return sum(x * (torch.log(x) - torch.log(y)) for x, y in zip(a, b) if x > 0)
+
+
+def ref_value(method, p, q, **kw):
+    if method == "fkl":
+        return kl(p, q)
+    if method == "rkl":
+        return kl(q, p)
+    if method == "jsd":
+        beta = kw.get("beta", 0.5)
+        m = [beta * a + (1 - beta) * b for a, b in zip(p, q)]
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if method == "skl":
+        a = kw.get("alpha", 0.1)
+        return kl(p, [a * x + (1 - a) * y for x, y in zip(p, q)])
+    if method == "srkl":
+        a = kw.get("alpha", 0.1)
+        return kl(q, [(1 - a) * x + a * y for x, y in zip(p, q)])
+    if method == "tvd":
+        return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
+    if method == "akl":
+        mu = kw.get("mu", 0.5)
+        order = sorted(range(len(p)), key=lambda i: -float(p[i]))
+        head, mass = set(), 0.0
+        for i in order:
+            if mass >= mu:
+                break
+            head.add(i)
+            mass += float(p[i])
+        qd = [float(x.detach()) for x in q]  # q detached in the mixing coefficients
+        gh = sum(abs(float(p[i]) - qd[i]) for i in head)
+        gt = sum(abs(float(p[i]) - qd[i]) for i in range(len(p)) if i not in head)
+        return gh / (gh + gt) * kl(p, q) + gt / (gh + gt) * kl(q, p)
+    raise ValueError(method)
+
+
+def ref_loss(method, student, teacher, labels, buckets=None, **kw):
+    """Mean over labelled positions; buckets=k groups the teacher's non-top-k tokens into one outcome."""
+    total, n = 0.0, 0
+    for b in range(B):
+        for t in range(L - 1):
+            if labels[b, t + 1] == -100:
+                continue
+            q = torch.softmax(student[b, t], -1)
+            p = torch.softmax(teacher[b, t], -1)
+            if buckets is not None and buckets < V:
+                top = p.topk(buckets).indices
+                rest = torch.ones(V, dtype=torch.bool)
+                rest[top] = False
+                p = torch.cat([p[top], p[rest].sum()[None]])
+                q = torch.cat([q[top], q[rest].sum()[None]])
+            total = total + ref_value(method, list(p), list(q), **kw)
+            n += 1
+    return total / n
+
+
+DIST = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.9}), ("skl", {"alpha": 0.1}),
+        ("srkl", {"alpha": 0.1}), ("srkl", {"alpha": 0.3}), ("tvd", {}), ("akl", {"mu": 0.5})]
+
+
+def _check(method, kw, teacher_input, buckets, seed):
+    student, teacher, labels = _inputs(seed)
+    s32 = student.float().requires_grad_()
+    loss, _ = distill_loss(method, s32, labels, teacher=teacher_input(teacher, labels), **kw)
+    loss.backward()
+    s64 = student.clone().requires_grad_()
+    ref = ref_loss(method, s64, teacher, labels, buckets=buckets, **kw)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-5)
+    assert torch.allclose(s32.grad.double(), s64.grad, atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, kw", DIST)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_distribution_losses_with_full_teacher_logits(method, kw, seed):
+    _check(method, kw, lambda t, y: t.float(), None, seed)
+
+
+@pytest.mark.parametrize("method, kw", DIST)
+@pytest.mark.parametrize("k", [3, V])
+def test_distribution_losses_with_a_cache(method, kw, k):
+    """Top-k plus one tail bucket; with k = V it is the full distribution."""
+    _check(method, kw, lambda t, y: _as_cache(t, y, k), k, seed=2)
+
+
+@pytest.mark.parametrize("method", ["seqkd", "opd", "hpd"])
+def test_token_losses_cache_with_k_equal_vocabulary_equals_full(method):
+    student, teacher, labels = _inputs(3)
+    sample = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(9))
+    outs = []
+    for t_in in (teacher.float(), _as_cache(teacher, labels, V)):
+        s = student.float().requires_grad_()
+        loss, _ = distill_loss(method, s, labels, teacher=t_in, sampled_tokens=sample)
+        loss.backward()
+        outs.append((loss.item(), s.grad))
+    assert outs[0][0] == pytest.approx(outs[1][0], abs=1e-6)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
+
+
+def test_sft_seqkd_opd_against_reference():
+    student, teacher, labels = _inputs(4)
+    sel = labels[:, 1:] != -100
+    y = labels[:, 1:][sel]
+    for method in ("sft", "seqkd", "opd"):
+        s32 = student.float().requires_grad_()
+        loss, _ = distill_loss(method, s32, labels, teacher=teacher.float())
+        loss.backward()
+        s64 = student.clone().requires_grad_()
+        lq = torch.log_softmax(s64[:, :-1][sel], -1).gather(-1, y[:, None])[:, 0]
+        lp = torch.log_softmax(teacher[:, :-1][sel], -1).gather(-1, y[:, None])[:, 0]
+        w = {"sft": torch.ones_like(lq), "seqkd": lp.exp(), "opd": (lp - lq).detach()}[method]
+        ref = -(w * lq).mean()
+        ref.backward()
+        assert loss.item() == pytest.approx(ref.item(), abs=1e-5), method
+        assert torch.allclose(s32.grad.double(), s64.grad, atol=2e-6), method
+
+
+def test_jsd_beta_limits_are_fkl_and_rkl():
+    student, teacher, labels = _inputs(5)
+    for beta, other in ((0.0, "fkl"), (1.0, "rkl")):
+        a, _ = distill_loss("jsd", student.float(), labels, teacher=teacher.float(), beta=beta)
+        b, _ = distill_loss(other, student.float(), labels, teacher=teacher.float())
+        assert a.item() == pytest.approx(b.item(), abs=1e-7)
+
+
+# -- HPD: Eq. 11-14 case by case on hand-built numbers --------------------------------------------------------
+def _w(p_star, q_star, p_s, q_s, same=False):
+    t = lambda x: torch.tensor([math.log(x)], dtype=torch.float64)  # noqa: E731
+    w_star, w, k1, k1s = hpd_weights(t(p_star), t(q_star), t(p_s), t(q_s), torch.tensor([same]))
+    return w_star.item(), w.item(), k1.item(), k1s.item()
+
+
+def test_hpd_branch_k1_positive_and_sample_overestimated():
+    w_star, w, k1, k1s = _w(0.8, 0.2, 0.1, 0.5)
+    assert k1 > 0 and k1s < 0
+    assert w_star == pytest.approx(2 * 0.8 + 0.2 * math.log(0.8 / 0.2))
+    assert w == pytest.approx(0.5 * math.log(0.1 / 0.5)) and w < 0
+
+
+def test_hpd_branch_k1_negative():
+    w_star, w, k1, _ = _w(0.1, 0.6, 0.05, 0.3)
+    assert k1 < 0 and w_star == pytest.approx(0.6 * math.log(0.1 / 0.6))
+    assert w == pytest.approx(0.3 * math.log(0.05 / 0.3))  # the sampled term is active whenever k1' < 0
+
+
+def test_hpd_branch_otherwise_when_sample_underestimated():
+    w_star, w, k1, k1s = _w(0.7, 0.3, 0.2, 0.1)
+    assert k1 > 0 and k1s >= 0
+    assert w_star == pytest.approx(0.7 + 0.3 * math.log(0.7 / 0.3))
+    assert w == 0.0  # k1' >= 0: the sampled token is never pushed up
+
+
+def test_hpd_sample_equal_to_expert_token():
+    w_star, w, k1, k1s = _w(0.3, 0.6, 0.3, 0.6, same=True)
+    assert w == 0.0 and k1 == k1s < 0 and w_star == pytest.approx(k1)
+    w_star, w, k1, _ = _w(0.6, 0.3, 0.6, 0.3, same=True)  # k1 = k1' > 0: the "otherwise" branch
+    assert w == 0.0 and w_star == pytest.approx(0.6 + k1)
+
+
+def test_hpd_loss_uses_the_label_at_the_same_position():
+    """The a != a* check compares with the expert token at the same position (a known reference-code bug)."""
+    student, teacher, labels = _inputs(6)
+    sample = torch.cat([labels[:, :1].clamp_min(0), labels[:, 1:].clamp_min(0)], 1)  # sample == expert everywhere
+    s = student.float().requires_grad_()
+    loss, diag = distill_loss("hpd", s, labels, teacher=teacher.float(), sampled_tokens=sample)
+    assert diag["sample_is_expert"] == 1.0 and diag["sample_term_active"] == 0.0
+
+
+def test_hpd_from_cache_uses_cached_or_estimated_sample_log_prob():
+    student, teacher, labels = _inputs(7)
+    cache = _as_cache(teacher, labels, 3)
+    sample = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(1))
+    loss, diag = distill_loss("hpd", student.float(), labels, teacher=cache, sampled_tokens=sample)
+    assert 0 < diag["sample_outside_topk"] < 1 and torch.isfinite(loss)
+    # Inside the top-k the cached log-prob is exact, so those positions weigh exactly as with full logits.
+    full_loss, full_diag = distill_loss("hpd", student.float(), labels, teacher=teacher.float(), sampled_tokens=sample)
+    assert full_diag["sample_outside_topk"] == 0.0
+
+
+def test_hpd_samples_from_the_student_when_no_sample_is_given():
+    student, teacher, labels = _inputs(8)
+    g = torch.Generator().manual_seed(0)
+    a, _ = distill_loss("hpd", student.float(), labels, teacher=teacher.float(), generator=g)
+    g = torch.Generator().manual_seed(0)
+    b, _ = distill_loss("hpd", student.float(), labels, teacher=teacher.float(), generator=g)
+    assert a.item() == b.item()
+
+
+def test_unknown_method_and_missing_teacher():
+    student, teacher, labels = _inputs(0)
+    with pytest.raises(ValueError, match="unknown distillation method 'kd'"):
+        distill_loss("kd", student, labels, teacher=teacher)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        distill_loss("fkl", student, labels)
+    assert set(METHODS) == {"sft", "seqkd", "hpd", "opd", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl"}
