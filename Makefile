@@ -29,4 +29,5 @@ clean:
 bench: $(STAMP)
 	$(PY) bench/default_task.py
 	$(PY) bench/cache_formats.py
+	$(PY) bench/hpd_gradient.py
 	$(PY) bench/readme.py
