@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import HpdError
 from storage import sequences as seqstore
-from storage.fingerprint import digest, file_digest
+from storage.fingerprint import file_digest
 
 from . import modeling
 
@@ -81,7 +81,8 @@ def _read_json(p: Path):
                 except json.JSONDecodeError as e:
                     raise HpdError(f"{p} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
                 if not isinstance(obj, dict):
-                    raise HpdError(f"{p} line {n} is not a JSON object; each line must be {{\"prompt\": ...}}")
+                    raise HpdError(f"{p} line {n} is not a JSON object; each line must be "
+                                   f"{{\"prompt\": ...}}") from None
         raise
 
 

@@ -87,7 +87,9 @@ class SequenceStore:
             s_ids, s_plens, s_seqs = self.shard_rows(shard)
             lo = max(start - shard * self.shard_size, 0)
             hi = min(stop - shard * self.shard_size, len(s_ids))
-            ids.append(s_ids[lo:hi]); plens.append(s_plens[lo:hi]); seqs += s_seqs[lo:hi]
+            ids.append(s_ids[lo:hi])
+            plens.append(s_plens[lo:hi])
+            seqs += s_seqs[lo:hi]
         return np.concatenate(ids), np.concatenate(plens), seqs
 
     def get(self, seq_id: int) -> tuple[np.ndarray, int]:
