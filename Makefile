@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 teacher-cache: $(STAMP)
 	$(HPD) run --until score
 
+distill: $(STAMP)
+	$(HPD) run
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 

@@ -96,6 +96,11 @@ def _print_status(runner: Runner, as_json: bool = False) -> None:
     for r in rows:
         secs = f"{r['seconds']:.1f}s" if r["seconds"] is not None else ""
         click.echo(f"  {r['stage']:<10} {r['state']:<12} {secs:>8}  {r['detail'] or _summary(r['outputs'])}")
+    distilled = next((r for r in rows if r["stage"] == "distill" and r["state"] == "done"), None)
+    if distilled:
+        from stages.distill import summary_table
+
+        click.echo("\n" + summary_table(distilled["outputs"]))
 
 
 def _summary(outputs: dict) -> str:
@@ -106,6 +111,8 @@ def _summary(outputs: dict) -> str:
         rep = outputs.get("report") or {}
         acc = f"  held-out acc {rep['heldout_accuracy']:.1%}" if rep else ""
         return f"{outputs['model_dir']}{acc}"
+    if "student_dir" in outputs:
+        return outputs["student_dir"]
     if "sequences" in outputs:
         return f"{outputs['count']:,} sequences, {outputs['tokens']:,} tokens"
     return ""

@@ -6,4 +6,6 @@ STAGES = [
     Stage("teacher", "stages.teacher", "teacher", ("data",), "the teacher model: a local HF dir or the built-in one"),
     Stage("generate", "stages.generate", "generate", ("data", "teacher"), "prompts -> token sequences"),
     Stage("score", "stages.score", "score", ("teacher", "generate"), "teacher top-k logits -> Arrow cache"),
+    Stage("distill", "stages.distill", "distill", ("data", "teacher", "generate", "score"),
+          "a student trained from the cache"),
 ]

@@ -122,8 +122,10 @@ class Runner:
                 return "waiting", f"needs {up}"
         m = self.manifest(name)
         attempt = self.ctx.run_dir / name / "attempt.json"
+        if attempt.exists() and atomic.read_json(attempt)["config_fingerprint"] == self.config_fingerprint(name):
+            return "interrupted", "resumes from its last published shard or checkpoint"
         if m is None:
-            return ("interrupted", "resumes from its last published shard") if attempt.exists() else ("missing", "")
+            return "missing", ""
         if m["config_fingerprint"] != self.config_fingerprint(name):
             return "stale", f"[{stage.section}] config (or the stage's VERSION) changed"
         current = {up: self.manifest(up)["outputs"]["fingerprint"] for up in stage.inputs}

@@ -57,8 +57,8 @@ def load_causal_lm(path: str | Path, dtype=torch.float32):
     return model, tokenizer
 
 
-def context_length(model) -> int:
-    c = model.config
+def context_length(model_or_config) -> int:
+    c = getattr(model_or_config, "config", model_or_config)
     for name in ("max_position_embeddings", "n_positions", "seq_length"):
         if getattr(c, name, None):
             return int(getattr(c, name))

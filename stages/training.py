@@ -42,7 +42,7 @@ def latest_checkpoint(output_dir: Path) -> str | None:
 
 def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, batch_size: int,
                     learning_rate: float, warmup_steps: int, seed: int, save_steps: int = 100,
-                    trainer_cls=None, **trainer_kwargs):
+                    trainer_cls=None, collator=None, **trainer_kwargs):
     """Train `model` for `steps` optimizer steps; resumes from a checkpoint in `output_dir` if there is one."""
     from transformers import Trainer, TrainingArguments
 
@@ -55,7 +55,7 @@ def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, 
         save_total_limit=1, report_to="none", seed=seed, data_seed=seed, use_cpu=True,
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False)
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=dataset,
-                                       data_collator=ResponseCollator(tokenizer.pad_token_id),
+                                       data_collator=collator or ResponseCollator(tokenizer.pad_token_id),
                                        callbacks=[_CrashPoint()], **trainer_kwargs)
     trainer.train(resume_from_checkpoint=latest_checkpoint(output_dir))
     return trainer

@@ -22,6 +22,8 @@ TINY = [
     "teacher.warmup_steps=1", "teacher.eval_examples=20",
     "generate.num_prompts=240", "generate.shard_size=100",
     "score.shard_size=50", "score.batch_size=32",
+    "distill.steps=4", "distill.batch_size=16", "distill.eval_examples=10", "distill.warmup_steps=1",
+    "distill.n_layer=1", "distill.n_embd=16",
 ]
 
 
@@ -32,7 +34,7 @@ def make_runner(home: Path, *overrides: str, run: str = "tiny") -> Runner:
 
 @pytest.fixture(scope="session")
 def tiny_home(tmp_path_factory) -> Path:
-    """A home with one finished tiny run (data, teacher, generate, score). Tests must not modify it."""
+    """A home with one finished tiny run (data, teacher, generate, score, distill). Tests must not modify it."""
     home = tmp_path_factory.mktemp("home")
     make_runner(home).run()
     return home

@@ -1,0 +1,100 @@
+"""distill: a student trained from the cache, joined by sequence id, resumable, with clear mismatch errors."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.errors import HpdError
+from stages.distill import CacheCollator
+from storage.logit_cache import LogitCache
+from storage.sequences import SequenceStore
+
+from conftest import TINY, copy_home, make_runner
+
+
+def test_distill_publishes_an_hf_student_with_a_training_log(tiny_runner):
+    out = tiny_runner.manifest("distill")["outputs"]
+    student = Path(out["student_dir"])
+    model = AutoModelForCausalLM.from_pretrained(student)
+    tok = AutoTokenizer.from_pretrained(student)
+    assert (student / "model.safetensors").is_file() and len(tok) == model.config.vocab_size
+    teacher_params = out["teacher_report"]["parameters"]
+    assert out["report"]["method"] == "hpd" and out["report"]["parameters"] < teacher_params
+    assert 0 <= out["report"]["heldout_accuracy"] <= 1
+    log = json.loads((student / "training_log.json").read_text())
+    steps = [e for e in log if "loss" in e]
+    assert len(steps) == 4 and all(0 <= e["sample_term_active"] <= 1 and "sample_outside_topk" in e for e in steps)
+
+
+def test_collator_joins_by_sequence_id_not_position(tiny_runner):
+    cache = LogitCache(Path(tiny_runner.manifest("score")["outputs"]["cache"]))
+    store = SequenceStore(Path(tiny_runner.manifest("generate")["outputs"]["sequences"]))
+    ids = random.Random(0).sample(range(len(store)), 6)
+    rows = [{"seq_id": i, "input_ids": store.get(i)[0].tolist(), "prompt_len": store.get(i)[1]} for i in ids]
+    batch = CacheCollator(0, cache)(rows)
+    for b, i in enumerate(ids):
+        one = cache.batch([i], length=batch["input_ids"].shape[1])
+        assert torch.equal(batch["cache_target_logprob"][b], one.target_logprob[0])
+        assert torch.equal(batch["cache_topk_ids"][b], one.topk_ids[0])
+    rows[2]["seq_id"] = ids[3]  # a row paired with another sequence's cache entry
+    with pytest.raises(HpdError, match="does not match the training sequences"):
+        CacheCollator(0, cache)(rows)
+    rows[2]["seq_id"] = 10 ** 6  # a sequence the cache does not have
+    with pytest.raises(HpdError, match="not in cache"):
+        CacheCollator(0, cache)(rows)
+
+
+def test_student_with_another_tokenizer_is_refused_before_training(tiny_home, tmp_path, teacher_dir):
+    home = copy_home(tiny_home, tmp_path / "home")
+    other = tmp_path / "other-student"
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    tok.add_tokens(["<extra>"])
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    r = make_runner(home, f'distill.student_path="{other}"', run="other")
+    r.run("data"), r.run("teacher"), r.run("generate"), r.run("score")
+    with pytest.raises(HpdError, match="different tokenizer than the teacher"):
+        r.run("distill")
+    assert r.manifest("distill") is None
+    with pytest.raises(HpdError, match="distill.method='kd' is unknown"):
+        make_runner(home, 'distill.method="kd"', run="other").run("distill")
+
+
+def test_student_with_padded_vocabulary_is_accepted(tiny_home, tmp_path, teacher_dir):
+    """Same tokenizer, more embedding rows (like 151,936 vs 152,064): fine."""
+    home = copy_home(tiny_home, tmp_path / "home")
+    padded = tmp_path / "padded"
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    model.resize_token_embeddings(model.config.vocab_size + 14)
+    model.save_pretrained(padded)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(padded)
+    r = make_runner(home, f'distill.student_path="{padded}"', 'distill.method="fkl"', run="padded")
+    r.run()
+    assert AutoModelForCausalLM.from_pretrained(r.manifest("distill")["outputs"]["student_dir"]).config.vocab_size == 32
+
+
+def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, tmp_path):
+    overrides = ["distill.steps=6", "distill.checkpoint_steps=3"]
+    reference = make_runner(copy_home(tiny_home, tmp_path / "ref"), *overrides)
+    reference.run("distill")
+    home = copy_home(tiny_home, tmp_path / "crashed")
+    args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", "distill"]
+    for o in TINY + overrides + ['run.name="tiny"']:
+        args += ["--set", o]
+    proc = subprocess.run(args, env={**os.environ, "HPD_HOME": str(home), "HPD_KILL_AT": "checkpoint:1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (home / "runs" / "tiny" / "distill" / ".tmp-student" / "checkpoints" / "checkpoint-3").is_dir()
+    runner = make_runner(home, *overrides)
+    assert runner.state("distill")[0] == "interrupted"
+    runner.run("distill")
+    assert runner.manifest("distill")["outputs"]["fingerprint"] == reference.manifest("distill")["outputs"]["fingerprint"]
