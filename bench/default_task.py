@@ -81,6 +81,7 @@ def main():
         "stage_seconds": {s: m[s]["seconds"] for s in runner.order},
         "teacher_cache_cold_seconds": round(cold, 1), "teacher_cache_warm_seconds": round(warm, 2),
         "teacher": teacher["report"],
+        "distilled_student": m["distill"]["outputs"]["report"],
         "cache": {k: score[k] for k in ("top_k", "sequences", "tokens", "bytes", "bytes_per_token")},
         "sft_student_same_budget": {
             "parameters": students[0]["parameters"],

@@ -7,6 +7,7 @@ batch with its cache rows by sequence id, and every row's token CRC is checked a
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.method, self.loss_params = method, loss_params
         self._diag: list[dict] = []
+        self._last_log = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cb = CacheBatch(**{f: inputs.pop(f"cache_{f}") for f in CACHE_FIELDS})
@@ -62,9 +64,11 @@ class DistillTrainer(Trainer):
         """Adds the mean of the loss diagnostics since the last log line (HPD's sample statistics among them)."""
         if self._diag and "loss" in logs:
             keys = {k for d in self._diag for k in d if k != "tokens"}
+            tokens = sum(d["tokens"] for d in self._diag)
+            now = time.perf_counter()
             logs = {**logs, **{k: sum(d.get(k, 0.0) for d in self._diag) / len(self._diag) for k in keys},
-                    "tokens": sum(d["tokens"] for d in self._diag)}
-            self._diag = []
+                    "tokens": tokens, "tokens_per_s": tokens / max(now - self._last_log, 1e-9)}
+            self._diag, self._last_log = [], now
         super().log(logs, *args, **kwargs)
 
 

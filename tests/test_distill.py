@@ -31,6 +31,7 @@ def test_distill_publishes_an_hf_student_with_a_training_log(tiny_runner):
     log = json.loads((student / "training_log.json").read_text())
     steps = [e for e in log if "loss" in e]
     assert len(steps) == 4 and all(0 <= e["sample_term_active"] <= 1 and "sample_outside_topk" in e for e in steps)
+    assert all(e["tokens"] > 0 and e["tokens_per_s"] > 0 for e in steps)
 
 
 def test_collator_joins_by_sequence_id_not_position(tiny_runner):
