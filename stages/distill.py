@@ -121,6 +121,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
                               batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
                               warmup_steps=cfg["warmup_steps"], seed=ctx.seed, save_steps=cfg["checkpoint_steps"],
                               trainer_cls=DistillTrainer, collator=CacheCollator(tok.pad_token_id, cache),
+                              gradient_accumulation_steps=cfg["gradient_accumulation_steps"], bf16=cfg["bf16"],
                               method=cfg["method"], loss_params=params)
     model.eval()
     report = {"parameters": sum(p.numel() for p in model.parameters()), "method": cfg["method"]}

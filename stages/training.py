@@ -42,7 +42,8 @@ def latest_checkpoint(output_dir: Path) -> str | None:
 
 def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, batch_size: int,
                     learning_rate: float, warmup_steps: int, seed: int, save_steps: int = 100,
-                    trainer_cls=None, collator=None, **trainer_kwargs):
+                    trainer_cls=None, collator=None, gradient_accumulation_steps: int = 1, bf16: bool = False,
+                    **trainer_kwargs):
     """Train `model` for `steps` optimizer steps; resumes from a checkpoint in `output_dir` if there is one."""
     from transformers import Trainer, TrainingArguments
 
@@ -53,7 +54,8 @@ def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, 
         lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=warmup_steps,
         weight_decay=0.01, adam_beta2=0.95, logging_steps=max(1, steps // 20), save_strategy="steps", save_steps=save_steps,
         save_total_limit=1, report_to="none", seed=seed, data_seed=seed, use_cpu=True,
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False)
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
+        gradient_accumulation_steps=gradient_accumulation_steps, bf16=bf16)
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=dataset,
                                        data_collator=collator or ResponseCollator(tokenizer.pad_token_id),
                                        callbacks=[_CrashPoint()], **trainer_kwargs)

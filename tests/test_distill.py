@@ -83,6 +83,16 @@ def test_student_with_padded_vocabulary_is_accepted(tiny_home, tmp_path, teacher
     assert AutoModelForCausalLM.from_pretrained(r.manifest("distill")["outputs"]["student_dir"]).config.vocab_size == 32
 
 
+def test_gradient_accumulation_comes_from_the_trainer(tiny_home, tmp_path):
+    r = make_runner(copy_home(tiny_home, tmp_path / "home"), "distill.gradient_accumulation_steps=2",
+                    'distill.method="jsd"', run="accum")
+    r.run()
+    log = json.loads((Path(r.manifest("distill")["outputs"]["student_dir"]) / "training_log.json").read_text())
+    steps = [e for e in log if "loss" in e]
+    assert len(steps) == 4 and all(e["tokens"] > 0 for e in steps)
+    assert max(e["epoch"] for e in steps) > 2 * 4 * 16 / 240 - 0.01  # two micro-batches per optimizer step
+
+
 def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, tmp_path):
     overrides = ["distill.steps=6", "distill.checkpoint_steps=3"]
     reference = make_runner(copy_home(tiny_home, tmp_path / "ref"), *overrides)
