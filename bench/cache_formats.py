@@ -158,14 +158,12 @@ def main():
 
     # Loader time against a student step: random batches of 32 sequences from the k=64 default-encoded cache.
     loader = {}
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.set_num_threads(os.cpu_count())
     key = cache_key(teacher=f"bench-{SHIPPED_LEVEL}", tokenizer="t", data="d", top_k=64, temperature=1.0,
                     encoding=enc.get(DEFAULT_ENCODING).spec)
     cache = LogitCache(CacheRoot(tmp / f"z{SHIPPED_LEVEL}").path_for(key))
-    student = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=model.config.n_positions, n_embd=64, n_layer=2,
-                                         n_head=2, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    student = modeling.new_gpt2(tok, n_positions=model.config.n_positions, n_layer=2, n_embd=64, n_head=2)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     t_load = t_step = 0.0

@@ -29,8 +29,9 @@ from pipeline.stage import Context, Runner  # noqa: E402
 def student_sft(teacher_out: dict, data_out: dict, tcfg: dict, n_layer: int, n_embd: int, seed: int, workdir: Path):
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2Config
 
+    from stages import modeling
     from stages import teacher as teacher_stage
     from stages.training import train_causal_lm
 
@@ -39,9 +40,8 @@ def student_sft(teacher_out: dict, data_out: dict, tcfg: dict, n_layer: int, n_e
     seqs = [teacher_stage._encode(tok, r["prompt"], r["response"]) for r in rows]
     tconf = GPT2Config.from_pretrained(teacher_out["model_dir"])
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=tconf.vocab_size, n_positions=tconf.n_positions, n_embd=n_embd,
-                                       n_layer=n_layer, n_head=max(1, n_embd // 32), eos_token_id=tok.eos_token_id,
-                                       bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model = modeling.new_gpt2(tok, n_positions=tconf.n_positions, n_layer=n_layer, n_embd=n_embd,
+                              n_head=max(1, n_embd // 32))
     ds = Dataset.from_dict({"input_ids": [s[0] for s in seqs], "prompt_len": [s[1] for s in seqs]})
     t0 = time.time()
     train_causal_lm(model, tok, ds, workdir / f"student-{seed}", steps=tcfg["steps"], batch_size=tcfg["batch_size"],

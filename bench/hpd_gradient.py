@@ -64,12 +64,9 @@ def main():
 
     store = SequenceStore(Path(runner.manifest("generate")["outputs"]["sequences"]))
     teacher, tok = modeling.load_causal_lm(teacher_dir)
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    student = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=teacher.config.n_positions, n_embd=64,
-                                         n_layer=2, n_head=2, bos_token_id=tok.eos_token_id,
-                                         eos_token_id=tok.eos_token_id))
+    student = modeling.new_gpt2(tok, n_positions=teacher.config.n_positions, n_layer=2, n_embd=64, n_head=2)
     opt = torch.optim.AdamW(student.parameters(), lr=2e-3)
     _, plens, seqs = store.range(0, 32 * (args.sft_steps + args.batches))
 

@@ -6,7 +6,6 @@ batch with its cache rows by sequence id, and every row's token CRC is checked a
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -14,15 +13,14 @@ import torch
 from transformers import Trainer
 
 from pipeline.errors import HpdError
-from storage import atomic
 from storage.fingerprint import digest
 from storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 from storage.sequences import SequenceStore
 
 from . import modeling
-from .losses import METHODS, distill_loss
+from .losses import METHOD_PARAMS, METHODS, distill_loss
 from .tasks import TASKS
-from .training import ResponseCollator, train_causal_lm
+from .training import ResponseCollator, publish_model, train_causal_lm
 
 CACHE_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_logmass", "mask")
 
@@ -73,8 +71,6 @@ class DistillTrainer(Trainer):
 
 
 def _student(cfg: dict, teacher_dir: str, teacher_tok, seed: int):
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
     if cfg["student_path"]:
         model, tok = modeling.load_causal_lm(cfg["student_path"])
         if tok.get_vocab() != teacher_tok.get_vocab():
@@ -84,13 +80,10 @@ def _student(cfg: dict, teacher_dir: str, teacher_tok, seed: int):
             raise HpdError(f"the student's output layer has fewer rows than the tokenizer has tokens "
                            f"({len(teacher_tok)}); resize its embeddings first")
         return model
-    teacher_cfg = modeling.check_causal_lm(teacher_dir)
-    tok = AutoTokenizer.from_pretrained(teacher_dir)
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tok), n_positions=modeling.context_length(teacher_cfg), n_embd=cfg["n_embd"],
-        n_layer=cfg["n_layer"], n_head=cfg["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    context = modeling.context_length(modeling.check_causal_lm(teacher_dir))
+    return modeling.new_gpt2(teacher_tok, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
+                             n_head=cfg["n_head"])
 
 
 def run(ctx, cfg: dict, inputs: dict) -> dict:
@@ -112,9 +105,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     out = ctx.stage_dir("distill") / "student"
     tmp = out.with_name(".tmp-student")
     tmp.mkdir(parents=True, exist_ok=True)
-    params = {k: cfg[k] for k in ("beta", "alpha", "mu")
-              if (k == "beta" and cfg["method"] == "jsd") or (k == "alpha" and cfg["method"] in ("skl", "srkl"))
-              or (k == "mu" and cfg["method"] == "akl")}
+    params = {k: cfg[k] for k in METHOD_PARAMS.get(cfg["method"], ())}
     ctx.log(f"[distill] {cfg['method']} into a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter "
             f"student from cache {cache.id} (k={cache.k}), {cfg['steps']} steps")
     trainer = train_causal_lm(model, tok, dataset, tmp / "checkpoints", steps=cfg["steps"],
@@ -129,13 +120,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
         from .teacher import evaluate
 
         report.update(evaluate(model, tok, data["heldout"], cfg["eval_examples"], TASKS[data["builtin"]]))
-    model.save_pretrained(tmp / "model")
-    tok.save_pretrained(tmp / "model")
-    atomic.write_json(tmp / "model" / "training_log.json", trainer.state.log_history)
-    atomic.write_json(tmp / "model" / "hpd-student.json", report)
-    shutil.rmtree(tmp / "checkpoints")
-    atomic.publish_dir(tmp / "model", out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    publish_model(model, tok, tmp, out, {"training_log.json": trainer.state.log_history, "hpd-student.json": report})
     return {"student_dir": str(out), "report": report, "teacher_report": teacher.get("report"),
             "fingerprint": digest(modeling.model_fingerprints(out))}
 

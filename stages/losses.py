@@ -100,6 +100,7 @@ def _akl(o, q, mu=0.5):
 
 DISTRIBUTION_METHODS = {"fkl": _fkl, "rkl": _rkl, "jsd": _jsd, "skl": _skl, "srkl": _srkl, "tvd": _tvd,
                         "akl": _akl}
+METHOD_PARAMS = {"jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",), "akl": ("mu",)}  # what each accepts
 TOKEN_METHODS = ("sft", "seqkd", "hpd", "opd")
 METHODS = (*TOKEN_METHODS, *DISTRIBUTION_METHODS)
 

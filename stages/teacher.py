@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import HpdError
-from storage import atomic
 from storage.fingerprint import digest
 from storage.shards import lock_for
 
 from . import modeling
 from .tasks import TASKS
-from .training import train_causal_lm
+from .training import publish_model, train_causal_lm
 
 REPORT = "hpd-teacher.json"
 # Bump when the built-in training recipe in code changes: the stage reruns and the new teacher gets a new
@@ -60,7 +58,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
 
 def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
     from datasets import Dataset
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer
 
     tmp = final.with_name(f".tmp-{final.name}")
     tmp.mkdir(parents=True, exist_ok=True)  # kept across crashes: Trainer resumes from its checkpoints
@@ -69,11 +67,8 @@ def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
     seqs = [_encode(tokenizer, r["prompt"], r["response"]) for r in rows]
     context = 1 << (max(len(s[0]) for s in seqs) - 1).bit_length()
     torch.manual_seed(ctx.seed)
-    model = GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tokenizer), n_positions=context, n_embd=cfg["n_embd"], n_layer=cfg["n_layer"],
-        n_head=cfg["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # exact algorithms: no dropout
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
+    model = modeling.new_gpt2(tokenizer, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
+                              n_head=cfg["n_head"])
     params = sum(p.numel() for p in model.parameters())
     ctx.log(f"[teacher] training a {params / 1e6:.2f}M-parameter GPT-2 on {len(rows)} traces for {cfg['steps']} steps")
     dataset = Dataset.from_dict({"input_ids": [s[0] for s in seqs], "prompt_len": [s[1] for s in seqs]})
@@ -86,12 +81,7 @@ def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
     acc = f"held-out accuracy {report['heldout_accuracy']:.1%}, " if "heldout_accuracy" in report else ""
     ctx.log(f"[teacher] {acc}held-out response NLL {report['response_nll_nats']:.3f} nats/token, "
             f"mean response entropy {report['response_entropy_nats']:.3f} nats")
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
-    atomic.write_json(tmp / "model" / REPORT, report)
-    shutil.rmtree(tmp / "checkpoints")
-    atomic.publish_dir(tmp / "model", final)
-    shutil.rmtree(tmp, ignore_errors=True)
+    publish_model(model, tokenizer, tmp, final, {REPORT: report})
 
 
 def _encode(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:

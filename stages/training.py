@@ -5,11 +5,13 @@ schedule, checkpoints every `save_steps` and resumption from the newest one afte
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
+from storage import atomic
 from storage.faults import crash_point
 
 from .modeling import pad_right
@@ -52,7 +54,8 @@ def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, 
         output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=warmup_steps,
-        weight_decay=0.01, adam_beta2=0.95, logging_steps=max(1, steps // 20), save_strategy="steps", save_steps=save_steps,
+        weight_decay=0.01, adam_beta2=0.95, logging_steps=max(1, steps // 20), save_strategy="steps",
+        save_steps=save_steps,
         save_total_limit=1, report_to="none", seed=seed, data_seed=seed, use_cpu=True,
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
         gradient_accumulation_steps=gradient_accumulation_steps, bf16=bf16)
@@ -61,3 +64,15 @@ def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, 
                                        callbacks=[_CrashPoint()], **trainer_kwargs)
     trainer.train(resume_from_checkpoint=latest_checkpoint(output_dir))
     return trainer
+
+
+def publish_model(model, tokenizer, tmp: Path, final: Path, files: dict) -> None:
+    """Save a trained model as a plain HF directory with `files` (name -> JSON) beside it, drop the
+    checkpoints under `tmp`, and move it into place atomically."""
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    for name, obj in files.items():
+        atomic.write_json(tmp / "model" / name, obj)
+    shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+    atomic.publish_dir(tmp / "model", final)
+    shutil.rmtree(tmp, ignore_errors=True)
