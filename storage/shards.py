@@ -29,7 +29,7 @@ from .faults import crash_point
 from .fingerprint import file_digest
 
 MANIFEST = "manifest.json"
-ZSTD_LEVEL = 9  # bench/cache_formats.py: ~8% smaller than level 1; level 19 saves 3% more at several times the write cost
+ZSTD_LEVEL = 9  # bench/cache_formats.py: ~8% smaller than level 1; level 19 saves 3% more, writes far slower
 JOURNAL = "journal.json"
 _FRAME_SCHEMA_KEY = b"hpd.schema"
 
@@ -147,7 +147,6 @@ class ShardSet:
             raise FileNotFoundError(f"{self.dir} is not a published shard set (no {MANIFEST})")
         self.manifest = atomic.read_json(path)
         self.verify = verify
-        self._tables: dict[int, pa.Table] = {}
         self._readers: dict[int, FramedShard] = {}
 
     @property
@@ -171,10 +170,5 @@ class ShardSet:
         return self._readers[index]
 
     def table(self, index: int) -> pa.Table:
-        if index not in self._tables:
-            self._tables[index] = self.reader(index).read_all()
-        return self._tables[index]
-
-    def tables(self):
-        for i in range(self.num_shards):
-            yield self.table(i)
+        """The whole shard, decoded (not kept: callers that reread hold their own bounded cache)."""
+        return self.reader(index).read_all()
