@@ -14,7 +14,7 @@ from storage.shards import CorruptShardError  # noqa: E402
 
 from . import config as config_mod  # noqa: E402
 from .errors import HpdError  # noqa: E402
-from .graph import STAGES  # noqa: E402
+from .graph import build  # noqa: E402
 from .stage import Runner, context_from_config  # noqa: E402
 
 USER_ERRORS = (HpdError, CorruptShardError, CacheMismatchError)
@@ -27,7 +27,7 @@ set_option = click.option("--set", "-s", "overrides", multiple=True, metavar="SE
 
 def _runner(config_path, overrides) -> Runner:
     cfg = config_mod.load(config_path, overrides)
-    return Runner(STAGES, cfg, context_from_config(cfg))
+    return Runner(build(cfg), cfg, context_from_config(cfg))
 
 
 class UserError(click.ClickException):
@@ -88,19 +88,27 @@ def _print_status(runner: Runner, as_json: bool = False) -> None:
         m = runner.manifest(name) or {}
         rows.append({"stage": name, "state": state, "detail": detail, "seconds": m.get("seconds"),
                      "outputs": m.get("outputs", {})})
+    total = runner.cfg["rounds"]["count"]
+    finished = sum(1 for r in rows if r["stage"].startswith("distill-") and r["state"] == "done")
+    current = next((r["stage"] for r in rows if r["state"] != "done"), None)
+    rounds = {"rounds": total, "finished": finished, "next": current}
     if as_json:
-        click.echo(json.dumps({"run": runner.ctx.run_name, "run_dir": str(runner.ctx.run_dir), "stages": rows},
-                              indent=1))
+        click.echo(json.dumps({"run": runner.ctx.run_name, "run_dir": str(runner.ctx.run_dir), "stages": rows,
+                               "rounds": rounds}, indent=1))
         return
     click.echo(f"run {runner.ctx.run_name}  ({runner.ctx.run_dir})")
     for r in rows:
         secs = f"{r['seconds']:.1f}s" if r["seconds"] is not None else ""
         click.echo(f"  {r['stage']:<10} {r['state']:<12} {secs:>8}  {r['detail'] or _summary(r['outputs'])}")
-    distilled = next((r for r in rows if r["stage"] == "distill" and r["state"] == "done"), None)
-    if distilled:
+    if total:
+        click.echo(f"round: {finished} of {total} refresh rounds finished"
+                   + (f"; next: {current}" if current else ""))
+    students = [(r["stage"], r["outputs"]) for r in rows
+                if r["stage"].split("-")[0] == "distill" and r["state"] == "done"]
+    if students:
         from stages.distill import summary_table
 
-        click.echo("\n" + summary_table(distilled["outputs"]))
+        click.echo("\n" + summary_table(students))
 
 
 def _summary(outputs: dict) -> str:
@@ -112,7 +120,9 @@ def _summary(outputs: dict) -> str:
         acc = f"  held-out acc {rep['heldout_accuracy']:.1%}" if rep else ""
         return f"{outputs['model_dir']}{acc}"
     if "student_dir" in outputs:
-        return outputs["student_dir"]
+        rep = outputs.get("report") or {}
+        acc = f"  held-out acc {rep['heldout_accuracy']:.1%}" if "heldout_accuracy" in rep else ""
+        return f"{outputs['student_dir']}{acc}"
     if "sequences" in outputs:
         return f"{outputs['count']:,} sequences, {outputs['tokens']:,} tokens"
     return ""

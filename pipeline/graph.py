@@ -1,7 +1,15 @@
-"""The stage graph, in run order. Each stage is a module in stages/ with run() and published()."""
+"""The stage graph, in run order. Each stage is a module in stages/ with run() and published().
+
+The offline pipeline is data -> teacher -> generate -> score -> distill. With [rounds] count = R > 0, each
+round r = 1..R appends an on-policy refresh: refresh-r (the previous student samples responses for a few
+prompts), rescore-r (the teacher scores them into a cache of their own, with the score stage) and
+distill-r (the previous student trains on a mixture of the offline cache and the refreshed one).
+With rounds.refresh_share = 0 a round is plain offline training, the baseline refresh is measured against.
+"""
+from .errors import HpdError
 from .stage import Stage
 
-STAGES = [
+OFFLINE = [
     Stage("data", "stages.data", "data", (), "built-in task data (JSONL train / held-out)"),
     Stage("teacher", "stages.teacher", "teacher", ("data",), "the teacher model: a local HF dir or the built-in one"),
     Stage("generate", "stages.generate", "generate", ("data", "teacher"), "prompts -> token sequences"),
@@ -9,3 +17,30 @@ STAGES = [
     Stage("distill", "stages.distill", "distill", ("data", "teacher", "generate", "score"),
           "a student trained from the cache"),
 ]
+STAGES = OFFLINE  # the graph without refresh rounds
+
+
+def build(cfg: dict) -> list[Stage]:
+    rounds = cfg["rounds"]
+    if rounds["count"] < 0:
+        raise HpdError(f"rounds.count must be >= 0, got {rounds['count']}")
+    if not 0 <= rounds["refresh_share"] <= 1:
+        raise HpdError(f"rounds.refresh_share must be between 0 and 1, got {rounds['refresh_share']}")
+    stages, previous = list(OFFLINE), "distill"
+    for r in range(1, rounds["count"] + 1):
+        inputs, roles = ["data", "teacher", "generate", "score", previous], {previous: "student"}
+        if rounds["refresh_share"] > 0:
+            stages += [
+                Stage(f"refresh-{r}", "stages.refresh", "refresh", ("generate", previous), "student samples",
+                      roles={previous: "student"}, params={"round": r}),
+                Stage(f"rescore-{r}", "stages.score", "score", ("teacher", f"refresh-{r}"),
+                      "teacher top-k of the student samples -> a cache of their own",
+                      roles={f"refresh-{r}": "generate"}),
+            ]
+            inputs += [f"refresh-{r}", f"rescore-{r}"]
+            roles.update({f"refresh-{r}": "refresh", f"rescore-{r}": "refresh_score"})
+        stages.append(Stage(f"distill-{r}", "stages.distill", "distill", tuple(inputs),
+                            f"round {r}: the student trained on offline + refreshed data", roles=roles,
+                            extra_sections=("rounds",), params={"round": r}, unkeyed=("rounds.count",)))
+        previous = f"distill-{r}"
+    return stages

@@ -14,7 +14,7 @@ import importlib
 import inspect
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +31,7 @@ class Context:
     run_name: str
     seed: int
     log: Callable[[str], None] = print
+    stage: str = ""  # the stage being run (the runner sets it): round stages share one module
 
     @property
     def run_dir(self) -> Path:
@@ -44,8 +45,8 @@ class Context:
     def model_root(self) -> Path:
         return self.home / "models"
 
-    def stage_dir(self, stage: str) -> Path:
-        d = self.run_dir / stage
+    def stage_dir(self, stage: str | None = None) -> Path:
+        d = self.run_dir / (stage or self.stage)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -57,6 +58,14 @@ class Stage:
     section: str                      # the one config section it reads
     inputs: tuple[str, ...] = ()
     doc: str = ""
+    # Round stages reuse a module on other inputs: `roles` renames an input for run() (rescore-2 reads
+    # refresh-2 as its "generate"), `extra_sections` are further config sections it reads (passed nested
+    # under their names), `params` are this instance's constants (its round). All are in its fingerprint,
+    # except the `unkeyed` keys ("section.key"), which shape the graph and not this stage's work.
+    roles: dict = field(default_factory=dict)
+    extra_sections: tuple[str, ...] = ()
+    params: dict = field(default_factory=dict)
+    unkeyed: tuple[str, ...] = ()
     _mod: object = field(default=None, repr=False)
 
     @property
@@ -110,8 +119,22 @@ class Runner:
 
     def config_fingerprint(self, name: str) -> str:
         stage = self.stages[name]
-        return digest({"section": self.cfg[stage.section], "seed": self.ctx.seed,
-                       "version": getattr(stage.impl, "VERSION", 1)})
+        what = {"section": self.cfg[stage.section], "seed": self.ctx.seed,
+                "version": getattr(stage.impl, "VERSION", 1)}
+        if stage.extra_sections or stage.params:
+            what["extra"] = {s: {k: v for k, v in self.cfg[s].items() if f"{s}.{k}" not in stage.unkeyed}
+                             for s in stage.extra_sections}
+            what["params"] = stage.params
+        return digest(what)
+
+    def stage_config(self, name: str) -> dict:
+        """What run() receives: its section, further sections nested by name, and the instance's params."""
+        stage = self.stages[name]
+        return {**self.cfg[stage.section], **{s: self.cfg[s] for s in stage.extra_sections}, **stage.params}
+
+    def inputs(self, name: str) -> dict:
+        stage = self.stages[name]
+        return {stage.roles.get(up, up): self.manifest(up)["outputs"] for up in stage.inputs}
 
     # -- state -----------------------------------------------------------------------------------------
     def state(self, name: str) -> tuple[str, str]:
@@ -147,18 +170,18 @@ class Runner:
         if not force and self.state(name)[0] == "done":
             self.ctx.log(f"[{name}] up to date")
             return self.manifest(name)
-        inputs = {up: self.manifest(up)["outputs"] for up in stage.inputs}
-        section = self.cfg[stage.section]
+        inputs = self.inputs(name)
+        section = self.stage_config(name)
         attempt = self.ctx.stage_dir(name) / "attempt.json"
         atomic.write_json(attempt, {"started": time.time(), "config_fingerprint": self.config_fingerprint(name)})
         self.ctx.log(f"[{name}] running")
         t0 = time.time()
-        outputs = stage.impl.run(self.ctx, section, inputs)
+        outputs = stage.impl.run(replace(self.ctx, stage=name), section, inputs)
         seconds = time.time() - t0
         manifest = {
             "stage": name, "run": self.ctx.run_name, "config": section, "seed": self.ctx.seed,
             "config_fingerprint": self.config_fingerprint(name),
-            "inputs": {up: inputs[up]["fingerprint"] for up in stage.inputs},
+            "inputs": {up: self.manifest(up)["outputs"]["fingerprint"] for up in stage.inputs},
             "code_version": stage.code_version(),
             "outputs": {k: _to_home(v, self.ctx.home) for k, v in outputs.items()},
             "finished_at": time.time(), "seconds": round(seconds, 2),

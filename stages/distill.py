@@ -1,14 +1,19 @@
-"""distill: train a student from the teacher cache with any method of stages/losses.py; no teacher in memory.
+"""distill: train a student from teacher caches with any method of stages/losses.py; no teacher in memory.
 
-The student is a local HF directory or a fresh GPT-2 with the teacher's tokenizer. Training is the HF
-Trainer (checkpoints, resume after a crash with the same data order, logging); a collator joins each token
-batch with its cache rows by sequence id, and every row's token CRC is checked against the batch.
+Round 0 (the stage "distill") trains a fresh student (or a local HF directory) on the offline cache. Round
+r >= 1 ("distill-r", see pipeline/graph.py) continues from the previous round's student on a mixture: each
+batch holds rounds.refresh_share of the round's refreshed (student-sampled, teacher-rescored) sequences and
+the rest offline ones, each source with its own loss (on-policy losses such as opd only make sense on the
+refreshed ones). Training is the HF Trainer (checkpoints, resume with the same data order, logging); a
+collator joins each token batch with its cache rows by (source, sequence id) and checks every row's CRC.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Trainer
 
@@ -23,40 +28,125 @@ from .tasks import TASKS
 from .training import ResponseCollator, publish_model, train_causal_lm
 
 CACHE_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_logmass", "mask")
+ON_POLICY_ONLY = ("opd",)  # their labels must be the student's own samples
+
+
+@dataclass
+class Source:
+    """One kind of training data: sequences, the teacher cache scored on them, and the loss they get."""
+    name: str
+    store: SequenceStore
+    cache: LogitCache
+    method: str
+    share: float
+
+
+def open_source(name: str, generate: dict, score: dict, method: str, share: float) -> Source:
+    if method not in METHODS:
+        raise HpdError(f"the {name} loss {method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if name == "offline" and method in ON_POLICY_ONLY:
+        raise HpdError(f"{method} needs on-policy sequences (the student's own samples), not offline ones; "
+                       f"use it for refreshed sequences with rounds.method=\"{method}\" (e.g. --config hpd-opd)")
+    cache, store = LogitCache(Path(score["cache"])), SequenceStore(Path(generate["sequences"]))
+    if cache.key["data"] != store.fingerprint or cache.num_sequences != len(store):
+        raise HpdError(f"cache {cache.id} was scored on other sequences than {generate['sequences']}; rerun score")
+    return Source(name, store, cache, method, share)
+
+
+def mixture_plan(sizes: list[int], shares: list[float], batch: int, num_batches: int,
+                 seed: int) -> list[list[tuple[int, int]]]:
+    """(source, row) pairs filling each batch. Every batch holds each source's share of `batch`, rounded with
+    the remainder carried over, so a source's running count never drifts a whole row from its share; each
+    source is read in passes (all its rows once, in a fresh random order) before any row repeats."""
+    rng = np.random.default_rng(seed)
+    shares = np.asarray(shares, float) / sum(shares)
+    orders, pos = [np.empty(0, int)] * len(sizes), [0] * len(sizes)
+    carry, plan = np.zeros(len(sizes)), []
+    for _ in range(num_batches):
+        carry += shares * batch
+        counts = np.floor(carry).astype(int)
+        for s in np.argsort(-(carry - counts), kind="stable")[:batch - counts.sum()]:
+            counts[s] += 1
+        carry -= counts
+        rows = []
+        for s, n in enumerate(counts):
+            for _ in range(n):
+                if pos[s] == len(orders[s]):
+                    orders[s], pos[s] = rng.permutation(sizes[s]), 0
+                rows.append((s, int(orders[s][pos[s]])))
+                pos[s] += 1
+        plan.append(rows)
+    return plan
 
 
 class CacheCollator(ResponseCollator):
-    """Pads a token batch and attaches the cache rows of the same sequences, looked up by seq_id."""
+    """Pads a token batch and attaches each row's cache entry, looked up by (source, seq_id)."""
 
-    def __init__(self, pad_id: int, cache: LogitCache):
+    def __init__(self, pad_id: int, *caches: LogitCache):
         super().__init__(pad_id)
-        self.cache = cache
+        self.caches = caches
+        if len({c.k for c in caches}) > 1:
+            raise HpdError(f"the caches of one mixture have different k ({', '.join(str(c.k) for c in caches)}); "
+                           f"score them with the same score.top_k")
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = super().__call__(rows)
-        try:
-            cb = self.cache.batch([r["seq_id"] for r in rows], input_ids=[r["input_ids"] for r in rows],
-                                  length=batch["input_ids"].shape[1])
-        except (KeyError, CacheMismatchError) as e:
-            raise HpdError(f"cache {self.cache.id} does not match the training sequences: {e.args[0]}") from None
-        batch.update({f"cache_{f}": getattr(cb, f) for f in CACHE_FIELDS})
+        source = torch.tensor([r.get("source", 0) for r in rows])
+        B, L = batch["input_ids"].shape
+        full = None
+        for s, cache in enumerate(self.caches):
+            idx = (source == s).nonzero()[:, 0].tolist()
+            if not idx:
+                continue
+            try:
+                cb = cache.batch([rows[i]["seq_id"] for i in idx], input_ids=[rows[i]["input_ids"] for i in idx],
+                                 length=L)
+            except (KeyError, CacheMismatchError) as e:
+                raise HpdError(f"cache {cache.id} does not match the training sequences: {e.args[0]}") from None
+            if len(idx) == B:
+                full = cb
+                break
+            if full is None:
+                full = CacheBatch(**{f: torch.zeros((B, *getattr(cb, f).shape[1:]), dtype=getattr(cb, f).dtype)
+                                     for f in CACHE_FIELDS})
+            for f in CACHE_FIELDS:
+                getattr(full, f)[idx] = getattr(cb, f)
+        batch.update({f"cache_{f}": getattr(full, f) for f in CACHE_FIELDS}, source=source)
         return batch
 
 
 class DistillTrainer(Trainer):
-    def __init__(self, *args, method: str, loss_params: dict, **kwargs):
+    """Trainer whose loss is each source's distillation loss, weighted by its response tokens."""
+
+    def __init__(self, *args, sources: list[Source], loss_params: dict, **kwargs):
         super().__init__(*args, **kwargs)
-        self.method, self.loss_params = method, loss_params
+        self.sources, self.loss_params = sources, loss_params
         self._diag: list[dict] = []
         self._last_log = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cb = CacheBatch(**{f: inputs.pop(f"cache_{f}") for f in CACHE_FIELDS})
-        labels = inputs.pop("labels")
+        labels, source = inputs.pop("labels"), inputs.pop("source")
         outputs = model(**inputs)
-        loss, diag = distill_loss(self.method, outputs.logits, labels, teacher=cb, **self.loss_params)
+        if len(self.sources) == 1:
+            loss, diag = self._loss(self.sources[0], outputs.logits, labels, cb)
+        else:
+            parts = []
+            for s, src in enumerate(self.sources):
+                rows = source == s
+                if rows.any():
+                    sub = CacheBatch(**{f: getattr(cb, f)[rows] for f in CACHE_FIELDS})
+                    parts.append((src, int(rows.sum()), *self._loss(src, outputs.logits[rows], labels[rows], sub)))
+            tokens = sum(d["tokens"] for *_, d in parts)
+            loss = sum(part_loss * d["tokens"] for _, _, part_loss, d in parts) / max(tokens, 1)
+            diag = {"tokens": tokens}
+            for src, n, _, d in parts:
+                diag.update({f"{src.name}_sequences": n, **{f"{src.name}_{k}": v for k, v in d.items()}})
         self._diag.append(diag)
         return (loss, outputs) if return_outputs else loss
+
+    def _loss(self, src: Source, logits, labels, cb):
+        return distill_loss(src.method, logits, labels, teacher=cb, **self.loss_params.get(src.method, {}))
 
     def log(self, logs, *args, **kwargs):
         """Adds the mean of the loss diagnostics since the last log line (HPD's sample statistics among them)."""
@@ -64,13 +154,13 @@ class DistillTrainer(Trainer):
             keys = {k for d in self._diag for k in d if k != "tokens"}
             tokens = sum(d["tokens"] for d in self._diag)
             now = time.perf_counter()
-            logs = {**logs, **{k: sum(d.get(k, 0.0) for d in self._diag) / len(self._diag) for k in keys},
-                    "tokens": tokens, "tokens_per_s": tokens / max(now - self._last_log, 1e-9)}
+            means = {k: float(np.mean([d[k] for d in self._diag if k in d])) for k in keys}
+            logs = {**logs, **means, "tokens": tokens, "tokens_per_s": tokens / max(now - self._last_log, 1e-9)}
             self._diag, self._last_log = [], now
         super().log(logs, *args, **kwargs)
 
 
-def _student(cfg: dict, teacher_dir: str, teacher_tok, seed: int):
+def _fresh_or_given_student(cfg: dict, teacher_dir: str, teacher_tok, seed: int):
     if cfg["student_path"]:
         model, tok = modeling.load_causal_lm(cfg["student_path"])
         if tok.get_vocab() != teacher_tok.get_vocab():
@@ -86,36 +176,77 @@ def _student(cfg: dict, teacher_dir: str, teacher_tok, seed: int):
                              n_head=cfg["n_head"])
 
 
-def run(ctx, cfg: dict, inputs: dict) -> dict:
+def _rows(src: Source, s: int, picks=None) -> dict:
+    seq_ids, plens, seqs = src.store.range(0, len(src.store))
+    picks = range(len(seq_ids)) if picks is None else picks
+    return {"seq_id": [int(seq_ids[i]) for i in picks], "prompt_len": [int(plens[i]) for i in picks],
+            "input_ids": [seqs[i].tolist() for i in picks], "source": [s] * len(picks)}
+
+
+def _training_set(sources: list[Source], per_batch: int, num_batches: int, seed: int):
+    """Round 0: every offline sequence, shuffled by the Trainer. Rounds: the mixture plan, read in order."""
     from datasets import Dataset
+
+    if len(sources) == 1 and sources[0].share == 1 and num_batches == 0:
+        return Dataset.from_dict(_rows(sources[0], 0))
+    plan = [p for batch in mixture_plan([len(s.store) for s in sources], [s.share for s in sources], per_batch,
+                                        num_batches, seed) for p in batch]
+    columns: dict = {"seq_id": [], "prompt_len": [], "input_ids": [], "source": []}
+    order = []
+    for s, src in enumerate(sources):
+        picks = [row for src_i, row in plan if src_i == s]
+        for name, values in _rows(src, s, picks).items():
+            columns[name] += values
+        order += [i for i, (src_i, _) in enumerate(plan) if src_i == s]
+    ds = Dataset.from_dict(columns)
+    return ds.select(np.argsort(order, kind="stable"))
+
+
+def run(ctx, cfg: dict, inputs: dict) -> dict:
     from transformers import AutoTokenizer
 
-    teacher, gen, score, data = inputs["teacher"], inputs["generate"], inputs["score"], inputs["data"]
-    if cfg["method"] not in METHODS:
-        raise HpdError(f"distill.method={cfg['method']!r} is unknown; choose one of {', '.join(METHODS)}")
-    cache = LogitCache(Path(score["cache"]))
-    store = SequenceStore(Path(gen["sequences"]))
-    if cache.key["data"] != store.fingerprint or cache.num_sequences != len(store):
-        raise HpdError(f"cache {cache.id} was scored on other sequences than {gen['sequences']}; rerun score")
+    teacher, data = inputs["teacher"], inputs["data"]
+    round_ = cfg.get("round", 0)
     tok = AutoTokenizer.from_pretrained(teacher["model_dir"])
-    model = _student(cfg, teacher["model_dir"], tok, ctx.seed)
-    seq_ids, plens, seqs = store.range(0, len(store))
-    dataset = Dataset.from_dict({"seq_id": seq_ids.tolist(), "prompt_len": plens.tolist(),
-                                 "input_ids": [s.tolist() for s in seqs]})
-    out = ctx.stage_dir("distill") / "student"
+    if round_ == 0:
+        if cfg["method"] not in METHODS:
+            raise HpdError(f"distill.method={cfg['method']!r} is unknown; choose one of {', '.join(METHODS)}")
+        sources = [open_source("offline", inputs["generate"], inputs["score"], cfg["method"], 1.0)]
+        model = _fresh_or_given_student(cfg, teacher["model_dir"], tok, ctx.seed)
+        steps, lr, warmup, num_batches = cfg["steps"], cfg["learning_rate"], cfg["warmup_steps"], 0
+        before = {"student_steps": 0, "train_sequences": 0}
+    else:
+        rounds, previous = cfg["rounds"], inputs["student"]
+        sources = [open_source("offline", inputs["generate"], inputs["score"],
+                               rounds["offline_method"] or cfg["method"], 1 - rounds["refresh_share"])]
+        if "refresh" in inputs:
+            sources.append(open_source("refresh", inputs["refresh"], inputs["refresh_score"], rounds["method"],
+                                       rounds["refresh_share"]))
+        sources = [s for s in sources if s.share > 0]
+        model, _ = modeling.load_causal_lm(previous["student_dir"])
+        steps, lr, warmup = rounds["steps"], rounds["learning_rate"], rounds["warmup_steps"]
+        num_batches = steps * cfg["gradient_accumulation_steps"]
+        before = previous["report"]
+    out = ctx.stage_dir() / "student"
     tmp = out.with_name(".tmp-student")
     tmp.mkdir(parents=True, exist_ok=True)
-    params = {k: cfg[k] for k in METHOD_PARAMS.get(cfg["method"], ())}
-    ctx.log(f"[distill] {cfg['method']} into a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter "
-            f"student from cache {cache.id} (k={cache.k}), {cfg['steps']} steps")
-    trainer = train_causal_lm(model, tok, dataset, tmp / "checkpoints", steps=cfg["steps"],
-                              batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
-                              warmup_steps=cfg["warmup_steps"], seed=ctx.seed, save_steps=cfg["checkpoint_steps"],
-                              trainer_cls=DistillTrainer, collator=CacheCollator(tok.pad_token_id, cache),
+    params = {s.method: {k: cfg[k] for k in METHOD_PARAMS.get(s.method, ())} for s in sources}
+    mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, cache {s.cache.id})" for s in sources)
+    ctx.log(f"[{ctx.stage}] a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter student, "
+            f"{steps} steps on {mix}")
+    dataset = _training_set(sources, cfg["batch_size"], num_batches, ctx.seed * 1009 + round_)
+    trainer = train_causal_lm(model, tok, dataset, tmp / "checkpoints", steps=steps,
+                              batch_size=cfg["batch_size"], learning_rate=lr, warmup_steps=warmup, seed=ctx.seed,
+                              save_steps=cfg["checkpoint_steps"], trainer_cls=DistillTrainer,
+                              collator=CacheCollator(tok.pad_token_id, *(s.cache for s in sources)),
                               gradient_accumulation_steps=cfg["gradient_accumulation_steps"], bf16=cfg["bf16"],
-                              method=cfg["method"], loss_params=params)
+                              sequential=num_batches > 0, sources=sources, loss_params=params)
     model.eval()
-    report = {"parameters": sum(p.numel() for p in model.parameters()), "method": cfg["method"]}
+    sequences = steps * cfg["batch_size"] * cfg["gradient_accumulation_steps"]
+    report = {"parameters": sum(p.numel() for p in model.parameters()), "method": cfg["method"], "round": round_,
+              "mixture": {s.name: {"share": s.share, "method": s.method, "cache": s.cache.id} for s in sources},
+              "student_steps": before.get("student_steps", 0) + steps,
+              "train_sequences": before.get("train_sequences", 0) + sequences}
     if data.get("builtin"):
         from .teacher import evaluate
 
@@ -129,13 +260,20 @@ def published(outputs: dict) -> bool:
     return (Path(outputs["student_dir"]) / "hpd-student.json").is_file()
 
 
-def summary_table(outputs: dict) -> str:
-    """Student against teacher on the held-out set, as the end of `make distill` prints it."""
-    s, t = outputs["report"], outputs.get("teacher_report") or {}
+def summary_table(students: list[tuple[str, dict]]) -> str:
+    """Students (one per round) against the teacher on the held-out set, as the end of `make distill` prints."""
+    teacher = students[-1][1].get("teacher_report") or {}
     rows = [("model", "parameters", "held-out accuracy", "response NLL", "response entropy")]
-    for name, r in ((f"student ({s['method']})", s), ("teacher", t)):
+    named = [(f"{stage} ({o['report']['method'] if stage == 'distill' else _round_methods(o['report'])})",
+              o["report"]) for stage, o in students] + [("teacher", teacher)]
+    for name, r in named:
         if r:
             acc = f"{r['heldout_accuracy']:.1%}" if "heldout_accuracy" in r else "-"
             rows.append((name, f"{r['parameters'] / 1e3:.0f}k", acc, f"{r['response_nll_nats']:.3f}",
                          f"{r['response_entropy_nats']:.3f}"))
-    return "\n".join(" | ".join(f"{c:<18}" for c in row) for row in rows)
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(" | ".join([f"{row[0]:<{width}}"] + [f"{c:<18}" for c in row[1:]]) for row in rows)
+
+
+def _round_methods(report: dict) -> str:
+    return " + ".join(f"{m['method']} {m['share']:.0%} {name}" for name, m in report.get("mixture", {}).items())

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
 
 from pipeline.errors import HpdError
 from storage import sequences as seqstore
@@ -131,36 +129,32 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
             raise HpdError(f"{source} row {i + 1}: {what} is {n} tokens, longer than the teacher's context of "
                            f"{context}; shorten it or lower generate.max_new_tokens")
 
-    n_per = 1 if from_data else cfg["samples_per_prompt"]
-    per_shard = cfg["shard_size"]  # prompts per shard
-    num_shards = -(-len(pairs) // per_shard)
-    meta = {"config": cfg, "teacher": teacher["fingerprint"], "source": file_digest(source)
-            if Path(source).is_file() else str(source), "seed": ctx.seed, "shard_size": per_shard * n_per}
     final = ctx.stage_dir("generate") / "sequences"
-    writer = seqstore.SequenceWriter(final, meta)
-    for shard in tqdm(range(num_shards), desc="generate", disable=num_shards < 2):
-        if writer.done(shard):
-            continue
-        lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(pairs))
-        if from_data:
-            prompt_ids = [pairs[i][0] for i in range(lo, hi)]
-            resp_ids = [pairs[i][1] for i in range(lo, hi)]
-            prompt_index = list(range(lo, hi))
-        else:
-            torch.manual_seed(ctx.seed * 100003 + shard)  # a resumed shard samples exactly what it would have
-            prompt_ids = [pairs[i][0] for i in range(lo, hi) for _ in range(n_per)]
-            prompt_index = [i for i in range(lo, hi) for _ in range(n_per)]
-            resp_ids = modeling.sample(model, tokenizer, prompt_ids, max_new_tokens=cfg["max_new_tokens"],
-                                       temperature=cfg["temperature"], batch_size=cfg["batch_size"],
-                                       desc=f"sampling shard {shard}")
-        first = lo * n_per
-        table = seqstore.rows_table(range(first, first + len(prompt_ids)), prompt_index,
-                                    [len(p) for p in prompt_ids], [p + r for p, r in zip(prompt_ids, resp_ids)])
-        writer.write_rows(shard, table)
+    meta = {"config": cfg, "teacher": teacher["fingerprint"], "source": file_digest(source)
+            if Path(source).is_file() else str(source), "seed": ctx.seed}
+    if from_data:
+        writer, num_shards = _write_dataset(final, meta, pairs, cfg["shard_size"])
+    else:
+        writer, num_shards = modeling.sample_to_store(
+            model, tokenizer, [p for p, _ in pairs], final, meta, samples_per_prompt=cfg["samples_per_prompt"],
+            prompts_per_shard=cfg["shard_size"], max_new_tokens=cfg["max_new_tokens"],
+            temperature=cfg["temperature"], batch_size=cfg["batch_size"], seed=ctx.seed, desc="generate")
     manifest = writer.finish(num_shards)
     tokens = sum(s["tokens"] for s in manifest["shards"])
     return {"sequences": str(final), "source": str(source), "count": manifest["rows"], "tokens": tokens,
             "fingerprint": manifest["fingerprint"]}
+
+
+def _write_dataset(final: Path, meta: dict, pairs: list, per_shard: int):
+    writer = seqstore.SequenceWriter(final, {**meta, "shard_size": per_shard})
+    num_shards = -(-len(pairs) // per_shard)
+    for shard in range(num_shards):
+        if not writer.done(shard):
+            lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(pairs))
+            writer.write_rows(shard, seqstore.rows_table(range(lo, hi), range(lo, hi),
+                                                         [len(pairs[i][0]) for i in range(lo, hi)],
+                                                         [pairs[i][0] + pairs[i][1] for i in range(lo, hi)]))
+    return writer, num_shards
 
 
 def published(outputs: dict) -> bool:

@@ -109,6 +109,32 @@ def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, t
     return out
 
 
+def sample_to_store(model, tokenizer, prompts: list[list[int]], final: Path, meta: dict, *,
+                    samples_per_prompt: int, prompts_per_shard: int, max_new_tokens: int, temperature: float,
+                    batch_size: int, seed: int, desc: str):
+    """N sampled responses per prompt, written as a sequence store in shards; an interrupted run resumes
+    after its last published shard and samples exactly what it would have (each shard has its own seed).
+    Returns (writer, number of shards) for the caller to finish."""
+    from storage import sequences as seqstore
+
+    n_per = samples_per_prompt
+    writer = seqstore.SequenceWriter(final, {**meta, "shard_size": prompts_per_shard * n_per})
+    num_shards = -(-len(prompts) // prompts_per_shard)
+    for shard in tqdm(range(num_shards), desc=desc, disable=num_shards < 2):
+        if writer.done(shard):
+            continue
+        lo, hi = shard * prompts_per_shard, min((shard + 1) * prompts_per_shard, len(prompts))
+        torch.manual_seed(seed * 100003 + shard)
+        prompt_ids = [prompts[i] for i in range(lo, hi) for _ in range(n_per)]
+        responses = sample(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                           batch_size=batch_size, desc=f"sampling shard {shard}")
+        first = lo * n_per
+        writer.write_rows(shard, seqstore.rows_table(
+            range(first, first + len(prompt_ids)), [i for i in range(lo, hi) for _ in range(n_per)],
+            [len(p) for p in prompt_ids], [p + r for p, r in zip(prompt_ids, responses)]))
+    return writer, num_shards
+
+
 @torch.no_grad()
 def log_probs(model, seqs: list, pad_id: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 next-token log-probs [B, L, V] of right-padded sequences, and the padding mask."""

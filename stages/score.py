@@ -2,7 +2,8 @@
 
 For each response position the teacher's top-k, the exact log-prob of the sequence's own next token and
 the log of the mass outside the top-k are kept (see storage/logit_cache.py). The cache is keyed by the
-teacher's weights, its tokenizer, the sequences' content, k and temperature: a run that asks for the same
+teacher's weights, its tokenizer, the sequences' content (and, for refreshed sequences, the round and student
+checkpoint that sampled them), k and temperature: a run that asks for the same
 ones reuses the cache at once, and any other teacher, data or k gets a cache of its own.
 """
 from __future__ import annotations
@@ -58,13 +59,15 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
         raise HpdError(f"score.encoding: {e}") from None
     if k < 2 and encoding.name != "fp16":
         raise HpdError(f"score.encoding={encoding.name} needs top_k >= 2; use encoding=\"fp16\" for k=1")
+    # Refreshed sequences carry their origin (round, student checkpoint): it is part of their cache's key.
     key = cache_key(teacher=teacher["model_fingerprint"], tokenizer=teacher["tokenizer_fingerprint"],
-                    data=gen["fingerprint"], top_k=k, temperature=temperature, encoding=encoding.spec)
+                    data=gen["fingerprint"], top_k=k, temperature=temperature, encoding=encoding.spec,
+                    origin=gen.get("origin"))
     root = CacheRoot(ctx.cache_root)
     with root.lock(key):
         cache = root.find(key)
         if cache is not None:
-            ctx.log(f"[score] cache {cache.id} already holds this teacher, data and k: reusing it")
+            ctx.log(f"[{ctx.stage}] cache {cache.id} already holds this teacher, data and k: reusing it")
         else:
             cache = _build(ctx, {**cfg, "top_k": k}, teacher, gen, root, key)
         root.record_use(cache, ctx.run_name)
@@ -82,12 +85,13 @@ def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict)
     size = cfg["shard_size"]
     writer = root.writer(key, shard_size=size, num_sequences=len(store), vocab_size=teacher["vocab_size"],
                          provenance={"teacher": teacher["model_dir"], "sequences": gen["sequences"],
-                                     "sequences_source": gen.get("source", ""), "run": ctx.run_name})
+                                     "sequences_source": gen.get("source", ""), "run": ctx.run_name,
+                                     "origin": gen.get("origin")})
     num_shards = -(-len(store) // size)
     resumed = sum(writer.done(i) for i in range(num_shards))
     if resumed:
-        ctx.log(f"[score] resuming: {resumed} of {num_shards} shards already published")
-    bar = tqdm(total=len(store), desc="teacher scoring", unit="seq", initial=resumed * size)
+        ctx.log(f"[{ctx.stage}] resuming: {resumed} of {num_shards} shards already published")
+    bar = tqdm(total=len(store), desc=f"teacher scoring ({ctx.stage})", unit="seq", initial=resumed * size)
     for shard in range(num_shards):
         if writer.done(shard):
             continue

@@ -45,8 +45,9 @@ def latest_checkpoint(output_dir: Path) -> str | None:
 def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, batch_size: int,
                     learning_rate: float, warmup_steps: int, seed: int, save_steps: int = 100,
                     trainer_cls=None, collator=None, gradient_accumulation_steps: int = 1, bf16: bool = False,
-                    **trainer_kwargs):
-    """Train `model` for `steps` optimizer steps; resumes from a checkpoint in `output_dir` if there is one."""
+                    sequential: bool = False, **trainer_kwargs):
+    """Train `model` for `steps` optimizer steps; resumes from a checkpoint in `output_dir` if there is one.
+    `sequential`: read `dataset` in its own order (a precomputed mixture) instead of shuffling it."""
     from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(seed)
@@ -58,7 +59,8 @@ def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, 
         save_steps=save_steps,
         save_total_limit=1, report_to="none", seed=seed, data_seed=seed, use_cpu=True,
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
-        gradient_accumulation_steps=gradient_accumulation_steps, bf16=bf16)
+        gradient_accumulation_steps=gradient_accumulation_steps, bf16=bf16,
+        train_sampling_strategy="sequential" if sequential else "random")
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=dataset,
                                        data_collator=collator or ResponseCollator(tokenizer.pad_token_id),
                                        callbacks=[_CrashPoint()], **trainer_kwargs)

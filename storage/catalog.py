@@ -24,7 +24,8 @@ def describe(cache: LogitCache) -> dict:
         "sequences": m["rows"], "tokens": m["tokens"], "bytes": m["bytes"],
         "bytes_per_token": round(m["bytes"] / max(m["tokens"], 1), 2), "shards": len(m["shards"]),
         "created": m.get("published_at"), "last_used": max(used.values(), default=m.get("published_at")),
-        "runs": sorted(used), "derived_from": key.get("derived_from"), "path": str(cache.dir),
+        "runs": sorted(used), "derived_from": key.get("derived_from"),
+        "origin": key.get("origin"), "path": str(cache.dir),
     }
 
 

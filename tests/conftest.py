@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline.graph import STAGES  # noqa: E402
+from pipeline.graph import build  # noqa: E402
 from pipeline.stage import Context, Runner  # noqa: E402
 
 # A run small enough to train, generate and score in a few seconds.
@@ -29,7 +29,7 @@ TINY = [
 
 def make_runner(home: Path, *overrides: str, run: str = "tiny") -> Runner:
     cfg = config_mod.load(None, [*TINY, f"run.name={run!r}".replace("'", '"'), *overrides])
-    return Runner(STAGES, cfg, Context(home=Path(home), run_name=run, seed=cfg["run"]["seed"], log=lambda s: None))
+    return Runner(build(cfg), cfg, Context(home=Path(home), run_name=run, seed=cfg["run"]["seed"], log=lambda s: None))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,71 @@
+"""refresh: the current student samples responses for a few training prompts (an on-policy refresh).
+
+Each round draws its own random subset of the offline sequences' prompts (refresh.prompt_fraction) and the
+previous round's student samples refresh.samples_per_prompt responses for each. The output is a sequence
+store of its own, tagged with the round and the student checkpoint it came from; the rescore stage then
+scores it into a cache keyed by that origin, so the offline sequences and their cache are never touched.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import HpdError
+from storage import sequences as seqstore
+from storage.sequences import SequenceStore
+
+from . import modeling
+
+VERSION = 1
+
+
+def choose_prompts(store: SequenceStore, fraction: float, seed: int, round_: int) -> list[list[int]]:
+    """The prompt tokens of a random `fraction` of the stored sequences, duplicates dropped, in store order."""
+    n = max(1, round(fraction * len(store)))
+    picked = np.sort(np.random.default_rng([seed, round_]).choice(len(store), size=n, replace=False))
+    prompts, seen = [], set()
+    for seq_id in picked:
+        ids, plen = store.get(int(seq_id))
+        key = ids[:plen].tobytes()
+        if key not in seen:
+            seen.add(key)
+            prompts.append(ids[:plen].tolist())
+    return prompts
+
+
+def run(ctx, cfg: dict, inputs: dict) -> dict:
+    gen, student = inputs["generate"], inputs["student"]
+    if not 0 < cfg["prompt_fraction"] <= 1:
+        raise HpdError(f"refresh.prompt_fraction must be in (0, 1], got {cfg['prompt_fraction']}")
+    if cfg["samples_per_prompt"] < 1 or cfg["shard_size"] < 1 or cfg["max_new_tokens"] < 0 or cfg["temperature"] <= 0:
+        raise HpdError("refresh.samples_per_prompt and shard_size must be >= 1, max_new_tokens >= 0, "
+                       "temperature > 0")
+    round_ = cfg["round"]
+    store = SequenceStore(Path(gen["sequences"]))
+    prompts = choose_prompts(store, cfg["prompt_fraction"], ctx.seed, round_)
+    model, tokenizer = modeling.load_causal_lm(student["student_dir"])
+    room = modeling.context_length(model) - max(len(p) for p in prompts)
+    max_new = cfg["max_new_tokens"] or room
+    if not 0 < max_new <= room:
+        raise HpdError(f"refresh.max_new_tokens={max_new} does not fit the student's context of "
+                       f"{modeling.context_length(model)} after the longest prompt; lower it (0 = fill the context)")
+    origin = {"round": round_, "student": student["fingerprint"]}
+    ctx.log(f"[{ctx.stage}] student of round {round_ - 1} samples {cfg['samples_per_prompt']} responses for "
+            f"{len(prompts)} prompts ({cfg['prompt_fraction']:.0%} of {len(store)})")
+    final = ctx.stage_dir() / "sequences"
+    meta = {"config": cfg, "origin": origin, "prompts_from": gen["fingerprint"], "seed": ctx.seed}
+    writer, num_shards = modeling.sample_to_store(
+        model, tokenizer, prompts, final, meta, samples_per_prompt=cfg["samples_per_prompt"],
+        prompts_per_shard=cfg["shard_size"], max_new_tokens=max_new, temperature=cfg["temperature"],
+        batch_size=cfg["batch_size"], seed=ctx.seed * 1009 + round_, desc=ctx.stage)
+    manifest = writer.finish(num_shards)
+    return {"sequences": str(final), "source": f"round {round_} samples of student {student['fingerprint'][:12]}",
+            "origin": origin, "count": manifest["rows"], "tokens": sum(s["tokens"] for s in manifest["shards"]),
+            "fingerprint": manifest["fingerprint"]}
+
+
+def published(outputs: dict) -> bool:
+    manifest = Path(outputs["sequences"]) / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("format") == seqstore.FORMAT
