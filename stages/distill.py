@@ -206,13 +206,13 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     from transformers import AutoTokenizer
 
     teacher, data = inputs["teacher"], inputs["data"]
-    round_ = cfg.get("round", 0)
+    round_, seed = cfg.get("round", 0), ctx.seed * 7919 + cfg["seed"]
     tok = AutoTokenizer.from_pretrained(teacher["model_dir"])
     if round_ == 0:
         if cfg["method"] not in METHODS:
             raise HpdError(f"distill.method={cfg['method']!r} is unknown; choose one of {', '.join(METHODS)}")
         sources = [open_source("offline", inputs["generate"], inputs["score"], cfg["method"], 1.0)]
-        model = _fresh_or_given_student(cfg, teacher["model_dir"], tok, ctx.seed)
+        model = _fresh_or_given_student(cfg, teacher["model_dir"], tok, seed)
         steps, lr, warmup, num_batches = cfg["steps"], cfg["learning_rate"], cfg["warmup_steps"], 0
         before = {"student_steps": 0, "train_sequences": 0}
     else:
@@ -234,9 +234,9 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, cache {s.cache.id})" for s in sources)
     ctx.log(f"[{ctx.stage}] a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter student, "
             f"{steps} steps on {mix}")
-    dataset = _training_set(sources, cfg["batch_size"], num_batches, ctx.seed * 1009 + round_)
+    dataset = _training_set(sources, cfg["batch_size"], num_batches, seed * 1009 + round_)
     trainer = train_causal_lm(model, tok, dataset, tmp / "checkpoints", steps=steps,
-                              batch_size=cfg["batch_size"], learning_rate=lr, warmup_steps=warmup, seed=ctx.seed,
+                              batch_size=cfg["batch_size"], learning_rate=lr, warmup_steps=warmup, seed=seed,
                               save_steps=cfg["checkpoint_steps"], trainer_cls=DistillTrainer,
                               collator=CacheCollator(tok.pad_token_id, *(s.cache for s in sources)),
                               gradient_accumulation_steps=cfg["gradient_accumulation_steps"], bf16=cfg["bf16"],
@@ -252,7 +252,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
 
         report.update(evaluate(model, tok, data["heldout"], cfg["eval_examples"], TASKS[data["builtin"]]))
     publish_model(model, tok, tmp, out, {"training_log.json": trainer.state.log_history, "hpd-student.json": report})
-    return {"student_dir": str(out), "report": report, "teacher_report": teacher.get("report"),
+    return {"student_dir": str(out), "report": report, "teacher_report": teacher.get("report"), "seed": seed,
             "fingerprint": digest(modeling.model_fingerprints(out))}
 
 

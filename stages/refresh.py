@@ -42,9 +42,9 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     if cfg["samples_per_prompt"] < 1 or cfg["shard_size"] < 1 or cfg["max_new_tokens"] < 0 or cfg["temperature"] <= 0:
         raise HpdError("refresh.samples_per_prompt and shard_size must be >= 1, max_new_tokens >= 0, "
                        "temperature > 0")
-    round_ = cfg["round"]
+    round_, seed = cfg["round"], student.get("seed", ctx.seed)  # the student's seed: seeds vary its samples too
     store = SequenceStore(Path(gen["sequences"]))
-    prompts = choose_prompts(store, cfg["prompt_fraction"], ctx.seed, round_)
+    prompts = choose_prompts(store, cfg["prompt_fraction"], seed, round_)
     model, tokenizer = modeling.load_causal_lm(student["student_dir"])
     room = modeling.context_length(model) - max(len(p) for p in prompts)
     max_new = cfg["max_new_tokens"] or room
@@ -55,11 +55,11 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     ctx.log(f"[{ctx.stage}] student of round {round_ - 1} samples {cfg['samples_per_prompt']} responses for "
             f"{len(prompts)} prompts ({cfg['prompt_fraction']:.0%} of {len(store)})")
     final = ctx.stage_dir() / "sequences"
-    meta = {"config": cfg, "origin": origin, "prompts_from": gen["fingerprint"], "seed": ctx.seed}
+    meta = {"config": cfg, "origin": origin, "prompts_from": gen["fingerprint"], "seed": seed}
     writer, num_shards = modeling.sample_to_store(
         model, tokenizer, prompts, final, meta, samples_per_prompt=cfg["samples_per_prompt"],
         prompts_per_shard=cfg["shard_size"], max_new_tokens=max_new, temperature=cfg["temperature"],
-        batch_size=cfg["batch_size"], seed=ctx.seed * 1009 + round_, desc=ctx.stage)
+        batch_size=cfg["batch_size"], seed=seed * 1009 + round_, desc=ctx.stage)
     manifest = writer.finish(num_shards)
     return {"sequences": str(final), "source": f"round {round_} samples of student {student['fingerprint'][:12]}",
             "origin": origin, "count": manifest["rows"], "tokens": sum(s["tokens"] for s in manifest["shards"]),
