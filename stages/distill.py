@@ -115,6 +115,28 @@ class CacheCollator(ResponseCollator):
         return batch
 
 
+def mixture_loss(sources: list[Source], logits, labels, cb: CacheBatch, source, loss_params: dict):
+    """Each source's loss on its own rows, averaged over all response tokens of the batch (so a token counts
+    the same whichever source it came from). Diagnostics are prefixed by source name when there are several."""
+    def loss_of(src, lg, lb, c):
+        return distill_loss(src.method, lg, lb, teacher=c, **loss_params.get(src.method, {}))
+
+    if len(sources) == 1:
+        return loss_of(sources[0], logits, labels, cb)
+    parts = []
+    for s, src in enumerate(sources):
+        rows = source == s
+        if rows.any():
+            sub = CacheBatch(**{f: getattr(cb, f)[rows] for f in CACHE_FIELDS})
+            parts.append((src, int(rows.sum()), *loss_of(src, logits[rows], labels[rows], sub)))
+    tokens = sum(d["tokens"] for *_, d in parts)
+    loss = sum(part * d["tokens"] for _, _, part, d in parts) / max(tokens, 1)
+    diag = {"tokens": tokens}
+    for src, n, _, d in parts:
+        diag.update({f"{src.name}_sequences": n, **{f"{src.name}_{k}": v for k, v in d.items()}})
+    return loss, diag
+
+
 class DistillTrainer(Trainer):
     """Trainer whose loss is each source's distillation loss, weighted by its response tokens."""
 
@@ -128,25 +150,9 @@ class DistillTrainer(Trainer):
         cb = CacheBatch(**{f: inputs.pop(f"cache_{f}") for f in CACHE_FIELDS})
         labels, source = inputs.pop("labels"), inputs.pop("source")
         outputs = model(**inputs)
-        if len(self.sources) == 1:
-            loss, diag = self._loss(self.sources[0], outputs.logits, labels, cb)
-        else:
-            parts = []
-            for s, src in enumerate(self.sources):
-                rows = source == s
-                if rows.any():
-                    sub = CacheBatch(**{f: getattr(cb, f)[rows] for f in CACHE_FIELDS})
-                    parts.append((src, int(rows.sum()), *self._loss(src, outputs.logits[rows], labels[rows], sub)))
-            tokens = sum(d["tokens"] for *_, d in parts)
-            loss = sum(part_loss * d["tokens"] for _, _, part_loss, d in parts) / max(tokens, 1)
-            diag = {"tokens": tokens}
-            for src, n, _, d in parts:
-                diag.update({f"{src.name}_sequences": n, **{f"{src.name}_{k}": v for k, v in d.items()}})
+        loss, diag = mixture_loss(self.sources, outputs.logits, labels, cb, source, self.loss_params)
         self._diag.append(diag)
         return (loss, outputs) if return_outputs else loss
-
-    def _loss(self, src: Source, logits, labels, cb):
-        return distill_loss(src.method, logits, labels, teacher=cb, **self.loss_params.get(src.method, {}))
 
     def log(self, logs, *args, **kwargs):
         """Adds the mean of the loss diagnostics since the last log line (HPD's sample statistics among them)."""
