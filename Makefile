@@ -33,4 +33,5 @@ bench: $(STAMP)
 	$(PY) bench/default_task.py
 	$(PY) bench/cache_formats.py
 	$(PY) bench/hpd_gradient.py
+	$(PY) bench/refresh_rounds.py
 	$(PY) bench/readme.py

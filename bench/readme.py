@@ -85,11 +85,40 @@ def hpd_gradient() -> str:
             "see the same network.\n")
 
 
+def refresh_rounds() -> str:
+    path = RESULTS / "refresh_rounds.json"
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    c, t = r["config"], r["teacher_cost"]
+    secs = {a: v["round_seconds"] for a, v in r["summary"].items()}
+    return f"""**Measured** (`bench/refresh_rounds.py`, default math task, {r['seeds']} student seeds, 2 CPU cores): one
+offline HPD student per seed ({c['distill_steps']} steps, batch {c['batch']}) continued for {r['rounds']} rounds of
+{c['round_steps']} steps in three arms that differ only in the rounds' data and loss: **offline** (more offline
+epochs, `rounds.refresh_share=0`), **hpd+refresh** ({c['refresh_share']:.0%} of each batch refreshed, HPD on both)
+and **hpd->opd** (`--config hpd-opd`: OPD on the refreshed sequences, HPD on the offline ones). Each refresh
+sampled {c['samples_per_prompt']} responses for {c['prompt_fraction']:.0%} of the 20,000 training prompts. Held-out
+exact-answer accuracy (greedy, 500 problems) and response NLL after each round, mean ± std over seeds:
+
+{(RESULTS / "refresh_rounds.md").read_text()}
+Wall-clock of the {r['rounds']} rounds (training, sampling and rescoring): offline {secs['offline']:.0f} s,
+hpd+refresh {secs['hpd+refresh']:.0f} s, hpd->opd {secs['hpd->opd']:.0f} s.
+
+**Teacher time.** Online distillation runs the teacher on every training batch: measured here at
+{t['teacher_forward_seconds_per_batch'] * 1e3:.0f} ms per batch of {c['batch']}, {t['online_teacher_seconds']:.0f} s over the
+{t['total_student_steps']} student steps of a run. The refreshes rescored {t['refreshed_sequences']:,.0f} sequences in
+{t['refresh_rescore_seconds']:.0f} s of teacher-side time in all (forward, top-k, encoding and writing):
+**{t['rescore_fraction_of_online']:.1%} of the online teacher time** ({t['forward_fraction_of_online']:.1%} of the
+sequences an online run would have the teacher process). The student's sampling took
+{t['refresh_sampling_seconds']:.0f} s.
+"""
+
+
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, fn in (("default-task", default_task), ("cache-formats", cache_formats),
-                     ("hpd-gradient", hpd_gradient)):
+                     ("hpd-gradient", hpd_gradient), ("refresh-rounds", refresh_rounds)):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text,
                       flags=re.S)

@@ -197,3 +197,19 @@ def test_interrupted_refresh_and_rescore_resume_to_the_same_output(round_home, t
     assert any("resuming: 1 of 3" in line for line in logs)
     resumed, ref = (LogitCache(Path(outputs(x, "rescore-1")["cache"])) for x in (r, reference))
     assert [s["checksum"] for s in resumed.manifest["shards"]] == [s["checksum"] for s in ref.manifest["shards"]]
+
+
+def test_sigkilled_round_training_resumes_without_repeating_or_skipping_data(round_home, tmp_path):
+    """Killed after its first checkpoint, a round's training resumes there; reading the planned mixture in
+    order from that point, it ends with exactly the student of the uninterrupted round."""
+    reference = make_runner(round_home[0], *ROUND)
+    home = copy_home(round_home[0], tmp_path / "home")
+    (home / "runs" / "tiny" / "distill-1" / "manifest.json").unlink()
+    import shutil
+
+    shutil.rmtree(home / "runs" / "tiny" / "distill-1" / "student")
+    overrides = [*ROUND, "distill.checkpoint_steps=2"]
+    make_runner(home, *overrides).run("distill")  # checkpointing changed its config: retrained, same student
+    r, _ = _kill_and_resume(home, "distill-1", overrides, "checkpoint:1")
+    assert outputs(r, "distill")["fingerprint"] == outputs(reference, "distill")["fingerprint"]
+    assert outputs(r, "distill-1")["fingerprint"] == outputs(reference, "distill-1")["fingerprint"]
