@@ -32,12 +32,12 @@ def student_sft(teacher_out: dict, data_out: dict, tcfg: dict, n_layer: int, n_e
     from transformers import AutoTokenizer, GPT2Config
 
     from stages import modeling
-    from stages import teacher as teacher_stage
+    from stages.evaluators import encode_example, heldout_report
     from stages.training import train_causal_lm
 
     tok = AutoTokenizer.from_pretrained(teacher_out["model_dir"])
     rows = [json.loads(x) for x in open(data_out["train"])]
-    seqs = [teacher_stage._encode(tok, r["prompt"], r["response"]) for r in rows]
+    seqs = [encode_example(tok, r["prompt"], r["response"]) for r in rows]
     tconf = GPT2Config.from_pretrained(teacher_out["model_dir"])
     torch.manual_seed(seed)
     model = modeling.new_gpt2(tok, n_positions=tconf.n_positions, n_layer=n_layer, n_embd=n_embd,
@@ -50,7 +50,7 @@ def student_sft(teacher_out: dict, data_out: dict, tcfg: dict, n_layer: int, n_e
     model.eval()
     from stages.tasks import TASKS
 
-    report = teacher_stage.evaluate(model, tok, data_out["heldout"], tcfg["eval_examples"], TASKS["math"])
+    report = heldout_report(model, tok, data_out["heldout"], tcfg["eval_examples"], TASKS["math"])
     return {"seed": seed, "parameters": sum(p.numel() for p in model.parameters()),
             "train_seconds": round(time.time() - t0, 1), **report}
 

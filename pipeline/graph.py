@@ -5,6 +5,7 @@ round r = 1..R appends an on-policy refresh: refresh-r (the previous student sam
 prompts), rescore-r (the teacher scores them into a cache of their own, with the score stage) and
 distill-r (the previous student trains on a mixture of the offline cache and the refreshed one).
 With rounds.refresh_share = 0 a round is plain offline training, the baseline refresh is measured against.
+Last, eval judges the final student.
 """
 from .errors import HpdError
 from .stage import Stage
@@ -43,4 +44,6 @@ def build(cfg: dict) -> list[Stage]:
                             f"round {r}: the student trained on offline + refreshed data", roles=roles,
                             extra_sections=("rounds",), params={"round": r}, unkeyed=("rounds.count",)))
         previous = f"distill-{r}"
+    stages.append(Stage("eval", "stages.evaluate", "eval", ("data", "teacher", previous),
+                        "the final student (and the teacher) on held-out data", roles={previous: "student"}))
     return stages

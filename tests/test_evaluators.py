@@ -1,0 +1,141 @@
+"""Evaluators on hand-made cases, against straightforward references, and the eval stage end to end."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import HpdError
+from stages import evaluators, modeling
+from stages.tasks import arithmetic
+
+from conftest import copy_home, make_runner
+
+
+@pytest.mark.parametrize("response, answer, correct", [
+    ("2+7+0+6=15,1+8+4+4=17,1+5+3+9=18|1845", "1845", True),
+    ("2+7+0+6=15|1845  \n", "1845", True),        # trailing whitespace
+    ("...|1845<eos>3+4=7|99", "1845", True),        # anything after the end-of-sequence token is ignored
+    ("...|01845", "1845", True),                   # a leading zero is the same number
+    ("...| 1845", "1845", True),                   # a space after the bar
+    ("...|1844", "1845", False),
+    ("...=18|", "1845", False),                    # never wrote the total
+    ("2+7+0+6=15,1+8+4+4=17", "1845", False),      # stopped before the answer
+    ("1845", "1845", False),                       # no bar: not an answer in this format
+    ("...|1845x", "1845", False),                  # trailing junk makes it unreadable
+    ("...|12|1845", "1845", True),                 # the last bar holds the answer
+])
+def test_math_answer_extraction(response, answer, correct):
+    assert arithmetic.is_correct(response, {"answer": answer}) is correct
+
+
+def _lcs(a, b):
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
+def _rouge_l_reference(pred: str, ref: str) -> float:
+    p, r = pred.lower().split(), ref.lower().split()
+    lcs = _lcs(p, r)
+    if lcs == 0:
+        return 0.0
+    prec, rec = lcs / len(p), lcs / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def test_rouge_l_known_values():
+    assert evaluators.rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    assert evaluators.rouge_l("a b c d", "a c") == pytest.approx(2 / 3)  # LCS 2: precision 1/2, recall 1
+    assert evaluators.rouge_l("Hello there", "hello there") == pytest.approx(1.0)
+    assert evaluators.rouge_l("good morning", "see you later") == 0.0
+    rng = random.Random(0)
+    words = "a b c d e f".split()
+    for _ in range(50):
+        pred = " ".join(rng.choices(words, k=rng.randint(1, 9)))
+        ref = " ".join(rng.choices(words, k=rng.randint(1, 9)))
+        assert evaluators.rouge_l(pred, ref) == pytest.approx(_rouge_l_reference(pred, ref))
+
+
+def _problem():
+    return evaluators.humaneval_problems(1)[0]  # HumanEval/0, has_close_elements
+
+
+def test_humaneval_canonical_solution_passes():
+    p = _problem()
+    assert p["task_id"] == "HumanEval/0" and len(evaluators.humaneval_problems()) == 164
+    r = evaluators.check_humaneval(p, p["canonical_solution"], timeout=5.0)
+    assert r["passed"] and r["result"] == "passed"
+
+
+def test_humaneval_broken_solution_fails():
+    r = evaluators.check_humaneval(_problem(), "    return False\n", timeout=5.0)
+    assert not r["passed"] and r["result"].startswith("failed")
+
+
+def test_humaneval_looping_solution_is_killed_by_the_time_limit():
+    r = evaluators.check_humaneval(_problem(), "    while True:\n        pass\n", timeout=1.0)
+    assert not r["passed"] and r["result"] == "timed out"
+
+
+def test_completion_is_cut_where_the_function_ends():
+    text = "    return 1\n\ndef helper():\n    pass\n"
+    assert evaluators.truncate_completion(text) == "    return 1\n"
+    assert evaluators.truncate_completion("    return 2\n") == "    return 2\n"
+
+
+def test_teacher_forced_nll_and_kl_match_a_float64_reference(tiny_runner, teacher_dir):
+    student_dir = tiny_runner.manifest("distill")["outputs"]["student_dir"]
+    student, tok = modeling.load_causal_lm(student_dir)
+    teacher, _ = modeling.load_causal_lm(teacher_dir)
+    rows = evaluators.read_rows(tiny_runner.manifest("data")["outputs"]["heldout"], 6)
+    got = evaluators.teacher_forced(student, tok, rows, teacher)
+    nll = kl = 0.0
+    n = 0
+    for r in rows:
+        ids, plen = evaluators.encode_example(tok, r["prompt"], r["response"])
+        x = torch.tensor([ids])
+        q = torch.log_softmax(student(x).logits[0].double(), -1)
+        p = torch.log_softmax(teacher(x).logits[0].double(), -1)
+        for t in range(plen - 1, len(ids) - 1):
+            nll -= q[t, ids[t + 1]].item()
+            kl += (p[t].exp() * (p[t] - q[t])).sum().item()
+            n += 1
+    assert got["response_nll_nats"] == pytest.approx(nll / n, rel=1e-4)
+    assert got["kl_to_teacher_nats"] == pytest.approx(kl / n, rel=1e-3) and kl > 0
+    assert evaluators.teacher_forced(teacher, tok, rows, teacher)["kl_to_teacher_nats"] == pytest.approx(0, abs=1e-6)
+
+
+class _MatchTask:
+    """Correct when the response equals the row's target (to check the accuracy bookkeeping itself)."""
+
+    @staticmethod
+    def is_correct(text, row):
+        return text == row["target"]
+
+
+def test_greedy_accuracy_and_avg_at_k_bookkeeping(tiny_runner, teacher_dir):
+    teacher, tok = modeling.load_causal_lm(teacher_dir)
+    rows = evaluators.read_rows(tiny_runner.manifest("data")["outputs"]["heldout"], 8)
+    greedy = evaluators.generate_texts(teacher, tok, [r["prompt"] for r in rows])
+    for i, (r, g) in enumerate(zip(rows, greedy)):
+        r["target"] = g[0] if i % 4 else g[0] + "?"  # 6 of 8 targets are the greedy answer
+    torch.manual_seed(0)
+    report = evaluators.answer_accuracy(teacher, tok, rows, _MatchTask, samples=3, temperature=1e-4)
+    assert report == {"accuracy": 0.75, "avg@3": 0.75}  # near-zero temperature samples the greedy answer
+
+
+def test_eval_stage_reports_student_and_teacher(tiny_home, tmp_path):
+    r = make_runner(copy_home(tiny_home, tmp_path / "home"), "eval.examples=12", "eval.samples=2")
+    r.run("eval")
+    out = r.manifest("eval")["outputs"]
+    report = json.loads(Path(out["report_path"]).read_text())
+    s, t = report["student"], report["teacher"]
+    assert s["examples"] == 12 and {"accuracy", "avg@2", "response_nll_nats", "kl_to_teacher_nats"} <= set(s)
+    assert s["kl_to_teacher_nats"] > 0 and "kl_to_teacher_nats" not in t and 0 <= t["accuracy"] <= 1
+    with pytest.raises(HpdError, match="eval.heldout .* does not exist"):
+        make_runner(r.ctx.home, 'eval.heldout="/nonexistent.jsonl"', run="bad").run()
+    assert make_runner(r.ctx.home, 'eval.heldout="/nonexistent.jsonl"', run="bad").manifest("eval") is None
