@@ -128,6 +128,39 @@ def _summary(outputs: dict) -> str:
     return ""
 
 
+@cli.command()
+@config_option
+@set_option
+@click.option("--out", type=click.Path(file_okay=False), help="report directory (default <home>/compare/<run>)")
+def compare(config_path, overrides, out):
+    """Methods x seeds from one shared cache; writes a markdown table (mean +- std) and PNG plots."""
+    from pathlib import Path
+
+    from .compare import compare as run_compare
+
+    path = run_compare(config_path, list(overrides), Path(out) if out else None)
+    click.echo(f"report: {path}")
+
+
+@cli.command()
+@click.argument("run_name", required=False)
+@config_option
+@set_option
+@click.option("--out", type=click.Path(file_okay=False), help="report directory (default <run dir>/report)")
+def report(run_name, config_path, overrides, out):
+    """Markdown and PNGs for one run: loss curves, HPD diagnostics, learning curve, evaluation."""
+    from pathlib import Path
+
+    from .report import run_report
+
+    ctx = context_from_config(config_mod.load(config_path, overrides))
+    run_dir = ctx.home / "runs" / (run_name or ctx.run_name)
+    if not run_dir.is_dir():
+        runs = sorted(p.name for p in (ctx.home / "runs").glob("*")) if (ctx.home / "runs").is_dir() else []
+        raise HpdError(f"no run {run_dir.name} under {ctx.home / 'runs'}; runs: {', '.join(runs) or 'none'}")
+    click.echo(f"report: {run_report(run_dir, Path(out) if out else run_dir / 'report')}")
+
+
 # -- hpd cache ------------------------------------------------------------------------------------------
 @cli.group()
 def cache():

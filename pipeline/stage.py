@@ -159,6 +159,16 @@ class Runner:
             return "stale", "published output is missing or changed on disk"
         return "done", ""
 
+    def adopt(self, other_run: str, names: list[str]) -> None:
+        """Take over another run's finished stages, when they have this run's config: their manifests point at
+        outputs that stay where they are, so a family of runs (methods, seeds) shares data, teacher and cache."""
+        other = Runner(list(self.stages.values()), self.cfg, replace(self.ctx, run_name=other_run))
+        for name in names:
+            if other.state(name)[0] != "done":  # judged against this run's config
+                raise HpdError(f"run {other_run}'s stage {name} is not done with this config; run it first")
+            self.manifest_path(name).parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_bytes(self.manifest_path(name), other.manifest_path(name).read_bytes())
+
     # -- running ---------------------------------------------------------------------------------------
     def run_stage(self, name: str, force: bool = False) -> dict:
         stage = self.stages[name]

@@ -23,10 +23,10 @@ from storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 from storage.sequences import SequenceStore
 
 from . import modeling
-from .evaluators import heldout_report
+from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
 from .losses import METHOD_PARAMS, METHODS, distill_loss
 from .tasks import TASKS
-from .training import ResponseCollator, publish_model, train_causal_lm
+from .training import PeriodicEval, ResponseCollator, publish_model, train_causal_lm
 
 CACHE_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_logmass", "mask")
 ON_POLICY_ONLY = ("opd",)  # their labels must be the student's own samples
@@ -242,18 +242,29 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     ctx.log(f"[{ctx.stage}] a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter student, "
             f"{steps} steps on {mix}")
     dataset = _training_set(sources, cfg["batch_size"], num_batches, seed * 1009 + round_)
+    curve = []
+    if cfg["curve_every"] and data.get("builtin"):
+        rows = read_rows(data["heldout"], cfg["curve_examples"])
+        task = TASKS[data["builtin"]]
+
+        def measure(m):
+            r = answer_accuracy(m, tok, rows, task) if hasattr(task, "is_correct") else {}
+            return {**r, "nll": teacher_forced(m, tok, rows)["response_nll_nats"]}
+        curve = [PeriodicEval(measure, cfg["curve_every"], before.get("student_steps", 0),
+                              before.get("input_tokens", 0))]
     trainer = train_causal_lm(model, tok, dataset, tmp / "checkpoints", steps=steps,
                               batch_size=cfg["batch_size"], learning_rate=lr, warmup_steps=warmup, seed=seed,
                               save_steps=cfg["checkpoint_steps"], trainer_cls=DistillTrainer,
                               collator=CacheCollator(tok.pad_token_id, *(s.cache for s in sources)),
                               gradient_accumulation_steps=cfg["gradient_accumulation_steps"], bf16=cfg["bf16"],
-                              sequential=num_batches > 0, sources=sources, loss_params=params)
+                              sequential=num_batches > 0, callbacks=curve, sources=sources, loss_params=params)
     model.eval()
     sequences = steps * cfg["batch_size"] * cfg["gradient_accumulation_steps"]
     report = {"parameters": sum(p.numel() for p in model.parameters()), "method": cfg["method"], "round": round_,
               "mixture": {s.name: {"share": s.share, "method": s.method, "cache": s.cache.id} for s in sources},
               "student_steps": before.get("student_steps", 0) + steps,
-              "train_sequences": before.get("train_sequences", 0) + sequences}
+              "train_sequences": before.get("train_sequences", 0) + sequences,
+              "input_tokens": before.get("input_tokens", 0) + trainer.state.num_input_tokens_seen}
     if data.get("builtin"):
         report.update(heldout_report(model, tok, data["heldout"], cfg["eval_examples"], TASKS[data["builtin"]]))
     publish_model(model, tok, tmp, out, {"training_log.json": trainer.state.log_history, "hpd-student.json": report})

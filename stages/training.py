@@ -37,6 +37,24 @@ class _CrashPoint(TrainerCallback):
         crash_point("checkpoint")
 
 
+class PeriodicEval(TrainerCallback):
+    """Every `every` optimizer steps, `fn(model) -> dict` is measured and appended to the log history with the
+    step and the input tokens seen so far: the learning curve. Greedy decoding and teacher-forced scoring
+    draw no random numbers, so the curve leaves training bit-for-bit unchanged."""
+
+    def __init__(self, fn, every: int, step_offset: int = 0, token_offset: int = 0):
+        self.fn, self.every, self.offset, self.tokens = fn, every, step_offset, token_offset
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            model.eval()
+            metrics = self.fn(model)
+            model.train()
+            state.log_history.append({"step": state.global_step, "student_step": self.offset + state.global_step,
+                                      "input_tokens": self.tokens + state.num_input_tokens_seen,
+                                      **{f"curve_{k}": v for k, v in metrics.items()}})
+
+
 def latest_checkpoint(output_dir: Path) -> str | None:
     ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return str(ckpts[-1]) if ckpts else None
@@ -45,7 +63,7 @@ def latest_checkpoint(output_dir: Path) -> str | None:
 def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, batch_size: int,
                     learning_rate: float, warmup_steps: int, seed: int, save_steps: int = 100,
                     trainer_cls=None, collator=None, gradient_accumulation_steps: int = 1, bf16: bool = False,
-                    sequential: bool = False, **trainer_kwargs):
+                    sequential: bool = False, callbacks: list = (), **trainer_kwargs):
     """Train `model` for `steps` optimizer steps; resumes from a checkpoint in `output_dir` if there is one.
     `sequential`: read `dataset` in its own order (a precomputed mixture) instead of shuffling it."""
     from transformers import Trainer, TrainingArguments
@@ -60,10 +78,11 @@ def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, 
         save_total_limit=1, report_to="none", seed=seed, data_seed=seed, use_cpu=True,
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
         gradient_accumulation_steps=gradient_accumulation_steps, bf16=bf16,
-        train_sampling_strategy="sequential" if sequential else "random")
+        train_sampling_strategy="sequential" if sequential else "random",
+        include_num_input_tokens_seen="non_padding")
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=dataset,
                                        data_collator=collator or ResponseCollator(tokenizer.pad_token_id),
-                                       callbacks=[_CrashPoint()], **trainer_kwargs)
+                                       callbacks=[_CrashPoint(), *callbacks], **trainer_kwargs)
     trainer.train(resume_from_checkpoint=latest_checkpoint(output_dir))
     return trainer
 

@@ -139,3 +139,39 @@ def test_eval_stage_reports_student_and_teacher(tiny_home, tmp_path):
     with pytest.raises(HpdError, match="eval.heldout .* does not exist"):
         make_runner(r.ctx.home, 'eval.heldout="/nonexistent.jsonl"', run="bad").run()
     assert make_runner(r.ctx.home, 'eval.heldout="/nonexistent.jsonl"', run="bad").manifest("eval") is None
+
+
+def test_compare_runs_methods_by_seeds_from_one_cache_and_writes_the_report(tiny_home, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from conftest import TINY
+
+    home = copy_home(tiny_home, tmp_path / "home")
+    sets = [a for o in [*TINY, 'run.name="tiny"', 'compare.methods="sft,hpd->opd"', "compare.seeds=2",
+                        "compare.steps=4", "rounds.steps=2", "compare.opd_rounds=1", "compare.curve_every=2",
+                        "refresh.prompt_fraction=0.1", "eval.examples=8", "eval.samples=1",
+                        "distill.curve_examples=8"] for a in ("--set", o)]
+    res = CliRunner().invoke(cli, ["compare", *sets], env={"HPD_HOME": str(home)})
+    assert res.exit_code == 0, res.output[-1500:]
+    out = home / "compare" / "tiny"
+    table = (out / "report.md").read_text()
+    assert "| sft | 2 |" in table and "| hpd->opd | 2 |" in table and "| teacher | - |" in table
+    assert " ± " in table and (out / "training_curves.png").stat().st_size > 0
+    assert (out / "learning_curves.png").stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted((r["method"], r["seed"]) for r in results) == [("hpd->opd", 0), ("hpd->opd", 1), ("sft", 0), ("sft", 1)]
+    caches = {r["student"]["mixture"]["offline"]["cache"] for r in results}
+    assert len(caches) == 1  # one shared cache
+    assert all(r["student"]["student_steps"] == 4 for r in results)  # the same budget for every method
+    opd = next(r for r in results if r["method"] == "hpd->opd")
+    assert opd["student"]["round"] == 1 and opd["student"]["mixture"]["refresh"]["method"] == "opd"
+    assert any("curve_accuracy" in e for e in opd["log"])
+
+    res = CliRunner().invoke(cli, ["report", "tiny-hpd-to-opd-s0", *sets], env={"HPD_HOME": str(home)})
+    assert res.exit_code == 0, res.output
+    run_report = (home / "runs" / "tiny-hpd-to-opd-s0" / "report")
+    md = (run_report / "report.md").read_text()
+    assert "| student |" in md and (run_report / "loss.png").is_file() and (run_report / "hpd_diagnostics.png").is_file()
+    res = CliRunner().invoke(cli, ["report", "nope", *sets], env={"HPD_HOME": str(home)})
+    assert res.exit_code == 2 and "no run nope" in res.output

@@ -1,0 +1,72 @@
+"""`hpd compare`: distillation methods x student seeds from one shared teacher cache, and their report.
+
+Each (method, seed) is a run of its own, named <run>-<method>-s<seed>, that adopts the base run's finished
+data, teacher, generate and score stages, so the teacher is trained and the cache scored once. Every method
+gets the same number of student steps (compare.steps); hpd->opd spends compare.opd_rounds of them in
+on-policy rounds (HPD offline first, then OPD on refreshed sequences, as --config hpd-opd).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import config as config_mod
+from .errors import HpdError
+from .graph import build
+from .report import compare_report, training_logs
+from .stage import Runner, context_from_config
+
+OFFLINE = ["data", "teacher", "generate", "score"]
+
+
+def slug(method: str) -> str:
+    return method.replace("->", "-to-").replace("+", "-")
+
+
+def method_overrides(method: str, cfg: dict) -> list[str]:
+    c = cfg["compare"]
+    if method == "hpd->opd":
+        first = c["steps"] - c["opd_rounds"] * cfg["rounds"]["steps"]
+        if c["opd_rounds"] < 1 or first < 1:
+            raise HpdError(f"hpd->opd needs compare.opd_rounds >= 1 and compare.steps ({c['steps']}) above "
+                           f"opd_rounds x rounds.steps ({c['opd_rounds']} x {cfg['rounds']['steps']})")
+        return ['distill.method="hpd"', f"distill.steps={first}", f"rounds.count={c['opd_rounds']}",
+                'rounds.method="opd"', 'rounds.offline_method="hpd"']
+    return [f'distill.method="{method}"', f"distill.steps={c['steps']}", "rounds.count=0"]
+
+
+def compare(config_path, overrides: list[str], out: Path | None = None, log=print) -> Path:
+    cfg = config_mod.load(config_path, overrides)
+    c = cfg["compare"]
+    methods = [m.strip() for m in c["methods"].split(",") if m.strip()]
+    from stages.losses import METHODS
+
+    unknown = [m for m in methods if m not in METHODS and m != "hpd->opd"]
+    if unknown or not methods or c["seeds"] < 1:
+        raise HpdError(f"compare.methods has unknown {', '.join(unknown) or 'entries'} (or compare.seeds < 1); "
+                       f"choose from {', '.join(METHODS)}, hpd->opd")
+    base = Runner(build(cfg), cfg, context_from_config(cfg))
+    for name in OFFLINE:  # the teacher and the cache, once for every method and seed
+        base.run_stage(name)
+    results = []
+    for method in methods:
+        extra = method_overrides(method, cfg)
+        for seed in range(c["seeds"]):
+            name = f"{cfg['run']['name']}-{slug(method)}-s{seed}"
+            run_cfg = config_mod.load(config_path, [*overrides, *extra, f"distill.seed={seed}",
+                                                    f"distill.curve_every={c['curve_every']}",
+                                                    # the teacher is judged once, in the first run
+                                                    f"eval.teacher={'true' if not results else 'false'}",
+                                                    f'run.name="{name}"'])
+            r = Runner(build(run_cfg), run_cfg, context_from_config(run_cfg))
+            r.adopt(cfg["run"]["name"], OFFLINE)
+            log(f"[compare] {method} seed {seed}: run {name}")
+            r.run()
+            distills = [s for s in r.order if s.split("-")[0] == "distill"]
+            results.append({"method": method, "seed": seed, "run": name,
+                            "eval": r.manifest("eval")["outputs"]["report"],
+                            "student": r.manifest(distills[-1])["outputs"]["report"],
+                            "log": training_logs(r.ctx.run_dir, distills)})
+    out = out or base.ctx.home / "compare" / cfg["run"]["name"]
+    title = (f"{cfg['run']['name']}: {len(methods)} methods x {c['seeds']} seeds, {c['steps']} student steps each, "
+             f"one shared cache")
+    return compare_report(results, out, title)

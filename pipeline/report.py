@@ -1,0 +1,157 @@
+"""Reports: markdown tables and PNG plots for one run (`hpd report RUN`) and for a comparison (`hpd compare`)."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+METRICS = [("accuracy", "accuracy", "{:.1%}"), ("avg@", "avg@k", "{:.1%}"), ("rouge_l", "ROUGE-L", "{:.4f}"),
+           ("humaneval_pass@1", "HumanEval pass@1", "{:.1%}"), ("response_nll_nats", "held-out NLL", "{:.3f}"),
+           ("kl_to_teacher_nats", "KL to teacher", "{:.3f}")]
+DIAGNOSTICS = ("sample_term_active", "sample_outside_topk", "sample_is_expert", "mean_w_star", "mean_w_sample")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _metric_keys(report: dict) -> list[tuple[str, str, str]]:
+    out = []
+    for key, label, fmt in METRICS:
+        found = [k for k in report if k == key or (key.endswith("@") and k.startswith(key))]
+        out += [(k, label if k == key else k, fmt) for k in found]
+    return out
+
+
+def training_logs(run_dir: Path, stages: list[str]) -> list[dict]:
+    """The training logs of a run's distill stages in order, with steps counted across rounds."""
+    rows, offset = [], 0
+    for stage in stages:
+        path = run_dir / stage / "student" / "training_log.json"
+        if not path.is_file():
+            continue
+        log = json.loads(path.read_text())
+        for e in log:
+            if "loss" in e or any(k.startswith("curve_") for k in e):
+                rows.append({**e, "student_step": e.get("student_step", offset + e["step"]), "stage": stage})
+        offset += max((e.get("step", 0) for e in log), default=0)
+    return rows
+
+
+def run_report(run_dir: Path, out: Path) -> Path:
+    """Markdown + PNGs for one run: loss curves, HPD diagnostics, the learning curve and the evaluation."""
+    plt = _plt()
+    out.mkdir(parents=True, exist_ok=True)
+    stages = sorted((p.name for p in run_dir.iterdir() if p.name.split("-")[0] == "distill"),
+                    key=lambda n: int(n.split("-")[1]) if "-" in n else 0)
+    log = training_logs(run_dir, stages)
+    steps = [e for e in log if "loss" in e]
+    lines = [f"# Run {run_dir.name}", ""]
+    if steps:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([e["student_step"] for e in steps], [e["loss"] for e in steps])
+        for stage in stages[1:]:
+            first = next((e["student_step"] for e in steps if e["stage"] == stage), None)
+            if first is not None:
+                ax.axvline(first, color="grey", lw=0.5)
+        ax.set(xlabel="student step", ylabel="training loss", title=f"{run_dir.name}: loss (rounds marked)")
+        fig.tight_layout(), fig.savefig(out / "loss.png", dpi=100), plt.close(fig)
+        lines += ["![loss](loss.png)", ""]
+        diag = [k for k in DIAGNOSTICS if any(k in e or any(x.endswith("_" + k) for x in e) for e in steps)]
+        if diag:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for k in diag:
+                pts = [(e["student_step"], e.get(k, e.get(f"offline_{k}"))) for e in steps]
+                pts = [(x, y) for x, y in pts if y is not None]
+                ax.plot([x for x, _ in pts], [y for _, y in pts], label=k)
+            ax.set(xlabel="student step", title="HPD diagnostics (offline sequences)")
+            ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(out / "hpd_diagnostics.png", dpi=100)
+            plt.close(fig)
+            lines += ["![HPD diagnostics](hpd_diagnostics.png)", ""]
+    curve = [e for e in log if "curve_nll" in e]
+    if curve:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        key = "curve_accuracy" if "curve_accuracy" in curve[0] else "curve_nll"
+        ax.plot([e["input_tokens"] for e in curve], [e[key] for e in curve], marker="o")
+        ax.set(xlabel="training tokens (input, non-padding)", ylabel=key[6:], title="held-out learning curve")
+        fig.tight_layout(), fig.savefig(out / "learning_curve.png", dpi=100), plt.close(fig)
+        lines += ["![learning curve](learning_curve.png)", ""]
+    eval_path = run_dir / "eval" / "report.json"
+    if eval_path.is_file():
+        ev = json.loads(eval_path.read_text())
+        keys = _metric_keys(ev["student"])
+        lines += ["| model | " + " | ".join(label for _, label, _ in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for name in ("student", "teacher"):
+            if name in ev:
+                lines.append(f"| {name} | " + " | ".join(fmt.format(ev[name][k]) if k in ev[name] else "-"
+                                                     for k, _, fmt in keys) + " |")
+        lines.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _mean_std(xs: list[float], fmt: str) -> str:
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(sd)}"
+
+
+def compare_report(results: list[dict], out: Path, title: str) -> Path:
+    """results: one entry per (method, seed) with its eval report and training log; writes the markdown table
+    (mean ± std over seeds) and the plots."""
+    plt = _plt()
+    out.mkdir(parents=True, exist_ok=True)
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    keys = _metric_keys(results[0]["eval"]["student"])
+    teacher = results[0]["eval"].get("teacher", {})
+    lines = [f"# {title}", "", "| method | seeds | " + " | ".join(label for _, label, _ in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for m in methods:
+        rs = [r for r in results if r["method"] == m]
+        lines.append(f"| {m} | {len(rs)} | " + " | ".join(
+            _mean_std([r["eval"]["student"][k] for r in rs if k in r["eval"]["student"]], fmt) for k, _, fmt in keys)
+            + " |")
+    if teacher:
+        lines.append("| teacher | - | " + " | ".join(fmt.format(teacher[k]) if k in teacher else "-"
+                                                  for k, _, fmt in keys) + " |")
+    lines.append("")
+    # Training curves per method (losses differ in scale between methods, so one panel each).
+    cols = min(4, len(methods))
+    rows_n = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.4 * rows_n), squeeze=False)
+    for ax, m in zip(axes.flat, methods):
+        for r in (r for r in results if r["method"] == m):
+            steps = [e for e in r["log"] if "loss" in e]
+            ax.plot([e["student_step"] for e in steps], [e["loss"] for e in steps], lw=0.8)
+        ax.set_title(m, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    fig.supxlabel("student step", fontsize=8), fig.supylabel("training loss (one line per seed)", fontsize=8)
+    fig.tight_layout(), fig.savefig(out / "training_curves.png", dpi=100), plt.close(fig)
+    lines += ["![training curves](training_curves.png)", ""]
+    curve_key = "curve_accuracy" if any("curve_accuracy" in e for r in results for e in r["log"]) else "curve_nll"
+    if any(curve_key in e for r in results for e in r["log"]):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in methods:
+            runs = [[e for e in r["log"] if curve_key in e] for r in results if r["method"] == m]
+            n = min(len(c) for c in runs)
+            if n:
+                x = [runs[0][i]["input_tokens"] for i in range(n)]
+                ax.plot(x, [statistics.mean(c[i][curve_key] for c in runs) for i in range(n)], label=m, marker=".")
+        ax.set(xlabel="training tokens (input, non-padding)", ylabel=f"held-out {curve_key[6:]} (mean over seeds)")
+        ax.legend(fontsize=7, ncol=2), fig.tight_layout()
+        fig.savefig(out / "learning_curves.png", dpi=100), plt.close(fig)
+        lines += [f"![{curve_key[6:]} against training tokens](learning_curves.png)", ""]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
