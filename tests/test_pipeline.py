@@ -31,7 +31,7 @@ def test_config_change_reruns_only_that_stage_and_downstream(tiny_home, tmp_path
     before = _mtimes(runner)
     runner.run()
     after = _mtimes(runner)
-    assert [s for s in runner.order if after[s] != before[s]] == ["score", "distill"]  # score and downstream
+    assert [s for s in runner.order if after[s] != before[s]] == ["score", "distill", "eval"]  # and downstream
     assert runner.manifest("score")["outputs"]["top_k"] == 4
 
     # A change upstream makes everything downstream stale, through the fingerprints.
