@@ -125,6 +125,11 @@ def _summary(outputs: dict) -> str:
         return f"{outputs['student_dir']}{acc}"
     if "sequences" in outputs:
         return f"{outputs['count']:,} sequences, {outputs['tokens']:,} tokens"
+    if "report_path" in outputs:
+        s = outputs["report"]["student"]
+        shown = [(k, v) for k, v in s.items() if k in ("accuracy", "rouge_l", "humaneval_pass@1", "kl_to_teacher_nats")
+                 or k.startswith("avg@")]
+        return "student " + ", ".join(f"{k} {v:.3g}" for k, v in shown)
     return ""
 
 
