@@ -209,31 +209,43 @@ def _training_set(sources: list[Source], per_batch: int, num_batches: int, seed:
     return ds.select(np.argsort(order, kind="stable"))
 
 
+def _plan(cfg: dict, inputs: dict, tok, seed: int):
+    """(sources, student, steps, lr, warmup, planned batches, the previous round's report) for this round."""
+    if cfg.get("round", 0) == 0:
+        if cfg["method"] not in METHODS:
+            raise HpdError(f"distill.method={cfg['method']!r} is unknown; choose one of {', '.join(METHODS)}")
+        sources = [open_source("offline", inputs["generate"], inputs["score"], cfg["method"], 1.0)]
+        model = _fresh_or_given_student(cfg, inputs["teacher"]["model_dir"], tok, seed)
+        return sources, model, cfg["steps"], cfg["learning_rate"], cfg["warmup_steps"], 0, {}
+    rounds, previous = cfg["rounds"], inputs["student"]
+    sources = [open_source("offline", inputs["generate"], inputs["score"], rounds["offline_method"] or cfg["method"],
+                           1 - rounds["refresh_share"])]
+    if "refresh" in inputs:
+        sources.append(open_source("refresh", inputs["refresh"], inputs["refresh_score"], rounds["method"],
+                                   rounds["refresh_share"]))
+    model, _ = modeling.load_causal_lm(previous["student_dir"])
+    return ([s for s in sources if s.share > 0], model, rounds["steps"], rounds["learning_rate"],
+            rounds["warmup_steps"], rounds["steps"] * cfg["gradient_accumulation_steps"], previous["report"])
+
+
+def _learning_curve(cfg: dict, data: dict, tok, before: dict) -> list:
+    if not (cfg["curve_every"] and data.get("builtin")):
+        return []
+    rows, task = read_rows(data["heldout"], cfg["curve_examples"]), TASKS[data["builtin"]]
+
+    def measure(m):
+        r = answer_accuracy(m, tok, rows, task) if hasattr(task, "is_correct") else {}
+        return {**r, "nll": teacher_forced(m, tok, rows)["response_nll_nats"]}
+    return [PeriodicEval(measure, cfg["curve_every"], before.get("student_steps", 0), before.get("input_tokens", 0))]
+
+
 def run(ctx, cfg: dict, inputs: dict) -> dict:
     from transformers import AutoTokenizer
 
     teacher, data = inputs["teacher"], inputs["data"]
     round_, seed = cfg.get("round", 0), ctx.seed * 7919 + cfg["seed"]
     tok = AutoTokenizer.from_pretrained(teacher["model_dir"])
-    if round_ == 0:
-        if cfg["method"] not in METHODS:
-            raise HpdError(f"distill.method={cfg['method']!r} is unknown; choose one of {', '.join(METHODS)}")
-        sources = [open_source("offline", inputs["generate"], inputs["score"], cfg["method"], 1.0)]
-        model = _fresh_or_given_student(cfg, teacher["model_dir"], tok, seed)
-        steps, lr, warmup, num_batches = cfg["steps"], cfg["learning_rate"], cfg["warmup_steps"], 0
-        before = {"student_steps": 0, "train_sequences": 0}
-    else:
-        rounds, previous = cfg["rounds"], inputs["student"]
-        sources = [open_source("offline", inputs["generate"], inputs["score"],
-                               rounds["offline_method"] or cfg["method"], 1 - rounds["refresh_share"])]
-        if "refresh" in inputs:
-            sources.append(open_source("refresh", inputs["refresh"], inputs["refresh_score"], rounds["method"],
-                                       rounds["refresh_share"]))
-        sources = [s for s in sources if s.share > 0]
-        model, _ = modeling.load_causal_lm(previous["student_dir"])
-        steps, lr, warmup = rounds["steps"], rounds["learning_rate"], rounds["warmup_steps"]
-        num_batches = steps * cfg["gradient_accumulation_steps"]
-        before = previous["report"]
+    sources, model, steps, lr, warmup, num_batches, before = _plan(cfg, inputs, tok, seed)
     out = ctx.stage_dir() / "student"
     tmp = out.with_name(".tmp-student")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -242,22 +254,13 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     ctx.log(f"[{ctx.stage}] a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter student, "
             f"{steps} steps on {mix}")
     dataset = _training_set(sources, cfg["batch_size"], num_batches, seed * 1009 + round_)
-    curve = []
-    if cfg["curve_every"] and data.get("builtin"):
-        rows = read_rows(data["heldout"], cfg["curve_examples"])
-        task = TASKS[data["builtin"]]
-
-        def measure(m):
-            r = answer_accuracy(m, tok, rows, task) if hasattr(task, "is_correct") else {}
-            return {**r, "nll": teacher_forced(m, tok, rows)["response_nll_nats"]}
-        curve = [PeriodicEval(measure, cfg["curve_every"], before.get("student_steps", 0),
-                              before.get("input_tokens", 0))]
     trainer = train_causal_lm(model, tok, dataset, tmp / "checkpoints", steps=steps,
                               batch_size=cfg["batch_size"], learning_rate=lr, warmup_steps=warmup, seed=seed,
                               save_steps=cfg["checkpoint_steps"], trainer_cls=DistillTrainer,
                               collator=CacheCollator(tok.pad_token_id, *(s.cache for s in sources)),
                               gradient_accumulation_steps=cfg["gradient_accumulation_steps"], bf16=cfg["bf16"],
-                              sequential=num_batches > 0, callbacks=curve, sources=sources, loss_params=params)
+                              sequential=num_batches > 0, callbacks=_learning_curve(cfg, data, tok, before),
+                              sources=sources, loss_params=params)
     model.eval()
     sequences = steps * cfg["batch_size"] * cfg["gradient_accumulation_steps"]
     report = {"parameters": sum(p.numel() for p in model.parameters()), "method": cfg["method"], "round": round_,
