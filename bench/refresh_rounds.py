@@ -42,14 +42,6 @@ def runner(home: Path, name: str, overrides: list[str]) -> Runner:
     return Runner(build(cfg), cfg, Context(home=home, run_name=name, seed=cfg["run"]["seed"], log=lambda s: None))
 
 
-def fork(home: Path, src: str, dst: str) -> None:
-    """A run that starts from another's finished offline stages (their manifests point at shared outputs)."""
-    shutil.rmtree(home / "runs" / dst, ignore_errors=True)
-    for stage in ("data", "teacher", "generate", "score", "distill"):
-        (home / "runs" / dst / stage).mkdir(parents=True)
-        shutil.copy(home / "runs" / src / stage / "manifest.json", home / "runs" / dst / stage / "manifest.json")
-
-
 def teacher_seconds_per_batch(r: Runner, batch: int, batches: int = 12) -> float:
     """One teacher forward (full-vocabulary log-probs) on a training batch: what online distillation pays per step."""
     import torch
@@ -83,8 +75,9 @@ def main():
         r0.run()
         for arm, overrides in ARMS.items():
             name = f"{base}-{arm.replace('>', '').replace('+', '-')}"
-            fork(home, base, name)
+            shutil.rmtree(home / "runs" / name, ignore_errors=True)
             r = runner(home, name, [*common, *overrides, f"distill.seed={seed}"])
+            r.adopt(base, ["data", "teacher", "generate", "score", "distill"])  # one round-0 student per seed
             t0 = time.time()
             r.run()
             m = {s: r.manifest(s) for s in r.order}

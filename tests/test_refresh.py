@@ -39,13 +39,6 @@ def outputs(runner, stage):
     return runner.manifest(stage)["outputs"]
 
 
-def fork(home, src, name, stages=("data", "teacher", "generate", "score", "distill")):
-    """A run that starts from another run's finished stages (their manifests point at the shared outputs)."""
-    for stage in stages:
-        (home / "runs" / name / stage).mkdir(parents=True)
-        (home / "runs" / name / stage / "manifest.json").write_bytes(src.manifest_path(stage).read_bytes())
-
-
 def test_refresh_cache_is_keyed_by_round_and_student_checkpoint(round_home, tmp_path):
     home, _ = round_home
     r = make_runner(home, *ROUND)
@@ -62,11 +55,11 @@ def test_refresh_cache_is_keyed_by_round_and_student_checkpoint(round_home, tmp_
 
     # Another run with the same student and settings shares the refresh cache; another student gets its own.
     same = make_runner(home, *ROUND, run="same")
-    fork(home, r, "same")
+    same.adopt("tiny", ["data", "teacher", "generate", "score", "distill"])
     same.run("refresh-1"), same.run("rescore-1")
     assert outputs(same, "rescore-1")["cache"] == str(cache.dir)
     other = make_runner(home, *ROUND, "distill.seed=1", run="other")
-    fork(home, r, "other", ("data", "teacher", "generate", "score"))
+    other.adopt("tiny", ["data", "teacher", "generate", "score"])
     other.run("distill"), other.run("refresh-1"), other.run("rescore-1")
     assert outputs(other, "refresh-1")["origin"]["student"] != student
     assert outputs(other, "rescore-1")["cache"] != str(cache.dir)
