@@ -191,7 +191,7 @@ class Runner:
         manifest = {
             "stage": name, "run": self.ctx.run_name, "config": section, "seed": self.ctx.seed,
             "config_fingerprint": self.config_fingerprint(name),
-            "inputs": {up: self.manifest(up)["outputs"]["fingerprint"] for up in stage.inputs},
+            "inputs": {up: inputs[stage.roles.get(up, up)]["fingerprint"] for up in stage.inputs},
             "code_version": stage.code_version(),
             "outputs": {k: _to_home(v, self.ctx.home) for k, v in outputs.items()},
             "finished_at": time.time(), "seconds": round(seconds, 2),
