@@ -32,8 +32,8 @@ Stage wall times of a from-scratch `make distill` (install excluded): data {st['
 teacher {st['teacher']:.0f} s, generate {st['generate']:.1f} s, score {st['score']:.1f} s,
 distill {st.get('distill', 0):.0f} s; about {r['teacher_cache_cold_seconds'] / 60:.0f} minutes in all. A second
 run finds every stage up to date and takes about 4 s, nearly all of it Python start-up and imports.
-Which method wins on this task, with seeds and spread, is the next measurement to make (issue 6); one seed
-of HPD against three of SFT says little. The teacher is reproducible: trained
+One seed of HPD against three of SFT says little; every method with seeds and spread, on a longer budget,
+is in the method comparison below ("Evaluation, reports and the method comparison"). The teacher is reproducible: trained
 twice from the same config it came out byte-identical ({t['heldout_accuracy']:.1%} both times).
 """
 
