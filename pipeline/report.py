@@ -141,12 +141,14 @@ def compare_report(results: list[dict], out: Path, title: str) -> Path:
     curve_key = "curve_accuracy" if any("curve_accuracy" in e for r in results for e in r["log"]) else "curve_nll"
     if any(curve_key in e for r in results for e in r["log"]):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for m in methods:
+        colors = plt.get_cmap("tab20").colors  # 11 methods: the default cycle of 10 would repeat a colour
+        for i, m in enumerate(methods):
             runs = [[e for e in r["log"] if curve_key in e] for r in results if r["method"] == m]
             n = min(len(c) for c in runs)
             if n:
                 x = [runs[0][i]["input_tokens"] for i in range(n)]
-                ax.plot(x, [statistics.mean(c[i][curve_key] for c in runs) for i in range(n)], label=m, marker=".")
+                ax.plot(x, [statistics.mean(c[j][curve_key] for c in runs) for j in range(n)], label=m, marker=".",
+                        color=colors[(2 * i) % 20 + (2 * i) // 20], ls="-" if i % 2 == 0 else "--")
         ax.set(xlabel="training tokens (input, non-padding)", ylabel=f"held-out {curve_key[6:]} (mean over seeds)")
         ax.legend(fontsize=7, ncol=2), fig.tight_layout()
         fig.savefig(out / "learning_curves.png", dpi=100), plt.close(fig)
