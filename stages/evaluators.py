@@ -5,6 +5,7 @@ stage adds avg@k, ROUGE-L, HumanEval pass@1 and the KL to the teacher.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -56,11 +57,16 @@ def answer_accuracy(model, tokenizer, rows: list[dict], task, *, samples: int = 
 
 
 # -- dialogue: overlap with the reference ----------------------------------------------------------------------
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure (Google's `rouge-score`: lower-cased word tokens, no stemming)."""
+@functools.cache
+def _rouge_scorer():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)["rougeL"].fmeasure
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (Google's `rouge-score`: lower-cased word tokens, no stemming)."""
+    return _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
 def rouge_l_report(model, tokenizer, rows: list[dict], max_new_tokens: int = 0) -> dict:

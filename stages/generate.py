@@ -158,5 +158,4 @@ def _write_dataset(final: Path, meta: dict, pairs: list, per_shard: int):
 
 
 def published(outputs: dict) -> bool:
-    manifest = Path(outputs["sequences"]) / "manifest.json"
-    return manifest.is_file() and json.loads(manifest.read_text()).get("format") == seqstore.FORMAT
+    return seqstore.is_published(Path(outputs["sequences"]))

@@ -7,7 +7,6 @@ scores it into a cache keyed by that origin, so the offline sequences and their 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -67,5 +66,4 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
 
 
 def published(outputs: dict) -> bool:
-    manifest = Path(outputs["sequences"]) / "manifest.json"
-    return manifest.is_file() and json.loads(manifest.read_text()).get("format") == seqstore.FORMAT
+    return seqstore.is_published(Path(outputs["sequences"]))

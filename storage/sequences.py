@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from .fingerprint import digest
-from .shards import CorruptShardError, ShardSet, ShardWriter
+from .shards import MANIFEST, CorruptShardError, ShardSet, ShardWriter
 
 SCHEMA = pa.schema([
     ("seq_id", pa.int64()),
@@ -27,6 +28,12 @@ def rows_table(seq_ids, prompt_index, prompt_lens, input_ids) -> pa.Table:
         "prompt_len": pa.array(prompt_lens, pa.int32()),
         "input_ids": pa.array([list(map(int, x)) for x in input_ids], pa.list_(pa.int32())),
     }, schema=SCHEMA)
+
+
+def is_published(directory: Path) -> bool:
+    """A finished sequence store of this format is at `directory` (what a stage's published() asks)."""
+    manifest = Path(directory) / MANIFEST
+    return manifest.is_file() and json.loads(manifest.read_text()).get("format") == FORMAT
 
 
 def content_digest(table: pa.Table) -> str:
