@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline.graph import STAGES  # noqa: E402
+from pipeline.graph import build  # noqa: E402
 from pipeline.stage import Context, Runner  # noqa: E402
 from stages import modeling  # noqa: E402
 from storage import encodings as enc  # noqa: E402
@@ -74,7 +74,7 @@ def main():
     torch.set_num_threads(1)  # "one core" throughput, and stable numbers on a noisy machine
 
     cfg = config_mod.load("dialogue", [])
-    runner = Runner(STAGES, cfg, Context(home=Path(args.home).resolve(), run_name="dialogue", seed=0))
+    runner = Runner(build(cfg), cfg, Context(home=Path(args.home).resolve(), run_name="dialogue", seed=0))
     for stage in ("data", "teacher", "generate"):
         runner.run_stage(stage)
     teacher = runner.manifest("teacher")["outputs"]

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline.graph import STAGES  # noqa: E402
+from pipeline.graph import build  # noqa: E402
 from pipeline.stage import Context, Runner  # noqa: E402
 
 
@@ -62,12 +62,12 @@ def main():
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="hpd-bench-"))
     cfg = config_mod.load(None, [])
-    runner = Runner(STAGES, cfg, Context(home=home, run_name="bench", seed=cfg["run"]["seed"]))
+    runner = Runner(build(cfg), cfg, Context(home=home, run_name="bench", seed=cfg["run"]["seed"]))
     t0 = time.time()
     runner.run()
     cold = time.time() - t0
     t0 = time.time()
-    Runner(STAGES, cfg, Context(home=home, run_name="bench", seed=cfg["run"]["seed"], log=lambda s: None)).run()
+    Runner(build(cfg), cfg, Context(home=home, run_name="bench", seed=cfg["run"]["seed"], log=lambda s: None)).run()
     warm = time.time() - t0
     m = {s: runner.manifest(s) for s in runner.order}
     teacher = m["teacher"]["outputs"]

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline.graph import STAGES  # noqa: E402
+from pipeline.graph import build  # noqa: E402
 from pipeline.stage import Context, Runner  # noqa: E402
 from stages import modeling  # noqa: E402
 from stages.losses import distill_loss  # noqa: E402
@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hpd_gradient"))
     args = ap.parse_args()
     cfg = config_mod.load("dialogue", [])
-    runner = Runner(STAGES, cfg, Context(home=Path(args.home).resolve(), run_name="dialogue", seed=0))
+    runner = Runner(build(cfg), cfg, Context(home=Path(args.home).resolve(), run_name="dialogue", seed=0))
     for stage in ("data", "teacher", "generate"):
         runner.run_stage(stage)
     teacher_dir = runner.manifest("teacher")["outputs"]["model_dir"]

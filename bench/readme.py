@@ -30,7 +30,7 @@ def default_task() -> str:
 
 Stage wall times of a from-scratch `make distill` (install excluded): data {st['data']:.1f} s,
 teacher {st['teacher']:.0f} s, generate {st['generate']:.1f} s, score {st['score']:.1f} s,
-distill {st.get('distill', 0):.0f} s; about {r['teacher_cache_cold_seconds'] / 60:.0f} minutes in all. A second
+distill {st.get('distill', 0):.0f} s{f", eval {st['eval']:.0f} s" if 'eval' in st else ""}; about {r['teacher_cache_cold_seconds'] / 60:.0f} minutes in all. A second
 run finds every stage up to date and takes about 4 s, nearly all of it Python start-up and imports.
 One seed of HPD against three of SFT says little; every method with seeds and spread, on a longer budget,
 is in the method comparison below ("Evaluation, reports and the method comparison"). The teacher is reproducible: trained

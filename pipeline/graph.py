@@ -18,8 +18,6 @@ OFFLINE = [
     Stage("distill", "stages.distill", "distill", ("data", "teacher", "generate", "score"),
           "a student trained from the cache"),
 ]
-STAGES = OFFLINE  # the graph without refresh rounds
-
 
 def build(cfg: dict) -> list[Stage]:
     rounds = cfg["rounds"]
