@@ -24,8 +24,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 compare: $(STAMP)
-	$(HPD) compare
-	$(HPD) compare --config dialogue
+	$(HPD) compare --out bench/results/compare_math
+	$(HPD) compare --config dialogue --out bench/results/compare_dialogue
 
 status: $(STAMP)
 	$(HPD) status

@@ -115,14 +115,13 @@ def _summary(outputs: dict) -> str:
     if "cache" in outputs:
         return (f"{outputs['cache']}  {outputs['tokens']:,} tokens, {outputs['bytes'] / 1e6:.1f} MB, "
                 f"{outputs['bytes_per_token']} B/token")
-    if "model_dir" in outputs:
+    model = outputs.get("model_dir") or outputs.get("student_dir")
+    if model:
         rep = outputs.get("report") or {}
-        acc = f"  held-out acc {rep['heldout_accuracy']:.1%}" if rep else ""
-        return f"{outputs['model_dir']}{acc}"
-    if "student_dir" in outputs:
-        rep = outputs.get("report") or {}
-        acc = f"  held-out acc {rep['heldout_accuracy']:.1%}" if "heldout_accuracy" in rep else ""
-        return f"{outputs['student_dir']}{acc}"
+        if "heldout_accuracy" in rep:
+            return f"{model}  held-out acc {rep['heldout_accuracy']:.1%}"
+        nll = rep.get("response_nll_nats")
+        return f"{model}  held-out NLL {nll:.3f}" if nll is not None else model
     if "sequences" in outputs:
         return f"{outputs['count']:,} sequences, {outputs['tokens']:,} tokens"
     if "report_path" in outputs:

@@ -5,8 +5,10 @@ round r = 1..R appends an on-policy refresh: refresh-r (the previous student sam
 prompts), rescore-r (the teacher scores them into a cache of their own, with the score stage) and
 distill-r (the previous student trains on a mixture of the offline cache and the refreshed one).
 With rounds.refresh_share = 0 a round is plain offline training, the baseline refresh is measured against.
-Last, eval judges the final student.
+Last, eval judges the final student. With distill.teacher_source = "online" there is no score stage.
 """
+from dataclasses import replace
+
 from .errors import HpdError
 from .stage import Stage
 
@@ -26,6 +28,16 @@ def build(cfg: dict) -> list[Stage]:
     if not 0 <= rounds["refresh_share"] <= 1:
         raise HpdError(f"rounds.refresh_share must be between 0 and 1, got {rounds['refresh_share']}")
     stages, previous = list(OFFLINE), "distill"
+    if cfg["distill"]["teacher_source"] not in ("cache", "online"):
+        raise HpdError(f"distill.teacher_source={cfg['distill']['teacher_source']!r} is unknown; choose cache "
+                       f"(train from the teacher cache) or online (the teacher in memory, the baseline)")
+    if cfg["distill"]["teacher_source"] == "online":  # the teacher runs inside distill: no cache to build
+        if rounds["count"]:
+            raise HpdError("refresh rounds train from teacher caches; use distill.teacher_source=\"cache\" "
+                           "with rounds.count > 0")
+        stages = [s for s in stages if s.name != "score"]
+        stages[-1] = replace(stages[-1], inputs=("data", "teacher", "generate"),
+                             doc="a student trained with the teacher online")
     for r in range(1, rounds["count"] + 1):
         inputs, roles = ["data", "teacher", "generate", "score", previous], {previous: "student"}
         if rounds["refresh_share"] > 0:

@@ -6,6 +6,11 @@ batch holds rounds.refresh_share of the round's refreshed (student-sampled, teac
 the rest offline ones, each source with its own loss (on-policy losses such as opd only make sense on the
 refreshed ones). Training is the HF Trainer (checkpoints, resume with the same data order, logging); a
 collator joins each token batch with its cache rows by (source, sequence id) and checks every row's CRC.
+
+distill.teacher_source = "online" is the way TRL and the HPD reference code work, kept as the baseline the
+cache is measured against (bench/cached_vs_online.py): the teacher sits in memory next to the student and
+gives full-vocabulary logits for every batch; data, student, schedule and losses are the same. It needs no
+score stage (pipeline/graph.py leaves it out) and trains round 0 only.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from . import modeling
 from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
 from .losses import METHOD_PARAMS, METHODS, distill_loss
 from .tasks import TASKS
-from .training import PeriodicEval, ResponseCollator, publish_model, train_causal_lm
+from .training import PeriodicEval, ResponseCollator, peak_rss_mb, publish_model, rss_mb, train_causal_lm
 
 CACHE_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_logmass", "mask")
 ON_POLICY_ONLY = ("opd",)  # their labels must be the student's own samples
@@ -37,18 +42,21 @@ class Source:
     """One kind of training data: sequences, the teacher cache scored on them, and the loss they get."""
     name: str
     store: SequenceStore
-    cache: LogitCache
+    cache: LogitCache | None  # None: the teacher is online
     method: str
     share: float
 
 
-def open_source(name: str, generate: dict, score: dict, method: str, share: float) -> Source:
+def open_source(name: str, generate: dict, score: dict | None, method: str, share: float) -> Source:
     if method not in METHODS:
         raise HpdError(f"the {name} loss {method!r} is unknown; choose one of {', '.join(METHODS)}")
     if name == "offline" and method in ON_POLICY_ONLY:
         raise HpdError(f"{method} needs on-policy sequences (the student's own samples), not offline ones; "
                        f"use it for refreshed sequences with rounds.method=\"{method}\" (e.g. --config hpd-opd)")
-    cache, store = LogitCache(Path(score["cache"])), SequenceStore(Path(generate["sequences"]))
+    store = SequenceStore(Path(generate["sequences"]))
+    if score is None:
+        return Source(name, store, None, method, share)
+    cache = LogitCache(Path(score["cache"]))
     if cache.key["data"] != store.fingerprint or cache.num_sequences != len(store):
         raise HpdError(f"cache {cache.id} was scored on other sequences than {generate['sequences']}; rerun score")
     return Source(name, store, cache, method, share)
@@ -116,19 +124,21 @@ class CacheCollator(ResponseCollator):
         return batch
 
 
-def mixture_loss(sources: list[Source], logits, labels, cb: CacheBatch, source, loss_params: dict):
+def mixture_loss(sources: list[Source], logits, labels, teacher, source, loss_params: dict):
     """Each source's loss on its own rows, averaged over all response tokens of the batch (so a token counts
-    the same whichever source it came from). Diagnostics are prefixed by source name when there are several."""
-    def loss_of(src, lg, lb, c):
-        return distill_loss(src.method, lg, lb, teacher=c, **loss_params.get(src.method, {}))
+    the same whichever source it came from). Diagnostics are prefixed by source name when there are several.
+    `teacher`: the batch's CacheBatch, or the online teacher's logits."""
+    def loss_of(src, lg, lb, t):
+        return distill_loss(src.method, lg, lb, teacher=t, **loss_params.get(src.method, {}))
 
     if len(sources) == 1:
-        return loss_of(sources[0], logits, labels, cb)
+        return loss_of(sources[0], logits, labels, teacher)
     parts = []
     for s, src in enumerate(sources):
         rows = source == s
         if rows.any():
-            sub = CacheBatch(**{f: getattr(cb, f)[rows] for f in CACHE_FIELDS})
+            sub = (teacher[rows] if isinstance(teacher, torch.Tensor)
+                   else CacheBatch(**{f: getattr(teacher, f)[rows] for f in CACHE_FIELDS}))
             parts.append((src, int(rows.sum()), *loss_of(src, logits[rows], labels[rows], sub)))
     tokens = sum(d["tokens"] for *_, d in parts)
     loss = sum(part * d["tokens"] for _, _, part, d in parts) / max(tokens, 1)
@@ -139,19 +149,26 @@ def mixture_loss(sources: list[Source], logits, labels, cb: CacheBatch, source, 
 
 
 class DistillTrainer(Trainer):
-    """Trainer whose loss is each source's distillation loss, weighted by its response tokens."""
+    """Trainer whose loss is each source's distillation loss, weighted by its response tokens. With a
+    `teacher` model (online mode) the teacher's full-vocabulary logits for the batch replace the cache rows."""
 
-    def __init__(self, *args, sources: list[Source], loss_params: dict, **kwargs):
+    def __init__(self, *args, sources: list[Source], loss_params: dict, teacher=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.sources, self.loss_params = sources, loss_params
+        self.sources, self.loss_params, self.teacher = sources, loss_params, teacher
         self._diag: list[dict] = []
         self._last_log = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        cb = CacheBatch(**{f: inputs.pop(f"cache_{f}") for f in CACHE_FIELDS})
-        labels, source = inputs.pop("labels"), inputs.pop("source")
+        labels, source = inputs.pop("labels"), inputs.pop("source", None)
+        if self.teacher is None:
+            teacher = CacheBatch(**{f: inputs.pop(f"cache_{f}") for f in CACHE_FIELDS})
+        else:
+            if self.teacher.device != inputs["input_ids"].device:
+                self.teacher.to(inputs["input_ids"].device)
+            with torch.no_grad():
+                teacher = self.teacher(**inputs).logits
         outputs = model(**inputs)
-        loss, diag = mixture_loss(self.sources, outputs.logits, labels, cb, source, self.loss_params)
+        loss, diag = mixture_loss(self.sources, outputs.logits, labels, teacher, source, self.loss_params)
         self._diag.append(diag)
         return (loss, outputs) if return_outputs else loss
 
@@ -214,7 +231,7 @@ def _plan(cfg: dict, inputs: dict, tok, seed: int):
     if cfg.get("round", 0) == 0:
         if cfg["method"] not in METHODS:
             raise HpdError(f"distill.method={cfg['method']!r} is unknown; choose one of {', '.join(METHODS)}")
-        sources = [open_source("offline", inputs["generate"], inputs["score"], cfg["method"], 1.0)]
+        sources = [open_source("offline", inputs["generate"], inputs.get("score"), cfg["method"], 1.0)]
         model = _fresh_or_given_student(cfg, inputs["teacher"]["model_dir"], tok, seed)
         return sources, model, cfg["steps"], cfg["learning_rate"], cfg["warmup_steps"], 0, {}
     rounds, previous = cfg["rounds"], inputs["student"]
@@ -226,6 +243,13 @@ def _plan(cfg: dict, inputs: dict, tok, seed: int):
     model, _ = modeling.load_causal_lm(previous["student_dir"])
     return ([s for s in sources if s.share > 0], model, rounds["steps"], rounds["learning_rate"],
             rounds["warmup_steps"], rounds["steps"] * cfg["gradient_accumulation_steps"], previous["report"])
+
+
+def _online_teacher(cfg: dict, teacher: dict):
+    if cfg["teacher_source"] == "cache":  # (pipeline/graph.py refuses any other value)
+        return None
+    model, _ = modeling.load_causal_lm(teacher["model_dir"])
+    return model.requires_grad_(False)
 
 
 def _learning_curve(cfg: dict, data: dict, tok, before: dict) -> list:
@@ -250,24 +274,33 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     tmp = out.with_name(".tmp-student")
     tmp.mkdir(parents=True, exist_ok=True)
     params = {s.method: {k: cfg[k] for k in METHOD_PARAMS.get(s.method, ())} for s in sources}
-    mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, cache {s.cache.id})" for s in sources)
+    online = _online_teacher(cfg, teacher)
+    where = {s.name: f"cache {s.cache.id}" if s.cache else "teacher online" for s in sources}
+    mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, {where[s.name]})" for s in sources)
     ctx.log(f"[{ctx.stage}] a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter student, "
             f"{steps} steps on {mix}")
     dataset = _training_set(sources, cfg["batch_size"], num_batches, seed * 1009 + round_)
+    collator = (ResponseCollator(tok.pad_token_id) if online is not None
+                else CacheCollator(tok.pad_token_id, *(s.cache for s in sources)))
+    rss_start = rss_mb()
     trainer = train_causal_lm(model, tok, dataset, tmp / "checkpoints", steps=steps,
                               batch_size=cfg["batch_size"], learning_rate=lr, warmup_steps=warmup, seed=seed,
-                              save_steps=cfg["checkpoint_steps"], trainer_cls=DistillTrainer,
-                              collator=CacheCollator(tok.pad_token_id, *(s.cache for s in sources)),
+                              save_steps=cfg["checkpoint_steps"], trainer_cls=DistillTrainer, collator=collator,
                               gradient_accumulation_steps=cfg["gradient_accumulation_steps"], bf16=cfg["bf16"],
                               sequential=num_batches > 0, callbacks=_learning_curve(cfg, data, tok, before),
-                              sources=sources, loss_params=params)
+                              sources=sources, loss_params=params, teacher=online)
     model.eval()
     sequences = steps * cfg["batch_size"] * cfg["gradient_accumulation_steps"]
+    runtime = trainer.state.log_history[-1].get("train_runtime")
     report = {"parameters": sum(p.numel() for p in model.parameters()), "method": cfg["method"], "round": round_,
-              "mixture": {s.name: {"share": s.share, "method": s.method, "cache": s.cache.id} for s in sources},
+              "teacher_source": cfg["teacher_source"],
+              "mixture": {s.name: {"share": s.share, "method": s.method, "cache": s.cache.id if s.cache else None}
+                          for s in sources},
               "student_steps": before.get("student_steps", 0) + steps,
               "train_sequences": before.get("train_sequences", 0) + sequences,
-              "input_tokens": before.get("input_tokens", 0) + trainer.state.num_input_tokens_seen}
+              "input_tokens": before.get("input_tokens", 0) + trainer.state.num_input_tokens_seen,
+              # this process's figures, for the cached-vs-online bench (which runs one stage per process)
+              "train_seconds": runtime, "rss_start_mb": rss_start, "peak_rss_mb": peak_rss_mb()}
     if data.get("builtin"):
         report.update(heldout_report(model, tok, data["heldout"], cfg["eval_examples"], TASKS[data["builtin"]]))
     publish_model(model, tok, tmp, out, {"training_log.json": trainer.state.log_history, "hpd-student.json": report})

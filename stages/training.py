@@ -55,6 +55,22 @@ class PeriodicEval(TrainerCallback):
                                       **{f"curve_{k}": v for k, v in metrics.items()}})
 
 
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024 / 1e6  # reported in kB
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MB (Linux)."""
+    return _proc_status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux: the high-water mark)."""
+    return _proc_status_mb("VmHWM")
+
+
 def latest_checkpoint(output_dir: Path) -> str | None:
     ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return str(ckpts[-1]) if ckpts else None

@@ -93,6 +93,37 @@ def test_gradient_accumulation_comes_from_the_trainer(tiny_home, tmp_path):
     assert max(e["epoch"] for e in steps) > 2 * 4 * 16 / 240 - 0.01  # two micro-batches per optimizer step
 
 
+def _step_losses(runner) -> list[float]:
+    log = json.loads((Path(runner.manifest("distill")["outputs"]["student_dir"]) / "training_log.json").read_text())
+    return [e["loss"] for e in log if "loss" in e]
+
+
+def test_online_teacher_trains_like_the_cache_without_a_score_stage(tiny_home, tmp_path):
+    """k = vocabulary (18) in fp16: the cache holds the full distribution, so the online teacher's
+    full-vocabulary logits must give the same losses step by step (same data, init and schedule)."""
+    home = copy_home(tiny_home, tmp_path / "home")
+    same = ['distill.method="fkl"', 'score.encoding="fp16"']
+    cached = make_runner(home, *same, run="cached")
+    cached.run()
+    online = make_runner(home, *same, 'distill.teacher_source="online"', run="online")
+    assert "score" not in online.order and online.stages["distill"].inputs == ("data", "teacher", "generate")
+    online.run()
+    assert not (home / "runs" / "online" / "score").exists()
+    a, b = _step_losses(cached), _step_losses(online)
+    assert len(a) == 4 and a[0] > 0.01
+    assert b == pytest.approx(a, rel=2e-3, abs=1e-4)
+    rep = online.manifest("distill")["outputs"]["report"]
+    assert rep["teacher_source"] == "online" and rep["mixture"]["offline"]["cache"] is None
+    assert rep["train_seconds"] > 0 and rep["peak_rss_mb"] >= rep["rss_start_mb"] > 0
+
+
+def test_online_teacher_is_refused_with_rounds_and_unknown_sources(tiny_home):
+    with pytest.raises(HpdError, match="refresh rounds train from teacher caches"):
+        make_runner(tiny_home, 'distill.teacher_source="online"', "rounds.count=1")
+    with pytest.raises(HpdError, match="teacher_source='gpu' is unknown"):
+        make_runner(tiny_home, 'distill.teacher_source="gpu"')
+
+
 def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, tmp_path):
     overrides = ["distill.steps=6", "distill.checkpoint_steps=3"]
     reference = make_runner(copy_home(tiny_home, tmp_path / "ref"), *overrides)
