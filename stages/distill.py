@@ -266,6 +266,7 @@ def _learning_curve(cfg: dict, data: dict, tok, before: dict) -> list:
 def run(ctx, cfg: dict, inputs: dict) -> dict:
     from transformers import AutoTokenizer
 
+    rss_start = rss_mb()  # before any model is loaded: what training adds is measured from here
     teacher, data = inputs["teacher"], inputs["data"]
     round_, seed = cfg.get("round", 0), ctx.seed * 7919 + cfg["seed"]
     tok = AutoTokenizer.from_pretrained(teacher["model_dir"])
@@ -282,7 +283,6 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     dataset = _training_set(sources, cfg["batch_size"], num_batches, seed * 1009 + round_)
     collator = (ResponseCollator(tok.pad_token_id) if online is not None
                 else CacheCollator(tok.pad_token_id, *(s.cache for s in sources)))
-    rss_start = rss_mb()
     trainer = train_causal_lm(model, tok, dataset, tmp / "checkpoints", steps=steps,
                               batch_size=cfg["batch_size"], learning_rate=lr, warmup_steps=warmup, seed=seed,
                               save_steps=cfg["checkpoint_steps"], trainer_cls=DistillTrainer, collator=collator,

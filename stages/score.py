@@ -8,6 +8,9 @@ ones reuses the cache at once, and any other teacher, data or k gets a cache of 
 """
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +27,41 @@ from . import modeling
 DEFAULT_K = 64
 
 
+class Timer(dict):
+    """Seconds spent per phase: `with timer("forward"): ...` adds to timer["forward"]."""
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = self.get(phase, 0.0) + time.perf_counter() - t0
+
+
 @torch.no_grad()
 def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k: int, temperature: float,
-                pad_id: int) -> list[dict]:
+                pad_id: int, timer: Timer | None = None) -> list[dict]:
     """Top-k, exact target log-prob and tail log-mass for every response position of each sequence."""
-    lp, _ = modeling.log_probs(model, seqs, pad_id, temperature)
-    top_lp, top_ids = torch.topk(lp, top_k, dim=-1)  # [B, L, k], sorted by log-prob
-    nxt = torch.zeros(lp.shape[:2], dtype=torch.long)
-    for b, s in enumerate(seqs):
-        nxt[b, :len(s) - 1] = torch.from_numpy(np.array(s[1:], dtype=np.int64))
-    target = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-    # The tail is summed directly over the tokens outside the top-k: log(1 - sum(top)) loses all precision
-    # when the top-k hold nearly all the mass, which is exactly the common case.
-    tail = torch.logsumexp(lp.scatter(-1, top_ids, -float("inf")), dim=-1)
-    out = []
-    for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
-        sl = slice(p - 1, len(s) - 1)
-        out.append({"start": p - 1, "topk_ids": top_ids[b, sl].numpy(), "topk_logprobs": top_lp[b, sl].numpy(),
-                    "target_logprob": target[b, sl].numpy(), "tail_logmass": tail[b, sl].numpy()})
+    timer = timer if timer is not None else Timer()
+    with timer("forward"):
+        ids, mask = modeling.pad_right(seqs, pad_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    with timer("topk"):
+        lp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        top_lp, top_ids = torch.topk(lp, top_k, dim=-1)  # [B, L, k], sorted by log-prob
+        nxt = torch.zeros(lp.shape[:2], dtype=torch.long)
+        for b, s in enumerate(seqs):
+            nxt[b, :len(s) - 1] = torch.from_numpy(np.array(s[1:], dtype=np.int64))
+        target = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        # The tail is summed directly over the tokens outside the top-k: log(1 - sum(top)) loses all precision
+        # when the top-k hold nearly all the mass, which is exactly the common case.
+        tail = torch.logsumexp(lp.scatter(-1, top_ids, -float("inf")), dim=-1)
+        out = []
+        for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
+            sl = slice(p - 1, len(s) - 1)
+            out.append({"start": p - 1, "topk_ids": top_ids[b, sl].numpy(), "topk_logprobs": top_lp[b, sl].numpy(),
+                        "target_logprob": target[b, sl].numpy(), "tail_logmass": tail[b, sl].numpy()})
     return out
 
 
@@ -65,17 +85,18 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
                     origin=gen.get("origin"))
     root = CacheRoot(ctx.cache_root)
     with root.lock(key):
-        cache = root.find(key)
+        cache, timing = root.find(key), None
         if cache is not None:
             ctx.log(f"[{ctx.stage}] cache {cache.id} already holds this teacher, data and k: reusing it")
         else:
-            cache = _build(ctx, {**cfg, "top_k": k}, teacher, gen, root, key)
+            cache, timing = _build(ctx, {**cfg, "top_k": k}, teacher, gen, root, key)
         root.record_use(cache, ctx.run_name)
     m = cache.manifest
     return {"cache": str(cache.dir), "cache_id": cache.id, "fingerprint": key_id(key), "top_k": k,
             "encoding": encoding.name,
             "sequences": m["rows"], "tokens": m["tokens"], "bytes": m["bytes"],
-            "bytes_per_token": round(m["bytes"] / max(m["tokens"], 1), 2)}
+            "bytes_per_token": round(m["bytes"] / max(m["tokens"], 1), 2),
+            "timing": timing}  # seconds per phase of this build (None when the cache was reused)
 
 
 def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict) -> LogitCache:
@@ -92,22 +113,41 @@ def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict)
     if resumed:
         ctx.log(f"[{ctx.stage}] resuming: {resumed} of {num_shards} shards already published")
     bar = tqdm(total=len(store), desc=f"teacher scoring ({ctx.stage})", unit="seq", initial=resumed * size)
-    for shard in range(num_shards):
-        if writer.done(shard):
-            continue
-        seq_ids, plens, seqs = store.range(shard * size, min((shard + 1) * size, len(store)))
-        rows = []
-        for i in range(0, len(seqs), cfg["batch_size"]):
-            part = slice(i, i + cfg["batch_size"])
-            scored = score_batch(model, seqs[part], list(plens[part]), top_k=cfg["top_k"],
-                                 temperature=cfg["temperature"], pad_id=pad)
-            rows += [ScoredSequence(seq_id=int(sid), input_ids=s, **sc)
-                     for sid, s, sc in zip(seq_ids[part], seqs[part], scored)]
-            bar.update(len(scored))
-        writer.write_rows(shard, rows)
+    # A shard is encoded, compressed and written by a background thread while the teacher scores the next
+    # one (zstd, Arrow and file I/O release the GIL); at most one shard waits, so memory stays bounded.
+    timer, pending, t0 = Timer(), None, time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1) as io:
+        for shard in range(num_shards):
+            if writer.done(shard):
+                continue
+            seq_ids, plens, seqs = store.range(shard * size, min((shard + 1) * size, len(store)))
+            rows = []
+            for i in range(0, len(seqs), cfg["batch_size"]):
+                part = slice(i, i + cfg["batch_size"])
+                scored = score_batch(model, seqs[part], list(plens[part]), top_k=cfg["top_k"],
+                                     temperature=cfg["temperature"], pad_id=pad, timer=timer)
+                rows += [ScoredSequence(seq_id=int(sid), input_ids=s, **sc)
+                         for sid, s, sc in zip(seq_ids[part], seqs[part], scored)]
+                bar.update(len(scored))
+            with timer("write_wait"):
+                if pending is not None:
+                    pending.result()
+            pending = io.submit(_timed_write, writer, shard, rows, timer)
+        with timer("write_wait"):
+            if pending is not None:
+                pending.result()
     bar.close()
     writer.finish(num_shards)
-    return LogitCache(root.path_for(key))
+    wall = time.perf_counter() - t0
+    return LogitCache(root.path_for(key)), {
+        "wall_s": round(wall, 3), **{f"{k}_s": round(v, 3) for k, v in timer.items()},
+        # everything that is not the teacher's forward pass, as a share of it (the target is <= 10%)
+        "overhead": round((wall - timer.get("forward", 0.0)) / max(timer.get("forward", 0.0), 1e-9), 4)}
+
+
+def _timed_write(writer, shard: int, rows: list, timer: Timer) -> None:
+    with timer("write"):
+        writer.write_rows(shard, rows)
 
 
 def published(outputs: dict) -> bool:

@@ -119,3 +119,10 @@ def test_teacher_changed_in_place_is_noticed(tmp_path, tiny_home):
     assert r.state("teacher") == ("stale", "published output is missing or changed on disk")
     r.run()
     assert r.manifest("score")["outputs"]["cache_id"] != first
+
+
+def test_score_reports_where_its_time_went(tiny_runner):
+    t = tiny_runner.manifest("score")["outputs"]["timing"]
+    assert t["forward_s"] > 0 and t["topk_s"] > 0 and t["write_s"] > 0
+    assert t["wall_s"] >= t["forward_s"] + t["topk_s"] + t["write_wait_s"]
+    assert t["overhead"] == pytest.approx((t["wall_s"] - t["forward_s"]) / t["forward_s"], rel=1e-2)

@@ -1,0 +1,311 @@
+"""The headline: a student trained from the teacher cache against one trained with the teacher online.
+
+"Online" is distill.teacher_source = "online", the way TRL and the HPD reference code work: the teacher in
+memory next to the student, full-vocabulary logits every step. Everything else (data, order, student, schedule,
+loss) is the same code. Every teacher here is at least 8x the student's size unless said otherwise.
+
+1. Speed and memory (`timing`): each arm trains in a process of its own (`hpd run distill`), so its peak RSS
+   is its own, and the arms alternate (cached, online, cached, online) so drift on this noisy machine hits
+   both. Training tokens/s, and memory as the process's peak RSS both in total and above its RSS before any
+   model was loaded (the part that lives on the accelerator on a GPU: weights, optimizer, activations,
+   logits; the Python runtime under it is the same for both). Measured on the math task (the trained 0.80M
+   teacher, an 81k student: 9.9x) and on the dialogue vocabulary (8192) at three teacher sizes: the trained
+   1.9M teacher (2.9x, below the 8x line, for the trend) and two randomly initialised ones of 5.3M and 23M
+   (8.4x and 37x; a forward pass costs the same whatever the weights).
+2. Teacher-score overhead: the score stage's own phase timings (forward, log-softmax and top-k, waiting for
+   the background shard writer) for the same teachers; overhead = (wall - forward) / forward.
+3. Quality (`quality`): HPD from the cache against HPD online, several student seeds. Math (k = the whole
+   18-token vocabulary, 8-bit log-probs) by held-out accuracy; dialogue (top-64 of 8192 plus the tail bucket)
+   by held-out NLL and KL to the teacher. The math curves (held-out accuracy every 100 steps) give the steps
+   each arm needs to reach a fixed accuracy; times the measured seconds per step, the wall-clock to reach it.
+4. K experiments sharing one cache: the teacher-scoring time is paid once; online pays the teacher in every
+   experiment. From the measured times.
+
+Quality runs are ordinary pipeline runs (reused when finished); timing runs are always fresh.
+Writes bench/results/cached_vs_online_{quality,timing}.json (the measurements), cached_vs_online.json (the
+summary) and cached_vs_online.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import config as config_mod  # noqa: E402
+from pipeline.graph import build  # noqa: E402
+from pipeline.stage import Context, Runner  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+HPD = [sys.executable, "-c", "from pipeline.cli import main; main()"]
+MATH_STUDENT = ["distill.n_layer=2", "distill.n_embd=56", "distill.n_head=2"]  # 81k: 9.9x the 0.80M teacher
+RANDOM_TEACHERS = {"dialogue 8.4x": (4, 256, 4), "dialogue 37x": (6, 512, 8)}  # n_layer, n_embd, n_head
+ARMS = {"cached": ['distill.teacher_source="cache"'], "online": ['distill.teacher_source="online"']}
+
+
+def runner(home: Path, config: str | None, name: str, overrides: list[str]) -> Runner:
+    cfg = config_mod.load(config, [*overrides, f'run.name="{name}"'])
+    return Runner(build(cfg), cfg, Context(home=home, run_name=name, seed=cfg["run"]["seed"], log=lambda s: None))
+
+
+def random_teacher(home: Path, like: str, name: str, shape: tuple[int, int, int]) -> str:
+    """A randomly initialised GPT-2 with the trained teacher's tokenizer and context, saved as an HF dir."""
+    import torch
+
+    from stages import modeling
+
+    out = home / "models" / f"bench-random-{name.replace(' ', '-')}"
+    if not (out / "config.json").is_file():
+        _, tok = modeling.load_causal_lm(like)
+        torch.manual_seed(0)
+        n_layer, n_embd, n_head = shape
+        model = modeling.new_gpt2(tok, n_positions=modeling.context_length(modeling.check_causal_lm(like)),
+                                  n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out)
+
+
+def setups(home: Path) -> dict:
+    """name -> (config, overrides): the teacher/student pairs, each teacher given as a local HF directory."""
+    trained = {task: runner(home, config, task, []).manifest("teacher")["outputs"]["model_dir"]
+               for task, config in [("math", None), ("dialogue", "dialogue")]}
+    dialogue = ["generate.num_prompts=1024"]
+    out = {"math 9.9x": (None, [f'teacher.path="{trained["math"]}"', "generate.num_prompts=6144",
+                                *MATH_STUDENT]),
+           "dialogue 2.9x": ("dialogue", [f'teacher.path="{trained["dialogue"]}"', *dialogue])}
+    for name, shape in RANDOM_TEACHERS.items():
+        out[name] = ("dialogue", [f'teacher.path="{random_teacher(home, trained["dialogue"], name, shape)}"',
+                                  *dialogue])
+    return out
+
+
+def _parameters(model_dir: str) -> int:
+    from stages import modeling
+
+    return sum(p.numel() for p in modeling.load_causal_lm(model_dir)[0].parameters())
+
+
+def timed_distill(home: Path, config, name: str, overrides: list[str], steps: int) -> dict:
+    """One fresh `hpd run distill` in a process of its own; its report (tokens, seconds, RSS)."""
+    shutil.rmtree(home / "runs" / name / "distill", ignore_errors=True)
+    sets = [*overrides, f"distill.steps={steps}", "distill.eval_examples=20", "distill.checkpoint_steps=100000",
+            f'run.name="{name}"']
+    cmd = [*HPD, "run", "distill", *(["--config", config] if config else []),
+           *[a for o in sets for a in ("--set", o)]]
+    subprocess.run(cmd, check=True, env={**os.environ, "HPD_HOME": str(home)}, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    rep = runner(home, config, name, overrides).manifest("distill")["outputs"]["report"]
+    return {"tokens": rep["input_tokens"], "seconds": rep["train_seconds"], "steps": steps,
+            "tokens_per_s": rep["input_tokens"] / rep["train_seconds"], "peak_rss_mb": rep["peak_rss_mb"],
+            "training_mb": rep["peak_rss_mb"] - rep["rss_start_mb"], "parameters": rep["parameters"]}
+
+
+def timing(home: Path, steps: dict, repeats: int) -> dict:
+    """In a fresh home of its own, so every cache is built (and its scoring timed) here."""
+    scratch = home / "bench-timing"
+    shutil.rmtree(scratch, ignore_errors=True)
+    out = {}
+    for label, (config, overrides) in setups(home).items():
+        name = f"cvo-{label.replace(' ', '-')}"
+        r = runner(scratch, config, name, overrides)
+        for stage in ["data", "teacher", "generate", "score"]:
+            r.run_stage(stage)
+        teacher, score = r.manifest("teacher")["outputs"], r.manifest("score")["outputs"]
+        arms = {arm: [] for arm in ARMS}
+        for _ in range(repeats):
+            for arm, extra in ARMS.items():
+                arms[arm].append(timed_distill(scratch, config, name, [*overrides, *extra],
+                                               steps["math" if label.startswith("math") else "dialogue"]))
+        med = {arm: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for arm, runs in arms.items()}
+        out[label] = {"teacher_parameters": _parameters(teacher["model_dir"]),
+                      "student_parameters": med["cached"]["parameters"],
+                      "size_ratio": _parameters(teacher["model_dir"]) / med["cached"]["parameters"],
+                      "arms": med, "runs": arms, "score_timing": score["timing"],
+                      "score_tokens": score["tokens"], "score_sequences": score["sequences"],
+                      "speedup": med["cached"]["tokens_per_s"] / med["online"]["tokens_per_s"],
+                      "peak_rss_ratio": med["cached"]["peak_rss_mb"] / med["online"]["peak_rss_mb"],
+                      "training_mb_ratio": med["cached"]["training_mb"] / med["online"]["training_mb"]}
+        print(f"[timing] {label}: {out[label]['speedup']:.2f}x tokens/s, peak RSS "
+              f"{out[label]['peak_rss_ratio']:.2f}x, training memory {out[label]['training_mb_ratio']:.2f}x, "
+              f"score overhead {score['timing']['overhead']:.1%}", flush=True)
+    return out
+
+
+def quality(home: Path, seeds: int, math_steps: int, dialogue_steps: int) -> dict:
+    out = {}
+    for task, config, steps, base, student in [("math", None, math_steps, "math", MATH_STUDENT),
+                                               ("dialogue", "dialogue", dialogue_steps, "dialogue", [])]:
+        rows = []
+        for seed in range(seeds):
+            for arm, extra in ARMS.items():
+                name = f"bench-cvo-q-{task}-{arm}-s{seed}"
+                r = runner(home, config, name, [*student, *extra, 'distill.method="hpd"', f"distill.steps={steps}",
+                                                 f"distill.seed={seed}", "distill.curve_every=100",
+                                                 "eval.teacher=false", "eval.samples=1"])
+                r.adopt(base, [s for s in ["data", "teacher", "generate", "score"] if s in r.stages])
+                r.run()
+                student_dir = Path(r.manifest("distill")["outputs"]["student_dir"])
+                log = json.loads((student_dir / "training_log.json").read_text())
+                rows.append({"arm": arm, "seed": seed, "eval": r.manifest("eval")["outputs"]["report"]["student"],
+                             "curve": [{k: e[k] for k in e if k == "step" or k.startswith("curve_")}
+                                       for e in log if "curve_nll" in e]})
+                print(f"[quality] {task} {arm} seed {seed}: {rows[-1]['eval']}", flush=True)
+        out[task] = rows
+    return out
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def steps_to(curve: list[dict], key: str, target: float) -> float | None:
+    """The first step whose held-out measure reaches `target`, interpolated between curve points."""
+    prev = (0, None)
+    for point in curve:
+        if point.get(key) is not None and point[key] >= target:
+            if prev[1] is None:
+                return float(point["step"])
+            s0, v0 = prev
+            return s0 + (point["step"] - s0) * (target - v0) / max(point[key] - v0, 1e-12)
+        prev = (point["step"], point.get(key))
+    return None
+
+
+def summarise(t: dict, q: dict, k_values=(1, 4, 16)) -> dict:
+    s = {}
+    math_q = q.get("math", [])
+    if math_q:
+        finals = {arm: [r["eval"]["accuracy"] for r in math_q if r["arm"] == arm] for arm in ARMS}
+        paired = [a - b for a, b in zip(finals["cached"], finals["online"])]
+        # the fixed accuracy: half of the weaker arm's mean final accuracy, so both arms reach it
+        target = 0.5 * min(statistics.mean(v) for v in finals.values())
+        reach = {arm: [steps_to(r["curve"], "curve_accuracy", target) for r in math_q if r["arm"] == arm]
+                 for arm in ARMS}
+        s["math"] = {"accuracy": {arm: _mean_std(v) for arm, v in finals.items()}, "paired": _mean_std(paired),
+                     "target_accuracy": target, "steps_to_target": reach}
+        if "math 9.9x" in t and all(x is not None for v in reach.values() for x in v):
+            per_step = {arm: t["math 9.9x"]["arms"][arm]["seconds"] / t["math 9.9x"]["arms"][arm]["steps"]
+                        for arm in ARMS}
+            secs = {arm: statistics.mean(reach[arm]) * per_step[arm] for arm in ARMS}
+            s["math"]["seconds_to_target"] = secs
+            s["math"]["time_to_target_ratio"] = secs["online"] / secs["cached"]
+    if q.get("dialogue"):
+        d = q["dialogue"]
+        s["dialogue"] = {m: {arm: _mean_std([r["eval"][m] for r in d if r["arm"] == arm]) for arm in ARMS}
+                         for m in ("response_nll_nats", "kl_to_teacher_nats", "rouge_l")}
+        s["dialogue"]["paired_nll"] = _mean_std([a["eval"]["response_nll_nats"] - b["eval"]["response_nll_nats"]
+                                                 for a, b in zip([r for r in d if r["arm"] == "cached"],
+                                                                 [r for r in d if r["arm"] == "online"])])
+    # K experiments: the cache pays the teacher's scoring once, online pays the teacher inside every run
+    s["k_experiments"] = {}
+    for label, row in t.items():
+        full = {arm: row["arms"][arm]["seconds"] / row["arms"][arm]["tokens"] * row["score_tokens"] * 3
+                for arm in ARMS}  # three epochs over the scored tokens, a typical student budget
+        score = row["score_timing"]["wall_s"]
+        s["k_experiments"][label] = {str(k): {"cached_s": score + k * full["cached"], "online_s": k * full["online"]}
+                                     for k in k_values}
+    return s
+
+
+def markdown(t: dict, q: dict, s: dict) -> str:
+    lines = ["# Cached teacher vs online teacher", "",
+             "Produced by `bench/cached_vs_online.py` (part of `make bench`); all ratios come from one invocation "
+             "on one machine (2 CPU cores, fp32). Each timed arm is its own process; arms alternate; medians "
+             "shown.", "",
+             "## Speed and memory", "",
+             "| teacher : student | parameters | cached tokens/s | online tokens/s | speed-up | peak RSS cached / "
+             "online (MB) | ratio | training memory cached / online (MB) | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, r in t.items():
+        c, o = r["arms"]["cached"], r["arms"]["online"]
+        lines.append(f"| {label} | {r['teacher_parameters'] / 1e6:.2f}M : {r['student_parameters'] / 1e3:.0f}k | "
+                     f"{c['tokens_per_s']:,.0f} | {o['tokens_per_s']:,.0f} | **{r['speedup']:.2f}x** | "
+                     f"{c['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} | {r['peak_rss_ratio']:.2f} | "
+                     f"{c['training_mb']:.0f} / {o['training_mb']:.0f} | **{r['training_mb_ratio']:.2f}** |")
+    lines += ["", "Training memory = peak RSS minus the process's RSS before any model was loaded.", "",
+              "## Teacher-score overhead", "",
+              "| teacher | tokens | forward s | log-softmax + top-k s | waiting for the writer s | writer (background) s "
+              "| wall s | overhead |", "|---|---|---|---|---|---|---|---|"]
+    for label, r in t.items():
+        tm = r["score_timing"]
+        lines.append(f"| {label} ({r['teacher_parameters'] / 1e6:.2f}M) | {r['score_tokens']:,} | "
+                     f"{tm['forward_s']:.1f} | {tm['topk_s']:.1f} | {tm.get('write_wait_s', 0):.2f} | "
+                     f"{tm.get('write_s', 0):.1f} | {tm['wall_s']:.1f} | **{tm['overhead']:.1%}** |")
+    if "math" in s:
+        m = s["math"]
+        lines += ["", "## Student quality and time to a fixed accuracy (math, HPD, 9.9x)", "",
+                  "| arm | seeds | held-out accuracy | steps to "
+                  f"{m['target_accuracy']:.1%} | seconds to it |", "|---|---|---|---|---|"]
+        for arm in ARMS:
+            mu, sd = m["accuracy"][arm]
+            reach = [x for x in m["steps_to_target"][arm] if x is not None]
+            secs = m.get("seconds_to_target", {}).get(arm)
+            lines.append(f"| {arm} | {len(m['steps_to_target'][arm])} | {mu:.1%} ± {sd:.1%} | "
+                         f"{statistics.mean(reach):.0f} | {'' if secs is None else f'{secs:.0f}'} |"
+                         if reach else f"| {arm} | - | {mu:.1%} ± {sd:.1%} | not reached | |")
+        lines.append(f"\nPaired by seed, cached - online: {m['paired'][0]:+.1%} ± {m['paired'][1]:.1%}."
+                     + (f" Online needs {m['time_to_target_ratio']:.2f}x the wall-clock to reach the target."
+                        if "time_to_target_ratio" in m else ""))
+    if "dialogue" in s:
+        d = s["dialogue"]
+        lines += ["", "## Student quality (dialogue, HPD, top-64 of 8192 cached vs the full vocabulary online)", "",
+                  "| arm | held-out NLL | KL to teacher | ROUGE-L |", "|---|---|---|---|"]
+        for arm in ARMS:
+            lines.append(f"| {arm} | " + " | ".join(f"{d[k][arm][0]:.3f} ± {d[k][arm][1]:.3f}" for k in
+                                                   ("response_nll_nats", "kl_to_teacher_nats", "rouge_l")) + " |")
+        lines.append(f"\nPaired NLL difference, cached - online: {d['paired_nll'][0]:+.4f} ± {d['paired_nll'][1]:.4f}.")
+    lines += ["", "## K experiments from one cache (three epochs over the scored tokens each)", "",
+              "| teacher : student | K | cached: score once + K trainings (s) | online: K trainings (s) | ratio |",
+              "|---|---|---|---|---|"]
+    for label, ks in s["k_experiments"].items():
+        for k, v in ks.items():
+            lines.append(f"| {label} | {k} | {v['cached_s']:.0f} | {v['online_s']:.0f} | "
+                         f"{v['online_s'] / v['cached_s']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["all", "timing", "quality", "report"], default="all")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per arm (alternating)")
+    ap.add_argument("--math-steps", type=int, default=600)
+    ap.add_argument("--dialogue-steps", type=int, default=300)
+    ap.add_argument("--timing-steps", type=int, default=40)
+    ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"), help="shares the default teachers")
+    args = ap.parse_args()
+    home = Path(args.home).resolve()
+    for config, name in [(None, "math"), ("dialogue", "dialogue")]:  # the default runs' teachers and caches
+        r = runner(home, config, name, [])
+        for stage in ["data", "teacher", "generate", "score"]:
+            r.run_stage(stage)
+    # Each part keeps its results in a file of its own, so a part can be rerun alone; the report joins them.
+    parts = {"quality": lambda: quality(home, args.seeds, args.math_steps, args.dialogue_steps),
+             "timing": lambda: timing(home, {"math": args.timing_steps, "dialogue": args.timing_steps // 2},
+                                      args.repeats)}
+    RESULTS.mkdir(exist_ok=True)
+    for part, fn in parts.items():
+        if args.part in ("all", part):
+            (RESULTS / f"cached_vs_online_{part}.json").write_text(json.dumps(fn(), indent=1))
+    done = {part: json.loads((RESULTS / f"cached_vs_online_{part}.json").read_text()) for part in parts
+            if (RESULTS / f"cached_vs_online_{part}.json").exists()}
+    if len(done) < len(parts):
+        print(f"report waits for {', '.join(p for p in parts if p not in done)}")
+        return
+    t, q = done["timing"], done["quality"]
+    s = summarise(t, q)
+    (RESULTS / "cached_vs_online.json").write_text(json.dumps({"summary": s}, indent=1))
+    (RESULTS / "cached_vs_online.md").write_text(markdown(t, q, s))
+    print(markdown(t, q, s))
+
+if __name__ == "__main__":
+    main()
