@@ -38,4 +38,5 @@ bench: $(STAMP)
 	$(PY) bench/cache_formats.py
 	$(PY) bench/hpd_gradient.py
 	$(PY) bench/refresh_rounds.py
+	$(PY) bench/cached_vs_online.py
 	$(PY) bench/readme.py

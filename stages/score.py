@@ -48,20 +48,23 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
         ids, mask = modeling.pad_right(seqs, pad_id)
         logits = model(input_ids=ids, attention_mask=mask).logits
     with timer("topk"):
-        lp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        top_lp, top_ids = torch.topk(lp, top_k, dim=-1)  # [B, L, k], sorted by log-prob
-        nxt = torch.zeros(lp.shape[:2], dtype=torch.long)
-        for b, s in enumerate(seqs):
-            nxt[b, :len(s) - 1] = torch.from_numpy(np.array(s[1:], dtype=np.int64))
-        target = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        # Only response positions are kept; prompts and padding are most of a batch's positions, so select
+        # them before anything touches the vocabulary dimension.
+        spans = [(p - 1, len(s) - 1) for s, p in zip(seqs, prompt_lens)]
+        rows = torch.cat([torch.full((e - st,), b) for b, (st, e) in enumerate(spans)])
+        cols = torch.cat([torch.arange(st, e) for st, e in spans])
+        lp = torch.log_softmax(logits[rows, cols].float() / temperature, dim=-1)  # [N, V]
+        top_lp, top_ids = torch.topk(lp, top_k, dim=-1)  # sorted by log-prob
+        target = lp.gather(-1, ids[rows, cols + 1].unsqueeze(-1)).squeeze(-1)
         # The tail is summed directly over the tokens outside the top-k: log(1 - sum(top)) loses all precision
         # when the top-k hold nearly all the mass, which is exactly the common case.
         tail = torch.logsumexp(lp.scatter(-1, top_ids, -float("inf")), dim=-1)
-        out = []
-        for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
-            sl = slice(p - 1, len(s) - 1)
-            out.append({"start": p - 1, "topk_ids": top_ids[b, sl].numpy(), "topk_logprobs": top_lp[b, sl].numpy(),
-                        "target_logprob": target[b, sl].numpy(), "tail_logmass": tail[b, sl].numpy()})
+        out, i = [], 0
+        for (st, e) in spans:
+            sl = slice(i, i + e - st)
+            out.append({"start": st, "topk_ids": top_ids[sl].numpy(), "topk_logprobs": top_lp[sl].numpy(),
+                        "target_logprob": target[sl].numpy(), "tail_logmass": tail[sl].numpy()})
+            i += e - st
     return out
 
 
