@@ -31,7 +31,8 @@ from . import modeling
 from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
 from .losses import METHOD_PARAMS, METHODS, distill_loss
 from .tasks import TASKS
-from .training import PeriodicEval, ResponseCollator, peak_rss_mb, publish_model, rss_mb, train_causal_lm
+from .training import (PeriodicEval, ResponseCollator, job_dir, peak_rss_mb, publish_model, rss_mb,
+                       train_causal_lm)
 
 CACHE_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_logmass", "mask")
 ON_POLICY_ONLY = ("opd",)  # their labels must be the student's own samples
@@ -272,8 +273,8 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(teacher["model_dir"])
     sources, model, steps, lr, warmup, num_batches, before = _plan(cfg, inputs, tok, seed)
     out = ctx.stage_dir() / "student"
-    tmp = out.with_name(".tmp-student")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = job_dir(out.with_name(".tmp-student"),
+                  digest({"cfg": cfg, "seed": seed, "inputs": {k: v.get("fingerprint") for k, v in inputs.items()}}))
     params = {s.method: {k: cfg[k] for k in METHOD_PARAMS.get(s.method, ())} for s in sources}
     online = _online_teacher(cfg, teacher)
     where = {s.name: f"cache {s.cache.id}" if s.cache else "teacher online" for s in sources}

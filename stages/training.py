@@ -71,6 +71,18 @@ def peak_rss_mb() -> float:
     return _proc_status_mb("VmHWM")
 
 
+def job_dir(tmp: Path, key: str) -> Path:
+    """The scratch directory of one training job. It survives a crash so the job resumes from its checkpoints,
+    but only the same job (same `key`: config, inputs, seed) may resume them: what a job with another key left
+    there (a changed config, a smaller model) is removed, never loaded."""
+    stamp = tmp / "job.json"
+    if tmp.exists() and (not stamp.exists() or atomic.read_json(stamp).get("key") != key):
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(stamp, {"key": key})
+    return tmp
+
+
 def latest_checkpoint(output_dir: Path) -> str | None:
     ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return str(ckpts[-1]) if ckpts else None

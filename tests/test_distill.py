@@ -140,3 +140,18 @@ def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, t
     assert runner.state("distill")[0] == "interrupted"
     runner.run("distill")
     assert runner.manifest("distill")["outputs"]["fingerprint"] == reference.manifest("distill")["outputs"]["fingerprint"]
+
+
+def test_checkpoints_of_another_config_are_dropped_not_resumed(tiny_home, tmp_path):
+    """A crashed run leaves checkpoints; rerun with another student shape, they must not be loaded."""
+    home = copy_home(tiny_home, tmp_path / "home")
+    args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", "distill"]
+    for o in TINY + ["distill.steps=6", "distill.checkpoint_steps=3", 'run.name="tiny"']:
+        args += ["--set", o]
+    proc = subprocess.run(args, env={**os.environ, "HPD_HOME": str(home), "HPD_KILL_AT": "checkpoint:1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    runner = make_runner(home, "distill.steps=6", "distill.checkpoint_steps=3", "distill.n_embd=24")
+    runner.run("distill")
+    student = AutoModelForCausalLM.from_pretrained(runner.manifest("distill")["outputs"]["student_dir"])
+    assert student.config.n_embd == 24
