@@ -172,16 +172,18 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def steps_to(curve: list[dict], key: str, target: float) -> float | None:
-    """The first step whose held-out measure reaches `target`, interpolated between curve points."""
-    prev = (0, None)
+def steps_to(curve: list[dict], key: str, target: float, lower_is_better: bool = False) -> float | None:
+    """The first step whose held-out measure reaches `target`, interpolated between curve points
+    (None if it never does)."""
+    sign = -1 if lower_is_better else 1
+    prev = None
     for point in curve:
-        if point.get(key) is not None and point[key] >= target:
-            if prev[1] is None:
+        if sign * point[key] >= sign * target:
+            if prev is None:
                 return float(point["step"])
-            s0, v0 = prev
-            return s0 + (point["step"] - s0) * (target - v0) / max(point[key] - v0, 1e-12)
-        prev = (point["step"], point.get(key))
+            (s0, v0), s1, v1 = prev, point["step"], point[key]
+            return s0 + (s1 - s0) * (target - v0) / (v1 - v0)
+        prev = (point["step"], point[key])
     return None
 
 
@@ -191,18 +193,26 @@ def summarise(t: dict, q: dict, k_values=(1, 4, 16)) -> dict:
     if math_q:
         finals = {arm: [r["eval"]["accuracy"] for r in math_q if r["arm"] == arm] for arm in ARMS}
         paired = [a - b for a, b in zip(finals["cached"], finals["online"])]
-        # the fixed accuracy: half of the weaker arm's mean final accuracy, so both arms reach it
-        target = 0.5 * min(statistics.mean(v) for v in finals.values())
-        reach = {arm: [steps_to(r["curve"], "curve_accuracy", target) for r in math_q if r["arm"] == arm]
-                 for arm in ARMS}
+        # Two fixed levels every arm can be timed to: half the weaker arm's mean final accuracy (a seed may
+        # never reach it: accuracy jumps late), and the worst final held-out NLL of any run (all reach it).
+        acc_target = 0.5 * min(statistics.mean(v) for v in finals.values())
+        nll_target = max(r["curve"][-1]["curve_nll"] for r in math_q)
+        reach = {"accuracy": {arm: [steps_to(r["curve"], "curve_accuracy", acc_target) for r in math_q
+                                    if r["arm"] == arm] for arm in ARMS},
+                 "nll": {arm: [steps_to(r["curve"], "curve_nll", nll_target, lower_is_better=True)
+                               for r in math_q if r["arm"] == arm] for arm in ARMS}}
         s["math"] = {"accuracy": {arm: _mean_std(v) for arm, v in finals.items()}, "paired": _mean_std(paired),
-                     "target_accuracy": target, "steps_to_target": reach}
-        if "math 7.6x" in t and all(x is not None for v in reach.values() for x in v):
+                     "nll": {arm: _mean_std([r["eval"]["response_nll_nats"] for r in math_q if r["arm"] == arm])
+                             for arm in ARMS},
+                     "targets": {"accuracy": acc_target, "nll": nll_target}, "steps_to_target": reach}
+        if "math 7.6x" in t:  # steps from the curves x seconds per step measured on an idle machine
             per_step = {arm: t["math 7.6x"]["arms"][arm]["seconds"] / t["math 7.6x"]["arms"][arm]["steps"]
                         for arm in ARMS}
-            secs = {arm: statistics.mean(reach[arm]) * per_step[arm] for arm in ARMS}
-            s["math"]["seconds_to_target"] = secs
-            s["math"]["time_to_target_ratio"] = secs["online"] / secs["cached"]
+            s["math"]["seconds_per_step"] = per_step
+            s["math"]["seconds_to_target"] = {
+                what: {arm: (statistics.mean(x for x in steps if x is not None) * per_step[arm]
+                             if any(x is not None for x in steps) else None) for arm, steps in by_arm.items()}
+                for what, by_arm in reach.items()}
     if q.get("dialogue"):
         d = q["dialogue"]
         s["dialogue"] = {m: {arm: _mean_std([r["eval"][m] for r in d if r["arm"] == arm]) for arm in ARMS}
@@ -247,19 +257,25 @@ def markdown(t: dict, q: dict, s: dict) -> str:
                      f"{tm.get('write_s', 0):.1f} | {tm['wall_s']:.1f} | **{tm['overhead']:.1%}** |")
     if "math" in s:
         m = s["math"]
-        lines += ["", "## Student quality and time to a fixed accuracy (math, HPD, the default 7.6x pair)", "",
-                  "| arm | seeds | held-out accuracy | steps to "
-                  f"{m['target_accuracy']:.1%} | seconds to it |", "|---|---|---|---|---|"]
+        tg = m["targets"]
+        lines += ["", "## Student quality and time to a fixed level (math, HPD, the default 7.6x pair)", "",
+                  f"| arm | seeds | held-out accuracy | held-out NLL | steps to {tg['accuracy']:.1%} accuracy "
+                  f"(seeds reaching it) | seconds to it | steps to NLL {tg['nll']:.3f} | seconds to it |",
+                  "|---|---|---|---|---|---|---|---|"]
         for arm in ARMS:
-            mu, sd = m["accuracy"][arm]
-            reach = [x for x in m["steps_to_target"][arm] if x is not None]
-            secs = m.get("seconds_to_target", {}).get(arm)
-            lines.append(f"| {arm} | {len(m['steps_to_target'][arm])} | {mu:.1%} ± {sd:.1%} | "
-                         f"{statistics.mean(reach):.0f} | {'' if secs is None else f'{secs:.0f}'} |"
-                         if reach else f"| {arm} | - | {mu:.1%} ± {sd:.1%} | not reached | |")
-        lines.append(f"\nPaired by seed, cached - online: {m['paired'][0]:+.1%} ± {m['paired'][1]:.1%}."
-                     + (f" Online needs {m['time_to_target_ratio']:.2f}x the wall-clock to reach the target."
-                        if "time_to_target_ratio" in m else ""))
+            cells = []
+            for what in ("accuracy", "nll"):
+                steps = [x for x in m["steps_to_target"][what][arm] if x is not None]
+                secs = m.get("seconds_to_target", {}).get(what, {}).get(arm)
+                cells += [f"{statistics.mean(steps):.0f} ({len(steps)} of {len(m['steps_to_target'][what][arm])})"
+                          if steps else "not reached", "" if secs is None else f"{secs:.0f}"]
+            (am, asd), (nm, nsd) = m["accuracy"][arm], m["nll"][arm]
+            lines.append(f"| {arm} | {len(m['steps_to_target']['nll'][arm])} | {am:.1%} ± {asd:.1%} | "
+                         f"{nm:.3f} ± {nsd:.3f} | " + " | ".join(cells) + " |")
+        lines.append(f"\nPaired by seed, cached - online accuracy: {m['paired'][0]:+.1%} ± {m['paired'][1]:.1%}. "
+                     "Seconds = steps from the learning curves x seconds per step timed above "
+                     + (f"({m['seconds_per_step']['cached']:.2f} s cached, {m['seconds_per_step']['online']:.2f} s "
+                        f"online)." if "seconds_per_step" in m else "."))
     if "dialogue" in s:
         d = s["dialogue"]
         lines += ["", "## Student quality (dialogue, HPD, top-64 of 8192 cached vs the full vocabulary online)", "",
