@@ -110,12 +110,19 @@ def timed_distill(home: Path, config, name: str, overrides: list[str], steps: in
             "training_mb": rep["peak_rss_mb"] - rep["rss_start_mb"], "parameters": rep["parameters"]}
 
 
-def timing(home: Path, steps: dict, repeats: int) -> dict:
-    """In a fresh home of its own, so every cache is built (and its scoring timed) here."""
+def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None) -> dict:
+    """In a fresh home of its own, so every cache is built (and its scoring timed) here. `only`: these pairs
+    are measured again and the others kept from the last timing file."""
     scratch = home / "bench-timing"
     shutil.rmtree(scratch, ignore_errors=True)
     out, built = {}, {}
-    for label, (config, overrides) in setups(home).items():
+    last = RESULTS / "cached_vs_online_timing.json"
+    if only and last.exists():
+        out = {k: v for k, v in json.loads(last.read_text()).items() if k not in only}
+    pairs = setups(home)
+    for label, (config, overrides) in pairs.items():
+        if only and label not in only:
+            continue
         name = f"cvo-{label.replace(' ', '-')}"
         r = runner(scratch, config, name, overrides)
         for stage in ["data", "teacher", "generate", "score"]:
@@ -141,7 +148,7 @@ def timing(home: Path, steps: dict, repeats: int) -> dict:
         print(f"[timing] {label}: {out[label]['speedup']:.2f}x tokens/s, peak RSS "
               f"{out[label]['peak_rss_ratio']:.2f}x, training memory {out[label]['training_mb_ratio']:.2f}x, "
               f"score overhead {score['timing']['overhead']:.1%}", flush=True)
-    return out
+    return {k: out[k] for k in pairs if k in out}
 
 
 def quality(home: Path, seeds: int, math_steps: int, dialogue_steps: int) -> dict:
@@ -233,9 +240,9 @@ def summarise(t: dict, q: dict, k_values=(1, 4, 16)) -> dict:
 
 def markdown(t: dict, q: dict, s: dict) -> str:
     lines = ["# Cached teacher vs online teacher", "",
-             "Produced by `bench/cached_vs_online.py` (part of `make bench`); all ratios come from one invocation "
-             "on one machine (2 CPU cores, fp32). Each timed arm is its own process; arms alternate; medians "
-             "shown.", "",
+             "Produced by `bench/cached_vs_online.py` (part of `make bench`) on one machine (2 CPU cores, fp32). "
+             "Both arms of a pair are timed in the same invocation, each run in a process of its own, the arms "
+             "alternating; medians of the runs shown.", "",
              "## Speed and memory", "",
              "| teacher : student | parameters | cached tokens/s | online tokens/s | speed-up | peak RSS cached / "
              "online (MB) | ratio | training memory cached / online (MB) | ratio |",
@@ -302,6 +309,7 @@ def main():
     ap.add_argument("--math-steps", type=int, default=600)
     ap.add_argument("--dialogue-steps", type=int, default=300)
     ap.add_argument("--timing-steps", type=int, default=40)
+    ap.add_argument("--only", default="", help="timing: measure only these pairs again (comma-separated labels)")
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"), help="shares the default teachers")
     args = ap.parse_args()
     home = Path(args.home).resolve()
@@ -312,7 +320,7 @@ def main():
     # Each part keeps its results in a file of its own, so a part can be rerun alone; the report joins them.
     parts = {"quality": lambda: quality(home, args.seeds, args.math_steps, args.dialogue_steps),
              "timing": lambda: timing(home, {"math": args.timing_steps, "dialogue": args.timing_steps // 2},
-                                      args.repeats)}
+                                      args.repeats, [x for x in args.only.split(",") if x] or None)}
     RESULTS.mkdir(exist_ok=True)
     for part, fn in parts.items():
         if args.part in ("all", part):

@@ -251,7 +251,12 @@ def cached_vs_online() -> str:
                  f"share the tail mass out in "
                  f"proportion to the student. Online, the exact value is at hand. Variants that use the whole "
                  f"cached distribution instead are issue 9.")
-    body = md.read_text().split("\n", 2)[2]
+    lines[1] += (". The online arm adds only the teacher's weights and one batch of its logits (80-100 MB here); "
+                 "what dominates both arms is the student's own full-vocabulary logits, their log-softmax and "
+                 "their gradients ([batch, length, 8192] in fp32, over 500 MB at batch 32). A student loss "
+                 "computed only at response positions and in chunks (as Liger's fused losses do) would shrink "
+                 "that shared part and bring the ratio toward the teacher's share; it is not built yet.")
+    body = md.read_text().split("\n", 2)[2].replace("\n## ", "\n#### ")
     return "**Against the targets** (teachers at least 8x the student):\n\n" + "\n".join(lines) + "\n\n" + body
 
 
