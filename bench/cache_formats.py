@@ -75,8 +75,7 @@ def main():
 
     cfg = config_mod.load("dialogue", [])
     runner = Runner(build(cfg), cfg, Context(home=Path(args.home).resolve(), run_name="dialogue", seed=0))
-    for stage in ("data", "teacher", "generate"):
-        runner.run_stage(stage)
+    runner.run(until="generate")
     teacher = runner.manifest("teacher")["outputs"]
     store = SequenceStore(Path(runner.manifest("generate")["outputs"]["sequences"]))
     model, tok = modeling.load_causal_lm(teacher["model_dir"])

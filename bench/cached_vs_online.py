@@ -126,8 +126,7 @@ def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None)
             continue
         name = f"cvo-{label.replace(' ', '-')}"
         r = runner(scratch, config, name, overrides)
-        for stage in ["data", "teacher", "generate", "score"]:
-            r.run_stage(stage)
+        r.run(until="score")
         teacher, score = r.manifest("teacher")["outputs"], r.manifest("score")["outputs"]
         if score["timing"] is None:  # the cache was built (and timed) for an earlier pair with the same teacher
             score = built[score["cache_id"]]
@@ -138,9 +137,9 @@ def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None)
                 arms[arm].append(timed_distill(scratch, config, name, [*overrides, *extra],
                                                steps["math" if label.startswith("math") else "dialogue"]))
         med = {arm: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for arm, runs in arms.items()}
-        out[label] = {"teacher_parameters": _parameters(teacher["model_dir"]),
-                      "student_parameters": med["cached"]["parameters"],
-                      "size_ratio": _parameters(teacher["model_dir"]) / med["cached"]["parameters"],
+        teacher_parameters = _parameters(teacher["model_dir"])
+        out[label] = {"teacher_parameters": teacher_parameters, "student_parameters": med["cached"]["parameters"],
+                      "size_ratio": teacher_parameters / med["cached"]["parameters"],
                       "arms": med, "runs": arms, "score_timing": score["timing"],
                       "score_tokens": score["tokens"], "score_sequences": score["sequences"],
                       "speedup": med["cached"]["tokens_per_s"] / med["online"]["tokens_per_s"],
@@ -315,9 +314,7 @@ def main():
     args = ap.parse_args()
     home = Path(args.home).resolve()
     for config, name in [(None, "math"), ("dialogue", "dialogue")]:  # the default runs' teachers and caches
-        r = runner(home, config, name, [])
-        for stage in ["data", "teacher", "generate", "score"]:
-            r.run_stage(stage)
+        runner(home, config, name, []).run(until="score")
     # Each part keeps its results in a file of its own, so a part can be rerun alone; the report joins them.
     parts = {"quality": lambda: quality(home, args.seeds, args.math_steps, args.dialogue_steps),
              "timing": lambda: timing(home, {"math": args.timing_steps, "dialogue": args.timing_steps // 2},

@@ -57,8 +57,7 @@ def main():
     args = ap.parse_args()
     cfg = config_mod.load("dialogue", [])
     runner = Runner(build(cfg), cfg, Context(home=Path(args.home).resolve(), run_name="dialogue", seed=0))
-    for stage in ("data", "teacher", "generate"):
-        runner.run_stage(stage)
+    runner.run(until="generate")
     teacher_dir = runner.manifest("teacher")["outputs"]["model_dir"]
     from storage.sequences import SequenceStore
 

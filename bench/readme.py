@@ -191,7 +191,6 @@ def _dialogue_verdict(results: list[dict]) -> str:
     ranked = sorted(by, key=lambda m: mean(m, "response_nll_nats"))
     teacher = next(r["eval"]["teacher"] for r in results if r["eval"].get("teacher"))
     place = ranked.index("hpd") + 1
-    rouge = sorted(by, key=lambda m: -mean(m, "rouge_l"))
     online = ""
     q = RESULTS / "cached_vs_online_quality.json"
     if q.exists():

@@ -62,13 +62,7 @@ def run(stage, until, force, config_path, overrides):
     runner = _runner(config_path, overrides)
     if stage and until:
         raise HpdError("give either a STAGE or --until, not both")
-    if until:
-        if until not in runner.order:
-            raise HpdError(f"unknown stage {until!r}; stages: {', '.join(runner.order)}")
-        for name in runner.order[:runner.order.index(until) + 1]:
-            runner.run_stage(name, force=force)
-    else:
-        runner.run(stage, force=force)
+    runner.run(stage, force=force, until=until)
     _print_status(runner)
 
 

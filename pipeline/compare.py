@@ -45,8 +45,8 @@ def compare(config_path, overrides: list[str], out: Path | None = None, log=prin
         raise HpdError(f"compare.methods has unknown {', '.join(unknown) or 'entries'} (or compare.seeds < 1); "
                        f"choose from {', '.join(METHODS)}, hpd->opd")
     base = Runner(build(cfg), cfg, context_from_config(cfg))
-    for name in [s for s in OFFLINE if s in base.stages]:  # teacher and cache, once for all
-        base.run_stage(name)
+    shared = [s for s in OFFLINE if s in base.stages]  # no score stage with the teacher online
+    base.run(until=shared[-1])  # the teacher and the cache, once for every method and seed
     results = []
     for method in methods:
         extra = method_overrides(method, cfg)
@@ -58,7 +58,7 @@ def compare(config_path, overrides: list[str], out: Path | None = None, log=prin
                                                     f"eval.teacher={'true' if not results else 'false'}",
                                                     f'run.name="{name}"'])
             r = Runner(build(run_cfg), run_cfg, context_from_config(run_cfg))
-            r.adopt(cfg["run"]["name"], [s for s in OFFLINE if s in r.stages])
+            r.adopt(cfg["run"]["name"], shared)
             log(f"[compare] {method} seed {seed}: run {name}")
             r.run()
             distills = [s for s in r.order if s.split("-")[0] == "distill"]

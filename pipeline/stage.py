@@ -201,15 +201,17 @@ class Runner:
         self.ctx.log(f"[{name}] done in {seconds:.1f}s")
         return manifest
 
-    def run(self, target: str | None = None, force: bool = False) -> None:
+    def run(self, target: str | None = None, force: bool = False, until: str | None = None) -> None:
+        """Run `target` alone, or every out-of-date stage in order (up to and including `until`)."""
+        for name in (target, until):
+            if name is not None and name not in self.stages:
+                raise HpdError(f"unknown stage {name!r}; stages: {', '.join(self.order)}")
         self.ctx.run_dir.mkdir(parents=True, exist_ok=True)
         from .config import dumps
 
         atomic.write_bytes(self.ctx.run_dir / "config.toml", dumps(self.cfg).encode())
         if target is not None:
-            if target not in self.stages:
-                raise HpdError(f"unknown stage {target!r}; stages: {', '.join(self.order)}")
             self.run_stage(target, force=force)
             return
-        for name in self.order:
+        for name in self.order[:self.order.index(until) + 1 if until else None]:
             self.run_stage(name, force=force)
