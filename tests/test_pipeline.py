@@ -124,5 +124,6 @@ def test_teacher_changed_in_place_is_noticed(tmp_path, tiny_home):
 def test_score_reports_where_its_time_went(tiny_runner):
     t = tiny_runner.manifest("score")["outputs"]["timing"]
     assert t["forward_s"] > 0 and t["topk_s"] > 0 and t["write_s"] > 0
-    assert t["wall_s"] >= t["forward_s"] + t["topk_s"] + t["write_wait_s"]
-    assert t["overhead"] == pytest.approx((t["wall_s"] - t["forward_s"]) / t["forward_s"], rel=1e-2)
+    # the phases are disjoint parts of the wall time (each figure is rounded to 0.1 ms)
+    assert t["wall_s"] + 2e-4 >= t["forward_s"] + t["topk_s"] + t["write_wait_s"]
+    assert t["overhead"] == pytest.approx((t["wall_s"] - t["forward_s"]) / t["forward_s"], rel=1e-3, abs=1e-4)
