@@ -14,6 +14,7 @@ score stage (pipeline/graph.py leaves it out) and trains round 0 only.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from storage.sequences import SequenceStore
 
 from . import modeling
 from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
-from .losses import METHOD_PARAMS, METHODS, distill_loss
+from .losses import METHOD_PARAMS, METHODS, distill_loss, response_positions
 from .tasks import TASKS
 from .training import (PeriodicEval, ResponseCollator, job_dir, peak_rss_mb, publish_model, rss_mb,
                        train_causal_lm)
@@ -140,7 +141,11 @@ def mixture_loss(sources: list[Source], logits, labels, teacher, source, loss_pa
         if rows.any():
             sub = (teacher[rows] if isinstance(teacher, torch.Tensor)
                    else CacheBatch(**{f: getattr(teacher, f)[rows] for f in CACHE_FIELDS}))
-            parts.append((src, int(rows.sum()), *loss_of(src, logits[rows], labels[rows], sub)))
+            if logits.dim() == 2:  # logits at response positions only: a position belongs to its row's source
+                lg = logits[source[:, None].expand_as(labels)[response_positions(labels)] == s]
+            else:
+                lg = logits[rows]
+            parts.append((src, int(rows.sum()), *loss_of(src, lg, labels[rows], sub)))
     tokens = sum(d["tokens"] for *_, d in parts)
     loss = sum(part * d["tokens"] for _, _, part, d in parts) / max(tokens, 1)
     diag = {"tokens": tokens}
@@ -168,10 +173,18 @@ class DistillTrainer(Trainer):
                 self.teacher.to(inputs["input_ids"].device)
             with torch.no_grad():
                 teacher = self.teacher(**inputs).logits
-        outputs = model(**inputs)
+        # Student logits only where a loss is taken: the [B, L, V] logits and their gradient were most of a
+        # step's memory (response positions are a fraction of a padded batch; prompts take none).
+        keep = {"logits_to_keep": response_positions(labels)} if self._keeps_logits(model) else {}
+        outputs = model(**inputs, **keep)
         loss, diag = mixture_loss(self.sources, outputs.logits, labels, teacher, source, self.loss_params)
         self._diag.append(diag)
         return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _keeps_logits(model) -> bool:
+        forward = getattr(model, "module", model).forward  # the Trainer may hand over a DDP-wrapped model
+        return "logits_to_keep" in inspect.signature(forward).parameters
 
     def log(self, logs, *args, **kwargs):
         """Adds the mean of the loss diagnostics since the last log line (HPD's sample statistics among them)."""

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 NEG_INF = -float("inf")
 
@@ -107,25 +108,43 @@ METHODS = (*TOKEN_METHODS, *DISTRIBUTION_METHODS)
 
 # -- teacher views: what each kind of teacher input can tell about a position ------------------------------
 class _FullTeacher:
-    def __init__(self, logits: torch.Tensor, sel: torch.Tensor, temperature: float):
-        self.logp = torch.log_softmax(logits[:, :-1][sel].float() / temperature, -1).detach()
+    def __init__(self, logp: torch.Tensor):
+        self.logp = logp  # [N, V], detached
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, sel: torch.Tensor, temperature: float) -> _FullTeacher:
+        return cls(torch.log_softmax(logits[:, :-1][sel].float() / temperature, -1).detach())
+
+    def rows(self, part: slice) -> _FullTeacher:
+        return _FullTeacher(self.logp[part])
+
+    def expert(self, target: torch.Tensor) -> torch.Tensor:
+        return self.logp.gather(-1, target[:, None])[:, 0]
 
     def token(self, tokens: torch.Tensor, logq: torch.Tensor):
-        return self.logp.gather(-1, tokens[:, None])[:, 0], torch.ones_like(tokens, dtype=torch.bool)
+        return self.expert(tokens), torch.ones_like(tokens, dtype=torch.bool)
 
     def outcomes(self, logq: torch.Tensor) -> Outcomes:
         return Outcomes(self.logp, logq)
 
 
 class _CachedTeacher:
-    def __init__(self, cache, sel: torch.Tensor):
+    def __init__(self, ids, top, tail, target):
+        self.ids, self.top, self.tail, self.target = ids, top, tail, target
+
+    @classmethod
+    def of(cls, cache, sel: torch.Tensor) -> _CachedTeacher:
         if not bool(cache.mask[:, :-1][sel].all()):
             raise ValueError("the cache batch has no teacher entry for some labelled positions: cache rows and "
                              "token batch are misaligned (join them by sequence id)")
-        self.ids = cache.topk_ids[:, :-1][sel]
-        self.top = cache.topk_logprobs[:, :-1][sel].float()
-        self.tail = cache.tail_logmass[:, :-1][sel].float()
-        self.target = cache.target_logprob[:, :-1][sel].float()
+        return cls(cache.topk_ids[:, :-1][sel], cache.topk_logprobs[:, :-1][sel].float(),
+                   cache.tail_logmass[:, :-1][sel].float(), cache.target_logprob[:, :-1][sel].float())
+
+    def rows(self, part: slice) -> _CachedTeacher:
+        return _CachedTeacher(self.ids[part], self.top[part], self.tail[part], self.target[part])
+
+    def expert(self, target: torch.Tensor) -> torch.Tensor:
+        return self.target  # stored exactly, whether or not it is in the top-k
 
     def _student_tail(self, logq: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(logq.scatter(-1, self.ids, NEG_INF), -1)
@@ -150,8 +169,8 @@ class _CachedTeacher:
 
 def _teacher_view(teacher, sel, temperature):
     if isinstance(teacher, torch.Tensor):
-        return _FullTeacher(teacher, sel, temperature)
-    return _CachedTeacher(teacher, sel)
+        return _FullTeacher.of(teacher, sel, temperature)
+    return _CachedTeacher.of(teacher, sel)
 
 
 def hpd_weights(logp_star, logq_star, logp_samp, logq_samp, same):
@@ -164,10 +183,25 @@ def hpd_weights(logp_star, logq_star, logp_samp, logq_samp, same):
     return w_star, w, k1, k1s
 
 
+# Positions x vocabulary entries per loss chunk. The loss's vocabulary-wide tensors (log-softmax, weights and
+# their gradients) exist for one chunk at a time, recomputed in the backward pass (activation checkpointing),
+# so the loss's memory stays ~16 MB per tensor whatever the batch; only the logits and their gradient are whole.
+LOSS_CHUNK_ELEMENTS = 1 << 22
+
+
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the positions whose logits predict a labelled token. Given to a Hugging Face model as
+    `logits_to_keep`, it makes the model compute logits [N, V] only there, in the order distill_loss expects."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
+
 def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor, teacher=None,
                  sampled_tokens: torch.Tensor | None = None, *, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, **params):
-    """(scalar loss, diagnostics). `teacher`: teacher logits [B, L, V] or a CacheBatch; unused by sft.
+                 generator: torch.Generator | None = None, chunk_elements: int = LOSS_CHUNK_ELEMENTS, **params):
+    """(scalar loss, diagnostics): the mean over labelled positions. `student_logits`: [B, L, V], or [N, V] at
+    the `response_positions(labels)` only. `teacher`: teacher logits [B, L, V] or a CacheBatch; unused by sft.
 
     `sampled_tokens` [B, L] fixes HPD's per-position student sample (aligned with `labels`, i.e. the token
     sampled for label position t+1 sits at index t+1); without it one token is drawn from the student in fp32.
@@ -180,48 +214,61 @@ def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
     n = int(sel.sum())
     if n == 0:
         return student_logits.sum() * 0.0, {"tokens": 0}
-    logq = torch.log_softmax(student_logits[:, :-1][sel].float(), -1)  # [N, V]
-    target = y[sel]
-    logq_star = logq.gather(-1, target[:, None])[:, 0]
-    diag: dict = {"tokens": n}
-    if method == "sft":
-        loss = -logq_star.mean()
-        return loss, {**diag, "nll": loss.item()}
-    if teacher is None:
+    z = student_logits[:, :-1][sel] if student_logits.dim() == 3 else student_logits
+    if z.shape[0] != n:
+        raise ValueError(f"student logits have {z.shape[0]} positions but the labels {n}: give logits for every "
+                         f"position or for response_positions(labels) only")
+    if method != "sft" and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher (logits or a cache batch)")
-    view = _teacher_view(teacher, sel, temperature)
-    if isinstance(view, _CachedTeacher):
-        logp_star = view.target
-    else:
-        logp_star = view.token(target, logq)[0]
+    view = None if method == "sft" else _teacher_view(teacher, sel, temperature)
+    target = y[sel]
+    samples = None if sampled_tokens is None else sampled_tokens[:, 1:][sel]
+    rows = max(1, chunk_elements // z.shape[-1])
+    total, sums = 0.0, {}
+    for lo in range(0, n, rows):
+        part = slice(lo, min(lo + rows, n))
+        sample = None if samples is None else samples[part]
+        if method == "hpd" and sample is None:  # drawn outside the chunk so that its recomputation sees the same
+            with torch.no_grad():
+                sample = torch.multinomial(torch.softmax(z[part].detach().float(), -1), 1, generator=generator)[:, 0]
+        args = (method, view and view.rows(part), params, z[part], target[part], sample)
+        if z.requires_grad and n > rows:
+            loss_sum, stats = checkpoint(_position_losses, *args, use_reentrant=False)
+        else:
+            loss_sum, stats = _position_losses(*args)
+        total = total + loss_sum
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return total / n, {"tokens": n, **{k: v / n for k, v in sums.items()}}
+
+
+def _position_losses(method: str, view, params: dict, z: torch.Tensor, target: torch.Tensor, sample):
+    """Summed loss over a chunk of positions (its gradient the weighted log-likelihood's), and summed
+    diagnostics. z: the student's logits [n, V] at those positions."""
+    logq = torch.log_softmax(z.float(), -1)
+    logq_star = logq.gather(-1, target[:, None])[:, 0]
+    if method == "sft":
+        return -logq_star.sum(), {"nll": -logq_star.detach().sum()}
+    logp_star = view.expert(target)
 
     if method in DISTRIBUTION_METHODS:
         o = view.outcomes(logq)
         value, w = DISTRIBUTION_METHODS[method](Outcomes(o.logp, o.logq.detach()), o.logq.detach(), **params)
         surrogate = -(w.detach() * o.logq).sum(-1)
-        loss = value.mean() + (surrogate.mean() - surrogate.mean().detach())
-        return loss, {**diag, method: value.mean().item()}
+        return (value + surrogate - surrogate.detach()).sum(), {method: value.detach().sum()}
     if method == "seqkd":
-        loss = -(logp_star.exp() * logq_star).mean()
-        return loss, {**diag, "mean_weight": logp_star.exp().mean().item()}
+        return -(logp_star.exp() * logq_star).sum(), {"mean_weight": logp_star.exp().sum()}
     if method == "opd":  # on-policy data: the labels are the student's own samples
         adv = (logp_star - logq_star).detach()
-        loss = -(adv * logq_star).mean()
-        return loss, {**diag, "reward": adv.mean().item()}
+        return -(adv * logq_star).sum(), {"reward": adv.sum()}
 
     # hpd
-    if sampled_tokens is None:
-        with torch.no_grad():
-            sample = torch.multinomial(logq.detach().exp(), 1, generator=generator)[:, 0]
-    else:
-        sample = sampled_tokens[:, 1:][sel]
     logp_samp, inside = view.token(sample, logq)
     logq_samp = logq.gather(-1, sample[:, None])[:, 0]
     same = sample == target
-    w_star, w, k1, k1s = (t.detach() for t in hpd_weights(logp_star, logq_star.detach(), logp_samp.detach(),
-                                                           logq_samp.detach(), same))
-    loss = (-(w_star * logq_star) - (w * logq_samp)).mean()
-    return loss, {**diag, "sample_outside_topk": (~inside).float().mean().item(),
-                  "sample_term_active": (w != 0).float().mean().item(),
-                  "sample_is_expert": same.float().mean().item(), "mean_w_star": w_star.mean().item(),
-                  "mean_w_sample": w.mean().item(), "k1_positive": (k1 > 0).float().mean().item()}
+    w_star, w, k1, _ = (t.detach() for t in hpd_weights(logp_star, logq_star.detach(), logp_samp.detach(),
+                                                         logq_samp.detach(), same))
+    loss = (-(w_star * logq_star) - (w * logq_samp)).sum()
+    return loss, {"sample_outside_topk": (~inside).sum(), "sample_term_active": (w != 0).sum(),
+                  "sample_is_expert": same.sum(), "mean_w_star": w_star.sum(), "mean_w_sample": w.sum(),
+                  "k1_positive": (k1 > 0).sum()}

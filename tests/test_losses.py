@@ -228,3 +228,26 @@ def test_unknown_method_and_missing_teacher():
     with pytest.raises(ValueError, match="needs a teacher"):
         distill_loss("fkl", student, labels)
     assert set(METHODS) == {"sft", "seqkd", "hpd", "opd", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("cached", [False, True])
+def test_chunked_loss_at_response_positions_equals_the_whole_batch(method, cached):
+    """Logits given only at response positions (what `logits_to_keep` returns) and a loss computed a few
+    positions at a time, recomputed in backward, give the same value, gradient and diagnostics."""
+    from stages.losses import response_positions
+
+    student, teacher, labels = _inputs(10)
+    t_in = _as_cache(teacher, labels, 4) if cached else teacher.float()
+    sample = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(3))
+    whole = student.float().requires_grad_()
+    ref, ref_diag = distill_loss(method, whole, labels, teacher=t_in, sampled_tokens=sample)
+    ref.backward()
+    kept = student.float()[response_positions(labels)].requires_grad_()
+    loss, diag = distill_loss(method, kept, labels, teacher=t_in, sampled_tokens=sample, chunk_elements=2 * V)
+    loss.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(kept.grad, whole.grad[response_positions(labels)], atol=1e-7)
+    assert diag == pytest.approx(ref_diag)
+    with pytest.raises(ValueError, match="give logits for every position"):
+        distill_loss(method, kept[1:], labels, teacher=t_in)
