@@ -5,7 +5,7 @@ HPD    := $(VENV)/bin/hpd
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: teacher-cache distill test bench compare status clean venv
+.PHONY: teacher-cache distill test soak bench compare status clean venv
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ distill: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+soak: $(STAMP)
+	$(PY) tests/soak.py
+	$(PY) bench/readme.py
 
 compare: $(STAMP)
 	$(HPD) compare --out bench/results/compare_math

@@ -250,13 +250,79 @@ def cached_vs_online() -> str:
                  f"share the tail mass out in "
                  f"proportion to the student. Online, the exact value is at hand. Variants that use the whole "
                  f"cached distribution instead are issue 9.")
-    lines[1] += (". The online arm adds only the teacher's weights and one batch of its logits (80-100 MB here); "
-                 "what dominates both arms is the student's own full-vocabulary logits, their log-softmax and "
-                 "their gradients ([batch, length, 8192] in fp32, over 500 MB at batch 32). A student loss "
-                 "computed only at response positions and in chunks (as Liger's fused losses do) would shrink "
-                 "that shared part and bring the ratio toward the teacher's share; it is not built yet.")
+    lines[1] += (". Both arms compute the student's logits only at response positions (`logits_to_keep`) and "
+                 "its loss in checkpointed chunks of positions (stages/losses.py), so what the cached arm holds "
+                 "beyond fixed costs is the student's logits and their gradient at response positions. The online "
+                 "arm adds the teacher's weights, its activations and its full [batch, length, vocabulary] "
+                 "logits, as TRL computes them. The ratio therefore falls as the teacher grows (dialogue: 0.69 "
+                 "at 2.9x, 0.64 at 8.4x, 0.37 at 37x; a 7B teacher's 14 GB of bf16 weights would dominate "
+                 "completely). On math the vocabulary has 18 tokens and the teacher weighs 3 MB: both arms are "
+                 "the same ~250 MB of fixed costs (Trainer, batches, allocator), and no cache can change that. "
+                 "Before the chunked loss the dialogue ratios were 0.86-0.88 (the [batch, length, 8192] student "
+                 "logits and their gradients were most of both arms); it also raised cached tokens/s by 1.6-1.8x. "
+                 "The quality runs below predate the chunked loss, which gives the same values and gradients "
+                 "(tests/test_losses.py) but draws HPD's samples in a different order")
     body = md.read_text().split("\n", 2)[2].replace("\n## ", "\n#### ")
     return "**Against the targets** (teachers at least 8x the student):\n\n" + "\n".join(lines) + "\n\n" + body
+
+
+# The reliability matrix: every fault the suite injects, and the test that injects it (tests/).
+RELIABILITY = [
+    ("Crash (SIGKILL)", [
+        ("teacher training, after a checkpoint", "test_crash_resume: resumes from the checkpoint"),
+        ("generate, between shards", "test_faults: same sequence fingerprint"),
+        ("score, between shards", "test_crash_resume: identical cache, resumes after the kept shards"),
+        ("distill, after a checkpoint", "test_distill: the uninterrupted student, bit for bit"),
+        ("refresh and rescore, between shards", "test_refresh: same samples, same shard checksums"),
+        ("round training, after a checkpoint", "test_refresh: the uninterrupted student, bit for bit"),
+        ("eval, between student and teacher", "test_faults: the same report"),
+        ("anywhere, at random moments", "`make soak` (below)")]),
+    ("Corruption", [
+        ("a flipped byte, a truncated shard, a deleted shard", "test_faults: each named when opened and by "
+                                                               "`hpd cache verify`; distill refuses"),
+        ("a hand-edited manifest (a value, or broken JSON)", "test_faults: the manifest's own checksum"),
+        ("a damaged sequence shard", "test_faults: distill refuses, naming the shard"),
+        ("a damaged shard while a writer resumes", "test_logit_cache: only intact shards are kept")]),
+    ("Bad input (one line, exit 2, nothing published)", [
+        ("missing file; malformed JSONL; missing field; empty file; empty prompt; non-UTF-8 text",
+         "test_bad_input"),
+        ("sequence longer than the context: refused, or cut with a warning (`generate.too_long`)",
+         "test_bad_input"),
+        ("teacher and student with different tokenizers; k larger than the vocabulary", "test_bad_input"),
+        ("unknown loss; negative learning rate; alpha outside [0, 1]; share outside [0, 1]; unknown key or "
+         "stage", "test_bad_input"),
+        ("not a causal LM; no config.json; config but no weights; NaN logits from the teacher",
+         "test_bad_input"),
+        ("cache root not writable; disk full in the middle of a shard (resumes once space is back)",
+         "test_bad_input")]),
+    ("Concurrency", [
+        ("two runs build the same cache at once", "test_cache_tools: one builds, the other waits and reuses"),
+        ("two experiments read one cache at once", "test_cache_tools: identical tensors"),
+        ("`hpd cache gc` while a run reads a cache", "test_faults: kept while read; removed once the reader "
+                                                     "is dead")]),
+]
+
+
+def reliability() -> str:
+    rows = ["| fault | case | what is checked |", "|---|---|---|"]
+    for kind, cases in RELIABILITY:
+        rows += [f"| {kind if i == 0 else ''} | {case} | {check} |" for i, (case, check) in enumerate(cases)]
+    n = sum(len(c) for _, c in RELIABILITY)
+    soak_file = RESULTS / "soak.json"
+    if soak_file.exists():
+        soak = json.loads(soak_file.read_text())
+        by_stage = ", ".join(f"{s} {k}" for s, k in soak["kills_by_stage"].items())
+        soak_line = (f"**Soak** (`make soak`, tests/soak.py): {soak['trials']} trials, {soak['kills']} SIGKILLs at "
+                     f"random moments ({by_stage}). After the reruns, {soak['trials_matching_reference']} of "
+                     f"{soak['trials']} trials published exactly the uninterrupted run's outputs "
+                     f"({soak['outputs_compared_per_trial']} outputs compared per trial: sequences, every cache "
+                     f"shard's checksum, both students' weights, the evaluation report, leftover temporaries). "
+                     f"**Bytes lost: {soak['mismatched_outputs']}.**")
+    else:
+        soak_line = "**Soak:** not run yet (`make soak`)."
+    return (f"{n} fault rows, all in `make test` except the soak; every one is survived: the fault is named in "
+            f"one line and nothing wrong is published or trained on.\n\n" + "\n".join(rows) + "\n\n"
+            + soak_line + "\n")
 
 
 def main():
@@ -264,7 +330,7 @@ def main():
     text = readme.read_text()
     for name, fn in (("default-task", default_task), ("cache-formats", cache_formats),
                      ("hpd-gradient", hpd_gradient), ("refresh-rounds", refresh_rounds), ("compare", compare),
-                     ("cached-vs-online", cached_vs_online)):
+                     ("cached-vs-online", cached_vs_online), ("reliability", reliability)):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text,
                       flags=re.S)

@@ -1,6 +1,7 @@
 """The `hpd` command line."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -9,6 +10,7 @@ import click
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from storage.faults import arm_timer  # noqa: E402
 from storage.logit_cache import CacheMismatchError  # noqa: E402
 from storage.shards import CorruptShardError  # noqa: E402
 
@@ -38,12 +40,24 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
+# Failures of the machine rather than of the code: said in one line with what to do, like bad input.
+OS_ERRORS = {errno.ENOSPC: "the disk is full; free space (e.g. `hpd cache gc`) and rerun: finished shards are kept",
+             errno.EDQUOT: "the disk quota is exceeded; free space and rerun: finished shards are kept",
+             errno.EACCES: "permission denied; make it writable or set run.home (or HPD_HOME) to a directory you own",
+             errno.EPERM: "operation not permitted; set run.home (or HPD_HOME) to a directory you own",
+             errno.EROFS: "the file system is read-only; set run.home (or HPD_HOME) to a writable directory"}
+
+
 class HpdGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except USER_ERRORS as e:
             raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except OSError as e:
+            if e.errno not in OS_ERRORS:
+                raise
+            raise UserError(f"{e.filename or ''}: {OS_ERRORS[e.errno]}".lstrip(": ")) from None
 
 
 @click.group(cls=HpdGroup)
@@ -228,21 +242,30 @@ def cache_show(cache_id, config_path, overrides, as_json):
 
 
 @cache.command("verify")
-@click.argument("cache_id")
+@click.argument("cache_id", required=False)
 @config_option
 @set_option
 def cache_verify(cache_id, config_path, overrides):
-    """Check every shard's checksum; exit 1 naming each bad shard."""
+    """Check each cache's manifest and every shard's checksum (all caches without CACHE_ID); exit 1 naming
+    every bad file."""
     from storage import catalog
 
     _, root = _root(config_path, overrides)
-    c = _open(root, cache_id)
-    bad = catalog.verify(c)
-    for msg in bad:
-        click.echo(f"bad: {msg}", err=True)
-    if bad:
+    dirs = [p for p in root.published_dirs() if p.name.startswith(cache_id or "")]
+    if not dirs:
+        raise HpdError(f"no cache under {root.root}" + (f" with an id starting {cache_id!r}" if cache_id else "")
+                       + "; `hpd cache ls` lists them")
+    failed = 0
+    for d in dirs:
+        bad = catalog.verify(d)
+        for msg in bad:
+            click.echo(f"bad: {msg}", err=True)
+        failed += bool(bad)
+        if not bad:
+            click.echo(f"{d.name}: intact")
+    if failed:
+        click.echo(f"{failed} of {len(dirs)} caches damaged; rebuild them with `hpd run` (score stages)", err=True)
         raise click.exceptions.Exit(1)
-    click.echo(f"{c.id}: all {c.shards.num_shards} shards intact")
 
 
 @cache.command("repack")
@@ -283,4 +306,5 @@ def cache_gc(dry_run, config_path, overrides):
 
 
 def main():
+    arm_timer()  # the soak's random SIGKILL, when HPD_KILL_AT_TIME is set
     cli.main(prog_name="hpd")

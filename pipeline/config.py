@@ -46,6 +46,42 @@ def _merge(base: dict, update: dict, source: str) -> None:
             base[section][key] = _coerce(f"{section}.{key}", base[section][key], value)
 
 
+# Allowed ranges of numeric keys (keys not named here: any value of the right type). Checked once, at load,
+# so a bad value fails before any stage runs rather than hours later in the stage that reads it.
+POSITIVE = ("teacher.learning_rate", "distill.learning_rate", "rounds.learning_rate", "generate.temperature",
+            "score.temperature", "refresh.temperature", "eval.temperature", "eval.timeout")
+AT_LEAST_ONE = ("data.train_examples", "data.heldout_examples", "data.digits", "data.history_messages",
+                "data.max_prompt_chars", "data.max_response_chars",
+                *(f"{s}.{k}" for s in ("teacher", "distill") for k in ("n_layer", "n_embd", "n_head", "steps",
+                                                                        "batch_size", "checkpoint_steps",
+                                                                        "eval_examples")),
+                "generate.samples_per_prompt", "generate.max_new_tokens", "generate.batch_size",
+                "generate.shard_size", "score.batch_size", "score.shard_size", "distill.gradient_accumulation_steps",
+                "distill.curve_examples", "rounds.steps", "refresh.samples_per_prompt", "refresh.batch_size",
+                "refresh.shard_size", "eval.examples", "eval.samples", "compare.seeds", "compare.steps")
+NOT_NEGATIVE = ("run.seed", "teacher.warmup_steps", "generate.num_prompts", "score.top_k", "distill.seed",
+                "distill.warmup_steps", "distill.curve_every", "rounds.count", "rounds.warmup_steps",
+                "refresh.max_new_tokens", "eval.max_new_tokens", "eval.humaneval_problems", "compare.opd_rounds",
+                "compare.curve_every")
+UNIT_INTERVAL = ("distill.beta", "distill.alpha", "distill.mu", "rounds.refresh_share")
+
+
+def validate(cfg: dict) -> None:
+    """A one-line error for the first value outside its range."""
+    def check(keys, ok, what):
+        for dotted in keys:
+            section, key = dotted.split(".")
+            if not ok(cfg[section][key]):
+                raise HpdError(f"config {dotted} must be {what}, got {cfg[section][key]!r}")
+
+    check(POSITIVE, lambda v: v > 0, "> 0")
+    check(AT_LEAST_ONE, lambda v: v >= 1, ">= 1")
+    check(NOT_NEGATIVE, lambda v: v >= 0, ">= 0")
+    check(UNIT_INTERVAL, lambda v: 0 <= v <= 1, "between 0 and 1")
+    check(("data.operands",), lambda v: v >= 2, ">= 2")
+    check(("refresh.prompt_fraction",), lambda v: 0 < v <= 1, "in (0, 1]")
+
+
 def parse_override(text: str) -> dict:
     """`section.key=value`; the value is read as TOML (numbers, booleans, quoted strings), else as a string."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
@@ -75,6 +111,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
         _merge(cfg, user, str(path))
     for text in overrides:
         _merge(cfg, parse_override(text), "--set")
+    validate(cfg)
     return cfg
 
 

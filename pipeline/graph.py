@@ -23,10 +23,11 @@ OFFLINE = [
 
 def build(cfg: dict) -> list[Stage]:
     rounds = cfg["rounds"]
-    if rounds["count"] < 0:
-        raise HpdError(f"rounds.count must be >= 0, got {rounds['count']}")
-    if not 0 <= rounds["refresh_share"] <= 1:
-        raise HpdError(f"rounds.refresh_share must be between 0 and 1, got {rounds['refresh_share']}")
+    from stages.losses import METHODS  # checked here so that a typo fails before hours of teacher work
+
+    for section, key in (("distill", "method"), ("rounds", "method"), ("rounds", "offline_method")):
+        if cfg[section][key] not in (*METHODS, "") or (cfg[section][key] == "" and key == "method"):
+            raise HpdError(f"{section}.{key}={cfg[section][key]!r} is unknown; choose one of {', '.join(METHODS)}")
     stages, previous = list(OFFLINE), "distill"
     if cfg["distill"]["teacher_source"] not in ("cache", "online"):
         raise HpdError(f"distill.teacher_source={cfg['distill']['teacher_source']!r} is unknown; choose cache "

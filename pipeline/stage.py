@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import inspect
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -206,7 +207,13 @@ class Runner:
         for name in (target, until):
             if name is not None and name not in self.stages:
                 raise HpdError(f"unknown stage {name!r}; stages: {', '.join(self.order)}")
-        self.ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.ctx.run_dir, self.ctx.cache_root, self.ctx.model_root):  # fail now, not hours in
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=d).close()
+            except OSError as e:
+                raise HpdError(f"{d} is not writable ({e.strerror}); make it writable or set run.home (or "
+                               f"HPD_HOME) to a directory you can write") from None
         from .config import dumps
 
         atomic.write_bytes(self.ctx.run_dir / "config.toml", dumps(self.cfg).encode())

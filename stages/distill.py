@@ -58,7 +58,7 @@ def open_source(name: str, generate: dict, score: dict | None, method: str, shar
     store = SequenceStore(Path(generate["sequences"]))
     if score is None:
         return Source(name, store, None, method, share)
-    cache = LogitCache(Path(score["cache"]))
+    cache = LogitCache(Path(score["cache"])).hold()  # `hpd cache gc` must not remove it while we train
     if cache.key["data"] != store.fingerprint or cache.num_sequences != len(store):
         raise HpdError(f"cache {cache.id} was scored on other sequences than {generate['sequences']}; rerun score")
     return Source(name, store, cache, method, share)

@@ -44,14 +44,19 @@ def read_prompts(path: str, prompt_field: str, response_field: str | None, limit
         raise HpdError(f"prompts file {p} cannot be read ({str(e).splitlines()[0]})") from None
     if isinstance(ds, datasets.DatasetDict):
         raise HpdError(f"{p} holds several splits ({', '.join(ds)}); point generate.prompts at one split")
+    if len(ds) == 0:
+        raise HpdError(f"{p} has no rows; give a file with at least one prompt")
     for field in filter(None, (prompt_field, response_field)):
         if field not in ds.column_names:
             raise HpdError(f"{p} has no field {field!r} (fields: {', '.join(ds.column_names)}); "
                            f"set generate.prompt_field / generate.response_field")
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
-    prompts = ds[prompt_field]
-    responses = ds[response_field] if response_field else None
+    try:
+        prompts = list(ds[prompt_field])  # datasets gives a lazy column; decode every row here
+        responses = list(ds[response_field]) if response_field else None
+    except UnicodeDecodeError:  # Arrow's JSON reader takes the bytes as they are; Python's strings do not
+        raise HpdError(_not_utf8(p)) from None
     for i, text in enumerate(prompts):
         if not isinstance(text, str) or not text.strip():
             raise HpdError(f"{p} row {i + 1}: the prompt is empty; fill it in or remove the row")
@@ -63,6 +68,19 @@ def read_prompts(path: str, prompt_field: str, response_field: str | None, limit
     return prompts, responses
 
 
+def _not_utf8(p: Path) -> str:
+    where = ""
+    if p.is_file():
+        with open(p, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    where = f" line {n}"
+                    break
+    return f"{p}{where} is not UTF-8 text; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+
+
 def _read_json(p: Path):
     import datasets
 
@@ -70,8 +88,13 @@ def _read_json(p: Path):
         return datasets.Dataset.from_json(str(p))
     except Exception:
         # datasets' own error does not say where; find the first bad line for the user.
-        with open(p) as f:
-            for n, line in enumerate(f, 1):
+        seen = False
+        with open(p, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise HpdError(_not_utf8(p)) from None
                 if not line.strip():
                     continue
                 try:
@@ -81,6 +104,9 @@ def _read_json(p: Path):
                 if not isinstance(obj, dict):
                     raise HpdError(f"{p} line {n} is not a JSON object; each line must be "
                                    f"{{\"prompt\": ...}}") from None
+                seen = True
+        if not seen:
+            raise HpdError(f"{p} has no rows; give a file with at least one prompt") from None
         raise
 
 
@@ -113,8 +139,6 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
         raise HpdError("generate.prompts is empty and there is no built-in task; set generate.prompts to a file")
     if cfg["mode"] not in ("dataset", "teacher"):
         raise HpdError(f"generate.mode must be \"dataset\" or \"teacher\", got {cfg['mode']!r}")
-    if cfg["samples_per_prompt"] < 1 or cfg["shard_size"] < 1 or cfg["temperature"] <= 0:
-        raise HpdError("generate.samples_per_prompt and generate.shard_size must be >= 1, temperature > 0")
     from_data = cfg["mode"] == "dataset"
     prompts, responses = read_prompts(source, cfg["prompt_field"], cfg["response_field"] if from_data else None,
                                       cfg["num_prompts"])
@@ -122,12 +146,10 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     context = modeling.context_length(model)
     pairs = [encode_pair(tokenizer, p, r) for p, r in
              zip(prompts, responses if from_data else [None] * len(prompts))]
-    for i, (p, r) in enumerate(pairs):
-        n = len(p) + (len(r) if from_data else cfg["max_new_tokens"])
-        if n > context:
-            what = "prompt + response" if from_data else "prompt + generate.max_new_tokens"
-            raise HpdError(f"{source} row {i + 1}: {what} is {n} tokens, longer than the teacher's context of "
-                           f"{context}; shorten it or lower generate.max_new_tokens")
+    pairs, max_new, truncated = _fit_context(pairs, context, cfg, source, from_data)
+    if truncated:
+        ctx.log(f"warning: generate.too_long=\"truncate\": {truncated} of {len(pairs)} sequences cut to the "
+                f"teacher's context of {context} tokens")
 
     final = ctx.stage_dir("generate") / "sequences"
     meta = {"config": cfg, "teacher": teacher["fingerprint"], "source": file_digest(source)
@@ -137,12 +159,37 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     else:
         writer, num_shards = modeling.sample_to_store(
             model, tokenizer, [p for p, _ in pairs], final, meta, samples_per_prompt=cfg["samples_per_prompt"],
-            prompts_per_shard=cfg["shard_size"], max_new_tokens=cfg["max_new_tokens"],
+            prompts_per_shard=cfg["shard_size"], max_new_tokens=max_new,
             temperature=cfg["temperature"], batch_size=cfg["batch_size"], seed=ctx.seed, desc="generate")
     manifest = writer.finish(num_shards)
     tokens = sum(s["tokens"] for s in manifest["shards"])
     return {"sequences": str(final), "source": str(source), "count": manifest["rows"], "tokens": tokens,
-            "fingerprint": manifest["fingerprint"]}
+            "truncated": truncated, "fingerprint": manifest["fingerprint"]}
+
+
+def _fit_context(pairs: list, context: int, cfg: dict, source, from_data: bool) -> tuple[list, int, int]:
+    """(pairs, max_new_tokens, number cut) with every sequence inside the teacher's context: refused, or with
+    generate.too_long = "truncate" cut (dataset mode: the response's end; teacher mode: fewer new tokens)."""
+    if cfg["too_long"] not in ("refuse", "truncate"):
+        raise HpdError(f"generate.too_long must be \"refuse\" or \"truncate\", got {cfg['too_long']!r}")
+    truncate, max_new, cut = cfg["too_long"] == "truncate", cfg["max_new_tokens"], 0
+    for i, (p, r) in enumerate(pairs):
+        n = len(p) + (len(r) if from_data else max_new)
+        if n <= context:
+            continue
+        room = context - len(p)
+        if not truncate or room < 1:
+            what = "prompt + response" if from_data else "prompt + generate.max_new_tokens"
+            fix = "its prompt alone fills the context; shorten or remove it" if room < 1 else \
+                "shorten it, lower generate.max_new_tokens, or set generate.too_long=\"truncate\""
+            raise HpdError(f"{source} row {i + 1}: {what} is {n} tokens, longer than the teacher's context of "
+                           f"{context}; {fix}")
+        cut += 1
+        if from_data:
+            pairs[i] = (p, r[:room])
+        else:
+            max_new = room
+    return pairs, max_new, cut
 
 
 def _write_dataset(final: Path, meta: dict, pairs: list, per_shard: int):

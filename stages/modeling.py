@@ -52,7 +52,13 @@ def load_causal_lm(path: str | Path, dtype=torch.float32):
     except Exception as e:  # noqa: BLE001
         raise HpdError(f"model path {path}: tokenizer cannot be loaded ({str(e).splitlines()[0]}); "
                        f"save it next to the model with tokenizer.save_pretrained") from None
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    if not any(next(Path(path).glob(pattern), None) for pattern in ("*.safetensors", "*.bin")):
+        raise HpdError(f"model path {path} has a config but no weights (*.safetensors or *.bin); "
+                       f"save the model there with save_pretrained")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - truncated or mismatched weights raise many types
+        raise HpdError(f"model path {path}: the weights cannot be loaded ({str(e).splitlines()[0]})") from None
     model.eval()
     return model, tokenizer
 

@@ -36,11 +36,6 @@ def choose_prompts(store: SequenceStore, fraction: float, seed: int, round_: int
 
 def run(ctx, cfg: dict, inputs: dict) -> dict:
     gen, student = inputs["generate"], inputs["student"]
-    if not 0 < cfg["prompt_fraction"] <= 1:
-        raise HpdError(f"refresh.prompt_fraction must be in (0, 1], got {cfg['prompt_fraction']}")
-    if cfg["samples_per_prompt"] < 1 or cfg["shard_size"] < 1 or cfg["max_new_tokens"] < 0 or cfg["temperature"] <= 0:
-        raise HpdError("refresh.samples_per_prompt and shard_size must be >= 1, max_new_tokens >= 0, "
-                       "temperature > 0")
     round_, seed = cfg["round"], student.get("seed", ctx.seed)  # the student's seed: seeds vary its samples too
     store = SequenceStore(Path(gen["sequences"]))
     prompts = choose_prompts(store, cfg["prompt_fraction"], seed, round_)

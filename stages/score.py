@@ -53,7 +53,12 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
         spans = [(p - 1, len(s) - 1) for s, p in zip(seqs, prompt_lens)]
         rows = torch.cat([torch.full((e - st,), b) for b, (st, e) in enumerate(spans)])
         cols = torch.cat([torch.arange(st, e) for st, e in spans])
-        lp = torch.log_softmax(logits[rows, cols].float() / temperature, dim=-1)  # [N, V]
+        kept = logits[rows, cols].float()
+        if not torch.isfinite(kept).all():  # a broken teacher must not become a cache that students trust
+            bad = int((~torch.isfinite(kept)).any(-1).sum())
+            raise HpdError(f"the teacher's logits are NaN or inf at {bad} of {len(kept)} positions of a batch; "
+                           f"the teacher is broken (check its weights and dtype, e.g. fp16 overflow)")
+        lp = torch.log_softmax(kept / temperature, dim=-1)  # [N, V]
         top_lp, top_ids = torch.topk(lp, top_k, dim=-1)  # sorted by log-prob
         target = lp.gather(-1, ids[rows, cols + 1].unsqueeze(-1)).squeeze(-1)
         # The tail is summed directly over the tokens outside the top-k: log(1 - sum(top)) loses all precision
@@ -74,8 +79,6 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     if not 1 <= k <= teacher["vocab_size"]:
         raise HpdError(f"score.top_k={k} must be between 1 and the teacher's vocabulary size "
                        f"({teacher['vocab_size']}); lower it")
-    if temperature <= 0 or cfg["batch_size"] < 1 or cfg["shard_size"] < 1:
-        raise HpdError("score.temperature must be > 0, score.batch_size and score.shard_size >= 1")
     try:
         encoding = encodings.get(cfg["encoding"])
     except ValueError as e:
@@ -115,11 +118,11 @@ def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict)
     resumed = sum(writer.done(i) for i in range(num_shards))
     if resumed:
         ctx.log(f"[{ctx.stage}] resuming: {resumed} of {num_shards} shards already published")
-    bar = tqdm(total=len(store), desc=f"teacher scoring ({ctx.stage})", unit="seq", initial=resumed * size)
     # A shard is encoded, compressed and written by a background thread while the teacher scores the next
     # one (zstd, Arrow and file I/O release the GIL); at most one shard waits, so memory stays bounded.
     timer, pending, t0 = Timer(), None, time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1) as io:
+    with tqdm(total=len(store), desc=f"teacher scoring ({ctx.stage})", unit="seq", initial=resumed * size) as bar, \
+            ThreadPoolExecutor(max_workers=1) as io:  # the bar closes (ends its line) even on an error
         for shard in range(num_shards):
             if writer.done(shard):
                 continue
@@ -139,7 +142,6 @@ def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict)
         with timer("write_wait"):
             if pending is not None:
                 pending.result()
-    bar.close()
     writer.finish(num_shards)
     wall = time.perf_counter() - t0
     timing = {"wall_s": round(wall, 4), **{f"{k}_s": round(v, 4) for k, v in timer.items()}}

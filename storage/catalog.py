@@ -1,6 +1,7 @@
 """The catalog of caches under a cache root: listing, verification, repacking and garbage collection."""
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -9,8 +10,9 @@ import torch
 from filelock import Timeout
 
 from . import encodings as enc
+from . import leases
 from .logit_cache import CacheRoot, LogitCache, ScoredSequence, key_id, users
-from .shards import CorruptShardError, lock_for
+from .shards import MANIFEST, CorruptShardError, lock_for
 
 
 def describe(cache: LogitCache) -> dict:
@@ -29,8 +31,12 @@ def describe(cache: LogitCache) -> dict:
     }
 
 
-def verify(cache: LogitCache) -> list[str]:
-    """Every shard's checksum; returns the messages for the bad ones (empty when all are intact)."""
+def verify(directory: Path) -> list[str]:
+    """The manifest's seal and every shard's checksum; the messages for what is bad (empty when intact)."""
+    try:
+        cache = LogitCache(directory, verify=False)
+    except CorruptShardError as e:
+        return [str(e)]  # without a trustworthy manifest the shards cannot be checked against anything
     bad = []
     for i in range(cache.shards.num_shards):
         try:
@@ -97,25 +103,36 @@ def referenced_caches(home: Path) -> set[str]:
 
 
 def gc(root: CacheRoot, referenced: set[str], dry_run: bool = False) -> list[tuple[Path, str]]:
-    """Remove temporaries no writer holds and published caches no run references; returns what (and why)."""
+    """Remove temporaries no writer holds and published caches no run references and no process reads;
+    returns what (and why). Each decision is taken, and a cache moved aside, under that cache's lock, so a
+    reader that registers at the same moment either keeps the cache or finds it gone, never half-removed."""
     doomed: list[tuple[Path, str]] = []
     if not root.root.exists():
         return doomed
     for p in sorted(root.root.iterdir()):
-        if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
-            final = p.with_name(p.name.split("-", 1)[1])
-            try:  # a live writer holds the lock: its temporary is work in progress, not garbage
-                with lock_for(final).acquire(timeout=0):
-                    doomed.append((p, "unfinished temporary"))
-            except Timeout:
-                continue
-        elif p.is_dir() and (p / "manifest.json").exists() and p.name not in referenced:
-            doomed.append((p, "no run references it"))
-    if not dry_run:
-        for p, _ in doomed:
-            shutil.rmtree(p, ignore_errors=True)
-            lock = p.parent / f".{p.name}.lock"
-            lock.unlink(missing_ok=True)
+        if not p.is_dir():
+            continue
+        if p.name.startswith((".tmp-", ".old-")):
+            final, why = p.with_name(p.name.split("-", 1)[1]), "unfinished temporary"
+        elif (p / MANIFEST).exists() and p.name not in referenced:
+            final, why = p, "no run references it"
+        else:
+            continue
+        try:  # a live writer holds the lock: its temporary is work in progress, not garbage
+            with lock_for(final).acquire(timeout=0):
+                if final == p and leases.live(p):
+                    continue  # an experiment is training from it right now
+                doomed.append((p, why))
+                if not dry_run and final == p:
+                    aside = p.with_name(f".old-{p.name}")
+                    os.replace(p, aside)
+                    shutil.rmtree(aside, ignore_errors=True)
+                elif not dry_run:
+                    shutil.rmtree(p, ignore_errors=True)
+        except Timeout:
+            continue
+        if not dry_run and final == p:
+            (p.parent / f".{p.name}.lock").unlink(missing_ok=True)
     return doomed
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import atomic
+from . import atomic, leases
 from . import encodings as enc
 from .fingerprint import digest
 from .shards import MANIFEST, ShardSet, ShardWriter, lock_for
@@ -158,6 +158,18 @@ class LogitCache:
     def id(self) -> str:
         return self.dir.name
 
+    def hold(self) -> LogitCache:
+        """Marks this process as a reader until it exits, so that `hpd cache gc` leaves the cache alone."""
+        try:
+            with lock_for(self.dir):
+                if not (self.dir / MANIFEST).exists():
+                    raise FileNotFoundError(f"cache {self.dir} was removed (hpd cache gc?) while opening it; "
+                                            f"rerun the score stage to rebuild it")
+                leases.take(self.dir)
+        except PermissionError:
+            pass  # a read-only shared cache: its owner's gc is not ours to stop; reading needs no lease
+        return self
+
     @property
     def num_sequences(self) -> int:
         return self.manifest["rows"]
@@ -253,19 +265,19 @@ class CacheRoot:
             "num_sequences": num_sequences, "vocab_size": vocab_size, "provenance": provenance or {}})
 
     def open(self, cache_id: str) -> LogitCache:
-        matches = [p for p in self._published() if p.name.startswith(cache_id)] if cache_id else []
+        matches = [p for p in self.published_dirs() if p.name.startswith(cache_id)] if cache_id else []
         if len(matches) != 1:
             what = "no cache" if not matches else f"{len(matches)} caches"
             raise KeyError(f"{what} under {self.root} with an id starting {cache_id!r}; `hpd cache ls` lists them")
         return LogitCache(matches[0], verify=False)
 
-    def _published(self) -> list[Path]:
+    def published_dirs(self) -> list[Path]:
         if not self.root.exists():
             return []
         return [p for p in sorted(self.root.iterdir()) if p.is_dir() and (p / MANIFEST).exists()]
 
     def list(self) -> list[LogitCache]:
-        return [LogitCache(p, verify=False) for p in self._published()]
+        return [LogitCache(p, verify=False) for p in self.published_dirs()]
 
     def record_use(self, cache: LogitCache, run: str) -> None:
         """Remember which runs use a cache and when it was last used."""

@@ -33,7 +33,12 @@ def rows_table(seq_ids, prompt_index, prompt_lens, input_ids) -> pa.Table:
 def is_published(directory: Path) -> bool:
     """A finished sequence store of this format is at `directory` (what a stage's published() asks)."""
     manifest = Path(directory) / MANIFEST
-    return manifest.is_file() and json.loads(manifest.read_text()).get("format") == FORMAT
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format") == FORMAT
+    except (ValueError, AttributeError):
+        return True  # published but damaged: opening it names the file (shards.read_manifest)
 
 
 def content_digest(table: pa.Table) -> str:

@@ -25,8 +25,8 @@ import zstandard
 from filelock import FileLock
 
 from . import atomic
-from .faults import crash_point
-from .fingerprint import file_digest
+from .faults import crash_point, disk_full_point
+from .fingerprint import digest, file_digest
 
 MANIFEST = "manifest.json"
 ZSTD_LEVEL = 9  # bench/cache_formats.py: ~8% smaller than level 1; level 19 saves 3% more, writes far slower
@@ -73,6 +73,28 @@ class CorruptShardError(RuntimeError):
     pass
 
 
+SEAL = "manifest_checksum"
+
+
+def seal(manifest: dict) -> str:
+    """Checksum of a manifest's content: shard checksums catch damaged data, this catches an edited index."""
+    return digest({k: v for k, v in manifest.items() if k != SEAL})
+
+
+def read_manifest(directory: Path) -> dict:
+    """A published manifest, checked against its seal; CorruptShardError naming the file otherwise."""
+    path = Path(directory) / MANIFEST
+    fix = f"rebuild it by rerunning the stage that wrote {Path(directory).name}"
+    try:
+        manifest = atomic.read_json(path)
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptShardError(f"manifest {path} is not valid JSON; {fix}") from None
+    if not isinstance(manifest, dict) or manifest.get(SEAL) != seal(manifest):
+        raise CorruptShardError(f"manifest {path} was edited or damaged (its checksum does not match its "
+                                f"content); {fix}")
+    return manifest
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
 
@@ -113,6 +135,7 @@ class ShardWriter:
         name = shard_name(index)
         part = self.tmp_dir / f".{name}.tmp"
         write_framed(part, table, rows_per_batch)
+        disk_full_point("shard", part)
         with open(part, "rb+") as f:
             os.fsync(f.fileno())
         part.replace(self.tmp_dir / name)
@@ -131,6 +154,7 @@ class ShardWriter:
         manifest = {**self.meta, **summary, "shards": shards,
                     "rows": sum(s["rows"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
                     "published_at": time.time()}
+        manifest[SEAL] = seal(manifest)
         atomic.write_json(self.tmp_dir / MANIFEST, manifest)
         (self.tmp_dir / JOURNAL).unlink()
         atomic.publish_dir(self.tmp_dir, self.final_dir)
@@ -142,10 +166,9 @@ class ShardSet:
 
     def __init__(self, directory: Path, verify: bool = True):
         self.dir = Path(directory)
-        path = self.dir / MANIFEST
-        if not path.exists():
+        if not (self.dir / MANIFEST).exists():
             raise FileNotFoundError(f"{self.dir} is not a published shard set (no {MANIFEST})")
-        self.manifest = atomic.read_json(path)
+        self.manifest = read_manifest(self.dir)
         self.verify = verify
         self._readers: dict[int, FramedShard] = {}
 

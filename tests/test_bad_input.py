@@ -1,5 +1,6 @@
 """Bad input: a one-line error, a non-zero exit, and nothing published that could pass for finished work."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,11 @@ def home(tiny_home, tmp_path_factory):
     return copy_home(tiny_home, tmp_path_factory.mktemp("bad") / "home")
 
 
-def _hpd(home, *args, overrides=()):
+def _hpd(home, *args, overrides=(), env=None):
     sets = []
     for o in [*TINY, *overrides]:
         sets += ["--set", o]
-    return CliRunner().invoke(cli, [*args, *sets], env={"HPD_HOME": str(home)})
+    return CliRunner().invoke(cli, [*args, *sets], env={"HPD_HOME": str(home), **(env or {})})
 
 
 def _assert_clean_failure(result, home, run, stage, message):
@@ -99,3 +100,103 @@ def test_unknown_config_key_and_stage(home):
     assert r.exit_code == 2 and "unknown config key score.topk" in r.stderr
     r = _hpd(home, "run", "nosuchstage")
     assert r.exit_code == 2 and "unknown stage 'nosuchstage'" in r.stderr
+
+
+def test_empty_dataset(home, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    r = _hpd(home, "run", "--until", "generate", overrides=['run.name="nodata"', f'generate.prompts="{empty}"'])
+    _assert_clean_failure(r, home, "nodata", "generate", "has no rows")
+
+
+def test_text_that_is_not_utf8(home, tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"prompt": "1+2:", "response": "3"}\n{"prompt": "caf\xe9 1+1:", "response": "2"}\n')
+    r = _hpd(home, "run", "--until", "generate", overrides=['run.name="latin"', f'generate.prompts="{p}"'])
+    _assert_clean_failure(r, home, "latin", "generate", "line 2 is not UTF-8 text")
+
+
+def test_over_long_sequences_are_cut_when_configured(home, tmp_path):
+    src = _jsonl(tmp_path / "long.jsonl", [{"prompt": "1+2:", "response": "3"},
+                                            {"prompt": "1+" * 20 + "1:", "response": "21" * 20}])
+    r = _hpd(home, "run", "--until", "generate",
+             overrides=['run.name="cut"', f'generate.prompts="{src}"', 'generate.too_long="truncate"'])
+    assert r.exit_code == 0, r.output
+    assert "warning: generate.too_long=\"truncate\": 1 of 2 sequences cut to the teacher's context of 64" in r.output
+    out = json.loads((home / "runs/cut/generate/manifest.json").read_text())["outputs"]
+    assert out["truncated"] == 1 and out["count"] == 2
+    r = _hpd(home, "run", "--until", "generate", overrides=['run.name="cut2"', f'generate.prompts="{src}"',
+                                                             'generate.too_long="sometimes"'])
+    _assert_clean_failure(r, home, "cut2", "generate", "generate.too_long must be \"refuse\" or \"truncate\"")
+
+
+def test_student_with_another_tokenizer(home, tmp_path, teacher_dir):
+    from transformers import AutoTokenizer
+
+    from stages import modeling
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    tok.add_tokens(["<extra>"])
+    student = modeling.new_gpt2(tok, n_positions=64, n_layer=1, n_embd=16, n_head=2)
+    student.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    r = _hpd(home, "run", overrides=['run.name="othertok"', f'distill.student_path="{tmp_path / "student"}"'])
+    _assert_clean_failure(r, home, "othertok", "distill", "uses a different tokenizer than the teacher")
+
+
+@pytest.mark.parametrize("override, message", [
+    ('distill.method="kd"', "distill.method='kd' is unknown; choose one of sft"),
+    ("distill.learning_rate=-1e-3", "config distill.learning_rate must be > 0, got -0.001"),
+    ("distill.alpha=1.5", "config distill.alpha must be between 0 and 1, got 1.5"),
+    ("rounds.refresh_share=-0.1", "config rounds.refresh_share must be between 0 and 1"),
+])
+def test_invalid_config_values(home, override, message):
+    r = _hpd(home, "run", overrides=['run.name="badcfg"', override])
+    _assert_clean_failure(r, home, "badcfg", "distill", message)
+
+
+def test_cache_root_not_writable(tiny_home, tmp_path):
+    home = copy_home(tiny_home, tmp_path / "home")
+    shutil.rmtree(home / "caches")
+    # chmod cannot stop root (CI may run as root); sysfs refuses new files to everyone
+    (home / "caches").symlink_to("/sys/kernel", target_is_directory=True)
+    r = _hpd(home, "run", overrides=['run.name="ro"'])
+    _assert_clean_failure(r, home, "ro", "score", "caches is not writable")
+    assert not (home / "runs" / "ro").exists() or not list((home / "runs" / "ro").glob("*/manifest.json"))
+
+
+def test_disk_full_during_a_shard_write(tiny_home, tmp_path):
+    from storage import faults
+
+    home = copy_home(tiny_home, tmp_path / "home")
+    shutil.rmtree(home / "caches")
+    for stage in ("score", "distill", "eval"):
+        (home / "runs" / "tiny" / stage / "manifest.json").unlink()
+    faults._full.clear()
+    r = _hpd(home, "run", overrides=['run.name="tiny"'], env={"HPD_DISK_FULL_AT": "shard:3"})
+    _assert_clean_failure(r, home, "tiny", "score", "the disk is full; free space")
+    assert not [p for p in (home / "caches").iterdir() if not p.name.startswith(".")]  # nothing published
+    r = _hpd(home, "run", overrides=['run.name="tiny"'])  # space freed: resumes after the written shards
+    assert r.exit_code == 0, r.output
+    assert "resuming: 2 of 5" in r.output
+
+
+def test_model_directory_without_weights(home, tmp_path, teacher_dir):
+    bare = tmp_path / "noweights"
+    shutil.copytree(teacher_dir, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    r = _hpd(home, "run", overrides=['run.name="noweights"', f'teacher.path="{bare}"'])
+    _assert_clean_failure(r, home, "noweights", "teacher", "has a config but no weights")
+
+
+def test_teacher_with_nan_logits(home, tmp_path, teacher_dir):
+    import torch
+
+    from stages import modeling
+
+    model, tok = modeling.load_causal_lm(teacher_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[3, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    tok.save_pretrained(tmp_path / "nan")
+    r = _hpd(home, "run", overrides=['run.name="nan"', f'teacher.path="{tmp_path / "nan"}"'])
+    _assert_clean_failure(r, home, "nan", "score", "the teacher's logits are NaN or inf")
