@@ -10,7 +10,6 @@ import click
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from storage.faults import arm_timer  # noqa: E402
 from storage.logit_cache import CacheMismatchError  # noqa: E402
 from storage.shards import CorruptShardError  # noqa: E402
 
@@ -306,5 +305,4 @@ def cache_gc(dry_run, config_path, overrides):
 
 
 def main():
-    arm_timer()  # the soak's random SIGKILL, when HPD_KILL_AT_TIME is set
     cli.main(prog_name="hpd")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from storage import atomic
+from storage.faults import stage_started
 from storage.fingerprint import digest
 
 from .errors import HpdError
@@ -186,6 +187,7 @@ class Runner:
         attempt = self.ctx.stage_dir(name) / "attempt.json"
         atomic.write_json(attempt, {"started": time.time(), "config_fingerprint": self.config_fingerprint(name)})
         self.ctx.log(f"[{name}] running")
+        stage_started(name)
         t0 = time.time()
         outputs = stage.impl.run(replace(self.ctx, stage=name), section, inputs)
         seconds = time.time() - t0

@@ -84,8 +84,17 @@ def job_dir(tmp: Path, key: str) -> Path:
 
 
 def latest_checkpoint(output_dir: Path) -> str | None:
+    """The newest complete checkpoint. The Trainer writes a checkpoint in place, trainer_state.json last, so
+    a process killed while saving leaves a directory without it (or with it cut short): such a directory is
+    removed, and training resumes from the one before (found by `make soak`)."""
     ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return str(ckpts[-1]) if ckpts else None
+    while ckpts:
+        try:
+            atomic.read_json(ckpts[-1] / "trainer_state.json")
+            return str(ckpts[-1])
+        except (OSError, ValueError):
+            shutil.rmtree(ckpts.pop())
+    return None
 
 
 def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, batch_size: int,

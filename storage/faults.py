@@ -2,8 +2,9 @@
 
 HPD_KILL_AT=<event>:<n> makes the process SIGKILL itself right after the n-th <event> ("shard" when a shard
 is published, "checkpoint" when a training checkpoint is saved): the harshest interruption there is, with no
-cleanup code running, at a point the test can rely on. HPD_KILL_AT_TIME=<unix time> does the same at a
-moment chosen by the clock instead (the soak draws it at random, so kills land anywhere, mid-write included).
+cleanup code running, at a point the test can rely on. HPD_KILL_IN=<stage>:<seconds> does the same that
+many seconds after the stage starts (the soak draws the moment at random, so kills land anywhere in a
+stage, mid-write and mid-step included).
 HPD_DISK_FULL_AT=<event>:<n> makes the n-th <event> fail half-written with ENOSPC, as a full disk would.
 """
 from __future__ import annotations
@@ -12,7 +13,6 @@ import errno
 import os
 import signal
 import threading
-import time
 from collections import Counter
 
 _seen: Counter = Counter()
@@ -27,13 +27,17 @@ def _nth(spec: str | None, event: str, counter: Counter) -> bool:
     return name == event and counter[event] == int(count or 1)
 
 
-def arm_timer() -> None:
-    """Starts the HPD_KILL_AT_TIME clock, if set (the CLI calls this first thing)."""
-    deadline = os.environ.get("HPD_KILL_AT_TIME")
-    if deadline:
-        t = threading.Timer(max(0.0, float(deadline) - time.time()), os.kill, (os.getpid(), signal.SIGKILL))
-        t.daemon = True
-        t.start()
+def stage_started(stage: str) -> None:
+    """Starts the HPD_KILL_IN clock when its stage begins (the runner calls this for every stage)."""
+    name, _, seconds = os.environ.get("HPD_KILL_IN", "").rpartition(":")
+    if name == stage:
+        _kill_in(float(seconds))
+
+
+def _kill_in(seconds: float) -> None:
+    t = threading.Timer(max(0.0, seconds), os.kill, (os.getpid(), signal.SIGKILL))
+    t.daemon = True
+    t.start()
 
 
 def disk_full_point(event: str, path) -> None:

@@ -1,10 +1,10 @@
 """`make soak`: SIGKILL the whole pipeline at random moments and check that reruns lose nothing.
 
 One uninterrupted reference run (generate -> score -> distill -> refresh-1 -> rescore-1 -> distill-1 -> eval,
-tiny scale) times every stage. Each trial then starts from the same finished teacher, picks a stage in
-turn and a random moment inside that stage's window of the reference timeline, and kills `hpd run` there
-with SIGKILL (HPD_KILL_AT_TIME: no cleanup code runs; mid-write, mid-step, mid-checkpoint are all fair game).
-A second random kill follows in the rerun when time allows; then a last rerun goes to the end. Every
+small scale) times every stage. Each trial then starts from the same finished teacher, picks a stage in
+turn and a random moment inside it (uniform over the stage's reference duration), and kills `hpd run` there
+with SIGKILL (HPD_KILL_IN: no cleanup code runs; mid-write, mid-step, mid-checkpoint are all fair game).
+The rerun is killed once more, in a random stage from the first one on; a last rerun goes to the end. Every
 published output must equal the reference: sequence fingerprints, every cache shard's checksum, the
 students' weight digests (so training resumed from its checkpoint without repeating or skipping data) and
 the evaluation report. Results: bench/results/soak.{json,md} and the README's reliability section.
@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,30 +33,22 @@ from conftest import TINY  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 HPD = [sys.executable, "-c", "from pipeline.cli import main; main()"]
 # Big enough that every stage has several shards or checkpoints to be killed between (and inside).
-SOAK = [*TINY, 'run.name="soak"', "distill.steps=12", "distill.checkpoint_steps=4", "rounds.count=1",
-        "rounds.steps=8", "rounds.refresh_share=0.25", "refresh.prompt_fraction=0.25", "refresh.shard_size=20",
-        "refresh.samples_per_prompt=2", "eval.examples=20", "eval.samples=2"]
+SOAK = [*TINY, 'run.name="soak"', "data.train_examples=2400", "generate.num_prompts=1600", "generate.shard_size=200",
+        "score.shard_size=100", "distill.steps=30", "distill.checkpoint_steps=6", "rounds.count=1",
+        "rounds.steps=18", "rounds.refresh_share=0.25", "refresh.prompt_fraction=0.1", "refresh.shard_size=20",
+        "refresh.samples_per_prompt=2", "eval.examples=40", "eval.samples=2"]
 KILLED = ("generate", "score", "distill", "refresh-1", "rescore-1", "distill-1", "eval")
 
 
-def hpd(home: Path, *args: str, kill_after: float | None = None) -> subprocess.CompletedProcess:
+def hpd(home: Path, *args: str, kill_in: tuple[str, float] | None = None) -> subprocess.CompletedProcess:
     cmd = [*HPD, *args]
     for o in SOAK:
         cmd += ["--set", o]
     env = {**os.environ, "HPD_HOME": str(home)}
-    env.pop("HPD_KILL_AT_TIME", None)
-    if kill_after is not None:  # counted from the launch, like the reference timeline
-        env["HPD_KILL_AT_TIME"] = f"{time.time() + kill_after:.3f}"
+    env.pop("HPD_KILL_IN", None)
+    if kill_in is not None:
+        env["HPD_KILL_IN"] = f"{kill_in[0]}:{kill_in[1]:.3f}"
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
-
-
-def running_stage(home: Path) -> str | None:
-    """The stage a killed run was in: it left an attempt record and no manifest."""
-    run = home / "runs" / "soak"
-    for name in KILLED:
-        if (run / name / "attempt.json").exists() and not (run / name / "manifest.json").exists():
-            return name
-    return None
 
 
 def outcome(home: Path) -> dict:
@@ -78,14 +69,9 @@ def outcome(home: Path) -> dict:
     return out
 
 
-def timeline(home: Path, started: float) -> dict[str, tuple[float, float]]:
-    """Each stage's (start, end) in seconds since its process started, from the reference run."""
-    run, spans = home / "runs" / "soak", {}
-    for name in KILLED:
-        m = json.loads((run / name / "manifest.json").read_text())
-        end = m["finished_at"] - started
-        spans[name] = (end - m["seconds"], end)
-    return spans
+def durations(home: Path) -> dict[str, float]:
+    run = home / "runs" / "soak"
+    return {name: json.loads((run / name / "manifest.json").read_text())["seconds"] for name in KILLED}
 
 
 def main() -> None:
@@ -101,12 +87,10 @@ def main() -> None:
         assert hpd(base, "run", "--until", "teacher").returncode == 0
         ref = scratch / "ref"
         shutil.copytree(base, ref)
-        t0 = time.time()
         done = hpd(ref, "run")
         assert done.returncode == 0, done.stderr[-3000:]
-        reference, spans = outcome(ref), timeline(ref, t0)
-        print("reference stage windows (s):", {k: tuple(round(x, 1) for x in v) for k, v in spans.items()},
-              flush=True)
+        reference, seconds = outcome(ref), durations(ref)
+        print("reference stage seconds:", {k: round(v, 1) for k, v in seconds.items()}, flush=True)
 
         trials = []
         for i in range(args.trials):
@@ -114,20 +98,20 @@ def main() -> None:
             home = scratch / f"trial-{i}"
             shutil.copytree(base, home)
             kills = []
-            lo, hi = spans[target]
-            for attempt in range(2):  # the first kill aims at the target stage; the second anywhere after it
-                moment = rng.uniform(lo, hi) if attempt == 0 else rng.uniform(1.0, max(2.0, spans["eval"][1] - hi))
-                r = hpd(home, "run", kill_after=moment)
-                if r.returncode != -signal.SIGKILL:
+            # the first kill in the target stage; the second in the rerun, anywhere from there on
+            for stage in (target, rng.choice(KILLED[KILLED.index(target):])):
+                moment = rng.uniform(0, seconds[stage])
+                r = hpd(home, "run", kill_in=(stage, moment))
+                if r.returncode != -signal.SIGKILL:  # the stage finished before the moment came
                     assert r.returncode == 0, r.stderr[-3000:]
                     break
-                kills.append({"at_s": round(moment, 2), "stage": running_stage(home) or "between stages"})
+                kills.append({"stage": stage, "after_s": round(moment, 2)})
             final = hpd(home, "run")
             assert final.returncode == 0, final.stderr[-3000:]
             got = outcome(home)
             diff = sorted(k for k in reference if got.get(k) != reference[k])
             trials.append({"trial": i, "target": target, "kills": kills, "mismatches": diff})
-            print(f"trial {i:2d}: target {target:<10} kills {[k['stage'] for k in kills]} "
+            print(f"trial {i:2d}: kills {[(k['stage'], k['after_s']) for k in kills]} "
                   f"mismatches {diff or 'none'}", flush=True)
             shutil.rmtree(home)
     finally:
@@ -141,7 +125,7 @@ def main() -> None:
                "trials_matching_reference": sum(not t["mismatches"] for t in trials),
                "outputs_compared_per_trial": len(reference), "mismatched_outputs": sum(len(t["mismatches"])
                                                                                       for t in trials),
-               "stage_windows_s": spans, "seed": args.seed, "trials_detail": trials}
+               "stage_seconds": seconds, "seed": args.seed, "trials_detail": trials}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")

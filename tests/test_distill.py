@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,6 +137,11 @@ def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, t
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (home / "runs" / "tiny" / "distill" / ".tmp-student" / "checkpoints" / "checkpoint-3").is_dir()
+    # A kill in the middle of the next save leaves a checkpoint without its trainer state: never resumed from.
+    ckpts = home / "runs" / "tiny" / "distill" / ".tmp-student" / "checkpoints"
+    shutil.copytree(ckpts / "checkpoint-3", ckpts / "checkpoint-6")
+    (ckpts / "checkpoint-6" / "trainer_state.json").unlink()
+    (ckpts / "checkpoint-6" / "model.safetensors").unlink()
     runner = make_runner(home, *overrides)
     assert runner.state("distill")[0] == "interrupted"
     runner.run("distill")
