@@ -148,6 +148,22 @@ def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, t
     assert runner.manifest("distill")["outputs"]["fingerprint"] == reference.manifest("distill")["outputs"]["fingerprint"]
 
 
+def test_no_checkpoint_is_written_at_the_last_step(tiny_home, tiny_runner, tmp_path):
+    """Resuming from a checkpoint at the last step would train one step too many; none is written there."""
+    overrides = ["distill.steps=6", "distill.checkpoint_steps=3"]
+    reference = make_runner(copy_home(tiny_home, tmp_path / "ref"), *overrides)
+    reference.run("distill")
+    home = copy_home(tiny_home, tmp_path / "home")
+    args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", "distill"]
+    for o in TINY + overrides + ['run.name="tiny"']:
+        args += ["--set", o]
+    proc = subprocess.run(args, env={**os.environ, "HPD_HOME": str(home), "HPD_KILL_AT": "checkpoint:2"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # step 6 saved nothing, so nothing killed it
+    runner = make_runner(home, *overrides)
+    assert runner.manifest("distill")["outputs"]["fingerprint"] == reference.manifest("distill")["outputs"]["fingerprint"]
+
+
 def test_checkpoints_of_another_config_are_dropped_not_resumed(tiny_home, tmp_path):
     """A crashed run leaves checkpoints; rerun with another student shape, they must not be loaded."""
     home = copy_home(tiny_home, tmp_path / "home")
