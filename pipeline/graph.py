@@ -26,7 +26,8 @@ def build(cfg: dict) -> list[Stage]:
     from stages.losses import METHODS  # checked here so that a typo fails before hours of teacher work
 
     for section, key in (("distill", "method"), ("rounds", "method"), ("rounds", "offline_method")):
-        if cfg[section][key] not in (*METHODS, "") or (cfg[section][key] == "" and key == "method"):
+        allowed = (*METHODS, "") if key == "offline_method" else METHODS  # "": distill.method
+        if cfg[section][key] not in allowed:
             raise HpdError(f"{section}.{key}={cfg[section][key]!r} is unknown; choose one of {', '.join(METHODS)}")
     stages, previous = list(OFFLINE), "distill"
     if cfg["distill"]["teacher_source"] not in ("cache", "online"):

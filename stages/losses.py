@@ -231,7 +231,7 @@ def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
         if method == "hpd" and sample is None:  # drawn outside the chunk so that its recomputation sees the same
             with torch.no_grad():
                 sample = torch.multinomial(torch.softmax(z[part].detach().float(), -1), 1, generator=generator)[:, 0]
-        args = (method, view and view.rows(part), params, z[part], target[part], sample)
+        args = (method, None if view is None else view.rows(part), params, z[part], target[part], sample)
         if z.requires_grad and n > rows:
             loss_sum, stats = checkpoint(_position_losses, *args, use_reentrant=False)
         else:

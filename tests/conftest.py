@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,15 @@ TINY = [
     "distill.steps=4", "distill.batch_size=16", "distill.eval_examples=10", "distill.warmup_steps=1",
     "distill.n_layer=1", "distill.n_embd=16",
 ]
+
+
+def hpd_process(home: Path, *args: str, overrides=(), kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """`hpd ARGS` on the tiny config (run "tiny") in a process of its own, so that HPD_KILL_AT can SIGKILL it."""
+    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", *args]
+    for o in [*TINY, 'run.name="tiny"', *overrides]:
+        cmd += ["--set", o]
+    env = {**os.environ, "HPD_HOME": str(home), **({"HPD_KILL_AT": kill_at} if kill_at else {})}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 def make_runner(home: Path, *overrides: str, run: str = "tiny") -> Runner:

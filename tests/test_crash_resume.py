@@ -1,16 +1,13 @@
 """A scoring run killed with SIGKILL resumes from its last published shard and ends with the same cache."""
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from storage.logit_cache import LogitCache
 from storage.shards import JOURNAL
 from storage import atomic
 
-from conftest import TINY, copy_home, make_runner
+from conftest import copy_home, hpd_process, make_runner
 
 
 def test_sigkilled_scoring_resumes_to_identical_cache(tiny_home, tiny_runner, tmp_path):
@@ -19,11 +16,7 @@ def test_sigkilled_scoring_resumes_to_identical_cache(tiny_home, tiny_runner, tm
     shutil.rmtree(home / "caches" / reference.id)
     (home / "runs" / "tiny" / "score" / "manifest.json").unlink()
 
-    args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", "score"]
-    for o in TINY + ['run.name="tiny"']:
-        args += ["--set", o]
-    env = {**os.environ, "HPD_HOME": str(home), "HPD_KILL_AT": "shard:2"}
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    proc = hpd_process(home, "run", "score", kill_at="shard:2")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
     partial = home / "caches" / f".tmp-{reference.id}"
@@ -53,11 +46,7 @@ def test_sigkilled_teacher_training_resumes_from_its_checkpoint(tmp_path):
     reference.run("data"), reference.run("teacher")
 
     home = tmp_path / "crashed"
-    args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", "--until", "teacher"]
-    for o in TINY + overrides + ['run.name="tiny"']:
-        args += ["--set", o]
-    env = {**os.environ, "HPD_HOME": str(home), "HPD_KILL_AT": "checkpoint:1"}
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    proc = hpd_process(home, "run", "--until", "teacher", overrides=overrides, kill_at="checkpoint:1")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     partial = [p for p in (home / "models").iterdir() if p.name.startswith(".tmp-")]
     assert len(partial) == 1 and (partial[0] / "checkpoints" / "checkpoint-4").is_dir()

@@ -1,11 +1,8 @@
 """distill: a student trained from the cache, joined by sequence id, resumable, with clear mismatch errors."""
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from stages.distill import CacheCollator
 from storage.logit_cache import LogitCache
 from storage.sequences import SequenceStore
 
-from conftest import TINY, copy_home, make_runner
+from conftest import copy_home, hpd_process, make_runner
 
 
 def test_distill_publishes_an_hf_student_with_a_training_log(tiny_runner):
@@ -130,11 +127,7 @@ def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, t
     reference = make_runner(copy_home(tiny_home, tmp_path / "ref"), *overrides)
     reference.run("distill")
     home = copy_home(tiny_home, tmp_path / "crashed")
-    args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", "distill"]
-    for o in TINY + overrides + ['run.name="tiny"']:
-        args += ["--set", o]
-    proc = subprocess.run(args, env={**os.environ, "HPD_HOME": str(home), "HPD_KILL_AT": "checkpoint:1"},
-                          capture_output=True, text=True, timeout=300)
+    proc = hpd_process(home, "run", "distill", overrides=overrides, kill_at="checkpoint:1")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (home / "runs" / "tiny" / "distill" / ".tmp-student" / "checkpoints" / "checkpoint-3").is_dir()
     # A kill in the middle of the next save leaves a checkpoint without its trainer state: never resumed from.
@@ -154,11 +147,7 @@ def test_no_checkpoint_is_written_at_the_last_step(tiny_home, tiny_runner, tmp_p
     reference = make_runner(copy_home(tiny_home, tmp_path / "ref"), *overrides)
     reference.run("distill")
     home = copy_home(tiny_home, tmp_path / "home")
-    args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", "distill"]
-    for o in TINY + overrides + ['run.name="tiny"']:
-        args += ["--set", o]
-    proc = subprocess.run(args, env={**os.environ, "HPD_HOME": str(home), "HPD_KILL_AT": "checkpoint:2"},
-                          capture_output=True, text=True, timeout=300)
+    proc = hpd_process(home, "run", "distill", overrides=overrides, kill_at="checkpoint:2")
     assert proc.returncode == 0, proc.stderr[-2000:]  # step 6 saved nothing, so nothing killed it
     runner = make_runner(home, *overrides)
     assert runner.manifest("distill")["outputs"]["fingerprint"] == reference.manifest("distill")["outputs"]["fingerprint"]
@@ -167,11 +156,8 @@ def test_no_checkpoint_is_written_at_the_last_step(tiny_home, tiny_runner, tmp_p
 def test_checkpoints_of_another_config_are_dropped_not_resumed(tiny_home, tmp_path):
     """A crashed run leaves checkpoints; rerun with another student shape, they must not be loaded."""
     home = copy_home(tiny_home, tmp_path / "home")
-    args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", "distill"]
-    for o in TINY + ["distill.steps=6", "distill.checkpoint_steps=3", 'run.name="tiny"']:
-        args += ["--set", o]
-    proc = subprocess.run(args, env={**os.environ, "HPD_HOME": str(home), "HPD_KILL_AT": "checkpoint:1"},
-                          capture_output=True, text=True, timeout=300)
+    proc = hpd_process(home, "run", "distill", overrides=["distill.steps=6", "distill.checkpoint_steps=3"],
+                       kill_at="checkpoint:1")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     runner = make_runner(home, "distill.steps=6", "distill.checkpoint_steps=3", "distill.n_embd=24")
     runner.run("distill")

@@ -2,7 +2,6 @@
 published cache or sequence store, and garbage collection racing a reader. The long randomised version is
 `make soak` (tests/soak.py)."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,10 +15,7 @@ from pipeline.cli import cli
 from storage.logit_cache import LogitCache
 from storage.shards import CorruptShardError
 
-from conftest import TINY, copy_home, make_runner
-
-HPD = [sys.executable, "-c", "from pipeline.cli import main; main()"]
-
+from conftest import TINY, copy_home, hpd_process, make_runner
 
 def _hpd(home, *args, env=None):
     sets = []
@@ -29,11 +25,7 @@ def _hpd(home, *args, env=None):
 
 
 def _killed(home, stage, kill_at):
-    args = [*HPD, "run", stage]
-    for o in [*TINY, 'run.name="tiny"']:
-        args += ["--set", o]
-    proc = subprocess.run(args, env={**os.environ, "HPD_HOME": str(home), "HPD_KILL_AT": kill_at},
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = hpd_process(home, "run", stage, kill_at=kill_at)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     r = make_runner(home)
     assert r.state(stage)[0] == "interrupted"

@@ -1,9 +1,6 @@
 """On-policy refresh rounds: student samples rescored into caches of their own, mixed into training by share."""
 import json
-import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from stages.losses import distill_loss
 from storage.logit_cache import CacheBatch, LogitCache, tokens_crc
 from storage.sequences import SequenceStore
 
-from conftest import TINY, copy_home, make_runner
+from conftest import TINY, copy_home, hpd_process, make_runner
 
 # One round: 25% of the 240 prompts, 2 samples each, in shards of 20 prompts; a quarter of every batch refreshed.
 ROUND = ["rounds.count=1", "rounds.steps=5", "rounds.warmup_steps=1", "rounds.refresh_share=0.25",
@@ -159,11 +156,7 @@ def test_more_rounds_keep_the_finished_ones_and_status_shows_the_round(round_hom
 
 
 def _kill_and_resume(home, stage, overrides, kill_at):
-    args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", stage]
-    for o in TINY + ['run.name="tiny"'] + overrides:
-        args += ["--set", o]
-    proc = subprocess.run(args, env={**os.environ, "HPD_HOME": str(home), "HPD_KILL_AT": kill_at},
-                          capture_output=True, text=True, timeout=300)
+    proc = hpd_process(home, "run", stage, overrides=overrides, kill_at=kill_at)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     r = make_runner(home, *overrides)
     assert r.state(stage)[0] == "interrupted"
