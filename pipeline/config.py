@@ -50,7 +50,7 @@ def _merge(base: dict, update: dict, source: str) -> None:
 # so a bad value fails before any stage runs rather than hours later in the stage that reads it.
 POSITIVE = ("teacher.learning_rate", "distill.learning_rate", "rounds.learning_rate", "generate.temperature",
             "score.temperature", "refresh.temperature", "eval.temperature", "eval.timeout")
-AT_LEAST_ONE = ("data.train_examples", "data.heldout_examples", "data.digits", "data.history_messages",
+AT_LEAST_ONE = ("distill.hpd_samples", "data.train_examples", "data.heldout_examples", "data.digits", "data.history_messages",
                 "data.max_prompt_chars", "data.max_response_chars",
                 *(f"{s}.{k}" for s in ("teacher", "distill") for k in ("n_layer", "n_embd", "n_head", "steps",
                                                                         "batch_size", "checkpoint_steps",

@@ -101,8 +101,18 @@ def _akl(o, q, mu=0.5):
 
 DISTRIBUTION_METHODS = {"fkl": _fkl, "rkl": _rkl, "jsd": _jsd, "skl": _skl, "srkl": _srkl, "tvd": _tvd,
                         "akl": _akl}
-METHOD_PARAMS = {"jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",), "akl": ("mu",)}  # what each accepts
-TOKEN_METHODS = ("sft", "seqkd", "hpd", "opd")
+
+# HPD (the paper's) and this project's variants of it, which a cache makes affordable: name -> (forward part,
+# sampled-token term). Forward part "token": HPD's weight f * p(a*) on the sequence's token only; "dist": the
+# same coefficient f on the forward-KL weights p(v) of every outcome (cached top-k + tail bucket, or the whole
+# vocabulary). Sampled-token term "sample": one student sample per position (the paper); "samples": the mean of
+# HPD over `hpd_samples` independent samples; "expect": its exact expectation under the student, every token v
+# weighted by q(v), with p(v) from the cache (estimated outside the top-k as `_CachedTeacher.token` does).
+HPD_FAMILY = {"hpd": ("token", "sample"), "hpd_fkl": ("dist", "sample"), "hpd_nsamp": ("token", "samples"),
+              "hpd_expect": ("token", "expect"), "hpd_fkl_expect": ("dist", "expect")}
+METHOD_PARAMS = {"jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",), "akl": ("mu",),  # what each accepts
+                 "hpd_nsamp": ("hpd_samples",)}
+TOKEN_METHODS = ("sft", "seqkd", "opd", *HPD_FAMILY)
 METHODS = (*TOKEN_METHODS, *DISTRIBUTION_METHODS)
 
 
@@ -122,7 +132,11 @@ class _FullTeacher:
         return self.logp.gather(-1, target[:, None])[:, 0]
 
     def token(self, tokens: torch.Tensor, logq: torch.Tensor):
-        return self.expert(tokens), torch.ones_like(tokens, dtype=torch.bool)
+        """log p at tokens [n, S], and whether it is exact (always, here)."""
+        return self.logp.gather(-1, tokens), torch.ones_like(tokens, dtype=torch.bool)
+
+    def every(self, logq: torch.Tensor):
+        return self.logp, torch.ones_like(self.logp, dtype=torch.bool)
 
     def outcomes(self, logq: torch.Tensor) -> Outcomes:
         return Outcomes(self.logp, logq)
@@ -150,14 +164,20 @@ class _CachedTeacher:
         return torch.logsumexp(logq.scatter(-1, self.ids, NEG_INF), -1)
 
     def token(self, tokens: torch.Tensor, logq: torch.Tensor):
-        """log p(token): cached when in the top-k; otherwise the tail mass shared out in proportion to the
-        student's own distribution over the tokens outside the top-k: p(a) ~ T * q(a) / Q_out."""
-        hit = self.ids == tokens[:, None]
+        """log p at tokens [n, S]: cached when in the top-k; otherwise the tail mass shared out in proportion to
+        the student's own distribution over the tokens outside the top-k: p(a) ~ T * q(a) / Q_out."""
+        hit = self.ids[:, None, :] == tokens[:, :, None]
         inside = hit.any(-1)
-        cached = torch.where(hit, self.top, torch.full_like(self.top, NEG_INF)).amax(-1)
-        q_tok = logq.detach().gather(-1, tokens[:, None])[:, 0]
-        estimate = self.tail + q_tok - self._student_tail(logq.detach())
+        cached = torch.where(hit, self.top[:, None, :], NEG_INF).amax(-1)
+        estimate = self.tail[:, None] + logq.detach().gather(-1, tokens) - self._student_tail(logq.detach())[:, None]
         return torch.where(inside, cached, estimate), inside
+
+    def every(self, logq: torch.Tensor):
+        """log p over the whole vocabulary [n, V], estimated outside the top-k as in `token`."""
+        q = logq.detach()
+        estimate = self.tail[:, None] + q - self._student_tail(q)[:, None]  # (all overwritten when k = V)
+        inside = torch.zeros_like(q, dtype=torch.bool).scatter(-1, self.ids, True)
+        return estimate.scatter(-1, self.ids, self.top), inside
 
     def outcomes(self, logq: torch.Tensor) -> Outcomes:
         top_q = logq.gather(-1, self.ids)
@@ -174,13 +194,14 @@ def _teacher_view(teacher, sel, temperature):
 
 
 def hpd_weights(logp_star, logq_star, logp_samp, logq_samp, same):
-    """Paper Eq. 11-14: the expert-token weight w* and the sampled-token weight w (both detached)."""
+    """Paper Eq. 11-14 for one sample: the expert-token weight w* = f * p(a*) + k1 and the sampled-token weight
+    w (both detached). f, the coefficient of HPD's forward (SeqKD) part, is 2 if k1 > 0 and k1' < 0, 0 if
+    k1 < 0 and 1 otherwise; returned too, since the variants apply it to the whole distribution."""
     k1 = logq_star.exp() * (logp_star - logq_star)
     k1s = logq_samp.exp() * (logp_samp - logq_samp)
     w = torch.where(~same & (k1s < 0), k1s, torch.zeros_like(k1s))
-    w_star = torch.where((k1 > 0) & (k1s < 0), 2 * logp_star.exp() + k1,
-                         torch.where(k1 < 0, k1, logp_star.exp() + k1))
-    return w_star, w, k1, k1s
+    f = torch.where(k1 < 0, 0.0, torch.where((k1 > 0) & (k1s < 0), 2.0, 1.0))
+    return f * logp_star.exp() + k1, w, k1, k1s, f
 
 
 # Positions x vocabulary entries per loss chunk. The loss's vocabulary-wide tensors (log-softmax, weights and
@@ -205,7 +226,9 @@ def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
 
     `sampled_tokens` [B, L] fixes HPD's per-position student sample (aligned with `labels`, i.e. the token
     sampled for label position t+1 sits at index t+1); without it one token is drawn from the student in fp32.
-    Params: beta (jsd, default 0.5), alpha (skl / srkl, default 0.1), mu (akl, default 0.5).
+    HPD variants that sample take [B, L, S] (`hpd_nsamp`: S = hpd_samples); "expect" variants draw nothing.
+    Params: beta (jsd, default 0.5), alpha (skl / srkl, default 0.1), mu (akl, default 0.5), hpd_samples
+    (hpd_nsamp, default 4).
     """
     if method not in METHODS:
         raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(METHODS)}")
@@ -228,9 +251,11 @@ def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
     for lo in range(0, n, rows):
         part = slice(lo, min(lo + rows, n))
         sample = None if samples is None else samples[part]
-        if method == "hpd" and sample is None:  # drawn outside the chunk so that its recomputation sees the same
+        draws = _draws(method, params)
+        if draws and sample is None:  # drawn outside the chunk so that its recomputation sees the same
             with torch.no_grad():
-                sample = torch.multinomial(torch.softmax(z[part].detach().float(), -1), 1, generator=generator)[:, 0]
+                sample = torch.multinomial(torch.softmax(z[part].detach().float(), -1), draws, replacement=True,
+                                           generator=generator)
         args = (method, None if view is None else view.rows(part), params, z[part], target[part], sample)
         if z.requires_grad and n > rows:
             loss_sum, stats = checkpoint(_position_losses, *args, use_reentrant=False)
@@ -240,6 +265,12 @@ def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return total / n, {"tokens": n, **{k: v / n for k, v in sums.items()}}
+
+
+def _draws(method: str, params: dict) -> int:
+    """How many student samples per position a method draws."""
+    terms = HPD_FAMILY.get(method, (None, None))[1]
+    return {"sample": 1, "samples": int(params.get("hpd_samples", 4))}.get(terms, 0)
 
 
 def _position_losses(method: str, view, params: dict, z: torch.Tensor, target: torch.Tensor, sample):
@@ -262,13 +293,35 @@ def _position_losses(method: str, view, params: dict, z: torch.Tensor, target: t
         adv = (logp_star - logq_star).detach()
         return -(adv * logq_star).sum(), {"reward": adv.sum()}
 
-    # hpd
-    logp_samp, inside = view.token(sample, logq)
-    logq_samp = logq.gather(-1, sample[:, None])[:, 0]
-    same = sample == target
-    w_star, w, k1, _ = (t.detach() for t in hpd_weights(logp_star, logq_star.detach(), logp_samp.detach(),
-                                                         logq_samp.detach(), same))
-    loss = (-(w_star * logq_star) - (w * logq_samp)).sum()
-    return loss, {"sample_outside_topk": (~inside).sum(), "sample_term_active": (w != 0).sum(),
-                  "sample_is_expert": same.sum(), "mean_w_star": w_star.sum(), "mean_w_sample": w.sum(),
-                  "k1_positive": (k1 > 0).sum()}
+    return _hpd_family(*HPD_FAMILY[method], view, logq, logq_star, logp_star, target, sample)
+
+
+def _hpd_family(forward: str, draws: str, view, logq, logq_star, logp_star, target, sample):
+    """HPD and its variants (HPD_FAMILY): the paper's weights (`hpd_weights`) for each candidate token a,
+    averaged over the candidates with weights pi(a): the drawn samples (pi = 1/S) or every vocabulary token
+    (pi = q(a), the exact expectation). The candidates' weights go to their own log q(a); the expert token gets
+    the mean of w* = f * p(a*) + k1, where the "dist" forward part moves f * p(a*) onto every outcome as f * p(v)."""
+    q = logq.detach()
+    if draws == "expect":
+        cand = torch.arange(q.shape[-1], device=q.device).expand_as(q)
+        logp_c, inside = view.every(q)
+        pi = q.exp()
+    else:
+        cand = sample.reshape(len(target), -1)
+        logp_c, inside = view.token(cand, q)
+        pi = torch.full(cand.shape, 1.0 / cand.shape[-1], device=q.device)
+    same = cand == target[:, None]
+    logp_c = torch.where(same, logp_star[:, None], logp_c)  # the expert token's log-prob is stored exactly
+    logq_c = logq if draws == "expect" else logq.gather(-1, cand)
+    _, w_c, k1, k1s, f_c = hpd_weights(logp_star[:, None], logq_star.detach()[:, None], logp_c, q.gather(-1, cand),
+                                       same)
+    k1, f, w = k1[:, 0], (pi * f_c).sum(-1), pi * w_c
+    if forward == "dist":
+        o = view.outcomes(logq)
+        forward_loss = -(f[:, None] * o.logp.exp() * o.logq).sum(-1)
+    else:
+        forward_loss = -(f * logp_star.exp()) * logq_star
+    loss = (forward_loss - k1 * logq_star - (w * logq_c).sum(-1)).sum()
+    return loss, {"sample_outside_topk": (pi * ~inside).sum(), "sample_term_active": (pi * (w_c != 0)).sum(),
+                  "sample_is_expert": (pi * same).sum(), "mean_w_star": (f * logp_star.exp() + k1).sum(),
+                  "mean_w_sample": w.sum(), "k1_positive": (k1 > 0).sum()}

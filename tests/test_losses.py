@@ -161,7 +161,7 @@ def test_jsd_beta_limits_are_fkl_and_rkl():
 # -- HPD: Eq. 11-14 case by case on hand-built numbers --------------------------------------------------------
 def _w(p_star, q_star, p_s, q_s, same=False):
     t = lambda x: torch.tensor([math.log(x)], dtype=torch.float64)  # noqa: E731
-    w_star, w, k1, k1s = hpd_weights(t(p_star), t(q_star), t(p_s), t(q_s), torch.tensor([same]))
+    w_star, w, k1, k1s, _ = hpd_weights(t(p_star), t(q_star), t(p_s), t(q_s), torch.tensor([same]))
     return w_star.item(), w.item(), k1.item(), k1s.item()
 
 
@@ -227,7 +227,8 @@ def test_unknown_method_and_missing_teacher():
         distill_loss("kd", student, labels, teacher=teacher)
     with pytest.raises(ValueError, match="needs a teacher"):
         distill_loss("fkl", student, labels)
-    assert set(METHODS) == {"sft", "seqkd", "hpd", "opd", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl"}
+    assert set(METHODS) == {"sft", "seqkd", "hpd", "opd", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl",
+                            "hpd_fkl", "hpd_nsamp", "hpd_expect", "hpd_fkl_expect"}
 
 
 @pytest.mark.parametrize("method", METHODS)
