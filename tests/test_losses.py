@@ -252,3 +252,121 @@ def test_chunked_loss_at_response_positions_equals_the_whole_batch(method, cache
     assert diag == pytest.approx(ref_diag)
     with pytest.raises(ValueError, match="give logits for every position"):
         distill_loss(method, kept[1:], labels, teacher=t_in)
+
+
+# -- this project's HPD variants (stages.losses.HPD_FAMILY) against a plain float64 reference ----------------
+# Each is the paper's per-sample HPD loss averaged over candidate tokens a with weights pi(a): the given samples
+# (pi = 1/S) or every vocabulary token (pi = q(a)); "dist" variants put HPD's forward coefficient f on every
+# outcome's p(v) instead of on p(a*) alone.
+VARIANTS = {"hpd": ("token", "sample"), "hpd_fkl": ("dist", "sample"), "hpd_nsamp": ("token", "samples"),
+            "hpd_expect": ("token", "expect"), "hpd_fkl_expect": ("dist", "expect")}
+
+
+def ref_hpd_family(method, student, teacher, labels, samples, k=V):
+    forward, draws = VARIANTS[method]
+    total, n = 0.0, 0
+    for b in range(B):
+        for t in range(L - 1):
+            star = int(labels[b, t + 1])
+            if star == -100:
+                continue
+            logq = torch.log_softmax(student[b, t], -1)
+            q = logq.detach().exp()
+            p = torch.softmax(teacher[b, t], -1)
+            top = p.topk(k).indices.tolist()
+            rest = [v for v in range(V) if v not in top]
+            tail_p, tail_q = sum(float(p[v]) for v in rest), sum(float(q[v]) for v in rest)
+
+            def p_of(a):  # what the cache knows: exact in the top-k and at the expert token, else T * q / Q_out
+                return float(p[a]) if a in top or a == star else tail_p * float(q[a]) / tail_q
+
+            k1 = float(q[star]) * (math.log(p[star]) - math.log(q[star]))
+            if draws == "expect":
+                cands = [(a, float(q[a])) for a in range(V)]
+            else:
+                s = samples[b, t + 1].reshape(-1).tolist()
+                cands = [(a, 1 / len(s)) for a in s]
+            loss = 0.0
+            for a, pi in cands:
+                k1s = float(q[a]) * (math.log(p_of(a)) - math.log(q[a]))
+                w = k1s if a != star and k1s < 0 else 0.0
+                f = 0 if k1 < 0 else (2 if k1 > 0 and k1s < 0 else 1)
+                if forward == "token":
+                    fwd = -f * float(p[star]) * logq[star]
+                else:
+                    fwd = -sum(f * float(p[v]) * logq[v] for v in top)
+                    if rest:
+                        fwd = fwd - f * tail_p * torch.logsumexp(logq[rest], -1)
+                loss = loss + pi * (fwd - k1 * logq[star] - w * logq[a])
+            total, n = total + loss, n + 1
+    return total / n
+
+
+def _variant_samples(method, labels, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, V, (B, L, 3 if method == "hpd_nsamp" else 1), generator=g)
+    s[0, 4, 0] = labels[0, 4]  # a sample equal to the expert token
+    return s if method == "hpd_nsamp" else s[..., 0]
+
+
+@pytest.mark.parametrize("method", list(VARIANTS))
+@pytest.mark.parametrize("k", [3, V, None])  # None: full teacher logits
+def test_hpd_variants_against_float64_reference(method, k):
+    student, teacher, labels = _inputs(11)
+    samples = _variant_samples(method, labels, 5)
+    s32 = student.float().requires_grad_()
+    t_in = teacher.float() if k is None else _as_cache(teacher, labels, k)
+    loss, diag = distill_loss(method, s32, labels, teacher=t_in, sampled_tokens=samples)
+    loss.backward()
+    s64 = student.clone().requires_grad_()
+    ref = ref_hpd_family(method, s64, teacher, labels, samples, k=k or V)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-5)
+    assert torch.allclose(s32.grad.double(), s64.grad, atol=2e-6, rtol=1e-4)
+    if k == 3:
+        assert diag["sample_outside_topk"] > 0
+
+
+@pytest.mark.parametrize("method", list(VARIANTS))
+def test_hpd_variants_from_a_cache_with_k_equal_vocabulary_equal_their_full_form(method):
+    student, teacher, labels = _inputs(12)
+    samples = _variant_samples(method, labels, 6)
+    outs = []
+    for t_in in (teacher.float(), _as_cache(teacher, labels, V)):
+        s = student.float().requires_grad_()
+        loss, _ = distill_loss(method, s, labels, teacher=t_in, sampled_tokens=samples)
+        loss.backward()
+        outs.append((loss.item(), s.grad))
+    assert outs[0][0] == pytest.approx(outs[1][0], abs=1e-6)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", list(VARIANTS))
+def test_sampled_tokens_make_every_variant_deterministic(method):
+    student, teacher, labels = _inputs(13)
+    cache = _as_cache(teacher, labels, 4)
+    samples = _variant_samples(method, labels, 7)
+    given, drawn = set(), set()
+    for rng_seed in range(3):
+        torch.manual_seed(rng_seed)  # the global generator HPD would draw from
+        given.add(distill_loss(method, student.float(), labels, teacher=cache, sampled_tokens=samples)[0].item())
+        drawn.add(distill_loss(method, student.float(), labels, teacher=cache)[0].item())
+    assert len(given) == 1
+    assert len(drawn) == (1 if VARIANTS[method][1] == "expect" else 3)  # only the sampling variants draw
+
+
+def test_hpd_nsamp_is_hpd_for_one_sample_and_tends_to_hpd_expect():
+    student, teacher, labels = _inputs(14)
+    one = _variant_samples("hpd", labels, 8)
+    a = distill_loss("hpd", student.float(), labels, teacher=teacher.float(), sampled_tokens=one)[0]
+    b = distill_loss("hpd_nsamp", student.float(), labels, teacher=teacher.float(), sampled_tokens=one[..., None])[0]
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    grads = {}
+    for method, kw in (("hpd_nsamp", {"hpd_samples": 20000}), ("hpd_expect", {})):
+        s = student.float().requires_grad_()
+        loss, _ = distill_loss(method, s, labels, teacher=teacher.float(), generator=torch.Generator().manual_seed(0),
+                               **kw)
+        loss.backward()
+        grads[method] = (loss.item(), s.grad)
+    assert grads["hpd_nsamp"][0] == pytest.approx(grads["hpd_expect"][0], rel=0.02)
+    assert torch.allclose(grads["hpd_nsamp"][1], grads["hpd_expect"][1], atol=5e-3)
