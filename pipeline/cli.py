@@ -306,3 +306,7 @@ def cache_gc(dry_run, config_path, overrides):
 
 def main():
     cli.main(prog_name="hpd")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ from storage import atomic
 from storage.faults import stage_started
 from storage.fingerprint import digest
 
+from . import distributed
 from .errors import HpdError
 
 
@@ -34,6 +35,12 @@ class Context:
     seed: int
     log: Callable[[str], None] = print
     stage: str = ""  # the stage being run (the runner sets it): round stages share one module
+    rank: int = 0        # this process among world_size under torchrun (pipeline/distributed.py)
+    world_size: int = 1
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            distributed.barrier()
 
     @property
     def run_dir(self) -> Path:
@@ -98,7 +105,10 @@ def _from_home(value, home: Path):
 
 def context_from_config(cfg: dict) -> Context:
     home = Path(os.environ.get("HPD_HOME") or cfg["run"]["home"]).resolve()
-    return Context(home=home, run_name=cfg["run"]["name"], seed=cfg["run"]["seed"])
+    rank, world_size = distributed.world()
+    distributed.init()
+    return Context(home=home, run_name=cfg["run"]["name"], seed=cfg["run"]["seed"], rank=rank,
+                   world_size=world_size, log=print if rank == 0 else (lambda _msg: None))
 
 
 class Runner:
@@ -185,12 +195,20 @@ class Runner:
         inputs = self.inputs(name)
         section = self.stage_config(name)
         attempt = self.ctx.stage_dir(name) / "attempt.json"
-        atomic.write_json(attempt, {"started": time.time(), "config_fingerprint": self.config_fingerprint(name)})
+        main = self.ctx.rank == 0
+        if main:
+            atomic.write_json(attempt, {"started": time.time(), "config_fingerprint": self.config_fingerprint(name)})
         self.ctx.log(f"[{name}] running")
         stage_started(name)
         t0 = time.time()
-        outputs = stage.impl.run(replace(self.ctx, stage=name), section, inputs)
+        # Under torchrun the stages that split their work run on every rank, the others on rank 0 alone;
+        # rank 0 writes the manifest, and no rank goes on before it is written.
+        if main or getattr(stage.impl, "DISTRIBUTED", False):
+            outputs = stage.impl.run(replace(self.ctx, stage=name), section, inputs)
         seconds = time.time() - t0
+        if not main:
+            self.ctx.barrier()
+            return self.manifest(name)
         manifest = {
             "stage": name, "run": self.ctx.run_name, "config": section, "seed": self.ctx.seed,
             "config_fingerprint": self.config_fingerprint(name),
@@ -202,6 +220,7 @@ class Runner:
         atomic.write_json(self.manifest_path(name), manifest)
         attempt.unlink(missing_ok=True)
         self.ctx.log(f"[{name}] done in {seconds:.1f}s")
+        self.ctx.barrier()
         return manifest
 
     def run(self, target: str | None = None, force: bool = False, until: str | None = None) -> None:
@@ -218,7 +237,8 @@ class Runner:
                                f"HPD_HOME) to a directory you can write") from None
         from .config import dumps
 
-        atomic.write_bytes(self.ctx.run_dir / "config.toml", dumps(self.cfg).encode())
+        if self.ctx.rank == 0:
+            atomic.write_bytes(self.ctx.run_dir / "config.toml", dumps(self.cfg).encode())
         if target is not None:
             self.run_stage(target, force=force)
             return

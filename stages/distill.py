@@ -35,6 +35,8 @@ from .tasks import TASKS
 from .training import (PeriodicEval, ResponseCollator, job_dir, peak_rss_mb, publish_model, rss_mb,
                        train_causal_lm)
 
+DISTRIBUTED = True  # the Trainer's DDP under torchrun; rank 0 publishes (pipeline/distributed.py)
+
 CACHE_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_logmass", "mask")
 ON_POLICY_ONLY = ("opd",)  # their labels must be the student's own samples
 
@@ -282,25 +284,31 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(teacher["model_dir"])
     sources, model, steps, lr, warmup, num_batches, before = _plan(cfg, inputs, tok, seed)
     out = ctx.stage_dir() / "student"
-    tmp = job_dir(out.with_name(".tmp-student"),
-                  digest({"cfg": cfg, "seed": seed, "inputs": {k: v.get("fingerprint") for k, v in inputs.items()}}))
+    job = digest({"cfg": cfg, "seed": seed, "world": ctx.world_size,
+                  "inputs": {k: v.get("fingerprint") for k, v in inputs.items()}})
+    tmp = job_dir(out.with_name(".tmp-student"), job) if ctx.rank == 0 else out.with_name(".tmp-student")
+    ctx.barrier()  # rank 0 has cleared another job's leftovers
     params = {s.method: {k: cfg[k] for k in METHOD_PARAMS.get(s.method, ())} for s in sources}
     online = _online_teacher(cfg, teacher)
     where = {s.name: f"cache {s.cache.id}" if s.cache else "teacher online" for s in sources}
     mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, {where[s.name]})" for s in sources)
     ctx.log(f"[{ctx.stage}] a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter student, "
             f"{steps} steps on {mix}")
-    dataset = _training_set(sources, cfg["batch_size"], num_batches, seed * 1009 + round_)
+    # Under DDP each rank reads every world_size-th planned batch: a step's global batch is world_size of them.
+    dataset = _training_set(sources, cfg["batch_size"], num_batches * ctx.world_size, seed * 1009 + round_)
     collator = (ResponseCollator(tok.pad_token_id) if online is not None
                 else CacheCollator(tok.pad_token_id, *(s.cache for s in sources)))
     trainer = train_causal_lm(model, tok, dataset, tmp / "checkpoints", steps=steps,
                               batch_size=cfg["batch_size"], learning_rate=lr, warmup_steps=warmup, seed=seed,
                               save_steps=cfg["checkpoint_steps"], trainer_cls=DistillTrainer, collator=collator,
                               gradient_accumulation_steps=cfg["gradient_accumulation_steps"], bf16=cfg["bf16"],
-                              sequential=num_batches > 0, callbacks=_learning_curve(cfg, data, tok, before),
+                              sequential=num_batches > 0,
+                              callbacks=_learning_curve(cfg, data, tok, before) if ctx.rank == 0 else [],
                               sources=sources, loss_params=params, teacher=online)
+    if ctx.rank > 0:
+        return {}  # rank 0 judges and publishes the student
     model.eval()
-    sequences = steps * cfg["batch_size"] * cfg["gradient_accumulation_steps"]
+    sequences = steps * cfg["batch_size"] * cfg["gradient_accumulation_steps"] * ctx.world_size
     runtime = trainer.state.log_history[-1].get("train_runtime")
     report = {"parameters": sum(p.numel() for p in model.parameters()), "method": cfg["method"], "round": round_,
               "teacher_source": cfg["teacher_source"],

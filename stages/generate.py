@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 
+from pipeline import distributed
 from pipeline.errors import HpdError
 from storage import sequences as seqstore
 from storage.fingerprint import file_digest
@@ -17,6 +18,7 @@ from storage.fingerprint import file_digest
 from . import modeling
 
 VERSION = 2  # 2: sequences in zstd-framed shards
+DISTRIBUTED = True  # ranks share the shards out (pipeline/distributed.py)
 
 
 def read_prompts(path: str, prompt_field: str, response_field: str | None, limit: int = 0):
@@ -143,6 +145,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     prompts, responses = read_prompts(source, cfg["prompt_field"], cfg["response_field"] if from_data else None,
                                       cfg["num_prompts"])
     model, tokenizer = modeling.load_causal_lm(teacher["model_dir"])
+    model = modeling.to_accelerator(model)
     context = modeling.context_length(model)
     pairs = [encode_pair(tokenizer, p, r) for p, r in
              zip(prompts, responses if from_data else [None] * len(prompts))]
@@ -155,13 +158,12 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     meta = {"config": cfg, "teacher": teacher["fingerprint"], "source": file_digest(source)
             if Path(source).is_file() else str(source), "seed": ctx.seed}
     if from_data:
-        writer, num_shards = _write_dataset(final, meta, pairs, cfg["shard_size"])
+        manifest = _write_dataset(ctx, final, meta, pairs, cfg["shard_size"])
     else:
-        writer, num_shards = modeling.sample_to_store(
-            model, tokenizer, [p for p, _ in pairs], final, meta, samples_per_prompt=cfg["samples_per_prompt"],
+        manifest = modeling.sample_to_store(
+            ctx, model, tokenizer, [p for p, _ in pairs], final, meta, samples_per_prompt=cfg["samples_per_prompt"],
             prompts_per_shard=cfg["shard_size"], max_new_tokens=max_new,
             temperature=cfg["temperature"], batch_size=cfg["batch_size"], seed=ctx.seed, desc="generate")
-    manifest = writer.finish(num_shards)
     tokens = sum(s["tokens"] for s in manifest["shards"])
     return {"sequences": str(final), "source": str(source), "count": manifest["rows"], "tokens": tokens,
             "truncated": truncated, "fingerprint": manifest["fingerprint"]}
@@ -192,16 +194,17 @@ def _fit_context(pairs: list, context: int, cfg: dict, source, from_data: bool) 
     return pairs, max_new, cut
 
 
-def _write_dataset(final: Path, meta: dict, pairs: list, per_shard: int):
-    writer = seqstore.SequenceWriter(final, {**meta, "shard_size": per_shard})
+def _write_dataset(ctx, final: Path, meta: dict, pairs: list, per_shard: int) -> dict:
+    writer = distributed.open_writer(ctx, lambda rank: seqstore.SequenceWriter(final, {**meta, "shard_size": per_shard},
+                                                                               rank))
     num_shards = -(-len(pairs) // per_shard)
     for shard in range(num_shards):
-        if not writer.done(shard):
+        if not writer.done(shard) and distributed.mine(ctx, shard):
             lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(pairs))
             writer.write_rows(shard, seqstore.rows_table(range(lo, hi), range(lo, hi),
                                                          [len(pairs[i][0]) for i in range(lo, hi)],
                                                          [pairs[i][0] + pairs[i][1] for i in range(lo, hi)]))
-    return writer, num_shards
+    return distributed.finish(ctx, writer, num_shards)
 
 
 def published(outputs: dict) -> bool:

@@ -1,6 +1,7 @@
 """Loading local HF causal LMs, and the two things every stage does with them: sample and score."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, t
     pad = eos if pad is None else pad
     out: list[list[int]] = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=len(prompts) <= batch_size):
-        ids, mask = pad_left(prompts[i:i + batch_size], pad)
+        ids, mask = (t.to(model.device) for t in pad_left(prompts[i:i + batch_size], pad))
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=not greedy, temperature=temperature if not greedy else None,
                              top_k=None, top_p=None, pad_token_id=pad, eos_token_id=eos)
@@ -115,19 +116,21 @@ def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, t
     return out
 
 
-def sample_to_store(model, tokenizer, prompts: list[list[int]], final: Path, meta: dict, *,
+def sample_to_store(ctx, model, tokenizer, prompts: list[list[int]], final: Path, meta: dict, *,
                     samples_per_prompt: int, prompts_per_shard: int, max_new_tokens: int, temperature: float,
-                    batch_size: int, seed: int, desc: str):
-    """N sampled responses per prompt, written as a sequence store in shards; an interrupted run resumes
-    after its last published shard and samples exactly what it would have (each shard has its own seed).
-    Returns (writer, number of shards) for the caller to finish."""
+                    batch_size: int, seed: int, desc: str) -> dict:
+    """N sampled responses per prompt, published as a sequence store in shards; returns its manifest. An
+    interrupted run resumes after its last written shard and samples exactly what it would have (each shard
+    has its own seed), which is also why ranks can share the shards out (pipeline/distributed.py)."""
+    from pipeline import distributed
     from storage import sequences as seqstore
 
     n_per = samples_per_prompt
-    writer = seqstore.SequenceWriter(final, {**meta, "shard_size": prompts_per_shard * n_per})
+    writer = distributed.open_writer(
+        ctx, lambda rank: seqstore.SequenceWriter(final, {**meta, "shard_size": prompts_per_shard * n_per}, rank))
     num_shards = -(-len(prompts) // prompts_per_shard)
-    for shard in tqdm(range(num_shards), desc=desc, disable=num_shards < 2):
-        if writer.done(shard):
+    for shard in tqdm(range(num_shards), desc=desc, disable=num_shards < 2 or ctx.rank > 0):
+        if writer.done(shard) or not distributed.mine(ctx, shard):
             continue
         lo, hi = shard * prompts_per_shard, min((shard + 1) * prompts_per_shard, len(prompts))
         torch.manual_seed(seed * 100003 + shard)
@@ -138,7 +141,14 @@ def sample_to_store(model, tokenizer, prompts: list[list[int]], final: Path, met
         writer.write_rows(shard, seqstore.rows_table(
             range(first, first + len(prompt_ids)), [i for i in range(lo, hi) for _ in range(n_per)],
             [len(p) for p in prompt_ids], [p + r for p, r in zip(prompt_ids, responses)]))
-    return writer, num_shards
+    return distributed.finish(ctx, writer, num_shards)
+
+
+def to_accelerator(model):
+    """The model on this process's GPU (torchrun's LOCAL_RANK) when there is one; as it is otherwise."""
+    if torch.cuda.is_available():
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return model
 
 
 @torch.no_grad()

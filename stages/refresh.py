@@ -18,6 +18,7 @@ from storage.sequences import SequenceStore
 from . import modeling
 
 VERSION = 1
+DISTRIBUTED = True  # ranks share the shards out (pipeline/distributed.py)
 
 
 def choose_prompts(store: SequenceStore, fraction: float, seed: int, round_: int) -> list[list[int]]:
@@ -40,6 +41,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     store = SequenceStore(Path(gen["sequences"]))
     prompts = choose_prompts(store, cfg["prompt_fraction"], seed, round_)
     model, tokenizer = modeling.load_causal_lm(student["student_dir"])
+    model = modeling.to_accelerator(model)
     room = modeling.context_length(model) - max(len(p) for p in prompts)
     max_new = cfg["max_new_tokens"] or room
     if not 0 < max_new <= room:
@@ -50,11 +52,10 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
             f"{len(prompts)} prompts ({cfg['prompt_fraction']:.0%} of {len(store)})")
     final = ctx.stage_dir() / "sequences"
     meta = {"config": cfg, "origin": origin, "prompts_from": gen["fingerprint"], "seed": seed}
-    writer, num_shards = modeling.sample_to_store(
-        model, tokenizer, prompts, final, meta, samples_per_prompt=cfg["samples_per_prompt"],
+    manifest = modeling.sample_to_store(
+        ctx, model, tokenizer, prompts, final, meta, samples_per_prompt=cfg["samples_per_prompt"],
         prompts_per_shard=cfg["shard_size"], max_new_tokens=max_new, temperature=cfg["temperature"],
         batch_size=cfg["batch_size"], seed=seed * 1009 + round_, desc=ctx.stage)
-    manifest = writer.finish(num_shards)
     return {"sequences": str(final), "source": f"round {round_} samples of student {student['fingerprint'][:12]}",
             "origin": origin, "count": manifest["rows"], "tokens": sum(s["tokens"] for s in manifest["shards"]),
             "fingerprint": manifest["fingerprint"]}

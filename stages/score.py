@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline import distributed
 from pipeline.errors import HpdError
 from storage import encodings
 from storage.logit_cache import CacheRoot, LogitCache, ScoredSequence, cache_key, key_id
@@ -25,6 +26,7 @@ from storage.sequences import SequenceStore
 from . import modeling
 
 DEFAULT_K = 64
+DISTRIBUTED = True  # ranks share the shards out (pipeline/distributed.py)
 
 
 class Timer(dict):
@@ -46,7 +48,7 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
     timer = timer if timer is not None else Timer()
     with timer("forward"):
         ids, mask = modeling.pad_right(seqs, pad_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.cpu()
     with timer("topk"):
         # Only response positions are kept; prompts and padding are most of a batch's positions, so select
         # them before anything touches the vocabulary dimension.
@@ -90,13 +92,16 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
                     data=gen["fingerprint"], top_k=k, temperature=temperature, encoding=encoding.spec,
                     origin=gen.get("origin"))
     root = CacheRoot(ctx.cache_root)
-    with root.lock(key):
+    # Under torchrun rank 0 holds the cache's lock for all ranks: they build it together (pipeline/distributed.py).
+    with root.lock(key) if ctx.rank == 0 else nullcontext():
+        ctx.barrier()
         cache, timing = root.find(key), None
         if cache is not None:
             ctx.log(f"[{ctx.stage}] cache {cache.id} already holds this teacher, data and k: reusing it")
         else:
             cache, timing = _build(ctx, {**cfg, "top_k": k}, teacher, gen, root, key)
-        root.record_use(cache, ctx.run_name)
+        if ctx.rank == 0:
+            root.record_use(cache, ctx.run_name)
     m = cache.manifest
     return {"cache": str(cache.dir), "cache_id": cache.id, "fingerprint": key_id(key), "top_k": k,
             "encoding": encoding.name,
@@ -108,12 +113,13 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
 def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict) -> LogitCache:
     store = SequenceStore(Path(gen["sequences"]))
     model, tokenizer = modeling.load_causal_lm(teacher["model_dir"])
+    model = modeling.to_accelerator(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     size = cfg["shard_size"]
-    writer = root.writer(key, shard_size=size, num_sequences=len(store), vocab_size=teacher["vocab_size"],
-                         provenance={"teacher": teacher["model_dir"], "sequences": gen["sequences"],
-                                     "sequences_source": gen.get("source", ""), "run": ctx.run_name,
-                                     "origin": gen.get("origin")})
+    writer = distributed.open_writer(ctx, lambda rank: root.writer(
+        key, shard_size=size, num_sequences=len(store), vocab_size=teacher["vocab_size"], rank=rank,
+        provenance={"teacher": teacher["model_dir"], "sequences": gen["sequences"],
+                    "sequences_source": gen.get("source", ""), "run": ctx.run_name, "origin": gen.get("origin")}))
     num_shards = -(-len(store) // size)
     resumed = sum(writer.done(i) for i in range(num_shards))
     if resumed:
@@ -121,10 +127,11 @@ def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict)
     # A shard is encoded, compressed and written by a background thread while the teacher scores the next
     # one (zstd, Arrow and file I/O release the GIL); at most one shard waits, so memory stays bounded.
     timer, pending, t0 = Timer(), None, time.perf_counter()
-    with tqdm(total=len(store), desc=f"teacher scoring ({ctx.stage})", unit="seq", initial=resumed * size) as bar, \
+    with tqdm(total=len(store), desc=f"teacher scoring ({ctx.stage})", unit="seq", initial=resumed * size,
+              disable=ctx.rank > 0) as bar, \
             ThreadPoolExecutor(max_workers=1) as io:  # the bar closes (ends its line) even on an error
         for shard in range(num_shards):
-            if writer.done(shard):
+            if writer.done(shard) or not distributed.mine(ctx, shard):
                 continue
             seq_ids, plens, seqs = store.range(shard * size, min((shard + 1) * size, len(store)))
             rows = []
@@ -142,7 +149,7 @@ def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict)
         with timer("write_wait"):
             if pending is not None:
                 pending.result()
-    writer.finish(num_shards)
+    distributed.finish(ctx, writer, num_shards)
     wall = time.perf_counter() - t0
     timing = {"wall_s": round(wall, 4), **{f"{k}_s": round(v, 4) for k, v in timer.items()}}
     # everything that is not the teacher's forward pass, as a share of it (the target is <= 10%);

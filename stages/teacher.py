@@ -7,6 +7,7 @@ run asking for the same teacher reuses it.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from .training import publish_model, train_causal_lm
 REPORT = "hpd-teacher.json"
 # Bump when the built-in training recipe in code changes: the stage reruns and the new teacher gets a new
 # directory, so a teacher trained by the old recipe is never reused for the new one.
+DISTRIBUTED = True  # trained with the Trainer's DDP under torchrun (pipeline/distributed.py)
 VERSION = 3
 
 
@@ -48,11 +50,13 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     name = f"{data['builtin']}-teacher-{digest(ident)[:12]}"
     final = ctx.model_root / name
     ctx.model_root.mkdir(parents=True, exist_ok=True)
-    with lock_for(final):
+    with lock_for(final) if ctx.rank == 0 else nullcontext():  # under torchrun rank 0 locks for all ranks
+        ctx.barrier()
         if not (final / REPORT).exists():
-            _train(ctx, cfg, data, final)
+            _train(ctx, cfg, data, final)  # every rank: the Trainer's DDP
         else:
             ctx.log(f"[teacher] reusing {final}")
+        ctx.barrier()
     return _outputs(final, json.loads((final / REPORT).read_text()))
 
 
@@ -75,6 +79,8 @@ def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
     train_causal_lm(model, tokenizer, dataset, tmp / "checkpoints", steps=cfg["steps"], batch_size=cfg["batch_size"],
                     learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"], seed=ctx.seed,
                     save_steps=cfg["checkpoint_steps"])
+    if ctx.rank > 0:
+        return  # rank 0 judges and publishes the teacher
     model.eval()
     report = {"parameters": params,
               **heldout_report(model, tokenizer, data["heldout"], cfg["eval_examples"], TASKS[data["builtin"]])}

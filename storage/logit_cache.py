@@ -259,10 +259,10 @@ class CacheRoot:
         return lock_for(self.path_for(key))
 
     def writer(self, key: dict, *, shard_size: int, num_sequences: int, vocab_size: int,
-               provenance: dict | None = None) -> "CacheWriter":
+               provenance: dict | None = None, rank: int = 0) -> "CacheWriter":
         return CacheWriter(self.path_for(key), {
             "format": "hpd-logit-cache", "key": key, "shard_size": shard_size, "rows_per_batch": ROWS_PER_BATCH,
-            "num_sequences": num_sequences, "vocab_size": vocab_size, "provenance": provenance or {}})
+            "num_sequences": num_sequences, "vocab_size": vocab_size, "provenance": provenance or {}}, rank)
 
     def open(self, cache_id: str) -> LogitCache:
         matches = [p for p in self.published_dirs() if p.name.startswith(cache_id)] if cache_id else []

@@ -53,8 +53,8 @@ def content_digest(table: pa.Table) -> str:
 
 
 class SequenceWriter(ShardWriter):
-    def __init__(self, final_dir: Path, meta: dict):
-        super().__init__(final_dir, {"format": FORMAT, **meta})
+    def __init__(self, final_dir: Path, meta: dict, rank: int = 0):
+        super().__init__(final_dir, {"format": FORMAT, **meta}, rank)
 
     def write_rows(self, index: int, table: pa.Table) -> dict:
         tokens = int(pa.compute.sum(pa.compute.list_value_length(table.column("input_ids"))).as_py() or 0)

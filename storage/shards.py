@@ -105,28 +105,40 @@ def lock_for(final_dir: Path) -> FileLock:
 
 
 class ShardWriter:
-    def __init__(self, final_dir: Path, meta: dict):
+    """Writes a shard set into a hidden directory and publishes it whole. Under torchrun several processes
+    (ranks) write one set: each writes the shards it was given and keeps its own journal, rank 0 (which
+    opens the writer first, alone, and may clear leftovers of other settings) publishes once every rank is
+    done. A resumed set finishes with any number of ranks: the shards already written are kept."""
+
+    def __init__(self, final_dir: Path, meta: dict, rank: int = 0):
         self.final_dir = Path(final_dir)
         self.tmp_dir = self.final_dir.parent / f".tmp-{self.final_dir.name}"
-        self.meta = meta
+        self.meta, self.rank = meta, rank
         self.shards: dict[int, dict] = {}
-        journal = self.tmp_dir / JOURNAL
-        if journal.exists():
-            state = atomic.read_json(journal)
-            if state.get("meta") == meta:
-                self.shards = {int(i): s for i, s in state["shards"].items() if self._intact(s)}
-            else:  # left over from different settings: nothing in it can be trusted
-                shutil.rmtree(self.tmp_dir)
+        if rank == 0 and any(meta != atomic.read_json(j).get("meta") for j in self._journals()):
+            shutil.rmtree(self.tmp_dir)  # left over from different settings: nothing in it can be trusted
+        self._load()
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._save_journal()
         self.started = time.time()
+
+    def _journals(self) -> list[Path]:
+        return sorted(self.tmp_dir.glob("journal*.json")) if self.tmp_dir.is_dir() else []
+
+    def _load(self) -> None:
+        """Every rank's journal: what was written, by this process or another, before a crash or now."""
+        for j in self._journals():
+            state = atomic.read_json(j)
+            if state.get("meta") == self.meta:
+                self.shards.update({int(i): s for i, s in state["shards"].items() if self._intact(s)})
 
     def _intact(self, shard: dict) -> bool:
         path = self.tmp_dir / shard["file"]
         return path.exists() and file_digest(path) == shard["checksum"]
 
     def _save_journal(self) -> None:
-        atomic.write_json(self.tmp_dir / JOURNAL, {"meta": self.meta, "shards": self.shards})
+        name = JOURNAL if self.rank == 0 else f"journal-rank{self.rank}.json"
+        atomic.write_json(self.tmp_dir / name, {"meta": self.meta, "shards": self.shards})
 
     def done(self, index: int) -> bool:
         return index in self.shards
@@ -147,6 +159,7 @@ class ShardWriter:
         return entry
 
     def finish(self, num_shards: int, **summary) -> dict:
+        self._load()  # the shards other ranks wrote
         missing = [i for i in range(num_shards) if i not in self.shards]
         if missing:
             raise RuntimeError(f"cannot publish {self.final_dir.name}: shards {missing[:5]} were never written")
@@ -156,7 +169,8 @@ class ShardWriter:
                     "published_at": time.time()}
         manifest[SEAL] = seal(manifest)
         atomic.write_json(self.tmp_dir / MANIFEST, manifest)
-        (self.tmp_dir / JOURNAL).unlink()
+        for j in self._journals():
+            j.unlink()
         atomic.publish_dir(self.tmp_dir, self.final_dir)
         return manifest
 

@@ -29,12 +29,16 @@ TINY = [
 ]
 
 
-def hpd_process(home: Path, *args: str, overrides=(), kill_at: str | None = None) -> subprocess.CompletedProcess:
-    """`hpd ARGS` on the tiny config (run "tiny") in a process of its own, so that HPD_KILL_AT can SIGKILL it."""
-    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", *args]
+def hpd_process(home: Path, *args: str, overrides=(), kill_at: str | None = None,
+                ranks: int = 1) -> subprocess.CompletedProcess:
+    """`hpd ARGS` on the tiny config (run "tiny") in a process of its own, so that HPD_KILL_AT can SIGKILL it;
+    with ranks > 1, as that many processes under torchrun (gloo on CPU)."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    cmd = [sys.executable, *launch, "-m", "pipeline.cli", *args]
     for o in [*TINY, 'run.name="tiny"', *overrides]:
         cmd += ["--set", o]
-    env = {**os.environ, "HPD_HOME": str(home), **({"HPD_KILL_AT": kill_at} if kill_at else {})}
+    env = {**os.environ, "HPD_HOME": str(home), **({"HPD_KILL_AT": kill_at} if kill_at else {}),
+           **({"OMP_NUM_THREADS": "1"} if ranks > 1 else {})}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 

@@ -1,0 +1,59 @@
+"""Several processes, one run: `torchrun --nproc_per_node N -m pipeline.cli run` (or a cluster scheduler that
+sets the same variables: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) starts N copies of `hpd run`.
+
+Every copy walks the same stage graph. The teacher-side stages (generate, score, refresh, rescore) split
+their shards between the ranks (shard i goes to rank i mod N), each rank writes its own shards into the same
+hidden directory, and rank 0 publishes one manifest once all are written: the same cache, byte for byte, as
+one process would build. distill trains with the Trainer's own DDP (or FSDP / DeepSpeed through its
+options). Every other stage runs on rank 0 while the others wait. Rank 0 alone writes run manifests and logs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment; (0, 1) when run directly."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init() -> None:
+    """Join the process group (gloo on CPU, nccl on GPUs) when launched as several processes."""
+    import torch
+    import torch.distributed as dist
+
+    if world()[1] > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def open_writer(ctx, make):
+    """`make(rank)` opens a shard writer; rank 0 opens it first, alone (it may clear leftovers of other
+    settings), then the other ranks open theirs on the same directory."""
+    writer = make(0) if ctx.rank == 0 else None
+    ctx.barrier()
+    return writer or make(ctx.rank)
+
+
+def mine(ctx, shard: int) -> bool:
+    return shard % ctx.world_size == ctx.rank
+
+
+def finish(ctx, writer, num_shards: int) -> dict:
+    """Publish once every rank has written its shards; every rank gets the published manifest."""
+    from storage.shards import read_manifest
+
+    ctx.barrier()
+    if ctx.rank == 0:
+        writer.finish(num_shards)
+    ctx.barrier()
+    return read_manifest(Path(writer.final_dir))
