@@ -80,6 +80,11 @@ def validate(cfg: dict) -> None:
     check(UNIT_INTERVAL, lambda v: 0 <= v <= 1, "between 0 and 1")
     check(("data.operands",), lambda v: v >= 2, ">= 2")
     check(("refresh.prompt_fraction",), lambda v: 0 < v <= 1, "in (0, 1]")
+    check(("generate.engine", "score.engine", "refresh.engine"), lambda v: v in ENGINES,
+          " or ".join(f'"{e}"' for e in ENGINES))
+
+
+ENGINES = ("transformers", "vllm")  # stages/vllm_engine.py: the optional one (pip install '.[vllm]')
 
 
 def parse_override(text: str) -> dict:

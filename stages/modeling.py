@@ -118,7 +118,7 @@ def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, t
 
 def sample_to_store(ctx, model, tokenizer, prompts: list[list[int]], final: Path, meta: dict, *,
                     samples_per_prompt: int, prompts_per_shard: int, max_new_tokens: int, temperature: float,
-                    batch_size: int, seed: int, desc: str) -> dict:
+                    batch_size: int, seed: int, desc: str, engine: str = "transformers") -> dict:
     """N sampled responses per prompt, published as a sequence store in shards; returns its manifest. An
     interrupted run resumes after its last written shard and samples exactly what it would have (each shard
     has its own seed), which is also why ranks can share the shards out (pipeline/distributed.py)."""
@@ -129,14 +129,22 @@ def sample_to_store(ctx, model, tokenizer, prompts: list[list[int]], final: Path
     writer = distributed.open_writer(
         ctx, lambda rank: seqstore.SequenceWriter(final, {**meta, "shard_size": prompts_per_shard * n_per}, rank))
     num_shards = -(-len(prompts) // prompts_per_shard)
+    if engine == "vllm":
+        from . import vllm_engine
+
+        llm = vllm_engine.load(model.name_or_path, scoring=False, seed=seed)
     for shard in tqdm(range(num_shards), desc=desc, disable=num_shards < 2 or ctx.rank > 0):
         if writer.done(shard) or not distributed.mine(ctx, shard):
             continue
         lo, hi = shard * prompts_per_shard, min((shard + 1) * prompts_per_shard, len(prompts))
         torch.manual_seed(seed * 100003 + shard)
         prompt_ids = [prompts[i] for i in range(lo, hi) for _ in range(n_per)]
-        responses = sample(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                           batch_size=batch_size, desc=f"sampling shard {shard}")
+        if engine == "vllm":
+            responses = vllm_engine.sample(llm, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                           seed=seed * 100003 + shard, eos_token_id=tokenizer.eos_token_id)
+        else:
+            responses = sample(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                               batch_size=batch_size, desc=f"sampling shard {shard}")
         first = lo * n_per
         writer.write_rows(shard, seqstore.rows_table(
             range(first, first + len(prompt_ids)), [i for i in range(lo, hi) for _ in range(n_per)],

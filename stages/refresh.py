@@ -55,7 +55,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     manifest = modeling.sample_to_store(
         ctx, model, tokenizer, prompts, final, meta, samples_per_prompt=cfg["samples_per_prompt"],
         prompts_per_shard=cfg["shard_size"], max_new_tokens=max_new, temperature=cfg["temperature"],
-        batch_size=cfg["batch_size"], seed=seed * 1009 + round_, desc=ctx.stage)
+        batch_size=cfg["batch_size"], seed=seed * 1009 + round_, desc=ctx.stage, engine=cfg["engine"])
     return {"sequences": str(final), "source": f"round {round_} samples of student {student['fingerprint'][:12]}",
             "origin": origin, "count": manifest["rows"], "tokens": sum(s["tokens"] for s in manifest["shards"]),
             "fingerprint": manifest["fingerprint"]}

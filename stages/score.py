@@ -90,7 +90,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     # Refreshed sequences carry their origin (round, student checkpoint): it is part of their cache's key.
     key = cache_key(teacher=teacher["model_fingerprint"], tokenizer=teacher["tokenizer_fingerprint"],
                     data=gen["fingerprint"], top_k=k, temperature=temperature, encoding=encoding.spec,
-                    origin=gen.get("origin"))
+                    origin=gen.get("origin"), engine=cfg["engine"])
     root = CacheRoot(ctx.cache_root)
     # Under torchrun rank 0 holds the cache's lock for all ranks: they build it together (pipeline/distributed.py).
     with root.lock(key) if ctx.rank == 0 else nullcontext():
@@ -113,8 +113,13 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
 def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict) -> LogitCache:
     store = SequenceStore(Path(gen["sequences"]))
     model, tokenizer = modeling.load_causal_lm(teacher["model_dir"])
-    model = modeling.to_accelerator(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if cfg["engine"] == "vllm":
+        from . import vllm_engine
+
+        llm, model = vllm_engine.load(teacher["model_dir"], scoring=True, top_k=cfg["top_k"]), None
+    else:
+        model = modeling.to_accelerator(model)
     size = cfg["shard_size"]
     writer = distributed.open_writer(ctx, lambda rank: root.writer(
         key, shard_size=size, num_sequences=len(store), vocab_size=teacher["vocab_size"], rank=rank,
@@ -137,8 +142,13 @@ def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict)
             rows = []
             for i in range(0, len(seqs), cfg["batch_size"]):
                 part = slice(i, i + cfg["batch_size"])
-                scored = score_batch(model, seqs[part], list(plens[part]), top_k=cfg["top_k"],
-                                     temperature=cfg["temperature"], pad_id=pad, timer=timer)
+                if model is None:
+                    with timer("forward"):
+                        scored = vllm_engine.score(llm, seqs[part], list(plens[part]), top_k=cfg["top_k"],
+                                                   temperature=cfg["temperature"])
+                else:
+                    scored = score_batch(model, seqs[part], list(plens[part]), top_k=cfg["top_k"],
+                                         temperature=cfg["temperature"], pad_id=pad, timer=timer)
                 rows += [ScoredSequence(seq_id=int(sid), input_ids=s, **sc)
                          for sid, s, sc in zip(seq_ids[part], seqs[part], scored)]
                 bar.update(len(scored))

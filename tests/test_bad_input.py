@@ -81,6 +81,18 @@ def test_k_larger_than_vocabulary(home):
     assert not any(p.name.startswith(".tmp-") for p in (home / "caches").iterdir())
 
 
+def test_vllm_engine_where_it_cannot_run_and_an_unknown_engine(home):
+    from stages import vllm_engine
+
+    reason = vllm_engine.unavailable()
+    if reason is not None:  # the usual CPU machine: the choice is refused before any cache is written
+        r = _hpd(home, "run", overrides=['run.name="vllm"', 'score.engine="vllm"'])
+        _assert_clean_failure(r, home, "vllm", "score", f'engine="vllm": {reason}; use engine="transformers"')
+        assert not any(p.name.startswith(".tmp-") for p in (home / "caches").iterdir())
+    r = _hpd(home, "run", overrides=['run.name="eng"', 'generate.engine="tgi"'])
+    assert r.exit_code == 2 and 'generate.engine must be "transformers" or "vllm"' in r.stderr.strip().splitlines()[-1]
+
+
 def test_teacher_that_is_not_a_causal_lm(home, tmp_path):
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50)
     bert = tmp_path / "bert"
