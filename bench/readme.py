@@ -325,12 +325,51 @@ def reliability() -> str:
             + soak_line + "\n")
 
 
+def _separable(d) -> bool:
+    """A paired difference whose mean is more than twice its standard error (about 95% for 5 seeds)."""
+    mean, sd, n, _ = d
+    return n > 1 and abs(mean) > 2 * sd / n ** 0.5
+
+
+def study() -> str:
+    path = RESULTS / "study" / "summary.json"
+    if not path.exists():
+        return "Not run yet: `python bench/regime_study.py`.\n"
+    out = []
+    for st in json.loads(path.read_text()):
+        q, fmt = st["quality"], "{:.1%}" if st["quality"] == "accuracy" else "{:.4f}"
+        label = "accuracy" if q == "accuracy" else "ROUGE-L"
+        out += [f"**{st['task']}, {st['regime']}** ({st['data']}; teacher: {label} {fmt.format(st['teacher'][q])}, "
+                f"NLL {st['teacher']['response_nll_nats']:.3f}):", "",
+                f"| method | seeds | {label} | held-out NLL | KL to teacher | NLL - hpd (paired) | NLL - {st['best']} "
+                f"(paired) |", "|---|---|---|---|---|---|---|"]
+        for m in st["ranking"]:
+            t, d = st["table"][m], st["diffs"][m]
+
+            def cell(ref):
+                x = d.get(f"vs_{ref}", {}).get("response_nll_nats")
+                if not x or ref == m:
+                    return "-"
+                mark = "**" if _separable(x) else ""
+                return f"{mark}{x[0]:+.3f} ± {x[1]:.3f}{mark} ({x[3]}/{x[2]} lower)"
+            ms = lambda k, f: f"{f.format(t[k][0])} ± {f.format(t[k][1])}"  # noqa: E731
+            out.append(f"| {m} | {t['seeds']} | {ms(q, fmt)} | {ms('response_nll_nats', '{:.3f}')} | "
+                       f"{ms('kl_to_teacher_nats', '{:.3f}')} | {cell('hpd')} | {cell(st['best'])} |")
+        out.append("")
+    out += ["Rows ranked by held-out NLL (mean over seeds). Paired columns: the mean and standard deviation over "
+            "seeds of this method's NLL minus the other's, student seed by student seed, and on how many seeds it "
+            "is lower; **bold** where the mean is more than twice its standard error. Produced by "
+            "`bench/regime_study.py`.", "",
+            "![held-out NLL against training tokens](bench/results/study/learning_curves.png)", ""]
+    return "\n".join(out)
+
+
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, fn in (("default-task", default_task), ("cache-formats", cache_formats),
                      ("hpd-gradient", hpd_gradient), ("refresh-rounds", refresh_rounds), ("compare", compare),
-                     ("cached-vs-online", cached_vs_online), ("reliability", reliability)):
+                     ("cached-vs-online", cached_vs_online), ("reliability", reliability), ("study", study)):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text,
                       flags=re.S)

@@ -84,6 +84,11 @@ def validate(cfg: dict) -> None:
           " or ".join(f'"{e}"' for e in ENGINES))
 
 
+# Keys added after runs and caches already existed: at these values they are left out of a stage's fingerprint,
+# so adding them never made a finished stage stale (a student retrained, a teacher pass redone).
+LATER_KEYS = {"distill.hpd_samples": 4, "distill.fsdp": "", "distill.deepspeed": "",
+              "generate.engine": "transformers", "score.engine": "transformers", "refresh.engine": "transformers"}
+
 ENGINES = ("transformers", "vllm")  # stages/vllm_engine.py: the optional one (pip install '.[vllm]')
 
 

@@ -24,6 +24,7 @@ from storage.faults import stage_started
 from storage.fingerprint import digest
 
 from . import distributed
+from .config import LATER_KEYS
 from .errors import HpdError
 
 
@@ -87,6 +88,8 @@ class Stage:
         return hashlib.sha256(Path(inspect.getfile(self.impl)).read_bytes()).hexdigest()[:12]
 
 
+_NONE = object()
+
 # Paths inside the home are stored relative to it, so a home can be moved or copied as a whole.
 _HOME = "@home/"
 
@@ -131,11 +134,13 @@ class Runner:
 
     def config_fingerprint(self, name: str) -> str:
         stage = self.stages[name]
-        what = {"section": self.cfg[stage.section], "seed": self.ctx.seed,
-                "version": getattr(stage.impl, "VERSION", 1)}
+        def keyed(s: str) -> dict:
+            return {k: v for k, v in self.cfg[s].items()
+                    if f"{s}.{k}" not in stage.unkeyed and LATER_KEYS.get(f"{s}.{k}", _NONE) != v}
+
+        what = {"section": keyed(stage.section), "seed": self.ctx.seed, "version": getattr(stage.impl, "VERSION", 1)}
         if stage.extra_sections or stage.params:
-            what["extra"] = {s: {k: v for k, v in self.cfg[s].items() if f"{s}.{k}" not in stage.unkeyed}
-                             for s in stage.extra_sections}
+            what["extra"] = {s: keyed(s) for s in stage.extra_sections}
             what["params"] = stage.params
         return digest(what)
 

@@ -106,9 +106,11 @@ def latest_checkpoint(output_dir: Path) -> str | None:
 def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, batch_size: int,
                     learning_rate: float, warmup_steps: int, seed: int, save_steps: int = 100,
                     trainer_cls=None, collator=None, gradient_accumulation_steps: int = 1, bf16: bool = False,
-                    sequential: bool = False, callbacks: list = (), **trainer_kwargs):
+                    sequential: bool = False, callbacks: list = (), fsdp: str = "", deepspeed: str = "",
+                    **trainer_kwargs):
     """Train `model` for `steps` optimizer steps; resumes from a checkpoint in `output_dir` if there is one.
-    `sequential`: read `dataset` in its own order (a precomputed mixture) instead of shuffling it."""
+    `sequential`: read `dataset` in its own order (a precomputed mixture) instead of shuffling it.
+    Under torchrun the Trainer trains with DDP; `fsdp` / `deepspeed` are its own options, passed through."""
     from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(seed)
@@ -122,7 +124,8 @@ def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, 
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
         gradient_accumulation_steps=gradient_accumulation_steps, bf16=bf16,
         train_sampling_strategy="sequential" if sequential else "random",
-        include_num_input_tokens_seen="non_padding")
+        include_num_input_tokens_seen="non_padding",
+        **({"fsdp": fsdp} if fsdp else {}), **({"deepspeed": deepspeed} if deepspeed else {}))
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=dataset,
                                        data_collator=collator or ResponseCollator(tokenizer.pad_token_id),
                                        callbacks=[_Checkpoints(), *callbacks], **trainer_kwargs)
