@@ -5,7 +5,7 @@ HPD    := $(VENV)/bin/hpd
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: teacher-cache distill test soak bench compare status clean venv
+.PHONY: teacher-cache distill test soak bench compare study status clean venv
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ soak: $(STAMP)
 compare: $(STAMP)
 	$(HPD) compare --out bench/results/compare_math
 	$(HPD) compare --config dialogue --out bench/results/compare_dialogue
+
+study: $(STAMP)
+	$(PY) bench/regime_study.py
+	$(PY) bench/readme.py
 
 status: $(STAMP)
 	$(HPD) status

@@ -176,8 +176,8 @@ teacher's whole cached distribution at every position learn this task fastest, w
 sequence's token and one sampled token, trails SFT; HPD -> OPD (HPD for {600 - 300} steps, then one OPD round)
 does not recover within this budget. With {seeds} seeds per method and per-seed accuracy that jumps by tens of
 points near the learning transition, only the large gaps (distribution methods vs HPD and SeqKD) are clear; the
-order among JSD, RKL, SRKL and SKL is not. A regime study with 5+ seeds and HPD variants that use the whole
-cached distribution is the follow-up (issue 9).
+order among JSD, RKL, SRKL and SKL is not. The regime study below settles which loss to use with 5 seeds,
+paired differences and this project's HPD variants.
 """
 
 
@@ -248,8 +248,8 @@ def cached_vs_online() -> str:
                  f"student's samples fall outside the top-64 at almost every position (`sample_outside_topk` in "
                  f"the training log starts near 0.99 and is still about 0.44 after 300 steps), where the cache can only "
                  f"share the tail mass out in "
-                 f"proportion to the student. Online, the exact value is at hand. Variants that use the whole "
-                 f"cached distribution instead are issue 9.")
+                 f"proportion to the student. Online, the exact value is at hand. The HPD variants that use the whole "
+                 f"cached distribution instead, and which loss to use, are in the regime study below.")
     lines[1] += (". Both arms compute the student's logits only at response positions (`logits_to_keep`) and "
                  "its loss in checkpointed chunks of positions (stages/losses.py), so what the cached arm holds "
                  "beyond fixed costs is the student's logits and their gradient at response positions. The online "
