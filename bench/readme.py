@@ -341,8 +341,8 @@ def study() -> str:
         label = "accuracy" if q == "accuracy" else "ROUGE-L"
         out += [f"**{st['task']}, {st['regime']}** ({st['data']}; teacher: {label} {fmt.format(st['teacher'][q])}, "
                 f"NLL {st['teacher']['response_nll_nats']:.3f}):", "",
-                f"| method | seeds | {label} | held-out NLL | KL to teacher | NLL - hpd (paired) | NLL - {st['best']} "
-                f"(paired) |", "|---|---|---|---|---|---|---|"]
+                f"| method | seeds | {label} | held-out NLL | KL to teacher | NLL - hpd (paired) | NLL - fkl (paired) "
+                f"| NLL - {st['best']} (paired) |", "|---|---|---|---|---|---|---|---|"]
         for m in st["ranking"]:
             t, d = st["table"][m], st["diffs"][m]
 
@@ -354,7 +354,7 @@ def study() -> str:
                 return f"{mark}{x[0]:+.3f} ± {x[1]:.3f}{mark} ({x[3]}/{x[2]} lower)"
             ms = lambda k, f: f"{f.format(t[k][0])} ± {f.format(t[k][1])}"  # noqa: E731
             out.append(f"| {m} | {t['seeds']} | {ms(q, fmt)} | {ms('response_nll_nats', '{:.3f}')} | "
-                       f"{ms('kl_to_teacher_nats', '{:.3f}')} | {cell('hpd')} | {cell(st['best'])} |")
+                       f"{ms('kl_to_teacher_nats', '{:.3f}')} | {cell('hpd')} | {cell('fkl')} | {cell(st['best'])} |")
         out.append("")
     out += ["Rows ranked by held-out NLL (mean over seeds). Paired columns: the mean and standard deviation over "
             "seeds of this method's NLL minus the other's, student seed by student seed, and on how many seeds it "

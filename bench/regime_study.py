@@ -79,7 +79,7 @@ def summarise_setting(task: str, regime: str) -> dict | None:
     # NLL decides the ranking: smooth, and every task has it (accuracy jumps near the learning transition)
     ranking = sorted(by, key=lambda m: table[m]["response_nll_nats"][0])
     best = ranking[0]
-    diffs = {m: {f"vs_{ref}": {k: paired(m, ref, k) for k in metrics} for ref in ("hpd", best) if ref in by}
+    diffs = {m: {f"vs_{ref}": {k: paired(m, ref, k) for k in metrics} for ref in ("hpd", "fkl", best) if ref in by}
              for m in by}
     curves = {}
     for m, runs in by.items():

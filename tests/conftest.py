@@ -25,7 +25,7 @@ TINY = [
     "generate.num_prompts=240", "generate.shard_size=100",
     "score.shard_size=50", "score.batch_size=32",
     "distill.steps=4", "distill.batch_size=16", "distill.eval_examples=10", "distill.warmup_steps=1",
-    "distill.n_layer=1", "distill.n_embd=16",
+    "distill.n_layer=1", "distill.n_embd=16", 'distill.method="hpd"',  # the paper's method: its diagnostics are tested
 ]
 
 
