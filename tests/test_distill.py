@@ -122,12 +122,19 @@ def test_online_teacher_is_refused_with_rounds_and_unknown_sources(tiny_home):
         make_runner(tiny_home, 'distill.teacher_source="gpu"')
 
 
-def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, tmp_path):
-    overrides = ["distill.steps=6", "distill.checkpoint_steps=3"]
-    reference = make_runner(copy_home(tiny_home, tmp_path / "ref"), *overrides)
+CHECKPOINTED = ["distill.steps=6", "distill.checkpoint_steps=3"]
+
+
+def _reference_and_copy(tiny_home, tmp_path):
+    """An uninterrupted distill with checkpoints, and a fresh copy of the home to break."""
+    reference = make_runner(copy_home(tiny_home, tmp_path / "ref"), *CHECKPOINTED)
     reference.run("distill")
-    home = copy_home(tiny_home, tmp_path / "crashed")
-    proc = hpd_process(home, "run", "distill", overrides=overrides, kill_at="checkpoint:1")
+    return reference, copy_home(tiny_home, tmp_path / "home")
+
+
+def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, tmp_path):
+    reference, home = _reference_and_copy(tiny_home, tmp_path)
+    proc = hpd_process(home, "run", "distill", overrides=CHECKPOINTED, kill_at="checkpoint:1")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (home / "runs" / "tiny" / "distill" / ".tmp-student" / "checkpoints" / "checkpoint-3").is_dir()
     # A kill in the middle of the next save leaves a checkpoint without its trainer state: never resumed from.
@@ -135,7 +142,7 @@ def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, t
     shutil.copytree(ckpts / "checkpoint-3", ckpts / "checkpoint-6")
     (ckpts / "checkpoint-6" / "trainer_state.json").unlink()
     (ckpts / "checkpoint-6" / "model.safetensors").unlink()
-    runner = make_runner(home, *overrides)
+    runner = make_runner(home, *CHECKPOINTED)
     assert runner.state("distill")[0] == "interrupted"
     runner.run("distill")
     assert runner.manifest("distill")["outputs"]["fingerprint"] == reference.manifest("distill")["outputs"]["fingerprint"]
@@ -143,13 +150,10 @@ def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, t
 
 def test_no_checkpoint_is_written_at_the_last_step(tiny_home, tiny_runner, tmp_path):
     """Resuming from a checkpoint at the last step would train one step too many; none is written there."""
-    overrides = ["distill.steps=6", "distill.checkpoint_steps=3"]
-    reference = make_runner(copy_home(tiny_home, tmp_path / "ref"), *overrides)
-    reference.run("distill")
-    home = copy_home(tiny_home, tmp_path / "home")
-    proc = hpd_process(home, "run", "distill", overrides=overrides, kill_at="checkpoint:2")
+    reference, home = _reference_and_copy(tiny_home, tmp_path)
+    proc = hpd_process(home, "run", "distill", overrides=CHECKPOINTED, kill_at="checkpoint:2")
     assert proc.returncode == 0, proc.stderr[-2000:]  # step 6 saved nothing, so nothing killed it
-    runner = make_runner(home, *overrides)
+    runner = make_runner(home, *CHECKPOINTED)
     assert runner.manifest("distill")["outputs"]["fingerprint"] == reference.manifest("distill")["outputs"]["fingerprint"]
 
 

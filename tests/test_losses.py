@@ -118,18 +118,22 @@ def test_distribution_losses_with_a_cache(method, kw, k):
     _check(method, kw, lambda t, y: _as_cache(t, y, k), k, seed=2)
 
 
-@pytest.mark.parametrize("method", ["seqkd", "opd", "hpd"])
-def test_token_losses_cache_with_k_equal_vocabulary_equals_full(method):
-    student, teacher, labels = _inputs(3)
-    sample = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(9))
+def _assert_cache_at_k_equal_vocabulary_is_full(method, student, teacher, labels, samples):
     outs = []
     for t_in in (teacher.float(), _as_cache(teacher, labels, V)):
         s = student.float().requires_grad_()
-        loss, _ = distill_loss(method, s, labels, teacher=t_in, sampled_tokens=sample)
+        loss, _ = distill_loss(method, s, labels, teacher=t_in, sampled_tokens=samples)
         loss.backward()
         outs.append((loss.item(), s.grad))
     assert outs[0][0] == pytest.approx(outs[1][0], abs=1e-6)
     assert torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["seqkd", "opd", "hpd"])
+def test_token_losses_cache_with_k_equal_vocabulary_equals_full(method):
+    student, teacher, labels = _inputs(3)
+    sample = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(9))
+    _assert_cache_at_k_equal_vocabulary_is_full(method, student, teacher, labels, sample)
 
 
 def test_sft_seqkd_opd_against_reference():
@@ -330,15 +334,7 @@ def test_hpd_variants_against_float64_reference(method, k):
 @pytest.mark.parametrize("method", list(VARIANTS))
 def test_hpd_variants_from_a_cache_with_k_equal_vocabulary_equal_their_full_form(method):
     student, teacher, labels = _inputs(12)
-    samples = _variant_samples(method, labels, 6)
-    outs = []
-    for t_in in (teacher.float(), _as_cache(teacher, labels, V)):
-        s = student.float().requires_grad_()
-        loss, _ = distill_loss(method, s, labels, teacher=t_in, sampled_tokens=samples)
-        loss.backward()
-        outs.append((loss.item(), s.grad))
-    assert outs[0][0] == pytest.approx(outs[1][0], abs=1e-6)
-    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
+    _assert_cache_at_k_equal_vocabulary_is_full(method, student, teacher, labels, _variant_samples(method, labels, 6))
 
 
 @pytest.mark.parametrize("method", list(VARIANTS))
