@@ -10,6 +10,7 @@ options). Every other stage runs on rank 0 while the others wait. Rank 0 alone w
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 
@@ -34,6 +35,16 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextmanager
+def held_by_rank0(ctx, lock):
+    """`lock` (a file lock) held for the whole group: rank 0 takes it, and no rank goes on until it has, nor
+    leaves before the others. Each rank taking it would serialize the ranks and deadlock their barriers."""
+    with lock if ctx.rank == 0 else nullcontext():
+        ctx.barrier()
+        yield
+        ctx.barrier()
 
 
 def open_writer(ctx, make):

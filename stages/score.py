@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -92,9 +92,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
                     data=gen["fingerprint"], top_k=k, temperature=temperature, encoding=encoding.spec,
                     origin=gen.get("origin"), engine=cfg["engine"])
     root = CacheRoot(ctx.cache_root)
-    # Under torchrun rank 0 holds the cache's lock for all ranks: they build it together (pipeline/distributed.py).
-    with root.lock(key) if ctx.rank == 0 else nullcontext():
-        ctx.barrier()
+    with distributed.held_by_rank0(ctx, root.lock(key)):  # under torchrun the ranks build it together
         cache, timing = root.find(key), None
         if cache is not None:
             ctx.log(f"[{ctx.stage}] cache {cache.id} already holds this teacher, data and k: reusing it")
@@ -112,14 +110,14 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
 
 def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict) -> LogitCache:
     store = SequenceStore(Path(gen["sequences"]))
-    model, tokenizer = modeling.load_causal_lm(teacher["model_dir"])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if cfg["engine"] == "vllm":
+    if cfg["engine"] == "vllm":  # vLLM loads the teacher itself: no second copy in this process
         from . import vllm_engine
 
-        llm, model = vllm_engine.load(teacher["model_dir"], scoring=True, top_k=cfg["top_k"]), None
+        llm, model, pad = vllm_engine.load(teacher["model_dir"], scoring=True, top_k=cfg["top_k"]), None, None
     else:
+        model, tokenizer = modeling.load_causal_lm(teacher["model_dir"])
         model = modeling.to_accelerator(model)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     size = cfg["shard_size"]
     writer = distributed.open_writer(ctx, lambda rank: root.writer(
         key, shard_size=size, num_sequences=len(store), vocab_size=teacher["vocab_size"], rank=rank,

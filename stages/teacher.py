@@ -7,11 +7,11 @@ run asking for the same teacher reuses it.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from pipeline import distributed
 from pipeline.errors import HpdError
 from storage.fingerprint import digest
 from storage.shards import lock_for
@@ -24,8 +24,8 @@ from .training import publish_model, train_causal_lm
 REPORT = "hpd-teacher.json"
 # Bump when the built-in training recipe in code changes: the stage reruns and the new teacher gets a new
 # directory, so a teacher trained by the old recipe is never reused for the new one.
-DISTRIBUTED = True  # trained with the Trainer's DDP under torchrun (pipeline/distributed.py)
 VERSION = 3
+DISTRIBUTED = True  # trained with the Trainer's DDP under torchrun (pipeline/distributed.py)
 
 
 def _outputs(model_dir: Path, report: dict | None) -> dict:
@@ -50,13 +50,11 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     name = f"{data['builtin']}-teacher-{digest(ident)[:12]}"
     final = ctx.model_root / name
     ctx.model_root.mkdir(parents=True, exist_ok=True)
-    with lock_for(final) if ctx.rank == 0 else nullcontext():  # under torchrun rank 0 locks for all ranks
-        ctx.barrier()
+    with distributed.held_by_rank0(ctx, lock_for(final)):
         if not (final / REPORT).exists():
             _train(ctx, cfg, data, final)  # every rank: the Trainer's DDP
         else:
             ctx.log(f"[teacher] reusing {final}")
-        ctx.barrier()
     return _outputs(final, json.loads((final / REPORT).read_text()))
 
 
