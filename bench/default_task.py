@@ -1,105 +1,100 @@
-"""Benchmark of the embedded default: `make teacher-cache` from nothing, and the task's difficulty.
+"""Benchmark of the embedded default: what `make distill` does and prints, and how reliably its student learns.
 
-Writes bench/results/default_task.json and prints a summary. It measures
-  - wall time of every stage of a from-scratch teacher-cache run, and of a second, up-to-date run;
-  - the teacher's held-out accuracy and mean next-token entropy on response tokens;
-  - the cache's size (bytes per scored token);
-  - students 5-10x smaller than the teacher trained by plain SFT on the teacher's budget (same steps, batch
-    and data), over several seeds: the task must leave them clearly below the teacher.
+    python bench/default_task.py [--seeds 5]
+
+1. `hpd run` on the default config in a fresh home, in a process of its own, exactly as `make distill` runs
+   it (install excluded): wall time, every stage's seconds and the table it prints; then a second `hpd run`
+   that finds everything up to date.
+2. The same run for student seeds 1..N-1 (`distill.seed`), each adopting the first run's data, teacher and
+   cache: the distilled student and its SFT baseline (same sequences, steps and seed) judged by eval.
+   Seed 0 is the run of step 1 itself.
+
+Writes bench/results/default_task.json; bench/readme.py puts its tables in the README.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import config as config_mod
+from pipeline.graph import build
+from pipeline.stage import Context, Runner
 
-from pipeline import config as config_mod  # noqa: E402
-from pipeline.graph import build  # noqa: E402
-from pipeline.stage import Context, Runner  # noqa: E402
+OUT = Path(__file__).resolve().parent / "results" / "default_task.json"
+HPD = [sys.executable, "-m", "pipeline.cli"]
+SHARED = ["data", "teacher", "generate", "score"]
+METRICS = ("accuracy", "avg@4", "response_nll_nats", "kl_to_teacher_nats")
 
 
-def student_sft(teacher_out: dict, data_out: dict, tcfg: dict, n_layer: int, n_embd: int, seed: int, workdir: Path):
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, GPT2Config
-
-    from stages import modeling
-    from stages.evaluators import encode_example, heldout_report
-    from stages.training import train_causal_lm
-
-    tok = AutoTokenizer.from_pretrained(teacher_out["model_dir"])
-    rows = [json.loads(x) for x in open(data_out["train"])]
-    seqs = [encode_example(tok, r["prompt"], r["response"]) for r in rows]
-    tconf = GPT2Config.from_pretrained(teacher_out["model_dir"])
-    torch.manual_seed(seed)
-    model = modeling.new_gpt2(tok, n_positions=tconf.n_positions, n_layer=n_layer, n_embd=n_embd,
-                              n_head=max(1, n_embd // 32))
-    ds = Dataset.from_dict({"input_ids": [s[0] for s in seqs], "prompt_len": [s[1] for s in seqs]})
+def hpd_run(home: Path) -> tuple[float, str]:
     t0 = time.time()
-    train_causal_lm(model, tok, ds, workdir / f"student-{seed}", steps=tcfg["steps"], batch_size=tcfg["batch_size"],
-                    learning_rate=tcfg["learning_rate"], warmup_steps=tcfg["warmup_steps"], seed=seed,
-                    save_steps=10 ** 9)
-    model.eval()
-    from stages.tasks import TASKS
+    p = subprocess.run([*HPD, "run"], env={**os.environ, "HPD_HOME": str(home)}, capture_output=True, text=True,
+                       check=True)
+    return time.time() - t0, p.stdout
 
-    report = heldout_report(model, tok, data_out["heldout"], tcfg["eval_examples"], TASKS["math"])
-    return {"seed": seed, "parameters": sum(p.numel() for p in model.parameters()),
-            "train_seconds": round(time.time() - t0, 1), **report}
+
+def spread(xs: list[float]) -> dict:
+    return {"mean": statistics.mean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "min": min(xs),
+            "max": max(xs), "values": xs}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, default=3, help="student seeds")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "default_task.json"))
+    ap.add_argument("--seeds", type=int, default=5, help="student seeds (seed 0 is make distill's)")
+    ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="hpd-bench-"))
+    cold, printed = hpd_run(home)
+    warm, _ = hpd_run(home)
     cfg = config_mod.load(None, [])
-    runner = Runner(build(cfg), cfg, Context(home=home, run_name="bench", seed=cfg["run"]["seed"]))
-    t0 = time.time()
-    runner.run()
-    cold = time.time() - t0
-    t0 = time.time()
-    Runner(build(cfg), cfg, Context(home=home, run_name="bench", seed=cfg["run"]["seed"], log=lambda s: None)).run()
-    warm = time.time() - t0
-    m = {s: runner.manifest(s) for s in runner.order}
-    teacher = m["teacher"]["outputs"]
-    score = m["score"]["outputs"]
-    students = [student_sft(teacher, m["data"]["outputs"], cfg["teacher"], 2, 64, seed, home)
-                for seed in range(args.seeds)]
-    accs = [s["heldout_accuracy"] for s in students]
+    base = Runner(build(cfg), cfg, Context(home=home, run_name=cfg["run"]["name"], seed=cfg["run"]["seed"]))
+    stage_seconds = {s: base.manifest(s)["seconds"] for s in base.order}
+    runs = [base.manifest("eval")["outputs"]["report"]]
+    for seed in range(1, args.seeds):
+        name = f"bench-s{seed}"
+        c = config_mod.load(None, [f"distill.seed={seed}", f'run.name="{name}"', "eval.teacher=false"])
+        r = Runner(build(c), c, Context(home=home, run_name=name, seed=c["run"]["seed"], log=lambda s: None))
+        r.adopt(cfg["run"]["name"], SHARED)
+        t0 = time.time()
+        r.run()
+        print(f"seed {seed}: {time.time() - t0:.0f}s")
+        runs.append(r.manifest("eval")["outputs"]["report"])
+    teacher = runs[0]["teacher"]
+    arms = {arm: {k: spread([run[arm][k] for run in runs]) for k in METRICS} for arm in ("student", "baseline")}
+    paired = {k: spread([run["student"][k] - run["baseline"][k] for run in runs]) for k in METRICS}
+    score = base.manifest("score")["outputs"]
     result = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads()},
-        "config": cfg,
-        "stage_seconds": {s: m[s]["seconds"] for s in runner.order},
-        "teacher_cache_cold_seconds": round(cold, 1), "teacher_cache_warm_seconds": round(warm, 2),
-        "teacher": teacher["report"],
-        "distilled_student": m["distill"]["outputs"]["report"],
+        "machine": {"cpus": os.cpu_count()},
+        "config": cfg, "seeds": args.seeds,
+        "make_distill_seconds": round(cold, 1), "up_to_date_seconds": round(warm, 1), "stage_seconds": stage_seconds,
+        "printed": printed[printed.index("\nmodel"):].strip() if "\nmodel" in printed else printed,
+        "teacher": teacher,
+        "sizes": {"teacher": teacher["parameters"], "student": runs[0]["student"]["parameters"],
+                  "ratio": teacher["parameters"] / runs[0]["student"]["parameters"]},
+        "method": runs[0]["student_report"]["method"], "baseline": runs[0]["baseline_report"]["method"],
+        "arms": arms, "paired_student_minus_baseline": paired,
+        "student_over_teacher_accuracy_min": arms["student"]["accuracy"]["min"] / teacher["accuracy"],
+        "seeds_above_80pct_of_teacher": {arm: sum(run[arm]["accuracy"] >= 0.8 * teacher["accuracy"] for run in runs)
+                                         for arm in ("student", "baseline")},
         "cache": {k: score[k] for k in ("top_k", "sequences", "tokens", "bytes", "bytes_per_token")},
-        "sft_student_same_budget": {
-            "parameters": students[0]["parameters"],
-            "size_ratio": round(teacher["report"]["parameters"] / students[0]["parameters"], 1),
-            "heldout_accuracy_mean": statistics.mean(accs), "heldout_accuracy_min": min(accs),
-            "heldout_accuracy_max": max(accs),
-            "response_entropy_nats_mean": statistics.mean(s["response_entropy_nats"] for s in students),
-            "runs": students},
+        "runs": [{arm: run[arm] for arm in ("student", "baseline")} for run in runs],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    t, st = result["teacher"], result["sft_student_same_budget"]
-    print(f"stages (s): {result['stage_seconds']}  cold {cold:.0f}s, warm {warm:.1f}s")
-    print(f"teacher: {t['parameters'] / 1e6:.2f}M params, held-out accuracy {t['heldout_accuracy']:.1%}, "
-          f"response entropy {t['response_entropy_nats']:.3f} nats")
-    print(f"cache: {score['tokens']:,} tokens, {score['bytes_per_token']} bytes/token (k={score['top_k']})")
-    print(f"SFT student ({st['size_ratio']}x smaller), {args.seeds} seeds: accuracy mean {st['heldout_accuracy_mean']:.1%} "
-          f"(min {st['heldout_accuracy_min']:.1%}, max {st['heldout_accuracy_max']:.1%})")
+    print(result["printed"])
+    a = arms["student"]["accuracy"]
+    print(f"make distill {cold:.0f}s (stages {stage_seconds}); {args.seeds} seeds: {result['method']} accuracy "
+          f"min {a['min']:.1%} mean {a['mean']:.1%} max {a['max']:.1%}; teacher {teacher['accuracy']:.1%}; "
+          f"baseline mean {arms['baseline']['accuracy']['mean']:.1%}")
+    shutil.rmtree(home, ignore_errors=True)
     print(f"written to {args.out}")
 
 

@@ -110,12 +110,12 @@ def _print_status(runner: Runner, as_json: bool = False) -> None:
     if total:
         click.echo(f"round: {finished} of {total} refresh rounds finished"
                    + (f"; next: {current}" if current else ""))
-    students = [(r["stage"], r["outputs"]) for r in rows
-                if r["stage"].split("-")[0] == "distill" and r["state"] == "done"]
-    if students:
-        from stages.distill import summary_table
+    judged = next((r for r in rows if r["stage"] == "eval" and r["state"] == "done"), None)
+    if judged:
+        from .report import summary_table
 
-        click.echo("\n" + summary_table(students))
+        student = next(up for up, role in runner.stages["eval"].roles.items() if role == "student")
+        click.echo("\n" + summary_table(student, judged["outputs"]["report"]))
 
 
 def _summary(outputs: dict) -> str:

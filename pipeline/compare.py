@@ -30,8 +30,9 @@ def method_overrides(method: str, cfg: dict) -> list[str]:
             raise HpdError(f"hpd->opd needs compare.opd_rounds >= 1 and compare.steps ({c['steps']}) above "
                            f"opd_rounds x rounds.steps ({c['opd_rounds']} x {cfg['rounds']['steps']})")
         return ['distill.method="hpd"', f"distill.steps={first}", f"rounds.count={c['opd_rounds']}",
-                'rounds.method="opd"', 'rounds.offline_method="hpd"']
-    return [f'distill.method="{method}"', f"distill.steps={c['steps']}", "rounds.count=0"]
+                'rounds.method="opd"', 'rounds.offline_method="hpd"', 'distill.baseline=""']
+    # every method is a run of its own (sft among them): no run trains a baseline student beside it
+    return [f'distill.method="{method}"', f"distill.steps={c['steps']}", "rounds.count=0", 'distill.baseline=""']
 
 
 def compare(config_path, overrides: list[str], out: Path | None = None, log=print) -> Path:

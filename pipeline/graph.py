@@ -5,7 +5,10 @@ round r = 1..R appends an on-policy refresh: refresh-r (the previous student sam
 prompts), rescore-r (the teacher scores them into a cache of their own, with the score stage) and
 distill-r (the previous student trains on a mixture of the offline cache and the refreshed one).
 With rounds.refresh_share = 0 a round is plain offline training, the baseline refresh is measured against.
-Last, eval judges the final student. With distill.teacher_source = "online" there is no score stage.
+With distill.baseline set (default "sft"), the stage "baseline" trains a second student the same way (same
+sequences, seed, shape and total steps) with that method, so eval can show what the teacher's distribution
+adds over plain SFT. Last, eval judges the final student (and the baseline and the teacher). With
+distill.teacher_source = "online" there is no score stage.
 """
 from dataclasses import replace
 
@@ -40,6 +43,13 @@ def build(cfg: dict) -> list[Stage]:
         stages = [s for s in stages if s.name != "score"]
         stages[-1] = replace(stages[-1], inputs=("data", "teacher", "generate"),
                              doc="a student trained with the teacher online")
+    baseline = cfg["distill"]["baseline"]
+    from stages.distill import ON_POLICY_ONLY
+
+    if baseline not in ("", *METHODS) or baseline in ON_POLICY_ONLY:
+        raise HpdError(f"distill.baseline={baseline!r} is unknown; choose an offline method "
+                       f"({', '.join(m for m in METHODS if m not in ON_POLICY_ONLY)}), or \"\" for none")
+    stages[-1] = replace(stages[-1], unkeyed=("distill.baseline",))  # adding a baseline leaves the student be
     for r in range(1, rounds["count"] + 1):
         inputs, roles = ["data", "teacher", "generate", "score", previous], {previous: "student"}
         if rounds["refresh_share"] > 0:
@@ -56,6 +66,19 @@ def build(cfg: dict) -> list[Stage]:
                             f"round {r}: the student trained on offline + refreshed data", roles=roles,
                             extra_sections=("rounds",), params={"round": r}, unkeyed=("rounds.count",)))
         previous = f"distill-{r}"
-    stages.append(Stage("eval", "stages.evaluate", "eval", ("data", "teacher", previous),
-                        "the final student (and the teacher) on held-out data", roles={previous: "student"}))
+    judged = (previous,)
+    if baseline:
+        # SFT reads no teacher signal, so a rescored cache does not retrain it; other baselines read the
+        # distill stage's inputs. Equal steps: round 0's plus every refresh round's.
+        inputs = next(s for s in stages if s.name == "distill").inputs
+        stages.append(Stage("baseline", "stages.distill", "distill",
+                            tuple(i for i in inputs if i != "score") if baseline == "sft" else inputs,
+                            f"a {baseline} student for comparison, same data, seed and steps",
+                            params={"method": baseline,
+                                    "steps": cfg["distill"]["steps"] + rounds["count"] * rounds["steps"]},
+                            unkeyed=("distill.method", "distill.steps", "distill.baseline")))
+        judged += ("baseline",)
+    stages.append(Stage("eval", "stages.evaluate", "eval", ("data", "teacher", *judged),
+                        "the final student (the baseline and the teacher) on held-out data",
+                        roles={previous: "student"}))
     return stages

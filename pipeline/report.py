@@ -11,6 +11,28 @@ METRICS = [("accuracy", "accuracy", "{:.1%}"), ("avg@", "avg@k", "{:.1%}"), ("ro
 DIAGNOSTICS = ("sample_term_active", "sample_outside_topk", "sample_is_expert", "mean_w_star", "mean_w_sample")
 
 
+def summary_table(stage: str, eval_report: dict) -> str:
+    """What `hpd run` prints at the end: the final student, the baseline student (distill.baseline) and the
+    teacher, each as eval judged it on the held-out set. `stage` names the stage the student came from."""
+    trained = eval_report.get("student_report") or {}
+    method = trained.get("method", "?") if stage == "distill" else _round_methods(trained)
+    baseline = (eval_report.get("baseline_report") or {}).get("method", "baseline")
+    named = [(f"{stage} ({method})", eval_report["student"]), (f"baseline ({baseline})", eval_report.get("baseline")),
+             ("teacher", eval_report.get("teacher"))]
+    named = [(n, r) for n, r in named if r]
+    metrics = _metric_keys({k: v for _, r in named for k, v in r.items()})
+    rows = [("model", "parameters", *(label for _, label, _ in metrics))]
+    for name, r in named:
+        rows.append((name, f"{r['parameters'] / 1e3:,.0f}k" if "parameters" in r else "-",
+                     *(fmt.format(r[k]) if k in r else "-" for k, _, fmt in metrics)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(" | ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _round_methods(report: dict) -> str:
+    return " + ".join(f"{m['method']} {m['share']:.0%} {name}" for name, m in report.get("mixture", {}).items())
+
+
 def _plt():
     import matplotlib
 

@@ -166,8 +166,10 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels, source = inputs.pop("labels"), inputs.pop("source", None)
-        if self.teacher is None:
+        if "cache_mask" in inputs:
             teacher = CacheBatch(**{f: inputs.pop(f"cache_{f}") for f in CACHE_FIELDS})
+        elif self.teacher is None:
+            teacher = None  # sft: no teacher signal at all
         else:
             if self.teacher.device != inputs["input_ids"].device:
                 self.teacher.to(inputs["input_ids"].device)
@@ -258,7 +260,7 @@ def _plan(cfg: dict, inputs: dict, tok, seed: int):
 
 
 def _online_teacher(cfg: dict, teacher: dict):
-    if cfg["teacher_source"] == "cache":  # (pipeline/graph.py refuses any other value)
+    if cfg["teacher_source"] == "cache" or cfg["method"] == "sft":  # (graph.py refuses any other source)
         return None
     model, _ = modeling.load_causal_lm(teacher["model_dir"])
     return model.requires_grad_(False)
@@ -296,8 +298,8 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
             f"{steps} steps on {mix}")
     # Under DDP each rank reads every world_size-th planned batch: a step's global batch is world_size of them.
     dataset = _training_set(sources, cfg["batch_size"], num_batches * ctx.world_size, seed * 1009 + round_)
-    collator = (ResponseCollator(tok.pad_token_id) if online is not None
-                else CacheCollator(tok.pad_token_id, *(s.cache for s in sources)))
+    caches = [s.cache for s in sources if s.cache is not None]
+    collator = CacheCollator(tok.pad_token_id, *caches) if caches else ResponseCollator(tok.pad_token_id)
     trainer = train_causal_lm(model, tok, dataset, tmp / "checkpoints", steps=steps,
                               batch_size=cfg["batch_size"], learning_rate=lr, warmup_steps=warmup, seed=seed,
                               save_steps=cfg["checkpoint_steps"], trainer_cls=DistillTrainer, collator=collator,
@@ -329,22 +331,3 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
 
 def published(outputs: dict) -> bool:
     return (Path(outputs["student_dir"]) / "hpd-student.json").is_file()
-
-
-def summary_table(students: list[tuple[str, dict]]) -> str:
-    """Students (one per round) against the teacher on the held-out set, as the end of `make distill` prints."""
-    teacher = students[-1][1].get("teacher_report") or {}
-    rows = [("model", "parameters", "held-out accuracy", "response NLL", "response entropy")]
-    named = [(f"{stage} ({o['report']['method'] if stage == 'distill' else _round_methods(o['report'])})",
-              o["report"]) for stage, o in students] + [("teacher", teacher)]
-    for name, r in named:
-        if r:
-            acc = f"{r['heldout_accuracy']:.1%}" if "heldout_accuracy" in r else "-"
-            rows.append((name, f"{r['parameters'] / 1e3:.0f}k", acc, f"{r['response_nll_nats']:.3f}",
-                         f"{r['response_entropy_nats']:.3f}"))
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(" | ".join([f"{row[0]:<{width}}"] + [f"{c:<18}" for c in row[1:]]) for row in rows)
-
-
-def _round_methods(report: dict) -> str:
-    return " + ".join(f"{m['method']} {m['share']:.0%} {name}" for name, m in report.get("mixture", {}).items())

@@ -16,11 +16,11 @@ from storage.fingerprint import digest
 from . import evaluators, modeling
 from .tasks import TASKS
 
-VERSION = 1
+VERSION = 2  # 2: judges the baseline student; parameters in every report
 
 
 def judge(model, tokenizer, rows: list[dict], cfg: dict, task, teacher=None) -> dict:
-    report: dict = {"examples": len(rows)}
+    report: dict = {"examples": len(rows), "parameters": sum(p.numel() for p in model.parameters())}
     if task is not None and hasattr(task, "is_correct"):
         report.update(evaluators.answer_accuracy(model, tokenizer, rows, task, samples=cfg["samples"],
                                                  temperature=cfg["temperature"]))
@@ -50,8 +50,13 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     student, tok = modeling.load_causal_lm(student_out["student_dir"])
     teacher, _ = modeling.load_causal_lm(teacher_out["model_dir"])
     ctx.log(f"[eval] {len(rows)} held-out examples from {heldout}")
-    report = {"student": judge(student, tok, rows, cfg, task, teacher=teacher if cfg["kl_to_teacher"] else None),
+    reference = teacher if cfg["kl_to_teacher"] else None
+    report = {"student": judge(student, tok, rows, cfg, task, teacher=reference),
               "student_dir": student_out["student_dir"], "student_report": student_out.get("report")}
+    if "baseline" in inputs:  # the same student trained without the teacher's distribution (distill.baseline)
+        baseline, _ = modeling.load_causal_lm(inputs["baseline"]["student_dir"])
+        report["baseline"] = judge(baseline, tok, rows, cfg, task, teacher=reference)
+        report["baseline_report"] = inputs["baseline"].get("report")
     crash_point("judged")
     if cfg["teacher"]:
         report["teacher"] = judge(teacher, tok, rows, cfg, task)

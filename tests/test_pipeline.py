@@ -127,3 +127,44 @@ def test_score_reports_where_its_time_went(tiny_runner):
     # the phases are disjoint parts of the wall time (each figure is rounded to 0.1 ms)
     assert t["wall_s"] + 2e-4 >= t["forward_s"] + t["topk_s"] + t["write_wait_s"]
     assert t["overhead"] == pytest.approx((t["wall_s"] - t["forward_s"]) / t["forward_s"], rel=1e-3, abs=1e-4)
+
+
+def test_distill_table_has_the_sft_baseline_from_the_eval_report(tiny_home, tiny_runner):
+    """`hpd run` ends with the eval report as a table: distilled student, SFT baseline, teacher."""
+    from pipeline.report import summary_table
+
+    from conftest import hpd_process
+
+    report = tiny_runner.manifest("eval")["outputs"]["report"]
+    distilled, baseline = report["student_report"], report["baseline_report"]
+    assert baseline["method"] == "sft" and distilled["method"] == "hpd"
+    # the same student trained the same way, only without the teacher's distribution
+    for key in ("student_steps", "train_sequences", "parameters"):
+        assert baseline[key] == distilled[key]
+    printed = hpd_process(tiny_home, "status").stdout
+    table = summary_table("distill", report)
+    assert table in printed
+    rows = {line.split(" | ")[0].strip(): line for line in table.splitlines()}
+    assert set(rows) == {"model", "distill (hpd)", "baseline (sft)", "teacher"}
+    for name, judged in (("distill (hpd)", "student"), ("baseline (sft)", "baseline"), ("teacher", "teacher")):
+        r = report[judged]
+        cells = [c.strip() for c in rows[name].split(" | ")]
+        assert cells[1:] == [f"{r['parameters'] / 1e3:,.0f}k", f"{r['accuracy']:.1%}", f"{r['avg@4']:.1%}",
+                             f"{r['response_nll_nats']:.3f}",
+                             f"{r['kl_to_teacher_nats']:.3f}" if "kl_to_teacher_nats" in r else "-"]
+    # the cells follow the report, not a constant
+    changed = {**report, "baseline": {**report["baseline"], "accuracy": 0.4321, "response_nll_nats": 9.876}}
+    changed_table = summary_table("distill", changed)
+    assert changed_table != table and "43.2%" in changed_table and "9.876" in changed_table
+
+
+def test_baseline_is_optional_and_does_not_retrain_the_student(tiny_home, tmp_path):
+    home = copy_home(tiny_home, tmp_path / "home")
+    runner = make_runner(home, 'distill.baseline=""')
+    assert "baseline" not in runner.order
+    assert runner.state("distill")[0] == "done"  # toggling the baseline leaves the student alone
+    assert runner.state("eval")[0] == "stale"
+    runner = make_runner(home, 'distill.baseline="fkl"', 'distill.method="sft"')
+    assert runner.state("baseline")[0] == "stale" and runner.stages["baseline"].inputs[-1] == "score"
+    with pytest.raises(HpdError, match="distill.baseline='opd' is unknown; choose an offline method"):
+        make_runner(home, 'distill.baseline="opd"')
