@@ -53,7 +53,9 @@ ARMS = {"cached": ['distill.teacher_source="cache"'], "online": ['distill.teache
 
 
 def runner(home: Path, config: str | None, name: str, overrides: list[str]) -> Runner:
-    cfg = config_mod.load(config, [*overrides, f'run.name="{name}"'])
+    # the student settings this bench was published with (before make distill's re-tuning), no SFT baseline
+    cfg = config_mod.load(config, ['distill.learning_rate=2e-3', 'distill.baseline=""', *overrides,
+                                   f'run.name="{name}"'])
     return Runner(build(cfg), cfg, Context(home=home, run_name=name, seed=cfg["run"]["seed"], log=lambda s: None))
 
 

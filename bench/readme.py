@@ -10,31 +10,65 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
+def _pct(x: dict) -> str:
+    return f"{x['mean']:.1%} (min {x['min']:.1%}, max {x['max']:.1%})"
+
+
+def make_distill() -> str:
+    r = json.loads((RESULTS / "default_task.json").read_text())
+    fresh = json.loads((RESULTS / "fresh_clone.json").read_text()) if (RESULTS / "fresh_clone.json").exists() else None
+    t, a, b, d, n = r["teacher"], r["arms"]["student"], r["arms"]["baseline"], r["paired_student_minus_baseline"], r["seeds"]
+    above = r["seeds_above_80pct_of_teacher"]
+    timing = (f"On a fresh clone (2 CPU cores) `make distill` took **{fresh['make_distill_seconds'] / 60:.1f} minutes**, "
+              f"{fresh['install_seconds']:.0f} s of them the install (`bench/fresh_clone.py`)."
+              if fresh else "")
+    return f"""What `make distill` prints at the end (the run's own seed 0; `bench/results/default_task.json`):
+
+```
+{r['printed']}
+```
+
+Each row is a model judged by the `eval` stage on the same {t['examples']} held-out problems:
+**distill ({r['method']})** is the student trained from the teacher's cache; **baseline ({r['baseline']})** is the
+same student (same {r['sizes']['student'] / 1e3:.0f}k parameters, sequences, steps, learning rate and seed) trained
+on the sequences alone, without the teacher's distribution; **teacher** is the
+{r['sizes']['teacher'] / 1e6:.2f}M-parameter model that wrote the cache ({r['sizes']['ratio']:.1f}x the student).
+*accuracy*: greedy answers whose total is exactly right; *avg@4*: the same over 4 sampled answers per problem
+(temperature 1); *held-out NLL*: nats per response token on the reference traces; *KL to teacher*: the
+full-vocabulary KL(teacher || model) per response token on those traces. {timing}
+
+Over {n} student seeds (`make bench`, `bench/default_task.py`; seed 0 is the run above):
+
+| | held-out accuracy, mean (min, max) | avg@4 | held-out NLL | KL to teacher | seeds at >= 80% of the teacher's accuracy |
+|---|---|---|---|---|---|
+| {r['method']} student | **{_pct(a['accuracy'])}** | {a['avg@4']['mean']:.1%} | {a['response_nll_nats']['mean']:.3f} | {a['kl_to_teacher_nats']['mean']:.3f} | **{above['student']} of {n}** |
+| {r['baseline']} student | {_pct(b['accuracy'])} | {b['avg@4']['mean']:.1%} | {b['response_nll_nats']['mean']:.3f} | {b['kl_to_teacher_nats']['mean']:.3f} | {above['baseline']} of {n} |
+| teacher | {t['accuracy']:.1%} | {t['avg@4']:.1%} | {t['response_nll_nats']:.3f} | - | - |
+
+Paired by seed, {r['method']} minus {r['baseline']}: accuracy {d['accuracy']['mean']:+.1%} ± {d['accuracy']['sd']:.1%},
+held-out NLL {d['response_nll_nats']['mean']:+.3f} ± {d['response_nll_nats']['sd']:.3f} (lower on
+{sum(x < 0 for x in d['response_nll_nats']['values'])} of {n} seeds). The weakest {r['method']} student reaches
+{r['student_over_teacher_accuracy_min']:.0%} of the teacher's accuracy.
+"""
+
+
 def default_task() -> str:
     r = json.loads((RESULTS / "default_task.json").read_text())
-    t, s, c, st = r["teacher"], r["sft_student_same_budget"], r["cache"], r["stage_seconds"]
-    d = r.get("distilled_student")
-    distilled = (f"| student distilled with {d['method'].upper()} from the cache (`make distill`: same size, steps and "
-                 f"batch as the SFT students, on the {c['sequences']:,} cached sequences, seed 0) | "
-                 f"{d['heldout_accuracy']:.1%}; held-out NLL {d['response_nll_nats']:.3f} |\n"
-                 if d else "")
+    t, c, st, cfg = r["teacher"], r["cache"], r["stage_seconds"], r["config"]
+    stages = ", ".join(f"{k} {v:.0f} s" if v >= 10 else f"{k} {v:.1f} s" for k, v in st.items())
     return f"""**Measured** (`make bench`, 2 CPU cores, `bench/results/default_task.json`):
 
 | | |
 |---|---|
-| teacher | GPT-2, 4 layers, width 128, {t['parameters'] / 1e6:.2f}M parameters, 350 steps of batch 128, lr 2e-3 cosine to 0.1x |
-| teacher held-out exact-answer accuracy (greedy, {t['heldout_examples']} problems) | **{t['heldout_accuracy']:.1%}** |
-| teacher mean next-token entropy on held-out response tokens | **{t['response_entropy_nats']:.3f} nats** (held-out NLL {t['response_nll_nats']:.3f}; uniform over the vocabulary: {t['uniform_entropy_nats']:.2f}) |
-| SFT student 7.6x smaller (2 layers, width 64, {s['parameters'] / 1e3:.0f}k parameters), same steps, batch and data, {len(s['runs'])} seeds | {s['heldout_accuracy_mean']:.1%} mean (min {s['heldout_accuracy_min']:.1%}, max {s['heldout_accuracy_max']:.1%}): far below the teacher; held-out NLL {sum(x['response_nll_nats'] for x in s['runs']) / len(s['runs']):.3f} |
-{distilled}| cache | {c['sequences']:,} sequences, {c['tokens']:,} scored tokens, {c['bytes'] / 1e6:.1f} MB, **{c['bytes_per_token']} bytes/token** at k = {c['top_k']} (the whole vocabulary) |
+| teacher | GPT-2, {cfg['teacher']['n_layer']} layers, width {cfg['teacher']['n_embd']}, {t['parameters'] / 1e6:.2f}M parameters, {cfg['teacher']['steps']} steps of batch {cfg['teacher']['batch_size']} on {cfg['data']['train_examples']:,} problems, lr {cfg['teacher']['learning_rate']:g} cosine to 0.1x |
+| teacher held-out exact-answer accuracy (greedy, {t['examples']} problems) | **{t['accuracy']:.1%}** (avg@4 {t['avg@4']:.1%}) |
+| teacher held-out NLL per response token | {t['response_nll_nats']:.3f} nats |
+| student | GPT-2, {cfg['distill']['n_layer']} layers, width {cfg['distill']['n_embd']}, {r['sizes']['student'] / 1e3:.0f}k parameters ({r['sizes']['ratio']:.1f}x smaller), {cfg['distill']['steps']} steps of batch {cfg['distill']['batch_size']}, lr {cfg['distill']['learning_rate']:g} |
+| cache | {c['sequences']:,} sequences, {c['tokens']:,} scored tokens, {c['bytes'] / 1e6:.1f} MB, **{c['bytes_per_token']} bytes/token** at k = {c['top_k']} (the whole vocabulary) |
 
-Stage wall times of a from-scratch `make distill` (install excluded): data {st['data']:.1f} s,
-teacher {st['teacher']:.0f} s, generate {st['generate']:.1f} s, score {st['score']:.1f} s,
-distill {st.get('distill', 0):.0f} s{f", eval {st['eval']:.0f} s" if 'eval' in st else ""}; about {r['teacher_cache_cold_seconds'] / 60:.0f} minutes in all. A second
-run finds every stage up to date and takes about 4 s, nearly all of it Python start-up and imports.
-One seed of HPD against three of SFT says little; every method with seeds and spread, on a longer budget,
-is in the method comparison below ("Evaluation, reports and the method comparison"). The teacher is reproducible: trained
-twice from the same config it came out byte-identical ({t['heldout_accuracy']:.1%} both times).
+Stage wall times of a from-scratch `hpd run` (install excluded): {stages}; {r['make_distill_seconds'] / 60:.1f} minutes
+in all. A second run finds every stage up to date and takes {r['up_to_date_seconds']:.0f} s, nearly all of it Python
+start-up and imports.
 """
 
 
@@ -367,7 +401,7 @@ def study() -> str:
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
-    for name, fn in (("default-task", default_task), ("cache-formats", cache_formats),
+    for name, fn in (("make-distill", make_distill), ("default-task", default_task), ("cache-formats", cache_formats),
                      ("hpd-gradient", hpd_gradient), ("refresh-rounds", refresh_rounds), ("compare", compare),
                      ("cached-vs-online", cached_vs_online), ("reliability", reliability), ("study", study)):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"

@@ -23,7 +23,7 @@ OUT = ROOT / "bench" / "results" / "study"
 METHODS = "sft,fkl,jsd,hpd,hpd_fkl,hpd_expect,hpd_fkl_expect"
 SEEDS = 5
 TASKS = {  # a dialogue student step costs ~4x a math one: fewer, smaller steps
-    "math": {"config": [], "sets": ["compare.steps=600", "distill.batch_size=64", "compare.curve_every=150",
+    "math": {"config": [], "sets": ["compare.steps=600", "distill.batch_size=64", "distill.learning_rate=2e-3", "compare.curve_every=150",
                                     "distill.curve_examples=100", "eval.samples=1"],
              "regimes": {"limited": 2048, "plenty": 0}, "quality": ("accuracy", "held-out accuracy", "{:.1%}")},
     "dialogue": {"config": ["--config", "dialogue"],

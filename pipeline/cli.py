@@ -110,12 +110,29 @@ def _print_status(runner: Runner, as_json: bool = False) -> None:
     if total:
         click.echo(f"round: {finished} of {total} refresh rounds finished"
                    + (f"; next: {current}" if current else ""))
-    judged = next((r for r in rows if r["stage"] == "eval" and r["state"] == "done"), None)
-    if judged:
+    named = _judged_models(runner, {r["stage"]: r for r in rows})
+    if named:
         from .report import summary_table
 
-        student = next(up for up, role in runner.stages["eval"].roles.items() if role == "student")
-        click.echo("\n" + summary_table(student, judged["outputs"]["report"]))
+        click.echo("\n" + summary_table(named))
+
+
+def _judged_models(runner: Runner, rows: dict) -> list[tuple[str, dict]]:
+    """Every finished student (each round's, the baseline) and the teacher, as eval judged them where it has,
+    else as their own stage measured them on the held-out set."""
+    from .report import as_judged, student_name
+
+    done = {name: r["outputs"] for name, r in rows.items() if r["state"] == "done"}
+    judged = (done.get("eval") or {}).get("report", {})
+    by_eval = {up: role for up, role in runner.stages["eval"].roles.items()} | {"baseline": "baseline"}
+    named = []
+    for name, out in done.items():
+        if "student_dir" in out:
+            role = by_eval.get(name)
+            report = judged.get(role) if role in judged else as_judged(out["report"])
+            named.append((student_name(name, out["report"]), report))
+    teacher = judged.get("teacher") or as_judged((done.get("teacher") or {}).get("report") or {})
+    return named + [("teacher", teacher)] if named else []
 
 
 def _summary(outputs: dict) -> str:

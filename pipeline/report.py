@@ -11,14 +11,20 @@ METRICS = [("accuracy", "accuracy", "{:.1%}"), ("avg@", "avg@k", "{:.1%}"), ("ro
 DIAGNOSTICS = ("sample_term_active", "sample_outside_topk", "sample_is_expert", "mean_w_star", "mean_w_sample")
 
 
-def summary_table(stage: str, eval_report: dict) -> str:
-    """What `hpd run` prints at the end: the final student, the baseline student (distill.baseline) and the
-    teacher, each as eval judged it on the held-out set. `stage` names the stage the student came from."""
-    trained = eval_report.get("student_report") or {}
-    method = trained.get("method", "?") if stage == "distill" else _round_methods(trained)
-    baseline = (eval_report.get("baseline_report") or {}).get("method", "baseline")
-    named = [(f"{stage} ({method})", eval_report["student"]), (f"baseline ({baseline})", eval_report.get("baseline")),
-             ("teacher", eval_report.get("teacher"))]
+def student_name(stage: str, report: dict) -> str:
+    """`distill (fkl)`, `baseline (sft)`, `distill-2 (hpd 90% offline + opd 10% refresh)`."""
+    mixture = report.get("mixture", {})
+    return f"{stage} ({_round_methods(report) if len(mixture) > 1 else report.get('method', '?')})"
+
+
+def as_judged(report: dict) -> dict:
+    """A stage's own held-out report (distill, teacher) under the eval report's metric names."""
+    return {("accuracy" if k == "heldout_accuracy" else k): v for k, v in report.items()}
+
+
+def summary_table(named: list[tuple[str, dict]]) -> str:
+    """What `hpd run` and `hpd status` print at the end: one row per model (name, judged report), one column per
+    metric any of them has, '-' where one lacks it (a teacher given as a directory has no held-out report)."""
     named = [(n, r) for n, r in named if r]
     metrics = _metric_keys({k: v for _, r in named for k, v in r.items()})
     rows = [("model", "parameters", *(label for _, label, _ in metrics))]
