@@ -180,3 +180,75 @@ def new_gpt2(tokenizer, *, n_positions: int, n_layer: int, n_embd: int, n_head: 
 
 def config_digest(model_config) -> str:
     return digest(model_config.to_dict())
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def import_gguf(file: str | Path, model_root: Path) -> Path:
+    """A GGUF file (llama.cpp's and ollama's format) as an ordinary HF directory under `model_root`, converted
+    once and keyed by the file's content: safetensors in fp32 (dequantised), the tokenizer with its chat
+    template, and a generation config. Every later run with the same file reuses the directory."""
+    import shutil
+
+    from storage import atomic
+    from storage.fingerprint import file_digest
+    from storage.shards import lock_for
+
+    file = Path(file).expanduser().resolve()
+    if not is_gguf(file):
+        raise HpdError(f"teacher.path {file} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                       f"give a .gguf file or a local HF model directory")
+    final = model_root / f"gguf-{file.stem[:40]}-{file_digest(file)[:12]}"
+    model_root.mkdir(parents=True, exist_ok=True)
+    with lock_for(final):
+        if (final / "config.json").is_file():
+            return final
+        try:
+            import gguf  # noqa: F401 - transformers reads GGUF files through it
+        except ImportError:
+            raise HpdError("reading a GGUF file needs the gguf package: pip install gguf") from None
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+            loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+        except Exception as e:  # noqa: BLE001 - transformers raises ValueError, KeyError, NotImplementedError...
+            raise HpdError(f"{file.name}: transformers cannot read this GGUF file ({_gguf_problem(file, e)}); "
+                           f"convert it from its HF checkpoint instead") from None
+        # save_pretrained refuses a model loaded from GGUF: rebuild it from its config and weights.
+        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        tmp = final.with_name(f".tmp-{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        GenerationConfig.from_model_config(model.config).save_pretrained(tmp)
+        atomic.write_json(tmp / "hpd-gguf.json", {"source": str(file), "file_digest": file_digest(file)})
+        atomic.publish_dir(tmp, final)
+    return final
+
+
+def _gguf_problem(file: Path, error: Exception) -> str:
+    """Names the architecture or the tensor types of a GGUF file transformers refused, and its own words."""
+    first = (str(error).splitlines() or [type(error).__name__])[0][:200]
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(file))
+        field = reader.fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode() if field else "unknown"
+        types = sorted({t.tensor_type.name for t in reader.tensors})
+        return f"architecture {arch!r}, tensor types {', '.join(types)}: {first}"
+    except Exception:  # noqa: BLE001 - a damaged file: transformers' own message is all there is
+        return first

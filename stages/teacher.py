@@ -38,8 +38,10 @@ def _outputs(model_dir: Path, report: dict | None) -> dict:
 def run(ctx, cfg: dict, inputs: dict) -> dict:
     if cfg["path"]:
         path = Path(cfg["path"]).expanduser().resolve()
-        if not path.is_dir():
-            raise HpdError(f"teacher.path {path} is not a directory; give a local HF causal-LM directory")
+        if path.is_file():  # a GGUF file: converted once into an HF directory under models/
+            path = modeling.import_gguf(path, ctx.model_root)
+        elif not path.is_dir():
+            raise HpdError(f"teacher.path {path} does not exist; give a local HF causal-LM directory or a GGUF file")
         modeling.load_causal_lm(path)  # proves it loads before anything downstream relies on it
         return _outputs(path, None)
     data = inputs["data"]
