@@ -36,6 +36,9 @@ def build(cfg: dict) -> list[Stage]:
     if cfg["distill"]["teacher_source"] not in ("cache", "online"):
         raise HpdError(f"distill.teacher_source={cfg['distill']['teacher_source']!r} is unknown; choose cache "
                        f"(train from the teacher cache) or online (the teacher in memory, the baseline)")
+    if cfg["distill"]["student_init"] not in ("gpt2", "teacher-layers"):
+        raise HpdError(f"distill.student_init={cfg['distill']['student_init']!r} is unknown; choose gpt2 (a fresh "
+                       f"GPT-2) or teacher-layers (the teacher with distill.n_layer of its layers kept)")
     if cfg["distill"]["teacher_source"] == "online":  # the teacher runs inside distill: no cache to build
         if rounds["count"]:
             raise HpdError("refresh rounds train from teacher caches; use distill.teacher_source=\"cache\" "

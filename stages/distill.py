@@ -211,6 +211,9 @@ def _fresh_or_given_student(cfg: dict, teacher_dir: str, teacher_tok, seed: int)
                            f"({len(teacher_tok)}); resize its embeddings first")
         return model
     torch.manual_seed(seed)
+    if cfg["student_init"] == "teacher-layers":
+        teacher, _ = modeling.load_causal_lm(teacher_dir)
+        return modeling.keep_layers(teacher, cfg["n_layer"])[0]
     context = modeling.context_length(modeling.check_causal_lm(teacher_dir))
     return modeling.new_gpt2(teacher_tok, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
                              n_head=cfg["n_head"])

@@ -16,16 +16,23 @@ from storage.fingerprint import digest
 from . import evaluators, modeling
 from .tasks import TASKS
 
-VERSION = 2  # 2: judges the baseline student; parameters in every report
+VERSION = 3  # 2: the baseline student, parameters; 3: the teacher's replies as references
 
 
-def judge(model, tokenizer, rows: list[dict], cfg: dict, task, teacher=None) -> dict:
+def judge(model, tokenizer, rows: list[dict], cfg: dict, task, teacher=None, rouge: bool = True) -> dict:
     report: dict = {"examples": len(rows), "parameters": sum(p.numel() for p in model.parameters())}
     if task is not None and hasattr(task, "is_correct"):
         report.update(evaluators.answer_accuracy(model, tokenizer, rows, task, samples=cfg["samples"],
                                                  temperature=cfg["temperature"]))
     else:
-        report.update(evaluators.rouge_l_report(model, tokenizer, rows, cfg["max_new_tokens"]))
+        replies = [g[0] for g in evaluators.generate_texts(model, tokenizer, [r["prompt"] for r in rows],
+                                                           max_new_tokens=cfg["max_new_tokens"])]
+        if rouge:
+            report["rouge_l"] = sum(evaluators.rouge_l(g, r["response"]) for g, r in zip(replies, rows)) / len(rows)
+        checkable = [(g, r["answer"]) for g, r in zip(replies, rows) if "answer" in r]
+        if checkable:  # questions with a known answer (arithmetic): the last number of the reply must be it
+            report["accuracy"] = sum(evaluators.last_number_is(g, a) for g, a in checkable) / len(checkable)
+            report["checked_examples"] = len(checkable)
     report.update(evaluators.teacher_forced(model, tokenizer, rows, teacher))
     if cfg["humaneval"]:
         problems = evaluators.humaneval_problems(cfg["humaneval_problems"])
@@ -34,24 +41,42 @@ def judge(model, tokenizer, rows: list[dict], cfg: dict, task, teacher=None) -> 
     return report
 
 
-def run(ctx, cfg: dict, inputs: dict) -> dict:
-    data, teacher_out, student_out = inputs["data"], inputs["teacher"], inputs["student"]
+def _heldout_rows(cfg: dict, data: dict) -> tuple[str, list[dict]]:
     heldout = cfg["heldout"] or data.get("heldout")
     if not heldout:
         raise HpdError("eval.heldout is empty and there is no built-in task; set eval.heldout to a JSONL file "
-                       "with prompt and response fields")
+                       "with a prompt field (and a response field, or the teacher's replies are the references)")
     if not Path(heldout).is_file():
-        raise HpdError(f"eval.heldout {heldout} does not exist; give a JSONL file with prompt and response fields")
+        raise HpdError(f"eval.heldout {heldout} does not exist; give a JSONL file with a prompt field")
     rows = evaluators.read_rows(heldout, cfg["examples"])
-    bad = next((i for i, r in enumerate(rows) if not {"prompt", "response"} <= set(r)), None)
+    if not rows:
+        raise HpdError(f"eval.heldout {heldout} has no rows; give at least one prompt")
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)), None)
     if bad is not None:
-        raise HpdError(f"{heldout} row {bad + 1} lacks a prompt or response field; eval needs both")
+        raise HpdError(f"{heldout} row {bad + 1} has no prompt field; every held-out row needs one")
+    refs = sum("response" in r for r in rows)
+    if 0 < refs < len(rows):
+        bad = next(i for i, r in enumerate(rows) if "response" not in r)
+        raise HpdError(f"{heldout} row {bad + 1} has no response while other rows have one; give responses for "
+                       f"every row, or for none (then the teacher's greedy replies are the references)")
+    return heldout, rows
+
+
+def run(ctx, cfg: dict, inputs: dict) -> dict:
+    data, teacher_out, student_out = inputs["data"], inputs["teacher"], inputs["student"]
+    heldout, rows = _heldout_rows(cfg, data)
     task = TASKS.get(data.get("builtin") or "")
     student, tok = modeling.load_causal_lm(student_out["student_dir"])
     teacher, _ = modeling.load_causal_lm(teacher_out["model_dir"])
     ctx.log(f"[eval] {len(rows)} held-out examples from {heldout}")
+    references = "data" if "response" in rows[0] else "teacher"
+    if references == "teacher":  # no reference answers: the teacher's greedy replies are what to match
+        replies = evaluators.generate_texts(teacher, tok, [r["prompt"] for r in rows],
+                                            max_new_tokens=cfg["max_new_tokens"])
+        rows = [{**r, "response": g[0]} for r, g in zip(rows, replies)]
     reference = teacher if cfg["kl_to_teacher"] else None
-    report = {"student": judge(student, tok, rows, cfg, task, teacher=reference),
+    report = {"references": references,
+              "student": judge(student, tok, rows, cfg, task, teacher=reference),
               "student_dir": student_out["student_dir"], "student_report": student_out.get("report")}
     if "baseline" in inputs:  # the same student trained without the teacher's distribution (distill.baseline)
         baseline, _ = modeling.load_causal_lm(inputs["baseline"]["student_dir"])
@@ -59,7 +84,8 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
         report["baseline_report"] = inputs["baseline"].get("report")
     crash_point("judged")
     if cfg["teacher"]:
-        report["teacher"] = judge(teacher, tok, rows, cfg, task)
+        # against its own replies the teacher's ROUGE-L is 1 by construction: not reported
+        report["teacher"] = judge(teacher, tok, rows, cfg, task, rouge=references == "data")
     path = ctx.stage_dir() / "report.json"
     atomic.write_json(path, report)
     s = report["student"]

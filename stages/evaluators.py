@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 
 import torch
 
@@ -15,9 +16,9 @@ from . import modeling
 
 
 def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
-    """(prompt + response + eos token ids, prompt length) as the built-in tasks train on them."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """(prompt + response token ids, prompt length), rendered as generate and score see them (the chat
+    template when the tokenizer has one), so a model is judged on the sequences it was distilled on."""
+    p, r = modeling.encode_pair(tokenizer, prompt, response)
     return p + r, len(p)
 
 
@@ -33,7 +34,7 @@ def _room(model, prompts: list[list[int]]) -> int:
 def generate_texts(model, tokenizer, prompts: list[str], *, samples: int = 1, greedy: bool = True,
                    temperature: float = 1.0, max_new_tokens: int = 0, batch_size: int = 250) -> list[list[str]]:
     """`samples` decoded responses per prompt (greedy: one)."""
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = [modeling.encode_pair(tokenizer, p, None)[0] for p in prompts]
     room = _room(model, ids)
     n = 1 if greedy else samples
     outs = modeling.sample(model, tokenizer, [p for p in ids for _ in range(n)],
@@ -69,9 +70,13 @@ def rouge_l(prediction: str, reference: str) -> float:
     return _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
-def rouge_l_report(model, tokenizer, rows: list[dict], max_new_tokens: int = 0) -> dict:
-    preds = generate_texts(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens)
-    return {"rouge_l": sum(rouge_l(p[0], r["response"]) for p, r in zip(preds, rows)) / len(rows)}
+def last_number_is(reply: str, answer) -> bool:
+    """Whether the last number in a free-form reply equals the answer (arithmetic questions to a chat model)."""
+    found = re.findall(r"-?\d+(?:\.\d+)?", reply.replace(",", ""))
+    try:
+        return bool(found) and float(found[-1]) == float(str(answer).replace(",", ""))
+    except ValueError:
+        return False
 
 
 # -- code: HumanEval pass@1 ------------------------------------------------------------------------------------

@@ -112,28 +112,6 @@ def _read_json(p: Path):
         raise
 
 
-def encode_pair(tokenizer, prompt: str, response: str | None) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt and (if given) the response, through the chat template when there is one."""
-    if tokenizer.chat_template:
-        user = [{"role": "user", "content": prompt}]
-        p_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        p_ids = tokenizer(p_text, add_special_tokens=False)["input_ids"]
-        if response is None:
-            return p_ids, []
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
-        if not full.startswith(p_text):
-            raise HpdError("the tokenizer's chat template does not render the prompt as a prefix of the "
-                           "conversation; responses cannot be separated from prompts")
-        return p_ids, tokenizer(full[len(p_text):], add_special_tokens=False)["input_ids"]
-    p_ids = tokenizer(prompt)["input_ids"]
-    if response is None:
-        return p_ids, []
-    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        r_ids = r_ids + [tokenizer.eos_token_id]
-    return p_ids, r_ids
-
-
 def run(ctx, cfg: dict, inputs: dict) -> dict:
     teacher, data = inputs["teacher"], inputs["data"]
     source = cfg["prompts"] or data.get("train")
@@ -147,7 +125,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     model, tokenizer = modeling.load_causal_lm(teacher["model_dir"])
     model = modeling.to_accelerator(model)
     context = modeling.context_length(model)
-    pairs = [encode_pair(tokenizer, p, r) for p, r in
+    pairs = [modeling.encode_pair(tokenizer, p, r) for p, r in
              zip(prompts, responses if from_data else [None] * len(prompts))]
     pairs, max_new, truncated = _fit_context(pairs, context, cfg, source, from_data)
     if truncated:

@@ -64,6 +64,29 @@ def load_causal_lm(path: str | Path, dtype=torch.float32):
     return model, tokenizer
 
 
+def encode_pair(tokenizer, prompt: str, response: str | None) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and (if given) the response, through the chat template when there is one."""
+    if tokenizer.chat_template:
+        user = [{"role": "user", "content": prompt}]
+        p_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(p_text, add_special_tokens=False)["input_ids"]
+        if response is None:
+            return p_ids, []
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+        if not full.startswith(p_text):
+            raise HpdError("the tokenizer's chat template does not render the prompt as a prefix of the "
+                           "conversation; responses cannot be separated from prompts")
+        return p_ids, tokenizer(full[len(p_text):], add_special_tokens=False)["input_ids"]
+    p_ids = tokenizer(prompt)["input_ids"]
+    if response is None:
+        return p_ids, []
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        r_ids = r_ids + [tokenizer.eos_token_id]
+    return p_ids, r_ids
+
+
+
 def context_length(model_or_config) -> int:
     c = getattr(model_or_config, "config", model_or_config)
     for name in ("max_position_embeddings", "n_positions", "seq_length"):
@@ -176,6 +199,43 @@ def new_gpt2(tokenizer, *, n_positions: int, n_layer: int, n_embd: int, n_head: 
         vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+
+def keep_layers(teacher, n: int):
+    """A student made from `teacher` by keeping `n` of its decoder layers, evenly spaced from the first to the
+    last, with its embeddings, final norm and output head (DistilBERT's and Minitron's depth pruning). Works on
+    any decoder whose layers sit in one ModuleList of num_hidden_layers blocks (GPT-2, Llama, Qwen, ...)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = teacher.config.get_text_config()
+    total = config.num_hidden_layers
+    if not 1 <= n <= total:
+        raise HpdError(f"distill.n_layer={n}: the teacher has {total} layers, so a student made by keeping "
+                       f"layers can have 1 to {total}")
+    stack = next((name for name, m in teacher.named_modules()
+                  if isinstance(m, torch.nn.ModuleList) and len(m) == total), None)
+    if stack is None:
+        raise HpdError(f"cannot find the {total} decoder layers of this {type(teacher).__name__}; "
+                       f"use distill.student_init=\"gpt2\" or give distill.student_path")
+    kept = [round(i * (total - 1) / max(n - 1, 1)) for i in range(n)]
+    student_config = copy.deepcopy(teacher.config)
+    student_config.num_hidden_layers = n
+    if isinstance(getattr(student_config, "layer_types", None), list):  # per-layer attention kinds (Qwen3, Gemma)
+        student_config.layer_types = [student_config.layer_types[k] for k in kept]
+    student = AutoModelForCausalLM.from_config(student_config, dtype=torch.float32)
+    source = teacher.state_dict()
+    prefix = stack + "."
+    state = {}
+    for key in student.state_dict():
+        if key.startswith(prefix):
+            i, rest = key[len(prefix):].split(".", 1)
+            state[key] = source[f"{prefix}{kept[int(i)]}.{rest}"]
+        else:
+            state[key] = source[key]
+    student.load_state_dict(state)
+    return student, kept
 
 
 def config_digest(model_config) -> str:

@@ -6,7 +6,7 @@ import datasets
 import torch
 
 from stages import modeling
-from stages.generate import encode_pair
+from stages.modeling import encode_pair
 from storage.sequences import SequenceStore
 
 from conftest import copy_home, make_runner

@@ -82,3 +82,63 @@ def test_unreadable_gguf_is_a_one_line_error_and_publishes_nothing(llama, tmp_pa
     assert sum("error" in line.lower() for line in lines) == 1 and "Traceback" not in r.stderr
     assert not list((tmp_path / "home" / "models").glob("gguf-*"))  # no directory a later run could reuse
     assert not (tmp_path / "home" / "runs" / "gguf" / "teacher" / "manifest.json").exists()
+
+
+def test_teacher_layers_student_keeps_evenly_spaced_layers(llama):
+    """The layer-kept student is the teacher's own first, middle and last blocks: with every layer kept it is the
+    teacher, and with fewer each kept block holds the teacher block's weights."""
+    hf, _ = llama
+    teacher, tok = modeling.load_causal_lm(hf)
+    same, kept = modeling.keep_layers(teacher, 4)
+    assert kept == [0, 1, 2, 3]
+    x = torch.tensor([tok("What is 12 plus 30?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(same(x).logits, teacher(x).logits)
+    student, kept = modeling.keep_layers(teacher, 2)
+    assert kept == [0, 3] and student.config.num_hidden_layers == 2
+    for i, k in enumerate(kept):
+        assert torch.equal(student.model.layers[i].self_attn.q_proj.weight, teacher.model.layers[k].self_attn.q_proj.weight)
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    assert torch.equal(student.model.norm.weight, teacher.model.norm.weight)
+    with pytest.raises(HpdError, match="distill.n_layer=5: the teacher has 4 layers"):
+        modeling.keep_layers(teacher, 5)
+
+
+QUESTIONS = ["What is the capital of France?", "How are you today?", "Tell me about the weather.",
+             "Can you help me?", "What is 12 plus 30?", "What is 7 plus 5?"]
+
+
+def test_gguf_teacher_through_the_whole_command_line_without_references(llama, tmp_path):
+    """A given teacher (a GGUF file), chat-template prompts, teacher sampling, scoring, a layer-kept student,
+    distill, eval on held-out prompts without reference answers, and the final table of run, status and
+    report: no traceback anywhere."""
+    import json
+    import math
+
+    hf, file = llama
+    _, tok = modeling.load_causal_lm(hf)
+    prompts, heldout = tmp_path / "prompts.jsonl", tmp_path / "heldout.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS * 4))
+    heldout.write_text(json.dumps({"prompt": "What is 12 plus 30?", "answer": 42}) + "\n"
+                       + json.dumps({"prompt": "Can you help me?"}) + "\n")
+    sets = ['run.name="llama"', f'teacher.path="{file}"', 'data.builtin=""', f'generate.prompts="{prompts}"',
+            'generate.mode="teacher"', "generate.num_prompts=0", "generate.samples_per_prompt=2",
+            "generate.max_new_tokens=12", "generate.shard_size=16", "score.top_k=16", "score.shard_size=16",
+            'distill.student_init="teacher-layers"', "distill.n_layer=2", "distill.steps=3", "distill.batch_size=4",
+            "distill.warmup_steps=1", f'eval.heldout="{heldout}"', "eval.max_new_tokens=10"]
+    args = [a for s in sets for a in ("--set", s)]
+    env = {"HPD_HOME": str(tmp_path / "home")}
+    outputs = [CliRunner().invoke(cli, [*cmd, *args], env=env) for cmd in (["run"], ["status"], ["report"])]
+    for r in outputs:
+        assert r.exit_code == 0 and "Traceback" not in r.output, (r.output, r.stderr, r.exception)
+    runs = tmp_path / "home" / "runs" / "llama"
+    report = json.loads((runs / "eval" / "report.json").read_text())
+    assert report["references"] == "teacher"  # the teacher's greedy replies stand in for the missing answers
+    student, teacher = report["student"], report["teacher"]
+    assert student["parameters"] < teacher["parameters"] and "rouge_l" in student and "rouge_l" not in teacher
+    assert student["checked_examples"] == teacher["checked_examples"] == 1
+    assert student["kl_to_teacher_nats"] > 0 and 0 < teacher["response_nll_nats"] < math.log(len(tok))
+    config = json.loads((runs / "distill" / "student" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 2
+    table = outputs[1].output[outputs[1].output.index("\nmodel"):]
+    assert all(row in table for row in ("distill (fkl)", "baseline (sft)", "teacher", "ROUGE-L", "KL to teacher"))
