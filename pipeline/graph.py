@@ -36,6 +36,9 @@ def build(cfg: dict) -> list[Stage]:
     if cfg["distill"]["teacher_source"] not in ("cache", "online"):
         raise HpdError(f"distill.teacher_source={cfg['distill']['teacher_source']!r} is unknown; choose cache "
                        f"(train from the teacher cache) or online (the teacher in memory, the baseline)")
+    if cfg["data"]["builtin"] == "chat" and not cfg["teacher"]["path"]:
+        raise HpdError("data.builtin=\"chat\" is prompts for a given instruct teacher; set teacher.path to its "
+                       "directory or GGUF file (or use --config smollm2)")
     if cfg["distill"]["student_init"] not in ("gpt2", "teacher-layers"):
         raise HpdError(f"distill.student_init={cfg['distill']['student_init']!r} is unknown; choose gpt2 (a fresh "
                        f"GPT-2) or teacher-layers (the teacher with distill.n_layer of its layers kept)")

@@ -27,12 +27,15 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
         counts = task.write_data(tmp, cfg, ctx.seed)
     except ValueError as e:
         raise HpdError(str(e)) from None
-    task.build_tokenizer(tmp / "train.jsonl", cfg).save_pretrained(tmp / "tokenizer")
+    own_tokenizer = hasattr(task, "build_tokenizer")  # the chat prompts use the given teacher's
+    if own_tokenizer:
+        task.build_tokenizer(tmp / "train.jsonl", cfg).save_pretrained(tmp / "tokenizer")
     atomic.publish_dir(tmp, final)
     files = {f: file_digest(final / f) for f in ("train.jsonl", "heldout.jsonl")}
-    files["tokenizer"] = file_digest(final / "tokenizer" / "tokenizer.json")
+    if own_tokenizer:
+        files["tokenizer"] = file_digest(final / "tokenizer" / "tokenizer.json")
     return {"builtin": name, "train": str(final / "train.jsonl"), "heldout": str(final / "heldout.jsonl"),
-            "tokenizer": str(final / "tokenizer"),
+            **({"tokenizer": str(final / "tokenizer")} if own_tokenizer else {}),
             "train_examples": counts["train"], "heldout_examples": counts["heldout"],
             "fingerprint": digest(files)}
 

@@ -144,6 +144,8 @@ def heldout_report(model, tokenizer, heldout: str, n: int, task=None) -> dict:
     (teacher-forced on the references) and greedy exact-answer accuracy when the task can check answers."""
     rows = read_rows(heldout, n)
     report = {"heldout_examples": len(rows), "uniform_entropy_nats": math.log(len(tokenizer))}
+    if not all("response" in r for r in rows):
+        return report  # prompts only (the chat task): the eval stage judges against the teacher's replies
     if task is not None and hasattr(task, "is_correct"):
         report["heldout_accuracy"] = answer_accuracy(model, tokenizer, rows, task)["accuracy"]
     report.update(teacher_forced(model, tokenizer, rows))

