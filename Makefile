@@ -53,8 +53,10 @@ status: $(STAMP)
 clean:
 	rm -rf work
 
-bench: $(STAMP)
+bench: $(STAMP) $(SMOLLM2)
 	$(PY) bench/default_task.py
+	$(PY) bench/fresh_clone.py
+	$(PY) bench/real_teacher.py
 	$(PY) bench/cache_formats.py
 	$(PY) bench/hpd_gradient.py
 	$(PY) bench/refresh_rounds.py

@@ -49,7 +49,36 @@ Paired by seed, {r['method']} minus {r['baseline']}: accuracy {d['accuracy']['me
 held-out NLL {d['response_nll_nats']['mean']:+.3f} ± {d['response_nll_nats']['sd']:.3f} (lower on
 {sum(x < 0 for x in d['response_nll_nats']['values'])} of {n} seeds). The weakest {r['method']} student reaches
 {r['student_over_teacher_accuracy_min']:.0%} of the teacher's accuracy.
+
+{_verdict(r)}
 """
+
+
+def _verdict(r: dict) -> str:
+    """What the teacher's distribution bought over SFT in this run, read off the per-seed results."""
+    m, b, n, t = r["method"], r["baseline"], r["seeds"], r["teacher"]["accuracy"]
+    runs = r["runs"]
+    failed = [i for i, x in enumerate(runs) if x["baseline"]["accuracy"] < 0.8 * t]
+    learned = [i for i in range(n) if i not in failed]
+    closer = sum(x["baseline"]["response_nll_nats"] < x["student"]["response_nll_nats"] for x in (runs[i] for i in learned))
+    d = r["paired_student_minus_baseline"]["accuracy"]
+    separable = abs(d["mean"]) > 2 * d["sd"] / n ** 0.5
+    out = (f"**Verdict.** The {m} student reached the teacher's level on {n - len([i for i, x in enumerate(runs) if x['student']['accuracy'] < 0.8 * t])} "
+           f"of {n} seeds; {b} on {len(learned)} of {n}"
+           + (f" (it stayed near 0% on seed{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}"
+              + (", the `make distill` run itself" if 0 in failed else "") + ")" if failed else "") + ". ")
+    if separable:
+        out += f"The accuracy difference is beyond seed noise (more than twice its standard error). "
+    else:
+        out += (f"Over {n} seeds the accuracy difference is not beyond seed noise (mean {d['mean']:+.1%}, standard "
+                f"error {d['sd'] / n ** 0.5:.1%}): what the teacher's distribution buys here is reliability (every seed "
+                f"learns), not a better end point. ")
+    if learned and closer:
+        out += (f"Where {b} did learn, its held-out NLL is lower than the {m} student's on {closer} of "
+                f"{len(learned)} seeds: it fits the reference traces themselves, while the {m} student matches "
+                f"the teacher (KL to teacher {r['arms']['student']['kl_to_teacher_nats']['mean']:.3f}), whose own "
+                f"NLL on those traces is {r['teacher']['response_nll_nats']:.3f}.")
+    return out
 
 
 def default_task() -> str:
@@ -69,6 +98,37 @@ def default_task() -> str:
 Stage wall times of a from-scratch `hpd run` (install excluded): {stages}; {r['make_distill_seconds'] / 60:.1f} minutes
 in all. A second run finds every stage up to date and takes {r['up_to_date_seconds']:.0f} s, nearly all of it Python
 start-up and imports.
+"""
+
+
+def real_teacher() -> str:
+    path = RESULTS / "real_teacher.json"
+    if not path.exists():
+        return "Not measured yet: run `make smollm2-teacher` and `python bench/real_teacher.py`.\n"
+    r = json.loads(path.read_text())
+    c, g, sc, st = r["config"], r["generate"], r["score"], r["stage_seconds"]
+    d, b = r["distill"], r["baseline"]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in st.items())
+    return f"""Measured by `bench/real_teacher.py` (`hpd run --config smollm2` in a fresh home, {r['cpus']} CPU cores, fp32;
+`bench/results/real_teacher.json`): {c['data']['train_examples']} training prompts and {c['data']['heldout_examples']} held-out ones, one teacher
+reply each (at most {c['generate']['max_new_tokens']} new tokens, temperature {c['generate']['temperature']:g}), scored at top-{sc['top_k']}; a
+{r['student_parameters'] / 1e6:.1f}M-parameter student ({c['distill']['n_layer']} of the teacher's 30 layers kept) trained {c['distill']['steps']} steps
+of {c['distill']['batch_size']} sequences with `{c['distill']['method']}`, and the same student by SFT on the teacher's replies.
+
+```
+{r['printed']}
+```
+
+| | |
+|---|---|
+| whole run | {r['wall_seconds'] / 60:.1f} minutes: {stages} |
+| teacher sampling (generate) | {g['response_tokens']:,} reply tokens for {g['sequences']} prompts, **{g['new_tokens_per_s']:.0f} new tokens/s** (stage wall time) |
+| teacher scoring (score) | **{sc['tokens_per_s_forward']:.0f} response tokens/s** in the forward, {sc['tokens_per_s_wall']:.0f}/s wall; overhead over the forward {sc['overhead']:.1%} (measured inside the stage, writer running) |
+| cache | **{sc['bytes_per_token']} bytes/token** at k = {sc['top_k']} ({sc['encoding']}) |
+| students' training | {c['distill']['method']}: {d['response_tokens_per_s']:.0f} response tokens/s; sft: {b['response_tokens_per_s']:.0f} tokens/s |
+
+Held-out references are the teacher's own greedy replies (the prompts have no answers); *accuracy* counts the
+arithmetic questions whose reply ends in the right number.
 """
 
 
@@ -401,7 +461,7 @@ def study() -> str:
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
-    for name, fn in (("make-distill", make_distill), ("default-task", default_task), ("cache-formats", cache_formats),
+    for name, fn in (("make-distill", make_distill), ("default-task", default_task), ("real-teacher", real_teacher), ("cache-formats", cache_formats),
                      ("hpd-gradient", hpd_gradient), ("refresh-rounds", refresh_rounds), ("compare", compare),
                      ("cached-vs-online", cached_vs_online), ("reliability", reliability), ("study", study)):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"

@@ -82,13 +82,16 @@ def validate(cfg: dict) -> None:
     check(("refresh.prompt_fraction",), lambda v: 0 < v <= 1, "in (0, 1]")
     check(("generate.engine", "score.engine", "refresh.engine"), lambda v: v in ENGINES,
           " or ".join(f'"{e}"' for e in ENGINES))
+    check(("teacher.dtype",), lambda v: v in DTYPES, " or ".join(f'"{d}"' for d in DTYPES))
 
 
 # Keys added after runs and caches already existed: at these values they are left out of a stage's fingerprint,
 # so adding them never made a finished stage stale (a student retrained, a teacher pass redone).
-LATER_KEYS = {"distill.hpd_samples": 4, "distill.fsdp": "", "distill.deepspeed": "",
+LATER_KEYS = {"distill.hpd_samples": 4, "distill.fsdp": "", "distill.deepspeed": "", "distill.student_init": "gpt2",
+              "teacher.dtype": "auto",
               "generate.engine": "transformers", "score.engine": "transformers", "refresh.engine": "transformers"}
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ("transformers", "vllm")  # stages/vllm_engine.py: the optional one (pip install '.[vllm]')
 
 

@@ -265,7 +265,7 @@ def _plan(cfg: dict, inputs: dict, tok, seed: int):
 def _online_teacher(cfg: dict, teacher: dict):
     if cfg["teacher_source"] == "cache" or cfg["method"] == "sft":  # (graph.py refuses any other source)
         return None
-    model, _ = modeling.load_causal_lm(teacher["model_dir"])
+    model, _ = modeling.load_teacher(teacher)
     return model.requires_grad_(False)
 
 

@@ -67,7 +67,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     heldout, rows = _heldout_rows(cfg, data)
     task = TASKS.get(data.get("builtin") or "")
     student, tok = modeling.load_causal_lm(student_out["student_dir"])
-    teacher, _ = modeling.load_causal_lm(teacher_out["model_dir"])
+    teacher, _ = modeling.load_teacher(teacher_out)
     ctx.log(f"[eval] {len(rows)} held-out examples from {heldout}")
     references = "data" if "response" in rows[0] else "teacher"
     if references == "teacher":  # no reference answers: the teacher's greedy replies are what to match

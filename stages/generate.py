@@ -122,7 +122,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     from_data = cfg["mode"] == "dataset"
     prompts, responses = read_prompts(source, cfg["prompt_field"], cfg["response_field"] if from_data else None,
                                       cfg["num_prompts"])
-    model, tokenizer = modeling.load_causal_lm(teacher["model_dir"])
+    model, tokenizer = modeling.load_teacher(teacher)
     model = modeling.to_accelerator(model)
     context = modeling.context_length(model)
     pairs = [modeling.encode_pair(tokenizer, p, r) for p, r in

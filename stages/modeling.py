@@ -87,6 +87,11 @@ def encode_pair(tokenizer, prompt: str, response: str | None) -> tuple[list[int]
 
 
 
+def load_teacher(teacher: dict):
+    """The teacher stage's model in the dtype it resolved (teacher.dtype: fp32 on CPU, bf16 on a GPU by default)."""
+    return load_causal_lm(teacher["model_dir"], dtype=getattr(torch, teacher.get("dtype", "float32")))
+
+
 def context_length(model_or_config) -> int:
     c = getattr(model_or_config, "config", model_or_config)
     for name in ("max_position_embeddings", "n_positions", "seq_length"):

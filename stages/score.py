@@ -90,7 +90,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     # Refreshed sequences carry their origin (round, student checkpoint): it is part of their cache's key.
     key = cache_key(teacher=teacher["model_fingerprint"], tokenizer=teacher["tokenizer_fingerprint"],
                     data=gen["fingerprint"], top_k=k, temperature=temperature, encoding=encoding.spec,
-                    origin=gen.get("origin"), engine=cfg["engine"])
+                    origin=gen.get("origin"), engine=cfg["engine"], dtype=teacher.get("dtype", "float32"))
     root = CacheRoot(ctx.cache_root)
     with distributed.held_by_rank0(ctx, root.lock(key)):  # under torchrun the ranks build it together
         cache, timing = root.find(key), None
@@ -115,7 +115,7 @@ def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict)
 
         llm, model, pad = vllm_engine.load(teacher["model_dir"], scoring=True, top_k=cfg["top_k"]), None, None
     else:
-        model, tokenizer = modeling.load_causal_lm(teacher["model_dir"])
+        model, tokenizer = modeling.load_teacher(teacher)
         model = modeling.to_accelerator(model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     size = cfg["shard_size"]

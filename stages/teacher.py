@@ -28,11 +28,23 @@ VERSION = 3
 DISTRIBUTED = True  # trained with the Trainer's DDP under torchrun (pipeline/distributed.py)
 
 
-def _outputs(model_dir: Path, report: dict | None) -> dict:
+def _outputs(model_dir: Path, report: dict | None, dtype: str) -> dict:
     config = modeling.check_causal_lm(model_dir)
     fps = modeling.model_fingerprints(model_dir)
     return {"model_dir": str(model_dir), "model_fingerprint": fps["model"], "tokenizer_fingerprint": fps["tokenizer"],
-            "vocab_size": int(config.vocab_size), "report": report, "fingerprint": digest(fps)}
+            "vocab_size": int(config.vocab_size), "report": report, "dtype": dtype, "fingerprint": _identity(fps, dtype)}
+
+
+def _identity(fingerprints: dict, dtype: str) -> str:
+    # the dtype the teacher runs in changes what it writes, so caches are keyed on it (float32: as before dtypes)
+    return digest(fingerprints if dtype == "float32" else {**fingerprints, "dtype": dtype})
+
+
+def resolved_dtype(setting: str) -> str:
+    """teacher.dtype: "auto" is bfloat16 on a GPU (what teachers are served in) and float32 on a CPU."""
+    if setting == "auto":
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    return setting
 
 
 def run(ctx, cfg: dict, inputs: dict) -> dict:
@@ -43,7 +55,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
         elif not path.is_dir():
             raise HpdError(f"teacher.path {path} does not exist; give a local HF causal-LM directory or a GGUF file")
         modeling.load_causal_lm(path)  # proves it loads before anything downstream relies on it
-        return _outputs(path, None)
+        return _outputs(path, None, resolved_dtype(cfg["dtype"]))
     data = inputs["data"]
     if not data["builtin"]:
         raise HpdError("teacher.path is empty and data.builtin is empty: name a local teacher with "
@@ -57,7 +69,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
             _train(ctx, cfg, data, final)  # every rank: the Trainer's DDP
         else:
             ctx.log(f"[teacher] reusing {final}")
-    return _outputs(final, json.loads((final / REPORT).read_text()))
+    return _outputs(final, json.loads((final / REPORT).read_text()), resolved_dtype(cfg["dtype"]))
 
 
 def _local(path: str) -> Path:
@@ -109,4 +121,4 @@ def published(outputs: dict) -> bool:
     # Recomputing the fingerprint (memoised by file size and mtime) notices weights changed in place.
     path = Path(outputs["model_dir"])
     return (path / "config.json").is_file() and \
-        digest(modeling.model_fingerprints(path)) == outputs["fingerprint"]
+        _identity(modeling.model_fingerprints(path), outputs.get("dtype", "float32")) == outputs["fingerprint"]

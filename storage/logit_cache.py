@@ -33,13 +33,15 @@ DEFAULT_ENCODING = "idsort-q8"
 
 def cache_key(*, teacher: str, tokenizer: str, data: str, top_k: int, temperature: float,
               encoding: str | dict = DEFAULT_ENCODING, derived_from: str | None = None,
-              origin: dict | None = None, engine: str = "transformers") -> dict:
+              origin: dict | None = None, engine: str = "transformers", dtype: str = "float32") -> dict:
     key = {"format_version": FORMAT_VERSION, "teacher": teacher, "tokenizer": tokenizer, "data": data,
            "top_k": int(top_k), "temperature": float(temperature), "encoding": enc.get(encoding).spec}
     if derived_from:  # a repacked cache is its own thing: never mistaken for one scored at that k
         key["derived_from"] = derived_from
     if engine != "transformers":  # another engine's numbers (e.g. vLLM's kernels, its tail estimate)
         key["engine"] = engine
+    if dtype != "float32":  # a teacher run in bf16 / fp16 writes other numbers than in fp32
+        key["dtype"] = dtype
     if origin:  # on-policy refresh: the round and the student checkpoint that sampled the sequences
         key["origin"] = dict(origin)
     return key

@@ -169,3 +169,28 @@ def test_baseline_is_optional_and_does_not_retrain_the_student(tiny_home, tmp_pa
     assert runner.state("baseline")[0] == "stale" and runner.stages["baseline"].inputs[-1] == "score"
     with pytest.raises(HpdError, match="distill.baseline='opd' is unknown; choose an offline method"):
         make_runner(home, 'distill.baseline="opd"')
+
+
+def test_teacher_dtype_keys_the_cache_and_stays_close(tiny_home, tmp_path):
+    """A bf16 teacher pass is a cache of its own (never mixed with the fp32 one), and its log-probs stay within
+    bf16 rounding of fp32's."""
+    import torch
+
+    from storage.logit_cache import LogitCache
+
+    home = copy_home(tiny_home, tmp_path / "home")
+    fp32_cache = make_runner(home).manifest("score")["outputs"]["cache"]
+    bf16 = make_runner(home, 'teacher.dtype="bfloat16"')
+    assert bf16.state("teacher")[0] == "stale"
+    bf16.run(until="score")
+    assert bf16.manifest("teacher")["outputs"]["dtype"] == "bfloat16"
+    a, b = LogitCache(Path(fp32_cache)), LogitCache(Path(bf16.manifest("score")["outputs"]["cache"]))
+    assert a.id != b.id
+    ids = list(range(8))
+    ra, rb = a.batch(ids), b.batch(ids)
+    m = ra.mask.bool()
+    assert torch.equal(m, rb.mask.bool())
+    gap = (ra.target_logprob[m] - rb.target_logprob[m]).abs()
+    assert 0 < gap.max() < 0.15  # bf16 keeps 8 bits of mantissa: differences, but small ones
+    with pytest.raises(HpdError, match='config teacher.dtype must be "auto" or "float32"'):
+        make_runner(home, 'teacher.dtype="int8"')
