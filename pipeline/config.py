@@ -59,7 +59,7 @@ AT_LEAST_ONE = ("distill.hpd_samples", "data.train_examples", "data.heldout_exam
                 "generate.shard_size", "score.batch_size", "score.shard_size", "distill.gradient_accumulation_steps",
                 "distill.curve_examples", "rounds.steps", "refresh.samples_per_prompt", "refresh.batch_size",
                 "refresh.shard_size", "eval.examples", "eval.samples", "compare.seeds", "compare.steps")
-NOT_NEGATIVE = ("run.seed", "teacher.warmup_steps", "generate.num_prompts", "score.top_k", "distill.seed",
+NOT_NEGATIVE = ("run.seed", "generate.batch_tokens", "score.batch_tokens", "eval.batch_tokens", "teacher.warmup_steps", "generate.num_prompts", "score.top_k", "distill.seed",
                 "distill.warmup_steps", "distill.curve_every", "rounds.count", "rounds.warmup_steps",
                 "refresh.max_new_tokens", "eval.max_new_tokens", "eval.humaneval_problems", "compare.opd_rounds",
                 "compare.curve_every")
@@ -88,7 +88,7 @@ def validate(cfg: dict) -> None:
 # Keys added after runs and caches already existed: at these values they are left out of a stage's fingerprint,
 # so adding them never made a finished stage stale (a student retrained, a teacher pass redone).
 LATER_KEYS = {"distill.hpd_samples": 4, "distill.fsdp": "", "distill.deepspeed": "", "distill.student_init": "gpt2",
-              "teacher.dtype": "auto",
+              "teacher.dtype": "auto", "generate.batch_tokens": 0, "score.batch_tokens": 0, "eval.batch_tokens": 0,
               "generate.engine": "transformers", "score.engine": "transformers", "refresh.engine": "transformers"}
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

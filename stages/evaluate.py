@@ -26,14 +26,15 @@ def judge(model, tokenizer, rows: list[dict], cfg: dict, task, teacher=None, rou
                                                  temperature=cfg["temperature"]))
     else:
         replies = [g[0] for g in evaluators.generate_texts(model, tokenizer, [r["prompt"] for r in rows],
-                                                           max_new_tokens=cfg["max_new_tokens"])]
+                                                           max_new_tokens=cfg["max_new_tokens"],
+                                                           batch_tokens=cfg["batch_tokens"])]
         if rouge:
             report["rouge_l"] = sum(evaluators.rouge_l(g, r["response"]) for g, r in zip(replies, rows)) / len(rows)
         checkable = [(g, r["answer"]) for g, r in zip(replies, rows) if "answer" in r]
         if checkable:  # questions with a known answer (arithmetic): the last number of the reply must be it
             report["accuracy"] = sum(evaluators.last_number_is(g, a) for g, a in checkable) / len(checkable)
             report["checked_examples"] = len(checkable)
-    report.update(evaluators.teacher_forced(model, tokenizer, rows, teacher))
+    report.update(evaluators.teacher_forced(model, tokenizer, rows, teacher, batch_tokens=cfg["batch_tokens"]))
     if cfg["humaneval"]:
         problems = evaluators.humaneval_problems(cfg["humaneval_problems"])
         report.update(evaluators.humaneval_pass_at_1(model, tokenizer, problems, timeout=cfg["timeout"],
@@ -72,7 +73,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     references = "data" if "response" in rows[0] else "teacher"
     if references == "teacher":  # no reference answers: the teacher's greedy replies are what to match
         replies = evaluators.generate_texts(teacher, tok, [r["prompt"] for r in rows],
-                                            max_new_tokens=cfg["max_new_tokens"])
+                                            max_new_tokens=cfg["max_new_tokens"], batch_tokens=cfg["batch_tokens"])
         rows = [{**r, "response": g[0]} for r, g in zip(rows, replies)]
     reference = teacher if cfg["kl_to_teacher"] else None
     report = {"references": references,

@@ -32,14 +32,16 @@ def _room(model, prompts: list[list[int]]) -> int:
 
 
 def generate_texts(model, tokenizer, prompts: list[str], *, samples: int = 1, greedy: bool = True,
-                   temperature: float = 1.0, max_new_tokens: int = 0, batch_size: int = 250) -> list[list[str]]:
+                   temperature: float = 1.0, max_new_tokens: int = 0, batch_size: int = 250,
+                   batch_tokens: int = 0) -> list[list[str]]:
     """`samples` decoded responses per prompt (greedy: one)."""
     ids = [modeling.encode_pair(tokenizer, p, None)[0] for p in prompts]
     room = _room(model, ids)
     n = 1 if greedy else samples
     outs = modeling.sample(model, tokenizer, [p for p in ids for _ in range(n)],
                            max_new_tokens=min(max_new_tokens or room, room), greedy=greedy,
-                           temperature=temperature, batch_size=batch_size, desc="eval sampling")
+                           temperature=temperature, batch_size=batch_size, batch_tokens=batch_tokens,
+                           desc="eval sampling")
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -114,13 +116,15 @@ def humaneval_pass_at_1(model, tokenizer, problems: list[dict], *, timeout: floa
 
 # -- any task: likelihood of the references, and distance to the teacher ---------------------------------------
 @torch.no_grad()
-def teacher_forced(model, tokenizer, rows: list[dict], teacher=None, batch_size: int = 32) -> dict:
+def teacher_forced(model, tokenizer, rows: list[dict], teacher=None, batch_size: int = 32,
+                   batch_tokens: int = 0) -> dict:
     """Per-token NLL of the reference responses, the model's mean next-token entropy on them, and (given a
     teacher) the mean full-vocabulary KL(teacher || model) at the same positions."""
     sums = {"response_nll_nats": 0.0, "response_entropy_nats": 0.0, "kl_to_teacher_nats": 0.0}
     count = 0
-    for i in range(0, len(rows), batch_size):
-        enc = [encode_example(tokenizer, r["prompt"], r["response"]) for r in rows[i:i + batch_size]]
+    encoded = [encode_example(tokenizer, r["prompt"], r["response"]) for r in rows]
+    for part in modeling.length_batches([len(ids) for ids, _ in encoded], batch_size, batch_tokens):
+        enc = [encoded[i] for i in part]
         seqs = [e[0] for e in enc]
         lq, _ = modeling.log_probs(model, seqs, tokenizer.pad_token_id)
         lp = modeling.log_probs(teacher, seqs, tokenizer.pad_token_id)[0] if teacher is not None else None

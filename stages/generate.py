@@ -141,7 +141,8 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
         manifest = modeling.sample_to_store(
             ctx, model, tokenizer, [p for p, _ in pairs], final, meta, samples_per_prompt=cfg["samples_per_prompt"],
             prompts_per_shard=cfg["shard_size"], max_new_tokens=max_new, temperature=cfg["temperature"],
-            batch_size=cfg["batch_size"], seed=ctx.seed, desc="generate", engine=cfg["engine"])
+            batch_size=cfg["batch_size"], seed=ctx.seed, desc="generate", engine=cfg["engine"],
+            batch_tokens=cfg["batch_tokens"])
     tokens = sum(s["tokens"] for s in manifest["shards"])
     return {"sequences": str(final), "source": str(source), "count": manifest["rows"], "tokens": tokens,
             "truncated": truncated, "fingerprint": manifest["fingerprint"]}

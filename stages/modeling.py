@@ -125,28 +125,47 @@ def pad_right(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def length_batches(lengths: list[int], batch_size: int, batch_tokens: int = 0) -> list[list[int]]:
+    """Indices of each batch. By count: consecutive runs of batch_size. With a token budget: longest first, as
+    many sequences as keep the padded batch (count x longest) within batch_tokens, so a batch of short prompts
+    is wide and one of long prompts narrow, and little of either is padding. A sequence longer than the budget
+    gets a batch of its own."""
+    n = len(lengths)
+    if not batch_tokens:
+        return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    batches, current = [], []
+    for i in sorted(range(n), key=lambda i: -lengths[i]):  # stable: equal lengths keep their order
+        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-           greedy: bool = False, batch_size: int = 64, desc: str = "sampling") -> list[list[int]]:
-    """Continue each prompt; returns the response ids, cut after the first end-of-sequence token."""
+           greedy: bool = False, batch_size: int = 64, batch_tokens: int = 0,
+           desc: str = "sampling") -> list[list[int]]:
+    """Continue each prompt; returns the response ids (in the prompts' order), cut after the first
+    end-of-sequence token. batch_tokens > 0 batches by prompt plus new tokens instead of by count."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
-    out: list[list[int]] = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=len(prompts) <= batch_size):
-        ids, mask = (t.to(model.device) for t in pad_left(prompts[i:i + batch_size], pad))
+    out: list[list[int] | None] = [None] * len(prompts)
+    batches = length_batches([len(p) + max_new_tokens for p in prompts], batch_size, batch_tokens)
+    for idx in tqdm(batches, desc=desc, leave=False, disable=len(batches) <= 1):
+        ids, mask = (t.to(model.device) for t in pad_left([prompts[i] for i in idx], pad))
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=not greedy, temperature=temperature if not greedy else None,
                              top_k=None, top_p=None, pad_token_id=pad, eos_token_id=eos)
-        for row in gen[:, ids.shape[1]:].tolist():
-            if eos in row:
-                row = row[:row.index(eos) + 1]
-            out.append(row)
+        for i, row in zip(idx, gen[:, ids.shape[1]:].tolist()):
+            out[i] = row[:row.index(eos) + 1] if eos in row else row
     return out
 
 
 def sample_to_store(ctx, model, tokenizer, prompts: list[list[int]], final: Path, meta: dict, *,
                     samples_per_prompt: int, prompts_per_shard: int, max_new_tokens: int, temperature: float,
-                    batch_size: int, seed: int, desc: str, engine: str = "transformers") -> dict:
+                    batch_size: int, seed: int, desc: str, engine: str = "transformers",
+                    batch_tokens: int = 0) -> dict:
     """N sampled responses per prompt, published as a sequence store in shards; returns its manifest. An
     interrupted run resumes after its last written shard and samples exactly what it would have (each shard
     has its own seed), which is also why ranks can share the shards out (pipeline/distributed.py)."""
@@ -172,7 +191,7 @@ def sample_to_store(ctx, model, tokenizer, prompts: list[list[int]], final: Path
                                            seed=seed * 100003 + shard, eos_token_id=tokenizer.eos_token_id)
         else:
             responses = sample(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                               batch_size=batch_size, desc=f"sampling shard {shard}")
+                               batch_size=batch_size, batch_tokens=batch_tokens, desc=f"sampling shard {shard}")
         first = lo * n_per
         writer.write_rows(shard, seqstore.rows_table(
             range(first, first + len(prompt_ids)), [i for i in range(lo, hi) for _ in range(n_per)],

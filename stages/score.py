@@ -137,18 +137,18 @@ def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict)
             if writer.done(shard) or not distributed.mine(ctx, shard):
                 continue
             seq_ids, plens, seqs = store.range(shard * size, min((shard + 1) * size, len(store)))
-            rows = []
-            for i in range(0, len(seqs), cfg["batch_size"]):
-                part = slice(i, i + cfg["batch_size"])
+            rows = [None] * len(seqs)  # in the shard's order, whatever order the batches take
+            for part in modeling.length_batches([len(s) for s in seqs], cfg["batch_size"], cfg["batch_tokens"]):
+                batch, batch_plens = [seqs[i] for i in part], [int(plens[i]) for i in part]
                 if model is None:
                     with timer("forward"):
-                        scored = vllm_engine.score(llm, seqs[part], list(plens[part]), top_k=cfg["top_k"],
+                        scored = vllm_engine.score(llm, batch, batch_plens, top_k=cfg["top_k"],
                                                    temperature=cfg["temperature"])
                 else:
-                    scored = score_batch(model, seqs[part], list(plens[part]), top_k=cfg["top_k"],
+                    scored = score_batch(model, batch, batch_plens, top_k=cfg["top_k"],
                                          temperature=cfg["temperature"], pad_id=pad, timer=timer)
-                rows += [ScoredSequence(seq_id=int(sid), input_ids=s, **sc)
-                         for sid, s, sc in zip(seq_ids[part], seqs[part], scored)]
+                for i, sc in zip(part, scored):
+                    rows[i] = ScoredSequence(seq_id=int(seq_ids[i]), input_ids=seqs[i], **sc)
                 bar.update(len(scored))
             with timer("write_wait"):
                 if pending is not None:

@@ -75,3 +75,16 @@ def test_chat_template_separates_prompt_and_response(teacher_dir):
     p_ids, r_ids = encode_pair(tok, "1+2", "3|0003")
     assert tok.decode(p_ids) == "1+2:" and tok.decode(r_ids) == "3|0003"
     assert torch.equal(torch.tensor(p_ids + r_ids), torch.tensor(tok("1+2:3|0003")["input_ids"]))
+
+
+def test_length_batches_cover_every_sequence_within_the_budget():
+    from stages.modeling import length_batches
+
+    lengths = [5, 40, 7, 40, 12, 3, 90, 8]
+    assert length_batches(lengths, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]  # by count, in order
+    batches = length_batches(lengths, 3, batch_tokens=80)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches[0] == [6]  # longer than the budget: alone
+    for b in batches[1:]:
+        assert len(b) * max(lengths[i] for i in b) <= 80
+    assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)

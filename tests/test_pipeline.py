@@ -194,3 +194,29 @@ def test_teacher_dtype_keys_the_cache_and_stays_close(tiny_home, tmp_path):
     assert 0 < gap.max() < 0.15  # bf16 keeps 8 bits of mantissa: differences, but small ones
     with pytest.raises(HpdError, match='config teacher.dtype must be "auto" or "float32"'):
         make_runner(home, 'teacher.dtype="int8"')
+
+
+def test_token_budget_batching_gives_the_same_cache_and_eval(tiny_home, tmp_path):
+    """Sorting by length and packing to a token budget changes how sequences meet the teacher, not what it
+    says: the cache scored that way holds the same rows, and eval reports the same figures."""
+    import shutil
+
+    import torch
+
+    from storage.logit_cache import LogitCache
+
+    home = copy_home(tiny_home, tmp_path / "home")
+    by_count = make_runner(home)
+    reference = LogitCache(Path(make_runner(tiny_home).manifest("score")["outputs"]["cache"]))
+    report = by_count.manifest("eval")["outputs"]["report"]["student"]
+    shutil.rmtree(by_count.manifest("score")["outputs"]["cache"])  # batching is not in the key: score anew
+    packed = make_runner(home, "score.batch_tokens=300", "eval.batch_tokens=300")
+    packed.run()
+    rescored = LogitCache(Path(packed.manifest("score")["outputs"]["cache"]))
+    ids = list(range(reference.num_sequences))
+    a, b = rescored.batch(ids), reference.batch(ids)
+    for field in ("topk_ids", "topk_logprobs", "target_logprob", "tail_logmass", "mask"):
+        assert torch.allclose(getattr(a, field).float(), getattr(b, field).float(), atol=1e-5), field
+    again = packed.manifest("eval")["outputs"]["report"]["student"]
+    for key in ("response_nll_nats", "kl_to_teacher_nats"):
+        assert again[key] == pytest.approx(report[key], rel=1e-5)
