@@ -1,4 +1,5 @@
-"""Cache encodings on the dialogue teacher: size, fidelity and speed for k in {8,16,32,64,128}.
+"""Cache encodings on a teacher's own sequences (the dialogue teacher by default; `--config smollm2` for the real
+LLM): size, fidelity and speed for k in {8,16,32,64,128}.
 
 Writes bench/results/cache_formats.json and bench/results/cache_formats.md. Measured:
   - bytes per scored token on disk (real shards written by storage/, zstd level as shipped, plus levels 1/3/19),
@@ -69,16 +70,19 @@ def main():
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
     ap.add_argument("--sequences", type=int, default=1000, help="sequences for sizes and speeds")
     ap.add_argument("--kl-sequences", type=int, default=200, help="of which, sequences for the KL measures")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cache_formats"))
+    ap.add_argument("--config", default="dialogue", help="the run whose teacher and generated sequences are measured")
+    ap.add_argument("--out", default=None, help="results path without suffix (default: results/cache_formats, "
+                                                "or results/cache_formats_<config> for another config)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # "one core" throughput, and stable numbers on a noisy machine
 
-    cfg = config_mod.load("dialogue", [])
-    runner = Runner(build(cfg), cfg, Context(home=Path(args.home).resolve(), run_name="dialogue", seed=0))
+    cfg = config_mod.load(args.config, [])
+    runner = Runner(build(cfg), cfg, Context(home=Path(args.home).resolve(), run_name=cfg["run"]["name"], seed=0))
     runner.run(until="generate")
     teacher = runner.manifest("teacher")["outputs"]
     store = SequenceStore(Path(runner.manifest("generate")["outputs"]["sequences"]))
     model, tok = modeling.load_causal_lm(teacher["model_dir"])
+    parameters = sum(p.numel() for p in model.parameters())
     V = teacher["vocab_size"]
     n = min(args.sequences, len(store))
     seq_ids, plens, seqs = store.range(0, n)
@@ -162,7 +166,8 @@ def main():
     key = cache_key(teacher=f"bench-{SHIPPED_LEVEL}", tokenizer="t", data="d", top_k=64, temperature=1.0,
                     encoding=enc.get(DEFAULT_ENCODING).spec)
     cache = LogitCache(CacheRoot(tmp / f"z{SHIPPED_LEVEL}").path_for(key))
-    student = modeling.new_gpt2(tok, n_positions=model.config.n_positions, n_layer=2, n_embd=64, n_head=2)
+    student = modeling.new_gpt2(tok, n_positions=min(modeling.context_length(model), 2048), n_layer=2, n_embd=64,
+                                n_head=2)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     t_load = t_step = 0.0
@@ -227,17 +232,19 @@ def main():
         raw = b"".join(b.to_pybytes() for b in col.buffers() if b is not None)
         column_bytes[name] = len(cctx.compress(raw)) / tokens
 
-    summary = {"teacher": teacher["report"], "container_decode_tokens_per_s": container,
+    summary = {"teacher": teacher["report"] or {"parameters": parameters}, "config": args.config,
+               "container_decode_tokens_per_s": container,
                "column_bytes_per_token_k64": column_bytes, "vocab_size": V, "sequences": n, "scored_tokens": tokens,
                "kl_sequences": min(args.kl_sequences, n),
                "teacher_entropy_nats": torch.cat(entropy).mean().item(),
                "tail_mass_mean": {k: torch.cat(tails[k]).mean().item() for k in KS},
                "scoring_seconds": t_score, "zstd_level": SHIPPED_LEVEL, "results": results,
                "loader": loader, "anchors_bytes_per_token": ANCHORS}
-    out = Path(args.out)
+    out = Path(args.out or Path(__file__).parent / "results" /
+               ("cache_formats" if args.config == "dialogue" else f"cache_formats_{args.config}"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    md = [f"Dialogue teacher ({teacher['report']['parameters'] / 1e6:.2f}M parameters, vocabulary {V:,}), "
+    md = [f"Teacher of `--config {args.config}` ({parameters / 1e6:.2f}M parameters, vocabulary {V:,}), "
           f"{n:,} sequences, {tokens:,} scored tokens (KL over the first {summary['kl_sequences']}), mean teacher "
           f"entropy {summary['teacher_entropy_nats']:.2f} nats; zstd level {SHIPPED_LEVEL}; throughput on "
           f"one core.", "",

@@ -136,8 +136,30 @@ of {c['distill']['batch_size']} sequences with `{c['distill']['method']}`, and t
 | students' training | {c['distill']['method']}: {d['response_tokens_per_s']:.0f} response tokens/s; sft: {b['response_tokens_per_s']:.0f} tokens/s |
 
 Held-out references are the teacher's own greedy replies (the prompts have no answers); *accuracy* counts the
-arithmetic questions whose reply ends in the right number.
-"""
+arithmetic questions whose reply ends in the right number. One seed and {c['distill']['steps']} steps: a pipeline
+measurement, not a method comparison (that, with seeds, is still to be run on this teacher).
+{_real_cache_formats()}"""
+
+
+def _real_cache_formats() -> str:
+    path = RESULTS / "cache_formats_smollm2.json"
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    rows = [x for x in r["results"] if x["zstd_level"] == r["zstd_level"] and x["k"] in (16, 32, 64, 128)]
+    table = ["| k | encoding | bytes/token | KL bucket (nats) | KL full vocab (nats) | tail mass |", "|---|---|---|---|---|---|"]
+    table += [f"| {x['k']} | {x['encoding']} | {x['bytes_per_token']:.1f} | {x['kl_bucket']:.5f} | {x['kl_full']:.3f} | "
+              f"{r['tail_mass_mean'][str(x['k'])]:.3f} |" for x in rows]
+    k64 = next(x for x in rows if x["k"] == 64 and x["encoding"].startswith("idsort"))
+    met = k64["bytes_per_token"] <= 100 and k64["kl_bucket"] <= 0.01
+    return f"""
+**Cache size and fidelity on this teacher** (`python bench/cache_formats.py --config smollm2`,
+`bench/results/cache_formats_smollm2.json`): {r['sequences']} of its replies, {r['scored_tokens']:,} scored tokens
+(KL over the first {r['kl_sequences']} sequences), mean teacher entropy {r['teacher_entropy_nats']:.2f} nats, against the
+teacher's full float64 distribution. Target at k = 64: at most 100 bytes/token with bucket KL at most 0.01:
+**{'met' if met else 'not met'}** (the default `idsort-q8` at k = 64: {k64['bytes_per_token']:.1f} bytes/token, bucket KL {k64['kl_bucket']:.5f}).
+
+""" + "\n".join(table) + "\n"
 
 
 def cache_formats() -> str:

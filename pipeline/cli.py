@@ -124,7 +124,7 @@ def _judged_models(runner: Runner, rows: dict) -> list[tuple[str, dict]]:
 
     done = {name: r["outputs"] for name, r in rows.items() if r["state"] == "done"}
     judged = (done.get("eval") or {}).get("report", {})
-    by_eval = {up: role for up, role in runner.stages["eval"].roles.items()} | {"baseline": "baseline"}
+    by_eval = {**runner.stages["eval"].roles, "baseline": "baseline"}  # stage -> its name in the eval report
     named = []
     for name, out in done.items():
         if "student_dir" in out:
