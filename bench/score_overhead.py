@@ -52,7 +52,7 @@ def main():
     s = cfg["score"]
     k = s["top_k"] or 64
     batches = modeling.length_batches([len(x) for x in seqs], s["batch_size"], s["batch_tokens"])
-    tokens = sum(len(x) - p for x, p in zip(seqs, plens))
+    tokens = int(sum(len(x) - int(p) for x, p in zip(seqs, plens)))
 
     def bare():
         with torch.no_grad():

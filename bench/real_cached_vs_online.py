@@ -1,0 +1,110 @@
+"""Training from the cache against the teacher online, with the real teacher (`--config smollm2`: SmolLM2-135M-
+Instruct) and its layer-kept 49.5M student: response tokens/s and training memory, and plain SFT of the same
+student for the loss's own cost at a 49k vocabulary.
+
+    python bench/real_cached_vs_online.py     (after `hpd run --config smollm2 --until score`)
+
+Each arm is `hpd run distill` in a process of its own on the run's own sequences and cache (the same data order,
+student and schedule), the arms alternating, repeated. The best a cache can do is to remove the teacher's forward
+from each step: the limit of the speed-up is 1 + (teacher forward per batch) / (cached step), both timed here, the
+forward in this process on the first training batches. Writes bench/results/real_cached_vs_online.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import config as config_mod
+from pipeline.graph import build
+from pipeline.stage import Context, Runner
+from stages import modeling
+from storage.sequences import SequenceStore
+
+OUT = Path(__file__).resolve().parent / "results" / "real_cached_vs_online.json"
+ARMS = {"cached": ['distill.teacher_source="cache"'], "online": ['distill.teacher_source="online"'],
+        "sft": ['distill.method="sft"']}
+SHARED = ["data", "teacher", "generate", "score"]
+
+
+def runner(home: Path, name: str, sets: list[str]) -> Runner:
+    cfg = config_mod.load("smollm2", [*sets, f'run.name="{name}"'])
+    return Runner(build(cfg), cfg, Context(home=home, run_name=name, seed=cfg["run"]["seed"], log=lambda s: None))
+
+
+def timed(home: Path, arm: str, steps: int) -> dict:
+    name = f"bench-cvo-{arm}"
+    sets = [*ARMS[arm], f"distill.steps={steps}", "distill.checkpoint_steps=100000", 'distill.baseline=""',
+            "distill.eval_examples=4"]
+    r = runner(home, name, sets)
+    shutil.rmtree(home / "runs" / name, ignore_errors=True)
+    r.adopt("smollm2", [s for s in SHARED if s in r.stages])
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "distill", "--config", "smollm2",
+           *[a for s in [*sets, f'run.name="{name}"'] for a in ("--set", s)]]
+    t0 = time.time()
+    subprocess.run(cmd, env={**os.environ, "HPD_HOME": str(home)}, check=True, capture_output=True)
+    wall = time.time() - t0
+    rep = r.manifest("distill")["outputs"]["report"]
+    log = json.loads((Path(r.manifest("distill")["outputs"]["student_dir"]) / "training_log.json").read_text())
+    rates = [e["tokens_per_s"] for e in log if "tokens_per_s" in e][1:]  # the first interval holds start-up
+    return {"arm": arm, "wall_s": wall, "train_seconds": rep["train_seconds"], "seconds_per_step": rep["train_seconds"] / steps,
+            "response_tokens_per_s": statistics.median(rates),
+            "training_memory_mb": rep["peak_rss_mb"] - rep["rss_start_mb"], "peak_rss_mb": rep["peak_rss_mb"]}
+
+
+def teacher_forward_per_batch(home: Path, batches: int = 4) -> float:
+    """Seconds of the teacher's forward on the first training batches (the online arm's extra work per step)."""
+    base = runner(home, "smollm2", [])
+    cfg = base.cfg["distill"]
+    store = SequenceStore(Path(base.manifest("generate")["outputs"]["sequences"]))
+    model, tok = modeling.load_teacher(base.manifest("teacher")["outputs"])
+    _, _, seqs = store.range(0, min(len(store), batches * cfg["batch_size"]))
+    times = []
+    with torch.no_grad():
+        for i in range(0, len(seqs), cfg["batch_size"]):
+            ids, mask = modeling.pad_right(seqs[i:i + cfg["batch_size"]], tok.pad_token_id)
+            t0 = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    home = Path(args.home).resolve()
+    runner(home, "smollm2", []).run(until="score")
+    runs = []
+    for rep in range(args.repeats):
+        order = list(ARMS) if rep % 2 == 0 else list(reversed(ARMS))
+        for arm in order:
+            runs.append({**timed(home, arm, args.steps), "repeat": rep})
+            print(runs[-1], flush=True)
+    med = {arm: {k: statistics.median(r[k] for r in runs if r["arm"] == arm)
+                 for k in ("seconds_per_step", "response_tokens_per_s", "training_memory_mb", "peak_rss_mb")}
+           for arm in ARMS}
+    forward = teacher_forward_per_batch(home)
+    limit = 1 + forward / med["cached"]["seconds_per_step"]
+    speedup = med["cached"]["response_tokens_per_s"] / med["online"]["response_tokens_per_s"]
+    result = {"steps": args.steps, "repeats": args.repeats, "runs": runs, "median": med,
+              "teacher_forward_s_per_batch": forward, "speedup": speedup, "speedup_limit": limit,
+              "share_of_limit": speedup / limit,
+              "memory_ratio": med["cached"]["training_memory_mb"] / med["online"]["training_memory_mb"],
+              "loss_overhead_vs_sft": med["sft"]["response_tokens_per_s"] / med["cached"]["response_tokens_per_s"] - 1}
+    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
