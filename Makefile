@@ -57,6 +57,9 @@ bench: $(STAMP) $(SMOLLM2)
 	$(PY) bench/default_task.py
 	$(PY) bench/fresh_clone.py
 	$(PY) bench/real_teacher.py
+	$(PY) bench/cache_formats.py --config smollm2 --sequences 192 --kl-sequences 48
+	$(PY) bench/score_overhead.py --config smollm2
+	$(PY) bench/real_cached_vs_online.py
 	$(PY) bench/cache_formats.py
 	$(PY) bench/hpd_gradient.py
 	$(PY) bench/refresh_rounds.py
