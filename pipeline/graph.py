@@ -26,7 +26,7 @@ OFFLINE = [
 
 def build(cfg: dict) -> list[Stage]:
     rounds = cfg["rounds"]
-    from stages.losses import METHODS  # checked here so that a typo fails before hours of teacher work
+    from stages.losses import METHODS, ON_POLICY_ONLY  # checked here so that a typo fails before hours of teacher work
 
     for section, key in (("distill", "method"), ("rounds", "method"), ("rounds", "offline_method")):
         allowed = (*METHODS, "") if key == "offline_method" else METHODS  # "": distill.method
@@ -50,8 +50,6 @@ def build(cfg: dict) -> list[Stage]:
         stages[-1] = replace(stages[-1], inputs=("data", "teacher", "generate"),
                              doc="a student trained with the teacher online")
     baseline = cfg["distill"]["baseline"]
-    from stages.distill import ON_POLICY_ONLY
-
     if baseline not in ("", *METHODS) or baseline in ON_POLICY_ONLY:
         raise HpdError(f"distill.baseline={baseline!r} is unknown; choose an offline method "
                        f"({', '.join(m for m in METHODS if m not in ON_POLICY_ONLY)}), or \"\" for none")

@@ -30,7 +30,7 @@ from storage.sequences import SequenceStore
 
 from . import modeling
 from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
-from .losses import METHOD_PARAMS, distill_loss, response_positions
+from .losses import METHOD_PARAMS, ON_POLICY_ONLY, distill_loss, response_positions
 from .tasks import TASKS
 from .training import (PeriodicEval, ResponseCollator, job_dir, peak_rss_mb, publish_model, rss_mb,
                        train_causal_lm)
@@ -38,7 +38,6 @@ from .training import (PeriodicEval, ResponseCollator, job_dir, peak_rss_mb, pub
 DISTRIBUTED = True  # the Trainer's DDP under torchrun; rank 0 publishes (pipeline/distributed.py)
 
 CACHE_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_logmass", "mask")
-ON_POLICY_ONLY = ("opd",)  # their labels must be the student's own samples
 
 
 @dataclass

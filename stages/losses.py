@@ -114,6 +114,7 @@ METHOD_PARAMS = {"jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",), "akl":
                  "hpd_nsamp": ("hpd_samples",)}
 TOKEN_METHODS = ("sft", "seqkd", "opd", *HPD_FAMILY)
 METHODS = (*TOKEN_METHODS, *DISTRIBUTION_METHODS)
+ON_POLICY_ONLY = ("opd",)  # their labels must be the student's own samples
 
 
 # -- teacher views: what each kind of teacher input can tell about a position ------------------------------
