@@ -131,7 +131,7 @@ of {c['distill']['batch_size']} sequences with `{c['distill']['method']}`, and t
 |---|---|
 | whole run | {r['wall_seconds'] / 60:.1f} minutes: {stages} |
 | teacher sampling (generate) | {g['response_tokens']:,} reply tokens for {g['sequences']} prompts, **{g['new_tokens_per_s']:.0f} new tokens/s** (stage wall time) |
-| teacher scoring (score) | **{sc['tokens_per_s_forward']:.0f} response tokens/s** in the forward (which also reads the prompts, HumanEval's long ones among them), {sc['tokens_per_s_wall']:.0f}/s wall; overhead over the forward {sc['overhead']:.1%} as the stage measures it, writer running beside it (this run predates the score stage's leaner top-k; timed apart below) |
+| teacher scoring (score) | **{sc['tokens_per_s_forward']:.0f} response tokens/s** in the forward (which also reads the prompts, HumanEval's long ones among them), {sc['tokens_per_s_wall']:.0f}/s wall; overhead over the forward {sc['overhead']:.1%} as the stage measures it, writer running beside it (the writer's share of the two cores lands in it; timed apart in the row below) |
 | cache | **{sc['bytes_per_token']} bytes/token** at k = {sc['top_k']} ({sc['encoding']}) |
 | students' training | {c['distill']['method']}: {d['response_tokens_per_s']:.0f} response tokens/s; sft: {b['response_tokens_per_s']:.0f} tokens/s |
 {_overhead_row('smollm2')}
