@@ -86,7 +86,6 @@ def encode_pair(tokenizer, prompt: str, response: str | None) -> tuple[list[int]
     return p_ids, r_ids
 
 
-
 def load_teacher(teacher: dict):
     """The teacher stage's model in the dtype it resolved (teacher.dtype: fp32 on CPU, bf16 on a GPU by default)."""
     return load_causal_lm(teacher["model_dir"], dtype=getattr(torch, teacher.get("dtype", "float32")))
