@@ -213,6 +213,9 @@ def _fresh_or_given_student(cfg: dict, teacher_dir: str, teacher_tok, seed: int)
     if cfg["student_init"] == "teacher-layers":
         teacher, _ = modeling.load_causal_lm(teacher_dir)
         return modeling.keep_layers(teacher, cfg["n_layer"])[0]
+    if cfg["student_init"] == "teacher-shape":
+        return modeling.same_shape_fresh(modeling.check_causal_lm(teacher_dir), n_layer=cfg["n_layer"],
+                                         n_embd=cfg["n_embd"], n_head=cfg["n_head"])
     context = modeling.context_length(modeling.check_causal_lm(teacher_dir))
     return modeling.new_gpt2(teacher_tok, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
                              n_head=cfg["n_head"])

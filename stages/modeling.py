@@ -261,6 +261,34 @@ def keep_layers(teacher, n: int):
     return student, kept
 
 
+def same_shape_fresh(teacher_config, *, n_layer: int, n_embd: int, n_head: int):
+    """A fresh, randomly initialised model of the teacher's own architecture (its class, vocabulary, context,
+    norms, rotary settings) made shallower and narrower: n_layer blocks of width n_embd with n_head heads, the MLP
+    scaled by the same factor as the width and grouped-query attention keeping the teacher's ratio of query to
+    key/value heads (Minitron's width pruning starts from this shape; here it starts from scratch)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    t = teacher_config.get_text_config()
+    if n_embd % n_head:
+        raise HpdError(f"distill.n_embd={n_embd} is not a multiple of distill.n_head={n_head}; choose a width "
+                       f"that divides into the heads")
+    config = copy.deepcopy(teacher_config)
+    c = config.get_text_config()
+    heads, kv = t.num_attention_heads, getattr(t, "num_key_value_heads", None) or t.num_attention_heads
+    c.num_hidden_layers, c.hidden_size, c.num_attention_heads = n_layer, n_embd, n_head
+    if getattr(c, "num_key_value_heads", None) is not None:
+        c.num_key_value_heads = max(1, n_head * kv // heads) if n_head % max(1, heads // kv) == 0 else n_head
+    if getattr(c, "head_dim", None) is not None:
+        c.head_dim = n_embd // n_head
+    if getattr(c, "intermediate_size", None):  # keep the teacher's MLP ratio, rounded to a multiple of 8
+        c.intermediate_size = max(8, round(t.intermediate_size * n_embd / t.hidden_size / 8) * 8)
+    if isinstance(getattr(c, "layer_types", None), list):
+        c.layer_types = c.layer_types[:n_layer]
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
 def config_digest(model_config) -> str:
     return digest(model_config.to_dict())
 

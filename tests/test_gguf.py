@@ -104,6 +104,31 @@ def test_teacher_layers_student_keeps_evenly_spaced_layers(llama):
         modeling.keep_layers(teacher, 5)
 
 
+def test_teacher_shape_student_is_a_fresh_narrower_model_of_the_teachers_class(llama):
+    """teacher-shape: the teacher's class, vocabulary and context, fresh weights, the asked depth and width, the
+    MLP scaled with the width and the teacher's query/key-value head ratio kept; it trains (a finite loss)."""
+    hf, _ = llama
+    teacher, tok = modeling.load_causal_lm(hf)
+    t = teacher.config
+    torch.manual_seed(0)
+    student = modeling.same_shape_fresh(t, n_layer=2, n_embd=t.hidden_size // 2, n_head=t.num_attention_heads // 2)
+    s = student.config
+    assert type(student) is type(teacher) and s.vocab_size == t.vocab_size
+    changed = {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "intermediate_size"}
+    same = lambda c: {k: v for k, v in c.to_dict().items() if k not in changed}  # noqa: E731
+    assert same(s) == same(t)  # context, rotary, norms, vocabulary and special tokens are the teacher's
+    assert (s.num_hidden_layers, s.hidden_size, s.num_attention_heads) == (2, t.hidden_size // 2, t.num_attention_heads // 2)
+    assert s.num_key_value_heads * t.num_attention_heads == s.num_attention_heads * t.num_key_value_heads
+    assert s.intermediate_size == round(t.intermediate_size / 2 / 8) * 8
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters()) / 2
+    x = torch.tensor([tok("What is 12 plus 30?")["input_ids"]])
+    loss = student(input_ids=x, labels=x).loss
+    assert torch.isfinite(loss) and abs(loss.item() - np.log(t.vocab_size)) < 1.0  # fresh: near uniform
+    with pytest.raises(HpdError, match="distill.n_embd=30 is not a multiple of distill.n_head=4"):
+        modeling.same_shape_fresh(t, n_layer=1, n_embd=30, n_head=4)
+
+
 QUESTIONS = ["What is the capital of France?", "How are you today?", "Tell me about the weather.",
              "Can you help me?", "What is 12 plus 30?", "What is 7 plus 5?"]
 
