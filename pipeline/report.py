@@ -132,6 +132,42 @@ def _mean_std(xs: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(sd)}"
 
 
+def paired_differences(results: list[dict], key: str) -> dict[str, list[float]]:
+    """Per method, its metric minus the first method's on the same student seed (same initialisation and data
+    order), for every seed both have: the seed-to-seed spread cancels, so the comparison is sharper than two
+    means with their standard deviations."""
+    first = results[0]["method"]
+    ref = {r["seed"]: r["eval"]["student"][key] for r in results if r["method"] == first and key in r["eval"]["student"]}
+    out: dict[str, list[float]] = {}
+    for r in results:
+        if r["method"] != first and r["seed"] in ref and key in r["eval"]["student"]:
+            out.setdefault(r["method"], []).append(r["eval"]["student"][key] - ref[r["seed"]])
+    return out
+
+
+def paired_table(results: list[dict], keys: list[tuple[str, str, str]]) -> list[str]:
+    """Markdown: every method against the first, paired by seed: mean difference ± std, and on how many seeds the
+    method came out better (lower NLL and KL, higher accuracy, ROUGE-L)."""
+    diffs = {k: paired_differences(results, k) for k, _, _ in keys}
+    methods = list(dict.fromkeys(m for d in diffs.values() for m in d))
+    if not methods:
+        return []
+    first = results[0]["method"]
+    lines = [f"Paired by student seed, each method minus {first} (better on how many seeds):", "",
+             "| method | " + " | ".join(f"Δ {label}" for _, label, _ in keys) + " |", "|---|" + "---|" * len(keys)]
+    for m in methods:
+        cells = []
+        for k, _, fmt in keys:
+            d = diffs[k].get(m, [])
+            lower_is_better = k in ("response_nll_nats", "kl_to_teacher_nats")
+            better = sum((x < 0) if lower_is_better else (x > 0) for x in d)
+            sd = statistics.stdev(d) if len(d) > 1 else 0.0
+            cells.append(f"{fmt.replace(':', ':+').format(statistics.mean(d))} ± {fmt.format(sd)} "
+                         f"({better}/{len(d)})" if d else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def compare_report(results: list[dict], out: Path, title: str) -> Path:
     """results: one entry per (method, seed) with its eval report and training log; writes the markdown table
     (mean ± std over seeds) and the plots."""
@@ -150,7 +186,7 @@ def compare_report(results: list[dict], out: Path, title: str) -> Path:
     if teacher:
         lines.append("| teacher | - | " + " | ".join(fmt.format(teacher[k]) if k in teacher else "-"
                                                   for k, _, fmt in keys) + " |")
-    lines.append("")
+    lines += ["", *paired_table(results, keys)]
     # Training curves per method (losses differ in scale between methods, so one panel each).
     cols = min(4, len(methods))
     rows_n = -(-len(methods) // cols)

@@ -168,6 +168,13 @@ def test_compare_runs_methods_by_seeds_from_one_cache_and_writes_the_report(tiny
     opd = next(r for r in results if r["method"] == "hpd->opd")
     assert opd["student"]["round"] == 1 and opd["student"]["mixture"]["refresh"]["method"] == "opd"
     assert any("curve_accuracy" in e for e in opd["log"])
+    # the paired table: hpd->opd minus sft on the same seed, for the KL the results hold
+    from pipeline.report import paired_differences
+
+    kl = {(r["method"], r["seed"]): r["eval"]["student"]["kl_to_teacher_nats"] for r in results}
+    diffs = paired_differences(results, "kl_to_teacher_nats")["hpd->opd"]
+    assert sorted(diffs) == sorted(kl[("hpd->opd", s)] - kl[("sft", s)] for s in (0, 1))
+    assert "each method minus sft" in table and "| hpd->opd | " in table.split("each method minus sft")[1]
 
     res = CliRunner().invoke(cli, ["report", "tiny-hpd-to-opd-s0", *sets], env={"HPD_HOME": str(home)})
     assert res.exit_code == 0, res.output
@@ -176,3 +183,17 @@ def test_compare_runs_methods_by_seeds_from_one_cache_and_writes_the_report(tiny
     assert "| student |" in md and (run_report / "loss.png").is_file() and (run_report / "hpd_diagnostics.png").is_file()
     res = CliRunner().invoke(cli, ["report", "nope", *sets], env={"HPD_HOME": str(home)})
     assert res.exit_code == 2 and "no run nope" in res.output
+
+
+def test_paired_table_counts_seeds_where_a_method_is_better():
+    from pipeline.report import METRICS, paired_table
+
+    def run(method, seed, kl, acc):
+        return {"method": method, "seed": seed, "eval": {"student": {"kl_to_teacher_nats": kl, "accuracy": acc}}}
+
+    results = [run("sft", 0, 0.50, 0.10), run("sft", 1, 0.40, 0.20), run("fkl", 1, 0.30, 0.10), run("fkl", 0, 0.45, 0.30)]
+    keys = [m for m in METRICS if m[0] in ("accuracy", "kl_to_teacher_nats")]
+    row = next(line for line in paired_table(results, keys) if line.startswith("| fkl |"))
+    # accuracy: +0.2 (seed 0), -0.1 (seed 1): mean +5.0%, better on 1 of 2; KL: -0.05, -0.10: mean -0.075, 2 of 2
+    assert row == "| fkl | +5.0% ± 21.2% (1/2) | -0.075 ± 0.035 (2/2) |"
+    assert paired_table(results[:2], keys) == []  # one method: nothing to pair
