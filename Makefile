@@ -39,9 +39,10 @@ soak: $(STAMP)
 	$(PY) tests/soak.py
 	$(PY) bench/readme.py
 
-compare: $(STAMP)
+compare: $(STAMP) $(SMOLLM2)
 	$(HPD) compare --out bench/results/compare_math
 	$(HPD) compare --config dialogue --out bench/results/compare_dialogue
+	$(HPD) compare --config smollm2 --out bench/results/compare_smollm2
 
 study: $(STAMP)
 	$(PY) bench/regime_study.py
@@ -59,6 +60,9 @@ bench: $(STAMP) $(SMOLLM2)
 	$(PY) bench/real_teacher.py
 	$(PY) bench/cache_formats.py --config smollm2 --sequences 192 --kl-sequences 48
 	$(PY) bench/score_overhead.py --config smollm2
+	$(PY) bench/score_overhead.py
+	$(PY) bench/score_overhead.py --config dialogue
+	$(PY) bench/hpd_gradient.py --config smollm2
 	$(PY) bench/real_cached_vs_online.py
 	$(PY) bench/cache_formats.py
 	$(PY) bench/hpd_gradient.py

@@ -1,33 +1,35 @@
-"""How far is HPD (and FKL) from a cache from the same loss with the full teacher distribution?
+"""How far is a loss computed from the cache from the same loss with the teacher's full distribution?
 
-On the dialogue task (vocabulary 8,192): a small student, briefly trained by SFT so its samples are not
-uniform noise, and the built-in dialogue teacher. For batches of held-in sequences the gradient of the loss
-with respect to the student's parameters is computed twice with the same student samples: with the teacher's
-full logits, and with a cache batch built through the real encode/decode path (default encoding) at k.
-Reported: cosine similarity and relative norm ||g_cache - g_full|| / ||g_full||, and HPD's diagnostics.
-Writes bench/results/hpd_gradient.json and .md.
+For batches of held-in sequences the gradient of the loss with respect to the student's parameters is computed
+twice with the same student samples: with the teacher's full logits, and with a cache batch built through the real
+encode/decode path (default encoding) at k. Reported: cosine similarity and relative norm
+||g_cache - g_full|| / ||g_full||, and HPD's diagnostics, for hpd, hpd_fkl and fkl at k = 16 and 64.
+
+    python bench/hpd_gradient.py                    the dialogue task (vocabulary 8,192): a small GPT-2 student,
+                                                    briefly trained by SFT so its samples are not uniform noise
+    python bench/hpd_gradient.py --config smollm2   the real teacher (SmolLM2-135M-Instruct, vocabulary 49,152) on
+                                                    its own samples, the preset's layer-kept student (6 of 30)
+
+Writes bench/results/hpd_gradient[_smollm2].json and .md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from pipeline import config as config_mod  # noqa: E402
-from pipeline.graph import build  # noqa: E402
-from pipeline.stage import Context, Runner  # noqa: E402
-from stages import modeling  # noqa: E402
-from stages.losses import distill_loss  # noqa: E402
-from storage import encodings as enc  # noqa: E402
-from storage.logit_cache import DEFAULT_ENCODING, CacheBatch  # noqa: E402
+from pipeline import config as config_mod
+from pipeline.graph import build
+from pipeline.stage import Context, Runner
+from stages import modeling
+from stages.losses import distill_loss
+from storage import encodings as enc
+from storage.logit_cache import DEFAULT_ENCODING, CacheBatch
+from storage.sequences import SequenceStore
 
 
 def cache_from_logits(teacher_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> CacheBatch:
@@ -50,35 +52,41 @@ def flat_grad(model) -> torch.Tensor:
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="dialogue", choices=("dialogue", "smollm2"))
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
     ap.add_argument("--batches", type=int, default=8)
-    ap.add_argument("--sft-steps", type=int, default=60)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hpd_gradient"))
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per batch (dialogue 32, smollm2 8)")
+    ap.add_argument("--sft-steps", type=int, default=60, help="dialogue: SFT steps that make the student's samples "
+                                                             "resemble language (the smollm2 student is the teacher's)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    cfg = config_mod.load("dialogue", [])
-    runner = Runner(build(cfg), cfg, Context(home=Path(args.home).resolve(), run_name="dialogue", seed=0))
+    real = args.config == "smollm2"
+    bs = args.batch_size or (8 if real else 32)
+    sft_steps = 0 if real else args.sft_steps
+    out = Path(args.out or Path(__file__).parent / "results" / ("hpd_gradient_smollm2" if real else "hpd_gradient"))
+    cfg = config_mod.load(args.config, [])
+    runner = Runner(build(cfg), cfg, Context(home=Path(args.home).resolve(), run_name=cfg["run"]["name"], seed=0))
     runner.run(until="generate")
-    teacher_dir = runner.manifest("teacher")["outputs"]["model_dir"]
-    from storage.sequences import SequenceStore
-
     store = SequenceStore(Path(runner.manifest("generate")["outputs"]["sequences"]))
-    teacher, tok = modeling.load_causal_lm(teacher_dir)
-
+    teacher, tok = modeling.load_teacher(runner.manifest("teacher")["outputs"])
     torch.manual_seed(0)
-    student = modeling.new_gpt2(tok, n_positions=teacher.config.n_positions, n_layer=2, n_embd=64, n_head=2)
+    if real:  # the preset's student: the teacher with distill.n_layer of its layers kept
+        student = modeling.keep_layers(teacher, cfg["distill"]["n_layer"])[0]
+    else:
+        student = modeling.new_gpt2(tok, n_positions=teacher.config.n_positions, n_layer=2, n_embd=64, n_head=2)
     opt = torch.optim.AdamW(student.parameters(), lr=2e-3)
-    _, plens, seqs = store.range(0, 32 * (args.sft_steps + args.batches))
+    _, plens, seqs = store.range(0, min(len(store), bs * (sft_steps + args.batches)))
 
     def batch(i):
-        part = seqs[32 * i:32 * (i + 1)]
+        part = seqs[bs * i:bs * (i + 1)]
         ids, mask = modeling.pad_right(part, tok.pad_token_id)
         labels = ids.clone()
         labels[mask == 0] = -100
-        for b, p in enumerate(plens[32 * i:32 * (i + 1)]):
+        for b, p in enumerate(plens[bs * i:bs * (i + 1)]):
             labels[b, :p] = -100
         return ids, mask, labels
 
-    for step in range(args.sft_steps):  # a briefly trained student: its samples resemble language
+    for step in range(sft_steps):  # a briefly trained student: its samples resemble language
         ids, mask, labels = batch(step)
         loss, _ = distill_loss("sft", student(input_ids=ids, attention_mask=mask).logits, labels)
         loss.backward()
@@ -86,17 +94,20 @@ def main():
         opt.zero_grad()
 
     results = {}
-    for i in range(args.sft_steps, args.sft_steps + args.batches):
+    for i in range(sft_steps, sft_steps + args.batches):
         ids, mask, labels = batch(i)
+        if not len(ids):
+            break
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
             s_logits = student(input_ids=ids, attention_mask=mask).logits.float()
         g = torch.Generator().manual_seed(i)
         sample = torch.multinomial(torch.softmax(s_logits.reshape(-1, s_logits.shape[-1]), -1), 1,
                                    generator=g).view(ids.shape)
+        del s_logits
         sample = torch.cat([torch.zeros_like(sample[:, :1]), sample[:, :-1]], 1)  # aligned with labels
         cache_mask = torch.cat([labels[:, 1:] != -100, torch.zeros_like(labels[:, :1], dtype=torch.bool)], 1)
-        for method in ("hpd", "fkl"):
+        for method in ("hpd", "hpd_fkl", "fkl"):
             student.zero_grad()
             full, _ = distill_loss(method, student(input_ids=ids, attention_mask=mask).logits, labels,
                                    teacher=t_logits, sampled_tokens=sample)
@@ -113,6 +124,8 @@ def main():
                 r["cosine"].append(torch.nn.functional.cosine_similarity(g_c, g_full, dim=0).item())
                 r["relative_norm"].append(((g_c - g_full).norm() / g_full.norm()).item())
                 r["diag"].append(diag)
+        print(f"batch {i - sft_steps + 1}/{args.batches}: " + ", ".join(
+            f"{n} {r['cosine'][-1]:.4f}" for n, r in results.items()), flush=True)
     summary = {}
     for name, r in results.items():
         s = {"cosine_mean": float(np.mean(r["cosine"])), "cosine_min": float(np.min(r["cosine"])),
@@ -121,7 +134,6 @@ def main():
             s["sample_outside_topk"] = float(np.mean([d["sample_outside_topk"] for d in r["diag"]]))
             s["sample_term_active"] = float(np.mean([d["sample_term_active"] for d in r["diag"]]))
         summary[name] = s
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     md = ["| loss @ k | cosine(cached, full) mean (min) | relative norm of the difference | sampled token outside top-k | sampled-token term active |",
