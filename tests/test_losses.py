@@ -213,7 +213,14 @@ def test_hpd_from_cache_uses_cached_or_estimated_sample_log_prob():
     assert 0 < diag["sample_outside_topk"] < 1 and torch.isfinite(loss)
     # Inside the top-k the cached log-prob is exact, so those positions weigh exactly as with full logits.
     full_loss, full_diag = distill_loss("hpd", student.float(), labels, teacher=teacher.float(), sampled_tokens=sample)
-    assert full_diag["sample_outside_topk"] == 0.0
+    assert full_diag["sample_outside_topk"] == 0.0 and loss.item() != pytest.approx(full_loss.item(), rel=1e-5)
+    # Samples drawn inside the top-k everywhere (the teacher's own top-1 for the position, aligned with labels):
+    # the cached loss is the full-logits loss.
+    inside = torch.cat([torch.zeros(B, 1, dtype=torch.long), teacher.argmax(-1)[:, :-1]], 1)
+    cached, diag = distill_loss("hpd", student.float(), labels, teacher=cache, sampled_tokens=inside)
+    full, _ = distill_loss("hpd", student.float(), labels, teacher=teacher.float(), sampled_tokens=inside)
+    assert diag["sample_outside_topk"] == 0.0 and diag["sample_term_active"] > 0
+    assert cached.item() == pytest.approx(full.item(), rel=1e-5)
 
 
 def test_hpd_samples_from_the_student_when_no_sample_is_given():
