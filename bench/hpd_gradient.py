@@ -50,6 +50,12 @@ def flat_grad(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """In float64: over tens of millions of parameters float32 sums drift enough to report cosines above 1."""
+    a, b = a.double(), b.double()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="dialogue", choices=("dialogue", "smollm2"))
@@ -121,8 +127,8 @@ def main():
                 cached.backward()
                 g_c = flat_grad(student)
                 r = results.setdefault(f"{method}@k={k}", {"cosine": [], "relative_norm": [], "diag": []})
-                r["cosine"].append(torch.nn.functional.cosine_similarity(g_c, g_full, dim=0).item())
-                r["relative_norm"].append(((g_c - g_full).norm() / g_full.norm()).item())
+                r["cosine"].append(cosine(g_c, g_full))
+                r["relative_norm"].append(((g_c.double() - g_full.double()).norm() / g_full.double().norm()).item())
                 r["diag"].append(diag)
         print(f"batch {i - sft_steps + 1}/{args.batches}: " + ", ".join(
             f"{n} {r['cosine'][-1]:.4f}" for n, r in results.items()), flush=True)
