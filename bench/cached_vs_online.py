@@ -134,13 +134,15 @@ def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None)
             score = built[score["cache_id"]]
         built[score["cache_id"]] = score
         arms = {arm: [] for arm in ARMS}
-        for _ in range(repeats):
-            for arm, extra in ARMS.items():
+        for i in range(repeats):  # cached, online, online, cached, ...: drift on this machine hits both arms
+            for arm in (list(ARMS) if i % 2 == 0 else list(ARMS)[::-1]):
+                extra = ARMS[arm]
                 arms[arm].append(timed_distill(scratch, config, name, [*overrides, *extra],
                                                steps["math" if label.startswith("math") else "dialogue"]))
         med = {arm: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for arm, runs in arms.items()}
         teacher_parameters = _parameters(teacher["model_dir"])
-        out[label] = {"teacher_parameters": teacher_parameters, "student_parameters": med["cached"]["parameters"],
+        out[label] = {"method": r.cfg["distill"]["method"], "repeats": repeats,
+                      "teacher_parameters": teacher_parameters, "student_parameters": med["cached"]["parameters"],
                       "size_ratio": teacher_parameters / med["cached"]["parameters"],
                       "arms": med, "runs": arms, "score_timing": score["timing"],
                       "score_tokens": score["tokens"], "score_sequences": score["sequences"],
@@ -243,15 +245,17 @@ def summarise(t: dict, q: dict, k_values=(1, 4, 16)) -> dict:
 def markdown(t: dict, q: dict, s: dict) -> str:
     lines = ["# Cached teacher vs online teacher", "",
              "Produced by `bench/cached_vs_online.py` (part of `make bench`) on one machine (2 CPU cores, fp32). "
-             "Both arms of a pair are timed in the same invocation, each run in a process of its own, the arms "
-             "alternating; medians of the runs shown.", "",
+             "Both arms of a pair are timed in the same invocation, each run in a process of its own, the order "
+             "of the arms alternating (cached, online, online, cached, ...); medians of the runs shown, each pair "
+             "with its config's distillation loss (`distill.method`).", "",
              "## Speed and memory", "",
-             "| teacher : student | parameters | cached tokens/s | online tokens/s | speed-up | peak RSS cached / "
-             "online (MB) | ratio | training memory cached / online (MB) | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| teacher : student | loss | runs per arm | parameters | cached tokens/s | online tokens/s | speed-up | "
+             "peak RSS cached / online (MB) | ratio | training memory cached / online (MB) | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in t.items():
         c, o = r["arms"]["cached"], r["arms"]["online"]
-        lines.append(f"| {label} | {r['teacher_parameters'] / 1e6:.2f}M : {r['student_parameters'] / 1e3:.0f}k | "
+        lines.append(f"| {label} | {r.get('method', 'hpd')} | {len(r['runs']['cached'])} | "
+                     f"{r['teacher_parameters'] / 1e6:.2f}M : {r['student_parameters'] / 1e3:.0f}k | "
                      f"{c['tokens_per_s']:,.0f} | {o['tokens_per_s']:,.0f} | **{r['speedup']:.2f}x** | "
                      f"{c['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} | {r['peak_rss_ratio']:.2f} | "
                      f"{c['training_mb']:.0f} / {o['training_mb']:.0f} | **{r['training_mb_ratio']:.2f}** |")
@@ -307,7 +311,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["all", "timing", "quality", "report"], default="all")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per arm (alternating)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per arm (the order of the arms alternating)")
     ap.add_argument("--math-steps", type=int, default=600)
     ap.add_argument("--dialogue-steps", type=int, default=300)
     ap.add_argument("--timing-steps", type=int, default=40)

@@ -311,7 +311,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
                               gradient_accumulation_steps=cfg["gradient_accumulation_steps"], bf16=cfg["bf16"],
                               sequential=num_batches > 0,
                               callbacks=_learning_curve(cfg, data, tok, before) if ctx.rank == 0 else [],
-                              fsdp=cfg["fsdp"], deepspeed=cfg["deepspeed"],
+                              fsdp=cfg["fsdp"], deepspeed=cfg["deepspeed"], log=lambda line: ctx.log(f"[{ctx.stage}] {line}"),
                               sources=sources, loss_params=params, teacher=online)
     if ctx.rank > 0:
         return {}  # rank 0 judges and publishes the student

@@ -105,7 +105,7 @@ def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
     dataset = Dataset.from_dict({"input_ids": [s[0] for s in seqs], "prompt_len": [s[1] for s in seqs]})
     train_causal_lm(model, tokenizer, dataset, tmp / "checkpoints", steps=cfg["steps"], batch_size=cfg["batch_size"],
                     learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"], seed=ctx.seed,
-                    save_steps=cfg["checkpoint_steps"])
+                    save_steps=cfg["checkpoint_steps"], log=lambda line: ctx.log(f"[teacher] {line}"))
     if ctx.rank > 0:
         return  # rank 0 judges and publishes the teacher
     model.eval()

@@ -107,9 +107,10 @@ def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, 
                     learning_rate: float, warmup_steps: int, seed: int, save_steps: int = 100,
                     trainer_cls=None, collator=None, gradient_accumulation_steps: int = 1, bf16: bool = False,
                     sequential: bool = False, callbacks: list = (), fsdp: str = "", deepspeed: str = "",
-                    **trainer_kwargs):
+                    log=lambda line: None, **trainer_kwargs):
     """Train `model` for `steps` optimizer steps; resumes from a checkpoint in `output_dir` if there is one.
-    `sequential`: read `dataset` in its own order (a precomputed mixture) instead of shuffling it.
+    `sequential`: read `dataset` in its own order (a precomputed mixture) instead of shuffling it. `log` hears
+    where a resumed run starts.
     Under torchrun the Trainer trains with DDP; `fsdp` / `deepspeed` are its own options, passed through."""
     from transformers import Trainer, TrainingArguments
 
@@ -129,7 +130,10 @@ def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, 
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=dataset,
                                        data_collator=collator or ResponseCollator(tokenizer.pad_token_id),
                                        callbacks=[_Checkpoints(), *callbacks], **trainer_kwargs)
-    trainer.train(resume_from_checkpoint=latest_checkpoint(output_dir))
+    resume = latest_checkpoint(output_dir)
+    if resume:  # said out loud: a crashed run that silently restarted from step 0 would look the same at the end
+        log(f"resuming from {Path(resume).name} of {steps} steps")
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 

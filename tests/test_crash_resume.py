@@ -54,6 +54,9 @@ def test_sigkilled_teacher_training_resumes_from_its_checkpoint(tmp_path):
 
     runner = make_runner(home, *overrides)
     assert runner.state("teacher")[0] == "interrupted"
+    logs = []
+    runner.ctx.log = logs.append
     runner.run("teacher")
+    assert "[teacher] resuming from checkpoint-4 of 8 steps" in logs  # not retrained from step 0
     assert runner.manifest("teacher")["outputs"]["fingerprint"] == reference.manifest("teacher")["outputs"]["fingerprint"]
     assert not partial[0].exists()

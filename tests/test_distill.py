@@ -144,7 +144,10 @@ def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, t
     (ckpts / "checkpoint-6" / "model.safetensors").unlink()
     runner = make_runner(home, *CHECKPOINTED)
     assert runner.state("distill")[0] == "interrupted"
+    logs = []
+    runner.ctx.log = logs.append
     runner.run("distill")
+    assert "[distill] resuming from checkpoint-3 of 6 steps" in logs  # the broken checkpoint-6 was passed over
     assert runner.manifest("distill")["outputs"]["fingerprint"] == reference.manifest("distill")["outputs"]["fingerprint"]
 
 

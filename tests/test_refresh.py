@@ -196,6 +196,7 @@ def test_sigkilled_round_training_resumes_without_repeating_or_skipping_data(rou
     shutil.rmtree(home / "runs" / "tiny" / "distill-1" / "student")
     overrides = [*ROUND, "distill.checkpoint_steps=2"]
     make_runner(home, *overrides).run("distill")  # checkpointing changed its config: retrained, same student
-    r, _ = _kill_and_resume(home, "distill-1", overrides, "checkpoint:1")
+    r, logs = _kill_and_resume(home, "distill-1", overrides, "checkpoint:1")
+    assert "[distill-1] resuming from checkpoint-2 of 5 steps" in logs
     assert outputs(r, "distill")["fingerprint"] == outputs(reference, "distill")["fingerprint"]
     assert outputs(r, "distill-1")["fingerprint"] == outputs(reference, "distill-1")["fingerprint"]
