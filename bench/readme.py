@@ -10,6 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
+def _result(path: Path) -> dict | None:
+    """A bench's results file, or None where that bench has not been run (its README section is left empty)."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _pct(x: dict) -> str:
     return f"{x['mean']:.1%} (min {x['min']:.1%}, max {x['max']:.1%})"
 
@@ -110,10 +115,9 @@ start-up and imports.
 
 
 def real_teacher() -> str:
-    path = RESULTS / "real_teacher.json"
-    if not path.exists():
+    r = _result(RESULTS / "real_teacher.json")
+    if r is None:
         return "Not measured yet: run `make smollm2-teacher` and `python bench/real_teacher.py`.\n"
-    r = json.loads(path.read_text())
     c, g, sc, st = r["config"], r["generate"], r["score"], r["stage_seconds"]
     d, b = r["distill"], r["baseline"]
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in st.items())
@@ -142,10 +146,9 @@ measurement, not a method comparison: that, 5 methods x 3 seeds on this teacher,
 
 
 def _overhead_row(config: str) -> str:
-    path = RESULTS / f"score_overhead_{config}.json"
-    if not path.exists():
+    o = _result(RESULTS / f"score_overhead_{config}.json")
+    if o is None:
         return ""
-    o = json.loads(path.read_text())
     target = "met" if o["overhead_compute"] <= 0.10 else "not met"
     return (f"| score overhead, timed apart (`bench/score_overhead.py`) | the same {o['batches']} batches, alternating, "
             f"median of {o['repeats']}: bare forward {o['bare_forward_s']:.1f} s, forward + top-k, target log-prob and tail "
@@ -154,10 +157,9 @@ def _overhead_row(config: str) -> str:
 
 
 def _real_cached_vs_online() -> str:
-    path = RESULTS / "real_cached_vs_online.json"
-    if not path.exists():
+    r = _result(RESULTS / "real_cached_vs_online.json")
+    if r is None:
         return ""
-    r = json.loads(path.read_text())
     m = r["median"]
     rows = "\n".join(f"| {arm} | {m[arm]['seconds_per_step']:.2f} | {m[arm]['response_tokens_per_s']:.0f} | "
                      f"{m[arm]['training_memory_mb']:.0f} | {m[arm]['peak_rss_mb']:.0f} |" for arm in ("cached", "online", "sft"))
@@ -232,10 +234,9 @@ def _memory_floor(m: dict) -> str:
 
 
 def _real_cache_formats() -> str:
-    path = RESULTS / "cache_formats_smollm2.json"
-    if not path.exists():
+    r = _result(RESULTS / "cache_formats_smollm2.json")
+    if r is None:
         return ""
-    r = json.loads(path.read_text())
     rows = [x for x in r["results"] if x["zstd_level"] == r["zstd_level"] and x["k"] in (16, 32, 64, 128)]
     table = ["| k | encoding | bytes/token | KL bucket (nats) | KL full vocab (nats) | tail mass |", "|---|---|---|---|---|---|"]
     table += [f"| {x['k']} | {x['encoding']} | {x['bytes_per_token']:.1f} | {x['kl_bucket']:.5f} | {x['kl_full']:.3f} | "
@@ -321,10 +322,9 @@ def _gradient_reading(r: dict) -> str:
 
 
 def refresh_rounds() -> str:
-    path = RESULTS / "refresh_rounds.json"
-    if not path.exists():
+    r = _result(RESULTS / "refresh_rounds.json")
+    if r is None:
         return ""
-    r = json.loads(path.read_text())
     c, t = r["config"], r["teacher_cost"]
     last = r["rounds"]
     runs = {(x["arm"], x["seed"]): x for x in r["runs"]}
@@ -631,11 +631,11 @@ def _separable(d) -> bool:
 
 
 def study() -> str:
-    path = RESULTS / "study" / "summary.json"
-    if not path.exists():
+    summary = _result(RESULTS / "study" / "summary.json")
+    if summary is None:
         return "Not run yet: `python bench/regime_study.py`.\n"
     out = []
-    for st in json.loads(path.read_text()):
+    for st in summary:
         q, fmt = st["quality"], "{:.1%}" if st["quality"] == "accuracy" else "{:.4f}"
         label = "accuracy" if q == "accuracy" else "ROUGE-L"
         out += [f"**{st['task']}, {st['regime']}** ({st['data']}; teacher: {label} {fmt.format(st['teacher'][q])}, "
