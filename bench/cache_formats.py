@@ -15,25 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from pipeline import config as config_mod  # noqa: E402
-from pipeline.graph import build  # noqa: E402
-from pipeline.stage import Context, Runner  # noqa: E402
-from stages import modeling  # noqa: E402
-from storage import encodings as enc  # noqa: E402
-from storage import shards as shards_mod  # noqa: E402
-from storage.logit_cache import DEFAULT_ENCODING, CacheRoot, LogitCache, ScoredSequence, cache_key, decode_batch  # noqa: E402
-from storage.sequences import SequenceStore  # noqa: E402
+from pipeline import config as config_mod
+from pipeline.graph import build
+from pipeline.stage import Context, Runner
+from stages import modeling
+from storage import encodings as enc
+from storage import shards as shards_mod
+from storage.logit_cache import DEFAULT_ENCODING, CacheRoot, LogitCache, ScoredSequence, cache_key, decode_batch
+from storage.sequences import SequenceStore
 
 KS = [8, 16, 32, 64, 128]
 SHIPPED_LEVEL = shards_mod.ZSTD_LEVEL
@@ -134,11 +132,10 @@ def main():
         for e in ENCODINGS:
             code = enc.get(e)
             for level in ([1, 3, SHIPPED_LEVEL, 19] if k == 64 else [SHIPPED_LEVEL]):
-                shards_mod.ZSTD_LEVEL = level
                 key = cache_key(teacher=f"bench-{level}", tokenizer="t", data="d", top_k=k, temperature=1.0,
                                 encoding=code.spec)
                 root = CacheRoot(tmp / f"z{level}")
-                w = root.writer(key, shard_size=len(krows), num_sequences=len(krows), vocab_size=V)
+                w = root.writer(key, shard_size=len(krows), num_sequences=len(krows), vocab_size=V, zstd_level=level)
                 t0 = time.perf_counter()
                 w.write_rows(0, krows)
                 w.finish(1)
@@ -157,7 +154,6 @@ def main():
                                 "encode_tokens_per_s": tokens / t_enc, "decode_tokens_per_s": tokens / t_dec})
                 if level == SHIPPED_LEVEL:
                     decode_speed[(k, e)] = tokens / t_dec
-    shards_mod.ZSTD_LEVEL = SHIPPED_LEVEL
 
     # Loader time against a student step: random batches of 32 sequences from the k=64 default-encoded cache.
     loader = {}

@@ -38,12 +38,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pipeline import config as config_mod  # noqa: E402
-from pipeline.graph import build  # noqa: E402
-from pipeline.stage import Context, Runner  # noqa: E402
+from pipeline import config as config_mod
+from pipeline.graph import build
+from pipeline.stage import Context, Runner
 
 RESULTS = Path(__file__).parent / "results"
 HPD = [sys.executable, "-c", "from pipeline.cli import main; main()"]

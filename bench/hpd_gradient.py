@@ -27,23 +27,23 @@ from pipeline.graph import build
 from pipeline.stage import Context, Runner
 from stages import modeling
 from stages.losses import distill_loss
+from stages.score import score_positions
 from storage import encodings as enc
 from storage.logit_cache import DEFAULT_ENCODING, CacheBatch
 from storage.sequences import SequenceStore
 
 
 def cache_from_logits(teacher_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> CacheBatch:
-    """What the score stage would store for these positions, through the default encoding and back."""
-    lp = torch.log_softmax(teacher_logits.float(), -1)
-    B, L, V = lp.shape
-    top, ids = lp.topk(k, -1)
-    code = enc.get(DEFAULT_ENCODING)
-    cols = code.encode(ids.reshape(-1, k).numpy(), top.reshape(-1, k).numpy(), V)
-    d_ids, d_lp = code.decode(cols, B * L, k)
+    """What the score stage would store for these positions (its own computation), through the default encoding
+    and back."""
+    B, L, V = teacher_logits.shape
     nxt = torch.cat([input_ids[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1)
+    ids, top, target, tail = score_positions(teacher_logits.float().reshape(B * L, V).clone(), nxt.reshape(-1),
+                                             top_k=k)
+    code = enc.get(DEFAULT_ENCODING)
+    d_ids, d_lp = code.decode(code.encode(ids.numpy(), top.numpy(), V), B * L, k)
     return CacheBatch(topk_ids=d_ids.view(B, L, k), topk_logprobs=d_lp.view(B, L, k),
-                      target_logprob=lp.gather(-1, nxt[..., None])[..., 0],
-                      tail_logmass=torch.logsumexp(lp.scatter(-1, ids, -float("inf")), -1), mask=mask)
+                      target_logprob=target.view(B, L), tail_logmass=tail.view(B, L), mask=mask)
 
 
 def flat_grad(model) -> torch.Tensor:

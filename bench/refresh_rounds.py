@@ -18,16 +18,14 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import config as config_mod  # noqa: E402
-from pipeline.graph import build  # noqa: E402
-from pipeline.stage import Context, Runner  # noqa: E402
+from pipeline import config as config_mod
+from pipeline.graph import build
+from pipeline.stage import Context, Runner
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = {

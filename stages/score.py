@@ -42,6 +42,22 @@ class Timer(dict):
 
 
 @torch.no_grad()
+def score_positions(logits: torch.Tensor, targets: torch.Tensor, *, top_k: int, temperature: float = 1.0):
+    """What a cache stores for N positions, from their [N, V] float32 logits (overwritten: pass a copy) and the
+    [N] tokens that follow: top-k ids and log-probs (sorted), the target's exact log-prob, the tail's log-mass."""
+    # Log-probs are z - logsumexp(z): top-k and the target are read off the logits and shifted, so no
+    # [N, V] log-softmax is materialised (at a 49k vocabulary these passes cost a third of a 135M forward).
+    z = logits / temperature if temperature != 1.0 else logits
+    lse = torch.logsumexp(z, dim=-1)
+    top_z, top_ids = torch.topk(z, top_k, dim=-1)  # sorted by log-prob
+    target = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    # The tail is summed directly over the tokens outside the top-k: log(1 - sum(top)) loses all precision
+    # when the top-k hold nearly all the mass, which is exactly the common case.
+    tail = torch.logsumexp(z.scatter_(-1, top_ids, -float("inf")), dim=-1) - lse
+    return top_ids, top_z - lse[:, None], target, tail
+
+
+@torch.no_grad()
 def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k: int, temperature: float,
                 pad_id: int, timer: Timer | None = None) -> list[dict]:
     """Top-k, exact target log-prob and tail log-mass for every response position of each sequence."""
@@ -60,16 +76,8 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
             bad = int((~torch.isfinite(kept)).any(-1).sum())
             raise HpdError(f"the teacher's logits are NaN or inf at {bad} of {len(kept)} positions of a batch; "
                            f"the teacher is broken (check its weights and dtype, e.g. fp16 overflow)")
-        # Log-probs are z - logsumexp(z): top-k and the target are read off the logits and shifted, so no
-        # [N, V] log-softmax is materialised (at a 49k vocabulary these passes cost a third of a 135M forward).
-        z = kept / temperature if temperature != 1.0 else kept  # `kept` is a copy: free to overwrite below
-        lse = torch.logsumexp(z, dim=-1)
-        top_z, top_ids = torch.topk(z, top_k, dim=-1)  # sorted by log-prob
-        top_lp = top_z - lse[:, None]
-        target = z.gather(-1, ids[rows, cols + 1].unsqueeze(-1)).squeeze(-1) - lse
-        # The tail is summed directly over the tokens outside the top-k: log(1 - sum(top)) loses all precision
-        # when the top-k hold nearly all the mass, which is exactly the common case.
-        tail = torch.logsumexp(z.scatter_(-1, top_ids, -float("inf")), dim=-1) - lse
+        top_ids, top_lp, target, tail = score_positions(kept, ids[rows, cols + 1], top_k=top_k,
+                                                        temperature=temperature)
         out, i = [], 0
         for (st, e) in spans:
             sl = slice(i, i + e - st)

@@ -24,7 +24,7 @@ import torch
 from . import atomic, leases
 from . import encodings as enc
 from .fingerprint import digest
-from .shards import MANIFEST, ShardSet, ShardWriter, lock_for
+from .shards import MANIFEST, ZSTD_LEVEL, ShardSet, ShardWriter, lock_for
 
 FORMAT_VERSION = 3  # 3: zstd-framed shards; part of every key, so older caches are never reused
 ROWS_PER_BATCH = 32
@@ -263,10 +263,11 @@ class CacheRoot:
         return lock_for(self.path_for(key))
 
     def writer(self, key: dict, *, shard_size: int, num_sequences: int, vocab_size: int,
-               provenance: dict | None = None, rank: int = 0) -> "CacheWriter":
+               provenance: dict | None = None, rank: int = 0, zstd_level: int = ZSTD_LEVEL) -> "CacheWriter":
         return CacheWriter(self.path_for(key), {
             "format": "hpd-logit-cache", "key": key, "shard_size": shard_size, "rows_per_batch": ROWS_PER_BATCH,
-            "num_sequences": num_sequences, "vocab_size": vocab_size, "provenance": provenance or {}}, rank)
+            "num_sequences": num_sequences, "vocab_size": vocab_size, "provenance": provenance or {}}, rank,
+            zstd_level)
 
     def open(self, cache_id: str) -> LogitCache:
         matches = [p for p in self.published_dirs() if p.name.startswith(cache_id)] if cache_id else []

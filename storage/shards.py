@@ -59,8 +59,8 @@ class FramedShard:
         return pa.Table.from_batches([self.get_batch(i) for i in range(self.num_record_batches)], self.schema)
 
 
-def write_framed(path: Path, table: pa.Table, rows_per_batch: int | None) -> None:
-    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+def write_framed(path: Path, table: pa.Table, rows_per_batch: int | None, zstd_level: int = ZSTD_LEVEL) -> None:
+    cctx = zstandard.ZstdCompressor(level=zstd_level)
     frames = [cctx.compress(rb.serialize().to_pybytes()) for rb in table.to_batches(max_chunksize=rows_per_batch)]
     outer = pa.table({"frame": pa.array(frames, pa.large_binary())}).replace_schema_metadata(
         {_FRAME_SCHEMA_KEY: table.schema.serialize().to_pybytes()})
@@ -110,8 +110,9 @@ class ShardWriter:
     opens the writer first, alone, and may clear leftovers of other settings) publishes once every rank is
     done. A resumed set finishes with any number of ranks: the shards already written are kept."""
 
-    def __init__(self, final_dir: Path, meta: dict, rank: int = 0):
-        self.final_dir = Path(final_dir)
+    def __init__(self, final_dir: Path, meta: dict, rank: int = 0, zstd_level: int = ZSTD_LEVEL):
+        # zstd_level is not part of meta: any level reads back the same, so a resumed set may mix them
+        self.final_dir, self.zstd_level = Path(final_dir), zstd_level
         self.tmp_dir = self.final_dir.parent / f".tmp-{self.final_dir.name}"
         self.meta, self.rank = meta, rank
         self.shards: dict[int, dict] = {}
@@ -146,7 +147,7 @@ class ShardWriter:
     def write(self, index: int, table: pa.Table, rows_per_batch: int | None = None, **stats) -> dict:
         name = shard_name(index)
         part = self.tmp_dir / f".{name}.tmp"
-        write_framed(part, table, rows_per_batch)
+        write_framed(part, table, rows_per_batch, self.zstd_level)
         disk_full_point("shard", part)
         with open(part, "rb+") as f:
             os.fsync(f.fileno())
