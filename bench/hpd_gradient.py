@@ -38,7 +38,7 @@ def cache_from_logits(teacher_logits: torch.Tensor, input_ids: torch.Tensor, mas
     and back."""
     B, L, V = teacher_logits.shape
     nxt = torch.cat([input_ids[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1)
-    ids, top, target, tail = score_positions(teacher_logits.float().reshape(B * L, V).clone(), nxt.reshape(-1),
+    ids, top, target, tail = score_positions(teacher_logits.float().reshape(B * L, V), nxt.reshape(-1),
                                              top_k=k)
     code = enc.get(DEFAULT_ENCODING)
     d_ids, d_lp = code.decode(code.encode(ids.numpy(), top.numpy(), V), B * L, k)
