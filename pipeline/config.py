@@ -83,6 +83,7 @@ def validate(cfg: dict) -> None:
     check(("generate.engine", "score.engine", "refresh.engine"), lambda v: v in ENGINES,
           " or ".join(f'"{e}"' for e in ENGINES))
     check(("teacher.dtype",), lambda v: v in DTYPES, " or ".join(f'"{d}"' for d in DTYPES))
+    check(("generate.mode",), lambda v: v in ("dataset", "teacher"), '"dataset" or "teacher"')
 
 
 # Keys added after runs and caches already existed: at these values they are left out of a stage's fingerprint,

@@ -117,8 +117,6 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     source = cfg["prompts"] or data.get("train")
     if not source:
         raise HpdError("generate.prompts is empty and there is no built-in task; set generate.prompts to a file")
-    if cfg["mode"] not in ("dataset", "teacher"):
-        raise HpdError(f"generate.mode must be \"dataset\" or \"teacher\", got {cfg['mode']!r}")
     from_data = cfg["mode"] == "dataset"
     prompts, responses = read_prompts(source, cfg["prompt_field"], cfg["response_field"] if from_data else None,
                                       cfg["num_prompts"])

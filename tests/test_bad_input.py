@@ -161,12 +161,14 @@ def test_student_with_another_tokenizer(home, tmp_path, teacher_dir):
     ("distill.learning_rate=-1e-3", "config distill.learning_rate must be > 0, got -0.001"),
     ("distill.alpha=1.5", "config distill.alpha must be between 0 and 1, got 1.5"),
     ("rounds.refresh_share=-0.1", "config rounds.refresh_share must be between 0 and 1"),
+    ('generate.mode="online"', "config generate.mode must be \"dataset\" or \"teacher\", got 'online'"),
     ('distill.student_init="clone"', "distill.student_init='clone' is unknown; choose gpt2"),
     ('distill.student_init="teacher-shape" distill.n_head=3', "distill.n_embd=16 is not a multiple of distill.n_head=3"),
 ])
 def test_invalid_config_values(home, override, message):
     r = _hpd(home, "run", overrides=['run.name="badcfg"', *override.split(" ")])
     _assert_clean_failure(r, home, "badcfg", "distill", message)
+    assert not list((home / "runs" / "badcfg").glob("*/manifest.json"))  # refused before any stage ran
 
 
 def test_cache_root_not_writable(tiny_home, tmp_path):
