@@ -297,9 +297,9 @@ def hpd_gradient() -> str:
             "diffuse teacher/student pair fall outside the top-k. Forward KL over the top-k plus a tail bucket "
             "cannot shape the tail (40-58% of this teacher's mass), so its gradient points well away from "
             "full-vocabulary forward KL, and some batches' gradients even point the other way: the truncation cost the "
-            "RS-KD paper reports (30-58 degrees at 8B). `hpd_fkl` (forward KL over the cached distribution, gated, "
-            "plus HPD's sampled-token term) sits between the two. Students here train without dropout, so both "
-            "passes see the same network.\n")
+            "RS-KD paper reports (30-58 degrees at 8B). `hpd_fkl`, whose forward part is that same forward KL over "
+            "the cached distribution (gated, plus HPD's sampled-token term), follows fkl's cosines. Students here "
+            "train without dropout, so both passes see the same network.\n")
     real = RESULTS / "hpd_gradient_smollm2.json"
     if real.exists():
         r = json.loads(real.read_text())
