@@ -15,7 +15,7 @@ from storage.shards import CorruptShardError  # noqa: E402
 
 from . import config as config_mod  # noqa: E402
 from .errors import HpdError  # noqa: E402
-from .graph import build  # noqa: E402
+from .graph import build, student_round  # noqa: E402
 from .stage import Runner, context_from_config  # noqa: E402
 
 USER_ERRORS = (HpdError, CorruptShardError, CacheMismatchError)
@@ -96,7 +96,7 @@ def _print_status(runner: Runner, as_json: bool = False) -> None:
         rows.append({"stage": name, "state": state, "detail": detail, "seconds": m.get("seconds"),
                      "outputs": m.get("outputs", {})})
     total = runner.cfg["rounds"]["count"]
-    finished = sum(1 for r in rows if r["stage"].startswith("distill-") and r["state"] == "done")
+    finished = sum(1 for r in rows if student_round(r["stage"]) and r["state"] == "done")
     current = next((r["stage"] for r in rows if r["state"] != "done"), None)
     rounds = {"rounds": total, "finished": finished, "next": current}
     if as_json:

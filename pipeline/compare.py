@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .errors import HpdError
-from .graph import build
+from .graph import build, student_stages
 from .report import compare_report, training_logs
 from .stage import Runner, context_from_config
 
@@ -62,7 +62,7 @@ def compare(config_path, overrides: list[str], out: Path | None = None, log=prin
             r.adopt(cfg["run"]["name"], shared)
             log(f"[compare] {method} seed {seed}: run {name}")
             r.run()
-            distills = [s for s in r.order if s.split("-")[0] == "distill"]
+            distills = student_stages(r.order)
             results.append({"method": method, "seed": seed, "run": name,
                             "eval": r.manifest("eval")["outputs"]["report"],
                             "student": r.manifest(distills[-1])["outputs"]["report"],

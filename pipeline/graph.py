@@ -24,6 +24,17 @@ OFFLINE = [
           "a student trained from the cache"),
 ]
 
+def student_round(stage: str) -> int | None:
+    """The round a student-training stage trains ("distill" 0, "distill-2" 2); None for any other stage."""
+    name, _, r = stage.partition("-")
+    return None if name != "distill" or (r and not r.isdigit()) else int(r or 0)
+
+
+def student_stages(names) -> list[str]:
+    """The student-training stages among `names`, in round order."""
+    return sorted((n for n in names if student_round(n) is not None), key=student_round)
+
+
 def build(cfg: dict) -> list[Stage]:
     rounds = cfg["rounds"]
     from stages.losses import METHODS, ON_POLICY_ONLY  # checked here so that a typo fails before hours of teacher work

@@ -5,6 +5,8 @@ import json
 import statistics
 from pathlib import Path
 
+from .graph import student_stages
+
 METRICS = [("accuracy", "accuracy", "{:.1%}"), ("avg@", "avg@k", "{:.1%}"), ("rouge_l", "ROUGE-L", "{:.4f}"),
            ("humaneval_pass@1", "HumanEval pass@1", "{:.1%}"), ("response_nll_nats", "held-out NLL", "{:.3f}"),
            ("kl_to_teacher_nats", "KL to teacher", "{:.3f}")]
@@ -75,8 +77,7 @@ def run_report(run_dir: Path, out: Path) -> Path:
     """Markdown + PNGs for one run: loss curves, HPD diagnostics, the learning curve and the evaluation."""
     plt = _plt()
     out.mkdir(parents=True, exist_ok=True)
-    stages = sorted((p.name for p in run_dir.iterdir() if p.name.split("-")[0] == "distill"),
-                    key=lambda n: int(n.split("-")[1]) if "-" in n else 0)
+    stages = student_stages(p.name for p in run_dir.iterdir() if p.is_dir())
     log = training_logs(run_dir, stages)
     steps = [e for e in log if "loss" in e]
     lines = [f"# Run {run_dir.name}", ""]
