@@ -5,11 +5,10 @@ import json
 import statistics
 from pathlib import Path
 
+from stages.evaluators import LOWER_IS_BETTER, metric_keys
+
 from .graph import student_stages
 
-METRICS = [("accuracy", "accuracy", "{:.1%}"), ("avg@", "avg@k", "{:.1%}"), ("rouge_l", "ROUGE-L", "{:.4f}"),
-           ("humaneval_pass@1", "HumanEval pass@1", "{:.1%}"), ("response_nll_nats", "held-out NLL", "{:.3f}"),
-           ("kl_to_teacher_nats", "KL to teacher", "{:.3f}")]
 DIAGNOSTICS = ("sample_term_active", "sample_outside_topk", "sample_is_expert", "mean_w_star", "mean_w_sample")
 
 
@@ -28,7 +27,7 @@ def summary_table(named: list[tuple[str, dict]]) -> str:
     """What `hpd run` and `hpd status` print at the end: one row per model (name, judged report), one column per
     metric any of them has, '-' where one lacks it (a teacher given as a directory has no held-out report)."""
     named = [(n, r) for n, r in named if r]
-    metrics = _metric_keys({k: v for _, r in named for k, v in r.items()})
+    metrics = metric_keys({k: v for _, r in named for k, v in r.items()})
     rows = [("model", "parameters", *(label for _, label, _ in metrics))]
     for name, r in named:
         rows.append((name, f"{r['parameters'] / 1e3:,.0f}k" if "parameters" in r else "-",
@@ -48,14 +47,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _metric_keys(report: dict) -> list[tuple[str, str, str]]:
-    out = []
-    for key, label, fmt in METRICS:
-        found = [k for k in report if k == key or (key.endswith("@") and k.startswith(key))]
-        out += [(k, label if k == key else k, fmt) for k in found]
-    return out
 
 
 def training_logs(run_dir: Path, stages: list[str]) -> list[dict]:
@@ -113,7 +104,7 @@ def run_report(run_dir: Path, out: Path) -> Path:
     eval_path = run_dir / "eval" / "report.json"
     if eval_path.is_file():
         ev = json.loads(eval_path.read_text())
-        keys = _metric_keys(ev["student"])
+        keys = metric_keys(ev["student"])
         lines += ["| model | " + " | ".join(label for _, label, _ in keys) + " |",
                   "|---|" + "---|" * len(keys)]
         for name in ("student", "teacher"):
@@ -160,7 +151,7 @@ def paired_table(results: list[dict], keys: list[tuple[str, str, str]]) -> list[
         cells = []
         for k, _, fmt in keys:
             d = diffs[k].get(m, [])
-            lower_is_better = k in ("response_nll_nats", "kl_to_teacher_nats")
+            lower_is_better = k in LOWER_IS_BETTER
             better = sum((x < 0) if lower_is_better else (x > 0) for x in d)
             sd = statistics.stdev(d) if len(d) > 1 else 0.0
             cells.append(f"{fmt.replace(':', ':+').format(statistics.mean(d))} ± {fmt.format(sd)} "
@@ -175,7 +166,7 @@ def compare_report(results: list[dict], out: Path, title: str) -> Path:
     plt = _plt()
     out.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(r["method"] for r in results))
-    keys = _metric_keys(results[0]["eval"]["student"])
+    keys = metric_keys(results[0]["eval"]["student"])
     teacher = results[0]["eval"].get("teacher", {})
     lines = [f"# {title}", "", "| method | seeds | " + " | ".join(label for _, label, _ in keys) + " |",
              "|---|---|" + "---|" * len(keys)]

@@ -90,9 +90,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     path = ctx.stage_dir() / "report.json"
     atomic.write_json(path, report)
     s = report["student"]
-    shown = {k: v for k, v in s.items() if k in ("accuracy", f"avg@{cfg['samples']}", "rouge_l",
-                                                   "response_nll_nats", "kl_to_teacher_nats", "humaneval_pass@1")}
-    ctx.log("[eval] student: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    ctx.log("[eval] student: " + ", ".join(f"{k} {s[k]:.4g}" for k, _, _ in evaluators.metric_keys(s)))
     return {"report_path": str(path), "report": report, "fingerprint": digest(report)}
 
 

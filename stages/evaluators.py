@@ -15,6 +15,22 @@ import torch
 from . import modeling
 
 
+# What a judged model's report holds, in the order tables show it: (key, label, format); "avg@" is avg@k for any k.
+METRICS = [("accuracy", "accuracy", "{:.1%}"), ("avg@", "avg@k", "{:.1%}"), ("rouge_l", "ROUGE-L", "{:.4f}"),
+           ("humaneval_pass@1", "HumanEval pass@1", "{:.1%}"), ("response_nll_nats", "held-out NLL", "{:.3f}"),
+           ("kl_to_teacher_nats", "KL to teacher", "{:.3f}")]
+LOWER_IS_BETTER = ("response_nll_nats", "kl_to_teacher_nats")
+
+
+def metric_keys(report: dict) -> list[tuple[str, str, str]]:
+    """The METRICS a report has, as (key, label, format), with avg@k under its own key."""
+    out = []
+    for key, label, fmt in METRICS:
+        found = [k for k in report if k == key or (key.endswith("@") and k.startswith(key))]
+        out += [(k, label if k == key else k, fmt) for k in found]
+    return out
+
+
 def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     """(prompt + response token ids, prompt length), rendered as generate and score see them (the chat
     template when the tokenizer has one), so a model is judged on the sequences it was distilled on."""
