@@ -529,6 +529,23 @@ def _compare_hours(results: list[dict]) -> str:
     return f"{seconds / 60:.0f} minutes of student training in all, plus evaluation"
 
 
+def _overhead_verdict(big: dict) -> str:
+    """Score overhead at most 10% of the forward: judged on the timing apart from the background writer
+    (bench/score_overhead.py), with the stage's own in-run figure beside it."""
+    found = {name: _result(RESULTS / f"score_overhead_{cfg}.json") for name, cfg in
+             (("math (0.80M teacher)", "math"), ("dialogue (1.87M)", "dialogue"), ("SmolLM2-135M", "smollm2"))}
+    found = {n: o["overhead_compute"] for n, o in found.items() if o}
+    met = [n for n, x in found.items() if x <= 0.10]
+    state = "met" if len(met) == len(found) else f"met only for {', '.join(met)}" if met else "not met"
+    return (f"- **teacher-score overhead at most 10% of the forward**: {state}, timed apart from the writer with the "
+            f"same batches alternating with a bare forward (`bench/score_overhead.py`): "
+            + ", ".join(f"{n} {x:.1%}" for n, x in found.items())
+            + ". The tiny math teacher's forward is so cheap that the log-softmax and top-k weigh in; SmolLM2's "
+              "[positions x 49,152] log-softmax, top-k and tail pass cost nearly a third of its forward. As the "
+              "stage measures it in the cached-vs-online runs (the writer sharing the two cores): "
+            + ", ".join(f"{k} {r['score_timing']['overhead']:.1%}" for k, r in big.items()))
+
+
 def cached_vs_online() -> str:
     md, timing = RESULTS / "cached_vs_online.md", RESULTS / "cached_vs_online_timing.json"
     if not md.exists():
@@ -545,8 +562,7 @@ def cached_vs_online() -> str:
              verdict("training memory at most 0.6x online", lambda r: r["training_mb_ratio"] <= 0.6,
                      ", ".join(f"{k}: {r['training_mb_ratio']:.2f}x; whole process {r['peak_rss_ratio']:.2f}x"
                                for k, r in big.items())),
-             verdict("teacher-score overhead at most 10% of the forward", lambda r: r["score_timing"]["overhead"] <= .1,
-                     ", ".join(f"{k}: {r['score_timing']['overhead']:.1%}" for k, r in big.items()))]
+             _overhead_verdict(big)]
     summary = json.loads((RESULTS / "cached_vs_online.json").read_text())["summary"]
     quality = json.loads((RESULTS / "cached_vs_online_quality.json").read_text())
     m = summary["math"]
@@ -571,10 +587,12 @@ def cached_vs_online() -> str:
                  "its loss in checkpointed chunks of positions (stages/losses.py), so what the cached arm holds "
                  "beyond fixed costs is the student's logits and their gradient at response positions. The online "
                  "arm adds the teacher's weights, its activations and its full [batch, length, vocabulary] "
-                 "logits, as TRL computes them. The ratio therefore falls as the teacher grows (dialogue: 0.69 "
-                 "at 2.9x, 0.64 at 8.4x, 0.37 at 37x; a 7B teacher's 14 GB of bf16 weights would dominate "
+                 "logits, as TRL computes them. The ratio therefore falls as the teacher grows (dialogue: "
+                 + ", ".join(f"{r['training_mb_ratio']:.2f} at {k.split()[1]}" for k, r in t.items() if k.startswith("dialogue"))
+                 + "; a 7B teacher's 14 GB of bf16 weights would dominate "
                  "completely). On math the vocabulary has 18 tokens and the teacher weighs 3 MB: both arms are "
-                 "the same ~250 MB of fixed costs (Trainer, batches, allocator), and no cache can change that. "
+                 f"the same ~{t['math 7.6x']['arms']['cached']['training_mb']:.0f} MB of fixed costs (Trainer, batches, "
+                 "allocator), and no cache can change that. "
                  "Before the chunked loss the dialogue ratios were 0.86-0.88 (the [batch, length, 8192] student "
                  "logits and their gradients were most of both arms); it also raised cached tokens/s by 1.6-1.8x. "
                  "The quality runs below predate the chunked loss, which gives the same values and gradients "

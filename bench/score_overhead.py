@@ -26,7 +26,7 @@ from pipeline import config as config_mod
 from pipeline.graph import build
 from pipeline.stage import Context, Runner
 from stages import modeling
-from stages.score import score_batch
+from stages.score import DEFAULT_K, score_batch
 from storage.logit_cache import CacheRoot, ScoredSequence, cache_key
 from storage.sequences import SequenceStore
 
@@ -50,7 +50,7 @@ def main():
     model = modeling.to_accelerator(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     s = cfg["score"]
-    k = s["top_k"] or 64
+    k = s["top_k"] or min(DEFAULT_K, teacher["vocab_size"])  # the score stage's own rule (math: k = V = 18)
     batches = modeling.length_batches([len(x) for x in seqs], s["batch_size"], s["batch_tokens"])
     tokens = int(sum(len(x) - int(p) for x, p in zip(seqs, plens)))
 
