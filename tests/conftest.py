@@ -29,6 +29,17 @@ TINY = [
 ]
 
 
+def hpd_cli(home: Path, *args: str, overrides=(), env: dict | None = None):
+    """`hpd ARGS` on the tiny config (run "tiny"; `overrides` come after, so they may rename it) in this process,
+    through click's test runner: exit code, stdout and stderr apart. The one way the tests call the CLI inline."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    sets = [a for o in [*TINY, 'run.name="tiny"', *overrides] for a in ("--set", o)]
+    return CliRunner().invoke(cli, [*args, *sets], env={"HPD_HOME": str(home), **(env or {})})
+
+
 def hpd_process(home: Path, *args: str, overrides=(), kill_at: str | None = None,
                 ranks: int = 1) -> subprocess.CompletedProcess:
     """`hpd ARGS` on the tiny config (run "tiny") in a process of its own, so that HPD_KILL_AT can SIGKILL it;

@@ -4,24 +4,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from transformers import BertConfig, BertForMaskedLM
 
-from pipeline.cli import cli
 
-from conftest import TINY, copy_home
+from conftest import copy_home, hpd_cli
 
 
 @pytest.fixture(scope="module")
 def home(tiny_home, tmp_path_factory):
     return copy_home(tiny_home, tmp_path_factory.mktemp("bad") / "home")
-
-
-def _hpd(home, *args, overrides=(), env=None):
-    sets = []
-    for o in [*TINY, *overrides]:
-        sets += ["--set", o]
-    return CliRunner().invoke(cli, [*args, *sets], env={"HPD_HOME": str(home), **(env or {})})
 
 
 def _assert_clean_failure(result, home, run, stage, message):
@@ -43,12 +34,12 @@ def _jsonl(path: Path, rows) -> str:
 
 def _prompts_case(home, tmp_path, run, rows, suffix=".jsonl"):
     src = _jsonl(tmp_path / f"p{suffix}", rows)
-    return _hpd(home, "run", "--until", "generate",
+    return hpd_cli(home, "run", "--until", "generate",
                 overrides=[f'run.name="{run}"', f'generate.prompts="{src}"'])
 
 
 def test_missing_prompts_file(home):
-    r = _hpd(home, "run", "--until", "generate", overrides=['run.name="missing"', 'generate.prompts="/no/such.jsonl"'])
+    r = hpd_cli(home, "run", "--until", "generate", overrides=['run.name="missing"', 'generate.prompts="/no/such.jsonl"'])
     _assert_clean_failure(r, home, "missing", "generate", "/no/such.jsonl does not exist")
 
 
@@ -76,7 +67,7 @@ def test_missing_field(home, tmp_path):
 
 
 def test_k_larger_than_vocabulary(home):
-    r = _hpd(home, "run", overrides=['run.name="bigk"', "score.top_k=1000"])
+    r = hpd_cli(home, "run", overrides=['run.name="bigk"', "score.top_k=1000"])
     _assert_clean_failure(r, home, "bigk", "score", "score.top_k=1000 must be between 1 and the teacher's vocabulary size (18)")
     assert not any(p.name.startswith(".tmp-") for p in (home / "caches").iterdir())
 
@@ -86,10 +77,10 @@ def test_vllm_engine_where_it_cannot_run_and_an_unknown_engine(home):
 
     reason = vllm_engine.unavailable()
     if reason is not None:  # the usual CPU machine: the choice is refused before any cache is written
-        r = _hpd(home, "run", overrides=['run.name="vllm"', 'score.engine="vllm"'])
+        r = hpd_cli(home, "run", overrides=['run.name="vllm"', 'score.engine="vllm"'])
         _assert_clean_failure(r, home, "vllm", "score", f'engine="vllm": {reason}; use engine="transformers"')
         assert not any(p.name.startswith(".tmp-") for p in (home / "caches").iterdir())
-    r = _hpd(home, "run", overrides=['run.name="eng"', 'generate.engine="tgi"'])
+    r = hpd_cli(home, "run", overrides=['run.name="eng"', 'generate.engine="tgi"'])
     assert r.exit_code == 2 and 'generate.engine must be "transformers" or "vllm"' in r.stderr.strip().splitlines()[-1]
 
 
@@ -97,47 +88,47 @@ def test_teacher_that_is_not_a_causal_lm(home, tmp_path):
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50)
     bert = tmp_path / "bert"
     BertForMaskedLM(BertConfig(**small)).save_pretrained(bert)  # a real model directory, but a masked LM
-    r = _hpd(home, "run", overrides=['run.name="bert"', f'teacher.path="{bert}"'])
+    r = hpd_cli(home, "run", overrides=['run.name="bert"', f'teacher.path="{bert}"'])
     _assert_clean_failure(r, home, "bert", "teacher", "holds a 'BertForMaskedLM' model, which is not a causal LM")
     bare = tmp_path / "bare"
     BertConfig(**small).save_pretrained(bare)  # no architectures recorded: judged by its type
-    r = _hpd(home, "run", overrides=['run.name="bare"', f'teacher.path="{bare}"'])
+    r = hpd_cli(home, "run", overrides=['run.name="bare"', f'teacher.path="{bare}"'])
     _assert_clean_failure(r, home, "bare", "teacher", "holds a 'bert' model, which is not a causal LM")
-    r = _hpd(home, "run", overrides=['run.name="nodir"', f'teacher.path="{tmp_path}"'])
+    r = hpd_cli(home, "run", overrides=['run.name="nodir"', f'teacher.path="{tmp_path}"'])
     _assert_clean_failure(r, home, "nodir", "teacher", "has no config.json")
 
 
 def test_unknown_config_key_and_stage(home):
-    r = _hpd(home, "run", overrides=["score.topk=3"])
+    r = hpd_cli(home, "run", overrides=["score.topk=3"])
     assert r.exit_code == 2 and "unknown config key score.topk" in r.stderr
-    r = _hpd(home, "run", "nosuchstage")
+    r = hpd_cli(home, "run", "nosuchstage")
     assert r.exit_code == 2 and "unknown stage 'nosuchstage'" in r.stderr
 
 
 def test_empty_dataset(home, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    r = _hpd(home, "run", "--until", "generate", overrides=['run.name="nodata"', f'generate.prompts="{empty}"'])
+    r = hpd_cli(home, "run", "--until", "generate", overrides=['run.name="nodata"', f'generate.prompts="{empty}"'])
     _assert_clean_failure(r, home, "nodata", "generate", "has no rows")
 
 
 def test_text_that_is_not_utf8(home, tmp_path):
     p = tmp_path / "latin1.jsonl"
     p.write_bytes(b'{"prompt": "1+2:", "response": "3"}\n{"prompt": "caf\xe9 1+1:", "response": "2"}\n')
-    r = _hpd(home, "run", "--until", "generate", overrides=['run.name="latin"', f'generate.prompts="{p}"'])
+    r = hpd_cli(home, "run", "--until", "generate", overrides=['run.name="latin"', f'generate.prompts="{p}"'])
     _assert_clean_failure(r, home, "latin", "generate", "line 2 is not UTF-8 text")
 
 
 def test_over_long_sequences_are_cut_when_configured(home, tmp_path):
     src = _jsonl(tmp_path / "long.jsonl", [{"prompt": "1+2:", "response": "3"},
                                             {"prompt": "1+" * 20 + "1:", "response": "21" * 20}])
-    r = _hpd(home, "run", "--until", "generate",
+    r = hpd_cli(home, "run", "--until", "generate",
              overrides=['run.name="cut"', f'generate.prompts="{src}"', 'generate.too_long="truncate"'])
     assert r.exit_code == 0, r.output
     assert "warning: generate.too_long=\"truncate\": 1 of 2 sequences cut to the teacher's context of 64" in r.output
     out = json.loads((home / "runs/cut/generate/manifest.json").read_text())["outputs"]
     assert out["truncated"] == 1 and out["count"] == 2
-    r = _hpd(home, "run", "--until", "generate", overrides=['run.name="cut2"', f'generate.prompts="{src}"',
+    r = hpd_cli(home, "run", "--until", "generate", overrides=['run.name="cut2"', f'generate.prompts="{src}"',
                                                              'generate.too_long="sometimes"'])
     _assert_clean_failure(r, home, "cut2", "generate", "generate.too_long must be \"refuse\" or \"truncate\"")
 
@@ -152,7 +143,7 @@ def test_student_with_another_tokenizer(home, tmp_path, teacher_dir):
     student = modeling.new_gpt2(tok, n_positions=64, n_layer=1, n_embd=16, n_head=2)
     student.save_pretrained(tmp_path / "student")
     tok.save_pretrained(tmp_path / "student")
-    r = _hpd(home, "run", overrides=['run.name="othertok"', f'distill.student_path="{tmp_path / "student"}"'])
+    r = hpd_cli(home, "run", overrides=['run.name="othertok"', f'distill.student_path="{tmp_path / "student"}"'])
     _assert_clean_failure(r, home, "othertok", "distill", "uses a different tokenizer than the teacher")
 
 
@@ -166,7 +157,7 @@ def test_student_with_another_tokenizer(home, tmp_path, teacher_dir):
     ('distill.student_init="teacher-shape" distill.n_head=3', "distill.n_embd=16 is not a multiple of distill.n_head=3"),
 ])
 def test_invalid_config_values(home, override, message):
-    r = _hpd(home, "run", overrides=['run.name="badcfg"', *override.split(" ")])
+    r = hpd_cli(home, "run", overrides=['run.name="badcfg"', *override.split(" ")])
     _assert_clean_failure(r, home, "badcfg", "distill", message)
     assert not list((home / "runs" / "badcfg").glob("*/manifest.json"))  # refused before any stage ran
 
@@ -176,7 +167,7 @@ def test_cache_root_not_writable(tiny_home, tmp_path):
     shutil.rmtree(home / "caches")
     # chmod cannot stop root (CI may run as root); sysfs refuses new files to everyone
     (home / "caches").symlink_to("/sys/kernel", target_is_directory=True)
-    r = _hpd(home, "run", overrides=['run.name="ro"'])
+    r = hpd_cli(home, "run", overrides=['run.name="ro"'])
     _assert_clean_failure(r, home, "ro", "score", "caches is not writable")
     assert not (home / "runs" / "ro").exists() or not list((home / "runs" / "ro").glob("*/manifest.json"))
 
@@ -189,10 +180,10 @@ def test_disk_full_during_a_shard_write(tiny_home, tmp_path):
     for stage in ("score", "distill", "eval"):
         (home / "runs" / "tiny" / stage / "manifest.json").unlink()
     faults._full.clear()
-    r = _hpd(home, "run", overrides=['run.name="tiny"'], env={"HPD_DISK_FULL_AT": "shard:3"})
+    r = hpd_cli(home, "run", overrides=['run.name="tiny"'], env={"HPD_DISK_FULL_AT": "shard:3"})
     _assert_clean_failure(r, home, "tiny", "score", "the disk is full; free space")
     assert not [p for p in (home / "caches").iterdir() if not p.name.startswith(".")]  # nothing published
-    r = _hpd(home, "run", overrides=['run.name="tiny"'])  # space freed: resumes after the written shards
+    r = hpd_cli(home, "run", overrides=['run.name="tiny"'])  # space freed: resumes after the written shards
     assert r.exit_code == 0, r.output
     assert "resuming: 2 of 5" in r.output
 
@@ -200,7 +191,7 @@ def test_disk_full_during_a_shard_write(tiny_home, tmp_path):
 def test_model_directory_without_weights(home, tmp_path, teacher_dir):
     bare = tmp_path / "noweights"
     shutil.copytree(teacher_dir, bare, ignore=shutil.ignore_patterns("*.safetensors"))
-    r = _hpd(home, "run", overrides=['run.name="noweights"', f'teacher.path="{bare}"'])
+    r = hpd_cli(home, "run", overrides=['run.name="noweights"', f'teacher.path="{bare}"'])
     _assert_clean_failure(r, home, "noweights", "teacher", "has a config but no weights")
 
 
@@ -214,5 +205,5 @@ def test_teacher_with_nan_logits(home, tmp_path, teacher_dir):
         model.get_output_embeddings().weight[3, 0] = float("nan")
     model.save_pretrained(tmp_path / "nan")
     tok.save_pretrained(tmp_path / "nan")
-    r = _hpd(home, "run", overrides=['run.name="nan"', f'teacher.path="{tmp_path / "nan"}"'])
+    r = hpd_cli(home, "run", overrides=['run.name="nan"', f'teacher.path="{tmp_path / "nan"}"'])
     _assert_clean_failure(r, home, "nan", "score", "the teacher's logits are NaN or inf")

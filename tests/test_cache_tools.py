@@ -8,16 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from pipeline.cli import cli
 from storage.logit_cache import LogitCache
 
-from conftest import TINY, copy_home, make_runner
-
-
-def _hpd(home, *args):
-    return CliRunner().invoke(cli, list(args), env={"HPD_HOME": str(home)})
+from conftest import TINY, copy_home, hpd_cli, make_runner
 
 
 @pytest.fixture()
@@ -27,7 +21,7 @@ def home(tiny_home, tmp_path):
 
 def test_ls_and_show_json(home, tiny_runner):
     out = tiny_runner.manifest("score")["outputs"]
-    r = _hpd(home, "cache", "ls", "--json")
+    r = hpd_cli(home, "cache", "ls", "--json")
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     assert len(rows) == 1
@@ -37,23 +31,23 @@ def test_ls_and_show_json(home, tiny_runner):
     assert row["bytes_per_token"] == pytest.approx(row["bytes"] / row["tokens"], abs=0.01)
     assert row["sequences"] == 240 and row["encoding"]["name"] == "idsort-q8"
     assert "models/" in row["teacher"] and row["data"].endswith("train.jsonl")
-    r = _hpd(home, "cache", "show", out["cache_id"][:8], "--json")
+    r = hpd_cli(home, "cache", "show", out["cache_id"][:8], "--json")
     shown = json.loads(r.stdout)
     assert shown["id"] == row["id"] and len(shown["shard_list"]) == shown["shards"] == 5
-    assert _hpd(home, "cache", "ls").exit_code == 0
-    r = _hpd(home, "cache", "show", "zzzz")
+    assert hpd_cli(home, "cache", "ls").exit_code == 0
+    r = hpd_cli(home, "cache", "show", "zzzz")
     assert r.exit_code == 2 and "no cache" in r.stderr
 
 
 def test_verify_names_each_bad_shard(home, tiny_runner):
     cache_id = tiny_runner.manifest("score")["outputs"]["cache_id"]
-    assert _hpd(home, "cache", "verify", cache_id).exit_code == 0
+    assert hpd_cli(home, "cache", "verify", cache_id).exit_code == 0
     for name in ("shard-00001.arrow", "shard-00003.arrow"):
         p = home / "caches" / cache_id / name
         data = bytearray(p.read_bytes())
         data[len(data) // 3] ^= 0x01  # one flipped bit
         p.write_bytes(bytes(data))
-    r = _hpd(home, "cache", "verify", cache_id)
+    r = hpd_cli(home, "cache", "verify", cache_id)
     assert r.exit_code == 1
     assert "shard-00001.arrow" in r.stderr and "shard-00003.arrow" in r.stderr and "shard-00000" not in r.stderr
 
@@ -64,7 +58,7 @@ def test_repack_agrees_with_scoring_at_that_k(home):
     base = make_runner(home, 'score.encoding="rank-q8"', run="rank")
     base.run()
     cache = LogitCache(Path(base.manifest("score")["outputs"]["cache"]))
-    r = _hpd(home, "cache", "repack", cache.id, "--k", "4")
+    r = hpd_cli(home, "cache", "repack", cache.id, "--k", "4")
     assert r.exit_code == 0, r.output
     rp = LogitCache(home / "caches" / r.stdout.split(":")[0])
     assert rp.k == 4 and rp.key["derived_from"] == cache.id
@@ -80,20 +74,20 @@ def test_repack_agrees_with_scoring_at_that_k(home):
     assert (a.topk_logprobs[a.mask] - b.topk_logprobs[b.mask]).abs().max() <= step / 2 + 0.01
     # The tail absorbs the dropped entries, each known to within the quantisation error.
     assert (a.tail_logmass[a.mask] - b.tail_logmass[b.mask]).abs().max() <= step / 2 + 0.01
-    again = _hpd(home, "cache", "repack", cache.id, "--k", "4")
+    again = hpd_cli(home, "cache", "repack", cache.id, "--k", "4")
     assert rp.id in again.stdout  # keyed and shared: the same request reuses it
-    bad = _hpd(home, "cache", "repack", cache.id, "--k", "99")
+    bad = hpd_cli(home, "cache", "repack", cache.id, "--k", "99")
     assert bad.exit_code == 2 and "must be between 1" in bad.stderr
 
 
 def test_gc_removes_temporaries_and_unreferenced_caches(home, tiny_runner):
     keep = tiny_runner.manifest("score")["outputs"]["cache_id"]
-    _hpd(home, "cache", "repack", keep, "--k", "3")
+    hpd_cli(home, "cache", "repack", keep, "--k", "3")
     (home / "caches" / ".tmp-deadbeef").mkdir()
-    r = _hpd(home, "cache", "gc", "--dry-run")
+    r = hpd_cli(home, "cache", "gc", "--dry-run")
     assert r.exit_code == 0 and r.stdout.count("would remove") == 2
     assert (home / "caches" / ".tmp-deadbeef").exists()
-    r = _hpd(home, "cache", "gc")
+    r = hpd_cli(home, "cache", "gc")
     left = sorted(p.name for p in (home / "caches").iterdir() if p.is_dir())
     assert left == [keep], r.output
 
@@ -114,7 +108,7 @@ def test_concurrent_writers_share_one_cache(home, tmp_path):
     ids = {make_runner(home, run=r).manifest("score")["outputs"]["cache_id"] for r in ("a", "b")}
     assert ids == {cache_dir.name}
     assert not [p for p in (home / "caches").iterdir() if p.name.startswith(".tmp-")]
-    r = _hpd(home, "cache", "verify", cache_dir.name)
+    r = hpd_cli(home, "cache", "verify", cache_dir.name)
     assert r.exit_code == 0
     users = json.loads((cache_dir / "users.json").read_text())
     assert {"a", "b"} <= set(users)

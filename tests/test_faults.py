@@ -9,20 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import cli
 from storage.logit_cache import LogitCache
 from storage.shards import CorruptShardError
 
-from conftest import TINY, copy_home, hpd_process, make_runner
-
-def _hpd(home, *args, env=None):
-    sets = []
-    for o in [*TINY, 'run.name="tiny"']:
-        sets += ["--set", o]
-    return CliRunner().invoke(cli, [*args, *sets], env={"HPD_HOME": str(home), **(env or {})})
-
+from conftest import copy_home, hpd_cli, hpd_process, make_runner
 
 def _killed(home, stage, kill_at):
     proc = hpd_process(home, "run", stage, kill_at=kill_at)
@@ -71,7 +62,7 @@ def _damage(cache_dir: Path) -> dict[str, str]:
 def test_damaged_shards_are_named_by_verify_and_never_trained_on(tiny_runner, home):
     cache_dir = home / "caches" / tiny_runner.manifest("score")["outputs"]["cache_id"]
     damaged = _damage(cache_dir)
-    r = _hpd(home, "cache", "verify")
+    r = hpd_cli(home, "cache", "verify")
     assert r.exit_code == 1
     assert all(name in r.stderr for name in damaged), r.stderr
     assert r.stderr.count("bad: ") == 3 and "1 of 1 caches damaged" in r.stderr
@@ -81,7 +72,7 @@ def test_damaged_shards_are_named_by_verify_and_never_trained_on(tiny_runner, ho
             with pytest.raises(CorruptShardError, match=entry["file"]):
                 cache.shards.reader(i)
     before = (home / "runs/tiny/distill/manifest.json").read_bytes()
-    r = _hpd(home, "run", "distill", "--force")
+    r = hpd_cli(home, "run", "distill", "--force")
     assert r.exit_code == 2 and "missing or corrupt" in r.stderr
     assert any(name in r.stderr for name in damaged), r.stderr
     assert (home / "runs/tiny/distill/manifest.json").read_bytes() == before  # nothing new published
@@ -99,9 +90,9 @@ def test_a_hand_edited_manifest_is_refused(tiny_runner, home, edit):
         path.write_text(path.read_text()[:-20])
     with pytest.raises(CorruptShardError, match="manifest.json"):
         LogitCache(cache_dir)
-    r = _hpd(home, "cache", "verify", cache_dir.name)
+    r = hpd_cli(home, "cache", "verify", cache_dir.name)
     assert r.exit_code == 1 and str(path) in r.stderr
-    r = _hpd(home, "run", "distill", "--force")
+    r = hpd_cli(home, "run", "distill", "--force")
     assert r.exit_code == 2 and str(path) in r.stderr.strip().splitlines()[-1]
 
 
@@ -110,7 +101,7 @@ def test_damaged_sequences_are_named_before_training(tiny_runner, home):
     data = bytearray(shard.read_bytes())
     data[100] ^= 0x01
     shard.write_bytes(bytes(data))
-    r = _hpd(home, "run", "distill", "--force")
+    r = hpd_cli(home, "run", "distill", "--force")
     assert r.exit_code == 2 and shard.name in r.stderr.strip().splitlines()[-1]
 
 
@@ -125,19 +116,19 @@ sys.stdin.read()
 
 def test_gc_never_removes_a_cache_that_is_being_read(tiny_runner, home):
     keep = tiny_runner.manifest("score")["outputs"]["cache_id"]
-    assert _hpd(home, "cache", "repack", keep, "--k", "3").exit_code == 0
+    assert hpd_cli(home, "cache", "repack", keep, "--k", "3").exit_code == 0
     derived = next(p for p in (home / "caches").iterdir() if p.is_dir() and p.name not in (keep,)
                    and not p.name.startswith("."))
     reader = subprocess.Popen([sys.executable, "-c", READER, str(derived)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert reader.stdout.readline().strip() == "reading"
-        r = _hpd(home, "cache", "gc")
+        r = hpd_cli(home, "cache", "gc")
         assert r.exit_code == 0 and derived.exists(), r.output  # unreferenced, but in use
         assert LogitCache(derived).batch([0]).mask.any()  # and whole
     finally:
         reader.kill()  # SIGKILL: no exit handler removes its lease
         reader.wait()
-    r = _hpd(home, "cache", "gc")
+    r = hpd_cli(home, "cache", "gc")
     assert not derived.exists() and f"removed {derived}" in r.output  # a dead reader's lease does not count
     assert (home / "caches" / keep).exists()
