@@ -29,14 +29,16 @@ TINY = [
 ]
 
 
-def hpd_cli(home: Path, *args: str, overrides=(), env: dict | None = None):
-    """`hpd ARGS` on the tiny config (run "tiny"; `overrides` come after, so they may rename it) in this process,
-    through click's test runner: exit code, stdout and stderr apart. The one way the tests call the CLI inline."""
+def hpd_cli(home: Path, *args: str, overrides=(), env: dict | None = None, tiny: bool = True):
+    """`hpd ARGS` on the tiny config (run "tiny"; `overrides` come after, so they may rename it; tiny=False: only
+    the overrides) in this process, through click's test runner: exit code, stdout and stderr apart. The one way
+    the tests call the CLI inline."""
     from click.testing import CliRunner
 
     from pipeline.cli import cli
 
-    sets = [a for o in [*TINY, 'run.name="tiny"', *overrides] for a in ("--set", o)]
+    base = [*TINY, 'run.name="tiny"'] if tiny else []
+    sets = [a for o in [*base, *overrides] for a in ("--set", o)]
     return CliRunner().invoke(cli, [*args, *sets], env={"HPD_HOME": str(home), **(env or {})})
 
 

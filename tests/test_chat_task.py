@@ -2,13 +2,13 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from pipeline import config as config_mod
-from pipeline.cli import cli
 from pipeline.errors import HpdError
 from pipeline.graph import build
 from stages.tasks import chat
+
+from conftest import hpd_cli
 
 
 def test_chat_prompts_mix_three_kinds_disjointly(tmp_path):
@@ -40,10 +40,9 @@ def test_smollm2_preset_builds_and_needs_a_teacher():
 
 
 def test_teacher_in_a_package_that_is_not_installed_is_a_one_line_error(tmp_path):
-    sets = ["--set", 'teacher.path="pkg:no_such_wheel_here/model.gguf"', "--set", 'run.name="pkg"']
-    r = CliRunner().invoke(cli, ["run", "--until", "teacher", "--config", "smollm2", *sets,
-                                 "--set", "data.train_examples=6", "--set", "data.heldout_examples=3"],
-                           env={"HPD_HOME": str(tmp_path)})
+    r = hpd_cli(tmp_path, "run", "--until", "teacher", "--config", "smollm2", tiny=False,
+                overrides=['teacher.path="pkg:no_such_wheel_here/model.gguf"', 'run.name="pkg"',
+                           "data.train_examples=6", "data.heldout_examples=3"])
     assert r.exit_code == 2 and r.stderr.startswith("error: teacher.path pkg:no_such_wheel_here/model.gguf: "
                                                     "the Python package 'no_such_wheel_here' is not installed")
     assert len(r.stderr.strip().splitlines()) == 1

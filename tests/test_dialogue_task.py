@@ -2,10 +2,9 @@
 tokenizer, a top-k cache of a real vocabulary (k < V, so the tail bucket matters), ROUGE-L evaluation."""
 import json
 
-from click.testing import CliRunner
-
-from pipeline.cli import cli
 from storage.logit_cache import LogitCache
+
+from conftest import hpd_cli
 
 SMALL = ["data.train_examples=400", "data.heldout_examples=20", "data.vocab_size=512",
          "teacher.n_layer=1", "teacher.n_embd=32", "teacher.n_head=2", "teacher.steps=6", "teacher.batch_size=16",
@@ -16,11 +15,9 @@ SMALL = ["data.train_examples=400", "data.heldout_examples=20", "data.vocab_size
 
 
 def test_dialogue_run_scores_a_truncated_cache_and_reports_rouge(tmp_path):
-    sets = [a for o in SMALL for a in ("--set", o)]
-    env = {"HPD_HOME": str(tmp_path)}
-    res = CliRunner().invoke(cli, ["run", "--config", "dialogue", *sets], env=env)
+    res = hpd_cli(tmp_path, "run", "--config", "dialogue", overrides=SMALL, tiny=False)
     assert res.exit_code == 0, res.output + str(res.exception)
-    status = json.loads(CliRunner().invoke(cli, ["status", "--json", "--config", "dialogue", *sets], env=env).output)
+    status = json.loads(hpd_cli(tmp_path, "status", "--json", "--config", "dialogue", overrides=SMALL, tiny=False).output)
     outputs = {s["stage"]: s["outputs"] for s in status["stages"]}
     assert all(s["state"] == "done" for s in status["stages"])
     cache = LogitCache(outputs["score"]["cache"].replace("@home", str(tmp_path)))
@@ -29,5 +26,5 @@ def test_dialogue_run_scores_a_truncated_cache_and_reports_rouge(tmp_path):
     assert 0 <= report["student"]["rouge_l"] <= 1 and report["student"]["kl_to_teacher_nats"] > 0
     assert "heldout_accuracy" not in outputs["distill"]["report"]
     # tasks without an answer to check show the held-out NLL in the plain status
-    plain = CliRunner().invoke(cli, ["status", "--config", "dialogue", *sets], env=env)
+    plain = hpd_cli(tmp_path, "status", "--config", "dialogue", overrides=SMALL, tiny=False)
     assert plain.exit_code == 0 and "held-out NLL" in plain.output

@@ -6,13 +6,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from pipeline.cli import cli
 from pipeline.errors import HpdError
 from stages import modeling
 
-from conftest import TINY
+from conftest import hpd_cli
 from tiny_llama import make_llama, write_gguf
 
 
@@ -74,8 +72,7 @@ def test_unreadable_gguf_is_a_one_line_error_and_publishes_nothing(llama, tmp_pa
         _unsupported_quantisation(hf, bad)
     with pytest.raises(HpdError, match=message.replace("(", r"\(").replace(")", r"\)")):
         modeling.import_gguf(bad, tmp_path / "models")
-    sets = [a for o in [*TINY, 'run.name="gguf"', f'teacher.path="{bad}"'] for a in ("--set", o)]
-    r = CliRunner().invoke(cli, ["run", "--until", "teacher", *sets], env={"HPD_HOME": str(tmp_path / "home")})
+    r = hpd_cli(tmp_path / "home", "run", "--until", "teacher", overrides=['run.name="gguf"', f'teacher.path="{bad}"'])
     # the conversion's own progress bar may come first; the error is one line, the last
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and lines[-1].startswith("error: ") and message in lines[-1], r.stderr
@@ -151,9 +148,7 @@ def test_gguf_teacher_through_the_whole_command_line_without_references(llama, t
             "generate.max_new_tokens=12", "generate.shard_size=16", "score.top_k=16", "score.shard_size=16",
             'distill.student_init="teacher-layers"', "distill.n_layer=2", "distill.steps=3", "distill.batch_size=4",
             "distill.warmup_steps=1", f'eval.heldout="{heldout}"', "eval.max_new_tokens=10"]
-    args = [a for s in sets for a in ("--set", s)]
-    env = {"HPD_HOME": str(tmp_path / "home")}
-    outputs = [CliRunner().invoke(cli, [*cmd, *args], env=env) for cmd in (["run"], ["status"], ["report"])]
+    outputs = [hpd_cli(tmp_path / "home", *cmd, overrides=sets, tiny=False) for cmd in (["run"], ["status"], ["report"])]
     for r in outputs:
         assert r.exit_code == 0 and "Traceback" not in r.output, (r.output, r.stderr, r.exception)
     runs = tmp_path / "home" / "runs" / "llama"

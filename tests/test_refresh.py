@@ -6,16 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from pipeline.cli import cli
 from pipeline.errors import HpdError
 from stages.distill import CacheCollator, Source, mixture_loss, mixture_plan
 from stages.losses import distill_loss
 from storage.logit_cache import CacheBatch, LogitCache, tokens_crc
 from storage.sequences import SequenceStore
 
-from conftest import TINY, copy_home, hpd_process, make_runner
+from conftest import copy_home, hpd_cli, hpd_process, make_runner
 
 # One round: 25% of the 240 prompts, 2 samples each, in shards of 20 prompts; a quarter of every batch refreshed.
 ROUND = ["rounds.count=1", "rounds.steps=5", "rounds.warmup_steps=1", "rounds.refresh_share=0.25",
@@ -147,11 +145,10 @@ def test_more_rounds_keep_the_finished_ones_and_status_shows_the_round(round_hom
     r = make_runner(home, *ROUND, "rounds.count=2")
     assert [r.state(s)[0] for s in ("distill-1", "refresh-2", "rescore-2", "distill-2")] == \
         ["done", "missing", "waiting", "waiting"]
-    sets = [a for o in [*TINY, 'run.name="tiny"', *ROUND, "rounds.count=2"] for a in ("--set", o)]
-    res = CliRunner().invoke(cli, ["status", *sets], env={"HPD_HOME": str(home)})
+    res = hpd_cli(home, "status", overrides=[*ROUND, "rounds.count=2"])
     assert res.exit_code == 0 and "round: 1 of 2 refresh rounds finished; next: refresh-2" in res.output
     assert "distill-1 (hpd 75% offline + hpd 25% refresh)" in res.output
-    status = json.loads(CliRunner().invoke(cli, ["status", "--json", *sets], env={"HPD_HOME": str(home)}).output)
+    status = json.loads(hpd_cli(home, "status", "--json", overrides=[*ROUND, "rounds.count=2"]).output)
     assert status["rounds"] == {"rounds": 2, "finished": 1, "next": "refresh-2"}
 
 
