@@ -16,7 +16,7 @@ from storage.shards import CorruptShardError  # noqa: E402
 from . import config as config_mod  # noqa: E402
 from .errors import HpdError  # noqa: E402
 from .graph import build, student_round  # noqa: E402
-from .stage import Runner, context_from_config  # noqa: E402
+from .stage import Runner, context_from_config, referenced_caches  # noqa: E402
 
 USER_ERRORS = (HpdError, CorruptShardError, CacheMismatchError)
 
@@ -314,7 +314,7 @@ def cache_gc(dry_run, config_path, overrides):
     from storage import catalog
 
     ctx, root = _root(config_path, overrides)
-    doomed = catalog.gc(root, catalog.referenced_caches(ctx.home), dry_run=dry_run)
+    doomed = catalog.gc(root, referenced_caches(ctx.home), dry_run=dry_run)
     for path, why in doomed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {path} ({why})")
     if not doomed:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import json
 import os
 import tempfile
 import time
@@ -104,6 +105,18 @@ def _from_home(value, home: Path):
     if isinstance(value, str) and value.startswith(_HOME):
         return str(home / value[len(_HOME):])
     return value
+
+
+def referenced_caches(home: Path) -> set[str]:
+    """Cache directories named by any stage manifest of any run under `home`: what `hpd cache gc` keeps (storage
+    knows nothing of runs; the pipeline tells it what is in use)."""
+    refs = set()
+    for manifest in (home / "runs").glob("*/*/manifest.json"):
+        outputs = json.loads(manifest.read_text()).get("outputs", {})
+        for v in outputs.values():
+            if isinstance(v, str) and ("/caches/" in v or v.startswith(_HOME + "caches/")):
+                refs.add(Path(v).name)
+    return refs
 
 
 def context_from_config(cfg: dict) -> Context:

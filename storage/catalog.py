@@ -89,19 +89,6 @@ def repack(cache: LogitCache, root: CacheRoot, k: int, encoding: str | dict | No
     return LogitCache(root.path_for(key))
 
 
-def referenced_caches(home: Path) -> set[str]:
-    """Cache directories named by any stage manifest of any run under `home`."""
-    import json
-
-    refs = set()
-    for manifest in (home / "runs").glob("*/*/manifest.json"):
-        outputs = json.loads(manifest.read_text()).get("outputs", {})
-        for v in outputs.values():
-            if isinstance(v, str) and ("/caches/" in v or v.startswith("@home/caches/")):
-                refs.add(Path(v).name)
-    return refs
-
-
 def gc(root: CacheRoot, referenced: set[str], dry_run: bool = False) -> list[tuple[Path, str]]:
     """Remove temporaries no writer holds and published caches no run references and no process reads;
     returns what (and why). Each decision is taken, and a cache moved aside, under that cache's lock, so a
