@@ -476,24 +476,19 @@ def _real_verdict(results: list[dict]) -> str:
     def mean(m, key):
         return statistics.mean(x[key] for x in by[m].values())
 
-    def paired(a, b, key):  # a minus b, seed by seed: (mean, std, seeds where a is lower, n, separable)
+    def paired(a, b, key):  # a minus b, seed by seed: (mean, std, seeds, seeds where a is lower), as the study's
         d = [by[a][s][key] - by[b][s][key] for s in by[a] if s in by[b]]
-        sd = statistics.stdev(d) if len(d) > 1 else 0.0
-        return statistics.mean(d), sd, sum(x < 0 for x in d), len(d), abs(statistics.mean(d)) > 2 * sd / len(d) ** 0.5
+        return statistics.mean(d), statistics.stdev(d) if len(d) > 1 else 0.0, len(d), sum(x < 0 for x in d)
 
     ranked = sorted(by, key=lambda m: mean(m, nll))
     by_kl = sorted(by, key=lambda m: mean(m, kl))
     pick = "hpd_fkl"
-    rows = []
-    for other in ranked:
-        if other == pick:
-            continue
-        rows.append(" / ".join(
-            "{:+.3f} ± {:.3f} ({}/{} lower{})".format(*x[:4], ", separable" if x[4] else "")
-            for x in (paired(pick, other, nll), paired(pick, other, kl))))
-    lines = "\n".join(f"| {pick} - {other} | {row} |" for other, row in zip([m for m in ranked if m != pick], rows))
+    others = {m: (paired(pick, m, nll), paired(pick, m, kl)) for m in ranked if m != pick}
+    lines = "\n".join(f"| {pick} - {m} | " + " | ".join(
+        f"{x[0]:+.3f} ± {x[1]:.3f} ({x[3]}/{x[2]} lower{', separable' if _separable(x) else ''})" for x in pair)
+        + " |" for m, pair in others.items())
     first_nll, first_kl = ranked[0], by_kl[0]
-    beaten = [m for m in by if m != pick and paired(pick, m, nll)[0] < 0 and paired(pick, m, nll)[4]]
+    beaten = [m for m, (x, _) in others.items() if x[0] < 0 and _separable(x)]
     if first_nll == pick and first_kl == pick and len(beaten) == len(by) - 1:
         holds = f"**It holds.** {pick} has the lowest held-out NLL and KL to the teacher, and is ahead of every other method beyond the seed spread"
     elif first_nll == pick or first_kl == pick:
@@ -515,7 +510,7 @@ than twice its standard error):
 
 | | NLL | KL |
 |---|---|---|
-{lines.replace(" / ", " | ")}
+{lines}
 
 Every student starts from the same 6 of the teacher's 30 layers (49.5M parameters) and takes 48 steps of 8 of the
 teacher's replies at learning rate 1e-4 (2 epochs of 192 prompts): a small budget, sized to the hour this machine

@@ -54,9 +54,10 @@ def build(cfg: dict) -> list[Stage]:
         raise HpdError(f"distill.student_init={cfg['distill']['student_init']!r} is unknown; choose gpt2 (a fresh "
                        f"GPT-2), teacher-layers (the teacher with distill.n_layer of its layers kept) or "
                        f"teacher-shape (a fresh model of the teacher's architecture, n_layer x n_embd)")
-    if cfg["distill"]["student_init"] == "teacher-shape" and cfg["distill"]["n_embd"] % cfg["distill"]["n_head"]:
-        raise HpdError(f"distill.n_embd={cfg['distill']['n_embd']} is not a multiple of distill.n_head="
-                       f"{cfg['distill']['n_head']}; choose a width that divides into the heads")
+    if cfg["distill"]["student_init"] == "teacher-shape":
+        from stages.modeling import check_heads
+
+        check_heads(cfg["distill"]["n_embd"], cfg["distill"]["n_head"])
     if cfg["distill"]["teacher_source"] == "online":  # the teacher runs inside distill: no cache to build
         if rounds["count"]:
             raise HpdError("refresh rounds train from teacher caches; use distill.teacher_source=\"cache\" "

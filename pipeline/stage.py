@@ -114,7 +114,7 @@ def referenced_caches(home: Path) -> set[str]:
     for manifest in (home / "runs").glob("*/*/manifest.json"):
         outputs = json.loads(manifest.read_text()).get("outputs", {})
         for v in outputs.values():
-            if isinstance(v, str) and ("/caches/" in v or v.startswith(_HOME + "caches/")):
+            if isinstance(v, str) and "/caches/" in v:  # absolute, or "@home/caches/..."
                 refs.add(Path(v).name)
     return refs
 

@@ -261,6 +261,13 @@ def keep_layers(teacher, n: int):
     return student, kept
 
 
+def check_heads(n_embd: int, n_head: int) -> None:
+    """The one check of a student width against its heads (config time and build time alike)."""
+    if n_embd % n_head:
+        raise HpdError(f"distill.n_embd={n_embd} is not a multiple of distill.n_head={n_head}; choose a width "
+                       f"that divides into the heads")
+
+
 def same_shape_fresh(teacher_config, *, n_layer: int, n_embd: int, n_head: int):
     """A fresh, randomly initialised model of the teacher's own architecture (its class, vocabulary, context,
     norms, rotary settings) made shallower and narrower: n_layer blocks of width n_embd with n_head heads, the MLP
@@ -271,9 +278,7 @@ def same_shape_fresh(teacher_config, *, n_layer: int, n_embd: int, n_head: int):
     from transformers import AutoModelForCausalLM
 
     t = teacher_config.get_text_config()
-    if n_embd % n_head:
-        raise HpdError(f"distill.n_embd={n_embd} is not a multiple of distill.n_head={n_head}; choose a width "
-                       f"that divides into the heads")
+    check_heads(n_embd, n_head)
     config = copy.deepcopy(teacher_config)
     c = config.get_text_config()
     heads, kv = t.num_attention_heads, getattr(t, "num_key_value_heads", None) or t.num_attention_heads
