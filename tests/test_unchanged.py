@@ -1,0 +1,35 @@
+"""The default pipeline's outputs, byte for byte, as they were before a change that must not alter them.
+
+Refactors of the path from prompt to gradient (issue 18) are meant to leave every number alone: the same
+sequences, the same teacher, the same cache bytes, the same student weights and the same evaluation. These
+fingerprints were recorded on the tiny default run (tests/conftest.py TINY) before that redesign. A change
+that is meant to alter results updates them, and says so in its commit.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+RECORDED = {
+    "data": "741db1ee4f26d2fd8e0b143094285016d330c1d1c1e8377e03127f5a1392cba6",
+    "teacher": "e885ab8ba0fa6ab8b2c56bdf7f5c1250cdafa8f2b679bc3b93ef60181a7e7166",  # its weight files' hashes
+    "generate": "0bd7e79fe19a20f657a9a5fffdc64e880a8f4745e6f28f373a100268c520055a",
+    "score": "368e8b221c3fccb50386",  # the cache key
+    "distill": "34490ee425e97fa8b8093dbce6469cce27ff14bc2592fda80fd009843dfc56eb",  # the student's weight files
+    "baseline": "e4a8eeace10505dbb0463a5e99ce6312a54c4e47b2168e8336f7100b91eb4aee",
+}
+# eval's judgement of the student, the baseline and the teacher (its report also holds paths and timings)
+JUDGED = "4a052b270da00e9e5311da1909850c285514dd9259b6b88683a23de6857823f0"
+CACHE_BYTES = "b512e920ca2e8d29b8a964c384e2db4b6e0028d80bb80c5caea42b04ed1b92b2"  # sha256 over the cache's shard files, in name order
+
+
+def test_default_run_is_byte_identical_to_the_recorded_one(tiny_runner):
+    fingerprints = {name: tiny_runner.manifest(name)["outputs"]["fingerprint"] for name in RECORDED}
+    assert fingerprints == RECORDED
+    report = tiny_runner.manifest("eval")["outputs"]["report"]
+    judged = json.dumps({k: report[k] for k in ("student", "baseline", "teacher")}, sort_keys=True)
+    assert hashlib.sha256(judged.encode()).hexdigest() == JUDGED
+    cache = Path(tiny_runner.manifest("score")["outputs"]["cache"])
+    h = hashlib.sha256()
+    for shard in sorted(cache.glob("shard-*.arrow")):
+        h.update(shard.read_bytes())
+    assert h.hexdigest() == CACHE_BYTES
