@@ -24,14 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from pipeline import config as config_mod
-from pipeline.graph import build
-from pipeline.stage import Context, Runner
-from stages import modeling
-from storage import encodings as enc
-from storage import shards as shards_mod
-from storage.logit_cache import DEFAULT_ENCODING, CacheRoot, LogitCache, ScoredSequence, cache_key, decode_batch
-from storage.sequences import SequenceStore
+from hpd import open_run
+from hpd.stages import modeling
+from hpd.storage import encodings as enc
+from hpd.storage import shards as shards_mod
+from hpd.storage.logit_cache import DEFAULT_ENCODING, CacheRoot, LogitCache, ScoredSequence, cache_key, decode_batch
+from hpd.storage.sequences import SequenceStore
 
 KS = [8, 16, 32, 64, 128]
 SHIPPED_LEVEL = shards_mod.ZSTD_LEVEL
@@ -74,14 +72,14 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)  # "one core" throughput, and stable numbers on a noisy machine
 
-    cfg = config_mod.load(args.config, [])
-    runner = Runner(build(cfg), cfg, Context(home=Path(args.home).resolve(), run_name=cfg["run"]["name"], seed=0))
+    runner = open_run(args.config, [], home=args.home)
+    cfg = runner.cfg
     runner.run(until="generate")
-    teacher = runner.manifest("teacher")["outputs"]
-    store = SequenceStore(Path(runner.manifest("generate")["outputs"]["sequences"]))
-    model, tok = modeling.load_causal_lm(teacher["model_dir"])
+    teacher = runner.outputs("teacher")
+    store = SequenceStore(Path(runner.outputs("generate").sequences))
+    model, tok = modeling.load_causal_lm(teacher.model_dir)
     parameters = sum(p.numel() for p in model.parameters())
-    V = teacher["vocab_size"]
+    V = teacher.vocab_size
     n = min(args.sequences, len(store))
     seq_ids, plens, seqs = store.range(0, n)
 
@@ -228,7 +226,7 @@ def main():
         raw = b"".join(b.to_pybytes() for b in col.buffers() if b is not None)
         column_bytes[name] = len(cctx.compress(raw)) / tokens
 
-    summary = {"teacher": teacher["report"] or {"parameters": parameters}, "config": args.config,
+    summary = {"teacher": teacher.report or {"parameters": parameters}, "config": args.config,
                "container_decode_tokens_per_s": container,
                "column_bytes_per_token_k64": column_bytes, "vocab_size": V, "sequences": n, "scored_tokens": tokens,
                "kl_sequences": min(args.kl_sequences, n),

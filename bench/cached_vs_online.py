@@ -33,34 +33,30 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from pipeline import config as config_mod
-from pipeline.graph import build
-from pipeline.stage import Context, Runner
+from hpd import open_run
+
+from .measure import Measured, in_own_process
 
 RESULTS = Path(__file__).parent / "results"
-HPD = [sys.executable, "-c", "from pipeline.cli import main; main()"]
 MATH_STUDENT = ["distill.n_layer=2", "distill.n_embd=56", "distill.n_head=2"]  # 81k: 9.9x the 0.80M teacher
 RANDOM_TEACHERS = {"dialogue 8.4x": (4, 256, 4), "dialogue 37x": (6, 512, 8)}  # n_layer, n_embd, n_head
 ARMS = {"cached": ['distill.teacher_source="cache"'], "online": ['distill.teacher_source="online"']}
 
 
-def runner(home: Path, config: str | None, name: str, overrides: list[str]) -> Runner:
+def runner(home: Path, config: str | None, name: str, overrides: list[str], observers=()):
     # the student settings this bench was published with (before make distill's re-tuning), no SFT baseline
-    cfg = config_mod.load(config, ['distill.learning_rate=2e-3', 'distill.baseline=""', *overrides,
-                                   f'run.name="{name}"'])
-    return Runner(build(cfg), cfg, Context(home=home, run_name=name, seed=cfg["run"]["seed"], log=lambda s: None))
+    return open_run(config, ['distill.learning_rate=2e-3', 'distill.baseline=""', *overrides, f'run.name="{name}"'],
+                    home=home, log=lambda s: None, observers=observers)
 
 
 def random_teacher(home: Path, like: str, name: str, shape: tuple[int, int, int]) -> str:
     """A randomly initialised GPT-2 with the trained teacher's tokenizer and context, saved as an HF dir."""
     import torch
 
-    from stages import modeling
+    from hpd.stages import modeling
 
     out = home / "models" / f"bench-random-{name.replace(' ', '-')}"
     if not (out / "config.json").is_file():
@@ -76,7 +72,7 @@ def random_teacher(home: Path, like: str, name: str, shape: tuple[int, int, int]
 
 def setups(home: Path) -> dict:
     """name -> (config, overrides): the teacher/student pairs, each teacher given as a local HF directory."""
-    trained = {task: runner(home, config, task, []).manifest("teacher")["outputs"]["model_dir"]
+    trained = {task: runner(home, config, task, []).outputs("teacher").model_dir
                for task, config in [("math", None), ("dialogue", "dialogue")]}
     dialogue = ["generate.num_prompts=1024"]
     out = {"math 7.6x": (None, [f'teacher.path="{trained["math"]}"', "generate.num_prompts=6144"]),
@@ -90,21 +86,17 @@ def setups(home: Path) -> dict:
 
 
 def _parameters(model_dir: str) -> int:
-    from stages import modeling
+    from hpd.stages import modeling
 
     return sum(p.numel() for p in modeling.load_causal_lm(model_dir)[0].parameters())
 
 
 def timed_distill(home: Path, config, name: str, overrides: list[str], steps: int) -> dict:
-    """One fresh `hpd run distill` in a process of its own; its report (tokens, seconds, RSS)."""
+    """One fresh distill in a process of its own; what it measured (tokens, seconds, RSS)."""
     shutil.rmtree(home / "runs" / name / "distill", ignore_errors=True)
-    sets = [*overrides, f"distill.steps={steps}", "distill.eval_examples=20", "distill.checkpoint_steps=100000",
-            f'run.name="{name}"']
-    cmd = [*HPD, "run", "distill", *(["--config", config] if config else []),
-           *[a for o in sets for a in ("--set", o)]]
-    subprocess.run(cmd, check=True, env={**os.environ, "HPD_HOME": str(home)}, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    rep = runner(home, config, name, overrides).manifest("distill")["outputs"]["report"]
+    sets = ['distill.learning_rate=2e-3', 'distill.baseline=""', *overrides, f"distill.steps={steps}",
+            "distill.eval_examples=20", "distill.checkpoint_steps=100000", f'run.name="{name}"']
+    rep = in_own_process("distill", config, sets, home)
     return {"tokens": rep["input_tokens"], "seconds": rep["train_seconds"], "steps": steps,
             "tokens_per_s": rep["input_tokens"] / rep["train_seconds"], "peak_rss_mb": rep["peak_rss_mb"],
             "training_mb": rep["peak_rss_mb"] - rep["rss_start_mb"], "parameters": rep["parameters"]}
@@ -124,12 +116,14 @@ def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None)
         if only and label not in only:
             continue
         name = f"cvo-{label.replace(' ', '-')}"
-        r = runner(scratch, config, name, overrides)
+        measured = Measured()
+        r = runner(scratch, config, name, overrides, observers=[measured])
         r.run(until="score")
-        teacher, score = r.manifest("teacher")["outputs"], r.manifest("score")["outputs"]
-        if score["timing"] is None:  # the cache was built (and timed) for an earlier pair with the same teacher
-            score = built[score["cache_id"]]
-        built[score["cache_id"]] = score
+        teacher, cache = r.outputs("teacher"), r.outputs("score")
+        # the cache may have been built (and timed) for an earlier pair with the same teacher
+        score = built.get(cache.cache_id) or {"timing": measured["score"], "tokens": cache.tokens,
+                                              "sequences": cache.sequences}
+        built[cache.cache_id] = score
         arms = {arm: [] for arm in ARMS}
         for i in range(repeats):  # cached, online, online, cached, ...: drift on this machine hits both arms
             for arm in (list(ARMS) if i % 2 == 0 else list(ARMS)[::-1]):
@@ -137,7 +131,7 @@ def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None)
                 arms[arm].append(timed_distill(scratch, config, name, [*overrides, *extra],
                                                steps["math" if label.startswith("math") else "dialogue"]))
         med = {arm: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for arm, runs in arms.items()}
-        teacher_parameters = _parameters(teacher["model_dir"])
+        teacher_parameters = _parameters(teacher.model_dir)
         out[label] = {"method": r.cfg["distill"]["method"], "repeats": repeats,
                       "teacher_parameters": teacher_parameters, "student_parameters": med["cached"]["parameters"],
                       "size_ratio": teacher_parameters / med["cached"]["parameters"],
@@ -166,9 +160,9 @@ def quality(home: Path, seeds: int, math_steps: int, dialogue_steps: int) -> dic
                                                  "eval.teacher=false", "eval.samples=1"])
                 r.adopt(base, [s for s in ["data", "teacher", "generate", "score"] if s in r.stages])
                 r.run()
-                student_dir = Path(r.manifest("distill")["outputs"]["student_dir"])
+                student_dir = Path(r.outputs("distill").student_dir)
                 log = json.loads((student_dir / "training_log.json").read_text())
-                rows.append({"arm": arm, "seed": seed, "eval": r.manifest("eval")["outputs"]["report"]["student"],
+                rows.append({"arm": arm, "seed": seed, "eval": r.outputs("eval").report["student"],
                              "curve": [{k: e[k] for k in e if k == "step" or k.startswith("curve_")}
                                        for e in log if "curve_nll" in e]})
                 print(f"[quality] {task} {arm} seed {seed}: {rows[-1]['eval']}", flush=True)

@@ -24,12 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import config as config_mod
-from pipeline.graph import build
-from pipeline.stage import Context, Runner
+from hpd import open_run
 
 OUT = Path(__file__).resolve().parent / "results" / "default_task.json"
-HPD = [sys.executable, "-m", "pipeline.cli"]
+HPD = [sys.executable, "-m", "hpd.pipeline.cli"]
 SHARED = ["data", "teacher", "generate", "score"]
 METRICS = ("accuracy", "avg@4", "response_nll_nats", "kl_to_teacher_nats")
 
@@ -54,23 +52,23 @@ def main():
     home = Path(tempfile.mkdtemp(prefix="hpd-bench-"))
     cold, printed = hpd_run(home)
     warm, _ = hpd_run(home)
-    cfg = config_mod.load(None, [])
-    base = Runner(build(cfg), cfg, Context(home=home, run_name=cfg["run"]["name"], seed=cfg["run"]["seed"]))
+    base = open_run(None, [], home=home)
+    cfg = base.cfg
     stage_seconds = {s: base.manifest(s)["seconds"] for s in base.order}
-    runs = [base.manifest("eval")["outputs"]["report"]]
+    runs = [base.outputs("eval").report]
     for seed in range(1, args.seeds):
         name = f"bench-s{seed}"
-        c = config_mod.load(None, [f"distill.seed={seed}", f'run.name="{name}"', "eval.teacher=false"])
-        r = Runner(build(c), c, Context(home=home, run_name=name, seed=c["run"]["seed"], log=lambda s: None))
+        r = open_run(None, [f"distill.seed={seed}", f'run.name="{name}"', "eval.teacher=false"], home=home,
+                     log=lambda s: None)
         r.adopt(cfg["run"]["name"], SHARED)
         t0 = time.time()
         r.run()
         print(f"seed {seed}: {time.time() - t0:.0f}s")
-        runs.append(r.manifest("eval")["outputs"]["report"])
+        runs.append(r.outputs("eval").report)
     teacher = runs[0]["teacher"]
     arms = {arm: {k: spread([run[arm][k] for run in runs]) for k in METRICS} for arm in ("student", "baseline")}
     paired = {k: spread([run["student"][k] - run["baseline"][k] for run in runs]) for k in METRICS}
-    score = base.manifest("score")["outputs"]
+    score = base.outputs("score")
     result = {
         "machine": {"cpus": os.cpu_count()},
         "config": cfg, "seeds": args.seeds,
@@ -84,7 +82,7 @@ def main():
         "student_over_teacher_accuracy_min": arms["student"]["accuracy"]["min"] / teacher["accuracy"],
         "seeds_above_80pct_of_teacher": {arm: sum(run[arm]["accuracy"] >= 0.8 * teacher["accuracy"] for run in runs)
                                          for arm in ("student", "baseline")},
-        "cache": {k: score[k] for k in ("top_k", "sequences", "tokens", "bytes", "bytes_per_token")},
+        "cache": {k: getattr(score, k) for k in ("top_k", "sequences", "tokens", "bytes", "bytes_per_token")},
         "runs": [{arm: run[arm] for arm in ("student", "baseline")} for run in runs],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

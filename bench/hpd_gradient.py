@@ -24,15 +24,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from pipeline import config as config_mod
-from pipeline.graph import build
-from pipeline.stage import Context, Runner
-from stages import modeling
-from stages.losses import distill_loss
-from stages.score import score_positions
-from storage import encodings as enc
-from storage.logit_cache import DEFAULT_ENCODING, CacheBatch
-from storage.sequences import SequenceStore
+from hpd import open_run
+from hpd.stages import modeling
+from hpd.stages.losses import distill_loss
+from hpd.stages.score import score_positions
+from hpd.storage import encodings as enc
+from hpd.storage.logit_cache import DEFAULT_ENCODING, CacheBatch
+from hpd.storage.sequences import SequenceStore
 
 
 def cache_from_logits(teacher_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> CacheBatch:
@@ -74,11 +72,11 @@ def main():
     bs = args.batch_size or (8 if real else 32)
     sft_steps = 0 if real else args.sft_steps
     out = Path(args.out or Path(__file__).parent / "results" / ("hpd_gradient_smollm2" if real else "hpd_gradient"))
-    cfg = config_mod.load(args.config, [])
-    runner = Runner(build(cfg), cfg, Context(home=Path(args.home).resolve(), run_name=cfg["run"]["name"], seed=0))
+    runner = open_run(args.config, [], home=args.home)
+    cfg = runner.cfg
     runner.run(until="generate")
-    store = SequenceStore(Path(runner.manifest("generate")["outputs"]["sequences"]))
-    teacher, tok = modeling.load_teacher(runner.manifest("teacher")["outputs"])
+    store = SequenceStore(Path(runner.outputs("generate").sequences))
+    teacher, tok = modeling.load_teacher(runner.outputs("teacher"))
     torch.manual_seed(0)
     if real:  # the preset's student: the teacher with distill.n_layer of its layers kept
         student = modeling.keep_layers(teacher, cfg["distill"]["n_layer"])[0]

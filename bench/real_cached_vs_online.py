@@ -2,7 +2,7 @@
 Instruct) and its layer-kept 49.5M student: response tokens/s and training memory, and plain SFT of the same
 student for the loss's own cost at a 49k vocabulary.
 
-    python bench/real_cached_vs_online.py     (after `hpd run --config smollm2 --until score`)
+    python -m bench.real_cached_vs_online     (after `hpd run --config smollm2 --until score`)
 
 Each arm is `hpd run distill` in a process of its own on the run's own sequences and cache (the same data order,
 student and schedule), the arms alternating, repeated. The best a cache can do is to remove the teacher's forward
@@ -16,18 +16,16 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline import config as config_mod
-from pipeline.graph import build
-from pipeline.stage import Context, Runner
-from stages import modeling
-from storage.sequences import SequenceStore
+from hpd import open_run
+from hpd.stages import modeling
+from hpd.storage.sequences import SequenceStore
+
+from .measure import in_own_process
 
 OUT = Path(__file__).resolve().parent / "results" / "real_cached_vs_online.json"
 ARMS = {"cached": ['distill.teacher_source="cache"'], "online": ['distill.teacher_source="online"'],
@@ -35,9 +33,8 @@ ARMS = {"cached": ['distill.teacher_source="cache"'], "online": ['distill.teache
 SHARED = ["data", "teacher", "generate", "score"]
 
 
-def runner(home: Path, name: str, sets: list[str]) -> Runner:
-    cfg = config_mod.load("smollm2", [*sets, f'run.name="{name}"'])
-    return Runner(build(cfg), cfg, Context(home=home, run_name=name, seed=cfg["run"]["seed"], log=lambda s: None))
+def runner(home: Path, name: str, sets: list[str]):
+    return open_run("smollm2", [*sets, f'run.name="{name}"'], home=home, log=lambda s: None)
 
 
 def timed(home: Path, arm: str, steps: int) -> dict:
@@ -47,25 +44,22 @@ def timed(home: Path, arm: str, steps: int) -> dict:
     r = runner(home, name, sets)
     shutil.rmtree(home / "runs" / name, ignore_errors=True)
     r.adopt("smollm2", [s for s in SHARED if s in r.stages])
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "distill", "--config", "smollm2",
-           *[a for s in [*sets, f'run.name="{name}"'] for a in ("--set", s)]]
     t0 = time.time()
-    subprocess.run(cmd, env={**os.environ, "HPD_HOME": str(home)}, check=True, capture_output=True)
+    fig = in_own_process("distill", "smollm2", [*sets, f'run.name="{name}"'], home)
     wall = time.time() - t0
-    rep = r.manifest("distill")["outputs"]["report"]
-    log = json.loads((Path(r.manifest("distill")["outputs"]["student_dir"]) / "training_log.json").read_text())
+    log = json.loads((Path(r.outputs("distill").student_dir) / "training_log.json").read_text())
     rates = [e["tokens_per_s"] for e in log if "tokens_per_s" in e][1:]  # the first interval holds start-up
-    return {"arm": arm, "wall_s": wall, "train_seconds": rep["train_seconds"], "seconds_per_step": rep["train_seconds"] / steps,
-            "response_tokens_per_s": statistics.median(rates),
-            "training_memory_mb": rep["peak_rss_mb"] - rep["rss_start_mb"], "peak_rss_mb": rep["peak_rss_mb"]}
+    return {"arm": arm, "wall_s": wall, "train_seconds": fig["train_seconds"],
+            "seconds_per_step": fig["train_seconds"] / steps, "response_tokens_per_s": statistics.median(rates),
+            "training_memory_mb": fig["peak_rss_mb"] - fig["rss_start_mb"], "peak_rss_mb": fig["peak_rss_mb"]}
 
 
 def teacher_forward_per_batch(home: Path, batches: int = 4) -> float:
     """Seconds of the teacher's forward on the first training batches (the online arm's extra work per step)."""
     base = runner(home, "smollm2", [])
     cfg = base.cfg["distill"]
-    store = SequenceStore(Path(base.manifest("generate")["outputs"]["sequences"]))
-    model, tok = modeling.load_teacher(base.manifest("teacher")["outputs"])
+    store = SequenceStore(Path(base.outputs("generate").sequences))
+    model, tok = modeling.load_teacher(base.outputs("teacher"))
     _, _, seqs = store.range(0, min(len(store), batches * cfg["batch_size"]))
     times = []
     with torch.no_grad():

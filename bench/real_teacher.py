@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import config as config_mod
-from pipeline.graph import build
-from pipeline.stage import Context, Runner
+from hpd import open_run
+
+from .measure import Measured
 
 OUT = Path(__file__).resolve().parent / "results" / "real_teacher.json"
 
@@ -35,30 +35,29 @@ def _train_speed(student_dir: str) -> dict:
 
 def main():
     home = Path(tempfile.mkdtemp(prefix="hpd-real-"))
+    measured = Measured()
+    r = open_run("smollm2", [], home=home, observers=[measured])
+    cfg = r.cfg
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--config", "smollm2"],
-                       env={**os.environ, "HPD_HOME": str(home)}, capture_output=True, text=True)
+    r.run()
     wall = time.time() - t0
-    if p.returncode:
-        raise SystemExit(p.stderr[-3000:])
-    cfg = config_mod.load("smollm2", [])
-    r = Runner(build(cfg), cfg, Context(home=home, run_name=cfg["run"]["name"], seed=cfg["run"]["seed"],
-                                        log=lambda s: None))
-    m = {s: r.manifest(s) for s in r.order}
-    score, gen = m["score"]["outputs"], m["generate"]["outputs"]
-    timing = score["timing"]
-    ev = m["eval"]["outputs"]["report"]
+    # what `hpd run` prints at its end, as a user sees it
+    p = subprocess.run([sys.executable, "-m", "hpd.pipeline.cli", "status", "--config", "smollm2"],
+                       env={**os.environ, "HPD_HOME": str(home)}, capture_output=True, text=True, check=True)
+    m = {s: r.manifest(s) for s in r.order}  # for each stage's seconds
+    score, gen, timing = r.outputs("score"), r.outputs("generate"), measured["score"]
+    ev = r.outputs("eval").report
     result = {
         "config": cfg, "cpus": os.cpu_count(), "wall_seconds": round(wall, 1),
         "stage_seconds": {s: m[s]["seconds"] for s in r.order},
         "teacher_parameters": ev["teacher"]["parameters"], "student_parameters": ev["student"]["parameters"],
-        "generate": {"sequences": gen["count"], "response_tokens": score["tokens"],
-                     "new_tokens_per_s": score["tokens"] / m["generate"]["seconds"]},
-        "score": {"response_tokens": score["tokens"], "tokens_per_s_forward": score["tokens"] / timing["forward_s"],
-                  "tokens_per_s_wall": score["tokens"] / timing["wall_s"], "overhead": timing["overhead"],
-                  "bytes_per_token": score["bytes_per_token"], "top_k": score["top_k"], "encoding": score["encoding"]},
-        "distill": _train_speed(m["distill"]["outputs"]["student_dir"]),
-        "baseline": _train_speed(m["baseline"]["outputs"]["student_dir"]),
+        "generate": {"sequences": gen.count, "response_tokens": score.tokens,
+                     "new_tokens_per_s": score.tokens / m["generate"]["seconds"]},
+        "score": {"response_tokens": score.tokens, "tokens_per_s_forward": score.tokens / timing["forward_s"],
+                  "tokens_per_s_wall": score.tokens / timing["wall_s"], "overhead": timing["overhead"],
+                  "bytes_per_token": score.bytes_per_token, "top_k": score.top_k, "encoding": score.encoding},
+        "distill": _train_speed(r.outputs("distill").student_dir),
+        "baseline": _train_speed(r.outputs("baseline").student_dir),
         "eval": ev, "printed": p.stdout[p.stdout.index("\nmodel"):].strip(),
     }
     OUT.write_text(json.dumps(result, indent=1) + "\n")

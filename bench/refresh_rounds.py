@@ -23,9 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline import config as config_mod
-from pipeline.graph import build
-from pipeline.stage import Context, Runner
+from hpd import open_run
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = {
@@ -35,20 +33,19 @@ ARMS = {
 }
 
 
-def runner(home: Path, name: str, overrides: list[str]) -> Runner:
-    cfg = config_mod.load("hpd-opd", [*overrides, f'run.name="{name}"'])
-    return Runner(build(cfg), cfg, Context(home=home, run_name=name, seed=cfg["run"]["seed"], log=lambda s: None))
+def runner(home: Path, name: str, overrides: list[str]):
+    return open_run("hpd-opd", [*overrides, f'run.name="{name}"'], home=home, log=lambda s: None)
 
 
-def teacher_seconds_per_batch(r: Runner, batch: int, batches: int = 12) -> float:
+def teacher_seconds_per_batch(r, batch: int, batches: int = 12) -> float:
     """One teacher forward (full-vocabulary log-probs) on a training batch: what online distillation pays per step."""
     import torch
 
-    from stages import modeling
-    from storage.sequences import SequenceStore
+    from hpd.stages import modeling
+    from hpd.storage.sequences import SequenceStore
 
-    model, tok = modeling.load_causal_lm(r.manifest("teacher")["outputs"]["model_dir"])
-    store = SequenceStore(Path(r.manifest("generate")["outputs"]["sequences"]))
+    model, tok = modeling.load_causal_lm(r.outputs("teacher").model_dir)
+    store = SequenceStore(Path(r.outputs("generate").sequences))
     _, _, seqs = store.range(0, batch * (batches + 1))
     modeling.log_probs(model, seqs[:batch], tok.pad_token_id)  # warm-up
     t0 = time.perf_counter()
@@ -80,18 +77,16 @@ def main():
             r.adopt(base, ["data", "teacher", "generate", "score", "distill"])  # one round-0 student per seed
             t0 = time.time()
             r.run()
-            m = {s: r.manifest(s) for s in r.order}
+            m = {s: r.manifest(s) for s in r.order}  # for each stage's seconds
             rounds = []
-            for i in range(args.rounds + 1):
-                d = m["distill" if i == 0 else f"distill-{i}"]
-                rep = d["outputs"]["report"]
+            for i, stage in enumerate(r.student_stages()):
+                d, rep = m[stage], r.outputs(stage).report
                 rounds.append({"round": i, "student_steps": rep["student_steps"],
                                "heldout_accuracy": rep["heldout_accuracy"], "nll": rep["response_nll_nats"],
                                "distill_seconds": d["seconds"],
                                "refresh_seconds": (m.get(f"refresh-{i}") or {}).get("seconds", 0.0),
                                "rescore_seconds": (m.get(f"rescore-{i}") or {}).get("seconds", 0.0),
-                               "refreshed_sequences": ((m.get(f"refresh-{i}") or {}).get("outputs") or {})
-                               .get("count", 0)})
+                               "refreshed_sequences": r.outputs(f"refresh-{i}").count if f"refresh-{i}" in m else 0})
             runs.append({"seed": seed, "arm": arm, "rounds": rounds, "wall_seconds": round(time.time() - t0, 1)})
             print(f"seed {seed} {arm:<12} " + "  ".join(f"r{x['round']} {x['heldout_accuracy']:.1%}/{x['nll']:.3f}"
                                                      for x in rounds), flush=True)

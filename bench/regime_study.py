@@ -40,7 +40,7 @@ def compare_command(task: str, regime: str, seeds: int) -> list[str]:
     t = TASKS[task]
     sets = [f'run.name="study-{task}-{regime}"', f"generate.num_prompts={t['regimes'][regime]}",
             f'compare.methods="{METHODS}"', f"compare.seeds={seeds}", *t["sets"]]
-    cmd = [sys.executable, "-m", "pipeline.cli", "compare", *t["config"]]
+    cmd = [sys.executable, "-m", "hpd.pipeline.cli", "compare", *t["config"]]
     for s in sets:
         cmd += ["--set", s]
     return cmd + ["--out", str(OUT / f"{task}-{regime}")]

@@ -22,13 +22,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import config as config_mod
-from pipeline.graph import build
-from pipeline.stage import Context, Runner
-from stages import modeling
-from stages.score import DEFAULT_K, score_batch
-from storage.logit_cache import CacheRoot, ScoredSequence, cache_key
-from storage.sequences import SequenceStore
+from hpd import open_run
+from hpd.stages import modeling
+from hpd.stages.score import DEFAULT_K, score_batch
+from hpd.storage.logit_cache import CacheRoot, ScoredSequence, cache_key
+from hpd.storage.sequences import SequenceStore
 
 
 def main():
@@ -38,19 +36,18 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sequences", type=int, default=0, help="0 = all of the run's sequences")
     args = ap.parse_args()
-    cfg = config_mod.load(args.config, [])
-    runner = Runner(build(cfg), cfg, Context(home=Path(args.home).resolve(), run_name=cfg["run"]["name"],
-                                             seed=cfg["run"]["seed"]))
+    runner = open_run(args.config, [], home=args.home)
+    cfg = runner.cfg
     runner.run(until="generate")
-    teacher = runner.manifest("teacher")["outputs"]
-    store = SequenceStore(Path(runner.manifest("generate")["outputs"]["sequences"]))
+    teacher = runner.outputs("teacher")
+    store = SequenceStore(Path(runner.outputs("generate").sequences))
     n = args.sequences or len(store)
     seq_ids, plens, seqs = store.range(0, n)
     model, tok = modeling.load_teacher(teacher)
     model = modeling.to_accelerator(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     s = cfg["score"]
-    k = s["top_k"] or min(DEFAULT_K, teacher["vocab_size"])  # the score stage's own rule (math: k = V = 18)
+    k = s["top_k"] or min(DEFAULT_K, teacher.vocab_size)  # the score stage's own rule (math: k = V = 18)
     batches = modeling.length_batches([len(x) for x in seqs], s["batch_size"], s["batch_tokens"])
     tokens = int(sum(len(x) - int(p) for x, p in zip(seqs, plens)))
 

@@ -10,13 +10,13 @@ import click
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from storage.logit_cache import CacheMismatchError  # noqa: E402
-from storage.shards import CorruptShardError  # noqa: E402
+from hpd.storage.logit_cache import CacheMismatchError  # noqa: E402
+from hpd.storage.shards import CorruptShardError  # noqa: E402
 
-from . import config as config_mod  # noqa: E402
-from .errors import HpdError  # noqa: E402
-from .graph import build, student_round  # noqa: E402
-from .stage import Runner, context_from_config, referenced_caches  # noqa: E402
+from hpd.common.errors import HpdError  # noqa: E402
+from .runs import open_run  # noqa: E402
+from .stage import Runner, referenced_caches  # noqa: E402
+from hpd.stages.artifacts import Cache, EvalReport, Sequences, Student, Teacher  # noqa: E402
 
 USER_ERRORS = (HpdError, CorruptShardError, CacheMismatchError)
 
@@ -27,8 +27,7 @@ set_option = click.option("--set", "-s", "overrides", multiple=True, metavar="SE
 
 
 def _runner(config_path, overrides) -> Runner:
-    cfg = config_mod.load(config_path, overrides)
-    return Runner(build(cfg), cfg, context_from_config(cfg))
+    return open_run(config_path, overrides)
 
 
 class UserError(click.ClickException):
@@ -96,7 +95,8 @@ def _print_status(runner: Runner, as_json: bool = False) -> None:
         rows.append({"stage": name, "state": state, "detail": detail, "seconds": m.get("seconds"),
                      "outputs": m.get("outputs", {})})
     total = runner.cfg["rounds"]["count"]
-    finished = sum(1 for r in rows if student_round(r["stage"]) and r["state"] == "done")
+    finished = sum(1 for r in rows if runner.stages[r["stage"]].trains_student and runner.stages[r["stage"]].round
+                   and r["state"] == "done")
     current = next((r["stage"] for r in rows if r["state"] != "done"), None)
     rounds = {"rounds": total, "finished": finished, "next": current}
     if as_json:
@@ -106,7 +106,8 @@ def _print_status(runner: Runner, as_json: bool = False) -> None:
     click.echo(f"run {runner.ctx.run_name}  ({runner.ctx.run_dir})")
     for r in rows:
         secs = f"{r['seconds']:.1f}s" if r["seconds"] is not None else ""
-        click.echo(f"  {r['stage']:<10} {r['state']:<12} {secs:>8}  {r['detail'] or _summary(r['outputs'])}")
+        summary = _summary(runner.outputs(r["stage"])) if r["state"] == "done" else ""
+        click.echo(f"  {r['stage']:<10} {r['state']:<12} {secs:>8}  {r['detail'] or summary}")
     if total:
         click.echo(f"round: {finished} of {total} refresh rounds finished"
                    + (f"; next: {current}" if current else ""))
@@ -122,34 +123,34 @@ def _judged_models(runner: Runner, rows: dict) -> list[tuple[str, dict]]:
     else as their own stage measured them on the held-out set."""
     from .report import as_judged, student_name
 
-    done = {name: r["outputs"] for name, r in rows.items() if r["state"] == "done"}
-    judged = (done.get("eval") or {}).get("report", {})
+    done = {name: runner.outputs(name) for name, r in rows.items() if r["state"] == "done"}
+    judged = done["eval"].report if "eval" in done else {}
     by_eval = {**runner.stages["eval"].roles, "baseline": "baseline"}  # stage -> its name in the eval report
     named = []
     for name, out in done.items():
-        if "student_dir" in out:
+        if isinstance(out, Student):
             role = by_eval.get(name)
-            report = judged.get(role) if role in judged else as_judged(out["report"])
-            named.append((student_name(name, out["report"]), report))
-    teacher = judged.get("teacher") or as_judged((done.get("teacher") or {}).get("report") or {})
+            report = judged.get(role) if role in judged else as_judged(out.report)
+            named.append((student_name(name, out.report), report))
+    teacher = judged.get("teacher") or as_judged((done["teacher"].report if "teacher" in done else None) or {})
     return named + [("teacher", teacher)] if named else []
 
 
-def _summary(outputs: dict) -> str:
-    if "cache" in outputs:
-        return (f"{outputs['cache']}  {outputs['tokens']:,} tokens, {outputs['bytes'] / 1e6:.1f} MB, "
-                f"{outputs['bytes_per_token']} B/token")
-    model = outputs.get("model_dir") or outputs.get("student_dir")
-    if model:
-        rep = outputs.get("report") or {}
+def _summary(out) -> str:
+    """One line on a stage's artifact for `hpd status`."""
+    if isinstance(out, Cache):
+        return f"{out.cache}  {out.tokens:,} tokens, {out.bytes / 1e6:.1f} MB, {out.bytes_per_token} B/token"
+    if isinstance(out, (Teacher, Student)):
+        model, rep = (out.model_dir, out.report) if isinstance(out, Teacher) else (out.student_dir, out.report)
+        rep = rep or {}
         if "heldout_accuracy" in rep:
             return f"{model}  held-out acc {rep['heldout_accuracy']:.1%}"
         nll = rep.get("response_nll_nats")
         return f"{model}  held-out NLL {nll:.3f}" if nll is not None else model
-    if "sequences" in outputs:
-        return f"{outputs['count']:,} sequences, {outputs['tokens']:,} tokens"
-    if "report_path" in outputs:
-        s = outputs["report"]["student"]
+    if isinstance(out, Sequences):
+        return f"{out.count:,} sequences, {out.tokens:,} tokens"
+    if isinstance(out, EvalReport):
+        s = out.report["student"]
         shown = [(k, v) for k, v in s.items() if k in ("accuracy", "rouge_l", "humaneval_pass@1", "kl_to_teacher_nats")
                  or k.startswith("avg@")]
         return "student " + ", ".join(f"{k} {v:.3g}" for k, v in shown)
@@ -181,7 +182,7 @@ def report(run_name, config_path, overrides, out):
 
     from .report import run_report
 
-    ctx = context_from_config(config_mod.load(config_path, overrides))
+    ctx = open_run(config_path, overrides).ctx
     run_dir = ctx.home / "runs" / (run_name or ctx.run_name)
     if not run_dir.is_dir():
         runs = sorted(p.name for p in (ctx.home / "runs").glob("*")) if (ctx.home / "runs").is_dir() else []
@@ -196,9 +197,9 @@ def cache():
 
 
 def _root(config_path, overrides):
-    from storage.logit_cache import CacheRoot
+    from hpd.storage.logit_cache import CacheRoot
 
-    ctx = context_from_config(config_mod.load(config_path, overrides))
+    ctx = open_run(config_path, overrides).ctx
     return ctx, CacheRoot(ctx.cache_root)
 
 
@@ -215,7 +216,7 @@ def _open(root, cache_id):
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def cache_ls(config_path, overrides, as_json):
     """Every cache under the cache root."""
-    from storage import catalog
+    from hpd.storage import catalog
 
     _, root = _root(config_path, overrides)
     rows = [catalog.describe(c) for c in root.list()]
@@ -241,7 +242,7 @@ def cache_ls(config_path, overrides, as_json):
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def cache_show(cache_id, config_path, overrides, as_json):
     """One cache: its key, provenance, totals and shards."""
-    from storage import catalog
+    from hpd.storage import catalog
 
     _, root = _root(config_path, overrides)
     c = _open(root, cache_id)
@@ -264,7 +265,7 @@ def cache_show(cache_id, config_path, overrides, as_json):
 def cache_verify(cache_id, config_path, overrides):
     """Check each cache's manifest and every shard's checksum (all caches without CACHE_ID); exit 1 naming
     every bad file."""
-    from storage import catalog
+    from hpd.storage import catalog
 
     _, root = _root(config_path, overrides)
     dirs = [p for p in root.published_dirs() if p.name.startswith(cache_id or "")]
@@ -292,7 +293,7 @@ def cache_verify(cache_id, config_path, overrides):
 @set_option
 def cache_repack(cache_id, k, encoding, config_path, overrides):
     """Derive a cache with a smaller k (or another encoding) without running the teacher."""
-    from storage import catalog
+    from hpd.storage import catalog
 
     _, root = _root(config_path, overrides)
     c = _open(root, cache_id)
@@ -311,7 +312,7 @@ def cache_repack(cache_id, k, encoding, config_path, overrides):
 @set_option
 def cache_gc(dry_run, config_path, overrides):
     """Remove unfinished temporaries and caches that no run references."""
-    from storage import catalog
+    from hpd.storage import catalog
 
     ctx, root = _root(config_path, overrides)
     doomed = catalog.gc(root, referenced_caches(ctx.home), dry_run=dry_run)

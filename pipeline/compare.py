@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import config as config_mod
-from .errors import HpdError
-from .graph import build, student_stages
 from .report import compare_report, training_logs
-from .stage import Runner, context_from_config
+from .runs import open_run
 
 OFFLINE = ["data", "teacher", "generate", "score"]
 
@@ -22,13 +19,15 @@ def slug(method: str) -> str:
     return method.replace("->", "-to-").replace("+", "-")
 
 
+def compare_methods(cfg: dict) -> list[str]:
+    """compare.methods as a list (config.validate has checked every entry)."""
+    return [m.strip() for m in cfg["compare"]["methods"].split(",") if m.strip()]
+
+
 def method_overrides(method: str, cfg: dict) -> list[str]:
     c = cfg["compare"]
     if method == "hpd->opd":
         first = c["steps"] - c["opd_rounds"] * cfg["rounds"]["steps"]
-        if c["opd_rounds"] < 1 or first < 1:
-            raise HpdError(f"hpd->opd needs compare.opd_rounds >= 1 and compare.steps ({c['steps']}) above "
-                           f"opd_rounds x rounds.steps ({c['opd_rounds']} x {cfg['rounds']['steps']})")
         return ['distill.method="hpd"', f"distill.steps={first}", f"rounds.count={c['opd_rounds']}",
                 'rounds.method="opd"', 'rounds.offline_method="hpd"', 'distill.baseline=""']
     # every method is a run of its own (sft among them): no run trains a baseline student beside it
@@ -36,16 +35,10 @@ def method_overrides(method: str, cfg: dict) -> list[str]:
 
 
 def compare(config_path, overrides: list[str], out: Path | None = None, log=print) -> Path:
-    cfg = config_mod.load(config_path, overrides)
+    base = open_run(config_path, overrides)
+    cfg = base.cfg
     c = cfg["compare"]
-    methods = [m.strip() for m in c["methods"].split(",") if m.strip()]
-    from stages.losses import METHODS
-
-    unknown = [m for m in methods if m not in METHODS and m != "hpd->opd"]
-    if unknown or not methods or c["seeds"] < 1:
-        raise HpdError(f"compare.methods has unknown {', '.join(unknown) or 'entries'} (or compare.seeds < 1); "
-                       f"choose from {', '.join(METHODS)}, hpd->opd")
-    base = Runner(build(cfg), cfg, context_from_config(cfg))
+    methods = compare_methods(cfg)
     shared = [s for s in OFFLINE if s in base.stages]  # no score stage with the teacher online
     base.run(until=shared[-1])  # the teacher and the cache, once for every method and seed
     results = []
@@ -53,19 +46,16 @@ def compare(config_path, overrides: list[str], out: Path | None = None, log=prin
         extra = method_overrides(method, cfg)
         for seed in range(c["seeds"]):
             name = f"{cfg['run']['name']}-{slug(method)}-s{seed}"
-            run_cfg = config_mod.load(config_path, [*overrides, *extra, f"distill.seed={seed}",
-                                                    f"distill.curve_every={c['curve_every']}",
-                                                    # the teacher is judged once, in the first run
-                                                    f"eval.teacher={'true' if not results else 'false'}",
-                                                    f'run.name="{name}"'])
-            r = Runner(build(run_cfg), run_cfg, context_from_config(run_cfg))
+            r = open_run(config_path, [*overrides, *extra, f"distill.seed={seed}",
+                                       f"distill.curve_every={c['curve_every']}",
+                                       # the teacher is judged once, in the first run
+                                       f"eval.teacher={'true' if not results else 'false'}", f'run.name="{name}"'])
             r.adopt(cfg["run"]["name"], shared)
             log(f"[compare] {method} seed {seed}: run {name}")
             r.run()
-            distills = student_stages(r.order)
-            results.append({"method": method, "seed": seed, "run": name,
-                            "eval": r.manifest("eval")["outputs"]["report"],
-                            "student": r.manifest(distills[-1])["outputs"]["report"],
+            distills = r.student_stages()
+            results.append({"method": method, "seed": seed, "run": name, "eval": r.outputs("eval").report,
+                            "student": r.outputs(distills[-1]).report,
                             "log": training_logs(r.ctx.run_dir, distills)})
     out = out or base.ctx.home / "compare" / cfg["run"]["name"]
     title = (f"{cfg['run']['name']}: {len(methods)} methods x {c['seeds']} seeds, {c['steps']} student steps each, "

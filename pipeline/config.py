@@ -1,7 +1,10 @@
 """Run configuration: built-in defaults, then a user TOML file, then --set overrides.
 
 Every key a user may set exists in defaults.toml with its type; an unknown key or a value of the wrong type
-is an error, so a typo never silently falls back to a default.
+is an error, so a typo never silently falls back to a default. Every check of a setting's value is here
+(`validate`), run when the config is loaded, before any stage: a bad value fails in a second, not after hours
+of teacher work. Stages check only what needs their inputs (a k against the teacher's vocabulary, a prompt
+against its context).
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import copy
 import tomllib
 from pathlib import Path
 
-from .errors import HpdError
+from hpd.common.errors import HpdError
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
 PRESETS = Path(__file__).with_name("presets")  # `--config dialogue` names pipeline/presets/dialogue.toml
@@ -84,6 +87,71 @@ def validate(cfg: dict) -> None:
           " or ".join(f'"{e}"' for e in ENGINES))
     check(("teacher.dtype",), lambda v: v in DTYPES, " or ".join(f'"{d}"' for d in DTYPES))
     check(("generate.mode",), lambda v: v in ("dataset", "teacher"), '"dataset" or "teacher"')
+    check(("generate.too_long",), lambda v: v in ("refuse", "truncate"), '"refuse" or "truncate"')
+    _check_choices(cfg)
+
+
+def _check_choices(cfg: dict) -> None:
+    """Settings whose allowed values live in the stages (methods, tasks, encodings), and combinations."""
+    from hpd.stages.losses import METHODS, ON_POLICY_ONLY
+    from hpd.stages.modeling import check_heads
+    from hpd.stages.tasks import TASKS
+    from hpd.storage import encodings
+
+    data, distill, rounds, score = cfg["data"], cfg["distill"], cfg["rounds"], cfg["score"]
+    if distill["teacher_source"] not in ("cache", "online"):
+        raise HpdError(f"distill.teacher_source={distill['teacher_source']!r} is unknown; choose cache "
+                       f"(train from the teacher cache) or online (the teacher in memory, the baseline)")
+    if distill["student_init"] not in ("gpt2", "teacher-layers", "teacher-shape"):
+        raise HpdError(f"distill.student_init={distill['student_init']!r} is unknown; choose gpt2 (a fresh "
+                       f"GPT-2), teacher-layers (the teacher with distill.n_layer of its layers kept) or "
+                       f"teacher-shape (a fresh model of the teacher's architecture, n_layer x n_embd)")
+    for section, key in (("distill", "method"), ("rounds", "method"), ("rounds", "offline_method")):
+        allowed = (*METHODS, "") if key == "offline_method" else METHODS  # "": distill.method
+        if cfg[section][key] not in allowed:
+            raise HpdError(f"{section}.{key}={cfg[section][key]!r} is unknown; choose one of {', '.join(METHODS)}")
+    for dotted, method in (("distill.method", distill["method"]), ("rounds.offline_method", rounds["offline_method"])):
+        if method in ON_POLICY_ONLY:
+            raise HpdError(f"{dotted}={method} needs on-policy sequences (the student's own samples), not offline "
+                           f"ones; use it for refreshed sequences with rounds.method=\"{method}\" (e.g. --config hpd-opd)")
+    baseline = distill["baseline"]
+    if baseline not in ("", *METHODS) or baseline in ON_POLICY_ONLY:
+        raise HpdError(f"distill.baseline={baseline!r} is unknown; choose an offline method "
+                       f"({', '.join(m for m in METHODS if m not in ON_POLICY_ONLY)}), or \"\" for none")
+    if data["builtin"] and data["builtin"] not in TASKS:
+        raise HpdError(f"unknown built-in task data.builtin={data['builtin']!r}; choose one of {sorted(TASKS)} or \"\"")
+    if not data["builtin"]:
+        for dotted, value, what in (("teacher.path", cfg["teacher"]["path"], "a local teacher directory or GGUF file"),
+                                    ("generate.prompts", cfg["generate"]["prompts"], "a prompts file")):
+            if not value:
+                raise HpdError(f"{dotted} is empty and data.builtin is empty (no built-in task); set {dotted} to "
+                               f"{what}, or use a built-in task")
+    if data["builtin"] == "chat" and not cfg["teacher"]["path"]:
+        raise HpdError("data.builtin=\"chat\" is prompts for a given instruct teacher; set teacher.path to its "
+                       "directory or GGUF file (or use --config smollm2)")
+    if distill["student_init"] == "teacher-shape":
+        check_heads(distill["n_embd"], distill["n_head"])
+    if distill["teacher_source"] == "online" and rounds["count"]:
+        raise HpdError("refresh rounds train from teacher caches; use distill.teacher_source=\"cache\" "
+                       "with rounds.count > 0")
+    try:
+        encoding = encodings.get(score["encoding"])
+    except ValueError as e:
+        raise HpdError(f"score.encoding: {e}") from None
+    if score["top_k"] == 1 and encoding.name != "fp16":
+        raise HpdError(f"score.encoding={encoding.name} needs top_k >= 2; use encoding=\"fp16\" for k=1")
+    methods = [m.strip() for m in cfg["compare"]["methods"].split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS and m != "hpd->opd"]
+    if unknown or not methods:
+        raise HpdError(f"compare.methods has unknown {', '.join(unknown) or 'entries'}; "
+                       f"choose from {', '.join(METHODS)}, hpd->opd")
+    c = cfg["compare"]
+    if "hpd->opd" in methods and (c["opd_rounds"] < 1 or c["steps"] - c["opd_rounds"] * rounds["steps"] < 1):
+        raise HpdError(f"hpd->opd needs compare.opd_rounds >= 1 and compare.steps ({c['steps']}) above "
+                       f"opd_rounds x rounds.steps ({c['opd_rounds']} x {rounds['steps']})")
+    if score["engine"] == "vllm" and score["temperature"] != 1.0:
+        raise HpdError("score.engine=\"vllm\" scores at temperature 1 only (vLLM reports raw log-probs); "
+                       "set score.temperature=1 or use engine=\"transformers\"")
 
 
 # Keys added after runs and caches already existed: at these values they are left out of a stage's fingerprint,

@@ -5,9 +5,8 @@ import json
 import statistics
 from pathlib import Path
 
-from stages.evaluators import LOWER_IS_BETTER, metric_keys
+from hpd.stages.evaluators import LOWER_IS_BETTER, metric_keys
 
-from .graph import student_stages
 
 DIAGNOSTICS = ("sample_term_active", "sample_outside_topk", "sample_is_expert", "mean_w_star", "mean_w_sample")
 
@@ -64,11 +63,21 @@ def training_logs(run_dir: Path, stages: list[str]) -> list[dict]:
     return rows
 
 
+def student_stages(run_dir: Path) -> list[str]:
+    """The run's student-training stages in round order, as their manifests record them."""
+    found = []
+    for manifest in run_dir.glob("*/manifest.json"):
+        m = json.loads(manifest.read_text())
+        if m.get("kind") == "distill" and m.get("round") is not None:
+            found.append((m["round"], m["stage"]))
+    return [name for _, name in sorted(found)]
+
+
 def run_report(run_dir: Path, out: Path) -> Path:
     """Markdown + PNGs for one run: loss curves, HPD diagnostics, the learning curve and the evaluation."""
     plt = _plt()
     out.mkdir(parents=True, exist_ok=True)
-    stages = student_stages(p.name for p in run_dir.iterdir() if p.is_dir())
+    stages = student_stages(run_dir)
     log = training_logs(run_dir, stages)
     steps = [e for e in log if "loss" in e]
     lines = [f"# Run {run_dir.name}", ""]

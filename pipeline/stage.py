@@ -1,8 +1,9 @@
-"""The stage contract and the runner that decides what is out of date.
+"""The stages of a run and the runner that decides what is out of date.
 
-A stage reads one config section and the published outputs of the stages it names as inputs, and returns
-its own outputs (always with a "fingerprint" that downstream stages key on). The runner records a manifest
-per stage in the run directory: config fingerprint, input fingerprints, code version, outputs and timings.
+A stage is an instance of a stage kind (stages/artifacts.py StageKind: score, distill, ...) in the graph: it
+reads one config section and the artifacts of the stages it names as inputs, and returns its own artifact
+(always with a "fingerprint" that downstream stages key on). The runner records a manifest per stage in the
+run directory: config fingerprint, input fingerprints, code version, the artifact and the stage's seconds.
 A stage whose manifest matches its current config and inputs, and whose outputs still exist, is skipped.
 Stages publish their bulk outputs atomically themselves (storage/ does that) and resume from their last
 published shard, so the runner only has to rerun what is not done.
@@ -10,7 +11,6 @@ published shard, so the runner only has to rerun what is not done.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import json
 import os
@@ -20,13 +20,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from storage import atomic
-from storage.faults import stage_started
-from storage.fingerprint import digest
+from hpd.storage import atomic
+from hpd.common.faults import stage_started
+from hpd.stages.artifacts import Artifact, StageKind
+from hpd.storage.fingerprint import digest
 
-from . import distributed
+from hpd.common import ranks
 from .config import LATER_KEYS
-from .errors import HpdError
+from hpd.common.errors import HpdError
 
 
 @dataclass
@@ -36,13 +37,21 @@ class Context:
     run_name: str
     seed: int
     log: Callable[[str], None] = print
-    stage: str = ""  # the stage being run (the runner sets it): round stages share one module
-    rank: int = 0        # this process among world_size under torchrun (pipeline/distributed.py)
+    stage: str = ""  # the stage being run and its refresh round (the runner sets them): round stages share a kind
+    round: int = 0
+    rank: int = 0        # this process among world_size under torchrun (common/ranks.py)
     world_size: int = 1
+    # Called as observer(stage, figures) with what a stage measured of its own run (seconds per phase, memory):
+    # figures for benches and profiling, kept out of the artifacts so that results never depend on them.
+    observers: tuple = ()
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            distributed.barrier()
+            ranks.barrier()
+
+    def measure(self, **figures) -> None:
+        for observe in self.observers:
+            observe(self.stage, figures)
 
     @property
     def run_dir(self) -> Path:
@@ -65,10 +74,11 @@ class Context:
 @dataclass
 class Stage:
     name: str
-    module: str                       # stages.<module>: run(ctx, cfg, inputs), published(outputs), VERSION
+    kind: StageKind                   # what it runs: kind.run(ctx, cfg, **inputs) -> kind.output
     section: str                      # the one config section it reads
     inputs: tuple[str, ...] = ()
     doc: str = ""
+    round: int | None = None          # its refresh round (0: the offline pipeline's); None outside the rounds
     # Round stages reuse a module on other inputs: `roles` renames an input for run() (rescore-2 reads
     # refresh-2 as its "generate"), `extra_sections` are further config sections it reads (passed nested
     # under their names), `params` are this instance's constants (its round). All are in its fingerprint,
@@ -77,16 +87,14 @@ class Stage:
     extra_sections: tuple[str, ...] = ()
     params: dict = field(default_factory=dict)
     unkeyed: tuple[str, ...] = ()
-    _mod: object = field(default=None, repr=False)
 
     @property
-    def impl(self):
-        if self._mod is None:
-            self._mod = importlib.import_module(self.module)
-        return self._mod
+    def trains_student(self) -> bool:
+        """distill and each round's distill-r (the baseline trains a student too, outside the rounds)."""
+        return self.kind.name == "distill" and self.round is not None
 
     def code_version(self) -> str:
-        return hashlib.sha256(Path(inspect.getfile(self.impl)).read_bytes()).hexdigest()[:12]
+        return hashlib.sha256(Path(inspect.getfile(self.kind.run)).read_bytes()).hexdigest()[:12]
 
 
 _NONE = object()
@@ -121,8 +129,8 @@ def referenced_caches(home: Path) -> set[str]:
 
 def context_from_config(cfg: dict) -> Context:
     home = Path(os.environ.get("HPD_HOME") or cfg["run"]["home"]).resolve()
-    rank, world_size = distributed.world()
-    distributed.init()
+    rank, world_size = ranks.world()
+    ranks.init()
     return Context(home=home, run_name=cfg["run"]["name"], seed=cfg["run"]["seed"], rank=rank,
                    world_size=world_size, log=print if rank == 0 else (lambda _msg: None))
 
@@ -151,7 +159,7 @@ class Runner:
             return {k: v for k, v in self.cfg[s].items()
                     if f"{s}.{k}" not in stage.unkeyed and LATER_KEYS.get(f"{s}.{k}", _NONE) != v}
 
-        what = {"section": keyed(stage.section), "seed": self.ctx.seed, "version": getattr(stage.impl, "VERSION", 1)}
+        what = {"section": keyed(stage.section), "seed": self.ctx.seed, "version": stage.kind.version}
         if stage.extra_sections or stage.params:
             what["extra"] = {s: keyed(s) for s in stage.extra_sections}
             what["params"] = stage.params
@@ -162,9 +170,18 @@ class Runner:
         stage = self.stages[name]
         return {**self.cfg[stage.section], **{s: self.cfg[s] for s in stage.extra_sections}, **stage.params}
 
-    def inputs(self, name: str) -> dict:
+    def student_stages(self) -> list[str]:
+        """The stages that train the run's student, in round order (distill, distill-1, ...)."""
+        return [n for n in self.order if self.stages[n].trains_student]
+
+    def outputs(self, name: str) -> Artifact:
+        """The artifact stage `name` published (its manifest must exist)."""
+        return self.stages[name].kind.output.from_manifest(self.manifest(name)["outputs"])
+
+    def inputs(self, name: str) -> dict[str, Artifact]:
+        """run()'s keyword arguments: each input stage's artifact under the name the stage knows it by."""
         stage = self.stages[name]
-        return {stage.roles.get(up, up): self.manifest(up)["outputs"] for up in stage.inputs}
+        return {stage.roles.get(up, up): self.outputs(up) for up in stage.inputs}
 
     # -- state -----------------------------------------------------------------------------------------
     def state(self, name: str) -> tuple[str, str]:
@@ -185,7 +202,7 @@ class Runner:
         if m["inputs"] != current:
             changed = [up for up in stage.inputs if m["inputs"].get(up) != current[up]]
             return "stale", f"input changed: {', '.join(changed)}"
-        if not stage.impl.published(m["outputs"]):
+        if not self.outputs(name).published():
             return "stale", "published output is missing or changed on disk"
         return "done", ""
 
@@ -221,18 +238,18 @@ class Runner:
         t0 = time.time()
         # Under torchrun the stages that split their work run on every rank, the others on rank 0 alone;
         # rank 0 writes the manifest, and no rank goes on before it is written.
-        if main or getattr(stage.impl, "DISTRIBUTED", False):
-            outputs = stage.impl.run(replace(self.ctx, stage=name), section, inputs)
+        if main or stage.kind.distributed:
+            output = stage.kind.run(replace(self.ctx, stage=name, round=stage.round or 0), section, **inputs)
         seconds = time.time() - t0
         if not main:
             self.ctx.barrier()
             return self.manifest(name)
         manifest = {
-            "stage": name, "run": self.ctx.run_name, "config": section, "seed": self.ctx.seed,
-            "config_fingerprint": self.config_fingerprint(name),
-            "inputs": {up: inputs[stage.roles.get(up, up)]["fingerprint"] for up in stage.inputs},
+            "stage": name, "kind": stage.kind.name, "round": stage.round, "run": self.ctx.run_name,
+            "config": section, "seed": self.ctx.seed, "config_fingerprint": self.config_fingerprint(name),
+            "inputs": {up: inputs[stage.roles.get(up, up)].fingerprint for up in stage.inputs},
             "code_version": stage.code_version(),
-            "outputs": {k: _to_home(v, self.ctx.home) for k, v in outputs.items()},
+            "outputs": {k: _to_home(v, self.ctx.home) for k, v in output.to_manifest().items()},
             "finished_at": time.time(), "seconds": round(seconds, 2),
         }
         atomic.write_json(self.manifest_path(name), manifest)

@@ -5,19 +5,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.errors import HpdError
-from storage import atomic
-from storage.fingerprint import digest, file_digest
+from hpd.common.errors import HpdError
+from hpd.storage import atomic
+from hpd.storage.fingerprint import digest, file_digest
 
+from .artifacts import StageKind, TaskData
 from .tasks import TASKS
 
 
-def run(ctx, cfg: dict, inputs: dict) -> dict:
+def run(ctx, cfg: dict) -> TaskData:
     name = cfg["builtin"]
     if not name:
-        return {"builtin": "", "fingerprint": digest("no built-in data")}
-    if name not in TASKS:
-        raise HpdError(f"unknown built-in task data.builtin={name!r}; choose one of {sorted(TASKS)} or \"\"")
+        return TaskData(builtin="", fingerprint=digest("no built-in data"))
     final = ctx.stage_dir("data") / name
     tmp = final.with_name(f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -34,11 +33,9 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
     files = {f: file_digest(final / f) for f in ("train.jsonl", "heldout.jsonl")}
     if own_tokenizer:
         files["tokenizer"] = file_digest(final / "tokenizer" / "tokenizer.json")
-    return {"builtin": name, "train": str(final / "train.jsonl"), "heldout": str(final / "heldout.jsonl"),
-            **({"tokenizer": str(final / "tokenizer")} if own_tokenizer else {}),
-            "train_examples": counts["train"], "heldout_examples": counts["heldout"],
-            "fingerprint": digest(files)}
+    return TaskData(builtin=name, train=str(final / "train.jsonl"), heldout=str(final / "heldout.jsonl"),
+                    tokenizer=str(final / "tokenizer") if own_tokenizer else "", train_examples=counts["train"],
+                    heldout_examples=counts["heldout"], fingerprint=digest(files))
 
 
-def published(outputs: dict) -> bool:
-    return not outputs["builtin"] or all(Path(outputs[s]).is_file() for s in ("train", "heldout"))
+STAGE = StageKind("data", run, TaskData)

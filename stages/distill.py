@@ -16,81 +16,27 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import Trainer
 
-from pipeline.errors import HpdError
-from storage.fingerprint import digest
-from storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
-from storage.sequences import SequenceStore
+from hpd.common.errors import HpdError
+from hpd.storage.fingerprint import digest
+from hpd.storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 
 from . import modeling
+from .artifacts import Cache, Sequences, StageKind, Student, TaskData, Teacher
 from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
-from .losses import METHOD_PARAMS, ON_POLICY_ONLY, distill_loss, response_positions
+from .losses import METHOD_PARAMS, CachedTargets, TeacherLogits, distill_loss, response_positions
 from .tasks import TASKS
-from .training import (PeriodicEval, ResponseCollator, job_dir, peak_rss_mb, publish_model, rss_mb,
-                       train_causal_lm)
-
-DISTRIBUTED = True  # the Trainer's DDP under torchrun; rank 0 publishes (pipeline/distributed.py)
-
-CACHE_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_logmass", "mask")
+from .training import PeriodicEval, ResponseCollator, job_dir, peak_rss_mb, publish_model, rss_mb, train, training_arguments
+from .training_set import Source, plan_round, training_set
 
 
-@dataclass
-class Source:
-    """One kind of training data: sequences, the teacher cache scored on them, and the loss they get."""
-    name: str
-    store: SequenceStore
-    cache: LogitCache | None  # None: the teacher is online
-    method: str
-    share: float
-
-
-def open_source(name: str, generate: dict, score: dict | None, method: str, share: float) -> Source:
-    if name == "offline" and method in ON_POLICY_ONLY:
-        raise HpdError(f"{method} needs on-policy sequences (the student's own samples), not offline ones; "
-                       f"use it for refreshed sequences with rounds.method=\"{method}\" (e.g. --config hpd-opd)")
-    store = SequenceStore(Path(generate["sequences"]))
-    if score is None:
-        return Source(name, store, None, method, share)
-    cache = LogitCache(Path(score["cache"])).hold()  # `hpd cache gc` must not remove it while we train
-    if cache.key["data"] != store.fingerprint or cache.num_sequences != len(store):
-        raise HpdError(f"cache {cache.id} was scored on other sequences than {generate['sequences']}; rerun score")
-    return Source(name, store, cache, method, share)
-
-
-def mixture_plan(sizes: list[int], shares: list[float], batch: int, num_batches: int,
-                 seed: int) -> list[list[tuple[int, int]]]:
-    """(source, row) pairs filling each batch. Every batch holds each source's share of `batch`, rounded with
-    the remainder carried over, so a source's running count never drifts a whole row from its share; each
-    source is read in passes (all its rows once, in a fresh random order) before any row repeats."""
-    rng = np.random.default_rng(seed)
-    shares = np.asarray(shares, float) / sum(shares)
-    orders, pos = [np.empty(0, int)] * len(sizes), [0] * len(sizes)
-    carry, plan = np.zeros(len(sizes)), []
-    for _ in range(num_batches):
-        carry += shares * batch
-        counts = np.floor(carry).astype(int)
-        for s in np.argsort(-(carry - counts), kind="stable")[:batch - counts.sum()]:
-            counts[s] += 1
-        carry -= counts
-        rows = []
-        for s, n in enumerate(counts):
-            for _ in range(n):
-                if pos[s] == len(orders[s]):
-                    orders[s], pos[s] = rng.permutation(sizes[s]), 0
-                rows.append((s, int(orders[s][pos[s]])))
-                pos[s] += 1
-        plan.append(rows)
-    return plan
-
-
+# -- the teacher signal of a batch: cache rows, or the online teacher's logits ------------------------------
 class CacheCollator(ResponseCollator):
-    """Pads a token batch and attaches each row's cache entry, looked up by (source, seq_id)."""
+    """Pads a token batch and attaches each row's cache entry, looked up by (source, seq_id), as `teacher`."""
 
     def __init__(self, pad_id: int, *caches: LogitCache):
         super().__init__(pad_id)
@@ -102,49 +48,58 @@ class CacheCollator(ResponseCollator):
     def __call__(self, rows: list[dict]) -> dict:
         batch = super().__call__(rows)
         source = torch.tensor([r.get("source", 0) for r in rows])
-        B, L = batch["input_ids"].shape
-        full = None
+        parts = []
         for s, cache in enumerate(self.caches):
             idx = (source == s).nonzero()[:, 0].tolist()
             if not idx:
                 continue
             try:
-                cb = cache.batch([rows[i]["seq_id"] for i in idx], input_ids=[rows[i]["input_ids"] for i in idx],
-                                 length=L)
+                parts.append((idx, cache.batch([rows[i]["seq_id"] for i in idx],
+                                               input_ids=[rows[i]["input_ids"] for i in idx],
+                                               length=batch["input_ids"].shape[1])))
             except (KeyError, CacheMismatchError) as e:
                 raise HpdError(f"cache {cache.id} does not match the training sequences: {e.args[0]}") from None
-            if len(idx) == B:
-                full = cb
-                break
-            if full is None:
-                full = CacheBatch(**{f: torch.zeros((B, *getattr(cb, f).shape[1:]), dtype=getattr(cb, f).dtype)
-                                     for f in CACHE_FIELDS})
-            for f in CACHE_FIELDS:
-                getattr(full, f)[idx] = getattr(cb, f)
-        batch.update({f"cache_{f}": getattr(full, f) for f in CACHE_FIELDS}, source=source)
-        return batch
+        return {**batch, "teacher": CacheBatch.stack(parts, len(rows)), "source": source}
 
 
+class OnlineTeacher:
+    """distill.teacher_source = "online": the teacher in memory gives full-vocabulary logits for each batch."""
+
+    def __init__(self, model):
+        self.model = model.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> TeacherLogits:
+        if self.model.device != batch["input_ids"].device:
+            self.model.to(batch["input_ids"].device)
+        return TeacherLogits(self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+
+
+def from_cache(batch: dict) -> CachedTargets:
+    return CachedTargets(batch.pop("teacher").to(batch["input_ids"].device))
+
+
+def no_teacher(batch: dict) -> None:  # sft: no teacher signal at all
+    return None
+
+
+# -- the loss of a batch -----------------------------------------------------------------------------------
 def mixture_loss(sources: list[Source], logits, labels, teacher, source, loss_params: dict):
     """Each source's loss on its own rows, averaged over all response tokens of the batch (so a token counts
     the same whichever source it came from). Diagnostics are prefixed by source name when there are several.
-    `teacher`: the batch's CacheBatch, or the online teacher's logits."""
+    `logits`: the student's [N, V] at the response positions; `teacher`: the batch's teacher signal."""
     def loss_of(src, lg, lb, t):
         return distill_loss(src.method, lg, lb, teacher=t, **loss_params.get(src.method, {}))
 
     if len(sources) == 1:
         return loss_of(sources[0], logits, labels, teacher)
     parts = []
+    position_source = source[:, None].expand_as(labels)[response_positions(labels)]
     for s, src in enumerate(sources):
         rows = source == s
         if rows.any():
-            sub = (teacher[rows] if isinstance(teacher, torch.Tensor)
-                   else CacheBatch(**{f: getattr(teacher, f)[rows] for f in CACHE_FIELDS}))
-            if logits.dim() == 2:  # logits at response positions only: a position belongs to its row's source
-                lg = logits[source[:, None].expand_as(labels)[response_positions(labels)] == s]
-            else:
-                lg = logits[rows]
-            parts.append((src, int(rows.sum()), *loss_of(src, lg, labels[rows], sub)))
+            sub = None if teacher is None else teacher.select(rows)
+            parts.append((src, int(rows.sum()), *loss_of(src, logits[position_source == s], labels[rows], sub)))
     tokens = sum(d["tokens"] for *_, d in parts)
     loss = sum(part * d["tokens"] for _, _, part, d in parts) / max(tokens, 1)
     diag = {"tokens": tokens}
@@ -154,31 +109,28 @@ def mixture_loss(sources: list[Source], logits, labels, teacher, source, loss_pa
 
 
 class DistillTrainer(Trainer):
-    """Trainer whose loss is each source's distillation loss, weighted by its response tokens. With a
-    `teacher` model (online mode) the teacher's full-vocabulary logits for the batch replace the cache rows."""
+    """The HF Trainer with a distillation loss (like TRL's GKDTrainer: compute_loss, and log for its diagnostics).
+    `teacher_signal(batch)` takes the batch's teacher signal out of it (from_cache, OnlineTeacher, no_teacher)."""
 
-    def __init__(self, *args, sources: list[Source], loss_params: dict, teacher=None, **kwargs):
+    def __init__(self, *args, sources: list[Source], loss_params: dict, teacher_signal, **kwargs):
         super().__init__(*args, **kwargs)
-        self.sources, self.loss_params, self.teacher = sources, loss_params, teacher
+        self.sources, self.loss_params, self.teacher_signal = sources, loss_params, teacher_signal
         self._diag: list[dict] = []
         self._last_log = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels, source = inputs.pop("labels"), inputs.pop("source", None)
-        if "cache_mask" in inputs:
-            teacher = CacheBatch(**{f: inputs.pop(f"cache_{f}") for f in CACHE_FIELDS})
-        elif self.teacher is None:
-            teacher = None  # sft: no teacher signal at all
-        else:
-            if self.teacher.device != inputs["input_ids"].device:
-                self.teacher.to(inputs["input_ids"].device)
-            with torch.no_grad():
-                teacher = self.teacher(**inputs).logits
+        teacher = self.teacher_signal(inputs)
         # Student logits only where a loss is taken: the [B, L, V] logits and their gradient were most of a
         # step's memory (response positions are a fraction of a padded batch; prompts take none).
-        keep = {"logits_to_keep": response_positions(labels)} if self._keeps_logits(model) else {}
-        outputs = model(**inputs, **keep)
-        loss, diag = mixture_loss(self.sources, outputs.logits, labels, teacher, source, self.loss_params)
+        keep = response_positions(labels)
+        if self._keeps_logits(model):
+            outputs = model(**inputs, logits_to_keep=keep)
+            logits = outputs.logits
+        else:
+            outputs = model(**inputs)
+            logits = outputs.logits[keep]
+        loss, diag = mixture_loss(self.sources, logits, labels, teacher, source, self.loss_params)
         self._diag.append(diag)
         return (loss, outputs) if return_outputs else loss
 
@@ -199,7 +151,8 @@ class DistillTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def _fresh_or_given_student(cfg: dict, teacher_dir: str, teacher_tok, seed: int):
+# -- the student it starts from ----------------------------------------------------------------------------
+def _new_student(cfg: dict, teacher: Teacher, teacher_tok, seed: int):
     if cfg["student_path"]:
         model, tok = modeling.load_causal_lm(cfg["student_path"])
         if tok.get_vocab() != teacher_tok.get_vocab():
@@ -211,70 +164,20 @@ def _fresh_or_given_student(cfg: dict, teacher_dir: str, teacher_tok, seed: int)
         return model
     torch.manual_seed(seed)
     if cfg["student_init"] == "teacher-layers":
-        teacher, _ = modeling.load_causal_lm(teacher_dir)
-        return modeling.keep_layers(teacher, cfg["n_layer"])[0]
+        model, _ = modeling.load_causal_lm(teacher.model_dir)
+        return modeling.keep_layers(model, cfg["n_layer"])[0]
     if cfg["student_init"] == "teacher-shape":
-        return modeling.same_shape_fresh(modeling.check_causal_lm(teacher_dir), n_layer=cfg["n_layer"],
+        return modeling.same_shape_fresh(modeling.check_causal_lm(teacher.model_dir), n_layer=cfg["n_layer"],
                                          n_embd=cfg["n_embd"], n_head=cfg["n_head"])
-    context = modeling.context_length(modeling.check_causal_lm(teacher_dir))
+    context = modeling.context_length(modeling.check_causal_lm(teacher.model_dir))
     return modeling.new_gpt2(teacher_tok, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
                              n_head=cfg["n_head"])
 
 
-def _rows(src: Source, s: int, picks=None) -> dict:
-    seq_ids, plens, seqs = src.store.range(0, len(src.store))
-    picks = range(len(seq_ids)) if picks is None else picks
-    return {"seq_id": [int(seq_ids[i]) for i in picks], "prompt_len": [int(plens[i]) for i in picks],
-            "input_ids": [seqs[i].tolist() for i in picks], "source": [s] * len(picks)}
-
-
-def _training_set(sources: list[Source], per_batch: int, num_batches: int, seed: int):
-    """Round 0: every offline sequence, shuffled by the Trainer. Rounds: the mixture plan, read in order."""
-    from datasets import Dataset
-
-    if len(sources) == 1 and sources[0].share == 1 and num_batches == 0:
-        return Dataset.from_dict(_rows(sources[0], 0))
-    plan = [p for batch in mixture_plan([len(s.store) for s in sources], [s.share for s in sources], per_batch,
-                                        num_batches, seed) for p in batch]
-    columns: dict = {"seq_id": [], "prompt_len": [], "input_ids": [], "source": []}
-    order = []
-    for s, src in enumerate(sources):
-        picks = [row for src_i, row in plan if src_i == s]
-        for name, values in _rows(src, s, picks).items():
-            columns[name] += values
-        order += [i for i, (src_i, _) in enumerate(plan) if src_i == s]
-    ds = Dataset.from_dict(columns)
-    return ds.select(np.argsort(order, kind="stable"))
-
-
-def _plan(cfg: dict, inputs: dict, tok, seed: int):
-    """(sources, student, steps, lr, warmup, planned batches, the previous round's report) for this round."""
-    if cfg.get("round", 0) == 0:
-        sources = [open_source("offline", inputs["generate"], inputs.get("score"), cfg["method"], 1.0)]
-        model = _fresh_or_given_student(cfg, inputs["teacher"]["model_dir"], tok, seed)
-        return sources, model, cfg["steps"], cfg["learning_rate"], cfg["warmup_steps"], 0, {}
-    rounds, previous = cfg["rounds"], inputs["student"]
-    sources = [open_source("offline", inputs["generate"], inputs["score"], rounds["offline_method"] or cfg["method"],
-                           1 - rounds["refresh_share"])]
-    if "refresh" in inputs:
-        sources.append(open_source("refresh", inputs["refresh"], inputs["refresh_score"], rounds["method"],
-                                   rounds["refresh_share"]))
-    model, _ = modeling.load_causal_lm(previous["student_dir"])
-    return ([s for s in sources if s.share > 0], model, rounds["steps"], rounds["learning_rate"],
-            rounds["warmup_steps"], rounds["steps"] * cfg["gradient_accumulation_steps"], previous["report"])
-
-
-def _online_teacher(cfg: dict, teacher: dict):
-    if cfg["teacher_source"] == "cache" or cfg["method"] == "sft":  # (graph.py refuses any other source)
-        return None
-    model, _ = modeling.load_teacher(teacher)
-    return model.requires_grad_(False)
-
-
-def _learning_curve(cfg: dict, data: dict, tok, before: dict) -> list:
-    if not (cfg["curve_every"] and data.get("builtin")):
+def _learning_curve(cfg: dict, data: TaskData, tok, before: dict) -> list:
+    if not (cfg["curve_every"] and data.builtin):
         return []
-    rows, task = read_rows(data["heldout"], cfg["curve_examples"]), TASKS[data["builtin"]]
+    rows, task = read_rows(data.heldout, cfg["curve_examples"]), TASKS[data.builtin]
 
     def measure(m):
         r = answer_accuracy(m, tok, rows, task) if hasattr(task, "is_correct") else {}
@@ -282,57 +185,76 @@ def _learning_curve(cfg: dict, data: dict, tok, before: dict) -> list:
     return [PeriodicEval(measure, cfg["curve_every"], before.get("student_steps", 0), before.get("input_tokens", 0))]
 
 
-def run(ctx, cfg: dict, inputs: dict) -> dict:
+# -- the recipe --------------------------------------------------------------------------------------------
+def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, score: Cache | None = None,
+        student: Student | None = None, refresh: Sequences | None = None,
+        refresh_score: Cache | None = None) -> Student:
+    """Train one student: round 0 from a new (or given) student on the offline cache, a refresh round from the
+    previous round's `student` on the offline and refreshed caches."""
     from transformers import AutoTokenizer
 
     rss_start = rss_mb()  # before any model is loaded: what training adds is measured from here
-    teacher, data = inputs["teacher"], inputs["data"]
-    round_, seed = cfg.get("round", 0), ctx.seed * 7919 + cfg["seed"]
-    tok = AutoTokenizer.from_pretrained(teacher["model_dir"])
-    sources, model, steps, lr, warmup, num_batches, before = _plan(cfg, inputs, tok, seed)
-    out = ctx.stage_dir() / "student"
+    seed = ctx.seed * 7919 + cfg["seed"]
+    tok = AutoTokenizer.from_pretrained(teacher.model_dir)
+    plan = plan_round(cfg, generate, score, refresh, refresh_score, previous=student)
+    model = _new_student(cfg, teacher, tok, seed) if student is None else \
+        modeling.load_causal_lm(student.student_dir)[0]
+    inputs = {"data": data, "teacher": teacher, "generate": generate, "score": score, "student": student,
+              "refresh": refresh, "refresh_score": refresh_score}
     job = digest({"cfg": cfg, "seed": seed, "world": ctx.world_size,
-                  "inputs": {k: v.get("fingerprint") for k, v in inputs.items()}})
+                  "inputs": {k: v.fingerprint for k, v in inputs.items() if v is not None}})
+    out = ctx.stage_dir() / "student"
     tmp = job_dir(out.with_name(".tmp-student"), job) if ctx.rank == 0 else out.with_name(".tmp-student")
     ctx.barrier()  # rank 0 has cleared another job's leftovers
-    params = {s.method: {k: cfg[k] for k in METHOD_PARAMS.get(s.method, ())} for s in sources}
-    online = _online_teacher(cfg, teacher)
-    where = {s.name: f"cache {s.cache.id}" if s.cache else "teacher online" for s in sources}
-    mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, {where[s.name]})" for s in sources)
+
+    # the teacher signal: cache rows joined to each batch, the teacher online, or none (sft)
+    caches = [s.cache for s in plan.sources if s.cache is not None]
+    online = cfg["teacher_source"] == "online" and cfg["method"] != "sft"
+    if caches:
+        collator, signal, where = CacheCollator(tok.pad_token_id, *caches), from_cache, "cache"
+    elif online:
+        collator, signal, where = ResponseCollator(tok.pad_token_id), OnlineTeacher(modeling.load_teacher(teacher)[0]), "teacher online"
+    else:
+        collator, signal, where = ResponseCollator(tok.pad_token_id), no_teacher, "no teacher"
+    mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, {f'cache {s.cache.id}' if s.cache else where})"
+                    for s in plan.sources)
     ctx.log(f"[{ctx.stage}] a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter student, "
-            f"{steps} steps on {mix}")
+            f"{plan.steps} steps on {mix}")
+
     # Under DDP each rank reads every world_size-th planned batch: a step's global batch is world_size of them.
-    dataset = _training_set(sources, cfg["batch_size"], num_batches * ctx.world_size, seed * 1009 + round_)
-    caches = [s.cache for s in sources if s.cache is not None]
-    collator = CacheCollator(tok.pad_token_id, *caches) if caches else ResponseCollator(tok.pad_token_id)
-    trainer = train_causal_lm(model, tok, dataset, tmp / "checkpoints", steps=steps,
-                              batch_size=cfg["batch_size"], learning_rate=lr, warmup_steps=warmup, seed=seed,
-                              save_steps=cfg["checkpoint_steps"], trainer_cls=DistillTrainer, collator=collator,
-                              gradient_accumulation_steps=cfg["gradient_accumulation_steps"], bf16=cfg["bf16"],
-                              sequential=num_batches > 0,
-                              callbacks=_learning_curve(cfg, data, tok, before) if ctx.rank == 0 else [],
-                              fsdp=cfg["fsdp"], deepspeed=cfg["deepspeed"], log=lambda line: ctx.log(f"[{ctx.stage}] {line}"),
-                              sources=sources, loss_params=params, teacher=online)
+    dataset = training_set(plan.sources, cfg["batch_size"], plan.planned_batches * ctx.world_size,
+                           seed * 1009 + ctx.round)
+    args = training_arguments(tmp / "checkpoints", steps=plan.steps, batch_size=cfg["batch_size"],
+                              learning_rate=plan.learning_rate, warmup_steps=plan.warmup_steps, seed=seed,
+                              save_steps=cfg["checkpoint_steps"], gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
+                              bf16=cfg["bf16"], sequential=plan.planned_batches > 0, fsdp=cfg["fsdp"],
+                              deepspeed=cfg["deepspeed"])
+    loss_params = {s.method: {k: cfg[k] for k in METHOD_PARAMS.get(s.method, ())} for s in plan.sources}
+    trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                             callbacks=_learning_curve(cfg, data, tok, plan.before) if ctx.rank == 0 else [],
+                             sources=plan.sources, loss_params=loss_params, teacher_signal=signal)
+    train(trainer, log=lambda line: ctx.log(f"[{ctx.stage}] {line}"))
     if ctx.rank > 0:
-        return {}  # rank 0 judges and publishes the student
+        return None  # rank 0 judges and publishes the student
+
     model.eval()
-    sequences = steps * cfg["batch_size"] * cfg["gradient_accumulation_steps"] * ctx.world_size
-    runtime = trainer.state.log_history[-1].get("train_runtime")
-    report = {"parameters": sum(p.numel() for p in model.parameters()), "method": cfg["method"], "round": round_,
+    before = plan.before
+    sequences = plan.steps * cfg["batch_size"] * cfg["gradient_accumulation_steps"] * ctx.world_size
+    report = {"parameters": sum(p.numel() for p in model.parameters()), "method": cfg["method"], "round": ctx.round,
               "teacher_source": cfg["teacher_source"],
               "mixture": {s.name: {"share": s.share, "method": s.method, "cache": s.cache.id if s.cache else None}
-                          for s in sources},
-              "student_steps": before.get("student_steps", 0) + steps,
+                          for s in plan.sources},
+              "student_steps": before.get("student_steps", 0) + plan.steps,
               "train_sequences": before.get("train_sequences", 0) + sequences,
-              "input_tokens": before.get("input_tokens", 0) + trainer.state.num_input_tokens_seen,
-              # this process's figures, for the cached-vs-online bench (which runs one stage per process)
-              "train_seconds": runtime, "rss_start_mb": rss_start, "peak_rss_mb": peak_rss_mb()}
-    if data.get("builtin"):
-        report.update(heldout_report(model, tok, data["heldout"], cfg["eval_examples"], TASKS[data["builtin"]]))
+              "input_tokens": before.get("input_tokens", 0) + trainer.state.num_input_tokens_seen}
+    ctx.measure(train_seconds=trainer.state.log_history[-1].get("train_runtime"), rss_start_mb=rss_start,
+                peak_rss_mb=peak_rss_mb(), input_tokens=trainer.state.num_input_tokens_seen, steps=plan.steps,
+                parameters=report["parameters"])
+    if data.builtin:
+        report.update(heldout_report(model, tok, data.heldout, cfg["eval_examples"], TASKS[data.builtin]))
     publish_model(model, tok, tmp, out, {"training_log.json": trainer.state.log_history, "hpd-student.json": report})
-    return {"student_dir": str(out), "report": report, "teacher_report": teacher.get("report"), "seed": seed,
-            "fingerprint": digest(modeling.model_fingerprints(out))}
+    return Student(student_dir=str(out), report=report, teacher_report=teacher.report, seed=seed,
+                   fingerprint=digest(modeling.model_fingerprints(out)))
 
 
-def published(outputs: dict) -> bool:
-    return (Path(outputs["student_dir"]) / "hpd-student.json").is_file()
+STAGE = StageKind("distill", run, Student, distributed=True)  # the Trainer's DDP; rank 0 publishes

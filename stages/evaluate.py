@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import HpdError
-from storage import atomic
-from storage.faults import crash_point
-from storage.fingerprint import digest
+from hpd.common.errors import HpdError
+from hpd.storage import atomic
+from hpd.common.faults import crash_point
+from hpd.storage.fingerprint import digest
 
 from . import evaluators, modeling
+from .artifacts import EvalReport, StageKind, Student, TaskData, Teacher
 from .tasks import TASKS
 
 VERSION = 3  # 2: the baseline student, parameters; 3: the teacher's replies as references
@@ -42,8 +43,8 @@ def judge(model, tokenizer, rows: list[dict], cfg: dict, task, teacher=None, rou
     return report
 
 
-def _heldout_rows(cfg: dict, data: dict) -> tuple[str, list[dict]]:
-    heldout = cfg["heldout"] or data.get("heldout")
+def _heldout_rows(cfg: dict, data: TaskData) -> tuple[str, list[dict]]:
+    heldout = cfg["heldout"] or data.heldout
     if not heldout:
         raise HpdError("eval.heldout is empty and there is no built-in task; set eval.heldout to a JSONL file "
                        "with a prompt field (and a response field, or the teacher's replies are the references)")
@@ -63,36 +64,35 @@ def _heldout_rows(cfg: dict, data: dict) -> tuple[str, list[dict]]:
     return heldout, rows
 
 
-def run(ctx, cfg: dict, inputs: dict) -> dict:
-    data, teacher_out, student_out = inputs["data"], inputs["teacher"], inputs["student"]
+def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, student: Student,
+        baseline: Student | None = None) -> EvalReport:
     heldout, rows = _heldout_rows(cfg, data)
-    task = TASKS.get(data.get("builtin") or "")
-    student, tok = modeling.load_causal_lm(student_out["student_dir"])
-    teacher, _ = modeling.load_teacher(teacher_out)
+    task = TASKS.get(data.builtin)
+    model, tok = modeling.load_causal_lm(student.student_dir)
+    teacher_model, _ = modeling.load_teacher(teacher)
     ctx.log(f"[eval] {len(rows)} held-out examples from {heldout}")
     references = "data" if "response" in rows[0] else "teacher"
     if references == "teacher":  # no reference answers: the teacher's greedy replies are what to match
-        replies = evaluators.generate_texts(teacher, tok, [r["prompt"] for r in rows],
+        replies = evaluators.generate_texts(teacher_model, tok, [r["prompt"] for r in rows],
                                             max_new_tokens=cfg["max_new_tokens"], batch_tokens=cfg["batch_tokens"])
         rows = [{**r, "response": g[0]} for r, g in zip(rows, replies)]
-    reference = teacher if cfg["kl_to_teacher"] else None
+    reference = teacher_model if cfg["kl_to_teacher"] else None
     report = {"references": references,
-              "student": judge(student, tok, rows, cfg, task, teacher=reference),
-              "student_dir": student_out["student_dir"], "student_report": student_out.get("report")}
-    if "baseline" in inputs:  # the same student trained without the teacher's distribution (distill.baseline)
-        baseline, _ = modeling.load_causal_lm(inputs["baseline"]["student_dir"])
-        report["baseline"] = judge(baseline, tok, rows, cfg, task, teacher=reference)
-        report["baseline_report"] = inputs["baseline"].get("report")
+              "student": judge(model, tok, rows, cfg, task, teacher=reference),
+              "student_dir": student.student_dir, "student_report": student.report}
+    if baseline is not None:  # the same student trained without the teacher's distribution (distill.baseline)
+        report["baseline"] = judge(modeling.load_causal_lm(baseline.student_dir)[0], tok, rows, cfg, task,
+                                   teacher=reference)
+        report["baseline_report"] = baseline.report
     crash_point("judged")
     if cfg["teacher"]:
         # against its own replies the teacher's ROUGE-L is 1 by construction: not reported
-        report["teacher"] = judge(teacher, tok, rows, cfg, task, rouge=references == "data")
+        report["teacher"] = judge(teacher_model, tok, rows, cfg, task, rouge=references == "data")
     path = ctx.stage_dir() / "report.json"
     atomic.write_json(path, report)
     s = report["student"]
     ctx.log("[eval] student: " + ", ".join(f"{k} {s[k]:.4g}" for k, _, _ in evaluators.metric_keys(s)))
-    return {"report_path": str(path), "report": report, "fingerprint": digest(report)}
+    return EvalReport(report_path=str(path), report=report, fingerprint=digest(report))
 
 
-def published(outputs: dict) -> bool:
-    return Path(outputs["report_path"]).is_file()
+STAGE = StageKind("eval", run, EvalReport, version=VERSION)

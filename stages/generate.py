@@ -10,15 +10,15 @@ import json
 from pathlib import Path
 
 
-from pipeline import distributed
-from pipeline.errors import HpdError
-from storage import sequences as seqstore
-from storage.fingerprint import file_digest
+from hpd.common.errors import HpdError
+from hpd.storage import sequences as seqstore
+from hpd.storage.fingerprint import file_digest
+from hpd.storage.sharded import ShardedWrite
 
 from . import modeling
+from .artifacts import Sequences, StageKind, TaskData, Teacher
 
 VERSION = 2  # 2: sequences in zstd-framed shards
-DISTRIBUTED = True  # ranks share the shards out (pipeline/distributed.py)
 
 
 def read_prompts(path: str, prompt_field: str, response_field: str | None, limit: int = 0):
@@ -112,11 +112,8 @@ def _read_json(p: Path):
         raise
 
 
-def run(ctx, cfg: dict, inputs: dict) -> dict:
-    teacher, data = inputs["teacher"], inputs["data"]
-    source = cfg["prompts"] or data.get("train")
-    if not source:
-        raise HpdError("generate.prompts is empty and there is no built-in task; set generate.prompts to a file")
+def run(ctx, cfg: dict, data: TaskData, teacher: Teacher) -> Sequences:
+    source = cfg["prompts"] or data.train
     from_data = cfg["mode"] == "dataset"
     prompts, responses = read_prompts(source, cfg["prompt_field"], cfg["response_field"] if from_data else None,
                                       cfg["num_prompts"])
@@ -131,7 +128,7 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
                 f"teacher's context of {context} tokens")
 
     final = ctx.stage_dir("generate") / "sequences"
-    meta = {"config": cfg, "teacher": teacher["fingerprint"], "source": file_digest(source)
+    meta = {"config": cfg, "teacher": teacher.fingerprint, "source": file_digest(source)
             if Path(source).is_file() else str(source), "seed": ctx.seed}
     if from_data:
         manifest = _write_dataset(ctx, final, meta, pairs, cfg["shard_size"])
@@ -142,15 +139,13 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
             batch_size=cfg["batch_size"], seed=ctx.seed, desc="generate", engine=cfg["engine"],
             batch_tokens=cfg["batch_tokens"])
     tokens = sum(s["tokens"] for s in manifest["shards"])
-    return {"sequences": str(final), "source": str(source), "count": manifest["rows"], "tokens": tokens,
-            "truncated": truncated, "fingerprint": manifest["fingerprint"]}
+    return Sequences(sequences=str(final), source=str(source), count=manifest["rows"], tokens=tokens,
+                     truncated=truncated, fingerprint=manifest["fingerprint"])
 
 
 def _fit_context(pairs: list, context: int, cfg: dict, source, from_data: bool) -> tuple[list, int, int]:
     """(pairs, max_new_tokens, number cut) with every sequence inside the teacher's context: refused, or with
     generate.too_long = "truncate" cut (dataset mode: the response's end; teacher mode: fewer new tokens)."""
-    if cfg["too_long"] not in ("refuse", "truncate"):
-        raise HpdError(f"generate.too_long must be \"refuse\" or \"truncate\", got {cfg['too_long']!r}")
     truncate, max_new, cut = cfg["too_long"] == "truncate", cfg["max_new_tokens"], 0
     for i, (p, r) in enumerate(pairs):
         n = len(p) + (len(r) if from_data else max_new)
@@ -172,17 +167,13 @@ def _fit_context(pairs: list, context: int, cfg: dict, source, from_data: bool) 
 
 
 def _write_dataset(ctx, final: Path, meta: dict, pairs: list, per_shard: int) -> dict:
-    writer = distributed.open_writer(ctx, lambda rank: seqstore.SequenceWriter(final, {**meta, "shard_size": per_shard},
-                                                                               rank))
-    num_shards = -(-len(pairs) // per_shard)
-    for shard in range(num_shards):
-        if not writer.done(shard) and distributed.mine(ctx, shard):
-            lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(pairs))
-            writer.write_rows(shard, seqstore.rows_table(range(lo, hi), range(lo, hi),
-                                                         [len(pairs[i][0]) for i in range(lo, hi)],
-                                                         [pairs[i][0] + pairs[i][1] for i in range(lo, hi)]))
-    return distributed.finish(ctx, writer, num_shards)
+    out = ShardedWrite(ctx, lambda rank: seqstore.SequenceWriter(final, {**meta, "shard_size": per_shard}, rank),
+                       -(-len(pairs) // per_shard))
+    for shard in out.todo():
+        lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(pairs))
+        out.write(shard, seqstore.rows_table(range(lo, hi), range(lo, hi), [len(pairs[i][0]) for i in range(lo, hi)],
+                                             [pairs[i][0] + pairs[i][1] for i in range(lo, hi)]))
+    return out.finish()
 
 
-def published(outputs: dict) -> bool:
-    return seqstore.is_published(Path(outputs["sequences"]))
+STAGE = StageKind("generate", run, Sequences, version=VERSION, distributed=True)  # ranks share the shards

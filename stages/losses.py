@@ -188,10 +188,37 @@ class _CachedTeacher:
         return Outcomes(logp, torch.cat([top_q, self._student_tail(logq)[:, None]], -1))
 
 
-def _teacher_view(teacher, sel, temperature):
-    if isinstance(teacher, torch.Tensor):
-        return _FullTeacher.of(teacher, sel, temperature)
-    return _CachedTeacher.of(teacher, sel)
+# -- teacher signals: what a loss is given for a batch (one protocol: `at` a batch's labelled positions gives the
+# view above; `select` keeps some of the batch's rows, for a mixture whose sources get different losses) ------
+@dataclass
+class TeacherLogits:
+    """The teacher's full-vocabulary logits [B, L, V] for the batch (an online teacher, or a test's)."""
+    logits: torch.Tensor
+
+    def at(self, sel: torch.Tensor, temperature: float) -> _FullTeacher:
+        return _FullTeacher.of(self.logits, sel, temperature)
+
+    def select(self, rows) -> TeacherLogits:
+        return TeacherLogits(self.logits[rows])
+
+
+@dataclass
+class CachedTargets:
+    """A cache batch (storage.logit_cache.CacheBatch): the teacher's top-k, tail and target log-probs."""
+    batch: object
+
+    def at(self, sel: torch.Tensor, temperature: float) -> _CachedTeacher:
+        return _CachedTeacher.of(self.batch, sel)  # stored at the scoring temperature
+
+    def select(self, rows) -> CachedTargets:
+        return CachedTargets(self.batch.select(rows))
+
+
+def teacher_signal(teacher):
+    """A teacher signal from what a caller holds: logits [B, L, V], a CacheBatch, or a signal already."""
+    if teacher is None or hasattr(teacher, "at"):
+        return teacher
+    return TeacherLogits(teacher) if isinstance(teacher, torch.Tensor) else CachedTargets(teacher)
 
 
 def hpd_weights(logp_star, logq_star, logp_samp, logq_samp, same):
@@ -223,7 +250,8 @@ def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
                  sampled_tokens: torch.Tensor | None = None, *, temperature: float = 1.0,
                  generator: torch.Generator | None = None, chunk_elements: int = LOSS_CHUNK_ELEMENTS, **params):
     """(scalar loss, diagnostics): the mean over labelled positions. `student_logits`: [B, L, V], or [N, V] at
-    the `response_positions(labels)` only. `teacher`: teacher logits [B, L, V] or a CacheBatch; unused by sft.
+    the `response_positions(labels)` only. `teacher`: a teacher signal (TeacherLogits, CachedTargets), or the
+    logits [B, L, V] or CacheBatch it wraps; unused by sft.
 
     `sampled_tokens` [B, L] fixes HPD's per-position student sample (aligned with `labels`, i.e. the token
     sampled for label position t+1 sits at index t+1); without it one token is drawn from the student in fp32.
@@ -244,7 +272,7 @@ def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
                          f"position or for response_positions(labels) only")
     if method != "sft" and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher (logits or a cache batch)")
-    view = None if method == "sft" else _teacher_view(teacher, sel, temperature)
+    view = None if method == "sft" else teacher_signal(teacher).at(sel, temperature)
     target = y[sel]
     samples = None if sampled_tokens is None else sampled_tokens[:, 1:][sel]
     rows = max(1, chunk_elements // z.shape[-1])

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.errors import HpdError
-from storage.fingerprint import digest, files_digest
+from hpd.common.errors import HpdError
+from hpd.storage.fingerprint import digest, files_digest
 
 WEIGHT_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.bin"]
 TOKENIZER_FILES = ["tokenizer*", "vocab*", "merges*", "special_tokens_map.json", "chat_template*", "*.model",
@@ -86,9 +86,17 @@ def encode_pair(tokenizer, prompt: str, response: str | None) -> tuple[list[int]
     return p_ids, r_ids
 
 
-def load_teacher(teacher: dict):
-    """The teacher stage's model in the dtype it resolved (teacher.dtype: fp32 on CPU, bf16 on a GPU by default)."""
-    return load_causal_lm(teacher["model_dir"], dtype=getattr(torch, teacher.get("dtype", "float32")))
+def load_teacher(teacher):
+    """The teacher stage's model (a stages.artifacts.Teacher) in the dtype it resolved (teacher.dtype: fp32 on
+    CPU, bf16 on a GPU by default)."""
+    return load_causal_lm(teacher.model_dir, dtype=getattr(torch, teacher.dtype))
+
+
+def teacher_identity(model_dir, dtype: str) -> str:
+    """What caches are keyed on: the teacher's files and the dtype it runs in (it changes what the teacher
+    writes; float32 is left out, as before dtypes existed)."""
+    fingerprints = model_fingerprints(Path(model_dir))
+    return digest(fingerprints if dtype == "float32" else {**fingerprints, "dtype": dtype})
 
 
 def context_length(model_or_config) -> int:
@@ -167,21 +175,19 @@ def sample_to_store(ctx, model, tokenizer, prompts: list[list[int]], final: Path
                     batch_tokens: int = 0) -> dict:
     """N sampled responses per prompt, published as a sequence store in shards; returns its manifest. An
     interrupted run resumes after its last written shard and samples exactly what it would have (each shard
-    has its own seed), which is also why ranks can share the shards out (pipeline/distributed.py)."""
-    from pipeline import distributed
-    from storage import sequences as seqstore
+    has its own seed), which is also why ranks can share the shards out (common/ranks.py)."""
+    from hpd.storage import sequences as seqstore
+    from hpd.storage.sharded import ShardedWrite
 
     n_per = samples_per_prompt
-    writer = distributed.open_writer(
-        ctx, lambda rank: seqstore.SequenceWriter(final, {**meta, "shard_size": prompts_per_shard * n_per}, rank))
     num_shards = -(-len(prompts) // prompts_per_shard)
+    out = ShardedWrite(ctx, lambda rank: seqstore.SequenceWriter(
+        final, {**meta, "shard_size": prompts_per_shard * n_per}, rank), num_shards)
     if engine == "vllm":
         from . import vllm_engine
 
         llm = vllm_engine.load(model.name_or_path, scoring=False, seed=seed)
-    for shard in tqdm(range(num_shards), desc=desc, disable=num_shards < 2 or ctx.rank > 0):
-        if writer.done(shard) or not distributed.mine(ctx, shard):
-            continue
+    for shard in tqdm(list(out.todo()), desc=desc, disable=num_shards < 2 or ctx.rank > 0):
         lo, hi = shard * prompts_per_shard, min((shard + 1) * prompts_per_shard, len(prompts))
         torch.manual_seed(seed * 100003 + shard)
         prompt_ids = [prompts[i] for i in range(lo, hi) for _ in range(n_per)]
@@ -192,10 +198,10 @@ def sample_to_store(ctx, model, tokenizer, prompts: list[list[int]], final: Path
             responses = sample(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                batch_size=batch_size, batch_tokens=batch_tokens, desc=f"sampling shard {shard}")
         first = lo * n_per
-        writer.write_rows(shard, seqstore.rows_table(
+        out.write(shard, seqstore.rows_table(
             range(first, first + len(prompt_ids)), [i for i in range(lo, hi) for _ in range(n_per)],
             [len(p) for p in prompt_ids], [p + r for p, r in zip(prompt_ids, responses)]))
-    return distributed.finish(ctx, writer, num_shards)
+    return out.finish()
 
 
 def to_accelerator(model):
@@ -315,9 +321,9 @@ def import_gguf(file: str | Path, model_root: Path) -> Path:
     template, and a generation config. Every later run with the same file reuses the directory."""
     import shutil
 
-    from storage import atomic
-    from storage.fingerprint import file_digest
-    from storage.shards import lock_for
+    from hpd.storage import atomic
+    from hpd.storage.fingerprint import file_digest
+    from hpd.storage.shards import lock_for
 
     file = Path(file).expanduser().resolve()
     if not is_gguf(file):

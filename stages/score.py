@@ -17,16 +17,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import distributed
-from pipeline.errors import HpdError
-from storage import encodings
-from storage.logit_cache import CacheRoot, LogitCache, ScoredSequence, cache_key, key_id
-from storage.sequences import SequenceStore
+from hpd.common import ranks
+from hpd.common.errors import HpdError
+from hpd.storage import encodings
+from hpd.storage.logit_cache import CacheRoot, LogitCache, ScoredSequence, cache_key, key_id
+from hpd.storage.sequences import SequenceStore
+from hpd.storage.sharded import ShardedWrite
 
 from . import modeling
+from .artifacts import Cache, Sequences, StageKind, Teacher
 
 DEFAULT_K = 64
-DISTRIBUTED = True  # ranks share the shards out (pipeline/distributed.py)
 
 
 class Timer(dict):
@@ -84,67 +85,59 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
     return out
 
 
-def run(ctx, cfg: dict, inputs: dict) -> dict:
-    teacher, gen = inputs["teacher"], inputs["generate"]
-    k, temperature = cfg["top_k"] or min(DEFAULT_K, teacher["vocab_size"]), cfg["temperature"]
-    if not 1 <= k <= teacher["vocab_size"]:
+def run(ctx, cfg: dict, teacher: Teacher, generate: Sequences) -> Cache:
+    gen = generate
+    k, temperature = cfg["top_k"] or min(DEFAULT_K, teacher.vocab_size), cfg["temperature"]
+    if not 1 <= k <= teacher.vocab_size:
         raise HpdError(f"score.top_k={k} must be between 1 and the teacher's vocabulary size "
-                       f"({teacher['vocab_size']}); lower it")
-    try:
-        encoding = encodings.get(cfg["encoding"])
-    except ValueError as e:
-        raise HpdError(f"score.encoding: {e}") from None
-    if k < 2 and encoding.name != "fp16":
-        raise HpdError(f"score.encoding={encoding.name} needs top_k >= 2; use encoding=\"fp16\" for k=1")
+                       f"({teacher.vocab_size}); lower it")
+    encoding = encodings.get(cfg["encoding"])  # a known one, with k >= 2 unless fp16 (config.validate)
     # Refreshed sequences carry their origin (round, student checkpoint): it is part of their cache's key.
-    key = cache_key(teacher=teacher["model_fingerprint"], tokenizer=teacher["tokenizer_fingerprint"],
-                    data=gen["fingerprint"], top_k=k, temperature=temperature, encoding=encoding.spec,
-                    origin=gen.get("origin"), engine=cfg["engine"], dtype=teacher.get("dtype", "float32"))
+    key = cache_key(teacher=teacher.model_fingerprint, tokenizer=teacher.tokenizer_fingerprint,
+                    data=gen.fingerprint, top_k=k, temperature=temperature, encoding=encoding.spec,
+                    origin=gen.origin, engine=cfg["engine"], dtype=teacher.dtype)
     root = CacheRoot(ctx.cache_root)
-    with distributed.held_by_rank0(ctx, root.lock(key)):  # under torchrun the ranks build it together
-        cache, timing = root.find(key), None
+    with ranks.held_by_rank0(ctx, root.lock(key)):  # under torchrun the ranks build it together
+        cache = root.find(key)
         if cache is not None:
             ctx.log(f"[{ctx.stage}] cache {cache.id} already holds this teacher, data and k: reusing it")
         else:
             cache, timing = _build(ctx, {**cfg, "top_k": k}, teacher, gen, root, key)
+            ctx.measure(**timing)  # seconds per phase of this build
         if ctx.rank == 0:
             root.record_use(cache, ctx.run_name)
     m = cache.manifest
-    return {"cache": str(cache.dir), "cache_id": cache.id, "fingerprint": key_id(key), "top_k": k,
-            "encoding": encoding.name,
-            "sequences": m["rows"], "tokens": m["tokens"], "bytes": m["bytes"],
-            "bytes_per_token": round(m["bytes"] / max(m["tokens"], 1), 2),
-            "timing": timing}  # seconds per phase of this build (None when the cache was reused)
+    return Cache(cache=str(cache.dir), cache_id=cache.id, fingerprint=key_id(key), top_k=k, encoding=encoding.name,
+                 sequences=m["rows"], tokens=m["tokens"], bytes=m["bytes"],
+                 bytes_per_token=round(m["bytes"] / max(m["tokens"], 1), 2))
 
 
-def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict) -> LogitCache:
-    store = SequenceStore(Path(gen["sequences"]))
+def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, key: dict) -> LogitCache:
+    store = SequenceStore(Path(gen.sequences))
     if cfg["engine"] == "vllm":  # vLLM loads the teacher itself: no second copy in this process
         from . import vllm_engine
 
-        llm, model, pad = vllm_engine.load(teacher["model_dir"], scoring=True, top_k=cfg["top_k"]), None, None
+        llm, model, pad = vllm_engine.load(teacher.model_dir, scoring=True, top_k=cfg["top_k"]), None, None
     else:
         model, tokenizer = modeling.load_teacher(teacher)
         model = modeling.to_accelerator(model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     size = cfg["shard_size"]
-    writer = distributed.open_writer(ctx, lambda rank: root.writer(
-        key, shard_size=size, num_sequences=len(store), vocab_size=teacher["vocab_size"], rank=rank,
-        provenance={"teacher": teacher["model_dir"], "sequences": gen["sequences"],
-                    "sequences_source": gen.get("source", ""), "run": ctx.run_name, "origin": gen.get("origin")}))
     num_shards = -(-len(store) // size)
-    resumed = sum(writer.done(i) for i in range(num_shards))
-    if resumed:
-        ctx.log(f"[{ctx.stage}] resuming: {resumed} of {num_shards} shards already published")
+    out = ShardedWrite(ctx, lambda rank: root.writer(
+        key, shard_size=size, num_sequences=len(store), vocab_size=teacher.vocab_size, rank=rank,
+        provenance={"teacher": teacher.model_dir, "sequences": gen.sequences, "sequences_source": gen.source,
+                    "run": ctx.run_name, "origin": gen.origin}),
+        num_shards)
+    if out.resumed:
+        ctx.log(f"[{ctx.stage}] resuming: {out.resumed} of {num_shards} shards already published")
     # A shard is encoded, compressed and written by a background thread while the teacher scores the next
     # one (zstd, Arrow and file I/O release the GIL); at most one shard waits, so memory stays bounded.
     timer, pending, t0 = Timer(), None, time.perf_counter()
-    with tqdm(total=len(store), desc=f"teacher scoring ({ctx.stage})", unit="seq", initial=resumed * size,
+    with tqdm(total=len(store), desc=f"teacher scoring ({ctx.stage})", unit="seq", initial=out.resumed * size,
               disable=ctx.rank > 0) as bar, \
             ThreadPoolExecutor(max_workers=1) as io:  # the bar closes (ends its line) even on an error
-        for shard in range(num_shards):
-            if writer.done(shard) or not distributed.mine(ctx, shard):
-                continue
+        for shard in out.todo():
             seq_ids, plens, seqs = store.range(shard * size, min((shard + 1) * size, len(store)))
             rows = [None] * len(seqs)  # in the shard's order, whatever order the batches take
             for part in modeling.length_batches([len(s) for s in seqs], cfg["batch_size"], cfg["batch_tokens"]):
@@ -162,11 +155,11 @@ def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict)
             with timer("write_wait"):
                 if pending is not None:
                     pending.result()
-            pending = io.submit(_timed_write, writer, shard, rows, timer)
+            pending = io.submit(_timed_write, out, shard, rows, timer)
         with timer("write_wait"):
             if pending is not None:
                 pending.result()
-    distributed.finish(ctx, writer, num_shards)
+    out.finish()
     wall = time.perf_counter() - t0
     timing = {"wall_s": round(wall, 4), **{f"{k}_s": round(v, 4) for k, v in timer.items()}}
     # everything that is not the teacher's forward pass, as a share of it (the target is <= 10%);
@@ -176,10 +169,9 @@ def _build(ctx, cfg: dict, teacher: dict, gen: dict, root: CacheRoot, key: dict)
     return LogitCache(root.path_for(key)), timing
 
 
-def _timed_write(writer, shard: int, rows: list, timer: Timer) -> None:
+def _timed_write(out: ShardedWrite, shard: int, rows: list, timer: Timer) -> None:
     with timer("write"):
-        writer.write_rows(shard, rows)
+        out.write(shard, rows)
 
 
-def published(outputs: dict) -> bool:
-    return (Path(outputs["cache"]) / "manifest.json").is_file()
+STAGE = StageKind("score", run, Cache, distributed=True)  # ranks share the shards

@@ -11,33 +11,29 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distributed
-from pipeline.errors import HpdError
-from storage.fingerprint import digest
-from storage.shards import lock_for
+from hpd.common import ranks
+from hpd.common.errors import HpdError
+from hpd.storage.fingerprint import digest
+from hpd.storage.shards import lock_for
 
 from . import modeling
+from .artifacts import StageKind, TaskData, Teacher
 from .evaluators import encode_example, heldout_report
 from .tasks import TASKS
-from .training import publish_model, train_causal_lm
+from .training import ResponseCollator, publish_model, train, training_arguments
 
 REPORT = "hpd-teacher.json"
 # Bump when the built-in training recipe in code changes: the stage reruns and the new teacher gets a new
 # directory, so a teacher trained by the old recipe is never reused for the new one.
 VERSION = 3
-DISTRIBUTED = True  # trained with the Trainer's DDP under torchrun (pipeline/distributed.py)
 
 
-def _outputs(model_dir: Path, report: dict | None, dtype: str) -> dict:
+def _outputs(model_dir: Path, report: dict | None, dtype: str) -> Teacher:
     config = modeling.check_causal_lm(model_dir)
     fps = modeling.model_fingerprints(model_dir)
-    return {"model_dir": str(model_dir), "model_fingerprint": fps["model"], "tokenizer_fingerprint": fps["tokenizer"],
-            "vocab_size": int(config.vocab_size), "report": report, "dtype": dtype, "fingerprint": _identity(fps, dtype)}
-
-
-def _identity(fingerprints: dict, dtype: str) -> str:
-    # the dtype the teacher runs in changes what it writes, so caches are keyed on it (float32: as before dtypes)
-    return digest(fingerprints if dtype == "float32" else {**fingerprints, "dtype": dtype})
+    return Teacher(model_dir=str(model_dir), model_fingerprint=fps["model"], tokenizer_fingerprint=fps["tokenizer"],
+                   vocab_size=int(config.vocab_size), report=report, dtype=dtype,
+                   fingerprint=modeling.teacher_identity(model_dir, dtype))
 
 
 def resolved_dtype(setting: str) -> str:
@@ -47,7 +43,7 @@ def resolved_dtype(setting: str) -> str:
     return setting
 
 
-def run(ctx, cfg: dict, inputs: dict) -> dict:
+def run(ctx, cfg: dict, data: TaskData) -> Teacher:
     if cfg["path"]:
         path = _local(cfg["path"])
         if path.is_file():  # a GGUF file: converted once into an HF directory under models/
@@ -56,15 +52,11 @@ def run(ctx, cfg: dict, inputs: dict) -> dict:
             raise HpdError(f"teacher.path {path} does not exist; give a local HF causal-LM directory or a GGUF file")
         modeling.load_causal_lm(path)  # proves it loads before anything downstream relies on it
         return _outputs(path, None, resolved_dtype(cfg["dtype"]))
-    data = inputs["data"]
-    if not data["builtin"]:
-        raise HpdError("teacher.path is empty and data.builtin is empty: name a local teacher with "
-                       "--set teacher.path=DIR, or use a built-in task")
-    ident = {'cfg': cfg, 'data': data['fingerprint'], 'seed': ctx.seed, 'recipe': VERSION}
-    name = f"{data['builtin']}-teacher-{digest(ident)[:12]}"
+    ident = {'cfg': cfg, 'data': data.fingerprint, 'seed': ctx.seed, 'recipe': VERSION}
+    name = f"{data.builtin}-teacher-{digest(ident)[:12]}"
     final = ctx.model_root / name
     ctx.model_root.mkdir(parents=True, exist_ok=True)
-    with distributed.held_by_rank0(ctx, lock_for(final)):
+    with ranks.held_by_rank0(ctx, lock_for(final)):
         if not (final / REPORT).exists():
             _train(ctx, cfg, data, final)  # every rank: the Trainer's DDP
         else:
@@ -87,14 +79,14 @@ def _local(path: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / inner
 
 
-def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
+def _train(ctx, cfg: dict, data: TaskData, final: Path) -> None:
     from datasets import Dataset
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, Trainer
 
     tmp = final.with_name(f".tmp-{final.name}")
     tmp.mkdir(parents=True, exist_ok=True)  # kept across crashes: Trainer resumes from its checkpoints
-    tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"])
-    rows = [json.loads(line) for line in open(data["train"])]
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
+    rows = [json.loads(line) for line in open(data.train)]
     seqs = [encode_example(tokenizer, r["prompt"], r["response"]) for r in rows]
     context = 1 << (max(len(s[0]) for s in seqs) - 1).bit_length()
     torch.manual_seed(ctx.seed)
@@ -103,22 +95,20 @@ def _train(ctx, cfg: dict, data: dict, final: Path) -> None:
     params = sum(p.numel() for p in model.parameters())
     ctx.log(f"[teacher] training a {params / 1e6:.2f}M-parameter GPT-2 on {len(rows)} traces for {cfg['steps']} steps")
     dataset = Dataset.from_dict({"input_ids": [s[0] for s in seqs], "prompt_len": [s[1] for s in seqs]})
-    train_causal_lm(model, tokenizer, dataset, tmp / "checkpoints", steps=cfg["steps"], batch_size=cfg["batch_size"],
-                    learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"], seed=ctx.seed,
-                    save_steps=cfg["checkpoint_steps"], log=lambda line: ctx.log(f"[teacher] {line}"))
+    args = training_arguments(tmp / "checkpoints", steps=cfg["steps"], batch_size=cfg["batch_size"],
+                              learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"], seed=ctx.seed,
+                              save_steps=cfg["checkpoint_steps"])
+    train(Trainer(model=model, args=args, train_dataset=dataset, data_collator=ResponseCollator(tokenizer.pad_token_id)),
+          log=lambda line: ctx.log(f"[teacher] {line}"))
     if ctx.rank > 0:
         return  # rank 0 judges and publishes the teacher
     model.eval()
     report = {"parameters": params,
-              **heldout_report(model, tokenizer, data["heldout"], cfg["eval_examples"], TASKS[data["builtin"]])}
+              **heldout_report(model, tokenizer, data.heldout, cfg["eval_examples"], TASKS[data.builtin])}
     acc = f"held-out accuracy {report['heldout_accuracy']:.1%}, " if "heldout_accuracy" in report else ""
     ctx.log(f"[teacher] {acc}held-out response NLL {report['response_nll_nats']:.3f} nats/token, "
             f"mean response entropy {report['response_entropy_nats']:.3f} nats")
     publish_model(model, tokenizer, tmp, final, {REPORT: report})
 
 
-def published(outputs: dict) -> bool:
-    # Recomputing the fingerprint (memoised by file size and mtime) notices weights changed in place.
-    path = Path(outputs["model_dir"])
-    return (path / "config.json").is_file() and \
-        _identity(modeling.model_fingerprints(path), outputs.get("dtype", "float32")) == outputs["fingerprint"]
+STAGE = StageKind("teacher", run, Teacher, version=VERSION, distributed=True)  # distributed: the Trainer's DDP

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from storage import atomic
-from storage.faults import crash_point
+from hpd.storage import atomic
+from hpd.common.faults import crash_point
 
 from .modeling import pad_right
 
@@ -103,19 +103,16 @@ def latest_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
-def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, batch_size: int,
-                    learning_rate: float, warmup_steps: int, seed: int, save_steps: int = 100,
-                    trainer_cls=None, collator=None, gradient_accumulation_steps: int = 1, bf16: bool = False,
-                    sequential: bool = False, callbacks: list = (), fsdp: str = "", deepspeed: str = "",
-                    log=lambda line: None, **trainer_kwargs):
-    """Train `model` for `steps` optimizer steps; resumes from a checkpoint in `output_dir` if there is one.
-    `sequential`: read `dataset` in its own order (a precomputed mixture) instead of shuffling it. `log` hears
-    where a resumed run starts.
-    Under torchrun the Trainer trains with DDP; `fsdp` / `deepspeed` are its own options, passed through."""
-    from transformers import Trainer, TrainingArguments
+def training_arguments(output_dir: Path, *, steps: int, batch_size: int, learning_rate: float, warmup_steps: int,
+                       seed: int, save_steps: int = 100, gradient_accumulation_steps: int = 1, bf16: bool = False,
+                       sequential: bool = False, fsdp: str = "", deepspeed: str = ""):
+    """The one training recipe every model here gets (teacher, students, rounds): AdamW with a cosine schedule
+    to 10% of the peak rate, a checkpoint every `save_steps`. `sequential`: read the dataset in its own order
+    (a precomputed mixture) instead of shuffling it. Under torchrun the Trainer trains with DDP; `fsdp` /
+    `deepspeed` are its own options, passed through."""
+    from transformers import TrainingArguments
 
-    torch.manual_seed(seed)
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=warmup_steps,
@@ -127,12 +124,15 @@ def train_causal_lm(model, tokenizer, dataset, output_dir: Path, *, steps: int, 
         train_sampling_strategy="sequential" if sequential else "random",
         include_num_input_tokens_seen="non_padding",
         **({"fsdp": fsdp} if fsdp else {}), **({"deepspeed": deepspeed} if deepspeed else {}))
-    trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=dataset,
-                                       data_collator=collator or ResponseCollator(tokenizer.pad_token_id),
-                                       callbacks=[_Checkpoints(), *callbacks], **trainer_kwargs)
-    resume = latest_checkpoint(output_dir)
+
+
+def train(trainer, log=lambda line: None):
+    """Run `trainer` to its max_steps, resuming from the newest complete checkpoint in its output directory if
+    a crashed attempt left one; `log` hears where a resumed run starts."""
+    trainer.add_callback(_Checkpoints())
+    resume = latest_checkpoint(trainer.args.output_dir)
     if resume:  # said out loud: a crashed run that silently restarted from step 0 would look the same at the end
-        log(f"resuming from {Path(resume).name} of {steps} steps")
+        log(f"resuming from {Path(resume).name} of {trainer.args.max_steps} steps")
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 

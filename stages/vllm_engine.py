@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from pipeline.errors import HpdError
+from hpd.common.errors import HpdError
 
 
 def unavailable() -> str | None:
@@ -60,9 +60,7 @@ def sample(llm, prompts: list[list[int]], *, max_new_tokens: int, temperature: f
 
 def score(llm, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k: int, temperature: float) -> list[dict]:
     """What score.score_batch returns, from vLLM's prompt log-probs."""
-    if temperature != 1.0:
-        raise HpdError("engine=\"vllm\" scores at temperature 1 only (vLLM reports raw log-probs); "
-                       "set score.temperature=1 or use engine=\"transformers\"")
+    assert temperature == 1.0, "vLLM reports raw log-probs: config.validate allows temperature 1 only"
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -11,6 +11,7 @@ sequence decompresses only its record batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from collections import OrderedDict
@@ -137,6 +138,28 @@ class CacheBatch:
     @property
     def k(self) -> int:
         return self.topk_ids.shape[-1]
+
+    def _map(self, fn) -> CacheBatch:
+        return CacheBatch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def select(self, rows) -> CacheBatch:
+        """The batch rows `rows` (a boolean mask or indices over the first dimension)."""
+        return self._map(lambda t: t[rows])
+
+    def to(self, device, non_blocking: bool = False) -> CacheBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    @staticmethod
+    def stack(parts: list[tuple[list[int], CacheBatch]], batch_size: int) -> CacheBatch:
+        """One [batch_size, L] batch from parts that each fill the rows they name (a mixture's sources)."""
+        if len(parts) == 1 and len(parts[0][0]) == batch_size:
+            return parts[0][1]
+        first = parts[0][1]
+        out = first._map(lambda t: torch.zeros((batch_size, *t.shape[1:]), dtype=t.dtype))
+        for rows, part in parts:
+            for f in dataclasses.fields(out):
+                getattr(out, f.name)[rows] = getattr(part, f.name)
+        return out
 
 
 class CacheMismatchError(RuntimeError):

@@ -25,7 +25,7 @@ import zstandard
 from filelock import FileLock
 
 from . import atomic
-from .faults import crash_point, disk_full_point
+from hpd.common.faults import crash_point, disk_full_point
 from .fingerprint import digest, file_digest
 
 MANIFEST = "manifest.json"

@@ -13,9 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
-from pipeline import config as config_mod  # noqa: E402
-from pipeline.graph import build  # noqa: E402
-from pipeline.stage import Context, Runner  # noqa: E402
+from hpd.pipeline.runs import open_run  # noqa: E402
+from hpd.pipeline.stage import Runner  # noqa: E402
 
 # A run small enough to train, generate and score in a few seconds.
 TINY = [
@@ -35,7 +34,7 @@ def hpd_cli(home: Path, *args: str, overrides=(), env: dict | None = None, tiny:
     the tests call the CLI inline."""
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from hpd.pipeline.cli import cli
 
     base = [*TINY, 'run.name="tiny"'] if tiny else []
     sets = [a for o in [*base, *overrides] for a in ("--set", o)]
@@ -47,7 +46,7 @@ def hpd_process(home: Path, *args: str, overrides=(), kill_at: str | None = None
     """`hpd ARGS` on the tiny config (run "tiny") in a process of its own, so that HPD_KILL_AT can SIGKILL it;
     with ranks > 1, as that many processes under torchrun (gloo on CPU)."""
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-    cmd = [sys.executable, *launch, "-m", "pipeline.cli", *args]
+    cmd = [sys.executable, *launch, "-m", "hpd.pipeline.cli", *args]
     for o in [*TINY, 'run.name="tiny"', *overrides]:
         cmd += ["--set", o]
     env = {**os.environ, "HPD_HOME": str(home), **({"HPD_KILL_AT": kill_at} if kill_at else {}),
@@ -55,9 +54,9 @@ def hpd_process(home: Path, *args: str, overrides=(), kill_at: str | None = None
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
-def make_runner(home: Path, *overrides: str, run: str = "tiny") -> Runner:
-    cfg = config_mod.load(None, [*TINY, f"run.name={run!r}".replace("'", '"'), *overrides])
-    return Runner(build(cfg), cfg, Context(home=Path(home), run_name=run, seed=cfg["run"]["seed"], log=lambda s: None))
+def make_runner(home: Path, *overrides: str, run: str = "tiny", observers=()) -> Runner:
+    return open_run(None, [*TINY, f"run.name={run!r}".replace("'", '"'), *overrides], home=home, log=lambda s: None,
+                    observers=observers)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import TINY  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-HPD = [sys.executable, "-c", "from pipeline.cli import main; main()"]
+HPD = [sys.executable, "-c", "from hpd.pipeline.cli import main; main()"]
 # Big enough that every stage has several shards or checkpoints to be killed between (and inside).
 SOAK = [*TINY, 'run.name="soak"', "data.train_examples=2400", "generate.num_prompts=1600", "generate.shard_size=200",
         "score.shard_size=100", "distill.steps=30", "distill.checkpoint_steps=6", "rounds.count=1",
@@ -53,7 +53,7 @@ def hpd(home: Path, *args: str, kill_in: tuple[str, float] | None = None) -> sub
 
 def outcome(home: Path) -> dict:
     """Everything a finished run published, reduced to what must not change: content digests."""
-    from storage.logit_cache import LogitCache
+    from hpd.storage.logit_cache import LogitCache
 
     run, out = home / "runs" / "soak", {}
     for name in KILLED:

@@ -3,7 +3,7 @@ import random
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages.tasks import arithmetic
+from hpd.stages.tasks import arithmetic
 
 
 def _check_trace(prompt: str, response: str) -> None:

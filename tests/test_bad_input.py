@@ -73,7 +73,7 @@ def test_k_larger_than_vocabulary(home):
 
 
 def test_vllm_engine_where_it_cannot_run_and_an_unknown_engine(home):
-    from stages import vllm_engine
+    from hpd.stages import vllm_engine
 
     reason = vllm_engine.unavailable()
     if reason is not None:  # the usual CPU machine: the choice is refused before any cache is written
@@ -136,7 +136,7 @@ def test_over_long_sequences_are_cut_when_configured(home, tmp_path):
 def test_student_with_another_tokenizer(home, tmp_path, teacher_dir):
     from transformers import AutoTokenizer
 
-    from stages import modeling
+    from hpd.stages import modeling
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     tok.add_tokens(["<extra>"])
@@ -173,7 +173,7 @@ def test_cache_root_not_writable(tiny_home, tmp_path):
 
 
 def test_disk_full_during_a_shard_write(tiny_home, tmp_path):
-    from storage import faults
+    from hpd.common import faults
 
     home = copy_home(tiny_home, tmp_path / "home")
     shutil.rmtree(home / "caches")
@@ -198,7 +198,7 @@ def test_model_directory_without_weights(home, tmp_path, teacher_dir):
 def test_teacher_with_nan_logits(home, tmp_path, teacher_dir):
     import torch
 
-    from stages import modeling
+    from hpd.stages import modeling
 
     model, tok = modeling.load_causal_lm(teacher_dir)
     with torch.no_grad():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from storage.logit_cache import LogitCache
+from hpd.storage.logit_cache import LogitCache
 
 from conftest import TINY, copy_home, hpd_cli, make_runner
 
@@ -98,7 +98,7 @@ def test_concurrent_writers_share_one_cache(home, tmp_path):
     shutil.rmtree(cache_dir)
     procs = []
     for run in ("a", "b"):
-        args = [sys.executable, "-c", "from pipeline.cli import main; main()", "run"]
+        args = [sys.executable, "-c", "from hpd.pipeline.cli import main; main()", "run"]
         for o in TINY + [f'run.name="{run}"']:
             args += ["--set", o]
         procs.append(subprocess.Popen(args, env={**os.environ, "HPD_HOME": str(home)}, stdout=subprocess.PIPE,
@@ -116,7 +116,7 @@ def test_concurrent_writers_share_one_cache(home, tmp_path):
 
 READER = """
 import hashlib, sys
-from storage.logit_cache import LogitCache
+from hpd.storage.logit_cache import LogitCache
 c = LogitCache(sys.argv[1])
 b = c.batch(list(range(c.num_sequences)))
 h = hashlib.sha256()

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from pipeline import config as config_mod
-from pipeline.errors import HpdError
-from pipeline.graph import build
-from stages.tasks import chat
+from hpd.pipeline import config as config_mod
+from hpd.common.errors import HpdError
+from hpd.pipeline.graph import build
+from hpd.stages.tasks import chat
 
 from conftest import hpd_cli
 

@@ -25,7 +25,7 @@ def test_compare_runs_methods_by_seeds_from_one_cache_and_writes_the_report(tiny
     assert opd["student"]["round"] == 1 and opd["student"]["mixture"]["refresh"]["method"] == "opd"
     assert any("curve_accuracy" in e for e in opd["log"])
     # the paired table: hpd->opd minus sft on the same seed, for the KL the results hold
-    from pipeline.report import paired_differences
+    from hpd.pipeline.report import paired_differences
 
     kl = {(r["method"], r["seed"]): r["eval"]["student"]["kl_to_teacher_nats"] for r in results}
     diffs = paired_differences(results, "kl_to_teacher_nats")["hpd->opd"]
@@ -42,8 +42,8 @@ def test_compare_runs_methods_by_seeds_from_one_cache_and_writes_the_report(tiny
 
 
 def test_paired_table_counts_seeds_where_a_method_is_better():
-    from pipeline.report import paired_table
-    from stages.evaluators import METRICS
+    from hpd.pipeline.report import paired_table
+    from hpd.stages.evaluators import METRICS
 
     def run(method, seed, kl, acc):
         return {"method": method, "seed": seed, "eval": {"student": {"kl_to_teacher_nats": kl, "accuracy": acc}}}

@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline import config
-from pipeline.errors import HpdError
+from hpd.pipeline import config
+from hpd.common.errors import HpdError
 
 
 def test_overrides_are_typed_and_applied(tmp_path):

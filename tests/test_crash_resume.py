@@ -3,9 +3,9 @@ import shutil
 import signal
 from pathlib import Path
 
-from storage.logit_cache import LogitCache
-from storage.shards import JOURNAL
-from storage import atomic
+from hpd.storage.logit_cache import LogitCache
+from hpd.storage.shards import JOURNAL
+from hpd.storage import atomic
 
 from conftest import copy_home, hpd_process, make_runner
 

@@ -2,7 +2,7 @@
 tokenizer, a top-k cache of a real vocabulary (k < V, so the tail bucket matters), ROUGE-L evaluation."""
 import json
 
-from storage.logit_cache import LogitCache
+from hpd.storage.logit_cache import LogitCache
 
 from conftest import hpd_cli
 

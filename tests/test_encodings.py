@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage import encodings as enc
+from hpd.storage import encodings as enc
 
 
 @st.composite

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import HpdError
-from stages import evaluators, modeling
-from stages.tasks import arithmetic
+from hpd.common.errors import HpdError
+from hpd.stages import evaluators, modeling
+from hpd.stages.tasks import arithmetic
 
 from conftest import copy_home, make_runner
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.logit_cache import LogitCache
-from storage.shards import CorruptShardError
+from hpd.storage.logit_cache import LogitCache
+from hpd.storage.shards import CorruptShardError
 
 from conftest import copy_home, hpd_cli, hpd_process, make_runner
 
@@ -107,7 +107,7 @@ def test_damaged_sequences_are_named_before_training(tiny_runner, home):
 
 READER = """
 import sys, time
-from storage.logit_cache import LogitCache
+from hpd.storage.logit_cache import LogitCache
 c = LogitCache(sys.argv[1]).hold()
 print("reading", flush=True)
 sys.stdin.read()

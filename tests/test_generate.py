@@ -5,9 +5,9 @@ from pathlib import Path
 import datasets
 import torch
 
-from stages import modeling
-from stages.modeling import encode_pair
-from storage.sequences import SequenceStore
+from hpd.stages import modeling
+from hpd.stages.modeling import encode_pair
+from hpd.storage.sequences import SequenceStore
 
 from conftest import copy_home, make_runner
 
@@ -78,7 +78,7 @@ def test_chat_template_separates_prompt_and_response(teacher_dir):
 
 
 def test_length_batches_cover_every_sequence_within_the_budget():
-    from stages.modeling import length_batches
+    from hpd.stages.modeling import length_batches
 
     lengths = [5, 40, 7, 40, 12, 3, 90, 8]
     assert length_batches(lengths, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]  # by count, in order

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import HpdError
-from stages import modeling
+from hpd.common.errors import HpdError
+from hpd.stages import modeling
 
 from conftest import hpd_cli
 from tiny_llama import make_llama, write_gguf

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages import modeling
-from storage.logit_cache import CacheMismatchError, CacheRoot, LogitCache
-from storage.sequences import SequenceStore
-from storage.shards import CorruptShardError, ShardWriter
+from hpd.stages import modeling
+from hpd.storage.logit_cache import CacheMismatchError, CacheRoot, LogitCache
+from hpd.storage.sequences import SequenceStore
+from hpd.storage.shards import CorruptShardError, ShardWriter
 
 from conftest import make_runner
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from stages.losses import METHODS, distill_loss, hpd_weights
-from storage.logit_cache import CacheBatch
+from hpd.stages.losses import METHODS, distill_loss, hpd_weights
+from hpd.storage.logit_cache import CacheBatch
 
 B, L, V = 2, 7, 11
 
@@ -247,7 +247,7 @@ def test_unknown_method_and_missing_teacher():
 def test_chunked_loss_at_response_positions_equals_the_whole_batch(method, cached):
     """Logits given only at response positions (what `logits_to_keep` returns) and a loss computed a few
     positions at a time, recomputed in backward, give the same value, gradient and diagnostics."""
-    from stages.losses import response_positions
+    from hpd.stages.losses import response_positions
 
     student, teacher, labels = _inputs(10)
     t_in = _as_cache(teacher, labels, 4) if cached else teacher.float()

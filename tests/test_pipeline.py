@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import HpdError
-from storage.logit_cache import LogitCache
+from hpd.common.errors import HpdError
+from hpd.storage.logit_cache import LogitCache
 
 from conftest import copy_home, make_runner
 
@@ -121,17 +121,24 @@ def test_teacher_changed_in_place_is_noticed(tmp_path, tiny_home):
     assert r.manifest("score")["outputs"]["cache_id"] != first
 
 
-def test_score_reports_where_its_time_went(tiny_runner):
-    t = tiny_runner.manifest("score")["outputs"]["timing"]
+def test_score_tells_observers_where_its_time_went(tmp_path):
+    measured = {}
+    r = make_runner(tmp_path, observers=[lambda stage, figures: measured.setdefault(stage, figures)])
+    r.run(until="score")
+    t = measured["score"]
     assert t["forward_s"] > 0 and t["topk_s"] > 0 and t["write_s"] > 0
-    # the phases are disjoint parts of the wall time (each figure is rounded to 0.1 ms)
+    # the phases are disjoint parts of the wall time (each figure is rounded to 0.1 ms), and scoring is more
+    # than the forward pass
     assert t["wall_s"] + 2e-4 >= t["forward_s"] + t["topk_s"] + t["write_wait_s"]
-    assert t["overhead"] == pytest.approx((t["wall_s"] - t["forward_s"]) / t["forward_s"], rel=1e-3, abs=1e-4)
+    assert t["overhead"] > 0 and t["wall_s"] > t["forward_s"]
+    assert "timing" not in r.manifest("score")["outputs"]  # figures stay out of the artifact
+    r.run(until="score")  # up to date: nothing built, nothing measured again
+    assert list(measured) == ["score"]
 
 
 def test_distill_table_has_the_sft_baseline_from_the_eval_report(tiny_home, tiny_runner):
     """`hpd run` ends with the eval report as a table: distilled student, SFT baseline, teacher."""
-    from pipeline.report import summary_table
+    from hpd.pipeline.report import summary_table
 
     from conftest import hpd_process
 
@@ -176,7 +183,7 @@ def test_teacher_dtype_keys_the_cache_and_stays_close(tiny_home, tmp_path):
     bf16 rounding of fp32's."""
     import torch
 
-    from storage.logit_cache import LogitCache
+    from hpd.storage.logit_cache import LogitCache
 
     home = copy_home(tiny_home, tmp_path / "home")
     fp32_cache = make_runner(home).manifest("score")["outputs"]["cache"]
@@ -203,7 +210,7 @@ def test_token_budget_batching_gives_the_same_cache_and_eval(tiny_home, tmp_path
 
     import torch
 
-    from storage.logit_cache import LogitCache
+    from hpd.storage.logit_cache import LogitCache
 
     home = copy_home(tiny_home, tmp_path / "home")
     by_count = make_runner(home)

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import HpdError
-from stages.distill import CacheCollator, Source, mixture_loss, mixture_plan
-from stages.losses import distill_loss
-from storage.logit_cache import CacheBatch, LogitCache, tokens_crc
-from storage.sequences import SequenceStore
+from hpd.common.errors import HpdError
+from hpd.stages.distill import CacheCollator, mixture_loss
+from hpd.stages.losses import CachedTargets, distill_loss, response_positions
+from hpd.stages.training_set import Source, mixture_plan
+from hpd.storage.logit_cache import LogitCache, tokens_crc
+from hpd.storage.sequences import SequenceStore
 
 from conftest import copy_home, hpd_cli, hpd_process, make_runner
 
@@ -119,16 +120,14 @@ def test_mixture_loss_is_each_sources_loss_weighted_by_its_tokens(round_home):
     batch = CacheCollator(0, *caches)(rows)
     torch.manual_seed(0)
     logits = torch.randn(*batch["input_ids"].shape, 18, dtype=torch.float64).float()
-    cb = CacheBatch(**{f: batch[f"cache_{f}"] for f in ("topk_ids", "topk_logprobs", "target_logprob",
-                                                          "tail_logmass", "mask")})
+    cb = batch["teacher"]  # the collator's CacheBatch, rows in batch order whatever their cache
     sources = [Source("offline", stores[0], caches[0], "fkl", 0.75), Source("refresh", stores[1], caches[1], "opd", 0.25)]
-    loss, diag = mixture_loss(sources, logits, batch["labels"], cb, batch["source"], {})
+    loss, diag = mixture_loss(sources, logits[response_positions(batch["labels"])], batch["labels"], CachedTargets(cb),
+                              batch["source"], {})
     parts = []
     for s, src in enumerate(sources):
         m = batch["source"] == s
-        sub = CacheBatch(**{f: getattr(cb, f)[m] for f in ("topk_ids", "topk_logprobs", "target_logprob",
-                                                            "tail_logmass", "mask")})
-        parts.append(distill_loss(src.method, logits[m], batch["labels"][m], teacher=sub))
+        parts.append(distill_loss(src.method, logits[m], batch["labels"][m], teacher=cb.select(m)))
     n = [d["tokens"] for _, d in parts]
     assert diag["tokens"] == sum(n) and diag["refresh_sequences"] == 2 and diag["offline_sequences"] == 4
     assert torch.allclose(loss, (parts[0][0] * n[0] + parts[1][0] * n[1]) / sum(n))

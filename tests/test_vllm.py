@@ -3,9 +3,9 @@ These run only where vLLM and a CUDA GPU are present (`pip install '.[vllm]'` on
 import numpy as np
 import pytest
 
-from stages import modeling, vllm_engine
-from stages.score import score_batch
-from storage.sequences import SequenceStore
+from hpd.stages import modeling, vllm_engine
+from hpd.stages.score import score_batch
+from hpd.storage.sequences import SequenceStore
 
 REASON = vllm_engine.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"vLLM engine not testable here: {REASON}")

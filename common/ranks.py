@@ -1,9 +1,9 @@
-"""Several processes, one run: `torchrun --nproc_per_node N -m pipeline.cli run` (or a cluster scheduler that
+"""Several processes, one run: `torchrun --nproc_per_node N -m hpd.pipeline.cli run` (or a cluster scheduler that
 sets the same variables: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) starts N copies of `hpd run`.
 
 Every copy walks the same stage graph. The teacher-side stages (generate, score, refresh, rescore) split
 their shards between the ranks (shard i goes to rank i mod N), each rank writes its own shards into the same
-hidden directory, and rank 0 publishes one manifest once all are written: the same cache, byte for byte, as
+hidden directory, and rank 0 publishes one manifest once all are written (storage/sharded.py): the same cache, byte for byte, as
 one process would build. distill trains with the Trainer's own DDP (or FSDP / DeepSpeed through its
 options). Every other stage runs on rank 0 while the others wait. Rank 0 alone writes run manifests and logs.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 
 def world() -> tuple[int, int]:
@@ -45,26 +44,3 @@ def held_by_rank0(ctx, lock):
         ctx.barrier()
         yield
         ctx.barrier()
-
-
-def open_writer(ctx, make):
-    """`make(rank)` opens a shard writer; rank 0 opens it first, alone (it may clear leftovers of other
-    settings), then the other ranks open theirs on the same directory."""
-    writer = make(0) if ctx.rank == 0 else None
-    ctx.barrier()
-    return writer or make(ctx.rank)
-
-
-def mine(ctx, shard: int) -> bool:
-    return shard % ctx.world_size == ctx.rank
-
-
-def finish(ctx, writer, num_shards: int) -> dict:
-    """Publish once every rank has written its shards; every rank gets the published manifest."""
-    from storage.shards import read_manifest
-
-    ctx.barrier()
-    if ctx.rank == 0:
-        writer.finish(num_shards)
-    ctx.barrier()
-    return read_manifest(Path(writer.final_dir))

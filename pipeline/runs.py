@@ -1,0 +1,29 @@
+"""Opening a run: the one way from a config (a TOML file or a preset, and overrides) to a runner over its stage
+graph. The `hpd` command line, `hpd compare`, the benches and your own code all start here:
+
+    run = open_run("smollm2", ["distill.method=fkl"])
+    run.run(until="score")              # the teacher cache alone (`make teacher-cache`)
+    cache = run.outputs("score")        # a stages.artifacts.Cache
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from . import config as config_mod
+from .graph import build
+from .stage import Runner, context_from_config
+
+
+def open_run(config: str | Path | None = None, overrides=(), *, home: str | Path | None = None,
+             log=None, observers=()) -> Runner:
+    """A runner for the run `config` and `overrides` describe (`run.name`, `run.seed`, ... among them). `home`
+    replaces run.home (and HPD_HOME); `log` replaces printing; `observers` hear what stages measure of
+    themselves (observer(stage, figures): seconds, memory), for benches and profiling."""
+    cfg = config_mod.load(config, list(overrides))
+    ctx = context_from_config(cfg)
+    if home is not None:
+        ctx = replace(ctx, home=Path(home).resolve())
+    if log is not None:
+        ctx = replace(ctx, log=log)
+    return Runner(build(cfg), cfg, replace(ctx, observers=tuple(observers)))

@@ -1,0 +1,124 @@
+"""What one distill stage trains on: its sources (sequences, their teacher cache and their loss), their
+mixture batch by batch, and its schedule (`RoundPlan`).
+
+Round 0 trains on every offline sequence, shuffled by the Trainer. A refresh round r >= 1 trains on a planned
+mixture, read in order: each batch holds rounds.refresh_share of the round's refreshed (student-sampled,
+teacher-rescored) sequences and the rest offline ones, each source with its own loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hpd.common.errors import HpdError
+from hpd.storage.logit_cache import LogitCache
+from hpd.storage.sequences import SequenceStore
+
+from .artifacts import Cache, Sequences, Student
+
+
+@dataclass
+class Source:
+    """One kind of training data: sequences, the teacher cache scored on them (None: no cache is read, the
+    teacher is online or the method needs none), and the loss they get."""
+    name: str
+    store: SequenceStore
+    cache: LogitCache | None
+    method: str
+    share: float
+
+
+def open_source(name: str, generate: Sequences, score: Cache | None, method: str, share: float) -> Source:
+    store = SequenceStore(Path(generate.sequences))
+    if score is None:
+        return Source(name, store, None, method, share)
+    cache = LogitCache(Path(score.cache)).hold()  # `hpd cache gc` must not remove it while we train
+    if cache.key["data"] != store.fingerprint or cache.num_sequences != len(store):
+        raise HpdError(f"cache {cache.id} was scored on other sequences than {generate.sequences}; rerun score")
+    return Source(name, store, cache, method, share)
+
+
+@dataclass
+class RoundPlan:
+    """One student-training stage: the sources it reads, its schedule, and where the student's counts start."""
+    sources: list[Source]
+    steps: int
+    learning_rate: float
+    warmup_steps: int
+    planned_batches: int  # per rank; 0: every offline sequence, shuffled (round 0)
+    before: dict = field(default_factory=dict)  # the previous round's report: its steps and tokens go on here
+
+    def describe(self) -> str:
+        where = {s.name: f"cache {s.cache.id}" if s.cache else "no cache" for s in self.sources}
+        return ", ".join(f"{s.share:.0%} {s.name} ({s.method}, {where[s.name]})" for s in self.sources)
+
+
+def plan_round(cfg: dict, generate: Sequences, score: Cache | None, refresh: Sequences | None = None,
+               refresh_score: Cache | None = None, previous: Student | None = None) -> RoundPlan:
+    """Round 0 (no previous student): the offline sequences with distill.method. Round r: offline sequences with
+    rounds.offline_method (or distill.method) and the refreshed ones with rounds.method, mixed by share."""
+    if previous is None:
+        return RoundPlan([open_source("offline", generate, score, cfg["method"], 1.0)], cfg["steps"],
+                         cfg["learning_rate"], cfg["warmup_steps"], 0)
+    rounds = cfg["rounds"]
+    sources = [open_source("offline", generate, score, rounds["offline_method"] or cfg["method"],
+                           1 - rounds["refresh_share"])]
+    if refresh is not None:
+        sources.append(open_source("refresh", refresh, refresh_score, rounds["method"], rounds["refresh_share"]))
+    return RoundPlan([s for s in sources if s.share > 0], rounds["steps"], rounds["learning_rate"],
+                     rounds["warmup_steps"], rounds["steps"] * cfg["gradient_accumulation_steps"], previous.report)
+
+
+def mixture_plan(sizes: list[int], shares: list[float], batch: int, num_batches: int,
+                 seed: int) -> list[list[tuple[int, int]]]:
+    """(source, row) pairs filling each batch. Every batch holds each source's share of `batch`, rounded with
+    the remainder carried over, so a source's running count never drifts a whole row from its share; each
+    source is read in passes (all its rows once, in a fresh random order) before any row repeats."""
+    rng = np.random.default_rng(seed)
+    shares = np.asarray(shares, float) / sum(shares)
+    orders, pos = [np.empty(0, int)] * len(sizes), [0] * len(sizes)
+    carry, plan = np.zeros(len(sizes)), []
+    for _ in range(num_batches):
+        carry += shares * batch
+        counts = np.floor(carry).astype(int)
+        for s in np.argsort(-(carry - counts), kind="stable")[:batch - counts.sum()]:
+            counts[s] += 1
+        carry -= counts
+        rows = []
+        for s, n in enumerate(counts):
+            for _ in range(n):
+                if pos[s] == len(orders[s]):
+                    orders[s], pos[s] = rng.permutation(sizes[s]), 0
+                rows.append((s, int(orders[s][pos[s]])))
+                pos[s] += 1
+        plan.append(rows)
+    return plan
+
+
+def _rows(src: Source, s: int, picks=None) -> dict:
+    seq_ids, plens, seqs = src.store.range(0, len(src.store))
+    picks = range(len(seq_ids)) if picks is None else picks
+    return {"seq_id": [int(seq_ids[i]) for i in picks], "prompt_len": [int(plens[i]) for i in picks],
+            "input_ids": [seqs[i].tolist() for i in picks], "source": [s] * len(picks)}
+
+
+def training_set(sources: list[Source], per_batch: int, num_batches: int, seed: int):
+    """A `datasets.Dataset` of token rows tagged with their source. Round 0: every offline sequence (the Trainer
+    shuffles it). Rounds: the mixture plan's rows in plan order (the Trainer reads it sequentially)."""
+    from datasets import Dataset
+
+    if len(sources) == 1 and sources[0].share == 1 and num_batches == 0:
+        return Dataset.from_dict(_rows(sources[0], 0))
+    plan = [p for batch in mixture_plan([len(s.store) for s in sources], [s.share for s in sources], per_batch,
+                                        num_batches, seed) for p in batch]
+    columns: dict = {"seq_id": [], "prompt_len": [], "input_ids": [], "source": []}
+    order = []
+    for s, src in enumerate(sources):
+        picks = [row for src_i, row in plan if src_i == s]
+        for name, values in _rows(src, s, picks).items():
+            columns[name] += values
+        order += [i for i, (src_i, _) in enumerate(plan) if src_i == s]
+    ds = Dataset.from_dict(columns)
+    return ds.select(np.argsort(order, kind="stable"))
