@@ -5,7 +5,7 @@ HPD    := $(VENV)/bin/hpd
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: teacher-cache distill test soak bench compare study status clean venv smollm2 smollm2-teacher
+.PHONY: teacher-cache distill test test-unit soak bench compare study status clean venv smollm2 smollm2-teacher
 
 venv: $(STAMP)
 
@@ -35,9 +35,13 @@ distill: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# the unit tests alone (losses, encodings, config, tasks): seconds, for the edit-test loop
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m unit
+
 soak: $(STAMP)
-	$(PY) tests/soak.py
-	$(PY) bench/readme.py
+	$(PY) -m bench.soak
+	$(PY) -m bench.readme
 
 compare: $(STAMP) $(SMOLLM2)
 	$(HPD) compare --out bench/results/compare_math
@@ -45,8 +49,8 @@ compare: $(STAMP) $(SMOLLM2)
 	$(HPD) compare --config smollm2 --out bench/results/compare_smollm2
 
 study: $(STAMP)
-	$(PY) bench/regime_study.py
-	$(PY) bench/readme.py
+	$(PY) -m bench.regime_study
+	$(PY) -m bench.readme
 
 status: $(STAMP)
 	$(HPD) status
@@ -55,17 +59,17 @@ clean:
 	rm -rf work
 
 bench: $(STAMP) $(SMOLLM2)
-	$(PY) bench/default_task.py
-	$(PY) bench/fresh_clone.py
-	$(PY) bench/real_teacher.py
-	$(PY) bench/cache_formats.py --config smollm2 --sequences 192 --kl-sequences 48
-	$(PY) bench/score_overhead.py --config smollm2
-	$(PY) bench/score_overhead.py
-	$(PY) bench/score_overhead.py --config dialogue
-	$(PY) bench/hpd_gradient.py --config smollm2
-	$(PY) bench/real_cached_vs_online.py
-	$(PY) bench/cache_formats.py
-	$(PY) bench/hpd_gradient.py
-	$(PY) bench/refresh_rounds.py
-	$(PY) bench/cached_vs_online.py
-	$(PY) bench/readme.py
+	$(PY) -m bench.default_task
+	$(PY) -m bench.fresh_clone
+	$(PY) -m bench.real_teacher
+	$(PY) -m bench.cache_formats --config smollm2 --sequences 192 --kl-sequences 48
+	$(PY) -m bench.score_overhead --config smollm2
+	$(PY) -m bench.score_overhead
+	$(PY) -m bench.score_overhead --config dialogue
+	$(PY) -m bench.hpd_gradient --config smollm2
+	$(PY) -m bench.real_cached_vs_online
+	$(PY) -m bench.cache_formats
+	$(PY) -m bench.hpd_gradient
+	$(PY) -m bench.refresh_rounds
+	$(PY) -m bench.cached_vs_online
+	$(PY) -m bench.readme

@@ -164,7 +164,10 @@ def quality(home: Path, seeds: int, math_steps: int, dialogue_steps: int) -> dic
                 log = json.loads((student_dir / "training_log.json").read_text())
                 rows.append({"arm": arm, "seed": seed, "eval": r.outputs("eval").report["student"],
                              "curve": [{k: e[k] for k in e if k == "step" or k.startswith("curve_")}
-                                       for e in log if "curve_nll" in e]})
+                                       for e in log if "curve_nll" in e],
+                             # HPD's samples outside the cached top-k, (step, share) as logged
+                             "outside_topk": [(e["step"], e["sample_outside_topk"]) for e in log
+                                              if "sample_outside_topk" in e]})
                 print(f"[quality] {task} {arm} seed {seed}: {rows[-1]['eval']}", flush=True)
         out[task] = rows
     return out

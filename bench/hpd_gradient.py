@@ -101,7 +101,7 @@ def main():
         opt.step()
         opt.zero_grad()
 
-    results = {}
+    results, start_kl = {}, []
     for i in range(sft_steps, sft_steps + args.batches):
         ids, mask, labels = batch(i)
         if not len(ids):
@@ -120,6 +120,8 @@ def main():
             full, _ = distill_loss(method, student(input_ids=ids, attention_mask=mask).logits, labels,
                                    teacher=t_logits, sampled_tokens=sample)
             full.backward()
+            if method == "fkl":  # forward KL's value: how far the student starts from the teacher
+                start_kl.append(float(full))
             g_full = flat_grad(student).clone()
             for k in (16, 64):
                 student.zero_grad()
@@ -144,10 +146,11 @@ def main():
             s["sample_term_active"] = float(np.mean([d["sample_term_active"] for d in r["diag"]]))
         summary[name] = s
     out.parent.mkdir(parents=True, exist_ok=True)
+    summary["student_kl_to_teacher_nats"] = float(np.mean(start_kl))  # at the response positions, before any step
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     md = ["| loss @ k | cosine(cached, full) mean (min) | relative norm of the difference | sampled token outside top-k | sampled-token term active |",
           "|---|---|---|---|---|"]
-    for name, s in summary.items():
+    for name, s in ((n, s) for n, s in summary.items() if "@" in n):
         pct = lambda key: f"{s[key]:.1%}" if key in s else "-"  # noqa: E731
         md.append(f"| {name} | {s['cosine_mean']:.4f} ({s['cosine_min']:.4f}) | {s['relative_norm_mean']:.4f} | "
                   f"{pct('sample_outside_topk')} | {pct('sample_term_active')} |")

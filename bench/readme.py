@@ -6,6 +6,8 @@ import re
 import statistics
 from pathlib import Path
 
+from hpd.pipeline.config import load as load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
@@ -117,14 +119,14 @@ start-up and imports.
 def real_teacher() -> str:
     r = _result(RESULTS / "real_teacher.json")
     if r is None:
-        return "Not measured yet: run `make smollm2-teacher` and `python bench/real_teacher.py`.\n"
+        return "Not measured yet: run `make smollm2-teacher` and `python -m bench.real_teacher`.\n"
     c, g, sc, st = r["config"], r["generate"], r["score"], r["stage_seconds"]
     d, b = r["distill"], r["baseline"]
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in st.items())
     return f"""Measured by `bench/real_teacher.py` (`hpd run --config smollm2` in a fresh home, {r['cpus']} CPU cores, fp32;
 `bench/results/real_teacher.json`): {c['data']['train_examples']} training prompts and {c['data']['heldout_examples']} held-out ones, one teacher
 reply each (at most {c['generate']['max_new_tokens']} new tokens, temperature {c['generate']['temperature']:g}), scored at top-{sc['top_k']}; a
-{r['student_parameters'] / 1e6:.1f}M-parameter student ({c['distill']['n_layer']} of the teacher's 30 layers kept) trained {c['distill']['steps']} steps
+{r['student_parameters'] / 1e6:.1f}M-parameter student ({c['distill']['n_layer']} of the teacher's layers kept) trained {c['distill']['steps']} steps
 of {c['distill']['batch_size']} sequences with `{c['distill']['method']}`, and the same student by SFT on the teacher's replies.
 
 ```
@@ -165,7 +167,7 @@ def _real_cached_vs_online() -> str:
                      f"{m[arm]['training_memory_mb']:.0f} | {m[arm]['peak_rss_mb']:.0f} |" for arm in ("cached", "online", "sft"))
     return f"""
 **Cached against online with this teacher** (`bench/real_cached_vs_online.py`, `bench/results/real_cached_vs_online.json`;
-the 49.5M layer-kept student, {r['steps']} steps per arm, each arm `hpd run distill` in a process of its own, arms alternating,
+the preset's layer-kept student, {r['steps']} steps per arm, each arm `hpd run distill` in a process of its own, arms alternating,
 median of {r['repeats']}):
 
 | arm | s/step | response tokens/s | training memory (MB) | peak RSS (MB) |
@@ -218,7 +220,7 @@ def _real_targets() -> str:
     if f.exists():
         r = json.loads(f.read_text())
         rows.append(("cached gradient against the full-vocabulary one, hpd / hpd_fkl / fkl at k = 16 and 64",
-                     ", ".join(f"{n} {x['cosine_mean']:.4f}" for n, x in r.items()), "measured (section below)"))
+                     ", ".join(f"{n} {x['cosine_mean']:.4f}" for n, x in r.items() if "@" in n), "measured (section below)"))
     results = _result(RESULTS / "compare_smollm2" / "results.json")
     if results:
         nll: dict = {}
@@ -255,7 +257,7 @@ def _real_cache_formats() -> str:
     k64 = next(x for x in rows if x["k"] == 64 and x["encoding"].startswith("idsort"))
     met = k64["bytes_per_token"] <= 100 and k64["kl_bucket"] <= 0.01
     return f"""
-**Cache size and fidelity on this teacher** (`python bench/cache_formats.py --config smollm2`,
+**Cache size and fidelity on this teacher** (`python -m bench.cache_formats --config smollm2`,
 `bench/results/cache_formats_smollm2.json`): {r['sequences']} of its replies, {r['scored_tokens']:,} scored tokens
 (KL over the first {r['kl_sequences']} sequences), mean teacher entropy {r['teacher_entropy_nats']:.2f} nats, against the
 teacher's full float64 distribution. Target at k = 64: at most 100 bytes/token with bucket KL at most 0.01:
@@ -306,7 +308,7 @@ def hpd_gradient() -> str:
             + path.read_text() + "\nHPD needs the teacher only at the expert token (stored exactly) and at one sampled "
             "token, so its cached gradient stays close to the full one even though most samples of this "
             "diffuse teacher/student pair fall outside the top-k. Forward KL over the top-k plus a tail bucket "
-            "cannot shape the tail (40-58% of this teacher's mass), so its gradient points well away from "
+            f"cannot shape the tail ({_tail_share('cache_formats.json')} of this teacher's mass), so its gradient points well away from "
             "full-vocabulary forward KL, and some batches' gradients even point the other way: the truncation cost the "
             "RS-KD paper reports (30-58 degrees at 8B). `hpd_fkl`, whose forward part is that same forward KL over "
             "the cached distribution (gated, plus HPD's sampled-token term), follows fkl's cosines. Students here "
@@ -322,14 +324,22 @@ def hpd_gradient() -> str:
     return text
 
 
+def _tail_share(results_file: str) -> str:
+    """The teacher's mass outside its top-64 and top-16, as the cache-format bench measured it."""
+    r = _result(RESULTS / results_file)
+    return f"{r['tail_mass_mean']['64'] * 100:.0f}-{r['tail_mass_mean']['16']:.0%}" if r else "most"
+
+
 def _gradient_reading(r: dict) -> str:
-    c = {name: x["cosine_mean"] for name, x in r.items()}
+    c = {name: x["cosine_mean"] for name, x in r.items() if "@" in name}
+    start = (f"KL {r['student_kl_to_teacher_nats']:.1f} nats before training" if "student_kl_to_teacher_nats" in r
+             else "before training")
     order = sorted(c, key=c.get, reverse=True)
     return (f"Closest to its full-vocabulary gradient: {order[0]} (cosine {c[order[0]]:.4f}); furthest: {order[-1]} "
             f"({c[order[-1]]:.4f}). Going from k = 16 to 64 moves fkl from {c['fkl@k=16']:.3f} to {c['fkl@k=64']:.3f}, "
             f"hpd_fkl from {c['hpd_fkl@k=16']:.3f} to {c['hpd_fkl@k=64']:.3f} and hpd from {c['hpd@k=16']:.4f} to "
             f"{c['hpd@k=64']:.4f}. The ranking is the dialogue task's turned around, and the student explains it: freshly "
-            f"cut from the teacher, it is far from it (KL about 8 nats before training) and spreads its mass widely, so "
+            f"cut from the teacher, it is far from it ({start}) and spreads its mass widely, so "
             f"{r['hpd@k=64']['sample_outside_topk']:.0%} of its samples fall outside the teacher's top-64, where HPD must "
             f"estimate the teacher's log-prob from the tail bucket; forward KL's gradient (student minus teacher "
             f"probabilities) is then dominated by the student's own diffuse mass, which the cache does not need. These "
@@ -501,8 +511,15 @@ def _real_verdict(results: list[dict]) -> str:
         place = ranked.index(pick) + 1
         holds = (f"**It does not hold here.** {lowest}; {pick} is {place}{'nd' if place == 2 else 'rd' if place == 3 else 'th'} "
                  f"of {len(ranked)} by NLL" + (f", ahead of {', '.join(beaten)} beyond the seed spread" if beaten else ""))
+    cfg = load_config("smollm2")
+    d, fmt = cfg["distill"], _result(RESULTS / "cache_formats_smollm2.json") or {}
+    outside = (f", {fmt['tail_mass_mean']['64']:.0%} of the mass outside it" if fmt else "")
+    kls = [r["eval"]["student"][kl] for r in results]
+    student = results[0]["eval"]["student"]["parameters"]
+    study_seeds = max((x["seeds"] for s in _result(RESULTS / "study" / "summary.json") or [] if s["task"] == "dialogue"
+                       for x in s["table"].values()), default=0)
     return f"""Does the regime study's recommendation (`hpd_fkl` for a top-k cache of a large vocabulary, chosen on the
-dialogue task's top-64 of 8,192) carry over to a real LLM (top-64 of 49,152, 8% of the mass outside it)?
+dialogue task's top-64 of 8,192) carry over to a real LLM (top-64 of {fmt.get('vocab_size', 49152):,}{outside})?
 {holds}. By held-out NLL on the teacher's greedy replies the order is {', '.join(f"{m} {mean(m, nll):.3f}" for m in ranked)}
 (teacher {teacher[nll]:.3f}); by KL to the teacher {', '.join(f"{m} {mean(m, kl):.3f}" for m in by_kl)}.
 Paired by seed, {pick} minus each other method (held-out NLL / KL to teacher, nats; *separable*: the mean is more
@@ -512,26 +529,29 @@ than twice its standard error):
 |---|---|---|
 {lines}
 
-Every student starts from the same 6 of the teacher's 30 layers (49.5M parameters) and takes 48 steps of 8 of the
-teacher's replies at learning rate 1e-4 (2 epochs of 192 prompts): a small budget, sized to the hour this machine
-gives it ({_compare_hours(results)}), so these are early-training differences: every student is still
-4-8 nats from the teacher. With 3 seeds, "separable" is a weak test. The accuracy column counts
+Every student starts from the same {d['n_layer']} of the teacher's layers ({student / 1e6:.1f}M parameters) and takes
+{cfg['compare']['steps']} steps of {d['batch_size']} of the teacher's replies at learning rate {d['learning_rate']:.0e}
+({cfg['compare']['steps'] * d['batch_size'] / cfg['data']['train_examples']:g} epochs of {cfg['data']['train_examples']} prompts):
+a small budget, sized to the hour this machine gives it ({_compare_hours(results)}), so these are early-training
+differences: every student is still {min(kls):.1f}-{max(kls):.1f} nats from the teacher. With {len(by[pick])} seeds,
+"separable" is a weak test. The accuracy column counts
 {teacher.get('checked_examples', 0)} arithmetic questions and separates nothing at this size. What it says: the published
 HPD {'trails' if mean('hpd', nll) > mean('sft', nll) else 'leads'} plain SFT on this teacher (on math it trailed, on dialogue it led), JSD learns slowest from a
-student this far from the teacher, and the divergences over the cached top-64 distribution (fkl, hpd_fkl) lead.{_preset_remark(first_nll, pick)}
+student this far from the teacher, and the divergences over the cached top-64 distribution (fkl, hpd_fkl) lead.{_preset_remark(first_nll, pick, study_seeds, len(by[pick]), cfg['compare']['steps'])}
 """
 
 
-def _preset_remark(best: str, pick: str) -> str:
+def _preset_remark(best: str, pick: str, study_seeds: int, seeds: int, steps: int) -> str:
     if best == pick:
         return ""
-    return (f" `--config smollm2` still trains with {pick}: the dialogue evidence for it comes from 5 seeds trained "
-            f"to the end of their budget, this from 3 seeds in their first 48 steps; a longer comparison on this "
+    return (f" `--config smollm2` still trains with {pick}: the dialogue evidence for it comes from {study_seeds} seeds "
+            f"trained to the end of their budget, this from {seeds} seeds in their first {steps} steps; a longer comparison on this "
             f"teacher (a GPU's work) should decide, and `--set distill.method={best}` is the alternative.")
 
 
 def _compare_hours(results: list[dict]) -> str:
-    seconds = sum(r["student"].get("train_seconds", 0) for r in results)
+    # students' training seconds: `hpd compare` records them beside each run (older results: in the student report)
+    seconds = sum(r.get("train_seconds") or r["student"].get("train_seconds", 0) for r in results)
     return f"{seconds / 60:.0f} minutes of student training in all, plus evaluation"
 
 
@@ -539,7 +559,8 @@ def _overhead_verdict(big: dict) -> str:
     """Score overhead at most 10% of the forward: judged on the timing apart from the background writer
     (bench/score_overhead.py), with the stage's own in-run figure beside it."""
     found = {name: _result(RESULTS / f"score_overhead_{cfg}.json") for name, cfg in
-             (("math (0.80M teacher)", "math"), ("dialogue (1.87M)", "dialogue"), ("SmolLM2-135M", "smollm2"))}
+             ((f"math ({_trained_teacher_parameters('math') / 1e6:.2f}M teacher)", "math"),
+              (f"dialogue ({_trained_teacher_parameters('dialogue') / 1e6:.2f}M)", "dialogue"), ("SmolLM2-135M", "smollm2"))}
     found = {n: o["overhead_compute"] for n, o in found.items() if o}
     met = [n for n, x in found.items() if x <= 0.10]
     state = "met" if len(met) == len(found) else f"met only for {', '.join(met)}" if met else "not met"
@@ -550,6 +571,24 @@ def _overhead_verdict(big: dict) -> str:
               "[positions x 49,152] log-softmax, top-k and tail pass cost nearly a third of its forward. As the "
               "stage measures it in the cached-vs-online runs (the writer sharing the two cores): "
             + ", ".join(f"{k} {r['score_timing']['overhead']:.1%}" for k, r in big.items()))
+
+
+def _outside_topk(quality: dict) -> str:
+    """The cached dialogue runs' share of HPD samples outside the top-k, first and last logged (recorded by the
+    quality runs since issue 18; older results files lack it)."""
+    runs = [r["outside_topk"] for r in quality["dialogue"] if r["arm"] == "cached" and "outside_topk" in r]
+    if not runs:
+        return ""
+    first, last = statistics.mean(r[0][1] for r in runs), statistics.mean(r[-1][1] for r in runs)
+    return (f" (`sample_outside_topk` in the training log: {first:.2f} at step {runs[0][0][0]}, {last:.2f} at step "
+            f"{runs[0][-1][0]}, mean over {len(runs)} seeds)")
+
+
+def _trained_teacher_parameters(task: str) -> int:
+    """The built-in teacher's size, as the cached-vs-online bench measured it: the smallest of that task's teachers
+    (the others are larger random ones)."""
+    t = _result(RESULTS / "cached_vs_online_timing.json") or {}
+    return min((r["teacher_parameters"] for k, r in t.items() if k.startswith(task)), default=0)
 
 
 def cached_vs_online() -> str:
@@ -584,8 +623,7 @@ def cached_vs_online() -> str:
                  f"(by {statistics.mean(dn):+.3f} ± {statistics.stdev(dn) if len(dn) > 1 else 0:.3f} nats) and its KL "
                  f"to the teacher by {statistics.mean(dk):+.3f}. HPD's push-down term needs the teacher's "
                  f"log-prob of the student's own sample; a cache has it only inside the top-k, and a fresh "
-                 f"student's samples fall outside the top-64 at almost every position (`sample_outside_topk` in "
-                 f"the training log starts near 0.99 and is still about 0.44 after 300 steps), where the cache can only "
+                 f"student's samples fall outside the top-64 at most positions{_outside_topk(quality)}, where the cache can only "
                  f"share the tail mass out in "
                  f"proportion to the student. Online, the exact value is at hand. The HPD variants that use the whole "
                  f"cached distribution instead, and which loss to use, are in the regime study below.")
@@ -596,11 +634,10 @@ def cached_vs_online() -> str:
                  "logits, as TRL computes them. The ratio therefore falls as the teacher grows (dialogue: "
                  + ", ".join(f"{r['training_mb_ratio']:.2f} at {k.split()[1]}" for k, r in t.items() if k.startswith("dialogue"))
                  + "; a 7B teacher's 14 GB of bf16 weights would dominate "
-                 "completely). On math the vocabulary has 18 tokens and the teacher weighs 3 MB: both arms are "
+                 f"completely). On math the vocabulary has 18 tokens and the teacher weighs "
+                 f"{t['math 7.6x']['teacher_parameters'] * 4 / 1e6:.1f} MB in fp32: both arms are "
                  f"the same ~{t['math 7.6x']['arms']['cached']['training_mb']:.0f} MB of fixed costs (Trainer, batches, "
                  "allocator), and no cache can change that. "
-                 "Before the chunked loss the dialogue ratios were 0.86-0.88 (the [batch, length, 8192] student "
-                 "logits and their gradients were most of both arms); it also raised cached tokens/s by 1.6-1.8x. "
                  "The quality runs below predate the chunked loss, which gives the same values and gradients "
                  "(tests/test_losses.py) but draws HPD's samples in a different order")
     body = md.read_text().split("\n", 2)[2].replace("\n## ", "\n#### ")
@@ -653,7 +690,7 @@ def reliability() -> str:
     if soak_file.exists():
         soak = json.loads(soak_file.read_text())
         by_stage = ", ".join(f"{s} {k}" for s, k in soak["kills_by_stage"].items())
-        soak_line = (f"**Soak** (`make soak`, tests/soak.py): {soak['trials']} trials, {soak['kills']} SIGKILLs at "
+        soak_line = (f"**Soak** (`make soak`, bench/soak.py): {soak['trials']} trials, {soak['kills']} SIGKILLs at "
                      f"random moments ({by_stage}). After the reruns, {soak['trials_matching_reference']} of "
                      f"{soak['trials']} trials published exactly the uninterrupted run's outputs "
                      f"({soak['outputs_compared_per_trial']} outputs compared per trial: sequences, every cache "
@@ -675,7 +712,7 @@ def _separable(d) -> bool:
 def study() -> str:
     summary = _result(RESULTS / "study" / "summary.json")
     if summary is None:
-        return "Not run yet: `python bench/regime_study.py`.\n"
+        return "Not run yet: `python -m bench.regime_study`.\n"
     out = []
     for st in summary:
         q, fmt = st["quality"], "{:.1%}" if st["quality"] == "accuracy" else "{:.4f}"
@@ -705,12 +742,132 @@ def study() -> str:
     return "\n".join(out)
 
 
+def _study_runs() -> dict:
+    """(task, regime) -> method -> seed -> the student's held-out figures, from each study setting's results."""
+    out = {}
+    for path in sorted((RESULTS / "study").glob("*-*/results.json")):
+        task, regime = path.parent.name.split("-")
+        for r in json.loads(path.read_text()):
+            out.setdefault((task, regime), {}).setdefault(r["method"], {})[r["seed"]] = r["eval"]["student"]
+    return out
+
+
+def _paired(runs: dict, a: str, b: str, key: str = "response_nll_nats") -> tuple:
+    """a minus b, seed by seed: (mean, std, seeds, seeds where a is lower)."""
+    d = [runs[a][s][key] - runs[b][s][key] for s in runs[a] if s in runs[b]]
+    return statistics.mean(d), statistics.stdev(d) if len(d) > 1 else 0.0, len(d), sum(x < 0 for x in d)
+
+
+def _span(values, fmt="{:.2f}") -> str:
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def study_recommendation() -> str:
+    """The regime study's recommendation table and its reading, every figure from the study's results."""
+    runs = _study_runs()
+    summary = _result(RESULTS / "study" / "summary.json")
+    if not runs or summary is None:
+        return "Not run yet: `python -m bench.regime_study`.\n"
+    nll = "response_nll_nats"
+    mean = {k: {m: statistics.mean(x[nll] for x in by.values()) for m, by in v.items()} for k, v in runs.items()}
+    rank = {k: sorted(v, key=v.get) for k, v in mean.items()}
+    seeds = max(len(by) for v in runs.values() for by in v.values())
+    dia = [k for k in runs if k[0] == "dialogue"]
+    pick = load_config("dialogue")["distill"]["method"]
+
+    def vs(k, other):
+        return _paired(runs[k], pick, other)
+
+    def lower(k, other):
+        x = vs(k, other)
+        return f"{x[3]} of {x[2]}"
+
+    real = _result(RESULTS / "compare_smollm2" / "results.json")
+    real_text = ""
+    if real:
+        by: dict = {}
+        for r in real:
+            by.setdefault(r["method"], {})[r["seed"]] = r["eval"]["student"]
+        lead = min(("fkl", pick), key=lambda m: statistics.mean(x[nll] for x in by[m].values()))
+        other = "fkl" if lead == pick else pick
+        n = _paired(by, lead, other)
+        real_text = (f" **On the real teacher** (SmolLM2-135M-Instruct, {n[2]} seeds, "
+                     f"{real[0]['student']['student_steps']} steps: early training) `{lead}` led `{other}` on {n[3]} of "
+                     f"{n[2]} seeds (the real-teacher comparison under `hpd compare`)")
+    ml, mp = ("math", "limited"), ("math", "plenty")
+    behind = lambda k, m: mean[k][m] - mean[k][rank[k][0]]  # noqa: E731
+    hpd_ranks = [len(rank[k]) - rank[k].index("hpd") for k in runs]  # 1 = last
+    sep = lambda x: "separable" if _separable(x) else "not separable"  # noqa: E731
+    vs_fkl = ", ".join(f"{lower(k, 'fkl')} seeds in the {k[1]} regime, {sep(vs(k, 'fkl'))}" for k in dia)
+    rows = [
+        f"| a real LLM teacher: large vocabulary, top-k cache (the dialogue task: top-64 of 8,192) | **`{pick}`** (the "
+        f"default of `--config dialogue` and `--config smollm2`), or `hpd_fkl_expect` (deterministic, costs a "
+        f"[positions x vocabulary] expectation) | ranked {', '.join(f'{rank[k].index(pick) + 1} of {len(rank[k])} ({k[1]})' for k in dia)}: "
+        f"NLL {_span([-vs(k, 'hpd')[0] for k in dia])} nats below HPD ({', '.join(lower(k, 'hpd') for k in dia)} seeds), "
+        f"{_span([-vs(k, 'fkl')[0] for k in dia])} below plain `fkl` ({vs_fkl}), "
+        f"{_span([-vs(k, 'jsd')[0] for k in dia])} below `jsd`.{real_text} |",
+        f"| the whole distribution fits the cache (tiny vocabulary, k = V: the math task), data-limited | "
+        f"`{rank[ml][0]}` or `fkl` (`fkl` is `make distill`'s default) | `{rank[ml][0]}` best ({mean[ml][rank[ml][0]]:.3f}), "
+        f"`fkl` {mean[ml]['fkl']:.3f} ({sep(_paired(runs[ml], 'fkl', rank[ml][0]))}); `hpd_fkl` "
+        f"{_paired(runs[ml], 'hpd_fkl', 'fkl')[0]:.3f} behind `fkl`, higher on "
+        f"{_paired(runs[ml], 'hpd_fkl', 'fkl')[2] - _paired(runs[ml], 'hpd_fkl', 'fkl')[3]} of {seeds} seeds |",
+        f"| the whole distribution fits the cache, plenty of fresh data | `{rank[mp][0]}` is as good as any "
+        f"distillation | `{rank[mp][0]}` best ({mean[mp][rank[mp][0]]:.3f}); `fkl` and `hpd_fkl` "
+        f"{_span([behind(mp, 'fkl'), behind(mp, 'hpd_fkl')])} behind, "
+        f"{sep(_paired(runs[mp], 'fkl', 'hpd_fkl'))} from each other |",
+        f"| HPD as published (`hpd`) | not from a cache | {'last' if max(hpd_ranks) == 1 else 'last or next to last' if max(hpd_ranks) <= 2 else 'low'} "
+        f"in all {len(runs)} settings: {_span([behind(k, 'hpd') for k in runs if k[0] == 'math'])} nats behind the best on math, "
+        f"{_span([behind(k, 'hpd') for k in dia])} on dialogue; "
+        f"{'behind' if all(mean[k]['hpd'] > mean[k]['sft'] for k in runs if k[0] == 'math') else 'not always behind'} SFT on math |",
+    ]
+    top3 = rank[dia[0]][:3]
+    gaps = [_paired(runs[k], a, b) for k in dia for a in top3 for b in ("hpd", "jsd", "sft") if a in runs[k]]
+    spread = {k: [statistics.stdev(x[nll] for x in by.values()) for by in runs[k].values()] for k in runs}
+    acc = {k: [statistics.stdev(x["accuracy"] for x in by.values()) for by in runs[k].values()] for k in runs
+           if k[0] == "math"}
+    expect = [_paired(runs[k], "hpd_expect", "hpd") for k in runs]
+    fwd = {t: [-_paired(runs[k], "hpd_fkl", "hpd")[0] for k in runs if k[0] == t] for t in ("math", "dialogue")}
+    push = [-_paired(runs[k], "hpd_fkl", "fkl")[0] for k in dia]
+    gate = [_paired(runs[k], "hpd_fkl", "fkl")[0] for k in runs if k[0] == "math"]
+    beats = [_paired(runs[k], pick, "hpd") for k in runs]
+    return "\n".join([
+        f"**Recommendation** ({seeds} seeds per method and setting, ranked by held-out NLL; tables and paired "
+        f"differences below):", "",
+        "| your situation | use | evidence |", "|---|---|---|", *rows, "",
+        f"**How confident.** On dialogue the top three ({', '.join(top3)}) lead HPD, JSD and SFT by paired "
+        f"differences of {_span([-g[0] for g in gaps])} nats with standard deviations of {_span([g[1] for g in gaps])}, "
+        f"every seed the same way in {sum(g[3] == g[2] for g in gaps)} of {len(gaps)} pairs. On math the student seed "
+        f"decides when the student crosses the learning transition, so held-out NLL varies by "
+        f"{_span([x for k in runs if k[0] == 'math' for x in spread[k]])} (standard deviation over seeds) and accuracy "
+        f"by {_span([x * 100 for v in acc.values() for x in v], '{:.0f}')} points between seeds of one method; paired by seed, "
+        f"only the larger gaps are separable, and the accuracy column is not. `hpd_expect` beats `hpd` on "
+        f"{sum(x[3] for x in expect)} of {sum(x[2] for x in expect)} paired seeds, but by "
+        f"{_span([-x[0] for x in expect], '{:.3f}')} nats: the sampled-token term is not what holds HPD back. What "
+        f"does is its forward part: one token's weight p(a*) instead of the teacher's distribution. Moving it to the "
+        f"cached distribution (`hpd_fkl`) is worth {_span(fwd['math'])} nats on math and {_span(fwd['dialogue'])} on "
+        f"dialogue, and on dialogue HPD's reverse-KL push-down then adds a further {_span(push)} over plain forward "
+        f"KL, where the cache's top-64 truncates the teacher and the push-down keeps the student's mass off tokens "
+        f"the teacher rules out. On math, where the cache holds the whole 18-token distribution, the same gating "
+        f"costs {_span(gate, '{:.3f}')} nats.", "",
+        f"**Default.** No method wins all {len(runs)} settings (best: "
+        f"{', '.join(f'{k[0]} {k[1]} {rank[k][0]}' for k in runs)}), so the rule \"make a variant the default if it "
+        f"wins across regimes\" does not strictly apply. The presets that look like real LLM distillation "
+        f"(`--config dialogue`, `--config smollm2`: a large vocabulary, a truncated cache) train with `{pick}`: it "
+        f"beats the published HPD in all {len(runs)} settings (on {sum(x[3] for x in beats)} of "
+        f"{sum(x[2] for x in beats)} paired seeds) and is among the top two in both regimes of the dialogue task. "
+        f"`make distill`'s math default is `fkl`, the exact full-distribution loss when the cache holds the whole "
+        f"18-token distribution and the data are limited (see \"Why this default\" at the top). "
+        f"`distill.method = \"hpd\"` runs the paper's method unchanged.", ""])
+
+
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, fn in (("make-distill", make_distill), ("default-task", default_task), ("real-teacher", real_teacher), ("cache-formats", cache_formats),
                      ("hpd-gradient", hpd_gradient), ("refresh-rounds", refresh_rounds), ("compare", compare),
-                     ("cached-vs-online", cached_vs_online), ("reliability", reliability), ("study", study)):
+                     ("cached-vs-online", cached_vs_online), ("reliability", reliability), ("study", study),
+                     ("study-recommendation", study_recommendation)):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text,
                       flags=re.S)

@@ -16,16 +16,16 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 from hpd.pipeline.runs import open_run  # noqa: E402
 from hpd.pipeline.stage import Runner  # noqa: E402
 
-# A run small enough to train, generate and score in a few seconds.
-TINY = [
-    "data.train_examples=600", "data.heldout_examples=40",
-    "teacher.n_layer=1", "teacher.n_embd=32", "teacher.n_head=2", "teacher.steps=8", "teacher.batch_size=32",
-    "teacher.warmup_steps=1", "teacher.eval_examples=20",
-    "generate.num_prompts=240", "generate.shard_size=100",
-    "score.shard_size=50", "score.batch_size=32",
-    "distill.steps=4", "distill.batch_size=16", "distill.eval_examples=10", "distill.warmup_steps=1",
-    "distill.n_layer=1", "distill.n_embd=16", 'distill.method="hpd"',  # the paper's method: its diagnostics are tested
-]
+# Tests run the `tiny` preset (pipeline/presets/tiny.toml): the default run small enough to train, generate
+# and score in a few seconds. Only the scale is faked.
+TINY = "tiny"
+
+
+def pytest_collection_modifyitems(items):
+    """Every test a module does not mark `unit` is an integration test: `pytest -m unit` is the fast half."""
+    for item in items:
+        if "unit" not in item.keywords:
+            item.add_marker(pytest.mark.integration)
 
 
 def hpd_cli(home: Path, *args: str, overrides=(), env: dict | None = None, tiny: bool = True):
@@ -36,9 +36,9 @@ def hpd_cli(home: Path, *args: str, overrides=(), env: dict | None = None, tiny:
 
     from hpd.pipeline.cli import cli
 
-    base = [*TINY, 'run.name="tiny"'] if tiny else []
-    sets = [a for o in [*base, *overrides] for a in ("--set", o)]
-    return CliRunner().invoke(cli, [*args, *sets], env={"HPD_HOME": str(home), **(env or {})})
+    sets = [a for o in overrides for a in ("--set", o)]
+    return CliRunner().invoke(cli, [*args, *(["--config", TINY] if tiny else []), *sets],
+                              env={"HPD_HOME": str(home), **(env or {})})
 
 
 def hpd_process(home: Path, *args: str, overrides=(), kill_at: str | None = None,
@@ -46,8 +46,8 @@ def hpd_process(home: Path, *args: str, overrides=(), kill_at: str | None = None
     """`hpd ARGS` on the tiny config (run "tiny") in a process of its own, so that HPD_KILL_AT can SIGKILL it;
     with ranks > 1, as that many processes under torchrun (gloo on CPU)."""
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-    cmd = [sys.executable, *launch, "-m", "hpd.pipeline.cli", *args]
-    for o in [*TINY, 'run.name="tiny"', *overrides]:
+    cmd = [sys.executable, *launch, "-m", "hpd.pipeline.cli", *args, "--config", TINY]
+    for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "HPD_HOME": str(home), **({"HPD_KILL_AT": kill_at} if kill_at else {}),
            **({"OMP_NUM_THREADS": "1"} if ranks > 1 else {})}
@@ -55,7 +55,7 @@ def hpd_process(home: Path, *args: str, overrides=(), kill_at: str | None = None
 
 
 def make_runner(home: Path, *overrides: str, run: str = "tiny", observers=()) -> Runner:
-    return open_run(None, [*TINY, f"run.name={run!r}".replace("'", '"'), *overrides], home=home, log=lambda s: None,
+    return open_run(TINY, [f"run.name={run!r}".replace("'", '"'), *overrides], home=home, log=lambda s: None,
                     observers=observers)
 
 

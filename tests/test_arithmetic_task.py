@@ -1,9 +1,12 @@
 import json
 import random
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hpd.stages.tasks import arithmetic
+
+pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
 
 
 def _check_trace(prompt: str, response: str) -> None:

@@ -98,9 +98,7 @@ def test_concurrent_writers_share_one_cache(home, tmp_path):
     shutil.rmtree(cache_dir)
     procs = []
     for run in ("a", "b"):
-        args = [sys.executable, "-c", "from hpd.pipeline.cli import main; main()", "run"]
-        for o in TINY + [f'run.name="{run}"']:
-            args += ["--set", o]
+        args = [sys.executable, "-m", "hpd.pipeline.cli", "run", "--config", TINY, "--set", f'run.name="{run}"']
         procs.append(subprocess.Popen(args, env={**os.environ, "HPD_HOME": str(home)}, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]

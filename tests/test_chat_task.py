@@ -10,6 +10,8 @@ from hpd.stages.tasks import chat
 
 from conftest import hpd_cli
 
+pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
+
 
 def test_chat_prompts_mix_three_kinds_disjointly(tmp_path):
     counts = chat.write_data(tmp_path, {"train_examples": 30, "heldout_examples": 12}, seed=0)

@@ -3,6 +3,8 @@ import pytest
 from hpd.pipeline import config
 from hpd.common.errors import HpdError
 
+pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
+
 
 def test_overrides_are_typed_and_applied(tmp_path):
     user = tmp_path / "run.toml"

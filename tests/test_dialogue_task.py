@@ -1,9 +1,14 @@
+
 """The built-in dialogue task end to end at tiny scale: real conversations, a trained byte-level BPE
 tokenizer, a top-k cache of a real vocabulary (k < V, so the tail bucket matters), ROUGE-L evaluation."""
 import json
 
 from hpd.storage.logit_cache import LogitCache
 
+
+import pytest
+
+pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
 from conftest import hpd_cli
 
 SMALL = ["data.train_examples=400", "data.heldout_examples=20", "data.vocab_size=512",

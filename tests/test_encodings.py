@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from hpd.storage import encodings as enc
 
+pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
+
 
 @st.composite
 def topk_rows(draw):

@@ -60,3 +60,27 @@ def test_public_names_come_from_hpd():
     from hpd.storage.logit_cache import LogitCache
 
     assert (hpd.open_run, hpd.distill_loss, hpd.LogitCache) == (open_run, distill_loss, LogitCache)
+
+
+def test_the_readme_python_example_runs(tiny_runner):
+    """README "From Python": a cache read through the public names gives a loss with a gradient."""
+    import torch
+
+    from hpd import CacheBatch, LogitCache, distill_loss, open_run
+    from hpd.storage.sequences import SequenceStore
+
+    run = open_run("tiny", home=tiny_runner.ctx.home, log=lambda s: None)
+    run.run(until="score")  # up to date: nothing reruns
+    cache = run.outputs("score")
+    store = SequenceStore(Path(run.outputs("generate").sequences))
+    rows = [store.get(i) for i in (0, 1, 2)]
+    length = max(len(ids) for ids, _ in rows)
+    batch = LogitCache(cache.cache).batch([0, 1, 2], input_ids=[ids for ids, _ in rows], length=length)
+    assert isinstance(batch, CacheBatch) and batch.k == cache.top_k
+    labels = torch.full((3, length), -100)
+    for b, (ids, plen) in enumerate(rows):
+        labels[b, plen:len(ids)] = torch.tensor(ids[plen:].tolist())
+    logits = torch.zeros(3, length, run.outputs("teacher").vocab_size, requires_grad=True)
+    loss, diagnostics = distill_loss("hpd_fkl", logits, labels, teacher=batch)
+    loss.backward()
+    assert diagnostics["tokens"] == int((labels[:, 1:] != -100).sum()) and logits.grad.abs().sum() > 0

@@ -7,6 +7,8 @@ import torch
 from hpd.stages.losses import METHODS, distill_loss, hpd_weights
 from hpd.storage.logit_cache import CacheBatch
 
+pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
+
 B, L, V = 2, 7, 11
 
 

@@ -9,7 +9,7 @@ published output must equal the reference: sequence fingerprints, every cache sh
 students' weight digests (so training resumed from its checkpoint without repeating or skipping data) and
 the evaluation report. Results: bench/results/soak.{json,md} and the README's reliability section.
 
-    python tests/soak.py [--trials 24] [--seed 0]
+    python -m bench.soak [--trials 24] [--seed 0]
 """
 from __future__ import annotations
 
@@ -24,16 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from conftest import TINY  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
-HPD = [sys.executable, "-c", "from hpd.pipeline.cli import main; main()"]
-# Big enough that every stage has several shards or checkpoints to be killed between (and inside).
-SOAK = [*TINY, 'run.name="soak"', "data.train_examples=2400", "generate.num_prompts=1600", "generate.shard_size=200",
+RESULTS = Path(__file__).resolve().parent / "results"
+HPD = [sys.executable, "-m", "hpd.pipeline.cli"]
+# The tiny preset made big enough that every stage has several shards or checkpoints to be killed between (and inside).
+SOAK = ['run.name="soak"', "data.train_examples=2400", "generate.num_prompts=1600", "generate.shard_size=200",
         "score.shard_size=100", "distill.steps=30", "distill.checkpoint_steps=6", "rounds.count=1",
         "rounds.steps=18", "rounds.refresh_share=0.25", "refresh.prompt_fraction=0.1", "refresh.shard_size=20",
         "refresh.samples_per_prompt=2", "eval.examples=40", "eval.samples=2"]
@@ -41,7 +35,7 @@ KILLED = ("generate", "score", "distill", "refresh-1", "rescore-1", "distill-1",
 
 
 def hpd(home: Path, *args: str, kill_in: tuple[str, float] | None = None) -> subprocess.CompletedProcess:
-    cmd = [*HPD, *args]
+    cmd = [*HPD, *args, "--config", "tiny"]
     for o in SOAK:
         cmd += ["--set", o]
     env = {**os.environ, "HPD_HOME": str(home)}
