@@ -121,7 +121,7 @@ def main():
                                    teacher=t_logits, sampled_tokens=sample)
             full.backward()
             if method == "fkl":  # forward KL's value: how far the student starts from the teacher
-                start_kl.append(float(full))
+                start_kl.append(float(full.detach()))
             g_full = flat_grad(student).clone()
             for k in (16, 64):
                 student.zero_grad()

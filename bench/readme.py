@@ -536,9 +536,20 @@ a small budget, sized to the hour this machine gives it ({_compare_hours(results
 differences: every student is still {min(kls):.1f}-{max(kls):.1f} nats from the teacher. With {len(by[pick])} seeds,
 "separable" is a weak test. The accuracy column counts
 {teacher.get('checked_examples', 0)} arithmetic questions and separates nothing at this size. What it says: the published
-HPD {'trails' if mean('hpd', nll) > mean('sft', nll) else 'leads'} plain SFT on this teacher (on math it trailed, on dialogue it led), JSD learns slowest from a
-student this far from the teacher, and the divergences over the cached top-64 distribution (fkl, hpd_fkl) lead.{_preset_remark(first_nll, pick, study_seeds, len(by[pick]), cfg['compare']['steps'])}
+HPD {'trails' if mean('hpd', nll) > mean('sft', nll) else 'leads'} plain SFT on this teacher ({_hpd_vs_sft_in_study()}), {ranked[-1]} learns slowest from a
+student this far from the teacher, and {' and '.join(ranked[:2])} lead.{_preset_remark(first_nll, pick, study_seeds, len(by[pick]), cfg['compare']['steps'])}
 """
+
+
+def _hpd_vs_sft_in_study() -> str:
+    """Whether HPD trailed or led SFT by held-out NLL on each built-in task of the regime study (all its settings)."""
+    runs, said = _study_runs(), []
+    for task in ("math", "dialogue"):
+        gaps = [statistics.mean(x["response_nll_nats"] for x in runs[k]["hpd"].values())
+                - statistics.mean(x["response_nll_nats"] for x in runs[k]["sft"].values()) for k in runs if k[0] == task]
+        if gaps:
+            said.append(f"on {task} it {'trailed' if all(g > 0 for g in gaps) else 'led' if all(g < 0 for g in gaps) else 'was mixed'}")
+    return ", ".join(said) or "the regime study has not run"
 
 
 def _preset_remark(best: str, pick: str, study_seeds: int, seeds: int, steps: int) -> str:
@@ -550,7 +561,7 @@ def _preset_remark(best: str, pick: str, study_seeds: int, seeds: int, steps: in
 
 
 def _compare_hours(results: list[dict]) -> str:
-    # students' training seconds: `hpd compare` records them beside each run (older results: in the student report)
+    # the students' seconds: `hpd compare` records them beside each run (older results: in the student report)
     seconds = sum(r.get("train_seconds") or r["student"].get("train_seconds", 0) for r in results)
     return f"{seconds / 60:.0f} minutes of student training in all, plus evaluation"
 

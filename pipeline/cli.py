@@ -184,10 +184,11 @@ def report(run_name, config_path, overrides, out):
 
     ctx = open_run(config_path, overrides).ctx
     run_dir = ctx.home / "runs" / (run_name or ctx.run_name)
-    if not run_dir.is_dir():
+    if not (run_dir / "config.toml").is_file():
         runs = sorted(p.name for p in (ctx.home / "runs").glob("*")) if (ctx.home / "runs").is_dir() else []
         raise HpdError(f"no run {run_dir.name} under {ctx.home / 'runs'}; runs: {', '.join(runs) or 'none'}")
-    click.echo(f"report: {run_report(run_dir, Path(out) if out else run_dir / 'report')}")
+    run = open_run(run_dir / "config.toml", home=ctx.home)  # the run as it was configured when it last ran
+    click.echo(f"report: {run_report(run, Path(out) if out else run_dir / 'report')}")
 
 
 # -- hpd cache ------------------------------------------------------------------------------------------

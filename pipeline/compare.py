@@ -56,7 +56,9 @@ def compare(config_path, overrides: list[str], out: Path | None = None, log=prin
             distills = r.student_stages()
             results.append({"method": method, "seed": seed, "run": name, "eval": r.outputs("eval").report,
                             "student": r.outputs(distills[-1]).report,
-                            "log": training_logs(r.ctx.run_dir, distills)})
+                            # the student stages' own seconds (training and their held-out report), from the manifests
+                            "train_seconds": sum(r.manifest(s)["seconds"] for s in distills),
+                            "log": training_logs(r)})
     out = out or base.ctx.home / "compare" / cfg["run"]["name"]
     title = (f"{cfg['run']['name']}: {len(methods)} methods x {c['seeds']} seeds, {c['steps']} student steps each, "
              f"one shared cache")

@@ -6,9 +6,9 @@ import statistics
 from pathlib import Path
 
 from hpd.stages.evaluators import LOWER_IS_BETTER, metric_keys
+from hpd.stages.losses import HPD_DIAGNOSTICS
 
 
-DIAGNOSTICS = ("sample_term_active", "sample_outside_topk", "sample_is_expert", "mean_w_star", "mean_w_sample")
 
 
 def student_name(stage: str, report: dict) -> str:
@@ -48,14 +48,14 @@ def _plt():
     return plt
 
 
-def training_logs(run_dir: Path, stages: list[str]) -> list[dict]:
-    """The training logs of a run's distill stages in order, with steps counted across rounds."""
+def training_logs(run) -> list[dict]:
+    """The training logs of a run's finished student stages (a Runner's), in round order, with steps counted
+    across rounds."""
     rows, offset = [], 0
-    for stage in stages:
-        path = run_dir / stage / "student" / "training_log.json"
-        if not path.is_file():
+    for stage in run.student_stages():
+        if run.state(stage)[0] != "done":
             continue
-        log = json.loads(path.read_text())
+        log = json.loads((Path(run.outputs(stage).student_dir) / "training_log.json").read_text())
         for e in log:
             if "loss" in e or any(k.startswith("curve_") for k in e):
                 rows.append({**e, "student_step": e.get("student_step", offset + e["step"]), "stage": stage})
@@ -63,24 +63,15 @@ def training_logs(run_dir: Path, stages: list[str]) -> list[dict]:
     return rows
 
 
-def student_stages(run_dir: Path) -> list[str]:
-    """The run's student-training stages in round order, as their manifests record them."""
-    found = []
-    for manifest in run_dir.glob("*/manifest.json"):
-        m = json.loads(manifest.read_text())
-        if m.get("kind") == "distill" and m.get("round") is not None:
-            found.append((m["round"], m["stage"]))
-    return [name for _, name in sorted(found)]
-
-
-def run_report(run_dir: Path, out: Path) -> Path:
-    """Markdown + PNGs for one run: loss curves, HPD diagnostics, the learning curve and the evaluation."""
+def run_report(run, out: Path) -> Path:
+    """Markdown + PNGs for one run (a Runner): loss curves, HPD diagnostics, the learning curve and the evaluation."""
     plt = _plt()
     out.mkdir(parents=True, exist_ok=True)
-    stages = student_stages(run_dir)
-    log = training_logs(run_dir, stages)
+    stages = run.student_stages()
+    log = training_logs(run)
     steps = [e for e in log if "loss" in e]
-    lines = [f"# Run {run_dir.name}", ""]
+    name = run.ctx.run_name
+    lines = [f"# Run {name}", ""]
     if steps:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([e["student_step"] for e in steps], [e["loss"] for e in steps])
@@ -88,10 +79,10 @@ def run_report(run_dir: Path, out: Path) -> Path:
             first = next((e["student_step"] for e in steps if e["stage"] == stage), None)
             if first is not None:
                 ax.axvline(first, color="grey", lw=0.5)
-        ax.set(xlabel="student step", ylabel="training loss", title=f"{run_dir.name}: loss (rounds marked)")
+        ax.set(xlabel="student step", ylabel="training loss", title=f"{name}: loss (rounds marked)")
         fig.tight_layout(), fig.savefig(out / "loss.png", dpi=100), plt.close(fig)
         lines += ["![loss](loss.png)", ""]
-        diag = [k for k in DIAGNOSTICS if any(k in e or any(x.endswith("_" + k) for x in e) for e in steps)]
+        diag = [k for k in HPD_DIAGNOSTICS if any(k in e or any(x.endswith("_" + k) for x in e) for e in steps)]
         if diag:
             fig, ax = plt.subplots(figsize=(6, 4))
             for k in diag:
@@ -110,9 +101,8 @@ def run_report(run_dir: Path, out: Path) -> Path:
         ax.set(xlabel="training tokens (input, non-padding)", ylabel=key[6:], title="held-out learning curve")
         fig.tight_layout(), fig.savefig(out / "learning_curve.png", dpi=100), plt.close(fig)
         lines += ["![learning curve](learning_curve.png)", ""]
-    eval_path = run_dir / "eval" / "report.json"
-    if eval_path.is_file():
-        ev = json.loads(eval_path.read_text())
+    if run.state("eval")[0] == "done":
+        ev = run.outputs("eval").report
         keys = metric_keys(ev["student"])
         lines += ["| model | " + " | ".join(label for _, label, _ in keys) + " |",
                   "|---|" + "---|" * len(keys)]

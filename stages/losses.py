@@ -325,6 +325,12 @@ def _position_losses(method: str, view, params: dict, z: torch.Tensor, target: t
     return _hpd_family(*HPD_FAMILY[method], view, logq, logq_star, logp_star, target, sample)
 
 
+# What the HPD family reports per position (means in the training log): the share of sampled candidates whose
+# term is active, outside the cached top-k, equal to the expert token; the mean weights; the share with k1 > 0.
+HPD_DIAGNOSTICS = ("sample_term_active", "sample_outside_topk", "sample_is_expert", "mean_w_star", "mean_w_sample",
+                   "k1_positive")
+
+
 def _hpd_family(forward: str, draws: str, view, logq, logq_star, logp_star, target, sample):
     """HPD and its variants (HPD_FAMILY): the paper's weights (`hpd_weights`) for each candidate token a,
     averaged over the candidates with weights pi(a): the drawn samples (pi = 1/S) or every vocabulary token

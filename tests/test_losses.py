@@ -375,3 +375,12 @@ def test_hpd_nsamp_is_hpd_for_one_sample_and_tends_to_hpd_expect():
         grads[method] = (loss.item(), s.grad)
     assert grads["hpd_nsamp"][0] == pytest.approx(grads["hpd_expect"][0], rel=0.02)
     assert torch.allclose(grads["hpd_nsamp"][1], grads["hpd_expect"][1], atol=5e-3)
+
+
+def test_hpd_family_reports_exactly_its_declared_diagnostics():
+    from hpd.stages.losses import HPD_DIAGNOSTICS, HPD_FAMILY
+
+    student, teacher, labels = _inputs()
+    for method in HPD_FAMILY:
+        _, diag = distill_loss(method, student, labels, teacher=_as_cache(teacher, labels, 4))
+        assert set(diag) == {"tokens", *HPD_DIAGNOSTICS}, method

@@ -1,0 +1,18 @@
+"""The benches' own machinery, on the tiny preset: a stage timed in a process of its own reports its figures
+through the public API's observers, and leaves the run's results as an ordinary run would."""
+from pathlib import Path
+
+from bench.measure import Measured, in_own_process
+from hpd import open_run
+
+
+def test_a_stage_measured_in_its_own_process(tmp_path):
+    measured = Measured()
+    run = open_run("tiny", home=tmp_path, log=lambda s: None, observers=[measured])
+    run.run(until="score")
+    assert set(measured) == {"score"} and measured["score"]["forward_s"] > 0  # observers hear the build
+    figures = in_own_process("distill", "tiny", [], tmp_path)
+    assert figures["train_seconds"] > 0 and figures["peak_rss_mb"] >= figures["rss_start_mb"] > 0
+    assert figures["steps"] == run.cfg["distill"]["steps"] and figures["input_tokens"] > 0
+    student = run.outputs("distill")  # published like any run's, with no figures in its report
+    assert Path(student.student_dir, "hpd-student.json").is_file() and "train_seconds" not in student.report
