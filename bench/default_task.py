@@ -1,6 +1,6 @@
 """Benchmark of the embedded default: what `make distill` does and prints, and how reliably its student learns.
 
-    python bench/default_task.py [--seeds 5]
+    python -m bench.default_task [--seeds 5]
 
 1. `hpd run` on the default config in a fresh home, in a process of its own, exactly as `make distill` runs
    it (install excluded): wall time, every stage's seconds and the table it prints; then a second `hpd run`

@@ -1,6 +1,6 @@
 """`make distill` as a newcomer runs it: a fresh clone of this repository's HEAD, install included, timed.
 
-    python bench/fresh_clone.py
+    python -m bench.fresh_clone
 
 Writes bench/results/fresh_clone.json (wall seconds, the install's share, what it printed). pip's download
 cache is whatever this machine has, as it is for a newcomer's second project; a machine that never

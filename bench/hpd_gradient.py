@@ -5,9 +5,9 @@ twice with the same student samples: with the teacher's full logits, and with a 
 encode/decode path (default encoding) at k. Reported: cosine similarity and relative norm
 ||g_cache - g_full|| / ||g_full||, and HPD's diagnostics, for hpd, hpd_fkl and fkl at k = 16 and 64.
 
-    python bench/hpd_gradient.py                    the dialogue task (vocabulary 8,192): a small GPT-2 student,
+    python -m bench.hpd_gradient                    the dialogue task (vocabulary 8,192): a small GPT-2 student,
                                                     briefly trained by SFT so its samples are not uniform noise
-    python bench/hpd_gradient.py --config smollm2   the real teacher (SmolLM2-135M-Instruct, vocabulary 49,152) on
+    python -m bench.hpd_gradient --config smollm2   the real teacher (SmolLM2-135M-Instruct, vocabulary 49,152) on
                                                     its own samples, the preset's layer-kept student (6 of 30)
 
 Writes bench/results/hpd_gradient[_smollm2].json and .md.

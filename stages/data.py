@@ -3,7 +3,6 @@ when the user brings their own prompts."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from hpd.common.errors import HpdError
 from hpd.storage import atomic

@@ -231,37 +231,50 @@ class LogitCache:
         sl = slice(d.offsets[r], d.offsets[r + 1])
         return ScoredSequence(seq_id=int(seq_id), input_ids=np.empty(0, np.int32), start=int(d.starts[r]),
                               topk_ids=d.topk_ids[sl].numpy(), topk_logprobs=d.topk_logprobs[sl].numpy(),
-                              target_logprob=d.target_logprob[sl].numpy(), tail_logmass=d.tail_logmass[sl].numpy())
+                              target_logprob=d.target_logprob[sl].numpy(), tail_logmass=d.tail_logmass[sl].numpy(),
+                              crc=int(d.crcs[r]))
 
     def batch(self, seq_ids, input_ids: list | None = None, length: int | None = None) -> CacheBatch:
         """Rows for `seq_ids`, placed at their token positions in a [B, length] grid.
 
         Pass the batch's token ids as `input_ids` to have every row's token CRC checked against them.
         """
-        located = [self._locate(s) for s in seq_ids]
-        if input_ids is not None:
-            for i, ((d, r), ids) in enumerate(zip(located, input_ids)):
-                if d.crcs[r] != tokens_crc(ids):
-                    raise CacheMismatchError(
-                        f"cache {self.id}: row for sequence {d.seq_ids[r]} was scored on different tokens than "
-                        f"batch item {i}; the cache does not belong to these sequences")
-        spans = [(int(d.starts[r]), int(d.offsets[r]), int(d.offsets[r + 1])) for d, r in located]
-        need = max(s + (b - a) for s, a, b in spans)
-        L = length or need
-        if L < need:
-            raise ValueError(f"length {L} is shorter than the cached positions ({need})")
-        B, k = len(located), self.k
-        out = CacheBatch(topk_ids=torch.zeros(B, L, k, dtype=torch.long),
-                         topk_logprobs=torch.full((B, L, k), -float("inf")), target_logprob=torch.zeros(B, L),
-                         tail_logmass=torch.full((B, L), -float("inf")), mask=torch.zeros(B, L, dtype=torch.bool))
-        for b, ((d, _), (s, lo, hi)) in enumerate(zip(located, spans)):
-            sl = slice(s, s + hi - lo)
-            out.topk_ids[b, sl] = d.topk_ids[lo:hi]
-            out.topk_logprobs[b, sl] = d.topk_logprobs[lo:hi]
-            out.target_logprob[b, sl] = d.target_logprob[lo:hi]
-            out.tail_logmass[b, sl] = d.tail_logmass[lo:hi]
-            out.mask[b, sl] = True
-        return out
+        rows = []
+        for d, r in (self._locate(s) for s in seq_ids):
+            sl = slice(int(d.offsets[r]), int(d.offsets[r + 1]))
+            rows.append(ScoredSequence(seq_id=int(d.seq_ids[r]), input_ids=None, start=int(d.starts[r]),
+                                       topk_ids=d.topk_ids[sl], topk_logprobs=d.topk_logprobs[sl],
+                                       target_logprob=d.target_logprob[sl], tail_logmass=d.tail_logmass[sl],
+                                       crc=int(d.crcs[r])))
+        return grid_batch(rows, self.k, input_ids=input_ids, length=length, cache_id=self.id)
+
+
+def grid_batch(rows: list[ScoredSequence], k: int, *, input_ids: list | None = None, length: int | None = None,
+               cache_id: str = "") -> CacheBatch:
+    """Scored rows placed at their token positions in a [B, length] grid (tensors or arrays per row). With the
+    batch's `input_ids`, every row's token CRC is checked against them."""
+    if input_ids is not None:
+        for i, (row, ids) in enumerate(zip(rows, input_ids)):
+            if row.tokens_crc != tokens_crc(ids):
+                raise CacheMismatchError(
+                    f"cache {cache_id}: row for sequence {row.seq_id} was scored on different tokens than "
+                    f"batch item {i}; the cache does not belong to these sequences")
+    need = max(r.start + len(r.target_logprob) for r in rows)
+    L = length or need
+    if L < need:
+        raise ValueError(f"length {L} is shorter than the cached positions ({need})")
+    B = len(rows)
+    out = CacheBatch(topk_ids=torch.zeros(B, L, k, dtype=torch.long),
+                     topk_logprobs=torch.full((B, L, k), -float("inf")), target_logprob=torch.zeros(B, L),
+                     tail_logmass=torch.full((B, L), -float("inf")), mask=torch.zeros(B, L, dtype=torch.bool))
+    for b, row in enumerate(rows):
+        sl = slice(row.start, row.start + len(row.target_logprob))
+        out.topk_ids[b, sl] = torch.as_tensor(row.topk_ids)
+        out.topk_logprobs[b, sl] = torch.as_tensor(row.topk_logprobs)
+        out.target_logprob[b, sl] = torch.as_tensor(row.target_logprob)
+        out.tail_logmass[b, sl] = torch.as_tensor(row.tail_logmass)
+        out.mask[b, sl] = True
+    return out
 
 
 class CacheRoot:
