@@ -9,6 +9,7 @@ against its context).
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from pathlib import Path
 
@@ -65,7 +66,7 @@ AT_LEAST_ONE = ("distill.hpd_samples", "data.train_examples", "data.heldout_exam
 NOT_NEGATIVE = ("run.seed", "generate.batch_tokens", "score.batch_tokens", "eval.batch_tokens", "teacher.warmup_steps", "generate.num_prompts", "score.top_k", "distill.seed",
                 "distill.warmup_steps", "distill.curve_every", "rounds.count", "rounds.warmup_steps",
                 "refresh.max_new_tokens", "eval.max_new_tokens", "eval.humaneval_problems", "compare.opd_rounds",
-                "compare.curve_every")
+                "compare.curve_every", "teachers.weight")
 UNIT_INTERVAL = ("distill.beta", "distill.alpha", "distill.mu", "rounds.refresh_share")
 
 
@@ -149,6 +150,18 @@ def _check_choices(cfg: dict) -> None:
     if "hpd->opd" in methods and (c["opd_rounds"] < 1 or c["steps"] - c["opd_rounds"] * rounds["steps"] < 1):
         raise HpdError(f"hpd->opd needs compare.opd_rounds >= 1 and compare.steps ({c['steps']}) above "
                        f"opd_rounds x rounds.steps ({c['opd_rounds']} x {rounds['steps']})")
+    teachers = cfg["teachers"]
+    if teachers["mode"] not in ("route", "ensemble"):
+        raise HpdError(f"teachers.mode={teachers['mode']!r} is unknown; choose route (each run's sequences with its "
+                       f"own teacher's targets) or ensemble (the teachers' mixture on this run's sequences)")
+    if teachers["weighting"] not in ("fixed", "confidence"):
+        raise HpdError(f"teachers.weighting={teachers['weighting']!r} is unknown; choose fixed or confidence")
+    linked = linked_runs(cfg)
+    if linked and distill["teacher_source"] == "online":
+        raise HpdError("several teachers train from their caches; use distill.teacher_source=\"cache\" with "
+                       "teachers.runs")
+    if linked and teachers["weight"] + sum(w for _, w in linked) <= 0:
+        raise HpdError("teachers.weight and the weights in teachers.runs sum to 0; give some teacher a weight above 0")
     if score["engine"] == "vllm" and score["temperature"] != 1.0:
         raise HpdError("score.engine=\"vllm\" scores at temperature 1 only (vLLM reports raw log-probs); "
                        "set score.temperature=1 or use engine=\"transformers\"")
@@ -162,6 +175,23 @@ LATER_KEYS = {"distill.hpd_samples": 4, "distill.fsdp": "", "distill.deepspeed":
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ("transformers", "vllm")  # stages/vllm_engine.py: the optional one (pip install '.[vllm]')
+
+
+def linked_runs(cfg: dict) -> list[tuple[str, float]]:
+    """teachers.runs as (run name, weight) pairs: "name" or "name:weight", comma-separated."""
+    out = []
+    for item in filter(None, (x.strip() for x in cfg["teachers"]["runs"].split(","))):
+        name, _, weight = item.partition(":")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            w = float("nan")
+        if not name or not math.isfinite(w) or w < 0:
+            raise HpdError(f"teachers.runs entry {item!r} must be a run name, optionally with :WEIGHT (a number >= 0)")
+        if name == cfg["run"]["name"] or name in (n for n, _ in out):
+            raise HpdError(f"teachers.runs names run {name!r} twice (or this run itself); name each other run once")
+        out.append((name, w))
+    return out
 
 
 def parse_override(text: str) -> dict:

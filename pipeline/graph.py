@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from hpd.stages import data, distill, evaluate, generate, refresh, score, teacher
 
+from .config import linked_runs
 from .stage import Stage
 
 OFFLINE = [
@@ -36,6 +37,13 @@ def build(cfg: dict) -> list[Stage]:
                              doc="a student trained with the teacher online")
     baseline = cfg["distill"]["baseline"]
     stages[-1] = replace(stages[-1], unkeyed=("distill.baseline",))  # adding a baseline leaves the student be
+    others = linked_runs(cfg)
+    if others:  # several teachers: round 0 also reads the other runs' sequences and caches ([teachers])
+        d = stages[-1]
+        stages[-1] = replace(d, inputs=(*d.inputs, *(f"{s}@{r}" for r, _ in others for s in ("generate", "score"))),
+                             roles={**{f"generate@{r}": "linked_sequences[]" for r, _ in others},
+                                    **{f"score@{r}": "linked_caches[]" for r, _ in others}},
+                             extra_sections=("teachers",), params={"linked": [[r, w] for r, w in others]})
     for r in range(1, rounds["count"] + 1):
         inputs, roles = ["data", "teacher", "generate", "score", previous], {previous: "student"}
         if rounds["refresh_share"] > 0:
@@ -56,13 +64,13 @@ def build(cfg: dict) -> list[Stage]:
     if baseline:
         # SFT reads no teacher signal, so a rescored cache does not retrain it; other baselines read the
         # distill stage's inputs. Equal steps: round 0's plus every refresh round's.
-        inputs = next(s for s in stages if s.name == "distill").inputs
-        stages.append(Stage("baseline", distill.STAGE, "distill",
-                            tuple(i for i in inputs if i != "score") if baseline == "sft" else inputs,
-                            f"a {baseline} student for comparison, same data, seed and steps",
-                            params={"method": baseline,
-                                    "steps": cfg["distill"]["steps"] + rounds["count"] * rounds["steps"]},
-                            unkeyed=("distill.method", "distill.steps", "distill.baseline")))
+        d = next(s for s in stages if s.name == "distill")  # the same sequences (every teacher's, with several)
+        stages.append(replace(d, name="baseline", round=None,
+                              inputs=tuple(i for i in d.inputs if i.partition("@")[0] != "score") if baseline == "sft"
+                              else d.inputs, doc=f"a {baseline} student for comparison, same data, seed and steps",
+                              params={**d.params, "method": baseline,
+                                      "steps": cfg["distill"]["steps"] + rounds["count"] * rounds["steps"]},
+                              unkeyed=("distill.method", "distill.steps", "distill.baseline")))
         judged += ("baseline",)
     stages.append(Stage("eval", evaluate.STAGE, "eval", ("data", "teacher", *judged),
                         "the final student (the baseline and the teacher) on held-out data",

@@ -26,4 +26,8 @@ def open_run(config: str | Path | None = None, overrides=(), *, home: str | Path
         ctx = replace(ctx, home=Path(home).resolve())
     if log is not None:
         ctx = replace(ctx, log=log)
-    return Runner(build(cfg), cfg, replace(ctx, observers=tuple(observers)))
+    linked = {}  # [teachers] runs: each opened as it was configured when it last ran
+    for name, _ in config_mod.linked_runs(cfg):
+        saved = ctx.home / "runs" / name / "config.toml"
+        linked[name] = open_run(saved, home=ctx.home, log=ctx.log) if saved.is_file() else None
+    return Runner(build(cfg), cfg, replace(ctx, observers=tuple(observers)), linked)

@@ -135,17 +135,29 @@ def context_from_config(cfg: dict) -> Context:
                    world_size=world_size, log=print if rank == 0 else (lambda _msg: None))
 
 
+def linked(name: str) -> tuple[str, str] | None:
+    """(stage, run) for an input of another run ("score@add4"), None for this run's own stages."""
+    stage, at, run = name.partition("@")
+    return (stage, run) if at else None
+
+
 class Runner:
-    def __init__(self, stages: list[Stage], cfg: dict, ctx: Context):
+    def __init__(self, stages: list[Stage], cfg: dict, ctx: Context, linked_runs: dict | None = None):
+        """`linked_runs`: the other runs (name -> Runner, None where the run does not exist yet) whose stages this
+        run's stages read as "STAGE@RUN" (several teachers, [teachers] runs)."""
         self.stages = {s.name: s for s in stages}
         self.order = [s.name for s in stages]
         self.cfg, self.ctx = cfg, ctx
+        self.linked_runs = linked_runs or {}
 
     # -- manifests -------------------------------------------------------------------------------------
     def manifest_path(self, name: str) -> Path:
         return self.ctx.run_dir / name / "manifest.json"
 
     def manifest(self, name: str) -> dict | None:
+        if linked(name):
+            stage, run = linked(name)
+            return self.linked_runs[run].manifest(stage) if self.linked_runs.get(run) else None
         p = self.manifest_path(name)
         if not p.exists():
             return None
@@ -175,17 +187,31 @@ class Runner:
         return [n for n in self.order if self.stages[n].trains_student]
 
     def outputs(self, name: str) -> Artifact:
-        """The artifact stage `name` published (its manifest must exist)."""
+        """The artifact stage `name` (or "STAGE@RUN" of a linked run) published (its manifest must exist)."""
+        if linked(name):
+            stage, run = linked(name)
+            return self.linked_runs[run].outputs(stage)
         return self.stages[name].kind.output.from_manifest(self.manifest(name)["outputs"])
 
     def inputs(self, name: str) -> dict[str, Artifact]:
         """run()'s keyword arguments: each input stage's artifact under the name the stage knows it by."""
-        stage = self.stages[name]
-        return {stage.roles.get(up, up): self.outputs(up) for up in stage.inputs}
+        stage, out = self.stages[name], {}
+        for up in stage.inputs:
+            role = stage.roles.get(up, up)
+            if role.endswith("[]"):  # several inputs in one list argument (the linked runs' caches, ...)
+                out.setdefault(role[:-2], []).append(self.outputs(up))
+            else:
+                out[role] = self.outputs(up)
+        return out
 
     # -- state -----------------------------------------------------------------------------------------
     def state(self, name: str) -> tuple[str, str]:
         """(state, detail) with state one of done, stale, interrupted, missing, waiting."""
+        if linked(name):
+            stage, run = linked(name)
+            if self.linked_runs.get(run) is None:
+                return "missing", f"no run {run} under {self.ctx.home / 'runs'}"
+            return self.linked_runs[run].state(stage)
         stage = self.stages[name]
         for up in stage.inputs:
             if self.state(up)[0] != "done":
@@ -247,7 +273,7 @@ class Runner:
         manifest = {
             "stage": name, "kind": stage.kind.name, "round": stage.round, "run": self.ctx.run_name,
             "config": section, "seed": self.ctx.seed, "config_fingerprint": self.config_fingerprint(name),
-            "inputs": {up: inputs[stage.roles.get(up, up)].fingerprint for up in stage.inputs},
+            "inputs": {up: self.outputs(up).fingerprint for up in stage.inputs},
             "code_version": stage.code_version(),
             "outputs": {k: _to_home(v, self.ctx.home) for k, v in output.to_manifest().items()},
             "finished_at": time.time(), "seconds": round(seconds, 2),
@@ -263,6 +289,14 @@ class Runner:
         for name in (target, until):
             if name is not None and name not in self.stages:
                 raise HpdError(f"unknown stage {name!r}; stages: {', '.join(self.order)}")
+        planned = [target] if target is not None else self.order[:self.order.index(until) + 1 if until else None]
+        for name in planned:  # other runs' stages cannot be built from here: say so before anything runs
+            for up in self.stages[name].inputs:
+                if linked(up) and self.state(up)[0] != "done":
+                    stage, other = linked(up)
+                    raise HpdError(f"stage {name} needs {up} ({self.state(up)[1] or self.state(up)[0]}); build run "
+                                   f"{other} through {stage} first (hpd run --until {stage} with its config and "
+                                   f"run.name=\"{other}\")")
         for d in (self.ctx.run_dir, self.ctx.cache_root, self.ctx.model_root):  # fail now, not hours in
             try:
                 d.mkdir(parents=True, exist_ok=True)

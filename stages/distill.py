@@ -152,7 +152,9 @@ class DistillTrainer(Trainer):
 
 
 # -- the student it starts from ----------------------------------------------------------------------------
-def _new_student(cfg: dict, teacher: Teacher, teacher_tok, seed: int):
+def _new_student(cfg: dict, teacher: Teacher, teacher_tok, seed: int, longest: int = 0):
+    """A fresh student (or the given one). `longest`: the longest sequence it must read, when other teachers'
+    sequences may be longer than this run's teacher's context (a fresh GPT-2 is made long enough)."""
     if cfg["student_path"]:
         model, tok = modeling.load_causal_lm(cfg["student_path"])
         if tok.get_vocab() != teacher_tok.get_vocab():
@@ -170,6 +172,8 @@ def _new_student(cfg: dict, teacher: Teacher, teacher_tok, seed: int):
         return modeling.same_shape_fresh(modeling.check_causal_lm(teacher.model_dir), n_layer=cfg["n_layer"],
                                          n_embd=cfg["n_embd"], n_head=cfg["n_head"])
     context = modeling.context_length(modeling.check_causal_lm(teacher.model_dir))
+    if longest > context:
+        context = 1 << (longest - 1).bit_length()
     return modeling.new_gpt2(teacher_tok, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
                              n_head=cfg["n_head"])
 
@@ -187,22 +191,30 @@ def _learning_curve(cfg: dict, data: TaskData, tok, before: dict) -> list:
 
 # -- the recipe --------------------------------------------------------------------------------------------
 def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, score: Cache | None = None,
-        student: Student | None = None, refresh: Sequences | None = None,
-        refresh_score: Cache | None = None) -> Student:
-    """Train one student: round 0 from a new (or given) student on the offline cache, a refresh round from the
-    previous round's `student` on the offline and refreshed caches."""
+        student: Student | None = None, refresh: Sequences | None = None, refresh_score: Cache | None = None,
+        linked_sequences: list[Sequences] = (), linked_caches: list[Cache] = ()) -> Student:
+    """Train one student: round 0 from a new (or given) student on the offline cache (with several teachers,
+    also the other runs' sequences and caches), a refresh round from the previous round's `student` on the
+    offline and refreshed caches."""
     from transformers import AutoTokenizer
 
     rss_start = rss_mb()  # before any model is loaded: what training adds is measured from here
     seed = ctx.seed * 7919 + cfg["seed"]
     tok = AutoTokenizer.from_pretrained(teacher.model_dir)
-    plan = plan_round(cfg, generate, score, refresh, refresh_score, previous=student)
-    model = _new_student(cfg, teacher, tok, seed) if student is None else \
+    plan = plan_round(cfg, generate, score, refresh, refresh_score, previous=student,
+                      linked_sequences=linked_sequences, linked_caches=linked_caches)
+    # other teachers' sequences (several teachers) may be longer than this run's
+    longest = max((len(x) for s in plan.sources[1:] for x in s.store.range(0, len(s.store))[2]), default=0)
+    model = _new_student(cfg, teacher, tok, seed, longest) if student is None else \
         modeling.load_causal_lm(student.student_dir)[0]
+    if longest > modeling.context_length(model):
+        raise HpdError(f"the student's context ({modeling.context_length(model)} tokens) is shorter than the other "
+                       f"teachers' longest sequence ({longest}); use a student with a longer context")
     inputs = {"data": data, "teacher": teacher, "generate": generate, "score": score, "student": student,
               "refresh": refresh, "refresh_score": refresh_score}
     job = digest({"cfg": cfg, "seed": seed, "world": ctx.world_size,
-                  "inputs": {k: v.fingerprint for k, v in inputs.items() if v is not None}})
+                  "inputs": {k: v.fingerprint for k, v in inputs.items() if v is not None},
+                  **({"linked": [x.fingerprint for x in (*linked_sequences, *linked_caches)]} if linked_sequences else {})})
     out = ctx.stage_dir() / "student"
     tmp = job_dir(out.with_name(".tmp-student"), job) if ctx.rank == 0 else out.with_name(".tmp-student")
     ctx.barrier()  # rank 0 has cleared another job's leftovers

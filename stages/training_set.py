@@ -14,6 +14,7 @@ import numpy as np
 
 from hpd.common.errors import HpdError
 from hpd.storage.logit_cache import LogitCache
+from hpd.storage.merge import MixedCache
 from hpd.storage.sequences import SequenceStore
 
 from .artifacts import Cache, Sequences, Student
@@ -56,9 +57,14 @@ class RoundPlan:
 
 
 def plan_round(cfg: dict, generate: Sequences, score: Cache | None, refresh: Sequences | None = None,
-               refresh_score: Cache | None = None, previous: Student | None = None) -> RoundPlan:
-    """Round 0 (no previous student): the offline sequences with distill.method. Round r: offline sequences with
-    rounds.offline_method (or distill.method) and the refreshed ones with rounds.method, mixed by share."""
+               refresh_score: Cache | None = None, previous: Student | None = None,
+               linked_sequences: list[Sequences] = (), linked_caches: list[Cache] = ()) -> RoundPlan:
+    """Round 0 (no previous student): the offline sequences with distill.method, and with several teachers
+    (`cfg["linked"]`: the other runs and their weights) those runs' sequences and caches too. Round r: offline
+    sequences with rounds.offline_method (or distill.method) and the refreshed ones with rounds.method, mixed by
+    share."""
+    if previous is None and cfg.get("linked"):
+        return _several_teachers(cfg, generate, score, linked_sequences, linked_caches)
     if previous is None:
         return RoundPlan([open_source("offline", generate, score, cfg["method"], 1.0)], cfg["steps"],
                          cfg["learning_rate"], cfg["warmup_steps"], 0)
@@ -69,6 +75,39 @@ def plan_round(cfg: dict, generate: Sequences, score: Cache | None, refresh: Seq
         sources.append(open_source("refresh", refresh, refresh_score, rounds["method"], rounds["refresh_share"]))
     return RoundPlan([s for s in sources if s.share > 0], rounds["steps"], rounds["learning_rate"],
                      rounds["warmup_steps"], rounds["steps"] * cfg["gradient_accumulation_steps"], previous.report)
+
+
+def _several_teachers(cfg: dict, generate: Sequences, score: Cache | None, linked_sequences: list[Sequences],
+                      linked_caches: list[Cache]) -> RoundPlan:
+    """[teachers] route: one source per teacher, its own sequences and cache, each batch holding the teachers'
+    shares of rows (a planned mixture, read in order). ensemble: this run's sequences with the teachers' mixture
+    as targets (storage/merge.py MixedCache, mixed batch by batch)."""
+    t = cfg["teachers"]
+    names = ["offline", *(name for name, _ in cfg["linked"])]
+    if score is not None:
+        own = LogitCache(Path(score.cache)).key["tokenizer"]
+        for name, c in zip(names[1:], linked_caches):
+            if LogitCache(Path(c.cache)).key["tokenizer"] != own:
+                raise HpdError(f"teachers.runs: run {name}'s teacher uses another tokenizer than this run's; several "
+                               f"teachers must share one tokenizer (distilling across tokenizers is not supported)")
+    weights = [t["weight"], *(w for _, w in cfg["linked"])]
+    weights = [w / sum(weights) for w in weights]  # shares of each batch (route), of the mixture (ensemble)
+    steps = cfg["steps"]
+    if t["mode"] == "ensemble":
+        own = open_source("offline", generate, score, cfg["method"], 1.0)
+        if own.cache is None:  # sft: no teacher signal to mix
+            return RoundPlan([own], steps, cfg["learning_rate"], cfg["warmup_steps"], 0)
+        caches = [own.cache, *(LogitCache(Path(c.cache)).hold() for c in linked_caches)]
+        try:
+            own.cache = MixedCache(caches, weights, k=own.cache.k, weighting=t["weighting"])
+        except ValueError as e:
+            raise HpdError(f"teachers.mode=\"ensemble\": {e}") from None
+        return RoundPlan([own], steps, cfg["learning_rate"], cfg["warmup_steps"], 0)
+    caches = list(linked_caches) if score is not None else [None] * len(linked_sequences)  # sft reads no cache
+    sources = [open_source(n, g, c, cfg["method"], w) for n, g, c, w in
+               zip(names, [generate, *linked_sequences], [score, *caches], weights) if w > 0]
+    return RoundPlan(sources, steps, cfg["learning_rate"], cfg["warmup_steps"],
+                     steps * cfg["gradient_accumulation_steps"])
 
 
 def mixture_plan(sizes: list[int], shares: list[float], batch: int, num_batches: int,

@@ -1,0 +1,103 @@
+"""Several teachers ([teachers]): other runs' caches routed into one student, or mixed into ensemble targets."""
+import json
+from pathlib import Path
+
+import pytest
+
+from hpd.common.errors import HpdError
+from hpd.storage.logit_cache import LogitCache
+from hpd.storage.merge import MixedCache
+
+from conftest import copy_home, hpd_cli, make_runner
+
+STEPS = ["distill.steps=6", 'distill.baseline=""', "distill.curve_every=0"]
+
+
+@pytest.fixture(scope="module")
+def with_second_teacher(tiny_home, tmp_path_factory):
+    """The tiny run and a run "b" whose teacher trained longer, on the same data (so the same sequences)."""
+    home = copy_home(tiny_home, tmp_path_factory.mktemp("teachers") / "home")
+    make_runner(home, "teacher.steps=12", run="b").run(until="score")
+    return home
+
+
+def _log(run) -> list[dict]:
+    return json.loads((Path(run.outputs("distill").student_dir) / "training_log.json").read_text())
+
+
+def test_routing_fills_each_batch_by_the_teachers_weights(with_second_teacher):
+    home = with_second_teacher
+    r = make_runner(home, *STEPS, 'teachers.runs="b:1"', "teachers.weight=3", run="route")
+    assert {"generate@b", "score@b"} <= set(r.stages["distill"].inputs)
+    r.run()
+    steps = [e for e in _log(r) if "loss" in e]
+    batch = r.cfg["distill"]["batch_size"]  # 16: 12 of this run's sequences and 4 of run b's, in every batch
+    assert steps and all(e["offline_sequences"] == batch * 3 / 4 and e["b_sequences"] == batch / 4 for e in steps)
+    mixture = r.outputs("distill").report["mixture"]
+    b_cache = make_runner(home, "teacher.steps=12", run="b").outputs("score").cache_id
+    assert mixture["b"] == {"share": 0.25, "method": "hpd", "cache": b_cache} and mixture["offline"]["share"] == 0.75
+
+
+def test_ensemble_trains_on_the_teachers_mixture(with_second_teacher):
+    home = with_second_teacher
+    r = make_runner(home, *STEPS, 'teachers.runs="b"', 'teachers.mode="ensemble"', 'distill.method="fkl"',
+                    run="ensemble")
+    r.run()
+    a = LogitCache(Path(r.outputs("score").cache))
+    b = LogitCache(Path(make_runner(home, "teacher.steps=12", run="b").outputs("score").cache))
+    assert r.outputs("distill").report["mixture"]["offline"]["cache"] == MixedCache([a, b], [1, 1], a.k).id
+    losses = [e["loss"] for e in _log(r) if "loss" in e]
+    plain = make_runner(home, *STEPS, 'distill.method="fkl"', run="plain")
+    plain.run()
+    assert len(losses) == 6 and losses != [e["loss"] for e in _log(plain) if "loss" in e]  # other targets
+
+
+def test_a_missing_teacher_run_is_said_before_anything_runs(tiny_home, tmp_path):
+    home = copy_home(tiny_home, tmp_path / "home")
+    r = hpd_cli(home, "run", overrides=['teachers.runs="nosuch:2"', 'run.name="lonely"'])
+    assert r.exit_code == 2 and "needs generate@nosuch" in r.output and "build run nosuch" in r.output
+    assert not (home / "runs" / "lonely").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ('teachers.runs="b:-1"', "must be a run name, optionally with :WEIGHT"),
+    ('teachers.runs="b,b"', "names run 'b' twice"),
+    ('teachers.runs="tiny"', "or this run itself"),
+    ('teachers.mode="vote"', "teachers.mode='vote' is unknown"),
+    ('teachers.weighting="loud"', "teachers.weighting='loud' is unknown"),
+])
+def test_bad_teacher_settings_are_one_line_errors(tmp_path, setting, message):
+    r = hpd_cli(tmp_path, "run", overrides=[setting])
+    assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_online_teacher_and_zero_weights_are_refused():
+    with pytest.raises(HpdError, match="several teachers train from their caches"):
+        make_runner(Path("/nonexistent"), 'teachers.runs="b"', 'distill.teacher_source="online"')
+    with pytest.raises(HpdError, match="sum to 0"):
+        make_runner(Path("/nonexistent"), 'teachers.runs="b:0"', "teachers.weight=0")
+
+
+def test_ensemble_of_other_sequences_is_refused(with_second_teacher):
+    home = with_second_teacher
+    make_runner(home, "teacher.steps=12", "generate.num_prompts=120", run="c").run(until="score")
+    r = make_runner(home, *STEPS, 'teachers.runs="c"', 'teachers.mode="ensemble"', run="mismatch")
+    with pytest.raises(HpdError, match="ensemble.*scored on different sequences"):
+        r.run()
+
+
+def test_a_specialist_with_longer_problems_gets_a_student_long_enough(with_second_teacher):
+    home = with_second_teacher
+    long = make_runner(home, "data.digits=5", "data.operands=4", run="long")
+    long.run(until="score")
+    r = make_runner(home, *STEPS, 'teachers.runs="long"', run="specialists")
+    r.run()
+    from hpd.stages import modeling
+    from hpd.storage.sequences import SequenceStore
+
+    store = SequenceStore(Path(long.outputs("generate").sequences))
+    longest = max(len(x) for x in store.range(0, len(store))[2])
+    own = modeling.context_length(modeling.check_causal_lm(r.outputs("teacher").model_dir))
+    student = modeling.check_causal_lm(r.outputs("distill").student_dir)
+    assert longest > own and modeling.context_length(student) >= longest
