@@ -169,7 +169,7 @@ def _check_choices(cfg: dict) -> None:
 
 # Keys added after runs and caches already existed: at these values they are left out of a stage's fingerprint,
 # so adding them never made a finished stage stale (a student retrained, a teacher pass redone).
-LATER_KEYS = {"distill.hpd_samples": 4, "distill.fsdp": "", "distill.deepspeed": "", "distill.student_init": "gpt2",
+LATER_KEYS = {"data.operand_mix": "", "distill.hpd_samples": 4, "distill.fsdp": "", "distill.deepspeed": "", "distill.student_init": "gpt2",
               "teacher.dtype": "auto", "generate.batch_tokens": 0, "score.batch_tokens": 0, "eval.batch_tokens": 0,
               "generate.engine": "transformers", "score.engine": "transformers", "refresh.engine": "transformers"}
 

@@ -38,13 +38,15 @@ def make_example(rng: random.Random, operands: int, digits: int, nums: list[int]
     return {"prompt": prompt, "response": ",".join(steps) + "|" + answer, "answer": answer}
 
 
-def write_split(path: Path, n: int, seed: int, operands: int, digits: int, exclude: set[str] = frozenset()) -> set:
-    """Write n distinct problems as JSONL (prompt, response, answer); returns their prompts."""
+def write_split(path: Path, n: int, seed: int, operands: int | list[int], digits: int,
+                exclude: set[str] = frozenset()) -> set:
+    """Write n distinct problems as JSONL (prompt, response, answer); returns their prompts. `operands` a list:
+    each problem draws its number of operands from it (a mixed task, e.g. for a generalist teacher)."""
     rng = random.Random(seed)
     seen: set[str] = set()
     with open(path, "w") as f:
         while len(seen) < n:
-            ex = make_example(rng, operands, digits)
+            ex = make_example(rng, rng.choice(operands) if isinstance(operands, list) else operands, digits)
             if ex["prompt"] in seen or ex["prompt"] in exclude:
                 continue
             seen.add(ex["prompt"])
@@ -56,9 +58,16 @@ def write_data(out: Path, cfg: dict, seed: int) -> dict:
     """train.jsonl / heldout.jsonl with disjoint problems; returns the counts."""
     if min(cfg["operands"], cfg["digits"]) < 1 or cfg["operands"] > 9:
         raise ValueError("data.operands must be 1-9 and data.digits at least 1")
-    held = write_split(out / "heldout.jsonl", cfg["heldout_examples"], seed * 1000 + 2, cfg["operands"], cfg["digits"])
-    write_split(out / "train.jsonl", cfg["train_examples"], seed * 1000 + 1, cfg["operands"], cfg["digits"],
-                exclude=held)
+    operands = cfg["operands"]
+    if cfg.get("operand_mix"):
+        try:
+            operands = [int(x) for x in cfg["operand_mix"].split(",")]
+        except ValueError:
+            operands = []
+        if not operands or not all(2 <= x <= 9 for x in operands):
+            raise ValueError(f"data.operand_mix={cfg['operand_mix']!r} must be operand counts 2-9, comma-separated")
+    held = write_split(out / "heldout.jsonl", cfg["heldout_examples"], seed * 1000 + 2, operands, cfg["digits"])
+    write_split(out / "train.jsonl", cfg["train_examples"], seed * 1000 + 1, operands, cfg["digits"], exclude=held)
     return {"train": cfg["train_examples"], "heldout": cfg["heldout_examples"]}
 
 
