@@ -72,4 +72,5 @@ bench: $(STAMP) $(SMOLLM2)
 	$(PY) -m bench.hpd_gradient
 	$(PY) -m bench.refresh_rounds
 	$(PY) -m bench.cached_vs_online
+	$(PY) -m bench.multi_teacher
 	$(PY) -m bench.readme

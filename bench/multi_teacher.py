@@ -1,7 +1,7 @@
 """Several teachers on the built-in math task, measured: routing two specialists into one student, and an
 ensemble of two teachers' targets, each against single-teacher students, paired by student seed.
 
-    python -m bench.multi_teacher [--seeds 5] [--steps 300]
+    python -m bench.multi_teacher [--seeds 5] [--steps 600]
 
 Routing. Two specialists with one tokenizer: `add2` learned sums of 2 numbers, `add4` sums of 4 (3 digits
 each). A generalist `mix` learned both kinds (each problem 2 or 4 numbers) for the specialists' two training
@@ -90,7 +90,7 @@ def summarise(rows: list[dict], reference: str) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=300, help="student steps, every arm")
+    ap.add_argument("--steps", type=int, default=600, help="student steps, every arm (make distill's 600)")
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
     args = ap.parse_args()
     home = Path(args.home).resolve()

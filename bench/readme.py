@@ -873,13 +873,75 @@ def study_recommendation() -> str:
         f"`distill.method = \"hpd\"` runs the paper's method unchanged.", ""])
 
 
+def _paired_rows(rows: list[dict], a: str, b: str, key: str) -> tuple:
+    """Arm a minus arm b over the seeds both have: (mean, sd, seeds, seeds where a is better)."""
+    x = {r["seed"]: r[key] for r in rows if r["arm"] == a}
+    y = {r["seed"]: r[key] for r in rows if r["arm"] == b}
+    d = [x[s] - y[s] for s in x if s in y]
+    better = sum((v > 0) if key == "accuracy" else (v < 0) for v in d)
+    return statistics.mean(d), statistics.stdev(d) if len(d) > 1 else 0.0, len(d), better
+
+
+def _vs(rows, a, b) -> str:
+    acc, nll = _paired_rows(rows, a, b, "accuracy"), _paired_rows(rows, a, b, "response_nll_nats")
+    sep = lambda x: ", separable" if _separable(x) else ""  # noqa: E731
+    return (f"accuracy {acc[0] * 100:+.1f} ± {acc[1] * 100:.1f} points (better on {acc[3]} of {acc[2]} seeds{sep(acc)}), "
+            f"NLL {nll[0]:+.3f} ± {nll[1]:.3f} (lower on {nll[3]} of {nll[2]}{sep(nll)})")
+
+
+def multi_teacher() -> str:
+    r = _result(RESULTS / "multi_teacher.json")
+    if r is None:
+        return "Not measured yet: `python -m bench.multi_teacher`.\n"
+
+    def table(part: str) -> list[str]:
+        rows = r[part]["rows"]
+        lines = ["| student from | held-out accuracy | held-out NLL |", "|---|---|---|"]
+        for arm, s in r[part]["summary"].items():
+            a, n = s["accuracy"], s["response_nll_nats"]
+            lines.append(f"| {arm} | {a['mean']:.1%} ± {a['sd']:.1%} | {n['mean']:.3f} ± {n['sd']:.3f} |")
+        for run, t in r["teacher_judged"].get(part, {}).items():
+            lines.append(f"| *(teacher {run} itself)* | {t['accuracy']:.1%} | {t['response_nll_nats']:.3f} |")
+        return lines + [""]
+
+    route, ens = r["routing"]["rows"], r["ensemble"]["rows"]
+    routed, gen = "add2 + add4 routed", "generalist"
+
+    def judged(rows, a, b) -> str:  # by accuracy, then NLL: "beats", "trails" (beyond the seed spread) or "matches"
+        for key in ("accuracy", "response_nll_nats"):
+            x = _paired_rows(rows, a, b, key)
+            if _separable(x):
+                return "beats" if (x[0] > 0) == (key == "accuracy") else "trails"
+        return "matches (within the seed spread)"
+    alone = [judged(route, routed, f"{t} alone") for t in ("add2", "add4")]
+    single = [judged(ens, "ensemble of 1 and 2", f"teacher {t} alone") for t in (1, 2)]
+    verdict = (f"**Verdict.** Routed from both specialists, the student {alone[0]} the add2-only student and "
+               f"{alone[1]} the add4-only one on the mixed held-out set, and {judged(route, routed, gen)} the "
+               f"generalist's student (the same teacher compute); the ensemble's student {single[0]} teacher 1's "
+               f"and {single[1]} teacher 2's.")
+    out = [f"Measured by `bench/multi_teacher.py` (`make bench`): {r['seeds']} student seeds per arm, every student the "
+           f"same shape, method (`fkl`) and {r['student_steps']} steps; mean ± standard deviation over seeds, and paired "
+           f"by seed below (*separable*: the mean difference is more than twice its standard error).", "",
+           "**Routing two specialists.** `add2` learned sums of 2 numbers, `add4` sums of 4; the generalist learned "
+           "both kinds for their two training budgets together. Every student is judged on the generalist's held-out "
+           "set (both skills):", "", *table("routing"),
+           f"Routed minus add2 alone: {_vs(route, routed, 'add2 alone')}. Routed minus add4 alone: "
+           f"{_vs(route, routed, 'add4 alone')}. Routed minus the generalist's student: {_vs(route, routed, gen)}.", "",
+           "**Ensemble of two teachers** of the default task on the same sequences (the default teacher and a wider, "
+           "longer-trained one; targets their equal mixture), judged on the default held-out set:", "",
+           *table("ensemble"),
+           f"Ensemble minus teacher 1 alone: {_vs(ens, 'ensemble of 1 and 2', 'teacher 1 alone')}. Ensemble minus "
+           f"teacher 2 alone: {_vs(ens, 'ensemble of 1 and 2', 'teacher 2 alone')}.", "", verdict, ""]
+    return "\n".join(out)
+
+
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, fn in (("make-distill", make_distill), ("default-task", default_task), ("real-teacher", real_teacher), ("cache-formats", cache_formats),
                      ("hpd-gradient", hpd_gradient), ("refresh-rounds", refresh_rounds), ("compare", compare),
                      ("cached-vs-online", cached_vs_online), ("reliability", reliability), ("study", study),
-                     ("study-recommendation", study_recommendation)):
+                     ("study-recommendation", study_recommendation), ("multi-teacher", multi_teacher)):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text,
                       flags=re.S)

@@ -298,13 +298,20 @@ def cache_repack(cache_id, k, encoding, config_path, overrides):
 
     _, root = _root(config_path, overrides)
     c = _open(root, cache_id)
+    _derive(lambda: catalog.repack(c, root, k, encoding), f"from {c.id}")
+
+
+def _derive(make, how: str) -> None:
+    """Build a derived cache (repack, merge), its problems as one-line errors, and say what was made."""
+    from hpd.storage import catalog
+
     try:
-        new = catalog.repack(c, root, k, encoding)
+        new = make()
     except ValueError as e:
         raise HpdError(str(e)) from None
     d = catalog.describe(new)
     click.echo(f"{new.id}: k={d['k']} {d['encoding']['name']}, {d['bytes'] / 1e6:.1f} MB, "
-               f"{d['bytes_per_token']} B/token (from {c.id})")
+               f"{d['bytes_per_token']} B/token ({how})")
 
 
 @cache.command("merge")
@@ -319,7 +326,6 @@ def cache_repack(cache_id, k, encoding, config_path, overrides):
 def cache_merge(cache_ids, weights, k, weighting, encoding, config_path, overrides):
     """Publish the mixture of several teachers' caches of the same sequences as a cache of its own (an ensemble
     any method trains from unchanged)."""
-    from hpd.storage import catalog
     from hpd.storage import merge as merge_mod
 
     _, root = _root(config_path, overrides)
@@ -328,13 +334,8 @@ def cache_merge(cache_ids, weights, k, weighting, encoding, config_path, overrid
         w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(caches)
     except ValueError:
         raise HpdError(f"--weights {weights!r} must be numbers separated by commas, one per cache") from None
-    try:
-        new = merge_mod.merge(caches, w, root, k or max(c.k for c in caches), encoding, weighting)
-    except ValueError as e:
-        raise HpdError(str(e)) from None
-    d = catalog.describe(new)
-    click.echo(f"{new.id}: k={d['k']} {d['encoding']['name']}, {d['bytes'] / 1e6:.1f} MB, {d['bytes_per_token']} "
-               f"B/token, the {weighting} mixture of {', '.join(c.id for c in caches)}")
+    _derive(lambda: merge_mod.merge(caches, w, root, k or max(c.k for c in caches), encoding, weighting),
+            f"the {weighting} mixture of {', '.join(c.id for c in caches)}")
 
 
 @cache.command("gc")

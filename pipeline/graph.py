@@ -44,8 +44,16 @@ def build(cfg: dict) -> list[Stage]:
                              roles={**{f"generate@{r}": "linked_sequences[]" for r, _ in others},
                                     **{f"score@{r}": "linked_caches[]" for r, _ in others}},
                              extra_sections=("teachers",), params={"linked": [[r, w] for r, w in others]})
+    # An ensemble's rounds mix every teacher's targets: each round's refreshed samples are rescored by every
+    # teacher, and the offline sequences keep their mixture. Routed specialists' rounds use this run's teacher.
+    ensemble = others and cfg["teachers"]["mode"] == "ensemble"
     for r in range(1, rounds["count"] + 1):
         inputs, roles = ["data", "teacher", "generate", "score", previous], {previous: "student"}
+        extra, params = ("rounds",), {"round": r}
+        if ensemble:
+            inputs += [f"score@{n}" for n, _ in others]
+            roles.update({f"score@{n}": "linked_caches[]" for n, _ in others})
+            extra, params = ("rounds", "teachers"), {"round": r, "linked": [[n, w] for n, w in others]}
         if rounds["refresh_share"] > 0:
             stages += [
                 Stage(f"refresh-{r}", refresh.STAGE, "refresh", ("generate", previous), "student samples",
@@ -56,9 +64,15 @@ def build(cfg: dict) -> list[Stage]:
             ]
             inputs += [f"refresh-{r}", f"rescore-{r}"]
             roles.update({f"refresh-{r}": "refresh", f"rescore-{r}": "refresh_score"})
+            for n, _ in others if ensemble else ():
+                stages.append(Stage(f"rescore-{r}-{n}", score.STAGE, "score", (f"teacher@{n}", f"refresh-{r}"),
+                                    f"run {n}'s teacher scores the round's samples too (ensemble)", round=r,
+                                    roles={f"teacher@{n}": "teacher", f"refresh-{r}": "generate"}))
+                inputs.append(f"rescore-{r}-{n}")
+                roles[f"rescore-{r}-{n}"] = "refresh_linked_caches[]"
         stages.append(Stage(f"distill-{r}", distill.STAGE, "distill", tuple(inputs),
                             f"round {r}: the student trained on offline + refreshed data", round=r, roles=roles,
-                            extra_sections=("rounds",), params={"round": r}, unkeyed=("rounds.count",)))
+                            extra_sections=extra, params=params, unkeyed=("rounds.count",)))
         previous = f"distill-{r}"
     judged = (previous,)
     if baseline:

@@ -253,6 +253,8 @@ class Runner:
         if not force and self.state(name)[0] == "done":
             self.ctx.log(f"[{name}] up to date")
             return self.manifest(name)
+        if name not in ("data", "teacher"):
+            self.check_linked_tokenizers()  # before this run's teacher passes (generate, score) and any student
         inputs = self.inputs(name)
         section = self.stage_config(name)
         attempt = self.ctx.stage_dir(name) / "attempt.json"
@@ -313,3 +315,16 @@ class Runner:
             return
         for name in self.order[:self.order.index(until) + 1 if until else None]:
             self.run_stage(name, force=force)
+
+    def check_linked_tokenizers(self) -> None:
+        """Several teachers share one tokenizer: this run's teacher against each linked run's, once this run's
+        teacher exists (distilling across tokenizers is not supported)."""
+        others = {linked(up)[1] for s in self.stages.values() for up in s.inputs if linked(up)}
+        if not others or self.state("teacher")[0] != "done":
+            return
+        own = self.outputs("teacher").tokenizer_fingerprint
+        for run in sorted(others):
+            if self.linked_runs.get(run) and self.linked_runs[run].state("teacher")[0] == "done" and \
+                    self.linked_runs[run].outputs("teacher").tokenizer_fingerprint != own:
+                raise HpdError(f"teachers.runs: run {run}'s teacher uses another tokenizer than this run's; several "
+                               f"teachers must share one tokenizer (distilling across tokenizers is not supported)")

@@ -192,7 +192,8 @@ def _learning_curve(cfg: dict, data: TaskData, tok, before: dict) -> list:
 # -- the recipe --------------------------------------------------------------------------------------------
 def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, score: Cache | None = None,
         student: Student | None = None, refresh: Sequences | None = None, refresh_score: Cache | None = None,
-        linked_sequences: list[Sequences] = (), linked_caches: list[Cache] = ()) -> Student:
+        linked_sequences: list[Sequences] = (), linked_caches: list[Cache] = (),
+        refresh_linked_caches: list[Cache] = ()) -> Student:
     """Train one student: round 0 from a new (or given) student on the offline cache (with several teachers,
     also the other runs' sequences and caches), a refresh round from the previous round's `student` on the
     offline and refreshed caches."""
@@ -202,7 +203,8 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
     seed = ctx.seed * 7919 + cfg["seed"]
     tok = AutoTokenizer.from_pretrained(teacher.model_dir)
     plan = plan_round(cfg, generate, score, refresh, refresh_score, previous=student,
-                      linked_sequences=linked_sequences, linked_caches=linked_caches)
+                      linked_sequences=linked_sequences, linked_caches=linked_caches,
+                      refresh_linked_caches=refresh_linked_caches)
     # other teachers' sequences (several teachers) may be longer than this run's
     longest = max((len(x) for s in plan.sources[1:] for x in s.store.range(0, len(s.store))[2]), default=0)
     model = _new_student(cfg, teacher, tok, seed, longest) if student is None else \
@@ -214,7 +216,8 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
               "refresh": refresh, "refresh_score": refresh_score}
     job = digest({"cfg": cfg, "seed": seed, "world": ctx.world_size,
                   "inputs": {k: v.fingerprint for k, v in inputs.items() if v is not None},
-                  **({"linked": [x.fingerprint for x in (*linked_sequences, *linked_caches)]} if linked_sequences else {})})
+                  **({"linked": [x.fingerprint for x in (*linked_sequences, *linked_caches, *refresh_linked_caches)]}
+                     if linked_caches or linked_sequences else {})})
     out = ctx.stage_dir() / "student"
     tmp = job_dir(out.with_name(".tmp-student"), job) if ctx.rank == 0 else out.with_name(".tmp-student")
     ctx.barrier()  # rank 0 has cleared another job's leftovers

@@ -58,13 +58,17 @@ class RoundPlan:
 
 def plan_round(cfg: dict, generate: Sequences, score: Cache | None, refresh: Sequences | None = None,
                refresh_score: Cache | None = None, previous: Student | None = None,
-               linked_sequences: list[Sequences] = (), linked_caches: list[Cache] = ()) -> RoundPlan:
+               linked_sequences: list[Sequences] = (), linked_caches: list[Cache] = (),
+               refresh_linked_caches: list[Cache] = ()) -> RoundPlan:
     """Round 0 (no previous student): the offline sequences with distill.method, and with several teachers
     (`cfg["linked"]`: the other runs and their weights) those runs' sequences and caches too. Round r: offline
     sequences with rounds.offline_method (or distill.method) and the refreshed ones with rounds.method, mixed by
     share."""
     if previous is None and cfg.get("linked"):
         return _several_teachers(cfg, generate, score, linked_sequences, linked_caches)
+    if previous is not None and cfg.get("linked"):  # an ensemble's round: every teacher's targets, mixed
+        return _ensemble_round(cfg, generate, score, refresh, refresh_score, previous, linked_caches,
+                               refresh_linked_caches)
     if previous is None:
         return RoundPlan([open_source("offline", generate, score, cfg["method"], 1.0)], cfg["steps"],
                          cfg["learning_rate"], cfg["warmup_steps"], 0)
@@ -84,30 +88,39 @@ def _several_teachers(cfg: dict, generate: Sequences, score: Cache | None, linke
     as targets (storage/merge.py MixedCache, mixed batch by batch)."""
     t = cfg["teachers"]
     names = ["offline", *(name for name, _ in cfg["linked"])]
-    if score is not None:
-        own = LogitCache(Path(score.cache)).key["tokenizer"]
-        for name, c in zip(names[1:], linked_caches):
-            if LogitCache(Path(c.cache)).key["tokenizer"] != own:
-                raise HpdError(f"teachers.runs: run {name}'s teacher uses another tokenizer than this run's; several "
-                               f"teachers must share one tokenizer (distilling across tokenizers is not supported)")
     weights = [t["weight"], *(w for _, w in cfg["linked"])]
     weights = [w / sum(weights) for w in weights]  # shares of each batch (route), of the mixture (ensemble)
     steps = cfg["steps"]
     if t["mode"] == "ensemble":
         own = open_source("offline", generate, score, cfg["method"], 1.0)
-        if own.cache is None:  # sft: no teacher signal to mix
-            return RoundPlan([own], steps, cfg["learning_rate"], cfg["warmup_steps"], 0)
-        caches = [own.cache, *(LogitCache(Path(c.cache)).hold() for c in linked_caches)]
-        try:
-            own.cache = MixedCache(caches, weights, k=own.cache.k, weighting=t["weighting"])
-        except ValueError as e:
-            raise HpdError(f"teachers.mode=\"ensemble\": {e}") from None
+        if own.cache is not None:  # (sft reads no teacher signal: nothing to mix)
+            own.cache = _mixed(cfg, own.cache, linked_caches)
         return RoundPlan([own], steps, cfg["learning_rate"], cfg["warmup_steps"], 0)
     caches = list(linked_caches) if score is not None else [None] * len(linked_sequences)  # sft reads no cache
     sources = [open_source(n, g, c, cfg["method"], w) for n, g, c, w in
                zip(names, [generate, *linked_sequences], [score, *caches], weights) if w > 0]
     return RoundPlan(sources, steps, cfg["learning_rate"], cfg["warmup_steps"],
                      steps * cfg["gradient_accumulation_steps"])
+
+
+def _mixed(cfg: dict, own: LogitCache, others: list[Cache]) -> MixedCache:
+    """The teachers' mixture of one set of sequences: this run's cache and the other teachers' caches of them."""
+    weights = [cfg["teachers"]["weight"], *(w for _, w in cfg["linked"])]
+    caches = [own, *(LogitCache(Path(c.cache)).hold() for c in others)]
+    try:
+        return MixedCache(caches, [w / sum(weights) for w in weights], k=own.k, weighting=cfg["teachers"]["weighting"])
+    except ValueError as e:
+        raise HpdError(f"teachers.mode=\"ensemble\": {e}") from None
+
+
+def _ensemble_round(cfg, generate, score, refresh, refresh_score, previous, linked_caches, refresh_linked_caches):
+    """A refresh round of an ensemble: the offline sequences with the teachers' mixture, the refreshed ones
+    with the mixture of every teacher's rescoring of them."""
+    plan = plan_round({**cfg, "linked": None}, generate, score, refresh, refresh_score, previous)
+    for s in plan.sources:
+        if s.cache is not None:  # (sft reads no teacher signal: nothing to mix)
+            s.cache = _mixed(cfg, s.cache, linked_caches if s.name == "offline" else refresh_linked_caches)
+    return plan
 
 
 def mixture_plan(sizes: list[int], shares: list[float], batch: int, num_batches: int,

@@ -102,6 +102,11 @@ def test_a_published_merge_equals_the_mixture_read_at_load_time(two_teachers):
     assert merged.key["derived_from"] == {"merge": [ca.id, cb.id], "weights": [0.75, 0.25], "weighting": "fixed"}
     assert merge([ca, cb], [3, 1], root, k=8, encoding="fp16").id == merged.id  # found, not redone
     assert merge([ca, cb], [1, 1], root, k=8, encoding="fp16").id != merged.id  # the weights are in the key
+    # the key changes with any teacher, weight, k or weighting (and not with how the weights are scaled)
+    ids = {MixedCache(cs, w, k, weighting=g).id for cs, w, k, g in [
+        ([ca, cb], [3, 1], 8, "fixed"), ([ca, cb], [6, 2], 8, "fixed"), ([ca, cb], [1, 3], 8, "fixed"),
+        ([ca, cb], [3, 1], 6, "fixed"), ([ca, cb], [3, 1], 8, "confidence"), ([ca, ca], [3, 1], 8, "fixed")]}
+    assert len(ids) == 5
     mixed = MixedCache([ca, cb], [3, 1], k=8)
     seqs = [0, 5, 17]
     a, b = merged.batch(seqs), mixed.batch(seqs)

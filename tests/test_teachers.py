@@ -101,3 +101,27 @@ def test_a_specialist_with_longer_problems_gets_a_student_long_enough(with_secon
     own = modeling.context_length(modeling.check_causal_lm(r.outputs("teacher").model_dir))
     student = modeling.check_causal_lm(r.outputs("distill").student_dir)
     assert longest > own and modeling.context_length(student) >= longest
+
+
+def test_teachers_with_other_tokenizers_are_refused_before_any_teacher_pass(with_second_teacher):
+    home = with_second_teacher
+    # a dialogue teacher: its own byte-level BPE tokenizer, not the math task's characters
+    make_runner(home, 'data.builtin="dialogue"', "data.vocab_size=300", run="talk").run(until="score")
+    r = hpd_cli(home, "run", overrides=['teachers.runs="talk"', 'run.name="mixed-tokenizers"'])
+    assert r.exit_code == 2 and "run talk's teacher uses another tokenizer" in r.output, r.output
+    assert not (home / "runs" / "mixed-tokenizers" / "generate" / "manifest.json").exists()
+
+
+def test_an_ensembles_rounds_rescore_with_every_teacher(with_second_teacher):
+    home = with_second_teacher
+    r = make_runner(home, *STEPS, 'teachers.runs="b"', 'teachers.mode="ensemble"', 'distill.method="fkl"',
+                    "rounds.count=1", "rounds.steps=4", "refresh.prompt_fraction=0.1", 'rounds.method="fkl"',
+                    run="ensemble-rounds")
+    assert r.stages["rescore-1-b"].inputs == ("teacher@b", "refresh-1")
+    r.run()
+    own, theirs = (LogitCache(Path(r.outputs(s).cache)) for s in ("rescore-1", "rescore-1-b"))
+    b_teacher = make_runner(home, "teacher.steps=12", run="b").outputs("teacher")
+    assert theirs.key["teacher"] == b_teacher.model_fingerprint and own.key["data"] == theirs.key["data"]
+    mixture = r.outputs("distill-1").report["mixture"]
+    assert mixture["refresh"]["cache"] == MixedCache([own, theirs], [0.5, 0.5], own.k).id
+    assert mixture["offline"]["cache"].startswith("mix-")

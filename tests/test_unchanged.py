@@ -9,6 +9,9 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 RECORDED = {
     "data": "741db1ee4f26d2fd8e0b143094285016d330c1d1c1e8377e03127f5a1392cba6",
     "teacher": "e885ab8ba0fa6ab8b2c56bdf7f5c1250cdafa8f2b679bc3b93ef60181a7e7166",  # its weight files' hashes
@@ -22,6 +25,13 @@ JUDGED = "4a052b270da00e9e5311da1909850c285514dd9259b6b88683a23de6857823f0"
 CACHE_BYTES = "b512e920ca2e8d29b8a964c384e2db4b6e0028d80bb80c5caea42b04ed1b92b2"  # sha256 over the cache's shard files, in name order
 
 
+# Float sums in training split across CPU threads, so bytes are equal only at the thread count they were recorded
+# with: this machine's and CI's two cores (OMP_NUM_THREADS=1 trains other, equally valid, weights).
+RECORDED_THREADS = 2
+
+
+@pytest.mark.skipif(torch.get_num_threads() != RECORDED_THREADS,
+                    reason=f"fingerprints recorded with {RECORDED_THREADS} torch threads (this machine's and CI's cores)")
 def test_default_run_is_byte_identical_to_the_recorded_one(tiny_runner):
     fingerprints = {name: tiny_runner.manifest(name)["outputs"]["fingerprint"] for name in RECORDED}
     assert fingerprints == RECORDED
