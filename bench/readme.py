@@ -907,18 +907,25 @@ def multi_teacher() -> str:
     route, ens = r["routing"]["rows"], r["ensemble"]["rows"]
     routed, gen = "add2 + add4 routed", "generalist"
 
-    def judged(rows, a, b) -> str:  # by accuracy, then NLL: "beats", "trails" (beyond the seed spread) or "matches"
-        for key in ("accuracy", "response_nll_nats"):
+    def judged(rows, a, b, whom: str) -> str:  # by accuracy, then NLL: beats or trails beyond the seed spread
+        for key, label in (("accuracy", "accuracy"), ("response_nll_nats", "held-out NLL")):
             x = _paired_rows(rows, a, b, key)
             if _separable(x):
-                return "beats" if (x[0] > 0) == (key == "accuracy") else "trails"
-        return "matches (within the seed spread)"
-    alone = [judged(route, routed, f"{t} alone") for t in ("add2", "add4")]
-    single = [judged(ens, "ensemble of 1 and 2", f"teacher {t} alone") for t in (1, 2)]
-    verdict = (f"**Verdict.** Routed from both specialists, the student {alone[0]} the add2-only student and "
-               f"{alone[1]} the add4-only one on the mixed held-out set, and {judged(route, routed, gen)} the "
-               f"generalist's student (the same teacher compute); the ensemble's student {single[0]} teacher 1's "
-               f"and {single[1]} teacher 2's.")
+                return f"{'beats' if (x[0] > 0) == (key == 'accuracy') else 'trails'} {whom} by {label}"
+        return f"matches {whom} (within the seed spread)"
+
+    def stuck(rows) -> str:  # seeds whose student never crossed the task's learning transition
+        n = {}
+        for x in rows:
+            n[x["arm"]] = n.get(x["arm"], 0) + (x["accuracy"] < 0.05)
+        said = [f"{arm} {k} of {r['seeds']}" for arm, k in n.items() if k]
+        return (" Seeds whose student stayed near 0% accuracy (it never crossed the task's learning transition "
+                "in its steps, as `make distill`'s SFT seed 0 does): " + ", ".join(said) + ".") if said else ""
+    alone = [judged(route, routed, f"{t} alone", f"the {t}-only student") for t in ("add2", "add4")]
+    generalist = "the student of the generalist (the same teacher compute)"
+    single = [judged(ens, "ensemble of 1 and 2", f"teacher {t} alone", f"teacher {t}'s student") for t in (1, 2)]
+    verdict = (f"**Verdict.** Routed from both specialists, the student {alone[0]} and {alone[1]} on the mixed "
+               f"held-out set, and {judged(route, routed, gen, generalist)}; the ensemble's student {single[0]} and {single[1]}.{stuck(route + ens)}")
     out = [f"Measured by `bench/multi_teacher.py` (`make bench`): {r['seeds']} student seeds per arm, every student the "
            f"same shape, method (`fkl`) and {r['student_steps']} steps; mean ± standard deviation over seeds, and paired "
            f"by seed below (*separable*: the mean difference is more than twice its standard error).", "",
