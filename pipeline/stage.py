@@ -154,10 +154,15 @@ class Runner:
     def manifest_path(self, name: str) -> Path:
         return self.ctx.run_dir / name / "manifest.json"
 
+    def _other(self, name: str) -> tuple[Runner | None, str]:
+        """The linked run (None where it does not exist) and its stage, for an input "STAGE@RUN"."""
+        stage, run = linked(name)
+        return self.linked_runs.get(run), stage
+
     def manifest(self, name: str) -> dict | None:
         if linked(name):
-            stage, run = linked(name)
-            return self.linked_runs[run].manifest(stage) if self.linked_runs.get(run) else None
+            other, stage = self._other(name)
+            return other.manifest(stage) if other else None
         p = self.manifest_path(name)
         if not p.exists():
             return None
@@ -189,8 +194,8 @@ class Runner:
     def outputs(self, name: str) -> Artifact:
         """The artifact stage `name` (or "STAGE@RUN" of a linked run) published (its manifest must exist)."""
         if linked(name):
-            stage, run = linked(name)
-            return self.linked_runs[run].outputs(stage)
+            other, stage = self._other(name)
+            return other.outputs(stage)
         return self.stages[name].kind.output.from_manifest(self.manifest(name)["outputs"])
 
     def inputs(self, name: str) -> dict[str, Artifact]:
@@ -208,10 +213,10 @@ class Runner:
     def state(self, name: str) -> tuple[str, str]:
         """(state, detail) with state one of done, stale, interrupted, missing, waiting."""
         if linked(name):
-            stage, run = linked(name)
-            if self.linked_runs.get(run) is None:
-                return "missing", f"no run {run} under {self.ctx.home / 'runs'}"
-            return self.linked_runs[run].state(stage)
+            other, stage = self._other(name)
+            if other is None:
+                return "missing", f"no run {linked(name)[1]} under {self.ctx.home / 'runs'}"
+            return other.state(stage)
         stage = self.stages[name]
         for up in stage.inputs:
             if self.state(up)[0] != "done":
