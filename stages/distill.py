@@ -205,8 +205,10 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
     plan = plan_round(cfg, generate, score, refresh, refresh_score, previous=student,
                       linked_sequences=linked_sequences, linked_caches=linked_caches,
                       refresh_linked_caches=refresh_linked_caches)
-    # other teachers' sequences (several teachers) may be longer than this run's
-    longest = max((len(x) for s in plan.sources[1:] for x in s.store.range(0, len(s.store))[2]), default=0)
+    # round 0 with routed teachers: their sequences may be longer than this run's (a round's refreshed samples
+    # were drawn to fit the student, so they are not read again here)
+    others = plan.sources[1:] if student is None else []
+    longest = max((len(x) for s in others for x in s.store.range(0, len(s.store))[2]), default=0)
     model = _new_student(cfg, teacher, tok, seed, longest) if student is None else \
         modeling.load_causal_lm(student.student_dir)[0]
     if longest > modeling.context_length(model):
