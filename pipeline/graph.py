@@ -38,12 +38,13 @@ def build(cfg: dict) -> list[Stage]:
     baseline = cfg["distill"]["baseline"]
     stages[-1] = replace(stages[-1], unkeyed=("distill.baseline",))  # adding a baseline leaves the student be
     others = linked_runs(cfg)
+    weights = [[r, w] for r, w in others]  # the other teachers' runs and weights, as the stages receive them
     if others:  # several teachers: round 0 also reads the other runs' sequences and caches ([teachers])
         d = stages[-1]
         stages[-1] = replace(d, inputs=(*d.inputs, *(f"{s}@{r}" for r, _ in others for s in ("generate", "score"))),
                              roles={**{f"generate@{r}": "linked_sequences[]" for r, _ in others},
                                     **{f"score@{r}": "linked_caches[]" for r, _ in others}},
-                             extra_sections=("teachers",), params={"linked": [[r, w] for r, w in others]})
+                             extra_sections=("teachers",), params={"linked": weights})
     # An ensemble's rounds mix every teacher's targets: each round's refreshed samples are rescored by every
     # teacher, and the offline sequences keep their mixture. Routed specialists' rounds use this run's teacher.
     ensemble = others and cfg["teachers"]["mode"] == "ensemble"
@@ -53,7 +54,7 @@ def build(cfg: dict) -> list[Stage]:
         if ensemble:
             inputs += [f"score@{n}" for n, _ in others]
             roles.update({f"score@{n}": "linked_caches[]" for n, _ in others})
-            extra, params = ("rounds", "teachers"), {"round": r, "linked": [[n, w] for n, w in others]}
+            extra, params = ("rounds", "teachers"), {"round": r, "linked": weights}
         if rounds["refresh_share"] > 0:
             stages += [
                 Stage(f"refresh-{r}", refresh.STAGE, "refresh", ("generate", previous), "student samples",
