@@ -16,7 +16,7 @@ from hpd.storage.shards import CorruptShardError  # noqa: E402
 from hpd.common.errors import HpdError  # noqa: E402
 from .runs import open_run  # noqa: E402
 from .stage import Runner, referenced_caches  # noqa: E402
-from hpd.stages.artifacts import Cache, EvalReport, Sequences, Student, Teacher  # noqa: E402
+from hpd.stages.artifacts import Cache, EvalReport, Sequences, Student, Teacher, Values  # noqa: E402
 
 USER_ERRORS = (HpdError, CorruptShardError, CacheMismatchError)
 
@@ -149,6 +149,8 @@ def _summary(out) -> str:
         return f"{model}  held-out NLL {nll:.3f}" if nll is not None else model
     if isinstance(out, Sequences):
         return f"{out.count:,} sequences, {out.tokens:,} tokens"
+    if isinstance(out, Values):
+        return f"{out.count:,} sequences judged by {out.function}, mean value {out.mean:.4g}"
     if isinstance(out, EvalReport):
         s = out.report["student"]
         shown = [(k, v) for k, v in s.items() if k in ("accuracy", "rouge_l", "humaneval_pass@1", "kl_to_teacher_nats")

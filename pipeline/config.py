@@ -52,7 +52,7 @@ def _merge(base: dict, update: dict, source: str) -> None:
 
 # Allowed ranges of numeric keys (keys not named here: any value of the right type). Checked once, at load,
 # so a bad value fails before any stage runs rather than hours later in the stage that reads it.
-POSITIVE = ("teacher.learning_rate", "distill.learning_rate", "rounds.learning_rate", "generate.temperature",
+POSITIVE = ("value.tau", "value.timeout", "teacher.learning_rate", "distill.learning_rate", "rounds.learning_rate", "generate.temperature",
             "score.temperature", "refresh.temperature", "eval.temperature", "eval.timeout")
 AT_LEAST_ONE = ("distill.hpd_samples", "data.train_examples", "data.heldout_examples", "data.digits", "data.history_messages",
                 "data.max_prompt_chars", "data.max_response_chars",
@@ -62,7 +62,7 @@ AT_LEAST_ONE = ("distill.hpd_samples", "data.train_examples", "data.heldout_exam
                 "generate.samples_per_prompt", "generate.max_new_tokens", "generate.batch_size",
                 "generate.shard_size", "score.batch_size", "score.shard_size", "distill.gradient_accumulation_steps",
                 "distill.curve_examples", "rounds.steps", "refresh.samples_per_prompt", "refresh.batch_size",
-                "refresh.shard_size", "eval.examples", "eval.samples", "compare.seeds", "compare.steps")
+                "refresh.shard_size", "value.batch_size", "eval.examples", "eval.samples", "compare.seeds", "compare.steps")
 NOT_NEGATIVE = ("run.seed", "generate.batch_tokens", "score.batch_tokens", "eval.batch_tokens", "teacher.warmup_steps", "generate.num_prompts", "score.top_k", "distill.seed",
                 "distill.warmup_steps", "distill.curve_every", "rounds.count", "rounds.warmup_steps",
                 "refresh.max_new_tokens", "eval.max_new_tokens", "eval.humaneval_problems", "compare.opd_rounds",
@@ -83,7 +83,7 @@ def validate(cfg: dict) -> None:
     check(NOT_NEGATIVE, lambda v: v >= 0, ">= 0")
     check(UNIT_INTERVAL, lambda v: 0 <= v <= 1, "between 0 and 1")
     check(("data.operands",), lambda v: v >= 2, ">= 2")
-    check(("refresh.prompt_fraction",), lambda v: 0 < v <= 1, "in (0, 1]")
+    check(("refresh.prompt_fraction", "value.keep"), lambda v: 0 < v <= 1, "in (0, 1]")
     check(("generate.engine", "score.engine", "refresh.engine"), lambda v: v in ENGINES,
           " or ".join(f'"{e}"' for e in ENGINES))
     check(("teacher.dtype",), lambda v: v in DTYPES, " or ".join(f'"{d}"' for d in DTYPES))
@@ -162,9 +162,62 @@ def _check_choices(cfg: dict) -> None:
                        "teachers.runs")
     if linked and teachers["weight"] + sum(w for _, w in linked) <= 0:
         raise HpdError("teachers.weight and the weights in teachers.runs sum to 0; give some teacher a weight above 0")
+    _check_value(cfg)
     if score["engine"] == "vllm" and score["temperature"] != 1.0:
         raise HpdError("score.engine=\"vllm\" scores at temperature 1 only (vLLM reports raw log-probs); "
                        "set score.temperature=1 or use engine=\"transformers\"")
+
+
+def _check_value(cfg: dict) -> None:
+    """[value]: value-guided distillation's settings, and that the run has what they act on."""
+    from hpd.stages.losses import HPD_FAMILY
+    from hpd.stages.tasks import TASKS
+    from hpd.stages.values import FUNCTIONS, SELECT, WEIGHTING, check_reward_model
+
+    value, rounds = cfg["value"], cfg["rounds"]
+    for key, allowed in (("function", ("", *FUNCTIONS)), ("select", SELECT), ("weighting", WEIGHTING),
+                         ("teacher_reduce", ("mean", "sum"))):
+        if value[key] not in allowed:
+            raise HpdError(f"value.{key}={value[key]!r} is unknown; choose one of "
+                           f"{', '.join(repr(a) if not a else a for a in allowed)}")
+    targets = value_targets(cfg)
+    if not targets or not targets <= {"generate", "refresh"}:
+        raise HpdError(f"value.judge={value['judge']!r} must name generate, refresh or both (\"generate,refresh\")")
+    used = [k for k, off in (("select", "none"), ("weighting", "none"), ("advantage", 0.0)) if value[k] != off]
+    if not value["function"]:
+        if used:
+            raise HpdError(f"value.{used[0]} needs values to act on; set value.function (verifier, reward_model or "
+                           f"teacher)")
+        return
+    if "refresh" in targets and not (rounds["count"] and rounds["refresh_share"] > 0):
+        raise HpdError("value.judge names refresh, but the run has no refreshed samples; set rounds.count > 0 and "
+                       "rounds.refresh_share > 0, or value.judge=\"generate\"")
+    if value["function"] == "teacher" and cfg["distill"]["teacher_source"] == "online":
+        raise HpdError("value.function=\"teacher\" reads the teacher's log-probs from the cache; use "
+                       "distill.teacher_source=\"cache\"")
+    if value["function"] == "reward_model":
+        if not value["reward_model"]:
+            raise HpdError("value.function=\"reward_model\" needs value.reward_model: a local "
+                           "AutoModelForSequenceClassification directory with one output")
+        check_reward_model(value["reward_model"])
+    builtin = TASKS.get(cfg["data"]["builtin"])
+    if value["function"] == "verifier" and not cfg["generate"]["prompts"] and not hasattr(builtin, "is_correct"):
+        raise HpdError(f"value.function=\"verifier\" needs answers to check: data.builtin=\"math\", or "
+                       f"generate.prompts with HumanEval-style test and entry_point fields (the "
+                       f"{cfg['data']['builtin'] or 'given'} prompts have none)")
+    if value["advantage"] and ("refresh" not in targets or rounds["method"] not in ("opd", *HPD_FAMILY)):
+        raise HpdError(f"value.advantage acts on opd and the hpd family on refreshed samples; set value.judge to "
+                       f"include refresh and rounds.method to opd or an hpd method (it is {rounds['method']})")
+    one_each = cfg["generate"]["mode"] == "dataset" or cfg["generate"]["samples_per_prompt"] == 1
+    if value["select"] == "top" and targets == {"generate"} and one_each:
+        raise HpdError("value.select=\"top\" keeps the best of each prompt's samples, and the offline sequences "
+                       "have one per prompt; use generate.mode=\"teacher\" with generate.samples_per_prompt > 1, "
+                       "or value.select=\"threshold\"")
+
+
+def value_targets(cfg: dict) -> set[str]:
+    """The sequence sets value.judge names: "generate" (offline), "refresh" (every round's samples)."""
+    return {x.strip() for x in cfg["value"]["judge"].split(",") if x.strip()}
 
 
 # Keys added after runs and caches already existed: at these values they are left out of a stage's fingerprint,

@@ -7,14 +7,15 @@ distill-r (the previous student trains on a mixture of the offline cache and the
 With rounds.refresh_share = 0 a round is plain offline training, the baseline refresh is measured against.
 With distill.baseline set (default "sft"), the stage "baseline" trains a second student the same way (same
 sequences, seed, shape and total steps) with that method, so eval can show what the teacher's distribution
-adds over plain SFT. Last, eval judges the final student (and the baseline and the teacher). With
+adds over plain SFT. With value.function set (value-guided distillation), a judge stage gives the offline
+sequences (judge) or each round's samples (judge-r) a value each, which the distill stages read. Last, eval judges the final student (and the baseline and the teacher). With
 distill.teacher_source = "online" there is no score stage.
 """
 from dataclasses import replace
 
-from hpd.stages import data, distill, evaluate, generate, refresh, score, teacher
+from hpd.stages import data, distill, evaluate, generate, judge, refresh, score, teacher
 
-from .config import linked_runs
+from .config import linked_runs, value_targets
 from .stage import Stage
 
 OFFLINE = [
@@ -31,10 +32,18 @@ def build(cfg: dict) -> list[Stage]:
     """The stages `cfg` asks for, in run order (cfg has passed config.validate, which checks every setting)."""
     rounds = cfg["rounds"]
     stages, previous = list(OFFLINE), "distill"
+    judged = value_targets(cfg) if cfg["value"]["function"] else set()
+    needs_cache = cfg["value"]["function"] == "teacher"  # the teacher's value is read from its cache
     if cfg["distill"]["teacher_source"] == "online":  # the teacher runs inside distill: no cache to build
         stages = [s for s in stages if s.name != "score"]
         stages[-1] = replace(stages[-1], inputs=("data", "teacher", "generate"),
                              doc="a student trained with the teacher online")
+    if "generate" in judged:
+        stages.insert(-1, _judge("judge", ("generate", "score") if needs_cache else ("generate",), 0,
+                                 "the offline sequences' values"))
+        d = stages[-1]
+        stages[-1] = replace(d, inputs=(*d.inputs, "judge"), roles={**d.roles, "judge": "values"},
+                             extra_sections=(*d.extra_sections, "value"))
     baseline = cfg["distill"]["baseline"]
     stages[-1] = replace(stages[-1], unkeyed=("distill.baseline",))  # adding a baseline leaves the student be
     others = linked_runs(cfg)
@@ -42,19 +51,22 @@ def build(cfg: dict) -> list[Stage]:
     if others:  # several teachers: round 0 also reads the other runs' sequences and caches ([teachers])
         d = stages[-1]
         stages[-1] = replace(d, inputs=(*d.inputs, *(f"{s}@{r}" for r, _ in others for s in ("generate", "score"))),
-                             roles={**{f"generate@{r}": "linked_sequences[]" for r, _ in others},
+                             roles={**d.roles, **{f"generate@{r}": "linked_sequences[]" for r, _ in others},
                                     **{f"score@{r}": "linked_caches[]" for r, _ in others}},
-                             extra_sections=("teachers",), params={"linked": weights})
+                             extra_sections=(*d.extra_sections, "teachers"), params={"linked": weights})
     # An ensemble's rounds mix every teacher's targets: each round's refreshed samples are rescored by every
     # teacher, and the offline sequences keep their mixture. Routed specialists' rounds use this run's teacher.
     ensemble = others and cfg["teachers"]["mode"] == "ensemble"
     for r in range(1, rounds["count"] + 1):
         inputs, roles = ["data", "teacher", "generate", "score", previous], {previous: "student"}
-        extra, params = ("rounds",), {"round": r}
+        extra, params = ("rounds", *(("value",) if judged else ())), {"round": r}
+        if "generate" in judged:
+            inputs.append("judge")
+            roles["judge"] = "values"
         if ensemble:
             inputs += [f"score@{n}" for n, _ in others]
             roles.update({f"score@{n}": "linked_caches[]" for n, _ in others})
-            extra, params = ("rounds", "teachers"), {"round": r, "linked": weights}
+            extra, params = (*extra, "teachers"), {"round": r, "linked": weights}
         if rounds["refresh_share"] > 0:
             stages += [
                 Stage(f"refresh-{r}", refresh.STAGE, "refresh", ("generate", previous), "student samples",
@@ -71,11 +83,16 @@ def build(cfg: dict) -> list[Stage]:
                                     roles={f"teacher@{n}": "teacher", f"refresh-{r}": "generate"}))
                 inputs.append(f"rescore-{r}-{n}")
                 roles[f"rescore-{r}-{n}"] = "refresh_linked_caches[]"
+            if "refresh" in judged:
+                stages.append(_judge(f"judge-{r}", (f"refresh-{r}", f"rescore-{r}") if needs_cache else
+                                     (f"refresh-{r}",), r, f"round {r}: the student samples' values"))
+                inputs.append(f"judge-{r}")
+                roles[f"judge-{r}"] = "refresh_values"
         stages.append(Stage(f"distill-{r}", distill.STAGE, "distill", tuple(inputs),
                             f"round {r}: the student trained on offline + refreshed data", round=r, roles=roles,
                             extra_sections=extra, params=params, unkeyed=("rounds.count",)))
         previous = f"distill-{r}"
-    judged = (previous,)
+    final = (previous,)
     if baseline:
         # SFT reads no teacher signal, so a rescored cache does not retrain it; other baselines read the
         # distill stage's inputs. Equal steps: round 0's plus every refresh round's.
@@ -86,8 +103,15 @@ def build(cfg: dict) -> list[Stage]:
                               params={**d.params, "method": baseline,
                                       "steps": cfg["distill"]["steps"] + rounds["count"] * rounds["steps"]},
                               unkeyed=("distill.method", "distill.steps", "distill.baseline")))
-        judged += ("baseline",)
-    stages.append(Stage("eval", evaluate.STAGE, "eval", ("data", "teacher", *judged),
+        final += ("baseline",)
+    stages.append(Stage("eval", evaluate.STAGE, "eval", ("data", "teacher", *final),
                         "the final student (the baseline and the teacher) on held-out data",
                         roles={previous: "student"}))
     return stages
+
+
+def _judge(name: str, sequences: tuple[str, ...], round_: int, doc: str) -> Stage:
+    """A judge stage on a sequence set (and, for the teacher's value, its cache): read as generate (and score)."""
+    roles = dict(zip(sequences, ("generate", "score")))
+    return Stage(name, judge.STAGE, "value", ("data", "teacher", *sequences), doc, round=round_, roles=roles,
+                 extra_sections=("generate",), unkeyed=judge.GUIDANCE_KEYS)

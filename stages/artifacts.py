@@ -95,6 +95,20 @@ class Cache(Artifact):
 
 
 @dataclass(frozen=True)
+class Values(Artifact):
+    """A value store: one number per sequence of a sequence store, from value.function (stages/values.py)."""
+    values: str
+    function: str
+    count: int
+    mean: float
+
+    def published(self) -> bool:
+        from hpd.storage.values import is_published
+
+        return is_published(Path(self.values))
+
+
+@dataclass(frozen=True)
 class Student(Artifact):
     """A trained student as an HF directory, with its own held-out report and the teacher's."""
     student_dir: str

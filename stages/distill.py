@@ -26,9 +26,9 @@ from hpd.storage.fingerprint import digest
 from hpd.storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 
 from . import modeling
-from .artifacts import Cache, Sequences, StageKind, Student, TaskData, Teacher
+from .artifacts import Cache, Sequences, StageKind, Student, TaskData, Teacher, Values
 from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
-from .losses import METHOD_PARAMS, CachedTargets, TeacherLogits, distill_loss, response_positions
+from .losses import METHOD_PARAMS, REWARD_METHODS, CachedTargets, TeacherLogits, distill_loss, response_positions
 from .tasks import TASKS
 from .training import PeriodicEval, ResponseCollator, job_dir, peak_rss_mb, publish_model, rss_mb, train, training_arguments
 from .training_set import Source, plan_round, training_set
@@ -84,12 +84,17 @@ def no_teacher(batch: dict) -> None:  # sft: no teacher signal at all
 
 
 # -- the loss of a batch -----------------------------------------------------------------------------------
-def mixture_loss(sources: list[Source], logits, labels, teacher, source, loss_params: dict):
+def mixture_loss(sources: list[Source], logits, labels, teacher, source, loss_params: dict, weight=None,
+                 advantage=None):
     """Each source's loss on its own rows, averaged over all response tokens of the batch (so a token counts
     the same whichever source it came from). Diagnostics are prefixed by source name when there are several.
-    `logits`: the student's [N, V] at the response positions; `teacher`: the batch's teacher signal."""
-    def loss_of(src, lg, lb, t):
-        return distill_loss(src.method, lg, lb, teacher=t, **loss_params.get(src.method, {}))
+    `logits`: the student's [N, V] at the response positions; `teacher`: the batch's teacher signal;
+    `weight`, `advantage`: per row, from value guidance ([value]), or None."""
+    def loss_of(src, lg, lb, t, rows=slice(None)):
+        guided = {"sequence_weight": None if weight is None else weight[rows],
+                  "sequence_advantage": None if advantage is None or src.method not in REWARD_METHODS
+                  else advantage[rows]}
+        return distill_loss(src.method, lg, lb, teacher=t, **guided, **loss_params.get(src.method, {}))
 
     if len(sources) == 1:
         return loss_of(sources[0], logits, labels, teacher)
@@ -99,7 +104,7 @@ def mixture_loss(sources: list[Source], logits, labels, teacher, source, loss_pa
         rows = source == s
         if rows.any():
             sub = None if teacher is None else teacher.select(rows)
-            parts.append((src, int(rows.sum()), *loss_of(src, logits[position_source == s], labels[rows], sub)))
+            parts.append((src, int(rows.sum()), *loss_of(src, logits[position_source == s], labels[rows], sub, rows)))
     tokens = sum(d["tokens"] for *_, d in parts)
     loss = sum(part * d["tokens"] for _, _, part, d in parts) / max(tokens, 1)
     diag = {"tokens": tokens}
@@ -120,6 +125,7 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels, source = inputs.pop("labels"), inputs.pop("source", None)
+        weight, advantage = inputs.pop("weight", None), inputs.pop("advantage", None)
         teacher = self.teacher_signal(inputs)
         # Student logits only where a loss is taken: the [B, L, V] logits and their gradient were most of a
         # step's memory (response positions are a fraction of a padded batch; prompts take none).
@@ -130,7 +136,7 @@ class DistillTrainer(Trainer):
         else:
             outputs = model(**inputs)
             logits = outputs.logits[keep]
-        loss, diag = mixture_loss(self.sources, logits, labels, teacher, source, self.loss_params)
+        loss, diag = mixture_loss(self.sources, logits, labels, teacher, source, self.loss_params, weight, advantage)
         self._diag.append(diag)
         return (loss, outputs) if return_outputs else loss
 
@@ -193,7 +199,8 @@ def _learning_curve(cfg: dict, data: TaskData, tok, before: dict) -> list:
 def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, score: Cache | None = None,
         student: Student | None = None, refresh: Sequences | None = None, refresh_score: Cache | None = None,
         linked_sequences: list[Sequences] = (), linked_caches: list[Cache] = (),
-        refresh_linked_caches: list[Cache] = ()) -> Student:
+        refresh_linked_caches: list[Cache] = (), values: Values | None = None,
+        refresh_values: Values | None = None) -> Student:
     """Train one student: round 0 from a new (or given) student on the offline cache (with several teachers,
     also the other runs' sequences and caches), a refresh round from the previous round's `student` on the
     offline and refreshed caches."""
@@ -204,7 +211,7 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
     tok = AutoTokenizer.from_pretrained(teacher.model_dir)
     plan = plan_round(cfg, generate, score, refresh, refresh_score, previous=student,
                       linked_sequences=linked_sequences, linked_caches=linked_caches,
-                      refresh_linked_caches=refresh_linked_caches)
+                      refresh_linked_caches=refresh_linked_caches, values=values, refresh_values=refresh_values)
     # round 0 with routed teachers: their sequences may be longer than this run's (a round's refreshed samples
     # were drawn to fit the student, so they are not read again here)
     others = plan.sources[1:] if student is None else []
@@ -215,7 +222,7 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
         raise HpdError(f"the student's context ({modeling.context_length(model)} tokens) is shorter than the other "
                        f"teachers' longest sequence ({longest}); use a student with a longer context")
     inputs = {"data": data, "teacher": teacher, "generate": generate, "score": score, "student": student,
-              "refresh": refresh, "refresh_score": refresh_score}
+              "refresh": refresh, "refresh_score": refresh_score, "values": values, "refresh_values": refresh_values}
     job = digest({"cfg": cfg, "seed": seed, "world": ctx.world_size,
                   "inputs": {k: v.fingerprint for k, v in inputs.items() if v is not None},
                   **({"linked": [x.fingerprint for x in (*linked_sequences, *linked_caches, *refresh_linked_caches)]}
@@ -233,8 +240,8 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
         collator, signal, where = ResponseCollator(tok.pad_token_id), OnlineTeacher(modeling.load_teacher(teacher)[0]), "teacher online"
     else:
         collator, signal, where = ResponseCollator(tok.pad_token_id), no_teacher, "no teacher"
-    mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, {f'cache {s.cache.id}' if s.cache else where})"
-                    for s in plan.sources)
+    mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, {f'cache {s.cache.id}' if s.cache else where}"
+                    f"{f', {len(s)} of {len(s.store)} kept by value' if s.guided else ''})" for s in plan.sources)
     ctx.log(f"[{ctx.stage}] a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter student, "
             f"{plan.steps} steps on {mix}")
 
@@ -259,7 +266,8 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
     sequences = plan.steps * cfg["batch_size"] * cfg["gradient_accumulation_steps"] * ctx.world_size
     report = {"parameters": sum(p.numel() for p in model.parameters()), "method": cfg["method"], "round": ctx.round,
               "teacher_source": cfg["teacher_source"],
-              "mixture": {s.name: {"share": s.share, "method": s.method, "cache": s.cache.id if s.cache else None}
+              "mixture": {s.name: {"share": s.share, "method": s.method, "cache": s.cache.id if s.cache else None,
+                                   **({"kept": len(s), "judged": len(s.store)} if s.guided else {})}
                           for s in plan.sources},
               "student_steps": before.get("student_steps", 0) + plan.steps,
               "train_sequences": before.get("train_sequences", 0) + sequences,

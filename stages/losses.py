@@ -113,6 +113,7 @@ HPD_FAMILY = {"hpd": ("token", "sample"), "hpd_fkl": ("dist", "sample"), "hpd_ns
 METHOD_PARAMS = {"jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",), "akl": ("mu",),  # what each accepts
                  "hpd_nsamp": ("hpd_samples",)}
 TOKEN_METHODS = ("sft", "seqkd", "opd", *HPD_FAMILY)
+REWARD_METHODS = ("opd", *HPD_FAMILY)  # a per-token teacher reward log p - log q, which a value advantage shifts
 METHODS = (*TOKEN_METHODS, *DISTRIBUTION_METHODS)
 ON_POLICY_ONLY = ("opd",)  # their labels must be the student's own samples
 
@@ -221,11 +222,12 @@ def teacher_signal(teacher):
     return TeacherLogits(teacher) if isinstance(teacher, torch.Tensor) else CachedTargets(teacher)
 
 
-def hpd_weights(logp_star, logq_star, logp_samp, logq_samp, same):
+def hpd_weights(logp_star, logq_star, logp_samp, logq_samp, same, shift=0.0):
     """Paper Eq. 11-14 for one sample: the expert-token weight w* = f * p(a*) + k1 and the sampled-token weight
     w (both detached). f, the coefficient of HPD's forward (SeqKD) part, is 2 if k1 > 0 and k1' < 0, 0 if
-    k1 < 0 and 1 otherwise; returned too, since the variants apply it to the whole distribution."""
-    k1 = logq_star.exp() * (logp_star - logq_star)
+    k1 < 0 and 1 otherwise; returned too, since the variants apply it to the whole distribution. `shift` is
+    added to the expert token's reward log p(a*) - log q(a*) (a sequence's value advantage, value guidance)."""
+    k1 = logq_star.exp() * (logp_star - logq_star + shift)
     k1s = logq_samp.exp() * (logp_samp - logq_samp)
     w = torch.where(~same & (k1s < 0), k1s, torch.zeros_like(k1s))
     f = torch.where(k1 < 0, 0.0, torch.where((k1 > 0) & (k1s < 0), 2.0, 1.0))
@@ -248,7 +250,9 @@ def response_positions(labels: torch.Tensor) -> torch.Tensor:
 
 def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor, teacher=None,
                  sampled_tokens: torch.Tensor | None = None, *, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, chunk_elements: int = LOSS_CHUNK_ELEMENTS, **params):
+                 generator: torch.Generator | None = None, chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+                 sequence_weight: torch.Tensor | None = None, sequence_advantage: torch.Tensor | None = None,
+                 **params):
     """(scalar loss, diagnostics): the mean over labelled positions. `student_logits`: [B, L, V], or [N, V] at
     the `response_positions(labels)` only. `teacher`: a teacher signal (TeacherLogits, CachedTargets), or the
     logits [B, L, V] or CacheBatch it wraps; unused by sft.
@@ -258,6 +262,11 @@ def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
     HPD variants that sample take [B, L, S] (`hpd_nsamp`: S = hpd_samples); "expect" variants draw nothing.
     Params: beta (jsd, default 0.5), alpha (skl / srkl, default 0.1), mu (akl, default 0.5), hpd_samples
     (hpd_nsamp, default 4).
+
+    Value guidance, per row [B]: `sequence_weight` multiplies every position's loss of that row (the mean is
+    still over positions); `sequence_advantage` is added to the per-token teacher reward log p(a*) - log q(a*)
+    of the REWARD_METHODS (opd's advantage, HPD's k1 = q(a*) * reward), i.e. the sequence's value advantage
+    reinforces or discourages its tokens on top of the teacher's judgement of each.
     """
     if method not in METHODS:
         raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(METHODS)}")
@@ -274,6 +283,11 @@ def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
         raise ValueError(f"method {method!r} needs a teacher (logits or a cache batch)")
     view = None if method == "sft" else teacher_signal(teacher).at(sel, temperature)
     target = y[sel]
+    if sequence_advantage is not None and method not in REWARD_METHODS:
+        raise ValueError(f"a value advantage shifts a teacher reward; method {method!r} has none "
+                         f"(use one of {', '.join(REWARD_METHODS)})")
+    per_row = [None if x is None else x.to(z.device, torch.float32)[:, None].expand_as(y)[sel]
+               for x in (sequence_weight, sequence_advantage)]
     samples = None if sampled_tokens is None else sampled_tokens[:, 1:][sel]
     rows = max(1, chunk_elements // z.shape[-1])
     total, sums = 0.0, {}
@@ -285,7 +299,8 @@ def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
             with torch.no_grad():
                 sample = torch.multinomial(torch.softmax(z[part].detach().float(), -1), draws, replacement=True,
                                            generator=generator)
-        args = (method, None if view is None else view.rows(part), params, z[part], target[part], sample)
+        args = (method, None if view is None else view.rows(part), params, z[part], target[part], sample,
+                *(None if x is None else x[part] for x in per_row))
         if z.requires_grad and n > rows:
             loss_sum, stats = checkpoint(_position_losses, *args, use_reentrant=False)
         else:
@@ -302,27 +317,40 @@ def _draws(method: str, params: dict) -> int:
     return {"sample": 1, "samples": int(params.get("hpd_samples", 4))}.get(terms, 0)
 
 
-def _position_losses(method: str, view, params: dict, z: torch.Tensor, target: torch.Tensor, sample):
+def _position_losses(method: str, view, params: dict, z: torch.Tensor, target: torch.Tensor, sample,
+                     weight=None, shift=None):
     """Summed loss over a chunk of positions (its gradient the weighted log-likelihood's), and summed
-    diagnostics. z: the student's logits [n, V] at those positions."""
+    diagnostics. z: the student's logits [n, V] at those positions; `weight` [n] multiplies each position's
+    loss and `shift` [n] is added to its teacher reward (value guidance; None: neither)."""
+    per, stats = _per_position(method, view, params, z, target, sample, shift)
+    if weight is not None:
+        per, stats = per * weight, {**stats, "sequence_weight": weight.sum()}
+    if shift is not None:
+        stats["value_advantage"] = shift.sum()
+    return per.sum(), stats
+
+
+def _per_position(method: str, view, params: dict, z: torch.Tensor, target: torch.Tensor, sample, shift):
+    """(loss per position [n], summed diagnostics)."""
     logq = torch.log_softmax(z.float(), -1)
     logq_star = logq.gather(-1, target[:, None])[:, 0]
     if method == "sft":
-        return -logq_star.sum(), {"nll": -logq_star.detach().sum()}
+        return -logq_star, {"nll": -logq_star.detach().sum()}
     logp_star = view.expert(target)
 
     if method in DISTRIBUTION_METHODS:
         o = view.outcomes(logq)
         value, w = DISTRIBUTION_METHODS[method](Outcomes(o.logp, o.logq.detach()), o.logq.detach(), **params)
         surrogate = -(w.detach() * o.logq).sum(-1)
-        return (value + surrogate - surrogate.detach()).sum(), {method: value.detach().sum()}
+        return value + surrogate - surrogate.detach(), {method: value.detach().sum()}
     if method == "seqkd":
-        return -(logp_star.exp() * logq_star).sum(), {"mean_weight": logp_star.exp().sum()}
+        return -(logp_star.exp() * logq_star), {"mean_weight": logp_star.exp().sum()}
     if method == "opd":  # on-policy data: the labels are the student's own samples
-        adv = (logp_star - logq_star).detach()
-        return -(adv * logq_star).sum(), {"reward": adv.sum()}
+        adv = (logp_star - logq_star).detach() + (0.0 if shift is None else shift)
+        return -(adv * logq_star), {"reward": adv.sum()}
 
-    return _hpd_family(*HPD_FAMILY[method], view, logq, logq_star, logp_star, target, sample)
+    return _hpd_family(*HPD_FAMILY[method], view, logq, logq_star, logp_star, target, sample,
+                       0.0 if shift is None else shift)
 
 
 # What the HPD family reports per position (means in the training log): the share of sampled candidates whose
@@ -331,7 +359,7 @@ HPD_DIAGNOSTICS = ("sample_term_active", "sample_outside_topk", "sample_is_exper
                    "k1_positive")
 
 
-def _hpd_family(forward: str, draws: str, view, logq, logq_star, logp_star, target, sample):
+def _hpd_family(forward: str, draws: str, view, logq, logq_star, logp_star, target, sample, shift=0.0):
     """HPD and its variants (HPD_FAMILY): the paper's weights (`hpd_weights`) for each candidate token a,
     averaged over the candidates with weights pi(a): the drawn samples (pi = 1/S) or every vocabulary token
     (pi = q(a), the exact expectation). The candidates' weights go to their own log q(a); the expert token gets
@@ -348,15 +376,16 @@ def _hpd_family(forward: str, draws: str, view, logq, logq_star, logp_star, targ
     same = cand == target[:, None]
     logp_c = torch.where(same, logp_star[:, None], logp_c)  # the expert token's log-prob is stored exactly
     logq_c = logq if draws == "expect" else logq.gather(-1, cand)
+    shift = shift[:, None] if isinstance(shift, torch.Tensor) else shift
     _, w_c, k1, k1s, f_c = hpd_weights(logp_star[:, None], logq_star.detach()[:, None], logp_c, q.gather(-1, cand),
-                                       same)
+                                       same, shift)
     k1, f, w = k1[:, 0], (pi * f_c).sum(-1), pi * w_c
     if forward == "dist":
         o = view.outcomes(logq)
         forward_loss = -(f[:, None] * o.logp.exp() * o.logq).sum(-1)
     else:
         forward_loss = -(f * logp_star.exp()) * logq_star
-    loss = (forward_loss - k1 * logq_star - (w * logq_c).sum(-1)).sum()
+    loss = forward_loss - k1 * logq_star - (w * logq_c).sum(-1)
     return loss, {"sample_outside_topk": (pi * ~inside).sum(), "sample_term_active": (pi * (w_c != 0)).sum(),
                   "sample_is_expert": (pi * same).sum(), "mean_w_star": (f * logp_star.exp() + k1).sum(),
                   "mean_w_sample": w.sum(), "k1_positive": (k1 > 0).sum()}

@@ -18,7 +18,8 @@ from .modeling import pad_right
 
 
 class ResponseCollator:
-    """Right-pads a batch and masks prompt and padding positions out of the labels."""
+    """Right-pads a batch and masks prompt and padding positions out of the labels (and passes on the rows'
+    value-guided loss weights and advantages, [value], when they have them)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -29,7 +30,9 @@ class ResponseCollator:
         labels[mask == 0] = -100
         for i, r in enumerate(rows):
             labels[i, :r["prompt_len"]] = -100
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        guidance = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in ("weight", "advantage")
+                    if k in rows[0]}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, **guidance}
 
 
 class _Checkpoints(TrainerCallback):

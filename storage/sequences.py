@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from .fingerprint import digest
-from .shards import MANIFEST, CorruptShardError, ShardSet, ShardWriter
+from . import shards
+from .shards import CorruptShardError, ShardSet, ShardWriter
 
 SCHEMA = pa.schema([
     ("seq_id", pa.int64()),
@@ -31,14 +31,8 @@ def rows_table(seq_ids, prompt_index, prompt_lens, input_ids) -> pa.Table:
 
 
 def is_published(directory: Path) -> bool:
-    """A finished sequence store of this format is at `directory` (what a stage's published() asks)."""
-    manifest = Path(directory) / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text()).get("format") == FORMAT
-    except (ValueError, AttributeError):
-        return True  # published but damaged: opening it names the file (shards.read_manifest)
+    """A finished sequence store of this format is at `directory`."""
+    return shards.is_published(directory, FORMAT)
 
 
 def content_digest(table: pa.Table) -> str:
@@ -91,6 +85,10 @@ class SequenceStore:
         offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
         seqs = [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
         return t.column("seq_id").to_numpy(), t.column("prompt_len").to_numpy(), seqs
+
+    def prompt_index(self, index: int) -> np.ndarray:
+        """Which prompt each sequence of shard `index` answers (a prompt's samples share one)."""
+        return self.shards.table(index).column("prompt_index").to_numpy()
 
     def range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """(seq_ids, prompt_lens, input_ids) of sequences start .. stop-1, across shard boundaries."""

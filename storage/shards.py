@@ -95,6 +95,17 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
+def is_published(directory: Path, fmt: str) -> bool:
+    """A finished shard set of format `fmt` is at `directory` (what a stage's published() asks)."""
+    manifest = Path(directory) / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return atomic.read_json(manifest).get("format") == fmt
+    except (ValueError, AttributeError):
+        return True  # published but damaged: opening it names the file (read_manifest)
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
 
