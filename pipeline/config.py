@@ -205,9 +205,12 @@ def _check_value(cfg: dict) -> None:
         raise HpdError(f"value.function=\"verifier\" needs answers to check: data.builtin=\"math\", or "
                        f"generate.prompts with HumanEval-style test and entry_point fields (the "
                        f"{cfg['data']['builtin'] or 'given'} prompts have none)")
-    if value["advantage"] and ("refresh" not in targets or rounds["method"] not in ("opd", *HPD_FAMILY)):
-        raise HpdError(f"value.advantage acts on opd and the hpd family on refreshed samples; set value.judge to "
-                       f"include refresh and rounds.method to opd or an hpd method (it is {rounds['method']})")
+    rewarded = ("opd", *HPD_FAMILY)  # the methods with a per-token teacher reward for the advantage to shift
+    if value["advantage"] and not (("refresh" in targets and rounds["method"] in rewarded) or
+                                   ("generate" in targets and cfg["distill"]["method"] in rewarded)):
+        raise HpdError(f"value.advantage shifts the teacher reward of opd and the hpd family; judge sequences they "
+                       f"train on (value.judge=refresh with rounds.method={rounds['method']}, or generate with "
+                       f"distill.method={cfg['distill']['method']}: make one of them opd or an hpd method)")
     one_each = cfg["generate"]["mode"] == "dataset" or cfg["generate"]["samples_per_prompt"] == 1
     if value["select"] == "top" and targets == {"generate"} and one_each:
         raise HpdError("value.select=\"top\" keeps the best of each prompt's samples, and the offline sequences "

@@ -242,6 +242,9 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
         collator, signal, where = ResponseCollator(tok.pad_token_id), no_teacher, "no teacher"
     mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, {f'cache {s.cache.id}' if s.cache else where}"
                     f"{f', {len(s)} of {len(s.store)} kept by value' if s.guided else ''})" for s in plan.sources)
+    for name in plan.dropped:
+        ctx.log(f"[{ctx.stage}] warning: value.select kept none of the {name} sequences; this round trains on the "
+                f"others alone")
     ctx.log(f"[{ctx.stage}] a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter student, "
             f"{plan.steps} steps on {mix}")
 

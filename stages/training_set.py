@@ -48,6 +48,9 @@ def open_source(name: str, generate: Sequences, score: Cache | None, method: str
             raise HpdError(f"the values in {values.values} judge other sequences than {generate.sequences}; rerun "
                            f"the judge stage")
         guided = guidance(seq_ids, prompt_index, v, value_cfg)
+        if len(guided.rows) == 0 and name != "refresh":  # (a round without refreshed samples still trains)
+            raise HpdError(f"value.select=\"{value_cfg['select']}\" kept none of the {len(v)} {name} sequences "
+                           f"(values {v.min():.3g} to {v.max():.3g}); lower value.threshold")
     if score is None:
         return Source(name, store, None, method, share, guided)
     cache = LogitCache(Path(score.cache)).hold()  # `hpd cache gc` must not remove it while we train
@@ -65,10 +68,7 @@ class RoundPlan:
     warmup_steps: int
     planned_batches: int  # per rank; 0: every offline sequence, shuffled (round 0)
     before: dict = field(default_factory=dict)  # the previous round's report: its steps and tokens go on here
-
-    def describe(self) -> str:
-        where = {s.name: f"cache {s.cache.id}" if s.cache else "no cache" for s in self.sources}
-        return ", ".join(f"{s.share:.0%} {s.name} ({s.method}, {where[s.name]})" for s in self.sources)
+    dropped: list = field(default_factory=list)  # sources value selection left empty (a round's refresh)
 
 
 def plan_round(cfg: dict, generate: Sequences, score: Cache | None, refresh: Sequences | None = None,
@@ -95,8 +95,9 @@ def plan_round(cfg: dict, generate: Sequences, score: Cache | None, refresh: Seq
     if refresh is not None:
         sources.append(open_source("refresh", refresh, refresh_score, rounds["method"], rounds["refresh_share"],
                                    refresh_values, cfg.get("value")))
-    return RoundPlan([s for s in sources if s.share > 0], rounds["steps"], rounds["learning_rate"],
-                     rounds["warmup_steps"], rounds["steps"] * cfg["gradient_accumulation_steps"], previous.report)
+    return RoundPlan([s for s in sources if s.share > 0 and len(s)], rounds["steps"], rounds["learning_rate"],
+                     rounds["warmup_steps"], rounds["steps"] * cfg["gradient_accumulation_steps"], previous.report,
+                     [s.name for s in sources if s.share > 0 and not len(s)])
 
 
 def _several_teachers(cfg: dict, generate: Sequences, score: Cache | None, linked_sequences: list[Sequences],

@@ -175,12 +175,10 @@ def weights(values: np.ndarray, means: np.ndarray, how: str, tau: float) -> np.n
 
 
 def guidance(seq_ids: np.ndarray, prompt_index: np.ndarray, values: np.ndarray, cfg: dict) -> Guidance:
-    """The [value] section's selection, weighting and advantage applied to one judged sequence set."""
+    """The [value] section's selection, weighting and advantage applied to one judged sequence set (its rows may
+    be none: a threshold no sample reached)."""
     means = prompt_means(prompt_index, values)
     kept = select(prompt_index, values, cfg["select"], cfg["keep"], cfg["threshold"])
-    if len(kept) == 0:
-        raise HpdError(f"value.select=\"{cfg['select']}\" kept none of {len(values)} sequences (values "
-                       f"{values.min():.3g} to {values.max():.3g}); lower value.threshold")
     w = weights(values[kept], means[kept], cfg["weighting"], cfg["tau"])
     advantage = (values - means)[kept] * cfg["advantage"] if cfg["advantage"] else None
     return Guidance(seq_ids[kept], w, advantage)

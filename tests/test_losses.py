@@ -71,8 +71,9 @@ def ref_value(method, p, q, **kw):
     raise ValueError(method)
 
 
-def ref_loss(method, student, teacher, labels, buckets=None, **kw):
-    """Mean over labelled positions; buckets=k groups the teacher's non-top-k tokens into one outcome."""
+def ref_loss(method, student, teacher, labels, buckets=None, weights=None, **kw):
+    """Mean over labelled positions; buckets=k groups the teacher's non-top-k tokens into one outcome; `weights`
+    (per row) multiply each of the row's positions' losses."""
     total, n = 0.0, 0
     for b in range(B):
         for t in range(L - 1):
@@ -86,7 +87,7 @@ def ref_loss(method, student, teacher, labels, buckets=None, **kw):
                 rest[top] = False
                 p = torch.cat([p[top], p[rest].sum()[None]])
                 q = torch.cat([q[top], q[rest].sum()[None]])
-            total = total + ref_value(method, list(p), list(q), **kw)
+            total = total + (1.0 if weights is None else float(weights[b])) * ref_value(method, list(p), list(q), **kw)
             n += 1
     return total / n
 
@@ -275,7 +276,7 @@ VARIANTS = {"hpd": ("token", "sample"), "hpd_fkl": ("dist", "sample"), "hpd_nsam
             "hpd_expect": ("token", "expect"), "hpd_fkl_expect": ("dist", "expect")}
 
 
-def ref_hpd_family(method, student, teacher, labels, samples, k=V):
+def ref_hpd_family(method, student, teacher, labels, samples, k=V, weights=None, shift=None):
     forward, draws = VARIANTS[method]
     total, n = 0.0, 0
     for b in range(B):
@@ -293,7 +294,7 @@ def ref_hpd_family(method, student, teacher, labels, samples, k=V):
             def p_of(a):  # what the cache knows: exact in the top-k and at the expert token, else T * q / Q_out
                 return float(p[a]) if a in top or a == star else tail_p * float(q[a]) / tail_q
 
-            k1 = float(q[star]) * (math.log(p[star]) - math.log(q[star]))
+            k1 = float(q[star]) * (math.log(p[star]) - math.log(q[star]) + (0.0 if shift is None else float(shift[b])))
             if draws == "expect":
                 cands = [(a, float(q[a])) for a in range(V)]
             else:
@@ -311,7 +312,7 @@ def ref_hpd_family(method, student, teacher, labels, samples, k=V):
                     if rest:
                         fwd = fwd - f * tail_p * torch.logsumexp(logq[rest], -1)
                 loss = loss + pi * (fwd - k1 * logq[star] - w * logq[a])
-            total, n = total + loss, n + 1
+            total, n = total + (1.0 if weights is None else float(weights[b])) * loss, n + 1
     return total / n
 
 
@@ -384,3 +385,74 @@ def test_hpd_family_reports_exactly_its_declared_diagnostics():
     for method in HPD_FAMILY:
         _, diag = distill_loss(method, student, labels, teacher=_as_cache(teacher, labels, 4))
         assert set(diag) == {"tokens", *HPD_DIAGNOSTICS}, method
+
+
+# -- value guidance: a weight per sequence on its loss, an advantage per sequence on the teacher reward ----------
+ROW_WEIGHT = torch.tensor([0.4, 1.7])
+ROW_ADVANTAGE = torch.tensor([0.8, -0.5])
+
+
+@pytest.mark.parametrize("method, kw", [("fkl", {}), ("jsd", {"beta": 0.5}), ("tvd", {})])
+@pytest.mark.parametrize("k", [3, None])
+def test_sequence_weights_on_distribution_losses(method, kw, k):
+    student, teacher, labels = _inputs(6)
+    s32 = student.float().requires_grad_()
+    t_in = teacher.float() if k is None else _as_cache(teacher, labels, k)
+    loss, diag = distill_loss(method, s32, labels, teacher=t_in, sequence_weight=ROW_WEIGHT, **kw)
+    loss.backward()
+    s64 = student.clone().requires_grad_()
+    ref = ref_loss(method, s64, teacher, labels, buckets=k, weights=ROW_WEIGHT, **kw)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-5)
+    assert torch.allclose(s32.grad.double(), s64.grad, atol=2e-6, rtol=1e-4)
+    n = (labels[:, 1:] != -100).sum(1)
+    assert diag["sequence_weight"] == pytest.approx(float((ROW_WEIGHT * n).sum() / n.sum()))
+
+
+def test_sequence_weights_and_advantages_on_token_losses():
+    """sft / seqkd: the weight scales each row; opd: the row's advantage is added to its reward log p - log q."""
+    student, teacher, labels = _inputs(7)
+    sel = labels[:, 1:] != -100
+    y = labels[:, 1:][sel]
+    w_pos = ROW_WEIGHT[:, None].expand_as(sel)[sel].double()
+    a_pos = ROW_ADVANTAGE[:, None].expand_as(sel)[sel].double()
+    for method in ("sft", "seqkd", "opd"):
+        s32 = student.float().requires_grad_()
+        adv = ROW_ADVANTAGE if method == "opd" else None
+        loss, _ = distill_loss(method, s32, labels, teacher=teacher.float(), sequence_weight=ROW_WEIGHT,
+                               sequence_advantage=adv)
+        loss.backward()
+        s64 = student.clone().requires_grad_()
+        lq = torch.log_softmax(s64[:, :-1][sel], -1).gather(-1, y[:, None])[:, 0]
+        lp = torch.log_softmax(teacher[:, :-1][sel], -1).gather(-1, y[:, None])[:, 0]
+        w = {"sft": torch.ones_like(lq), "seqkd": lp.exp(), "opd": (lp - lq).detach() + a_pos}[method]
+        ref = -(w_pos * w * lq).mean()
+        ref.backward()
+        assert loss.item() == pytest.approx(ref.item(), abs=1e-5), method
+        assert torch.allclose(s32.grad.double(), s64.grad, atol=2e-6), method
+
+
+@pytest.mark.parametrize("method", list(VARIANTS))
+@pytest.mark.parametrize("k", [3, None])
+def test_hpd_variants_with_sequence_weights_and_advantages(method, k):
+    """The advantage enters k1 = q(a*) * (log p(a*) - log q(a*) + advantage), and every weight built on it."""
+    student, teacher, labels = _inputs(13)
+    samples = _variant_samples(method, labels, 6)
+    s32 = student.float().requires_grad_()
+    t_in = teacher.float() if k is None else _as_cache(teacher, labels, k)
+    loss, diag = distill_loss(method, s32, labels, teacher=t_in, sampled_tokens=samples, sequence_weight=ROW_WEIGHT,
+                              sequence_advantage=ROW_ADVANTAGE)
+    loss.backward()
+    s64 = student.clone().requires_grad_()
+    ref = ref_hpd_family(method, s64, teacher, labels, samples, k=k or V, weights=ROW_WEIGHT, shift=ROW_ADVANTAGE)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-5)
+    assert torch.allclose(s32.grad.double(), s64.grad, atol=2e-6, rtol=1e-4)
+    unshifted, _ = distill_loss(method, student.float(), labels, teacher=t_in, sampled_tokens=samples)
+    assert abs(unshifted.item() - loss.item()) > 1e-3  # the guidance changed something
+
+
+def test_an_advantage_needs_a_teacher_reward():
+    student, teacher, labels = _inputs(8)
+    with pytest.raises(ValueError, match="has none"):
+        distill_loss("fkl", student.float(), labels, teacher=teacher.float(), sequence_advantage=ROW_ADVANTAGE)

@@ -1,0 +1,159 @@
+"""Value-guided distillation on the built-in math task, measured: the task's verifier (and the teacher's own
+log-prob) choosing which samples the student learns from and how much, against the same training unguided.
+
+    python -m bench.value_guided [--seeds 5]
+
+SeqKD from teacher samples. The default teacher samples 4 responses per training prompt at temperature 1 (about
+half of them reach the right answer); students learn them by SFT (sequence-level KD, Kim & Rush) for make
+distill's steps: from every sample (plain), from the best of each prompt's 4 by the verifier (best-of-4), from the
+best of 4 by the teacher's mean log-prob of the response (no checker needed: read from the cache), and from every
+sample the verifier accepts (rejection sampling). One generate, score and judge serve every arm: selection is
+applied at training time.
+
+Refresh rounds. Each seed's round-0 student is `make distill`'s (fkl, 600 steps on the dataset's traces); one
+round of 300 steps then continues it in five arms: offline (every batch from the offline cache), refresh (half of
+each batch from the student's own samples, 4 for each of a quarter of the prompts, rescored by the teacher; HPD on
+them), and the same refresh guided by the verifier: selection (only the samples with the right answer), weighting
+(1 + the sample's advantage over its prompt's other samples), advantage (the advantage added to HPD's per-token
+teacher reward). The guided arms share the plain arm's samples and rescoring.
+
+Every student is judged on the 500 held-out problems: greedy accuracy, avg@4 (sampled at temperature 1), held-out
+NLL and KL to the teacher. Writes bench/results/value_guided.json; bench/readme.py puts the tables in the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from hpd import open_run
+
+OUT = Path(__file__).resolve().parent / "results" / "value_guided.json"
+METRICS = ("accuracy", "avg@4", "response_nll_nats", "kl_to_teacher_nats")
+VERIFIER = ['value.function="verifier"']
+SEQKD = {  # arm -> settings on top of the teacher-sampled run
+    "plain": [],
+    "best-of-4 (verifier)": [*VERIFIER, 'value.judge="generate"', 'value.select="top"', "value.keep=0.25"],
+    "best-of-4 (teacher log-prob)": ['value.function="teacher"', 'value.judge="generate"', 'value.select="top"',
+                                     "value.keep=0.25"],
+    "verified only": [*VERIFIER, 'value.judge="generate"', 'value.select="threshold"', "value.threshold=1.0"],
+}
+SEQKD_RUN = ['generate.mode="teacher"', "generate.samples_per_prompt=4", "generate.max_new_tokens=52", 'distill.method="sft"']
+REFRESH = {  # arm -> settings of the round
+    "offline": ["rounds.refresh_share=0"],
+    "refresh": [],
+    "refresh + selection": [*VERIFIER, 'value.select="threshold"', "value.threshold=1.0"],
+    "refresh + weighting": [*VERIFIER, 'value.weighting="advantage"'],
+    "refresh + advantage": [*VERIFIER, "value.advantage=1.0"],
+}
+ROUND = ["rounds.count=1", "rounds.steps=300", "rounds.refresh_share=0.5", "refresh.prompt_fraction=0.25"]
+COMMON = ['distill.baseline=""', "eval.samples=4"]
+
+
+def _run(home: Path, name: str, sets: list[str]):
+    return open_run(None, [*COMMON, *sets, f'run.name="{name}"'], home=home, log=lambda s: None)
+
+
+def _judged(r, arm: str, seed: int, t0: float) -> dict:
+    student = r.outputs("eval").report["student"]
+    mix = r.outputs(r.student_stages()[-1]).report["mixture"]
+    row = {"arm": arm, "seed": seed, "seconds": round(time.time() - t0, 1), **{k: student[k] for k in METRICS},
+           "trained_on": {name: m.get("kept") for name, m in mix.items() if "kept" in m}}
+    print(f"{arm} seed {seed}: " + ", ".join(f"{k} {student[k]:.4g}" for k in METRICS), flush=True)
+    return row
+
+
+def seqkd(home: Path, seeds: int) -> tuple[list[dict], dict]:
+    base = _run(home, "vg-seqkd", [*SEQKD_RUN, *SEQKD["best-of-4 (verifier)"]])
+    base.run(until="judge")
+    values = base.outputs("judge")
+    teacher_sampled = {"sequences": base.outputs("generate").count, "verified_share": values.mean}
+    rows, judged = [], {"verifier": "vg-seqkd"}  # value function -> a run whose judge stage the others adopt
+    for seed in range(seeds):
+        for arm, sets in SEQKD.items():
+            r = _run(home, f"vg-seqkd-{arm.split(' ')[0]}-{'t' if 'teacher' in arm else 'v'}-s{seed}",
+                     [*SEQKD_RUN, *sets, f"distill.seed={seed}", f"eval.teacher={'true' if seed == 0 else 'false'}"])
+            r.adopt("vg-seqkd", ["data", "teacher", "generate", "score"])
+            function = r.cfg["value"]["function"]
+            if function in judged:
+                r.adopt(judged[function], ["judge"])
+            elif function:
+                judged[function] = r.ctx.run_name
+            t0 = time.time()
+            r.run()
+            rows.append(_judged(r, arm, seed, t0))
+            if seed == 0 and arm == "plain":
+                teacher_sampled["teacher"] = {k: r.outputs("eval").report["teacher"][k] for k in METRICS
+                                              if k in r.outputs("eval").report["teacher"]}
+    return rows, teacher_sampled
+
+
+def refresh(home: Path, seeds: int) -> list[dict]:
+    rows = []
+    for seed in range(seeds):
+        base = f"vg-round0-s{seed}"
+        _run(home, base, [f"distill.seed={seed}"]).run(until="distill")
+        sampled = None
+        for arm, sets in REFRESH.items():
+            name = f"vg-{arm.replace(' + ', '-')}-s{seed}"
+            r = _run(home, name, [*ROUND, *sets, f"distill.seed={seed}", "eval.teacher=false"])
+            r.adopt(base, ["data", "teacher", "generate", "score", "distill"])
+            if sampled and "refresh-1" in r.stages:
+                r.adopt(sampled, ["refresh-1", "rescore-1"])  # the plain arm's samples and their rescoring
+            t0 = time.time()
+            r.run()
+            if "refresh-1" in r.stages and sampled is None:
+                sampled = name
+            rows.append(_judged(r, arm, seed, t0))
+    return rows
+
+
+def summarise(rows: list[dict], reference: str) -> dict:
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = {r["seed"]: r for r in rows if r["arm"] == arm}
+        ref = {r["seed"]: r for r in rows if r["arm"] == reference}
+        out[arm] = {}
+        for k in METRICS:
+            values = [mine[s][k] for s in sorted(mine)]
+            d = [mine[s][k] - ref[s][k] for s in sorted(mine) if s in ref]
+            out[arm][k] = {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                           "minus_reference": {"mean": statistics.mean(d),
+                                               "sd": statistics.stdev(d) if len(d) > 1 else 0.0}}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"), help="shares the default teacher")
+    ap.add_argument("--part", choices=("all", "seqkd", "refresh"), default="all")
+    ap.add_argument("--scale", type=float, default=1.0, help="< 1: fewer steps and prompts (a smoke run)")
+    args = ap.parse_args()
+    if args.scale < 1:
+        COMMON.extend([f"distill.steps={max(2, int(600 * args.scale))}",
+                       f"generate.num_prompts={max(32, int(4096 * args.scale))}", "eval.examples=50"])
+        ROUND[1] = f"rounds.steps={max(2, int(300 * args.scale))}"
+    home = Path(args.home).resolve()
+    settings = {"seeds": args.seeds, "settings": {"seqkd": SEQKD_RUN, "round": ROUND, "common": COMMON}}
+    if args.part in ("all", "seqkd"):
+        rows, sampled = seqkd(home, args.seeds)
+        save({**settings, "seqkd": {"rows": rows, "teacher_samples": sampled, "summary": summarise(rows, "plain"),
+                                    "arms": SEQKD}})
+    if args.part in ("all", "refresh"):
+        rows = refresh(home, args.seeds)
+        save({**settings, "refresh": {"rows": rows, "summary": summarise(rows, "refresh"), "arms": REFRESH}})
+
+
+def save(part: dict) -> None:
+    """Merges one part's results into the results file (the parts may run as two processes at once)."""
+    result = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    OUT.write_text(json.dumps({**result, **part}, indent=1) + "\n")
+    print(json.dumps({k: v["summary"] for k, v in part.items() if isinstance(v, dict) and "summary" in v}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
