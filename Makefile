@@ -73,4 +73,5 @@ bench: $(STAMP) $(SMOLLM2)
 	$(PY) -m bench.refresh_rounds
 	$(PY) -m bench.cached_vs_online
 	$(PY) -m bench.multi_teacher
+	$(PY) -m bench.value_guided
 	$(PY) -m bench.readme

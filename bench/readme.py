@@ -878,8 +878,12 @@ def _paired_rows(rows: list[dict], a: str, b: str, key: str) -> tuple:
     x = {r["seed"]: r[key] for r in rows if r["arm"] == a}
     y = {r["seed"]: r[key] for r in rows if r["arm"] == b}
     d = [x[s] - y[s] for s in x if s in y]
-    better = sum((v > 0) if key == "accuracy" else (v < 0) for v in d)
+    better = sum((v > 0) if _higher_is_better(key) else (v < 0) for v in d)
     return statistics.mean(d), statistics.stdev(d) if len(d) > 1 else 0.0, len(d), better
+
+
+def _higher_is_better(key: str) -> bool:
+    return key == "accuracy" or key.startswith("avg@")
 
 
 def _vs(rows, a, b) -> str:
@@ -942,13 +946,95 @@ def multi_teacher() -> str:
     return "\n".join(out)
 
 
+VALUE_METRICS = (("accuracy", "accuracy", "{:.1%}"), ("avg@4", "avg@4", "{:.1%}"),
+                 ("response_nll_nats", "held-out NLL", "{:.3f}"), ("kl_to_teacher_nats", "KL to teacher", "{:.3f}"))
+
+
+def _value_table(part: dict, trained_on) -> list[str]:
+    lines = ["| student from | trained on | " + " | ".join(label for _, label, _ in VALUE_METRICS) + " |",
+             "|---|---|" + "---|" * len(VALUE_METRICS)]
+    for arm, summary in part["summary"].items():
+        cells = [f"{fmt.format(summary[k]['mean'])} ± {fmt.format(summary[k]['sd'])}" for k, _, fmt in VALUE_METRICS]
+        lines.append(f"| {arm} | {trained_on(arm)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _value_vs(rows: list[dict], a: str, b: str) -> str:
+    """a minus b, paired by seed, on every metric (separable where the mean is beyond twice its standard error)."""
+    out = []
+    for key, label, _ in VALUE_METRICS:
+        mean, sd, n, better = _paired_rows(rows, a, b, key)
+        scale, unit = (100, " points") if _higher_is_better(key) else (1, "")
+        out.append(f"{label} {mean * scale:+.{1 if scale == 100 else 3}f} ± {sd * scale:.{1 if scale == 100 else 3}f}"
+                   f"{unit} (better on {better} of {n}{', separable' if _separable((mean, sd, n, better)) else ''})")
+    return "; ".join(out)
+
+
+def _value_judged(rows: list[dict], a: str, b: str) -> str:
+    """beats / trails b beyond the seed spread on the first metric that separates them (accuracy, avg@4, NLL)."""
+    for key, label, _ in VALUE_METRICS[:3]:
+        x = _paired_rows(rows, a, b, key)
+        if _separable(x):
+            won = (x[0] > 0) == _higher_is_better(key)
+            return f"{'beats' if won else 'trails'} {b} by {label}"
+    return f"matches {b} (within the seed spread)"
+
+
+def value_guided() -> str:
+    r = _result(RESULTS / "value_guided.json")
+    if r is None or "seqkd" not in r or "refresh" not in r:
+        return "Not measured yet: `python -m bench.value_guided`.\n"
+    seqkd, rnd = r["seqkd"], r["refresh"]
+    sampled = seqkd["teacher_samples"]
+
+    def trained_on(part, what):
+        def cell(arm):
+            rows = [row["samples"] for row in part["rows"] if row["arm"] == arm]
+            kept = sorted({x["kept"] for x in rows})
+            if not rows[0]["judged"] or arm == "offline":  # (a round without samples)
+                return "offline sequences only"
+            span = f"{kept[0]:,}" if len(kept) == 1 else f"{kept[0]:,}-{kept[-1]:,}"
+            return f"{span} of {rows[0]['judged']:,} {what}"
+        return cell
+    teacher = sampled.get("teacher", {})
+    seqkd_arms = [a for a in seqkd["summary"] if a != "plain"]
+    round_arms = [a for a in rnd["summary"] if a.startswith("refresh +")]
+    verdict = ("**Verdict.** SeqKD from teacher samples: " + "; ".join(
+        f"{a} {_value_judged(seqkd['rows'], a, 'plain')}" for a in seqkd_arms) + ". Refresh rounds: " + "; ".join(
+        f"{a} {_value_judged(rnd['rows'], a, 'refresh')}" for a in round_arms) + "; plain refresh "
+        + _value_judged(rnd["rows"], "refresh", "offline") + ".")
+    out = [f"Measured by `bench/value_guided.py` (`make bench`) on the math task with the task's verifier: "
+           f"{r['seeds']} student seeds per arm, paired by seed; mean ± standard deviation over seeds, and each arm "
+           f"minus its reference below (*separable*: the mean difference is more than twice its standard error). "
+           f"Every student is `make distill`'s shape, judged on the 500 held-out problems (greedy accuracy, avg@4 at "
+           f"temperature 1, NLL of the reference answers, KL to the teacher).", "",
+           f"**SeqKD from teacher samples.** The default teacher (greedy accuracy {teacher.get('accuracy', 0):.1%}, "
+           f"avg@4 {teacher.get('avg@4', 0):.1%}) sampled 4 responses for each of the {sampled['sequences'] // 4:,} "
+           f"training prompts; "
+           f"{sampled['verified_share']:.1%} of them reach the right answer. Students learn them by SFT for 600 steps; "
+           "best-of-4 keeps one sample per prompt, chosen by the verifier or by the teacher's mean log-prob of the "
+           "response (no checker: read from the cache); *verified only* keeps every right one:", "",
+           *_value_table(seqkd, trained_on(seqkd, "samples")),
+           *[f"- {a} minus plain: {_value_vs(seqkd['rows'], a, 'plain')}." for a in seqkd_arms], "",
+           "**Refresh rounds.** Each seed's round-0 student is `make distill`'s (fkl, 600 steps); one round of 300 "
+           "steps continues it: from the offline cache only, or with half of each batch from its own samples (4 for "
+           "each of a quarter of the prompts, rescored by the teacher, HPD on them), unguided or guided by the "
+           "verifier (*selection*: only the right ones; *weighting*: 1 + advantage over the prompt's other samples; "
+           "*advantage*: the advantage added to HPD's per-token teacher reward):", "",
+           *_value_table(rnd, trained_on(rnd, "student samples")),
+           *[f"- {a} minus refresh: {_value_vs(rnd['rows'], a, 'refresh')}." for a in round_arms],
+           f"- refresh minus offline: {_value_vs(rnd['rows'], 'refresh', 'offline')}.", "", verdict, ""]
+    return "\n".join(out)
+
+
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, fn in (("make-distill", make_distill), ("default-task", default_task), ("real-teacher", real_teacher), ("cache-formats", cache_formats),
                      ("hpd-gradient", hpd_gradient), ("refresh-rounds", refresh_rounds), ("compare", compare),
                      ("cached-vs-online", cached_vs_online), ("reliability", reliability), ("study", study),
-                     ("study-recommendation", study_recommendation), ("multi-teacher", multi_teacher)):
+                     ("study-recommendation", study_recommendation), ("multi-teacher", multi_teacher),
+                     ("value-guided", value_guided)):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text,
                       flags=re.S)

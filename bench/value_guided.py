@@ -58,11 +58,16 @@ def _run(home: Path, name: str, sets: list[str]):
 
 
 def _judged(r, arm: str, seed: int, t0: float) -> dict:
+    """The student's held-out figures, and how many of the judged samples it trained on (kept of judged)."""
     student = r.outputs("eval").report["student"]
     mix = r.outputs(r.student_stages()[-1]).report["mixture"]
+    source, sequences = ("refresh", "refresh-1") if r.cfg["rounds"]["count"] else ("offline", "generate")
+    judged = r.outputs(sequences).count if sequences in r.stages else 0  # 0: a round without samples (offline)
+    kept = mix[source].get("kept", judged) if source in mix else 0  # absent: selection kept none this round
     row = {"arm": arm, "seed": seed, "seconds": round(time.time() - t0, 1), **{k: student[k] for k in METRICS},
-           "trained_on": {name: m.get("kept") for name, m in mix.items() if "kept" in m}}
-    print(f"{arm} seed {seed}: " + ", ".join(f"{k} {student[k]:.4g}" for k in METRICS), flush=True)
+           "samples": {"judged": judged, "kept": kept}}
+    print(f"{arm} seed {seed}: " + ", ".join(f"{k} {student[k]:.4g}" for k in METRICS) + f", kept {kept} of {judged}",
+          flush=True)
     return row
 
 
@@ -132,7 +137,9 @@ def main():
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"), help="shares the default teacher")
     ap.add_argument("--part", choices=("all", "seqkd", "refresh"), default="all")
     ap.add_argument("--scale", type=float, default=1.0, help="< 1: fewer steps and prompts (a smoke run)")
+    ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
+    out = Path(args.out)
     if args.scale < 1:
         COMMON.extend([f"distill.steps={max(2, int(600 * args.scale))}",
                        f"generate.num_prompts={max(32, int(4096 * args.scale))}", "eval.examples=50"])
@@ -141,17 +148,17 @@ def main():
     settings = {"seeds": args.seeds, "settings": {"seqkd": SEQKD_RUN, "round": ROUND, "common": COMMON}}
     if args.part in ("all", "seqkd"):
         rows, sampled = seqkd(home, args.seeds)
-        save({**settings, "seqkd": {"rows": rows, "teacher_samples": sampled, "summary": summarise(rows, "plain"),
-                                    "arms": SEQKD}})
+        save(out, {**settings, "seqkd": {"rows": rows, "teacher_samples": sampled,
+                                         "summary": summarise(rows, "plain"), "arms": SEQKD}})
     if args.part in ("all", "refresh"):
         rows = refresh(home, args.seeds)
-        save({**settings, "refresh": {"rows": rows, "summary": summarise(rows, "refresh"), "arms": REFRESH}})
+        save(out, {**settings, "refresh": {"rows": rows, "summary": summarise(rows, "refresh"), "arms": REFRESH}})
 
 
-def save(part: dict) -> None:
+def save(out: Path, part: dict) -> None:
     """Merges one part's results into the results file (the parts may run as two processes at once)."""
-    result = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    OUT.write_text(json.dumps({**result, **part}, indent=1) + "\n")
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    out.write_text(json.dumps({**result, **part}, indent=1) + "\n")
     print(json.dumps({k: v["summary"] for k, v in part.items() if isinstance(v, dict) and "summary" in v}, indent=1))
 
 
