@@ -14,7 +14,6 @@ score stage (pipeline/graph.py leaves it out) and trains round 0 only.
 """
 from __future__ import annotations
 
-import inspect
 import time
 
 import numpy as np
@@ -130,20 +129,12 @@ class DistillTrainer(Trainer):
         # Student logits only where a loss is taken: the [B, L, V] logits and their gradient were most of a
         # step's memory (response positions are a fraction of a padded batch; prompts take none).
         keep = response_positions(labels)
-        if self._keeps_logits(model):
-            outputs = model(**inputs, logits_to_keep=keep)
-            logits = outputs.logits
-        else:
+        with modeling.head_only_at(model, keep):
             outputs = model(**inputs)
-            logits = outputs.logits[keep]
+        logits = outputs.logits
         loss, diag = mixture_loss(self.sources, logits, labels, teacher, source, self.loss_params, weight, advantage)
         self._diag.append(diag)
         return (loss, outputs) if return_outputs else loss
-
-    @staticmethod
-    def _keeps_logits(model) -> bool:
-        forward = getattr(model, "module", model).forward  # the Trainer may hand over a DDP-wrapped model
-        return "logits_to_keep" in inspect.signature(forward).parameters
 
     def log(self, logs, *args, **kwargs):
         """Adds the mean of the loss diagnostics since the last log line (HPD's sample statistics among them)."""

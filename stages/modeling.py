@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,23 @@ def to_accelerator(model):
 
 
 @torch.no_grad()
+@contextmanager
+def head_only_at(model, keep: torch.Tensor):
+    """Inside this context the model's output head (lm_head) runs only at the positions where `keep` [B, L] is
+    true, so a forward returns logits [N, V] in row-major order of `keep` instead of [B, L, V]: the [B, L, V]
+    logits and their gradient were most of a training step's memory. A forward pre-hook selects the positions
+    from the head's input, so it works on any decoder and any transformers version that has the model, through a
+    DDP / FSDP wrapper (whose forward runs as usual) and with tied weights (the module tree is untouched).
+    Transformers >= 5.20 can do the same with a boolean `logits_to_keep`; tests/test_modeling.py shows both equal
+    in values and gradients."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][keep.to(args[0].device)], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def log_probs(model, seqs: list, pad_id: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 next-token log-probs [B, L, V] of right-padded sequences, and the padding mask."""
     ids, mask = pad_right(seqs, pad_id)

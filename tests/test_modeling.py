@@ -1,0 +1,84 @@
+"""The student's logits at response positions only: the output head hooked to the kept positions
+(`modeling.head_only_at`, any transformers version) against the full logits and against a boolean
+`logits_to_keep` (transformers >= 5.20), in values and gradients, for GPT-2 and Llama."""
+import inspect
+
+import pytest
+import torch
+
+from hpd.stages import modeling
+from hpd.stages.losses import distill_loss, response_positions
+from hpd.stages.tasks import arithmetic
+
+from tiny_llama import make_llama
+
+pytestmark = pytest.mark.unit
+
+
+def _gpt2(tmp_path):
+    torch.manual_seed(0)
+    return modeling.new_gpt2(arithmetic.build_tokenizer(), n_positions=32, n_layer=2, n_embd=16, n_head=2)
+
+
+def _llama(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(make_llama(tmp_path / "llama", n_layer=2))
+
+
+def _batch(vocab: int):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # padding
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, :4] = -100  # prompts
+    labels[2, :7] = -100
+    return ids, mask, labels
+
+
+def _loss_and_grads(model, ids, mask, labels, how: str):
+    model.zero_grad()
+    keep = response_positions(labels)
+    if how == "hook":
+        with modeling.head_only_at(model, keep):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+    elif how == "logits_to_keep":
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    else:
+        logits = model(input_ids=ids, attention_mask=mask).logits[keep]
+    loss, _ = distill_loss("sft", logits, labels)
+    loss.backward()
+    return logits.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_head_only_at_the_kept_positions_equals_the_full_logits(make, tmp_path):
+    model = make(tmp_path)
+    ids, mask, labels = _batch(model.config.vocab_size)
+    full = _loss_and_grads(model, ids, mask, labels, "full")
+    hooked = _loss_and_grads(model, ids, mask, labels, "hook")
+    assert hooked[0].shape == (int(response_positions(labels).sum()), model.config.vocab_size)
+    torch.testing.assert_close(hooked[0], full[0], rtol=1e-5, atol=1e-6)
+    assert hooked[1] == pytest.approx(full[1], rel=1e-6)
+    assert hooked[2].keys() == full[2].keys()
+    for name in full[2]:
+        torch.testing.assert_close(hooked[2][name], full[2][name], rtol=1e-5, atol=1e-7)
+    assert model(input_ids=ids).logits.shape[:2] == ids.shape  # the hook is gone after the context
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_head_only_at_equals_a_boolean_logits_to_keep(make, tmp_path):
+    model = make(tmp_path)
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        pytest.skip("this transformers has no logits_to_keep (older than its introduction): nothing to compare")
+    ids, mask, labels = _batch(model.config.vocab_size)
+    try:
+        kept = _loss_and_grads(model, ids, mask, labels, "logits_to_keep")
+    except (TypeError, IndexError, RuntimeError) as e:  # an integer-only logits_to_keep (transformers < 5.20)
+        pytest.skip(f"this transformers takes no boolean logits_to_keep ({type(e).__name__}): nothing to compare")
+    hooked = _loss_and_grads(model, ids, mask, labels, "hook")
+    assert torch.equal(hooked[0], kept[0]) and hooked[1] == kept[1]
+    for name in kept[2]:
+        assert torch.equal(hooked[2][name], kept[2][name]), name
