@@ -24,6 +24,8 @@ def unavailable() -> str | None:
         import vllm  # noqa: F401
     except ImportError:
         return "vLLM is not installed (pip install '.[vllm]')"
+    except Exception as e:  # noqa: BLE001 - an install that breaks at import (e.g. a mismatched torchvision)
+        return f"vLLM is installed but cannot be imported ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     import torch
 
     if not torch.cuda.is_available():
