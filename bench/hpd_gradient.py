@@ -27,7 +27,7 @@ import torch
 from hpd import open_run
 from hpd.stages import modeling
 from hpd.stages.losses import distill_loss
-from hpd.stages.score import score_positions
+from hpd.stages.scoring import score_positions
 from hpd.storage import encodings as enc
 from hpd.storage.logit_cache import DEFAULT_ENCODING, CacheBatch
 from hpd.storage.sequences import SequenceStore

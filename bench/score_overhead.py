@@ -24,7 +24,8 @@ import torch
 
 from hpd import open_run
 from hpd.stages import modeling
-from hpd.stages.score import DEFAULT_K, score_batch
+from hpd.stages.score import DEFAULT_K
+from hpd.stages.scoring import score_batch
 from hpd.storage.logit_cache import CacheRoot, ScoredSequence, cache_key
 from hpd.storage.sequences import SequenceStore
 

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from hpd.common import ranks
@@ -26,63 +23,9 @@ from hpd.storage.sharded import ShardedWrite
 
 from . import modeling
 from .artifacts import Cache, Sequences, StageKind, Teacher
+from .scoring import Timer, score_batch  # the teacher pass's math, in torch only
 
 DEFAULT_K = 64
-
-
-class Timer(dict):
-    """Seconds spent per phase: `with timer("forward"): ...` adds to timer["forward"]."""
-
-    @contextmanager
-    def __call__(self, phase: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self[phase] = self.get(phase, 0.0) + time.perf_counter() - t0
-
-
-@torch.no_grad()
-def score_positions(logits: torch.Tensor, targets: torch.Tensor, *, top_k: int, temperature: float = 1.0):
-    """What a cache stores for N positions, from their [N, V] float32 logits and the [N] tokens that follow:
-    top-k ids and log-probs (sorted), the target's exact log-prob, the tail's log-mass."""
-    lp = torch.log_softmax(logits / temperature, dim=-1)  # [N, V]
-    top_lp, top_ids = torch.topk(lp, top_k, dim=-1)  # sorted by log-prob
-    target = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    # The tail is summed directly over the tokens outside the top-k: log(1 - sum(top)) loses all precision
-    # when the top-k hold nearly all the mass, which is exactly the common case.
-    tail = torch.logsumexp(lp.scatter(-1, top_ids, -float("inf")), dim=-1)
-    return top_ids, top_lp, target, tail
-
-
-@torch.no_grad()
-def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k: int, temperature: float,
-                pad_id: int, timer: Timer | None = None) -> list[dict]:
-    """Top-k, exact target log-prob and tail log-mass for every response position of each sequence."""
-    timer = timer if timer is not None else Timer()
-    with timer("forward"):
-        ids, mask = modeling.pad_right(seqs, pad_id)
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.cpu()
-    with timer("topk"):
-        # Only response positions are kept; prompts and padding are most of a batch's positions, so select
-        # them before anything touches the vocabulary dimension.
-        spans = [(p - 1, len(s) - 1) for s, p in zip(seqs, prompt_lens)]
-        rows = torch.cat([torch.full((e - st,), b) for b, (st, e) in enumerate(spans)])
-        cols = torch.cat([torch.arange(st, e) for st, e in spans])
-        kept = logits[rows, cols].float()
-        if not torch.isfinite(kept).all():  # a broken teacher must not become a cache that students trust
-            bad = int((~torch.isfinite(kept)).any(-1).sum())
-            raise HpdError(f"the teacher's logits are NaN or inf at {bad} of {len(kept)} positions of a batch; "
-                           f"the teacher is broken (check its weights and dtype, e.g. fp16 overflow)")
-        top_ids, top_lp, target, tail = score_positions(kept, ids[rows, cols + 1], top_k=top_k,
-                                                        temperature=temperature)
-        out, i = [], 0
-        for (st, e) in spans:
-            sl = slice(i, i + e - st)
-            out.append({"start": st, "topk_ids": top_ids[sl].numpy(), "topk_logprobs": top_lp[sl].numpy(),
-                        "target_logprob": target[sl].numpy(), "tail_logmass": tail[sl].numpy()})
-            i += e - st
-    return out
 
 
 def run(ctx, cfg: dict, teacher: Teacher, generate: Sequences) -> Cache:

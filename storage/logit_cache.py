@@ -11,9 +11,7 @@ sequence decompresses only its record batch.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 
 from . import atomic, leases
 from . import encodings as enc
+from .cache_batch import CacheBatch, CacheMismatchError, ScoredSequence, grid_batch, tokens_crc  # noqa: F401
 from .fingerprint import digest
 from .shards import MANIFEST, ZSTD_LEVEL, ShardSet, ShardWriter, lock_for
 
@@ -50,26 +49,6 @@ def cache_key(*, teacher: str, tokenizer: str, data: str, top_k: int, temperatur
 
 def key_id(key: dict) -> str:
     return digest(key)[:20]
-
-
-def tokens_crc(ids) -> int:
-    return zlib.crc32(np.asarray(ids, dtype=np.int32).tobytes())
-
-
-@dataclass
-class ScoredSequence:
-    seq_id: int
-    input_ids: np.ndarray
-    start: int
-    topk_ids: np.ndarray        # [n, k], sorted by log-prob, descending
-    topk_logprobs: np.ndarray   # [n, k]
-    target_logprob: np.ndarray  # [n]
-    tail_logmass: np.ndarray    # [n]
-    crc: int | None = None      # of input_ids; given directly when the tokens are not at hand (repack)
-
-    @property
-    def tokens_crc(self) -> int:
-        return self.crc if self.crc is not None else tokens_crc(self.input_ids)
 
 
 def _list_column(values: np.ndarray, offsets: np.ndarray, typ: pa.DataType) -> pa.Array:
@@ -124,46 +103,6 @@ def decode_batch(rb: pa.RecordBatch, encoding: enc.Encoding, k: int) -> Decoded:
                    crcs=rb.column("tokens_crc").to_numpy(), offsets=offsets, topk_ids=ids, topk_logprobs=lps,
                    target_logprob=torch.from_numpy(flat("target_logprob").copy()),
                    tail_logmass=torch.from_numpy(flat("tail_logmass").copy()))
-
-
-@dataclass
-class CacheBatch:
-    """Teacher targets aligned to token positions: entry [b, t] is the distribution for token t+1."""
-    topk_ids: torch.Tensor        # [B, L, k] int64
-    topk_logprobs: torch.Tensor   # [B, L, k] float32
-    target_logprob: torch.Tensor  # [B, L] float32
-    tail_logmass: torch.Tensor    # [B, L] float32
-    mask: torch.Tensor            # [B, L] bool, True where the teacher scored the position
-
-    @property
-    def k(self) -> int:
-        return self.topk_ids.shape[-1]
-
-    def _map(self, fn) -> CacheBatch:
-        return CacheBatch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
-
-    def select(self, rows) -> CacheBatch:
-        """The batch rows `rows` (a boolean mask or indices over the first dimension)."""
-        return self._map(lambda t: t[rows])
-
-    def to(self, device, non_blocking: bool = False) -> CacheBatch:
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    @staticmethod
-    def stack(parts: list[tuple[list[int], CacheBatch]], batch_size: int) -> CacheBatch:
-        """One [batch_size, L] batch from parts that each fill the rows they name (a mixture's sources)."""
-        if len(parts) == 1 and len(parts[0][0]) == batch_size:
-            return parts[0][1]
-        first = parts[0][1]
-        out = first._map(lambda t: torch.zeros((batch_size, *t.shape[1:]), dtype=t.dtype))
-        for rows, part in parts:
-            for f in dataclasses.fields(out):
-                getattr(out, f.name)[rows] = getattr(part, f.name)
-        return out
-
-
-class CacheMismatchError(RuntimeError):
-    pass
 
 
 class LogitCache:
@@ -247,34 +186,6 @@ class LogitCache:
                                        target_logprob=d.target_logprob[sl], tail_logmass=d.tail_logmass[sl],
                                        crc=int(d.crcs[r])))
         return grid_batch(rows, self.k, input_ids=input_ids, length=length, cache_id=self.id)
-
-
-def grid_batch(rows: list[ScoredSequence], k: int, *, input_ids: list | None = None, length: int | None = None,
-               cache_id: str = "") -> CacheBatch:
-    """Scored rows placed at their token positions in a [B, length] grid (tensors or arrays per row). With the
-    batch's `input_ids`, every row's token CRC is checked against them."""
-    if input_ids is not None:
-        for i, (row, ids) in enumerate(zip(rows, input_ids)):
-            if row.tokens_crc != tokens_crc(ids):
-                raise CacheMismatchError(
-                    f"cache {cache_id}: row for sequence {row.seq_id} was scored on different tokens than "
-                    f"batch item {i}; the cache does not belong to these sequences")
-    need = max(r.start + len(r.target_logprob) for r in rows)
-    L = length or need
-    if L < need:
-        raise ValueError(f"length {L} is shorter than the cached positions ({need})")
-    B = len(rows)
-    out = CacheBatch(topk_ids=torch.zeros(B, L, k, dtype=torch.long),
-                     topk_logprobs=torch.full((B, L, k), -float("inf")), target_logprob=torch.zeros(B, L),
-                     tail_logmass=torch.full((B, L), -float("inf")), mask=torch.zeros(B, L, dtype=torch.bool))
-    for b, row in enumerate(rows):
-        sl = slice(row.start, row.start + len(row.target_logprob))
-        out.topk_ids[b, sl] = torch.as_tensor(row.topk_ids)
-        out.topk_logprobs[b, sl] = torch.as_tensor(row.topk_logprobs)
-        out.target_logprob[b, sl] = torch.as_tensor(row.target_logprob)
-        out.tail_logmass[b, sl] = torch.as_tensor(row.tail_logmass)
-        out.mask[b, sl] = True
-    return out
 
 
 class CacheRoot:

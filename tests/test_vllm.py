@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hpd.stages import modeling, vllm_engine
-from hpd.stages.score import score_batch
+from hpd.stages.scoring import score_batch
 from hpd.storage.sequences import SequenceStore
 
 REASON = vllm_engine.unavailable()
