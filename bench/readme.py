@@ -639,7 +639,7 @@ def cached_vs_online() -> str:
                  f"share the tail mass out in "
                  f"proportion to the student. Online, the exact value is at hand. The HPD variants that use the whole "
                  f"cached distribution instead, and which loss to use, are in the regime study below.")
-    lines[1] += (". Both arms compute the student's logits only at response positions (`logits_to_keep`) and "
+    lines[1] += (". Both arms compute the student's logits only at response positions (the output head at those positions) and "
                  "its loss in checkpointed chunks of positions (stages/losses.py), so what the cached arm holds "
                  "beyond fixed costs is the student's logits and their gradient at response positions. The online "
                  "arm adds the teacher's weights, its activations and its full [batch, length, vocabulary] "
