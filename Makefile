@@ -85,4 +85,5 @@ bench: $(STAMP) $(SMOLLM2)
 	$(PY) -m bench.cached_vs_online
 	$(PY) -m bench.multi_teacher
 	$(PY) -m bench.value_guided
+	$(PY) -m bench.response_head
 	$(PY) -m bench.readme
