@@ -893,6 +893,16 @@ def _vs(rows, a, b) -> str:
             f"NLL {nll[0]:+.3f} ± {nll[1]:.3f} (lower on {nll[3]} of {nll[2]}{sep(nll)})")
 
 
+def _stuck(rows: list[dict], seeds: int) -> str:
+    """Seeds whose student stayed near 0% accuracy (it never crossed the task's learning transition)."""
+    n = {}
+    for x in rows:
+        n[x["arm"]] = n.get(x["arm"], 0) + (x["accuracy"] < 0.05)
+    said = [f"{arm} {k} of {seeds}" for arm, k in n.items() if k]
+    return (" Seeds whose student stayed near 0% accuracy (it never crossed the task's learning transition "
+            "in its steps, as `make distill`'s SFT seed 0 does): " + ", ".join(said) + ".") if said else ""
+
+
 def multi_teacher() -> str:
     r = _result(RESULTS / "multi_teacher.json")
     if r is None:
@@ -918,13 +928,8 @@ def multi_teacher() -> str:
                 return f"{'beats' if (x[0] > 0) == (key == 'accuracy') else 'trails'} {whom} by {label}"
         return f"matches {whom} (within the seed spread)"
 
-    def stuck(rows) -> str:  # seeds whose student never crossed the task's learning transition
-        n = {}
-        for x in rows:
-            n[x["arm"]] = n.get(x["arm"], 0) + (x["accuracy"] < 0.05)
-        said = [f"{arm} {k} of {r['seeds']}" for arm, k in n.items() if k]
-        return (" Seeds whose student stayed near 0% accuracy (it never crossed the task's learning transition "
-                "in its steps, as `make distill`'s SFT seed 0 does): " + ", ".join(said) + ".") if said else ""
+    def stuck(rows) -> str:
+        return _stuck(rows, r["seeds"])
     alone = [judged(route, routed, f"{t} alone", f"the {t}-only student") for t in ("add2", "add4")]
     generalist = "the student of the generalist (the same teacher compute)"
     single = [judged(ens, "ensemble of 1 and 2", f"teacher {t} alone", f"teacher {t}'s student") for t in (1, 2)]
@@ -980,6 +985,15 @@ def _value_judged(rows: list[dict], a: str, b: str) -> str:
     return f"matches {b} (within the seed spread)"
 
 
+def _drift(rows: list[dict], arms: list[str], reference: str) -> str:
+    """The arms whose avg@4 rose and whose KL to the teacher rose with it, both beyond the seed spread."""
+    moved = [a for a in arms if _separable(x := _paired_rows(rows, a, reference, "avg@4")) and x[0] > 0
+             and _separable(y := _paired_rows(rows, a, reference, "kl_to_teacher_nats")) and y[0] > 0]
+    return (f" Selecting teacher samples by value moves the student away from the teacher's own sampling distribution "
+            f"towards its right answers: for {', '.join(moved)}, avg@4 and the KL to the teacher rise together.") \
+        if moved else ""
+
+
 def value_guided() -> str:
     r = _result(RESULTS / "value_guided.json")
     if r is None or "seqkd" not in r or "refresh" not in r:
@@ -1002,7 +1016,8 @@ def value_guided() -> str:
     verdict = ("**Verdict.** SeqKD from teacher samples: " + "; ".join(
         f"{a} {_value_judged(seqkd['rows'], a, 'plain')}" for a in seqkd_arms) + ". Refresh rounds: " + "; ".join(
         f"{a} {_value_judged(rnd['rows'], a, 'refresh')}" for a in round_arms) + "; plain refresh "
-        + _value_judged(rnd["rows"], "refresh", "offline") + ".")
+        + _value_judged(rnd["rows"], "refresh", "offline") + "." + _drift(seqkd["rows"], seqkd_arms, "plain")
+        + _stuck(seqkd["rows"] + rnd["rows"], r["seeds"]))
     out = [f"Measured by `bench/value_guided.py` (`make bench`) on the math task with the task's verifier: "
            f"{r['seeds']} student seeds per arm, paired by seed; mean ± standard deviation over seeds, and each arm "
            f"minus its reference below (*separable*: the mean difference is more than twice its standard error). "
