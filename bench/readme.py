@@ -1042,6 +1042,18 @@ def value_guided() -> str:
     return "\n".join(out)
 
 
+def response_head() -> str:
+    r = _result(RESULTS / "response_head.json")
+    if r is None:
+        return "Not measured yet: `python -m bench.response_head`.\n"
+    m, rel = r["median_step_seconds"], r["relative_to_full"]
+    kept = (f", `logits_to_keep` {m['logits_to_keep']:.3f} s ({rel['logits_to_keep']:.2f}x)"
+            if "logits_to_keep" in m else "")
+    return (f"Timed side by side (`bench/response_head.py`, {r['model']}, batch {r['batch']} x {r['length']} tokens, "
+            f"half of them response, {r['threads']} threads, median of {r['repeats']} interleaved training steps): full "
+            f"logits {m['full']:.3f} s per step, the head hook {m['head hook']:.3f} s ({rel['head hook']:.2f}x){kept}.\n")
+
+
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -1049,7 +1061,7 @@ def main():
                      ("hpd-gradient", hpd_gradient), ("refresh-rounds", refresh_rounds), ("compare", compare),
                      ("cached-vs-online", cached_vs_online), ("reliability", reliability), ("study", study),
                      ("study-recommendation", study_recommendation), ("multi-teacher", multi_teacher),
-                     ("value-guided", value_guided)):
+                     ("value-guided", value_guided), ("response-head", response_head)):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text,
                       flags=re.S)
