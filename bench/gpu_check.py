@@ -17,6 +17,7 @@ Anything skipped is said in one line, and in the JSON under "skipped".
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import tempfile
@@ -88,7 +89,7 @@ def teacher_side(teacher, s: dict, device) -> tuple[dict, list]:
         sync(device)
         t0 = time.perf_counter()
         for b in batches:
-            ids = torch.as_tensor(torch.stack([torch.from_numpy(x) for x in b])).to(device)
+            ids = torch.stack([torch.from_numpy(x) for x in b]).to(device)
             teacher(input_ids=ids).logits
         sync(device)
         forward = time.perf_counter() - t0
@@ -152,7 +153,8 @@ def distill_steps(student, data: list, s: dict, device, teacher=None) -> dict:
             "steps": s["steps"], "final_loss": loss.item()}
 
 
-def vllm_part(teacher, batches_rows: list, s: dict, skipped: dict) -> dict | None:
+def save_for_vllm(teacher, skipped: dict) -> Path | None:
+    """The random teacher saved with a word-level tokenizer for its ids, for vLLM to load (None: vLLM cannot run)."""
     from hpd.stages import vllm_engine
 
     reason = vllm_engine.unavailable()
@@ -163,12 +165,19 @@ def vllm_part(teacher, batches_rows: list, s: dict, skipped: dict) -> dict | Non
     from transformers import PreTrainedTokenizerFast
 
     out = Path(tempfile.mkdtemp(prefix="hpd-gpu-check-"))
-    vocab = {f"t{i}": i for i in range(teacher.config.vocab_size)}  # a tokenizer for the random model's ids
+    vocab = {f"t{i}": i for i in range(teacher.config.vocab_size)}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0",
                                   pad_token="t0", eos_token="t1")
     teacher.save_pretrained(out)
     tok.save_pretrained(out)
-    llm = vllm_engine.load(str(out), scoring=True, top_k=s["top_k"])
+    return out
+
+
+def vllm_part(model_dir: Path, batches_rows: list, s: dict) -> dict:
+    """vLLM's scoring of the same sequences: throughput, and agreement with the transformers engine's rows."""
+    from hpd.stages import vllm_engine
+
+    llm = vllm_engine.load(str(model_dir), scoring=True, top_k=s["top_k"])
     seqs = [x for b, _ in batches_rows for x in b]
     plens = [s["prompt_len"]] * len(seqs)
     vllm_engine.score(llm, seqs[:s["batch"]], plens[:s["batch"]], top_k=s["top_k"], temperature=1.0)  # warm-up
@@ -210,18 +219,28 @@ def main():
         data = [training_batch(b, rows, s["top_k"], device) for b, rows in batches_rows]
         student = qwen2(s["student"], vocab, device, torch.float32, seed=1).train()
         online = distill_steps(student, data, s, device, teacher=teacher)
-        vllm = vllm_part(teacher, batches_rows, s, skipped) if cuda else None
+        vllm_dir = save_for_vllm(teacher, skipped) if cuda else None
         if not cuda:
             skipped["vllm"] = "no CUDA GPU (the --small run)"
-        del teacher
+        del teacher, student
         student = qwen2(s["student"], vocab, device, torch.float32, seed=1).train()
         cached = distill_steps(student, data, s, device)
+        student_parameters = sum(p.numel() for p in student.parameters())
+        del student, data
+        vllm = None
+        if vllm_dir is not None:  # last, with this process's GPU memory given back: vLLM takes most of the GPU
+            gc.collect()
+            torch.cuda.empty_cache()
+            try:
+                vllm = vllm_part(vllm_dir, batches_rows, s)
+            except Exception as e:  # noqa: BLE001 - the other figures stand; say what stopped vLLM
+                skipped["vllm"] = f"vLLM failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         result = {
             "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                          "python": platform.python_version()},
             "teacher": {"architecture": "Qwen2 (random init)", "parameters": params, "dtype": "bfloat16", **s["teacher"]},
-            "student_parameters": sum(p.numel() for p in student.parameters()),
+            "student_parameters": student_parameters,
             "sequence": {"length": s["seq_len"], "prompt": s["prompt_len"], "batch": s["batch"], "top_k": s["top_k"]},
             "teacher_side": side,
             "distill_bf16": {"cached": cached, "online": online,
