@@ -189,6 +189,46 @@ class _CachedTeacher:
         return Outcomes(logp, torch.cat([top_q, self._student_tail(logq)[:, None]], -1))
 
 
+class _SampledTeacher(_CachedTeacher):
+    """Sampled targets (storage.cache_batch.SampledBatch): S distinct ids per position, each with its exact log p and
+    an unbiased estimate p_hat of p (drawn ids; 0 for the undrawn ones that fill the slots). `estimate` gives the
+    outcomes with p_hat: a loss linear in p (fkl, and the forward part of the hpd "dist" variants) then has an
+    unbiased gradient. Every other use sees the exact log p at the stored ids plus the exact tail, like top-k
+    (biased: the ids are partly random rather than the top)."""
+
+    def __init__(self, ids, top, tail, target, log_w):
+        super().__init__(ids, top, tail, target)
+        self.log_w = log_w
+
+    @classmethod
+    def of(cls, batch, sel: torch.Tensor) -> _SampledTeacher:
+        if not bool(batch.mask[:, :-1][sel].all()):
+            raise ValueError("the sampled batch has no teacher entry for some labelled positions: rows and token "
+                             "batch are misaligned (join them by sequence id)")
+        top = batch.logprob[:, :-1][sel].float()
+        inside = torch.logsumexp(top, -1).exp().clamp(max=1.0)
+        tail = torch.where(inside < 1, torch.log1p(-inside), torch.full_like(inside, NEG_INF))
+        return cls(batch.ids[:, :-1][sel], top, tail, batch.target_logprob[:, :-1][sel].float(),
+                   batch.log_weight[:, :-1][sel].float())
+
+    def rows(self, part: slice) -> _SampledTeacher:
+        return _SampledTeacher(self.ids[part], self.top[part], self.tail[part], self.target[part], self.log_w[part])
+
+    def estimate(self, logq: torch.Tensor) -> Outcomes:
+        """The stored ids with p_hat (no tail bucket: p_hat sums to 1 in expectation over the drawn ids)."""
+        return Outcomes(self.log_w, logq.gather(-1, self.ids))
+
+
+def _linear_outcomes(view, logq: torch.Tensor) -> Outcomes:
+    """Outcomes for a use linear in p: unbiased p_hat where the view has it (sampled targets), else `outcomes`."""
+    return view.estimate(logq) if hasattr(view, "estimate") else view.outcomes(logq)
+
+
+# Which distribution methods an unbiased p_hat makes unbiased: those whose gradient is linear in p. (The HPD "dist"
+# variants' forward part f * p(v) is too; their sampled-token term and every other method are not.)
+UNBIASED_ON_SAMPLED = ("fkl",)
+
+
 # -- teacher signals: what a loss is given for a batch (one protocol: `at` a batch's labelled positions gives the
 # view above; `select` keeps some of the batch's rows, for a mixture whose sources get different losses) ------
 @dataclass
@@ -215,11 +255,25 @@ class CachedTargets:
         return CachedTargets(self.batch.select(rows))
 
 
+@dataclass
+class SampledTargets:
+    """A sampled-targets batch (storage.cache_batch.SampledBatch): drawn ids with p_hat and exact log-probs."""
+    batch: object
+
+    def at(self, sel: torch.Tensor, temperature: float) -> _SampledTeacher:
+        return _SampledTeacher.of(self.batch, sel)
+
+    def select(self, rows) -> SampledTargets:
+        return SampledTargets(self.batch.select(rows))
+
+
 def teacher_signal(teacher):
-    """A teacher signal from what a caller holds: logits [B, L, V], a CacheBatch, or a signal already."""
+    """A teacher signal from what a caller holds: logits [B, L, V], a CacheBatch or SampledBatch, or a signal."""
     if teacher is None or hasattr(teacher, "at"):
         return teacher
-    return TeacherLogits(teacher) if isinstance(teacher, torch.Tensor) else CachedTargets(teacher)
+    if isinstance(teacher, torch.Tensor):
+        return TeacherLogits(teacher)
+    return SampledTargets(teacher) if hasattr(teacher, "log_weight") else CachedTargets(teacher)
 
 
 def hpd_weights(logp_star, logq_star, logp_samp, logq_samp, same, shift=0.0):
@@ -339,7 +393,7 @@ def _per_position(method: str, view, params: dict, z: torch.Tensor, target: torc
     logp_star = view.expert(target)
 
     if method in DISTRIBUTION_METHODS:
-        o = view.outcomes(logq)
+        o = _linear_outcomes(view, logq) if method in UNBIASED_ON_SAMPLED else view.outcomes(logq)
         value, w = DISTRIBUTION_METHODS[method](Outcomes(o.logp, o.logq.detach()), o.logq.detach(), **params)
         surrogate = -(w.detach() * o.logq).sum(-1)
         return value + surrogate - surrogate.detach(), {method: value.detach().sum()}
@@ -381,7 +435,7 @@ def _hpd_family(forward: str, draws: str, view, logq, logq_star, logp_star, targ
                                        same, shift)
     k1, f, w = k1[:, 0], (pi * f_c).sum(-1), pi * w_c
     if forward == "dist":
-        o = view.outcomes(logq)
+        o = _linear_outcomes(view, logq)
         forward_loss = -(f[:, None] * o.logp.exp() * o.logq).sum(-1)
     else:
         forward_loss = -(f * logp_star.exp()) * logq_star

@@ -71,3 +71,26 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
                         "target_logprob": target[sl].numpy(), "tail_logmass": tail[sl].numpy()})
             i += e - st
     return out
+
+
+@torch.no_grad()
+def sample_positions(logits: torch.Tensor, targets: torch.Tensor, *, draws: int, temperature: float = 1.0,
+                     proposal: float = 1.0, generator: torch.Generator | None = None):
+    """What a sampled-targets cache stores for N positions (random-sampling KD, Anshumann et al. 2025), from their
+    [N, V] float32 logits and the [N] tokens that follow. `draws` tokens are drawn with replacement from the
+    proposal r = p^proposal / Z (p at the scoring temperature; proposal = 1: p itself). Per position, `draws` distinct
+    slots: first the distinct drawn ids, each with p_hat = count / draws x p / r, an unbiased estimate of p (its
+    expectation over the draws is p), then, where fewer distinct ids were drawn, the most probable undrawn tokens with
+    p_hat = 0. Every slot has its exact log p; the target's exact log p too. Returns (ids, log p_hat, log p, target)."""
+    lp = torch.log_softmax(logits / temperature, dim=-1)
+    log_r = torch.log_softmax(lp * proposal, dim=-1)
+    drawn = torch.multinomial(log_r.exp(), draws, replacement=True, generator=generator)  # [N, draws]
+    counts = torch.zeros_like(lp).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=lp.dtype))
+    # drawn ids first (by count), then undrawn ones by p: one ordering key, counts dominating
+    order = torch.where(counts > 0, counts + 2.0, lp.exp())
+    ids = order.topk(draws, dim=-1).indices
+    c = counts.gather(-1, ids)
+    logp = lp.gather(-1, ids)
+    log_w = torch.where(c > 0, torch.log(c / draws) + logp - log_r.gather(-1, ids), -float("inf"))
+    target = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return ids, log_w, logp, target

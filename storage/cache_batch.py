@@ -31,8 +31,22 @@ class ScoredSequence:
         return self.crc if self.crc is not None else tokens_crc(self.input_ids)
 
 
+class _Batch:
+    """A dataclass of [B, L, ...] tensors: rows selected and moved together."""
+
+    def _map(self, fn):
+        return type(self)(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def select(self, rows):
+        """The batch rows `rows` (a boolean mask or indices over the first dimension)."""
+        return self._map(lambda t: t[rows])
+
+    def to(self, device, non_blocking: bool = False):
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+
 @dataclass
-class CacheBatch:
+class CacheBatch(_Batch):
     """Teacher targets aligned to token positions: entry [b, t] is the distribution for token t+1."""
     topk_ids: torch.Tensor        # [B, L, k] int64
     topk_logprobs: torch.Tensor   # [B, L, k] float32
@@ -43,16 +57,6 @@ class CacheBatch:
     @property
     def k(self) -> int:
         return self.topk_ids.shape[-1]
-
-    def _map(self, fn) -> CacheBatch:
-        return CacheBatch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
-
-    def select(self, rows) -> CacheBatch:
-        """The batch rows `rows` (a boolean mask or indices over the first dimension)."""
-        return self._map(lambda t: t[rows])
-
-    def to(self, device, non_blocking: bool = False) -> CacheBatch:
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     @staticmethod
     def stack(parts: list[tuple[list[int], CacheBatch]], batch_size: int) -> CacheBatch:
@@ -65,6 +69,18 @@ class CacheBatch:
             for f in dataclasses.fields(out):
                 getattr(out, f.name)[rows] = getattr(part, f.name)
         return out
+
+
+@dataclass
+class SampledBatch(_Batch):
+    """Sampled teacher targets (random-sampling KD): per position, S distinct tokens drawn from the teacher (from a
+    proposal p^tau / Z), each with its estimated probability p_hat = count / N x p / proposal (unbiased: its
+    expectation is p) and its exact log-prob; empty slots (fewer distinct draws) have -inf in both."""
+    ids: torch.Tensor             # [B, L, S] int64
+    log_weight: torch.Tensor      # [B, L, S] float32, log p_hat
+    logprob: torch.Tensor         # [B, L, S] float32, exact log p at ids
+    target_logprob: torch.Tensor  # [B, L] float32
+    mask: torch.Tensor            # [B, L] bool
 
 
 class CacheMismatchError(RuntimeError):
