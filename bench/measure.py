@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,26 @@ from pathlib import Path
 from hpd import open_run
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def paired_summary(rows: list[dict], reference: str, metrics) -> dict:
+    """Per arm and metric: mean and sd over seeds, and the arm minus `reference` paired by seed (mean, sd, seeds,
+    and on how many seeds the arm is better: higher accuracy / avg@k, lower everything else)."""
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = {r["seed"]: r for r in rows if r["arm"] == arm}
+        ref = {r["seed"]: r for r in rows if r["arm"] == reference}
+        out[arm] = {}
+        for k in metrics:
+            values = [mine[s][k] for s in sorted(mine)]
+            d = [mine[s][k] - ref[s][k] for s in sorted(mine) if s in ref]
+            higher = k == "accuracy" or k.startswith("avg@")
+            out[arm][k] = {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                           "minus_reference": {"mean": statistics.mean(d),
+                                               "sd": statistics.stdev(d) if len(d) > 1 else 0.0,
+                                               "better": sum((x > 0) if higher else (x < 0) for x in d),
+                                               "seeds": len(d)}}
+    return out
 
 
 class Measured(dict):

@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 from hpd import open_run
+
+from .measure import paired_summary
 
 OUT = Path(__file__).resolve().parent / "results" / "multi_teacher.json"
 TEACHERS = {  # run name -> settings; every teacher run stops at its cache
@@ -70,21 +71,7 @@ def arm_runs(home: Path, arms: dict, seeds: int, common: list[str], heldout: str
 
 
 def summarise(rows: list[dict], reference: str) -> dict:
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    out = {}
-    for arm in arms:
-        mine = {r["seed"]: r for r in rows if r["arm"] == arm}
-        ref = {r["seed"]: r for r in rows if r["arm"] == reference}
-        out[arm] = {}
-        for k in METRICS:
-            values = [mine[s][k] for s in sorted(mine)]
-            d = [mine[s][k] - ref[s][k] for s in sorted(mine) if s in ref]
-            out[arm][k] = {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-                           "minus_reference": {"mean": statistics.mean(d),
-                                               "sd": statistics.stdev(d) if len(d) > 1 else 0.0,
-                                               "better": sum((x > 0) if k == "accuracy" else (x < 0) for x in d),
-                                               "seeds": len(d)}}
-    return out
+    return paired_summary(rows, reference, METRICS)
 
 
 def main():

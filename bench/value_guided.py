@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 from hpd import open_run
+
+from .measure import paired_summary
 
 OUT = Path(__file__).resolve().parent / "results" / "value_guided.json"
 METRICS = ("accuracy", "avg@4", "response_nll_nats", "kl_to_teacher_nats")
@@ -117,18 +118,7 @@ def refresh(home: Path, seeds: int) -> list[dict]:
 
 
 def summarise(rows: list[dict], reference: str) -> dict:
-    out = {}
-    for arm in dict.fromkeys(r["arm"] for r in rows):
-        mine = {r["seed"]: r for r in rows if r["arm"] == arm}
-        ref = {r["seed"]: r for r in rows if r["arm"] == reference}
-        out[arm] = {}
-        for k in METRICS:
-            values = [mine[s][k] for s in sorted(mine)]
-            d = [mine[s][k] - ref[s][k] for s in sorted(mine) if s in ref]
-            out[arm][k] = {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-                           "minus_reference": {"mean": statistics.mean(d),
-                                               "sd": statistics.stdev(d) if len(d) > 1 else 0.0}}
-    return out
+    return paired_summary(rows, reference, METRICS)
 
 
 def main():

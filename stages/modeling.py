@@ -17,20 +17,26 @@ TOKENIZER_FILES = ["tokenizer*", "vocab*", "merges*", "special_tokens_map.json",
                    "added_tokens.json"]
 
 
+def read_config(path: str | Path, what: str = "model path", saved: str = "config, weights and tokenizer"):
+    """A local model directory's config, or a one-line error naming `what` (the setting) and why it cannot be read."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise HpdError(f"{what} {path} has no config.json; give a local directory saved with save_pretrained ({saved})")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for bad configs
+        raise HpdError(f"{what} {path}: config.json cannot be read ({str(e).splitlines()[0]})") from None
+
+
 def check_causal_lm(path: str | Path):
     """The model's config, or a one-line error saying why `path` is not a local causal LM."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise HpdError(f"model path {path} has no config.json; give a local directory saved with "
-                       f"save_pretrained (config, weights and tokenizer)")
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types for bad configs
-        raise HpdError(f"model path {path}: config.json cannot be read ({str(e).splitlines()[0]})") from None
+    config = read_config(path)
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     saved_as = getattr(config, "architectures", None) or []
     # Encoder families (BERT, RoBERTa, ...) are registered for causal LM too, but only as decoders.

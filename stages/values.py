@@ -66,16 +66,9 @@ class Verifier:
 
 def check_reward_model(path: str) -> None:
     """A one-line error unless `path` is a local sequence classifier with one output (checked before any stage)."""
-    from transformers import AutoConfig
+    from .modeling import read_config
 
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise HpdError(f"value.reward_model={path} has no config.json; give a local directory saved with "
-                       f"save_pretrained (an AutoModelForSequenceClassification with one output)")
-    try:
-        config = AutoConfig.from_pretrained(p, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types for bad configs
-        raise HpdError(f"value.reward_model={path}: config.json cannot be read ({str(e).splitlines()[0]})") from None
+    config = read_config(path, "value.reward_model", "an AutoModelForSequenceClassification with one output")
     saved_as = getattr(config, "architectures", None) or []
     if not any(a.endswith("ForSequenceClassification") for a in saved_as):
         raise HpdError(f"value.reward_model={path} holds a {(saved_as or [config.model_type])[0]!r} model, not a "
