@@ -86,4 +86,5 @@ bench: $(STAMP) $(SMOLLM2)
 	$(PY) -m bench.multi_teacher
 	$(PY) -m bench.value_guided
 	$(PY) -m bench.response_head
+	$(PY) -m bench.sampled_targets
 	$(PY) -m bench.readme

@@ -58,8 +58,8 @@ def agreement(cached: torch.Tensor, full: torch.Tensor) -> tuple[float, float]:
     return (a @ b / (a.norm() * nb)).item(), ((a - b).norm() / nb).item()
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def arguments(description: str):
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--config", default="dialogue", choices=("dialogue", "smollm2"))
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
     ap.add_argument("--batches", type=int, default=8)
@@ -67,11 +67,16 @@ def main():
     ap.add_argument("--sft-steps", type=int, default=60, help="dialogue: SFT steps that make the student's samples "
                                                              "resemble language (the smollm2 student is the teacher's)")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def gradient_batches(args):
+    """The student, then for each measured batch (ids, mask, labels, the teacher's logits, the student's sampled
+    tokens aligned with the labels, the cache mask). dialogue: a small GPT-2 briefly trained by SFT; smollm2: the
+    preset's layer-kept student."""
     real = args.config == "smollm2"
     bs = args.batch_size or (8 if real else 32)
     sft_steps = 0 if real else args.sft_steps
-    out = Path(args.out or Path(__file__).parent / "results" / ("hpd_gradient_smollm2" if real else "hpd_gradient"))
     runner = open_run(args.config, [], home=args.home)
     cfg = runner.cfg
     runner.run(until="generate")
@@ -100,8 +105,7 @@ def main():
         loss.backward()
         opt.step()
         opt.zero_grad()
-
-    results, start_kl = {}, []
+    yield student
     for i in range(sft_steps, sft_steps + args.batches):
         ids, mask, labels = batch(i)
         if not len(ids):
@@ -115,6 +119,17 @@ def main():
         del s_logits
         sample = torch.cat([torch.zeros_like(sample[:, :1]), sample[:, :-1]], 1)  # aligned with labels
         cache_mask = torch.cat([labels[:, 1:] != -100, torch.zeros_like(labels[:, :1], dtype=torch.bool)], 1)
+        yield ids, mask, labels, t_logits, sample, cache_mask
+
+
+def main():
+    args = arguments(__doc__).parse_args()
+    out = Path(args.out or Path(__file__).parent / "results" / ("hpd_gradient_smollm2" if args.config == "smollm2"
+                                                                 else "hpd_gradient"))
+    batches = gradient_batches(args)
+    student = next(batches)
+    results, start_kl = {}, []
+    for n, (ids, mask, labels, t_logits, sample, cache_mask) in enumerate(batches, 1):
         for method in ("hpd", "hpd_fkl", "fkl"):
             student.zero_grad()
             full, _ = distill_loss(method, student(input_ids=ids, attention_mask=mask).logits, labels,
@@ -135,8 +150,8 @@ def main():
                 r["cosine"].append(cos)
                 r["relative_norm"].append(rel)
                 r["diag"].append(diag)
-        print(f"batch {i - sft_steps + 1}/{args.batches}: " + ", ".join(
-            f"{n} {r['cosine'][-1]:.4f}" for n, r in results.items()), flush=True)
+        print(f"batch {n}/{args.batches}: " + ", ".join(
+            f"{name} {r['cosine'][-1]:.4f}" for name, r in results.items()), flush=True)
     summary = {}
     for name, r in results.items():
         s = {"cosine_mean": float(np.mean(r["cosine"])), "cosine_min": float(np.min(r["cosine"])),
