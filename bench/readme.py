@@ -1069,7 +1069,7 @@ def sampled_targets() -> str:
     return ("Gradient cosine against the full-vocabulary gradient (`bench/sampled_targets.py`, the "
             f"{r['config']} teacher, the batches and student of the gradient table above, {r['batches']} batches; "
             "one set of draws per position, as a cache would hold it):\n\n" + "\n".join(lines) +
-            f"\n\nFrom 16 draws forward KL's gradient points {best[0]:.2f} of the way (cosine) where the full one "
+            f"\n\nFrom 16 draws forward KL's gradient has cosine {best[0]:.2f} with the full one, "
             f"against {best[1]:.2f} from the top-16, while storing fewer ids ({drawn['sampled 16']:.1f} drawn "
             "per position on this high-entropy teacher): the top-k loses the tail's shape, the draws keep it in "
             "expectation. The flatter proposal p^0.5 adds importance-weight variance and loses at 16 draws. Not yet a "
