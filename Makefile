@@ -87,4 +87,5 @@ bench: $(STAMP) $(SMOLLM2)
 	$(PY) -m bench.value_guided
 	$(PY) -m bench.response_head
 	$(PY) -m bench.sampled_targets
+	$(PY) -m bench.versions
 	$(PY) -m bench.readme

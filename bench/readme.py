@@ -1077,6 +1077,36 @@ def sampled_targets() -> str:
             "(tests/test_sampled_targets.py), the storage format and the student-quality runs do not.\n")
 
 
+def versions() -> str:
+    r = _result(RESULTS / "versions.json")
+    if r is None:
+        return "Not measured yet: `python -m bench.versions`.\n"
+
+    def minutes(seconds: float) -> str:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+    def line(name: str, what: str) -> str:
+        e = r.get(name)
+        if e is None:
+            return f"- {what}: not measured (`bench/versions.py --skip-vllm`)."
+        v, suite = e["versions"], e["suite"]
+        skipped = "; ".join(e["skip_reasons"])
+        return (f"- {what}: resolved {', '.join(f'{k} {x}' for k, x in v.items())}; installed in "
+                f"{minutes(e['install_seconds'])}, {e['size_bytes'] / 1e9:.1f} GB on disk; `pip check`: "
+                f"\"{e['pip_check']}\"; the whole suite {suite.get('passed', 0)} passed, {suite.get('failed', 0)} "
+                f"failed, {suite.get('skipped', 0)} skipped in {minutes(e['suite_seconds'])}"
+                + (f" (skipped: {skipped})" if skipped else "") + ".")
+    return ("Each built from scratch in a fresh virtual environment on this machine "
+            f"({r['machine']['cpus']} cores, PyPI over the network) by `bench/versions.py`:\n\n"
+            + line("oldest", "the oldest supported transformers (constraints/oldest.txt, what `make test-compat` "
+                             "installs)") + "\n"
+            + line("vllm", "`pip install -e '.[vllm]'` as a GPU machine gets it (torch from PyPI, the CUDA build)")
+            + "\n\nWith this machine's local CPU build of torch instead (its pip configuration prefers it) the vLLM "
+            "extra also resolves, but PyPI's torchvision, which vLLM requires, is built for the CUDA torch and fails to "
+            "load beside the CPU one (\"operator torchvision::nms does not exist\"), and transformers then cannot import "
+            "its Trainer: on a CPU-only machine install the CUDA torch, or use hpd without the extra.\n")
+
+
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -1085,7 +1115,7 @@ def main():
                      ("cached-vs-online", cached_vs_online), ("reliability", reliability), ("study", study),
                      ("study-recommendation", study_recommendation), ("multi-teacher", multi_teacher),
                      ("value-guided", value_guided), ("response-head", response_head),
-                     ("sampled-targets", sampled_targets)):
+                     ("sampled-targets", sampled_targets), ("versions", versions)):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text,
                       flags=re.S)
