@@ -1054,10 +1054,7 @@ def response_head() -> str:
             f"logits {m['full']:.3f} s per step, the head hook {m['head hook']:.3f} s ({rel['head hook']:.2f}x){kept}.\n")
 
 
-def sampled_targets() -> str:
-    r = _result(RESULTS / "sampled_targets.json")
-    if r is None:
-        return "Not measured yet: `python -m bench.sampled_targets`.\n"
+def _sampled_table(r: dict) -> list[str]:
     arms = list(dict.fromkeys(k.split(" from ", 1)[1] for k in r["arms"]))
     drawn = r["distinct_drawn_ids_per_position"]
     lines = ["| teacher targets | ids stored per position | fkl | hpd_fkl | hpd |", "|---|---|---|---|---|"]
@@ -1065,16 +1062,29 @@ def sampled_targets() -> str:
         ids = f"{drawn[arm]:.1f} drawn (of {arm.split()[1]} slots)" if arm in drawn else arm.split("-")[1]
         cells = [f"{r['arms'][f'{m} from {arm}']['cosine_mean']:.3f}" for m in ("fkl", "hpd_fkl", "hpd")]
         lines.append(f"| {arm} | {ids} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def sampled_targets() -> str:
+    r = _result(RESULTS / "sampled_targets.json")
+    if r is None:
+        return "Not measured yet: `python -m bench.sampled_targets`.\n"
+    real = _result(RESULTS / "sampled_targets_smollm2.json")
+    drawn = r["distinct_drawn_ids_per_position"]
     best = r["arms"]["fkl from sampled 16"]["cosine_mean"], r["arms"]["fkl from top-16"]["cosine_mean"]
-    return ("Gradient cosine against the full-vocabulary gradient (`bench/sampled_targets.py`, the "
-            f"{r['config']} teacher, the batches and student of the gradient table above, {r['batches']} batches; "
-            "one set of draws per position, as a cache would hold it):\n\n" + "\n".join(lines) +
-            f"\n\nFrom 16 draws forward KL's gradient has cosine {best[0]:.2f} with the full one, "
-            f"against {best[1]:.2f} from the top-16, while storing fewer ids ({drawn['sampled 16']:.1f} drawn "
-            "per position on this high-entropy teacher): the top-k loses the tail's shape, the draws keep it in "
-            "expectation. The flatter proposal p^0.5 adds importance-weight variance and loses at 16 draws. Not yet a "
-            "cache encoding (`score.encoding`): the draws and the losses exist and are tested "
-            "(tests/test_sampled_targets.py), the storage format and the student-quality runs do not.\n")
+    out = ("Gradient cosine against the full-vocabulary gradient (`bench/sampled_targets.py`, the batches and student "
+           "of the gradient table above; one set of draws per position, as a cache would hold it). The dialogue "
+           f"teacher, {r['batches']} batches:\n\n" + "\n".join(_sampled_table(r)) +
+           f"\n\nFrom 16 draws forward KL's gradient has cosine {best[0]:.2f} with the full one, "
+           f"against {best[1]:.2f} from the top-16, while storing fewer ids ({drawn['sampled 16']:.1f} drawn "
+           "per position on this high-entropy teacher): the top-k loses the tail's shape, the draws keep it in "
+           "expectation. The flatter proposal p^0.5 adds importance-weight variance and loses at 16 draws.")
+    if real is not None:
+        out += (f"\n\nThe real teacher (SmolLM2-135M-Instruct on its own replies, the preset's layer-kept student, "
+                f"{real['batches']} batches), where the student starts close to the teacher:\n\n"
+                + "\n".join(_sampled_table(real)))
+    return out + ("\n\nNot yet a cache encoding (`score.encoding`): the draws and the losses exist and are tested "
+                  "(tests/test_sampled_targets.py), the storage format and the student-quality runs do not.\n")
 
 
 def versions() -> str:
