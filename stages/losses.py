@@ -205,11 +205,8 @@ class _SampledTeacher(_CachedTeacher):
         if not bool(batch.mask[:, :-1][sel].all()):
             raise ValueError("the sampled batch has no teacher entry for some labelled positions: rows and token "
                              "batch are misaligned (join them by sequence id)")
-        top = batch.logprob[:, :-1][sel].float()
-        inside = torch.logsumexp(top, -1).exp().clamp(max=1.0)
-        tail = torch.where(inside < 1, torch.log1p(-inside), torch.full_like(inside, NEG_INF))
-        return cls(batch.ids[:, :-1][sel], top, tail, batch.target_logprob[:, :-1][sel].float(),
-                   batch.log_weight[:, :-1][sel].float())
+        return cls(batch.ids[:, :-1][sel], batch.logprob[:, :-1][sel].float(), batch.tail_logmass[:, :-1][sel].float(),
+                   batch.target_logprob[:, :-1][sel].float(), batch.log_weight[:, :-1][sel].float())
 
     def rows(self, part: slice) -> _SampledTeacher:
         return _SampledTeacher(self.ids[part], self.top[part], self.tail[part], self.target[part], self.log_w[part])

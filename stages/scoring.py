@@ -81,7 +81,8 @@ def sample_positions(logits: torch.Tensor, targets: torch.Tensor, *, draws: int,
     proposal r = p^proposal / Z (p at the scoring temperature; proposal = 1: p itself). Per position, `draws` distinct
     slots: first the distinct drawn ids, each with p_hat = count / draws x p / r, an unbiased estimate of p (its
     expectation over the draws is p), then, where fewer distinct ids were drawn, the most probable undrawn tokens with
-    p_hat = 0. Every slot has its exact log p; the target's exact log p too. Returns (ids, log p_hat, log p, target)."""
+    p_hat = 0. Every slot has its exact log p; the target's exact log p and the tail's log-mass (outside the slots)
+    too. Returns (ids, log p_hat, log p, target, tail)."""
     lp = torch.log_softmax(logits / temperature, dim=-1)
     log_r = torch.log_softmax(lp * proposal, dim=-1)
     drawn = torch.multinomial(log_r.exp(), draws, replacement=True, generator=generator)  # [N, draws]
@@ -93,4 +94,7 @@ def sample_positions(logits: torch.Tensor, targets: torch.Tensor, *, draws: int,
     logp = lp.gather(-1, ids)
     log_w = torch.where(c > 0, torch.log(c / draws) + logp - log_r.gather(-1, ids), -float("inf"))
     target = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return ids, log_w, logp, target
+    # the mass outside the slots, summed directly (as score_positions does): 1 - sum(slots) rounds to 0 or below
+    # when the slots hold nearly all of a peaked distribution
+    tail = torch.logsumexp(lp.scatter(-1, ids, -float("inf")), dim=-1)
+    return ids, log_w, logp, target, tail

@@ -80,6 +80,7 @@ class SampledBatch(_Batch):
     log_weight: torch.Tensor      # [B, L, S] float32, log p_hat
     logprob: torch.Tensor         # [B, L, S] float32, exact log p at ids
     target_logprob: torch.Tensor  # [B, L] float32
+    tail_logmass: torch.Tensor    # [B, L] float32, log of the mass outside the S slots
     mask: torch.Tensor            # [B, L] bool
 
 

@@ -28,11 +28,11 @@ def _sampled(teacher, labels, draws, seed, proposal=1.0) -> SampledBatch:
     """What a sampled-targets cache would hold for the batch (entry t describes token t+1)."""
     nxt = torch.cat([labels[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1).clamp_min(0)
     g = torch.Generator().manual_seed(seed)
-    ids, log_w, logp, target = sample_positions(teacher.float().reshape(B * L, V), nxt.reshape(-1), draws=draws,
+    ids, log_w, logp, target, tail = sample_positions(teacher.float().reshape(B * L, V), nxt.reshape(-1), draws=draws,
                                                 proposal=proposal, generator=g)
     mask = torch.cat([labels[:, 1:] != -100, torch.zeros(B, 1, dtype=torch.bool)], 1)
     return SampledBatch(ids=ids.reshape(B, L, -1), log_weight=log_w.reshape(B, L, -1), logprob=logp.reshape(B, L, -1),
-                        target_logprob=target.reshape(B, L), mask=mask)
+                        target_logprob=target.reshape(B, L), tail_logmass=tail.reshape(B, L), mask=mask)
 
 
 @pytest.mark.parametrize("proposal", [1.0, 0.5])
@@ -42,7 +42,7 @@ def test_the_estimate_of_p_is_unbiased(proposal):
     total = torch.zeros(4, V, dtype=torch.float64)
     runs = 4000
     for seed in range(runs):
-        ids, log_w, logp, _ = sample_positions(logits, torch.zeros(4, dtype=torch.long), draws=4, proposal=proposal,
+        ids, log_w, logp, _, _ = sample_positions(logits, torch.zeros(4, dtype=torch.long), draws=4, proposal=proposal,
                                                generator=torch.Generator().manual_seed(seed))
         assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # distinct slots
         assert torch.allclose(logp.double(), p.log().gather(-1, ids), atol=1e-5)  # exact log p in every slot
@@ -92,3 +92,16 @@ def test_other_methods_see_exact_log_probs_and_equal_the_full_loss_when_the_slot
     assert torch.allclose(covered[0], full[0], atol=1e-6)
     few = _grad(method, student, _sampled(teacher, labels, 3, 0), labels, **kw)  # 3 slots: finite, and different
     assert math.isfinite(few[1]) and torch.isfinite(few[0]).all()
+
+
+@pytest.mark.parametrize("method", ["hpd", "hpd_fkl", "fkl", "rkl"])
+def test_a_peaked_teacher_whose_slots_hold_nearly_all_its_mass_gives_finite_losses(method):
+    """The tail is summed over the tokens outside the slots, never taken as 1 - sum(slots), which rounds to 0 (and
+    its log to -inf) when a few slots hold nearly all of a peaked teacher's mass."""
+    student, teacher, labels = _inputs(6)
+    peaked = teacher * 25
+    samples = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(7))
+    batch = _sampled(peaked, labels, 4, 0)
+    assert torch.isfinite(batch.tail_logmass[batch.mask]).all()
+    grad, value = _grad(method, student, batch, labels, sampled_tokens=samples)
+    assert math.isfinite(value) and torch.isfinite(grad).all()
