@@ -70,6 +70,11 @@ def arguments(description: str):
     return ap
 
 
+def results_path(args, stem: str) -> Path:
+    """--out, or bench/results/STEM (STEM_smollm2 for the real teacher), without a suffix."""
+    return Path(args.out or Path(__file__).parent / "results" / (f"{stem}_smollm2" if args.config == "smollm2" else stem))
+
+
 def gradient_batches(args):
     """The student, then for each measured batch (ids, mask, labels, the teacher's logits, the student's sampled
     tokens aligned with the labels, the cache mask). dialogue: a small GPT-2 briefly trained by SFT; smollm2: the
@@ -124,8 +129,7 @@ def gradient_batches(args):
 
 def main():
     args = arguments(__doc__).parse_args()
-    out = Path(args.out or Path(__file__).parent / "results" / ("hpd_gradient_smollm2" if args.config == "smollm2"
-                                                                 else "hpd_gradient"))
+    out = results_path(args, "hpd_gradient")
     batches = gradient_batches(args)
     student = next(batches)
     results, start_kl = {}, []

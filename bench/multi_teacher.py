@@ -70,10 +70,6 @@ def arm_runs(home: Path, arms: dict, seeds: int, common: list[str], heldout: str
     return rows
 
 
-def summarise(rows: list[dict], reference: str) -> dict:
-    return paired_summary(rows, reference, METRICS)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=5)
@@ -103,8 +99,8 @@ def main():
             judged.setdefault(arm, {})[run] = {k: _run(home, name, []).outputs("eval").report["teacher"][k]
                                                for k in METRICS}
     result = {"seeds": args.seeds, "student_steps": args.steps, "teachers": teachers, "teacher_judged": judged,
-              "routing": {"rows": routing, "summary": summarise(routing, "generalist")},
-              "ensemble": {"rows": ensemble, "summary": summarise(ensemble, "teacher 1 alone")}}
+              "routing": {"rows": routing, "summary": paired_summary(routing, "generalist", METRICS)},
+              "ensemble": {"rows": ensemble, "summary": paired_summary(ensemble, "teacher 1 alone", METRICS)}}
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k]["summary"] for k in ("routing", "ensemble")}, indent=1))
 

@@ -15,7 +15,6 @@ Writes bench/results/sampled_targets[_smollm2].json.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ from hpd.stages.losses import distill_loss
 from hpd.stages.scoring import sample_positions
 from hpd.storage.cache_batch import SampledBatch
 
-from .hpd_gradient import agreement, arguments, cache_from_logits, flat_grad, gradient_batches
+from .hpd_gradient import agreement, arguments, cache_from_logits, flat_grad, gradient_batches, results_path
 
 SAMPLED = [(8, 1.0), (16, 1.0), (64, 1.0), (16, 0.5)]  # (draws = slots per position, proposal exponent)
 
@@ -40,8 +39,7 @@ def sampled_batch(t_logits, ids, cache_mask, draws: int, proposal: float, seed: 
 
 def main():
     args = arguments(__doc__).parse_args()
-    out = Path(args.out or Path(__file__).parent / "results" / ("sampled_targets_smollm2" if args.config == "smollm2"
-                                                                 else "sampled_targets"))
+    out = results_path(args, "sampled_targets")
     batches = gradient_batches(args)
     student = next(batches)
     cosines: dict[str, list[float]] = {}

@@ -117,10 +117,6 @@ def refresh(home: Path, seeds: int) -> list[dict]:
     return rows
 
 
-def summarise(rows: list[dict], reference: str) -> dict:
-    return paired_summary(rows, reference, METRICS)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=5)
@@ -139,10 +135,10 @@ def main():
     if args.part in ("all", "seqkd"):
         rows, sampled = seqkd(home, args.seeds)
         save(out, {**settings, "seqkd": {"rows": rows, "teacher_samples": sampled,
-                                         "summary": summarise(rows, "plain"), "arms": SEQKD}})
+                                         "summary": paired_summary(rows, "plain", METRICS), "arms": SEQKD}})
     if args.part in ("all", "refresh"):
         rows = refresh(home, args.seeds)
-        save(out, {**settings, "refresh": {"rows": rows, "summary": summarise(rows, "refresh"), "arms": REFRESH}})
+        save(out, {**settings, "refresh": {"rows": rows, "summary": paired_summary(rows, "refresh", METRICS), "arms": REFRESH}})
 
 
 def save(out: Path, part: dict) -> None:
