@@ -31,7 +31,7 @@ SAMPLED = [(8, 1.0), (16, 1.0), (64, 1.0), (16, 0.5)]  # (draws = slots per posi
 def sampled_batch(t_logits, ids, cache_mask, draws: int, proposal: float, seed: int) -> SampledBatch:
     B, L, V = t_logits.shape
     nxt = torch.cat([ids[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1)
-    s_ids, log_w, logp, target, tail = sample_positions(t_logits.reshape(B * L, V), nxt.reshape(-1), draws=draws,
+    s_ids, log_w, logp, target, tail, _ = sample_positions(t_logits.reshape(B * L, V), nxt.reshape(-1), draws=draws,
                                                   proposal=proposal, generator=torch.Generator().manual_seed(seed))
     return SampledBatch(ids=s_ids.view(B, L, -1), log_weight=log_w.view(B, L, -1), logprob=logp.view(B, L, -1),
                         target_logprob=target.view(B, L), tail_logmass=tail.view(B, L), mask=cache_mask)

@@ -139,8 +139,11 @@ def _check_choices(cfg: dict) -> None:
         encoding = encodings.get(score["encoding"])
     except ValueError as e:
         raise HpdError(f"score.encoding: {e}") from None
-    if score["top_k"] == 1 and encoding.name != "fp16":
+    if score["top_k"] == 1 and encoding.name not in ("fp16", "sampled"):
         raise HpdError(f"score.encoding={encoding.name} needs top_k >= 2; use encoding=\"fp16\" for k=1")
+    if encoding.sampled and score["engine"] == "vllm":
+        raise HpdError("score.encoding=sampled draws from the teacher's whole distribution, which vLLM does not "
+                       "return (only its top-k); use score.engine=\"transformers\" or a top-k encoding")
     methods = [m.strip() for m in cfg["compare"]["methods"].split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS and m != "hpd->opd"]
     if unknown or not methods:
@@ -160,6 +163,9 @@ def _check_choices(cfg: dict) -> None:
     if linked and distill["teacher_source"] == "online":
         raise HpdError("several teachers train from their caches; use distill.teacher_source=\"cache\" with "
                        "teachers.runs")
+    if linked and teachers["mode"] == "ensemble" and encoding.sampled:
+        raise HpdError("teachers.mode=\"ensemble\" mixes the teachers' top-k and tails, which sampled targets do not "
+                       "keep; use a top-k score.encoding (compact, idsort-q8) or teachers.mode=\"route\"")
     if linked and teachers["weight"] + sum(w for _, w in linked) <= 0:
         raise HpdError("teachers.weight and the weights in teachers.runs sum to 0; give some teacher a weight above 0")
     _check_value(cfg)

@@ -27,7 +27,8 @@ from hpd.storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 from . import modeling
 from .artifacts import Cache, Sequences, StageKind, Student, TaskData, Teacher, Values
 from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
-from .losses import METHOD_PARAMS, REWARD_METHODS, CachedTargets, TeacherLogits, distill_loss, response_positions
+from .losses import (METHOD_PARAMS, REWARD_METHODS, CachedTargets, SampledTargets, TeacherLogits, distill_loss,
+                     response_positions, teacher_signal as signal_of)
 from .tasks import TASKS
 from .training import PeriodicEval, ResponseCollator, job_dir, peak_rss_mb, publish_model, rss_mb, train, training_arguments
 from .training_set import Source, plan_round, training_set
@@ -40,6 +41,9 @@ class CacheCollator(ResponseCollator):
     def __init__(self, pad_id: int, *caches: LogitCache):
         super().__init__(pad_id)
         self.caches = caches
+        if len({c.sampled for c in caches}) > 1:
+            raise HpdError(f"the caches of one mixture mix sampled targets and top-k "
+                           f"({', '.join(c.id for c in caches)}); score them with the same score.encoding")
         if len({c.k for c in caches}) > 1:
             raise HpdError(f"the caches of one mixture have different k ({', '.join(str(c.k) for c in caches)}); "
                            f"score them with the same score.top_k")
@@ -74,8 +78,9 @@ class OnlineTeacher:
         return TeacherLogits(self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
 
 
-def from_cache(batch: dict) -> CachedTargets:
-    return CachedTargets(batch.pop("teacher").to(batch["input_ids"].device))
+def from_cache(batch: dict) -> CachedTargets | SampledTargets:
+    """The batch's cache rows as the losses' teacher view: top-k (CacheBatch) or sampled targets (SampledBatch)."""
+    return signal_of(batch.pop("teacher").to(batch["input_ids"].device))
 
 
 def no_teacher(batch: dict) -> None:  # sft: no teacher signal at all

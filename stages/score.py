@@ -12,12 +12,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from hpd.common import ranks
 from hpd.common.errors import HpdError
 from hpd.storage import encodings
-from hpd.storage.logit_cache import CacheRoot, LogitCache, ScoredSequence, cache_key, key_id
+from hpd.storage.logit_cache import LEARN_POSITIONS, CacheRoot, LogitCache, ScoredSequence, cache_key, key_id
 from hpd.storage.sequences import SequenceStore
 from hpd.storage.sharded import ShardedWrite
 
@@ -30,11 +31,12 @@ DEFAULT_K = 64
 
 def run(ctx, cfg: dict, teacher: Teacher, generate: Sequences) -> Cache:
     gen = generate
-    k, temperature = cfg["top_k"] or min(DEFAULT_K, teacher.vocab_size), cfg["temperature"]
-    if not 1 <= k <= teacher.vocab_size:
+    encoding = encodings.get(cfg["encoding"])  # a known one, with k >= 2 unless fp16 (config.validate)
+    # sampled targets keep `draws` slots per position (the distinct drawn ids), whatever top_k says
+    k, temperature = encoding.draws or cfg["top_k"] or min(DEFAULT_K, teacher.vocab_size), cfg["temperature"]
+    if not encoding.sampled and not 1 <= k <= teacher.vocab_size:
         raise HpdError(f"score.top_k={k} must be between 1 and the teacher's vocabulary size "
                        f"({teacher.vocab_size}); lower it")
-    encoding = encodings.get(cfg["encoding"])  # a known one, with k >= 2 unless fp16 (config.validate)
     # Refreshed sequences carry their origin (round, student checkpoint): it is part of their cache's key.
     key = cache_key(teacher=teacher.model_fingerprint, tokenizer=teacher.tokenizer_fingerprint,
                     data=gen.fingerprint, top_k=k, temperature=temperature, encoding=encoding.spec,
@@ -51,8 +53,8 @@ def run(ctx, cfg: dict, teacher: Teacher, generate: Sequences) -> Cache:
             root.record_use(cache, ctx.run_name)
     m = cache.manifest
     return Cache(cache=str(cache.dir), cache_id=cache.id, fingerprint=key_id(key), top_k=k, encoding=encoding.name,
-                 sequences=m["rows"], tokens=m["tokens"], bytes=m["bytes"],
-                 bytes_per_token=round(m["bytes"] / max(m["tokens"], 1), 2))
+                 sequences=m["rows"], tokens=m["tokens"], bytes=cache.bytes,
+                 bytes_per_token=round(cache.bytes / max(m["tokens"], 1), 2))
 
 
 def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, key: dict) -> LogitCache:
@@ -65,12 +67,33 @@ def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, ke
         model, tokenizer = modeling.load_teacher(teacher)
         model = modeling.to_accelerator(model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    draws = encodings.get(key["encoding"]).draws
+    seed_base = int(key_id(key), 16) % (1 << 40)  # a sequence's draws depend on the cache and the sequence alone
+
+    def score(batch, batch_plens, batch_ids, timer):
+        if model is None:
+            with timer("forward"):
+                return vllm_engine.score(llm, batch, batch_plens, top_k=cfg["top_k"], temperature=cfg["temperature"])
+        return score_batch(model, batch, batch_plens, top_k=cfg["top_k"], temperature=cfg["temperature"],
+                           pad_id=pad, timer=timer, draws=draws,
+                           seeds=[seed_base * 1_000_003 + int(s) for s in batch_ids])
+
+    def learn_order():  # the ids the cache stores for its first positions (only when no order is stored yet)
+        seq_ids, plens, seqs = store.range(0, len(store))
+        n = int(np.searchsorted(np.cumsum([len(x) - p for x, p in zip(seqs, plens)]), LEARN_POSITIONS)) + 1
+        ids = []
+        for part in modeling.length_batches([len(x) for x in seqs[:n]], cfg["batch_size"], cfg["batch_tokens"]):
+            for sc in score([seqs[i] for i in part], [int(plens[i]) for i in part], [seq_ids[i] for i in part],
+                            Timer()):
+                ids.append(sc["topk_ids"][sc["counts"] > 0] if "counts" in sc else sc["topk_ids"].ravel())
+        return np.concatenate(ids)
+
     size = cfg["shard_size"]
     num_shards = -(-len(store) // size)
     out = ShardedWrite(ctx, lambda rank: root.writer(
         key, shard_size=size, num_sequences=len(store), vocab_size=teacher.vocab_size, rank=rank,
         provenance={"teacher": teacher.model_dir, "sequences": gen.sequences, "sequences_source": gen.source,
-                    "run": ctx.run_name, "origin": gen.origin}),
+                    "run": ctx.run_name, "origin": gen.origin}, learn_order=learn_order),
         num_shards)
     if out.resumed:
         ctx.log(f"[{ctx.stage}] resuming: {out.resumed} of {num_shards} shards already published")
@@ -85,13 +108,7 @@ def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, ke
             rows = [None] * len(seqs)  # in the shard's order, whatever order the batches take
             for part in modeling.length_batches([len(s) for s in seqs], cfg["batch_size"], cfg["batch_tokens"]):
                 batch, batch_plens = [seqs[i] for i in part], [int(plens[i]) for i in part]
-                if model is None:
-                    with timer("forward"):
-                        scored = vllm_engine.score(llm, batch, batch_plens, top_k=cfg["top_k"],
-                                                   temperature=cfg["temperature"])
-                else:
-                    scored = score_batch(model, batch, batch_plens, top_k=cfg["top_k"],
-                                         temperature=cfg["temperature"], pad_id=pad, timer=timer)
+                scored = score(batch, batch_plens, [seq_ids[i] for i in part], timer)
                 for i, sc in zip(part, scored):
                     rows[i] = ScoredSequence(seq_id=int(seq_ids[i]), input_ids=seqs[i], **sc)
                 bar.update(len(scored))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,8 +42,10 @@ def score_positions(logits: torch.Tensor, targets: torch.Tensor, *, top_k: int, 
 
 @torch.no_grad()
 def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k: int, temperature: float,
-                pad_id: int, timer: Timer | None = None) -> list[dict]:
-    """Top-k, exact target log-prob and tail log-mass for every response position of each sequence."""
+                pad_id: int, timer: Timer | None = None, draws: int = 0, seeds: list[int] | None = None) -> list[dict]:
+    """Top-k, exact target log-prob and tail log-mass for every response position of each sequence. With `draws`,
+    sampled targets instead (sample_positions, drawn slots only, with their counts), each sequence's draws from its
+    own seed in `seeds`: a sequence gets the same draws whatever batch it is scored in (resume, other batch sizes)."""
     timer = timer if timer is not None else Timer()
     with timer("forward"):
         ids, mask = modeling.pad_right(seqs, pad_id)
@@ -62,7 +65,10 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
             bad = int((~torch.isfinite(kept)).any(-1).sum())
             raise HpdError(f"the teacher's logits are NaN or inf at {bad} of {len(kept)} positions of a batch; "
                            f"the teacher is broken (check its weights and dtype, e.g. fp16 overflow)")
-        top_ids, top_lp, target, tail = (x.cpu() for x in score_positions(kept, ids[rows, cols + 1], top_k=top_k,
+        nxt = ids[rows, cols + 1]
+        if draws:
+            return _sampled_rows(kept, nxt, spans, draws, temperature, seeds)
+        top_ids, top_lp, target, tail = (x.cpu() for x in score_positions(kept, nxt, top_k=top_k,
                                                                            temperature=temperature))
         out, i = [], 0
         for (st, e) in spans:
@@ -73,16 +79,40 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
     return out
 
 
+def _sampled_rows(kept, nxt, spans, draws: int, temperature: float, seeds: list[int]) -> list[dict]:
+    out, i = [], 0
+    for (st, e), seed in zip(spans, seeds):
+        sl = slice(i, i + e - st)
+        g = torch.Generator(device=kept.device).manual_seed(int(seed))
+        d = sample_positions(kept[sl], nxt[sl], draws=draws, temperature=temperature, generator=g, fill=False)
+        out.append({"start": st, "topk_ids": d.ids.cpu().numpy(), "topk_logprobs": d.logprob.cpu().numpy(),
+                    "counts": d.counts.cpu().numpy(), "target_logprob": d.target.cpu().numpy(),
+                    "tail_logmass": d.tail.cpu().numpy()})
+        i += e - st
+    return out
+
+
+class Draws(NamedTuple):
+    """sample_positions' result, per position: S slots."""
+    ids: torch.Tensor         # [N, S] distinct ids
+    log_weight: torch.Tensor  # [N, S] log p_hat (-inf where undrawn)
+    logprob: torch.Tensor     # [N, S] exact log p
+    target: torch.Tensor      # [N] exact log p of the next token
+    tail: torch.Tensor        # [N] log of the mass outside the slots
+    counts: torch.Tensor      # [N, S] times each slot's id was drawn
+
+
 @torch.no_grad()
 def sample_positions(logits: torch.Tensor, targets: torch.Tensor, *, draws: int, temperature: float = 1.0,
-                     proposal: float = 1.0, generator: torch.Generator | None = None):
+                     proposal: float = 1.0, generator: torch.Generator | None = None, fill: bool = True) -> Draws:
     """What a sampled-targets cache stores for N positions (random-sampling KD, Anshumann et al. 2025), from their
     [N, V] float32 logits and the [N] tokens that follow. `draws` tokens are drawn with replacement from the
     proposal r = p^proposal / Z (p at the scoring temperature; proposal = 1: p itself). Per position, `draws` distinct
     slots: first the distinct drawn ids, each with p_hat = count / draws x p / r, an unbiased estimate of p (its
     expectation over the draws is p), then, where fewer distinct ids were drawn, the most probable undrawn tokens with
     p_hat = 0. Every slot has its exact log p; the target's exact log p and the tail's log-mass (outside the slots)
-    too. Returns (ids, log p_hat, log p, target, tail)."""
+    too. With fill=False the undrawn slots are left empty (-inf) and the tail is the mass outside the drawn ids:
+    what a sampled-targets cache stores (encodings.py `sampled`)."""
     lp = torch.log_softmax(logits / temperature, dim=-1)
     log_r = torch.log_softmax(lp * proposal, dim=-1)
     drawn = torch.multinomial(log_r.exp(), draws, replacement=True, generator=generator)  # [N, draws]
@@ -93,8 +123,11 @@ def sample_positions(logits: torch.Tensor, targets: torch.Tensor, *, draws: int,
     c = counts.gather(-1, ids)
     logp = lp.gather(-1, ids)
     log_w = torch.where(c > 0, torch.log(c / draws) + logp - log_r.gather(-1, ids), -float("inf"))
+    if not fill:
+        logp = torch.where(c > 0, logp, -float("inf"))
     target = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     # the mass outside the slots, summed directly (as score_positions does): 1 - sum(slots) rounds to 0 or below
-    # when the slots hold nearly all of a peaked distribution
-    tail = torch.logsumexp(lp.scatter(-1, ids, -float("inf")), dim=-1)
-    return ids, log_w, logp, target, tail
+    # when the slots hold nearly all of a peaked distribution (empty slots scatter their own value back)
+    tail = torch.logsumexp(lp.scatter(-1, ids, torch.where(logp > -float("inf"), -float("inf"), lp.gather(-1, ids))),
+                           dim=-1)
+    return Draws(ids, log_w, logp, target, tail, c.long())

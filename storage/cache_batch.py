@@ -25,6 +25,7 @@ class ScoredSequence:
     target_logprob: np.ndarray  # [n]
     tail_logmass: np.ndarray    # [n]
     crc: int | None = None      # of input_ids; given directly when the tokens are not at hand (repack)
+    counts: np.ndarray | None = None  # [n, S] sampled targets: draws of each slot (0 = empty); None for top-k
 
     @property
     def tokens_crc(self) -> int:
@@ -44,6 +45,18 @@ class _Batch:
     def to(self, device, non_blocking: bool = False):
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
+    @staticmethod
+    def stack(parts: list[tuple[list[int], _Batch]], batch_size: int) -> _Batch:
+        """One [batch_size, L] batch from parts that each fill the rows they name (a mixture's sources)."""
+        if len(parts) == 1 and len(parts[0][0]) == batch_size:
+            return parts[0][1]
+        first = parts[0][1]
+        out = first._map(lambda t: torch.zeros((batch_size, *t.shape[1:]), dtype=t.dtype))
+        for rows, part in parts:
+            for f in dataclasses.fields(out):
+                getattr(out, f.name)[rows] = getattr(part, f.name)
+        return out
+
 
 @dataclass
 class CacheBatch(_Batch):
@@ -57,18 +70,6 @@ class CacheBatch(_Batch):
     @property
     def k(self) -> int:
         return self.topk_ids.shape[-1]
-
-    @staticmethod
-    def stack(parts: list[tuple[list[int], CacheBatch]], batch_size: int) -> CacheBatch:
-        """One [batch_size, L] batch from parts that each fill the rows they name (a mixture's sources)."""
-        if len(parts) == 1 and len(parts[0][0]) == batch_size:
-            return parts[0][1]
-        first = parts[0][1]
-        out = first._map(lambda t: torch.zeros((batch_size, *t.shape[1:]), dtype=t.dtype))
-        for rows, part in parts:
-            for f in dataclasses.fields(out):
-                getattr(out, f.name)[rows] = getattr(part, f.name)
-        return out
 
 
 @dataclass
@@ -89,9 +90,10 @@ class CacheMismatchError(RuntimeError):
 
 
 def grid_batch(rows: list[ScoredSequence], k: int, *, input_ids: list | None = None, length: int | None = None,
-               cache_id: str = "") -> CacheBatch:
+               cache_id: str = "", draws: int = 0) -> CacheBatch | SampledBatch:
     """Scored rows placed at their token positions in a [B, length] grid (tensors or arrays per row). With the
-    batch's `input_ids`, every row's token CRC is checked against them."""
+    batch's `input_ids`, every row's token CRC is checked against them. With `draws`, the rows are sampled
+    targets (k = draws slots, `counts` per row) and a SampledBatch comes back."""
     if input_ids is not None:
         for i, (row, ids) in enumerate(zip(rows, input_ids)):
             if row.tokens_crc != tokens_crc(ids):
@@ -113,4 +115,10 @@ def grid_batch(rows: list[ScoredSequence], k: int, *, input_ids: list | None = N
         out.target_logprob[b, sl] = torch.as_tensor(row.target_logprob)
         out.tail_logmass[b, sl] = torch.as_tensor(row.tail_logmass)
         out.mask[b, sl] = True
-    return out
+    if not draws:
+        return out
+    counts = torch.zeros(B, L, k)
+    for b, row in enumerate(rows):
+        counts[b, row.start:row.start + len(row.target_logprob)] = torch.as_tensor(row.counts).float()
+    return SampledBatch(ids=out.topk_ids, log_weight=torch.log(counts / draws), logprob=out.topk_logprobs,
+                        target_logprob=out.target_logprob, tail_logmass=out.tail_logmass, mask=out.mask)

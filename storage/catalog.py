@@ -6,12 +6,13 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from filelock import Timeout
 
 from . import encodings as enc
 from . import leases
-from .logit_cache import CacheRoot, LogitCache, ScoredSequence, key_id, users
+from .logit_cache import LEARN_POSITIONS, CacheRoot, LogitCache, ScoredSequence, key_id, users
 from .shards import MANIFEST, CorruptShardError, lock_for
 
 
@@ -23,8 +24,8 @@ def describe(cache: LogitCache) -> dict:
         "id": cache.id, "key": key_id(key), "teacher": prov.get("teacher", key["teacher"][:12]),
         "data": prov.get("sequences_source") or prov.get("sequences") or key["data"][:12],
         "k": key["top_k"], "encoding": enc.get(key["encoding"]).spec, "temperature": key["temperature"],
-        "sequences": m["rows"], "tokens": m["tokens"], "bytes": m["bytes"],
-        "bytes_per_token": round(m["bytes"] / max(m["tokens"], 1), 2), "shards": len(m["shards"]),
+        "sequences": m["rows"], "tokens": m["tokens"], "bytes": cache.bytes,
+        "bytes_per_token": round(cache.bytes / max(m["tokens"], 1), 2), "shards": len(m["shards"]),
         "created": m.get("published_at"), "last_used": max(used.values(), default=m.get("published_at")),
         "runs": sorted(used), "derived_from": key.get("derived_from"),
         "origin": key.get("origin"), "path": str(cache.dir),
@@ -38,6 +39,11 @@ def verify(directory: Path) -> list[str]:
     except CorruptShardError as e:
         return [str(e)]  # without a trustworthy manifest the shards cannot be checked against anything
     bad = []
+    if cache.encoding.vocab_ordered:
+        try:
+            cache._vocab_order(verify=True)
+        except CorruptShardError as e:
+            bad.append(str(e))
     for i in range(cache.shards.num_shards):
         try:
             cache.shards.check(i)
@@ -50,11 +56,17 @@ def repack(cache: LogitCache, root: CacheRoot, k: int, encoding: str | dict | No
     """A cache with a smaller k (and/or another encoding) derived from `cache` without the teacher.
 
     The dropped entries' mass joins the tail. Rank-ordered encodings keep their exact rank order, so the
-    new top-k is the prefix; id-ordered ones are re-ranked by their stored (quantised) log-probs.
+    new top-k is the prefix; id-ordered ones are re-ranked by their stored (quantised) log-probs. Sampled targets
+    are neither made nor remade here: a top-k cache keeps no shape of its tail, so draws from it would only ever
+    pick top-k tokens (a biased sample), and a sampled cache holds no top-k.
     """
+    encoding = enc.get(encoding or cache.key["encoding"])
+    if cache.sampled or encoding.sampled:
+        raise ValueError(f"cache {cache.id} is {'sampled targets' if cache.sampled else 'a top-k cache'}: sampled "
+                         f"targets cannot be derived without the teacher (a top-k cache has no tail shape to "
+                         f"draw from); rescore with score.encoding=\"sampled:N\"")
     if not 1 <= k <= cache.k:
         raise ValueError(f"repack k={k} must be between 1 and the cache's k ({cache.k})")
-    encoding = enc.get(encoding or cache.key["encoding"])
     if k < 2 and encoding.name != "fp16":
         raise ValueError(f"encoding {encoding.name} needs k >= 2; use --encoding fp16 for k=1")
     key = {**cache.key, "top_k": k, "encoding": encoding.spec, "derived_from": cache.id}
@@ -64,8 +76,9 @@ def repack(cache: LogitCache, root: CacheRoot, k: int, encoding: str | dict | No
             return found
         writer = root.writer(key, shard_size=cache.shard_size, num_sequences=cache.num_sequences,
                              vocab_size=cache.manifest["vocab_size"],
-                             provenance={**cache.manifest.get("provenance", {}), "repacked_from": cache.id})
-        ranked = enc.get(cache.key["encoding"]).name != "idsort-q8"
+                             provenance={**cache.manifest.get("provenance", {}), "repacked_from": cache.id},
+                             learn_order=lambda: _first_ids(cache, k))
+        ranked = cache.encoding.name in ("fp16", "rank-q8")
         for shard in range(cache.shards.num_shards):
             if writer.done(shard):
                 continue
@@ -87,6 +100,18 @@ def repack(cache: LogitCache, root: CacheRoot, k: int, encoding: str | dict | No
             writer.write_rows(shard, rows)
         writer.finish(cache.shards.num_shards)
     return LogitCache(root.path_for(key))
+
+
+def _first_ids(cache: LogitCache, k: int, positions: int = LEARN_POSITIONS) -> np.ndarray:
+    """The top-k ids of the cache's first positions: what a repacked cache learns its VocabOrder from."""
+    out, seen = [], 0
+    for d in cache.iter_decoded():
+        lps, order = d.topk_logprobs.sort(dim=1, descending=True, stable=True)
+        out.append(d.topk_ids.gather(1, order)[:, :k].numpy())
+        seen += len(out[-1])
+        if seen >= positions:
+            break
+    return np.concatenate(out)
 
 
 def gc(root: CacheRoot, referenced: set[str], dry_run: bool = False) -> list[tuple[Path, str]]:

@@ -13,6 +13,16 @@ Common to all: the exact next-token log-prob and the tail log-mass are float32 c
   idsort-q8   ids sorted ascending and delta-coded (uint16), the gaps to the top-1 quantised as in
               rank-q8 but stored directly (they are no longer monotone). Entries come back in id order,
               not rank order; same error bound as rank-q8.
+  compact     ids renumbered by how often the teacher ranks them (a VocabOrder learned from the cache's first
+              sequences, stored once per cache), sorted, delta-coded and split into byte planes (one uint8
+              column per byte: the high bytes of small deltas are nearly all 0, which zstd stores in a few bits);
+              gaps g to the top-1 companded: code = round(A ln(1 + g/G0)), A = G0/step, G0 = 1 nat, so the
+              step is `step` near the top-1 and grows with g, where a token's probability (and its share of
+              any KL) is small. |error| <= (step/2)(1 + g) + |top-1| * 2**-11 (to first order).
+  sampled:N   random-sampling KD: N tokens drawn from the teacher per position; only the distinct drawn ids are
+              stored (a variable number per position, `n`), coded as in compact, each with its draw count
+              (uint8, so N <= 255) and its exact log-prob (companded gap to the largest drawn one).
+              p_hat = count / N is an unbiased estimate of p (storage/cache_batch.SampledBatch).
 """
 from __future__ import annotations
 
@@ -29,25 +39,85 @@ def id_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
+G0 = 1.0  # nats: the gap below which compact's quantisation step stays close to `step`
+
+
+class VocabOrder:
+    """Token ids renumbered by frequency: the ids seen most often in a teacher's stored sets get the smallest
+    numbers, so sorted sets have small deltas. `order` lists the seen ids, most frequent first; the unseen ones
+    follow in id order. Learned once per cache and stored with it (storage/logit_cache.py)."""
+
+    def __init__(self, order: np.ndarray, vocab_size: int):
+        self.order = np.asarray(order, np.int64)
+        self.vocab_size = int(vocab_size)
+        rest = np.setdiff1d(np.arange(self.vocab_size), self.order, assume_unique=True)
+        self.id_of = np.concatenate([self.order, rest])  # number -> token id
+        self.number = np.empty(self.vocab_size, np.int64)
+        self.number[self.id_of] = np.arange(self.vocab_size)  # token id -> number
+
+    @classmethod
+    def learn(cls, ids: np.ndarray, vocab_size: int) -> VocabOrder:
+        """From the ids a cache stores (any shape): by count, ties by id."""
+        counts = np.bincount(np.asarray(ids, np.int64).ravel(), minlength=vocab_size)
+        seen = np.flatnonzero(counts)
+        return cls(seen[np.lexsort((seen, -counts[seen]))], vocab_size)
+
+
+def _planes(values: np.ndarray, idt) -> dict[str, np.ndarray]:
+    """uint16/uint32 values as one uint8 column per byte, least significant first."""
+    raw = values.astype(idt).view(np.uint8).reshape(-1, np.dtype(idt).itemsize)
+    return {f"ids{b}": np.ascontiguousarray(raw[:, b]) for b in range(raw.shape[1])}
+
+
+def _unplanes(cols: dict[str, np.ndarray], idt) -> np.ndarray:
+    width = np.dtype(idt).itemsize
+    raw = np.stack([cols[f"ids{b}"] for b in range(width)], axis=1)
+    return np.ascontiguousarray(raw).view(idt).ravel()
+
+
 @dataclass(frozen=True)
 class Encoding:
     name: str
     step: float = 0.0  # quantisation step (nats) of the q8 encodings
+    draws: int = 0     # sampled: tokens drawn per position
 
     @property
     def spec(self) -> dict:
-        return {"name": self.name, "step": self.step}
+        return {"name": self.name, "step": self.step, **({"draws": self.draws} if self.draws else {})}
 
-    def max_error(self, top1_abs: float = 0.0, logprob_abs: float = 0.0) -> float:
+    @property
+    def sampled(self) -> bool:
+        return self.name == "sampled"
+
+    @property
+    def vocab_ordered(self) -> bool:
+        """Needs a VocabOrder to encode and decode."""
+        return self.name in ("compact", "sampled")
+
+    def max_error(self, top1_abs: float = 0.0, logprob_abs: float = 0.0, gap: float = 0.0) -> float:
         """Documented bound on |decoded - true| log-prob for an entry within the quantised range."""
         if self.name == "fp16":
             return logprob_abs * F16_REL_ERROR
+        if self.vocab_ordered:  # half a code in the companded domain, mapped back (exact, not first order)
+            a = G0 / self.step
+            g = max(gap, 0.0)
+            return (G0 + g) * np.expm1(1 / (2 * a)) + top1_abs * F16_REL_ERROR
         return self.step / 2 + top1_abs * F16_REL_ERROR
 
+    def _gap_codes(self, gap: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(G0 / self.step * np.log1p(np.maximum(gap, 0) / G0)), 0, 255).astype(np.uint8)
+
+    def _gaps(self, codes: np.ndarray) -> np.ndarray:
+        return (G0 * np.expm1(codes.astype(np.float64) * (self.step / G0))).astype(np.float32)
+
     # -- encode: ids [P, k], logprobs [P, k] sorted descending along k -> flat column arrays ------------
-    def encode(self, ids: np.ndarray, lps: np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:
+    def encode(self, ids: np.ndarray, lps: np.ndarray, vocab_size: int, *, counts: np.ndarray | None = None,
+               order: VocabOrder | None = None) -> dict[str, np.ndarray]:
+        """`counts` (sampled: draws per slot, 0 = an empty slot) and `order` (compact, sampled) as they need."""
         P, k = ids.shape
         idt = id_dtype(vocab_size)
+        if self.vocab_ordered:
+            return self._encode_ordered(ids, lps, idt, counts, order)
         if self.name == "fp16":
             return {"ids": ids.astype(idt).ravel(), "lp16": lps.astype(np.float16).ravel()}
         top1 = lps[:, :1].astype(np.float16)
@@ -64,9 +134,51 @@ class Encoding:
             return {"ids": delta.ravel(), "top1": top1.ravel(), "q": q.ravel()}
         raise ValueError(f"unknown encoding {self.name!r}")
 
+    def _encode_ordered(self, ids, lps, idt, counts, order: VocabOrder) -> dict[str, np.ndarray]:
+        P, k = ids.shape
+        keep = counts > 0 if self.sampled else np.ones((P, k), bool)
+        num = np.where(keep, order.number[ids], np.iinfo(np.int64).max)  # empty slots sort last
+        by = np.argsort(num, axis=1, kind="stable")
+        num, lps = np.take_along_axis(num, by, 1), np.take_along_axis(lps, by, 1)
+        n = keep.sum(1)
+        kept = np.arange(k)[None, :] < n[:, None]  # after the sort, the first n of each position
+        top1 = np.where(kept, lps, -np.inf).max(1, keepdims=True).astype(np.float16)
+        delta = np.diff(np.where(kept, num, 0), axis=1, prepend=0)
+        cols = {**_planes(delta[kept], idt), "top1": top1.ravel(),
+                "q": self._gap_codes(top1.astype(np.float32) - lps)[kept]}
+        if self.sampled:
+            cols["n"] = n.astype(np.uint8)
+            cols["count"] = np.take_along_axis(counts, by, 1)[kept].astype(np.uint8)
+        return cols
+
+    def _decode_ordered(self, cols, P: int, k: int, order: VocabOrder):
+        nbytes = sum(1 for c in cols if c.startswith("ids"))  # the planes say the ids' width
+        delta = _unplanes(cols, {2: np.uint16, 4: np.uint32}[nbytes]).astype(np.int64)
+        n = cols["n"].astype(np.int64) if self.sampled else np.full(P, k, np.int64)
+        pos = np.repeat(np.arange(P), n)
+        slot = np.arange(len(delta)) - np.repeat(np.cumsum(n) - n, n)
+        grid = np.zeros((P, k), np.int64)
+        grid[pos, slot] = delta
+        ids = order.id_of[np.cumsum(grid, axis=1)]  # empty slots repeat the last id: valid, weightless
+        lps = np.full((P, k), -np.inf, np.float32)
+        lps[pos, slot] = cols["top1"].astype(np.float32)[pos] - self._gaps(cols["q"])
+        return torch.from_numpy(ids), torch.from_numpy(lps), pos, slot
+
+    def decode_counts(self, cols: dict[str, np.ndarray], P: int) -> torch.Tensor:
+        """Sampled: the draw count of every slot [P, N] (0 for empty slots), in the order `decode` gives."""
+        n = cols["n"].astype(np.int64)
+        pos = np.repeat(np.arange(P), n)
+        slot = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        counts = np.zeros((P, self.draws), np.int64)
+        counts[pos, slot] = cols["count"]
+        return torch.from_numpy(counts)
+
     # -- decode: flat column arrays -> ids [P, k] int64, logprobs [P, k] float32 (torch) ----------------
     # float16 widening goes through torch (vectorised), integer work through numpy (faster cumsum).
-    def decode(self, cols: dict[str, np.ndarray], P: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, cols: dict[str, np.ndarray], P: int, k: int,
+               order: VocabOrder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.vocab_ordered:
+            return self._decode_ordered(cols, P, k, order)[:2]
         if self.name == "fp16":
             return (torch.from_numpy(cols["ids"].reshape(P, k).astype(np.int64)),
                     torch.from_numpy(cols["lp16"].copy()).view(P, k).float())  # copy: Arrow's buffer is read-only
@@ -85,25 +197,52 @@ class Encoding:
         lps += top1
         return torch.from_numpy(ids), torch.from_numpy(lps)
 
-    def per_entry_columns(self) -> dict[str, bool]:
-        """Column name -> True if it holds k (or k-1) values per position, False if one per position."""
+    def per_entry_columns(self, vocab_size: int = 1 << 16) -> dict[str, bool]:
+        """Column name -> True if it holds k (or k-1, or n) values per position, False if one per position."""
+        if self.vocab_ordered:
+            planes = {f"ids{b}": True for b in range(np.dtype(id_dtype(vocab_size)).itemsize)}
+            return {**planes, "top1": False, "q": True, **({"n": False, "count": True} if self.sampled else {})}
         return {"fp16": {"ids": True, "lp16": True}, "rank-q8": {"ids": True, "top1": False, "q": True},
                 "idsort-q8": {"ids": True, "top1": False, "q": True}}[self.name]
 
     def arrow_types(self, vocab_size: int) -> dict[str, pa.DataType]:
         idt = pa.uint16() if vocab_size <= 1 << 16 else pa.uint32()
-        return {"ids": idt, "lp16": pa.float16(), "top1": pa.float16(), "q": pa.uint8()}
+        planes = {f"ids{b}": pa.uint8() for b in range(4)}
+        return {"ids": idt, "lp16": pa.float16(), "top1": pa.float16(), "q": pa.uint8(), **planes,
+                "n": pa.uint8(), "count": pa.uint8()}
 
 
 ENCODINGS = {"fp16": Encoding("fp16"), "rank-q8": Encoding("rank-q8", 1 / 16),
-             "idsort-q8": Encoding("idsort-q8", 1 / 16)}
+             "idsort-q8": Encoding("idsort-q8", 1 / 16), "compact": Encoding("compact", 1 / 8),
+             "sampled": Encoding("sampled", 1 / 8, 16)}
+MAX_DRAWS = 255  # draw counts are stored as uint8
 
 
 def get(spec: dict | str) -> Encoding:
     if isinstance(spec, str):
-        name, _, step = spec.partition(":")
+        name, _, arg = spec.partition(":")
         if name not in ENCODINGS:
             raise ValueError(f"unknown encoding {name!r}; choose one of {', '.join(ENCODINGS)} "
-                             f"(q8 encodings take a step, e.g. rank-q8:0.0625)")
-        return Encoding(name, float(step)) if step else ENCODINGS[name]
-    return Encoding(spec["name"], spec.get("step", 0.0))
+                             f"(q8 encodings and compact take a step, e.g. rank-q8:0.0625; sampled takes its "
+                             f"draws per position, e.g. sampled:32)")
+        if name == "sampled":
+            return Encoding("sampled", ENCODINGS["sampled"].step, _draws(arg))
+        try:
+            return Encoding(name, float(arg)) if arg else ENCODINGS[name]
+        except ValueError:
+            raise ValueError(f"{spec!r}: the step after ':' must be a number of nats, e.g. {name}:0.0625") from None
+    return Encoding(spec["name"], spec.get("step", 0.0), spec.get("draws", 0))
+
+
+def _draws(arg: str) -> int:
+    if ":" in arg:
+        raise ValueError(f"sampled:{arg}: only draws from the teacher's own distribution are stored (a proposal "
+                         f"p^tau needs its normaliser per position and measured worse: README); use sampled:N")
+    try:
+        draws = int(arg or ENCODINGS["sampled"].draws)
+    except ValueError:
+        draws = 0
+    if not 1 <= draws <= MAX_DRAWS:
+        raise ValueError(f"sampled:{arg}: the draws per position must be a whole number from 1 to {MAX_DRAWS} "
+                         f"(counts are stored in one byte), e.g. sampled:32")
+    return draws

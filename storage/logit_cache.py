@@ -1,20 +1,28 @@
 """The teacher logit cache: one schema, one key, one directory per key under a shared cache root.
 
 Per scored position t (the teacher's distribution for the token at t+1) a cache keeps
-  - the top-k token ids and their log-probs, laid out by one of the encodings in storage/encodings.py,
+  - the top-k token ids and their log-probs, laid out by one of the encodings in storage/encodings.py (or, for
+    the `sampled` encoding, the distinct ids drawn from the teacher with their draw counts and log-probs),
   - the exact float32 log-prob of the sequence's own next token (even when it is outside the top-k),
   - the float32 log of the probability mass outside the top-k ("tail"; -inf when k = vocabulary size).
 A row is one sequence: its seq_id, a CRC of its tokens (so a reader can prove the row belongs to the batch
 it is paired with; matching rows by position alone fails silently elsewhere), the first scored position,
 and list columns over its positions. Shards hold record batches of ROWS_PER_BATCH sequences, so reading one
-sequence decompresses only its record batch.
+sequence decompresses only its record batch. Encodings that renumber ids by frequency (compact, sampled) keep
+their VocabOrder once per cache, in VOCAB_ORDER beside the shards, its checksum in the manifest.
+
+Versions: the format of a cache is its key's format_version and encoding; new layouts are new encoding names,
+so every older cache is read as it was written, and a reader older than an encoding names it ("unknown
+encoding 'compact'") instead of misreading it.
 """
 from __future__ import annotations
 
+import io
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -22,13 +30,18 @@ import torch
 
 from . import atomic, leases
 from . import encodings as enc
-from .cache_batch import CacheBatch, CacheMismatchError, ScoredSequence, grid_batch, tokens_crc  # noqa: F401
-from .fingerprint import digest
-from .shards import MANIFEST, ZSTD_LEVEL, ShardSet, ShardWriter, lock_for
+from .cache_batch import (CacheBatch, CacheMismatchError, SampledBatch, ScoredSequence, grid_batch,  # noqa: F401
+                          tokens_crc)
+from .fingerprint import digest, file_digest
+from .shards import MANIFEST, ZSTD_LEVEL, CorruptShardError, ShardSet, ShardWriter, lock_for
 
 FORMAT_VERSION = 3  # 3: zstd-framed shards; part of every key, so older caches are never reused
 ROWS_PER_BATCH = 32
 DEFAULT_ENCODING = "idsort-q8"
+VOCAB_ORDER = "vocab-order.npy"
+# A VocabOrder is learned from the ids of a cache's first positions, this many: enough to rank the tokens a teacher
+# uses often (bench/cache_formats.py measures it against an order learned on the whole cache)
+LEARN_POSITIONS = 8192
 
 
 def cache_key(*, teacher: str, tokenizer: str, data: str, top_k: int, temperature: float,
@@ -55,13 +68,18 @@ def _list_column(values: np.ndarray, offsets: np.ndarray, typ: pa.DataType) -> p
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, typ))
 
 
-def rows_table(rows: list[ScoredSequence], encoding: enc.Encoding, vocab_size: int) -> pa.Table:
+def rows_table(rows: list[ScoredSequence], encoding: enc.Encoding, vocab_size: int,
+               order: enc.VocabOrder | None = None) -> pa.Table:
     n = np.array([len(r.target_logprob) for r in rows], np.int64)
     pos_off = np.concatenate([[0], np.cumsum(n)])
     k = rows[0].topk_ids.shape[1] if rows else 0
     cols = encoding.encode(np.concatenate([r.topk_ids for r in rows]),
-                           np.concatenate([r.topk_logprobs for r in rows]).astype(np.float32), vocab_size)
+                           np.concatenate([r.topk_logprobs for r in rows]).astype(np.float32), vocab_size,
+                           counts=np.concatenate([r.counts for r in rows]) if encoding.sampled else None,
+                           order=order)
     types = encoding.arrow_types(vocab_size)
+    if encoding.sampled:  # a variable number of entries per position: row offsets from the per-position counts
+        entry_off = np.concatenate([[0], np.cumsum(cols["n"], dtype=np.int64)])[pos_off]
     table = {
         "seq_id": pa.array([r.seq_id for r in rows], pa.int64()),
         "tokens_crc": pa.array([r.tokens_crc for r in rows], pa.uint32()),
@@ -71,7 +89,10 @@ def rows_table(rows: list[ScoredSequence], encoding: enc.Encoding, vocab_size: i
         "tail_logmass": _list_column(np.concatenate([r.tail_logmass for r in rows]).astype(np.float32),
                                      pos_off, pa.float32()),
     }
-    for name, per_entry in encoding.per_entry_columns().items():
+    for name, per_entry in encoding.per_entry_columns(vocab_size).items():
+        if per_entry and encoding.sampled:
+            table[name] = _list_column(cols[name], entry_off, types[name])
+            continue
         width = len(cols[name]) // max(int(pos_off[-1]), 1) if per_entry else 1
         table[name] = _list_column(cols[name], pos_off * width, types[name])
     assert k == 0 or all(r.topk_ids.shape[1] == k for r in rows)
@@ -89,20 +110,33 @@ class Decoded:
     topk_logprobs: torch.Tensor  # [P, k] float32
     target_logprob: torch.Tensor  # [P]
     tail_logmass: torch.Tensor   # [P]
+    counts: torch.Tensor | None = None  # [P, k] sampled targets' draw counts
 
 
-def decode_batch(rb: pa.RecordBatch, encoding: enc.Encoding, k: int) -> Decoded:
+def decode_batch(rb: pa.RecordBatch, encoding: enc.Encoding, k: int, order: enc.VocabOrder | None = None) -> Decoded:
     def flat(name):
         return rb.column(name).values.to_numpy(zero_copy_only=False)
 
     tgt = rb.column("target_logprob")
     offsets = tgt.offsets.to_numpy().astype(np.int64) - tgt.offsets[0].as_py()
     P = int(offsets[-1])
-    ids, lps = encoding.decode({name: flat(name) for name in encoding.per_entry_columns()}, P, k)
+    cols = {name: flat(name) for name in encoding.per_entry_columns(1 << 32) if name in rb.schema.names}
+    ids, lps = encoding.decode(cols, P, k, order=order)
     return Decoded(seq_ids=rb.column("seq_id").to_numpy(), starts=rb.column("start").to_numpy(),
                    crcs=rb.column("tokens_crc").to_numpy(), offsets=offsets, topk_ids=ids, topk_logprobs=lps,
                    target_logprob=torch.from_numpy(flat("target_logprob").copy()),
-                   tail_logmass=torch.from_numpy(flat("tail_logmass").copy()))
+                   tail_logmass=torch.from_numpy(flat("tail_logmass").copy()),
+                   counts=encoding.decode_counts(cols, P) if encoding.sampled else None)
+
+
+def write_vocab_order(path: Path, order: enc.VocabOrder) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(order.order, np.uint32), allow_pickle=False)
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def read_vocab_order(path: Path, vocab_size: int) -> enc.VocabOrder:
+    return enc.VocabOrder(np.load(path, allow_pickle=False), vocab_size)
 
 
 class LogitCache:
@@ -113,16 +147,33 @@ class LogitCache:
         self.shards = ShardSet(self.dir, verify=verify)
         self.manifest = self.shards.manifest
         self.key = self.manifest["key"]
-        self.k = self.key["top_k"]
         self.encoding = enc.get(self.key["encoding"])
+        self.k = self.encoding.draws or self.key["top_k"]  # slots per position
+        self.order = self._vocab_order(verify) if self.encoding.vocab_ordered else None
         self.shard_size = self.manifest["shard_size"]
         self.rows_per_batch = self.manifest["rows_per_batch"]
         self._decoded: OrderedDict = OrderedDict()
         self._capacity = decoded_batches
 
+    def _vocab_order(self, verify: bool) -> enc.VocabOrder:
+        path, entry = self.dir / VOCAB_ORDER, self.manifest.get("vocab_order") or {}
+        if not path.is_file() or (verify and file_digest(path) != entry.get("checksum")):
+            raise CorruptShardError(f"{path} is missing or corrupt (checksum mismatch); rebuild the cache by "
+                                    f"rerunning the stage that wrote {self.dir.name}")
+        return read_vocab_order(path, self.manifest["vocab_size"])
+
     @property
     def id(self) -> str:
         return self.dir.name
+
+    @property
+    def sampled(self) -> bool:
+        return self.encoding.sampled
+
+    @property
+    def bytes(self) -> int:
+        """On disk: the shards and what is stored once per cache (the vocabulary order)."""
+        return self.manifest["bytes"] + (self.manifest.get("vocab_order") or {}).get("bytes", 0)
 
     def hold(self) -> LogitCache:
         """Marks this process as a reader until it exits, so that `hpd cache gc` leaves the cache alone."""
@@ -144,7 +195,7 @@ class LogitCache:
         key = (shard, batch)
         if key not in self._decoded:
             rb = self.shards.reader(shard).get_batch(batch)
-            self._decoded[key] = decode_batch(rb, self.encoding, self.k)
+            self._decoded[key] = decode_batch(rb, self.encoding, self.k, self.order)
             if len(self._decoded) > self._capacity:
                 self._decoded.popitem(last=False)
         self._decoded.move_to_end(key)
@@ -153,7 +204,7 @@ class LogitCache:
     def iter_decoded(self):
         for shard in range(self.shards.num_shards):
             for batch in range(self.shards.reader(shard).num_record_batches):
-                yield decode_batch(self.shards.reader(shard).get_batch(batch), self.encoding, self.k)
+                yield decode_batch(self.shards.reader(shard).get_batch(batch), self.encoding, self.k, self.order)
 
     def _locate(self, seq_id: int) -> tuple[Decoded, int]:
         shard, row = divmod(int(seq_id), self.shard_size)
@@ -171,10 +222,11 @@ class LogitCache:
         return ScoredSequence(seq_id=int(seq_id), input_ids=np.empty(0, np.int32), start=int(d.starts[r]),
                               topk_ids=d.topk_ids[sl].numpy(), topk_logprobs=d.topk_logprobs[sl].numpy(),
                               target_logprob=d.target_logprob[sl].numpy(), tail_logmass=d.tail_logmass[sl].numpy(),
-                              crc=int(d.crcs[r]))
+                              crc=int(d.crcs[r]), counts=None if d.counts is None else d.counts[sl].numpy())
 
-    def batch(self, seq_ids, input_ids: list | None = None, length: int | None = None) -> CacheBatch:
-        """Rows for `seq_ids`, placed at their token positions in a [B, length] grid.
+    def batch(self, seq_ids, input_ids: list | None = None, length: int | None = None) -> CacheBatch | SampledBatch:
+        """Rows for `seq_ids`, placed at their token positions in a [B, length] grid (a SampledBatch for sampled
+        targets).
 
         Pass the batch's token ids as `input_ids` to have every row's token CRC checked against them.
         """
@@ -184,8 +236,9 @@ class LogitCache:
             rows.append(ScoredSequence(seq_id=int(d.seq_ids[r]), input_ids=None, start=int(d.starts[r]),
                                        topk_ids=d.topk_ids[sl], topk_logprobs=d.topk_logprobs[sl],
                                        target_logprob=d.target_logprob[sl], tail_logmass=d.tail_logmass[sl],
-                                       crc=int(d.crcs[r])))
-        return grid_batch(rows, self.k, input_ids=input_ids, length=length, cache_id=self.id)
+                                       crc=int(d.crcs[r]), counts=None if d.counts is None else d.counts[sl]))
+        return grid_batch(rows, self.k, input_ids=input_ids, length=length, cache_id=self.id,
+                          draws=self.encoding.draws)
 
 
 class CacheRoot:
@@ -210,11 +263,14 @@ class CacheRoot:
         return lock_for(self.path_for(key))
 
     def writer(self, key: dict, *, shard_size: int, num_sequences: int, vocab_size: int,
-               provenance: dict | None = None, rank: int = 0, zstd_level: int = ZSTD_LEVEL) -> "CacheWriter":
+               provenance: dict | None = None, rank: int = 0, zstd_level: int = ZSTD_LEVEL,
+               learn_order: Callable[[], np.ndarray] | None = None) -> "CacheWriter":
+        """`learn_order()` gives the ids whose frequencies make the cache's VocabOrder (encodings that renumber
+        ids): called once, by rank 0, when no order was stored by an earlier attempt; the other ranks read it."""
         return CacheWriter(self.path_for(key), {
             "format": "hpd-logit-cache", "key": key, "shard_size": shard_size, "rows_per_batch": ROWS_PER_BATCH,
             "num_sequences": num_sequences, "vocab_size": vocab_size, "provenance": provenance or {}}, rank,
-            zstd_level)
+            zstd_level, learn_order)
 
     def open(self, cache_id: str) -> LogitCache:
         matches = [p for p in self.published_dirs() if p.name.startswith(cache_id)] if cache_id else []
@@ -247,15 +303,32 @@ def users(cache: LogitCache) -> dict[str, float]:
 
 
 class CacheWriter(ShardWriter):
+    def __init__(self, final_dir: Path, meta: dict, rank: int = 0, zstd_level: int = ZSTD_LEVEL,
+                 learn_order: Callable[[], np.ndarray] | None = None):
+        super().__init__(final_dir, meta, rank, zstd_level)
+        self.order = None
+        if self.encoding.vocab_ordered:
+            path = self.tmp_dir / VOCAB_ORDER  # cleared with the rest of tmp_dir when the settings changed
+            if rank == 0 and not path.is_file():
+                if learn_order is None:
+                    raise ValueError(f"encoding {self.encoding.name} renumbers ids by frequency: give the writer "
+                                     f"the ids to learn the order from (learn_order)")
+                write_vocab_order(path, enc.VocabOrder.learn(learn_order(), meta["vocab_size"]))
+            self.order = read_vocab_order(path, meta["vocab_size"])
+
     @property
     def encoding(self) -> enc.Encoding:
         return enc.get(self.meta["key"]["encoding"])
 
     def write_rows(self, index: int, rows: list[ScoredSequence]) -> dict:
-        table = rows_table(rows, self.encoding, self.meta["vocab_size"])
+        table = rows_table(rows, self.encoding, self.meta["vocab_size"], self.order)
         return self.write(index, table, rows_per_batch=self.meta["rows_per_batch"],
                           tokens=int(sum(len(r.target_logprob) for r in rows)))
 
     def finish(self, num_shards: int, **summary) -> dict:
         tokens = sum(self.shards[i]["tokens"] for i in range(num_shards) if i in self.shards)
+        if self.order is not None:
+            path = self.tmp_dir / VOCAB_ORDER
+            summary["vocab_order"] = {"file": VOCAB_ORDER, "checksum": file_digest(path), "bytes": path.stat().st_size,
+                                      "tokens": len(self.order.order)}
         return super().finish(num_shards, tokens=tokens, **summary)

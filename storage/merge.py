@@ -99,6 +99,11 @@ def _check(caches: list[LogitCache], weights, k: int, weighting: str) -> None:
     """Everything a merge needs, checked before anything is written."""
     if len(caches) < 2:
         raise ValueError("a merge needs at least two caches")
+    sampled = [c.id for c in caches if c.sampled]
+    if sampled:
+        raise ValueError(f"cache {sampled[0]} holds sampled targets: a mixture of teachers needs each teacher's top-k "
+                         f"and tail (draws from different teachers do not mix into draws from the mixture); score "
+                         f"every teacher with a top-k encoding")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
     if not 1 <= k <= max(c.k for c in caches):
@@ -166,7 +171,9 @@ def merge(caches: list[LogitCache], weights, root: CacheRoot, k: int, encoding=N
         writer = root.writer(key, shard_size=size, num_sequences=first.num_sequences,
                              vocab_size=first.manifest["vocab_size"],
                              provenance={"merged_from": [c.id for c in caches], "weights": list(weights),
-                                         "weighting": weighting})
+                                         "weighting": weighting},
+                             learn_order=lambda: np.concatenate([r.topk_ids for r in _mixed_rows(
+                                 caches, weights, range(min(first.num_sequences, 256)), k, weighting)]))
         num_shards = -(-first.num_sequences // size)
         for shard in range(num_shards):  # a cache's row i is sequence i
             if not writer.done(shard):
@@ -185,6 +192,8 @@ class MixedCache:
         self.caches, self.weights, self.k, self.weighting = caches, list(weights), k, weighting
         self.key = merged_key(caches, weights, k, caches[0].key["encoding"], weighting)
         self.num_sequences = caches[0].num_sequences
+
+    sampled = False  # (_check refuses sampled caches)
 
     @property
     def id(self) -> str:
