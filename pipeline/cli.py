@@ -291,7 +291,7 @@ def cache_verify(cache_id, config_path, overrides):
 @cache.command("repack")
 @click.argument("cache_id")
 @click.option("--k", "k", type=int, required=True, help="the new, smaller k")
-@click.option("--encoding", default=None, help="fp16 | rank-q8[:STEP] | idsort-q8[:STEP] (default: the same)")
+@click.option("--encoding", default=None, help="fp16 | rank-q8[:STEP] | idsort-q8[:STEP] | compact[:STEP] (default: the same)")
 @config_option
 @set_option
 def cache_repack(cache_id, k, encoding, config_path, overrides):

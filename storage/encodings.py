@@ -231,6 +231,9 @@ def get(spec: dict | str) -> Encoding:
             return Encoding(name, float(arg)) if arg else ENCODINGS[name]
         except ValueError:
             raise ValueError(f"{spec!r}: the step after ':' must be a number of nats, e.g. {name}:0.0625") from None
+    if spec.get("name") not in ENCODINGS:  # a cache written by a newer version: name it, never misread it
+        raise ValueError(f"unknown encoding {spec.get('name')!r} (this version reads {', '.join(ENCODINGS)}); "
+                         f"read the cache with the hpd version that wrote it, or rescore it")
     return Encoding(spec["name"], spec.get("step", 0.0), spec.get("draws", 0))
 
 

@@ -157,10 +157,14 @@ class LogitCache:
 
     def _vocab_order(self, verify: bool) -> enc.VocabOrder:
         path, entry = self.dir / VOCAB_ORDER, self.manifest.get("vocab_order") or {}
-        if not path.is_file() or (verify and file_digest(path) != entry.get("checksum")):
-            raise CorruptShardError(f"{path} is missing or corrupt (checksum mismatch); rebuild the cache by "
+        damaged = CorruptShardError(f"{path} is missing or corrupt (checksum mismatch); rebuild the cache by "
                                     f"rerunning the stage that wrote {self.dir.name}")
-        return read_vocab_order(path, self.manifest["vocab_size"])
+        if not path.is_file() or (verify and file_digest(path) != entry.get("checksum")):
+            raise damaged
+        try:
+            return read_vocab_order(path, self.manifest["vocab_size"])
+        except (ValueError, OSError, IndexError):
+            raise damaged from None
 
     @property
     def id(self) -> str:
