@@ -28,12 +28,14 @@ from hpd import open_run
 from hpd.stages import modeling
 from hpd.storage import encodings as enc
 from hpd.storage import shards as shards_mod
-from hpd.storage.logit_cache import DEFAULT_ENCODING, CacheRoot, LogitCache, ScoredSequence, cache_key, decode_batch
+from hpd.storage.logit_cache import (DEFAULT_ENCODING, LEARN_POSITIONS, CacheRoot, LogitCache, ScoredSequence, cache_key,
+                                    decode_batch)
 from hpd.storage.sequences import SequenceStore
 
 KS = [8, 16, 32, 64, 128]
 SHIPPED_LEVEL = shards_mod.ZSTD_LEVEL
-ENCODINGS = ["fp16", "rank-q8:0.03125", "rank-q8:0.0625", "rank-q8:0.125", "idsort-q8:0.0625"]
+ENCODINGS = ["fp16", "rank-q8:0.03125", "rank-q8:0.0625", "rank-q8:0.125", "idsort-q8:0.0625", "compact:0.0625",
+             "compact:0.125", "compact:0.25"]
 ANCHORS = {"dense bf16, vocab 152k": 297 * 1024, "top-64 int32 id + fp16, raw": 384,
            "Megatron-LM top-128 before zstd": 528, "DistillKit recommended k=128": "312-344",
            "DistillKit budget k=50": "114-127", "small model k=64 int32+fp16 after zstd (field.md)": "152-203",
@@ -59,6 +61,11 @@ def rebuild_kl(full_lp: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail
     q_each = (q_tail - np.log(V - k))[:, None]
     kl_tail = torch.where(outside, full_lp.exp() * (full_lp - q_each), torch.zeros_like(full_lp)).sum(1)
     return kl_bucket, kl_top + kl_tail
+
+
+def first_ids(rows) -> np.ndarray:
+    """The ids of the first LEARN_POSITIONS positions: what a cache learns its VocabOrder from."""
+    return np.concatenate([r.topk_ids for r in rows])[:LEARN_POSITIONS].ravel()
 
 
 def main():
@@ -87,6 +94,7 @@ def main():
     rows, kl = [], {(k, e): [[], []] for k in KS for e in ENCODINGS}
     entropy, tails = [], {k: [] for k in KS}
     t_score = time.perf_counter()
+    torch.set_grad_enabled(False)  # scoring (the student's steps below turn it back on)
     for i in range(0, n, 16):
         part = slice(i, i + 16)
         lp_all, _ = modeling.log_probs(model, seqs[part], tok.pad_token_id)
@@ -102,10 +110,11 @@ def main():
             for k in KS if i + b < args.kl_sequences else []:
                 tail_k = torch.logsumexp(full.scatter(1, top_ids[:, :k], -np.inf), 1)
                 tails[k].append(tail_k.exp())
+                order = enc.VocabOrder.learn(top_ids[:, :k].numpy(), V)  # any order: ids are kept exactly
                 for e in ENCODINGS:
                     code = enc.get(e)
-                    cols = code.encode(top_ids[:, :k].numpy(), top_lp[:, :k].float().numpy(), V)
-                    d_ids, d_lps = code.decode(cols, len(full), k)
+                    cols = code.encode(top_ids[:, :k].numpy(), top_lp[:, :k].float().numpy(), V, order=order)
+                    d_ids, d_lps = code.decode(cols, len(full), k, order=order)
                     a, f = rebuild_kl(full, d_ids, d_lps, tail_k.float())
                     kl[(k, e)][0].append(a)
                     kl[(k, e)][1].append(f)
@@ -133,7 +142,8 @@ def main():
                 key = cache_key(teacher=f"bench-{level}", tokenizer="t", data="d", top_k=k, temperature=1.0,
                                 encoding=code.spec)
                 root = CacheRoot(tmp / f"z{level}")
-                w = root.writer(key, shard_size=len(krows), num_sequences=len(krows), vocab_size=V, zstd_level=level)
+                w = root.writer(key, shard_size=len(krows), num_sequences=len(krows), vocab_size=V, zstd_level=level,
+                                learn_order=lambda: first_ids(krows))
                 t0 = time.perf_counter()
                 w.write_rows(0, krows)
                 w.finish(1)
@@ -147,14 +157,30 @@ def main():
                 assert decoded_tokens == tokens
                 kb, kf = (torch.cat(x).mean().item() for x in kl[(k, e)])
                 results.append({"k": k, "encoding": e, "zstd_level": level,
-                                "bytes_per_token": cache.manifest["bytes"] / tokens,
+                                "bytes_per_token": cache.bytes / tokens, "order_bytes": cache.bytes - cache.manifest["bytes"],
                                 "kl_bucket": kb, "kl_full": kf,
                                 "encode_tokens_per_s": tokens / t_enc, "decode_tokens_per_s": tokens / t_dec})
                 if level == SHIPPED_LEVEL:
                     decode_speed[(k, e)] = tokens / t_dec
 
+    # The VocabOrder learned from the first LEARN_POSITIONS positions against one learned from the whole cache
+    # (the best any order learned from this data can do), at k=64, the shipped level.
+    krows, order_study = with_k(64), {}
+    for name, ids_from in (("first positions", first_ids), ("whole cache", lambda r: np.concatenate(
+            [x.topk_ids for x in r]).ravel())):
+        key = cache_key(teacher=f"order-{name}", tokenizer="t", data="d", top_k=64, temperature=1.0, encoding="compact")
+        root = CacheRoot(tmp / "order")
+        w = root.writer(key, shard_size=len(krows), num_sequences=len(krows), vocab_size=V,
+                        learn_order=lambda f=ids_from: f(krows))
+        w.write_rows(0, krows)
+        w.finish(1)
+        c = LogitCache(root.path_for(key))
+        order_study[name] = {"shard_bytes_per_token": c.manifest["bytes"] / tokens,
+                             "order_bytes": c.bytes - c.manifest["bytes"]}
+
     # Loader time against a student step: random batches of 32 sequences from the k=64 default-encoded cache.
     loader = {}
+    torch.set_grad_enabled(True)
 
     torch.set_num_threads(os.cpu_count())
     key = cache_key(teacher=f"bench-{SHIPPED_LEVEL}", tokenizer="t", data="d", top_k=64, temperature=1.0,
@@ -233,7 +259,8 @@ def main():
                "teacher_entropy_nats": torch.cat(entropy).mean().item(),
                "tail_mass_mean": {k: torch.cat(tails[k]).mean().item() for k in KS},
                "scoring_seconds": t_score, "zstd_level": SHIPPED_LEVEL, "results": results,
-               "loader": loader, "anchors_bytes_per_token": ANCHORS}
+               "loader": loader, "anchors_bytes_per_token": ANCHORS, "vocab_order_study_k64": order_study,
+               "learn_positions": LEARN_POSITIONS}
     out = Path(args.out or Path(__file__).parent / "results" /
                ("cache_formats" if args.config == "dialogue" else f"cache_formats_{args.config}"))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,6 +282,10 @@ def main():
     for e in ENCODINGS:
         sizes = {r["zstd_level"]: r["bytes_per_token"] for r in results if r["k"] == 64 and r["encoding"] == e}
         md.append(f"| {e} | " + " | ".join(f"{sizes[lv]:.1f}" for lv in [1, 3, SHIPPED_LEVEL, 19]) + " |")
+    md += ["", f"compact at k=64, the vocabulary order learned from the first {LEARN_POSITIONS:,} positions (shipped) "
+           f"against one learned from the whole cache: " + "; ".join(
+               f"{name} {v['shard_bytes_per_token']:.1f} B/token + {v['order_bytes']:,} B once"
+               for name, v in order_study.items()) + "."]
     md += ["", "Anchors from other systems (bytes per token, field.md): " + "; ".join(
         f"{name}: {v if isinstance(v, str) else f'{v:,}'}" for name, v in ANCHORS.items()) + "."]
     md += ["", f"Container, k=64 {DEFAULT_ENCODING}, read + decode on one core, same run: one zstd frame per "

@@ -1,12 +1,13 @@
-"""Sampled teacher targets against top-k, by the gradient they give (issue 22's first measurement).
+"""Sampled teacher targets against top-k at matched bytes (issue 22): bytes per token and gradient fidelity.
 
-For the batches and student of bench/hpd_gradient.py, the gradient of fkl, hpd_fkl and hpd with respect to the
-student's parameters, computed with the teacher's full logits, is compared (cosine) with the same gradient from:
-  - a top-k cache at k = 16 and 64 (the real encode/decode path, as bench/hpd_gradient.py does);
-  - sampled targets with N draws (`stages/scoring.py sample_positions`: N slots per position, the drawn tokens with an
-    unbiased estimate of p, the rest of the slots the most probable undrawn tokens), from p itself (proposal 1) and
-    from the flatter proposal p^0.5, one set of draws per position as a cache would hold.
-No cache encoding for sampled targets exists yet, so the arms are compared at equal slots per position, not bytes.
+For the batches and student of bench/hpd_gradient.py, every arm is what a cache would hand the student: the score
+stage's own computation for each sequence (top-k: `score_positions`; sampled targets: `sample_positions` with one
+seed per sequence, drawn slots only, as `score.encoding = "sampled:N"` stores them), through the cache's encode and
+decode path (`storage.logit_cache.round_trip`). Per arm:
+  - bytes per scored token of a real cache of the bench's sequences (CacheRoot writer, zstd as shipped); the
+    VocabOrder that compact and sampled store once per cache is reported apart (it does not grow with the cache);
+  - the cosine between the gradient (w.r.t. the student's parameters) of fkl, hpd_fkl and hpd from the arm and
+    from the teacher's full logits, with the same student samples.
 
     python -m bench.sampled_targets [--config dialogue|smollm2]
 
@@ -15,26 +16,62 @@ Writes bench/results/sampled_targets[_smollm2].json.
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from hpd.stages.losses import distill_loss
-from hpd.stages.scoring import sample_positions
-from hpd.storage.cache_batch import SampledBatch
+from hpd.stages.scoring import sample_positions, score_positions
+from hpd.storage import encodings as enc
+from hpd.storage.logit_cache import CacheRoot, LogitCache, ScoredSequence, cache_key, round_trip
 
-from .hpd_gradient import agreement, arguments, cache_from_logits, flat_grad, gradient_batches, results_path
+from .hpd_gradient import agreement, arguments, flat_grad, gradient_batches, results_path
 
-SAMPLED = [(8, 1.0), (16, 1.0), (64, 1.0), (16, 0.5)]  # (draws = slots per position, proposal exponent)
+ARMS = {"top-16 idsort-q8": ("idsort-q8", 16), "top-16 compact": ("compact", 16),
+        "top-64 idsort-q8": ("idsort-q8", 64), "top-64 compact": ("compact", 64),
+        **{f"sampled {n}": (f"sampled:{n}", n) for n in (8, 16, 32, 64)},
+        **{f"sampled-counts {n}": (f"sampled-counts:{n}", n) for n in (16, 32)},
+        **{f"top-{h} + sampled {n}": (f"sampled:{h}+{n}", h + n) for h, n in ((4, 8), (8, 8), (8, 16))}}
+METHODS = ("fkl", "hpd_fkl", "hpd")
 
 
-def sampled_batch(t_logits, ids, cache_mask, draws: int, proposal: float, seed: int) -> SampledBatch:
-    B, L, V = t_logits.shape
-    nxt = torch.cat([ids[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1)
-    s_ids, log_w, logp, target, tail, _ = sample_positions(t_logits.reshape(B * L, V), nxt.reshape(-1), draws=draws,
-                                                  proposal=proposal, generator=torch.Generator().manual_seed(seed))
-    return SampledBatch(ids=s_ids.view(B, L, -1), log_weight=log_w.view(B, L, -1), logprob=logp.view(B, L, -1),
-                        target_logprob=target.view(B, L), tail_logmass=tail.view(B, L), mask=cache_mask)
+def scored_rows(t_logits, ids, cache_mask, encoding: str, k: int, batch: int) -> list[ScoredSequence]:
+    """What the score stage stores for each sequence of the batch (positions where cache_mask is set)."""
+    rows, code = [], enc.get(encoding)
+    for b in range(len(ids)):
+        pos = cache_mask[b].nonzero()[:, 0]
+        t0, t1 = int(pos[0]), int(pos[-1]) + 1
+        logits, nxt = t_logits[b, t0:t1].float(), ids[b, t0 + 1:t1 + 1]
+        if code.sampled:
+            g = torch.Generator().manual_seed(batch * 10_000 + b)
+            d = sample_positions(logits, nxt, draws=code.draws, generator=g, fill=False, head=code.head)
+            cols = {"topk_ids": d.ids, "topk_logprobs": d.logprob, "target_logprob": d.target, "tail_logmass": d.tail,
+                    "counts": d.counts, **({"rest_logmass": d.rest} if code.head else {})}
+        else:
+            top_ids, top_lp, target, tail = score_positions(logits, nxt, top_k=k)
+            cols = {"topk_ids": top_ids, "topk_logprobs": top_lp, "target_logprob": target, "tail_logmass": tail}
+        rows.append(ScoredSequence(seq_id=batch * 10_000 + b, input_ids=ids[b, :t1 + 1].numpy(), start=t0,
+                                   **{name: v.numpy() for name, v in cols.items()}))
+    return rows
+
+
+def stored_ids(rows: list[ScoredSequence]) -> np.ndarray:
+    return np.concatenate([r.topk_ids[r.topk_logprobs > -np.inf] for r in rows])
+
+
+def cache_bytes(rows: list[ScoredSequence], encoding: str, k: int, vocab: int, learn_from: np.ndarray, tmp: Path):
+    """(shard bytes, vocabulary-order bytes) of a real cache holding `rows`."""
+    key = cache_key(teacher="bench", tokenizer="t", data="d", top_k=k, temperature=1.0, encoding=encoding)
+    root = CacheRoot(tmp)
+    for i, r in enumerate(rows):
+        r.seq_id = i  # a cache's row i is sequence i
+    w = root.writer(key, shard_size=len(rows), num_sequences=len(rows), vocab_size=vocab, learn_order=lambda: learn_from)
+    w.write_rows(0, rows)
+    w.finish(1)
+    cache = LogitCache(root.path_for(key))
+    return cache.manifest["bytes"], cache.bytes - cache.manifest["bytes"]
 
 
 def main():
@@ -42,37 +79,52 @@ def main():
     out = results_path(args, "sampled_targets")
     batches = gradient_batches(args)
     student = next(batches)
-    cosines: dict[str, list[float]] = {}
-    distinct: dict[str, list[float]] = {}  # drawn ids per position: what a compact encoding would store
+    cosines: dict[str, dict[str, list[float]]] = {a: {m: [] for m in METHODS} for a in ARMS}
+    rows: dict[str, list] = {a: [] for a in ARMS}
+    orders: dict[str, enc.VocabOrder] = {}
+    drawn: dict[str, list[float]] = {}
+    vocab = None
     for n, (ids, mask, labels, t_logits, sample, cache_mask) in enumerate(batches, 1):
-        targets = {f"top-{k}": cache_from_logits(t_logits, ids, cache_mask, k) for k in (16, 64)}
-        targets.update({f"sampled {d}" + (f" (proposal p^{q:g})" if q != 1 else ""):
-                        sampled_batch(t_logits, ids, cache_mask, d, q, seed=n) for d, q in SAMPLED})
-        for name, t in targets.items():
-            if name.startswith("sampled"):
-                drawn = (t.log_weight > -float("inf")).sum(-1)[cache_mask]
-                distinct.setdefault(name, []).append(float(drawn.float().mean()))
-        for method in ("fkl", "hpd_fkl", "hpd"):
+        vocab = t_logits.shape[-1]
+        views = {}
+        for arm, (encoding, k) in ARMS.items():
+            scored = scored_rows(t_logits, ids, cache_mask, encoding, k, n)
+            rows[arm] += scored
+            if arm not in orders:  # learned from the first batch, as a cache learns it from its first positions
+                orders[arm] = enc.VocabOrder.learn(stored_ids(scored), vocab)
+            views[arm] = round_trip(scored, encoding, vocab, orders[arm], length=ids.shape[1])
+            assert torch.equal(views[arm].mask, cache_mask)
+            if enc.get(encoding).sampled:  # ids stored per position
+                drawn.setdefault(arm, []).append(float((views[arm].logprob > -np.inf).sum(-1)[cache_mask]
+                                                       .float().mean()))
+        for method in METHODS:
             grads = {}
-            for name, teacher in (("full", t_logits), *targets.items()):
+            for name, teacher in (("full", t_logits), *views.items()):
                 student.zero_grad()
                 loss, _ = distill_loss(method, student(input_ids=ids, attention_mask=mask).logits, labels,
                                        teacher=teacher, sampled_tokens=sample)
                 loss.backward()
                 grads[name] = flat_grad(student).clone()
-            for name in targets:
-                cosines.setdefault(f"{method} from {name}", []).append(agreement(grads[name], grads["full"])[0])
-        print(f"batch {n}/{args.batches}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in cosines.items()
-                                                         if k.startswith("fkl")), flush=True)
-    summary = {k: {"cosine_mean": float(np.mean(v)), "cosine_min": float(np.min(v)), "batches": len(v)}
-               for k, v in cosines.items()}
+            for arm in ARMS:
+                cosines[arm][method].append(agreement(grads[arm], grads["full"])[0])
+        print(f"batch {n}/{args.batches}: fkl " + ", ".join(f"{a} {c['fkl'][-1]:.3f}" for a, c in cosines.items()),
+              flush=True)
+    tokens = sum(len(r.target_logprob) for r in rows["top-16 compact"])
+    arms = {}
+    with tempfile.TemporaryDirectory(prefix="hpd-sampled-") as tmp:
+        for i, (arm, (encoding, k)) in enumerate(ARMS.items()):
+            first = rows[arm][:max(1, len(rows[arm]) // args.batches)]  # the first batch's rows
+            shard, order = cache_bytes(rows[arm], encoding, k, vocab, stored_ids(first), Path(tmp) / str(i))
+            arms[arm] = {"encoding": encoding, "bytes_per_token": shard / tokens, "order_bytes": order,
+                         **({"distinct_ids_per_position": float(np.mean(drawn[arm]))} if arm in drawn else {}),
+                         **{m: {"cosine_mean": float(np.mean(v)), "cosine_min": float(np.min(v))}
+                            for m, v in cosines[arm].items()}}
     out.parent.mkdir(parents=True, exist_ok=True)
-    drawn = {k: float(np.mean(v)) for k, v in distinct.items()}
-    out.with_suffix(".json").write_text(json.dumps({"config": args.config, "batches": args.batches, "arms": summary,
-                                                    "distinct_drawn_ids_per_position": drawn}, indent=1) + "\n")
-    print(drawn)
-    for k, v in summary.items():
-        print(f"{k:<40} cosine {v['cosine_mean']:.4f} (min {v['cosine_min']:.4f})")
+    out.with_suffix(".json").write_text(json.dumps({"config": args.config, "batches": args.batches, "tokens": tokens,
+                                                    "vocab_size": vocab, "arms": arms}, indent=1) + "\n")
+    for arm, a in arms.items():
+        print(f"{arm:<18} {a['bytes_per_token']:6.1f} B/token (+{a['order_bytes']} B once)  " +
+              "  ".join(f"{m} {a[m]['cosine_mean']:.4f}" for m in METHODS))
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def _check_choices(cfg: dict) -> None:
         encoding = encodings.get(score["encoding"])
     except ValueError as e:
         raise HpdError(f"score.encoding: {e}") from None
-    if score["top_k"] == 1 and encoding.name not in ("fp16", "sampled"):
+    if score["top_k"] == 1 and encoding.name != "fp16" and not encoding.sampled:
         raise HpdError(f"score.encoding={encoding.name} needs top_k >= 2; use encoding=\"fp16\" for k=1")
     if encoding.sampled and score["engine"] == "vllm":
         raise HpdError("score.encoding=sampled draws from the teacher's whole distribution, which vLLM does not "

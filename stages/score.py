@@ -33,7 +33,8 @@ def run(ctx, cfg: dict, teacher: Teacher, generate: Sequences) -> Cache:
     gen = generate
     encoding = encodings.get(cfg["encoding"])  # a known one, with k >= 2 unless fp16 (config.validate)
     # sampled targets keep `draws` slots per position (the distinct drawn ids), whatever top_k says
-    k, temperature = encoding.draws or cfg["top_k"] or min(DEFAULT_K, teacher.vocab_size), cfg["temperature"]
+    k = encoding.head + encoding.draws if encoding.sampled else cfg["top_k"] or min(DEFAULT_K, teacher.vocab_size)
+    temperature = cfg["temperature"]
     if not encoding.sampled and not 1 <= k <= teacher.vocab_size:
         raise HpdError(f"score.top_k={k} must be between 1 and the teacher's vocabulary size "
                        f"({teacher.vocab_size}); lower it")
@@ -67,7 +68,7 @@ def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, ke
         model, tokenizer = modeling.load_teacher(teacher)
         model = modeling.to_accelerator(model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    draws = encodings.get(key["encoding"]).draws
+    draws, head = encodings.get(key["encoding"]).draws, encodings.get(key["encoding"]).head
     seed_base = int(key_id(key), 16) % (1 << 40)  # a sequence's draws depend on the cache and the sequence alone
 
     def score(batch, batch_plens, batch_ids, timer):
@@ -75,7 +76,7 @@ def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, ke
             with timer("forward"):
                 return vllm_engine.score(llm, batch, batch_plens, top_k=cfg["top_k"], temperature=cfg["temperature"])
         return score_batch(model, batch, batch_plens, top_k=cfg["top_k"], temperature=cfg["temperature"],
-                           pad_id=pad, timer=timer, draws=draws,
+                           pad_id=pad, timer=timer, draws=draws, head=head,
                            seeds=[seed_base * 1_000_003 + int(s) for s in batch_ids])
 
     def learn_order():  # the ids the cache stores for its first positions (only when no order is stored yet)
@@ -85,7 +86,7 @@ def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, ke
         for part in modeling.length_batches([len(x) for x in seqs[:n]], cfg["batch_size"], cfg["batch_tokens"]):
             for sc in score([seqs[i] for i in part], [int(plens[i]) for i in part], [seq_ids[i] for i in part],
                             Timer()):
-                ids.append(sc["topk_ids"][sc["counts"] > 0] if "counts" in sc else sc["topk_ids"].ravel())
+                ids.append(sc["topk_ids"][sc["topk_logprobs"] > -np.inf])  # the stored slots
         return np.concatenate(ids)
 
     size = cfg["shard_size"]

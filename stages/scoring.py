@@ -42,7 +42,8 @@ def score_positions(logits: torch.Tensor, targets: torch.Tensor, *, top_k: int, 
 
 @torch.no_grad()
 def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k: int, temperature: float,
-                pad_id: int, timer: Timer | None = None, draws: int = 0, seeds: list[int] | None = None) -> list[dict]:
+                pad_id: int, timer: Timer | None = None, draws: int = 0, head: int = 0,
+                seeds: list[int] | None = None) -> list[dict]:
     """Top-k, exact target log-prob and tail log-mass for every response position of each sequence. With `draws`,
     sampled targets instead (sample_positions, drawn slots only, with their counts), each sequence's draws from its
     own seed in `seeds`: a sequence gets the same draws whatever batch it is scored in (resume, other batch sizes)."""
@@ -67,7 +68,7 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
                            f"the teacher is broken (check its weights and dtype, e.g. fp16 overflow)")
         nxt = ids[rows, cols + 1]
         if draws:
-            return _sampled_rows(kept, nxt, spans, draws, temperature, seeds)
+            return _sampled_rows(kept, nxt, spans, draws, head, temperature, seeds)
         top_ids, top_lp, target, tail = (x.cpu() for x in score_positions(kept, nxt, top_k=top_k,
                                                                            temperature=temperature))
         out, i = [], 0
@@ -79,55 +80,72 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
     return out
 
 
-def _sampled_rows(kept, nxt, spans, draws: int, temperature: float, seeds: list[int]) -> list[dict]:
+def _sampled_rows(kept, nxt, spans, draws: int, head: int, temperature: float, seeds: list[int]) -> list[dict]:
     out, i = [], 0
     for (st, e), seed in zip(spans, seeds):
         sl = slice(i, i + e - st)
         g = torch.Generator(device=kept.device).manual_seed(int(seed))
-        d = sample_positions(kept[sl], nxt[sl], draws=draws, temperature=temperature, generator=g, fill=False)
+        d = sample_positions(kept[sl], nxt[sl], draws=draws, temperature=temperature, generator=g, fill=False,
+                             head=head)
         out.append({"start": st, "topk_ids": d.ids.cpu().numpy(), "topk_logprobs": d.logprob.cpu().numpy(),
                     "counts": d.counts.cpu().numpy(), "target_logprob": d.target.cpu().numpy(),
-                    "tail_logmass": d.tail.cpu().numpy()})
+                    "tail_logmass": d.tail.cpu().numpy(), **({"rest_logmass": d.rest.cpu().numpy()} if head else {})})
         i += e - st
     return out
 
 
 class Draws(NamedTuple):
-    """sample_positions' result, per position: S slots."""
-    ids: torch.Tensor         # [N, S] distinct ids
-    log_weight: torch.Tensor  # [N, S] log p_hat (-inf where undrawn)
+    """sample_positions' result, per position: S = head + draws slots."""
+    ids: torch.Tensor         # [N, S] distinct ids: the head's, then the drawn ones
+    log_weight: torch.Tensor  # [N, S] log p_hat: exact log p for the head, -inf where undrawn
     logprob: torch.Tensor     # [N, S] exact log p
     target: torch.Tensor      # [N] exact log p of the next token
     tail: torch.Tensor        # [N] log of the mass outside the slots
-    counts: torch.Tensor      # [N, S] times each slot's id was drawn
+    counts: torch.Tensor      # [N, S] times each slot's id was drawn (0 for the head)
+    rest: torch.Tensor        # [N] log of the mass outside the head, that the draws estimate (0 without a head)
 
 
 @torch.no_grad()
 def sample_positions(logits: torch.Tensor, targets: torch.Tensor, *, draws: int, temperature: float = 1.0,
-                     proposal: float = 1.0, generator: torch.Generator | None = None, fill: bool = True) -> Draws:
+                     proposal: float = 1.0, generator: torch.Generator | None = None, fill: bool = True,
+                     head: int = 0) -> Draws:
     """What a sampled-targets cache stores for N positions (random-sampling KD, Anshumann et al. 2025), from their
-    [N, V] float32 logits and the [N] tokens that follow. `draws` tokens are drawn with replacement from the
-    proposal r = p^proposal / Z (p at the scoring temperature; proposal = 1: p itself). Per position, `draws` distinct
-    slots: first the distinct drawn ids, each with p_hat = count / draws x p / r, an unbiased estimate of p (its
-    expectation over the draws is p), then, where fewer distinct ids were drawn, the most probable undrawn tokens with
-    p_hat = 0. Every slot has its exact log p; the target's exact log p and the tail's log-mass (outside the slots)
-    too. With fill=False the undrawn slots are left empty (-inf) and the tail is the mass outside the drawn ids:
+    [N, V] float32 logits and the [N] tokens that follow. With `head`, the `head` most probable tokens are kept
+    exactly and the draws estimate the rest of the distribution only (lower variance for the same draws).
+
+    `draws` tokens are drawn with replacement from r = q^proposal / Z, q being p outside the head renormalised (p
+    itself without a head; proposal = 1: q itself). Slots: the head (p_hat = p), then the distinct drawn ids, each
+    with p_hat = count / draws x q / r x R, R the mass outside the head: an unbiased estimate of p (its expectation
+    over the draws is p), then, where fewer distinct ids were drawn, the most probable undrawn tokens with p_hat = 0.
+    Every slot has its exact log p; the target's exact log p and the tail's log-mass (outside the slots) too. With
+    fill=False the undrawn slots are left empty (-inf) and the tail is the mass outside the head and drawn ids:
     what a sampled-targets cache stores (encodings.py `sampled`)."""
     lp = torch.log_softmax(logits / temperature, dim=-1)
-    log_r = torch.log_softmax(lp * proposal, dim=-1)
+    if head:
+        head_lp, head_ids = lp.topk(head, dim=-1)
+        outside = lp.scatter(-1, head_ids, -float("inf"))
+        rest = torch.logsumexp(outside, dim=-1)
+        base = outside - rest[:, None]  # q: p outside the head, renormalised
+    else:
+        base, rest = lp, torch.zeros(len(lp), dtype=lp.dtype, device=lp.device)
+    log_r = torch.log_softmax(base * proposal, dim=-1)
     drawn = torch.multinomial(log_r.exp(), draws, replacement=True, generator=generator)  # [N, draws]
     counts = torch.zeros_like(lp).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=lp.dtype))
-    # drawn ids first (by count), then undrawn ones by p: one ordering key, counts dominating
-    order = torch.where(counts > 0, counts + 2.0, lp.exp())
+    # drawn ids first (by count), then undrawn ones outside the head by p: one ordering key, counts dominating
+    order = torch.where(counts > 0, counts + 2.0, base.exp())
     ids = order.topk(draws, dim=-1).indices
     c = counts.gather(-1, ids)
     logp = lp.gather(-1, ids)
-    log_w = torch.where(c > 0, torch.log(c / draws) + logp - log_r.gather(-1, ids), -float("inf"))
+    log_w = torch.where(c > 0, torch.log(c / draws) + base.gather(-1, ids) - log_r.gather(-1, ids) + rest[:, None],
+                        -float("inf"))
     if not fill:
         logp = torch.where(c > 0, logp, -float("inf"))
+    if head:
+        ids, logp = torch.cat([head_ids, ids], -1), torch.cat([head_lp, logp], -1)
+        log_w, c = torch.cat([head_lp, log_w], -1), torch.cat([torch.zeros_like(head_lp), c], -1)
     target = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     # the mass outside the slots, summed directly (as score_positions does): 1 - sum(slots) rounds to 0 or below
     # when the slots hold nearly all of a peaked distribution (empty slots scatter their own value back)
     tail = torch.logsumexp(lp.scatter(-1, ids, torch.where(logp > -float("inf"), -float("inf"), lp.gather(-1, ids))),
                            dim=-1)
-    return Draws(ids, log_w, logp, target, tail, c.long())
+    return Draws(ids, log_w, logp, target, tail, c.long(), rest)

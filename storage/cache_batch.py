@@ -25,7 +25,8 @@ class ScoredSequence:
     target_logprob: np.ndarray  # [n]
     tail_logmass: np.ndarray    # [n]
     crc: int | None = None      # of input_ids; given directly when the tokens are not at hand (repack)
-    counts: np.ndarray | None = None  # [n, S] sampled targets: draws of each slot (0 = empty); None for top-k
+    counts: np.ndarray | None = None  # [n, S] sampled targets: draws of each slot (0: the head, or empty); None for top-k
+    rest_logmass: np.ndarray | None = None  # [n] sampled targets with a head: log of the mass outside it
 
     @property
     def tokens_crc(self) -> int:
@@ -74,9 +75,10 @@ class CacheBatch(_Batch):
 
 @dataclass
 class SampledBatch(_Batch):
-    """Sampled teacher targets (random-sampling KD): per position, S distinct tokens drawn from the teacher (from a
-    proposal p^tau / Z), each with its estimated probability p_hat = count / N x p / proposal (unbiased: its
-    expectation is p) and its exact log-prob; empty slots (fewer distinct draws) have -inf in both."""
+    """Sampled teacher targets (random-sampling KD): per position, S distinct tokens: the teacher's most probable ones
+    when the cache keeps a head (p_hat = p), then tokens drawn from the teacher (outside the head), each with its
+    estimated probability p_hat (unbiased: its expectation is p, scoring.sample_positions) and its exact log-prob;
+    empty slots (fewer distinct draws) have -inf in both."""
     ids: torch.Tensor             # [B, L, S] int64
     log_weight: torch.Tensor      # [B, L, S] float32, log p_hat
     logprob: torch.Tensor         # [B, L, S] float32, exact log p at ids
@@ -93,7 +95,7 @@ def grid_batch(rows: list[ScoredSequence], k: int, *, input_ids: list | None = N
                cache_id: str = "", draws: int = 0) -> CacheBatch | SampledBatch:
     """Scored rows placed at their token positions in a [B, length] grid (tensors or arrays per row). With the
     batch's `input_ids`, every row's token CRC is checked against them. With `draws`, the rows are sampled
-    targets (k = draws slots, `counts` per row) and a SampledBatch comes back."""
+    targets (k slots, `counts` per row; a head's slots have count 0 and a log-prob) and a SampledBatch comes back."""
     if input_ids is not None:
         for i, (row, ids) in enumerate(zip(rows, input_ids)):
             if row.tokens_crc != tokens_crc(ids):
@@ -117,8 +119,14 @@ def grid_batch(rows: list[ScoredSequence], k: int, *, input_ids: list | None = N
         out.mask[b, sl] = True
     if not draws:
         return out
-    counts = torch.zeros(B, L, k)
+    counts, rest = torch.zeros(B, L, k), torch.zeros(B, L)
     for b, row in enumerate(rows):
-        counts[b, row.start:row.start + len(row.target_logprob)] = torch.as_tensor(row.counts).float()
-    return SampledBatch(ids=out.topk_ids, log_weight=torch.log(counts / draws), logprob=out.topk_logprobs,
+        sl = slice(row.start, row.start + len(row.target_logprob))
+        counts[b, sl] = torch.as_tensor(row.counts).float()
+        if row.rest_logmass is not None:
+            rest[b, sl] = torch.as_tensor(row.rest_logmass).float()
+    # p_hat: count / N of the mass outside the head for drawn slots, p itself for the head's, 0 for empty slots
+    head = (counts == 0) & (out.topk_logprobs > -float("inf"))
+    log_weight = torch.where(head, out.topk_logprobs, torch.log(counts / draws) + rest[..., None])
+    return SampledBatch(ids=out.topk_ids, log_weight=log_weight, logprob=out.topk_logprobs,
                         target_logprob=out.target_logprob, tail_logmass=out.tail_logmass, mask=out.mask)

@@ -23,6 +23,9 @@ Common to all: the exact next-token log-prob and the tail log-mass are float32 c
               stored (a variable number per position, `n`), coded as in compact, each with its draw count
               (uint8, so N <= 255) and its exact log-prob (companded gap to the largest drawn one).
               p_hat = count / N is an unbiased estimate of p (storage/cache_batch.SampledBatch).
+  sampled-counts:N  the same draws without the log-probs: ids and counts only (the random-sampling KD paper's
+              layout). Losses linear in p (fkl) are as unbiased as from sampled:N; every other use sees p_hat scaled
+              to the drawn mass (the exact tail keeps the rest) in place of the exact log-probs.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ def id_dtype(vocab_size: int):
 
 
 G0 = 1.0  # nats: the gap below which compact's quantisation step stays close to `step`
+_GAP_TABLES: dict[float, np.ndarray] = {}  # step -> the gap of each of the 256 codes
 
 
 class VocabOrder:
@@ -80,19 +84,31 @@ class Encoding:
     name: str
     step: float = 0.0  # quantisation step (nats) of the q8 encodings
     draws: int = 0     # sampled: tokens drawn per position
+    head: int = 0      # sampled: the most probable tokens kept exactly, the draws estimating the rest
 
     @property
     def spec(self) -> dict:
-        return {"name": self.name, "step": self.step, **({"draws": self.draws} if self.draws else {})}
+        return {"name": self.name, "step": self.step, **({"draws": self.draws} if self.draws else {}),
+                **({"head": self.head} if self.head else {})}
+
+    @property
+    def slots(self) -> int:
+        """Entries per position at most (sampled: head + draws)."""
+        return self.head + self.draws
 
     @property
     def sampled(self) -> bool:
-        return self.name == "sampled"
+        return self.name in ("sampled", "sampled-counts")
+
+    @property
+    def logprobs(self) -> bool:
+        """Stores a log-prob per entry (all but sampled-counts)."""
+        return self.name != "sampled-counts"
 
     @property
     def vocab_ordered(self) -> bool:
         """Needs a VocabOrder to encode and decode."""
-        return self.name in ("compact", "sampled")
+        return self.name in ("compact", "sampled", "sampled-counts")
 
     def max_error(self, top1_abs: float = 0.0, logprob_abs: float = 0.0, gap: float = 0.0) -> float:
         """Documented bound on |decoded - true| log-prob for an entry within the quantised range."""
@@ -136,7 +152,8 @@ class Encoding:
 
     def _encode_ordered(self, ids, lps, idt, counts, order: VocabOrder) -> dict[str, np.ndarray]:
         P, k = ids.shape
-        keep = counts > 0 if self.sampled else np.ones((P, k), bool)
+        # sampled: the head's slots (count 0) and the drawn ones; empty slots have no log-prob
+        keep = (counts > 0 if not self.logprobs else np.isfinite(lps)) if self.sampled else np.ones((P, k), bool)
         num = np.where(keep, order.number[ids], np.iinfo(np.int64).max)  # empty slots sort last
         by = np.argsort(num, axis=1, kind="stable")
         num, lps = np.take_along_axis(num, by, 1), np.take_along_axis(lps, by, 1)
@@ -144,8 +161,9 @@ class Encoding:
         kept = np.arange(k)[None, :] < n[:, None]  # after the sort, the first n of each position
         top1 = np.where(kept, lps, -np.inf).max(1, keepdims=True).astype(np.float16)
         delta = np.diff(np.where(kept, num, 0), axis=1, prepend=0)
-        cols = {**_planes(delta[kept], idt), "top1": top1.ravel(),
-                "q": self._gap_codes(top1.astype(np.float32) - lps)[kept]}
+        cols = _planes(delta[kept], idt)
+        if self.logprobs:
+            cols.update(top1=top1.ravel(), q=self._gap_codes(top1.astype(np.float32) - lps)[kept])
         if self.sampled:
             cols["n"] = n.astype(np.uint8)
             cols["count"] = np.take_along_axis(counts, by, 1)[kept].astype(np.uint8)
@@ -153,23 +171,37 @@ class Encoding:
 
     def _decode_ordered(self, cols, P: int, k: int, order: VocabOrder):
         nbytes = sum(1 for c in cols if c.startswith("ids"))  # the planes say the ids' width
-        delta = _unplanes(cols, {2: np.uint16, 4: np.uint32}[nbytes]).astype(np.int64)
-        n = cols["n"].astype(np.int64) if self.sampled else np.full(P, k, np.int64)
-        pos = np.repeat(np.arange(P), n)
-        slot = np.arange(len(delta)) - np.repeat(np.cumsum(n) - n, n)
+        delta = _unplanes(cols, {2: np.uint16, 4: np.uint32}[nbytes])
+        if self.logprobs:
+            gaps = self._gap_table()[cols["q"]]  # a lookup per entry, not an expm1
+            top1 = cols["top1"].astype(np.float32)
+        if not self.sampled:  # k entries per position: plain reshapes
+            ids = order.id_of[np.cumsum(delta.reshape(P, k), axis=1, dtype=np.int64)]
+            lps = top1[:, None] - gaps.reshape(P, k)
+            return torch.from_numpy(ids), torch.from_numpy(lps)
+        pos, slot = self._slots(cols["n"])
         grid = np.zeros((P, k), np.int64)
         grid[pos, slot] = delta
         ids = order.id_of[np.cumsum(grid, axis=1)]  # empty slots repeat the last id: valid, weightless
         lps = np.full((P, k), -np.inf, np.float32)
-        lps[pos, slot] = cols["top1"].astype(np.float32)[pos] - self._gaps(cols["q"])
-        return torch.from_numpy(ids), torch.from_numpy(lps), pos, slot
+        # sampled-counts: log p_hat for now (decode_batch scales it to the drawn mass, knowing the tail)
+        lps[pos, slot] = top1[pos] - gaps if self.logprobs else np.log(cols["count"] / np.float32(self.draws))
+        return torch.from_numpy(ids), torch.from_numpy(lps)
+
+    @staticmethod
+    def _slots(n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position, slot) of every stored entry of a variable-width layout with n entries per position."""
+        n = n.astype(np.int64)
+        pos = np.repeat(np.arange(len(n)), n)
+        return pos, np.arange(len(pos)) - np.repeat(np.cumsum(n) - n, n)
+
+    def _gap_table(self) -> np.ndarray:
+        return _GAP_TABLES.setdefault(self.step, self._gaps(np.arange(256)))
 
     def decode_counts(self, cols: dict[str, np.ndarray], P: int) -> torch.Tensor:
         """Sampled: the draw count of every slot [P, N] (0 for empty slots), in the order `decode` gives."""
-        n = cols["n"].astype(np.int64)
-        pos = np.repeat(np.arange(P), n)
-        slot = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-        counts = np.zeros((P, self.draws), np.int64)
+        pos, slot = self._slots(cols["n"])
+        counts = np.zeros((P, self.slots), np.int64)
         counts[pos, slot] = cols["count"]
         return torch.from_numpy(counts)
 
@@ -178,7 +210,7 @@ class Encoding:
     def decode(self, cols: dict[str, np.ndarray], P: int, k: int,
                order: VocabOrder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.vocab_ordered:
-            return self._decode_ordered(cols, P, k, order)[:2]
+            return self._decode_ordered(cols, P, k, order)
         if self.name == "fp16":
             return (torch.from_numpy(cols["ids"].reshape(P, k).astype(np.int64)),
                     torch.from_numpy(cols["lp16"].copy()).view(P, k).float())  # copy: Arrow's buffer is read-only
@@ -201,7 +233,8 @@ class Encoding:
         """Column name -> True if it holds k (or k-1, or n) values per position, False if one per position."""
         if self.vocab_ordered:
             planes = {f"ids{b}": True for b in range(np.dtype(id_dtype(vocab_size)).itemsize)}
-            return {**planes, "top1": False, "q": True, **({"n": False, "count": True} if self.sampled else {})}
+            return {**planes, **({"top1": False, "q": True} if self.logprobs else {}),
+                    **({"n": False, "count": True} if self.sampled else {})}
         return {"fp16": {"ids": True, "lp16": True}, "rank-q8": {"ids": True, "top1": False, "q": True},
                 "idsort-q8": {"ids": True, "top1": False, "q": True}}[self.name]
 
@@ -214,7 +247,7 @@ class Encoding:
 
 ENCODINGS = {"fp16": Encoding("fp16"), "rank-q8": Encoding("rank-q8", 1 / 16),
              "idsort-q8": Encoding("idsort-q8", 1 / 16), "compact": Encoding("compact", 1 / 8),
-             "sampled": Encoding("sampled", 1 / 8, 16)}
+             "sampled": Encoding("sampled", 1 / 8, 16), "sampled-counts": Encoding("sampled-counts", 1 / 8, 16)}
 MAX_DRAWS = 255  # draw counts are stored as uint8
 
 
@@ -225,8 +258,16 @@ def get(spec: dict | str) -> Encoding:
             raise ValueError(f"unknown encoding {name!r}; choose one of {', '.join(ENCODINGS)} "
                              f"(q8 encodings and compact take a step, e.g. rank-q8:0.0625; sampled takes its "
                              f"draws per position, e.g. sampled:32)")
-        if name == "sampled":
-            return Encoding("sampled", ENCODINGS["sampled"].step, _draws(arg))
+        if name.startswith("sampled"):
+            head, _, draws = arg.rpartition("+")
+            if head and name == "sampled-counts":
+                raise ValueError(f"{spec!r}: sampled-counts stores no log-probs, so it keeps no exact head; use "
+                                 f"sampled:{arg} (the head and the draws with their log-probs)")
+            head = _draws(name, head, what="head tokens", low=0) if head else 0
+            draws = _draws(name, draws)
+            if head + draws > MAX_DRAWS:
+                raise ValueError(f"{spec!r}: head + draws must be at most {MAX_DRAWS} per position")
+            return Encoding(name, ENCODINGS[name].step, draws, head)
         try:
             return Encoding(name, float(arg)) if arg else ENCODINGS[name]
         except ValueError:
@@ -234,18 +275,19 @@ def get(spec: dict | str) -> Encoding:
     if spec.get("name") not in ENCODINGS:  # a cache written by a newer version: name it, never misread it
         raise ValueError(f"unknown encoding {spec.get('name')!r} (this version reads {', '.join(ENCODINGS)}); "
                          f"read the cache with the hpd version that wrote it, or rescore it")
-    return Encoding(spec["name"], spec.get("step", 0.0), spec.get("draws", 0))
+    return Encoding(spec["name"], spec.get("step", 0.0), spec.get("draws", 0), spec.get("head", 0))
 
 
-def _draws(arg: str) -> int:
+def _draws(name: str, arg: str, what: str = "draws per position", low: int = 1) -> int:
     if ":" in arg:
-        raise ValueError(f"sampled:{arg}: only draws from the teacher's own distribution are stored (a proposal "
-                         f"p^tau needs its normaliser per position and measured worse: README); use sampled:N")
+        raise ValueError(f"{name}:{arg}: only draws from the teacher's own distribution are stored (a proposal "
+                         f"p^tau needs its normaliser per position and measured worse: README); use {name}:N")
     try:
-        draws = int(arg or ENCODINGS["sampled"].draws)
+        n = int(arg or ENCODINGS[name].draws)
     except ValueError:
-        draws = 0
-    if not 1 <= draws <= MAX_DRAWS:
-        raise ValueError(f"sampled:{arg}: the draws per position must be a whole number from 1 to {MAX_DRAWS} "
-                         f"(counts are stored in one byte), e.g. sampled:32")
-    return draws
+        n = -1
+    if not low <= n <= MAX_DRAWS:
+        raise ValueError(f"{name}:{arg}: the {what} must be a whole number from {low} to {MAX_DRAWS} (counts are "
+                         f"stored in one byte), e.g. {name}:32, or {name}:8+16 for the top 8 and 16 draws from the "
+                         f"rest")
+    return n

@@ -4,7 +4,9 @@ Per scored position t (the teacher's distribution for the token at t+1) a cache 
   - the top-k token ids and their log-probs, laid out by one of the encodings in storage/encodings.py (or, for
     the `sampled` encoding, the distinct ids drawn from the teacher with their draw counts and log-probs),
   - the exact float32 log-prob of the sequence's own next token (even when it is outside the top-k),
-  - the float32 log of the probability mass outside the top-k ("tail"; -inf when k = vocabulary size).
+  - the float32 log of the probability mass outside the top-k ("tail"; -inf when k = vocabulary size);
+    compact and sampled keep both as float16 (|error| <= |value| x 2**-11): at 16 entries per position the two
+    float32 columns were a third of the bytes.
 A row is one sequence: its seq_id, a CRC of its tokens (so a reader can prove the row belongs to the batch
 it is paired with; matching rows by position alone fails silently elsewhere), the first scored position,
 and list columns over its positions. Shards hold record batches of ROWS_PER_BATCH sequences, so reading one
@@ -17,6 +19,7 @@ encoding 'compact'") instead of misreading it.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from collections import OrderedDict
@@ -78,17 +81,21 @@ def rows_table(rows: list[ScoredSequence], encoding: enc.Encoding, vocab_size: i
                            counts=np.concatenate([r.counts for r in rows]) if encoding.sampled else None,
                            order=order)
     types = encoding.arrow_types(vocab_size)
+    exact = np.float16 if encoding.vocab_ordered else np.float32
     if encoding.sampled:  # a variable number of entries per position: row offsets from the per-position counts
         entry_off = np.concatenate([[0], np.cumsum(cols["n"], dtype=np.int64)])[pos_off]
     table = {
         "seq_id": pa.array([r.seq_id for r in rows], pa.int64()),
         "tokens_crc": pa.array([r.tokens_crc for r in rows], pa.uint32()),
         "start": pa.array([r.start for r in rows], pa.int32()),
-        "target_logprob": _list_column(np.concatenate([r.target_logprob for r in rows]).astype(np.float32),
-                                       pos_off, pa.float32()),
-        "tail_logmass": _list_column(np.concatenate([r.tail_logmass for r in rows]).astype(np.float32),
-                                     pos_off, pa.float32()),
+        "target_logprob": _list_column(np.concatenate([r.target_logprob for r in rows]).astype(exact),
+                                       pos_off, pa.from_numpy_dtype(exact)),
+        "tail_logmass": _list_column(np.concatenate([r.tail_logmass for r in rows]).astype(exact),
+                                     pos_off, pa.from_numpy_dtype(exact)),
     }
+    if encoding.head:  # the mass outside the head, that p_hat of the drawn tokens is a share of
+        table["rest_logmass"] = _list_column(np.concatenate([r.rest_logmass for r in rows]).astype(exact), pos_off,
+                                             pa.from_numpy_dtype(exact))
     for name, per_entry in encoding.per_entry_columns(vocab_size).items():
         if per_entry and encoding.sampled:
             table[name] = _list_column(cols[name], entry_off, types[name])
@@ -111,6 +118,16 @@ class Decoded:
     target_logprob: torch.Tensor  # [P]
     tail_logmass: torch.Tensor   # [P]
     counts: torch.Tensor | None = None  # [P, k] sampled targets' draw counts
+    rest_logmass: torch.Tensor | None = None  # [P] sampled targets with a head: the mass outside it
+
+    def row(self, r: int) -> ScoredSequence:
+        """Row r as a ScoredSequence of tensor views (no copies)."""
+        sl = slice(int(self.offsets[r]), int(self.offsets[r + 1]))
+        return ScoredSequence(seq_id=int(self.seq_ids[r]), input_ids=None, start=int(self.starts[r]),
+                              topk_ids=self.topk_ids[sl], topk_logprobs=self.topk_logprobs[sl],
+                              target_logprob=self.target_logprob[sl], tail_logmass=self.tail_logmass[sl],
+                              crc=int(self.crcs[r]), counts=None if self.counts is None else self.counts[sl],
+                              rest_logmass=None if self.rest_logmass is None else self.rest_logmass[sl])
 
 
 def decode_batch(rb: pa.RecordBatch, encoding: enc.Encoding, k: int, order: enc.VocabOrder | None = None) -> Decoded:
@@ -122,16 +139,31 @@ def decode_batch(rb: pa.RecordBatch, encoding: enc.Encoding, k: int, order: enc.
     P = int(offsets[-1])
     cols = {name: flat(name) for name in encoding.per_entry_columns(1 << 32) if name in rb.schema.names}
     ids, lps = encoding.decode(cols, P, k, order=order)
+    tail = flat("tail_logmass").astype(np.float32)
+    if not encoding.logprobs:  # sampled-counts: p_hat over the drawn ids, scaled to the mass they hold
+        lps += torch.from_numpy(np.log1p(-np.exp(np.minimum(tail, -1e-7))))[:, None]
     return Decoded(seq_ids=rb.column("seq_id").to_numpy(), starts=rb.column("start").to_numpy(),
                    crcs=rb.column("tokens_crc").to_numpy(), offsets=offsets, topk_ids=ids, topk_logprobs=lps,
-                   target_logprob=torch.from_numpy(flat("target_logprob").copy()),
-                   tail_logmass=torch.from_numpy(flat("tail_logmass").copy()),
-                   counts=encoding.decode_counts(cols, P) if encoding.sampled else None)
+                   target_logprob=torch.from_numpy(flat("target_logprob").astype(np.float32)),
+                   tail_logmass=torch.from_numpy(tail),
+                   counts=encoding.decode_counts(cols, P) if encoding.sampled else None,
+                   rest_logmass=torch.from_numpy(flat("rest_logmass").astype(np.float32)) if encoding.head else None)
+
+
+def round_trip(rows: list[ScoredSequence], encoding: str | dict, vocab_size: int, order: enc.VocabOrder | None = None,
+               length: int | None = None) -> CacheBatch | SampledBatch:
+    """What a cache of `rows` would hand a reader (LogitCache.batch) without writing one: the rows encoded as a
+    shard holds them and decoded back onto a [B, length] grid. For measuring an encoding before choosing it."""
+    code = enc.get(encoding)
+    k = code.slots or rows[0].topk_ids.shape[1]
+    decoded = [decode_batch(rb, code, k, order) for rb in rows_table(rows, code, vocab_size, order).to_batches()]
+    return grid_batch([d.row(r) for d in decoded for r in range(len(d.seq_ids))], k, length=length,
+                      draws=code.draws)  # (a SampledBatch's p_hat: counts / draws)
 
 
 def write_vocab_order(path: Path, order: enc.VocabOrder) -> None:
     buf = io.BytesIO()
-    np.save(buf, np.asarray(order.order, np.uint32), allow_pickle=False)
+    np.save(buf, np.asarray(order.order, enc.id_dtype(order.vocab_size)), allow_pickle=False)
     atomic.write_bytes(path, buf.getvalue())
 
 
@@ -148,7 +180,7 @@ class LogitCache:
         self.manifest = self.shards.manifest
         self.key = self.manifest["key"]
         self.encoding = enc.get(self.key["encoding"])
-        self.k = self.encoding.draws or self.key["top_k"]  # slots per position
+        self.k = self.encoding.slots or self.key["top_k"]  # slots per position
         self.order = self._vocab_order(verify) if self.encoding.vocab_ordered else None
         self.shard_size = self.manifest["shard_size"]
         self.rows_per_batch = self.manifest["rows_per_batch"]
@@ -221,12 +253,12 @@ class LogitCache:
         return d, r
 
     def rows(self, seq_id: int) -> ScoredSequence:
+        """One sequence's rows, as numpy arrays."""
         d, r = self._locate(seq_id)
-        sl = slice(d.offsets[r], d.offsets[r + 1])
-        return ScoredSequence(seq_id=int(seq_id), input_ids=np.empty(0, np.int32), start=int(d.starts[r]),
-                              topk_ids=d.topk_ids[sl].numpy(), topk_logprobs=d.topk_logprobs[sl].numpy(),
-                              target_logprob=d.target_logprob[sl].numpy(), tail_logmass=d.tail_logmass[sl].numpy(),
-                              crc=int(d.crcs[r]), counts=None if d.counts is None else d.counts[sl].numpy())
+        row = d.row(r)
+        return dataclasses.replace(row, input_ids=np.empty(0, np.int32), **{
+            f: getattr(row, f).numpy() for f in ("topk_ids", "topk_logprobs", "target_logprob", "tail_logmass",
+                                                 "counts", "rest_logmass") if getattr(row, f) is not None})
 
     def batch(self, seq_ids, input_ids: list | None = None, length: int | None = None) -> CacheBatch | SampledBatch:
         """Rows for `seq_ids`, placed at their token positions in a [B, length] grid (a SampledBatch for sampled
@@ -234,13 +266,7 @@ class LogitCache:
 
         Pass the batch's token ids as `input_ids` to have every row's token CRC checked against them.
         """
-        rows = []
-        for d, r in (self._locate(s) for s in seq_ids):
-            sl = slice(int(d.offsets[r]), int(d.offsets[r + 1]))
-            rows.append(ScoredSequence(seq_id=int(d.seq_ids[r]), input_ids=None, start=int(d.starts[r]),
-                                       topk_ids=d.topk_ids[sl], topk_logprobs=d.topk_logprobs[sl],
-                                       target_logprob=d.target_logprob[sl], tail_logmass=d.tail_logmass[sl],
-                                       crc=int(d.crcs[r]), counts=None if d.counts is None else d.counts[sl]))
+        rows = [d.row(r) for d, r in (self._locate(s) for s in seq_ids)]
         return grid_batch(rows, self.k, input_ids=input_ids, length=length, cache_id=self.id,
                           draws=self.encoding.draws)
 

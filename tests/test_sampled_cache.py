@@ -18,11 +18,11 @@ from hpd.storage.merge import merge
 from conftest import copy_home, hpd_cli, hpd_process, make_runner
 
 
-def _draws(P, V, draws, seed, scale=3.0):
+def _draws(P, V, draws, seed, scale=3.0, head=0):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(P, V, generator=g) * scale
     nxt = torch.randint(0, V, (P,), generator=g)
-    return logits, nxt, sample_positions(logits, nxt, draws=draws, generator=g, fill=False)
+    return logits, nxt, sample_positions(logits, nxt, draws=draws, generator=g, fill=False, head=head)
 
 
 @pytest.mark.unit
@@ -65,35 +65,54 @@ def test_compact_encoding_keeps_ids_exactly_and_log_probs_within_its_bound(vocab
 
 
 @pytest.mark.unit
-def test_a_sampled_cache_gives_back_the_draws_as_unbiased_weights(tmp_path):
-    V, rows = 500, []
+@pytest.mark.parametrize("encoding", ["sampled:32", "sampled-counts:32", "sampled:5+32"])
+def test_a_sampled_cache_gives_back_the_draws_as_unbiased_weights(tmp_path, encoding):
+    V, rows, head = 500, [], enc.get(encoding).head
     for s in range(5):
-        logits, nxt, d = _draws(7 + s, V, 32, s)
+        logits, nxt, d = _draws(7 + s, V, 32, s, head=head)
         rows.append(ScoredSequence(seq_id=s, input_ids=np.arange(9 + s), start=2, topk_ids=d.ids.numpy(),
                                    topk_logprobs=d.logprob.numpy(), target_logprob=d.target.numpy(),
-                                   tail_logmass=d.tail.numpy(), counts=d.counts.numpy()))
+                                   tail_logmass=d.tail.numpy(), counts=d.counts.numpy(),
+                                   rest_logmass=d.rest.numpy() if head else None))
     root = CacheRoot(tmp_path)
-    key = cache_key(teacher="t", tokenizer="t", data="d", top_k=32, temperature=1.0, encoding="sampled:32")
+    key = cache_key(teacher="t", tokenizer="t", data="d", top_k=32, temperature=1.0, encoding=encoding)
     w = root.writer(key, shard_size=3, num_sequences=5, vocab_size=V,
-                    learn_order=lambda: np.concatenate([r.topk_ids[r.counts > 0] for r in rows[:2]]))
+                    learn_order=lambda: np.concatenate([r.topk_ids[r.topk_logprobs > -np.inf] for r in rows[:2]]))
     w.write_rows(0, rows[:3])
     w.write_rows(1, rows[3:])
     w.finish(2)
     cache = LogitCache(root.path_for(key))
-    assert cache.sampled and cache.k == 32 and cache.bytes > cache.manifest["bytes"]  # + the order, once
+    assert cache.sampled and cache.k == 32 + head and cache.bytes > cache.manifest["bytes"]  # + the order, once
     batch = cache.batch(range(5), input_ids=[r.input_ids for r in rows])
-    assert isinstance(batch, SampledBatch) and batch.ids.shape[-1] == 32
+    assert isinstance(batch, SampledBatch) and batch.ids.shape[-1] == 32 + head
     for b, r in enumerate(rows):
         sl = slice(2, 2 + len(r.target_logprob))
-        assert torch.equal(batch.target_logprob[b, sl], torch.as_tensor(r.target_logprob))
-        assert torch.equal(batch.tail_logmass[b, sl], torch.as_tensor(r.tail_logmass))
+        for f in ("target_logprob", "tail_logmass"):  # float16 in compact and sampled caches
+            assert torch.equal(getattr(batch, f)[b, sl], torch.as_tensor(getattr(r, f)).half().float())
         assert batch.mask[b, sl].all() and not batch.mask[b, :2].any()
         for t in range(len(r.target_logprob)):
             drawn = {int(i): int(c) for i, c in zip(r.topk_ids[t], r.counts[t]) if c > 0}
             got = {int(i): float(w.exp()) for i, w in zip(batch.ids[b, 2 + t], batch.log_weight[b, 2 + t])
                    if w > -np.inf}
-            assert got.keys() == drawn.keys()
-            assert all(abs(got[i] - c / 32) < 1e-6 for i, c in drawn.items())  # p_hat = count / N
+            heads = {int(i): float(lp) for i, lp in zip(r.topk_ids[t][:head], r.topk_logprobs[t][:head])}
+            assert got.keys() == drawn.keys() | heads.keys()
+            rest = float(np.exp(r.rest_logmass[t])) if head else 1.0  # the mass outside the head (float16 on disk)
+            assert all(abs(got[i] / (c / 32 * rest) - 1) < 2e-3 for i, c in drawn.items())  # p_hat = count / N x rest
+            assert all(abs(np.log(got[i]) - float(batch.logprob[b, 2 + t][batch.ids[b, 2 + t] == i][0])) < 1e-5
+                       for i in heads)  # the head: p itself (as stored)
+            exact = dict(zip(r.topk_ids[t].tolist(), r.topk_logprobs[t].tolist()))
+            logp = {int(i): float(lp) for i, lp in zip(batch.ids[b, 2 + t], batch.logprob[b, 2 + t]) if lp > -np.inf}
+            assert logp.keys() == drawn.keys() | heads.keys()
+            if encoding.startswith("sampled:"):  # the exact log-probs, companded
+                top1 = max(exact[i] for i in logp)
+                code = enc.get(encoding)
+                assert all(abs(logp[i] - exact[i]) <= code.max_error(abs(top1), gap=top1 - exact[i]) + 1e-6
+                           for i in logp)
+            else:  # p_hat scaled to the drawn mass: with the tail, a distribution
+                total = sum(np.exp(v) for v in logp.values()) + np.exp(float(batch.tail_logmass[b, 2 + t]))
+                assert abs(total - 1) < 1e-5
+                assert all(abs(np.exp(logp[i]) / (c / 32) - np.exp(logp[min(drawn)]) / (drawn[min(drawn)] / 32))
+                           < 1e-5 for i, c in drawn.items())
     (cache.dir / VOCAB_ORDER).write_bytes(b"damaged")
     assert any(VOCAB_ORDER in m for m in verify(cache.dir))
 
@@ -103,7 +122,8 @@ def test_an_encoding_this_version_does_not_know_is_named_not_misread(tmp_path):
     with pytest.raises(ValueError, match="unknown encoding 'zigzag'"):
         enc.get({"name": "zigzag", "step": 0.1})
     for bad, says in [("sampled:0", "from 1 to 255"), ("sampled:300", "from 1 to 255"), ("sampled:x", "whole number"),
-                      ("sampled:16:0.5", "proposal"), ("compact:fine", "number of nats")]:
+                      ("sampled:16:0.5", "proposal"), ("compact:fine", "number of nats"),
+                      ("sampled:200+100", "at most 255"), ("sampled-counts:8+8", "keeps no exact head")]:
         with pytest.raises(ValueError, match=says):
             enc.get(bad)
 
@@ -148,7 +168,7 @@ def test_training_from_sampled_targets_and_compact_ids_by_configuration_alone(ho
     plain = LogitCache(Path(make_runner(home).manifest("score")["outputs"]["cache"]))  # idsort-q8, the same teacher
     ids = list(range(plain.num_sequences))
     a, b = compact.batch(ids), plain.batch(ids)
-    assert torch.equal(a.mask, b.mask) and torch.equal(a.target_logprob, b.target_logprob)
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.target_logprob, b.target_logprob.half().float())
     assert torch.equal(a.topk_ids[a.mask].sort(-1).values, b.topk_ids[b.mask].sort(-1).values)  # ids: lossless
 
 

@@ -28,22 +28,24 @@ def _sampled(teacher, labels, draws, seed, proposal=1.0) -> SampledBatch:
     """What a sampled-targets cache would hold for the batch (entry t describes token t+1)."""
     nxt = torch.cat([labels[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1).clamp_min(0)
     g = torch.Generator().manual_seed(seed)
-    ids, log_w, logp, target, tail, _ = sample_positions(teacher.float().reshape(B * L, V), nxt.reshape(-1), draws=draws,
+    ids, log_w, logp, target, tail, *_ = sample_positions(teacher.float().reshape(B * L, V), nxt.reshape(-1), draws=draws,
                                                 proposal=proposal, generator=g)
     mask = torch.cat([labels[:, 1:] != -100, torch.zeros(B, 1, dtype=torch.bool)], 1)
     return SampledBatch(ids=ids.reshape(B, L, -1), log_weight=log_w.reshape(B, L, -1), logprob=logp.reshape(B, L, -1),
                         target_logprob=target.reshape(B, L), tail_logmass=tail.reshape(B, L), mask=mask)
 
 
-@pytest.mark.parametrize("proposal", [1.0, 0.5])
-def test_the_estimate_of_p_is_unbiased(proposal):
+@pytest.mark.parametrize("proposal,head", [(1.0, 0), (0.5, 0), (1.0, 3)])
+def test_the_estimate_of_p_is_unbiased(proposal, head):
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1)) * 2
     p = torch.softmax(logits.double(), -1)
     total = torch.zeros(4, V, dtype=torch.float64)
     runs = 4000
     for seed in range(runs):
-        ids, log_w, logp, _, _, _ = sample_positions(logits, torch.zeros(4, dtype=torch.long), draws=4, proposal=proposal,
-                                               generator=torch.Generator().manual_seed(seed))
+        ids, log_w, logp, *_ = sample_positions(logits, torch.zeros(4, dtype=torch.long), draws=4, proposal=proposal,
+                                               generator=torch.Generator().manual_seed(seed), head=head)
+        if head:  # the head is the top tokens, exactly
+            assert torch.equal(ids[:, :head], p.topk(head).indices) and torch.equal(log_w[:, :head], logp[:, :head])
         assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # distinct slots
         assert torch.allclose(logp.double(), p.log().gather(-1, ids), atol=1e-5)  # exact log p in every slot
         total.scatter_add_(-1, ids, log_w.double().exp())
