@@ -2,7 +2,8 @@
 
 For the batches and student of bench/hpd_gradient.py, every arm is what a cache would hand the student: the score
 stage's own computation for each sequence (top-k: `score_positions`; sampled targets: `sample_positions` with one
-seed per sequence, drawn slots only, as `score.encoding = "sampled:N"` stores them), through the cache's encode and
+seed per sequence, systematic draws, drawn slots only, as `score.encoding = "sampled:N"` stores them; two arms draw
+independently instead, to show what systematic draws buy), through the cache's encode and
 decode path (`storage.logit_cache.round_trip`). Per arm:
   - bytes per scored token of a real cache of the bench's sequences (CacheRoot writer, zstd as shipped); the
     VocabOrder that compact and sampled store once per cache is reported apart (it does not grow with the cache);
@@ -31,14 +32,17 @@ from .hpd_gradient import agreement, arguments, flat_grad, gradient_batches, res
 
 ARMS = {"top-16 idsort-q8": ("idsort-q8", 16), "top-16 compact": ("compact", 16),
         "top-64 idsort-q8": ("idsort-q8", 64), "top-64 compact": ("compact", 64),
-        **{f"sampled {n}": (f"sampled:{n}", n) for n in (8, 16, 32, 64)},
-        **{f"sampled-counts {n}": (f"sampled-counts:{n}", n) for n in (16, 32)},
-        **{f"top-{h} + sampled {n}": (f"sampled:{h}+{n}", h + n) for h, n in ((4, 8), (8, 8), (8, 16))}}
+        **{f"sampled {n}": (f"sampled:{n}", n) for n in (8, 16, 32)},
+        **{f"sampled-counts {n}": (f"sampled-counts:{n}", n) for n in (8, 16, 24, 32)},
+        "top-8 + sampled 8": ("sampled:8+8", 16),
+        # independent draws instead of the score stage's systematic ones: what systematic sampling buys
+        "sampled 16 (iid draws)": ("sampled:16", 16), "sampled-counts 16 (iid draws)": ("sampled-counts:16", 16)}
 METHODS = ("fkl", "hpd_fkl", "hpd")
 
 
-def scored_rows(t_logits, ids, cache_mask, encoding: str, k: int, batch: int) -> list[ScoredSequence]:
-    """What the score stage stores for each sequence of the batch (positions where cache_mask is set)."""
+def scored_rows(t_logits, ids, cache_mask, encoding: str, k: int, batch: int, iid: bool = False) -> list[ScoredSequence]:
+    """What the score stage stores for each sequence of the batch (positions where cache_mask is set); `iid`: the
+    draws independent rather than systematic."""
     rows, code = [], enc.get(encoding)
     for b in range(len(ids)):
         pos = cache_mask[b].nonzero()[:, 0]
@@ -46,7 +50,8 @@ def scored_rows(t_logits, ids, cache_mask, encoding: str, k: int, batch: int) ->
         logits, nxt = t_logits[b, t0:t1].float(), ids[b, t0 + 1:t1 + 1]
         if code.sampled:
             g = torch.Generator().manual_seed(batch * 10_000 + b)
-            d = sample_positions(logits, nxt, draws=code.draws, generator=g, fill=False, head=code.head)
+            d = sample_positions(logits, nxt, draws=code.draws, generator=g, fill=False, head=code.head,
+                                 systematic=not iid)
             cols = {"topk_ids": d.ids, "topk_logprobs": d.logprob, "target_logprob": d.target, "tail_logmass": d.tail,
                     "counts": d.counts, **({"rest_logmass": d.rest} if code.head else {})}
         else:
@@ -88,7 +93,7 @@ def main():
         vocab = t_logits.shape[-1]
         views = {}
         for arm, (encoding, k) in ARMS.items():
-            scored = scored_rows(t_logits, ids, cache_mask, encoding, k, n)
+            scored = scored_rows(t_logits, ids, cache_mask, encoding, k, n, iid="iid" in arm)
             rows[arm] += scored
             if arm not in orders:  # learned from the first batch, as a cache learns it from its first positions
                 orders[arm] = enc.VocabOrder.learn(stored_ids(scored), vocab)

@@ -35,15 +35,17 @@ def _sampled(teacher, labels, draws, seed, proposal=1.0) -> SampledBatch:
                         target_logprob=target.reshape(B, L), tail_logmass=tail.reshape(B, L), mask=mask)
 
 
-@pytest.mark.parametrize("proposal,head", [(1.0, 0), (0.5, 0), (1.0, 3)])
-def test_the_estimate_of_p_is_unbiased(proposal, head):
+@pytest.mark.parametrize("proposal,head,systematic", [(1.0, 0, True), (1.0, 0, False), (0.5, 0, True), (1.0, 3, True),
+                                                      (1.0, 3, False)])
+def test_the_estimate_of_p_is_unbiased(proposal, head, systematic):
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1)) * 2
     p = torch.softmax(logits.double(), -1)
     total = torch.zeros(4, V, dtype=torch.float64)
     runs = 4000
     for seed in range(runs):
         ids, log_w, logp, *_ = sample_positions(logits, torch.zeros(4, dtype=torch.long), draws=4, proposal=proposal,
-                                               generator=torch.Generator().manual_seed(seed), head=head)
+                                               generator=torch.Generator().manual_seed(seed), head=head,
+                                               systematic=systematic)
         if head:  # the head is the top tokens, exactly
             assert torch.equal(ids[:, :head], p.topk(head).indices) and torch.equal(log_w[:, :head], logp[:, :head])
         assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # distinct slots

@@ -1,0 +1,88 @@
+"""Students trained from top-k and from sampled-target caches of matched bytes (issue 22), on the dialogue teacher.
+
+bench/sampled_targets.py measures each encoding's bytes per token and gradient fidelity; this bench trains students
+from real caches of the encodings it compares, everything else equal: the dialogue preset's sequences and teacher,
+fkl (the loss whose gradient sampled targets estimate without bias), `--steps` steps, the same student seeds (paired
+by seed). Arms: top-16 (compact), top-64 (compact), and the sampled-target encodings whose bytes per token
+(bench/results/sampled_targets.json, same teacher) are at most top-16's: the arm with the best fkl gradient, and
+plain draws (no head). Each is judged on the held-out conversations: NLL of the reference responses and KL to the
+teacher.
+
+    python -m bench.sampled_students [--seeds 3] [--steps 300]
+
+Writes bench/results/sampled_students.json; bench/readme.py puts the table in the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from hpd import open_run
+
+from .measure import paired_summary
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METRICS = ("response_nll_nats", "kl_to_teacher_nats")
+REFERENCE = "top-16 compact"
+
+
+def arms(gradients: dict) -> dict[str, list[str]]:
+    """Arm -> score settings: top-16 and top-64 compact, and the sampled arms at no more bytes than top-16."""
+    out = {REFERENCE: ["score.top_k=16", 'score.encoding="compact"'],
+           "top-64 compact": ["score.top_k=64", 'score.encoding="compact"']}
+    budget = gradients[REFERENCE]["bytes_per_token"]
+    within = {a: g for a, g in gradients.items() if g["encoding"].startswith("sampled") and g["bytes_per_token"] <= budget}
+    best = max(within, key=lambda a: within[a]["fkl"]["cosine_mean"], default=None)
+    plain = max((a for a in within if "+" not in within[a]["encoding"]), key=lambda a: within[a]["bytes_per_token"],
+                default=None)
+    for a in dict.fromkeys(x for x in (best, plain) if x):
+        out[a] = [f'score.encoding="{within[a]["encoding"]}"']
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"), help="shares the dialogue teacher")
+    ap.add_argument("--out", default=str(RESULTS / "sampled_students.json"))
+    args = ap.parse_args()
+    home = Path(args.home).resolve()
+    gradients = json.loads((RESULTS / "sampled_targets.json").read_text())["arms"]
+    settings = arms(gradients)
+    common = ["--config", "dialogue"]
+    base = open_run("dialogue", [], home=home, log=lambda s: None)
+    base.run(until="generate")
+    rows, caches = [], {}
+    for seed in range(args.seeds):
+        for arm, sets in settings.items():
+            name = f"ss-{arm.replace(' ', '').replace('+', 'p')}-s{seed}"
+            r = open_run("dialogue", [*sets, 'distill.method="fkl"', f"distill.steps={args.steps}",
+                                      f"distill.seed={seed}", 'distill.baseline=""',
+                                      f"eval.teacher={'true' if seed == 0 else 'false'}", f'run.name="{name}"'],
+                         home=home, log=lambda s: None)
+            r.adopt("dialogue", ["data", "teacher", "generate"])
+            t0 = time.time()
+            r.run()
+            cache = r.outputs("score")
+            caches[arm] = {"encoding": sets[-1].split("=", 1)[1].strip('"'), "bytes_per_token": cache.bytes_per_token,
+                           "tokens": cache.tokens}
+            student = r.outputs("eval").report["student"]
+            rows.append({"arm": arm, "seed": seed, "seconds": round(time.time() - t0, 1),
+                         **{k: student[k] for k in METRICS}})
+            print(f"{arm} seed {seed}: " + ", ".join(f"{k} {student[k]:.4f}" for k in METRICS) +
+                  f" ({cache.bytes_per_token:.1f} B/token)", flush=True)
+            if seed == 0 and arm == REFERENCE:
+                teacher = {k: r.outputs("eval").report["teacher"].get(k) for k in METRICS}
+    result = {"seeds": args.seeds, "steps": args.steps, "method": "fkl", "config": common[1], "arms": settings,
+              "caches": caches, "rows": rows, "teacher": teacher,
+              "summary": paired_summary(rows, REFERENCE, METRICS)}
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
