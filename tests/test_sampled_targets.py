@@ -40,19 +40,30 @@ def _sampled(teacher, labels, draws, seed, proposal=1.0) -> SampledBatch:
 def test_the_estimate_of_p_is_unbiased(proposal, head, systematic):
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1)) * 2
     p = torch.softmax(logits.double(), -1)
-    total = torch.zeros(4, V, dtype=torch.float64)
-    runs = 4000
-    for seed in range(runs):
-        ids, log_w, logp, *_ = sample_positions(logits, torch.zeros(4, dtype=torch.long), draws=4, proposal=proposal,
-                                               generator=torch.Generator().manual_seed(seed), head=head,
-                                               systematic=systematic)
-        if head:  # the head is the top tokens, exactly
-            assert torch.equal(ids[:, :head], p.topk(head).indices) and torch.equal(log_w[:, :head], logp[:, :head])
-        assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # distinct slots
-        assert torch.allclose(logp.double(), p.log().gather(-1, ids), atol=1e-5)  # exact log p in every slot
-        total.scatter_add_(-1, ids, log_w.double().exp())
+    runs = 4000  # 4000 independent copies of the 4 positions, drawn in one call
+    ids, log_w, logp, *_ = sample_positions(logits.repeat(runs, 1), torch.zeros(4 * runs, dtype=torch.long), draws=4,
+                                            proposal=proposal, generator=torch.Generator().manual_seed(0), head=head,
+                                            systematic=systematic)
+    assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # distinct slots
+    assert torch.allclose(logp.double(), p.repeat(runs, 1).log().gather(-1, ids), atol=1e-5)  # exact log p everywhere
+    if head:  # the head is the top tokens, exactly
+        assert torch.equal(ids[:, :head], p.repeat(runs, 1).topk(head).indices)
+        assert torch.equal(log_w[:, :head], logp[:, :head])
+    total = torch.zeros(4 * runs, V, dtype=torch.float64).scatter_add_(-1, ids, log_w.double().exp())
+    mean = total.view(runs, 4, V).mean(0)
     # standard error of a mean of 4000 draws of at most 1 / (r(v) x 4 draws): 0.02 is several of them
-    assert torch.allclose(total / runs, p, atol=0.02), (total / runs - p).abs().max()
+    assert torch.allclose(mean, p, atol=0.02), (mean - p).abs().max()
+
+
+def test_systematic_draws_estimate_p_with_less_variance_than_independent_ones():
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(2)) * 2
+    runs, spread = 2000, {}
+    for systematic in (True, False):
+        ids, log_w, *_ = sample_positions(logits.repeat(runs, 1), torch.zeros(4 * runs, dtype=torch.long), draws=8,
+                                          generator=torch.Generator().manual_seed(0), systematic=systematic)
+        p_hat = torch.zeros(4 * runs, V, dtype=torch.float64).scatter_add_(-1, ids, log_w.double().exp())
+        spread[systematic] = p_hat.view(runs, 4, V).var(0).sum()
+    assert spread[True] < 0.5 * spread[False], spread
 
 
 def _grad(method, student, teacher_input, labels, **kw):
