@@ -3,9 +3,9 @@
 bench/sampled_targets.py measures each encoding's bytes per token and gradient fidelity; this bench trains students
 from real caches of the encodings it compares, everything else equal: the dialogue preset's sequences and teacher,
 fkl (the loss whose gradient sampled targets estimate without bias), `--steps` steps, the same student seeds (paired
-by seed). Arms: top-16 (compact), top-64 (compact), and the sampled-target encodings whose bytes per token
-(bench/results/sampled_targets.json, same teacher) are at most top-16's: the arm with the best fkl gradient, and
-plain draws (no head). Each is judged on the held-out conversations: NLL of the reference responses and KL to the
+by seed). Arms: top-16 (compact), top-64 (compact), and two sampled-target encodings chosen by their bytes per token
+in bench/results/sampled_targets.json (same teacher): the one nearest top-16 compact's bytes, and the one with the
+best fkl gradient within the bytes of a top-16 cache in the default encoding. Each is judged on the held-out conversations: NLL of the reference responses and KL to the
 teacher.
 
     python -m bench.sampled_students [--seeds 3] [--steps 300]
@@ -30,16 +30,20 @@ REFERENCE = "top-16 compact"
 
 
 def arms(gradients: dict) -> dict[str, list[str]]:
-    """Arm -> score settings: top-16 and top-64 compact, and the sampled arms at no more bytes than top-16."""
+    """Arm -> score settings: top-16 and top-64 compact, and two sampled arms: the one nearest top-16 compact's bytes
+    (from below if any is), and the one with the best fkl gradient within top-16's bytes in the default encoding
+    (idsort-q8), the budget a cache had before compact."""
     out = {REFERENCE: ["score.top_k=16", 'score.encoding="compact"'],
            "top-64 compact": ["score.top_k=64", 'score.encoding="compact"']}
+    sampled = {a: g for a, g in gradients.items() if g["encoding"].startswith("sampled") and "iid" not in a}
     budget = gradients[REFERENCE]["bytes_per_token"]
-    within = {a: g for a, g in gradients.items() if g["encoding"].startswith("sampled") and g["bytes_per_token"] <= budget}
-    best = max(within, key=lambda a: within[a]["fkl"]["cosine_mean"], default=None)
-    plain = max((a for a in within if "+" not in within[a]["encoding"]), key=lambda a: within[a]["bytes_per_token"],
-                default=None)
-    for a in dict.fromkeys(x for x in (best, plain) if x):
-        out[a] = [f'score.encoding="{within[a]["encoding"]}"']
+    below = {a: g for a, g in sampled.items() if g["bytes_per_token"] <= budget}
+    nearest = (max(below, key=lambda a: below[a]["bytes_per_token"]) if below else
+               min(sampled, key=lambda a: sampled[a]["bytes_per_token"]))
+    old = {a: g for a, g in sampled.items() if g["bytes_per_token"] <= gradients["top-16 idsort-q8"]["bytes_per_token"]}
+    best = max(old, key=lambda a: old[a]["fkl"]["cosine_mean"], default=None)
+    for a in dict.fromkeys(x for x in (nearest, best) if x):
+        out[a] = [f'score.encoding="{sampled[a]["encoding"]}"']
     return out
 
 
