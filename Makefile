@@ -87,5 +87,7 @@ bench: $(STAMP) $(SMOLLM2)
 	$(PY) -m bench.value_guided
 	$(PY) -m bench.response_head
 	$(PY) -m bench.sampled_targets
+	$(PY) -m bench.sampled_targets --config smollm2 --student fresh
+	$(PY) -m bench.sampled_students
 	$(PY) -m bench.versions
 	$(PY) -m bench.readme

@@ -66,13 +66,19 @@ def arguments(description: str):
     ap.add_argument("--batch-size", type=int, default=None, help="sequences per batch (dialogue 32, smollm2 8)")
     ap.add_argument("--sft-steps", type=int, default=60, help="dialogue: SFT steps that make the student's samples "
                                                              "resemble language (the smollm2 student is the teacher's)")
+    ap.add_argument("--student", choices=("kept", "fresh"), default="kept",
+                    help="smollm2: the preset's layer-kept student (close to the teacher) or a fresh small GPT-2 with the "
+                         "teacher's tokenizer, briefly trained by SFT as on dialogue (far from it)")
     ap.add_argument("--out", default=None)
     return ap
 
 
 def results_path(args, stem: str) -> Path:
-    """--out, or bench/results/STEM (STEM_smollm2 for the real teacher), without a suffix."""
-    return Path(args.out or Path(__file__).parent / "results" / (f"{stem}_smollm2" if args.config == "smollm2" else stem))
+    """--out, or bench/results/STEM (STEM_smollm2 for the real teacher, STEM_smollm2_fresh with a fresh student),
+    without a suffix."""
+    if args.config == "smollm2":
+        stem += "_smollm2" + ("_fresh" if getattr(args, "student", "kept") == "fresh" else "")
+    return Path(args.out or Path(__file__).parent / "results" / stem)
 
 
 def gradient_batches(args):
@@ -80,20 +86,28 @@ def gradient_batches(args):
     tokens aligned with the labels, the cache mask). dialogue: a small GPT-2 briefly trained by SFT; smollm2: the
     preset's layer-kept student."""
     real = args.config == "smollm2"
+    kept = real and getattr(args, "student", "kept") == "kept"
     bs = args.batch_size or (8 if real else 32)
-    sft_steps = 0 if real else args.sft_steps
+    sft_steps = 0 if kept else args.sft_steps
     runner = open_run(args.config, [], home=args.home)
     cfg = runner.cfg
     runner.run(until="generate")
     store = SequenceStore(Path(runner.outputs("generate").sequences))
     teacher, tok = modeling.load_teacher(runner.outputs("teacher"))
     torch.manual_seed(0)
-    if real:  # the preset's student: the teacher with distill.n_layer of its layers kept
+    if kept:  # the preset's student: the teacher with distill.n_layer of its layers kept
         student = modeling.keep_layers(teacher, cfg["distill"]["n_layer"])[0]
     else:
-        student = modeling.new_gpt2(tok, n_positions=teacher.config.n_positions, n_layer=2, n_embd=64, n_head=2)
+        student = modeling.new_gpt2(tok, n_positions=modeling.context_length(teacher), n_layer=2, n_embd=64, n_head=2)
     opt = torch.optim.AdamW(student.parameters(), lr=2e-3)
     _, plens, seqs = store.range(0, min(len(store), bs * (sft_steps + args.batches)))
+    # dialogue: SFT on the first sft_steps batches, measured on the next ones. smollm2's 192 replies are too few for
+    # that: its fresh student is measured on the first batches and trained, cycling, on the replies after them.
+    measured = list(range(sft_steps, sft_steps + args.batches))
+    sft = list(range(sft_steps))
+    if real and not kept:
+        rest = max(1, len(seqs) // bs - args.batches)
+        measured, sft = list(range(args.batches)), [args.batches + i % rest for i in range(sft_steps)]
 
     def batch(i):
         part = seqs[bs * i:bs * (i + 1)]
@@ -104,14 +118,14 @@ def gradient_batches(args):
             labels[b, :p] = -100
         return ids, mask, labels
 
-    for step in range(sft_steps):  # a briefly trained student: its samples resemble language
+    for step in sft:  # a briefly trained student: its samples resemble language
         ids, mask, labels = batch(step)
         loss, _ = distill_loss("sft", student(input_ids=ids, attention_mask=mask).logits, labels)
         loss.backward()
         opt.step()
         opt.zero_grad()
     yield student
-    for i in range(sft_steps, sft_steps + args.batches):
+    for i in measured:
         ids, mask, labels = batch(i)
         if not len(ids):
             break
