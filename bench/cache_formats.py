@@ -13,6 +13,7 @@ Writes bench/results/cache_formats.json and bench/results/cache_formats.md. Meas
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import tempfile
@@ -68,7 +69,18 @@ def first_ids(rows) -> np.ndarray:
     return np.concatenate([r.topk_ids for r in rows])[:LEARN_POSITIONS].ravel()
 
 
+def return_freed_memory() -> None:
+    """glibc keeps freed blocks of a few MB (this bench's [n, V] temporaries) in its heaps once its dynamic mmap
+    threshold has risen: on the real teacher's vocabulary the process grew past the machine's 23 GB and was killed.
+    A fixed 1 MB threshold (M_MMAP_THRESHOLD) maps such blocks and returns them when freed."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def main():
+    return_freed_memory()
     ap = argparse.ArgumentParser()
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
     ap.add_argument("--sequences", type=int, default=1000, help="sequences for sizes and speeds")
@@ -95,8 +107,9 @@ def main():
     entropy, tails = [], {k: [] for k in KS}
     t_score = time.perf_counter()
     torch.set_grad_enabled(False)  # scoring (the student's steps below turn it back on)
-    for i in range(0, n, 16):
-        part = slice(i, i + 16)
+    chunk = 16 if V <= 16384 else 4  # [chunk, L, V] float32 log-probs: a large vocabulary needs small chunks
+    for i in range(0, n, chunk):
+        part = slice(i, i + chunk)
         lp_all, _ = modeling.log_probs(model, seqs[part], tok.pad_token_id)
         for b, (s, p) in enumerate(zip(seqs[part], plens[part])):
             full = lp_all[b, p - 1:len(s) - 1].double()  # [n, V]
