@@ -82,13 +82,17 @@ def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, ke
                            seeds=[seed_base * 1_000_003 + int(s) for s in batch_ids])
 
     def learn_order():  # the ids the cache stores for its first positions (only when no order is stored yet)
-        seq_ids, plens, seqs = store.range(0, len(store))
-        n = int(np.searchsorted(np.cumsum([len(x) - p for x, p in zip(seqs, plens)]), LEARN_POSITIONS)) + 1
-        ids = []
-        for part in modeling.length_batches([len(x) for x in seqs[:n]], cfg["batch_size"], cfg["batch_tokens"]):
-            for sc in score([seqs[i] for i in part], [int(plens[i]) for i in part], [seq_ids[i] for i in part],
-                            Timer()):
-                ids.append(sc["topk_ids"][sc["topk_logprobs"] > -np.inf])  # the stored slots
+        ids, positions, start = [], 0, 0
+        while positions < LEARN_POSITIONS and start < len(store):  # the first sequences, a shard's worth at a time
+            seq_ids, plens, seqs = store.range(start, min(start + cfg["shard_size"], len(store)))
+            n = int(np.searchsorted(np.cumsum([len(x) - p for x, p in zip(seqs, plens)]),
+                                    LEARN_POSITIONS - positions)) + 1
+            for part in modeling.length_batches([len(x) for x in seqs[:n]], cfg["batch_size"], cfg["batch_tokens"]):
+                for sc in score([seqs[i] for i in part], [int(plens[i]) for i in part], [seq_ids[i] for i in part],
+                                Timer()):
+                    ids.append(sc["topk_ids"][sc["topk_logprobs"] > -np.inf])  # the stored slots
+                    positions += len(sc["target_logprob"])
+            start += cfg["shard_size"]
         return np.concatenate(ids)
 
     size = cfg["shard_size"]
