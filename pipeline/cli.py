@@ -10,6 +10,7 @@ import click
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from hpd.storage import encodings  # noqa: E402
 from hpd.storage.logit_cache import CacheMismatchError  # noqa: E402
 from hpd.storage.shards import CorruptShardError  # noqa: E402
 
@@ -232,7 +233,7 @@ def cache_ls(config_path, overrides, as_json):
     click.echo(f"{'id':<22}{'k':>4} {'encoding':<14}{'seqs':>8}{'tokens':>11}{'size':>10}{'B/tok':>8}  "
                f"{'last use':<10} teacher / data / runs")
     for r in rows:
-        enc = r["encoding"]["name"] + (f":{r['encoding']['step']:g}" if r["encoding"]["step"] else "")
+        enc = encodings.get(r["encoding"]).label
         click.echo(f"{r['id']:<22}{r['k']:>4} {enc:<14}{r['sequences']:>8,}{r['tokens']:>11,}"
                    f"{r['bytes'] / 1e6:>8.1f}MB{r['bytes_per_token']:>8}  {catalog.age(r['last_used']):<10} "
                    f"{r['teacher']} / {r['data']} / {','.join(r['runs']) or '-'}")

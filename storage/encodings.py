@@ -93,6 +93,13 @@ class Encoding:
                 **({"head": self.head} if self.head else {})}
 
     @property
+    def label(self) -> str:
+        """How a user writes it in score.encoding (sampled:M+N, compact:STEP, ...)."""
+        if self.sampled:
+            return f"{self.name}:" + (f"{self.head}+" if self.head else "") + str(self.draws)
+        return self.name + (f":{self.step:g}" if self.step else "")
+
+    @property
     def slots(self) -> int:
         """Entries per position at most (sampled: head + draws)."""
         return self.head + self.draws

@@ -176,6 +176,9 @@ def test_what_cannot_be_derived_or_mixed_from_sampled_targets_is_refused(home):
     sampled = make_runner(home, SAMPLED, run="s")
     sampled.run(until="score")
     cache_id = sampled.manifest("score")["outputs"]["cache_id"]
+    listed = hpd_cli(home, "cache", "ls").stdout  # named as the user wrote it
+    assert any(line.startswith(cache_id) and " sampled:8 " in line for line in listed.splitlines()), listed
+    assert enc.get("sampled:4+12").label == "sampled:4+12" and enc.get("compact").label == "compact:0.125"
     for args in [(cache_id, "--k", "4"), (make_runner(home).manifest("score")["outputs"]["cache_id"], "--k", "4",
                                           "--encoding", "sampled:4")]:
         r = hpd_cli(home, "cache", "repack", *args)
