@@ -1146,20 +1146,27 @@ def sampled_targets() -> str:
     for name, res in (("dialogue teacher", r), ("real teacher (SmolLM2)", real)):
         if res is not None and "tokens" in res:
             out += f"- {name}: " + "; ".join(_budgets(res)) + ".\n"
-    st = _result(RESULTS / "sampled_students.json")
-    if st is not None:
-        out += ("\nStudents trained from these caches (`bench/sampled_students.py`, the dialogue teacher, fkl, "
-                f"{st['steps']} steps, {st['seeds']} seeds paired by seed; held-out NLL of the reference responses and "
-                "KL to the teacher, lower is better; the difference to top-16 with its sd over seeds and on how many "
-                "seeds the arm was better):\n\n| arm | `score.encoding` | bytes/token | NLL | KL to teacher | "
-                "NLL vs top-16 | KL vs top-16 |\n|---|---|---|---|---|---|---|\n")
-        for a, m in st["summary"].items():
-            c = st["caches"][a]
-            diff = [m[k]["minus_reference"] for k in ("response_nll_nats", "kl_to_teacher_nats")]
-            out += (f"| {a} | `{c['encoding']}` | {c['bytes_per_token']:.1f} | "
-                    f"{m['response_nll_nats']['mean']:.4f} | {m['kl_to_teacher_nats']['mean']:.4f} | " +
-                    " | ".join("-" if a == "top-16 compact" else
-                               f"{d['mean']:+.4f} ± {d['sd']:.4f} ({d['better']}/{d['seeds']})" for d in diff) + " |\n")
+    for name, what in (("sampled_students.json", "the dialogue teacher"),
+                       ("sampled_students_smollm2.json", "the real teacher, the preset's layer-kept student")):
+        st = _result(RESULTS / name)
+        if st is not None:
+            out += _students_table(st, what)
+    return out
+
+
+def _students_table(st: dict, what: str) -> str:
+    out = (f"\nStudents trained from these caches (`bench/sampled_students.py`, {what}, fkl, {st['steps']} steps, "
+           f"{st['seeds']} seeds paired by seed; held-out NLL of the reference responses and KL to the teacher, lower "
+           "is better; the difference to top-16 with its sd over seeds and on how many seeds the arm was better):\n\n"
+           "| arm | `score.encoding` | bytes/token | NLL | KL to teacher | NLL vs top-16 | KL vs top-16 |\n"
+           "|---|---|---|---|---|---|---|\n")
+    for a, m in st["summary"].items():
+        c = st["caches"][a]
+        diff = [m[k]["minus_reference"] for k in ("response_nll_nats", "kl_to_teacher_nats")]
+        out += (f"| {a} | `{c['encoding']}` | {c['bytes_per_token']:.1f} | {m['response_nll_nats']['mean']:.4f} | "
+                f"{m['kl_to_teacher_nats']['mean']:.4f} | " +
+                " | ".join("-" if a == "top-16 compact" else
+                           f"{d['mean']:+.4f} ± {d['sd']:.4f} ({d['better']}/{d['seeds']})" for d in diff) + " |\n")
     return out
 
 
