@@ -89,5 +89,6 @@ bench: $(STAMP) $(SMOLLM2)
 	$(PY) -m bench.sampled_targets
 	$(PY) -m bench.sampled_targets --config smollm2 --student fresh
 	$(PY) -m bench.sampled_students
+	$(PY) -m bench.sampled_students --config smollm2 --steps 48 --sampled sampled-counts:16
 	$(PY) -m bench.versions
 	$(PY) -m bench.readme
