@@ -70,7 +70,8 @@ def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, ke
         model, tokenizer = modeling.load_teacher(teacher)
         model = modeling.to_accelerator(model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    draws, head = encodings.get(key["encoding"]).draws, encodings.get(key["encoding"]).head
+    code = encodings.get(key["encoding"])
+    draws, head = code.draws, code.head
     seed_base = int(key_id(key), 16) % (1 << 40)  # a sequence's draws depend on the cache and the sequence alone
 
     def score(batch, batch_plens, batch_ids, timer):
