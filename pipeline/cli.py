@@ -36,6 +36,10 @@ class UserError(click.ClickException):
     exit_code = 2
 
     def show(self, file=None):
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):  # a bar the error interrupted: end its line first
+            bar.close()
         click.echo(f"error: {self.message}", err=True)
 
 

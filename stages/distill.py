@@ -30,7 +30,8 @@ from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forc
 from .losses import (METHOD_PARAMS, REWARD_METHODS, CachedTargets, SampledTargets, TeacherLogits, distill_loss,
                      response_positions, teacher_signal as signal_of)
 from .tasks import TASKS
-from .training import PeriodicEval, ResponseCollator, job_dir, peak_rss_mb, publish_model, rss_mb, train, training_arguments
+from .training import (PeriodicEval, ResponseCollator, check_finite_loss, job_dir, peak_rss_mb, publish_model, rss_mb,
+                       train, training_arguments)
 from .training_set import Source, plan_round, training_set
 
 
@@ -117,6 +118,11 @@ def mixture_loss(sources: list[Source], logits, labels, teacher, source, loss_pa
     return loss, diag
 
 
+# What to do about a NaN or inf loss or gradient (stages/training.py stops training at the first one).
+NON_FINITE_HINT = ("lower distill.learning_rate (rounds.learning_rate in a round); if it persists, the method and "
+                   "cache encoding named here are a bug to report")
+
+
 class DistillTrainer(Trainer):
     """The HF Trainer with a distillation loss (like TRL's GKDTrainer: compute_loss, and log for its diagnostics).
     `teacher_signal(batch)` takes the batch's teacher signal out of it (from_cache, OnlineTeacher, no_teacher)."""
@@ -124,6 +130,8 @@ class DistillTrainer(Trainer):
     def __init__(self, *args, sources: list[Source], loss_params: dict, teacher_signal, **kwargs):
         super().__init__(*args, **kwargs)
         self.sources, self.loss_params, self.teacher_signal = sources, loss_params, teacher_signal
+        # how errors name the loss: "rkl", or per source "offline fkl + refresh opd"
+        self.loss_name = " + ".join(f"{s.name} {s.method}" if len(sources) > 1 else s.method for s in sources)
         self._diag: list[dict] = []
         self._last_log = time.perf_counter()
 
@@ -138,6 +146,7 @@ class DistillTrainer(Trainer):
             outputs = model(**inputs)
         logits = outputs.logits
         loss, diag = mixture_loss(self.sources, logits, labels, teacher, source, self.loss_params, weight, advantage)
+        check_finite_loss(loss, self.state.global_step + 1, f"the {self.loss_name} loss", NON_FINITE_HINT)
         self._diag.append(diag)
         return (loss, outputs) if return_outputs else loss
 
@@ -256,7 +265,8 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
     trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                              callbacks=_learning_curve(cfg, data, tok, plan.before) if ctx.rank == 0 else [],
                              sources=plan.sources, loss_params=loss_params, teacher_signal=signal)
-    train(trainer, log=lambda line: ctx.log(f"[{ctx.stage}] {line}"))
+    train(trainer, log=lambda line: ctx.log(f"[{ctx.stage}] {line}"), what=f"the {trainer.loss_name} loss",
+          hint=NON_FINITE_HINT)
     if ctx.rank > 0:
         return None  # rank 0 judges and publishes the student
 

@@ -99,7 +99,8 @@ def _train(ctx, cfg: dict, data: TaskData, final: Path) -> None:
                               learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"], seed=ctx.seed,
                               save_steps=cfg["checkpoint_steps"])
     train(Trainer(model=model, args=args, train_dataset=dataset, data_collator=ResponseCollator(tokenizer.pad_token_id)),
-          log=lambda line: ctx.log(f"[teacher] {line}"))
+          log=lambda line: ctx.log(f"[teacher] {line}"), what="the teacher's cross-entropy",
+          hint="lower teacher.learning_rate")
     if ctx.rank > 0:
         return  # rank 0 judges and publishes the teacher
     model.eval()

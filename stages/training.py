@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from hpd.storage import atomic
+from hpd.common.errors import HpdError
 from hpd.common.faults import crash_point
+from hpd.storage import atomic
 
 from .modeling import pad_right
 
@@ -44,6 +45,34 @@ class _Checkpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         crash_point("checkpoint")
+
+
+class FiniteGradients(TrainerCallback):
+    """Stops training at the first optimizer step whose gradient is not finite (NaN or inf anywhere): one more
+    step would write it into every weight, and nothing downstream could tell such a model from a trained one.
+    `what` names the loss in the error ("the rkl loss")."""
+
+    def __init__(self, what: str, hint: str):
+        self.what, self.hint = what, hint
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)  # one pass; NaN if any is
+        if not torch.isfinite(norm):
+            raise HpdError(f"step {state.global_step + 1}: {self.what} gave a non-finite gradient (norm {norm.item()}); "
+                           f"training stopped and nothing was published; {self.hint}")
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, what: str, hint: str) -> None:
+    """A one-line error for a NaN or inf loss, before its backward pass spreads it into the gradient."""
+    if not torch.isfinite(loss.detach()).all():
+        raise HpdError(f"step {step}: {what} is {loss.detach().float().item()}; training stopped and nothing was "
+                       f"published; {hint}")
+
+
+def non_finite_weights(model) -> list[str]:
+    """The names of the model's floating-point tensors that hold a NaN or an inf."""
+    return [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 class PeriodicEval(TrainerCallback):
@@ -129,10 +158,13 @@ def training_arguments(output_dir: Path, *, steps: int, batch_size: int, learnin
         **({"fsdp": fsdp} if fsdp else {}), **({"deepspeed": deepspeed} if deepspeed else {}))
 
 
-def train(trainer, log=lambda line: None):
+def train(trainer, log=lambda line: None, what: str = "the loss",
+          hint: str = "lower the learning rate, or check the training data"):
     """Run `trainer` to its max_steps, resuming from the newest complete checkpoint in its output directory if
-    a crashed attempt left one; `log` hears where a resumed run starts."""
+    a crashed attempt left one; `log` hears where a resumed run starts. A non-finite gradient stops it with a
+    one-line error naming the step and `what` was trained (the loss), and `hint` says what to do."""
     trainer.add_callback(_Checkpoints())
+    trainer.add_callback(FiniteGradients(what, hint))
     resume = latest_checkpoint(trainer.args.output_dir)
     if resume:  # said out loud: a crashed run that silently restarted from step 0 would look the same at the end
         log(f"resuming from {Path(resume).name} of {trainer.args.max_steps} steps")
@@ -142,7 +174,12 @@ def train(trainer, log=lambda line: None):
 
 def publish_model(model, tokenizer, tmp: Path, final: Path, files: dict) -> None:
     """Save a trained model as a plain HF directory with `files` (name -> JSON) beside it, drop the
-    checkpoints under `tmp`, and move it into place atomically."""
+    checkpoints under `tmp`, and move it into place atomically. A model with a NaN or inf weight is never
+    published, whatever path trained it: every later stage would read it as a finished model."""
+    bad = non_finite_weights(model)
+    if bad:
+        raise HpdError(f"the trained model has non-finite weights ({len(bad)} tensors, first {bad[0]}); it was not "
+                       f"published; lower the learning rate and rerun this stage")
     model.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     for name, obj in files.items():

@@ -207,3 +207,47 @@ def test_teacher_with_nan_logits(home, tmp_path, teacher_dir):
     tok.save_pretrained(tmp_path / "nan")
     r = hpd_cli(home, "run", overrides=['run.name="nan"', f'teacher.path="{tmp_path / "nan"}"'])
     _assert_clean_failure(r, home, "nan", "score", "the teacher's logits are NaN or inf")
+
+
+def test_a_diverging_student_stops_at_the_first_non_finite_loss_and_publishes_nothing(home):
+    # A learning rate no run survives: the weights overflow within a few steps and the loss turns NaN or inf.
+    r = hpd_cli(home, "run", overrides=['run.name="diverge"', "distill.learning_rate=1e30", 'distill.method="rkl"'])
+    _assert_clean_failure(r, home, "diverge", "distill", "the rkl loss")
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step ") and "nothing was published" in last, last
+    assert not (home / "runs" / "diverge" / "distill" / "student").exists()
+
+
+def test_no_path_publishes_a_model_with_non_finite_weights(tmp_path, teacher_dir):
+    import torch
+
+    from hpd.common.errors import HpdError
+    from hpd.stages import modeling
+    from hpd.stages.training import publish_model
+
+    model, tok = modeling.load_causal_lm(teacher_dir)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("inf")
+    (tmp_path / "job").mkdir()
+    with pytest.raises(HpdError, match="non-finite weights"):
+        publish_model(model, tok, tmp_path / "job", tmp_path / "final", {"report.json": {}})
+    assert not (tmp_path / "final").exists()
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_training(tmp_path, teacher_dir):
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from hpd.common.errors import HpdError
+    from hpd.stages import modeling
+    from hpd.stages.training import ResponseCollator, train, training_arguments
+
+    model, tok = modeling.load_causal_lm(teacher_dir)
+    next(model.parameters()).register_hook(lambda g: g * float("nan"))  # the loss stays finite, one gradient not
+    data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 8, "prompt_len": [1] * 8})
+    args = training_arguments(tmp_path / "ckpt", steps=2, batch_size=4, learning_rate=1e-3, warmup_steps=0, seed=0)
+    with pytest.raises(HpdError, match=r"step 1: the test loss gave a non-finite gradient"):
+        train(Trainer(model=model, args=args, train_dataset=data, data_collator=ResponseCollator(tok.pad_token_id)),
+              what="the test loss")
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # stopped before the optimizer step
