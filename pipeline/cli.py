@@ -187,8 +187,11 @@ def report(run_name, config_path, overrides, out):
     """Markdown and PNGs for one run: loss curves, HPD diagnostics, learning curve, evaluation."""
     from pathlib import Path
 
+    from .config import check_run_name
     from .report import run_report
 
+    if run_name is not None:
+        check_run_name(run_name, "RUN_NAME")
     ctx = open_run(config_path, overrides).ctx
     run_dir = ctx.home / "runs" / (run_name or ctx.run_name)
     if not (run_dir / "config.toml").is_file():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -70,8 +71,19 @@ NOT_NEGATIVE = ("run.seed", "generate.batch_tokens", "score.batch_tokens", "eval
 UNIT_INTERVAL = ("distill.beta", "distill.alpha", "distill.mu", "rounds.refresh_share")
 
 
+# A run's name is a directory under <home>/runs and a name in teachers.runs: a plain name, never a path.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_name(name: str, where: str = "run.name") -> None:
+    if not RUN_NAME.fullmatch(name):
+        raise HpdError(f"{where}={name!r} is not a plain run name; use letters, digits and -_. (starting with a letter "
+                       f"or digit, at most 100 characters), e.g. \"math-fkl\"")
+
+
 def validate(cfg: dict) -> None:
     """A one-line error for the first value outside its range."""
+    check_run_name(cfg["run"]["name"])
     def check(keys, ok, what):
         for dotted in keys:
             section, key = dotted.split(".")
@@ -250,6 +262,7 @@ def linked_runs(cfg: dict) -> list[tuple[str, float]]:
             w = float("nan")
         if not name or not math.isfinite(w) or w < 0:
             raise HpdError(f"teachers.runs entry {item!r} must be a run name, optionally with :WEIGHT (a number >= 0)")
+        check_run_name(name, "teachers.runs entry")
         if name == cfg["run"]["name"] or name in (n for n, _ in out):
             raise HpdError(f"teachers.runs names run {name!r} twice (or this run itself); name each other run once")
         out.append((name, w))

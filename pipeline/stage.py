@@ -304,6 +304,7 @@ class Runner:
                     raise HpdError(f"stage {name} needs {up} ({self.state(up)[1] or self.state(up)[0]}); build run "
                                    f"{other} through {stage} first (hpd run --until {stage} with its config and "
                                    f"run.name=\"{other}\")")
+        self.check_ensemble_sequences()
         for d in (self.ctx.run_dir, self.ctx.cache_root, self.ctx.model_root):  # fail now, not hours in
             try:
                 d.mkdir(parents=True, exist_ok=True)
@@ -320,6 +321,35 @@ class Runner:
             return
         for name in self.order[:self.order.index(until) + 1 if until else None]:
             self.run_stage(name, force=force)
+
+    # What makes two runs' sequences the same: [generate] less the keys that only say how fast they are made.
+    _SEQUENCE_KEYS = {"data": None, "generate": ("batch_size", "batch_tokens", "engine")}
+
+    def check_ensemble_sequences(self) -> None:
+        """teachers.mode = "ensemble" mixes targets that every teacher scored on this run's sequences: a linked run
+        scored on others is refused before any stage (exactly, by the sequences' fingerprints, once both runs
+        have generated; before that, by the settings that shape the sequences)."""
+        if self.cfg["teachers"]["mode"] != "ensemble":
+            return
+        mine = self.state("generate")[0] == "done" and self.outputs("generate").fingerprint
+        for name, other in sorted(self.linked_runs.items()):
+            if other is None or other.state("generate")[0] != "done":
+                continue  # (Runner.run names a run that is not built yet)
+            if mine:
+                if other.outputs("generate").fingerprint != mine:
+                    raise HpdError(f"teachers.mode=\"ensemble\": run {name} scored other sequences than this run's; "
+                                   f"an ensemble's teachers score the same sequences (give both runs the same [data] "
+                                   f"and [generate]), or use teachers.mode=\"route\"")
+                continue
+            sections = {**self._SEQUENCE_KEYS, **({"teacher": None} if self.cfg["generate"]["mode"] == "teacher" else {})}
+            differ = [f"{s}.{k}" for s, skip in sections.items() for k in self.cfg[s]
+                      if k not in (skip or ()) and self.cfg[s][k] != other.cfg[s].get(k)]
+            if self.cfg["run"]["seed"] != other.cfg["run"]["seed"]:
+                differ.insert(0, "run.seed")
+            if differ:
+                raise HpdError(f"teachers.mode=\"ensemble\": run {name} scored other sequences than this run would "
+                               f"({', '.join(differ[:3])} differ); an ensemble's teachers score the same sequences: "
+                               f"set them as run {name} has them, or use teachers.mode=\"route\"")
 
     def check_linked_tokenizers(self) -> None:
         """Several teachers share one tokenizer: this run's teacher against each linked run's, once this run's

@@ -17,7 +17,7 @@ def test_overrides_are_typed_and_applied(tmp_path):
 
 
 def test_dumps_round_trips(tmp_path):
-    cfg = config.load(None, ["run.name=with \"quotes\""])
+    cfg = config.load(None, ["generate.prompts=with \"quotes\" and \\ backslash"])
     path = tmp_path / "c.toml"
     path.write_text(config.dumps(cfg))
     assert config.load(path) == cfg
@@ -32,6 +32,14 @@ def test_dumps_round_trips(tmp_path):
 def test_bad_overrides_are_rejected(override, message):
     with pytest.raises(HpdError, match=message.replace("[", r"\[").replace("]", r"\]")):
         config.load(None, [override])
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/abs/path", "", "a/b", ".hidden", "..", "x" * 101, "sp ace"])
+def test_run_names_are_plain_names_never_paths(name):
+    with pytest.raises(HpdError, match="is not a plain run name; use letters, digits and -_."):
+        config.load(None, [f"run.name={name!r}".replace("'", '"')])
+    with pytest.raises(HpdError, match="teachers.runs entry"):
+        config.load(None, [f'teachers.runs="ok,{name or "a/b"}"'])
 
 
 def test_missing_and_malformed_config_files(tmp_path):

@@ -79,12 +79,34 @@ def test_online_teacher_and_zero_weights_are_refused():
         make_runner(Path("/nonexistent"), 'teachers.runs="b:0"', "teachers.weight=0")
 
 
-def test_ensemble_of_other_sequences_is_refused(with_second_teacher):
+def test_ensemble_of_other_sequences_is_refused_before_any_stage(with_second_teacher):
     home = with_second_teacher
     make_runner(home, "teacher.steps=12", "generate.num_prompts=120", run="c").run(until="score")
     r = make_runner(home, *STEPS, 'teachers.runs="c"', 'teachers.mode="ensemble"', run="mismatch")
-    with pytest.raises(HpdError, match="ensemble.*scored on different sequences"):
+    with pytest.raises(HpdError, match=r"run c scored other sequences than this run would \(generate.num_prompts"):
         r.run()
+    assert not list((home / "runs" / "mismatch").glob("*/attempt.json"))  # no stage started, none "interrupted"
+    assert not list((home / "runs" / "mismatch").glob("*/manifest.json"))
+    # once this run has its own sequences, they are compared exactly (here: 120 against run b's 240)
+    make_runner(home, *STEPS, "generate.num_prompts=120", run="own").run(until="generate")
+    r = make_runner(home, *STEPS, "generate.num_prompts=120", 'teachers.runs="b"', 'teachers.mode="ensemble"',
+                    run="own")
+    with pytest.raises(HpdError, match="run b scored other sequences than this run's;"):
+        r.run()
+    assert not (home / "runs" / "own" / "score" / "manifest.json").exists()
+
+
+def test_teachers_runs_that_form_a_loop_are_one_line_errors(tiny_home, tmp_path):
+    home = copy_home(tiny_home, tmp_path / "home")
+    for name, other in (("x", "y"), ("y", "x")):  # each names the other: saved configs, as finished runs leave
+        (home / "runs" / name).mkdir(parents=True)
+        (home / "runs" / name / "config.toml").write_text(
+            f'[run]\nname = "{name}"\n[teachers]\nruns = "{other}"\n')
+    for run in ("x", "y"):
+        r = hpd_cli(home, "status", overrides=[f'run.name="{run}"', f'teachers.runs="{"y" if run == "x" else "x"}"'])
+        loop = "x -> y -> x" if run == "x" else "y -> x -> y"
+        assert r.exit_code == 2 and f"teachers.runs forms a loop ({loop})" in r.output, r.output
+        assert r.output.count("\n") == 1 and "Traceback" not in r.output
 
 
 def test_a_specialist_with_longer_problems_gets_a_student_long_enough(with_second_teacher):
