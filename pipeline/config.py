@@ -181,6 +181,10 @@ def _check_choices(cfg: dict) -> None:
     if linked and teachers["weight"] + sum(w for _, w in linked) <= 0:
         raise HpdError("teachers.weight and the weights in teachers.runs sum to 0; give some teacher a weight above 0")
     _check_value(cfg)
+    if cfg["eval"]["heldout"]:  # read now: a bad row found after hours of teacher work costs those hours
+        from hpd.stages.evaluators import heldout_rows
+
+        heldout_rows(cfg["eval"]["heldout"], cfg["eval"]["examples"])
     if score["engine"] == "vllm" and score["temperature"] != 1.0:
         raise HpdError("score.engine=\"vllm\" scores at temperature 1 only (vLLM reports raw log-probs); "
                        "set score.temperature=1 or use engine=\"transformers\"")

@@ -48,20 +48,7 @@ def _heldout_rows(cfg: dict, data: TaskData) -> tuple[str, list[dict]]:
     if not heldout:
         raise HpdError("eval.heldout is empty and there is no built-in task; set eval.heldout to a JSONL file "
                        "with a prompt field (and a response field, or the teacher's replies are the references)")
-    if not Path(heldout).is_file():
-        raise HpdError(f"eval.heldout {heldout} does not exist; give a JSONL file with a prompt field")
-    rows = evaluators.read_rows(heldout, cfg["examples"])
-    if not rows:
-        raise HpdError(f"eval.heldout {heldout} has no rows; give at least one prompt")
-    bad = next((i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)), None)
-    if bad is not None:
-        raise HpdError(f"{heldout} row {bad + 1} has no prompt field; every held-out row needs one")
-    refs = sum("response" in r for r in rows)
-    if 0 < refs < len(rows):
-        bad = next(i for i, r in enumerate(rows) if "response" not in r)
-        raise HpdError(f"{heldout} row {bad + 1} has no response while other rows have one; give responses for "
-                       f"every row, or for none (then the teacher's greedy replies are the references)")
-    return heldout, rows
+    return heldout, evaluators.heldout_rows(heldout, cfg["examples"])
 
 
 def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, student: Student,

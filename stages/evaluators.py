@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import re
+from pathlib import Path
 
 import torch
 
@@ -43,8 +44,41 @@ def read_rows(path: str, n: int = 0) -> list[dict]:
     return rows[:n] if n else rows
 
 
+def heldout_rows(path: str, n: int = 0) -> list[dict]:
+    """The first `n` rows (0: all) of a held-out JSONL file, checked: every row a prompt, and reference responses
+    on every row or on none (then the teacher's greedy replies are the references). A response that is empty or
+    only spaces counts as none: scored as a reference it would measure the end-of-text token alone."""
+    from hpd.common.errors import HpdError
+
+    if not Path(path).is_file():
+        raise HpdError(f"eval.heldout {path} does not exist; give a JSONL file with a prompt field")
+    try:
+        rows = read_rows(path, n)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HpdError(f"eval.heldout {path} is not JSONL ({str(e).splitlines()[0]}); give one JSON object per "
+                       f"line") from None
+    if not rows:
+        raise HpdError(f"eval.heldout {path} has no rows; give at least one prompt")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+            raise HpdError(f"{path} row {i + 1} has no prompt; every held-out row needs a non-empty prompt field")
+        response = r.get("response")
+        if response is not None and not isinstance(response, str):
+            raise HpdError(f"{path} row {i + 1}: the response is a {type(response).__name__}, not text")
+        if response is not None and not response.strip():
+            rows[i] = {k: v for k, v in r.items() if k != "response"}  # empty: no reference
+    refs = sum("response" in r for r in rows)
+    if 0 < refs < len(rows):
+        bad = next(i for i, r in enumerate(rows) if "response" not in r)
+        raise HpdError(f"{path} row {bad + 1} has no response (or an empty one) while other rows have one; give "
+                       f"responses for every row, or for none (then the teacher's greedy replies are the references)")
+    return rows
+
+
 def _room(model, prompts: list[list[int]]) -> int:
-    return modeling.context_length(model) - max(map(len, prompts))
+    """New tokens that fit every prompt's context, less one: a reply scored later as a reference gets the
+    end-of-text token appended (encode_example), and must still fit."""
+    return modeling.context_length(model) - max(map(len, prompts)) - 1
 
 
 def generate_texts(model, tokenizer, prompts: list[str], *, samples: int = 1, greedy: bool = True,
@@ -162,7 +196,7 @@ def teacher_forced(model, tokenizer, rows: list[dict], teacher=None, batch_size:
 def heldout_report(model, tokenizer, heldout: str, n: int, task=None) -> dict:
     """What the teacher and every distilled student report: held-out response NLL and entropy
     (teacher-forced on the references) and greedy exact-answer accuracy when the task can check answers."""
-    rows = read_rows(heldout, n)
+    rows = heldout_rows(heldout, n)
     report = {"heldout_examples": len(rows), "uniform_entropy_nats": math.log(len(tokenizer))}
     if not all("response" in r for r in rows):
         return report  # prompts only (the chat task): the eval stage judges against the teacher's replies

@@ -61,6 +61,7 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
     for shard in tqdm(list(out.todo()), desc=ctx.stage, disable=store.shards.num_shards < 2 or ctx.rank > 0):
         seq_ids, plens, seqs = store.shard_rows(shard)
         values = judge(seq_ids, [s[:p] for s, p in zip(seqs, plens)], [s[p:] for s, p in zip(seqs, plens)])
+        fn.check_finite(seq_ids, np.asarray(values, np.float64), cfg["function"])  # before anything is stored
         out.write(shard, valuestore.values_table(seq_ids, store.prompt_index(shard), values))
     manifest = out.finish()
     _, _, values = valuestore.ValueStore(final).arrays()

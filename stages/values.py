@@ -127,6 +127,17 @@ class TeacherValue:
         return np.array([x.mean() if self.reduce == "mean" else x.sum() for x in lp])
 
 
+def check_finite(seq_ids, values: np.ndarray, function: str = "") -> None:
+    """A one-line error naming the first sequence whose value is NaN or inf: one such value would make every
+    weight NaN (exp weighting scales by the maximum) and every advantage of its prompt NaN."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        by = f"value.function={function} gave" if function else "the stored values hold"
+        raise HpdError(f"{by} {values[bad[0]]} for sequence {int(seq_ids[bad[0]])} ({len(bad)} of {len(values)} "
+                       f"values are not finite); fix the value function (a reward model with NaN weights, a "
+                       f"verifier that returns no number) and rerun the judge stage")
+
+
 # -- what values do to training ----------------------------------------------------------------------------
 @dataclass
 class Guidance:
@@ -168,6 +179,8 @@ def weights(values: np.ndarray, means: np.ndarray, how: str, tau: float) -> np.n
     if how == "none":
         return None
     if how == "exp":
+        if not len(values):  # a selection that kept none (a round whose samples all fell below the threshold)
+            return np.zeros(0)
         w = np.exp((values - values.max()) / tau)
         return w / w.mean()
     return np.maximum(0.0, 1.0 + (values - means) / tau)
@@ -176,6 +189,7 @@ def weights(values: np.ndarray, means: np.ndarray, how: str, tau: float) -> np.n
 def guidance(seq_ids: np.ndarray, prompt_index: np.ndarray, values: np.ndarray, cfg: dict) -> Guidance:
     """The [value] section's selection, weighting and advantage applied to one judged sequence set (its rows may
     be none: a threshold no sample reached)."""
+    check_finite(seq_ids, values)
     means = prompt_means(prompt_index, values)
     kept = select(prompt_index, values, cfg["select"], cfg["keep"], cfg["threshold"])
     w = weights(values[kept], means[kept], cfg["weighting"], cfg["tau"])

@@ -136,7 +136,31 @@ def test_eval_stage_reports_student_and_teacher(tiny_home, tmp_path):
     s, t = report["student"], report["teacher"]
     assert s["examples"] == 12 and {"accuracy", "avg@2", "response_nll_nats", "kl_to_teacher_nats"} <= set(s)
     assert s["kl_to_teacher_nats"] > 0 and "kl_to_teacher_nats" not in t and 0 <= t["accuracy"] <= 1
-    bad = make_runner(r.ctx.home, "eval.examples=12", "eval.samples=2", 'eval.heldout="/nonexistent.jsonl"')
-    with pytest.raises(HpdError, match="eval.heldout .* does not exist"):
-        bad.run("eval")
-    assert bad.state("eval")[0] != "done"  # the earlier report is not taken for this config's
+    with pytest.raises(HpdError, match="eval.heldout .* does not exist"):  # at load, before any stage
+        make_runner(r.ctx.home, "eval.examples=12", "eval.samples=2", 'eval.heldout="/nonexistent.jsonl"')
+
+
+@pytest.mark.unit
+def test_empty_held_out_responses_are_no_references(tmp_path):
+    def rows(*responses):
+        path = tmp_path / "h.jsonl"
+        path.write_text("".join(json.dumps({"prompt": f"{i}+1:", **({} if r is None else {"response": r})}) + "\n"
+                                for i, r in enumerate(responses)))
+        return str(path)
+
+    assert all("response" not in r for r in evaluators.heldout_rows(rows("", "  ", None)))  # the teacher's replies
+    assert [r["response"] for r in evaluators.heldout_rows(rows("2", "3"))] == ["2", "3"]
+    with pytest.raises(HpdError, match=r"h.jsonl row 2 has no response \(or an empty one\) while other rows"):
+        evaluators.heldout_rows(rows("2", "", "4"))
+    with pytest.raises(HpdError, match="row 1: the response is a int, not text"):
+        evaluators.heldout_rows(rows(7))
+
+
+def test_eval_on_empty_responses_judges_against_the_teachers_replies(tiny_home, tmp_path):
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"prompt": f"{a}+{a}+{a}:", "answer": str(3 * a), "response": ""}) + "\n" for a in (111, 222)))
+    r = make_runner(copy_home(tiny_home, tmp_path / "home"), f'eval.heldout="{heldout}"', "eval.samples=1")
+    r.run("eval")
+    report = r.outputs("eval").report
+    assert report["references"] == "teacher" and report["student"]["examples"] == 2
+    assert report["student"]["response_nll_nats"] < 20  # scored on the teacher's replies, not on end-of-text alone

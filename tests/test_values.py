@@ -245,3 +245,52 @@ def test_value_settings_are_checked_before_any_stage(tmp_path, sets, says):
     result = hpd_cli(tmp_path, "run", overrides=sets)
     assert result.exit_code != 0 and says in result.stderr, result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.unit
+def test_a_selection_that_keeps_nothing_gives_no_rows_with_any_weighting():
+    prompt, value = np.array([0, 0, 1]), np.array([0.1, 0.2, 0.3])
+    for how in ("none", "exp", "advantage"):
+        g = guidance(np.arange(3), prompt, value, {"select": "threshold", "keep": 0.25, "threshold": 5.0,
+                                                  "weighting": how, "tau": 1.0, "advantage": 1.0})
+        assert len(g.rows) == 0 and (g.weight is None or len(g.weight) == 0) and len(g.advantage) == 0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_refused_naming_the_sequence(bad):
+    from hpd.common.errors import HpdError
+
+    value = np.array([0.1, bad, 0.3])
+    with pytest.raises(HpdError, match=f"stored values hold {bad} for sequence 11 "):
+        guidance(np.arange(3) + 10, np.array([0, 0, 1]), value, {"select": "none", "keep": 1.0, "threshold": 0.0,
+                                                                 "weighting": "exp", "tau": 1.0, "advantage": 0.0})
+
+
+def test_a_reward_model_giving_nan_stops_the_judge_naming_the_sequence(tiny_home, teacher_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    tok = arithmetic.build_tokenizer()
+    path = _reward_model(tmp_path / "rm", tok)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    model.save_pretrained(path)
+    home = copy_home(tiny_home, tmp_path / "home")
+    result = hpd_cli(home, "run", "judge", overrides=['value.function="reward_model"', f'value.reward_model="{path}"',
+                                                      'value.judge="generate"'])
+    assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        "error: value.function=reward_model gave nan for sequence 0 "), result.stderr
+    assert not (home / "runs" / "tiny" / "judge" / "values").exists()
+    assert not (home / "runs" / "tiny" / "judge" / "manifest.json").exists()
+
+
+def test_a_round_whose_samples_all_fail_the_threshold_trains_on_the_offline_sequences(tiny_home, tmp_path):
+    home = copy_home(tiny_home, tmp_path / "home")
+    sets = ['value.function="teacher"', 'value.judge="refresh"', 'value.select="threshold"', "value.threshold=1.0",
+            'value.weighting="exp"', "rounds.count=1", "rounds.steps=2", "rounds.refresh_share=0.5"]
+    result = hpd_cli(home, "run", overrides=sets)  # a mean log-prob is never above 0: no sample passes
+    assert result.exit_code == 0, result.output
+    assert "kept none of the refresh sequences" in result.output
+    mix = make_runner(home, *sets).outputs("distill-1").report["mixture"]
+    assert list(mix) == ["offline"]
