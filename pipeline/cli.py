@@ -327,10 +327,11 @@ def _derive(make, how: str) -> None:
 @cache.command("merge")
 @click.argument("cache_ids", nargs=-1, required=True)
 @click.option("--weights", default="", help="one weight per cache, comma-separated (default: equal)")
-@click.option("--k", "k", type=int, default=0, help="the merged cache's k (default: the largest of the caches')")
+@click.option("--k", "k", type=int, default=None, help="the merged cache's k (default: the largest of the caches')")
 @click.option("--weighting", type=click.Choice(["fixed", "confidence"]), default="fixed",
               help="fixed: the weights as given; confidence: per position, each weight times exp(-entropy)")
-@click.option("--encoding", default=None, help="fp16 | rank-q8[:STEP] | idsort-q8[:STEP] (default: the first cache's)")
+@click.option("--encoding", default=None,
+              help="compact[:STEP] | idsort-q8[:STEP] | rank-q8[:STEP] | fp16 (default: the first cache's)")
 @config_option
 @set_option
 def cache_merge(cache_ids, weights, k, weighting, encoding, config_path, overrides):
@@ -344,7 +345,8 @@ def cache_merge(cache_ids, weights, k, weighting, encoding, config_path, overrid
         w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(caches)
     except ValueError:
         raise HpdError(f"--weights {weights!r} must be numbers separated by commas, one per cache") from None
-    _derive(lambda: merge_mod.merge(caches, w, root, k or max(c.k for c in caches), encoding, weighting),
+    _derive(lambda: merge_mod.merge(caches, w, root, max(c.k for c in caches) if k is None else k, encoding,
+                                    weighting),
             f"the {weighting} mixture of {', '.join(c.id for c in caches)}")
 
 

@@ -95,10 +95,15 @@ def mix_positions(teachers: list[tuple], weights, vocab_size: int, k: int, weigh
     return out_ids, out_lp.float(), out_tail.float(), mixed_target.float()
 
 
-def _check(caches: list[LogitCache], weights, k: int, weighting: str) -> None:
+def _check(caches: list[LogitCache], weights, k: int, weighting: str, encoding=None) -> None:
     """Everything a merge needs, checked before anything is written."""
     if len(caches) < 2:
         raise ValueError("a merge needs at least two caches")
+    ids = [c.id for c in caches]
+    twice = next((i for i in ids if ids.count(i) > 1), None)
+    if twice:
+        raise ValueError(f"cache {twice} is named twice; a merge mixes different teachers' caches (to weight one "
+                         f"teacher more, give it a larger --weights entry)")
     sampled = [c.id for c in caches if c.sampled]
     if sampled:
         raise ValueError(f"cache {sampled[0]} holds sampled targets: a mixture of teachers needs each teacher's top-k "
@@ -111,6 +116,13 @@ def _check(caches: list[LogitCache], weights, k: int, weighting: str) -> None:
                          f"({max(c.k for c in caches)})")
     if len(weights) != len(caches) or not all(math.isfinite(x) and x >= 0 for x in weights) or sum(weights) <= 0:
         raise ValueError(f"weights {list(weights)} must be one non-negative number per cache, summing to more than 0")
+    if encoding is not None:
+        out = enc.get(encoding)
+        if out.sampled:
+            raise ValueError(f"a merge writes the mixture's top-k; encoding {out.label} holds draws, which the "
+                             f"teachers' top-k cannot give; use a top-k encoding (compact, idsort-q8, rank-q8, fp16)")
+        if k < 2 and out.name != "fp16":
+            raise ValueError(f"encoding {out.name} needs k >= 2; use encoding fp16 for k=1")
     first = caches[0]
     for c in caches[1:]:
         if c.key["tokenizer"] != first.key["tokenizer"]:
@@ -157,10 +169,8 @@ def merge(caches: list[LogitCache], weights, root: CacheRoot, k: int, encoding=N
           weighting: str = "fixed") -> LogitCache:
     """Publish the mixture of `caches` (the same sequences scored by several teachers) as a cache at `k`.
     Resumable shard by shard like any cache; a merge asked for again is found, not redone."""
-    _check(caches, weights, k, weighting)
     encoding = encoding or caches[0].key["encoding"]
-    if k < 2 and enc.get(encoding).name != "fp16":
-        raise ValueError(f"encoding {enc.get(encoding).name} needs k >= 2; use encoding fp16 for k=1")
+    _check(caches, weights, k, weighting, encoding)
     key = merged_key(caches, weights, k, encoding, weighting)
     with root.lock(key):
         found = root.find(key)

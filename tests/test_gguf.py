@@ -58,7 +58,8 @@ def _unsupported_quantisation(hf: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("case,message", [
     ("not_gguf", "is not a GGUF file (it does not start with the GGUF magic bytes)"),
-    ("truncated", "transformers cannot read this GGUF file"),
+    ("truncated", "truncated.gguf is truncated: it ends inside its header (4,096 bytes)"),
+    ("cut_short", "cut_short.gguf is truncated: 197,000 bytes, its header describes 198,112"),
     ("q8_1", "tensor types F32, Q8_1"),
 ])
 def test_unreadable_gguf_is_a_one_line_error_and_publishes_nothing(llama, tmp_path, case, message):
@@ -68,6 +69,9 @@ def test_unreadable_gguf_is_a_one_line_error_and_publishes_nothing(llama, tmp_pa
         bad.write_text("this is a model card, not weights\n")
     elif case == "truncated":
         bad.write_bytes(file.read_bytes()[:4096])
+    elif case == "cut_short":  # the header whole, the last tensor's data cut short (an interrupted copy)
+        assert file.stat().st_size == 198_112  # (the expected size in the message is this file's)
+        bad.write_bytes(file.read_bytes()[:197_000])
     else:
         _unsupported_quantisation(hf, bad)
     with pytest.raises(HpdError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -78,6 +82,8 @@ def test_unreadable_gguf_is_a_one_line_error_and_publishes_nothing(llama, tmp_pa
     assert r.exit_code == 2 and lines[-1].startswith("error: ") and message in lines[-1], r.stderr
     assert sum("error" in line.lower() for line in lines) == 1 and "Traceback" not in r.stderr
     assert not list((tmp_path / "home" / "models").glob("gguf-*"))  # no directory a later run could reuse
+    if case != "q8_1":  # refused before the conversion's lock: no lock file either
+        assert not list((tmp_path / "home" / "models").glob(".*lock"))
     assert not (tmp_path / "home" / "runs" / "gguf" / "teacher" / "manifest.json").exists()
 
 

@@ -152,12 +152,18 @@ def test_cache_merge_command_and_its_refusals(two_teachers, tmp_path):
         (["--weights", "0,0"], "summing to more than 0"),
         (["--weights", "a,b"], "must be numbers separated by commas"),
         (["--k", "999"], "between 1 and the largest k"),
+        (["--k", "0"], "between 1 and the largest k"),  # never silently the default
+        (["--encoding", "sampled:4"], "encoding sampled:4 holds draws"),
+        (["--encoding", "zip"], "unknown encoding 'zip'"),
+        (["--k", "1"], "encoding idsort-q8 needs k >= 2"),
+        ([cb.id], f"cache {cb.id} is named twice"),
     ]:
         r = hpd_cli(home, "cache", "merge", ca.id, cb.id, *args)
         assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, r.output
     r = hpd_cli(home, "cache", "merge", ca.id, "nosuchcache")
     assert r.exit_code == 2 and "nosuchcache" in r.output
     assert sorted(p.name for p in (home / "caches").iterdir()) == before  # nothing published, nothing left
+    assert "compact[:STEP]" in hpd_cli(home, "cache", "merge", "--help").output
 
 
 def test_merge_refuses_caches_of_other_sequences_or_tokenizers(two_teachers, tmp_path):
