@@ -50,7 +50,7 @@ test-compat: $(COMPAT)/.installed
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m unit
 
-soak: $(STAMP)
+soak: $(STAMP) $(SMOLLM2)
 	$(PY) -m bench.soak
 	$(PY) -m bench.readme
 

@@ -720,13 +720,16 @@ def reliability() -> str:
     soak_file = RESULTS / "soak.json"
     if soak_file.exists():
         soak = json.loads(soak_file.read_text())
-        by_stage = ", ".join(f"{s} {k}" for s, k in soak["kills_by_stage"].items())
+        by_scenario = ", ".join(f"{s} {k}" for s, k in soak["kills_by_scenario"].items())
         soak_line = (f"**Soak** (`make soak`, bench/soak.py): {soak['trials']} trials, {soak['kills']} SIGKILLs at "
-                     f"random moments ({by_stage}). After the reruns, {soak['trials_matching_reference']} of "
-                     f"{soak['trials']} trials published exactly the uninterrupted run's outputs "
-                     f"({soak['outputs_compared_per_trial']} outputs compared per trial: sequences, every cache "
-                     f"shard's checksum, both students' weights, the evaluation report, leftover temporaries). "
-                     f"**Bytes lost: {soak['mismatched_outputs']}.**")
+                     f"random moments over six scenarios ({by_scenario}): the whole pipeline with its judge stages, "
+                     f"the same with sampled (`sampled:4+8`) and with `compact` caches, a student of a two-teacher "
+                     f"ensemble (its rounds rescored by both), `hpd cache merge`, and a GGUF teacher's conversion. "
+                     f"After the reruns, {soak['trials_matching_reference']} of {soak['trials']} trials published "
+                     f"exactly the uninterrupted run's outputs (sequences and values, every cache shard's checksum, "
+                     f"the students' and the converted teacher's weights, the evaluation report, leftover "
+                     f"temporaries). **Bytes lost: {soak['mismatched_outputs']}.** Per stage: "
+                     f"bench/results/soak.md.")
     else:
         soak_line = "**Soak:** not run yet (`make soak`)."
     return (f"{n} fault rows, all in `make test` except the soak; every one is survived: the fault is named in "

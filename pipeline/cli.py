@@ -337,10 +337,12 @@ def _derive(make, how: str) -> None:
 def cache_merge(cache_ids, weights, k, weighting, encoding, config_path, overrides):
     """Publish the mixture of several teachers' caches of the same sequences as a cache of its own (an ensemble
     any method trains from unchanged)."""
+    from hpd.common.faults import stage_started
     from hpd.storage import merge as merge_mod
 
     _, root = _root(config_path, overrides)
     caches = [_open(root, c) for c in cache_ids]
+    stage_started("cache-merge")  # (the soak's HPD_KILL_IN clock: a merge is killed like a stage)
     try:
         w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(caches)
     except ValueError:
