@@ -172,7 +172,10 @@ def _works(layer: str) -> str:
     """'' where `layer` runs a program here, else why not (found once per process, by running one)."""
     if layer == "bwrap" and not shutil.which("bwrap"):
         return "bwrap is not installed (apt-get install bubblewrap)"
-    r = _execute("import hashlib, math, socket\n", 30.0, layer)
+    try:
+        r = _execute("import hashlib, math, socket\n", 30.0, layer)
+    except HpdError as e:  # no interpreter the program's user may start
+        return str(e)
     return "" if r["passed"] else f"{layer} cannot start a program here: {r['result']}"
 
 
