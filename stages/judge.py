@@ -27,8 +27,9 @@ from .tasks import TASKS
 GUIDANCE_KEYS = tuple(f"value.{k}" for k in ("judge", "select", "keep", "threshold", "weighting", "tau", "advantage"))
 
 
-def value_function(cfg: dict, data: TaskData, teacher: Teacher, score: Cache | None):
-    """(callable(seq_ids, prompts, responses) -> values, identity for the store's key)."""
+def value_function(cfg: dict, data: TaskData, teacher: Teacher, score: Cache | None, execute_code: bool = False):
+    """(callable(seq_ids, prompts, responses) -> values, identity for the store's key). execute_code: the run's
+    opt-in to running the prompts' test code (code.execute), for the verifier on HumanEval-style prompts."""
     from transformers import AutoTokenizer
 
     name = cfg["function"]
@@ -47,13 +48,13 @@ def value_function(cfg: dict, data: TaskData, teacher: Teacher, score: Cache | N
     source = gen["prompts"] or data.train
     rows = prompt_rows(source, gen["prompt_field"], gen["num_prompts"])
     judge = fn.Verifier(tok, rows, gen["prompt_field"], TASKS.get(data.builtin) if not gen["prompts"] else None,
-                        cfg["timeout"])
+                        cfg["timeout"], execute_code=execute_code)
     return (lambda ids, p, r: judge(p, r)), {"function": name, "task": data.builtin, "prompts": str(source)}
 
 
 def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, score: Cache | None = None) -> Values:
     store = SequenceStore(Path(generate.sequences))
-    judge, identity = value_function(cfg, data, teacher, score)
+    judge, identity = value_function(cfg, data, teacher, score, ctx.execute_code)
     final = ctx.stage_dir() / "values"
     meta = {"sequences": store.fingerprint, **identity}
     out = ShardedWrite(ctx, lambda rank: valuestore.ValueWriter(final, meta, rank), store.shards.num_shards)

