@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from hpd.common.errors import HpdError
+
 from . import modeling
 
 
@@ -48,8 +50,6 @@ def heldout_rows(path: str, n: int = 0) -> list[dict]:
     """The first `n` rows (0: all) of a held-out JSONL file, checked: every row a prompt, and reference responses
     on every row or on none (then the teacher's greedy replies are the references). A response that is empty or
     only spaces counts as none: scored as a reference it would measure the end-of-text token alone."""
-    from hpd.common.errors import HpdError
-
     if not Path(path).is_file():
         raise HpdError(f"eval.heldout {path} does not exist; give a JSONL file with a prompt field")
     try:
@@ -87,6 +87,11 @@ def generate_texts(model, tokenizer, prompts: list[str], *, samples: int = 1, gr
     """`samples` decoded responses per prompt (greedy: one)."""
     ids = [modeling.encode_pair(tokenizer, p, None)[0] for p in prompts]
     room = _room(model, ids)
+    if room < 1:
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        raise HpdError(f"a prompt of {len(ids[longest])} tokens ({prompts[longest][:40]!r}...) leaves the model no room "
+                       f"to answer in its context of {modeling.context_length(model)} tokens; use a model with a "
+                       f"longer context, or shorter prompts")
     n = 1 if greedy else samples
     outs = modeling.sample(model, tokenizer, [p for p in ids for _ in range(n)],
                            max_new_tokens=min(max_new_tokens or room, room), greedy=greedy,

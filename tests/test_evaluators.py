@@ -174,3 +174,11 @@ def test_eval_on_empty_responses_judges_against_the_teachers_replies(tiny_home, 
     report = r.outputs("eval").report
     assert report["references"] == "teacher" and report["student"]["examples"] == 2
     assert report["student"]["response_nll_nats"] < 20  # scored on the teacher's replies, not on end-of-text alone
+
+
+def test_prompts_longer_than_the_context_are_one_line_errors(tiny_runner, teacher_dir):
+    from hpd.stages import modeling
+
+    model, tok = modeling.load_causal_lm(teacher_dir)
+    with pytest.raises(HpdError, match="leaves the model no room to answer in its context of"):
+        evaluators.generate_texts(model, tok, ["1+1:", "1+" * 200 + "1:"])
