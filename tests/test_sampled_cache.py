@@ -193,3 +193,14 @@ def test_what_cannot_be_derived_or_mixed_from_sampled_targets_is_refused(home):
                             (['teachers.runs="s"', 'teachers.mode="ensemble"'], "sampled targets do not keep")]:
         r = hpd_cli(home, "run", "--set", SAMPLED, *[x for o in overrides for x in ("--set", o)])
         assert r.exit_code != 0 and says in r.stderr and "Traceback" not in r.output, r.output
+
+
+def test_a_head_that_leaves_nothing_to_draw_is_refused_before_the_cache_is_written(home):
+    before = sorted((home / "caches").iterdir())
+    r = hpd_cli(home, "run", overrides=['score.encoding="sampled:18+4"', 'run.name="head18"'])
+    assert r.exit_code != 0 and "keeps a head of 18 tokens" in r.stderr and "Traceback" not in r.output, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and sorted((home / "caches").iterdir()) == before
+    more = make_runner(home, 'score.encoding="sampled:32"', run="s32")  # more slots than the vocabulary: fine
+    more.run(until="score")
+    cache = LogitCache(Path(more.manifest("score")["outputs"]["cache"]))
+    assert cache.k == 32 and cache.manifest["rows"] > 0
