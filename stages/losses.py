@@ -29,9 +29,12 @@ NEG_INF = -float("inf")
 
 @dataclass
 class Outcomes:
-    """The teacher's and the student's log-probs over the same outcomes, per response position [N, S]."""
+    """The teacher's and the student's log-probs over the same outcomes, per response position [N, S]. `keep`
+    [N, S] says which columns are outcomes (None: all): a column that is not (a sampled cache's empty slot, the
+    tail bucket of slots that cover the vocabulary) has logp = -inf and a finite logq that no method weighs."""
     logp: torch.Tensor   # teacher, detached
-    logq: torch.Tensor   # student, with grad
+    logq: torch.Tensor   # student, with grad; finite everywhere (a weight of 0 times it must give 0, not nan)
+    keep: torch.Tensor | None = None
 
 
 def _xlog(p_log: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -88,10 +91,10 @@ def _tvd(o, q):
 
 def _akl(o, q, mu=0.5):
     p = o.logp.exp()
-    order = p.argsort(-1, descending=True)
-    cum = p.gather(-1, order).cumsum(-1)
-    head_sorted = (cum - p.gather(-1, order)) < mu  # smallest prefix whose mass reaches mu
-    head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
+    p_sorted = p.sort(-1, descending=True).values
+    in_head = (p_sorted.cumsum(-1) - p_sorted) < mu  # smallest prefix whose mass reaches mu
+    # and every token as probable as its last: the sort would split tied ones (a quantised cache ties many) at whim
+    head = p >= torch.where(in_head, p_sorted, float("inf")).amin(-1, keepdim=True)
     gap = (p - q.exp()).abs()
     g_h, g_t = (gap * head).sum(-1), (gap * ~head).sum(-1)
     a_h = (g_h / (g_h + g_t).clamp_min(1e-12))[:, None]
@@ -145,8 +148,15 @@ class _FullTeacher:
 
 
 class _CachedTeacher:
-    def __init__(self, ids, top, tail, target):
+    """`keep` [n, k]: the slots that hold an outcome (None: all, as in a top-k cache). A sampled cache often has fewer
+    distinct draws than slots: its empty slots have log p = -inf and repeat a stored id (they cannot all be given
+    unused ids: there may be more slots than vocabulary). So they are masked rather than renamed, and nothing here
+    scatters values over `ids` (a repeated id would get whichever slot's value wins): `_held` counts each kept id
+    once, and the outcomes are the kept slots plus the student's and teacher's mass outside them."""
+
+    def __init__(self, ids, top, tail, target, keep=None):
         self.ids, self.top, self.tail, self.target = ids, top, tail, target
+        self.keep = torch.ones_like(ids, dtype=torch.bool) if keep is None else keep
 
     @classmethod
     def of(cls, cache, sel: torch.Tensor) -> _CachedTeacher:
@@ -157,47 +167,54 @@ class _CachedTeacher:
                    cache.tail_logmass[:, :-1][sel].float(), cache.target_logprob[:, :-1][sel].float())
 
     def rows(self, part: slice) -> _CachedTeacher:
-        return _CachedTeacher(self.ids[part], self.top[part], self.tail[part], self.target[part])
+        return _CachedTeacher(self.ids[part], self.top[part], self.tail[part], self.target[part], self.keep[part])
 
     def expert(self, target: torch.Tensor) -> torch.Tensor:
         return self.target  # stored exactly, whether or not it is in the top-k
 
-    def _student_tail(self, logq: torch.Tensor) -> torch.Tensor:
-        return torch.logsumexp(logq.scatter(-1, self.ids, NEG_INF), -1)
+    def _held(self, logq: torch.Tensor):
+        """(held [n, V]: the vocabulary entries a kept slot holds; the student's log-mass outside them [n]; covered
+        [n]: whether they hold the whole vocabulary). Where they do there is no tail, and its log-mass is then the
+        whole vocabulary's instead of an empty sum's -inf, whose gradient is nan: every caller masks it out."""
+        held = torch.zeros_like(logq).scatter_add(-1, self.ids, self.keep.to(logq.dtype)) > 0
+        covered = held.all(-1)
+        return held, torch.logsumexp(logq.masked_fill(held & ~covered[:, None], NEG_INF), -1), covered
 
     def token(self, tokens: torch.Tensor, logq: torch.Tensor):
         """log p at tokens [n, S]: cached when in the top-k; otherwise the tail mass shared out in proportion to
         the student's own distribution over the tokens outside the top-k: p(a) ~ T * q(a) / Q_out."""
-        hit = self.ids[:, None, :] == tokens[:, :, None]
+        hit = (self.ids[:, None, :] == tokens[:, :, None]) & self.keep[:, None, :]
         inside = hit.any(-1)
         cached = torch.where(hit, self.top[:, None, :], NEG_INF).amax(-1)
-        estimate = self.tail[:, None] + logq.detach().gather(-1, tokens) - self._student_tail(logq.detach())[:, None]
+        q = logq.detach()
+        estimate = self.tail[:, None] + q.gather(-1, tokens) - self._held(q)[1][:, None]
         return torch.where(inside, cached, estimate), inside
 
     def every(self, logq: torch.Tensor):
         """log p over the whole vocabulary [n, V], estimated outside the top-k as in `token`."""
         q = logq.detach()
-        estimate = self.tail[:, None] + q - self._student_tail(q)[:, None]  # (all overwritten when k = V)
-        inside = torch.zeros_like(q, dtype=torch.bool).scatter(-1, self.ids, True)
-        return estimate.scatter(-1, self.ids, self.top), inside
+        held, q_out, _ = self._held(q)
+        stored = torch.full_like(q, NEG_INF).scatter_reduce(-1, self.ids, self.top.masked_fill(~self.keep, NEG_INF),
+                                                            "amax")  # a repeated id: its kept slot's value
+        return torch.where(held, stored, self.tail[:, None] + q - q_out[:, None]), held
 
     def outcomes(self, logq: torch.Tensor) -> Outcomes:
-        top_q = logq.gather(-1, self.ids)
-        if self.ids.shape[-1] == logq.shape[-1]:  # k = vocabulary: there is no tail bucket
-            return Outcomes(self.top, top_q)
-        logp = torch.cat([self.top, self.tail[:, None]], -1)
-        return Outcomes(logp, torch.cat([top_q, self._student_tail(logq)[:, None]], -1))
+        """The kept slots and one tail bucket (not an outcome where the slots cover the vocabulary)."""
+        _, q_out, covered = self._held(logq)
+        logp = torch.cat([self.top.masked_fill(~self.keep, NEG_INF), self.tail[:, None]], -1)
+        return Outcomes(logp, torch.cat([logq.gather(-1, self.ids), q_out[:, None]], -1),
+                        torch.cat([self.keep, ~covered[:, None]], -1))
 
 
 class _SampledTeacher(_CachedTeacher):
-    """Sampled targets (storage.cache_batch.SampledBatch): S distinct ids per position, each with its exact log p and
-    an unbiased estimate p_hat of p (drawn ids; 0 for the undrawn ones that fill the slots). `estimate` gives the
-    outcomes with p_hat: a loss linear in p (fkl, and the forward part of the hpd "dist" variants) then has an
-    unbiased gradient. Every other use sees the exact log p at the stored ids plus the exact tail, like top-k
-    (biased: the ids are partly random rather than the top)."""
+    """Sampled targets (storage.cache_batch.SampledBatch): S slots per position, each with its exact log p and an
+    unbiased estimate p_hat of p (drawn ids; 0 for undrawn ones that fill slots), or empty (log p = -inf: fewer
+    distinct draws than slots; not kept). `estimate` gives the outcomes with p_hat: a loss linear in p (fkl, and the
+    forward part of the hpd "dist" variants) then has an unbiased gradient. Every other use sees the exact log p at
+    the stored ids plus the exact tail, like top-k (biased: the ids are partly random rather than the top)."""
 
-    def __init__(self, ids, top, tail, target, log_w):
-        super().__init__(ids, top, tail, target)
+    def __init__(self, ids, top, tail, target, log_w, keep=None):
+        super().__init__(ids, top, tail, target, top > NEG_INF if keep is None else keep)
         self.log_w = log_w
 
     @classmethod
@@ -209,11 +226,12 @@ class _SampledTeacher(_CachedTeacher):
                    batch.target_logprob[:, :-1][sel].float(), batch.log_weight[:, :-1][sel].float())
 
     def rows(self, part: slice) -> _SampledTeacher:
-        return _SampledTeacher(self.ids[part], self.top[part], self.tail[part], self.target[part], self.log_w[part])
+        return _SampledTeacher(self.ids[part], self.top[part], self.tail[part], self.target[part], self.log_w[part],
+                               self.keep[part])
 
     def estimate(self, logq: torch.Tensor) -> Outcomes:
         """The stored ids with p_hat (no tail bucket: p_hat sums to 1 in expectation over the drawn ids)."""
-        return Outcomes(self.log_w, logq.gather(-1, self.ids))
+        return Outcomes(self.log_w, logq.gather(-1, self.ids), self.keep)  # (log_w is -inf where not kept)
 
 
 def _linear_outcomes(view, logq: torch.Tensor) -> Outcomes:
@@ -391,7 +409,12 @@ def _per_position(method: str, view, params: dict, z: torch.Tensor, target: torc
 
     if method in DISTRIBUTION_METHODS:
         o = _linear_outcomes(view, logq) if method in UNBIASED_ON_SAMPLED else view.outcomes(logq)
-        value, w = DISTRIBUTION_METHODS[method](Outcomes(o.logp, o.logq.detach()), o.logq.detach(), **params)
+        q = o.logq.detach()
+        if o.keep is not None:  # a column that is no outcome: p = q = 0 in the value, and no weight
+            q = q.masked_fill(~o.keep, NEG_INF)
+        value, w = DISTRIBUTION_METHODS[method](Outcomes(o.logp, q), q, **params)
+        if o.keep is not None:
+            w = w.masked_fill(~o.keep, 0.0)
         surrogate = -(w.detach() * o.logq).sum(-1)
         return value + surrogate - surrogate.detach(), {method: value.detach().sum()}
     if method == "seqkd":

@@ -40,6 +40,10 @@ def run(ctx, cfg: dict, teacher: Teacher, generate: Sequences) -> Cache:
     if not encoding.sampled and not 1 <= k <= teacher.vocab_size:
         raise HpdError(f"score.top_k={k} must be between 1 and the teacher's vocabulary size "
                        f"({teacher.vocab_size}); lower it")
+    if encoding.head >= teacher.vocab_size:  # (more draws than the rest of the vocabulary are fine: slots stay empty)
+        raise HpdError(f"score.encoding={encoding.label} keeps a head of {encoding.head} tokens, which leaves nothing "
+                       f"to draw from the teacher's vocabulary of {teacher.vocab_size}; keep fewer than "
+                       f"{teacher.vocab_size}, e.g. sampled:{teacher.vocab_size // 4}+{encoding.draws}")
     # Refreshed sequences carry their origin (round, student checkpoint): it is part of their cache's key.
     key = cache_key(teacher=teacher.model_fingerprint, tokenizer=teacher.tokenizer_fingerprint,
                     data=gen.fingerprint, top_k=k, temperature=temperature, encoding=encoding.spec,

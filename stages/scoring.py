@@ -96,7 +96,7 @@ def _sampled_rows(kept, nxt, spans, draws: int, head: int, temperature: float, s
 
 class Draws(NamedTuple):
     """sample_positions' result, per position: S = head + draws slots."""
-    ids: torch.Tensor         # [N, S] distinct ids: the head's, then the drawn ones
+    ids: torch.Tensor         # [N, S] the head's ids, then the drawn ones (distinct; an empty slot repeats the last)
     log_weight: torch.Tensor  # [N, S] log p_hat: exact log p for the head, -inf where undrawn
     logprob: torch.Tensor     # [N, S] exact log p
     target: torch.Tensor      # [N] exact log p of the next token
@@ -119,7 +119,8 @@ def sample_positions(logits: torch.Tensor, targets: torch.Tensor, *, draws: int,
     over the draws is p), then, where fewer distinct ids were drawn, the most probable undrawn tokens with p_hat = 0.
     Every slot has its exact log p; the target's exact log p and the tail's log-mass (outside the slots) too. With
     fill=False the undrawn slots are left empty (-inf) and the tail is the mass outside the head and drawn ids:
-    what a sampled-targets cache stores (encodings.py `sampled`).
+    what a sampled-targets cache stores (encodings.py `sampled`). Slots beyond the V - head tokens outside the head
+    (more draws than that) are empty either way.
 
     systematic (the default): the N draws of a position are one uniform u and the points (u + i) / N, i < N, read
     through r's cumulative distribution (systematic sampling): every draw is still distributed as r, so each token's
@@ -127,6 +128,9 @@ def sample_positions(logits: torch.Tensor, targets: torch.Tensor, *, draws: int,
     ceil(N r(v)) times, never 0 or 2N r(v): far less variance than N independent draws (measured in
     bench/sampled_targets.py). systematic=False: N independent draws."""
     lp = torch.log_softmax(logits / temperature, dim=-1)
+    V = lp.shape[-1]
+    if not 0 <= head < V:
+        raise ValueError(f"a head of {head} tokens leaves nothing to draw from a vocabulary of {V}: keep fewer")
     if head:
         head_lp, head_ids = lp.topk(head, dim=-1)
         outside = lp.scatter(-1, head_ids, -float("inf"))
@@ -143,21 +147,27 @@ def sample_positions(logits: torch.Tensor, targets: torch.Tensor, *, draws: int,
     else:
         drawn = torch.multinomial(log_r.exp(), draws, replacement=True, generator=generator)  # [N, draws]
     counts = torch.zeros_like(lp).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=lp.dtype))
-    # drawn ids first (by count), then undrawn ones outside the head by p: one ordering key, counts dominating
+    # drawn ids first (by count), then undrawn ones outside the head by p: one ordering key, counts dominating; the
+    # head's ids never (a probability that underflows to 0 would tie with them)
     order = torch.where(counts > 0, counts + 2.0, base.exp())
-    ids = order.topk(draws, dim=-1).indices
-    c = counts.gather(-1, ids)
+    if head:
+        order = order.scatter(-1, head_ids, -1.0)
+    # Only V - head distinct tokens lie outside the head: with more draws than that, the last slots stay empty
+    # (log p = -inf, count 0; their id repeats the last one, as a cache decodes them, and is no outcome).
+    ids = order.topk(min(draws, V - head), dim=-1).indices
+    ids = torch.cat([ids, ids[:, -1:].expand(-1, draws - ids.shape[-1])], -1)
+    filled = torch.arange(draws, device=lp.device) < V - head
+    c = counts.gather(-1, ids) * filled
     logp = lp.gather(-1, ids)
     log_w = torch.where(c > 0, torch.log(c / draws) + base.gather(-1, ids) - log_r.gather(-1, ids) + rest[:, None],
                         -float("inf"))
-    if not fill:
-        logp = torch.where(c > 0, logp, -float("inf"))
+    logp = torch.where((c > 0) if not fill else filled, logp, -float("inf"))
     if head:
         ids, logp = torch.cat([head_ids, ids], -1), torch.cat([head_lp, logp], -1)
         log_w, c = torch.cat([head_lp, log_w], -1), torch.cat([torch.zeros_like(head_lp), c], -1)
     target = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     # the mass outside the slots, summed directly (as score_positions does): 1 - sum(slots) rounds to 0 or below
-    # when the slots hold nearly all of a peaked distribution (empty slots scatter their own value back)
-    tail = torch.logsumexp(lp.scatter(-1, ids, torch.where(logp > -float("inf"), -float("inf"), lp.gather(-1, ids))),
-                           dim=-1)
+    # when the slots hold nearly all of a peaked distribution; an id counts once, however many slots name it
+    held = torch.zeros_like(lp).scatter_add_(-1, ids, (logp > -float("inf")).to(lp.dtype)) > 0
+    tail = torch.logsumexp(lp.masked_fill(held, -float("inf")), dim=-1)
     return Draws(ids, log_w, logp, target, tail, c.long(), rest)

@@ -75,10 +75,11 @@ class CacheBatch(_Batch):
 
 @dataclass
 class SampledBatch(_Batch):
-    """Sampled teacher targets (random-sampling KD): per position, S distinct tokens: the teacher's most probable ones
-    when the cache keeps a head (p_hat = p), then tokens drawn from the teacher (outside the head), each with its
-    estimated probability p_hat (unbiased: its expectation is p, scoring.sample_positions) and its exact log-prob;
-    empty slots (fewer distinct draws) have -inf in both."""
+    """Sampled teacher targets (random-sampling KD): per position, S slots of distinct tokens: the teacher's most
+    probable ones when the cache keeps a head (p_hat = p), then tokens drawn from the teacher (outside the head), each
+    with its estimated probability p_hat (unbiased: its expectation is p, scoring.sample_positions) and its exact
+    log-prob; empty slots (fewer distinct draws) have -inf in both, and an id that means nothing (a cache's repeats
+    the last stored one): a reader tells them by their log-prob (stages/losses.py `_SampledTeacher`)."""
     ids: torch.Tensor             # [B, L, S] int64
     log_weight: torch.Tensor      # [B, L, S] float32, log p_hat
     logprob: torch.Tensor         # [B, L, S] float32, exact log p at ids

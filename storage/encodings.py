@@ -190,7 +190,7 @@ class Encoding:
         pos, slot = self._slots(cols["n"])
         grid = np.zeros((P, k), np.int64)
         grid[pos, slot] = delta
-        ids = order.id_of[np.cumsum(grid, axis=1)]  # empty slots repeat the last id: valid, weightless
+        ids = order.id_of[np.cumsum(grid, axis=1)]  # empty slots repeat the last id (log p -inf: no outcome)
         lps = np.full((P, k), -np.inf, np.float32)
         # sampled-counts: log p_hat for now (decode_batch scales it to the drawn mass, knowing the tail)
         lps[pos, slot] = top1[pos] - gaps if self.logprobs else np.log(cols["count"] / np.float32(self.draws))

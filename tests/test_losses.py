@@ -12,11 +12,11 @@ pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
 B, L, V = 2, 7, 11
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, vocab=V):
     g = torch.Generator().manual_seed(seed)
-    student = torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2
-    teacher = torch.randn(B, L, V, generator=g, dtype=torch.float64) * 2
-    labels = torch.randint(0, V, (B, L), generator=g)
+    student = torch.randn(B, L, vocab, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(B, L, vocab, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, vocab, (B, L), generator=g)
     labels[0, :3] = -100  # a prompt
     labels[1, -1] = -100  # padding
     return student, teacher, labels
@@ -64,6 +64,8 @@ def ref_value(method, p, q, **kw):
                 break
             head.add(i)
             mass += float(p[i])
+        if head:  # tokens tied with the head's least probable are in it too, whichever way a sort orders them
+            head = {i for i in range(len(p)) if float(p[i]) >= min(float(p[j]) for j in head)}
         qd = [float(x.detach()) for x in q]  # q detached in the mixing coefficients
         gh = sum(abs(float(p[i]) - qd[i]) for i in head)
         gt = sum(abs(float(p[i]) - qd[i]) for i in range(len(p)) if i not in head)
@@ -71,22 +73,30 @@ def ref_value(method, p, q, **kw):
     raise ValueError(method)
 
 
-def ref_loss(method, student, teacher, labels, buckets=None, weights=None, **kw):
+def ref_loss(method, student, teacher, labels, buckets=None, weights=None, cache=None, **kw):
     """Mean over labelled positions; buckets=k groups the teacher's non-top-k tokens into one outcome; `weights`
-    (per row) multiply each of the row's positions' losses."""
+    (per row) multiply each of the row's positions' losses. `cache`: the teacher as a cache describes it instead of
+    `teacher`: a pair (held [B, L, V]: log p of the tokens it holds, as they are, -inf elsewhere; tail [B, L]: the
+    log-mass of all others, which are one outcome)."""
+    (B, L), V = labels.shape, student.shape[-1]
     total, n = 0.0, 0
     for b in range(B):
         for t in range(L - 1):
             if labels[b, t + 1] == -100:
                 continue
             q = torch.softmax(student[b, t], -1)
-            p = torch.softmax(teacher[b, t], -1)
-            if buckets is not None and buckets < V:
-                top = p.topk(buckets).indices
-                rest = torch.ones(V, dtype=torch.bool)
-                rest[top] = False
-                p = torch.cat([p[top], p[rest].sum()[None]])
-                q = torch.cat([q[top], q[rest].sum()[None]])
+            if cache is not None:
+                held = cache[0][b, t] > -math.inf
+                p = torch.cat([cache[0][b, t][held].exp(), cache[1][b, t].exp()[None]])
+                q = torch.cat([q[held], q[~held].sum()[None]])
+            else:
+                p = torch.softmax(teacher[b, t], -1)
+                if buckets is not None and buckets < V:
+                    top = p.topk(buckets).indices
+                    rest = torch.ones(V, dtype=torch.bool)
+                    rest[top] = False
+                    p = torch.cat([p[top], p[rest].sum()[None]])
+                    q = torch.cat([q[top], q[rest].sum()[None]])
             total = total + (1.0 if weights is None else float(weights[b])) * ref_value(method, list(p), list(q), **kw)
             n += 1
     return total / n
@@ -139,19 +149,25 @@ def test_token_losses_cache_with_k_equal_vocabulary_equals_full(method):
     _assert_cache_at_k_equal_vocabulary_is_full(method, student, teacher, labels, sample)
 
 
+def ref_token_loss(method, student, labels, logp_next):
+    """sft, seqkd, opd: the mean over labelled positions of -w * log q(a*), w = 1, p(a*) or log p(a*) - log q(a*);
+    logp_next [B, L]: the teacher's log p of the token that follows each position."""
+    sel = labels[:, 1:] != -100
+    lq = torch.log_softmax(student[:, :-1][sel], -1).gather(-1, labels[:, 1:][sel][:, None])[:, 0]
+    lp = logp_next[:, :-1][sel].double()
+    w = {"sft": torch.ones_like(lq), "seqkd": lp.exp(), "opd": (lp - lq).detach()}[method]
+    return -(w * lq).mean()
+
+
 def test_sft_seqkd_opd_against_reference():
     student, teacher, labels = _inputs(4)
-    sel = labels[:, 1:] != -100
-    y = labels[:, 1:][sel]
+    nxt = torch.cat([labels[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1).clamp_min(0)
     for method in ("sft", "seqkd", "opd"):
         s32 = student.float().requires_grad_()
         loss, _ = distill_loss(method, s32, labels, teacher=teacher.float())
         loss.backward()
         s64 = student.clone().requires_grad_()
-        lq = torch.log_softmax(s64[:, :-1][sel], -1).gather(-1, y[:, None])[:, 0]
-        lp = torch.log_softmax(teacher[:, :-1][sel], -1).gather(-1, y[:, None])[:, 0]
-        w = {"sft": torch.ones_like(lq), "seqkd": lp.exp(), "opd": (lp - lq).detach()}[method]
-        ref = -(w * lq).mean()
+        ref = ref_token_loss(method, s64, labels, torch.log_softmax(teacher, -1).gather(-1, nxt[..., None])[..., 0])
         ref.backward()
         assert loss.item() == pytest.approx(ref.item(), abs=1e-5), method
         assert torch.allclose(s32.grad.double(), s64.grad, atol=2e-6), method
@@ -276,8 +292,11 @@ VARIANTS = {"hpd": ("token", "sample"), "hpd_fkl": ("dist", "sample"), "hpd_nsam
             "hpd_expect": ("token", "expect"), "hpd_fkl_expect": ("dist", "expect")}
 
 
-def ref_hpd_family(method, student, teacher, labels, samples, k=V, weights=None, shift=None):
+def ref_hpd_family(method, student, teacher, labels, samples, k=V, weights=None, shift=None, cache=None):
+    """`cache`: the teacher as a cache describes it instead of `teacher` (its top-k): as in ref_loss, plus the log p
+    of each position's next token [B, L], which a cache stores apart from its slots."""
     forward, draws = VARIANTS[method]
+    (B, L), V = labels.shape, student.shape[-1]
     total, n = 0.0, 0
     for b in range(B):
         for t in range(L - 1):
@@ -286,15 +305,21 @@ def ref_hpd_family(method, student, teacher, labels, samples, k=V, weights=None,
                 continue
             logq = torch.log_softmax(student[b, t], -1)
             q = logq.detach().exp()
-            p = torch.softmax(teacher[b, t], -1)
-            top = p.topk(k).indices.tolist()
+            if cache is None:
+                p = torch.softmax(teacher[b, t], -1)
+                top = p.topk(k).indices.tolist()
+            else:
+                p = cache[0][b, t].exp()
+                top = (cache[0][b, t] > -math.inf).nonzero()[:, 0].tolist()
+            p_star = float(p[star]) if cache is None else math.exp(cache[2][b, t])
             rest = [v for v in range(V) if v not in top]
-            tail_p, tail_q = sum(float(p[v]) for v in rest), sum(float(q[v]) for v in rest)
+            tail_p = sum(float(p[v]) for v in rest) if cache is None else math.exp(cache[1][b, t])
+            tail_q = sum(float(q[v]) for v in rest)
 
             def p_of(a):  # what the cache knows: exact in the top-k and at the expert token, else T * q / Q_out
-                return float(p[a]) if a in top or a == star else tail_p * float(q[a]) / tail_q
+                return p_star if a == star else float(p[a]) if a in top else tail_p * float(q[a]) / tail_q
 
-            k1 = float(q[star]) * (math.log(p[star]) - math.log(q[star]) + (0.0 if shift is None else float(shift[b])))
+            k1 = float(q[star]) * (math.log(p_star) - math.log(q[star]) + (0.0 if shift is None else float(shift[b])))
             if draws == "expect":
                 cands = [(a, float(q[a])) for a in range(V)]
             else:
@@ -306,7 +331,7 @@ def ref_hpd_family(method, student, teacher, labels, samples, k=V, weights=None,
                 w = k1s if a != star and k1s < 0 else 0.0
                 f = 0 if k1 < 0 else (2 if k1 > 0 and k1s < 0 else 1)
                 if forward == "token":
-                    fwd = -f * float(p[star]) * logq[star]
+                    fwd = -f * p_star * logq[star]
                 else:
                     fwd = -sum(f * float(p[v]) * logq[v] for v in top)
                     if rest:
@@ -316,9 +341,9 @@ def ref_hpd_family(method, student, teacher, labels, samples, k=V, weights=None,
     return total / n
 
 
-def _variant_samples(method, labels, seed):
+def _variant_samples(method, labels, seed, vocab=V):
     g = torch.Generator().manual_seed(seed)
-    s = torch.randint(0, V, (B, L, 3 if method == "hpd_nsamp" else 1), generator=g)
+    s = torch.randint(0, vocab, (B, L, 3 if method == "hpd_nsamp" else 1), generator=g)
     s[0, 4, 0] = labels[0, 4]  # a sample equal to the expert token
     return s if method == "hpd_nsamp" else s[..., 0]
 

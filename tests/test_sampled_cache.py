@@ -193,3 +193,34 @@ def test_what_cannot_be_derived_or_mixed_from_sampled_targets_is_refused(home):
                             (['teachers.runs="s"', 'teachers.mode="ensemble"'], "sampled targets do not keep")]:
         r = hpd_cli(home, "run", "--set", SAMPLED, *[x for o in overrides for x in ("--set", o)])
         assert r.exit_code != 0 and says in r.stderr and "Traceback" not in r.output, r.output
+
+
+EVAL_BRIEFLY = ("eval.examples=10", "eval.samples=1", "eval.teacher=false")
+
+
+@pytest.mark.parametrize("method", ["rkl", "akl"])
+def test_methods_that_weigh_the_students_mass_train_a_finite_student_from_a_sampled_cache(home, method):
+    """Empty slots (fewer distinct draws than slots, nearly every position of 16 draws over the task's 18 tokens) are
+    no outcomes: rkl and akl once saw them as tokens with p = 0 and trained a student full of NaN."""
+    from safetensors.torch import load_file
+
+    runner = make_runner(home, 'score.encoding="sampled:16"', f'distill.method="{method}"', run=f"s16-{method}",
+                         *EVAL_BRIEFLY)
+    runner.run()
+    cache = LogitCache(Path(runner.manifest("score")["outputs"]["cache"]))
+    batch = cache.batch(range(cache.num_sequences))
+    assert (batch.logprob[batch.mask] == -np.inf).any()  # empty slots, as the student reads them
+    weights = load_file(Path(runner.manifest("distill")["outputs"]["student_dir"]) / "model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    assert np.isfinite(runner.manifest("eval")["outputs"]["report"]["student"]["response_nll_nats"])
+
+
+def test_a_head_that_leaves_nothing_to_draw_is_refused_before_the_cache_is_written(home):
+    before = sorted((home / "caches").iterdir())
+    r = hpd_cli(home, "run", overrides=['score.encoding="sampled:18+4"', 'run.name="head18"'])
+    assert r.exit_code != 0 and "keeps a head of 18 tokens" in r.stderr and "Traceback" not in r.output, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and sorted((home / "caches").iterdir()) == before
+    more = make_runner(home, 'score.encoding="sampled:32"', run="s32")  # more slots than the vocabulary: fine
+    more.run(until="score")
+    cache = LogitCache(Path(more.manifest("score")["outputs"]["cache"]))
+    assert cache.k == 32 and cache.manifest["rows"] > 0

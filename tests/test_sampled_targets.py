@@ -2,13 +2,22 @@
 converges to the full-vocabulary gradient, and every method runs on them (exactly the full loss where the slots
 cover the vocabulary). Float64 references; the mean over many seeds against the expectation."""
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hpd.stages.losses import DISTRIBUTION_METHODS, distill_loss
-from hpd.stages.scoring import sample_positions
-from hpd.storage.cache_batch import SampledBatch
+from hpd.stages.losses import DISTRIBUTION_METHODS, HPD_FAMILY, METHODS, distill_loss
+from hpd.stages.scoring import sample_positions, score_batch
+from hpd.storage import encodings as enc
+from hpd.storage.cache_batch import SampledBatch, ScoredSequence
+from hpd.storage.logit_cache import round_trip
+
+from test_losses import _inputs as _loss_inputs
+from test_losses import _variant_samples, ref_hpd_family, ref_loss, ref_token_loss
 
 pytestmark = pytest.mark.unit
 
@@ -120,3 +129,130 @@ def test_a_peaked_teacher_whose_slots_hold_nearly_all_its_mass_gives_finite_loss
     assert torch.isfinite(batch.tail_logmass[batch.mask]).all()
     grad, value = _grad(method, student, batch, labels, sampled_tokens=samples)
     assert math.isfinite(value) and torch.isfinite(grad).all()
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(vocab=st.integers(2, 40), data=st.data())
+def test_slots_and_tail_hold_the_whole_distribution_for_every_head_draws_and_vocabulary(vocab, data):
+    """Whatever the head M, the draws N and the vocabulary V (N > V - M too: slots stay empty), the stored slots are
+    distinct tokens with their exact log p, the head is the top M, slots + tail = 1 (within the encoding's bound once
+    through a cache), and p_hat stays unbiased."""
+    head, draws = data.draw(st.integers(0, vocab - 1), "head"), data.draw(st.integers(1, 64), "draws")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000), "seed"))
+    logits = torch.randn(4, vocab, generator=g) * 3
+    lp = torch.log_softmax(logits.double(), -1)
+    runs = 1000
+    d = sample_positions(logits.repeat(runs, 1), torch.zeros(4 * runs, dtype=torch.long), draws=draws, head=head,
+                         generator=g, fill=False)
+    lp_all, kept = lp.repeat(runs, 1), d.logprob > -math.inf
+    assert (torch.zeros(4 * runs, vocab).scatter_add_(-1, d.ids, kept.float()) <= 1).all()  # distinct
+    assert torch.equal(d.ids[:, :head], lp_all.topk(head).indices) and kept[:, :head].all()
+    assert torch.allclose(d.logprob.double()[kept], lp_all.gather(-1, d.ids)[kept], atol=1e-5)
+    total = torch.where(kept, d.logprob.double().exp(), 0).sum(-1) + d.tail.double().exp()
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-5), total
+    assert (d.counts.sum(-1) == draws).all() and (d.counts[:, :head] == 0).all()
+    p_hat = torch.zeros(4 * runs, vocab, dtype=torch.float64).scatter_add_(-1, d.ids, d.log_weight.double().exp())
+    # systematic draws: each count is within 1 of N r(v), so p_hat's spread is at most 1/2; its mean over 1000 runs
+    # is within 0.05 of p by 3 standard errors
+    assert torch.allclose(p_hat.view(runs, 4, vocab).mean(0), lp.exp(), atol=0.05)
+    code = enc.get(f"sampled:{head}+{draws}" if head else f"sampled:{draws}")
+    row = ScoredSequence(seq_id=0, input_ids=np.arange(5), start=0, topk_ids=d.ids[:4].numpy(),
+                         topk_logprobs=d.logprob[:4].numpy(), target_logprob=d.target[:4].numpy(),
+                         tail_logmass=d.tail[:4].numpy(), counts=d.counts[:4].numpy(),
+                         rest_logmass=d.rest[:4].numpy() if head else None)
+    order = enc.VocabOrder.learn(d.ids[:4][kept[:4]].numpy(), vocab)
+    back = round_trip([row], code.spec, vocab, order)
+    for t in range(4):  # the sum of the stored probabilities, against the bound on each
+        stored = {int(i): float(v) for i, v in zip(back.ids[0, t], back.logprob[0, t]) if v > -math.inf}
+        assert stored.keys() == set(d.ids[t][kept[t]].tolist())
+        top1 = max(float(lp[t, i]) for i in stored)
+        tail = float(d.tail[t])  # float16 on disk
+        slack = sum(math.exp(lp[t, i]) * math.expm1(code.max_error(abs(top1), gap=top1 - float(lp[t, i])))
+                    for i in stored) + (math.exp(tail) * math.expm1(-tail * 2 ** -11) if tail > -math.inf else 0) + 1e-5
+        assert abs(sum(math.exp(v) for v in stored.values()) + math.exp(back.tail_logmass[0, t]) - 1) <= slack
+
+
+def test_a_head_as_large_as_the_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="a head of 11 tokens leaves nothing to draw from a vocabulary of 11"):
+        sample_positions(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), draws=4, head=V)
+
+
+# -- every method on every encoding a cache can hold, through the score stage's rows and a cache's encode/decode --
+class _GivenTeacher:
+    """A teacher whose logits are given, for score_batch (the score stage's pass)."""
+    device = torch.device("cpu")
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def __call__(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=self.logits[:, :input_ids.shape[1]])
+
+
+def _through_a_cache(teacher, labels, encoding):
+    """The batch a cache of `encoding` hands the student: the labelled tokens scored by the score stage's own pass
+    (score_batch: top-k, or the drawn slots only), encoded as a shard holds them and decoded (round_trip)."""
+    code = enc.get(encoding)
+    keep = labels != -100  # row 0 starts with a prompt (labels -100), row 1 ends with padding
+    seqs = [labels[b].clamp_min(0)[:int(keep[b].nonzero().max()) + 1].numpy() for b in range(len(labels))]
+    plens = [max(1, int(keep[b].nonzero().min())) for b in range(len(labels))]  # (no position predicts token 0)
+    scored = score_batch(_GivenTeacher(teacher.float()), seqs, plens, top_k=min(64, teacher.shape[-1]),
+                         temperature=1.0, pad_id=0, draws=code.draws, head=code.head, seeds=[11, 12])
+    rows = [ScoredSequence(seq_id=b, input_ids=seqs[b], **sc) for b, sc in enumerate(scored)]
+    order = enc.VocabOrder.learn(np.concatenate([r.topk_ids[r.topk_logprobs > -np.inf] for r in rows]),
+                                 teacher.shape[-1]) if code.vocab_ordered else None
+    return round_trip(rows, encoding, teacher.shape[-1], order, length=labels.shape[1])
+
+
+def _described(batch, method, vocab):
+    """The teacher as the batch describes it to `method`, for the float64 references: (held [B, L, V]: log p of
+    each token a slot holds, -inf elsewhere; the tail's log-mass; each next token's log p). fkl from sampled targets
+    sees p_hat at the drawn ids and no tail (their unbiased estimate)."""
+    sampled = isinstance(batch, SampledBatch)
+    ids = batch.ids if sampled else batch.topk_ids
+    vals = (batch.log_weight if method == "fkl" else batch.logprob) if sampled else batch.topk_logprobs
+    tail = torch.full_like(batch.tail_logmass, -math.inf) if sampled and method == "fkl" else batch.tail_logmass
+    kept = vals > -math.inf
+    onehot = torch.nn.functional.one_hot(ids, vocab) * kept[..., None]
+    assert (onehot.sum(-2) <= 1).all()  # a token is held by one slot at most
+    b, t, s = kept.nonzero(as_tuple=True)
+    held = torch.full((*ids.shape[:2], vocab), -math.inf, dtype=torch.float64)
+    held[b, t, ids[b, t, s]] = vals[b, t, s].double()
+    return held, tail.double(), batch.target_logprob.double()
+
+
+CACHE_ENCODINGS = ["idsort-q8", "fp16", "compact", "sampled:16", "sampled-counts:16", "sampled:4+16", "sampled:32"]
+
+
+@pytest.mark.parametrize("vocab", [18, 1000])  # 18: the arithmetic task's, fewer tokens than some encodings' slots
+@pytest.mark.parametrize("encoding", CACHE_ENCODINGS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_is_finite_and_the_float64_reference_on_every_encoding_a_cache_holds(method, encoding, vocab):
+    """The loss and its gradient are finite and equal the float64 reference over what the cache holds: its slots
+    (each token once, however many slots a decoded position repeats it in), the tail as one outcome, the next
+    token's stored log p. Sampled caches have empty slots here (fewer distinct draws than slots)."""
+    student, teacher, labels = _loss_inputs(20, vocab)
+    teacher = teacher * 2  # peaked: many repeated draws, so empty slots
+    batch = _through_a_cache(teacher, labels, encoding)
+    if enc.get(encoding).sampled:
+        assert (batch.logprob[batch.mask] == -math.inf).any()
+    samples = _variant_samples(method, labels, 21, vocab)
+    s32 = student.float().requires_grad_()
+    loss, _ = distill_loss(method, s32, labels, teacher=batch, sampled_tokens=samples)
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(s32.grad).all()
+    if method in ("hpd_fkl", "hpd_fkl_expect") and enc.get(encoding).sampled:
+        return  # their forward part sees p_hat and the rest p: no one distribution (its unbiasedness: tested above)
+    if HPD_FAMILY.get(method, ("", ""))[1] == "expect" and vocab > 100:
+        return  # the reference loops over every token for every token: minutes
+    held, tail, target = _described(batch, method, vocab)
+    s64 = student.clone().requires_grad_()
+    if method in DISTRIBUTION_METHODS:
+        ref = ref_loss(method, s64, None, labels, cache=(held, tail))
+    elif method in HPD_FAMILY:
+        ref = ref_hpd_family(method, s64, None, labels, samples, cache=(held, tail, target))
+    else:
+        ref = ref_token_loss(method, s64, labels, target)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-5)
+    assert torch.allclose(s32.grad.double(), s64.grad, atol=2e-6, rtol=1e-4)
