@@ -703,7 +703,26 @@ RELIABILITY = [
         ("not a causal LM; no config.json; config but no weights; NaN logits from the teacher",
          "test_bad_input"),
         ("cache root not writable; disk full in the middle of a shard (resumes once space is back)",
-         "test_bad_input")]),
+         "test_bad_input"),
+        ("run names that are paths (`../x`, `/x`, empty); `teachers.runs` naming each other in a loop; an "
+         "ensemble's run scored on other sequences (all before any stage)", "test_config, test_teachers"),
+        ("held-out rows with empty responses (no references, or refused naming the row); a truncated GGUF file "
+         "(expected vs found bytes, no lock left)", "test_evaluators, test_gguf"),
+        ("`hpd cache merge` to a sampled encoding, of one cache twice, with `--k 0`", "test_merge: refused "
+                                                                                        "before anything is written")]),
+    ("Numerical failure", [
+        ("a non-finite loss or gradient (a diverging student)", "test_bad_input: stops at that step, names the "
+                                                                "method, publishes nothing"),
+        ("a model with NaN or inf weights, by any path", "test_bad_input: never published"),
+        ("every method on every cache encoding, sampled ones with empty slots", "test_sampled_targets: finite, "
+                                                                                 "and the float64 reference"),
+        ("a value function giving NaN or inf; a selection that keeps nothing", "test_values: refused naming the "
+                                                                               "sequence; trains on the rest")]),
+    ("Untrusted code", [
+        ("a prompt's `test` that writes outside its directory, forks a shell, opens a socket, eats memory or "
+         "loops", "test_sandbox: blocked (bubblewrap, and the fallback layer), counted as failed"),
+        ("code execution without the opt-in (`code.execute`, `HPD_ALLOW_CODE_EVAL=1`)", "test_sandbox: one line "
+                                                                                          "before any stage")]),
     ("Concurrency", [
         ("two runs build the same cache at once", "test_cache_tools: one builds, the other waits and reuses"),
         ("two experiments read one cache at once", "test_cache_tools: identical tensors"),
