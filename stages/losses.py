@@ -199,11 +199,12 @@ class _CachedTeacher:
         return torch.where(held, stored, self.tail[:, None] + q - q_out[:, None]), held
 
     def outcomes(self, logq: torch.Tensor) -> Outcomes:
-        """The kept slots and one tail bucket (not an outcome where the slots cover the vocabulary)."""
+        """The kept slots and one tail bucket (not an outcome where the slots cover the vocabulary: its stored mass
+        is then what rounding left, e.g. in a merge of teachers, and is dropped with it)."""
         _, q_out, covered = self._held(logq)
-        logp = torch.cat([self.top.masked_fill(~self.keep, NEG_INF), self.tail[:, None]], -1)
-        return Outcomes(logp, torch.cat([logq.gather(-1, self.ids), q_out[:, None]], -1),
-                        torch.cat([self.keep, ~covered[:, None]], -1))
+        keep = torch.cat([self.keep, ~covered[:, None]], -1)
+        logp = torch.cat([self.top, self.tail[:, None]], -1).masked_fill(~keep, NEG_INF)
+        return Outcomes(logp, torch.cat([logq.gather(-1, self.ids), q_out[:, None]], -1), keep)
 
 
 class _SampledTeacher(_CachedTeacher):
