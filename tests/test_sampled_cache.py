@@ -185,8 +185,8 @@ def test_what_cannot_be_derived_or_mixed_from_sampled_targets_is_refused(home):
         assert r.exit_code != 0 and "cannot be derived without the teacher" in r.stderr, r.output
     root = CacheRoot(home / "caches")
     cache = root.open(cache_id)
-    with pytest.raises(ValueError, match="holds sampled targets"):
-        merge([cache, cache], [1, 1], root, 4)
+    with pytest.raises(ValueError, match=f"cache {cache_id} holds sampled targets"):
+        merge([root.open(make_runner(home).manifest("score")["outputs"]["cache_id"]), cache], [1, 1], root, 4)
     with pytest.raises(ValueError, match="cannot be derived"):
         repack(cache, root, 4)
     for overrides, says in [(['score.engine="vllm"'], "vLLM does not return"),
