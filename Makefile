@@ -40,7 +40,7 @@ teacher-cache: $(STAMP)
 distill: $(STAMP)
 	$(HPD) run
 
-# bubblewrap, the namespace sandbox generated code runs in (stages/sandbox.py), where apt can install it (as root,
+# bubblewrap, the namespace sandbox generated code runs in (hpd/stages/sandbox.py), where apt can install it (as root,
 # e.g. CI's fresh Debian machine); without it the tests check the fallback layer. Never fails the build.
 sandbox-tools:
 	@command -v bwrap >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \

@@ -3,7 +3,7 @@
     bench/gpu_check.sh [OUT.json]     (or python -m bench.gpu_check --out OUT.json; --small: a CPU-sized run)
 
 It needs torch and transformers only (what a CUDA image has): the part of hpd it runs, the teacher pass's
-arithmetic (stages/scoring.py), the losses, the response-position head and the cache's in-memory batch, imports
+arithmetic (hpd/stages/scoring.py), the losses, the response-position head and the cache's in-memory batch, imports
 nothing else (tests/test_gpu_check.py runs it with pyarrow, datasets and zstandard blocked). Parts:
 
 1. teacher side, bf16, on a randomly initialised model of a current architecture (Qwen2 at the 0.5B shape, its

@@ -183,7 +183,7 @@ cached distillation: the distillation loss's own cost at a 49k vocabulary (targe
 """
 
 
-COMPACT = "compact:0.125"  # the shipped compact step (storage/encodings.py)
+COMPACT = "compact:0.125"  # the shipped compact step (hpd/storage/encodings.py)
 
 
 def _k64(r: dict, encoding: str) -> dict:
@@ -659,7 +659,7 @@ def cached_vs_online() -> str:
                  f"proportion to the student. Online, the exact value is at hand. The HPD variants that use the whole "
                  f"cached distribution instead, and which loss to use, are in the regime study below.")
     lines[1] += (". Both arms compute the student's logits only at response positions (the output head at those positions) and "
-                 "its loss in checkpointed chunks of positions (stages/losses.py), so what the cached arm holds "
+                 "its loss in checkpointed chunks of positions (hpd/stages/losses.py), so what the cached arm holds "
                  "beyond fixed costs is the student's logits and their gradient at response positions. The online "
                  "arm adds the teacher's weights, its activations and its full [batch, length, vocabulary] "
                  "logits, as TRL computes them. The ratio therefore falls as the teacher grows (dialogue: "

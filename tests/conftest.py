@@ -16,7 +16,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 from hpd.pipeline.runs import open_run  # noqa: E402
 from hpd.pipeline.stage import Runner  # noqa: E402
 
-# Tests run the `tiny` preset (pipeline/presets/tiny.toml): the default run small enough to train, generate
+# Tests run the `tiny` preset (hpd/pipeline/presets/tiny.toml): the default run small enough to train, generate
 # and score in a few seconds. Only the scale is faked.
 TINY = "tiny"
 

@@ -1,4 +1,4 @@
-"""Several processes, one run (common/ranks.py): torchrun with 2 CPU processes (gloo).
+"""Several processes, one run (hpd/common/ranks.py): torchrun with 2 CPU processes (gloo).
 
 The teacher-side stages split their shards between the ranks and must publish exactly what one process
 publishes; distill under DDP must follow the one-process loss curve at the same global batch, and resume."""

@@ -28,7 +28,7 @@ def _hpd_imports(path: Path) -> set[str]:
 def test_no_package_imports_one_above_it():
     wrong = []
     for i, layer in enumerate(LAYERS):
-        for path in sorted((ROOT / layer).rglob("*.py")):
+        for path in sorted((ROOT / "hpd" / layer).rglob("*.py")):
             for imported in _hpd_imports(path):
                 if imported.startswith("bare ") or (imported in LAYERS and LAYERS.index(imported) > i):
                     wrong.append(f"{path.relative_to(ROOT)} imports {imported}")

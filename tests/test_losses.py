@@ -485,7 +485,7 @@ def test_an_advantage_needs_a_teacher_reward():
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "sft"])
 def test_a_cache_covering_the_vocabulary_with_a_rounding_tail_is_the_full_loss(method):
-    """With k = V the stored tail should be -inf, but a merge of teachers (storage/merge.py) leaves what float
+    """With k = V the stored tail should be -inf, but a merge of teachers (hpd/storage/merge.py) leaves what float
     rounding leaves, e.g. 1e-8: the slots still cover the vocabulary, and every method must ignore that tail
     (found by the soak: an ensemble's fkl student stopped at step 1 with an infinite loss)."""
     student, teacher, labels = _inputs(5)

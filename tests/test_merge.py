@@ -1,4 +1,4 @@
-"""Teacher ensembles (storage/merge.py): the mixture of several teachers' caches, against a float64 reference."""
+"""Teacher ensembles (hpd/storage/merge.py): the mixture of several teachers' caches, against a float64 reference."""
 import json
 import os
 import subprocess

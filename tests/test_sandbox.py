@@ -1,4 +1,4 @@
-"""Generated or supplied code: refused without the opt-in, and once allowed confined by stages/sandbox.py. Each
+"""Generated or supplied code: refused without the opt-in, and once allowed confined by hpd/stages/sandbox.py. Each
 attack is a real program run in each layer this machine has (bwrap where bubblewrap works, the fallback always);
 then a run whose HumanEval-style prompts carry malicious tests finishes with those counted as failed."""
 import json

@@ -2,7 +2,7 @@
 
 Refactors of the path from prompt to gradient (issue 18) are meant to leave every number alone: the same
 sequences, the same teacher, the same cache bytes, the same student weights and the same evaluation. These
-fingerprints were recorded on the tiny run (pipeline/presets/tiny.toml, the suite's scale) before that redesign. A change
+fingerprints were recorded on the tiny run (hpd/pipeline/presets/tiny.toml, the suite's scale) before that redesign. A change
 that is meant to alter results updates them, and says so in its commit.
 """
 import hashlib

@@ -1,4 +1,4 @@
-"""The optional vLLM engine (stages/vllm_engine.py) against the transformers engine on the tiny teacher.
+"""The optional vLLM engine (hpd/stages/vllm_engine.py) against the transformers engine on the tiny teacher.
 These run only where vLLM and a CUDA GPU are present (`pip install '.[vllm]'` on a GPU machine)."""
 import numpy as np
 import pytest

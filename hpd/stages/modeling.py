@@ -182,7 +182,7 @@ def sample_to_store(ctx, model, tokenizer, prompts: list[list[int]], final: Path
                     batch_tokens: int = 0) -> dict:
     """N sampled responses per prompt, published as a sequence store in shards; returns its manifest. An
     interrupted run resumes after its last written shard and samples exactly what it would have (each shard
-    has its own seed), which is also why ranks can share the shards out (common/ranks.py)."""
+    has its own seed), which is also why ranks can share the shards out (hpd/common/ranks.py)."""
     from hpd.storage import sequences as seqstore
     from hpd.storage.sharded import ShardedWrite
 

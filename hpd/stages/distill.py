@@ -1,7 +1,7 @@
-"""distill: train a student from teacher caches with any method of stages/losses.py; no teacher in memory.
+"""distill: train a student from teacher caches with any method of hpd/stages/losses.py; no teacher in memory.
 
 Round 0 (the stage "distill") trains a fresh student (or a local HF directory) on the offline cache. Round
-r >= 1 ("distill-r", see pipeline/graph.py) continues from the previous round's student on a mixture: each
+r >= 1 ("distill-r", see hpd/pipeline/graph.py) continues from the previous round's student on a mixture: each
 batch holds rounds.refresh_share of the round's refreshed (student-sampled, teacher-rescored) sequences and
 the rest offline ones, each source with its own loss (on-policy losses such as opd only make sense on the
 refreshed ones). Training is the HF Trainer (checkpoints, resume with the same data order, logging); a
@@ -10,7 +10,7 @@ collator joins each token batch with its cache rows by (source, sequence id) and
 distill.teacher_source = "online" is the way TRL and the HPD reference code work, kept as the baseline the
 cache is measured against (bench/cached_vs_online.py): the teacher sits in memory next to the student and
 gives full-vocabulary logits for every batch; data, student, schedule and losses are the same. It needs no
-score stage (pipeline/graph.py leaves it out) and trains round 0 only.
+score stage (hpd/pipeline/graph.py leaves it out) and trains round 0 only.
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def mixture_loss(sources: list[Source], logits, labels, teacher, source, loss_pa
     return loss, diag
 
 
-# What to do about a NaN or inf loss or gradient (stages/training.py stops training at the first one).
+# What to do about a NaN or inf loss or gradient (hpd/stages/training.py stops training at the first one).
 NON_FINITE_HINT = ("lower distill.learning_rate (rounds.learning_rate in a round); if it persists, the method and "
                    "cache encoding named here are a bug to report")
 

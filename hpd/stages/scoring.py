@@ -1,5 +1,5 @@
 """The teacher pass's arithmetic, in torch alone (no storage): from a batch of sequences to what a cache stores
-per response position. The score stage (stages/score.py) writes it into the cache; bench/gpu_check.py measures it
+per response position. The score stage (hpd/stages/score.py) writes it into the cache; bench/gpu_check.py measures it
 on a GPU machine that has torch and transformers but none of the storage packages."""
 from __future__ import annotations
 

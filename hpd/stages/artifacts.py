@@ -2,7 +2,7 @@
 
 A stage is a function `run(ctx, cfg, **inputs) -> Artifact` whose keyword arguments are the artifacts of the
 stages it reads (score gets `teacher: Teacher` and `generate: Sequences`, and returns a `Cache`). The runner
-(pipeline/stage.py) writes each artifact into its stage's manifest as a flat JSON object and rebuilds it from
+(hpd/pipeline/stage.py) writes each artifact into its stage's manifest as a flat JSON object and rebuilds it from
 there for the next stage, the CLI, reports and benches. Every artifact has a `fingerprint`, which is what
 downstream stages are keyed on, and says whether what it points at is still on disk (`published`).
 """
@@ -96,7 +96,7 @@ class Cache(Artifact):
 
 @dataclass(frozen=True)
 class Values(Artifact):
-    """A value store: one number per sequence of a sequence store, from value.function (stages/values.py)."""
+    """A value store: one number per sequence of a sequence store, from value.function (hpd/stages/values.py)."""
     values: str
     function: str
     count: int
@@ -132,7 +132,7 @@ class EvalReport(Artifact):
 
 @dataclass(frozen=True)
 class StageKind:
-    """What a stage module declares about itself. The graph (pipeline/graph.py) makes stages of these:
+    """What a stage module declares about itself. The graph (hpd/pipeline/graph.py) makes stages of these:
     several stages may be of one kind (score and every round's rescore; distill, each round's and the baseline)."""
     name: str
     run: Callable  # run(ctx, cfg, **inputs) -> output

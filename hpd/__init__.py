@@ -3,7 +3,7 @@ number of students train from it.
 
 Installed as one namespace: `hpd.common` (errors, ranks, fault points), `hpd.storage` (bytes on disk),
 `hpd.stages` (one module per pipeline stage) and `hpd.pipeline` (configuration, the stage graph, runs,
-the `hpd` command line), from the folders common/, storage/, stages/ and pipeline/ of the repository.
+the `hpd` command line), from the folders common/, storage/, hpd/stages/ and hpd/pipeline/ of the repository.
 What your own code usually needs is here:
 
     from hpd import open_run, distill_loss, LogitCache

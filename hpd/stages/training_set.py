@@ -104,7 +104,7 @@ def _several_teachers(cfg: dict, generate: Sequences, score: Cache | None, linke
                       linked_caches: list[Cache], offline_values: dict) -> RoundPlan:
     """[teachers] route: one source per teacher, its own sequences and cache, each batch holding the teachers'
     shares of rows (a planned mixture, read in order). ensemble: this run's sequences with the teachers' mixture
-    as targets (storage/merge.py MixedCache, mixed batch by batch)."""
+    as targets (hpd/storage/merge.py MixedCache, mixed batch by batch)."""
     t = cfg["teachers"]
     names = ["offline", *(name for name, _ in cfg["linked"])]
     weights = [t["weight"], *(w for _, w in cfg["linked"])]

@@ -1,8 +1,8 @@
 """judge: a value function gives every sequence of a store one number (value-guided distillation, [value]).
 
 The offline sequences (judge) or a round's refreshed samples (judge-r) are judged by the verifier, a reward
-model or the teacher's own log-prob of the response (stages/values.py), shard by shard into a value store
-beside them (storage/values.py): a judging run killed midway resumes after its last published shard. The
+model or the teacher's own log-prob of the response (hpd/stages/values.py), shard by shard into a value store
+beside them (hpd/storage/values.py): a judging run killed midway resumes after its last published shard. The
 distill stages read the values and apply value.select / weighting / advantage; those settings are not part of
 this stage's key, so trying another selection reuses the values.
 """

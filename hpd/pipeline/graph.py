@@ -1,4 +1,4 @@
-"""The stage graph, in run order. Each stage is a module in stages/ with run() and published().
+"""The stage graph, in run order. Each stage is a module in hpd/stages/ with run() and published().
 
 The offline pipeline is data -> teacher -> generate -> score -> distill. With [rounds] count = R > 0, each
 round r = 1..R appends an on-policy refresh: refresh-r (the previous student samples responses for a few

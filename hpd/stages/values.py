@@ -3,13 +3,13 @@
 A value function maps (prompt ids, response ids) to one number per sequence, in batches:
   - `verifier`: the task's own checker, 1.0 for a right answer and 0.0 for a wrong one (the math task's answer
     check; for prompts that carry HumanEval-style `test` and `entry_point` fields, the unit tests run on the
-    response in hpd's sandbox, stages/sandbox.py, and only where the caller opted in to running code);
+    response in hpd's sandbox, hpd/stages/sandbox.py, and only where the caller opted in to running code);
   - `reward_model`: a local Hugging Face sequence classifier with one output (AutoModelForSequenceClassification);
   - `teacher`: the teacher's own judgement, its mean (or summed) log-prob of the response, read from the logit
     cache (the exact target log-probs score stored; no teacher pass).
-The judge stage stores the values beside the sequences (storage/values.py). `guidance` turns them into what
+The judge stage stores the values beside the sequences (hpd/storage/values.py). `guidance` turns them into what
 training uses: which sequences are kept (best-of-N, rejection sampling), a weight per sequence, and a value
-advantage for the on-policy losses (stages/losses.py adds it to the per-token teacher reward).
+advantage for the on-policy losses (hpd/stages/losses.py adds it to the per-token teacher reward).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class Verifier:
             raise HpdError("value.function=\"verifier\": a sequence's prompt is not among the prompts it was "
                            "generated from; rerun generate")
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        # code runs in a sandboxed process per completion (stages/sandbox.py): several at once
+        # code runs in a sandboxed process per completion (hpd/stages/sandbox.py): several at once
         workers = 1 if hasattr(self.task, "is_correct") else min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:
             return np.array(list(pool.map(self.check, texts, rows)), dtype=np.float64)

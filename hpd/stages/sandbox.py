@@ -52,7 +52,7 @@ def require(what: str, explicit: bool, how: str = "code.execute=true") -> None:
     """A one-line error unless running code is allowed; `what` says what would run, `how` the caller's switch."""
     if not allowed(explicit):
         raise HpdError(f"{what}, and running generated or supplied code is off by default; allow it with {how} "
-                       f"or {ENV}=1 (each program then runs in hpd's sandbox, stages/sandbox.py; README: Running "
+                       f"or {ENV}=1 (each program then runs in hpd's sandbox, hpd/stages/sandbox.py; README: Running "
                        f"generated code)")
 
 

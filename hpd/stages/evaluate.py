@@ -2,7 +2,7 @@
 
 Math-like tasks that can check answers get greedy accuracy and avg@k over sampled answers; tasks with free-form
 references get ROUGE-L; with eval.humaneval, code students get HumanEval pass@1, each problem run in hpd's
-sandbox (stages/sandbox.py; the run must opt in to running code: code.execute); every task gets the held-out
+sandbox (hpd/stages/sandbox.py; the run must opt in to running code: code.execute); every task gets the held-out
 per-token NLL and the full-vocabulary KL to the teacher.
 """
 from __future__ import annotations

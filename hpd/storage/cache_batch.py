@@ -1,5 +1,5 @@
 """What a cache reader hands a student: teacher targets as tensors, aligned to token positions (torch and numpy
-only; the on-disk format is storage/logit_cache.py's). `ScoredSequence` is one sequence's scored positions,
+only; the on-disk format is hpd/storage/logit_cache.py's). `ScoredSequence` is one sequence's scored positions,
 `CacheBatch` a batch of them on a [B, L] grid, `grid_batch` places the one into the other."""
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class SampledBatch(_Batch):
     probable ones when the cache keeps a head (p_hat = p), then tokens drawn from the teacher (outside the head), each
     with its estimated probability p_hat (unbiased: its expectation is p, scoring.sample_positions) and its exact
     log-prob; empty slots (fewer distinct draws) have -inf in both, and an id that means nothing (a cache's repeats
-    the last stored one): a reader tells them by their log-prob (stages/losses.py `_SampledTeacher`)."""
+    the last stored one): a reader tells them by their log-prob (hpd/stages/losses.py `_SampledTeacher`)."""
     ids: torch.Tensor             # [B, L, S] int64
     log_weight: torch.Tensor      # [B, L, S] float32, log p_hat
     logprob: torch.Tensor         # [B, L, S] float32, exact log p at ids

@@ -1,7 +1,7 @@
 """score: the teacher runs over the sequences once and its distributions go into a shared logit cache.
 
 For each response position the teacher's top-k, the exact log-prob of the sequence's own next token and
-the log of the mass outside the top-k are kept (see storage/logit_cache.py); with score.encoding = "sampled:N",
+the log of the mass outside the top-k are kept (see hpd/storage/logit_cache.py); with score.encoding = "sampled:N",
 tokens drawn from the teacher instead (scoring.sample_positions), each sequence's draws from a seed of its own
 derived from the cache key, so that a resumed or re-batched build writes the same bytes. The cache is keyed by the
 teacher's weights, its tokenizer, the sequences' content (and, for refreshed sequences, the round and student
