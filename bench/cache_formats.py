@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hpd import open_run
-from hpd.stages import modeling
+from hpd.stages import batching, hf_models, student_models
 from hpd.storage import encodings as enc
 from hpd.storage import shards as shards_mod
 from hpd.storage.logit_cache import (DEFAULT_ENCODING, LEARN_POSITIONS, CacheRoot, LogitCache, ScoredSequence, cache_key,
@@ -96,7 +96,7 @@ def main():
     runner.run(until="generate")
     teacher = runner.outputs("teacher")
     store = SequenceStore(Path(runner.outputs("generate").sequences))
-    model, tok = modeling.load_causal_lm(teacher.model_dir)
+    model, tok = hf_models.load_causal_lm(teacher.model_dir)
     parameters = sum(p.numel() for p in model.parameters())
     V = teacher.vocab_size
     n = min(args.sequences, len(store))
@@ -110,7 +110,7 @@ def main():
     chunk = 16 if V <= 16384 else 4  # [chunk, L, V] float32 log-probs: a large vocabulary needs small chunks
     for i in range(0, n, chunk):
         part = slice(i, i + chunk)
-        lp_all, _ = modeling.log_probs(model, seqs[part], tok.pad_token_id)
+        lp_all, _ = hf_models.log_probs(model, seqs[part], tok.pad_token_id)
         for b, (s, p) in enumerate(zip(seqs[part], plens[part])):
             full = lp_all[b, p - 1:len(s) - 1].double()  # [n, V]
             entropy.append(-(full.exp() * full).sum(1))
@@ -199,7 +199,7 @@ def main():
     key = cache_key(teacher=f"bench-{SHIPPED_LEVEL}", tokenizer="t", data="d", top_k=64, temperature=1.0,
                     encoding=enc.get(DEFAULT_ENCODING).spec)
     cache = LogitCache(CacheRoot(tmp / f"z{SHIPPED_LEVEL}").path_for(key))
-    student = modeling.new_gpt2(tok, n_positions=min(modeling.context_length(model), 2048), n_layer=2, n_embd=64,
+    student = student_models.new_gpt2(tok, n_positions=min(hf_models.context_length(model), 2048), n_layer=2, n_embd=64,
                                 n_head=2)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
@@ -210,7 +210,7 @@ def main():
         t0 = time.perf_counter()
         cb = cache.batch(ids, input_ids=batch_seqs, length=max(map(len, batch_seqs)))
         t_load += time.perf_counter() - t0
-        x, m = modeling.pad_right(batch_seqs, tok.pad_token_id)
+        x, m = batching.pad_right(batch_seqs, tok.pad_token_id)
         t0 = time.perf_counter()
         logits = student(input_ids=x, attention_mask=m).logits
         logq = torch.log_softmax(logits.float(), -1)

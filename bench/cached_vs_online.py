@@ -56,14 +56,14 @@ def random_teacher(home: Path, like: str, name: str, shape: tuple[int, int, int]
     """A randomly initialised GPT-2 with the trained teacher's tokenizer and context, saved as an HF dir."""
     import torch
 
-    from hpd.stages import modeling
+    from hpd.stages import hf_models, student_models
 
     out = home / "models" / f"bench-random-{name.replace(' ', '-')}"
     if not (out / "config.json").is_file():
-        _, tok = modeling.load_causal_lm(like)
+        _, tok = hf_models.load_causal_lm(like)
         torch.manual_seed(0)
         n_layer, n_embd, n_head = shape
-        model = modeling.new_gpt2(tok, n_positions=modeling.context_length(modeling.check_causal_lm(like)),
+        model = student_models.new_gpt2(tok, n_positions=hf_models.context_length(hf_models.check_causal_lm(like)),
                                   n_layer=n_layer, n_embd=n_embd, n_head=n_head)
         model.save_pretrained(out)
         tok.save_pretrained(out)
@@ -86,9 +86,9 @@ def setups(home: Path) -> dict:
 
 
 def _parameters(model_dir: str) -> int:
-    from hpd.stages import modeling
+    from hpd.stages import hf_models
 
-    return sum(p.numel() for p in modeling.load_causal_lm(model_dir)[0].parameters())
+    return sum(p.numel() for p in hf_models.load_causal_lm(model_dir)[0].parameters())
 
 
 def timed_distill(home: Path, config, name: str, overrides: list[str], steps: int) -> dict:

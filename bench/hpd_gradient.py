@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from hpd import open_run
-from hpd.stages import modeling
+from hpd.stages import batching, hf_models, student_models
 from hpd.stages.losses import distill_loss
 from hpd.stages.scoring import score_positions
 from hpd.storage import encodings as enc
@@ -93,12 +93,12 @@ def gradient_batches(args):
     cfg = runner.cfg
     runner.run(until="generate")
     store = SequenceStore(Path(runner.outputs("generate").sequences))
-    teacher, tok = modeling.load_teacher(runner.outputs("teacher"))
+    teacher, tok = hf_models.load_teacher(runner.outputs("teacher"))
     torch.manual_seed(0)
     if kept:  # the preset's student: the teacher with distill.n_layer of its layers kept
-        student = modeling.keep_layers(teacher, cfg["distill"]["n_layer"])[0]
+        student = student_models.keep_layers(teacher, cfg["distill"]["n_layer"])[0]
     else:
-        student = modeling.new_gpt2(tok, n_positions=modeling.context_length(teacher), n_layer=2, n_embd=64, n_head=2)
+        student = student_models.new_gpt2(tok, n_positions=hf_models.context_length(teacher), n_layer=2, n_embd=64, n_head=2)
     opt = torch.optim.AdamW(student.parameters(), lr=2e-3)
     _, plens, seqs = store.range(0, min(len(store), bs * (sft_steps + args.batches)))
     # dialogue: SFT on the first sft_steps batches, measured on the next ones. smollm2's 192 replies are too few for
@@ -111,7 +111,7 @@ def gradient_batches(args):
 
     def batch(i):
         part = seqs[bs * i:bs * (i + 1)]
-        ids, mask = modeling.pad_right(part, tok.pad_token_id)
+        ids, mask = batching.pad_right(part, tok.pad_token_id)
         labels = ids.clone()
         labels[mask == 0] = -100
         for b, p in enumerate(plens[bs * i:bs * (i + 1)]):

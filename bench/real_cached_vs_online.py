@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from hpd import open_run
-from hpd.stages import modeling
+from hpd.stages import batching, hf_models
 from hpd.storage.sequences import SequenceStore
 
 from .measure import in_own_process
@@ -59,12 +59,12 @@ def teacher_forward_per_batch(home: Path, batches: int = 4) -> float:
     base = runner(home, "smollm2", [])
     cfg = base.cfg["distill"]
     store = SequenceStore(Path(base.outputs("generate").sequences))
-    model, tok = modeling.load_teacher(base.outputs("teacher"))
+    model, tok = hf_models.load_teacher(base.outputs("teacher"))
     _, _, seqs = store.range(0, min(len(store), batches * cfg["batch_size"]))
     times = []
     with torch.no_grad():
         for i in range(0, len(seqs), cfg["batch_size"]):
-            ids, mask = modeling.pad_right(seqs[i:i + cfg["batch_size"]], tok.pad_token_id)
+            ids, mask = batching.pad_right(seqs[i:i + cfg["batch_size"]], tok.pad_token_id)
             t0 = time.perf_counter()
             model(input_ids=ids, attention_mask=mask)
             times.append(time.perf_counter() - t0)

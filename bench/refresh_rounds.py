@@ -41,17 +41,17 @@ def teacher_seconds_per_batch(r, batch: int, batches: int = 12) -> float:
     """One teacher forward (full-vocabulary log-probs) on a training batch: what online distillation pays per step."""
     import torch
 
-    from hpd.stages import modeling
+    from hpd.stages import hf_models
     from hpd.storage.sequences import SequenceStore
 
-    model, tok = modeling.load_causal_lm(r.outputs("teacher").model_dir)
+    model, tok = hf_models.load_causal_lm(r.outputs("teacher").model_dir)
     store = SequenceStore(Path(r.outputs("generate").sequences))
     _, _, seqs = store.range(0, batch * (batches + 1))
-    modeling.log_probs(model, seqs[:batch], tok.pad_token_id)  # warm-up
+    hf_models.log_probs(model, seqs[:batch], tok.pad_token_id)  # warm-up
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(1, batches + 1):
-            modeling.log_probs(model, seqs[i * batch:(i + 1) * batch], tok.pad_token_id)
+            hf_models.log_probs(model, seqs[i * batch:(i + 1) * batch], tok.pad_token_id)
     return (time.perf_counter() - t0) / batches
 
 

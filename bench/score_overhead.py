@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hpd import open_run
-from hpd.stages import modeling
+from hpd.stages import batching, hf_models
 from hpd.stages.score import DEFAULT_K
 from hpd.stages.scoring import score_batch
 from hpd.storage.logit_cache import CacheRoot, ScoredSequence, cache_key
@@ -44,18 +44,18 @@ def main():
     store = SequenceStore(Path(runner.outputs("generate").sequences))
     n = args.sequences or len(store)
     seq_ids, plens, seqs = store.range(0, n)
-    model, tok = modeling.load_teacher(teacher)
-    model = modeling.to_accelerator(model)
+    model, tok = hf_models.load_teacher(teacher)
+    model = hf_models.to_accelerator(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     s = cfg["score"]
     k = s["top_k"] or min(DEFAULT_K, teacher.vocab_size)  # the score stage's own rule (math: k = V = 18)
-    batches = modeling.length_batches([len(x) for x in seqs], s["batch_size"], s["batch_tokens"])
+    batches = batching.length_batches([len(x) for x in seqs], s["batch_size"], s["batch_tokens"])
     tokens = int(sum(len(x) - int(p) for x, p in zip(seqs, plens)))
 
     def bare():
         with torch.no_grad():
             for idx in batches:
-                ids, mask = modeling.pad_right([seqs[i] for i in idx], pad)
+                ids, mask = batching.pad_right([seqs[i] for i in idx], pad)
                 model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.cpu()
 
     rows = []

@@ -94,7 +94,7 @@ def _merged(home: Path, before: set[str]) -> Path:
 
 def outcome(s: Scenario, home: Path, before: set[str]) -> dict:
     """Everything the command published, reduced to what must not change: content digests."""
-    from hpd.stages.modeling import model_fingerprints
+    from hpd.stages.hf_models import model_fingerprints
     from hpd.storage.logit_cache import LogitCache
 
     out = {}

@@ -136,11 +136,11 @@ def test_over_long_sequences_are_cut_when_configured(home, tmp_path):
 def test_student_with_another_tokenizer(home, tmp_path, teacher_dir):
     from transformers import AutoTokenizer
 
-    from hpd.stages import modeling
+    from hpd.stages import student_models
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     tok.add_tokens(["<extra>"])
-    student = modeling.new_gpt2(tok, n_positions=64, n_layer=1, n_embd=16, n_head=2)
+    student = student_models.new_gpt2(tok, n_positions=64, n_layer=1, n_embd=16, n_head=2)
     student.save_pretrained(tmp_path / "student")
     tok.save_pretrained(tmp_path / "student")
     r = hpd_cli(home, "run", overrides=['run.name="othertok"', f'distill.student_path="{tmp_path / "student"}"'])
@@ -198,9 +198,9 @@ def test_model_directory_without_weights(home, tmp_path, teacher_dir):
 def test_teacher_with_nan_logits(home, tmp_path, teacher_dir):
     import torch
 
-    from hpd.stages import modeling
+    from hpd.stages import hf_models
 
-    model, tok = modeling.load_causal_lm(teacher_dir)
+    model, tok = hf_models.load_causal_lm(teacher_dir)
     with torch.no_grad():
         model.get_output_embeddings().weight[3, 0] = float("nan")
     model.save_pretrained(tmp_path / "nan")
@@ -222,10 +222,10 @@ def test_no_path_publishes_a_model_with_non_finite_weights(tmp_path, teacher_dir
     import torch
 
     from hpd.common.errors import HpdError
-    from hpd.stages import modeling
+    from hpd.stages import hf_models
     from hpd.stages.training import publish_model
 
-    model, tok = modeling.load_causal_lm(teacher_dir)
+    model, tok = hf_models.load_causal_lm(teacher_dir)
     with torch.no_grad():
         next(model.parameters())[0, 0] = float("inf")
     (tmp_path / "job").mkdir()
@@ -240,10 +240,10 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_training(tmp_path, teach
     from transformers import Trainer
 
     from hpd.common.errors import HpdError
-    from hpd.stages import modeling
+    from hpd.stages import hf_models
     from hpd.stages.training import ResponseCollator, train, training_arguments
 
-    model, tok = modeling.load_causal_lm(teacher_dir)
+    model, tok = hf_models.load_causal_lm(teacher_dir)
     next(model.parameters()).register_hook(lambda g: g * float("nan"))  # the loss stays finite, one gradient not
     data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 8, "prompt_len": [1] * 8})
     args = training_arguments(tmp_path / "ckpt", steps=2, batch_size=4, learning_rate=1e-3, warmup_steps=0, seed=0)

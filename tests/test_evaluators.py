@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hpd.common.errors import HpdError
-from hpd.stages import evaluators, modeling
+from hpd.stages import evaluators, hf_models
 from hpd.stages.tasks import arithmetic
 
 from conftest import copy_home, make_runner
@@ -99,8 +99,8 @@ def test_completion_is_cut_where_the_function_ends():
 
 def test_teacher_forced_nll_and_kl_match_a_float64_reference(tiny_runner, teacher_dir):
     student_dir = tiny_runner.manifest("distill")["outputs"]["student_dir"]
-    student, tok = modeling.load_causal_lm(student_dir)
-    teacher, _ = modeling.load_causal_lm(teacher_dir)
+    student, tok = hf_models.load_causal_lm(student_dir)
+    teacher, _ = hf_models.load_causal_lm(teacher_dir)
     rows = evaluators.read_rows(tiny_runner.manifest("data")["outputs"]["heldout"], 6)
     got = evaluators.teacher_forced(student, tok, rows, teacher)
     nll = kl = 0.0
@@ -128,7 +128,7 @@ class _MatchTask:
 
 
 def test_greedy_accuracy_and_avg_at_k_bookkeeping(tiny_runner, teacher_dir):
-    teacher, tok = modeling.load_causal_lm(teacher_dir)
+    teacher, tok = hf_models.load_causal_lm(teacher_dir)
     rows = evaluators.read_rows(tiny_runner.manifest("data")["outputs"]["heldout"], 8)
     greedy = evaluators.generate_texts(teacher, tok, [r["prompt"] for r in rows])
     for i, (r, g) in enumerate(zip(rows, greedy)):
@@ -177,8 +177,8 @@ def test_eval_on_empty_responses_judges_against_the_teachers_replies(tiny_home, 
 
 
 def test_prompts_longer_than_the_context_are_one_line_errors(tiny_runner, teacher_dir):
-    from hpd.stages import modeling
+    from hpd.stages import hf_models
 
-    model, tok = modeling.load_causal_lm(teacher_dir)
+    model, tok = hf_models.load_causal_lm(teacher_dir)
     with pytest.raises(HpdError, match="leaves the model no room to answer in its context of"):
         evaluators.generate_texts(model, tok, ["1+1:", "1+" * 200 + "1:"])

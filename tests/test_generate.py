@@ -5,8 +5,8 @@ from pathlib import Path
 import datasets
 import torch
 
-from hpd.stages import modeling
-from hpd.stages.modeling import encode_pair
+from hpd.stages import hf_models, sampling
+from hpd.stages.batching import encode_pair
 from hpd.storage.sequences import SequenceStore
 
 from conftest import copy_home, make_runner
@@ -32,17 +32,17 @@ def test_user_jsonl_and_parquet_give_the_same_sequences(tiny_home, tmp_path):
         r.run()
         results.append(_sequences(r))
     assert [(list(a), p) for a, p in results[0]] == [(list(a), p) for a, p in results[1]]
-    tok = modeling.load_causal_lm(make_runner(home).manifest("teacher")["outputs"]["model_dir"])[1]
+    tok = hf_models.load_causal_lm(make_runner(home).manifest("teacher")["outputs"]["model_dir"])[1]
     for (ids, plen), row in zip(results[0], ROWS):
         assert tok.decode(ids[:plen]) == row["prompt"]
         assert tok.decode(ids[plen:]) == row["response"] + "<eos>"
 
 
 def test_batched_left_padded_sampling_equals_one_at_a_time(teacher_dir):
-    model, tok = modeling.load_causal_lm(teacher_dir)
+    model, tok = hf_models.load_causal_lm(teacher_dir)
     prompts = [tok(r["prompt"])["input_ids"] for r in ROWS]
-    batched = modeling.sample(model, tok, prompts, max_new_tokens=12, greedy=True, batch_size=8)
-    single = [modeling.sample(model, tok, [p], max_new_tokens=12, greedy=True)[0] for p in prompts]
+    batched = sampling.sample(model, tok, prompts, max_new_tokens=12, greedy=True, batch_size=8)
+    single = [sampling.sample(model, tok, [p], max_new_tokens=12, greedy=True)[0] for p in prompts]
     assert batched == single
     assert all(len(x) <= 12 for x in batched)
 
@@ -57,7 +57,7 @@ def test_teacher_samples_per_prompt(tiny_home, tmp_path):
     r.run("data"), r.run("teacher"), r.run("generate")
     seqs = _sequences(r)
     assert len(seqs) == 3 * len(ROWS)
-    tok = modeling.load_causal_lm(r.manifest("teacher")["outputs"]["model_dir"])[1]
+    tok = hf_models.load_causal_lm(r.manifest("teacher")["outputs"]["model_dir"])[1]
     for i, (ids, plen) in enumerate(seqs):
         assert tok.decode(ids[:plen]) == ROWS[i // 3]["prompt"]
         resp = list(ids[plen:])
@@ -69,7 +69,7 @@ def test_teacher_samples_per_prompt(tiny_home, tmp_path):
 
 
 def test_chat_template_separates_prompt_and_response(teacher_dir):
-    _, tok = modeling.load_causal_lm(teacher_dir)
+    _, tok = hf_models.load_causal_lm(teacher_dir)
     tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %}:{% endif %}"
                          "{% endfor %}")
     p_ids, r_ids = encode_pair(tok, "1+2", "3|0003")
@@ -78,7 +78,7 @@ def test_chat_template_separates_prompt_and_response(teacher_dir):
 
 
 def test_length_batches_cover_every_sequence_within_the_budget():
-    from hpd.stages.modeling import length_batches
+    from hpd.stages.batching import length_batches
 
     lengths = [5, 40, 7, 40, 12, 3, 90, 8]
     assert length_batches(lengths, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]  # by count, in order

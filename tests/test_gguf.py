@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hpd.common.errors import HpdError
-from hpd.stages import modeling
+from hpd.stages import gguf_import, hf_models, student_models
 
 from conftest import hpd_cli
 from tiny_llama import make_llama, write_gguf
@@ -24,10 +24,10 @@ def llama(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_gguf_converts_once_into_the_same_model(llama, tmp_path):
     hf, file = llama
-    out = modeling.import_gguf(file, tmp_path / "models")
+    out = gguf_import.import_gguf(file, tmp_path / "models")
     assert (out / "model.safetensors").is_file() and (out / "chat_template.jinja").is_file()
-    ref, ref_tok = modeling.load_causal_lm(hf)
-    got, tok = modeling.load_causal_lm(out)
+    ref, ref_tok = hf_models.load_causal_lm(hf)
+    got, tok = hf_models.load_causal_lm(out)
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     ids = ref_tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
     assert tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=False) == ids
@@ -36,7 +36,7 @@ def test_gguf_converts_once_into_the_same_model(llama, tmp_path):
     with torch.no_grad():  # llama.cpp's Q/K row order undone, tied head kept: the same function, exactly
         assert torch.equal(got(x).logits, ref(x).logits)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert modeling.import_gguf(file, tmp_path / "models") == out  # keyed by content: converted once
+    assert gguf_import.import_gguf(file, tmp_path / "models") == out  # keyed by content: converted once
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -75,7 +75,7 @@ def test_unreadable_gguf_is_a_one_line_error_and_publishes_nothing(llama, tmp_pa
     else:
         _unsupported_quantisation(hf, bad)
     with pytest.raises(HpdError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        modeling.import_gguf(bad, tmp_path / "models")
+        gguf_import.import_gguf(bad, tmp_path / "models")
     r = hpd_cli(tmp_path / "home", "run", "--until", "teacher", overrides=['run.name="gguf"', f'teacher.path="{bad}"'])
     # the conversion's own progress bar may come first; the error is one line, the last
     lines = r.stderr.strip().splitlines()
@@ -91,30 +91,30 @@ def test_teacher_layers_student_keeps_evenly_spaced_layers(llama):
     """The layer-kept student is the teacher's own first, middle and last blocks: with every layer kept it is the
     teacher, and with fewer each kept block holds the teacher block's weights."""
     hf, _ = llama
-    teacher, tok = modeling.load_causal_lm(hf)
-    same, kept = modeling.keep_layers(teacher, 4)
+    teacher, tok = hf_models.load_causal_lm(hf)
+    same, kept = student_models.keep_layers(teacher, 4)
     assert kept == [0, 1, 2, 3]
     x = torch.tensor([tok("What is 12 plus 30?")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(same(x).logits, teacher(x).logits)
-    student, kept = modeling.keep_layers(teacher, 2)
+    student, kept = student_models.keep_layers(teacher, 2)
     assert kept == [0, 3] and student.config.num_hidden_layers == 2
     for i, k in enumerate(kept):
         assert torch.equal(student.model.layers[i].self_attn.q_proj.weight, teacher.model.layers[k].self_attn.q_proj.weight)
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     assert torch.equal(student.model.norm.weight, teacher.model.norm.weight)
     with pytest.raises(HpdError, match="distill.n_layer=5: the teacher has 4 layers"):
-        modeling.keep_layers(teacher, 5)
+        student_models.keep_layers(teacher, 5)
 
 
 def test_teacher_shape_student_is_a_fresh_narrower_model_of_the_teachers_class(llama):
     """teacher-shape: the teacher's class, vocabulary and context, fresh weights, the asked depth and width, the
     MLP scaled with the width and the teacher's query/key-value head ratio kept; it trains (a finite loss)."""
     hf, _ = llama
-    teacher, tok = modeling.load_causal_lm(hf)
+    teacher, tok = hf_models.load_causal_lm(hf)
     t = teacher.config
     torch.manual_seed(0)
-    student = modeling.same_shape_fresh(t, n_layer=2, n_embd=t.hidden_size // 2, n_head=t.num_attention_heads // 2)
+    student = student_models.same_shape_fresh(t, n_layer=2, n_embd=t.hidden_size // 2, n_head=t.num_attention_heads // 2)
     s = student.config
     assert type(student) is type(teacher) and s.vocab_size == t.vocab_size
     changed = {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -129,7 +129,7 @@ def test_teacher_shape_student_is_a_fresh_narrower_model_of_the_teachers_class(l
     loss = student(input_ids=x, labels=x).loss
     assert torch.isfinite(loss) and abs(loss.item() - np.log(t.vocab_size)) < 1.0  # fresh: near uniform
     with pytest.raises(HpdError, match="distill.n_embd=30 is not a multiple of distill.n_head=4"):
-        modeling.same_shape_fresh(t, n_layer=1, n_embd=30, n_head=4)
+        student_models.same_shape_fresh(t, n_layer=1, n_embd=30, n_head=4)
 
 
 QUESTIONS = ["What is the capital of France?", "How are you today?", "Tell me about the weather.",
@@ -144,7 +144,7 @@ def test_gguf_teacher_through_the_whole_command_line_without_references(llama, t
     import math
 
     hf, file = llama
-    _, tok = modeling.load_causal_lm(hf)
+    _, tok = hf_models.load_causal_lm(hf)
     prompts, heldout = tmp_path / "prompts.jsonl", tmp_path / "heldout.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS * 4))
     heldout.write_text(json.dumps({"prompt": "What is 12 plus 30?", "answer": 42}) + "\n"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpd.stages import modeling
+from hpd.stages import hf_models
 from hpd.storage.logit_cache import CacheMismatchError, CacheRoot, LogitCache
 from hpd.storage.sequences import SequenceStore
 from hpd.storage.shards import CorruptShardError, ShardWriter
@@ -21,7 +21,7 @@ def _reference(model, ids: np.ndarray, temperature: float = 1.0) -> torch.Tensor
 
 @pytest.fixture(scope="module")
 def scored(tiny_runner, teacher_dir):
-    model, _ = modeling.load_causal_lm(teacher_dir)
+    model, _ = hf_models.load_causal_lm(teacher_dir)
     cache = LogitCache(Path(tiny_runner.manifest("score")["outputs"]["cache"]))
     store = SequenceStore(Path(tiny_runner.manifest("generate")["outputs"]["sequences"]))
     return model, cache, store
@@ -65,7 +65,7 @@ def test_small_k_keeps_exact_target_outside_the_top_k(tmp_path, tiny_home):
     runner = make_runner(home, "score.top_k=2")
     runner.run("score")
     cache = LogitCache(Path(runner.manifest("score")["outputs"]["cache"]))
-    model, _ = modeling.load_causal_lm(runner.manifest("teacher")["outputs"]["model_dir"])
+    model, _ = hf_models.load_causal_lm(runner.manifest("teacher")["outputs"]["model_dir"])
     store = SequenceStore(Path(runner.manifest("generate")["outputs"]["sequences"]))
     outside = 0
     for sid in range(0, 60, 7):

@@ -115,14 +115,14 @@ def test_a_specialist_with_longer_problems_gets_a_student_long_enough(with_secon
     long.run(until="score")
     r = make_runner(home, *STEPS, 'teachers.runs="long"', run="specialists")
     r.run()
-    from hpd.stages import modeling
+    from hpd.stages import hf_models
     from hpd.storage.sequences import SequenceStore
 
     store = SequenceStore(Path(long.outputs("generate").sequences))
     longest = max(len(x) for x in store.range(0, len(store))[2])
-    own = modeling.context_length(modeling.check_causal_lm(r.outputs("teacher").model_dir))
-    student = modeling.check_causal_lm(r.outputs("distill").student_dir)
-    assert longest > own and modeling.context_length(student) >= longest
+    own = hf_models.context_length(hf_models.check_causal_lm(r.outputs("teacher").model_dir))
+    student = hf_models.check_causal_lm(r.outputs("distill").student_dir)
+    assert longest > own and hf_models.context_length(student) >= longest
 
 
 def test_teachers_with_other_tokenizers_are_refused_before_any_teacher_pass(with_second_teacher):

@@ -1,7 +1,6 @@
 """Value-guided distillation: each value function on known cases, selection and weights against a hand
 computation, the judge stage's resumption, bad reward models, and a run guided by configuration alone."""
 import math
-import shutil
 import signal
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from hpd.common.errors import HpdError
-from hpd.stages import modeling
+from hpd.stages import batching, hf_models
 from hpd.stages.tasks import arithmetic
 from hpd.stages.values import RewardModel, TeacherValue, Verifier, guidance, prompt_means, select, weights
 from hpd.storage.logit_cache import LogitCache
@@ -37,12 +36,12 @@ def test_verifier_on_a_right_and_a_wrong_math_answer():
     tok = arithmetic.build_tokenizer()
     rows = [{"prompt": "123+456+789:", "answer": "1368"}, {"prompt": "100+200+300:", "answer": "600"}]
     judge = Verifier(tok, rows, task=arithmetic)
-    prompt = modeling.encode_pair(tok, rows[0]["prompt"], None)[0]
+    prompt = batching.encode_pair(tok, rows[0]["prompt"], None)[0]
     right = tok("9+6+3+0=18,8+5+2+1=16,7+4+1+1=13|1368", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     wrong = tok("9+6+3+0=18,8+5+2+1=16,7+4+1+1=13|1369", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     unfinished = tok("9+6+3+0=18,8+5", add_special_tokens=False)["input_ids"]
     assert judge([prompt] * 3, [right, wrong, unfinished]).tolist() == [1.0, 0.0, 0.0]
-    other = modeling.encode_pair(tok, rows[1]["prompt"], None)[0]
+    other = batching.encode_pair(tok, rows[1]["prompt"], None)[0]
     assert judge([other], [tok("|600", add_special_tokens=False)["input_ids"]]).tolist() == [1.0]
 
 
@@ -56,7 +55,7 @@ def test_verifier_runs_humaneval_style_tests_in_the_sandbox(monkeypatch):
     with pytest.raises(HpdError, match="runs the prompts' HumanEval-style test code.*execute_code=True"):
         Verifier(tok, [problem], timeout=10.0)  # running their test code is the caller's explicit choice
     judge = Verifier(tok, [problem], timeout=10.0, execute_code=True)  # no answer-checking task: test, entry_point
-    prompt = modeling.encode_pair(tok, problem["prompt"], None)[0]
+    prompt = batching.encode_pair(tok, problem["prompt"], None)[0]
     passing = tok(problem["canonical_solution"], add_special_tokens=False)["input_ids"]
     failing = tok("    return not " + problem["canonical_solution"].strip().splitlines()[-1].split("return ")[-1] + "\n",
                   add_special_tokens=False)["input_ids"]
@@ -117,8 +116,8 @@ def test_teacher_value_is_the_mean_log_prob_of_the_response(tiny_runner, teacher
     cache = LogitCache(Path(tiny_runner.outputs("score").cache))
     store = SequenceStore(Path(tiny_runner.outputs("generate").sequences))
     seq_ids, plens, seqs = store.range(0, 6)
-    model, tok = modeling.load_causal_lm(teacher_dir)
-    lp, _ = modeling.log_probs(model, [s.tolist() for s in seqs], tok.pad_token_id)
+    model, tok = hf_models.load_causal_lm(teacher_dir)
+    lp, _ = hf_models.log_probs(model, [s.tolist() for s in seqs], tok.pad_token_id)
     expected_mean, expected_sum = [], []
     for b, (s, p) in enumerate(zip(seqs, plens)):
         token_lp = lp[b, p - 1:len(s) - 1].double().gather(-1, torch.tensor(s[p:], dtype=torch.long)[:, None])[:, 0]

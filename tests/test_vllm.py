@@ -3,7 +3,7 @@ These run only where vLLM and a CUDA GPU are present (`pip install '.[vllm]'` on
 import numpy as np
 import pytest
 
-from hpd.stages import modeling, vllm_engine
+from hpd.stages import hf_models, vllm_engine
 from hpd.stages.scoring import score_batch
 from hpd.storage.sequences import SequenceStore
 
@@ -18,7 +18,7 @@ def _sequences(tiny_runner):
 
 def test_vllm_scoring_matches_transformers(tiny_runner, teacher_dir):
     _, plens, seqs = _sequences(tiny_runner)
-    model, tok = modeling.load_causal_lm(teacher_dir)
+    model, tok = hf_models.load_causal_lm(teacher_dir)
     want = score_batch(model, seqs, list(plens), top_k=8, temperature=1.0, pad_id=tok.pad_token_id)
     got = vllm_engine.score(vllm_engine.load(teacher_dir, scoring=True, top_k=8), seqs, list(plens), top_k=8,
                             temperature=1.0)
@@ -32,7 +32,7 @@ def test_vllm_scoring_matches_transformers(tiny_runner, teacher_dir):
 def test_vllm_sampling_continues_every_prompt(tiny_runner, teacher_dir):
     _, plens, seqs = _sequences(tiny_runner)
     prompts = [s[:p].tolist() for s, p in zip(seqs, plens)]
-    _, tok = modeling.load_causal_lm(teacher_dir)
+    _, tok = hf_models.load_causal_lm(teacher_dir)
     llm = vllm_engine.load(teacher_dir, scoring=False, seed=0)
     a = vllm_engine.sample(llm, prompts, max_new_tokens=20, temperature=1.0, seed=3, eos_token_id=tok.eos_token_id)
     b = vllm_engine.sample(llm, prompts, max_new_tokens=20, temperature=1.0, seed=3, eos_token_id=tok.eos_token_id)

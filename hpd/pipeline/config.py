@@ -123,7 +123,7 @@ def _check_code(cfg: dict) -> None:
 def _check_choices(cfg: dict) -> None:
     """Settings whose allowed values live in the stages (methods, tasks, encodings), and combinations."""
     from hpd.stages.losses import METHODS, ON_POLICY_ONLY
-    from hpd.stages.modeling import check_heads
+    from hpd.stages.student_models import check_heads
     from hpd.stages.tasks import TASKS
     from hpd.storage import encodings
 

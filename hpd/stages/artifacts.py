@@ -56,7 +56,7 @@ class Teacher(Artifact):
     report: dict | None = None  # the built-in teacher's held-out figures
 
     def published(self) -> bool:
-        from .modeling import teacher_identity  # recomputed (memoised by size and mtime): weights changed in place
+        from .hf_models import teacher_identity  # recomputed (memoised by size and mtime): weights changed in place
 
         return (Path(self.model_dir) / "config.json").is_file() and teacher_identity(self.model_dir,
                                                                                       self.dtype) == self.fingerprint

@@ -24,7 +24,7 @@ from hpd.common.errors import HpdError
 from hpd.storage.fingerprint import digest
 from hpd.storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 
-from . import modeling
+from . import hf_models, student_models
 from .artifacts import Cache, Sequences, StageKind, Student, TaskData, Teacher, Values
 from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
 from .losses import (METHOD_PARAMS, REWARD_METHODS, CachedTargets, SampledTargets, TeacherLogits, distill_loss,
@@ -142,7 +142,7 @@ class DistillTrainer(Trainer):
         # Student logits only where a loss is taken: the [B, L, V] logits and their gradient were most of a
         # step's memory (response positions are a fraction of a padded batch; prompts take none).
         keep = response_positions(labels)
-        with modeling.head_only_at(model, keep):
+        with hf_models.head_only_at(model, keep):
             outputs = model(**inputs)
         logits = outputs.logits
         loss, diag = mixture_loss(self.sources, logits, labels, teacher, source, self.loss_params, weight, advantage)
@@ -167,7 +167,7 @@ def _new_student(cfg: dict, teacher: Teacher, teacher_tok, seed: int, longest: i
     """A fresh student (or the given one). `longest`: the longest sequence it must read, when other teachers'
     sequences may be longer than this run's teacher's context (a fresh GPT-2 is made long enough)."""
     if cfg["student_path"]:
-        model, tok = modeling.load_causal_lm(cfg["student_path"])
+        model, tok = hf_models.load_causal_lm(cfg["student_path"])
         if tok.get_vocab() != teacher_tok.get_vocab():
             raise HpdError(f"the student at {cfg['student_path']} uses a different tokenizer than the teacher; "
                            f"distillation from this cache needs the teacher's tokenizer")
@@ -177,15 +177,15 @@ def _new_student(cfg: dict, teacher: Teacher, teacher_tok, seed: int, longest: i
         return model
     torch.manual_seed(seed)
     if cfg["student_init"] == "teacher-layers":
-        model, _ = modeling.load_causal_lm(teacher.model_dir)
-        return modeling.keep_layers(model, cfg["n_layer"])[0]
+        model, _ = hf_models.load_causal_lm(teacher.model_dir)
+        return student_models.keep_layers(model, cfg["n_layer"])[0]
     if cfg["student_init"] == "teacher-shape":
-        return modeling.same_shape_fresh(modeling.check_causal_lm(teacher.model_dir), n_layer=cfg["n_layer"],
+        return student_models.same_shape_fresh(hf_models.check_causal_lm(teacher.model_dir), n_layer=cfg["n_layer"],
                                          n_embd=cfg["n_embd"], n_head=cfg["n_head"])
-    context = modeling.context_length(modeling.check_causal_lm(teacher.model_dir))
+    context = hf_models.context_length(hf_models.check_causal_lm(teacher.model_dir))
     if longest > context:
         context = 1 << (longest - 1).bit_length()
-    return modeling.new_gpt2(teacher_tok, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
+    return student_models.new_gpt2(teacher_tok, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
                              n_head=cfg["n_head"])
 
 
@@ -222,9 +222,9 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
     others = plan.sources[1:] if student is None else []
     longest = max((len(x) for s in others for x in s.store.range(0, len(s.store))[2]), default=0)
     model = _new_student(cfg, teacher, tok, seed, longest) if student is None else \
-        modeling.load_causal_lm(student.student_dir)[0]
-    if longest > modeling.context_length(model):
-        raise HpdError(f"the student's context ({modeling.context_length(model)} tokens) is shorter than the other "
+        hf_models.load_causal_lm(student.student_dir)[0]
+    if longest > hf_models.context_length(model):
+        raise HpdError(f"the student's context ({hf_models.context_length(model)} tokens) is shorter than the other "
                        f"teachers' longest sequence ({longest}); use a student with a longer context")
     inputs = {"data": data, "teacher": teacher, "generate": generate, "score": score, "student": student,
               "refresh": refresh, "refresh_score": refresh_score, "values": values, "refresh_values": refresh_values}
@@ -242,7 +242,7 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
     if caches:
         collator, signal, where = CacheCollator(tok.pad_token_id, *caches), from_cache, "cache"
     elif online:
-        collator, signal, where = ResponseCollator(tok.pad_token_id), OnlineTeacher(modeling.load_teacher(teacher)[0]), "teacher online"
+        collator, signal, where = ResponseCollator(tok.pad_token_id), OnlineTeacher(hf_models.load_teacher(teacher)[0]), "teacher online"
     else:
         collator, signal, where = ResponseCollator(tok.pad_token_id), no_teacher, "no teacher"
     mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, {f'cache {s.cache.id}' if s.cache else where}"
@@ -288,7 +288,7 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
         report.update(heldout_report(model, tok, data.heldout, cfg["eval_examples"], TASKS[data.builtin]))
     publish_model(model, tok, tmp, out, {"training_log.json": trainer.state.log_history, "hpd-student.json": report})
     return Student(student_dir=str(out), report=report, teacher_report=teacher.report, seed=seed,
-                   fingerprint=digest(modeling.model_fingerprints(out)))
+                   fingerprint=digest(hf_models.model_fingerprints(out)))
 
 
 STAGE = StageKind("distill", run, Student, distributed=True)  # the Trainer's DDP; rank 0 publishes

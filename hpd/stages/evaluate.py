@@ -7,14 +7,13 @@ per-token NLL and the full-vocabulary KL to the teacher.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from hpd.common.errors import HpdError
 from hpd.storage import atomic
 from hpd.common.faults import crash_point
 from hpd.storage.fingerprint import digest
 
-from . import evaluators, modeling
+from . import evaluators, hf_models
 from .artifacts import EvalReport, StageKind, Student, TaskData, Teacher
 from .tasks import TASKS
 
@@ -58,8 +57,8 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, student: Student,
         baseline: Student | None = None) -> EvalReport:
     heldout, rows = _heldout_rows(cfg, data)
     task = TASKS.get(data.builtin)
-    model, tok = modeling.load_causal_lm(student.student_dir)
-    teacher_model, _ = modeling.load_teacher(teacher)
+    model, tok = hf_models.load_causal_lm(student.student_dir)
+    teacher_model, _ = hf_models.load_teacher(teacher)
     ctx.log(f"[eval] {len(rows)} held-out examples from {heldout}")
     references = "data" if "response" in rows[0] else "teacher"
     if references == "teacher":  # no reference answers: the teacher's greedy replies are what to match
@@ -71,7 +70,7 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, student: Student,
               "student": judge(model, tok, rows, cfg, task, teacher=reference, execute_code=ctx.execute_code),
               "student_dir": student.student_dir, "student_report": student.report}
     if baseline is not None:  # the same student trained without the teacher's distribution (distill.baseline)
-        report["baseline"] = judge(modeling.load_causal_lm(baseline.student_dir)[0], tok, rows, cfg, task,
+        report["baseline"] = judge(hf_models.load_causal_lm(baseline.student_dir)[0], tok, rows, cfg, task,
                                    teacher=reference, execute_code=ctx.execute_code)
         report["baseline_report"] = baseline.report
     crash_point("judged")

@@ -15,7 +15,7 @@ import torch
 
 from hpd.common.errors import HpdError
 
-from . import modeling
+from . import batching, hf_models, sampling
 
 
 # What a judged model's report holds, in the order tables show it: (key, label, format); "avg@" is avg@k for any k.
@@ -37,7 +37,7 @@ def metric_keys(report: dict) -> list[tuple[str, str, str]]:
 def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     """(prompt + response token ids, prompt length), rendered as generate and score see them (the chat
     template when the tokenizer has one), so a model is judged on the sequences it was distilled on."""
-    p, r = modeling.encode_pair(tokenizer, prompt, response)
+    p, r = batching.encode_pair(tokenizer, prompt, response)
     return p + r, len(p)
 
 
@@ -78,22 +78,22 @@ def heldout_rows(path: str, n: int = 0) -> list[dict]:
 def _room(model, prompts: list[list[int]]) -> int:
     """New tokens that fit every prompt's context, less one: a reply scored later as a reference gets the
     end-of-text token appended (encode_example), and must still fit."""
-    return modeling.context_length(model) - max(map(len, prompts)) - 1
+    return hf_models.context_length(model) - max(map(len, prompts)) - 1
 
 
 def generate_texts(model, tokenizer, prompts: list[str], *, samples: int = 1, greedy: bool = True,
                    temperature: float = 1.0, max_new_tokens: int = 0, batch_size: int = 250,
                    batch_tokens: int = 0) -> list[list[str]]:
     """`samples` decoded responses per prompt (greedy: one)."""
-    ids = [modeling.encode_pair(tokenizer, p, None)[0] for p in prompts]
+    ids = [batching.encode_pair(tokenizer, p, None)[0] for p in prompts]
     room = _room(model, ids)
     if room < 1:
         longest = max(range(len(ids)), key=lambda i: len(ids[i]))
         raise HpdError(f"a prompt of {len(ids[longest])} tokens ({prompts[longest][:40]!r}...) leaves the model no room "
-                       f"to answer in its context of {modeling.context_length(model)} tokens; use a model with a "
+                       f"to answer in its context of {hf_models.context_length(model)} tokens; use a model with a "
                        f"longer context, or shorter prompts")
     n = 1 if greedy else samples
-    outs = modeling.sample(model, tokenizer, [p for p in ids for _ in range(n)],
+    outs = sampling.sample(model, tokenizer, [p for p in ids for _ in range(n)],
                            max_new_tokens=min(max_new_tokens or room, room), greedy=greedy,
                            temperature=temperature, batch_size=batch_size, batch_tokens=batch_tokens,
                            desc="eval sampling")
@@ -189,11 +189,11 @@ def teacher_forced(model, tokenizer, rows: list[dict], teacher=None, batch_size:
     sums = {"response_nll_nats": 0.0, "response_entropy_nats": 0.0, "kl_to_teacher_nats": 0.0}
     count = 0
     encoded = [encode_example(tokenizer, r["prompt"], r["response"]) for r in rows]
-    for part in modeling.length_batches([len(ids) for ids, _ in encoded], batch_size, batch_tokens):
+    for part in batching.length_batches([len(ids) for ids, _ in encoded], batch_size, batch_tokens):
         enc = [encoded[i] for i in part]
         seqs = [e[0] for e in enc]
-        lq, _ = modeling.log_probs(model, seqs, tokenizer.pad_token_id)
-        lp = modeling.log_probs(teacher, seqs, tokenizer.pad_token_id)[0] if teacher is not None else None
+        lq, _ = hf_models.log_probs(model, seqs, tokenizer.pad_token_id)
+        lp = hf_models.log_probs(teacher, seqs, tokenizer.pad_token_id)[0] if teacher is not None else None
         for b, (ids, plen) in enumerate(enc):
             sl = slice(plen - 1, len(ids) - 1)
             q = lq[b, sl, :len(tokenizer)]

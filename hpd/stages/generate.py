@@ -13,7 +13,7 @@ from hpd.storage import sequences as seqstore
 from hpd.storage.fingerprint import file_digest
 from hpd.storage.sharded import ShardedWrite
 
-from . import modeling
+from . import batching, hf_models, sampling
 from .artifacts import Sequences, StageKind, TaskData, Teacher
 from .prompts import read_prompts
 
@@ -25,10 +25,10 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher) -> Sequences:
     from_data = cfg["mode"] == "dataset"
     prompts, responses = read_prompts(source, cfg["prompt_field"], cfg["response_field"] if from_data else None,
                                       cfg["num_prompts"])
-    model, tokenizer = modeling.load_teacher(teacher)
-    model = modeling.to_accelerator(model)
-    context = modeling.context_length(model)
-    pairs = [modeling.encode_pair(tokenizer, p, r) for p, r in
+    model, tokenizer = hf_models.load_teacher(teacher)
+    model = hf_models.to_accelerator(model)
+    context = hf_models.context_length(model)
+    pairs = [batching.encode_pair(tokenizer, p, r) for p, r in
              zip(prompts, responses if from_data else [None] * len(prompts))]
     pairs, max_new, truncated = _fit_context(pairs, context, cfg, source, from_data)
     if truncated:
@@ -41,7 +41,7 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher) -> Sequences:
     if from_data:
         manifest = _write_dataset(ctx, final, meta, pairs, cfg["shard_size"])
     else:
-        manifest = modeling.sample_to_store(
+        manifest = sampling.sample_to_store(
             ctx, model, tokenizer, [p for p, _ in pairs], final, meta, samples_per_prompt=cfg["samples_per_prompt"],
             prompts_per_shard=cfg["shard_size"], max_new_tokens=max_new, temperature=cfg["temperature"],
             batch_size=cfg["batch_size"], seed=ctx.seed, desc="generate", engine=cfg["engine"],

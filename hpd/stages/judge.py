@@ -39,7 +39,7 @@ def value_function(cfg: dict, data: TaskData, teacher: Teacher, score: Cache | N
                                                    "reduce": cfg["teacher_reduce"]}
     tok = AutoTokenizer.from_pretrained(teacher.model_dir)
     if name == "reward_model":
-        from .modeling import model_fingerprints
+        from .hf_models import model_fingerprints
 
         judge = fn.RewardModel(cfg["reward_model"], tok, cfg["batch_size"])
         return (lambda ids, p, r: judge(p, r)), {"function": name,

@@ -14,7 +14,7 @@ import numpy as np
 from hpd.common.errors import HpdError
 from hpd.storage.sequences import SequenceStore
 
-from . import modeling
+from . import hf_models, sampling
 from .artifacts import Sequences, StageKind, Student
 
 
@@ -37,19 +37,19 @@ def run(ctx, cfg: dict, generate: Sequences, student: Student) -> Sequences:
     round_, seed = cfg["round"], student.seed  # the student's seed: seeds vary its samples too
     store = SequenceStore(Path(generate.sequences))
     prompts = choose_prompts(store, cfg["prompt_fraction"], seed, round_)
-    model, tokenizer = modeling.load_causal_lm(student.student_dir)
-    model = modeling.to_accelerator(model)
-    room = modeling.context_length(model) - max(len(p) for p in prompts)
+    model, tokenizer = hf_models.load_causal_lm(student.student_dir)
+    model = hf_models.to_accelerator(model)
+    room = hf_models.context_length(model) - max(len(p) for p in prompts)
     max_new = cfg["max_new_tokens"] or room
     if not 0 < max_new <= room:
         raise HpdError(f"refresh.max_new_tokens={max_new} does not fit the student's context of "
-                       f"{modeling.context_length(model)} after the longest prompt; lower it (0 = fill the context)")
+                       f"{hf_models.context_length(model)} after the longest prompt; lower it (0 = fill the context)")
     origin = {"round": round_, "student": student.fingerprint}
     ctx.log(f"[{ctx.stage}] student of round {round_ - 1} samples {cfg['samples_per_prompt']} responses for "
             f"{len(prompts)} prompts ({cfg['prompt_fraction']:.0%} of {len(store)})")
     final = ctx.stage_dir() / "sequences"
     meta = {"config": cfg, "origin": origin, "prompts_from": generate.fingerprint, "seed": seed}
-    manifest = modeling.sample_to_store(
+    manifest = sampling.sample_to_store(
         ctx, model, tokenizer, prompts, final, meta, samples_per_prompt=cfg["samples_per_prompt"],
         prompts_per_shard=cfg["shard_size"], max_new_tokens=max_new, temperature=cfg["temperature"],
         batch_size=cfg["batch_size"], seed=seed * 1009 + round_, desc=ctx.stage, engine=cfg["engine"])

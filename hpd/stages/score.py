@@ -24,7 +24,7 @@ from hpd.storage.logit_cache import LEARN_POSITIONS, CacheRoot, LogitCache, Scor
 from hpd.storage.sequences import SequenceStore
 from hpd.storage.sharded import ShardedWrite
 
-from . import modeling
+from . import batching, hf_models
 from .artifacts import Cache, Sequences, StageKind, Teacher
 from .scoring import Timer, score_batch  # the teacher pass's math, in torch only
 
@@ -71,8 +71,8 @@ def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, ke
 
         llm, model, pad = vllm_engine.load(teacher.model_dir, scoring=True, top_k=cfg["top_k"]), None, None
     else:
-        model, tokenizer = modeling.load_teacher(teacher)
-        model = modeling.to_accelerator(model)
+        model, tokenizer = hf_models.load_teacher(teacher)
+        model = hf_models.to_accelerator(model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     code = encodings.get(key["encoding"])
     draws, head = code.draws, code.head
@@ -92,7 +92,7 @@ def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, ke
             seq_ids, plens, seqs = store.range(start, min(start + cfg["shard_size"], len(store)))
             n = int(np.searchsorted(np.cumsum([len(x) - p for x, p in zip(seqs, plens)]),
                                     LEARN_POSITIONS - positions)) + 1
-            for part in modeling.length_batches([len(x) for x in seqs[:n]], cfg["batch_size"], cfg["batch_tokens"]):
+            for part in batching.length_batches([len(x) for x in seqs[:n]], cfg["batch_size"], cfg["batch_tokens"]):
                 for sc in score([seqs[i] for i in part], [int(plens[i]) for i in part], [seq_ids[i] for i in part],
                                 Timer()):
                     ids.append(sc["topk_ids"][sc["topk_logprobs"] > -np.inf])  # the stored slots
@@ -118,7 +118,7 @@ def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, ke
         for shard in out.todo():
             seq_ids, plens, seqs = store.range(shard * size, min((shard + 1) * size, len(store)))
             rows = [None] * len(seqs)  # in the shard's order, whatever order the batches take
-            for part in modeling.length_batches([len(s) for s in seqs], cfg["batch_size"], cfg["batch_tokens"]):
+            for part in batching.length_batches([len(s) for s in seqs], cfg["batch_size"], cfg["batch_tokens"]):
                 batch, batch_plens = [seqs[i] for i in part], [int(plens[i]) for i in part]
                 scored = score(batch, batch_plens, [seq_ids[i] for i in part], timer)
                 for i, sc in zip(part, scored):

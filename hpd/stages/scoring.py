@@ -12,7 +12,7 @@ import torch
 
 from hpd.common.errors import HpdError
 
-from . import modeling
+from . import batching
 
 
 class Timer(dict):
@@ -49,7 +49,7 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
     own seed in `seeds`: a sequence gets the same draws whatever batch it is scored in (resume, other batch sizes)."""
     timer = timer if timer is not None else Timer()
     with timer("forward"):
-        ids, mask = modeling.pad_right(seqs, pad_id)
+        ids, mask = batching.pad_right(seqs, pad_id)
         ids = ids.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask.to(model.device)).logits
         if logits.is_cuda:  # (kernels run asynchronously: the forward's time is the forward's)

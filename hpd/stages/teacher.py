@@ -16,7 +16,7 @@ from hpd.common.errors import HpdError
 from hpd.storage.fingerprint import digest
 from hpd.storage.shards import lock_for
 
-from . import modeling
+from . import gguf_import, hf_models, student_models
 from .artifacts import StageKind, TaskData, Teacher
 from .evaluators import encode_example, heldout_report
 from .tasks import TASKS
@@ -29,11 +29,11 @@ VERSION = 3
 
 
 def _outputs(model_dir: Path, report: dict | None, dtype: str) -> Teacher:
-    config = modeling.check_causal_lm(model_dir)
-    fps = modeling.model_fingerprints(model_dir)
+    config = hf_models.check_causal_lm(model_dir)
+    fps = hf_models.model_fingerprints(model_dir)
     return Teacher(model_dir=str(model_dir), model_fingerprint=fps["model"], tokenizer_fingerprint=fps["tokenizer"],
                    vocab_size=int(config.vocab_size), report=report, dtype=dtype,
-                   fingerprint=modeling.teacher_identity(model_dir, dtype))
+                   fingerprint=hf_models.teacher_identity(model_dir, dtype))
 
 
 def resolved_dtype(setting: str) -> str:
@@ -47,10 +47,10 @@ def run(ctx, cfg: dict, data: TaskData) -> Teacher:
     if cfg["path"]:
         path = _local(cfg["path"])
         if path.is_file():  # a GGUF file: converted once into an HF directory under models/
-            path = modeling.import_gguf(path, ctx.model_root)
+            path = gguf_import.import_gguf(path, ctx.model_root)
         elif not path.is_dir():
             raise HpdError(f"teacher.path {path} does not exist; give a local HF causal-LM directory or a GGUF file")
-        modeling.load_causal_lm(path)  # proves it loads before anything downstream relies on it
+        hf_models.load_causal_lm(path)  # proves it loads before anything downstream relies on it
         return _outputs(path, None, resolved_dtype(cfg["dtype"]))
     ident = {'cfg': cfg, 'data': data.fingerprint, 'seed': ctx.seed, 'recipe': VERSION}
     name = f"{data.builtin}-teacher-{digest(ident)[:12]}"
@@ -90,7 +90,7 @@ def _train(ctx, cfg: dict, data: TaskData, final: Path) -> None:
     seqs = [encode_example(tokenizer, r["prompt"], r["response"]) for r in rows]
     context = 1 << (max(len(s[0]) for s in seqs) - 1).bit_length()
     torch.manual_seed(ctx.seed)
-    model = modeling.new_gpt2(tokenizer, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
+    model = student_models.new_gpt2(tokenizer, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
                               n_head=cfg["n_head"])
     params = sum(p.numel() for p in model.parameters())
     ctx.log(f"[teacher] training a {params / 1e6:.2f}M-parameter GPT-2 on {len(rows)} traces for {cfg['steps']} steps")

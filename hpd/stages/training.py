@@ -15,7 +15,7 @@ from hpd.common.errors import HpdError
 from hpd.common.faults import crash_point
 from hpd.storage import atomic
 
-from .modeling import pad_right
+from .batching import pad_right
 
 
 class ResponseCollator:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ class Verifier:
     def __init__(self, tokenizer, rows: list[dict], prompt_field: str = "prompt", task=None, timeout: float = 5.0,
                  *, execute_code: bool = False):
         from . import sandbox
-        from .modeling import encode_pair
+        from .batching import encode_pair
 
         self.tokenizer, self.task, self.timeout, self.prompt_field = tokenizer, task, timeout, prompt_field
         self.execute_code = execute_code
@@ -75,7 +74,7 @@ class Verifier:
 
 def check_reward_model(path: str) -> None:
     """A one-line error unless `path` is a local sequence classifier with one output (checked before any stage)."""
-    from .modeling import read_config
+    from .hf_models import read_config
 
     config = read_config(path, "value.reward_model", "an AutoModelForSequenceClassification with one output")
     saved_as = getattr(config, "architectures", None) or []
@@ -95,7 +94,7 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         check_reward_model(path)
-        from .modeling import to_accelerator
+        from .hf_models import to_accelerator
 
         self.model = to_accelerator(AutoModelForSequenceClassification.from_pretrained(
             path, local_files_only=True, dtype=torch.float32).eval())
@@ -110,7 +109,7 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, prompts: list, responses: list) -> np.ndarray:
-        from .modeling import pad_right
+        from .batching import pad_right
 
         if self.same_vocab:
             seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]

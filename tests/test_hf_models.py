@@ -1,12 +1,12 @@
 """The student's logits at response positions only: the output head hooked to the kept positions
-(`modeling.head_only_at`, any transformers version) against the full logits and against a boolean
+(`hf_models.head_only_at`, any transformers version) against the full logits and against a boolean
 `logits_to_keep` (transformers >= 5.20), in values and gradients, for GPT-2 and Llama."""
 import inspect
 
 import pytest
 import torch
 
-from hpd.stages import modeling
+from hpd.stages import hf_models, student_models
 from hpd.stages.losses import distill_loss, response_positions
 from hpd.stages.tasks import arithmetic
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.unit
 
 def _gpt2(tmp_path):
     torch.manual_seed(0)
-    return modeling.new_gpt2(arithmetic.build_tokenizer(), n_positions=32, n_layer=2, n_embd=16, n_head=2)
+    return student_models.new_gpt2(arithmetic.build_tokenizer(), n_positions=32, n_layer=2, n_embd=16, n_head=2)
 
 
 def _llama(tmp_path):
@@ -42,7 +42,7 @@ def _loss_and_grads(model, ids, mask, labels, how: str):
     model.zero_grad()
     keep = response_positions(labels)
     if how == "hook":
-        with modeling.head_only_at(model, keep):
+        with hf_models.head_only_at(model, keep):
             logits = model(input_ids=ids, attention_mask=mask).logits
     elif how == "logits_to_keep":
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
