@@ -132,7 +132,7 @@ def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None)
                                                steps["math" if label.startswith("math") else "dialogue"]))
         med = {arm: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for arm, runs in arms.items()}
         teacher_parameters = _parameters(teacher.model_dir)
-        out[label] = {"method": r.cfg["distill"]["method"], "repeats": repeats,
+        out[label] = {"method": r.cfg.distill.method, "repeats": repeats,
                       "teacher_parameters": teacher_parameters, "student_parameters": med["cached"]["parameters"],
                       "size_ratio": teacher_parameters / med["cached"]["parameters"],
                       "arms": med, "runs": arms, "score_timing": score["timing"],

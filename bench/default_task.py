@@ -60,7 +60,7 @@ def main():
         name = f"bench-s{seed}"
         r = open_run(None, [f"distill.seed={seed}", f'run.name="{name}"', "eval.teacher=false"], home=home,
                      log=lambda s: None)
-        r.adopt(cfg["run"]["name"], SHARED)
+        r.adopt(cfg.run.name, SHARED)
         t0 = time.time()
         r.run()
         print(f"seed {seed}: {time.time() - t0:.0f}s")
@@ -71,7 +71,7 @@ def main():
     score = base.outputs("score")
     result = {
         "machine": {"cpus": os.cpu_count()},
-        "config": cfg, "seeds": args.seeds,
+        "config": cfg.as_dict(), "seeds": args.seeds,
         "make_distill_seconds": round(cold, 1), "up_to_date_seconds": round(warm, 1), "stage_seconds": stage_seconds,
         "printed": printed[printed.index("\nmodel"):].strip() if "\nmodel" in printed else printed,
         "teacher": teacher,

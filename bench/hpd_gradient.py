@@ -96,7 +96,7 @@ def gradient_batches(args):
     teacher, tok = hf_models.load_teacher(runner.outputs("teacher"))
     torch.manual_seed(0)
     if kept:  # the preset's student: the teacher with distill.n_layer of its layers kept
-        student = student_models.keep_layers(teacher, cfg["distill"]["n_layer"])[0]
+        student = student_models.keep_layers(teacher, cfg.distill.n_layer)[0]
     else:
         student = student_models.new_gpt2(tok, n_positions=hf_models.context_length(teacher), n_layer=2, n_embd=64, n_head=2)
     opt = torch.optim.AdamW(student.parameters(), lr=2e-3)

@@ -336,7 +336,7 @@ def hpd_gradient() -> str:
     if real.exists():
         r = json.loads(real.read_text())
         text += ("\nOn the real teacher (`bench/hpd_gradient.py --config smollm2`: SmolLM2-135M-Instruct, vocabulary "
-                 f"49,152, its own replies; the preset's student, {load_config('smollm2')['distill']['n_layer']} of its "
+                 f"49,152, its own replies; the preset's student, {load_config('smollm2').distill.n_layer} of its "
                  f"layers kept, untrained; "
                  f"{r['fkl@k=64']['batches']} batches of 8; `bench/results/hpd_gradient_smollm2.json`):\n\n"
                  + (RESULTS / "hpd_gradient_smollm2.md").read_text()
@@ -531,7 +531,7 @@ def _real_verdict(results: list[dict]) -> str:
         place = ranked.index(pick) + 1
         holds = (f"**It does not hold here.** {lowest}; {pick} is {place}{'nd' if place == 2 else 'rd' if place == 3 else 'th'} "
                  f"of {len(ranked)} by NLL" + (f", ahead of {', '.join(beaten)} beyond the seed spread" if beaten else ""))
-    cfg = load_config("smollm2")
+    cfg = load_config("smollm2").as_dict()
     d, fmt = cfg["distill"], _result(RESULTS / "cache_formats_smollm2.json") or {}
     outside = (f", {fmt['tail_mass_mean']['64']:.0%} of the mass outside it" if fmt else "")
     kls = [r["eval"]["student"][kl] for r in results]
@@ -827,7 +827,7 @@ def study_recommendation() -> str:
     rank = {k: sorted(v, key=v.get) for k, v in mean.items()}
     seeds = max(len(by) for v in runs.values() for by in v.values())
     dia = [k for k in runs if k[0] == "dialogue"]
-    pick = load_config("dialogue")["distill"]["method"]
+    pick = load_config("dialogue").distill.method
 
     def vs(k, other):
         return _paired(runs[k], pick, other)

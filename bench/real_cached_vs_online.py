@@ -57,14 +57,14 @@ def timed(home: Path, arm: str, steps: int) -> dict:
 def teacher_forward_per_batch(home: Path, batches: int = 4) -> float:
     """Seconds of the teacher's forward on the first training batches (the online arm's extra work per step)."""
     base = runner(home, "smollm2", [])
-    cfg = base.cfg["distill"]
+    cfg = base.cfg.distill
     store = SequenceStore(Path(base.outputs("generate").sequences))
     model, tok = hf_models.load_teacher(base.outputs("teacher"))
-    _, _, seqs = store.range(0, min(len(store), batches * cfg["batch_size"]))
+    _, _, seqs = store.range(0, min(len(store), batches * cfg.batch_size))
     times = []
     with torch.no_grad():
-        for i in range(0, len(seqs), cfg["batch_size"]):
-            ids, mask = batching.pad_right(seqs[i:i + cfg["batch_size"]], tok.pad_token_id)
+        for i in range(0, len(seqs), cfg.batch_size):
+            ids, mask = batching.pad_right(seqs[i:i + cfg.batch_size], tok.pad_token_id)
             t0 = time.perf_counter()
             model(input_ids=ids, attention_mask=mask)
             times.append(time.perf_counter() - t0)

@@ -91,8 +91,8 @@ def main():
             print(f"seed {seed} {arm:<12} " + "  ".join(f"r{x['round']} {x['heldout_accuracy']:.1%}/{x['nll']:.3f}"
                                                      for x in rounds), flush=True)
     cfg = runner(home, "bench-refresh-s0", common).cfg
-    t_batch = teacher_seconds_per_batch(runner(home, "bench-refresh-s0", common), cfg["distill"]["batch_size"])
-    total_steps = cfg["distill"]["steps"] + args.rounds * cfg["rounds"]["steps"]
+    t_batch = teacher_seconds_per_batch(runner(home, "bench-refresh-s0", common), cfg.distill.batch_size)
+    total_steps = cfg.distill.steps + args.rounds * cfg.rounds.steps
     online = total_steps * t_batch
     refresh_runs = [x for x in runs if x["arm"] != "offline"]
     rescore = statistics.mean(sum(r["rescore_seconds"] for r in x["rounds"]) for x in refresh_runs)
@@ -114,17 +114,17 @@ def main():
                                                          for x in arm_runs)}
     result = {
         "machine": {"cpus": os.cpu_count()}, "seeds": args.seeds, "rounds": args.rounds,
-        "config": {"distill_steps": cfg["distill"]["steps"], "round_steps": cfg["rounds"]["steps"],
-                   "batch": cfg["distill"]["batch_size"], "refresh_share": cfg["rounds"]["refresh_share"],
-                   "prompt_fraction": cfg["refresh"]["prompt_fraction"],
-                   "samples_per_prompt": cfg["refresh"]["samples_per_prompt"]},
+        "config": {"distill_steps": cfg.distill.steps, "round_steps": cfg.rounds.steps,
+                   "batch": cfg.distill.batch_size, "refresh_share": cfg.rounds.refresh_share,
+                   "prompt_fraction": cfg.refresh.prompt_fraction,
+                   "samples_per_prompt": cfg.refresh.samples_per_prompt},
         "runs": runs, "summary": summary,
         "teacher_cost": {
             "teacher_forward_seconds_per_batch": t_batch, "total_student_steps": total_steps,
             "online_teacher_seconds": online, "refresh_rescore_seconds": rescore,
             "refresh_sampling_seconds": sampling, "refreshed_sequences": refreshed,
             "rescore_fraction_of_online": rescore / online,
-            "forward_fraction_of_online": refreshed / (total_steps * cfg["distill"]["batch_size"]),
+            "forward_fraction_of_online": refreshed / (total_steps * cfg.distill.batch_size),
         },
     }
     RESULTS.mkdir(exist_ok=True)

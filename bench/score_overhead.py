@@ -47,9 +47,9 @@ def main():
     model, tok = hf_models.load_teacher(teacher)
     model = hf_models.to_accelerator(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    s = cfg["score"]
-    k = s["top_k"] or min(DEFAULT_K, teacher.vocab_size)  # the score stage's own rule (math: k = V = 18)
-    batches = batching.length_batches([len(x) for x in seqs], s["batch_size"], s["batch_tokens"])
+    s = cfg.score
+    k = s.top_k or min(DEFAULT_K, teacher.vocab_size)  # the score stage's own rule (math: k = V = 18)
+    batches = batching.length_batches([len(x) for x in seqs], s.batch_size, s.batch_tokens)
     tokens = int(sum(len(x) - int(p) for x, p in zip(seqs, plens)))
 
     def bare():
@@ -64,7 +64,7 @@ def main():
         rows.clear()
         for idx in batches:
             out = score_batch(model, [seqs[i] for i in idx], [int(plens[i]) for i in idx], top_k=k,
-                              temperature=s["temperature"], pad_id=pad)
+                              temperature=s.temperature, pad_id=pad)
             rows.extend(ScoredSequence(seq_id=int(seq_ids[i]), input_ids=seqs[i], **o) for i, o in zip(idx, out))
 
     times = {"bare": [], "scored": []}
@@ -74,13 +74,13 @@ def main():
             fn()
             times[arm].append(time.perf_counter() - t0)
     key = cache_key(teacher=teacher.model_fingerprint, tokenizer=teacher.tokenizer_fingerprint,
-                    data=store.fingerprint, top_k=k, temperature=s["temperature"], encoding=s["encoding"])
+                    data=store.fingerprint, top_k=k, temperature=s.temperature, encoding=s.encoding)
     writer = CacheRoot(Path(tempfile.mkdtemp(prefix="hpd-overhead-"))).writer(
         key, shard_size=len(rows), num_sequences=len(rows), vocab_size=teacher.vocab_size)
     t0 = time.perf_counter()
     writer.write_rows(0, sorted(rows, key=lambda r: r.seq_id))
     write = time.perf_counter() - t0
-    fwd, sc = statistics.median(times["bare"]), statistics.median(times["scored"])
+    fwd, sc = statistics.median(times.bare), statistics.median(times.scored)
     result = {"config": args.config or "math", "sequences": n, "response_tokens": tokens, "top_k": k,
               "batches": len(batches), "repeats": args.repeats, "threads": torch.get_num_threads(),
               "seconds": times, "bare_forward_s": fwd, "scored_s": sc, "write_s": write,

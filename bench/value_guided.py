@@ -62,7 +62,7 @@ def _judged(r, arm: str, seed: int, t0: float) -> dict:
     """The student's held-out figures, and how many of the judged samples it trained on (kept of judged)."""
     student = r.outputs("eval").report["student"]
     mix = r.outputs(r.student_stages()[-1]).report["mixture"]
-    source, sequences = ("refresh", "refresh-1") if r.cfg["rounds"]["count"] else ("offline", "generate")
+    source, sequences = ("refresh", "refresh-1") if r.cfg.rounds.count else ("offline", "generate")
     judged = r.outputs(sequences).count if sequences in r.stages else 0  # 0: a round without samples (offline)
     kept = mix[source].get("kept", judged) if source in mix else 0  # absent: selection kept none this round
     row = {"arm": arm, "seed": seed, "seconds": round(time.time() - t0, 1), **{k: student[k] for k in METRICS},
@@ -83,7 +83,7 @@ def seqkd(home: Path, seeds: int) -> tuple[list[dict], dict]:
             r = _run(home, f"vg-seqkd-{arm.split(' ')[0]}-{'t' if 'teacher' in arm else 'v'}-s{seed}",
                      [*SEQKD_RUN, *sets, f"distill.seed={seed}", f"eval.teacher={'true' if seed == 0 else 'false'}"])
             r.adopt("vg-seqkd", ["data", "teacher", "generate", "score"])
-            function = r.cfg["value"]["function"]
+            function = r.cfg.value.function
             if function in judged:
                 r.adopt(judged[function], ["judge"])
             elif function:

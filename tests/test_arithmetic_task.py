@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import random
 
@@ -5,6 +6,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hpd.stages.tasks import arithmetic
+from hpd.common.settings import DataSettings
 
 pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
 
@@ -69,10 +71,10 @@ def test_builtin_teacher_is_an_ordinary_hf_directory(teacher_dir, tiny_runner):
 
 
 def test_an_operand_mix_draws_each_problem_from_it(tmp_path):
-    cfg = {"operands": 3, "digits": 3, "train_examples": 200, "heldout_examples": 50, "operand_mix": "2,4"}
+    cfg = DataSettings(operands=3, digits=3, train_examples=200, heldout_examples=50, operand_mix="2,4")
     arithmetic.write_data(tmp_path, cfg, seed=0)
     rows = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
     counts = {r["prompt"].count("+") + 1 for r in rows}
     assert counts == {2, 4} and all(_check_trace(r["prompt"], r["response"]) is None for r in rows)
     with pytest.raises(ValueError, match="operand_mix"):
-        arithmetic.write_data(tmp_path, {**cfg, "operand_mix": "2,x"}, seed=0)
+        arithmetic.write_data(tmp_path, dataclasses.replace(cfg, operand_mix="2,x"), seed=0)

@@ -81,7 +81,7 @@ def test_vllm_engine_where_it_cannot_run_and_an_unknown_engine(home):
         _assert_clean_failure(r, home, "vllm", "score", f'engine="vllm": {reason}; use engine="transformers"')
         assert not any(p.name.startswith(".tmp-") for p in (home / "caches").iterdir())
     r = hpd_cli(home, "run", overrides=['run.name="eng"', 'generate.engine="tgi"'])
-    assert r.exit_code == 2 and 'generate.engine must be "transformers" or "vllm"' in r.stderr.strip().splitlines()[-1]
+    assert r.exit_code == 2 and "generate.engine='tgi' is unknown; choose one of transformers, vllm" in r.stderr.strip().splitlines()[-1]
 
 
 def test_teacher_that_is_not_a_causal_lm(home, tmp_path):
@@ -130,7 +130,7 @@ def test_over_long_sequences_are_cut_when_configured(home, tmp_path):
     assert out["truncated"] == 1 and out["count"] == 2
     r = hpd_cli(home, "run", "--until", "generate", overrides=['run.name="cut2"', f'generate.prompts="{src}"',
                                                              'generate.too_long="sometimes"'])
-    _assert_clean_failure(r, home, "cut2", "generate", "generate.too_long must be \"refuse\" or \"truncate\"")
+    _assert_clean_failure(r, home, "cut2", "generate", "generate.too_long='sometimes' is unknown; choose one of refuse, truncate")
 
 
 def test_student_with_another_tokenizer(home, tmp_path, teacher_dir):
@@ -152,8 +152,8 @@ def test_student_with_another_tokenizer(home, tmp_path, teacher_dir):
     ("distill.learning_rate=-1e-3", "config distill.learning_rate must be > 0, got -0.001"),
     ("distill.alpha=1.5", "config distill.alpha must be between 0 and 1, got 1.5"),
     ("rounds.refresh_share=-0.1", "config rounds.refresh_share must be between 0 and 1"),
-    ('generate.mode="online"', "config generate.mode must be \"dataset\" or \"teacher\", got 'online'"),
-    ('distill.student_init="clone"', "distill.student_init='clone' is unknown; choose gpt2"),
+    ('generate.mode="online"', "generate.mode='online' is unknown; choose one of dataset, teacher"),
+    ('distill.student_init="clone"', "distill.student_init='clone' is unknown; choose one of gpt2, teacher-layers"),
     ('distill.student_init="teacher-shape" distill.n_head=3', "distill.n_embd=16 is not a multiple of distill.n_head=3"),
 ])
 def test_invalid_config_values(home, override, message):

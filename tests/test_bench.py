@@ -13,6 +13,6 @@ def test_a_stage_measured_in_its_own_process(tmp_path):
     assert set(measured) == {"score"} and measured["score"]["forward_s"] > 0  # observers hear the build
     figures = in_own_process("distill", "tiny", [], tmp_path)
     assert figures["train_seconds"] > 0 and figures["peak_rss_mb"] >= figures["rss_start_mb"] > 0
-    assert figures["steps"] == run.cfg["distill"]["steps"] and figures["input_tokens"] > 0
+    assert figures["steps"] == run.cfg.distill.steps and figures["input_tokens"] > 0
     student = run.outputs("distill")  # published like any run's, with no figures in its report
     assert Path(student.student_dir, "hpd-student.json").is_file() and "train_seconds" not in student.report

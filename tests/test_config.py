@@ -10,10 +10,10 @@ def test_overrides_are_typed_and_applied(tmp_path):
     user = tmp_path / "run.toml"
     user.write_text('[score]\ntop_k = 16\n[generate]\nmode = "teacher"\n')
     cfg = config.load(user, ["score.temperature=2", "run.name=exp1", "teacher.path=/models/x"])
-    assert cfg["score"]["top_k"] == 16
-    assert cfg["score"]["temperature"] == 2.0 and isinstance(cfg["score"]["temperature"], float)
-    assert cfg["generate"]["mode"] == "teacher"
-    assert cfg["run"]["name"] == "exp1" and cfg["teacher"]["path"] == "/models/x"
+    assert cfg.score.top_k == 16
+    assert cfg.score.temperature == 2.0 and isinstance(cfg.score.temperature, float)
+    assert cfg.generate.mode == "teacher"
+    assert cfg.run.name == "exp1" and cfg.teacher.path == "/models/x"
 
 
 def test_dumps_round_trips(tmp_path):

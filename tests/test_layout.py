@@ -49,7 +49,7 @@ def test_the_wheel_installs_one_namespace(tmp_path):
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert tops == {"hpd", wheel.name.split("-py")[0] + ".dist-info"}
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"hpd/__init__.py", "hpd/pipeline/cli.py", "hpd/pipeline/defaults.toml", "hpd/stages/losses.py",
+    assert {"hpd/__init__.py", "hpd/pipeline/cli.py", "hpd/common/settings.py", "hpd/stages/losses.py",
             "hpd/storage/logit_cache.py", "hpd/common/errors.py", "hpd/pipeline/presets/smollm2.toml"} <= names
 
 

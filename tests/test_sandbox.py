@@ -61,10 +61,10 @@ def test_settings_that_run_code_need_the_opt_in(monkeypatch, tmp_path):
                        (["eval.humaneval=true"], "runs the student's HumanEval completions")):
         with pytest.raises(HpdError, match=f"{says}.*allow it with code.execute=true or HPD_ALLOW_CODE_EVAL=1"):
             config.load("tiny", sets)
-        assert config.load("tiny", [*sets, "code.execute=true"])["code"]["execute"] is True
-    assert config.load("tiny")["code"]["execute"] is False  # nothing runs code: no opt-in needed
+        assert config.load("tiny", [*sets, "code.execute=true"]).code.execute is True
+    assert config.load("tiny").code.execute is False  # nothing runs code: no opt-in needed
     monkeypatch.setenv(sandbox.ENV, "1")  # the variable's opt-in is recorded, so a saved config reopens as it ran
-    assert config.load("tiny", ["eval.humaneval=true"])["code"]["execute"] is True
+    assert config.load("tiny", ["eval.humaneval=true"]).code.execute is True
 
 
 @pytest.mark.unit

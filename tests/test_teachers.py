@@ -31,7 +31,7 @@ def test_routing_fills_each_batch_by_the_teachers_weights(with_second_teacher):
     assert {"generate@b", "score@b"} <= set(r.stages["distill"].inputs)
     r.run()
     steps = [e for e in _log(r) if "loss" in e]
-    batch = r.cfg["distill"]["batch_size"]  # 16: 12 of this run's sequences and 4 of run b's, in every batch
+    batch = r.cfg.distill.batch_size  # 16: 12 of this run's sequences and 4 of run b's, in every batch
     assert steps and all(e["offline_sequences"] == batch * 3 / 4 and e["b_sequences"] == batch / 4 for e in steps)
     mixture = r.outputs("distill").report["mixture"]
     b_cache = make_runner(home, "teacher.steps=12", run="b").outputs("score").cache_id

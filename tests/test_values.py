@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hpd.common.errors import HpdError
+from hpd.common.settings import ValueSettings
 from hpd.stages import batching, hf_models
 from hpd.stages.tasks import arithmetic
 from hpd.stages.values import RewardModel, TeacherValue, Verifier, guidance, prompt_means, select, weights
@@ -144,8 +145,7 @@ def test_selection_weights_and_advantages_by_hand():
     e = weights(value, means, "exp", 0.5)
     assert e.mean() == pytest.approx(1.0)
     assert e[6] / e[8] == pytest.approx(math.exp((3.0 - 1.0) / 0.5))
-    cfg = {"select": "threshold", "keep": 0.25, "threshold": 1.0, "weighting": "advantage", "tau": 1.0,
-           "advantage": 0.5}
+    cfg = ValueSettings(select="threshold", keep=0.25, threshold=1.0, weighting="advantage", tau=1.0, advantage=0.5)
     g = guidance(np.arange(9) + 100, prompt, value, cfg)
     assert g.rows.tolist() == [101, 102, 106, 108]
     assert g.weight.tolist() == pytest.approx([1.5, 1.5, 3.0, 1.0])
@@ -159,14 +159,15 @@ def test_training_set_holds_the_kept_rows_with_their_weights(tiny_home, tmp_path
     threshold = _median_value(home, *GUIDED)
     runner = make_runner(home, *GUIDED, f"value.threshold={threshold!r}")
     _, prompt_index, v = ValueStore(Path(runner.outputs("judge").values)).arrays()
-    cfg = runner.cfg["value"]
-    src = open_source("offline", runner.outputs("generate"), runner.outputs("score"), "fkl", 1.0,
-                      runner.outputs("judge"), cfg)
+    cfg = runner.cfg.value
+    plan = runner.stages["distill"].plan.sources[0]  # the graph's plan: offline sequences, their cache and values
+    assert (plan.sequences, plan.caches, plan.values) == ("generate", ("score",), "judge")
+    src = open_source(plan, {name: runner.outputs(name) for name in ("generate", "score", "judge")}, cfg)
     kept = np.flatnonzero(v >= threshold)
     assert 0 < len(kept) < len(v)  # the threshold splits the tiny teacher's sequences
     ds = training_set([src], 16, 0, 0)
     assert ds["seq_id"] == kept.tolist()
-    w = np.exp((v[kept] - v[kept].max()) / cfg["tau"])
+    w = np.exp((v[kept] - v[kept].max()) / cfg.tau)
     np.testing.assert_allclose(ds["weight"], w / w.mean(), rtol=1e-6)
     assert set(ds["advantage"]) == {0.0}
 
@@ -254,8 +255,8 @@ def test_value_settings_are_checked_before_any_stage(tmp_path, sets, says):
 def test_a_selection_that_keeps_nothing_gives_no_rows_with_any_weighting():
     prompt, value = np.array([0, 0, 1]), np.array([0.1, 0.2, 0.3])
     for how in ("none", "exp", "advantage"):
-        g = guidance(np.arange(3), prompt, value, {"select": "threshold", "keep": 0.25, "threshold": 5.0,
-                                                  "weighting": how, "tau": 1.0, "advantage": 1.0})
+        g = guidance(np.arange(3), prompt, value, ValueSettings(select="threshold", keep=0.25, threshold=5.0,
+                                                                weighting=how, tau=1.0, advantage=1.0))
         assert len(g.rows) == 0 and (g.weight is None or len(g.weight) == 0) and len(g.advantage) == 0
 
 
@@ -266,8 +267,7 @@ def test_non_finite_values_are_refused_naming_the_sequence(bad):
 
     value = np.array([0.1, bad, 0.3])
     with pytest.raises(HpdError, match=f"stored values hold {bad} for sequence 11 "):
-        guidance(np.arange(3) + 10, np.array([0, 0, 1]), value, {"select": "none", "keep": 1.0, "threshold": 0.0,
-                                                                 "weighting": "exp", "tau": 1.0, "advantage": 0.0})
+        guidance(np.arange(3) + 10, np.array([0, 0, 1]), value, ValueSettings(weighting="exp"))
 
 
 def test_a_reward_model_giving_nan_stops_the_judge_naming_the_sequence(tiny_home, teacher_dir, tmp_path):

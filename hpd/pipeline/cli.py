@@ -83,6 +83,18 @@ def run(stage, until, force, config_path, overrides):
     _print_status(runner)
 
 
+@cli.command("config")
+@config_option
+@set_option
+@click.option("--bare", is_flag=True, help="the values alone, without the documentation")
+def config_cmd(config_path, overrides, bare):
+    """Print the run's configuration (defaults <- --config file <- --set), every key with what it means: a
+    template for a config file of your own."""
+    from .config import dumps, load
+
+    click.echo(dumps(load(config_path, overrides), docs=not bare), nl=False)
+
+
 @cli.command()
 @config_option
 @set_option
@@ -99,7 +111,7 @@ def _print_status(runner: Runner, as_json: bool = False) -> None:
         m = runner.manifest(name) or {}
         rows.append({"stage": name, "state": state, "detail": detail, "seconds": m.get("seconds"),
                      "outputs": m.get("outputs", {})})
-    total = runner.cfg["rounds"]["count"]
+    total = runner.cfg.rounds.count
     finished = sum(1 for r in rows if runner.stages[r["stage"]].trains_student and runner.stages[r["stage"]].round
                    and r["state"] == "done")
     current = next((r["stage"] for r in rows if r["state"] != "done"), None)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hpd.common.settings import Settings
+
+from .config import compare_methods
 from .report import compare_report, training_logs
 from .runs import open_run
 
@@ -19,38 +22,33 @@ def slug(method: str) -> str:
     return method.replace("->", "-to-").replace("+", "-")
 
 
-def compare_methods(cfg: dict) -> list[str]:
-    """compare.methods as a list (config.validate has checked every entry)."""
-    return [m.strip() for m in cfg["compare"]["methods"].split(",") if m.strip()]
-
-
-def method_overrides(method: str, cfg: dict) -> list[str]:
-    c = cfg["compare"]
+def method_overrides(method: str, cfg: Settings) -> list[str]:
+    c = cfg.compare
     if method == "hpd->opd":
-        first = c["steps"] - c["opd_rounds"] * cfg["rounds"]["steps"]
-        return ['distill.method="hpd"', f"distill.steps={first}", f"rounds.count={c['opd_rounds']}",
+        first = c.steps - c.opd_rounds * cfg.rounds.steps
+        return ['distill.method="hpd"', f"distill.steps={first}", f"rounds.count={c.opd_rounds}",
                 'rounds.method="opd"', 'rounds.offline_method="hpd"', 'distill.baseline=""']
     # every method is a run of its own (sft among them): no run trains a baseline student beside it
-    return [f'distill.method="{method}"', f"distill.steps={c['steps']}", "rounds.count=0", 'distill.baseline=""']
+    return [f'distill.method="{method}"', f"distill.steps={c.steps}", "rounds.count=0", 'distill.baseline=""']
 
 
 def compare(config_path, overrides: list[str], out: Path | None = None, log=print) -> Path:
     base = open_run(config_path, overrides)
     cfg = base.cfg
-    c = cfg["compare"]
+    c = cfg.compare
     methods = compare_methods(cfg)
     shared = [s for s in OFFLINE if s in base.stages]  # no score stage with the teacher online
     base.run(until=shared[-1])  # the teacher and the cache, once for every method and seed
     results = []
     for method in methods:
         extra = method_overrides(method, cfg)
-        for seed in range(c["seeds"]):
-            name = f"{cfg['run']['name']}-{slug(method)}-s{seed}"
+        for seed in range(c.seeds):
+            name = f"{cfg.run.name}-{slug(method)}-s{seed}"
             r = open_run(config_path, [*overrides, *extra, f"distill.seed={seed}",
-                                       f"distill.curve_every={c['curve_every']}",
+                                       f"distill.curve_every={c.curve_every}",
                                        # the teacher is judged once, in the first run
                                        f"eval.teacher={'true' if not results else 'false'}", f'run.name="{name}"'])
-            r.adopt(cfg["run"]["name"], shared)
+            r.adopt(cfg.run.name, shared)
             log(f"[compare] {method} seed {seed}: run {name}")
             r.run()
             distills = r.student_stages()
@@ -59,7 +57,7 @@ def compare(config_path, overrides: list[str], out: Path | None = None, log=prin
                             # the student stages' own seconds (training and their held-out report), from the manifests
                             "train_seconds": sum(r.manifest(s)["seconds"] for s in distills),
                             "log": training_logs(r)})
-    out = out or base.ctx.home / "compare" / cfg["run"]["name"]
-    title = (f"{cfg['run']['name']}: {len(methods)} methods x {c['seeds']} seeds, {c['steps']} student steps each, "
+    out = out or base.ctx.home / "compare" / cfg.run.name
+    title = (f"{cfg.run.name}: {len(methods)} methods x {c.seeds} seeds, {c.steps} student steps each, "
              f"one shared cache")
     return compare_report(results, out, title)

@@ -1,4 +1,4 @@
-"""The stage graph, in run order. Each stage is a module in hpd/stages/ with run() and published().
+"""The stage graph, in run order. Each stage is a module in stages/ with run() and published().
 
 The offline pipeline is data -> teacher -> generate -> score -> distill. With [rounds] count = R > 0, each
 round r = 1..R appends an on-policy refresh: refresh-r (the previous student samples responses for a few
@@ -8,12 +8,20 @@ With rounds.refresh_share = 0 a round is plain offline training, the baseline re
 With distill.baseline set (default "sft"), the stage "baseline" trains a second student the same way (same
 sequences, seed, shape and total steps) with that method, so eval can show what the teacher's distribution
 adds over plain SFT. With value.function set (value-guided distillation), a judge stage gives the offline
-sequences (judge) or each round's samples (judge-r) a value each, which the distill stages read. Last, eval judges the final student (and the baseline and the teacher). With
-distill.teacher_source = "online" there is no score stage.
+sequences (judge) or each round's samples (judge-r) a value each, which the distill stages read. Last, eval
+judges the final student (and the baseline and the teacher). With distill.teacher_source = "online" there is no
+score stage.
+
+Every student stage gets a typed plan (stages/training_set.py `StudentPlan`): its sources by the names of the
+stages that made them, with their caches, losses, shares and values, and its schedule. Its inputs are what the
+plan names; its `params` (round, the other teachers' weights, the baseline's method and steps) are what the
+stage's fingerprint keeps of the plan besides its config sections.
 """
 from dataclasses import replace
 
+from hpd.common.settings import Settings
 from hpd.stages import data, distill, evaluate, generate, judge, refresh, score, teacher
+from hpd.stages.training_set import SourcePlan, StudentPlan
 
 from .config import linked_runs, value_targets
 from .stage import Stage
@@ -23,51 +31,82 @@ OFFLINE = [
     Stage("teacher", teacher.STAGE, "teacher", ("data",), "the teacher model: a local HF dir or the built-in one"),
     Stage("generate", generate.STAGE, "generate", ("data", "teacher"), "prompts -> token sequences"),
     Stage("score", score.STAGE, "score", ("teacher", "generate"), "teacher top-k logits -> Arrow cache"),
-    Stage("distill", distill.STAGE, "distill", ("data", "teacher", "generate", "score"),
-          "a student trained from the cache", round=0),
 ]
 
 
-def build(cfg: dict) -> list[Stage]:
+def _shares(cfg: Settings) -> list[tuple[str, float]]:
+    """This run's teacher and the linked runs' ("offline" for this run's own), with their weights summing to 1."""
+    weights = [("offline", cfg.teachers.weight), *linked_runs(cfg)]
+    total = sum(w for _, w in weights)
+    return [(name, w / total) for name, w in weights]
+
+
+def _first_plan(cfg: Settings, judged: set[str]) -> StudentPlan:
+    """Round 0: this run's sequences and cache; with [teachers] runs also theirs (route: each its own source,
+    planned by weight) or their caches of this run's sequences (ensemble: one mixed source)."""
+    d, online = cfg.distill, cfg.distill.teacher_source == "online"
+    values = "judge" if "generate" in judged else ""
+    own = SourcePlan("offline", "generate", () if online else ("score",), method=d.method, values=values)
+    shares = _shares(cfg) if linked_runs(cfg) else []
+    schedule = {"steps": d.steps, "learning_rate": d.learning_rate, "warmup_steps": d.warmup_steps}
+    if not shares:
+        return StudentPlan((own,), **schedule, online=online)
+    if cfg.teachers.mode == "ensemble":
+        mixed = replace(own, caches=("score", *(f"score@{n}" for n, _ in shares[1:])),
+                        weights=tuple(w for _, w in shares))
+        return StudentPlan((mixed,), **schedule, weighting=cfg.teachers.weighting)
+    sources = [replace(own, share=w) if name == "offline" else
+               SourcePlan(name, f"generate@{name}", (f"score@{name}",), method=d.method, share=w)
+               for name, w in shares if w > 0]
+    return StudentPlan(tuple(sources), **schedule, planned=True)
+
+
+def _round_plan(cfg: Settings, r: int, previous: str, judged: set[str]) -> StudentPlan:
+    """Round r: the offline sequences and the round's refreshed samples, mixed by rounds.refresh_share; an
+    ensemble's sources each with every teacher's mixture, routed teachers' with this run's own teacher."""
+    rounds = cfg.rounds
+    ensemble = linked_runs(cfg) and cfg.teachers.mode == "ensemble"
+    others = [n for n, _ in _shares(cfg)[1:]] if ensemble else []
+    weights = tuple(w for _, w in _shares(cfg)) if ensemble else ()
+    sources = [SourcePlan("offline", "generate", ("score", *(f"score@{n}" for n in others)), weights,
+                          rounds.offline_method or cfg.distill.method, 1 - rounds.refresh_share,
+                          "judge" if "generate" in judged else "")]
+    if rounds.refresh_share > 0:
+        sources.append(SourcePlan("refresh", f"refresh-{r}", (f"rescore-{r}", *(f"rescore-{r}-{n}" for n in others)),
+                                  weights, rounds.method, rounds.refresh_share,
+                                  f"judge-{r}" if "refresh" in judged else ""))
+    return StudentPlan(tuple(sources), rounds.steps, rounds.learning_rate, rounds.warmup_steps, planned=True,
+                       previous=previous, weighting=cfg.teachers.weighting)
+
+
+def _student(name: str, plan: StudentPlan, doc: str, round_: int | None, extra: tuple[str, ...], params: dict,
+             unkeyed: tuple[str, ...]) -> Stage:
+    return Stage(name, distill.STAGE, "distill", ("data", "teacher", *plan.inputs()), doc, round=round_,
+                 extra_sections=extra, params=params, unkeyed=unkeyed, plan=plan)
+
+
+def build(cfg: Settings) -> list[Stage]:
     """The stages `cfg` asks for, in run order (cfg has passed config.validate, which checks every setting)."""
-    rounds = cfg["rounds"]
-    stages, previous = list(OFFLINE), "distill"
-    judged = value_targets(cfg) if cfg["value"]["function"] else set()
-    needs_cache = cfg["value"]["function"] == "teacher"  # the teacher's value is read from its cache
-    if cfg["distill"]["teacher_source"] == "online":  # the teacher runs inside distill: no cache to build
-        stages = [s for s in stages if s.name != "score"]
-        stages[-1] = replace(stages[-1], inputs=("data", "teacher", "generate"),
-                             doc="a student trained with the teacher online")
+    rounds = cfg.rounds
+    stages = [s for s in OFFLINE if not (s.name == "score" and cfg.distill.teacher_source == "online")]
+    judged = value_targets(cfg) if cfg.value.function else set()
+    needs_cache = cfg.value.function == "teacher"  # the teacher's value is read from its cache
     if "generate" in judged:
-        stages.insert(-1, _judge("judge", ("generate", "score") if needs_cache else ("generate",), 0,
-                                 "the offline sequences' values"))
-        d = stages[-1]
-        stages[-1] = replace(d, inputs=(*d.inputs, "judge"), roles={**d.roles, "judge": "values"},
-                             extra_sections=(*d.extra_sections, "value"))
-    baseline = cfg["distill"]["baseline"]
-    stages[-1] = replace(stages[-1], unkeyed=("distill.baseline",))  # adding a baseline leaves the student be
+        stages.append(_judge("judge", ("generate", "score") if needs_cache else ("generate",), 0,
+                             "the offline sequences' values"))
     others = linked_runs(cfg)
-    weights = [[r, w] for r, w in others]  # the other teachers' runs and weights, as the stages receive them
-    if others:  # several teachers: round 0 also reads the other runs' sequences and caches ([teachers])
-        d = stages[-1]
-        stages[-1] = replace(d, inputs=(*d.inputs, *(f"{s}@{r}" for r, _ in others for s in ("generate", "score"))),
-                             roles={**d.roles, **{f"generate@{r}": "linked_sequences[]" for r, _ in others},
-                                    **{f"score@{r}": "linked_caches[]" for r, _ in others}},
-                             extra_sections=(*d.extra_sections, "teachers"), params={"linked": weights})
+    linked = {"linked": [[r, w] for r, w in others]} if others else {}  # the other teachers, as fingerprinted
+    first = _first_plan(cfg, judged)
+    extra = (*(("value",) if "generate" in judged else ()), *(("teachers",) if others else ()))
+    online = cfg.distill.teacher_source == "online"
+    stages.append(_student("distill", first, "a student trained with the teacher online" if online else
+                           "a student trained from the cache", 0, extra, linked, ("distill.baseline",)))
     # An ensemble's rounds mix every teacher's targets: each round's refreshed samples are rescored by every
     # teacher, and the offline sequences keep their mixture. Routed specialists' rounds use this run's teacher.
-    ensemble = others and cfg["teachers"]["mode"] == "ensemble"
-    for r in range(1, rounds["count"] + 1):
-        inputs, roles = ["data", "teacher", "generate", "score", previous], {previous: "student"}
-        extra, params = ("rounds", *(("value",) if judged else ())), {"round": r}
-        if "generate" in judged:
-            inputs.append("judge")
-            roles["judge"] = "values"
-        if ensemble:
-            inputs += [f"score@{n}" for n, _ in others]
-            roles.update({f"score@{n}": "linked_caches[]" for n, _ in others})
-            extra, params = (*extra, "teachers"), {"round": r, "linked": weights}
-        if rounds["refresh_share"] > 0:
+    ensemble = others and cfg.teachers.mode == "ensemble"
+    previous = "distill"
+    for r in range(1, rounds.count + 1):
+        if rounds.refresh_share > 0:
             stages += [
                 Stage(f"refresh-{r}", refresh.STAGE, "refresh", ("generate", previous), "student samples",
                       round=r, roles={previous: "student"}, params={"round": r}),
@@ -75,34 +114,30 @@ def build(cfg: dict) -> list[Stage]:
                       "teacher top-k of the student samples -> a cache of their own", round=r,
                       roles={f"refresh-{r}": "generate"}),
             ]
-            inputs += [f"refresh-{r}", f"rescore-{r}"]
-            roles.update({f"refresh-{r}": "refresh", f"rescore-{r}": "refresh_score"})
             for n, _ in others if ensemble else ():
                 stages.append(Stage(f"rescore-{r}-{n}", score.STAGE, "score", (f"teacher@{n}", f"refresh-{r}"),
                                     f"run {n}'s teacher scores the round's samples too (ensemble)", round=r,
                                     roles={f"teacher@{n}": "teacher", f"refresh-{r}": "generate"}))
-                inputs.append(f"rescore-{r}-{n}")
-                roles[f"rescore-{r}-{n}"] = "refresh_linked_caches[]"
             if "refresh" in judged:
                 stages.append(_judge(f"judge-{r}", (f"refresh-{r}", f"rescore-{r}") if needs_cache else
                                      (f"refresh-{r}",), r, f"round {r}: the student samples' values"))
-                inputs.append(f"judge-{r}")
-                roles[f"judge-{r}"] = "refresh_values"
-        stages.append(Stage(f"distill-{r}", distill.STAGE, "distill", tuple(inputs),
-                            f"round {r}: the student trained on offline + refreshed data", round=r, roles=roles,
-                            extra_sections=extra, params=params, unkeyed=("rounds.count",)))
+        extra = ("rounds", *(("value",) if judged else ()), *(("teachers",) if ensemble else ()))
+        stages.append(_student(f"distill-{r}", _round_plan(cfg, r, previous, judged),
+                               f"round {r}: the student trained on offline + refreshed data", r, extra,
+                               {"round": r, **(linked if ensemble else {})}, ("rounds.count",)))
         previous = f"distill-{r}"
     final = (previous,)
+    baseline = cfg.distill.baseline
     if baseline:
-        # SFT reads no teacher signal, so a rescored cache does not retrain it; other baselines read the
-        # distill stage's inputs. Equal steps: round 0's plus every refresh round's.
-        d = next(s for s in stages if s.name == "distill")  # the same sequences (every teacher's, with several)
-        stages.append(replace(d, name="baseline", round=None,
-                              inputs=tuple(i for i in d.inputs if i.partition("@")[0] != "score") if baseline == "sft"
-                              else d.inputs, doc=f"a {baseline} student for comparison, same data, seed and steps",
-                              params={**d.params, "method": baseline,
-                                      "steps": cfg["distill"]["steps"] + rounds["count"] * rounds["steps"]},
-                              unkeyed=("distill.method", "distill.steps", "distill.baseline")))
+        # The same sequences as round 0 (every teacher's, with several), with that method throughout, for round 0's
+        # steps plus every refresh round's. SFT reads no teacher signal, so no cache (a rescored one retrains nothing).
+        steps = cfg.distill.steps + rounds.count * rounds.steps
+        plan = replace(first, steps=steps, sources=tuple(replace(s, method=baseline, **(
+            {"caches": (), "weights": ()} if baseline == "sft" else {})) for s in first.sources))
+        d = next(s for s in stages if s.name == "distill")
+        stages.append(_student("baseline", plan, f"a {baseline} student for comparison, same data, seed and steps",
+                               None, d.extra_sections, {**d.params, "method": baseline, "steps": steps},
+                               ("distill.method", "distill.steps", "distill.baseline")))
         final += ("baseline",)
     stages.append(Stage("eval", evaluate.STAGE, "eval", ("data", "teacher", *final),
                         "the final student (the baseline and the teacher) on held-out data",

@@ -29,7 +29,7 @@ def open_run(config: str | Path | None = None, overrides=(), *, home: str | Path
         ctx = replace(ctx, home=Path(home).resolve())
     if log is not None:
         ctx = replace(ctx, log=log)
-    via = (*_via, cfg["run"]["name"])
+    via = (*_via, cfg.run.name)
     linked = {}  # [teachers] runs: each opened as it was configured when it last ran
     for name, _ in config_mod.linked_runs(cfg):
         if name in via:

@@ -10,6 +10,8 @@ published shard, so the runner only has to rerun what is not done.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -26,8 +28,8 @@ from hpd.stages.artifacts import Artifact, StageKind
 from hpd.storage.fingerprint import digest
 
 from hpd.common import ranks
-from .config import LATER_KEYS
 from hpd.common.errors import HpdError
+from hpd.common.settings import Settings
 
 
 @dataclass
@@ -75,19 +77,24 @@ class Context:
 @dataclass
 class Stage:
     name: str
-    kind: StageKind                   # what it runs: kind.run(ctx, cfg, **inputs) -> kind.output
+    kind: StageKind                   # what it runs: kind.run(ctx, settings, **inputs) -> kind.output
     section: str                      # the one config section it reads
     inputs: tuple[str, ...] = ()
     doc: str = ""
     round: int | None = None          # its refresh round (0: the offline pipeline's); None outside the rounds
     # Round stages reuse a module on other inputs: `roles` renames an input for run() (rescore-2 reads
-    # refresh-2 as its "generate"), `extra_sections` are further config sections it reads (passed nested
-    # under their names), `params` are this instance's constants (its round). All are in its fingerprint,
-    # except the `unkeyed` keys ("section.key"), which shape the graph and not this stage's work.
+    # refresh-2 as its "generate"), `extra_sections` are further config sections it reads (run() gets the
+    # settings with its own and these sections, the others None), `params` are this instance's constants (its
+    # round, the other teachers' weights; keys of its own section override them: the baseline's method). All
+    # are in its fingerprint, except the `unkeyed` keys ("section.key"), which shape the graph and not this
+    # stage's work.
     roles: dict = field(default_factory=dict)
     extra_sections: tuple[str, ...] = ()
     params: dict = field(default_factory=dict)
     unkeyed: tuple[str, ...] = ()
+    # A student stage's typed plan (hpd/stages/training_set.py StudentPlan): its sources by the names of the stages
+    # that made them; its run() then receives plan= and artifacts= (every input by stage name) instead of roles.
+    plan: object = None
 
     @property
     def trains_student(self) -> bool:
@@ -97,8 +104,6 @@ class Stage:
     def code_version(self) -> str:
         return hashlib.sha256(Path(inspect.getfile(self.kind.run)).read_bytes()).hexdigest()[:12]
 
-
-_NONE = object()
 
 # Paths inside the home are stored relative to it, so a home can be moved or copied as a whole.
 _HOME = "@home/"
@@ -128,13 +133,13 @@ def referenced_caches(home: Path) -> set[str]:
     return refs
 
 
-def context_from_config(cfg: dict) -> Context:
-    home = Path(os.environ.get("HPD_HOME") or cfg["run"]["home"]).resolve()
+def context_from_config(cfg: Settings) -> Context:
+    home = Path(os.environ.get("HPD_HOME") or cfg.run.home).resolve()
     rank, world_size = ranks.world()
     ranks.init()
-    return Context(home=home, run_name=cfg["run"]["name"], seed=cfg["run"]["seed"], rank=rank,
+    return Context(home=home, run_name=cfg.run.name, seed=cfg.run.seed, rank=rank,
                    world_size=world_size, log=print if rank == 0 else (lambda _msg: None),
-                   execute_code=cfg["code"]["execute"])
+                   execute_code=cfg.code.execute)
 
 
 def linked(name: str) -> tuple[str, str] | None:
@@ -144,7 +149,7 @@ def linked(name: str) -> tuple[str, str] | None:
 
 
 class Runner:
-    def __init__(self, stages: list[Stage], cfg: dict, ctx: Context, linked_runs: dict | None = None):
+    def __init__(self, stages: list[Stage], cfg: Settings, ctx: Context, linked_runs: dict | None = None):
         """`linked_runs`: the other runs (name -> Runner, None where the run does not exist yet) whose stages this
         run's stages read as "STAGE@RUN" (several teachers, [teachers] runs)."""
         self.stages = {s.name: s for s in stages}
@@ -173,10 +178,15 @@ class Runner:
         return m
 
     def config_fingerprint(self, name: str) -> str:
+        """What a stage's work depends on in the config: its sections' keys (less its `unkeyed` ones, and keys added
+        later while at their default: settings.key's `later`), the run's seed, the stage kind's version, its params."""
         stage = self.stages[name]
+
         def keyed(s: str) -> dict:
-            return {k: v for k, v in self.cfg[s].items()
-                    if f"{s}.{k}" not in stage.unkeyed and LATER_KEYS.get(f"{s}.{k}", _NONE) != v}
+            section = self.cfg.section(s)
+            return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+                    if f"{s}.{f.name}" not in stage.unkeyed
+                    and not (f.metadata["later"] and getattr(section, f.name) == f.default)}
 
         what = {"section": keyed(stage.section), "seed": self.ctx.seed, "version": stage.kind.version}
         if stage.extra_sections or stage.params:
@@ -184,10 +194,19 @@ class Runner:
             what["params"] = stage.params
         return digest(what)
 
-    def stage_config(self, name: str) -> dict:
-        """What run() receives: its section, further sections nested by name, and the instance's params."""
+    def stage_config(self, name: str) -> Settings:
+        """What run() receives: the settings with only the sections the stage reads (the others None, so reading
+        one fails at once rather than escaping the stage's fingerprint), its params applied where they are keys
+        of its own section (the baseline's method and steps)."""
         stage = self.stages[name]
-        return {**self.cfg[stage.section], **{s: self.cfg[s] for s in stage.extra_sections}, **stage.params}
+        readable = (stage.section, *stage.extra_sections)
+        view = Settings(**{s: copy.deepcopy(self.cfg.section(s)) if s in readable else None
+                           for s in self.cfg.sections()})
+        own = view.section(stage.section)
+        for key, value in stage.params.items():
+            if hasattr(own, key):
+                setattr(own, key, value)
+        return view
 
     def student_stages(self) -> list[str]:
         """The stages that train the run's student, in round order (distill, distill-1, ...)."""
@@ -202,14 +221,8 @@ class Runner:
 
     def inputs(self, name: str) -> dict[str, Artifact]:
         """run()'s keyword arguments: each input stage's artifact under the name the stage knows it by."""
-        stage, out = self.stages[name], {}
-        for up in stage.inputs:
-            role = stage.roles.get(up, up)
-            if role.endswith("[]"):  # several inputs in one list argument (the linked runs' caches, ...)
-                out.setdefault(role[:-2], []).append(self.outputs(up))
-            else:
-                out[role] = self.outputs(up)
-        return out
+        stage = self.stages[name]
+        return {stage.roles.get(up, up): self.outputs(up) for up in stage.inputs}
 
     # -- state -----------------------------------------------------------------------------------------
     def state(self, name: str) -> tuple[str, str]:
@@ -262,7 +275,6 @@ class Runner:
             return self.manifest(name)
         if name not in ("data", "teacher"):
             self.check_linked_tokenizers()  # before this run's teacher passes (generate, score) and any student
-        inputs = self.inputs(name)
         section = self.stage_config(name)
         attempt = self.ctx.stage_dir(name) / "attempt.json"
         main = self.ctx.rank == 0
@@ -274,14 +286,18 @@ class Runner:
         # Under torchrun the stages that split their work run on every rank, the others on rank 0 alone;
         # rank 0 writes the manifest, and no rank goes on before it is written.
         if main or stage.kind.distributed:
-            output = stage.kind.run(replace(self.ctx, stage=name, round=stage.round or 0), section, **inputs)
+            ctx = replace(self.ctx, stage=name, round=stage.round or 0)
+            if stage.plan is not None:
+                output = stage.kind.run(ctx, section, stage.plan, {up: self.outputs(up) for up in stage.inputs})
+            else:
+                output = stage.kind.run(ctx, section, **self.inputs(name))
         seconds = time.time() - t0
         if not main:
             self.ctx.barrier()
             return self.manifest(name)
         manifest = {
             "stage": name, "kind": stage.kind.name, "round": stage.round, "run": self.ctx.run_name,
-            "config": section, "seed": self.ctx.seed, "config_fingerprint": self.config_fingerprint(name),
+            "config": {s: dataclasses.asdict(section.section(s)) for s in (stage.section, *stage.extra_sections)}, "seed": self.ctx.seed, "config_fingerprint": self.config_fingerprint(name),
             "inputs": {up: self.outputs(up).fingerprint for up in stage.inputs},
             "code_version": stage.code_version(),
             "outputs": {k: _to_home(v, self.ctx.home) for k, v in output.to_manifest().items()},
@@ -331,7 +347,7 @@ class Runner:
         """teachers.mode = "ensemble" mixes targets that every teacher scored on this run's sequences: a linked run
         scored on others is refused before any stage (exactly, by the sequences' fingerprints, once both runs
         have generated; before that, by the settings that shape the sequences)."""
-        if self.cfg["teachers"]["mode"] != "ensemble":
+        if self.cfg.teachers.mode != "ensemble":
             return
         mine = self.state("generate")[0] == "done" and self.outputs("generate").fingerprint
         for name, other in sorted(self.linked_runs.items()):
@@ -343,10 +359,11 @@ class Runner:
                                    f"an ensemble's teachers score the same sequences (give both runs the same [data] "
                                    f"and [generate]), or use teachers.mode=\"route\"")
                 continue
-            sections = {**self._SEQUENCE_KEYS, **({"teacher": None} if self.cfg["generate"]["mode"] == "teacher" else {})}
-            differ = [f"{s}.{k}" for s, skip in sections.items() for k in self.cfg[s]
-                      if k not in (skip or ()) and self.cfg[s][k] != other.cfg[s].get(k)]
-            if self.cfg["run"]["seed"] != other.cfg["run"]["seed"]:
+            sections = {**self._SEQUENCE_KEYS, **({"teacher": None} if self.cfg.generate.mode == "teacher" else {})}
+            mine_cfg, theirs = self.cfg.as_dict(), other.cfg.as_dict()
+            differ = [f"{s}.{k}" for s, skip in sections.items() for k in mine_cfg[s]
+                      if k not in (skip or ()) and mine_cfg[s][k] != theirs[s].get(k)]
+            if self.cfg.run.seed != other.cfg.run.seed:
                 differ.insert(0, "run.seed")
             if differ:
                 raise HpdError(f"teachers.mode=\"ensemble\": run {name} scored other sequences than this run would "

@@ -1,7 +1,9 @@
 """What stages hand each other: one small dataclass per kind of output, and each stage's declaration.
 
-A stage is a function `run(ctx, cfg, **inputs) -> Artifact` whose keyword arguments are the artifacts of the
-stages it reads (score gets `teacher: Teacher` and `generate: Sequences`, and returns a `Cache`). The runner
+A stage is a function `run(ctx, settings, **inputs) -> Artifact`: `settings` holds the config sections it reads
+(hpd/common/settings.py; score reads `settings.score`), its keyword arguments are the artifacts of the stages it
+reads (score gets `teacher: Teacher` and `generate: Sequences`, and returns a `Cache`). A student stage gets its
+typed plan and every input by stage name instead: `run(ctx, settings, plan, artifacts)` (hpd/stages/distill.py). The runner
 (hpd/pipeline/stage.py) writes each artifact into its stage's manifest as a flat JSON object and rebuilds it from
 there for the next stage, the CLI, reports and benches. Every artifact has a `fingerprint`, which is what
 downstream stages are keyed on, and says whether what it points at is still on disk (`published`).
@@ -135,7 +137,7 @@ class StageKind:
     """What a stage module declares about itself. The graph (hpd/pipeline/graph.py) makes stages of these:
     several stages may be of one kind (score and every round's rescore; distill, each round's and the baseline)."""
     name: str
-    run: Callable  # run(ctx, cfg, **inputs) -> output
+    run: Callable  # run(ctx, settings, **inputs) -> output
     output: type
     version: int = 1  # bump when the stage's results change for the same config: its finished runs go stale
     distributed: bool = False  # runs on every rank under torchrun (shards split, or the Trainer's DDP)

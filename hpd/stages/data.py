@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 from hpd.common.errors import HpdError
+from hpd.common.settings import Settings
 from hpd.storage import atomic
 from hpd.storage.fingerprint import digest, file_digest
 
@@ -12,8 +13,8 @@ from .artifacts import StageKind, TaskData
 from .tasks import TASKS
 
 
-def run(ctx, cfg: dict) -> TaskData:
-    name = cfg["builtin"]
+def run(ctx, cfg: Settings) -> TaskData:
+    name = cfg.data.builtin
     if not name:
         return TaskData(builtin="", fingerprint=digest("no built-in data"))
     final = ctx.stage_dir("data") / name
@@ -22,12 +23,12 @@ def run(ctx, cfg: dict) -> TaskData:
     tmp.mkdir(parents=True)
     task = TASKS[name]
     try:
-        counts = task.write_data(tmp, cfg, ctx.seed)
+        counts = task.write_data(tmp, cfg.data, ctx.seed)
     except ValueError as e:
         raise HpdError(str(e)) from None
     own_tokenizer = hasattr(task, "build_tokenizer")  # the chat prompts use the given teacher's
     if own_tokenizer:
-        task.build_tokenizer(tmp / "train.jsonl", cfg).save_pretrained(tmp / "tokenizer")
+        task.build_tokenizer(tmp / "train.jsonl", cfg.data).save_pretrained(tmp / "tokenizer")
     atomic.publish_dir(tmp, final)
     files = {f: file_digest(final / f) for f in ("train.jsonl", "heldout.jsonl")}
     if own_tokenizer:

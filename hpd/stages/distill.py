@@ -14,6 +14,7 @@ score stage (hpd/pipeline/graph.py leaves it out) and trains round 0 only.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -21,18 +22,19 @@ import torch
 from transformers import Trainer
 
 from hpd.common.errors import HpdError
+from hpd.common.settings import DistillSettings, Settings
 from hpd.storage.fingerprint import digest
 from hpd.storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 
 from . import hf_models, student_models
-from .artifacts import Cache, Sequences, StageKind, Student, TaskData, Teacher, Values
+from .artifacts import StageKind, Student, TaskData, Teacher
 from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
 from .losses import (METHOD_PARAMS, REWARD_METHODS, CachedTargets, SampledTargets, TeacherLogits, distill_loss,
                      response_positions, teacher_signal as signal_of)
 from .tasks import TASKS
 from .training import (PeriodicEval, ResponseCollator, check_finite_loss, job_dir, peak_rss_mb, publish_model, rss_mb,
                        train, training_arguments)
-from .training_set import Source, plan_round, training_set
+from .training_set import Source, StudentPlan, open_sources, training_set
 
 
 # -- the teacher signal of a batch: cache rows, or the online teacher's logits ------------------------------
@@ -163,121 +165,114 @@ class DistillTrainer(Trainer):
 
 
 # -- the student it starts from ----------------------------------------------------------------------------
-def _new_student(cfg: dict, teacher: Teacher, teacher_tok, seed: int, longest: int = 0):
+def _new_student(cfg: DistillSettings, teacher: Teacher, teacher_tok, seed: int, longest: int = 0):
     """A fresh student (or the given one). `longest`: the longest sequence it must read, when other teachers'
     sequences may be longer than this run's teacher's context (a fresh GPT-2 is made long enough)."""
-    if cfg["student_path"]:
-        model, tok = hf_models.load_causal_lm(cfg["student_path"])
+    if cfg.student_path:
+        model, tok = hf_models.load_causal_lm(cfg.student_path)
         if tok.get_vocab() != teacher_tok.get_vocab():
-            raise HpdError(f"the student at {cfg['student_path']} uses a different tokenizer than the teacher; "
+            raise HpdError(f"the student at {cfg.student_path} uses a different tokenizer than the teacher; "
                            f"distillation from this cache needs the teacher's tokenizer")
         if model.get_output_embeddings().weight.shape[0] < len(teacher_tok):
             raise HpdError(f"the student's output layer has fewer rows than the tokenizer has tokens "
                            f"({len(teacher_tok)}); resize its embeddings first")
         return model
     torch.manual_seed(seed)
-    if cfg["student_init"] == "teacher-layers":
+    if cfg.student_init == "teacher-layers":
         model, _ = hf_models.load_causal_lm(teacher.model_dir)
-        return student_models.keep_layers(model, cfg["n_layer"])[0]
-    if cfg["student_init"] == "teacher-shape":
-        return student_models.same_shape_fresh(hf_models.check_causal_lm(teacher.model_dir), n_layer=cfg["n_layer"],
-                                         n_embd=cfg["n_embd"], n_head=cfg["n_head"])
+        return student_models.keep_layers(model, cfg.n_layer)[0]
+    if cfg.student_init == "teacher-shape":
+        return student_models.same_shape_fresh(hf_models.check_causal_lm(teacher.model_dir), n_layer=cfg.n_layer,
+                                         n_embd=cfg.n_embd, n_head=cfg.n_head)
     context = hf_models.context_length(hf_models.check_causal_lm(teacher.model_dir))
     if longest > context:
         context = 1 << (longest - 1).bit_length()
-    return student_models.new_gpt2(teacher_tok, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
-                             n_head=cfg["n_head"])
+    return student_models.new_gpt2(teacher_tok, n_positions=context, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+                             n_head=cfg.n_head)
 
 
-def _learning_curve(cfg: dict, data: TaskData, tok, before: dict) -> list:
-    if not (cfg["curve_every"] and data.builtin):
+def _learning_curve(cfg: DistillSettings, data: TaskData, tok, before: dict) -> list:
+    if not (cfg.curve_every and data.builtin):
         return []
-    rows, task = read_rows(data.heldout, cfg["curve_examples"]), TASKS[data.builtin]
+    rows, task = read_rows(data.heldout, cfg.curve_examples), TASKS[data.builtin]
 
     def measure(m):
         r = answer_accuracy(m, tok, rows, task) if hasattr(task, "is_correct") else {}
         return {**r, "nll": teacher_forced(m, tok, rows)["response_nll_nats"]}
-    return [PeriodicEval(measure, cfg["curve_every"], before.get("student_steps", 0), before.get("input_tokens", 0))]
+    return [PeriodicEval(measure, cfg.curve_every, before.get("student_steps", 0), before.get("input_tokens", 0))]
 
 
 # -- the recipe --------------------------------------------------------------------------------------------
-def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, score: Cache | None = None,
-        student: Student | None = None, refresh: Sequences | None = None, refresh_score: Cache | None = None,
-        linked_sequences: list[Sequences] = (), linked_caches: list[Cache] = (),
-        refresh_linked_caches: list[Cache] = (), values: Values | None = None,
-        refresh_values: Values | None = None) -> Student:
-    """Train one student: round 0 from a new (or given) student on the offline cache (with several teachers,
-    also the other runs' sequences and caches), a refresh round from the previous round's `student` on the
-    offline and refreshed caches."""
+def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
+    """Train one student as its plan says (pipeline/graph.py): a new (or given) student, or the previous stage's,
+    on the plan's sources, opened from `artifacts` (every input stage's artifact, by stage name), then judge it on
+    held-out data and publish it."""
     from transformers import AutoTokenizer
 
+    d = cfg.distill
     rss_start = rss_mb()  # before any model is loaded: what training adds is measured from here
-    seed = ctx.seed * 7919 + cfg["seed"]
+    seed = ctx.seed * 7919 + d.seed
+    data, teacher = artifacts["data"], artifacts["teacher"]
+    previous = artifacts[plan.previous] if plan.previous else None
     tok = AutoTokenizer.from_pretrained(teacher.model_dir)
-    plan = plan_round(cfg, generate, score, refresh, refresh_score, previous=student,
-                      linked_sequences=linked_sequences, linked_caches=linked_caches,
-                      refresh_linked_caches=refresh_linked_caches, values=values, refresh_values=refresh_values)
-    # round 0 with routed teachers: their sequences may be longer than this run's (a round's refreshed samples
+    sources, dropped = open_sources(plan, artifacts, cfg.value)
+    # a new student of routed teachers: their sequences may be longer than this run's (a round's refreshed samples
     # were drawn to fit the student, so they are not read again here)
-    others = plan.sources[1:] if student is None else []
+    others = sources[1:] if previous is None else []
     longest = max((len(x) for s in others for x in s.store.range(0, len(s.store))[2]), default=0)
-    model = _new_student(cfg, teacher, tok, seed, longest) if student is None else \
-        hf_models.load_causal_lm(student.student_dir)[0]
+    model = _new_student(d, teacher, tok, seed, longest) if previous is None else \
+        hf_models.load_causal_lm(previous.student_dir)[0]
     if longest > hf_models.context_length(model):
         raise HpdError(f"the student's context ({hf_models.context_length(model)} tokens) is shorter than the other "
                        f"teachers' longest sequence ({longest}); use a student with a longer context")
-    inputs = {"data": data, "teacher": teacher, "generate": generate, "score": score, "student": student,
-              "refresh": refresh, "refresh_score": refresh_score, "values": values, "refresh_values": refresh_values}
-    job = digest({"cfg": cfg, "seed": seed, "world": ctx.world_size,
-                  "inputs": {k: v.fingerprint for k, v in inputs.items() if v is not None},
-                  **({"linked": [x.fingerprint for x in (*linked_sequences, *linked_caches, *refresh_linked_caches)]}
-                     if linked_caches or linked_sequences else {})})
+    job = digest({"cfg": {s: dataclasses.asdict(cfg.section(s)) for s in cfg.sections() if cfg.section(s)},
+                  "plan": dataclasses.asdict(plan), "seed": seed, "world": ctx.world_size,
+                  "inputs": {name: a.fingerprint for name, a in artifacts.items()}})
     out = ctx.stage_dir() / "student"
     tmp = job_dir(out.with_name(".tmp-student"), job) if ctx.rank == 0 else out.with_name(".tmp-student")
     ctx.barrier()  # rank 0 has cleared another job's leftovers
 
     # the teacher signal: cache rows joined to each batch, the teacher online, or none (sft)
-    caches = [s.cache for s in plan.sources if s.cache is not None]
-    online = cfg["teacher_source"] == "online" and cfg["method"] != "sft"
+    caches = [s.cache for s in sources if s.cache is not None]
     if caches:
         collator, signal, where = CacheCollator(tok.pad_token_id, *caches), from_cache, "cache"
-    elif online:
-        collator, signal, where = ResponseCollator(tok.pad_token_id), OnlineTeacher(hf_models.load_teacher(teacher)[0]), "teacher online"
+    elif plan.online and any(s.method != "sft" for s in sources):
+        collator, signal, where = ResponseCollator(tok.pad_token_id), OnlineTeacher(
+            hf_models.load_teacher(teacher)[0]), "teacher online"
     else:
         collator, signal, where = ResponseCollator(tok.pad_token_id), no_teacher, "no teacher"
     mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, {f'cache {s.cache.id}' if s.cache else where}"
-                    f"{f', {len(s)} of {len(s.store)} kept by value' if s.guided else ''})" for s in plan.sources)
-    for name in plan.dropped:
+                    f"{f', {len(s)} of {len(s.store)} kept by value' if s.guided else ''})" for s in sources)
+    for name in dropped:
         ctx.log(f"[{ctx.stage}] warning: value.select kept none of the {name} sequences; this round trains on the "
                 f"others alone")
     ctx.log(f"[{ctx.stage}] a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter student, "
             f"{plan.steps} steps on {mix}")
 
     # Under DDP each rank reads every world_size-th planned batch: a step's global batch is world_size of them.
-    dataset = training_set(plan.sources, cfg["batch_size"], plan.planned_batches * ctx.world_size,
-                           seed * 1009 + ctx.round)
-    args = training_arguments(tmp / "checkpoints", steps=plan.steps, batch_size=cfg["batch_size"],
+    planned = plan.steps * d.gradient_accumulation_steps if plan.planned else 0
+    dataset = training_set(sources, d.batch_size, planned * ctx.world_size, seed * 1009 + ctx.round)
+    args = training_arguments(tmp / "checkpoints", steps=plan.steps, batch_size=d.batch_size,
                               learning_rate=plan.learning_rate, warmup_steps=plan.warmup_steps, seed=seed,
-                              save_steps=cfg["checkpoint_steps"], gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
-                              bf16=cfg["bf16"], sequential=plan.planned_batches > 0, fsdp=cfg["fsdp"],
-                              deepspeed=cfg["deepspeed"])
-    loss_params = {s.method: {k: cfg[k] for k in METHOD_PARAMS.get(s.method, ())} for s in plan.sources}
+                              save_steps=d.checkpoint_steps, gradient_accumulation_steps=d.gradient_accumulation_steps,
+                              bf16=d.bf16, sequential=planned > 0, fsdp=d.fsdp, deepspeed=d.deepspeed)
+    loss_params = {s.method: {k: getattr(d, k) for k in METHOD_PARAMS.get(s.method, ())} for s in sources}
+    before = previous.report if previous is not None else {}
     trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                             callbacks=_learning_curve(cfg, data, tok, plan.before) if ctx.rank == 0 else [],
-                             sources=plan.sources, loss_params=loss_params, teacher_signal=signal)
+                             callbacks=_learning_curve(d, data, tok, before) if ctx.rank == 0 else [],
+                             sources=sources, loss_params=loss_params, teacher_signal=signal)
     train(trainer, log=lambda line: ctx.log(f"[{ctx.stage}] {line}"), what=f"the {trainer.loss_name} loss",
           hint=NON_FINITE_HINT)
     if ctx.rank > 0:
         return None  # rank 0 judges and publishes the student
 
     model.eval()
-    before = plan.before
-    sequences = plan.steps * cfg["batch_size"] * cfg["gradient_accumulation_steps"] * ctx.world_size
-    report = {"parameters": sum(p.numel() for p in model.parameters()), "method": cfg["method"], "round": ctx.round,
-              "teacher_source": cfg["teacher_source"],
+    sequences = plan.steps * d.batch_size * d.gradient_accumulation_steps * ctx.world_size
+    report = {"parameters": sum(p.numel() for p in model.parameters()), "method": d.method, "round": ctx.round,
+              "teacher_source": d.teacher_source,
               "mixture": {s.name: {"share": s.share, "method": s.method, "cache": s.cache.id if s.cache else None,
                                    **({"kept": len(s), "judged": len(s.store)} if s.guided else {})}
-                          for s in plan.sources},
+                          for s in sources},
               "student_steps": before.get("student_steps", 0) + plan.steps,
               "train_sequences": before.get("train_sequences", 0) + sequences,
               "input_tokens": before.get("input_tokens", 0) + trainer.state.num_input_tokens_seen}
@@ -285,7 +280,7 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, generate: Sequences, s
                 peak_rss_mb=peak_rss_mb(), input_tokens=trainer.state.num_input_tokens_seen, steps=plan.steps,
                 parameters=report["parameters"])
     if data.builtin:
-        report.update(heldout_report(model, tok, data.heldout, cfg["eval_examples"], TASKS[data.builtin]))
+        report.update(heldout_report(model, tok, data.heldout, d.eval_examples, TASKS[data.builtin]))
     publish_model(model, tok, tmp, out, {"training_log.json": trainer.state.log_history, "hpd-student.json": report})
     return Student(student_dir=str(out), report=report, teacher_report=teacher.report, seed=seed,
                    fingerprint=digest(hf_models.model_fingerprints(out)))

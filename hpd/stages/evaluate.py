@@ -9,6 +9,7 @@ from __future__ import annotations
 
 
 from hpd.common.errors import HpdError
+from hpd.common.settings import EvalSettings, Settings
 from hpd.storage import atomic
 from hpd.common.faults import crash_point
 from hpd.storage.fingerprint import digest
@@ -20,41 +21,42 @@ from .tasks import TASKS
 VERSION = 3  # 2: the baseline student, parameters; 3: the teacher's replies as references
 
 
-def judge(model, tokenizer, rows: list[dict], cfg: dict, task, teacher=None, rouge: bool = True,
+def judge(model, tokenizer, rows: list[dict], cfg: EvalSettings, task, teacher=None, rouge: bool = True,
           execute_code: bool = False) -> dict:
     report: dict = {"examples": len(rows), "parameters": sum(p.numel() for p in model.parameters())}
     if task is not None and hasattr(task, "is_correct"):
-        report.update(evaluators.answer_accuracy(model, tokenizer, rows, task, samples=cfg["samples"],
-                                                 temperature=cfg["temperature"]))
+        report.update(evaluators.answer_accuracy(model, tokenizer, rows, task, samples=cfg.samples,
+                                                 temperature=cfg.temperature))
     else:
         replies = [g[0] for g in evaluators.generate_texts(model, tokenizer, [r["prompt"] for r in rows],
-                                                           max_new_tokens=cfg["max_new_tokens"],
-                                                           batch_tokens=cfg["batch_tokens"])]
+                                                           max_new_tokens=cfg.max_new_tokens,
+                                                           batch_tokens=cfg.batch_tokens)]
         if rouge:
             report["rouge_l"] = sum(evaluators.rouge_l(g, r["response"]) for g, r in zip(replies, rows)) / len(rows)
         checkable = [(g, r["answer"]) for g, r in zip(replies, rows) if "answer" in r]
         if checkable:  # questions with a known answer (arithmetic): the last number of the reply must be it
             report["accuracy"] = sum(evaluators.last_number_is(g, a) for g, a in checkable) / len(checkable)
             report["checked_examples"] = len(checkable)
-    report.update(evaluators.teacher_forced(model, tokenizer, rows, teacher, batch_tokens=cfg["batch_tokens"]))
-    if cfg["humaneval"]:
-        problems = evaluators.humaneval_problems(cfg["humaneval_problems"])
-        report.update(evaluators.humaneval_pass_at_1(model, tokenizer, problems, timeout=cfg["timeout"],
-                                                     max_new_tokens=cfg["max_new_tokens"] or 384,
+    report.update(evaluators.teacher_forced(model, tokenizer, rows, teacher, batch_tokens=cfg.batch_tokens))
+    if cfg.humaneval:
+        problems = evaluators.humaneval_problems(cfg.humaneval_problems)
+        report.update(evaluators.humaneval_pass_at_1(model, tokenizer, problems, timeout=cfg.timeout,
+                                                     max_new_tokens=cfg.max_new_tokens or 384,
                                                      execute_code=execute_code))
     return report
 
 
-def _heldout_rows(cfg: dict, data: TaskData) -> tuple[str, list[dict]]:
-    heldout = cfg["heldout"] or data.heldout
+def _heldout_rows(cfg: EvalSettings, data: TaskData) -> tuple[str, list[dict]]:
+    heldout = cfg.heldout or data.heldout
     if not heldout:
         raise HpdError("eval.heldout is empty and there is no built-in task; set eval.heldout to a JSONL file "
                        "with a prompt field (and a response field, or the teacher's replies are the references)")
-    return heldout, evaluators.heldout_rows(heldout, cfg["examples"])
+    return heldout, evaluators.heldout_rows(heldout, cfg.examples)
 
 
-def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, student: Student,
+def run(ctx, settings: Settings, data: TaskData, teacher: Teacher, student: Student,
         baseline: Student | None = None) -> EvalReport:
+    cfg = settings.eval
     heldout, rows = _heldout_rows(cfg, data)
     task = TASKS.get(data.builtin)
     model, tok = hf_models.load_causal_lm(student.student_dir)
@@ -63,9 +65,9 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, student: Student,
     references = "data" if "response" in rows[0] else "teacher"
     if references == "teacher":  # no reference answers: the teacher's greedy replies are what to match
         replies = evaluators.generate_texts(teacher_model, tok, [r["prompt"] for r in rows],
-                                            max_new_tokens=cfg["max_new_tokens"], batch_tokens=cfg["batch_tokens"])
+                                            max_new_tokens=cfg.max_new_tokens, batch_tokens=cfg.batch_tokens)
         rows = [{**r, "response": g[0]} for r, g in zip(rows, replies)]
-    reference = teacher_model if cfg["kl_to_teacher"] else None
+    reference = teacher_model if cfg.kl_to_teacher else None
     report = {"references": references,
               "student": judge(model, tok, rows, cfg, task, teacher=reference, execute_code=ctx.execute_code),
               "student_dir": student.student_dir, "student_report": student.report}
@@ -74,7 +76,7 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher, student: Student,
                                    teacher=reference, execute_code=ctx.execute_code)
         report["baseline_report"] = baseline.report
     crash_point("judged")
-    if cfg["teacher"]:
+    if cfg.teacher:
         # against its own replies the teacher's ROUGE-L is 1 by construction: not reported
         report["teacher"] = judge(teacher_model, tok, rows, cfg, task, rouge=references == "data",
                                   execute_code=ctx.execute_code)

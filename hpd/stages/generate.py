@@ -6,9 +6,12 @@ sampling run resumes after its last shard.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 from hpd.common.errors import HpdError
+from hpd.common.settings import GenerateSettings, Settings
 from hpd.storage import sequences as seqstore
 from hpd.storage.fingerprint import file_digest
 from hpd.storage.sharded import ShardedWrite
@@ -20,11 +23,12 @@ from .prompts import read_prompts
 VERSION = 2  # 2: sequences in zstd-framed shards
 
 
-def run(ctx, cfg: dict, data: TaskData, teacher: Teacher) -> Sequences:
-    source = cfg["prompts"] or data.train
-    from_data = cfg["mode"] == "dataset"
-    prompts, responses = read_prompts(source, cfg["prompt_field"], cfg["response_field"] if from_data else None,
-                                      cfg["num_prompts"])
+def run(ctx, settings: Settings, data: TaskData, teacher: Teacher) -> Sequences:
+    cfg = settings.generate
+    source = cfg.prompts or data.train
+    from_data = cfg.mode == "dataset"
+    prompts, responses = read_prompts(source, cfg.prompt_field, cfg.response_field if from_data else None,
+                                      cfg.num_prompts)
     model, tokenizer = hf_models.load_teacher(teacher)
     model = hf_models.to_accelerator(model)
     context = hf_models.context_length(model)
@@ -36,25 +40,25 @@ def run(ctx, cfg: dict, data: TaskData, teacher: Teacher) -> Sequences:
                 f"teacher's context of {context} tokens")
 
     final = ctx.stage_dir("generate") / "sequences"
-    meta = {"config": cfg, "teacher": teacher.fingerprint, "source": file_digest(source)
+    meta = {"config": dataclasses.asdict(cfg), "teacher": teacher.fingerprint, "source": file_digest(source)
             if Path(source).is_file() else str(source), "seed": ctx.seed}
     if from_data:
-        manifest = _write_dataset(ctx, final, meta, pairs, cfg["shard_size"])
+        manifest = _write_dataset(ctx, final, meta, pairs, cfg.shard_size)
     else:
         manifest = sampling.sample_to_store(
-            ctx, model, tokenizer, [p for p, _ in pairs], final, meta, samples_per_prompt=cfg["samples_per_prompt"],
-            prompts_per_shard=cfg["shard_size"], max_new_tokens=max_new, temperature=cfg["temperature"],
-            batch_size=cfg["batch_size"], seed=ctx.seed, desc="generate", engine=cfg["engine"],
-            batch_tokens=cfg["batch_tokens"])
+            ctx, model, tokenizer, [p for p, _ in pairs], final, meta, samples_per_prompt=cfg.samples_per_prompt,
+            prompts_per_shard=cfg.shard_size, max_new_tokens=max_new, temperature=cfg.temperature,
+            batch_size=cfg.batch_size, seed=ctx.seed, desc="generate", engine=cfg.engine,
+            batch_tokens=cfg.batch_tokens)
     tokens = sum(s["tokens"] for s in manifest["shards"])
     return Sequences(sequences=str(final), source=str(source), count=manifest["rows"], tokens=tokens,
                      truncated=truncated, fingerprint=manifest["fingerprint"])
 
 
-def _fit_context(pairs: list, context: int, cfg: dict, source, from_data: bool) -> tuple[list, int, int]:
+def _fit_context(pairs: list, context: int, cfg: GenerateSettings, source, from_data: bool) -> tuple[list, int, int]:
     """(pairs, max_new_tokens, number cut) with every sequence inside the teacher's context: refused, or with
     generate.too_long = "truncate" cut (dataset mode: the response's end; teacher mode: fewer new tokens)."""
-    truncate, max_new, cut = cfg["too_long"] == "truncate", cfg["max_new_tokens"], 0
+    truncate, max_new, cut = cfg.too_long == "truncate", cfg.max_new_tokens, 0
     for i, (p, r) in enumerate(pairs):
         n = len(p) + (len(r) if from_data else max_new)
         if n <= context:

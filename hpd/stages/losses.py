@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from hpd.storage.cache_batch import CacheBatch, SampledBatch
+
 NEG_INF = -float("inf")
 
 
@@ -121,8 +123,18 @@ METHODS = (*TOKEN_METHODS, *DISTRIBUTION_METHODS)
 ON_POLICY_ONLY = ("opd",)  # their labels must be the student's own samples
 
 
-# -- teacher views: what each kind of teacher input can tell about a position ------------------------------
-class _FullTeacher:
+# -- teacher views: what each kind of teacher signal can tell about the labelled positions of a batch --------
+class _TeacherView:
+    """What a loss asks of the teacher at n positions: the expert token's log p (`expert`), log p at given tokens
+    (`token`) or over the vocabulary (`every`), each with whether it is exact, and the outcomes a divergence sums
+    over (`outcomes`); `linear_outcomes` are those for a loss linear in p (fkl's gradient), where a signal may
+    offer an unbiased estimate instead. `rows` keeps a chunk of the positions."""
+
+    def linear_outcomes(self, logq: torch.Tensor) -> Outcomes:
+        return self.outcomes(logq)
+
+
+class _FullTeacher(_TeacherView):
     def __init__(self, logp: torch.Tensor):
         self.logp = logp  # [N, V], detached
 
@@ -147,7 +159,7 @@ class _FullTeacher:
         return Outcomes(self.logp, logq)
 
 
-class _CachedTeacher:
+class _CachedTeacher(_TeacherView):
     """`keep` [n, k]: the slots that hold an outcome (None: all, as in a top-k cache). A sampled cache often has fewer
     distinct draws than slots: its empty slots have log p = -inf and repeat a stored id (they cannot all be given
     unused ids: there may be more slots than vocabulary). So they are masked rather than renamed, and nothing here
@@ -230,14 +242,10 @@ class _SampledTeacher(_CachedTeacher):
         return _SampledTeacher(self.ids[part], self.top[part], self.tail[part], self.target[part], self.log_w[part],
                                self.keep[part])
 
-    def estimate(self, logq: torch.Tensor) -> Outcomes:
-        """The stored ids with p_hat (no tail bucket: p_hat sums to 1 in expectation over the drawn ids)."""
+    def linear_outcomes(self, logq: torch.Tensor) -> Outcomes:
+        """The stored ids with p_hat, unbiased for a loss linear in p (no tail bucket: p_hat sums to 1 in
+        expectation over the drawn ids)."""
         return Outcomes(self.log_w, logq.gather(-1, self.ids), self.keep)  # (log_w is -inf where not kept)
-
-
-def _linear_outcomes(view, logq: torch.Tensor) -> Outcomes:
-    """Outcomes for a use linear in p: unbiased p_hat where the view has it (sampled targets), else `outcomes`."""
-    return view.estimate(logq) if hasattr(view, "estimate") else view.outcomes(logq)
 
 
 # Which distribution methods an unbiased p_hat makes unbiased: those whose gradient is linear in p. (The HPD "dist"
@@ -245,10 +253,19 @@ def _linear_outcomes(view, logq: torch.Tensor) -> Outcomes:
 UNBIASED_ON_SAMPLED = ("fkl",)
 
 
-# -- teacher signals: what a loss is given for a batch (one protocol: `at` a batch's labelled positions gives the
-# view above; `select` keeps some of the batch's rows, for a mixture whose sources get different losses) ------
+# -- teacher signals: what a loss is given for a batch (DistillKit's dense and sparse signals): `at` a batch's
+# labelled positions gives the view above; `select` keeps some of the batch's rows, for a mixture whose sources
+# get different losses ------------------------------------------------------------------------------------------
+class TeacherSignal:
+    def at(self, sel: torch.Tensor, temperature: float) -> _TeacherView:
+        raise NotImplementedError
+
+    def select(self, rows) -> TeacherSignal:
+        raise NotImplementedError
+
+
 @dataclass
-class TeacherLogits:
+class TeacherLogits(TeacherSignal):
     """The teacher's full-vocabulary logits [B, L, V] for the batch (an online teacher, or a test's)."""
     logits: torch.Tensor
 
@@ -260,9 +277,9 @@ class TeacherLogits:
 
 
 @dataclass
-class CachedTargets:
+class CachedTargets(TeacherSignal):
     """A cache batch (storage.logit_cache.CacheBatch): the teacher's top-k, tail and target log-probs."""
-    batch: object
+    batch: CacheBatch
 
     def at(self, sel: torch.Tensor, temperature: float) -> _CachedTeacher:
         return _CachedTeacher.of(self.batch, sel)  # stored at the scoring temperature
@@ -272,9 +289,9 @@ class CachedTargets:
 
 
 @dataclass
-class SampledTargets:
+class SampledTargets(TeacherSignal):
     """A sampled-targets batch (storage.cache_batch.SampledBatch): drawn ids with p_hat and exact log-probs."""
-    batch: object
+    batch: SampledBatch
 
     def at(self, sel: torch.Tensor, temperature: float) -> _SampledTeacher:
         return _SampledTeacher.of(self.batch, sel)
@@ -283,13 +300,17 @@ class SampledTargets:
         return SampledTargets(self.batch.select(rows))
 
 
-def teacher_signal(teacher):
+SIGNAL_OF = {torch.Tensor: TeacherLogits, CacheBatch: CachedTargets, SampledBatch: SampledTargets}
+
+
+def teacher_signal(teacher) -> TeacherSignal | None:
     """A teacher signal from what a caller holds: logits [B, L, V], a CacheBatch or SampledBatch, or a signal."""
-    if teacher is None or hasattr(teacher, "at"):
+    if teacher is None or isinstance(teacher, TeacherSignal):
         return teacher
-    if isinstance(teacher, torch.Tensor):
-        return TeacherLogits(teacher)
-    return SampledTargets(teacher) if hasattr(teacher, "log_weight") else CachedTargets(teacher)
+    for kind, signal in SIGNAL_OF.items():
+        if isinstance(teacher, kind):
+            return signal(teacher)
+    raise TypeError(f"a teacher signal is logits, a CacheBatch or a SampledBatch, not a {type(teacher).__name__}")
 
 
 def hpd_weights(logp_star, logq_star, logp_samp, logq_samp, same, shift=0.0):
@@ -409,7 +430,7 @@ def _per_position(method: str, view, params: dict, z: torch.Tensor, target: torc
     logp_star = view.expert(target)
 
     if method in DISTRIBUTION_METHODS:
-        o = _linear_outcomes(view, logq) if method in UNBIASED_ON_SAMPLED else view.outcomes(logq)
+        o = view.linear_outcomes(logq) if method in UNBIASED_ON_SAMPLED else view.outcomes(logq)
         q = o.logq.detach()
         if o.keep is not None:  # a column that is no outcome: p = q = 0 in the value, and no weight
             q = q.masked_fill(~o.keep, NEG_INF)
@@ -456,7 +477,7 @@ def _hpd_family(forward: str, draws: str, view, logq, logq_star, logp_star, targ
                                        same, shift)
     k1, f, w = k1[:, 0], (pi * f_c).sum(-1), pi * w_c
     if forward == "dist":
-        o = _linear_outcomes(view, logq)
+        o = view.linear_outcomes(logq)
         forward_loss = -(f[:, None] * o.logp.exp() * o.logq).sum(-1)
     else:
         forward_loss = -(f * logp_star.exp()) * logq_star

@@ -10,6 +10,8 @@ ones reuses the cache at once, and any other teacher, data or k gets a cache of 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 
 from hpd.common import ranks
 from hpd.common.errors import HpdError
+from hpd.common.settings import ScoreSettings, Settings
 from hpd.storage import encodings
 from hpd.storage.logit_cache import LEARN_POSITIONS, CacheRoot, LogitCache, ScoredSequence, cache_key, key_id
 from hpd.storage.sequences import SequenceStore
@@ -31,12 +34,13 @@ from .scoring import Timer, score_batch  # the teacher pass's math, in torch onl
 DEFAULT_K = 64
 
 
-def run(ctx, cfg: dict, teacher: Teacher, generate: Sequences) -> Cache:
+def run(ctx, settings: Settings, teacher: Teacher, generate: Sequences) -> Cache:
+    cfg = settings.score
     gen = generate
-    encoding = encodings.get(cfg["encoding"])  # a known one, with k >= 2 unless fp16 (config.validate)
+    encoding = encodings.get(cfg.encoding)  # a known one, with k >= 2 unless fp16 (config.validate)
     # sampled targets keep `draws` slots per position (the distinct drawn ids), whatever top_k says
-    k = encoding.head + encoding.draws if encoding.sampled else cfg["top_k"] or min(DEFAULT_K, teacher.vocab_size)
-    temperature = cfg["temperature"]
+    k = encoding.head + encoding.draws if encoding.sampled else cfg.top_k or min(DEFAULT_K, teacher.vocab_size)
+    temperature = cfg.temperature
     if not encoding.sampled and not 1 <= k <= teacher.vocab_size:
         raise HpdError(f"score.top_k={k} must be between 1 and the teacher's vocabulary size "
                        f"({teacher.vocab_size}); lower it")
@@ -47,14 +51,14 @@ def run(ctx, cfg: dict, teacher: Teacher, generate: Sequences) -> Cache:
     # Refreshed sequences carry their origin (round, student checkpoint): it is part of their cache's key.
     key = cache_key(teacher=teacher.model_fingerprint, tokenizer=teacher.tokenizer_fingerprint,
                     data=gen.fingerprint, top_k=k, temperature=temperature, encoding=encoding.spec,
-                    origin=gen.origin, engine=cfg["engine"], dtype=teacher.dtype)
+                    origin=gen.origin, engine=cfg.engine, dtype=teacher.dtype)
     root = CacheRoot(ctx.cache_root)
     with ranks.held_by_rank0(ctx, root.lock(key)):  # under torchrun the ranks build it together
         cache = root.find(key)
         if cache is not None:
             ctx.log(f"[{ctx.stage}] cache {cache.id} already holds this teacher, data and k: reusing it")
         else:
-            cache, timing = _build(ctx, {**cfg, "top_k": k}, teacher, gen, root, key)
+            cache, timing = _build(ctx, dataclasses.replace(cfg, top_k=k), teacher, gen, root, key)
             ctx.measure(**timing)  # seconds per phase of this build
         if ctx.rank == 0:
             root.record_use(cache, ctx.run_name)
@@ -64,12 +68,12 @@ def run(ctx, cfg: dict, teacher: Teacher, generate: Sequences) -> Cache:
                  bytes_per_token=round(cache.bytes / max(m["tokens"], 1), 2))
 
 
-def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, key: dict) -> LogitCache:
+def _build(ctx, cfg: ScoreSettings, teacher: Teacher, gen: Sequences, root: CacheRoot, key: dict) -> LogitCache:
     store = SequenceStore(Path(gen.sequences))
-    if cfg["engine"] == "vllm":  # vLLM loads the teacher itself: no second copy in this process
+    if cfg.engine == "vllm":  # vLLM loads the teacher itself: no second copy in this process
         from . import vllm_engine
 
-        llm, model, pad = vllm_engine.load(teacher.model_dir, scoring=True, top_k=cfg["top_k"]), None, None
+        llm, model, pad = vllm_engine.load(teacher.model_dir, scoring=True, top_k=cfg.top_k), None, None
     else:
         model, tokenizer = hf_models.load_teacher(teacher)
         model = hf_models.to_accelerator(model)
@@ -81,26 +85,26 @@ def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, ke
     def score(batch, batch_plens, batch_ids, timer):
         if model is None:
             with timer("forward"):
-                return vllm_engine.score(llm, batch, batch_plens, top_k=cfg["top_k"], temperature=cfg["temperature"])
-        return score_batch(model, batch, batch_plens, top_k=cfg["top_k"], temperature=cfg["temperature"],
+                return vllm_engine.score(llm, batch, batch_plens, top_k=cfg.top_k, temperature=cfg.temperature)
+        return score_batch(model, batch, batch_plens, top_k=cfg.top_k, temperature=cfg.temperature,
                            pad_id=pad, timer=timer, draws=draws, head=head,
                            seeds=[seed_base * 1_000_003 + int(s) for s in batch_ids])
 
     def learn_order():  # the ids the cache stores for its first positions (only when no order is stored yet)
         ids, positions, start = [], 0, 0
         while positions < LEARN_POSITIONS and start < len(store):  # the first sequences, a shard's worth at a time
-            seq_ids, plens, seqs = store.range(start, min(start + cfg["shard_size"], len(store)))
+            seq_ids, plens, seqs = store.range(start, min(start + cfg.shard_size, len(store)))
             n = int(np.searchsorted(np.cumsum([len(x) - p for x, p in zip(seqs, plens)]),
                                     LEARN_POSITIONS - positions)) + 1
-            for part in batching.length_batches([len(x) for x in seqs[:n]], cfg["batch_size"], cfg["batch_tokens"]):
+            for part in batching.length_batches([len(x) for x in seqs[:n]], cfg.batch_size, cfg.batch_tokens):
                 for sc in score([seqs[i] for i in part], [int(plens[i]) for i in part], [seq_ids[i] for i in part],
                                 Timer()):
                     ids.append(sc["topk_ids"][sc["topk_logprobs"] > -np.inf])  # the stored slots
                     positions += len(sc["target_logprob"])
-            start += cfg["shard_size"]
+            start += cfg.shard_size
         return np.concatenate(ids)
 
-    size = cfg["shard_size"]
+    size = cfg.shard_size
     num_shards = -(-len(store) // size)
     out = ShardedWrite(ctx, lambda rank: root.writer(
         key, shard_size=size, num_sequences=len(store), vocab_size=teacher.vocab_size, rank=rank,
@@ -118,7 +122,7 @@ def _build(ctx, cfg: dict, teacher: Teacher, gen: Sequences, root: CacheRoot, ke
         for shard in out.todo():
             seq_ids, plens, seqs = store.range(shard * size, min((shard + 1) * size, len(store)))
             rows = [None] * len(seqs)  # in the shard's order, whatever order the batches take
-            for part in batching.length_batches([len(s) for s in seqs], cfg["batch_size"], cfg["batch_tokens"]):
+            for part in batching.length_batches([len(s) for s in seqs], cfg.batch_size, cfg.batch_tokens):
                 batch, batch_plens = [seqs[i] for i in part], [int(plens[i]) for i in part]
                 scored = score(batch, batch_plens, [seq_ids[i] for i in part], timer)
                 for i, sc in zip(part, scored):

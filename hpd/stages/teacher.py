@@ -6,6 +6,7 @@ run asking for the same teacher reuses it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from hpd.common import ranks
 from hpd.common.errors import HpdError
+from hpd.common.settings import Settings, TeacherSettings
 from hpd.storage.fingerprint import digest
 from hpd.storage.shards import lock_for
 
@@ -43,25 +45,26 @@ def resolved_dtype(setting: str) -> str:
     return setting
 
 
-def run(ctx, cfg: dict, data: TaskData) -> Teacher:
-    if cfg["path"]:
-        path = _local(cfg["path"])
+def run(ctx, cfg: Settings, data: TaskData) -> Teacher:
+    t = cfg.teacher
+    if t.path:
+        path = _local(t.path)
         if path.is_file():  # a GGUF file: converted once into an HF directory under models/
             path = gguf_import.import_gguf(path, ctx.model_root)
         elif not path.is_dir():
             raise HpdError(f"teacher.path {path} does not exist; give a local HF causal-LM directory or a GGUF file")
         hf_models.load_causal_lm(path)  # proves it loads before anything downstream relies on it
-        return _outputs(path, None, resolved_dtype(cfg["dtype"]))
-    ident = {'cfg': cfg, 'data': data.fingerprint, 'seed': ctx.seed, 'recipe': VERSION}
+        return _outputs(path, None, resolved_dtype(t.dtype))
+    ident = {'cfg': dataclasses.asdict(t), 'data': data.fingerprint, 'seed': ctx.seed, 'recipe': VERSION}
     name = f"{data.builtin}-teacher-{digest(ident)[:12]}"
     final = ctx.model_root / name
     ctx.model_root.mkdir(parents=True, exist_ok=True)
     with ranks.held_by_rank0(ctx, lock_for(final)):
         if not (final / REPORT).exists():
-            _train(ctx, cfg, data, final)  # every rank: the Trainer's DDP
+            _train(ctx, t, data, final)  # every rank: the Trainer's DDP
         else:
             ctx.log(f"[teacher] reusing {final}")
-    return _outputs(final, json.loads((final / REPORT).read_text()), resolved_dtype(cfg["dtype"]))
+    return _outputs(final, json.loads((final / REPORT).read_text()), resolved_dtype(t.dtype))
 
 
 def _local(path: str) -> Path:
@@ -79,7 +82,7 @@ def _local(path: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / inner
 
 
-def _train(ctx, cfg: dict, data: TaskData, final: Path) -> None:
+def _train(ctx, cfg: TeacherSettings, data: TaskData, final: Path) -> None:
     from datasets import Dataset
     from transformers import AutoTokenizer, Trainer
 
@@ -90,14 +93,14 @@ def _train(ctx, cfg: dict, data: TaskData, final: Path) -> None:
     seqs = [encode_example(tokenizer, r["prompt"], r["response"]) for r in rows]
     context = 1 << (max(len(s[0]) for s in seqs) - 1).bit_length()
     torch.manual_seed(ctx.seed)
-    model = student_models.new_gpt2(tokenizer, n_positions=context, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
-                              n_head=cfg["n_head"])
+    model = student_models.new_gpt2(tokenizer, n_positions=context, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+                              n_head=cfg.n_head)
     params = sum(p.numel() for p in model.parameters())
-    ctx.log(f"[teacher] training a {params / 1e6:.2f}M-parameter GPT-2 on {len(rows)} traces for {cfg['steps']} steps")
+    ctx.log(f"[teacher] training a {params / 1e6:.2f}M-parameter GPT-2 on {len(rows)} traces for {cfg.steps} steps")
     dataset = Dataset.from_dict({"input_ids": [s[0] for s in seqs], "prompt_len": [s[1] for s in seqs]})
-    args = training_arguments(tmp / "checkpoints", steps=cfg["steps"], batch_size=cfg["batch_size"],
-                              learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"], seed=ctx.seed,
-                              save_steps=cfg["checkpoint_steps"])
+    args = training_arguments(tmp / "checkpoints", steps=cfg.steps, batch_size=cfg.batch_size,
+                              learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, seed=ctx.seed,
+                              save_steps=cfg.checkpoint_steps)
     train(Trainer(model=model, args=args, train_dataset=dataset, data_collator=ResponseCollator(tokenizer.pad_token_id)),
           log=lambda line: ctx.log(f"[teacher] {line}"), what="the teacher's cross-entropy",
           hint="lower teacher.learning_rate")
@@ -105,7 +108,7 @@ def _train(ctx, cfg: dict, data: TaskData, final: Path) -> None:
         return  # rank 0 judges and publishes the teacher
     model.eval()
     report = {"parameters": params,
-              **heldout_report(model, tokenizer, data.heldout, cfg["eval_examples"], TASKS[data.builtin])}
+              **heldout_report(model, tokenizer, data.heldout, cfg.eval_examples, TASKS[data.builtin])}
     acc = f"held-out accuracy {report['heldout_accuracy']:.1%}, " if "heldout_accuracy" in report else ""
     ctx.log(f"[teacher] {acc}held-out response NLL {report['response_nll_nats']:.3f} nats/token, "
             f"mean response entropy {report['response_entropy_nats']:.3f} nats")

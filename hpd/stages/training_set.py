@@ -1,13 +1,15 @@
-"""What one distill stage trains on: its sources (sequences, their teacher cache and their loss), their
-mixture batch by batch, and its schedule (`RoundPlan`).
+"""What one student stage trains on: its plan (`StudentPlan`: sources named by the stages that made them, and a
+schedule, built by pipeline/graph.py from the config), the sources opened from their artifacts, and their mixture
+batch by batch.
 
-Round 0 trains on every offline sequence, shuffled by the Trainer. A refresh round r >= 1 trains on a planned
-mixture, read in order: each batch holds rounds.refresh_share of the round's refreshed (student-sampled,
-teacher-rescored) sequences and the rest offline ones, each source with its own loss.
+Round 0 trains on every offline sequence, shuffled by the Trainer. A refresh round r >= 1 (and a student of several
+routed teachers) trains on a planned mixture, read in order: each batch holds each source's share (a round:
+rounds.refresh_share of its refreshed, student-sampled and teacher-rescored sequences, the rest offline ones),
+each source with its own loss.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,6 @@ from hpd.storage.merge import MixedCache
 from hpd.storage.sequences import SequenceStore
 from hpd.storage.values import ValueStore
 
-from .artifacts import Cache, Sequences, Student, Values
 from .values import Guidance, guidance
 
 
@@ -38,110 +39,79 @@ class Source:
         return len(self.store) if self.guided is None else len(self.guided.rows)
 
 
-def open_source(name: str, generate: Sequences, score: Cache | None, method: str, share: float,
-                values: Values | None = None, value_cfg: dict | None = None) -> Source:
+@dataclass(frozen=True)
+class SourcePlan:
+    """One kind of training data of a student stage, named by the stages that made it (pipeline/graph.py builds
+    these from the config): its sequences, the caches whose targets teach it (one; several mixed by `weights`, an
+    ensemble; none: the teacher online, or a method that needs none), its loss, its share of each batch, and the
+    judge stage whose values guide it."""
+    name: str                           # "offline", "refresh", or a linked run's name
+    sequences: str                      # e.g. "generate", "generate@b", "refresh-1"
+    caches: tuple[str, ...] = ()        # e.g. ("score",), ("score", "score@b"), ("rescore-1", "rescore-1-b")
+    weights: tuple[float, ...] = ()     # the caches' mixture weights (several caches), summing to 1
+    method: str = "fkl"
+    share: float = 1.0
+    values: str = ""                    # e.g. "judge", "judge-1"; "" = no value guidance
+
+
+@dataclass(frozen=True)
+class StudentPlan:
+    """What one student stage trains on and how long: its sources, its schedule, the student it starts from (""
+    = a new one, made by distill.student_init), and whether the teacher runs online. `planned`: the batches are
+    planned from the sources' shares and read in order (refresh rounds, several teachers); otherwise every
+    sequence of the one source, shuffled by the Trainer."""
+    sources: tuple[SourcePlan, ...]
+    steps: int
+    learning_rate: float
+    warmup_steps: int
+    planned: bool = False
+    previous: str = ""
+    online: bool = False
+    weighting: str = "fixed"            # a cache mixture's weighting (teachers.weighting)
+
+    def inputs(self) -> tuple[str, ...]:
+        """The stages whose artifacts it reads, each once, in the order they appear."""
+        names = [self.previous] if self.previous else []
+        for s in self.sources:
+            names += [s.sequences, *s.caches, *([s.values] if s.values else [])]
+        return tuple(dict.fromkeys(names))
+
+
+def open_source(plan: SourcePlan, artifacts: dict, value_cfg, weighting: str = "fixed") -> Source:
+    """A source of a plan, opened: its sequences, its caches (held against `hpd cache gc`; several mixed batch by
+    batch), its values applied by the [value] settings."""
+    generate = artifacts[plan.sequences]
     store = SequenceStore(Path(generate.sequences))
     guided = None
-    if values is not None:
+    if plan.values:
+        values = artifacts[plan.values]
         seq_ids, prompt_index, v = ValueStore(Path(values.values)).arrays()
         if len(seq_ids) != len(store) or not np.array_equal(seq_ids, np.arange(len(store))):
             raise HpdError(f"the values in {values.values} judge other sequences than {generate.sequences}; rerun "
                            f"the judge stage")
         guided = guidance(seq_ids, prompt_index, v, value_cfg)
-        if len(guided.rows) == 0 and name != "refresh":  # (a round without refreshed samples still trains)
-            raise HpdError(f"value.select=\"{value_cfg['select']}\" kept none of the {len(v)} {name} sequences "
+        if len(guided.rows) == 0 and plan.name != "refresh":  # (a round without refreshed samples still trains)
+            raise HpdError(f"value.select=\"{value_cfg.select}\" kept none of the {len(v)} {plan.name} sequences "
                            f"(values {v.min():.3g} to {v.max():.3g}); lower value.threshold")
-    if score is None:
-        return Source(name, store, None, method, share, guided)
-    cache = LogitCache(Path(score.cache)).hold()  # `hpd cache gc` must not remove it while we train
-    if cache.key["data"] != store.fingerprint or cache.num_sequences != len(store):
-        raise HpdError(f"cache {cache.id} was scored on other sequences than {generate.sequences}; rerun score")
-    return Source(name, store, cache, method, share, guided)
+    if not plan.caches:
+        return Source(plan.name, store, None, plan.method, plan.share, guided)
+    caches = [LogitCache(Path(artifacts[c].cache)).hold() for c in plan.caches]  # `hpd cache gc` must not remove them
+    for cache in caches[:1]:
+        if cache.key["data"] != store.fingerprint or cache.num_sequences != len(store):
+            raise HpdError(f"cache {cache.id} was scored on other sequences than {generate.sequences}; rerun score")
+    if len(caches) > 1:  # an ensemble: the teachers' mixture, read batch by batch
+        try:
+            caches = [MixedCache(caches, list(plan.weights), k=caches[0].k, weighting=weighting)]
+        except ValueError as e:
+            raise HpdError(f"teachers.mode=\"ensemble\": {e}") from None
+    return Source(plan.name, store, caches[0], plan.method, plan.share, guided)
 
 
-@dataclass
-class RoundPlan:
-    """One student-training stage: the sources it reads, its schedule, and where the student's counts start."""
-    sources: list[Source]
-    steps: int
-    learning_rate: float
-    warmup_steps: int
-    planned_batches: int  # per rank; 0: every offline sequence, shuffled (round 0)
-    before: dict = field(default_factory=dict)  # the previous round's report: its steps and tokens go on here
-    dropped: list = field(default_factory=list)  # sources value selection left empty (a round's refresh)
-
-
-def plan_round(cfg: dict, generate: Sequences, score: Cache | None, refresh: Sequences | None = None,
-               refresh_score: Cache | None = None, previous: Student | None = None,
-               linked_sequences: list[Sequences] = (), linked_caches: list[Cache] = (),
-               refresh_linked_caches: list[Cache] = (), values: Values | None = None,
-               refresh_values: Values | None = None) -> RoundPlan:
-    """Round 0 (no previous student): the offline sequences with distill.method, and with several teachers
-    (`cfg["linked"]`: the other runs and their weights) those runs' sequences and caches too. Round r: offline
-    sequences with rounds.offline_method (or distill.method) and the refreshed ones with rounds.method, mixed by
-    share. `values` / `refresh_values`: the judged offline / refreshed sequences' values ([value])."""
-    offline_values = {"values": values, "value_cfg": cfg.get("value")}
-    if previous is None and cfg.get("linked"):
-        return _several_teachers(cfg, generate, score, linked_sequences, linked_caches, offline_values)
-    if previous is not None and cfg.get("linked"):  # an ensemble's round: every teacher's targets, mixed
-        return _ensemble_round(cfg, generate, score, refresh, refresh_score, previous, linked_caches,
-                               refresh_linked_caches, values, refresh_values)
-    if previous is None:
-        return RoundPlan([open_source("offline", generate, score, cfg["method"], 1.0, **offline_values)],
-                         cfg["steps"], cfg["learning_rate"], cfg["warmup_steps"], 0)
-    rounds = cfg["rounds"]
-    sources = [open_source("offline", generate, score, rounds["offline_method"] or cfg["method"],
-                           1 - rounds["refresh_share"], **offline_values)]
-    if refresh is not None:
-        sources.append(open_source("refresh", refresh, refresh_score, rounds["method"], rounds["refresh_share"],
-                                   refresh_values, cfg.get("value")))
-    return RoundPlan([s for s in sources if s.share > 0 and len(s)], rounds["steps"], rounds["learning_rate"],
-                     rounds["warmup_steps"], rounds["steps"] * cfg["gradient_accumulation_steps"], previous.report,
-                     [s.name for s in sources if s.share > 0 and not len(s)])
-
-
-def _several_teachers(cfg: dict, generate: Sequences, score: Cache | None, linked_sequences: list[Sequences],
-                      linked_caches: list[Cache], offline_values: dict) -> RoundPlan:
-    """[teachers] route: one source per teacher, its own sequences and cache, each batch holding the teachers'
-    shares of rows (a planned mixture, read in order). ensemble: this run's sequences with the teachers' mixture
-    as targets (hpd/storage/merge.py MixedCache, mixed batch by batch)."""
-    t = cfg["teachers"]
-    names = ["offline", *(name for name, _ in cfg["linked"])]
-    weights = [t["weight"], *(w for _, w in cfg["linked"])]
-    weights = [w / sum(weights) for w in weights]  # shares of each batch (route), of the mixture (ensemble)
-    steps = cfg["steps"]
-    if t["mode"] == "ensemble":
-        own = open_source("offline", generate, score, cfg["method"], 1.0, **offline_values)
-        if own.cache is not None:  # (sft reads no teacher signal: nothing to mix)
-            own.cache = _mixed(cfg, own.cache, linked_caches)
-        return RoundPlan([own], steps, cfg["learning_rate"], cfg["warmup_steps"], 0)
-    caches = list(linked_caches) if score is not None else [None] * len(linked_sequences)  # sft reads no cache
-    sources = [open_source(n, g, c, cfg["method"], w, **(offline_values if n == "offline" else {})) for n, g, c, w in
-               zip(names, [generate, *linked_sequences], [score, *caches], weights) if w > 0]
-    return RoundPlan(sources, steps, cfg["learning_rate"], cfg["warmup_steps"],
-                     steps * cfg["gradient_accumulation_steps"])
-
-
-def _mixed(cfg: dict, own: LogitCache, others: list[Cache]) -> MixedCache:
-    """The teachers' mixture of one set of sequences: this run's cache and the other teachers' caches of them."""
-    weights = [cfg["teachers"]["weight"], *(w for _, w in cfg["linked"])]
-    caches = [own, *(LogitCache(Path(c.cache)).hold() for c in others)]
-    try:
-        return MixedCache(caches, [w / sum(weights) for w in weights], k=own.k, weighting=cfg["teachers"]["weighting"])
-    except ValueError as e:
-        raise HpdError(f"teachers.mode=\"ensemble\": {e}") from None
-
-
-def _ensemble_round(cfg, generate, score, refresh, refresh_score, previous, linked_caches, refresh_linked_caches,
-                    values, refresh_values):
-    """A refresh round of an ensemble: the offline sequences with the teachers' mixture, the refreshed ones
-    with the mixture of every teacher's rescoring of them."""
-    plan = plan_round({**cfg, "linked": None}, generate, score, refresh, refresh_score, previous,
-                      values=values, refresh_values=refresh_values)
-    for s in plan.sources:
-        if s.cache is not None:  # (sft reads no teacher signal: nothing to mix)
-            s.cache = _mixed(cfg, s.cache, linked_caches if s.name == "offline" else refresh_linked_caches)
-    return plan
+def open_sources(plan: StudentPlan, artifacts: dict, value_cfg) -> tuple[list[Source], list[str]]:
+    """(the sources a student trains on, the names of those value selection left empty). A source without a share
+    or without sequences is not read; a round's refresh that selection emptied trains the others (said by name)."""
+    opened = [open_source(s, artifacts, value_cfg, plan.weighting) for s in plan.sources]
+    return [s for s in opened if s.share > 0 and len(s)], [s.name for s in opened if s.share > 0 and not len(s)]
 
 
 def mixture_plan(sizes: list[int], shares: list[float], batch: int, num_batches: int,

@@ -21,10 +21,8 @@ import numpy as np
 import torch
 
 from hpd.common.errors import HpdError
+from hpd.common.settings import ValueSettings
 
-FUNCTIONS = ("verifier", "reward_model", "teacher")
-SELECT = ("none", "top", "threshold")
-WEIGHTING = ("none", "exp", "advantage")
 
 
 # -- value functions ---------------------------------------------------------------------------------------
@@ -194,12 +192,12 @@ def weights(values: np.ndarray, means: np.ndarray, how: str, tau: float) -> np.n
     return np.maximum(0.0, 1.0 + (values - means) / tau)
 
 
-def guidance(seq_ids: np.ndarray, prompt_index: np.ndarray, values: np.ndarray, cfg: dict) -> Guidance:
+def guidance(seq_ids: np.ndarray, prompt_index: np.ndarray, values: np.ndarray, cfg: ValueSettings) -> Guidance:
     """The [value] section's selection, weighting and advantage applied to one judged sequence set (its rows may
     be none: a threshold no sample reached)."""
     check_finite(seq_ids, values)
     means = prompt_means(prompt_index, values)
-    kept = select(prompt_index, values, cfg["select"], cfg["keep"], cfg["threshold"])
-    w = weights(values[kept], means[kept], cfg["weighting"], cfg["tau"])
-    advantage = (values - means)[kept] * cfg["advantage"] if cfg["advantage"] else None
+    kept = select(prompt_index, values, cfg.select, cfg.keep, cfg.threshold)
+    w = weights(values[kept], means[kept], cfg.weighting, cfg.tau)
+    advantage = (values - means)[kept] * cfg.advantage if cfg.advantage else None
     return Guidance(seq_ids[kept], w, advantage)

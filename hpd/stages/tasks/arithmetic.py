@@ -16,6 +16,8 @@ import random
 import re
 from pathlib import Path
 
+from hpd.common.settings import DataSettings
+
 CHARS = "0123456789+:=,|"
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 
@@ -54,21 +56,21 @@ def write_split(path: Path, n: int, seed: int, operands: int | list[int], digits
     return seen
 
 
-def write_data(out: Path, cfg: dict, seed: int) -> dict:
+def write_data(out: Path, cfg: DataSettings, seed: int) -> dict:
     """train.jsonl / heldout.jsonl with disjoint problems; returns the counts."""
-    if min(cfg["operands"], cfg["digits"]) < 1 or cfg["operands"] > 9:
+    if min(cfg.operands, cfg.digits) < 1 or cfg.operands > 9:
         raise ValueError("data.operands must be 1-9 and data.digits at least 1")
-    operands = cfg["operands"]
-    if cfg.get("operand_mix"):
+    operands = cfg.operands
+    if cfg.operand_mix:
         try:
-            operands = [int(x) for x in cfg["operand_mix"].split(",")]
+            operands = [int(x) for x in cfg.operand_mix.split(",")]
         except ValueError:
             operands = []
         if not operands or not all(2 <= x <= 9 for x in operands):
-            raise ValueError(f"data.operand_mix={cfg['operand_mix']!r} must be operand counts 2-9, comma-separated")
-    held = write_split(out / "heldout.jsonl", cfg["heldout_examples"], seed * 1000 + 2, operands, cfg["digits"])
-    write_split(out / "train.jsonl", cfg["train_examples"], seed * 1000 + 1, operands, cfg["digits"], exclude=held)
-    return {"train": cfg["train_examples"], "heldout": cfg["heldout_examples"]}
+            raise ValueError(f"data.operand_mix={cfg.operand_mix!r} must be operand counts 2-9, comma-separated")
+    held = write_split(out / "heldout.jsonl", cfg.heldout_examples, seed * 1000 + 2, operands, cfg.digits)
+    write_split(out / "train.jsonl", cfg.train_examples, seed * 1000 + 1, operands, cfg.digits, exclude=held)
+    return {"train": cfg.train_examples, "heldout": cfg.heldout_examples}
 
 
 def extract_answer(response: str) -> str | None:

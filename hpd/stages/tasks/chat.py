@@ -15,6 +15,8 @@ import json
 import random
 from pathlib import Path
 
+from hpd.common.settings import DataSettings
+
 KINDS = ("chat", "arithmetic", "code")
 
 
@@ -47,10 +49,10 @@ def _code(rng: random.Random) -> list[str]:
     return [f"Complete this Python function.\n\n{p}" for p in problems]
 
 
-def write_data(out: Path, cfg: dict, seed: int) -> dict:
+def write_data(out: Path, cfg: DataSettings, seed: int) -> dict:
     """train.jsonl / heldout.jsonl of prompts, the three kinds in equal parts; returns the counts."""
     rng = random.Random(seed)
-    n = {"train": cfg["train_examples"], "heldout": cfg["heldout_examples"]}
+    n = {"train": cfg.train_examples, "heldout": cfg.heldout_examples}
     need = {kind: (n["train"] + n["heldout"]) // 3 + 1 for kind in KINDS}
     chat, code = _chat_turns(rng), _code(rng)
     if len(code) < need["code"] or len(chat) < need["chat"]:

@@ -15,6 +15,8 @@ import json
 import random
 from pathlib import Path
 
+from hpd.common.settings import DataSettings
+
 SPECIALS = ["<pad>", "<eos>"]
 
 
@@ -33,29 +35,29 @@ def _examples(conv: list[str], history: int, max_prompt_chars: int, max_response
         yield {"prompt": prompt[-max_prompt_chars:].lstrip(), "response": " " + response}
 
 
-def write_data(out: Path, cfg: dict, seed: int) -> dict:
+def write_data(out: Path, cfg: DataSettings, seed: int) -> dict:
     """train.jsonl / heldout.jsonl from disjoint conversations; returns the counts."""
     convs = load_conversations()
     random.Random(seed).shuffle(convs)
-    ex = lambda conv: list(_examples(conv, cfg["history_messages"], cfg["max_prompt_chars"],  # noqa: E731
-                                     cfg["max_response_chars"]))
+    ex = lambda conv: list(_examples(conv, cfg.history_messages, cfg.max_prompt_chars,  # noqa: E731
+                                     cfg.max_response_chars))
     heldout, used = [], 0
-    while len(heldout) < cfg["heldout_examples"] and used < len(convs):
+    while len(heldout) < cfg.heldout_examples and used < len(convs):
         heldout += ex(convs[used])
         used += 1
     train = []
     for conv in convs[used:]:  # conversations after the held-out ones: never shared with them
-        if len(train) >= cfg["train_examples"]:
+        if len(train) >= cfg.train_examples:
             break
         train += ex(conv)
-    splits = {"heldout": heldout[:cfg["heldout_examples"]], "train": train[:cfg["train_examples"]]}
+    splits = {"heldout": heldout[:cfg.heldout_examples], "train": train[:cfg.train_examples]}
     for split, rows in splits.items():
         with open(out / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     return {s: len(r) for s, r in splits.items()}
 
 
-def build_tokenizer(train_path: str | Path, cfg: dict):
+def build_tokenizer(train_path: str | Path, cfg: DataSettings):
     """Byte-level BPE trained on the training split's text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -69,7 +71,7 @@ def build_tokenizer(train_path: str | Path, cfg: dict):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg["vocab_size"], special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     core.train_from_iterator(texts(), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
