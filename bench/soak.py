@@ -11,7 +11,7 @@ cache shard's checksum, the students' and the converted teacher's weight digests
 checkpoint without repeating or skipping data) and the evaluation report, with no temporaries left behind.
 Results: bench/results/soak.{json,md} and the README's reliability section.
 
-    python -m bench.soak [--trials 40] [--seed 0] [--only pipeline,merge]
+    python -m bench.soak [--trials 54] [--seed 0] [--only pipeline,merge]
 """
 from __future__ import annotations
 
@@ -169,15 +169,16 @@ def trial(s: Scenario, base: Path, home: Path, target: str, seconds: dict, rng: 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--trials", type=int, default=54)  # 9 rounds of the 6 scenarios: every stage a target
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="", help="comma-separated scenario names (default: all)")
     ap.add_argument("--out", default=str(RESULTS / "soak"))
     args = ap.parse_args()
     rng = random.Random(args.seed)
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only.split(",")]
-    # trials go round the scenarios' stages in turn, so every stage of every scenario is a target
-    targets = [(s, stage) for s in chosen for stage in s.killed]
+    # trials go round the scenarios in turn, and round each scenario's stages: every scenario gets its share of
+    # trials however many stages it has, and every stage of it is a target
+    targets = [(s, s.killed[i % len(s.killed)]) for i in range(args.trials) for s in chosen][:args.trials]
     scratch = Path(tempfile.mkdtemp(prefix="hpd-soak-"))
     trials, references = [], {}
     try:
@@ -186,7 +187,7 @@ def main() -> None:
             print(f"{s.name}: reference stage seconds", {k: round(v, 1) for k, v in references[s.name][2].items()},
                   flush=True)
         for i in range(args.trials):
-            s, target = targets[i % len(targets)]
+            s, target = targets[i]
             base, expected, seconds = references[s.name]
             home = scratch / f"trial-{i}"
             kills, got = trial(s, base, home, target, seconds, rng)
