@@ -5,7 +5,7 @@ HPD    := $(VENV)/bin/hpd
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: teacher-cache distill test test-compat test-unit soak bench compare study status clean venv smollm2 smollm2-teacher \
+.PHONY: lint format teacher-cache distill test test-compat test-unit soak bench compare study status clean venv smollm2 smollm2-teacher \
         sandbox-tools
 
 venv: $(STAMP)
@@ -51,9 +51,19 @@ sandbox-tools:
 test: $(STAMP) sandbox-tools
 	$(PY) -m pytest -q
 
-# the whole suite again on the oldest supported transformers (constraints/oldest.txt); CI runs it after make test
+# the unit tests and the version-sensitive integration tests (tests/conftest.py COMPAT) again on the oldest
+# supported transformers (constraints/oldest.txt); CI runs it after make test
 test-compat: $(COMPAT)/.installed
-	$(COMPAT)/bin/python -m pytest -q
+	$(COMPAT)/bin/python -m pytest -q -m "unit or compat"
+
+# ruff: the lint rules and the formatting pyproject.toml configures (CI runs it); `make format` applies them
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hpd bench tests
+	$(VENV)/bin/ruff format --check hpd bench tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix hpd bench tests
+	$(VENV)/bin/ruff format hpd bench tests
 
 # the unit tests alone (losses, encodings, config, tasks): seconds, for the edit-test loop
 test-unit: $(STAMP)

@@ -10,6 +10,7 @@ Writes bench/results/cache_formats.json and bench/results/cache_formats.md. Meas
   - encode and decode throughput (tokens/s, one core), and the reader's time for a training batch as a
     fraction of a student training step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,18 +30,38 @@ from hpd import open_run
 from hpd.stages import batching, hf_models, student_models
 from hpd.storage import encodings as enc
 from hpd.storage import shards as shards_mod
-from hpd.storage.logit_cache import (DEFAULT_ENCODING, LEARN_POSITIONS, CacheRoot, LogitCache, ScoredSequence, cache_key,
-                                    decode_batch)
+from hpd.storage.logit_cache import (
+    DEFAULT_ENCODING,
+    LEARN_POSITIONS,
+    CacheRoot,
+    LogitCache,
+    ScoredSequence,
+    cache_key,
+    decode_batch,
+)
 from hpd.storage.sequences import SequenceStore
 
 KS = [8, 16, 32, 64, 128]
 SHIPPED_LEVEL = shards_mod.ZSTD_LEVEL
-ENCODINGS = ["fp16", "rank-q8:0.03125", "rank-q8:0.0625", "rank-q8:0.125", "idsort-q8:0.0625", "compact:0.0625",
-             "compact:0.125", "compact:0.25"]
-ANCHORS = {"dense bf16, vocab 152k": 297 * 1024, "top-64 int32 id + fp16, raw": 384,
-           "Megatron-LM top-128 before zstd": 528, "DistillKit recommended k=128": "312-344",
-           "DistillKit budget k=50": "114-127", "small model k=64 int32+fp16 after zstd (field.md)": "152-203",
-           "same, 8-bit log-probs": "137-144"}
+ENCODINGS = [
+    "fp16",
+    "rank-q8:0.03125",
+    "rank-q8:0.0625",
+    "rank-q8:0.125",
+    "idsort-q8:0.0625",
+    "compact:0.0625",
+    "compact:0.125",
+    "compact:0.25",
+]
+ANCHORS = {
+    "dense bf16, vocab 152k": 297 * 1024,
+    "top-64 int32 id + fp16, raw": 384,
+    "Megatron-LM top-128 before zstd": 528,
+    "DistillKit recommended k=128": "312-344",
+    "DistillKit budget k=50": "114-127",
+    "small model k=64 int32+fp16 after zstd (field.md)": "152-203",
+    "same, 8-bit log-probs": "137-144",
+}
 
 
 def rebuild_kl(full_lp: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail: torch.Tensor) -> tuple:
@@ -86,13 +107,16 @@ def main():
     ap.add_argument("--sequences", type=int, default=1000, help="sequences for sizes and speeds")
     ap.add_argument("--kl-sequences", type=int, default=200, help="of which, sequences for the KL measures")
     ap.add_argument("--config", default="dialogue", help="the run whose teacher and generated sequences are measured")
-    ap.add_argument("--out", default=None, help="results path without suffix (default: results/cache_formats, "
-                                                "or results/cache_formats_<config> for another config)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results path without suffix (default: results/cache_formats, "
+        "or results/cache_formats_<config> for another config)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)  # "one core" throughput, and stable numbers on a noisy machine
 
     runner = open_run(args.config, [], home=args.home)
-    cfg = runner.cfg
     runner.run(until="generate")
     teacher = runner.outputs("teacher")
     store = SequenceStore(Path(runner.outputs("generate").sequences))
@@ -112,14 +136,21 @@ def main():
         part = slice(i, i + chunk)
         lp_all, _ = hf_models.log_probs(model, seqs[part], tok.pad_token_id)
         for b, (s, p) in enumerate(zip(seqs[part], plens[part])):
-            full = lp_all[b, p - 1:len(s) - 1].double()  # [n, V]
+            full = lp_all[b, p - 1 : len(s) - 1].double()  # [n, V]
             entropy.append(-(full.exp() * full).sum(1))
             top_lp, top_ids = torch.topk(full, kmax, dim=1)
             target = full.gather(1, torch.as_tensor(np.asarray(s[p:], np.int64))[:, None])[:, 0]
-            rows.append(ScoredSequence(seq_id=int(seq_ids[i + b]), input_ids=s, start=int(p) - 1,
-                                       topk_ids=top_ids.numpy(), topk_logprobs=top_lp.float().numpy(),
-                                       target_logprob=target.float().numpy(),
-                                       tail_logmass=torch.logsumexp(full.scatter(1, top_ids, -np.inf), 1).float().numpy()))
+            rows.append(
+                ScoredSequence(
+                    seq_id=int(seq_ids[i + b]),
+                    input_ids=s,
+                    start=int(p) - 1,
+                    topk_ids=top_ids.numpy(),
+                    topk_logprobs=top_lp.float().numpy(),
+                    target_logprob=target.float().numpy(),
+                    tail_logmass=torch.logsumexp(full.scatter(1, top_ids, -np.inf), 1).float().numpy(),
+                )
+            )
             for k in KS if i + b < args.kl_sequences else []:
                 tail_k = torch.logsumexp(full.scatter(1, top_ids[:, :k], -np.inf), 1)
                 tails[k].append(tail_k.exp())
@@ -138,11 +169,22 @@ def main():
         out = []
         for r in rows:
             lp = torch.from_numpy(r.topk_logprobs).double()
-            tail = torch.logaddexp(torch.from_numpy(r.tail_logmass).double(), torch.logsumexp(lp[:, k:], 1)) \
-                if k < kmax else torch.from_numpy(r.tail_logmass).double()
-            out.append(ScoredSequence(seq_id=r.seq_id, input_ids=r.input_ids, start=r.start,
-                                      topk_ids=r.topk_ids[:, :k], topk_logprobs=r.topk_logprobs[:, :k],
-                                      target_logprob=r.target_logprob, tail_logmass=tail.float().numpy()))
+            tail = (
+                torch.logaddexp(torch.from_numpy(r.tail_logmass).double(), torch.logsumexp(lp[:, k:], 1))
+                if k < kmax
+                else torch.from_numpy(r.tail_logmass).double()
+            )
+            out.append(
+                ScoredSequence(
+                    seq_id=r.seq_id,
+                    input_ids=r.input_ids,
+                    start=r.start,
+                    topk_ids=r.topk_ids[:, :k],
+                    topk_logprobs=r.topk_logprobs[:, :k],
+                    target_logprob=r.target_logprob,
+                    tail_logmass=tail.float().numpy(),
+                )
+            )
         return out
 
     results, tmp = [], Path(tempfile.mkdtemp(prefix="hpd-formats-"))
@@ -151,12 +193,19 @@ def main():
         krows = with_k(k)
         for e in ENCODINGS:
             code = enc.get(e)
-            for level in ([1, 3, SHIPPED_LEVEL, 19] if k == 64 else [SHIPPED_LEVEL]):
-                key = cache_key(teacher=f"bench-{level}", tokenizer="t", data="d", top_k=k, temperature=1.0,
-                                encoding=code.spec)
+            for level in [1, 3, SHIPPED_LEVEL, 19] if k == 64 else [SHIPPED_LEVEL]:
+                key = cache_key(
+                    teacher=f"bench-{level}", tokenizer="t", data="d", top_k=k, temperature=1.0, encoding=code.spec
+                )
                 root = CacheRoot(tmp / f"z{level}")
-                w = root.writer(key, shard_size=len(krows), num_sequences=len(krows), vocab_size=V, zstd_level=level,
-                                learn_order=lambda: first_ids(krows))
+                w = root.writer(
+                    key,
+                    shard_size=len(krows),
+                    num_sequences=len(krows),
+                    vocab_size=V,
+                    zstd_level=level,
+                    learn_order=lambda: first_ids(krows),
+                )
                 t0 = time.perf_counter()
                 w.write_rows(0, krows)
                 w.finish(1)
@@ -169,38 +218,59 @@ def main():
                 t_dec = time.perf_counter() - t0
                 assert decoded_tokens == tokens
                 kb, kf = (torch.cat(x).mean().item() for x in kl[(k, e)])
-                results.append({"k": k, "encoding": e, "zstd_level": level,
-                                "bytes_per_token": cache.bytes / tokens, "order_bytes": cache.bytes - cache.manifest["bytes"],
-                                "kl_bucket": kb, "kl_full": kf,
-                                "encode_tokens_per_s": tokens / t_enc, "decode_tokens_per_s": tokens / t_dec})
+                results.append(
+                    {
+                        "k": k,
+                        "encoding": e,
+                        "zstd_level": level,
+                        "bytes_per_token": cache.bytes / tokens,
+                        "order_bytes": cache.bytes - cache.manifest["bytes"],
+                        "kl_bucket": kb,
+                        "kl_full": kf,
+                        "encode_tokens_per_s": tokens / t_enc,
+                        "decode_tokens_per_s": tokens / t_dec,
+                    }
+                )
                 if level == SHIPPED_LEVEL:
                     decode_speed[(k, e)] = tokens / t_dec
 
     # The VocabOrder learned from the first LEARN_POSITIONS positions against one learned from the whole cache
     # (the best any order learned from this data can do), at k=64, the shipped level.
     krows, order_study = with_k(64), {}
-    for name, ids_from in (("first positions", first_ids), ("whole cache", lambda r: np.concatenate(
-            [x.topk_ids for x in r]).ravel())):
+    for name, ids_from in (
+        ("first positions", first_ids),
+        ("whole cache", lambda r: np.concatenate([x.topk_ids for x in r]).ravel()),
+    ):
         key = cache_key(teacher=f"order-{name}", tokenizer="t", data="d", top_k=64, temperature=1.0, encoding="compact")
         root = CacheRoot(tmp / "order")
-        w = root.writer(key, shard_size=len(krows), num_sequences=len(krows), vocab_size=V,
-                        learn_order=lambda f=ids_from: f(krows))
+        w = root.writer(
+            key, shard_size=len(krows), num_sequences=len(krows), vocab_size=V, learn_order=lambda f=ids_from: f(krows)
+        )
         w.write_rows(0, krows)
         w.finish(1)
         c = LogitCache(root.path_for(key))
-        order_study[name] = {"shard_bytes_per_token": c.manifest["bytes"] / tokens,
-                             "order_bytes": c.bytes - c.manifest["bytes"]}
+        order_study[name] = {
+            "shard_bytes_per_token": c.manifest["bytes"] / tokens,
+            "order_bytes": c.bytes - c.manifest["bytes"],
+        }
 
     # Loader time against a student step: random batches of 32 sequences from the k=64 default-encoded cache.
     loader = {}
     torch.set_grad_enabled(True)
 
     torch.set_num_threads(os.cpu_count())
-    key = cache_key(teacher=f"bench-{SHIPPED_LEVEL}", tokenizer="t", data="d", top_k=64, temperature=1.0,
-                    encoding=enc.get(DEFAULT_ENCODING).spec)
+    key = cache_key(
+        teacher=f"bench-{SHIPPED_LEVEL}",
+        tokenizer="t",
+        data="d",
+        top_k=64,
+        temperature=1.0,
+        encoding=enc.get(DEFAULT_ENCODING).spec,
+    )
     cache = LogitCache(CacheRoot(tmp / f"z{SHIPPED_LEVEL}").path_for(key))
-    student = student_models.new_gpt2(tok, n_positions=min(hf_models.context_length(model), 2048), n_layer=2, n_embd=64,
-                                n_head=2)
+    student = student_models.new_gpt2(
+        tok, n_positions=min(hf_models.context_length(model), 2048), n_layer=2, n_embd=64, n_head=2
+    )
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     t_load = t_step = 0.0
@@ -219,9 +289,13 @@ def main():
         opt.step()
         opt.zero_grad()
         t_step += time.perf_counter() - t0
-    loader = {"batch": 32, "student_parameters": sum(p.numel() for p in student.parameters()),
-              "loader_seconds_per_batch": t_load / 10, "student_step_seconds": t_step / 10,
-              "loader_fraction_of_step": t_load / t_step}
+    loader = {
+        "batch": 32,
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "loader_seconds_per_batch": t_load / 10,
+        "student_step_seconds": t_step / 10,
+        "loader_fraction_of_step": t_load / t_step,
+    }
 
     # The container: shards hold one zstd frame per serialised record batch (shipped) against Arrow's own
     # per-buffer IPC compression of the same batches, read and decoded in the same run, interleaved.
@@ -232,8 +306,11 @@ def main():
     framed = cache.shards.reader(0)
     table = framed.read_all()
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(
-            compression=pa.Codec("zstd", compression_level=SHIPPED_LEVEL))) as w:
+    with pa.ipc.new_file(
+        sink,
+        table.schema,
+        options=pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=SHIPPED_LEVEL)),
+    ) as w:
         w.write_table(table, max_chunksize=cache.rows_per_batch)
     native_buf = sink.getvalue()
     native = pa.ipc.open_file(native_buf)
@@ -265,49 +342,91 @@ def main():
         raw = b"".join(b.to_pybytes() for b in col.buffers() if b is not None)
         column_bytes[name] = len(cctx.compress(raw)) / tokens
 
-    summary = {"teacher": teacher.report or {"parameters": parameters}, "config": args.config,
-               "container_decode_tokens_per_s": container,
-               "column_bytes_per_token_k64": column_bytes, "vocab_size": V, "sequences": n, "scored_tokens": tokens,
-               "kl_sequences": min(args.kl_sequences, n),
-               "teacher_entropy_nats": torch.cat(entropy).mean().item(),
-               "tail_mass_mean": {k: torch.cat(tails[k]).mean().item() for k in KS},
-               "scoring_seconds": t_score, "zstd_level": SHIPPED_LEVEL, "results": results,
-               "loader": loader, "anchors_bytes_per_token": ANCHORS, "vocab_order_study_k64": order_study,
-               "learn_positions": LEARN_POSITIONS}
-    out = Path(args.out or Path(__file__).parent / "results" /
-               ("cache_formats" if args.config == "dialogue" else f"cache_formats_{args.config}"))
+    summary = {
+        "teacher": teacher.report or {"parameters": parameters},
+        "config": args.config,
+        "container_decode_tokens_per_s": container,
+        "column_bytes_per_token_k64": column_bytes,
+        "vocab_size": V,
+        "sequences": n,
+        "scored_tokens": tokens,
+        "kl_sequences": min(args.kl_sequences, n),
+        "teacher_entropy_nats": torch.cat(entropy).mean().item(),
+        "tail_mass_mean": {k: torch.cat(tails[k]).mean().item() for k in KS},
+        "scoring_seconds": t_score,
+        "zstd_level": SHIPPED_LEVEL,
+        "results": results,
+        "loader": loader,
+        "anchors_bytes_per_token": ANCHORS,
+        "vocab_order_study_k64": order_study,
+        "learn_positions": LEARN_POSITIONS,
+    }
+    out = Path(
+        args.out
+        or Path(__file__).parent
+        / "results"
+        / ("cache_formats" if args.config == "dialogue" else f"cache_formats_{args.config}")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    md = [f"Teacher of `--config {args.config}` ({parameters / 1e6:.2f}M parameters, vocabulary {V:,}), "
-          f"{n:,} sequences, {tokens:,} scored tokens (KL over the first {summary['kl_sequences']}), mean teacher "
-          f"entropy {summary['teacher_entropy_nats']:.2f} nats; zstd level {SHIPPED_LEVEL}; throughput on "
-          f"one core.", "",
-          "| k | encoding | bytes/token | KL bucket (nats) | KL full vocab (nats) | tail mass | decode tok/s | encode tok/s |",
-          "|---|---|---|---|---|---|---|---|"]
+    md = [
+        f"Teacher of `--config {args.config}` ({parameters / 1e6:.2f}M parameters, vocabulary {V:,}), "
+        f"{n:,} sequences, {tokens:,} scored tokens (KL over the first {summary['kl_sequences']}), mean teacher "
+        f"entropy {summary['teacher_entropy_nats']:.2f} nats; zstd level {SHIPPED_LEVEL}; throughput on "
+        f"one core.",
+        "",
+        "| k | encoding | bytes/token | KL bucket (nats) | KL full vocab (nats) | tail mass | decode tok/s "
+        "| encode tok/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if r["zstd_level"] != SHIPPED_LEVEL:
             continue
-        md.append(f"| {r['k']} | {r['encoding']} | {r['bytes_per_token']:.1f} | {r['kl_bucket']:.5f} | "
-                  f"{r['kl_full']:.3f} | {summary['tail_mass_mean'][r['k']]:.3f} | "
-                  f"{r['decode_tokens_per_s'] / 1e6:.2f}M | {r['encode_tokens_per_s'] / 1e6:.2f}M |")
-    md += ["", "zstd level at k=64 (bytes/token):", "", "| encoding | " + " | ".join(
-        f"level {lv}" for lv in [1, 3, SHIPPED_LEVEL, 19]) + " |", "|---|---|---|---|---|"]
+        md.append(
+            f"| {r['k']} | {r['encoding']} | {r['bytes_per_token']:.1f} | {r['kl_bucket']:.5f} | "
+            f"{r['kl_full']:.3f} | {summary['tail_mass_mean'][r['k']]:.3f} | "
+            f"{r['decode_tokens_per_s'] / 1e6:.2f}M | {r['encode_tokens_per_s'] / 1e6:.2f}M |"
+        )
+    md += [
+        "",
+        "zstd level at k=64 (bytes/token):",
+        "",
+        "| encoding | " + " | ".join(f"level {lv}" for lv in [1, 3, SHIPPED_LEVEL, 19]) + " |",
+        "|---|---|---|---|---|",
+    ]
     for e in ENCODINGS:
         sizes = {r["zstd_level"]: r["bytes_per_token"] for r in results if r["k"] == 64 and r["encoding"] == e}
         md.append(f"| {e} | " + " | ".join(f"{sizes[lv]:.1f}" for lv in [1, 3, SHIPPED_LEVEL, 19]) + " |")
-    md += ["", f"compact at k=64, the vocabulary order learned from the first {LEARN_POSITIONS:,} positions (shipped) "
-           f"against one learned from the whole cache: " + "; ".join(
-               f"{name} {v['shard_bytes_per_token']:.1f} B/token + {v['order_bytes']:,} B once"
-               for name, v in order_study.items()) + "."]
-    md += ["", "Anchors from other systems (bytes per token, field.md): " + "; ".join(
-        f"{name}: {v if isinstance(v, str) else f'{v:,}'}" for name, v in ANCHORS.items()) + "."]
-    md += ["", f"Container, k=64 {DEFAULT_ENCODING}, read + decode on one core, same run: one zstd frame per "
-           f"record batch (shipped) {container['zstd_frames'] / 1e6:.2f}M tok/s at "
-           f"{container['zstd_frames_bytes_per_token']:.1f} B/token; Arrow's per-buffer IPC zstd "
-           f"{container['arrow_ipc_zstd'] / 1e6:.2f}M tok/s at {container['arrow_ipc_zstd_bytes_per_token']:.1f} B/token."]
-    md += ["", f"Reader: a batch of {loader['batch']} random sequences takes {loader['loader_seconds_per_batch'] * 1e3:.1f} ms, "
-           f"{loader['loader_fraction_of_step']:.1%} of a {loader['student_parameters'] / 1e3:.0f}k-parameter student's "
-           f"training step ({loader['student_step_seconds'] * 1e3:.0f} ms)."]
+    md += [
+        "",
+        f"compact at k=64, the vocabulary order learned from the first {LEARN_POSITIONS:,} positions (shipped) "
+        f"against one learned from the whole cache: "
+        + "; ".join(
+            f"{name} {v['shard_bytes_per_token']:.1f} B/token + {v['order_bytes']:,} B once"
+            for name, v in order_study.items()
+        )
+        + ".",
+    ]
+    md += [
+        "",
+        "Anchors from other systems (bytes per token, field.md): "
+        + "; ".join(f"{name}: {v if isinstance(v, str) else f'{v:,}'}" for name, v in ANCHORS.items())
+        + ".",
+    ]
+    md += [
+        "",
+        f"Container, k=64 {DEFAULT_ENCODING}, read + decode on one core, same run: one zstd frame per "
+        f"record batch (shipped) {container['zstd_frames'] / 1e6:.2f}M tok/s at "
+        f"{container['zstd_frames_bytes_per_token']:.1f} B/token; Arrow's per-buffer IPC zstd "
+        f"{container['arrow_ipc_zstd'] / 1e6:.2f}M tok/s at {container['arrow_ipc_zstd_bytes_per_token']:.1f} B/token.",
+    ]
+    md += [
+        "",
+        f"Reader: a batch of {loader['batch']} random sequences takes "
+        f"{loader['loader_seconds_per_batch'] * 1e3:.1f} ms, "
+        f"{loader['loader_fraction_of_step']:.1%} of a {loader['student_parameters'] / 1e3:.0f}k-parameter student's "
+        f"training step ({loader['student_step_seconds'] * 1e3:.0f} ms).",
+    ]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -15,8 +15,8 @@ loss) is the same code. Every teacher here is at least 8x the student's size unl
    (8.4x and 37x; a forward pass costs the same whatever the weights).
 2. Teacher-score overhead: the score stage's own phase timings (forward, log-softmax and top-k, waiting for
    the background shard writer) for the same teachers; overhead = (wall - forward) / forward.
-3. Quality (`quality`): HPD from the cache against HPD online, several student seeds, default students. Math (k = the whole
-   18-token vocabulary, 8-bit log-probs) by held-out accuracy; dialogue (top-64 of 8192 plus the tail bucket)
+3. Quality (`quality`): HPD from the cache against HPD online, several student seeds, default students. Math (k = the
+   whole 18-token vocabulary, 8-bit log-probs) by held-out accuracy; dialogue (top-64 of 8192 plus the tail bucket)
    by held-out NLL and KL to the teacher. The math curves (held-out accuracy every 100 steps) give the steps
    each arm needs to reach a fixed accuracy; times the measured seconds per step, the wall-clock to reach it.
 4. K experiments sharing one cache: the teacher-scoring time is paid once; online pays the teacher in every
@@ -26,6 +26,7 @@ Quality runs are ordinary pipeline runs (reused when finished); timing runs are 
 Writes bench/results/cached_vs_online_{quality,timing}.json (the measurements), cached_vs_online.json (the
 summary) and cached_vs_online.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,13 @@ ARMS = {"cached": ['distill.teacher_source="cache"'], "online": ['distill.teache
 
 def runner(home: Path, config: str | None, name: str, overrides: list[str], observers=()):
     # the student settings this bench was published with (before make distill's re-tuning), no SFT baseline
-    return open_run(config, ['distill.learning_rate=2e-3', 'distill.baseline=""', *overrides, f'run.name="{name}"'],
-                    home=home, log=lambda s: None, observers=observers)
+    return open_run(
+        config,
+        ["distill.learning_rate=2e-3", 'distill.baseline=""', *overrides, f'run.name="{name}"'],
+        home=home,
+        log=lambda s: None,
+        observers=observers,
+    )
 
 
 def random_teacher(home: Path, like: str, name: str, shape: tuple[int, int, int]) -> str:
@@ -63,8 +69,13 @@ def random_teacher(home: Path, like: str, name: str, shape: tuple[int, int, int]
         _, tok = hf_models.load_causal_lm(like)
         torch.manual_seed(0)
         n_layer, n_embd, n_head = shape
-        model = student_models.new_gpt2(tok, n_positions=hf_models.context_length(hf_models.check_causal_lm(like)),
-                                  n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+        model = student_models.new_gpt2(
+            tok,
+            n_positions=hf_models.context_length(hf_models.check_causal_lm(like)),
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=n_head,
+        )
         model.save_pretrained(out)
         tok.save_pretrained(out)
     return str(out)
@@ -72,16 +83,21 @@ def random_teacher(home: Path, like: str, name: str, shape: tuple[int, int, int]
 
 def setups(home: Path) -> dict:
     """name -> (config, overrides): the teacher/student pairs, each teacher given as a local HF directory."""
-    trained = {task: runner(home, config, task, []).outputs("teacher").model_dir
-               for task, config in [("math", None), ("dialogue", "dialogue")]}
+    trained = {
+        task: runner(home, config, task, []).outputs("teacher").model_dir
+        for task, config in [("math", None), ("dialogue", "dialogue")]
+    }
     dialogue = ["generate.num_prompts=1024"]
-    out = {"math 7.6x": (None, [f'teacher.path="{trained["math"]}"', "generate.num_prompts=6144"]),
-           "math 9.9x": (None, [f'teacher.path="{trained["math"]}"', "generate.num_prompts=6144",
-                                *MATH_STUDENT]),
-           "dialogue 2.9x": ("dialogue", [f'teacher.path="{trained["dialogue"]}"', *dialogue])}
+    out = {
+        "math 7.6x": (None, [f'teacher.path="{trained["math"]}"', "generate.num_prompts=6144"]),
+        "math 9.9x": (None, [f'teacher.path="{trained["math"]}"', "generate.num_prompts=6144", *MATH_STUDENT]),
+        "dialogue 2.9x": ("dialogue", [f'teacher.path="{trained["dialogue"]}"', *dialogue]),
+    }
     for name, shape in RANDOM_TEACHERS.items():
-        out[name] = ("dialogue", [f'teacher.path="{random_teacher(home, trained["dialogue"], name, shape)}"',
-                                  *dialogue])
+        out[name] = (
+            "dialogue",
+            [f'teacher.path="{random_teacher(home, trained["dialogue"], name, shape)}"', *dialogue],
+        )
     return out
 
 
@@ -94,12 +110,25 @@ def _parameters(model_dir: str) -> int:
 def timed_distill(home: Path, config, name: str, overrides: list[str], steps: int) -> dict:
     """One fresh distill in a process of its own; what it measured (tokens, seconds, RSS)."""
     shutil.rmtree(home / "runs" / name / "distill", ignore_errors=True)
-    sets = ['distill.learning_rate=2e-3', 'distill.baseline=""', *overrides, f"distill.steps={steps}",
-            "distill.eval_examples=20", "distill.checkpoint_steps=100000", f'run.name="{name}"']
+    sets = [
+        "distill.learning_rate=2e-3",
+        'distill.baseline=""',
+        *overrides,
+        f"distill.steps={steps}",
+        "distill.eval_examples=20",
+        "distill.checkpoint_steps=100000",
+        f'run.name="{name}"',
+    ]
     rep = in_own_process("distill", config, sets, home)
-    return {"tokens": rep["input_tokens"], "seconds": rep["train_seconds"], "steps": steps,
-            "tokens_per_s": rep["input_tokens"] / rep["train_seconds"], "peak_rss_mb": rep["peak_rss_mb"],
-            "training_mb": rep["peak_rss_mb"] - rep["rss_start_mb"], "parameters": rep["parameters"]}
+    return {
+        "tokens": rep["input_tokens"],
+        "seconds": rep["train_seconds"],
+        "steps": steps,
+        "tokens_per_s": rep["input_tokens"] / rep["train_seconds"],
+        "peak_rss_mb": rep["peak_rss_mb"],
+        "training_mb": rep["peak_rss_mb"] - rep["rss_start_mb"],
+        "parameters": rep["parameters"],
+    }
 
 
 def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None) -> dict:
@@ -121,53 +150,97 @@ def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None)
         r.run(until="score")
         teacher, cache = r.outputs("teacher"), r.outputs("score")
         # the cache may have been built (and timed) for an earlier pair with the same teacher
-        score = built.get(cache.cache_id) or {"timing": measured["score"], "tokens": cache.tokens,
-                                              "sequences": cache.sequences}
+        score = built.get(cache.cache_id) or {
+            "timing": measured["score"],
+            "tokens": cache.tokens,
+            "sequences": cache.sequences,
+        }
         built[cache.cache_id] = score
         arms = {arm: [] for arm in ARMS}
         for i in range(repeats):  # cached, online, online, cached, ...: drift on this machine hits both arms
-            for arm in (list(ARMS) if i % 2 == 0 else list(ARMS)[::-1]):
+            for arm in list(ARMS) if i % 2 == 0 else list(ARMS)[::-1]:
                 extra = ARMS[arm]
-                arms[arm].append(timed_distill(scratch, config, name, [*overrides, *extra],
-                                               steps["math" if label.startswith("math") else "dialogue"]))
+                arms[arm].append(
+                    timed_distill(
+                        scratch,
+                        config,
+                        name,
+                        [*overrides, *extra],
+                        steps["math" if label.startswith("math") else "dialogue"],
+                    )
+                )
         med = {arm: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for arm, runs in arms.items()}
         teacher_parameters = _parameters(teacher.model_dir)
-        out[label] = {"method": r.cfg.distill.method, "repeats": repeats,
-                      "teacher_parameters": teacher_parameters, "student_parameters": med["cached"]["parameters"],
-                      "size_ratio": teacher_parameters / med["cached"]["parameters"],
-                      "arms": med, "runs": arms, "score_timing": score["timing"],
-                      "score_tokens": score["tokens"], "score_sequences": score["sequences"],
-                      "speedup": med["cached"]["tokens_per_s"] / med["online"]["tokens_per_s"],
-                      "peak_rss_ratio": med["cached"]["peak_rss_mb"] / med["online"]["peak_rss_mb"],
-                      "training_mb_ratio": med["cached"]["training_mb"] / med["online"]["training_mb"]}
-        print(f"[timing] {label}: {out[label]['speedup']:.2f}x tokens/s, peak RSS "
-              f"{out[label]['peak_rss_ratio']:.2f}x, training memory {out[label]['training_mb_ratio']:.2f}x, "
-              f"score overhead {score['timing']['overhead']:.1%}", flush=True)
+        out[label] = {
+            "method": r.cfg.distill.method,
+            "repeats": repeats,
+            "teacher_parameters": teacher_parameters,
+            "student_parameters": med["cached"]["parameters"],
+            "size_ratio": teacher_parameters / med["cached"]["parameters"],
+            "arms": med,
+            "runs": arms,
+            "score_timing": score["timing"],
+            "score_tokens": score["tokens"],
+            "score_sequences": score["sequences"],
+            "speedup": med["cached"]["tokens_per_s"] / med["online"]["tokens_per_s"],
+            "peak_rss_ratio": med["cached"]["peak_rss_mb"] / med["online"]["peak_rss_mb"],
+            "training_mb_ratio": med["cached"]["training_mb"] / med["online"]["training_mb"],
+        }
+        print(
+            f"[timing] {label}: {out[label]['speedup']:.2f}x tokens/s, peak RSS "
+            f"{out[label]['peak_rss_ratio']:.2f}x, training memory {out[label]['training_mb_ratio']:.2f}x, "
+            f"score overhead {score['timing']['overhead']:.1%}",
+            flush=True,
+        )
     return {k: out[k] for k in pairs if k in out}
 
 
 def quality(home: Path, seeds: int, math_steps: int, dialogue_steps: int) -> dict:
     out = {}
     # The default students (math 105k: 7.6x, below the 8x line; an 81k one learns nothing with HPD in 600 steps)
-    for task, config, steps, base, student in [("math", None, math_steps, "math", []),
-                                               ("dialogue", "dialogue", dialogue_steps, "dialogue", [])]:
+    for task, config, steps, base, student in [
+        ("math", None, math_steps, "math", []),
+        ("dialogue", "dialogue", dialogue_steps, "dialogue", []),
+    ]:
         rows = []
         for seed in range(seeds):
             for arm, extra in ARMS.items():
                 name = f"bench-cvo-q-{task}-{arm}-s{seed}"
-                r = runner(home, config, name, [*student, *extra, 'distill.method="hpd"', f"distill.steps={steps}",
-                                                 f"distill.seed={seed}", "distill.curve_every=100",
-                                                 "eval.teacher=false", "eval.samples=1"])
+                r = runner(
+                    home,
+                    config,
+                    name,
+                    [
+                        *student,
+                        *extra,
+                        'distill.method="hpd"',
+                        f"distill.steps={steps}",
+                        f"distill.seed={seed}",
+                        "distill.curve_every=100",
+                        "eval.teacher=false",
+                        "eval.samples=1",
+                    ],
+                )
                 r.adopt(base, [s for s in ["data", "teacher", "generate", "score"] if s in r.stages])
                 r.run()
                 student_dir = Path(r.outputs("distill").student_dir)
                 log = json.loads((student_dir / "training_log.json").read_text())
-                rows.append({"arm": arm, "seed": seed, "eval": r.outputs("eval").report["student"],
-                             "curve": [{k: e[k] for k in e if k == "step" or k.startswith("curve_")}
-                                       for e in log if "curve_nll" in e],
-                             # HPD's samples outside the cached top-k, (step, share) as logged
-                             "outside_topk": [(e["step"], e["sample_outside_topk"]) for e in log
-                                              if "sample_outside_topk" in e]})
+                rows.append(
+                    {
+                        "arm": arm,
+                        "seed": seed,
+                        "eval": r.outputs("eval").report["student"],
+                        "curve": [
+                            {k: e[k] for k in e if k == "step" or k.startswith("curve_")}
+                            for e in log
+                            if "curve_nll" in e
+                        ],
+                        # HPD's samples outside the cached top-k, (step, share) as logged
+                        "outside_topk": [
+                            (e["step"], e["sample_outside_topk"]) for e in log if "sample_outside_topk" in e
+                        ],
+                    }
+                )
                 print(f"[quality] {task} {arm} seed {seed}: {rows[-1]['eval']}", flush=True)
         out[task] = rows
     return out
@@ -202,102 +275,178 @@ def summarise(t: dict, q: dict, k_values=(1, 4, 16)) -> dict:
         # never reach it: accuracy jumps late), and the worst final held-out NLL of any run (all reach it).
         acc_target = 0.5 * min(statistics.mean(v) for v in finals.values())
         nll_target = max(r["curve"][-1]["curve_nll"] for r in math_q)
-        reach = {"accuracy": {arm: [steps_to(r["curve"], "curve_accuracy", acc_target) for r in math_q
-                                    if r["arm"] == arm] for arm in ARMS},
-                 "nll": {arm: [steps_to(r["curve"], "curve_nll", nll_target, lower_is_better=True)
-                               for r in math_q if r["arm"] == arm] for arm in ARMS}}
-        s["math"] = {"accuracy": {arm: _mean_std(v) for arm, v in finals.items()}, "paired": _mean_std(paired),
-                     "nll": {arm: _mean_std([r["eval"]["response_nll_nats"] for r in math_q if r["arm"] == arm])
-                             for arm in ARMS},
-                     "targets": {"accuracy": acc_target, "nll": nll_target}, "steps_to_target": reach}
+        reach = {
+            "accuracy": {
+                arm: [steps_to(r["curve"], "curve_accuracy", acc_target) for r in math_q if r["arm"] == arm]
+                for arm in ARMS
+            },
+            "nll": {
+                arm: [
+                    steps_to(r["curve"], "curve_nll", nll_target, lower_is_better=True)
+                    for r in math_q
+                    if r["arm"] == arm
+                ]
+                for arm in ARMS
+            },
+        }
+        s["math"] = {
+            "accuracy": {arm: _mean_std(v) for arm, v in finals.items()},
+            "paired": _mean_std(paired),
+            "nll": {
+                arm: _mean_std([r["eval"]["response_nll_nats"] for r in math_q if r["arm"] == arm]) for arm in ARMS
+            },
+            "targets": {"accuracy": acc_target, "nll": nll_target},
+            "steps_to_target": reach,
+        }
         if "math 7.6x" in t:  # steps from the curves x seconds per step measured on an idle machine
-            per_step = {arm: t["math 7.6x"]["arms"][arm]["seconds"] / t["math 7.6x"]["arms"][arm]["steps"]
-                        for arm in ARMS}
+            per_step = {
+                arm: t["math 7.6x"]["arms"][arm]["seconds"] / t["math 7.6x"]["arms"][arm]["steps"] for arm in ARMS
+            }
             s["math"]["seconds_per_step"] = per_step
             s["math"]["seconds_to_target"] = {
-                what: {arm: (statistics.mean(x for x in steps if x is not None) * per_step[arm]
-                             if any(x is not None for x in steps) else None) for arm, steps in by_arm.items()}
-                for what, by_arm in reach.items()}
+                what: {
+                    arm: (
+                        statistics.mean(x for x in steps if x is not None) * per_step[arm]
+                        if any(x is not None for x in steps)
+                        else None
+                    )
+                    for arm, steps in by_arm.items()
+                }
+                for what, by_arm in reach.items()
+            }
     if q.get("dialogue"):
         d = q["dialogue"]
-        s["dialogue"] = {m: {arm: _mean_std([r["eval"][m] for r in d if r["arm"] == arm]) for arm in ARMS}
-                         for m in ("response_nll_nats", "kl_to_teacher_nats", "rouge_l")}
-        s["dialogue"]["paired_nll"] = _mean_std([a["eval"]["response_nll_nats"] - b["eval"]["response_nll_nats"]
-                                                 for a, b in zip([r for r in d if r["arm"] == "cached"],
-                                                                 [r for r in d if r["arm"] == "online"])])
+        s["dialogue"] = {
+            m: {arm: _mean_std([r["eval"][m] for r in d if r["arm"] == arm]) for arm in ARMS}
+            for m in ("response_nll_nats", "kl_to_teacher_nats", "rouge_l")
+        }
+        s["dialogue"]["paired_nll"] = _mean_std(
+            [
+                a["eval"]["response_nll_nats"] - b["eval"]["response_nll_nats"]
+                for a, b in zip([r for r in d if r["arm"] == "cached"], [r for r in d if r["arm"] == "online"])
+            ]
+        )
     # K experiments: the cache pays the teacher's scoring once, online pays the teacher inside every run
     s["k_experiments"] = {}
     for label, row in t.items():
-        full = {arm: row["arms"][arm]["seconds"] / row["arms"][arm]["tokens"] * row["score_tokens"] * 3
-                for arm in ARMS}  # three epochs over the scored tokens, a typical student budget
+        full = {
+            arm: row["arms"][arm]["seconds"] / row["arms"][arm]["tokens"] * row["score_tokens"] * 3 for arm in ARMS
+        }  # three epochs over the scored tokens, a typical student budget
         score = row["score_timing"]["wall_s"]
-        s["k_experiments"][label] = {str(k): {"cached_s": score + k * full["cached"], "online_s": k * full["online"]}
-                                     for k in k_values}
+        s["k_experiments"][label] = {
+            str(k): {"cached_s": score + k * full["cached"], "online_s": k * full["online"]} for k in k_values
+        }
     return s
 
 
 def markdown(t: dict, q: dict, s: dict) -> str:
-    lines = ["# Cached teacher vs online teacher", "",
-             "Produced by `bench/cached_vs_online.py` (part of `make bench`) on one machine (2 CPU cores, fp32). "
-             "Both arms of a pair are timed in the same invocation, each run in a process of its own, the order "
-             "of the arms alternating (cached, online, online, cached, ...); medians of the runs shown, each pair "
-             "with its config's distillation loss (`distill.method`).", "",
-             "## Speed and memory", "",
-             "| teacher : student | loss | runs per arm | parameters | cached tokens/s | online tokens/s | speed-up | "
-             "peak RSS cached / online (MB) | ratio | training memory cached / online (MB) | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Cached teacher vs online teacher",
+        "",
+        "Produced by `bench/cached_vs_online.py` (part of `make bench`) on one machine (2 CPU cores, fp32). "
+        "Both arms of a pair are timed in the same invocation, each run in a process of its own, the order "
+        "of the arms alternating (cached, online, online, cached, ...); medians of the runs shown, each pair "
+        "with its config's distillation loss (`distill.method`).",
+        "",
+        "## Speed and memory",
+        "",
+        "| teacher : student | loss | runs per arm | parameters | cached tokens/s | online tokens/s | speed-up | "
+        "peak RSS cached / online (MB) | ratio | training memory cached / online (MB) | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, r in t.items():
         c, o = r["arms"]["cached"], r["arms"]["online"]
-        lines.append(f"| {label} | {r.get('method', 'hpd')} | {len(r['runs']['cached'])} | "
-                     f"{r['teacher_parameters'] / 1e6:.2f}M : {r['student_parameters'] / 1e3:.0f}k | "
-                     f"{c['tokens_per_s']:,.0f} | {o['tokens_per_s']:,.0f} | **{r['speedup']:.2f}x** | "
-                     f"{c['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} | {r['peak_rss_ratio']:.2f} | "
-                     f"{c['training_mb']:.0f} / {o['training_mb']:.0f} | **{r['training_mb_ratio']:.2f}** |")
-    lines += ["", "Training memory = peak RSS minus the process's RSS before any model was loaded.", "",
-              "## Teacher-score overhead", "",
-              "| teacher | tokens | forward s | log-softmax + top-k s | waiting for the writer s | writer (background) s "
-              "| wall s | overhead |", "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {label} | {r.get('method', 'hpd')} | {len(r['runs']['cached'])} | "
+            f"{r['teacher_parameters'] / 1e6:.2f}M : {r['student_parameters'] / 1e3:.0f}k | "
+            f"{c['tokens_per_s']:,.0f} | {o['tokens_per_s']:,.0f} | **{r['speedup']:.2f}x** | "
+            f"{c['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} | {r['peak_rss_ratio']:.2f} | "
+            f"{c['training_mb']:.0f} / {o['training_mb']:.0f} | **{r['training_mb_ratio']:.2f}** |"
+        )
+    lines += [
+        "",
+        "Training memory = peak RSS minus the process's RSS before any model was loaded.",
+        "",
+        "## Teacher-score overhead",
+        "",
+        "| teacher | tokens | forward s | log-softmax + top-k s | waiting for the writer s | writer (background) s "
+        "| wall s | overhead |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, r in t.items():
         tm = r["score_timing"]
-        lines.append(f"| {label} ({r['teacher_parameters'] / 1e6:.2f}M) | {r['score_tokens']:,} | "
-                     f"{tm['forward_s']:.1f} | {tm['topk_s']:.1f} | {tm.get('write_wait_s', 0):.2f} | "
-                     f"{tm.get('write_s', 0):.1f} | {tm['wall_s']:.1f} | **{tm['overhead']:.1%}** |")
+        lines.append(
+            f"| {label} ({r['teacher_parameters'] / 1e6:.2f}M) | {r['score_tokens']:,} | "
+            f"{tm['forward_s']:.1f} | {tm['topk_s']:.1f} | {tm.get('write_wait_s', 0):.2f} | "
+            f"{tm.get('write_s', 0):.1f} | {tm['wall_s']:.1f} | **{tm['overhead']:.1%}** |"
+        )
     if "math" in s:
         m = s["math"]
         tg = m["targets"]
-        lines += ["", "## Student quality and time to a fixed level (math, HPD, the default 7.6x pair)", "",
-                  f"| arm | seeds | held-out accuracy | held-out NLL | steps to {tg['accuracy']:.1%} accuracy "
-                  f"(seeds reaching it) | seconds to it | steps to NLL {tg['nll']:.3f} | seconds to it |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Student quality and time to a fixed level (math, HPD, the default 7.6x pair)",
+            "",
+            f"| arm | seeds | held-out accuracy | held-out NLL | steps to {tg['accuracy']:.1%} accuracy "
+            f"(seeds reaching it) | seconds to it | steps to NLL {tg['nll']:.3f} | seconds to it |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for arm in ARMS:
             cells = []
             for what in ("accuracy", "nll"):
                 steps = [x for x in m["steps_to_target"][what][arm] if x is not None]
                 secs = m.get("seconds_to_target", {}).get(what, {}).get(arm)
-                cells += [f"{statistics.mean(steps):.0f} ({len(steps)} of {len(m['steps_to_target'][what][arm])})"
-                          if steps else "not reached", "" if secs is None else f"{secs:.0f}"]
+                cells += [
+                    f"{statistics.mean(steps):.0f} ({len(steps)} of {len(m['steps_to_target'][what][arm])})"
+                    if steps
+                    else "not reached",
+                    "" if secs is None else f"{secs:.0f}",
+                ]
             (am, asd), (nm, nsd) = m["accuracy"][arm], m["nll"][arm]
-            lines.append(f"| {arm} | {len(m['steps_to_target']['nll'][arm])} | {am:.1%} ± {asd:.1%} | "
-                         f"{nm:.3f} ± {nsd:.3f} | " + " | ".join(cells) + " |")
-        lines.append(f"\nPaired by seed, cached - online accuracy: {m['paired'][0]:+.1%} ± {m['paired'][1]:.1%}. "
-                     "Seconds = steps from the learning curves x seconds per step timed above "
-                     + (f"({m['seconds_per_step']['cached']:.2f} s cached, {m['seconds_per_step']['online']:.2f} s "
-                        f"online)." if "seconds_per_step" in m else "."))
+            lines.append(
+                f"| {arm} | {len(m['steps_to_target']['nll'][arm])} | {am:.1%} ± {asd:.1%} | "
+                f"{nm:.3f} ± {nsd:.3f} | " + " | ".join(cells) + " |"
+            )
+        lines.append(
+            f"\nPaired by seed, cached - online accuracy: {m['paired'][0]:+.1%} ± {m['paired'][1]:.1%}. "
+            "Seconds = steps from the learning curves x seconds per step timed above "
+            + (
+                f"({m['seconds_per_step']['cached']:.2f} s cached, {m['seconds_per_step']['online']:.2f} s online)."
+                if "seconds_per_step" in m
+                else "."
+            )
+        )
     if "dialogue" in s:
         d = s["dialogue"]
-        lines += ["", "## Student quality (dialogue, HPD, top-64 of 8192 cached vs the full vocabulary online)", "",
-                  "| arm | held-out NLL | KL to teacher | ROUGE-L |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Student quality (dialogue, HPD, top-64 of 8192 cached vs the full vocabulary online)",
+            "",
+            "| arm | held-out NLL | KL to teacher | ROUGE-L |",
+            "|---|---|---|---|",
+        ]
         for arm in ARMS:
-            lines.append(f"| {arm} | " + " | ".join(f"{d[k][arm][0]:.3f} ± {d[k][arm][1]:.3f}" for k in
-                                                   ("response_nll_nats", "kl_to_teacher_nats", "rouge_l")) + " |")
+            lines.append(
+                f"| {arm} | "
+                + " | ".join(
+                    f"{d[k][arm][0]:.3f} ± {d[k][arm][1]:.3f}"
+                    for k in ("response_nll_nats", "kl_to_teacher_nats", "rouge_l")
+                )
+                + " |"
+            )
         lines.append(f"\nPaired NLL difference, cached - online: {d['paired_nll'][0]:+.4f} ± {d['paired_nll'][1]:.4f}.")
-    lines += ["", "## K experiments from one cache (three epochs over the scored tokens each)", "",
-              "| teacher : student | K | cached: score once + K trainings (s) | online: K trainings (s) | ratio |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## K experiments from one cache (three epochs over the scored tokens each)",
+        "",
+        "| teacher : student | K | cached: score once + K trainings (s) | online: K trainings (s) | ratio |",
+        "|---|---|---|---|---|",
+    ]
     for label, ks in s["k_experiments"].items():
         for k, v in ks.items():
-            lines.append(f"| {label} | {k} | {v['cached_s']:.0f} | {v['online_s']:.0f} | "
-                         f"{v['online_s'] / v['cached_s']:.2f}x |")
+            lines.append(
+                f"| {label} | {k} | {v['cached_s']:.0f} | {v['online_s']:.0f} | {v['online_s'] / v['cached_s']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -316,15 +465,24 @@ def main():
     for config, name in [(None, "math"), ("dialogue", "dialogue")]:  # the default runs' teachers and caches
         runner(home, config, name, []).run(until="score")
     # Each part keeps its results in a file of its own, so a part can be rerun alone; the report joins them.
-    parts = {"quality": lambda: quality(home, args.seeds, args.math_steps, args.dialogue_steps),
-             "timing": lambda: timing(home, {"math": args.timing_steps, "dialogue": args.timing_steps // 2},
-                                      args.repeats, [x for x in args.only.split(",") if x] or None)}
+    parts = {
+        "quality": lambda: quality(home, args.seeds, args.math_steps, args.dialogue_steps),
+        "timing": lambda: timing(
+            home,
+            {"math": args.timing_steps, "dialogue": args.timing_steps // 2},
+            args.repeats,
+            [x for x in args.only.split(",") if x] or None,
+        ),
+    }
     RESULTS.mkdir(exist_ok=True)
     for part, fn in parts.items():
         if args.part in ("all", part):
             (RESULTS / f"cached_vs_online_{part}.json").write_text(json.dumps(fn(), indent=1))
-    done = {part: json.loads((RESULTS / f"cached_vs_online_{part}.json").read_text()) for part in parts
-            if (RESULTS / f"cached_vs_online_{part}.json").exists()}
+    done = {
+        part: json.loads((RESULTS / f"cached_vs_online_{part}.json").read_text())
+        for part in parts
+        if (RESULTS / f"cached_vs_online_{part}.json").exists()
+    }
     if len(done) < len(parts):
         print(f"report waits for {', '.join(p for p in parts if p not in done)}")
         return
@@ -333,6 +491,7 @@ def main():
     (RESULTS / "cached_vs_online.json").write_text(json.dumps({"summary": s}, indent=1))
     (RESULTS / "cached_vs_online.md").write_text(markdown(t, q, s))
     print(markdown(t, q, s))
+
 
 if __name__ == "__main__":
     main()

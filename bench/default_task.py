@@ -11,6 +11,7 @@
 
 Writes bench/results/default_task.json; bench/readme.py puts its tables in the README.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,14 +35,20 @@ METRICS = ("accuracy", "avg@4", "response_nll_nats", "kl_to_teacher_nats")
 
 def hpd_run(home: Path) -> tuple[float, str]:
     t0 = time.time()
-    p = subprocess.run([*HPD, "run"], env={**os.environ, "HPD_HOME": str(home)}, capture_output=True, text=True,
-                       check=True)
+    p = subprocess.run(
+        [*HPD, "run"], env={**os.environ, "HPD_HOME": str(home)}, capture_output=True, text=True, check=True
+    )
     return time.time() - t0, p.stdout
 
 
 def spread(xs: list[float]) -> dict:
-    return {"mean": statistics.mean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "min": min(xs),
-            "max": max(xs), "values": xs}
+    return {
+        "mean": statistics.mean(xs),
+        "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "min": min(xs),
+        "max": max(xs),
+        "values": xs,
+    }
 
 
 def main():
@@ -58,8 +65,9 @@ def main():
     runs = [base.outputs("eval").report]
     for seed in range(1, args.seeds):
         name = f"bench-s{seed}"
-        r = open_run(None, [f"distill.seed={seed}", f'run.name="{name}"', "eval.teacher=false"], home=home,
-                     log=lambda s: None)
+        r = open_run(
+            None, [f"distill.seed={seed}", f'run.name="{name}"', "eval.teacher=false"], home=home, log=lambda s: None
+        )
         r.adopt(cfg.run.name, SHARED)
         t0 = time.time()
         r.run()
@@ -71,17 +79,27 @@ def main():
     score = base.outputs("score")
     result = {
         "machine": {"cpus": os.cpu_count()},
-        "config": cfg.as_dict(), "seeds": args.seeds,
-        "make_distill_seconds": round(cold, 1), "up_to_date_seconds": round(warm, 1), "stage_seconds": stage_seconds,
-        "printed": printed[printed.index("\nmodel"):].strip() if "\nmodel" in printed else printed,
+        "config": cfg.as_dict(),
+        "seeds": args.seeds,
+        "make_distill_seconds": round(cold, 1),
+        "up_to_date_seconds": round(warm, 1),
+        "stage_seconds": stage_seconds,
+        "printed": printed[printed.index("\nmodel") :].strip() if "\nmodel" in printed else printed,
         "teacher": teacher,
-        "sizes": {"teacher": teacher["parameters"], "student": runs[0]["student"]["parameters"],
-                  "ratio": teacher["parameters"] / runs[0]["student"]["parameters"]},
-        "method": runs[0]["student_report"]["method"], "baseline": runs[0]["baseline_report"]["method"],
-        "arms": arms, "paired_student_minus_baseline": paired,
+        "sizes": {
+            "teacher": teacher["parameters"],
+            "student": runs[0]["student"]["parameters"],
+            "ratio": teacher["parameters"] / runs[0]["student"]["parameters"],
+        },
+        "method": runs[0]["student_report"]["method"],
+        "baseline": runs[0]["baseline_report"]["method"],
+        "arms": arms,
+        "paired_student_minus_baseline": paired,
         "student_over_teacher_accuracy_min": arms["student"]["accuracy"]["min"] / teacher["accuracy"],
-        "seeds_above_80pct_of_teacher": {arm: sum(run[arm]["accuracy"] >= 0.8 * teacher["accuracy"] for run in runs)
-                                         for arm in ("student", "baseline")},
+        "seeds_above_80pct_of_teacher": {
+            arm: sum(run[arm]["accuracy"] >= 0.8 * teacher["accuracy"] for run in runs)
+            for arm in ("student", "baseline")
+        },
         "cache": {k: getattr(score, k) for k in ("top_k", "sequences", "tokens", "bytes", "bytes_per_token")},
         "runs": [{arm: run[arm] for arm in ("student", "baseline")} for run in runs],
     }
@@ -89,9 +107,11 @@ def main():
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(result["printed"])
     a = arms["student"]["accuracy"]
-    print(f"make distill {cold:.0f}s (stages {stage_seconds}); {args.seeds} seeds: {result['method']} accuracy "
-          f"min {a['min']:.1%} mean {a['mean']:.1%} max {a['max']:.1%}; teacher {teacher['accuracy']:.1%}; "
-          f"baseline mean {arms['baseline']['accuracy']['mean']:.1%}")
+    print(
+        f"make distill {cold:.0f}s (stages {stage_seconds}); {args.seeds} seeds: {result['method']} accuracy "
+        f"min {a['min']:.1%} mean {a['mean']:.1%} max {a['max']:.1%}; teacher {teacher['accuracy']:.1%}; "
+        f"baseline mean {arms['baseline']['accuracy']['mean']:.1%}"
+    )
     shutil.rmtree(home, ignore_errors=True)
     print(f"written to {args.out}")
 

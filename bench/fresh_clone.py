@@ -6,6 +6,7 @@ Writes bench/results/fresh_clone.json (wall seconds, the install's share, what i
 cache is whatever this machine has, as it is for a newcomer's second project; a machine that never
 downloaded the pinned wheels spends longer in the install.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,18 @@ def main():
     total = time.time() - t0
     if install.returncode or run.returncode:
         raise SystemExit(f"make failed:\n{install.stderr[-2000:]}\n{run.stderr[-2000:]}")
-    printed = run.stdout[run.stdout.index("\nmodel"):].strip()
+    printed = run.stdout[run.stdout.index("\nmodel") :].strip()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    result = {"commit": commit.strip(), "cpus": os.cpu_count(), "install_seconds": round(installed, 1),
-              "make_distill_seconds": round(total, 1), "printed": printed,
-              "stage_seconds": {m.group(1): float(m.group(2))
-                                for m in re.finditer(r"^\[(\S+)\] done in ([\d.]+)s", run.stdout, re.M)}}
+    result = {
+        "commit": commit.strip(),
+        "cpus": os.cpu_count(),
+        "install_seconds": round(installed, 1),
+        "make_distill_seconds": round(total, 1),
+        "printed": printed,
+        "stage_seconds": {
+            m.group(1): float(m.group(2)) for m in re.finditer(r"^\[(\S+)\] done in ([\d.]+)s", run.stdout, re.M)
+        },
+    }
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     print(printed)
     print(f"fresh clone: install {installed:.0f}s, make distill in all {total:.0f}s; written to {OUT}")

@@ -14,6 +14,7 @@ nothing else (tests/test_gpu_check.py runs it with pyarrow, datasets and zstanda
 3. the vLLM engine against the transformers engine (scoring agreement and tokens/s), where vLLM imports.
 Anything skipped is said in one line, and in the JSON under "skipped".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,17 +33,48 @@ from hpd.stages.scoring import Timer, score_batch
 from hpd.storage.cache_batch import ScoredSequence, grid_batch
 
 OUT = Path(__file__).resolve().parent / "results" / "gpu_check.json"
-QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936)
+QWEN2_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+)
 SCALE = {  # shapes and counts: the real check, and a CPU-sized one for the test
-    "gpu": dict(teacher=QWEN2_05B, student=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                                                 num_attention_heads=6, num_key_value_heads=2),
-                seq_len=1024, prompt_len=256, batch=16, batches=6, agree_batches=1, steps=12, top_k=64),
-    "small": dict(teacher=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=512),
-                  student=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               num_key_value_heads=1),
-                  seq_len=48, prompt_len=16, batch=4, batches=2, agree_batches=1, steps=3, top_k=16),
+    "gpu": dict(
+        teacher=QWEN2_05B,
+        student=dict(
+            hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2
+        ),
+        seq_len=1024,
+        prompt_len=256,
+        batch=16,
+        batches=6,
+        agree_batches=1,
+        steps=12,
+        top_k=64,
+    ),
+    "small": dict(
+        teacher=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+        ),
+        student=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+        ),
+        seq_len=48,
+        prompt_len=16,
+        batch=4,
+        batches=2,
+        agree_batches=1,
+        steps=3,
+        top_k=16,
+    ),
 }
 
 
@@ -83,9 +115,9 @@ def teacher_side(teacher, s: dict, device) -> tuple[dict, list]:
     seqs = sequences(s, teacher.config.vocab_size, s["batch"] * s["batches"], seed=1)
     plens = [s["prompt_len"]] * len(seqs)
     response = (s["seq_len"] - s["prompt_len"]) * s["batch"]
-    batches = [seqs[i * s["batch"]:(i + 1) * s["batch"]] for i in range(s["batches"])]
+    batches = [seqs[i * s["batch"] : (i + 1) * s["batch"]] for i in range(s["batches"])]
     with torch.no_grad():  # warm-up (kernels, allocator)
-        score_batch(teacher, batches[0], plens[:s["batch"]], top_k=s["top_k"], temperature=1.0, pad_id=0)
+        score_batch(teacher, batches[0], plens[: s["batch"]], top_k=s["top_k"], temperature=1.0, pad_id=0)
         sync(device)
         t0 = time.perf_counter()
         for b in batches:
@@ -96,12 +128,17 @@ def teacher_side(teacher, s: dict, device) -> tuple[dict, list]:
     timer, rows = Timer(), []
     t0 = time.perf_counter()
     for b in batches:
-        rows.append(score_batch(teacher, b, plens[:len(b)], top_k=s["top_k"], temperature=1.0, pad_id=0, timer=timer))
+        rows.append(score_batch(teacher, b, plens[: len(b)], top_k=s["top_k"], temperature=1.0, pad_id=0, timer=timer))
     sync(device)
     scored = time.perf_counter() - t0
     n = response * s["batches"]
-    return {"response_tokens": n, "forward_tokens_per_s": n / forward, "scored_tokens_per_s": n / scored,
-            "overhead_over_forward": scored / forward - 1, "phases_seconds": dict(timer)}, list(zip(batches, rows))
+    return {
+        "response_tokens": n,
+        "forward_tokens_per_s": n / forward,
+        "scored_tokens_per_s": n / scored,
+        "overhead_over_forward": scored / forward - 1,
+        "phases_seconds": dict(timer),
+    }, list(zip(batches, rows))
 
 
 def agreement(fast: list[dict], exact: list[dict]) -> dict:
@@ -113,14 +150,21 @@ def agreement(fast: list[dict], exact: list[dict]) -> dict:
         overlap.append(torch.tensor([len(set(x.tolist()) & set(y.tolist())) / ia.shape[1] for x, y in zip(ia, ib)]))
         diff.append((torch.as_tensor(a["target_logprob"]) - torch.as_tensor(b["target_logprob"])).abs())
     top1, overlap, diff = torch.cat(top1), torch.cat(overlap), torch.cat(diff)
-    return {"positions": len(top1), "top1_agreement": top1.mean().item(), "topk_overlap": overlap.mean().item(),
-            "target_logprob_abs_diff_mean": diff.mean().item(), "target_logprob_abs_diff_max": diff.max().item()}
+    return {
+        "positions": len(top1),
+        "top1_agreement": top1.mean().item(),
+        "topk_overlap": overlap.mean().item(),
+        "target_logprob_abs_diff_mean": diff.mean().item(),
+        "target_logprob_abs_diff_max": diff.max().item(),
+    }
 
 
 def training_batch(batch: list, rows: list[dict], k: int, device):
     ids = torch.stack([torch.from_numpy(x) for x in batch]).to(device)
     labels = ids.clone()
-    labels[:, :rows[0]["start"] + 1] = -100  # the prompt (row "start" is the position predicting the first response token)
+    labels[
+        :, : rows[0]["start"] + 1
+    ] = -100  # the prompt (row "start" is the position predicting the first response token)
     scored = [ScoredSequence(seq_id=i, input_ids=None, crc=0, **r) for i, r in enumerate(rows)]
     return ids, labels, grid_batch(scored, k, length=ids.shape[1]).to(device)
 
@@ -149,8 +193,12 @@ def distill_steps(student, data: list, s: dict, device, teacher=None) -> dict:
         opt.zero_grad(set_to_none=True)
         tokens += diag["tokens"] if step else 0
     sync(device)
-    return {"tokens_per_s": tokens / (time.perf_counter() - t0), "peak_memory_mb": peak_mb(device),
-            "steps": s["steps"], "final_loss": loss.item()}
+    return {
+        "tokens_per_s": tokens / (time.perf_counter() - t0),
+        "peak_memory_mb": peak_mb(device),
+        "steps": s["steps"],
+        "final_loss": loss.item(),
+    }
 
 
 def save_for_vllm(teacher, skipped: dict) -> Path | None:
@@ -166,8 +214,12 @@ def save_for_vllm(teacher, skipped: dict) -> Path | None:
 
     out = Path(tempfile.mkdtemp(prefix="hpd-gpu-check-"))
     vocab = {f"t{i}": i for i in range(teacher.config.vocab_size)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0",
-                                  pad_token="t0", eos_token="t1")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+        unk_token="t0",
+        pad_token="t0",
+        eos_token="t1",
+    )
     teacher.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -180,13 +232,15 @@ def vllm_part(model_dir: Path, batches_rows: list, s: dict) -> dict:
     llm = vllm_engine.load(str(model_dir), scoring=True, top_k=s["top_k"])
     seqs = [x for b, _ in batches_rows for x in b]
     plens = [s["prompt_len"]] * len(seqs)
-    vllm_engine.score(llm, seqs[:s["batch"]], plens[:s["batch"]], top_k=s["top_k"], temperature=1.0)  # warm-up
+    vllm_engine.score(llm, seqs[: s["batch"]], plens[: s["batch"]], top_k=s["top_k"], temperature=1.0)  # warm-up
     t0 = time.perf_counter()
     rows = vllm_engine.score(llm, seqs, plens, top_k=s["top_k"], temperature=1.0)
     seconds = time.perf_counter() - t0
     n = sum(len(r["target_logprob"]) for r in rows)
-    return {"scored_tokens_per_s": n / seconds,
-            "agreement_with_transformers": agreement(rows, [r for _, rs in batches_rows for r in rs])}
+    return {
+        "scored_tokens_per_s": n / seconds,
+        "agreement_with_transformers": agreement(rows, [r for _, rs in batches_rows for r in rs]),
+    }
 
 
 def main():
@@ -210,10 +264,11 @@ def main():
         # the same weights in fp32, on a slice: how much the bf16 cache differs from an fp32 teacher's
         exact_teacher = qwen2(s["teacher"], vocab, device, torch.float32, seed=0)
         bf16_rows, fp32_rows = [], []
-        for batch, rows in batches_rows[:s["agree_batches"]]:
+        for batch, rows in batches_rows[: s["agree_batches"]]:
             bf16_rows += rows
-            fp32_rows += score_batch(exact_teacher, batch, [s["prompt_len"]] * len(batch), top_k=s["top_k"],
-                                     temperature=1.0, pad_id=0)
+            fp32_rows += score_batch(
+                exact_teacher, batch, [s["prompt_len"]] * len(batch), top_k=s["top_k"], temperature=1.0, pad_id=0
+            )
         side["bf16_vs_fp32"] = agreement(bf16_rows, fp32_rows)
         del exact_teacher
         data = [training_batch(b, rows, s["top_k"], device) for b, rows in batches_rows]
@@ -237,15 +292,28 @@ def main():
                 skipped["vllm"] = f"vLLM failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         result = {
             "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                         "python": platform.python_version()},
-            "teacher": {"architecture": "Qwen2 (random init)", "parameters": params, "dtype": "bfloat16", **s["teacher"]},
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": __import__("transformers").__version__,
+                "python": platform.python_version(),
+            },
+            "teacher": {
+                "architecture": "Qwen2 (random init)",
+                "parameters": params,
+                "dtype": "bfloat16",
+                **s["teacher"],
+            },
             "student_parameters": student_parameters,
             "sequence": {"length": s["seq_len"], "prompt": s["prompt_len"], "batch": s["batch"], "top_k": s["top_k"]},
             "teacher_side": side,
-            "distill_bf16": {"cached": cached, "online": online,
-                             "cached_speedup": cached["tokens_per_s"] / online["tokens_per_s"]},
-            "vllm": vllm, "skipped": skipped, "seconds": time.perf_counter() - t_start,
+            "distill_bf16": {
+                "cached": cached,
+                "online": online,
+                "cached_speedup": cached["tokens_per_s"] / online["tokens_per_s"],
+            },
+            "vllm": vllm,
+            "skipped": skipped,
+            "seconds": time.perf_counter() - t_start,
         }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

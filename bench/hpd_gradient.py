@@ -12,6 +12,7 @@ encode/decode path (default encoding) at k. Reported: cosine similarity and rela
 
 Writes bench/results/hpd_gradient[_smollm2].json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,12 +39,16 @@ def cache_from_logits(teacher_logits: torch.Tensor, input_ids: torch.Tensor, mas
     and back."""
     B, L, V = teacher_logits.shape
     nxt = torch.cat([input_ids[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1)
-    ids, top, target, tail = score_positions(teacher_logits.float().reshape(B * L, V), nxt.reshape(-1),
-                                             top_k=k)
+    ids, top, target, tail = score_positions(teacher_logits.float().reshape(B * L, V), nxt.reshape(-1), top_k=k)
     code = enc.get(DEFAULT_ENCODING)
     d_ids, d_lp = code.decode(code.encode(ids.numpy(), top.numpy(), V), B * L, k)
-    return CacheBatch(topk_ids=d_ids.view(B, L, k), topk_logprobs=d_lp.view(B, L, k),
-                      target_logprob=target.view(B, L), tail_logmass=tail.view(B, L), mask=mask)
+    return CacheBatch(
+        topk_ids=d_ids.view(B, L, k),
+        topk_logprobs=d_lp.view(B, L, k),
+        target_logprob=target.view(B, L),
+        tail_logmass=tail.view(B, L),
+        mask=mask,
+    )
 
 
 def flat_grad(model) -> torch.Tensor:
@@ -64,11 +69,20 @@ def arguments(description: str):
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=None, help="sequences per batch (dialogue 32, smollm2 8)")
-    ap.add_argument("--sft-steps", type=int, default=60, help="dialogue: SFT steps that make the student's samples "
-                                                             "resemble language (the smollm2 student is the teacher's)")
-    ap.add_argument("--student", choices=("kept", "fresh"), default="kept",
-                    help="smollm2: the preset's layer-kept student (close to the teacher) or a fresh small GPT-2 with the "
-                         "teacher's tokenizer, briefly trained by SFT as on dialogue (far from it)")
+    ap.add_argument(
+        "--sft-steps",
+        type=int,
+        default=60,
+        help="dialogue: SFT steps that make the student's samples "
+        "resemble language (the smollm2 student is the teacher's)",
+    )
+    ap.add_argument(
+        "--student",
+        choices=("kept", "fresh"),
+        default="kept",
+        help="smollm2: the preset's layer-kept student (close to the teacher) or a fresh small GPT-2 with the "
+        "teacher's tokenizer, briefly trained by SFT as on dialogue (far from it)",
+    )
     ap.add_argument("--out", default=None)
     return ap
 
@@ -98,7 +112,9 @@ def gradient_batches(args):
     if kept:  # the preset's student: the teacher with distill.n_layer of its layers kept
         student = student_models.keep_layers(teacher, cfg.distill.n_layer)[0]
     else:
-        student = student_models.new_gpt2(tok, n_positions=hf_models.context_length(teacher), n_layer=2, n_embd=64, n_head=2)
+        student = student_models.new_gpt2(
+            tok, n_positions=hf_models.context_length(teacher), n_layer=2, n_embd=64, n_head=2
+        )
     opt = torch.optim.AdamW(student.parameters(), lr=2e-3)
     _, plens, seqs = store.range(0, min(len(store), bs * (sft_steps + args.batches)))
     # dialogue: SFT on the first sft_steps batches, measured on the next ones. smollm2's 192 replies are too few for
@@ -110,11 +126,11 @@ def gradient_batches(args):
         measured, sft = list(range(args.batches)), [args.batches + i % rest for i in range(sft_steps)]
 
     def batch(i):
-        part = seqs[bs * i:bs * (i + 1)]
+        part = seqs[bs * i : bs * (i + 1)]
         ids, mask = batching.pad_right(part, tok.pad_token_id)
         labels = ids.clone()
         labels[mask == 0] = -100
-        for b, p in enumerate(plens[bs * i:bs * (i + 1)]):
+        for b, p in enumerate(plens[bs * i : bs * (i + 1)]):
             labels[b, :p] = -100
         return ids, mask, labels
 
@@ -133,8 +149,9 @@ def gradient_batches(args):
             t_logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
             s_logits = student(input_ids=ids, attention_mask=mask).logits.float()
         g = torch.Generator().manual_seed(i)
-        sample = torch.multinomial(torch.softmax(s_logits.reshape(-1, s_logits.shape[-1]), -1), 1,
-                                   generator=g).view(ids.shape)
+        sample = torch.multinomial(torch.softmax(s_logits.reshape(-1, s_logits.shape[-1]), -1), 1, generator=g).view(
+            ids.shape
+        )
         del s_logits
         sample = torch.cat([torch.zeros_like(sample[:, :1]), sample[:, :-1]], 1)  # aligned with labels
         cache_mask = torch.cat([labels[:, 1:] != -100, torch.zeros_like(labels[:, :1], dtype=torch.bool)], 1)
@@ -150,8 +167,13 @@ def main():
     for n, (ids, mask, labels, t_logits, sample, cache_mask) in enumerate(batches, 1):
         for method in ("hpd", "hpd_fkl", "fkl"):
             student.zero_grad()
-            full, _ = distill_loss(method, student(input_ids=ids, attention_mask=mask).logits, labels,
-                                   teacher=t_logits, sampled_tokens=sample)
+            full, _ = distill_loss(
+                method,
+                student(input_ids=ids, attention_mask=mask).logits,
+                labels,
+                teacher=t_logits,
+                sampled_tokens=sample,
+            )
             full.backward()
             if method == "fkl":  # forward KL's value: how far the student starts from the teacher
                 start_kl.append(float(full.detach()))
@@ -159,8 +181,13 @@ def main():
             for k in (16, 64):
                 student.zero_grad()
                 cb = cache_from_logits(t_logits, ids, cache_mask, k)
-                cached, diag = distill_loss(method, student(input_ids=ids, attention_mask=mask).logits, labels,
-                                            teacher=cb, sampled_tokens=sample)
+                cached, diag = distill_loss(
+                    method,
+                    student(input_ids=ids, attention_mask=mask).logits,
+                    labels,
+                    teacher=cb,
+                    sampled_tokens=sample,
+                )
                 cached.backward()
                 g_c = flat_grad(student)
                 r = results.setdefault(f"{method}@k={k}", {"cosine": [], "relative_norm": [], "diag": []})
@@ -168,12 +195,18 @@ def main():
                 r["cosine"].append(cos)
                 r["relative_norm"].append(rel)
                 r["diag"].append(diag)
-        print(f"batch {n}/{args.batches}: " + ", ".join(
-            f"{name} {r['cosine'][-1]:.4f}" for name, r in results.items()), flush=True)
+        print(
+            f"batch {n}/{args.batches}: " + ", ".join(f"{name} {r['cosine'][-1]:.4f}" for name, r in results.items()),
+            flush=True,
+        )
     summary = {}
     for name, r in results.items():
-        s = {"cosine_mean": float(np.mean(r["cosine"])), "cosine_min": float(np.min(r["cosine"])),
-             "relative_norm_mean": float(np.mean(r["relative_norm"])), "batches": len(r["cosine"])}
+        s = {
+            "cosine_mean": float(np.mean(r["cosine"])),
+            "cosine_min": float(np.min(r["cosine"])),
+            "relative_norm_mean": float(np.mean(r["relative_norm"])),
+            "batches": len(r["cosine"]),
+        }
         if name.startswith("hpd"):
             s["sample_outside_topk"] = float(np.mean([d["sample_outside_topk"] for d in r["diag"]]))
             s["sample_term_active"] = float(np.mean([d["sample_term_active"] for d in r["diag"]]))
@@ -181,12 +214,17 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     summary["student_kl_to_teacher_nats"] = float(np.mean(start_kl))  # at the response positions, before any step
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    md = ["| loss @ k | cosine(cached, full) mean (min) | relative norm of the difference | sampled token outside top-k | sampled-token term active |",
-          "|---|---|---|---|---|"]
+    md = [
+        "| loss @ k | cosine(cached, full) mean (min) | relative norm of the difference | sampled token outside top-k "
+        "| sampled-token term active |",
+        "|---|---|---|---|---|",
+    ]
     for name, s in ((n, s) for n, s in summary.items() if "@" in n):
         pct = lambda key: f"{s[key]:.1%}" if key in s else "-"  # noqa: E731
-        md.append(f"| {name} | {s['cosine_mean']:.4f} ({s['cosine_min']:.4f}) | {s['relative_norm_mean']:.4f} | "
-                  f"{pct('sample_outside_topk')} | {pct('sample_term_active')} |")
+        md.append(
+            f"| {name} | {s['cosine_mean']:.4f} ({s['cosine_min']:.4f}) | {s['relative_norm_mean']:.4f} | "
+            f"{pct('sample_outside_topk')} | {pct('sample_term_active')} |"
+        )
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

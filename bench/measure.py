@@ -6,6 +6,7 @@ the benches' way to time a stage apart (peak memory is a per-process figure).
 The stage runs through the public API (`hpd.open_run`) with an observer; the stage's figures reach the
 observer, never the run's artifacts, so measuring changes no result.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,16 @@ def paired_summary(rows: list[dict], reference: str, metrics) -> dict:
             values = [mine[s][k] for s in sorted(mine)]
             d = [mine[s][k] - ref[s][k] for s in sorted(mine) if s in ref]
             higher = k == "accuracy" or k.startswith("avg@")
-            out[arm][k] = {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-                           "minus_reference": {"mean": statistics.mean(d),
-                                               "sd": statistics.stdev(d) if len(d) > 1 else 0.0,
-                                               "better": sum((x > 0) if higher else (x < 0) for x in d),
-                                               "seeds": len(d)}}
+            out[arm][k] = {
+                "mean": statistics.mean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "minus_reference": {
+                    "mean": statistics.mean(d),
+                    "sd": statistics.stdev(d) if len(d) > 1 else 0.0,
+                    "better": sum((x > 0) if higher else (x < 0) for x in d),
+                    "seeds": len(d),
+                },
+            }
     return out
 
 
@@ -51,8 +57,18 @@ class Measured(dict):
 def in_own_process(stage: str, config: str | None, sets: list[str], home: Path) -> dict:
     """`stage` run in a fresh Python process (after its run directory was cleared by the caller); its figures."""
     out = Path(home) / f".measure-{os.getpid()}.json"
-    cmd = [sys.executable, "-m", "bench.measure", stage, "--home", str(home), "--out", str(out),
-           *(["--config", config] if config else []), *[a for s in sets for a in ("--set", s)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.measure",
+        stage,
+        "--home",
+        str(home),
+        "--out",
+        str(out),
+        *(["--config", config] if config else []),
+        *[a for s in sets for a in ("--set", s)],
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     figures = json.loads(out.read_text())
     out.unlink()

@@ -15,6 +15,7 @@ ensemble, judged on the default held-out set.
 
 Writes bench/results/multi_teacher.json; bench/readme.py puts the tables in the README.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,14 +59,25 @@ def arm_runs(home: Path, arms: dict, seeds: int, common: list[str], heldout: str
     for seed in range(seeds):
         for arm, (base, extra) in arms.items():
             name = f"{base}-{arm.replace(' ', '-').replace('+', 'and')}-s{seed}"
-            r = _run(home, name, [*TEACHERS[base], *common, *extra, f"distill.seed={seed}",
-                                  f'eval.heldout="{heldout}"', f"eval.teacher={'true' if seed == 0 else 'false'}"])
+            r = _run(
+                home,
+                name,
+                [
+                    *TEACHERS[base],
+                    *common,
+                    *extra,
+                    f"distill.seed={seed}",
+                    f'eval.heldout="{heldout}"',
+                    f"eval.teacher={'true' if seed == 0 else 'false'}",
+                ],
+            )
             r.adopt(base, ["data", "teacher", "generate", "score"])
             t0 = time.time()
             r.run()
             student = r.outputs("eval").report["student"]
-            rows.append({"arm": arm, "seed": seed, "seconds": round(time.time() - t0, 1),
-                         **{k: student[k] for k in METRICS}})
+            rows.append(
+                {"arm": arm, "seed": seed, "seconds": round(time.time() - t0, 1), **{k: student[k] for k in METRICS}}
+            )
             print(f"{arm} seed {seed}: " + ", ".join(f"{k} {student[k]:.4g}" for k in METRICS), flush=True)
     return rows
 
@@ -96,11 +108,17 @@ def main():
             if extra:
                 continue
             name = f"{run}-{label.replace(' ', '-').replace('+', 'and')}-s0"
-            judged.setdefault(arm, {})[run] = {k: _run(home, name, []).outputs("eval").report["teacher"][k]
-                                               for k in METRICS}
-    result = {"seeds": args.seeds, "student_steps": args.steps, "teachers": teachers, "teacher_judged": judged,
-              "routing": {"rows": routing, "summary": paired_summary(routing, "generalist", METRICS)},
-              "ensemble": {"rows": ensemble, "summary": paired_summary(ensemble, "teacher 1 alone", METRICS)}}
+            judged.setdefault(arm, {})[run] = {
+                k: _run(home, name, []).outputs("eval").report["teacher"][k] for k in METRICS
+            }
+    result = {
+        "seeds": args.seeds,
+        "student_steps": args.steps,
+        "teachers": teachers,
+        "teacher_judged": judged,
+        "routing": {"rows": routing, "summary": paired_summary(routing, "generalist", METRICS)},
+        "ensemble": {"rows": ensemble, "summary": paired_summary(ensemble, "teacher 1 alone", METRICS)},
+    }
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k]["summary"] for k in ("routing", "ensemble")}, indent=1))
 

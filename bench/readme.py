@@ -1,4 +1,5 @@
 """Rewrites the measured sections of README.md from bench/results/ (run by `make bench` after the benches)."""
+
 from __future__ import annotations
 
 import json
@@ -24,22 +25,31 @@ def _pct(x: dict) -> str:
 def make_distill() -> str:
     r = json.loads((RESULTS / "default_task.json").read_text())
     fresh = json.loads((RESULTS / "fresh_clone.json").read_text()) if (RESULTS / "fresh_clone.json").exists() else None
-    t, a, b, d, n = r["teacher"], r["arms"]["student"], r["arms"]["baseline"], r["paired_student_minus_baseline"], r["seeds"]
+    t, a, b, d, n = (
+        r["teacher"],
+        r["arms"]["student"],
+        r["arms"]["baseline"],
+        r["paired_student_minus_baseline"],
+        r["seeds"],
+    )
     above = r["seeds_above_80pct_of_teacher"]
-    timing = (f"On a fresh clone (2 CPU cores) `make distill` took **{fresh['make_distill_seconds'] / 60:.1f} minutes**, "
-              f"{fresh['install_seconds']:.0f} s of them the install (`bench/fresh_clone.py`)."
-              if fresh else "")
+    timing = (
+        f"On a fresh clone (2 CPU cores) `make distill` took **{fresh['make_distill_seconds'] / 60:.1f} minutes**, "
+        f"{fresh['install_seconds']:.0f} s of them the install (`bench/fresh_clone.py`)."
+        if fresh
+        else ""
+    )
     return f"""What `make distill` prints at the end (the run's own seed 0; `bench/results/default_task.json`):
 
 ```
-{r['printed']}
+{r["printed"]}
 ```
 
-Each row is a model judged by the `eval` stage on the same {t['examples']} held-out problems:
-**distill ({r['method']})** is the student trained from the teacher's cache; **baseline ({r['baseline']})** is the
-same student (same {r['sizes']['student'] / 1e3:.0f}k parameters, sequences, steps, learning rate and seed) trained
+Each row is a model judged by the `eval` stage on the same {t["examples"]} held-out problems:
+**distill ({r["method"]})** is the student trained from the teacher's cache; **baseline ({r["baseline"]})** is the
+same student (same {r["sizes"]["student"] / 1e3:.0f}k parameters, sequences, steps, learning rate and seed) trained
 on the sequences alone, without the teacher's distribution; **teacher** is the
-{r['sizes']['teacher'] / 1e6:.2f}M-parameter model that wrote the cache ({r['sizes']['ratio']:.1f}x the student).
+{r["sizes"]["teacher"] / 1e6:.2f}M-parameter model that wrote the cache ({r["sizes"]["ratio"]:.1f}x the student).
 *accuracy*: greedy answers whose total is exactly right; *avg@4*: the same over 4 sampled answers per problem
 (temperature 1); *held-out NLL*: nats per response token on the reference traces; *KL to teacher*: the
 full-vocabulary KL(teacher || model) per response token on those traces. {timing}
@@ -48,14 +58,14 @@ Over {n} student seeds (`make bench`, `bench/default_task.py`; seed 0 is the run
 
 | | held-out accuracy, mean (min, max) | avg@4 | held-out NLL | KL to teacher | seeds at >= 80% of the teacher's accuracy |
 |---|---|---|---|---|---|
-| {r['method']} student | **{_pct(a['accuracy'])}** | {a['avg@4']['mean']:.1%} | {a['response_nll_nats']['mean']:.3f} | {a['kl_to_teacher_nats']['mean']:.3f} | **{above['student']} of {n}** |
-| {r['baseline']} student | {_pct(b['accuracy'])} | {b['avg@4']['mean']:.1%} | {b['response_nll_nats']['mean']:.3f} | {b['kl_to_teacher_nats']['mean']:.3f} | {above['baseline']} of {n} |
-| teacher | {t['accuracy']:.1%} | {t['avg@4']:.1%} | {t['response_nll_nats']:.3f} | - | - |
+| {r["method"]} student | **{_pct(a["accuracy"])}** | {a["avg@4"]["mean"]:.1%} | {a["response_nll_nats"]["mean"]:.3f} | {a["kl_to_teacher_nats"]["mean"]:.3f} | **{above["student"]} of {n}** |
+| {r["baseline"]} student | {_pct(b["accuracy"])} | {b["avg@4"]["mean"]:.1%} | {b["response_nll_nats"]["mean"]:.3f} | {b["kl_to_teacher_nats"]["mean"]:.3f} | {above["baseline"]} of {n} |
+| teacher | {t["accuracy"]:.1%} | {t["avg@4"]:.1%} | {t["response_nll_nats"]:.3f} | - | - |
 
-Paired by seed, {r['method']} minus {r['baseline']}: accuracy {d['accuracy']['mean']:+.1%} ± {d['accuracy']['sd']:.1%},
-held-out NLL {d['response_nll_nats']['mean']:+.3f} ± {d['response_nll_nats']['sd']:.3f} (lower on
-{sum(x < 0 for x in d['response_nll_nats']['values'])} of {n} seeds). The weakest {r['method']} student reaches
-{r['student_over_teacher_accuracy_min']:.0%} of the teacher's accuracy.
+Paired by seed, {r["method"]} minus {r["baseline"]}: accuracy {d["accuracy"]["mean"]:+.1%} ± {d["accuracy"]["sd"]:.1%},
+held-out NLL {d["response_nll_nats"]["mean"]:+.3f} ± {d["response_nll_nats"]["sd"]:.3f} (lower on
+{sum(x < 0 for x in d["response_nll_nats"]["values"])} of {n} seeds). The weakest {r["method"]} student reaches
+{r["student_over_teacher_accuracy_min"]:.0%} of the teacher's accuracy.
 
 {_verdict(r)}
 """
@@ -67,32 +77,50 @@ def _verdict(r: dict) -> str:
     runs = r["runs"]
     failed = [i for i, x in enumerate(runs) if x["baseline"]["accuracy"] < 0.8 * t]
     learned = [i for i in range(n) if i not in failed]
-    closer = sum(x["baseline"]["response_nll_nats"] < x["student"]["response_nll_nats"] for x in (runs[i] for i in learned))
+    closer = sum(
+        x["baseline"]["response_nll_nats"] < x["student"]["response_nll_nats"] for x in (runs[i] for i in learned)
+    )
     d = r["paired_student_minus_baseline"]["accuracy"]
-    separable = abs(d["mean"]) > 2 * d["sd"] / n ** 0.5
-    out = (f"**Verdict.** The {m} student reached the teacher's level on {n - len([i for i, x in enumerate(runs) if x['student']['accuracy'] < 0.8 * t])} "
-           f"of {n} seeds; {b} on {len(learned)} of {n}"
-           + (f" (it stayed near 0% on seed{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}"
-              + (", the `make distill` run itself" if 0 in failed else "") + ")" if failed else "") + ". ")
+    separable = abs(d["mean"]) > 2 * d["sd"] / n**0.5
+    out = (
+        f"**Verdict.** The {m} student reached the teacher's level on {n - len([i for i, x in enumerate(runs) if x['student']['accuracy'] < 0.8 * t])} "
+        f"of {n} seeds; {b} on {len(learned)} of {n}"
+        + (
+            f" (it stayed near 0% on seed{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}"
+            + (", the `make distill` run itself" if 0 in failed else "")
+            + ")"
+            if failed
+            else ""
+        )
+        + ". "
+    )
     if separable:
-        out += f"The accuracy difference is beyond seed noise (more than twice its standard error). "
+        out += "The accuracy difference is beyond seed noise (more than twice its standard error). "
     else:
-        out += (f"Over {n} seeds the accuracy difference is not beyond seed noise (mean {d['mean']:+.1%}, standard "
-                f"error {d['sd'] / n ** 0.5:.1%}): what the teacher's distribution buys here is reliability (every seed "
-                f"learns), not a better end point. ")
+        out += (
+            f"Over {n} seeds the accuracy difference is not beyond seed noise (mean {d['mean']:+.1%}, standard "
+            f"error {d['sd'] / n**0.5:.1%}): what the teacher's distribution buys here is reliability (every seed "
+            f"learns), not a better end point. "
+        )
     if learned and closer:
-        out += (f"Where {b} did learn, its held-out NLL is lower than the {m} student's on {closer} of "
-                f"{len(learned)} seeds: it fits the reference traces themselves, while the {m} student matches "
-                f"the teacher (KL to teacher {r['arms']['student']['kl_to_teacher_nats']['mean']:.3f}), whose own "
-                f"NLL on those traces is {r['teacher']['response_nll_nats']:.3f}.")
+        out += (
+            f"Where {b} did learn, its held-out NLL is lower than the {m} student's on {closer} of "
+            f"{len(learned)} seeds: it fits the reference traces themselves, while the {m} student matches "
+            f"the teacher (KL to teacher {r['arms']['student']['kl_to_teacher_nats']['mean']:.3f}), whose own "
+            f"NLL on those traces is {r['teacher']['response_nll_nats']:.3f}."
+        )
     smaller = RESULTS / "default_2048"
     if (smaller / "fkl.json").exists() and (smaller / "sft.json").exists():  # `hpd compare` at 2,048 sequences
-        acc = {arm: [x["eval"]["student"]["accuracy"] for x in json.loads((smaller / f"{arm}.json").read_text())]
-               for arm in ("fkl", "sft")}
-        out += (f" Halving the data to 2,048 sequences (`hpd compare`, {len(acc['fkl'])} seeds per arm, "
-                f"`bench/results/default_2048/`) does not change that: fkl {statistics.mean(acc['fkl']):.1%} (min "
-                f"{min(acc['fkl']):.1%}), sft {statistics.mean(acc['sft']):.1%} (min {min(acc['sft']):.1%}). On this "
-                f"task no data regime tried has a distillation loss beating SFT beyond seed noise.")
+        acc = {
+            arm: [x["eval"]["student"]["accuracy"] for x in json.loads((smaller / f"{arm}.json").read_text())]
+            for arm in ("fkl", "sft")
+        }
+        out += (
+            f" Halving the data to 2,048 sequences (`hpd compare`, {len(acc['fkl'])} seeds per arm, "
+            f"`bench/results/default_2048/`) does not change that: fkl {statistics.mean(acc['fkl']):.1%} (min "
+            f"{min(acc['fkl']):.1%}), sft {statistics.mean(acc['sft']):.1%} (min {min(acc['sft']):.1%}). On this "
+            f"task no data regime tried has a distillation loss beating SFT beyond seed noise."
+        )
     return out
 
 
@@ -104,14 +132,14 @@ def default_task() -> str:
 
 | | |
 |---|---|
-| teacher | GPT-2, {cfg['teacher']['n_layer']} layers, width {cfg['teacher']['n_embd']}, {t['parameters'] / 1e6:.2f}M parameters, {cfg['teacher']['steps']} steps of batch {cfg['teacher']['batch_size']} on {cfg['data']['train_examples']:,} problems, lr {cfg['teacher']['learning_rate']:g} cosine to 0.1x |
-| teacher held-out exact-answer accuracy (greedy, {t['examples']} problems) | **{t['accuracy']:.1%}** (avg@4 {t['avg@4']:.1%}) |
-| teacher held-out NLL per response token | {t['response_nll_nats']:.3f} nats |
-| student | GPT-2, {cfg['distill']['n_layer']} layers, width {cfg['distill']['n_embd']}, {r['sizes']['student'] / 1e3:.0f}k parameters ({r['sizes']['ratio']:.1f}x smaller), {cfg['distill']['steps']} steps of batch {cfg['distill']['batch_size']}, lr {cfg['distill']['learning_rate']:g} |
-| cache | {c['sequences']:,} sequences, {c['tokens']:,} scored tokens, {c['bytes'] / 1e6:.1f} MB, **{c['bytes_per_token']} bytes/token** at k = {c['top_k']} (the whole vocabulary) |
+| teacher | GPT-2, {cfg["teacher"]["n_layer"]} layers, width {cfg["teacher"]["n_embd"]}, {t["parameters"] / 1e6:.2f}M parameters, {cfg["teacher"]["steps"]} steps of batch {cfg["teacher"]["batch_size"]} on {cfg["data"]["train_examples"]:,} problems, lr {cfg["teacher"]["learning_rate"]:g} cosine to 0.1x |
+| teacher held-out exact-answer accuracy (greedy, {t["examples"]} problems) | **{t["accuracy"]:.1%}** (avg@4 {t["avg@4"]:.1%}) |
+| teacher held-out NLL per response token | {t["response_nll_nats"]:.3f} nats |
+| student | GPT-2, {cfg["distill"]["n_layer"]} layers, width {cfg["distill"]["n_embd"]}, {r["sizes"]["student"] / 1e3:.0f}k parameters ({r["sizes"]["ratio"]:.1f}x smaller), {cfg["distill"]["steps"]} steps of batch {cfg["distill"]["batch_size"]}, lr {cfg["distill"]["learning_rate"]:g} |
+| cache | {c["sequences"]:,} sequences, {c["tokens"]:,} scored tokens, {c["bytes"] / 1e6:.1f} MB, **{c["bytes_per_token"]} bytes/token** at k = {c["top_k"]} (the whole vocabulary) |
 
-Stage wall times of a from-scratch `hpd run` (install excluded): {stages}; {r['make_distill_seconds'] / 60:.1f} minutes
-in all. A second run finds every stage up to date and takes {r['up_to_date_seconds']:.0f} s, nearly all of it Python
+Stage wall times of a from-scratch `hpd run` (install excluded): {stages}; {r["make_distill_seconds"] / 60:.1f} minutes
+in all. A second run finds every stage up to date and takes {r["up_to_date_seconds"]:.0f} s, nearly all of it Python
 start-up and imports.
 """
 
@@ -123,26 +151,26 @@ def real_teacher() -> str:
     c, g, sc, st = r["config"], r["generate"], r["score"], r["stage_seconds"]
     d, b = r["distill"], r["baseline"]
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in st.items())
-    return f"""Measured by `bench/real_teacher.py` (`hpd run --config smollm2` in a fresh home, {r['cpus']} CPU cores, fp32;
-`bench/results/real_teacher.json`): {c['data']['train_examples']} training prompts and {c['data']['heldout_examples']} held-out ones, one teacher
-reply each (at most {c['generate']['max_new_tokens']} new tokens, temperature {c['generate']['temperature']:g}), scored at top-{sc['top_k']}; a
-{r['student_parameters'] / 1e6:.1f}M-parameter student ({c['distill']['n_layer']} of the teacher's layers kept) trained {c['distill']['steps']} steps
-of {c['distill']['batch_size']} sequences with `{c['distill']['method']}`, and the same student by SFT on the teacher's replies.
+    return f"""Measured by `bench/real_teacher.py` (`hpd run --config smollm2` in a fresh home, {r["cpus"]} CPU cores, fp32;
+`bench/results/real_teacher.json`): {c["data"]["train_examples"]} training prompts and {c["data"]["heldout_examples"]} held-out ones, one teacher
+reply each (at most {c["generate"]["max_new_tokens"]} new tokens, temperature {c["generate"]["temperature"]:g}), scored at top-{sc["top_k"]}; a
+{r["student_parameters"] / 1e6:.1f}M-parameter student ({c["distill"]["n_layer"]} of the teacher's layers kept) trained {c["distill"]["steps"]} steps
+of {c["distill"]["batch_size"]} sequences with `{c["distill"]["method"]}`, and the same student by SFT on the teacher's replies.
 
 ```
-{r['printed']}
+{r["printed"]}
 ```
 
 | | |
 |---|---|
-| whole run | {r['wall_seconds'] / 60:.1f} minutes: {stages} |
-| teacher sampling (generate) | {g['response_tokens']:,} reply tokens for {g['sequences']} prompts, **{g['new_tokens_per_s']:.0f} new tokens/s** (stage wall time) |
-| teacher scoring (score) | **{sc['tokens_per_s_forward']:.0f} response tokens/s** in the forward (which also reads the prompts, HumanEval's long ones among them), {sc['tokens_per_s_wall']:.0f}/s wall; overhead over the forward {sc['overhead']:.1%} as the stage measures it, writer running beside it (the writer's share of the two cores lands in it; timed apart in the row below) |
-| cache | **{sc['bytes_per_token']} bytes/token** at k = {sc['top_k']} ({sc['encoding']}) |
-| students' training | {c['distill']['method']}: {d['response_tokens_per_s']:.0f} response tokens/s; sft: {b['response_tokens_per_s']:.0f} tokens/s |
-{_overhead_row('smollm2')}
+| whole run | {r["wall_seconds"] / 60:.1f} minutes: {stages} |
+| teacher sampling (generate) | {g["response_tokens"]:,} reply tokens for {g["sequences"]} prompts, **{g["new_tokens_per_s"]:.0f} new tokens/s** (stage wall time) |
+| teacher scoring (score) | **{sc["tokens_per_s_forward"]:.0f} response tokens/s** in the forward (which also reads the prompts, HumanEval's long ones among them), {sc["tokens_per_s_wall"]:.0f}/s wall; overhead over the forward {sc["overhead"]:.1%} as the stage measures it, writer running beside it (the writer's share of the two cores lands in it; timed apart in the row below) |
+| cache | **{sc["bytes_per_token"]} bytes/token** at k = {sc["top_k"]} ({sc["encoding"]}) |
+| students' training | {c["distill"]["method"]}: {d["response_tokens_per_s"]:.0f} response tokens/s; sft: {b["response_tokens_per_s"]:.0f} tokens/s |
+{_overhead_row("smollm2")}
 Held-out references are the teacher's own greedy replies (the prompts have no answers); *accuracy* counts the
-{r['eval']['teacher'].get('checked_examples', 0)} arithmetic questions whose reply ends in the right number. One seed and {c['distill']['steps']} steps: a pipeline
+{r["eval"]["teacher"].get("checked_examples", 0)} arithmetic questions whose reply ends in the right number. One seed and {c["distill"]["steps"]} steps: a pipeline
 measurement, not a method comparison: that, 5 methods x 3 seeds on this teacher, is under `hpd compare` below.
 {_real_cached_vs_online()}{_real_cache_formats()}{_real_targets()}"""
 
@@ -152,10 +180,12 @@ def _overhead_row(config: str) -> str:
     if o is None:
         return ""
     target = "met" if o["overhead_compute"] <= 0.10 else "not met"
-    return (f"| score overhead, timed apart (`bench/score_overhead.py`) | the same {o['batches']} batches, alternating, "
-            f"median of {o['repeats']}: bare forward {o['bare_forward_s']:.1f} s, forward + top-k, target log-prob and tail "
-            f"{o['scored_s']:.1f} s: **{o['overhead_compute']:.1%}** (target at most 10%: {target}); writing the "
-            f"shard, which the stage does on a background thread, {o['write_s']:.2f} s more |\n")
+    return (
+        f"| score overhead, timed apart (`bench/score_overhead.py`) | the same {o['batches']} batches, alternating, "
+        f"median of {o['repeats']}: bare forward {o['bare_forward_s']:.1f} s, forward + top-k, target log-prob and tail "
+        f"{o['scored_s']:.1f} s: **{o['overhead_compute']:.1%}** (target at most 10%: {target}); writing the "
+        f"shard, which the stage does on a background thread, {o['write_s']:.2f} s more |\n"
+    )
 
 
 def _real_cached_vs_online() -> str:
@@ -163,23 +193,26 @@ def _real_cached_vs_online() -> str:
     if r is None:
         return ""
     m = r["median"]
-    rows = "\n".join(f"| {arm} | {m[arm]['seconds_per_step']:.2f} | {m[arm]['response_tokens_per_s']:.0f} | "
-                     f"{m[arm]['training_memory_mb']:.0f} | {m[arm]['peak_rss_mb']:.0f} |" for arm in ("cached", "online", "sft"))
+    rows = "\n".join(
+        f"| {arm} | {m[arm]['seconds_per_step']:.2f} | {m[arm]['response_tokens_per_s']:.0f} | "
+        f"{m[arm]['training_memory_mb']:.0f} | {m[arm]['peak_rss_mb']:.0f} |"
+        for arm in ("cached", "online", "sft")
+    )
     return f"""
 **Cached against online with this teacher** (`bench/real_cached_vs_online.py`, `bench/results/real_cached_vs_online.json`;
-the preset's layer-kept student, {r['steps']} steps per arm, each arm `hpd run distill` in a process of its own, arms alternating,
-median of {r['repeats']}):
+the preset's layer-kept student, {r["steps"]} steps per arm, each arm `hpd run distill` in a process of its own, arms alternating,
+median of {r["repeats"]}):
 
 | arm | s/step | response tokens/s | training memory (MB) | peak RSS (MB) |
 |---|---|---|---|---|
 {rows}
 
-Speed-up of the cache {r['speedup']:.2f}x against a limit of {r['speedup_limit']:.2f}x (1 + the teacher's forward per batch,
-{r['teacher_forward_s_per_batch']:.2f} s, over a cached step): **{r['share_of_limit']:.0%} of the limit** (target at least 90%:
-{'met' if r['share_of_limit'] >= 0.9 else 'not met'}{'; above 100% because the online arm also carries the full [batch, length, vocabulary] teacher logits through its loss, which the bare forward does not count' if r['share_of_limit'] > 1 else ''}). Training memory cached / online: **{r['memory_ratio']:.2f}** (target at most 0.6:
-{'met' if r['memory_ratio'] <= 0.6 else 'not met'}{_memory_floor(m)}). Plain SFT of the same student is {r['loss_overhead_vs_sft']:+.0%} faster than the
+Speed-up of the cache {r["speedup"]:.2f}x against a limit of {r["speedup_limit"]:.2f}x (1 + the teacher's forward per batch,
+{r["teacher_forward_s_per_batch"]:.2f} s, over a cached step): **{r["share_of_limit"]:.0%} of the limit** (target at least 90%:
+{"met" if r["share_of_limit"] >= 0.9 else "not met"}{"; above 100% because the online arm also carries the full [batch, length, vocabulary] teacher logits through its loss, which the bare forward does not count" if r["share_of_limit"] > 1 else ""}). Training memory cached / online: **{r["memory_ratio"]:.2f}** (target at most 0.6:
+{"met" if r["memory_ratio"] <= 0.6 else "not met"}{_memory_floor(m)}). Plain SFT of the same student is {r["loss_overhead_vs_sft"]:+.0%} faster than the
 cached distillation: the distillation loss's own cost at a 49k vocabulary (target at most 15%:
-{'met' if r['loss_overhead_vs_sft'] <= 0.15 else 'not met'}).
+{"met" if r["loss_overhead_vs_sft"] <= 0.15 else "not met"}).
 """
 
 
@@ -187,8 +220,9 @@ COMPACT = "compact:0.125"  # the shipped compact step (hpd/storage/encodings.py)
 
 
 def _k64(r: dict, encoding: str) -> dict:
-    return next(x for x in r["results"] if x["zstd_level"] == r["zstd_level"] and x["k"] == 64
-                and x["encoding"] == encoding)
+    return next(
+        x for x in r["results"] if x["zstd_level"] == r["zstd_level"] and x["k"] == 64 and x["encoding"] == encoding
+    )
 
 
 def _shard_bytes(r: dict, row: dict) -> float:
@@ -205,51 +239,83 @@ def _real_targets() -> str:
         k64, plain = (_k64(r, e) for e in (COMPACT, "idsort-q8:0.0625"))
         shards = _shard_bytes(r, k64)
         ok = shards <= 100 and k64["kl_bucket"] <= 0.01
-        rows.append(("cache at k = 64: at most 100 bytes/token, bucket KL at most 0.01",
-                     f"`{COMPACT}`: {shards:.1f} bytes/token in shards + its vocabulary order once "
-                     f"({k64['order_bytes'] / 1e3:.1f} kB), bucket KL {k64['kl_bucket']:.5f}",
-                     ("met" if ok else "not met") + f" (`idsort-q8`: {plain['bytes_per_token']:.1f} bytes/token, bucket KL "
-                     f"{plain['kl_bucket']:.5f}): ids renumbered by frequency in byte planes, gaps companded; over this "
-                     f"bench's {r['scored_tokens']:,} tokens the order adds {k64['order_bytes'] / r['scored_tokens']:.1f} "
-                     f"bytes/token ({k64['bytes_per_token']:.1f} in all), under 0.5 from 100k tokens on"))
+        rows.append(
+            (
+                "cache at k = 64: at most 100 bytes/token, bucket KL at most 0.01",
+                f"`{COMPACT}`: {shards:.1f} bytes/token in shards + its vocabulary order once "
+                f"({k64['order_bytes'] / 1e3:.1f} kB), bucket KL {k64['kl_bucket']:.5f}",
+                ("met" if ok else "not met") + f" (`idsort-q8`: {plain['bytes_per_token']:.1f} bytes/token, bucket KL "
+                f"{plain['kl_bucket']:.5f}): ids renumbered by frequency in byte planes, gaps companded; over this "
+                f"bench's {r['scored_tokens']:,} tokens the order adds {k64['order_bytes'] / r['scored_tokens']:.1f} "
+                f"bytes/token ({k64['bytes_per_token']:.1f} in all), under 0.5 from 100k tokens on",
+            )
+        )
     f = RESULTS / "score_overhead_smollm2.json"
     if f.exists():
         o = json.loads(f.read_text())
-        rows.append(("score stage's overhead over a bare forward, timed apart: at most 10%",
-                     f"{o['overhead_compute']:.1%}", "met" if o["overhead_compute"] <= 0.10 else
-                     "not met: the [positions x 49,152] log-softmax, top-k and tail pass. Top-k read off the raw "
-                     f"logits with one logsumexp measured {_result(RESULTS / 'score_overhead_smollm2_leaner_topk.json')['overhead_compute']:.1%} "
-                     "in this bench (`score_overhead_smollm2_leaner_topk.json`) but moves quantised log-probs by a bin, "
-                     "so it waits for a re-bench of `make distill`; the lm head applied only at response positions "
-                     "(issue 21) is the larger saving"))
+        rows.append(
+            (
+                "score stage's overhead over a bare forward, timed apart: at most 10%",
+                f"{o['overhead_compute']:.1%}",
+                "met"
+                if o["overhead_compute"] <= 0.10
+                else "not met: the [positions x 49,152] log-softmax, top-k and tail pass. Top-k read off the raw "
+                f"logits with one logsumexp measured {_result(RESULTS / 'score_overhead_smollm2_leaner_topk.json')['overhead_compute']:.1%} "
+                "in this bench (`score_overhead_smollm2_leaner_topk.json`) but moves quantised log-probs by a bin, "
+                "so it waits for a re-bench of `make distill`; the lm head applied only at response positions "
+                "(issue 21) is the larger saving",
+            )
+        )
     f = RESULTS / "real_cached_vs_online.json"
     if f.exists():
         r = json.loads(f.read_text())
-        rows += [("cached training speed: at least 90% of the limit 1 + teacher forward / student step",
-                  f"{r['share_of_limit']:.0%} ({r['speedup']:.2f}x against {r['speedup_limit']:.2f}x)",
-                  "met" if r["share_of_limit"] >= 0.9 else "not met"),
-                 ("training memory cached / online: at most 0.6", f"{r['memory_ratio']:.2f}",
-                  "met" if r["memory_ratio"] <= 0.6 else "not met: the cached arm is at plain SFT's memory, the floor"),
-                 ("the loss's own cost against SFT of the same student: at most 15%",
-                  f"{r['loss_overhead_vs_sft']:+.0%}", "met" if r["loss_overhead_vs_sft"] <= 0.15 else "not met")]
+        rows += [
+            (
+                "cached training speed: at least 90% of the limit 1 + teacher forward / student step",
+                f"{r['share_of_limit']:.0%} ({r['speedup']:.2f}x against {r['speedup_limit']:.2f}x)",
+                "met" if r["share_of_limit"] >= 0.9 else "not met",
+            ),
+            (
+                "training memory cached / online: at most 0.6",
+                f"{r['memory_ratio']:.2f}",
+                "met" if r["memory_ratio"] <= 0.6 else "not met: the cached arm is at plain SFT's memory, the floor",
+            ),
+            (
+                "the loss's own cost against SFT of the same student: at most 15%",
+                f"{r['loss_overhead_vs_sft']:+.0%}",
+                "met" if r["loss_overhead_vs_sft"] <= 0.15 else "not met",
+            ),
+        ]
     f = RESULTS / "hpd_gradient_smollm2.json"
     if f.exists():
         r = json.loads(f.read_text())
-        rows.append(("cached gradient against the full-vocabulary one, hpd / hpd_fkl / fkl at k = 16 and 64",
-                     ", ".join(f"{n} {x['cosine_mean']:.4f}" for n, x in r.items() if "@" in n), "measured (section below)"))
+        rows.append(
+            (
+                "cached gradient against the full-vocabulary one, hpd / hpd_fkl / fkl at k = 16 and 64",
+                ", ".join(f"{n} {x['cosine_mean']:.4f}" for n, x in r.items() if "@" in n),
+                "measured (section below)",
+            )
+        )
     results = _result(RESULTS / "compare_smollm2" / "results.json")
     if results:
         nll: dict = {}
         for x in results:
             nll.setdefault(x["method"], []).append(x["eval"]["student"]["response_nll_nats"])
         order = sorted(nll, key=lambda m: statistics.mean(nll[m]))
-        rows.append(("method comparison: sft, fkl, jsd, hpd, hpd_fkl, 3 seeds each, paired",
-                     "held-out NLL: " + ", ".join(f"{m} {statistics.mean(nll[m]):.3f}" for m in order),
-                     "measured (`hpd compare --config smollm2`, section below)"))
+        rows.append(
+            (
+                "method comparison: sft, fkl, jsd, hpd, hpd_fkl, 3 seeds each, paired",
+                "held-out NLL: " + ", ".join(f"{m} {statistics.mean(nll[m]):.3f}" for m in order),
+                "measured (`hpd compare --config smollm2`, section below)",
+            )
+        )
     if not rows:
         return ""
-    return ("\n**Targets on this teacher**, where each stands:\n\n| target | measured | |\n|---|---|---|\n"
-            + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows) + "\n")
+    return (
+        "\n**Targets on this teacher**, where each stands:\n\n| target | measured | |\n|---|---|---|\n"
+        + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+        + "\n"
+    )
 
 
 def _memory_floor(m: dict) -> str:
@@ -257,9 +323,11 @@ def _memory_floor(m: dict) -> str:
     cached, online, sft = (m[a]["training_memory_mb"] for a in ("cached", "online", "sft"))
     if cached > 1.05 * sft:
         return ""
-    return (f"; the cached arm already trains in what plain SFT of the same student needs ({cached:.0f} against "
-            f"{sft:.0f} MB), the floor for any loss, and that floor is {sft / online:.2f} of the online arm: with this "
-            f"student 0.6 is out of reach for any cache")
+    return (
+        f"; the cached arm already trains in what plain SFT of the same student needs ({cached:.0f} against "
+        f"{sft:.0f} MB), the floor for any loss, and that floor is {sft / online:.2f} of the online arm: with this "
+        f"student 0.6 is out of reach for any cache"
+    )
 
 
 def _real_cache_formats() -> str:
@@ -267,52 +335,65 @@ def _real_cache_formats() -> str:
     if r is None:
         return ""
     rows = [x for x in r["results"] if x["zstd_level"] == r["zstd_level"] and x["k"] in (16, 32, 64, 128)]
-    table = ["| k | encoding | bytes/token | KL bucket (nats) | KL full vocab (nats) | tail mass |", "|---|---|---|---|---|---|"]
-    table += [f"| {x['k']} | {x['encoding']} | {x['bytes_per_token']:.1f} | {x['kl_bucket']:.5f} | {x['kl_full']:.3f} | "
-              f"{r['tail_mass_mean'][str(x['k'])]:.3f} |" for x in rows]
+    table = [
+        "| k | encoding | bytes/token | KL bucket (nats) | KL full vocab (nats) | tail mass |",
+        "|---|---|---|---|---|---|",
+    ]
+    table += [
+        f"| {x['k']} | {x['encoding']} | {x['bytes_per_token']:.1f} | {x['kl_bucket']:.5f} | {x['kl_full']:.3f} | "
+        f"{r['tail_mass_mean'][str(x['k'])]:.3f} |"
+        for x in rows
+    ]
     k64, plain = _k64(r, COMPACT), _k64(r, "idsort-q8:0.0625")
     met = _shard_bytes(r, k64) <= 100 and k64["kl_bucket"] <= 0.01
-    return f"""
+    return (
+        f"""
 **Cache size and fidelity on this teacher** (`python -m bench.cache_formats --config smollm2`,
-`bench/results/cache_formats_smollm2.json`): {r['sequences']} of its replies, {r['scored_tokens']:,} scored tokens
-(KL over the first {r['kl_sequences']} sequences), mean teacher entropy {r['teacher_entropy_nats']:.2f} nats, against the
+`bench/results/cache_formats_smollm2.json`): {r["sequences"]} of its replies, {r["scored_tokens"]:,} scored tokens
+(KL over the first {r["kl_sequences"]} sequences), mean teacher entropy {r["teacher_entropy_nats"]:.2f} nats, against the
 teacher's full float64 distribution. Target at k = 64: at most 100 bytes/token with bucket KL at most 0.01:
-**{'met' if met else 'not met'}** by `compact` at k = 64: {_shard_bytes(r, k64):.1f} bytes/token in shards (plus its vocabulary
-order, {k64['order_bytes'] / 1e3:.1f} kB once: {k64['bytes_per_token']:.1f} over these {r['scored_tokens']:,} tokens), bucket KL {k64['kl_bucket']:.5f}
-(the default `idsort-q8`: {plain['bytes_per_token']:.1f} bytes/token, bucket KL {plain['kl_bucket']:.5f}).
+**{"met" if met else "not met"}** by `compact` at k = 64: {_shard_bytes(r, k64):.1f} bytes/token in shards (plus its vocabulary
+order, {k64["order_bytes"] / 1e3:.1f} kB once: {k64["bytes_per_token"]:.1f} over these {r["scored_tokens"]:,} tokens), bucket KL {k64["kl_bucket"]:.5f}
+(the default `idsort-q8`: {plain["bytes_per_token"]:.1f} bytes/token, bucket KL {plain["kl_bucket"]:.5f}).
 
-""" + "\n".join(table) + "\n"
+"""
+        + "\n".join(table)
+        + "\n"
+    )
 
 
 def cache_formats() -> str:
     r = json.loads((RESULTS / "cache_formats.json").read_text())
-    row = next(x for x in r["results"] if x["k"] == 64 and x["encoding"].startswith("idsort")
-               and x["zstd_level"] == r["zstd_level"])
+    row = next(
+        x
+        for x in r["results"]
+        if x["k"] == 64 and x["encoding"].startswith("idsort") and x["zstd_level"] == r["zstd_level"]
+    )
     c, ld, cb = r["container_decode_tokens_per_s"], r["loader"], r["column_bytes_per_token_k64"]
     compact = _k64(r, COMPACT)
     table = (RESULTS / "cache_formats.md").read_text()
     return f"""### Size, fidelity and speed (measured on the dialogue teacher)
 
-`make bench` (`bench/cache_formats.py`) scores {r['sequences']:,} dialogue sequences with the built-in dialogue
+`make bench` (`bench/cache_formats.py`) scores {r["sequences"]:,} dialogue sequences with the built-in dialogue
 teacher (`hpd run --config dialogue`: real conversations from `chitchat-dataset`, byte-level BPE with
-{r['vocab_size']:,} tokens, {r['teacher']['parameters'] / 1e6:.2f}M-parameter GPT-2 trained for a few minutes)
+{r["vocab_size"]:,} tokens, {r["teacher"]["parameters"] / 1e6:.2f}M-parameter GPT-2 trained for a few minutes)
 and writes real shards for every k and encoding. Fidelity is measured against the teacher's full float64
 distribution in two ways: **KL bucket** is KL(p || p-hat) over the k+1 outcomes the cache represents (the
 top-k tokens and one tail bucket), i.e. what the encoding loses; **KL full vocab** spreads the tail bucket's
 mass uniformly over the other tokens and so adds what truncation to k loses (the shape of the tail is not
 stored by any top-k cache).
 
-Targets at k = 64 and where the default (`idsort-q8`, step 1/16 nat, zstd level {r['zstd_level']}) stands:
+Targets at k = 64 and where the default (`idsort-q8`, step 1/16 nat, zstd level {r["zstd_level"]}) stands:
 
 | target | measured | |
 |---|---|---|
-| at most 100 bytes/token (stretch 64) | **{row['bytes_per_token']:.1f}** | met; the stretch is met by `compact` ({compact['bytes_per_token']:.1f} bytes/token, bucket KL {compact['kl_bucket']:.5f}), not by the default. Where the default's bytes go (each column compressed alone): quantised log-prob gaps {cb['q']:.1f}, ids {cb['ids']:.1f}, exact target + tail {cb['target_logprob'] + cb['tail_logmass']:.1f}, top-1 {cb['top1']:.1f}; compact renumbers the ids by frequency and compands the gaps |
-| mean KL(p, p-hat) at most 0.01 nats (top-k plus tail bucket) | **{row['kl_bucket']:.5f}** (bucket) | met; over the full vocabulary {row['kl_full']:.3f}, which is truncation: this small teacher is diffuse (mean entropy {r['teacher_entropy_nats']:.1f} nats, {r['tail_mass_mean']['64']:.0%} of its mass outside the top 64), and no encoding of a top-64 cache changes that |
-| decode at least 1M tokens/s at k = 64, one core | **{c['zstd_frames'] / 1e6:.2f}M** (warm) | met with zstd frames per record batch; Arrow's own per-buffer IPC compression decoded {c['arrow_ipc_zstd'] / 1e6:.2f}M in the same run, which is why shards use frames |
-| loader never the bottleneck | {ld['loader_fraction_of_step']:.1%} of a student step | a random batch of {ld['batch']} sequences: {ld['loader_seconds_per_batch'] * 1e3:.0f} ms, against {ld['student_step_seconds'] * 1e3:.0f} ms for a {ld['student_parameters'] / 1e3:.0f}k-parameter student's step |
+| at most 100 bytes/token (stretch 64) | **{row["bytes_per_token"]:.1f}** | met; the stretch is met by `compact` ({compact["bytes_per_token"]:.1f} bytes/token, bucket KL {compact["kl_bucket"]:.5f}), not by the default. Where the default's bytes go (each column compressed alone): quantised log-prob gaps {cb["q"]:.1f}, ids {cb["ids"]:.1f}, exact target + tail {cb["target_logprob"] + cb["tail_logmass"]:.1f}, top-1 {cb["top1"]:.1f}; compact renumbers the ids by frequency and compands the gaps |
+| mean KL(p, p-hat) at most 0.01 nats (top-k plus tail bucket) | **{row["kl_bucket"]:.5f}** (bucket) | met; over the full vocabulary {row["kl_full"]:.3f}, which is truncation: this small teacher is diffuse (mean entropy {r["teacher_entropy_nats"]:.1f} nats, {r["tail_mass_mean"]["64"]:.0%} of its mass outside the top 64), and no encoding of a top-64 cache changes that |
+| decode at least 1M tokens/s at k = 64, one core | **{c["zstd_frames"] / 1e6:.2f}M** (warm) | met with zstd frames per record batch; Arrow's own per-buffer IPC compression decoded {c["arrow_ipc_zstd"] / 1e6:.2f}M in the same run, which is why shards use frames |
+| loader never the bottleneck | {ld["loader_fraction_of_step"]:.1%} of a student step | a random batch of {ld["batch"]} sequences: {ld["loader_seconds_per_batch"] * 1e3:.0f} ms, against {ld["student_step_seconds"] * 1e3:.0f} ms for a {ld["student_parameters"] / 1e3:.0f}k-parameter student's step |
 
 {table}
-The per-row decode column is one pass over a freshly opened cache of {r['sequences']:,} sequences and is noisier
+The per-row decode column is one pass over a freshly opened cache of {r["sequences"]:,} sequences and is noisier
 than the interleaved, repeated container measurement; these machines vary by up to 2x between runs.
 """
 
@@ -321,26 +402,33 @@ def hpd_gradient() -> str:
     path = RESULTS / "hpd_gradient.md"
     if not path.exists():
         return ""
-    text = ("How far a cache moves the gradient (`bench/hpd_gradient.py`, dialogue task, vocabulary 8,192): "
-            "the gradient with respect to a small student's parameters, computed with the same student "
-            "samples from the teacher's full logits and from a cache batch (default encoding) at k:\n\n"
-            + path.read_text() + "\nHPD needs the teacher only at the expert token (stored exactly) and at one sampled "
-            "token, so its cached gradient stays close to the full one even though most samples of this "
-            "diffuse teacher/student pair fall outside the top-k. Forward KL over the top-k plus a tail bucket "
-            f"cannot shape the tail ({_tail_share('cache_formats.json')} of this teacher's mass), so its gradient points well away from "
-            "full-vocabulary forward KL, and some batches' gradients even point the other way: the truncation cost the "
-            "RS-KD paper reports (30-58 degrees at 8B). `hpd_fkl`, whose forward part is that same forward KL over "
-            "the cached distribution (gated, plus HPD's sampled-token term), follows fkl's cosines. Students here "
-            "train without dropout, so both passes see the same network.\n")
+    text = (
+        "How far a cache moves the gradient (`bench/hpd_gradient.py`, dialogue task, vocabulary 8,192): "
+        "the gradient with respect to a small student's parameters, computed with the same student "
+        "samples from the teacher's full logits and from a cache batch (default encoding) at k:\n\n"
+        + path.read_text()
+        + "\nHPD needs the teacher only at the expert token (stored exactly) and at one sampled "
+        "token, so its cached gradient stays close to the full one even though most samples of this "
+        "diffuse teacher/student pair fall outside the top-k. Forward KL over the top-k plus a tail bucket "
+        f"cannot shape the tail ({_tail_share('cache_formats.json')} of this teacher's mass), so its gradient points well away from "
+        "full-vocabulary forward KL, and some batches' gradients even point the other way: the truncation cost the "
+        "RS-KD paper reports (30-58 degrees at 8B). `hpd_fkl`, whose forward part is that same forward KL over "
+        "the cached distribution (gated, plus HPD's sampled-token term), follows fkl's cosines. Students here "
+        "train without dropout, so both passes see the same network.\n"
+    )
     real = RESULTS / "hpd_gradient_smollm2.json"
     if real.exists():
         r = json.loads(real.read_text())
-        text += ("\nOn the real teacher (`bench/hpd_gradient.py --config smollm2`: SmolLM2-135M-Instruct, vocabulary "
-                 f"49,152, its own replies; the preset's student, {load_config('smollm2').distill.n_layer} of its "
-                 f"layers kept, untrained; "
-                 f"{r['fkl@k=64']['batches']} batches of 8; `bench/results/hpd_gradient_smollm2.json`):\n\n"
-                 + (RESULTS / "hpd_gradient_smollm2.md").read_text()
-                 + "\n" + _gradient_reading(r) + "\n")
+        text += (
+            "\nOn the real teacher (`bench/hpd_gradient.py --config smollm2`: SmolLM2-135M-Instruct, vocabulary "
+            f"49,152, its own replies; the preset's student, {load_config('smollm2').distill.n_layer} of its "
+            f"layers kept, untrained; "
+            f"{r['fkl@k=64']['batches']} batches of 8; `bench/results/hpd_gradient_smollm2.json`):\n\n"
+            + (RESULTS / "hpd_gradient_smollm2.md").read_text()
+            + "\n"
+            + _gradient_reading(r)
+            + "\n"
+        )
     return text
 
 
@@ -352,19 +440,24 @@ def _tail_share(results_file: str) -> str:
 
 def _gradient_reading(r: dict) -> str:
     c = {name: x["cosine_mean"] for name, x in r.items() if "@" in name}
-    start = (f"KL {r['student_kl_to_teacher_nats']:.1f} nats before training" if "student_kl_to_teacher_nats" in r
-             else "before training")
+    start = (
+        f"KL {r['student_kl_to_teacher_nats']:.1f} nats before training"
+        if "student_kl_to_teacher_nats" in r
+        else "before training"
+    )
     order = sorted(c, key=c.get, reverse=True)
-    return (f"Closest to its full-vocabulary gradient: {order[0]} (cosine {c[order[0]]:.4f}); furthest: {order[-1]} "
-            f"({c[order[-1]]:.4f}). Going from k = 16 to 64 moves fkl from {c['fkl@k=16']:.3f} to {c['fkl@k=64']:.3f}, "
-            f"hpd_fkl from {c['hpd_fkl@k=16']:.3f} to {c['hpd_fkl@k=64']:.3f} and hpd from {c['hpd@k=16']:.4f} to "
-            f"{c['hpd@k=64']:.4f}. The ranking is the dialogue task's turned around, and the student explains it: freshly "
-            f"cut from the teacher, it is far from it ({start}) and spreads its mass widely, so "
-            f"{r['hpd@k=64']['sample_outside_topk']:.0%} of its samples fall outside the teacher's top-64, where HPD must "
-            f"estimate the teacher's log-prob from the tail bucket; forward KL's gradient (student minus teacher "
-            f"probabilities) is then dominated by the student's own diffuse mass, which the cache does not need. These "
-            f"cosines describe the start of training, not a trained student. A cosine says where the step points, not how "
-            f"good the loss is: the method comparison on this teacher below measures that.")
+    return (
+        f"Closest to its full-vocabulary gradient: {order[0]} (cosine {c[order[0]]:.4f}); furthest: {order[-1]} "
+        f"({c[order[-1]]:.4f}). Going from k = 16 to 64 moves fkl from {c['fkl@k=16']:.3f} to {c['fkl@k=64']:.3f}, "
+        f"hpd_fkl from {c['hpd_fkl@k=16']:.3f} to {c['hpd_fkl@k=64']:.3f} and hpd from {c['hpd@k=16']:.4f} to "
+        f"{c['hpd@k=64']:.4f}. The ranking is the dialogue task's turned around, and the student explains it: freshly "
+        f"cut from the teacher, it is far from it ({start}) and spreads its mass widely, so "
+        f"{r['hpd@k=64']['sample_outside_topk']:.0%} of its samples fall outside the teacher's top-64, where HPD must "
+        f"estimate the teacher's log-prob from the tail bucket; forward KL's gradient (student minus teacher "
+        f"probabilities) is then dominated by the student's own diffuse mass, which the cache does not need. These "
+        f"cosines describe the start of training, not a trained student. A cosine says where the step points, not how "
+        f"good the loss is: the method comparison on this teacher below measures that."
+    )
 
 
 def refresh_rounds() -> str:
@@ -387,38 +480,41 @@ def refresh_rounds() -> str:
     for arm in ("hpd+refresh", "hpd->opd"):
         (am, asd, ad), (nm, nsd, _) = paired(arm, "heldout_accuracy"), paired(arm, "nll")
         ahead = sum(x > 0 for x in ad)
-        diffs.append(f"**{arm}** minus offline: accuracy {am * 100:+.1f} ± {asd * 100:.1f} points (per seed "
-                     + ", ".join(f"{x * 100:+.1f}" for x in ad) + f"; ahead on {ahead} of {len(ad)} seeds), "
-                     f"NLL {nm:+.3f} ± {nsd:.3f}")
-    return f"""**Measured** (`bench/refresh_rounds.py`, default math task, {r['seeds']} student seeds, 2 CPU cores): one
-offline HPD student per seed ({c['distill_steps']} steps, batch {c['batch']}) continued for {r['rounds']} rounds of
-{c['round_steps']} steps in three arms that differ only in the rounds' data and loss: **offline** (more offline
-epochs, `rounds.refresh_share=0`), **hpd+refresh** ({c['refresh_share']:.0%} of each batch refreshed, HPD on both)
+        diffs.append(
+            f"**{arm}** minus offline: accuracy {am * 100:+.1f} ± {asd * 100:.1f} points (per seed "
+            + ", ".join(f"{x * 100:+.1f}" for x in ad)
+            + f"; ahead on {ahead} of {len(ad)} seeds), "
+            f"NLL {nm:+.3f} ± {nsd:.3f}"
+        )
+    return f"""**Measured** (`bench/refresh_rounds.py`, default math task, {r["seeds"]} student seeds, 2 CPU cores): one
+offline HPD student per seed ({c["distill_steps"]} steps, batch {c["batch"]}) continued for {r["rounds"]} rounds of
+{c["round_steps"]} steps in three arms that differ only in the rounds' data and loss: **offline** (more offline
+epochs, `rounds.refresh_share=0`), **hpd+refresh** ({c["refresh_share"]:.0%} of each batch refreshed, HPD on both)
 and **hpd->opd** (`--config hpd-opd`: OPD on the refreshed sequences, HPD on the offline ones). Each refresh
-sampled {c['samples_per_prompt']} responses for {c['prompt_fraction']:.0%} of the 20,000 training prompts. Held-out
+sampled {c["samples_per_prompt"]} responses for {c["prompt_fraction"]:.0%} of the 20,000 training prompts. Held-out
 exact-answer accuracy (greedy, 500 problems) and response NLL after each round, mean ± std over seeds:
 
 {(RESULTS / "refresh_rounds.md").read_text()}
 Paired by seed after the last round: {diffs[0]}; {diffs[1]}.
 
 What this says: the extra steps are what lift every arm, and the refresh adds at most a few points that
-{r['seeds']} seeds cannot separate from noise on a task whose accuracy jumps by tens of points between seeds
+{r["seeds"]} seeds cannot separate from noise on a task whose accuracy jumps by tens of points between seeds
 (see the spreads of rounds 1 and 2); the held-out NLL does not move. The offline traces here are the task's
 own distribution, so a student trained on them has little drift for a refresh to correct. `make distill`
 therefore keeps `rounds.count = 0`; the rounds and `--config hpd-opd` are there to use and to measure on
 data where the student's outputs do drift from the offline set (teacher-generated responses, long free-form
 answers), not as a claimed gain.
 
-**Cost.** A round's extra work over an offline round: the student samples {c['samples_per_prompt']} x
-{c['prompt_fraction'] * 20000:,.0f} responses in {per_round('refresh_seconds'):.0f} s and the teacher rescores
-them in {per_round('rescore_seconds'):.0f} s, next to {per_round('distill_seconds'):.0f} s of training and
+**Cost.** A round's extra work over an offline round: the student samples {c["samples_per_prompt"]} x
+{c["prompt_fraction"] * 20000:,.0f} responses in {per_round("refresh_seconds"):.0f} s and the teacher rescores
+them in {per_round("rescore_seconds"):.0f} s, next to {per_round("distill_seconds"):.0f} s of training and
 evaluation (wall-clock on 2 shared cores, noisy; the tests ran beside parts of this bench).
 
 **Teacher time.** Online distillation runs the teacher on every training batch: measured here at
-{t['teacher_forward_seconds_per_batch'] * 1e3:.0f} ms per batch of {c['batch']}, {t['online_teacher_seconds']:.0f} s over the
-{t['total_student_steps']} student steps of a run. The refreshes rescored {t['refreshed_sequences']:,.0f} sequences in
-{t['refresh_rescore_seconds']:.0f} s of teacher-side time in all (forward, top-k, encoding and writing):
-**{t['rescore_fraction_of_online']:.1%} of the online teacher time** ({t['forward_fraction_of_online']:.1%} of the
+{t["teacher_forward_seconds_per_batch"] * 1e3:.0f} ms per batch of {c["batch"]}, {t["online_teacher_seconds"]:.0f} s over the
+{t["total_student_steps"]} student steps of a run. The refreshes rescored {t["refreshed_sequences"]:,.0f} sequences in
+{t["refresh_rescore_seconds"]:.0f} s of teacher-side time in all (forward, top-k, encoding and writing):
+**{t["rescore_fraction_of_online"]:.1%} of the online teacher time** ({t["forward_fraction_of_online"]:.1%} of the
 sequences an online run would have the teacher process), on top of the one offline scoring pass that every
 experiment on this cache shares.
 """
@@ -433,12 +529,16 @@ def compare() -> str:
         md = (d / "report.md").read_text().replace("](", f"](bench/results/compare_{task}/")
         results = json.loads((d / "results.json").read_text())
         seeds = len({r["seed"] for r in results})
-        command = {"math": f"hpd compare --set compare.seeds={seeds}",
-                   "dialogue": f"hpd compare --config dialogue --set compare.seeds={seeds}",
-                   "smollm2": "hpd compare --config smollm2"}[task]
+        command = {
+            "math": f"hpd compare --set compare.seeds={seeds}",
+            "dialogue": f"hpd compare --config dialogue --set compare.seeds={seeds}",
+            "smollm2": "hpd compare --config smollm2",
+        }[task]
         label = "the real teacher, SmolLM2-135M-Instruct" if task == "smollm2" else task
-        parts.append(f"**Measured: {label}** (`{command} --out bench/results/compare_{task}`, 2 CPU cores):\n\n"
-                     + md.split("\n", 2)[2])
+        parts.append(
+            f"**Measured: {label}** (`{command} --out bench/results/compare_{task}`, 2 CPU cores):\n\n"
+            + md.split("\n", 2)[2]
+        )
         parts.append({"math": _math_verdict, "dialogue": _dialogue_verdict, "smollm2": _real_verdict}[task](results))
     return "\n".join(parts)
 
@@ -451,8 +551,8 @@ def _math_verdict(results: list[dict]) -> str:
     ranked = sorted(mean, key=mean.get, reverse=True)
     best, hpd = ranked[0], mean["hpd"]
     seeds = len(acc["hpd"])
-    return f"""**The paper's target is not met here.** HPD is {ranked.index('hpd') + 1}th of {len(ranked)} by mean
-accuracy ({hpd:.1%}, against {mean[best]:.1%} for {best} and {mean['sft']:.1%} for SFT), and its held-out NLL and
+    return f"""**The paper's target is not met here.** HPD is {ranked.index("hpd") + 1}th of {len(ranked)} by mean
+accuracy ({hpd:.1%}, against {mean[best]:.1%} for {best} and {mean["sft"]:.1%} for SFT), and its held-out NLL and
 KL to the teacher are worse than those of FKL, RKL, JSD, SKL, SRKL and AKL (only TVD, which learns slowly here,
 and SeqKD are worse). As the prototype found (`shared/docs/default-task-findings.md`), the divergences over the
 teacher's whole cached distribution at every position learn this task fastest, while HPD, which looks at the teacher only at the
@@ -471,6 +571,7 @@ def _dialogue_verdict(results: list[dict]) -> str:
 
     def mean(m, key):
         return statistics.mean(x[key] for x in by[m])
+
     ranked = sorted(by, key=lambda m: mean(m, "response_nll_nats"))
     teacher = next(r["eval"]["teacher"] for r in results if r["eval"].get("teacher"))
     place = ranked.index("hpd") + 1
@@ -478,17 +579,19 @@ def _dialogue_verdict(results: list[dict]) -> str:
     q = RESULTS / "cached_vs_online_quality.json"
     if q.exists():
         runs = [r["eval"]["response_nll_nats"] for r in json.loads(q.read_text())["dialogue"] if r["arm"] == "online"]
-        online = (f" Even HPD with the teacher online (exact log-probs over the whole vocabulary, "
-                  f"{statistics.mean(runs):.3f} over {len(runs)} seeds in the cached-vs-online bench) stays behind "
-                  f"{ranked[0]} from the top-64 cache ({mean(ranked[0], 'response_nll_nats'):.3f}).")
+        online = (
+            f" Even HPD with the teacher online (exact log-probs over the whole vocabulary, "
+            f"{statistics.mean(runs):.3f} over {len(runs)} seeds in the cached-vs-online bench) stays behind "
+            f"{ranked[0]} from the top-64 cache ({mean(ranked[0], 'response_nll_nats'):.3f})."
+        )
     by_kl = sorted(by, key=lambda m: mean(m, "kl_to_teacher_nats"))
     kl_order = "the same way" if by_kl == ranked else "as " + ", ".join(by_kl)
     hpd_vs_sft = "ahead of" if mean("hpd", "response_nll_nats") < mean("sft", "response_nll_nats") else "behind"
     return f"""**Dialogue, read by held-out NLL and KL to the teacher.** ROUGE-L of greedy replies is near the floor
-for students this small (the teacher itself scores {teacher['rouge_l']:.3f}, the students
-{min(mean(m, 'rouge_l') for m in by):.3f} to {max(mean(m, 'rouge_l') for m in by):.3f}), so it separates little. By NLL the
-order is {', '.join(f"{m} {mean(m, 'response_nll_nats'):.3f}" for m in ranked)} (teacher
-{teacher['response_nll_nats']:.3f}); KL to the teacher ranks them {kl_order}. HPD is {place}th of
+for students this small (the teacher itself scores {teacher["rouge_l"]:.3f}, the students
+{min(mean(m, "rouge_l") for m in by):.3f} to {max(mean(m, "rouge_l") for m in by):.3f}), so it separates little. By NLL the
+order is {", ".join(f"{m} {mean(m, 'response_nll_nats'):.3f}" for m in ranked)} (teacher
+{teacher["response_nll_nats"]:.3f}); KL to the teacher ranks them {kl_order}. HPD is {place}th of
 {len(ranked)}: {hpd_vs_sft} SFT here (unlike on math), behind every divergence over the cached distribution except TVD, and HPD -> OPD (200 HPD steps, then one 100-step OPD round) loses what the HPD steps gained.
 The cache holds the top-64 of 8,192 tokens plus the tail bucket, so the distribution methods see a truncated
 teacher; they still lead, by more than the spread over seeds.{online}
@@ -514,34 +617,53 @@ def _real_verdict(results: list[dict]) -> str:
     by_kl = sorted(by, key=lambda m: mean(m, kl))
     pick = "hpd_fkl"
     others = {m: (paired(pick, m, nll), paired(pick, m, kl)) for m in ranked if m != pick}
-    lines = "\n".join(f"| {pick} - {m} | " + " | ".join(
-        f"{x[0]:+.3f} ± {x[1]:.3f} ({x[3]}/{x[2]} lower{', separable' if _separable(x) else ''})" for x in pair)
-        + " |" for m, pair in others.items())
+    lines = "\n".join(
+        f"| {pick} - {m} | "
+        + " | ".join(
+            f"{x[0]:+.3f} ± {x[1]:.3f} ({x[3]}/{x[2]} lower{', separable' if _separable(x) else ''})" for x in pair
+        )
+        + " |"
+        for m, pair in others.items()
+    )
     first_nll, first_kl = ranked[0], by_kl[0]
     beaten = [m for m, (x, _) in others.items() if x[0] < 0 and _separable(x)]
     if first_nll == pick and first_kl == pick and len(beaten) == len(by) - 1:
         holds = f"**It holds.** {pick} has the lowest held-out NLL and KL to the teacher, and is ahead of every other method beyond the seed spread"
     elif first_nll == pick or first_kl == pick:
-        holds = (f"**It holds in part.** {pick} leads by {'NLL' if first_nll == pick else 'KL'} but not by "
-                 f"{'KL' if first_nll == pick else 'NLL'} (first there: {first_kl if first_nll == pick else first_nll}); "
-                 f"separable from {', '.join(beaten) or 'none of the others'}")
+        holds = (
+            f"**It holds in part.** {pick} leads by {'NLL' if first_nll == pick else 'KL'} but not by "
+            f"{'KL' if first_nll == pick else 'NLL'} (first there: {first_kl if first_nll == pick else first_nll}); "
+            f"separable from {', '.join(beaten) or 'none of the others'}"
+        )
     else:
-        lowest = (f"{first_nll} has the lowest held-out NLL and KL" if first_nll == first_kl else
-                  f"{first_nll} has the lowest held-out NLL and {first_kl} the lowest KL")
+        lowest = (
+            f"{first_nll} has the lowest held-out NLL and KL"
+            if first_nll == first_kl
+            else f"{first_nll} has the lowest held-out NLL and {first_kl} the lowest KL"
+        )
         place = ranked.index(pick) + 1
-        holds = (f"**It does not hold here.** {lowest}; {pick} is {place}{'nd' if place == 2 else 'rd' if place == 3 else 'th'} "
-                 f"of {len(ranked)} by NLL" + (f", ahead of {', '.join(beaten)} beyond the seed spread" if beaten else ""))
+        holds = (
+            f"**It does not hold here.** {lowest}; {pick} is {place}{'nd' if place == 2 else 'rd' if place == 3 else 'th'} "
+            f"of {len(ranked)} by NLL" + (f", ahead of {', '.join(beaten)} beyond the seed spread" if beaten else "")
+        )
     cfg = load_config("smollm2").as_dict()
     d, fmt = cfg["distill"], _result(RESULTS / "cache_formats_smollm2.json") or {}
-    outside = (f", {fmt['tail_mass_mean']['64']:.0%} of the mass outside it" if fmt else "")
+    outside = f", {fmt['tail_mass_mean']['64']:.0%} of the mass outside it" if fmt else ""
     kls = [r["eval"]["student"][kl] for r in results]
     student = results[0]["eval"]["student"]["parameters"]
-    study_seeds = max((x["seeds"] for s in _result(RESULTS / "study" / "summary.json") or [] if s["task"] == "dialogue"
-                       for x in s["table"].values()), default=0)
+    study_seeds = max(
+        (
+            x["seeds"]
+            for s in _result(RESULTS / "study" / "summary.json") or []
+            if s["task"] == "dialogue"
+            for x in s["table"].values()
+        ),
+        default=0,
+    )
     return f"""Does the regime study's recommendation (`hpd_fkl` for a top-k cache of a large vocabulary, chosen on the
-dialogue task's top-64 of 8,192) carry over to a real LLM (top-64 of {fmt.get('vocab_size', 49152):,}{outside})?
-{holds}. By held-out NLL on the teacher's greedy replies the order is {', '.join(f"{m} {mean(m, nll):.3f}" for m in ranked)}
-(teacher {teacher[nll]:.3f}); by KL to the teacher {', '.join(f"{m} {mean(m, kl):.3f}" for m in by_kl)}.
+dialogue task's top-64 of 8,192) carry over to a real LLM (top-64 of {fmt.get("vocab_size", 49152):,}{outside})?
+{holds}. By held-out NLL on the teacher's greedy replies the order is {", ".join(f"{m} {mean(m, nll):.3f}" for m in ranked)}
+(teacher {teacher[nll]:.3f}); by KL to the teacher {", ".join(f"{m} {mean(m, kl):.3f}" for m in by_kl)}.
 Paired by seed, {pick} minus each other method (held-out NLL / KL to teacher, nats; *separable*: the mean is more
 than twice its standard error):
 
@@ -549,15 +671,15 @@ than twice its standard error):
 |---|---|---|
 {lines}
 
-Every student starts from the same {d['n_layer']} of the teacher's layers ({student / 1e6:.1f}M parameters) and takes
-{cfg['compare']['steps']} steps of {d['batch_size']} of the teacher's replies at learning rate {d['learning_rate']:.0e}
-({cfg['compare']['steps'] * d['batch_size'] / cfg['data']['train_examples']:g} epochs of {cfg['data']['train_examples']} prompts):
+Every student starts from the same {d["n_layer"]} of the teacher's layers ({student / 1e6:.1f}M parameters) and takes
+{cfg["compare"]["steps"]} steps of {d["batch_size"]} of the teacher's replies at learning rate {d["learning_rate"]:.0e}
+({cfg["compare"]["steps"] * d["batch_size"] / cfg["data"]["train_examples"]:g} epochs of {cfg["data"]["train_examples"]} prompts):
 a small budget, sized to the hour this machine gives it ({_compare_hours(results)}), so these are early-training
 differences: every student is still {min(kls):.1f}-{max(kls):.1f} nats from the teacher. With {len(by[pick])} seeds,
 "separable" is a weak test. The accuracy column counts
-{teacher.get('checked_examples', 0)} arithmetic questions and separates nothing at this size. What it says: the published
-HPD {'trails' if mean('hpd', nll) > mean('sft', nll) else 'leads'} plain SFT on this teacher ({_hpd_vs_sft_in_study()}), {ranked[-1]} learns slowest from a
-student this far from the teacher, and {' and '.join(ranked[:2])} lead.{_preset_remark(first_nll, pick, study_seeds, len(by[pick]), cfg['compare']['steps'])}
+{teacher.get("checked_examples", 0)} arithmetic questions and separates nothing at this size. What it says: the published
+HPD {"trails" if mean("hpd", nll) > mean("sft", nll) else "leads"} plain SFT on this teacher ({_hpd_vs_sft_in_study()}), {ranked[-1]} learns slowest from a
+student this far from the teacher, and {" and ".join(ranked[:2])} lead.{_preset_remark(first_nll, pick, study_seeds, len(by[pick]), cfg["compare"]["steps"])}
 """
 
 
@@ -565,19 +687,27 @@ def _hpd_vs_sft_in_study() -> str:
     """Whether HPD trailed or led SFT by held-out NLL on each built-in task of the regime study (all its settings)."""
     runs, said = _study_runs(), []
     for task in ("math", "dialogue"):
-        gaps = [statistics.mean(x["response_nll_nats"] for x in runs[k]["hpd"].values())
-                - statistics.mean(x["response_nll_nats"] for x in runs[k]["sft"].values()) for k in runs if k[0] == task]
+        gaps = [
+            statistics.mean(x["response_nll_nats"] for x in runs[k]["hpd"].values())
+            - statistics.mean(x["response_nll_nats"] for x in runs[k]["sft"].values())
+            for k in runs
+            if k[0] == task
+        ]
         if gaps:
-            said.append(f"on {task} it {'trailed' if all(g > 0 for g in gaps) else 'led' if all(g < 0 for g in gaps) else 'was mixed'}")
+            said.append(
+                f"on {task} it {'trailed' if all(g > 0 for g in gaps) else 'led' if all(g < 0 for g in gaps) else 'was mixed'}"
+            )
     return ", ".join(said) or "the regime study has not run"
 
 
 def _preset_remark(best: str, pick: str, study_seeds: int, seeds: int, steps: int) -> str:
     if best == pick:
         return ""
-    return (f" `--config smollm2` still trains with {pick}: the dialogue evidence for it comes from {study_seeds} seeds "
-            f"trained to the end of their budget, this from {seeds} seeds in their first {steps} steps; a longer comparison on this "
-            f"teacher (a GPU's work) should decide, and `--set distill.method={best}` is the alternative.")
+    return (
+        f" `--config smollm2` still trains with {pick}: the dialogue evidence for it comes from {study_seeds} seeds "
+        f"trained to the end of their budget, this from {seeds} seeds in their first {steps} steps; a longer comparison on this "
+        f"teacher (a GPU's work) should decide, and `--set distill.method={best}` is the alternative."
+    )
 
 
 def _compare_hours(results: list[dict]) -> str:
@@ -589,19 +719,26 @@ def _compare_hours(results: list[dict]) -> str:
 def _overhead_verdict(big: dict) -> str:
     """Score overhead at most 10% of the forward: judged on the timing apart from the background writer
     (bench/score_overhead.py), with the stage's own in-run figure beside it."""
-    found = {name: _result(RESULTS / f"score_overhead_{cfg}.json") for name, cfg in
-             ((f"math ({_trained_teacher_parameters('math') / 1e6:.2f}M teacher)", "math"),
-              (f"dialogue ({_trained_teacher_parameters('dialogue') / 1e6:.2f}M)", "dialogue"), ("SmolLM2-135M", "smollm2"))}
+    found = {
+        name: _result(RESULTS / f"score_overhead_{cfg}.json")
+        for name, cfg in (
+            (f"math ({_trained_teacher_parameters('math') / 1e6:.2f}M teacher)", "math"),
+            (f"dialogue ({_trained_teacher_parameters('dialogue') / 1e6:.2f}M)", "dialogue"),
+            ("SmolLM2-135M", "smollm2"),
+        )
+    }
     found = {n: o["overhead_compute"] for n, o in found.items() if o}
     met = [n for n, x in found.items() if x <= 0.10]
     state = "met" if len(met) == len(found) else f"met only for {', '.join(met)}" if met else "not met"
-    return (f"- **teacher-score overhead at most 10% of the forward**: {state}, timed apart from the writer with the "
-            f"same batches alternating with a bare forward (`bench/score_overhead.py`): "
-            + ", ".join(f"{n} {x:.1%}" for n, x in found.items())
-            + ". The tiny math teacher's forward is so cheap that the log-softmax and top-k weigh in; SmolLM2's "
-              "[positions x 49,152] log-softmax, top-k and tail pass cost nearly a third of its forward. As the "
-              "stage measures it in the cached-vs-online runs (the writer sharing the two cores): "
-            + ", ".join(f"{k} {r['score_timing']['overhead']:.1%}" for k, r in big.items()))
+    return (
+        f"- **teacher-score overhead at most 10% of the forward**: {state}, timed apart from the writer with the "
+        f"same batches alternating with a bare forward (`bench/score_overhead.py`): "
+        + ", ".join(f"{n} {x:.1%}" for n, x in found.items())
+        + ". The tiny math teacher's forward is so cheap that the log-softmax and top-k weigh in; SmolLM2's "
+        "[positions x 49,152] log-softmax, top-k and tail pass cost nearly a third of its forward. As the "
+        "stage measures it in the cached-vs-online runs (the writer sharing the two cores): "
+        + ", ".join(f"{k} {r['score_timing']['overhead']:.1%}" for k, r in big.items())
+    )
 
 
 def _outside_topk(quality: dict) -> str:
@@ -611,8 +748,10 @@ def _outside_topk(quality: dict) -> str:
     if not runs:
         return ""
     first, last = statistics.mean(r[0][1] for r in runs), statistics.mean(r[-1][1] for r in runs)
-    return (f" (`sample_outside_topk` in the training log: {first:.2f} at step {runs[0][0][0]}, {last:.2f} at step "
-            f"{runs[0][-1][0]}, mean over {len(runs)} seeds)")
+    return (
+        f" (`sample_outside_topk` in the training log: {first:.2f} at step {runs[0][0][0]}, {last:.2f} at step "
+        f"{runs[0][-1][0]}, mean over {len(runs)} seeds)"
+    )
 
 
 def _trained_teacher_parameters(task: str) -> int:
@@ -631,14 +770,27 @@ def cached_vs_online() -> str:
 
     def verdict(name, ok, shown):
         good = [k for k in big if ok(big[k])]
-        return (f"- **{name}**: met at {', '.join(good)} ({shown})" if len(good) == len(big) else
-                f"- **{name}**: {'met only at ' + ', '.join(good) if good else 'not met'} ({shown})")
-    lines = [verdict("cached training at least 2x the tokens/s of online at 8x or more",
-                     lambda r: r["speedup"] >= 2, ", ".join(f"{k}: {r['speedup']:.2f}x" for k, r in big.items())),
-             verdict("training memory at most 0.6x online", lambda r: r["training_mb_ratio"] <= 0.6,
-                     ", ".join(f"{k}: {r['training_mb_ratio']:.2f}x; whole process {r['peak_rss_ratio']:.2f}x"
-                               for k, r in big.items())),
-             _overhead_verdict(big)]
+        return (
+            f"- **{name}**: met at {', '.join(good)} ({shown})"
+            if len(good) == len(big)
+            else f"- **{name}**: {'met only at ' + ', '.join(good) if good else 'not met'} ({shown})"
+        )
+
+    lines = [
+        verdict(
+            "cached training at least 2x the tokens/s of online at 8x or more",
+            lambda r: r["speedup"] >= 2,
+            ", ".join(f"{k}: {r['speedup']:.2f}x" for k, r in big.items()),
+        ),
+        verdict(
+            "training memory at most 0.6x online",
+            lambda r: r["training_mb_ratio"] <= 0.6,
+            ", ".join(
+                f"{k}: {r['training_mb_ratio']:.2f}x; whole process {r['peak_rss_ratio']:.2f}x" for k, r in big.items()
+            ),
+        ),
+        _overhead_verdict(big),
+    ]
     summary = json.loads((RESULTS / "cached_vs_online.json").read_text())["summary"]
     quality = json.loads((RESULTS / "cached_vs_online_quality.json").read_text())
     m = summary["math"]
@@ -646,88 +798,147 @@ def cached_vs_online() -> str:
     dn = [a["response_nll_nats"] - b["response_nll_nats"] for a, b in zip(dq["cached"], dq["online"])]
     dk = [a["kl_to_teacher_nats"] - b["kl_to_teacher_nats"] for a, b in zip(dq["cached"], dq["online"])]
     worse = sum(x > 0 for x in dn)
-    lines.append(f"- **student quality equal within noise**: on math (k = the whole 18-token vocabulary, 8-bit "
-                 f"log-probs) yes: cached minus online accuracy {m['paired'][0] * 100:+.1f} ± "
-                 f"{m['paired'][1] * 100:.1f} points over {len(dq['cached'])} paired seeds. On dialogue (top-64 of "
-                 f"8,192) {'**no**' if worse == len(dn) else 'not clearly'}: the cached HPD student's held-out NLL "
-                 f"is worse on {worse} of {len(dn)} seeds "
-                 f"(by {statistics.mean(dn):+.3f} ± {statistics.stdev(dn) if len(dn) > 1 else 0:.3f} nats) and its KL "
-                 f"to the teacher by {statistics.mean(dk):+.3f}. HPD's push-down term needs the teacher's "
-                 f"log-prob of the student's own sample; a cache has it only inside the top-k, and a fresh "
-                 f"student's samples fall outside the top-64 at most positions{_outside_topk(quality)}, where the cache can only "
-                 f"share the tail mass out in "
-                 f"proportion to the student. Online, the exact value is at hand. The HPD variants that use the whole "
-                 f"cached distribution instead, and which loss to use, are in the regime study below.")
-    lines[1] += (". Both arms compute the student's logits only at response positions (the output head at those positions) and "
-                 "its loss in checkpointed chunks of positions (hpd/stages/losses.py), so what the cached arm holds "
-                 "beyond fixed costs is the student's logits and their gradient at response positions. The online "
-                 "arm adds the teacher's weights, its activations and its full [batch, length, vocabulary] "
-                 "logits, as TRL computes them. The ratio therefore falls as the teacher grows (dialogue: "
-                 + ", ".join(f"{r['training_mb_ratio']:.2f} at {k.split()[1]}" for k, r in t.items() if k.startswith("dialogue"))
-                 + "; a 7B teacher's 14 GB of bf16 weights would dominate "
-                 f"completely). On math the vocabulary has 18 tokens and the teacher weighs "
-                 f"{t['math 7.6x']['teacher_parameters'] * 4 / 1e6:.1f} MB in fp32: both arms are "
-                 f"the same ~{t['math 7.6x']['arms']['cached']['training_mb']:.0f} MB of fixed costs (Trainer, batches, "
-                 "allocator), and no cache can change that. "
-                 "The quality runs below predate the chunked loss, which gives the same values and gradients "
-                 "(tests/test_losses.py) but draws HPD's samples in a different order")
+    lines.append(
+        f"- **student quality equal within noise**: on math (k = the whole 18-token vocabulary, 8-bit "
+        f"log-probs) yes: cached minus online accuracy {m['paired'][0] * 100:+.1f} ± "
+        f"{m['paired'][1] * 100:.1f} points over {len(dq['cached'])} paired seeds. On dialogue (top-64 of "
+        f"8,192) {'**no**' if worse == len(dn) else 'not clearly'}: the cached HPD student's held-out NLL "
+        f"is worse on {worse} of {len(dn)} seeds "
+        f"(by {statistics.mean(dn):+.3f} ± {statistics.stdev(dn) if len(dn) > 1 else 0:.3f} nats) and its KL "
+        f"to the teacher by {statistics.mean(dk):+.3f}. HPD's push-down term needs the teacher's "
+        f"log-prob of the student's own sample; a cache has it only inside the top-k, and a fresh "
+        f"student's samples fall outside the top-64 at most positions{_outside_topk(quality)}, where the cache can only "
+        f"share the tail mass out in "
+        f"proportion to the student. Online, the exact value is at hand. The HPD variants that use the whole "
+        f"cached distribution instead, and which loss to use, are in the regime study below."
+    )
+    lines[1] += (
+        ". Both arms compute the student's logits only at response positions (the output head at those positions) and "
+        "its loss in checkpointed chunks of positions (hpd/stages/losses.py), so what the cached arm holds "
+        "beyond fixed costs is the student's logits and their gradient at response positions. The online "
+        "arm adds the teacher's weights, its activations and its full [batch, length, vocabulary] "
+        "logits, as TRL computes them. The ratio therefore falls as the teacher grows (dialogue: "
+        + ", ".join(f"{r['training_mb_ratio']:.2f} at {k.split()[1]}" for k, r in t.items() if k.startswith("dialogue"))
+        + "; a 7B teacher's 14 GB of bf16 weights would dominate "
+        f"completely). On math the vocabulary has 18 tokens and the teacher weighs "
+        f"{t['math 7.6x']['teacher_parameters'] * 4 / 1e6:.1f} MB in fp32: both arms are "
+        f"the same ~{t['math 7.6x']['arms']['cached']['training_mb']:.0f} MB of fixed costs (Trainer, batches, "
+        "allocator), and no cache can change that. "
+        "The quality runs below predate the chunked loss, which gives the same values and gradients "
+        "(tests/test_losses.py) but draws HPD's samples in a different order"
+    )
     body = md.read_text().split("\n", 2)[2].replace("\n## ", "\n#### ")
     return "**Against the targets** (teachers at least 8x the student):\n\n" + "\n".join(lines) + "\n\n" + body
 
 
 # The reliability matrix: every fault the suite injects, and the test that injects it (tests/).
 RELIABILITY = [
-    ("Crash (SIGKILL)", [
-        ("teacher training, after a checkpoint", "test_crash_resume: resumes from the checkpoint"),
-        ("generate, between shards", "test_faults: same sequence fingerprint"),
-        ("score, between shards", "test_crash_resume: identical cache, resumes after the kept shards"),
-        ("distill, after a checkpoint", "test_distill: the uninterrupted student, bit for bit"),
-        ("refresh and rescore, between shards", "test_refresh: same samples, same shard checksums"),
-        ("round training, after a checkpoint", "test_refresh: the uninterrupted student, bit for bit"),
-        ("eval, between student and teacher", "test_faults: the same report"),
-        ("anywhere, at random moments", "`make soak` (below)")]),
-    ("Corruption", [
-        ("a flipped byte, a truncated shard, a deleted shard", "test_faults: each named when opened and by "
-                                                               "`hpd cache verify`; distill refuses"),
-        ("a hand-edited manifest (a value, or broken JSON)", "test_faults: the manifest's own checksum"),
-        ("a damaged sequence shard", "test_faults: distill refuses, naming the shard"),
-        ("a damaged shard while a writer resumes", "test_logit_cache: only intact shards are kept")]),
-    ("Bad input (one line, exit 2, nothing published)", [
-        ("missing file; malformed JSONL; missing field; empty file; empty prompt; non-UTF-8 text",
-         "test_bad_input"),
-        ("sequence longer than the context: refused, or cut with a warning (`generate.too_long`)",
-         "test_bad_input"),
-        ("teacher and student with different tokenizers; k larger than the vocabulary", "test_bad_input"),
-        ("unknown loss; negative learning rate; alpha outside [0, 1]; share outside [0, 1]; unknown key or "
-         "stage", "test_bad_input"),
-        ("not a causal LM; no config.json; config but no weights; NaN logits from the teacher",
-         "test_bad_input"),
-        ("cache root not writable; disk full in the middle of a shard (resumes once space is back)",
-         "test_bad_input"),
-        ("run names that are paths (`../x`, `/x`, empty); `teachers.runs` naming each other in a loop; an "
-         "ensemble's run scored on other sequences (all before any stage)", "test_config, test_teachers"),
-        ("held-out rows with empty responses (no references, or refused naming the row); a truncated GGUF file "
-         "(expected vs found bytes, no lock left)", "test_evaluators, test_gguf"),
-        ("`hpd cache merge` to a sampled encoding, of one cache twice, with `--k 0`", "test_merge: refused "
-                                                                                        "before anything is written")]),
-    ("Numerical failure", [
-        ("a non-finite loss or gradient (a diverging student)", "test_bad_input: stops at that step, names the "
-                                                                "method, publishes nothing"),
-        ("a model with NaN or inf weights, by any path", "test_bad_input: never published"),
-        ("every method on every cache encoding, sampled ones with empty slots", "test_sampled_targets: finite, "
-                                                                                 "and the float64 reference"),
-        ("a value function giving NaN or inf; a selection that keeps nothing", "test_values: refused naming the "
-                                                                               "sequence; trains on the rest")]),
-    ("Untrusted code", [
-        ("a prompt's `test` that writes outside its directory, forks a shell, opens a socket, eats memory or "
-         "loops", "test_sandbox: blocked (bubblewrap, and the fallback layer), counted as failed"),
-        ("code execution without the opt-in (`code.execute`, `HPD_ALLOW_CODE_EVAL=1`)", "test_sandbox: one line "
-                                                                                          "before any stage")]),
-    ("Concurrency", [
-        ("two runs build the same cache at once", "test_cache_tools: one builds, the other waits and reuses"),
-        ("two experiments read one cache at once", "test_cache_tools: identical tensors"),
-        ("`hpd cache gc` while a run reads a cache", "test_faults: kept while read; removed once the reader "
-                                                     "is dead")]),
+    (
+        "Crash (SIGKILL)",
+        [
+            ("teacher training, after a checkpoint", "test_crash_resume: resumes from the checkpoint"),
+            ("generate, between shards", "test_faults: same sequence fingerprint"),
+            ("score, between shards", "test_crash_resume: identical cache, resumes after the kept shards"),
+            ("distill, after a checkpoint", "test_distill: the uninterrupted student, bit for bit"),
+            ("refresh and rescore, between shards", "test_refresh: same samples, same shard checksums"),
+            ("round training, after a checkpoint", "test_refresh: the uninterrupted student, bit for bit"),
+            ("eval, between student and teacher", "test_faults: the same report"),
+            ("anywhere, at random moments", "`make soak` (below)"),
+        ],
+    ),
+    (
+        "Corruption",
+        [
+            (
+                "a flipped byte, a truncated shard, a deleted shard",
+                "test_faults: each named when opened and by `hpd cache verify`; distill refuses",
+            ),
+            ("a hand-edited manifest (a value, or broken JSON)", "test_faults: the manifest's own checksum"),
+            ("a damaged sequence shard", "test_faults: distill refuses, naming the shard"),
+            ("a damaged shard while a writer resumes", "test_logit_cache: only intact shards are kept"),
+        ],
+    ),
+    (
+        "Bad input (one line, exit 2, nothing published)",
+        [
+            (
+                "missing file; malformed JSONL; missing field; empty file; empty prompt; non-UTF-8 text",
+                "test_bad_input",
+            ),
+            (
+                "sequence longer than the context: refused, or cut with a warning (`generate.too_long`)",
+                "test_bad_input",
+            ),
+            ("teacher and student with different tokenizers; k larger than the vocabulary", "test_bad_input"),
+            (
+                "unknown loss; negative learning rate; alpha outside [0, 1]; share outside [0, 1]; unknown key or "
+                "stage",
+                "test_bad_input",
+            ),
+            ("not a causal LM; no config.json; config but no weights; NaN logits from the teacher", "test_bad_input"),
+            (
+                "cache root not writable; disk full in the middle of a shard (resumes once space is back)",
+                "test_bad_input",
+            ),
+            (
+                "run names that are paths (`../x`, `/x`, empty); `teachers.runs` naming each other in a loop; an "
+                "ensemble's run scored on other sequences (all before any stage)",
+                "test_config, test_teachers",
+            ),
+            (
+                "held-out rows with empty responses (no references, or refused naming the row); a truncated GGUF file "
+                "(expected vs found bytes, no lock left)",
+                "test_evaluators, test_gguf",
+            ),
+            (
+                "`hpd cache merge` to a sampled encoding, of one cache twice, with `--k 0`",
+                "test_merge: refused before anything is written",
+            ),
+        ],
+    ),
+    (
+        "Numerical failure",
+        [
+            (
+                "a non-finite loss or gradient (a diverging student)",
+                "test_bad_input: stops at that step, names the method, publishes nothing",
+            ),
+            ("a model with NaN or inf weights, by any path", "test_bad_input: never published"),
+            (
+                "every method on every cache encoding, sampled ones with empty slots",
+                "test_sampled_targets: finite, and the float64 reference",
+            ),
+            (
+                "a value function giving NaN or inf; a selection that keeps nothing",
+                "test_values: refused naming the sequence; trains on the rest",
+            ),
+        ],
+    ),
+    (
+        "Untrusted code",
+        [
+            (
+                "a prompt's `test` that writes outside its directory, forks a shell, opens a socket, eats memory or "
+                "loops",
+                "test_sandbox: blocked (bubblewrap, and the fallback layer), counted as failed",
+            ),
+            (
+                "code execution without the opt-in (`code.execute`, `HPD_ALLOW_CODE_EVAL=1`)",
+                "test_sandbox: one line before any stage",
+            ),
+        ],
+    ),
+    (
+        "Concurrency",
+        [
+            ("two runs build the same cache at once", "test_cache_tools: one builds, the other waits and reuses"),
+            ("two experiments read one cache at once", "test_cache_tools: identical tensors"),
+            (
+                "`hpd cache gc` while a run reads a cache",
+                "test_faults: kept while read; removed once the reader is dead",
+            ),
+        ],
+    ),
 ]
 
 
@@ -740,26 +951,29 @@ def reliability() -> str:
     if soak_file.exists():
         soak = json.loads(soak_file.read_text())
         by_scenario = ", ".join(f"{s} {k}" for s, k in soak["kills_by_scenario"].items())
-        soak_line = (f"**Soak** (`make soak`, bench/soak.py): {soak['trials']} trials, {soak['kills']} SIGKILLs at "
-                     f"random moments over six scenarios ({by_scenario}): the whole pipeline with its judge stages, "
-                     f"the same with sampled (`sampled:4+8`) and with `compact` caches, a student of a two-teacher "
-                     f"ensemble (its rounds rescored by both), `hpd cache merge`, and a GGUF teacher's conversion. "
-                     f"After the reruns, {soak['trials_matching_reference']} of {soak['trials']} trials published "
-                     f"exactly the uninterrupted run's outputs (sequences and values, every cache shard's checksum, "
-                     f"the students' and the converted teacher's weights, the evaluation report, leftover "
-                     f"temporaries). **Bytes lost: {soak['mismatched_outputs']}.** Per stage: "
-                     f"bench/results/soak.md.")
+        soak_line = (
+            f"**Soak** (`make soak`, bench/soak.py): {soak['trials']} trials, {soak['kills']} SIGKILLs at "
+            f"random moments over six scenarios ({by_scenario}): the whole pipeline with its judge stages, "
+            f"the same with sampled (`sampled:4+8`) and with `compact` caches, a student of a two-teacher "
+            f"ensemble (its rounds rescored by both), `hpd cache merge`, and a GGUF teacher's conversion. "
+            f"After the reruns, {soak['trials_matching_reference']} of {soak['trials']} trials published "
+            f"exactly the uninterrupted run's outputs (sequences and values, every cache shard's checksum, "
+            f"the students' and the converted teacher's weights, the evaluation report, leftover "
+            f"temporaries). **Bytes lost: {soak['mismatched_outputs']}.** Per stage: "
+            f"bench/results/soak.md."
+        )
     else:
         soak_line = "**Soak:** not run yet (`make soak`)."
-    return (f"{n} fault rows, all in `make test` except the soak; every one is survived: the fault is named in "
-            f"one line and nothing wrong is published or trained on.\n\n" + "\n".join(rows) + "\n\n"
-            + soak_line + "\n")
+    return (
+        f"{n} fault rows, all in `make test` except the soak; every one is survived: the fault is named in "
+        f"one line and nothing wrong is published or trained on.\n\n" + "\n".join(rows) + "\n\n" + soak_line + "\n"
+    )
 
 
 def _separable(d) -> bool:
     """A paired difference whose mean is more than twice its standard error (about 95% for 5 seeds)."""
     mean, sd, n, _ = d
-    return n > 1 and abs(mean) > 2 * sd / n ** 0.5
+    return n > 1 and abs(mean) > 2 * sd / n**0.5
 
 
 def study() -> str:
@@ -770,10 +984,14 @@ def study() -> str:
     for st in summary:
         q, fmt = st["quality"], "{:.1%}" if st["quality"] == "accuracy" else "{:.4f}"
         label = "accuracy" if q == "accuracy" else "ROUGE-L"
-        out += [f"**{st['task']}, {st['regime']}** ({st['data']}; teacher: {label} {fmt.format(st['teacher'][q])}, "
-                f"NLL {st['teacher']['response_nll_nats']:.3f}):", "",
-                f"| method | seeds | {label} | held-out NLL | KL to teacher | NLL - hpd (paired) | NLL - fkl (paired) "
-                f"| NLL - {st['best']} (paired) |", "|---|---|---|---|---|---|---|---|"]
+        out += [
+            f"**{st['task']}, {st['regime']}** ({st['data']}; teacher: {label} {fmt.format(st['teacher'][q])}, "
+            f"NLL {st['teacher']['response_nll_nats']:.3f}):",
+            "",
+            f"| method | seeds | {label} | held-out NLL | KL to teacher | NLL - hpd (paired) | NLL - fkl (paired) "
+            f"| NLL - {st['best']} (paired) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for m in st["ranking"]:
             t, d = st["table"][m], st["diffs"][m]
 
@@ -783,15 +1001,22 @@ def study() -> str:
                     return "-"
                 mark = "**" if _separable(x) else ""
                 return f"{mark}{x[0]:+.3f} ± {x[1]:.3f}{mark} ({x[3]}/{x[2]} lower)"
+
             ms = lambda k, f: f"{f.format(t[k][0])} ± {f.format(t[k][1])}"  # noqa: E731
-            out.append(f"| {m} | {t['seeds']} | {ms(q, fmt)} | {ms('response_nll_nats', '{:.3f}')} | "
-                       f"{ms('kl_to_teacher_nats', '{:.3f}')} | {cell('hpd')} | {cell('fkl')} | {cell(st['best'])} |")
+            out.append(
+                f"| {m} | {t['seeds']} | {ms(q, fmt)} | {ms('response_nll_nats', '{:.3f}')} | "
+                f"{ms('kl_to_teacher_nats', '{:.3f}')} | {cell('hpd')} | {cell('fkl')} | {cell(st['best'])} |"
+            )
         out.append("")
-    out += ["Rows ranked by held-out NLL (mean over seeds). Paired columns: the mean and standard deviation over "
-            "seeds of this method's NLL minus the other's, student seed by student seed, and on how many seeds it "
-            "is lower; **bold** where the mean is more than twice its standard error. Produced by "
-            "`bench/regime_study.py`.", "",
-            "![held-out NLL against training tokens](bench/results/study/learning_curves.png)", ""]
+    out += [
+        "Rows ranked by held-out NLL (mean over seeds). Paired columns: the mean and standard deviation over "
+        "seeds of this method's NLL minus the other's, student seed by student seed, and on how many seeds it "
+        "is lower; **bold** where the mean is more than twice its standard error. Produced by "
+        "`bench/regime_study.py`.",
+        "",
+        "![held-out NLL against training tokens](bench/results/study/learning_curves.png)",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -845,9 +1070,11 @@ def study_recommendation() -> str:
         lead = min(("fkl", pick), key=lambda m: statistics.mean(x[nll] for x in by[m].values()))
         other = "fkl" if lead == pick else pick
         n = _paired(by, lead, other)
-        real_text = (f" **On the real teacher** (SmolLM2-135M-Instruct, {n[2]} seeds, "
-                     f"{real[0]['student']['student_steps']} steps: early training) `{lead}` led `{other}` on {n[3]} of "
-                     f"{n[2]} seeds (the real-teacher comparison under `hpd compare`)")
+        real_text = (
+            f" **On the real teacher** (SmolLM2-135M-Instruct, {n[2]} seeds, "
+            f"{real[0]['student']['student_steps']} steps: early training) `{lead}` led `{other}` on {n[3]} of "
+            f"{n[2]} seeds (the real-teacher comparison under `hpd compare`)"
+        )
     ml, mp = ("math", "limited"), ("math", "plenty")
     behind = lambda k, m: mean[k][m] - mean[k][rank[k][0]]  # noqa: E731
     hpd_ranks = [len(rank[k]) - rank[k].index("hpd") for k in runs]  # 1 = last
@@ -877,41 +1104,53 @@ def study_recommendation() -> str:
     top3 = rank[dia[0]][:3]
     gaps = [_paired(runs[k], a, b) for k in dia for a in top3 for b in ("hpd", "jsd", "sft") if a in runs[k]]
     spread = {k: [statistics.stdev(x[nll] for x in by.values()) for by in runs[k].values()] for k in runs}
-    acc = {k: [statistics.stdev(x["accuracy"] for x in by.values()) for by in runs[k].values()] for k in runs
-           if k[0] == "math"}
+    acc = {
+        k: [statistics.stdev(x["accuracy"] for x in by.values()) for by in runs[k].values()]
+        for k in runs
+        if k[0] == "math"
+    }
     expect = [_paired(runs[k], "hpd_expect", "hpd") for k in runs]
     fwd = {t: [-_paired(runs[k], "hpd_fkl", "hpd")[0] for k in runs if k[0] == t] for t in ("math", "dialogue")}
     push = [-_paired(runs[k], "hpd_fkl", "fkl")[0] for k in dia]
     gate = [_paired(runs[k], "hpd_fkl", "fkl")[0] for k in runs if k[0] == "math"]
     beats = [_paired(runs[k], pick, "hpd") for k in runs]
-    return "\n".join([
-        f"**Recommendation** ({seeds} seeds per method and setting, ranked by held-out NLL; tables and paired "
-        f"differences below):", "",
-        "| your situation | use | evidence |", "|---|---|---|", *rows, "",
-        f"**How confident.** On dialogue the top three ({', '.join(top3)}) lead HPD, JSD and SFT by paired "
-        f"differences of {_span([-g[0] for g in gaps])} nats with standard deviations of {_span([g[1] for g in gaps])}, "
-        f"every seed the same way in {sum(g[3] == g[2] for g in gaps)} of {len(gaps)} pairs. On math the student seed "
-        f"decides when the student crosses the learning transition, so held-out NLL varies by "
-        f"{_span([x for k in runs if k[0] == 'math' for x in spread[k]])} (standard deviation over seeds) and accuracy "
-        f"by {_span([x * 100 for v in acc.values() for x in v], '{:.0f}')} points between seeds of one method; paired by seed, "
-        f"only the larger gaps are separable, and the accuracy column is not. `hpd_expect` beats `hpd` on "
-        f"{sum(x[3] for x in expect)} of {sum(x[2] for x in expect)} paired seeds, but by "
-        f"{_span([-x[0] for x in expect], '{:.3f}')} nats: the sampled-token term is not what holds HPD back. What "
-        f"does is its forward part: one token's weight p(a*) instead of the teacher's distribution. Moving it to the "
-        f"cached distribution (`hpd_fkl`) is worth {_span(fwd['math'])} nats on math and {_span(fwd['dialogue'])} on "
-        f"dialogue, and on dialogue HPD's reverse-KL push-down then adds a further {_span(push)} over plain forward "
-        f"KL, where the cache's top-64 truncates the teacher and the push-down keeps the student's mass off tokens "
-        f"the teacher rules out. On math, where the cache holds the whole 18-token distribution, the same gating "
-        f"costs {_span(gate, '{:.3f}')} nats.", "",
-        f"**Default.** No method wins all {len(runs)} settings (best: "
-        f"{', '.join(f'{k[0]} {k[1]} {rank[k][0]}' for k in runs)}), so the rule \"make a variant the default if it "
-        f"wins across regimes\" does not strictly apply. The presets that look like real LLM distillation "
-        f"(`--config dialogue`, `--config smollm2`: a large vocabulary, a truncated cache) train with `{pick}`: it "
-        f"beats the published HPD in all {len(runs)} settings (on {sum(x[3] for x in beats)} of "
-        f"{sum(x[2] for x in beats)} paired seeds) and is among the top two in both regimes of the dialogue task. "
-        f"`make distill`'s math default is `fkl`, the exact full-distribution loss when the cache holds the whole "
-        f"18-token distribution and the data are limited (see \"Why this default\" at the top). "
-        f"`distill.method = \"hpd\"` runs the paper's method unchanged.", ""])
+    return "\n".join(
+        [
+            f"**Recommendation** ({seeds} seeds per method and setting, ranked by held-out NLL; tables and paired "
+            f"differences below):",
+            "",
+            "| your situation | use | evidence |",
+            "|---|---|---|",
+            *rows,
+            "",
+            f"**How confident.** On dialogue the top three ({', '.join(top3)}) lead HPD, JSD and SFT by paired "
+            f"differences of {_span([-g[0] for g in gaps])} nats with standard deviations of {_span([g[1] for g in gaps])}, "
+            f"every seed the same way in {sum(g[3] == g[2] for g in gaps)} of {len(gaps)} pairs. On math the student seed "
+            f"decides when the student crosses the learning transition, so held-out NLL varies by "
+            f"{_span([x for k in runs if k[0] == 'math' for x in spread[k]])} (standard deviation over seeds) and accuracy "
+            f"by {_span([x * 100 for v in acc.values() for x in v], '{:.0f}')} points between seeds of one method; paired by seed, "
+            f"only the larger gaps are separable, and the accuracy column is not. `hpd_expect` beats `hpd` on "
+            f"{sum(x[3] for x in expect)} of {sum(x[2] for x in expect)} paired seeds, but by "
+            f"{_span([-x[0] for x in expect], '{:.3f}')} nats: the sampled-token term is not what holds HPD back. What "
+            f"does is its forward part: one token's weight p(a*) instead of the teacher's distribution. Moving it to the "
+            f"cached distribution (`hpd_fkl`) is worth {_span(fwd['math'])} nats on math and {_span(fwd['dialogue'])} on "
+            f"dialogue, and on dialogue HPD's reverse-KL push-down then adds a further {_span(push)} over plain forward "
+            f"KL, where the cache's top-64 truncates the teacher and the push-down keeps the student's mass off tokens "
+            f"the teacher rules out. On math, where the cache holds the whole 18-token distribution, the same gating "
+            f"costs {_span(gate, '{:.3f}')} nats.",
+            "",
+            f"**Default.** No method wins all {len(runs)} settings (best: "
+            f'{", ".join(f"{k[0]} {k[1]} {rank[k][0]}" for k in runs)}), so the rule "make a variant the default if it '
+            f'wins across regimes" does not strictly apply. The presets that look like real LLM distillation '
+            f"(`--config dialogue`, `--config smollm2`: a large vocabulary, a truncated cache) train with `{pick}`: it "
+            f"beats the published HPD in all {len(runs)} settings (on {sum(x[3] for x in beats)} of "
+            f"{sum(x[2] for x in beats)} paired seeds) and is among the top two in both regimes of the dialogue task. "
+            f"`make distill`'s math default is `fkl`, the exact full-distribution loss when the cache holds the whole "
+            f'18-token distribution and the data are limited (see "Why this default" at the top). '
+            f'`distill.method = "hpd"` runs the paper\'s method unchanged.',
+            "",
+        ]
+    )
 
 
 def _paired_rows(rows: list[dict], a: str, b: str, key: str) -> tuple:
@@ -930,8 +1169,10 @@ def _higher_is_better(key: str) -> bool:
 def _vs(rows, a, b) -> str:
     acc, nll = _paired_rows(rows, a, b, "accuracy"), _paired_rows(rows, a, b, "response_nll_nats")
     sep = lambda x: ", separable" if _separable(x) else ""  # noqa: E731
-    return (f"accuracy {acc[0] * 100:+.1f} ± {acc[1] * 100:.1f} points (better on {acc[3]} of {acc[2]} seeds{sep(acc)}), "
-            f"NLL {nll[0]:+.3f} ± {nll[1]:.3f} (lower on {nll[3]} of {nll[2]}{sep(nll)})")
+    return (
+        f"accuracy {acc[0] * 100:+.1f} ± {acc[1] * 100:.1f} points (better on {acc[3]} of {acc[2]} seeds{sep(acc)}), "
+        f"NLL {nll[0]:+.3f} ± {nll[1]:.3f} (lower on {nll[3]} of {nll[2]}{sep(nll)})"
+    )
 
 
 def _stuck(rows: list[dict], seeds: int) -> str:
@@ -940,8 +1181,14 @@ def _stuck(rows: list[dict], seeds: int) -> str:
     for x in rows:
         n[x["arm"]] = n.get(x["arm"], 0) + (x["accuracy"] < 0.05)
     said = [f"{arm} {k} of {seeds}" for arm, k in n.items() if k]
-    return (" Seeds whose student stayed near 0% accuracy (it never crossed the task's learning transition "
-            "in its steps, as `make distill`'s SFT seed 0 does): " + ", ".join(said) + ".") if said else ""
+    return (
+        (
+            " Seeds whose student stayed near 0% accuracy (it never crossed the task's learning transition "
+            "in its steps, as `make distill`'s SFT seed 0 does): " + ", ".join(said) + "."
+        )
+        if said
+        else ""
+    )
 
 
 def multi_teacher() -> str:
@@ -950,7 +1197,6 @@ def multi_teacher() -> str:
         return "Not measured yet: `python -m bench.multi_teacher`.\n"
 
     def table(part: str) -> list[str]:
-        rows = r[part]["rows"]
         lines = ["| student from | held-out accuracy | held-out NLL |", "|---|---|---|"]
         for arm, s in r[part]["summary"].items():
             a, n = s["accuracy"], s["response_nll_nats"]
@@ -971,34 +1217,53 @@ def multi_teacher() -> str:
 
     def stuck(rows) -> str:
         return _stuck(rows, r["seeds"])
+
     alone = [judged(route, routed, f"{t} alone", f"the {t}-only student") for t in ("add2", "add4")]
     generalist = "the student of the generalist (the same teacher compute)"
     single = [judged(ens, "ensemble of 1 and 2", f"teacher {t} alone", f"teacher {t}'s student") for t in (1, 2)]
-    verdict = (f"**Verdict.** Routed from both specialists, the student {alone[0]} and {alone[1]} on the mixed "
-               f"held-out set, and {judged(route, routed, gen, generalist)}; the ensemble's student {single[0]} and {single[1]}.{stuck(route + ens)}")
-    out = [f"Measured by `bench/multi_teacher.py` (`make bench`): {r['seeds']} student seeds per arm, every student the "
-           f"same shape, method (`fkl`) and {r['student_steps']} steps; mean ± standard deviation over seeds, and paired "
-           f"by seed below (*separable*: the mean difference is more than twice its standard error).", "",
-           "**Routing two specialists.** `add2` learned sums of 2 numbers, `add4` sums of 4; the generalist learned "
-           "both kinds for their two training budgets together. Every student is judged on the generalist's held-out "
-           "set (both skills):", "", *table("routing"),
-           f"Routed minus add2 alone: {_vs(route, routed, 'add2 alone')}. Routed minus add4 alone: "
-           f"{_vs(route, routed, 'add4 alone')}. Routed minus the generalist's student: {_vs(route, routed, gen)}.", "",
-           "**Ensemble of two teachers** of the default task on the same sequences (the default teacher and a wider, "
-           "longer-trained one; targets their equal mixture), judged on the default held-out set:", "",
-           *table("ensemble"),
-           f"Ensemble minus teacher 1 alone: {_vs(ens, 'ensemble of 1 and 2', 'teacher 1 alone')}. Ensemble minus "
-           f"teacher 2 alone: {_vs(ens, 'ensemble of 1 and 2', 'teacher 2 alone')}.", "", verdict, ""]
+    verdict = (
+        f"**Verdict.** Routed from both specialists, the student {alone[0]} and {alone[1]} on the mixed "
+        f"held-out set, and {judged(route, routed, gen, generalist)}; the ensemble's student {single[0]} and {single[1]}.{stuck(route + ens)}"
+    )
+    out = [
+        f"Measured by `bench/multi_teacher.py` (`make bench`): {r['seeds']} student seeds per arm, every student the "
+        f"same shape, method (`fkl`) and {r['student_steps']} steps; mean ± standard deviation over seeds, and paired "
+        f"by seed below (*separable*: the mean difference is more than twice its standard error).",
+        "",
+        "**Routing two specialists.** `add2` learned sums of 2 numbers, `add4` sums of 4; the generalist learned "
+        "both kinds for their two training budgets together. Every student is judged on the generalist's held-out "
+        "set (both skills):",
+        "",
+        *table("routing"),
+        f"Routed minus add2 alone: {_vs(route, routed, 'add2 alone')}. Routed minus add4 alone: "
+        f"{_vs(route, routed, 'add4 alone')}. Routed minus the generalist's student: {_vs(route, routed, gen)}.",
+        "",
+        "**Ensemble of two teachers** of the default task on the same sequences (the default teacher and a wider, "
+        "longer-trained one; targets their equal mixture), judged on the default held-out set:",
+        "",
+        *table("ensemble"),
+        f"Ensemble minus teacher 1 alone: {_vs(ens, 'ensemble of 1 and 2', 'teacher 1 alone')}. Ensemble minus "
+        f"teacher 2 alone: {_vs(ens, 'ensemble of 1 and 2', 'teacher 2 alone')}.",
+        "",
+        verdict,
+        "",
+    ]
     return "\n".join(out)
 
 
-VALUE_METRICS = (("accuracy", "accuracy", "{:.1%}"), ("avg@4", "avg@4", "{:.1%}"),
-                 ("response_nll_nats", "held-out NLL", "{:.3f}"), ("kl_to_teacher_nats", "KL to teacher", "{:.3f}"))
+VALUE_METRICS = (
+    ("accuracy", "accuracy", "{:.1%}"),
+    ("avg@4", "avg@4", "{:.1%}"),
+    ("response_nll_nats", "held-out NLL", "{:.3f}"),
+    ("kl_to_teacher_nats", "KL to teacher", "{:.3f}"),
+)
 
 
 def _value_table(part: dict, trained_on) -> list[str]:
-    lines = ["| student from | trained on | " + " | ".join(label for _, label, _ in VALUE_METRICS) + " |",
-             "|---|---|" + "---|" * len(VALUE_METRICS)]
+    lines = [
+        "| student from | trained on | " + " | ".join(label for _, label, _ in VALUE_METRICS) + " |",
+        "|---|---|" + "---|" * len(VALUE_METRICS),
+    ]
     for arm, summary in part["summary"].items():
         cells = [f"{fmt.format(summary[k]['mean'])} ± {fmt.format(summary[k]['sd'])}" for k, _, fmt in VALUE_METRICS]
         lines.append(f"| {arm} | {trained_on(arm)} | " + " | ".join(cells) + " |")
@@ -1011,8 +1276,10 @@ def _value_vs(rows: list[dict], a: str, b: str) -> str:
     for key, label, _ in VALUE_METRICS:
         mean, sd, n, better = _paired_rows(rows, a, b, key)
         scale, unit = (100, " points") if _higher_is_better(key) else (1, "")
-        out.append(f"{label} {mean * scale:+.{1 if scale == 100 else 3}f} ± {sd * scale:.{1 if scale == 100 else 3}f}"
-                   f"{unit} (better on {better} of {n}{', separable' if _separable((mean, sd, n, better)) else ''})")
+        out.append(
+            f"{label} {mean * scale:+.{1 if scale == 100 else 3}f} ± {sd * scale:.{1 if scale == 100 else 3}f}"
+            f"{unit} (better on {better} of {n}{', separable' if _separable((mean, sd, n, better)) else ''})"
+        )
     return "; ".join(out)
 
 
@@ -1028,11 +1295,22 @@ def _value_judged(rows: list[dict], a: str, b: str) -> str:
 
 def _drift(rows: list[dict], arms: list[str], reference: str) -> str:
     """The arms whose avg@4 rose and whose KL to the teacher rose with it, both beyond the seed spread."""
-    moved = [a for a in arms if _separable(x := _paired_rows(rows, a, reference, "avg@4")) and x[0] > 0
-             and _separable(y := _paired_rows(rows, a, reference, "kl_to_teacher_nats")) and y[0] > 0]
-    return (f" Selecting teacher samples by value moves the student away from the teacher's own sampling distribution "
-            f"towards its right answers: for {', '.join(moved)}, avg@4 and the KL to the teacher rise together.") \
-        if moved else ""
+    moved = [
+        a
+        for a in arms
+        if _separable(x := _paired_rows(rows, a, reference, "avg@4"))
+        and x[0] > 0
+        and _separable(y := _paired_rows(rows, a, reference, "kl_to_teacher_nats"))
+        and y[0] > 0
+    ]
+    return (
+        (
+            f" Selecting teacher samples by value moves the student away from the teacher's own sampling distribution "
+            f"towards its right answers: for {', '.join(moved)}, avg@4 and the KL to the teacher rise together."
+        )
+        if moved
+        else ""
+    )
 
 
 def value_guided() -> str:
@@ -1050,36 +1328,53 @@ def value_guided() -> str:
                 return "offline sequences only"
             span = f"{kept[0]:,}" if len(kept) == 1 else f"{kept[0]:,}-{kept[-1]:,}"
             return f"{span} of {rows[0]['judged']:,} {what}"
+
         return cell
+
     teacher = sampled.get("teacher", {})
     seqkd_arms = [a for a in seqkd["summary"] if a != "plain"]
     round_arms = [a for a in rnd["summary"] if a.startswith("refresh +")]
-    verdict = ("**Verdict.** SeqKD from teacher samples: " + "; ".join(
-        f"{a} {_value_judged(seqkd['rows'], a, 'plain')}" for a in seqkd_arms) + ". Refresh rounds: " + "; ".join(
-        f"{a} {_value_judged(rnd['rows'], a, 'refresh')}" for a in round_arms) + "; plain refresh "
-        + _value_judged(rnd["rows"], "refresh", "offline") + "." + _drift(seqkd["rows"], seqkd_arms, "plain")
-        + _stuck(seqkd["rows"] + rnd["rows"], r["seeds"]))
-    out = [f"Measured by `bench/value_guided.py` (`make bench`) on the math task with the task's verifier: "
-           f"{r['seeds']} student seeds per arm, paired by seed; mean ± standard deviation over seeds, and each arm "
-           f"minus its reference below (*separable*: the mean difference is more than twice its standard error). "
-           f"Every student is `make distill`'s shape, judged on the 500 held-out problems (greedy accuracy, avg@4 at "
-           f"temperature 1, NLL of the reference answers, KL to the teacher).", "",
-           f"**SeqKD from teacher samples.** The default teacher (greedy accuracy {teacher.get('accuracy', 0):.1%}, "
-           f"avg@4 {teacher.get('avg@4', 0):.1%}) sampled 4 responses for each of the {sampled['sequences'] // 4:,} "
-           f"training prompts; "
-           f"{sampled['verified_share']:.1%} of them reach the right answer. Students learn them by SFT for 600 steps; "
-           "best-of-4 keeps one sample per prompt, chosen by the verifier or by the teacher's mean log-prob of the "
-           "response (no checker: read from the cache); *verified only* keeps every right one:", "",
-           *_value_table(seqkd, trained_on(seqkd, "samples")),
-           *[f"- {a} minus plain: {_value_vs(seqkd['rows'], a, 'plain')}." for a in seqkd_arms], "",
-           "**Refresh rounds.** Each seed's round-0 student is `make distill`'s (fkl, 600 steps); one round of 300 "
-           "steps continues it: from the offline cache only, or with half of each batch from its own samples (4 for "
-           "each of a quarter of the prompts, rescored by the teacher, HPD on them), unguided or guided by the "
-           "verifier (*selection*: only the right ones; *weighting*: 1 + advantage over the prompt's other samples; "
-           "*advantage*: the advantage added to HPD's per-token teacher reward):", "",
-           *_value_table(rnd, trained_on(rnd, "student samples")),
-           *[f"- {a} minus refresh: {_value_vs(rnd['rows'], a, 'refresh')}." for a in round_arms],
-           f"- refresh minus offline: {_value_vs(rnd['rows'], 'refresh', 'offline')}.", "", verdict, ""]
+    verdict = (
+        "**Verdict.** SeqKD from teacher samples: "
+        + "; ".join(f"{a} {_value_judged(seqkd['rows'], a, 'plain')}" for a in seqkd_arms)
+        + ". Refresh rounds: "
+        + "; ".join(f"{a} {_value_judged(rnd['rows'], a, 'refresh')}" for a in round_arms)
+        + "; plain refresh "
+        + _value_judged(rnd["rows"], "refresh", "offline")
+        + "."
+        + _drift(seqkd["rows"], seqkd_arms, "plain")
+        + _stuck(seqkd["rows"] + rnd["rows"], r["seeds"])
+    )
+    out = [
+        f"Measured by `bench/value_guided.py` (`make bench`) on the math task with the task's verifier: "
+        f"{r['seeds']} student seeds per arm, paired by seed; mean ± standard deviation over seeds, and each arm "
+        f"minus its reference below (*separable*: the mean difference is more than twice its standard error). "
+        f"Every student is `make distill`'s shape, judged on the 500 held-out problems (greedy accuracy, avg@4 at "
+        f"temperature 1, NLL of the reference answers, KL to the teacher).",
+        "",
+        f"**SeqKD from teacher samples.** The default teacher (greedy accuracy {teacher.get('accuracy', 0):.1%}, "
+        f"avg@4 {teacher.get('avg@4', 0):.1%}) sampled 4 responses for each of the {sampled['sequences'] // 4:,} "
+        f"training prompts; "
+        f"{sampled['verified_share']:.1%} of them reach the right answer. Students learn them by SFT for 600 steps; "
+        "best-of-4 keeps one sample per prompt, chosen by the verifier or by the teacher's mean log-prob of the "
+        "response (no checker: read from the cache); *verified only* keeps every right one:",
+        "",
+        *_value_table(seqkd, trained_on(seqkd, "samples")),
+        *[f"- {a} minus plain: {_value_vs(seqkd['rows'], a, 'plain')}." for a in seqkd_arms],
+        "",
+        "**Refresh rounds.** Each seed's round-0 student is `make distill`'s (fkl, 600 steps); one round of 300 "
+        "steps continues it: from the offline cache only, or with half of each batch from its own samples (4 for "
+        "each of a quarter of the prompts, rescored by the teacher, HPD on them), unguided or guided by the "
+        "verifier (*selection*: only the right ones; *weighting*: 1 + advantage over the prompt's other samples; "
+        "*advantage*: the advantage added to HPD's per-token teacher reward):",
+        "",
+        *_value_table(rnd, trained_on(rnd, "student samples")),
+        *[f"- {a} minus refresh: {_value_vs(rnd['rows'], a, 'refresh')}." for a in round_arms],
+        f"- refresh minus offline: {_value_vs(rnd['rows'], 'refresh', 'offline')}.",
+        "",
+        verdict,
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -1088,21 +1383,31 @@ def response_head() -> str:
     if r is None:
         return "Not measured yet: `python -m bench.response_head`.\n"
     m, rel = r["median_step_seconds"], r["relative_to_full"]
-    kept = (f", `logits_to_keep` {m['logits_to_keep']:.3f} s ({rel['logits_to_keep']:.2f}x)"
-            if "logits_to_keep" in m else "")
-    return (f"Timed side by side (`bench/response_head.py`, {r['model']}, batch {r['batch']} x {r['length']} tokens, "
-            f"half of them response, {r['threads']} threads, median of {r['repeats']} interleaved training steps): full "
-            f"logits {m['full']:.3f} s per step, the head hook {m['head hook']:.3f} s ({rel['head hook']:.2f}x){kept}.\n")
+    kept = (
+        f", `logits_to_keep` {m['logits_to_keep']:.3f} s ({rel['logits_to_keep']:.2f}x)"
+        if "logits_to_keep" in m
+        else ""
+    )
+    return (
+        f"Timed side by side (`bench/response_head.py`, {r['model']}, batch {r['batch']} x {r['length']} tokens, "
+        f"half of them response, {r['threads']} threads, median of {r['repeats']} interleaved training steps): full "
+        f"logits {m['full']:.3f} s per step, the head hook {m['head hook']:.3f} s ({rel['head hook']:.2f}x){kept}.\n"
+    )
 
 
 def _sampled_table(r: dict) -> list[str]:
-    lines = ["| teacher targets | `score.encoding` | bytes/token | ids per position | fkl | hpd_fkl | hpd |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| teacher targets | `score.encoding` | bytes/token | ids per position | fkl | hpd_fkl | hpd |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arm, a in sorted(r["arms"].items(), key=lambda x: x[1]["bytes_per_token"]):
         ids = f"{a['distinct_ids_per_position']:.1f}" if "distinct_ids_per_position" in a else arm.split()[0][4:]
         k = "" if "sampled" in a["encoding"] else f" (top_k={arm.split()[0][4:]})"
-        lines.append(f"| {arm} | `{a['encoding']}`{k} | {a['bytes_per_token']:.1f} | {ids} | "
-                     + " | ".join(f"{a[m]['cosine_mean']:.3f}" for m in ("fkl", "hpd_fkl", "hpd")) + " |")
+        lines.append(
+            f"| {arm} | `{a['encoding']}`{k} | {a['bytes_per_token']:.1f} | {ids} | "
+            + " | ".join(f"{a[m]['cosine_mean']:.3f}" for m in ("fkl", "hpd_fkl", "hpd"))
+            + " |"
+        )
     return lines
 
 
@@ -1121,12 +1426,16 @@ def _budgets(r: dict) -> list[str]:
         for method in ("fkl", "hpd"):
             arm, x = _best_within(sampled, budget, method)
             if x[method]["cosine_mean"] > own[method]["cosine_mean"]:
-                out.append(f"within {ref}'s {budget:.0f} bytes/token, for {method}: **{arm}** (`{x['encoding']}`, "
-                           f"{x['bytes_per_token']:.1f} B/token, cosine {x[method]['cosine_mean']:.3f} against the "
-                           f"top-k's {own[method]['cosine_mean']:.3f})")
+                out.append(
+                    f"within {ref}'s {budget:.0f} bytes/token, for {method}: **{arm}** (`{x['encoding']}`, "
+                    f"{x['bytes_per_token']:.1f} B/token, cosine {x[method]['cosine_mean']:.3f} against the "
+                    f"top-k's {own[method]['cosine_mean']:.3f})"
+                )
             else:
-                out.append(f"within {ref}'s {budget:.0f} bytes/token, for {method}: **the top-k itself** (cosine "
-                           f"{own[method]['cosine_mean']:.3f}; the best sampled arm, {arm}, {x[method]['cosine_mean']:.3f})")
+                out.append(
+                    f"within {ref}'s {budget:.0f} bytes/token, for {method}: **the top-k itself** (cosine "
+                    f"{own[method]['cosine_mean']:.3f}; the best sampled arm, {arm}, {x[method]['cosine_mean']:.3f})"
+                )
     return out
 
 
@@ -1141,35 +1450,51 @@ def sampled_targets() -> str:
         budget = r["arms"][ref]["bytes_per_token"]
         arm, best = _best_within(sampled_only, budget)
         met = best["fkl"]["cosine_mean"] >= 0.95
-        verdicts.append(f"against top-16 in `{r['arms'][ref]['encoding']}` ({budget:.1f} B/token): "
-                        f"**{'met' if met else 'not met'}**, best within it {arm} (`{best['encoding']}`, "
-                        f"{best['bytes_per_token']:.1f} B/token, cosine {best['fkl']['cosine_mean']:.3f})")
+        verdicts.append(
+            f"against top-16 in `{r['arms'][ref]['encoding']}` ({budget:.1f} B/token): "
+            f"**{'met' if met else 'not met'}**, best within it {arm} (`{best['encoding']}`, "
+            f"{best['bytes_per_token']:.1f} B/token, cosine {best['fkl']['cosine_mean']:.3f})"
+        )
     iid = r["arms"].get("sampled-counts 16 (iid draws)")
-    out = ("Per arm (`bench/sampled_targets.py`): bytes per scored token of a real cache of the bench's sequences "
-           "(the vocabulary order, stored once per cache, not counted: it does not grow with the cache), and the "
-           "cosine between the gradient from the arm and from the teacher's full logits (the batches and student of "
-           f"the gradient table above, one set of draws per sequence as the score stage makes them, through the cache's "
-           f"encode/decode path). The dialogue teacher (vocabulary {r['vocab_size']:,}), {r['batches']} batches, "
-           f"{r['tokens']:,} scored tokens:\n\n" + "\n".join(_sampled_table(r)) +
-           f"\n\nTarget: sampled targets with fkl cosine at least 0.95 at no more bytes than top-16 (whose own cosine "
-           f"is {r['arms']['top-16 compact']['fkl']['cosine_mean']:.3f}): " + "; ".join(verdicts) + ". "
-           + (f"Systematic draws (the score stage's) against independent ones at 16 draws: cosine "
-              f"{r['arms']['sampled-counts 16']['fkl']['cosine_mean']:.3f} against {iid['fkl']['cosine_mean']:.3f}. "
-              if iid else "")
-           + "hpd reads the teacher only at the expert token (exact) and at its sampled token, so every arm serves "
-           "it alike.")
+    out = (
+        "Per arm (`bench/sampled_targets.py`): bytes per scored token of a real cache of the bench's sequences "
+        "(the vocabulary order, stored once per cache, not counted: it does not grow with the cache), and the "
+        "cosine between the gradient from the arm and from the teacher's full logits (the batches and student of "
+        f"the gradient table above, one set of draws per sequence as the score stage makes them, through the cache's "
+        f"encode/decode path). The dialogue teacher (vocabulary {r['vocab_size']:,}), {r['batches']} batches, "
+        f"{r['tokens']:,} scored tokens:\n\n"
+        + "\n".join(_sampled_table(r))
+        + f"\n\nTarget: sampled targets with fkl cosine at least 0.95 at no more bytes than top-16 (whose own cosine "
+        f"is {r['arms']['top-16 compact']['fkl']['cosine_mean']:.3f}): "
+        + "; ".join(verdicts)
+        + ". "
+        + (
+            f"Systematic draws (the score stage's) against independent ones at 16 draws: cosine "
+            f"{r['arms']['sampled-counts 16']['fkl']['cosine_mean']:.3f} against {iid['fkl']['cosine_mean']:.3f}. "
+            if iid
+            else ""
+        )
+        + "hpd reads the teacher only at the expert token (exact) and at its sampled token, so every arm serves "
+        "it alike."
+    )
     if real is not None and "tokens" in real:
-        out += (f"\n\nThe real teacher (SmolLM2-135M-Instruct on its own replies, vocabulary {real['vocab_size']:,}, "
-                f"{real['batches']} batches, {real['tokens']:,} scored tokens), with a fresh small student briefly "
-                "trained by SFT on other replies, as on dialogue (`--student fresh`; the preset's layer-kept student "
-                "starts so close to the teacher that every arm's fkl gradient has cosine 0.998 or more, "
-                "bench/results/hpd_gradient_smollm2.md):\n\n" + "\n".join(_sampled_table(real)))
-    out += "\n\n**Which to use at which budget** (best gradient within the bytes of a top-k cache, from these runs):\n\n"
+        out += (
+            f"\n\nThe real teacher (SmolLM2-135M-Instruct on its own replies, vocabulary {real['vocab_size']:,}, "
+            f"{real['batches']} batches, {real['tokens']:,} scored tokens), with a fresh small student briefly "
+            "trained by SFT on other replies, as on dialogue (`--student fresh`; the preset's layer-kept student "
+            "starts so close to the teacher that every arm's fkl gradient has cosine 0.998 or more, "
+            "bench/results/hpd_gradient_smollm2.md):\n\n" + "\n".join(_sampled_table(real))
+        )
+    out += (
+        "\n\n**Which to use at which budget** (best gradient within the bytes of a top-k cache, from these runs):\n\n"
+    )
     for name, res in (("dialogue teacher", r), ("real teacher (SmolLM2)", real)):
         if res is not None and "tokens" in res:
             out += f"- {name}: " + "; ".join(_budgets(res)) + ".\n"
-    for name, what in (("sampled_students.json", "the dialogue teacher"),
-                       ("sampled_students_smollm2.json", "the real teacher, the preset's layer-kept student")):
+    for name, what in (
+        ("sampled_students.json", "the dialogue teacher"),
+        ("sampled_students_smollm2.json", "the real teacher, the preset's layer-kept student"),
+    ):
         st = _result(RESULTS / name)
         if st is not None:
             out += _students_table(st, what)
@@ -1177,18 +1502,25 @@ def sampled_targets() -> str:
 
 
 def _students_table(st: dict, what: str) -> str:
-    out = (f"\nStudents trained from these caches (`bench/sampled_students.py`, {what}, fkl, {st['steps']} steps, "
-           f"{st['seeds']} seeds paired by seed; held-out NLL of the reference responses and KL to the teacher, lower "
-           "is better; the difference to top-16 with its sd over seeds and on how many seeds the arm was better):\n\n"
-           "| arm | `score.encoding` | bytes/token | NLL | KL to teacher | NLL vs top-16 | KL vs top-16 |\n"
-           "|---|---|---|---|---|---|---|\n")
+    out = (
+        f"\nStudents trained from these caches (`bench/sampled_students.py`, {what}, fkl, {st['steps']} steps, "
+        f"{st['seeds']} seeds paired by seed; held-out NLL of the reference responses and KL to the teacher, lower "
+        "is better; the difference to top-16 with its sd over seeds and on how many seeds the arm was better):\n\n"
+        "| arm | `score.encoding` | bytes/token | NLL | KL to teacher | NLL vs top-16 | KL vs top-16 |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
     for a, m in st["summary"].items():
         c = st["caches"][a]
         diff = [m[k]["minus_reference"] for k in ("response_nll_nats", "kl_to_teacher_nats")]
-        out += (f"| {a} | `{c['encoding']}` | {c['bytes_per_token']:.1f} | {m['response_nll_nats']['mean']:.4f} | "
-                f"{m['kl_to_teacher_nats']['mean']:.4f} | " +
-                " | ".join("-" if a == "top-16 compact" else
-                           f"{d['mean']:+.4f} ± {d['sd']:.4f} ({d['better']}/{d['seeds']})" for d in diff) + " |\n")
+        out += (
+            f"| {a} | `{c['encoding']}` | {c['bytes_per_token']:.1f} | {m['response_nll_nats']['mean']:.4f} | "
+            f"{m['kl_to_teacher_nats']['mean']:.4f} | "
+            + " | ".join(
+                "-" if a == "top-16 compact" else f"{d['mean']:+.4f} ± {d['sd']:.4f} ({d['better']}/{d['seeds']})"
+                for d in diff
+            )
+            + " |\n"
+        )
     return out
 
 
@@ -1206,34 +1538,51 @@ def versions() -> str:
             return f"- {what}: not measured (`bench/versions.py --skip-vllm`)."
         v, suite = e["versions"], e["suite"]
         skipped = "; ".join(e["skip_reasons"])
-        return (f"- {what}: resolved {', '.join(f'{k} {x}' for k, x in v.items())}; installed in "
-                f"{minutes(e['install_seconds'])}, {e['size_bytes'] / 1e9:.1f} GB on disk; `pip check`: "
-                f"\"{e['pip_check']}\"; the whole suite {suite.get('passed', 0)} passed, {suite.get('failed', 0)} "
-                f"failed, {suite.get('skipped', 0)} skipped in {minutes(e['suite_seconds'])}"
-                + (f" (skipped: {skipped})" if skipped else "") + ".")
-    return ("Each built from scratch in a fresh virtual environment on this machine "
-            f"({r['machine']['cpus']} cores, PyPI over the network) by `bench/versions.py`:\n\n"
-            + line("oldest", "the oldest supported transformers (constraints/oldest.txt, what `make test-compat` "
-                             "installs)") + "\n"
-            + line("vllm", "`pip install -e '.[vllm]'` as a GPU machine gets it (torch from PyPI, the CUDA build)")
-            + "\n\nWith this machine's local CPU build of torch instead (its pip configuration prefers it) the vLLM "
-            "extra also resolves, but PyPI's torchvision, which vLLM requires, is built for the CUDA torch and fails to "
-            "load beside the CPU one (\"operator torchvision::nms does not exist\"), and transformers then cannot import "
-            "its Trainer: on a CPU-only machine install the CUDA torch, or use hpd without the extra.\n")
+        return (
+            f"- {what}: resolved {', '.join(f'{k} {x}' for k, x in v.items())}; installed in "
+            f"{minutes(e['install_seconds'])}, {e['size_bytes'] / 1e9:.1f} GB on disk; `pip check`: "
+            f'"{e["pip_check"]}"; the whole suite {suite.get("passed", 0)} passed, {suite.get("failed", 0)} '
+            f"failed, {suite.get('skipped', 0)} skipped in {minutes(e['suite_seconds'])}"
+            + (f" (skipped: {skipped})" if skipped else "")
+            + "."
+        )
+
+    return (
+        "Each built from scratch in a fresh virtual environment on this machine "
+        f"({r['machine']['cpus']} cores, PyPI over the network) by `bench/versions.py`:\n\n"
+        + line("oldest", "the oldest supported transformers (constraints/oldest.txt, what `make test-compat` installs)")
+        + "\n"
+        + line("vllm", "`pip install -e '.[vllm]'` as a GPU machine gets it (torch from PyPI, the CUDA build)")
+        + "\n\nWith this machine's local CPU build of torch instead (its pip configuration prefers it) the vLLM "
+        "extra also resolves, but PyPI's torchvision, which vLLM requires, is built for the CUDA torch and fails to "
+        'load beside the CPU one ("operator torchvision::nms does not exist"), and transformers then cannot import '
+        "its Trainer: on a CPU-only machine install the CUDA torch, or use hpd without the extra.\n"
+    )
 
 
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
-    for name, fn in (("make-distill", make_distill), ("default-task", default_task), ("real-teacher", real_teacher), ("cache-formats", cache_formats),
-                     ("hpd-gradient", hpd_gradient), ("refresh-rounds", refresh_rounds), ("compare", compare),
-                     ("cached-vs-online", cached_vs_online), ("reliability", reliability), ("study", study),
-                     ("study-recommendation", study_recommendation), ("multi-teacher", multi_teacher),
-                     ("value-guided", value_guided), ("response-head", response_head),
-                     ("sampled-targets", sampled_targets), ("versions", versions)):
+    for name, fn in (
+        ("make-distill", make_distill),
+        ("default-task", default_task),
+        ("real-teacher", real_teacher),
+        ("cache-formats", cache_formats),
+        ("hpd-gradient", hpd_gradient),
+        ("refresh-rounds", refresh_rounds),
+        ("compare", compare),
+        ("cached-vs-online", cached_vs_online),
+        ("reliability", reliability),
+        ("study", study),
+        ("study-recommendation", study_recommendation),
+        ("multi-teacher", multi_teacher),
+        ("value-guided", value_guided),
+        ("response-head", response_head),
+        ("sampled-targets", sampled_targets),
+        ("versions", versions),
+    ):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text,
-                      flags=re.S)
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text, flags=re.S)
     readme.write_text(text)
 
 

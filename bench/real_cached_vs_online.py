@@ -9,6 +9,7 @@ student and schedule), the arms alternating, repeated. The best a cache can do i
 from each step: the limit of the speed-up is 1 + (teacher forward per batch) / (cached step), both timed here, the
 forward in this process on the first training batches. Writes bench/results/real_cached_vs_online.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ from hpd.storage.sequences import SequenceStore
 from .measure import in_own_process
 
 OUT = Path(__file__).resolve().parent / "results" / "real_cached_vs_online.json"
-ARMS = {"cached": ['distill.teacher_source="cache"'], "online": ['distill.teacher_source="online"'],
-        "sft": ['distill.method="sft"']}
+ARMS = {
+    "cached": ['distill.teacher_source="cache"'],
+    "online": ['distill.teacher_source="online"'],
+    "sft": ['distill.method="sft"'],
+}
 SHARED = ["data", "teacher", "generate", "score"]
 
 
@@ -39,8 +43,13 @@ def runner(home: Path, name: str, sets: list[str]):
 
 def timed(home: Path, arm: str, steps: int) -> dict:
     name = f"bench-cvo-{arm}"
-    sets = [*ARMS[arm], f"distill.steps={steps}", "distill.checkpoint_steps=100000", 'distill.baseline=""',
-            "distill.eval_examples=4"]
+    sets = [
+        *ARMS[arm],
+        f"distill.steps={steps}",
+        "distill.checkpoint_steps=100000",
+        'distill.baseline=""',
+        "distill.eval_examples=4",
+    ]
     r = runner(home, name, sets)
     shutil.rmtree(home / "runs" / name, ignore_errors=True)
     r.adopt("smollm2", [s for s in SHARED if s in r.stages])
@@ -49,9 +58,15 @@ def timed(home: Path, arm: str, steps: int) -> dict:
     wall = time.time() - t0
     log = json.loads((Path(r.outputs("distill").student_dir) / "training_log.json").read_text())
     rates = [e["tokens_per_s"] for e in log if "tokens_per_s" in e][1:]  # the first interval holds start-up
-    return {"arm": arm, "wall_s": wall, "train_seconds": fig["train_seconds"],
-            "seconds_per_step": fig["train_seconds"] / steps, "response_tokens_per_s": statistics.median(rates),
-            "training_memory_mb": fig["peak_rss_mb"] - fig["rss_start_mb"], "peak_rss_mb": fig["peak_rss_mb"]}
+    return {
+        "arm": arm,
+        "wall_s": wall,
+        "train_seconds": fig["train_seconds"],
+        "seconds_per_step": fig["train_seconds"] / steps,
+        "response_tokens_per_s": statistics.median(rates),
+        "training_memory_mb": fig["peak_rss_mb"] - fig["rss_start_mb"],
+        "peak_rss_mb": fig["peak_rss_mb"],
+    }
 
 
 def teacher_forward_per_batch(home: Path, batches: int = 4) -> float:
@@ -64,7 +79,7 @@ def teacher_forward_per_batch(home: Path, batches: int = 4) -> float:
     times = []
     with torch.no_grad():
         for i in range(0, len(seqs), cfg.batch_size):
-            ids, mask = batching.pad_right(seqs[i:i + cfg.batch_size], tok.pad_token_id)
+            ids, mask = batching.pad_right(seqs[i : i + cfg.batch_size], tok.pad_token_id)
             t0 = time.perf_counter()
             model(input_ids=ids, attention_mask=mask)
             times.append(time.perf_counter() - t0)
@@ -85,17 +100,28 @@ def main():
         for arm in order:
             runs.append({**timed(home, arm, args.steps), "repeat": rep})
             print(runs[-1], flush=True)
-    med = {arm: {k: statistics.median(r[k] for r in runs if r["arm"] == arm)
-                 for k in ("seconds_per_step", "response_tokens_per_s", "training_memory_mb", "peak_rss_mb")}
-           for arm in ARMS}
+    med = {
+        arm: {
+            k: statistics.median(r[k] for r in runs if r["arm"] == arm)
+            for k in ("seconds_per_step", "response_tokens_per_s", "training_memory_mb", "peak_rss_mb")
+        }
+        for arm in ARMS
+    }
     forward = teacher_forward_per_batch(home)
     limit = 1 + forward / med["cached"]["seconds_per_step"]
     speedup = med["cached"]["response_tokens_per_s"] / med["online"]["response_tokens_per_s"]
-    result = {"steps": args.steps, "repeats": args.repeats, "runs": runs, "median": med,
-              "teacher_forward_s_per_batch": forward, "speedup": speedup, "speedup_limit": limit,
-              "share_of_limit": speedup / limit,
-              "memory_ratio": med["cached"]["training_memory_mb"] / med["online"]["training_memory_mb"],
-              "loss_overhead_vs_sft": med["sft"]["response_tokens_per_s"] / med["cached"]["response_tokens_per_s"] - 1}
+    result = {
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "runs": runs,
+        "median": med,
+        "teacher_forward_s_per_batch": forward,
+        "speedup": speedup,
+        "speedup_limit": limit,
+        "share_of_limit": speedup / limit,
+        "memory_ratio": med["cached"]["training_memory_mb"] / med["online"]["training_memory_mb"],
+        "loss_overhead_vs_sft": med["sft"]["response_tokens_per_s"] / med["cached"]["response_tokens_per_s"] - 1,
+    }
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
 

@@ -11,6 +11,7 @@ distillation would spend: one teacher forward per training batch, measured here 
 
 Writes bench/results/refresh_rounds.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ def teacher_seconds_per_batch(r, batch: int, batches: int = 12) -> float:
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(1, batches + 1):
-            hf_models.log_probs(model, seqs[i * batch:(i + 1) * batch], tok.pad_token_id)
+            hf_models.log_probs(model, seqs[i * batch : (i + 1) * batch], tok.pad_token_id)
     return (time.perf_counter() - t0) / batches
 
 
@@ -63,8 +64,14 @@ def main():
     args = ap.parse_args()
     home = Path(args.home).resolve()
     # the setting this bench was designed and published with (the defaults before make distill's re-tuning)
-    common = [f"rounds.count={args.rounds}", 'distill.method="hpd"', "distill.steps=350", "distill.learning_rate=2e-3",
-              "generate.num_prompts=20000", 'distill.baseline=""']
+    common = [
+        f"rounds.count={args.rounds}",
+        'distill.method="hpd"',
+        "distill.steps=350",
+        "distill.learning_rate=2e-3",
+        "generate.num_prompts=20000",
+        'distill.baseline=""',
+    ]
     runs = []
     for seed in range(args.seeds):
         base = f"bench-refresh-s{seed}"
@@ -81,15 +88,24 @@ def main():
             rounds = []
             for i, stage in enumerate(r.student_stages()):
                 d, rep = m[stage], r.outputs(stage).report
-                rounds.append({"round": i, "student_steps": rep["student_steps"],
-                               "heldout_accuracy": rep["heldout_accuracy"], "nll": rep["response_nll_nats"],
-                               "distill_seconds": d["seconds"],
-                               "refresh_seconds": (m.get(f"refresh-{i}") or {}).get("seconds", 0.0),
-                               "rescore_seconds": (m.get(f"rescore-{i}") or {}).get("seconds", 0.0),
-                               "refreshed_sequences": r.outputs(f"refresh-{i}").count if f"refresh-{i}" in m else 0})
+                rounds.append(
+                    {
+                        "round": i,
+                        "student_steps": rep["student_steps"],
+                        "heldout_accuracy": rep["heldout_accuracy"],
+                        "nll": rep["response_nll_nats"],
+                        "distill_seconds": d["seconds"],
+                        "refresh_seconds": (m.get(f"refresh-{i}") or {}).get("seconds", 0.0),
+                        "rescore_seconds": (m.get(f"rescore-{i}") or {}).get("seconds", 0.0),
+                        "refreshed_sequences": r.outputs(f"refresh-{i}").count if f"refresh-{i}" in m else 0,
+                    }
+                )
             runs.append({"seed": seed, "arm": arm, "rounds": rounds, "wall_seconds": round(time.time() - t0, 1)})
-            print(f"seed {seed} {arm:<12} " + "  ".join(f"r{x['round']} {x['heldout_accuracy']:.1%}/{x['nll']:.3f}"
-                                                     for x in rounds), flush=True)
+            print(
+                f"seed {seed} {arm:<12} "
+                + "  ".join(f"r{x['round']} {x['heldout_accuracy']:.1%}/{x['nll']:.3f}" for x in rounds),
+                flush=True,
+            )
     cfg = runner(home, "bench-refresh-s0", common).cfg
     t_batch = teacher_seconds_per_batch(runner(home, "bench-refresh-s0", common), cfg.distill.batch_size)
     total_steps = cfg.distill.steps + args.rounds * cfg.rounds.steps
@@ -104,25 +120,46 @@ def main():
         for i in range(args.rounds + 1):
             accs = [x["rounds"][i]["heldout_accuracy"] for x in runs if x["arm"] == arm]
             nlls = [x["rounds"][i]["nll"] for x in runs if x["arm"] == arm]
-            per_round.append({"round": i, "student_steps": runs[0]["rounds"][i]["student_steps"],
-                              "accuracy_mean": statistics.mean(accs), "accuracy_std": _std(accs),
-                              "nll_mean": statistics.mean(nlls), "nll_std": _std(nlls), "accuracy": accs})
+            per_round.append(
+                {
+                    "round": i,
+                    "student_steps": runs[0]["rounds"][i]["student_steps"],
+                    "accuracy_mean": statistics.mean(accs),
+                    "accuracy_std": _std(accs),
+                    "nll_mean": statistics.mean(nlls),
+                    "nll_std": _std(nlls),
+                    "accuracy": accs,
+                }
+            )
         arm_runs = [x for x in runs if x["arm"] == arm]
-        summary[arm] = {"per_round": per_round,
-                        "round_seconds": statistics.mean(sum(r["distill_seconds"] + r["refresh_seconds"]
-                                                             + r["rescore_seconds"] for r in x["rounds"][1:])
-                                                         for x in arm_runs)}
+        summary[arm] = {
+            "per_round": per_round,
+            "round_seconds": statistics.mean(
+                sum(r["distill_seconds"] + r["refresh_seconds"] + r["rescore_seconds"] for r in x["rounds"][1:])
+                for x in arm_runs
+            ),
+        }
     result = {
-        "machine": {"cpus": os.cpu_count()}, "seeds": args.seeds, "rounds": args.rounds,
-        "config": {"distill_steps": cfg.distill.steps, "round_steps": cfg.rounds.steps,
-                   "batch": cfg.distill.batch_size, "refresh_share": cfg.rounds.refresh_share,
-                   "prompt_fraction": cfg.refresh.prompt_fraction,
-                   "samples_per_prompt": cfg.refresh.samples_per_prompt},
-        "runs": runs, "summary": summary,
+        "machine": {"cpus": os.cpu_count()},
+        "seeds": args.seeds,
+        "rounds": args.rounds,
+        "config": {
+            "distill_steps": cfg.distill.steps,
+            "round_steps": cfg.rounds.steps,
+            "batch": cfg.distill.batch_size,
+            "refresh_share": cfg.rounds.refresh_share,
+            "prompt_fraction": cfg.refresh.prompt_fraction,
+            "samples_per_prompt": cfg.refresh.samples_per_prompt,
+        },
+        "runs": runs,
+        "summary": summary,
         "teacher_cost": {
-            "teacher_forward_seconds_per_batch": t_batch, "total_student_steps": total_steps,
-            "online_teacher_seconds": online, "refresh_rescore_seconds": rescore,
-            "refresh_sampling_seconds": sampling, "refreshed_sequences": refreshed,
+            "teacher_forward_seconds_per_batch": t_batch,
+            "total_student_steps": total_steps,
+            "online_teacher_seconds": online,
+            "refresh_rescore_seconds": rescore,
+            "refresh_sampling_seconds": sampling,
+            "refreshed_sequences": refreshed,
             "rescore_fraction_of_online": rescore / online,
             "forward_fraction_of_online": refreshed / (total_steps * cfg.distill.batch_size),
         },
@@ -146,7 +183,10 @@ def markdown(r: dict) -> str:
         cells = []
         for a in arms:
             p = r["summary"][a]["per_round"][i]
-            cells += [f"{p['accuracy_mean']:.1%} ± {p['accuracy_std']:.1%}", f"{p['nll_mean']:.3f} ± {p['nll_std']:.3f}"]
+            cells += [
+                f"{p['accuracy_mean']:.1%} ± {p['accuracy_std']:.1%}",
+                f"{p['nll_mean']:.3f} ± {p['nll_std']:.3f}",
+            ]
         lines.append(f"| {i} | {r['summary'][arms[0]]['per_round'][i]['student_steps']} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 

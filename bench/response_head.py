@@ -10,6 +10,7 @@ A GPT-2 student of the dialogue task's shape (vocabulary 8,192) does forward + s
 whose responses are half its positions; the three are interleaved, repeat after repeat, and the median step time
 of each is kept. Writes bench/results/response_head.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,11 +52,14 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     vocab, batch, length = 8192, 32, 128
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=length, n_embd=128, n_layer=2, n_head=4,
-                                       bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab, n_positions=length, n_embd=128, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+        )
+    )
     ids = torch.randint(0, vocab, (batch, length))
     labels = ids.clone()
-    labels[:, :length // 2] = -100  # prompts: half of every row
+    labels[:, : length // 2] = -100  # prompts: half of every row
     ways = ["full", "head hook"]
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         ways.append("logits_to_keep")
@@ -66,9 +70,16 @@ def main():
         for w in ways:
             times[w].append(step(model, ids, labels, w))
     median = {w: statistics.median(t) for w, t in times.items()}
-    result = {"model": "GPT-2 2x128, vocabulary 8192", "batch": batch, "length": length, "response_share": 0.5,
-              "repeats": args.repeats, "threads": torch.get_num_threads(), "median_step_seconds": median,
-              "relative_to_full": {w: median[w] / median["full"] for w in ways}}
+    result = {
+        "model": "GPT-2 2x128, vocabulary 8192",
+        "batch": batch,
+        "length": length,
+        "response_share": 0.5,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "median_step_seconds": median,
+        "relative_to_full": {w: median[w] / median["full"] for w in ways},
+    }
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

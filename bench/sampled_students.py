@@ -5,8 +5,8 @@ from real caches of the encodings it compares, everything else equal: the dialog
 fkl (the loss whose gradient sampled targets estimate without bias), `--steps` steps, the same student seeds (paired
 by seed). Arms: top-16 (compact), top-64 (compact), and two sampled-target encodings chosen by their bytes per token
 in bench/results/sampled_targets.json (same teacher): the one nearest top-16 compact's bytes, and the one with the
-best fkl gradient within the bytes of a top-16 cache in the default encoding. Each is judged on the held-out conversations: NLL of the reference responses and KL to the
-teacher.
+best fkl gradient within the bytes of a top-16 cache in the default encoding. Each is judged on the held-out
+conversations: NLL of the reference responses and KL to the teacher.
 
     python -m bench.sampled_students [--seeds 3] [--steps 300]
     python -m bench.sampled_students --config smollm2 --steps 48 --sampled sampled-counts:16
@@ -16,6 +16,7 @@ teacher.
 
 Writes bench/results/sampled_students[_smollm2].json; bench/readme.py puts the tables in the README.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,18 @@ def arms(gradients: dict) -> dict[str, list[str]]:
     """Arm -> score settings: top-16 and top-64 compact, and two sampled arms: the one nearest top-16 compact's bytes
     (from below if any is), and the one with the best fkl gradient within top-16's bytes in the default encoding
     (idsort-q8), the budget a cache had before compact."""
-    out = {REFERENCE: ["score.top_k=16", 'score.encoding="compact"'],
-           "top-64 compact": ["score.top_k=64", 'score.encoding="compact"']}
+    out = {
+        REFERENCE: ["score.top_k=16", 'score.encoding="compact"'],
+        "top-64 compact": ["score.top_k=64", 'score.encoding="compact"'],
+    }
     sampled = {a: g for a, g in gradients.items() if g["encoding"].startswith("sampled") and "iid" not in a}
     budget = gradients[REFERENCE]["bytes_per_token"]
     below = {a: g for a, g in sampled.items() if g["bytes_per_token"] <= budget}
-    nearest = (max(below, key=lambda a: below[a]["bytes_per_token"]) if below else
-               min(sampled, key=lambda a: sampled[a]["bytes_per_token"]))
+    nearest = (
+        max(below, key=lambda a: below[a]["bytes_per_token"])
+        if below
+        else min(sampled, key=lambda a: sampled[a]["bytes_per_token"])
+    )
     old = {a: g for a, g in sampled.items() if g["bytes_per_token"] <= gradients["top-16 idsort-q8"]["bytes_per_token"]}
     best = max(old, key=lambda a: old[a]["fkl"]["cosine_mean"], default=None)
     for a in dict.fromkeys(x for x in (nearest, best) if x):
@@ -57,15 +63,21 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"), help="shares the dialogue teacher")
     ap.add_argument("--config", choices=("dialogue", "smollm2"), default="dialogue")
-    ap.add_argument("--sampled", default="", help="comma-separated sampled encodings to compare with top-16 "
-                                                  "(default: chosen from the gradient bench's bytes, dialogue only)")
+    ap.add_argument(
+        "--sampled",
+        default="",
+        help="comma-separated sampled encodings to compare with top-16 "
+        "(default: chosen from the gradient bench's bytes, dialogue only)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     home = Path(args.home).resolve()
     real = args.config == "smollm2"
     if args.sampled:
-        settings = {REFERENCE: ["score.top_k=16", 'score.encoding="compact"'],
-                    **{e: [f'score.encoding="{e}"'] for e in args.sampled.split(",")}}
+        settings = {
+            REFERENCE: ["score.top_k=16", 'score.encoding="compact"'],
+            **{e: [f'score.encoding="{e}"'] for e in args.sampled.split(",")},
+        }
     else:
         settings = arms(json.loads((RESULTS / "sampled_targets.json").read_text())["arms"])
     short = ["eval.max_new_tokens=8"] if real else []  # NLL and KL need no generation; the real teacher's is slow
@@ -77,26 +89,53 @@ def main():
     for seed in range(args.seeds):
         for arm, sets in settings.items():
             name = f"ss{'-real' if real else ''}-{arm.replace(' ', '').replace('+', 'p').replace(':', '')}-s{seed}"
-            r = open_run(args.config, [*sets, *short, 'distill.method="fkl"', f"distill.steps={args.steps}",
-                                      f"distill.seed={seed}", 'distill.baseline=""',
-                                      f"eval.teacher={'true' if seed == 0 else 'false'}", f'run.name="{name}"'],
-                         home=home, log=lambda s: None)
+            r = open_run(
+                args.config,
+                [
+                    *sets,
+                    *short,
+                    'distill.method="fkl"',
+                    f"distill.steps={args.steps}",
+                    f"distill.seed={seed}",
+                    'distill.baseline=""',
+                    f"eval.teacher={'true' if seed == 0 else 'false'}",
+                    f'run.name="{name}"',
+                ],
+                home=home,
+                log=lambda s: None,
+            )
             r.adopt(args.config, ["data", "teacher", "generate"])
             t0 = time.time()
             r.run()
             cache = r.outputs("score")
-            caches[arm] = {"encoding": sets[-1].split("=", 1)[1].strip('"'), "bytes_per_token": cache.bytes_per_token,
-                           "tokens": cache.tokens}
+            caches[arm] = {
+                "encoding": sets[-1].split("=", 1)[1].strip('"'),
+                "bytes_per_token": cache.bytes_per_token,
+                "tokens": cache.tokens,
+            }
             student = r.outputs("eval").report["student"]
-            rows.append({"arm": arm, "seed": seed, "seconds": round(time.time() - t0, 1),
-                         **{k: student[k] for k in METRICS}})
-            print(f"{arm} seed {seed}: " + ", ".join(f"{k} {student[k]:.4f}" for k in METRICS) +
-                  f" ({cache.bytes_per_token:.1f} B/token)", flush=True)
+            rows.append(
+                {"arm": arm, "seed": seed, "seconds": round(time.time() - t0, 1), **{k: student[k] for k in METRICS}}
+            )
+            print(
+                f"{arm} seed {seed}: "
+                + ", ".join(f"{k} {student[k]:.4f}" for k in METRICS)
+                + f" ({cache.bytes_per_token:.1f} B/token)",
+                flush=True,
+            )
             if seed == 0 and arm == REFERENCE:
                 teacher = {k: r.outputs("eval").report["teacher"].get(k) for k in METRICS}
-    result = {"seeds": args.seeds, "steps": args.steps, "method": "fkl", "config": common[1], "arms": settings,
-              "caches": caches, "rows": rows, "teacher": teacher,
-              "summary": paired_summary(rows, REFERENCE, METRICS)}
+    result = {
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "method": "fkl",
+        "config": common[1],
+        "arms": settings,
+        "caches": caches,
+        "rows": rows,
+        "teacher": teacher,
+        "summary": paired_summary(rows, REFERENCE, METRICS),
+    }
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"], indent=1))
 

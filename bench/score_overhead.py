@@ -10,6 +10,7 @@ cores with the forward and so inflates the forward's time rather than the overhe
 Writing (encoding, zstd, Arrow, fsync) is timed on its own, as the background thread would do it.
 Writes bench/results/score_overhead_<config>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,14 @@ def main():
     def scored():
         rows.clear()
         for idx in batches:
-            out = score_batch(model, [seqs[i] for i in idx], [int(plens[i]) for i in idx], top_k=k,
-                              temperature=s.temperature, pad_id=pad)
+            out = score_batch(
+                model,
+                [seqs[i] for i in idx],
+                [int(plens[i]) for i in idx],
+                top_k=k,
+                temperature=s.temperature,
+                pad_id=pad,
+            )
             rows.extend(ScoredSequence(seq_id=int(seq_ids[i]), input_ids=seqs[i], **o) for i, o in zip(idx, out))
 
     times = {"bare": [], "scored": []}
@@ -73,19 +80,38 @@ def main():
             t0 = time.perf_counter()
             fn()
             times[arm].append(time.perf_counter() - t0)
-    key = cache_key(teacher=teacher.model_fingerprint, tokenizer=teacher.tokenizer_fingerprint,
-                    data=store.fingerprint, top_k=k, temperature=s.temperature, encoding=s.encoding)
+    key = cache_key(
+        teacher=teacher.model_fingerprint,
+        tokenizer=teacher.tokenizer_fingerprint,
+        data=store.fingerprint,
+        top_k=k,
+        temperature=s.temperature,
+        encoding=s.encoding,
+    )
     writer = CacheRoot(Path(tempfile.mkdtemp(prefix="hpd-overhead-"))).writer(
-        key, shard_size=len(rows), num_sequences=len(rows), vocab_size=teacher.vocab_size)
+        key, shard_size=len(rows), num_sequences=len(rows), vocab_size=teacher.vocab_size
+    )
     t0 = time.perf_counter()
     writer.write_rows(0, sorted(rows, key=lambda r: r.seq_id))
     write = time.perf_counter() - t0
     fwd, sc = statistics.median(times.bare), statistics.median(times.scored)
-    result = {"config": args.config or "math", "sequences": n, "response_tokens": tokens, "top_k": k,
-              "batches": len(batches), "repeats": args.repeats, "threads": torch.get_num_threads(),
-              "seconds": times, "bare_forward_s": fwd, "scored_s": sc, "write_s": write,
-              "tokens_per_s_bare": tokens / fwd, "tokens_per_s_scored": tokens / sc,
-              "overhead_compute": (sc - fwd) / fwd, "overhead_with_write": (sc + write - fwd) / fwd}
+    result = {
+        "config": args.config or "math",
+        "sequences": n,
+        "response_tokens": tokens,
+        "top_k": k,
+        "batches": len(batches),
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "seconds": times,
+        "bare_forward_s": fwd,
+        "scored_s": sc,
+        "write_s": write,
+        "tokens_per_s_bare": tokens / fwd,
+        "tokens_per_s_scored": tokens / sc,
+        "overhead_compute": (sc - fwd) / fwd,
+        "overhead_with_write": (sc + write - fwd) / fwd,
+    }
     out = Path(__file__).parent / "results" / f"score_overhead_{result['config']}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "seconds"}, indent=1))

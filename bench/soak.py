@@ -13,6 +13,7 @@ Results: bench/results/soak.{json,md} and the README's reliability section.
 
     python -m bench.soak [--trials 54] [--seed 0] [--only pipeline,merge]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,23 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 HPD = [sys.executable, "-m", "hpd.pipeline.cli"]
 # The tiny preset made big enough that every stage has several shards or checkpoints to be killed between (and inside).
-SOAK = ['run.name="soak"', "data.train_examples=2400", "generate.num_prompts=1600", "generate.shard_size=200",
-        "score.shard_size=100", "distill.steps=30", "distill.checkpoint_steps=6", "rounds.count=1",
-        "rounds.steps=18", "rounds.refresh_share=0.25", "refresh.prompt_fraction=0.1", "refresh.shard_size=20",
-        "refresh.samples_per_prompt=2", "eval.examples=40", "eval.samples=2"]
+SOAK = [
+    'run.name="soak"',
+    "data.train_examples=2400",
+    "generate.num_prompts=1600",
+    "generate.shard_size=200",
+    "score.shard_size=100",
+    "distill.steps=30",
+    "distill.checkpoint_steps=6",
+    "rounds.count=1",
+    "rounds.steps=18",
+    "rounds.refresh_share=0.25",
+    "refresh.prompt_fraction=0.1",
+    "refresh.shard_size=20",
+    "refresh.samples_per_prompt=2",
+    "eval.examples=40",
+    "eval.samples=2",
+]
 JUDGED = ['value.function="verifier"', 'value.judge="generate,refresh"', 'value.weighting="exp"']
 OTHER = [*SOAK, 'run.name="soakb"', "teacher.steps=12"]  # a second teacher on the same sequences
 ENSEMBLE = [*SOAK, 'teachers.runs="soakb"', 'teachers.mode="ensemble"', 'distill.method="fkl"', 'rounds.method="fkl"']
@@ -43,10 +57,10 @@ ENSEMBLE = [*SOAK, 'teachers.runs="soakb"', 'teachers.mode="ensemble"', 'distill
 @dataclass
 class Scenario:
     name: str
-    prepare: list[list[str]]   # hpd commands that build the home every trial starts from (not killed)
-    command: list[str]         # the command killed and rerun
-    killed: tuple[str, ...]    # its stages (HPD_KILL_IN names)
-    run: str = "soak"          # the run whose stage manifests are compared (none for a merge)
+    prepare: list[list[str]]  # hpd commands that build the home every trial starts from (not killed)
+    command: list[str]  # the command killed and rerun
+    killed: tuple[str, ...]  # its stages (HPD_KILL_IN names)
+    run: str = "soak"  # the run whose stage manifests are compared (none for a merge)
 
 
 def _run(sets: list[str], *args: str, config: str = "tiny") -> list[str]:
@@ -54,18 +68,40 @@ def _run(sets: list[str], *args: str, config: str = "tiny") -> list[str]:
 
 
 SCENARIOS = [
-    Scenario("pipeline", [_run(SOAK, "run", "--until", "teacher")], _run([*SOAK, *JUDGED], "run"),
-             ("generate", "judge", "score", "distill", "refresh-1", "rescore-1", "judge-1", "distill-1", "eval")),
-    Scenario("sampled", [_run(SOAK, "run", "--until", "generate")],
-             _run([*SOAK, 'score.encoding="sampled:4+8"'], "run"), ("score", "distill", "rescore-1", "distill-1")),
-    Scenario("compact", [_run(SOAK, "run", "--until", "generate")], _run([*SOAK, 'score.encoding="compact"'], "run"),
-             ("score", "distill", "rescore-1")),
-    Scenario("ensemble", [_run(SOAK, "run", "--until", "score"), _run(OTHER, "run", "--until", "score")],
-             _run(ENSEMBLE, "run"), ("distill", "refresh-1", "rescore-1-soakb", "distill-1")),
-    Scenario("merge", [_run(SOAK, "run", "--until", "score"), _run(OTHER, "run", "--until", "score")],
-             ["cache", "merge", "{caches}", "--weighting", "confidence"], ("cache-merge",), run=""),
-    Scenario("gguf", [], _run(['run.name="soakg"'], "run", "--until", "teacher", config="smollm2"), ("teacher",),
-             run="soakg"),
+    Scenario(
+        "pipeline",
+        [_run(SOAK, "run", "--until", "teacher")],
+        _run([*SOAK, *JUDGED], "run"),
+        ("generate", "judge", "score", "distill", "refresh-1", "rescore-1", "judge-1", "distill-1", "eval"),
+    ),
+    Scenario(
+        "sampled",
+        [_run(SOAK, "run", "--until", "generate")],
+        _run([*SOAK, 'score.encoding="sampled:4+8"'], "run"),
+        ("score", "distill", "rescore-1", "distill-1"),
+    ),
+    Scenario(
+        "compact",
+        [_run(SOAK, "run", "--until", "generate")],
+        _run([*SOAK, 'score.encoding="compact"'], "run"),
+        ("score", "distill", "rescore-1"),
+    ),
+    Scenario(
+        "ensemble",
+        [_run(SOAK, "run", "--until", "score"), _run(OTHER, "run", "--until", "score")],
+        _run(ENSEMBLE, "run"),
+        ("distill", "refresh-1", "rescore-1-soakb", "distill-1"),
+    ),
+    Scenario(
+        "merge",
+        [_run(SOAK, "run", "--until", "score"), _run(OTHER, "run", "--until", "score")],
+        ["cache", "merge", "{caches}", "--weighting", "confidence"],
+        ("cache-merge",),
+        run="",
+    ),
+    Scenario(
+        "gguf", [], _run(['run.name="soakg"'], "run", "--until", "teacher", config="smollm2"), ("teacher",), run="soakg"
+    ),
 ]
 
 
@@ -83,7 +119,7 @@ def _command(s: Scenario, home: Path) -> list[str]:
         return s.command
     caches = sorted(p.name for p in (home / "caches").iterdir() if not p.name.startswith("."))
     i = s.command.index("{caches}")
-    return [*s.command[:i], *caches, *s.command[i + 1:]]
+    return [*s.command[:i], *caches, *s.command[i + 1 :]]
 
 
 def _merged(home: Path, before: set[str]) -> Path:
@@ -103,7 +139,9 @@ def outcome(s: Scenario, home: Path, before: set[str]) -> dict:
     for name in s.killed if s.run else ():
         m = json.loads((home / "runs" / s.run / name / "manifest.json").read_text())["outputs"]
         if "cache" in m:
-            out[name] = [x["checksum"] for x in LogitCache(Path(m["cache"].replace("@home", str(home)))).manifest["shards"]]
+            out[name] = [
+                x["checksum"] for x in LogitCache(Path(m["cache"].replace("@home", str(home)))).manifest["shards"]
+            ]
         elif name == "eval":
             out[name] = {who: m["report"][who] for who in ("student", "teacher")}
         elif name == "teacher":  # the converted GGUF teacher's files, by content
@@ -131,8 +169,7 @@ def reference(s: Scenario, scratch: Path) -> tuple[Path, dict, dict[str, float]]
     done = hpd(ref, _command(s, ref))
     assert done.returncode == 0, done.stderr[-3000:]
     if s.run:
-        seconds = {n: json.loads((ref / "runs" / s.run / n / "manifest.json").read_text())["seconds"]
-                   for n in s.killed}
+        seconds = {n: json.loads((ref / "runs" / s.run / n / "manifest.json").read_text())["seconds"] for n in s.killed}
     else:  # a command, not a stage (no manifest): the merge itself timed here, on another copy
         seconds = {s.killed[0]: _merge_seconds(base, scratch / f"{s.name}-timed")}
     return base, outcome(s, ref, before), seconds
@@ -155,7 +192,7 @@ def trial(s: Scenario, base: Path, home: Path, target: str, seconds: dict, rng: 
     before, command = _caches(home), _command(s, home)  # (once: a finished merge adds a cache)
     kills = []
     # the first kill in the target stage; the second in the rerun, anywhere from there on
-    for stage in (target, rng.choice(s.killed[s.killed.index(target):])):
+    for stage in (target, rng.choice(s.killed[s.killed.index(target) :])):
         moment = rng.uniform(0, seconds[stage])
         r = hpd(home, command, kill_in=(stage, moment))
         if r.returncode != -signal.SIGKILL:  # the stage finished before the moment came
@@ -178,24 +215,38 @@ def main() -> None:
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only.split(",")]
     # trials go round the scenarios in turn, and round each scenario's stages: every scenario gets its share of
     # trials however many stages it has, and every stage of it is a target
-    targets = [(s, s.killed[i % len(s.killed)]) for i in range(args.trials) for s in chosen][:args.trials]
+    targets = [(s, s.killed[i % len(s.killed)]) for i in range(args.trials) for s in chosen][: args.trials]
     scratch = Path(tempfile.mkdtemp(prefix="hpd-soak-"))
     trials, references = [], {}
     try:
         for s in chosen:
             references[s.name] = reference(s, scratch)
-            print(f"{s.name}: reference stage seconds", {k: round(v, 1) for k, v in references[s.name][2].items()},
-                  flush=True)
+            print(
+                f"{s.name}: reference stage seconds",
+                {k: round(v, 1) for k, v in references[s.name][2].items()},
+                flush=True,
+            )
         for i in range(args.trials):
             s, target = targets[i]
             base, expected, seconds = references[s.name]
             home = scratch / f"trial-{i}"
             kills, got = trial(s, base, home, target, seconds, rng)
             diff = sorted(k for k in expected if got.get(k) != expected[k])
-            trials.append({"trial": i, "scenario": s.name, "target": target, "kills": kills, "mismatches": diff,
-                           "outputs_compared": len(expected)})
-            print(f"trial {i:2d} {s.name}: kills {[(k['stage'], k['after_s']) for k in kills]} "
-                  f"mismatches {diff or 'none'}", flush=True)
+            trials.append(
+                {
+                    "trial": i,
+                    "scenario": s.name,
+                    "target": target,
+                    "kills": kills,
+                    "mismatches": diff,
+                    "outputs_compared": len(expected),
+                }
+            )
+            print(
+                f"trial {i:2d} {s.name}: kills {[(k['stage'], k['after_s']) for k in kills]} "
+                f"mismatches {diff or 'none'}",
+                flush=True,
+            )
             shutil.rmtree(home)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -208,21 +259,30 @@ def write(trials: list[dict], references: dict, chosen: list[Scenario], args) ->
         for k in t["kills"]:
             by[(t["scenario"], k["stage"])] = by.get((t["scenario"], k["stage"]), 0) + 1
     kills = sum(by.values())
-    summary = {"trials": len(trials), "kills": kills,
-               "kills_by_scenario": {s.name: sum(n for (sc, _), n in by.items() if sc == s.name) for s in chosen},
-               "kills_by_stage": {f"{sc}/{st}": n for (sc, st), n in by.items()},
-               "trials_matching_reference": sum(not t["mismatches"] for t in trials),
-               "mismatched_outputs": sum(len(t["mismatches"]) for t in trials),
-               "stage_seconds": {name: r[2] for name, r in references.items()}, "seed": args.seed,
-               "trials_detail": trials}
+    summary = {
+        "trials": len(trials),
+        "kills": kills,
+        "kills_by_scenario": {s.name: sum(n for (sc, _), n in by.items() if sc == s.name) for s in chosen},
+        "kills_by_stage": {f"{sc}/{st}": n for (sc, st), n in by.items()},
+        "trials_matching_reference": sum(not t["mismatches"] for t in trials),
+        "mismatched_outputs": sum(len(t["mismatches"]) for t in trials),
+        "stage_seconds": {name: r[2] for name, r in references.items()},
+        "seed": args.seed,
+        "trials_detail": trials,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    md = ["# Soak: random SIGKILLs through the pipeline, merges and GGUF conversion", "",
-          f"{summary['trials']} trials, {kills} SIGKILLs at random moments (seed {args.seed}); after the reruns, "
-          f"{summary['trials_matching_reference']} of {summary['trials']} trials published exactly the reference "
-          f"outputs. Mismatched outputs: {summary['mismatched_outputs']}.", "",
-          "| scenario | stage killed in | SIGKILLs |", "|---|---|---|"]
+    md = [
+        "# Soak: random SIGKILLs through the pipeline, merges and GGUF conversion",
+        "",
+        f"{summary['trials']} trials, {kills} SIGKILLs at random moments (seed {args.seed}); after the reruns, "
+        f"{summary['trials_matching_reference']} of {summary['trials']} trials published exactly the reference "
+        f"outputs. Mismatched outputs: {summary['mismatched_outputs']}.",
+        "",
+        "| scenario | stage killed in | SIGKILLs |",
+        "|---|---|---|",
+    ]
     for s in chosen:
         md += [f"| {s.name} | {st} | {by[(s.name, st)]} |" for st in s.killed if (s.name, st) in by]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")

@@ -20,6 +20,7 @@ teacher reward). The guided arms share the plain arm's samples and rescoring.
 Every student is judged on the 500 held-out problems: greedy accuracy, avg@4 (sampled at temperature 1), held-out
 NLL and KL to the teacher. Writes bench/results/value_guided.json; bench/readme.py puts the tables in the README.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,20 @@ VERIFIER = ['value.function="verifier"']
 SEQKD = {  # arm -> settings on top of the teacher-sampled run
     "plain": [],
     "best-of-4 (verifier)": [*VERIFIER, 'value.judge="generate"', 'value.select="top"', "value.keep=0.25"],
-    "best-of-4 (teacher log-prob)": ['value.function="teacher"', 'value.judge="generate"', 'value.select="top"',
-                                     "value.keep=0.25"],
+    "best-of-4 (teacher log-prob)": [
+        'value.function="teacher"',
+        'value.judge="generate"',
+        'value.select="top"',
+        "value.keep=0.25",
+    ],
     "verified only": [*VERIFIER, 'value.judge="generate"', 'value.select="threshold"', "value.threshold=1.0"],
 }
-SEQKD_RUN = ['generate.mode="teacher"', "generate.samples_per_prompt=4", "generate.max_new_tokens=52", 'distill.method="sft"']
+SEQKD_RUN = [
+    'generate.mode="teacher"',
+    "generate.samples_per_prompt=4",
+    "generate.max_new_tokens=52",
+    'distill.method="sft"',
+]
 REFRESH = {  # arm -> settings of the round
     "offline": ["rounds.refresh_share=0"],
     "refresh": [],
@@ -65,10 +75,17 @@ def _judged(r, arm: str, seed: int, t0: float) -> dict:
     source, sequences = ("refresh", "refresh-1") if r.cfg.rounds.count else ("offline", "generate")
     judged = r.outputs(sequences).count if sequences in r.stages else 0  # 0: a round without samples (offline)
     kept = mix[source].get("kept", judged) if source in mix else 0  # absent: selection kept none this round
-    row = {"arm": arm, "seed": seed, "seconds": round(time.time() - t0, 1), **{k: student[k] for k in METRICS},
-           "samples": {"judged": judged, "kept": kept}}
-    print(f"{arm} seed {seed}: " + ", ".join(f"{k} {student[k]:.4g}" for k in METRICS) + f", kept {kept} of {judged}",
-          flush=True)
+    row = {
+        "arm": arm,
+        "seed": seed,
+        "seconds": round(time.time() - t0, 1),
+        **{k: student[k] for k in METRICS},
+        "samples": {"judged": judged, "kept": kept},
+    }
+    print(
+        f"{arm} seed {seed}: " + ", ".join(f"{k} {student[k]:.4g}" for k in METRICS) + f", kept {kept} of {judged}",
+        flush=True,
+    )
     return row
 
 
@@ -80,8 +97,11 @@ def seqkd(home: Path, seeds: int) -> tuple[list[dict], dict]:
     rows, judged = [], {"verifier": "vg-seqkd"}  # value function -> a run whose judge stage the others adopt
     for seed in range(seeds):
         for arm, sets in SEQKD.items():
-            r = _run(home, f"vg-seqkd-{arm.split(' ')[0]}-{'t' if 'teacher' in arm else 'v'}-s{seed}",
-                     [*SEQKD_RUN, *sets, f"distill.seed={seed}", f"eval.teacher={'true' if seed == 0 else 'false'}"])
+            r = _run(
+                home,
+                f"vg-seqkd-{arm.split(' ')[0]}-{'t' if 'teacher' in arm else 'v'}-s{seed}",
+                [*SEQKD_RUN, *sets, f"distill.seed={seed}", f"eval.teacher={'true' if seed == 0 else 'false'}"],
+            )
             r.adopt("vg-seqkd", ["data", "teacher", "generate", "score"])
             function = r.cfg.value.function
             if function in judged:
@@ -92,8 +112,11 @@ def seqkd(home: Path, seeds: int) -> tuple[list[dict], dict]:
             r.run()
             rows.append(_judged(r, arm, seed, t0))
             if seed == 0 and arm == "plain":
-                teacher_sampled["teacher"] = {k: r.outputs("eval").report["teacher"][k] for k in METRICS
-                                              if k in r.outputs("eval").report["teacher"]}
+                teacher_sampled["teacher"] = {
+                    k: r.outputs("eval").report["teacher"][k]
+                    for k in METRICS
+                    if k in r.outputs("eval").report["teacher"]
+                }
     return rows, teacher_sampled
 
 
@@ -127,18 +150,39 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     if args.scale < 1:
-        COMMON.extend([f"distill.steps={max(2, int(600 * args.scale))}",
-                       f"generate.num_prompts={max(32, int(4096 * args.scale))}", "eval.examples=50"])
+        COMMON.extend(
+            [
+                f"distill.steps={max(2, int(600 * args.scale))}",
+                f"generate.num_prompts={max(32, int(4096 * args.scale))}",
+                "eval.examples=50",
+            ]
+        )
         ROUND[1] = f"rounds.steps={max(2, int(300 * args.scale))}"
     home = Path(args.home).resolve()
     settings = {"seeds": args.seeds, "settings": {"seqkd": SEQKD_RUN, "round": ROUND, "common": COMMON}}
     if args.part in ("all", "seqkd"):
         rows, sampled = seqkd(home, args.seeds)
-        save(out, {**settings, "seqkd": {"rows": rows, "teacher_samples": sampled,
-                                         "summary": paired_summary(rows, "plain", METRICS), "arms": SEQKD}})
+        save(
+            out,
+            {
+                **settings,
+                "seqkd": {
+                    "rows": rows,
+                    "teacher_samples": sampled,
+                    "summary": paired_summary(rows, "plain", METRICS),
+                    "arms": SEQKD,
+                },
+            },
+        )
     if args.part in ("all", "refresh"):
         rows = refresh(home, args.seeds)
-        save(out, {**settings, "refresh": {"rows": rows, "summary": paired_summary(rows, "refresh", METRICS), "arms": REFRESH}})
+        save(
+            out,
+            {
+                **settings,
+                "refresh": {"rows": rows, "summary": paired_summary(rows, "refresh", METRICS), "arms": REFRESH},
+            },
+        )
 
 
 def save(out: Path, part: dict) -> None:

@@ -9,6 +9,7 @@ installed with `pip --isolated` (this machine's pip configuration is ignored), s
 build a GPU machine gets: beside this machine's local CPU build PyPI's torchvision (which vLLM requires) fails to
 load. Writes bench/results/versions.json; bench/readme.py puts the figures in the README.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,23 +35,50 @@ def environment(venv: Path, install: list[str], env: dict) -> dict:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip"]
     t0 = time.time()
-    subprocess.run([*pip, "install", "--quiet", "--disable-pip-version-check", *install], cwd=ROOT, env=env,
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [*pip, "install", "--quiet", "--disable-pip-version-check", *install],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     seconds = time.time() - t0
     check = subprocess.run([*pip, "check"], capture_output=True, text=True, env=env)
-    versions = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.metadata as m, json; print(json.dumps("
-                               "{p: m.version(p) for p in ('torch', 'transformers', 'numpy', 'tokenizers')"
-                               " + (('vllm',) if any(d.metadata['Name'] == 'vllm' for d in m.distributions()) else ())}))"],
-                              capture_output=True, text=True, env=env, check=True)
+    versions = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m, json; print(json.dumps("
+            "{p: m.version(p) for p in ('torch', 'transformers', 'numpy', 'tokenizers')"
+            " + (('vllm',) if any(d.metadata['Name'] == 'vllm' for d in m.distributions()) else ())}))",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     t0 = time.time()
-    suite = subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=ROOT,
-                           capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"})
+    suite = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+    )
     tail = suite.stdout.strip().splitlines()[-1] if suite.stdout.strip() else ""
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail)}
     skips = sorted(set(re.findall(r"SKIPPED \[\d+\] [^:]+:\d+: (.*)", suite.stdout)))
-    return {"install_seconds": round(seconds, 1), "size_bytes": du_bytes(venv), "pip_check": check.stdout.strip(),
-            "versions": json.loads(versions.stdout), "suite_seconds": round(time.time() - t0, 1),
-            "suite": counts, "suite_exit": suite.returncode, "skip_reasons": skips}
+    return {
+        "install_seconds": round(seconds, 1),
+        "size_bytes": du_bytes(venv),
+        "pip_check": check.stdout.strip(),
+        "versions": json.loads(versions.stdout),
+        "suite_seconds": round(time.time() - t0, 1),
+        "suite": counts,
+        "suite_exit": suite.returncode,
+        "skip_reasons": skips,
+    }
 
 
 def main():

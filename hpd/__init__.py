@@ -12,6 +12,7 @@ What your own code usually needs is here:
     cache = LogitCache(run.outputs("score").cache)      # the teacher cache it built
     loss, diagnostics = distill_loss("hpd", student_logits, labels, teacher=cache_batch)
 """
+
 from importlib import import_module
 
 _PUBLIC = {

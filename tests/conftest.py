@@ -1,5 +1,6 @@
 """Shared fixtures. Everything is real (HF models saved and loaded from disk, the `tokenizers` library,
 `datasets`, Arrow files); only the scale is small so the suite runs in minutes on 2 cores."""
+
 from __future__ import annotations
 
 import os
@@ -21,11 +22,20 @@ from hpd.pipeline.stage import Runner  # noqa: E402
 TINY = "tiny"
 
 
+# The integration tests that `make test-compat` runs again on the oldest supported transformers (with every unit
+# test): those that exercise what differs between transformers versions (GGUF loading, the output head at response
+# positions, the Trainer's checkpoints and resumption, generation) and the whole pipeline once. The full suite on
+# the pinned version (`make test`) runs everything.
+COMPAT = {"test_pipeline", "test_gguf", "test_hf_models", "test_distill", "test_generate", "test_refresh"}
+
+
 def pytest_collection_modifyitems(items):
     """Every test a module does not mark `unit` is an integration test: `pytest -m unit` is the fast half."""
     for item in items:
         if "unit" not in item.keywords:
             item.add_marker(pytest.mark.integration)
+        if item.module.__name__ in COMPAT:
+            item.add_marker(pytest.mark.compat)
 
 
 def hpd_cli(home: Path, *args: str, overrides=(), env: dict | None = None, tiny: bool = True):
@@ -37,26 +47,33 @@ def hpd_cli(home: Path, *args: str, overrides=(), env: dict | None = None, tiny:
     from hpd.pipeline.cli import cli
 
     sets = [a for o in overrides for a in ("--set", o)]
-    return CliRunner().invoke(cli, [*args, *(["--config", TINY] if tiny else []), *sets],
-                              env={"HPD_HOME": str(home), **(env or {})})
+    return CliRunner().invoke(
+        cli, [*args, *(["--config", TINY] if tiny else []), *sets], env={"HPD_HOME": str(home), **(env or {})}
+    )
 
 
-def hpd_process(home: Path, *args: str, overrides=(), kill_at: str | None = None,
-                ranks: int = 1) -> subprocess.CompletedProcess:
+def hpd_process(
+    home: Path, *args: str, overrides=(), kill_at: str | None = None, ranks: int = 1
+) -> subprocess.CompletedProcess:
     """`hpd ARGS` on the tiny config (run "tiny") in a process of its own, so that HPD_KILL_AT can SIGKILL it;
     with ranks > 1, as that many processes under torchrun (gloo on CPU)."""
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
     cmd = [sys.executable, *launch, "-m", "hpd.pipeline.cli", *args, "--config", TINY]
     for o in overrides:
         cmd += ["--set", o]
-    env = {**os.environ, "HPD_HOME": str(home), **({"HPD_KILL_AT": kill_at} if kill_at else {}),
-           **({"OMP_NUM_THREADS": "1"} if ranks > 1 else {})}
+    env = {
+        **os.environ,
+        "HPD_HOME": str(home),
+        **({"HPD_KILL_AT": kill_at} if kill_at else {}),
+        **({"OMP_NUM_THREADS": "1"} if ranks > 1 else {}),
+    }
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 def make_runner(home: Path, *overrides: str, run: str = "tiny", observers=()) -> Runner:
-    return open_run(TINY, [f"run.name={run!r}".replace("'", '"'), *overrides], home=home, log=lambda s: None,
-                    observers=observers)
+    return open_run(
+        TINY, [f"run.name={run!r}".replace("'", '"'), *overrides], home=home, log=lambda s: None, observers=observers
+    )
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ import random
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hpd.stages.tasks import arithmetic
 from hpd.common.settings import DataSettings
+from hpd.stages.tasks import arithmetic
 
 pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
 
@@ -19,7 +19,7 @@ def _check_trace(prompt: str, response: str) -> None:
     for col, step in enumerate(steps.split(",")):
         lhs, rhs = step.split("=")
         terms = sorted(int(t) for t in lhs.split("+"))
-        assert terms == sorted([(n // 10 ** col) % 10 for n in nums] + [carry])
+        assert terms == sorted([(n // 10**col) % 10 for n in nums] + [carry])
         assert int(rhs) == sum(terms)
         carry = sum(terms) // 10
     assert int(total) == sum(nums)

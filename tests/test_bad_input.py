@@ -1,11 +1,11 @@
 """Bad input: a one-line error, a non-zero exit, and nothing published that could pass for finished work."""
+
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 from transformers import BertConfig, BertForMaskedLM
-
 
 from conftest import copy_home, hpd_cli
 
@@ -34,18 +34,23 @@ def _jsonl(path: Path, rows) -> str:
 
 def _prompts_case(home, tmp_path, run, rows, suffix=".jsonl"):
     src = _jsonl(tmp_path / f"p{suffix}", rows)
-    return hpd_cli(home, "run", "--until", "generate",
-                overrides=[f'run.name="{run}"', f'generate.prompts="{src}"'])
+    return hpd_cli(home, "run", "--until", "generate", overrides=[f'run.name="{run}"', f'generate.prompts="{src}"'])
 
 
 def test_missing_prompts_file(home):
-    r = hpd_cli(home, "run", "--until", "generate", overrides=['run.name="missing"', 'generate.prompts="/no/such.jsonl"'])
+    r = hpd_cli(
+        home, "run", "--until", "generate", overrides=['run.name="missing"', 'generate.prompts="/no/such.jsonl"']
+    )
     _assert_clean_failure(r, home, "missing", "generate", "/no/such.jsonl does not exist")
 
 
 def test_malformed_jsonl_names_the_line(home, tmp_path):
-    rows = [{"prompt": "1+2:", "response": "3"}, {"prompt": "2+2:", "response": "4"}, '{"prompt": "3+', 
-            {"prompt": "4+4:", "response": "8"}]
+    rows = [
+        {"prompt": "1+2:", "response": "3"},
+        {"prompt": "2+2:", "response": "4"},
+        '{"prompt": "3+',
+        {"prompt": "4+4:", "response": "8"},
+    ]
     r = _prompts_case(home, tmp_path, "malformed", rows)
     _assert_clean_failure(r, home, "malformed", "generate", "line 3 is not valid JSON")
 
@@ -56,9 +61,12 @@ def test_empty_prompt(home, tmp_path):
 
 
 def test_sequence_longer_than_context(home, tmp_path):
-    r = _prompts_case(home, tmp_path, "long", [{"prompt": "1+2:", "response": "3"},
-                                               {"prompt": "1+" * 40 + "1:", "response": "41"}])
-    _assert_clean_failure(r, home, "long", "generate", "row 2: prompt + response is 85 tokens, longer than the teacher's context of 64")
+    r = _prompts_case(
+        home, tmp_path, "long", [{"prompt": "1+2:", "response": "3"}, {"prompt": "1+" * 40 + "1:", "response": "41"}]
+    )
+    _assert_clean_failure(
+        r, home, "long", "generate", "row 2: prompt + response is 85 tokens, longer than the teacher's context of 64"
+    )
 
 
 def test_missing_field(home, tmp_path):
@@ -68,7 +76,9 @@ def test_missing_field(home, tmp_path):
 
 def test_k_larger_than_vocabulary(home):
     r = hpd_cli(home, "run", overrides=['run.name="bigk"', "score.top_k=1000"])
-    _assert_clean_failure(r, home, "bigk", "score", "score.top_k=1000 must be between 1 and the teacher's vocabulary size (18)")
+    _assert_clean_failure(
+        r, home, "bigk", "score", "score.top_k=1000 must be between 1 and the teacher's vocabulary size (18)"
+    )
     assert not any(p.name.startswith(".tmp-") for p in (home / "caches").iterdir())
 
 
@@ -81,7 +91,10 @@ def test_vllm_engine_where_it_cannot_run_and_an_unknown_engine(home):
         _assert_clean_failure(r, home, "vllm", "score", f'engine="vllm": {reason}; use engine="transformers"')
         assert not any(p.name.startswith(".tmp-") for p in (home / "caches").iterdir())
     r = hpd_cli(home, "run", overrides=['run.name="eng"', 'generate.engine="tgi"'])
-    assert r.exit_code == 2 and "generate.engine='tgi' is unknown; choose one of transformers, vllm" in r.stderr.strip().splitlines()[-1]
+    assert (
+        r.exit_code == 2
+        and "generate.engine='tgi' is unknown; choose one of transformers, vllm" in r.stderr.strip().splitlines()[-1]
+    )
 
 
 def test_teacher_that_is_not_a_causal_lm(home, tmp_path):
@@ -120,17 +133,31 @@ def test_text_that_is_not_utf8(home, tmp_path):
 
 
 def test_over_long_sequences_are_cut_when_configured(home, tmp_path):
-    src = _jsonl(tmp_path / "long.jsonl", [{"prompt": "1+2:", "response": "3"},
-                                            {"prompt": "1+" * 20 + "1:", "response": "21" * 20}])
-    r = hpd_cli(home, "run", "--until", "generate",
-             overrides=['run.name="cut"', f'generate.prompts="{src}"', 'generate.too_long="truncate"'])
+    src = _jsonl(
+        tmp_path / "long.jsonl",
+        [{"prompt": "1+2:", "response": "3"}, {"prompt": "1+" * 20 + "1:", "response": "21" * 20}],
+    )
+    r = hpd_cli(
+        home,
+        "run",
+        "--until",
+        "generate",
+        overrides=['run.name="cut"', f'generate.prompts="{src}"', 'generate.too_long="truncate"'],
+    )
     assert r.exit_code == 0, r.output
-    assert "warning: generate.too_long=\"truncate\": 1 of 2 sequences cut to the teacher's context of 64" in r.output
+    assert 'warning: generate.too_long="truncate": 1 of 2 sequences cut to the teacher\'s context of 64' in r.output
     out = json.loads((home / "runs/cut/generate/manifest.json").read_text())["outputs"]
     assert out["truncated"] == 1 and out["count"] == 2
-    r = hpd_cli(home, "run", "--until", "generate", overrides=['run.name="cut2"', f'generate.prompts="{src}"',
-                                                             'generate.too_long="sometimes"'])
-    _assert_clean_failure(r, home, "cut2", "generate", "generate.too_long='sometimes' is unknown; choose one of refuse, truncate")
+    r = hpd_cli(
+        home,
+        "run",
+        "--until",
+        "generate",
+        overrides=['run.name="cut2"', f'generate.prompts="{src}"', 'generate.too_long="sometimes"'],
+    )
+    _assert_clean_failure(
+        r, home, "cut2", "generate", "generate.too_long='sometimes' is unknown; choose one of refuse, truncate"
+    )
 
 
 def test_student_with_another_tokenizer(home, tmp_path, teacher_dir):
@@ -147,15 +174,21 @@ def test_student_with_another_tokenizer(home, tmp_path, teacher_dir):
     _assert_clean_failure(r, home, "othertok", "distill", "uses a different tokenizer than the teacher")
 
 
-@pytest.mark.parametrize("override, message", [
-    ('distill.method="kd"', "distill.method='kd' is unknown; choose one of sft"),
-    ("distill.learning_rate=-1e-3", "config distill.learning_rate must be > 0, got -0.001"),
-    ("distill.alpha=1.5", "config distill.alpha must be between 0 and 1, got 1.5"),
-    ("rounds.refresh_share=-0.1", "config rounds.refresh_share must be between 0 and 1"),
-    ('generate.mode="online"', "generate.mode='online' is unknown; choose one of dataset, teacher"),
-    ('distill.student_init="clone"', "distill.student_init='clone' is unknown; choose one of gpt2, teacher-layers"),
-    ('distill.student_init="teacher-shape" distill.n_head=3', "distill.n_embd=16 is not a multiple of distill.n_head=3"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ('distill.method="kd"', "distill.method='kd' is unknown; choose one of sft"),
+        ("distill.learning_rate=-1e-3", "config distill.learning_rate must be > 0, got -0.001"),
+        ("distill.alpha=1.5", "config distill.alpha must be between 0 and 1, got 1.5"),
+        ("rounds.refresh_share=-0.1", "config rounds.refresh_share must be between 0 and 1"),
+        ('generate.mode="online"', "generate.mode='online' is unknown; choose one of dataset, teacher"),
+        ('distill.student_init="clone"', "distill.student_init='clone' is unknown; choose one of gpt2, teacher-layers"),
+        (
+            'distill.student_init="teacher-shape" distill.n_head=3',
+            "distill.n_embd=16 is not a multiple of distill.n_head=3",
+        ),
+    ],
+)
 def test_invalid_config_values(home, override, message):
     r = hpd_cli(home, "run", overrides=['run.name="badcfg"', *override.split(" ")])
     _assert_clean_failure(r, home, "badcfg", "distill", message)
@@ -248,6 +281,8 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_training(tmp_path, teach
     data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 8, "prompt_len": [1] * 8})
     args = training_arguments(tmp_path / "ckpt", steps=2, batch_size=4, learning_rate=1e-3, warmup_steps=0, seed=0)
     with pytest.raises(HpdError, match=r"step 1: the test loss gave a non-finite gradient"):
-        train(Trainer(model=model, args=args, train_dataset=data, data_collator=ResponseCollator(tok.pad_token_id)),
-              what="the test loss")
+        train(
+            Trainer(model=model, args=args, train_dataset=data, data_collator=ResponseCollator(tok.pad_token_id)),
+            what="the test loss",
+        )
     assert all(torch.isfinite(p).all() for p in model.parameters())  # stopped before the optimizer step

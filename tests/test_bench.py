@@ -1,5 +1,6 @@
 """The benches' own machinery, on the tiny preset: a stage timed in a process of its own reports its figures
 through the public API's observers, and leaves the run's results as an ordinary run would."""
+
 from pathlib import Path
 
 from bench.measure import Measured, in_own_process

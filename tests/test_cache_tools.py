@@ -1,4 +1,5 @@
 """`hpd cache` ls / show / verify / repack / gc, and two writers racing for one cache key."""
+
 import json
 import os
 import shutil
@@ -99,8 +100,15 @@ def test_concurrent_writers_share_one_cache(home, tmp_path):
     procs = []
     for run in ("a", "b"):
         args = [sys.executable, "-m", "hpd.pipeline.cli", "run", "--config", TINY, "--set", f'run.name="{run}"']
-        procs.append(subprocess.Popen(args, env={**os.environ, "HPD_HOME": str(home)}, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                args,
+                env={**os.environ, "HPD_HOME": str(home)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
     ids = {make_runner(home, run=r).manifest("score")["outputs"]["cache_id"] for r in ("a", "b")}
@@ -126,8 +134,12 @@ print(h.hexdigest())
 
 def test_two_experiments_read_one_cache_at_once(tiny_runner):
     path = tiny_runner.manifest("score")["outputs"]["cache"]
-    procs = [subprocess.Popen([sys.executable, "-c", READER, path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", READER, path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert outs[0][0] == outs[1][0] and len(outs[0][0].strip()) == 64

@@ -1,13 +1,14 @@
 """The built-in chat prompts and the real-teacher preset (`--config smollm2`), short of running SmolLM2 itself."""
+
 import json
 
 import pytest
 
-from hpd.pipeline import config as config_mod
 from hpd.common.errors import HpdError
+from hpd.common.settings import DataSettings
+from hpd.pipeline import config as config_mod
 from hpd.pipeline.graph import build
 from hpd.stages.tasks import chat
-from hpd.common.settings import DataSettings
 
 from conftest import hpd_cli
 
@@ -25,7 +26,7 @@ def test_chat_prompts_mix_three_kinds_disjointly(tmp_path):
     assert not {r["prompt"] for r in rows["train"]} & {r["prompt"] for r in rows["heldout"]}
     for r in rows["train"] + rows["heldout"]:
         if r["kind"] == "arithmetic":
-            a, op, b = r["prompt"][len("What is "):-1].split()
+            a, op, b = r["prompt"][len("What is ") : -1].split()
             assert r["answer"] == (int(a) + int(b) if op == "+" else int(a) - int(b))
     again = tmp_path / "again"
     again.mkdir()
@@ -43,10 +44,24 @@ def test_smollm2_preset_builds_and_needs_a_teacher():
 
 
 def test_teacher_in_a_package_that_is_not_installed_is_a_one_line_error(tmp_path):
-    r = hpd_cli(tmp_path, "run", "--until", "teacher", "--config", "smollm2", tiny=False,
-                overrides=['teacher.path="pkg:no_such_wheel_here/model.gguf"', 'run.name="pkg"',
-                           "data.train_examples=6", "data.heldout_examples=3"])
-    assert r.exit_code == 2 and r.stderr.startswith("error: teacher.path pkg:no_such_wheel_here/model.gguf: "
-                                                    "the Python package 'no_such_wheel_here' is not installed")
+    r = hpd_cli(
+        tmp_path,
+        "run",
+        "--until",
+        "teacher",
+        "--config",
+        "smollm2",
+        tiny=False,
+        overrides=[
+            'teacher.path="pkg:no_such_wheel_here/model.gguf"',
+            'run.name="pkg"',
+            "data.train_examples=6",
+            "data.heldout_examples=3",
+        ],
+    )
+    assert r.exit_code == 2 and r.stderr.startswith(
+        "error: teacher.path pkg:no_such_wheel_here/model.gguf: "
+        "the Python package 'no_such_wheel_here' is not installed"
+    )
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs" / "pkg" / "teacher" / "manifest.json").exists()

@@ -1,4 +1,5 @@
 """`hpd compare`: methods x seeds from one shared cache, the report and its paired table."""
+
 import json
 
 from conftest import copy_home, hpd_cli
@@ -6,9 +7,18 @@ from conftest import copy_home, hpd_cli
 
 def test_compare_runs_methods_by_seeds_from_one_cache_and_writes_the_report(tiny_home, tmp_path):
     home = copy_home(tiny_home, tmp_path / "home")
-    sets = ['compare.methods="sft,hpd->opd"', "compare.seeds=2", "compare.steps=4", "rounds.steps=2",
-            "compare.opd_rounds=1", "compare.curve_every=2", "refresh.prompt_fraction=0.1", "eval.examples=8",
-            "eval.samples=1", "distill.curve_examples=8"]
+    sets = [
+        'compare.methods="sft,hpd->opd"',
+        "compare.seeds=2",
+        "compare.steps=4",
+        "rounds.steps=2",
+        "compare.opd_rounds=1",
+        "compare.curve_every=2",
+        "refresh.prompt_fraction=0.1",
+        "eval.examples=8",
+        "eval.samples=1",
+        "distill.curve_examples=8",
+    ]
     res = hpd_cli(home, "compare", overrides=sets)
     assert res.exit_code == 0, res.output[-1500:]
     out = home / "compare" / "tiny"
@@ -17,7 +27,12 @@ def test_compare_runs_methods_by_seeds_from_one_cache_and_writes_the_report(tiny
     assert " ± " in table and (out / "training_curves.png").stat().st_size > 0
     assert (out / "learning_curves.png").stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
-    assert sorted((r["method"], r["seed"]) for r in results) == [("hpd->opd", 0), ("hpd->opd", 1), ("sft", 0), ("sft", 1)]
+    assert sorted((r["method"], r["seed"]) for r in results) == [
+        ("hpd->opd", 0),
+        ("hpd->opd", 1),
+        ("sft", 0),
+        ("sft", 1),
+    ]
     caches = {r["student"]["mixture"]["offline"]["cache"] for r in results}
     assert len(caches) == 1  # one shared cache
     assert all(r["student"]["student_steps"] == 4 for r in results)  # the same budget for every method
@@ -34,9 +49,11 @@ def test_compare_runs_methods_by_seeds_from_one_cache_and_writes_the_report(tiny
 
     res = hpd_cli(home, "report", "tiny-hpd-to-opd-s0", overrides=sets)
     assert res.exit_code == 0, res.output
-    run_report = (home / "runs" / "tiny-hpd-to-opd-s0" / "report")
+    run_report = home / "runs" / "tiny-hpd-to-opd-s0" / "report"
     md = (run_report / "report.md").read_text()
-    assert "| student |" in md and (run_report / "loss.png").is_file() and (run_report / "hpd_diagnostics.png").is_file()
+    assert (
+        "| student |" in md and (run_report / "loss.png").is_file() and (run_report / "hpd_diagnostics.png").is_file()
+    )
     res = hpd_cli(home, "report", "nope", overrides=sets)
     assert res.exit_code == 2 and "no run nope" in res.output
 
@@ -48,7 +65,12 @@ def test_paired_table_counts_seeds_where_a_method_is_better():
     def run(method, seed, kl, acc):
         return {"method": method, "seed": seed, "eval": {"student": {"kl_to_teacher_nats": kl, "accuracy": acc}}}
 
-    results = [run("sft", 0, 0.50, 0.10), run("sft", 1, 0.40, 0.20), run("fkl", 1, 0.30, 0.10), run("fkl", 0, 0.45, 0.30)]
+    results = [
+        run("sft", 0, 0.50, 0.10),
+        run("sft", 1, 0.40, 0.20),
+        run("fkl", 1, 0.30, 0.10),
+        run("fkl", 0, 0.45, 0.30),
+    ]
     keys = [m for m in METRICS if m[0] in ("accuracy", "kl_to_teacher_nats")]
     row = next(line for line in paired_table(results, keys) if line.startswith("| fkl |"))
     # accuracy: +0.2 (seed 0), -0.1 (seed 1): mean +5.0%, better on 1 of 2; KL: -0.05, -0.10: mean -0.075, 2 of 2

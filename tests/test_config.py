@@ -1,7 +1,7 @@
 import pytest
 
-from hpd.pipeline import config
 from hpd.common.errors import HpdError
+from hpd.pipeline import config
 
 pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
 
@@ -17,18 +17,21 @@ def test_overrides_are_typed_and_applied(tmp_path):
 
 
 def test_dumps_round_trips(tmp_path):
-    cfg = config.load(None, ["generate.prompts=with \"quotes\" and \\ backslash"])
+    cfg = config.load(None, ['generate.prompts=with "quotes" and \\ backslash'])
     path = tmp_path / "c.toml"
     path.write_text(config.dumps(cfg))
     assert config.load(path) == cfg
 
 
-@pytest.mark.parametrize("override, message", [
-    ("score.top_kk=3", "unknown config key score.top_kk"),
-    ("nosuch.key=3", "unknown config section [nosuch]"),
-    ("score.top_k=many", "score.top_k must be a int"),
-    ("score_top_k", "SECTION.KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("score.top_kk=3", "unknown config key score.top_kk"),
+        ("nosuch.key=3", "unknown config section [nosuch]"),
+        ("score.top_k=many", "score.top_k must be a int"),
+        ("score_top_k", "SECTION.KEY=VALUE"),
+    ],
+)
 def test_bad_overrides_are_rejected(override, message):
     with pytest.raises(HpdError, match=message.replace("[", r"\[").replace("]", r"\]")):
         config.load(None, [override])

@@ -1,11 +1,12 @@
 """A scoring run killed with SIGKILL resumes from its last published shard and ends with the same cache."""
+
 import shutil
 import signal
 from pathlib import Path
 
+from hpd.storage import atomic
 from hpd.storage.logit_cache import LogitCache
 from hpd.storage.shards import JOURNAL
-from hpd.storage import atomic
 
 from conftest import copy_home, hpd_process, make_runner
 
@@ -58,5 +59,7 @@ def test_sigkilled_teacher_training_resumes_from_its_checkpoint(tmp_path):
     runner.ctx.log = logs.append
     runner.run("teacher")
     assert "[teacher] resuming from checkpoint-4 of 8 steps" in logs  # not retrained from step 0
-    assert runner.manifest("teacher")["outputs"]["fingerprint"] == reference.manifest("teacher")["outputs"]["fingerprint"]
+    assert (
+        runner.manifest("teacher")["outputs"]["fingerprint"] == reference.manifest("teacher")["outputs"]["fingerprint"]
+    )
     assert not partial[0].exists()

@@ -1,28 +1,48 @@
-
 """The built-in dialogue task end to end at tiny scale: real conversations, a trained byte-level BPE
 tokenizer, a top-k cache of a real vocabulary (k < V, so the tail bucket matters), ROUGE-L evaluation."""
+
 import json
-
-from hpd.storage.logit_cache import LogitCache
-
 
 import pytest
 
-pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
+from hpd.storage.logit_cache import LogitCache
+
 from conftest import hpd_cli
 
-SMALL = ["data.train_examples=400", "data.heldout_examples=20", "data.vocab_size=512",
-         "teacher.n_layer=1", "teacher.n_embd=32", "teacher.n_head=2", "teacher.steps=6", "teacher.batch_size=16",
-         "teacher.warmup_steps=1", "teacher.eval_examples=10", "generate.num_prompts=64", "generate.shard_size=32",
-         "score.top_k=16", "score.shard_size=32", "distill.steps=3", "distill.batch_size=8", "distill.warmup_steps=1",
-         "distill.eval_examples=8", "distill.n_layer=1", "distill.n_embd=16", "eval.examples=8",
-         "eval.max_new_tokens=8"]
+pytestmark = pytest.mark.unit  # seconds, no pipeline run (make test-unit)
+
+SMALL = [
+    "data.train_examples=400",
+    "data.heldout_examples=20",
+    "data.vocab_size=512",
+    "teacher.n_layer=1",
+    "teacher.n_embd=32",
+    "teacher.n_head=2",
+    "teacher.steps=6",
+    "teacher.batch_size=16",
+    "teacher.warmup_steps=1",
+    "teacher.eval_examples=10",
+    "generate.num_prompts=64",
+    "generate.shard_size=32",
+    "score.top_k=16",
+    "score.shard_size=32",
+    "distill.steps=3",
+    "distill.batch_size=8",
+    "distill.warmup_steps=1",
+    "distill.eval_examples=8",
+    "distill.n_layer=1",
+    "distill.n_embd=16",
+    "eval.examples=8",
+    "eval.max_new_tokens=8",
+]
 
 
 def test_dialogue_run_scores_a_truncated_cache_and_reports_rouge(tmp_path):
     res = hpd_cli(tmp_path, "run", "--config", "dialogue", overrides=SMALL, tiny=False)
     assert res.exit_code == 0, res.output + str(res.exception)
-    status = json.loads(hpd_cli(tmp_path, "status", "--json", "--config", "dialogue", overrides=SMALL, tiny=False).output)
+    status = json.loads(
+        hpd_cli(tmp_path, "status", "--json", "--config", "dialogue", overrides=SMALL, tiny=False).output
+    )
     outputs = {s["stage"]: s["outputs"] for s in status["stages"]}
     assert all(s["state"] == "done" for s in status["stages"])
     cache = LogitCache(outputs["score"]["cache"].replace("@home", str(tmp_path)))

@@ -1,4 +1,5 @@
 """distill: a student trained from the cache, joined by sequence id, resumable, with clear mismatch errors."""
+
 import json
 import random
 import shutil
@@ -45,7 +46,7 @@ def test_collator_joins_by_sequence_id_not_position(tiny_runner):
     rows[2]["seq_id"] = ids[3]  # a row paired with another sequence's cache entry
     with pytest.raises(HpdError, match="does not match the training sequences"):
         CacheCollator(0, cache)(rows)
-    rows[2]["seq_id"] = 10 ** 6  # a sequence the cache does not have
+    rows[2]["seq_id"] = 10**6  # a sequence the cache does not have
     with pytest.raises(HpdError, match="not in cache"):
         CacheCollator(0, cache)(rows)
 
@@ -82,8 +83,12 @@ def test_student_with_padded_vocabulary_is_accepted(tiny_home, tmp_path, teacher
 
 
 def test_gradient_accumulation_comes_from_the_trainer(tiny_home, tmp_path):
-    r = make_runner(copy_home(tiny_home, tmp_path / "home"), "distill.gradient_accumulation_steps=2",
-                    'distill.method="jsd"', run="accum")
+    r = make_runner(
+        copy_home(tiny_home, tmp_path / "home"),
+        "distill.gradient_accumulation_steps=2",
+        'distill.method="jsd"',
+        run="accum",
+    )
     r.run()
     log = json.loads((Path(r.manifest("distill")["outputs"]["student_dir"]) / "training_log.json").read_text())
     steps = [e for e in log if "loss" in e]
@@ -104,8 +109,13 @@ def test_online_teacher_trains_like_the_cache_without_a_score_stage(tiny_home, t
     cached = make_runner(home, *same, run="cached")
     cached.run()
     measured = {}
-    online = make_runner(home, *same, 'distill.teacher_source="online"', run="online",
-                         observers=[lambda stage, figures: measured.setdefault(stage, figures)])
+    online = make_runner(
+        home,
+        *same,
+        'distill.teacher_source="online"',
+        run="online",
+        observers=[lambda stage, figures: measured.setdefault(stage, figures)],
+    )
     assert "score" not in online.order and online.stages["distill"].inputs == ("data", "teacher", "generate")
     online.run()
     assert not (home / "runs" / "online" / "score").exists()
@@ -153,7 +163,9 @@ def test_sigkilled_distill_resumes_from_its_checkpoint(tiny_home, tiny_runner, t
     runner.ctx.log = logs.append
     runner.run("distill")
     assert "[distill] resuming from checkpoint-3 of 6 steps" in logs  # the broken checkpoint-6 was passed over
-    assert runner.manifest("distill")["outputs"]["fingerprint"] == reference.manifest("distill")["outputs"]["fingerprint"]
+    assert (
+        runner.manifest("distill")["outputs"]["fingerprint"] == reference.manifest("distill")["outputs"]["fingerprint"]
+    )
 
 
 def test_no_checkpoint_is_written_at_the_last_step(tiny_home, tiny_runner, tmp_path):
@@ -162,14 +174,17 @@ def test_no_checkpoint_is_written_at_the_last_step(tiny_home, tiny_runner, tmp_p
     proc = hpd_process(home, "run", "distill", overrides=CHECKPOINTED, kill_at="checkpoint:2")
     assert proc.returncode == 0, proc.stderr[-2000:]  # step 6 saved nothing, so nothing killed it
     runner = make_runner(home, *CHECKPOINTED)
-    assert runner.manifest("distill")["outputs"]["fingerprint"] == reference.manifest("distill")["outputs"]["fingerprint"]
+    assert (
+        runner.manifest("distill")["outputs"]["fingerprint"] == reference.manifest("distill")["outputs"]["fingerprint"]
+    )
 
 
 def test_checkpoints_of_another_config_are_dropped_not_resumed(tiny_home, tmp_path):
     """A crashed run leaves checkpoints; rerun with another student shape, they must not be loaded."""
     home = copy_home(tiny_home, tmp_path / "home")
-    proc = hpd_process(home, "run", "distill", overrides=["distill.steps=6", "distill.checkpoint_steps=3"],
-                       kill_at="checkpoint:1")
+    proc = hpd_process(
+        home, "run", "distill", overrides=["distill.steps=6", "distill.checkpoint_steps=3"], kill_at="checkpoint:1"
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     runner = make_runner(home, "distill.steps=6", "distill.checkpoint_steps=3", "distill.n_embd=24")
     runner.run("distill")

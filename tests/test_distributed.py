@@ -2,6 +2,7 @@
 
 The teacher-side stages split their shards between the ranks and must publish exactly what one process
 publishes; distill under DDP must follow the one-process loss curve at the same global batch, and resume."""
+
 import json
 from pathlib import Path
 
@@ -9,9 +10,18 @@ import pytest
 
 from conftest import copy_home, hpd_process, make_runner
 
-SAMPLED = ['generate.mode="teacher"', "generate.num_prompts=60", "generate.shard_size=20", "generate.max_new_tokens=40",
-           "score.shard_size=25", "rounds.count=1", "rounds.steps=3", "refresh.prompt_fraction=0.5",
-           "refresh.samples_per_prompt=2", "refresh.shard_size=10"]
+SAMPLED = [
+    'generate.mode="teacher"',
+    "generate.num_prompts=60",
+    "generate.shard_size=20",
+    "generate.max_new_tokens=40",
+    "score.shard_size=25",
+    "rounds.count=1",
+    "rounds.steps=3",
+    "refresh.prompt_fraction=0.5",
+    "refresh.samples_per_prompt=2",
+    "refresh.shard_size=10",
+]
 
 
 def _ok(proc):
@@ -63,8 +73,9 @@ def test_ddp_distill_follows_the_one_process_curve_and_resumes(tiny_home, tmp_pa
     assert ddp == pytest.approx(single, rel=1e-4), (single, ddp)  # equal-length rows: exact up to rounding
     print("one process:", single, "\nDDP, 2 ranks:", ddp)
     # SIGKILLed at the first checkpoint (step 3), then rerun: resumes and ends where the unbroken run ends
-    killed = hpd_process(crashed, "run", "distill", overrides=[*DDP, "distill.batch_size=8"], ranks=2,
-                         kill_at="checkpoint:1")
+    killed = hpd_process(
+        crashed, "run", "distill", overrides=[*DDP, "distill.batch_size=8"], ranks=2, kill_at="checkpoint:1"
+    )
     assert killed.returncode != 0
     assert list((crashed / "runs/tiny").glob("distill/.tmp-student/checkpoints/checkpoint-3"))
     _ok(hpd_process(crashed, "run", "distill", overrides=[*DDP, "distill.batch_size=8"], ranks=2))

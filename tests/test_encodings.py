@@ -1,4 +1,5 @@
 """Every cache encoding round-trips within its documented error (property-based, against float64 truth)."""
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,7 @@ def topk_rows(draw):
     k = draw(st.integers(2, min(64, vocab)))
     P = draw(st.integers(1, 12))
     scale = draw(st.floats(0.1, 20))
-    seed = draw(st.integers(0, 2 ** 31))
+    seed = draw(st.integers(0, 2**31))
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(P, vocab, generator=g, dtype=torch.float64) * scale
     lp = torch.log_softmax(logits, -1)
@@ -39,8 +40,12 @@ def test_round_trip_within_documented_error(name, data):
         assert (np.diff(d_ids, axis=1) > 0).all()
     assert (d_ids == ids).all()
     top1 = vals.max(axis=1, keepdims=True)
-    bound = np.vectorize(lambda t, v: code.max_error(top1_abs=abs(t), logprob_abs=abs(v)))(
-        np.broadcast_to(top1, vals.shape), vals) + 1e-6
+    bound = (
+        np.vectorize(lambda t, v: code.max_error(top1_abs=abs(t), logprob_abs=abs(v)))(
+            np.broadcast_to(top1, vals.shape), vals
+        )
+        + 1e-6
+    )
     in_range = (top1 - vals) <= 255 * code.step - code.step if code.step else np.ones_like(vals, bool)
     err = np.abs(d_lps - vals)
     assert (err[in_range] <= bound[in_range]).all(), err[in_range].max()

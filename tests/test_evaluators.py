@@ -1,4 +1,5 @@
 """Evaluators on hand-made cases, against straightforward references, and the eval stage end to end."""
+
 import json
 import random
 from pathlib import Path
@@ -13,19 +14,22 @@ from hpd.stages.tasks import arithmetic
 from conftest import copy_home, make_runner
 
 
-@pytest.mark.parametrize("response, answer, correct", [
-    ("2+7+0+6=15,1+8+4+4=17,1+5+3+9=18|1845", "1845", True),
-    ("2+7+0+6=15|1845  \n", "1845", True),        # trailing whitespace
-    ("...|1845<eos>3+4=7|99", "1845", True),        # anything after the end-of-sequence token is ignored
-    ("...|01845", "1845", True),                   # a leading zero is the same number
-    ("...| 1845", "1845", True),                   # a space after the bar
-    ("...|1844", "1845", False),
-    ("...=18|", "1845", False),                    # never wrote the total
-    ("2+7+0+6=15,1+8+4+4=17", "1845", False),      # stopped before the answer
-    ("1845", "1845", False),                       # no bar: not an answer in this format
-    ("...|1845x", "1845", False),                  # trailing junk makes it unreadable
-    ("...|12|1845", "1845", True),                 # the last bar holds the answer
-])
+@pytest.mark.parametrize(
+    "response, answer, correct",
+    [
+        ("2+7+0+6=15,1+8+4+4=17,1+5+3+9=18|1845", "1845", True),
+        ("2+7+0+6=15|1845  \n", "1845", True),  # trailing whitespace
+        ("...|1845<eos>3+4=7|99", "1845", True),  # anything after the end-of-sequence token is ignored
+        ("...|01845", "1845", True),  # a leading zero is the same number
+        ("...| 1845", "1845", True),  # a space after the bar
+        ("...|1844", "1845", False),
+        ("...=18|", "1845", False),  # never wrote the total
+        ("2+7+0+6=15,1+8+4+4=17", "1845", False),  # stopped before the answer
+        ("1845", "1845", False),  # no bar: not an answer in this format
+        ("...|1845x", "1845", False),  # trailing junk makes it unreadable
+        ("...|12|1845", "1845", True),  # the last bar holds the answer
+    ],
+)
 def test_math_answer_extraction(response, answer, correct):
     assert arithmetic.is_correct(response, {"answer": answer}) is correct
 
@@ -154,8 +158,12 @@ def test_eval_stage_reports_student_and_teacher(tiny_home, tmp_path):
 def test_empty_held_out_responses_are_no_references(tmp_path):
     def rows(*responses):
         path = tmp_path / "h.jsonl"
-        path.write_text("".join(json.dumps({"prompt": f"{i}+1:", **({} if r is None else {"response": r})}) + "\n"
-                                for i, r in enumerate(responses)))
+        path.write_text(
+            "".join(
+                json.dumps({"prompt": f"{i}+1:", **({} if r is None else {"response": r})}) + "\n"
+                for i, r in enumerate(responses)
+            )
+        )
         return str(path)
 
     assert all("response" not in r for r in evaluators.heldout_rows(rows("", "  ", None)))  # the teacher's replies
@@ -168,7 +176,11 @@ def test_empty_held_out_responses_are_no_references(tmp_path):
 
 def test_eval_on_empty_responses_judges_against_the_teachers_replies(tiny_home, tmp_path):
     heldout = tmp_path / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps({"prompt": f"{a}+{a}+{a}:", "answer": str(3 * a), "response": ""}) + "\n" for a in (111, 222)))
+    heldout.write_text(
+        "".join(
+            json.dumps({"prompt": f"{a}+{a}+{a}:", "answer": str(3 * a), "response": ""}) + "\n" for a in (111, 222)
+        )
+    )
     r = make_runner(copy_home(tiny_home, tmp_path / "home"), f'eval.heldout="{heldout}"', "eval.samples=1")
     r.run("eval")
     report = r.outputs("eval").report

@@ -1,6 +1,7 @@
 """Reliability, the fast part: SIGKILLs in the stages other tests do not kill, every kind of damage to a
 published cache or sequence store, and garbage collection racing a reader. The long randomised version is
 `make soak` (tests/soak.py)."""
+
 import json
 import shutil
 import signal
@@ -14,6 +15,7 @@ from hpd.storage.logit_cache import LogitCache
 from hpd.storage.shards import CorruptShardError
 
 from conftest import copy_home, hpd_cli, hpd_process, make_runner
+
 
 def _killed(home, stage, kill_at):
     proc = hpd_process(home, "run", stage, kill_at=kill_at)
@@ -117,10 +119,12 @@ sys.stdin.read()
 def test_gc_never_removes_a_cache_that_is_being_read(tiny_runner, home):
     keep = tiny_runner.manifest("score")["outputs"]["cache_id"]
     assert hpd_cli(home, "cache", "repack", keep, "--k", "3").exit_code == 0
-    derived = next(p for p in (home / "caches").iterdir() if p.is_dir() and p.name not in (keep,)
-                   and not p.name.startswith("."))
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(derived)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    derived = next(
+        p for p in (home / "caches").iterdir() if p.is_dir() and p.name not in (keep,) and not p.name.startswith(".")
+    )
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(derived)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert reader.stdout.readline().strip() == "reading"
         r = hpd_cli(home, "cache", "gc")

@@ -1,4 +1,5 @@
 """generate: user data files read with `datasets`, teacher sampling with correct padding, chat templates."""
+
 import json
 from pathlib import Path
 
@@ -11,8 +12,12 @@ from hpd.storage.sequences import SequenceStore
 
 from conftest import copy_home, make_runner
 
-ROWS = [{"prompt": "1+2:", "response": "3"}, {"prompt": "12+30+4:", "response": "46"},
-        {"prompt": "999+1:", "response": "1000"}, {"prompt": "5:", "response": "5"}]
+ROWS = [
+    {"prompt": "1+2:", "response": "3"},
+    {"prompt": "12+30+4:", "response": "46"},
+    {"prompt": "999+1:", "response": "1000"},
+    {"prompt": "5:", "response": "5"},
+]
 
 
 def _sequences(runner):
@@ -51,8 +56,13 @@ def test_teacher_samples_per_prompt(tiny_home, tmp_path):
     home = copy_home(tiny_home, tmp_path / "home")
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in ROWS))
-    overrides = [f'generate.prompts="{jsonl}"', 'generate.mode="teacher"', "generate.samples_per_prompt=3",
-                 "generate.max_new_tokens=16", "generate.shard_size=2"]
+    overrides = [
+        f'generate.prompts="{jsonl}"',
+        'generate.mode="teacher"',
+        "generate.samples_per_prompt=3",
+        "generate.max_new_tokens=16",
+        "generate.shard_size=2",
+    ]
     r = make_runner(home, *overrides, run="sampled")
     r.run("data"), r.run("teacher"), r.run("generate")
     seqs = _sequences(r)
@@ -70,8 +80,7 @@ def test_teacher_samples_per_prompt(tiny_home, tmp_path):
 
 def test_chat_template_separates_prompt_and_response(teacher_dir):
     _, tok = hf_models.load_causal_lm(teacher_dir)
-    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %}:{% endif %}"
-                         "{% endfor %}")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %}:{% endif %}{% endfor %}"
     p_ids, r_ids = encode_pair(tok, "1+2", "3|0003")
     assert tok.decode(p_ids) == "1+2:" and tok.decode(r_ids) == "3|0003"
     assert torch.equal(torch.tensor(p_ids + r_ids), torch.tensor(tok("1+2:3|0003")["input_ids"]))

@@ -1,5 +1,6 @@
 """A GGUF file as the teacher: converted once into an HF directory that computes exactly what the file holds,
 and one-line errors for files transformers cannot read."""
+
 from pathlib import Path
 
 import gguf
@@ -47,8 +48,9 @@ def _unsupported_quantisation(hf: Path, out: Path) -> Path:
     def q8_1(self, name, tensor, *args, **kwargs):
         if name == "blk.0.ffn_up.weight":
             rows, cols = tensor.shape  # Q8_1: blocks of 32 values in 40 bytes
-            return add(self, name, np.zeros((rows, cols // 32 * 40), np.uint8),
-                       raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+            return add(
+                self, name, np.zeros((rows, cols // 32 * 40), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1
+            )
         return add(self, name, tensor, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -56,12 +58,15 @@ def _unsupported_quantisation(hf: Path, out: Path) -> Path:
         return write_gguf(hf, out)
 
 
-@pytest.mark.parametrize("case,message", [
-    ("not_gguf", "is not a GGUF file (it does not start with the GGUF magic bytes)"),
-    ("truncated", "truncated.gguf is truncated: it ends inside its header (4,096 bytes)"),
-    ("cut_short", "cut_short.gguf is truncated: 197,000 bytes, its header describes 198,112"),
-    ("q8_1", "tensor types F32, Q8_1"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("not_gguf", "is not a GGUF file (it does not start with the GGUF magic bytes)"),
+        ("truncated", "truncated.gguf is truncated: it ends inside its header (4,096 bytes)"),
+        ("cut_short", "cut_short.gguf is truncated: 197,000 bytes, its header describes 198,112"),
+        ("q8_1", "tensor types F32, Q8_1"),
+    ],
+)
 def test_unreadable_gguf_is_a_one_line_error_and_publishes_nothing(llama, tmp_path, case, message):
     hf, file = llama
     bad = tmp_path / f"{case}.gguf"
@@ -100,7 +105,9 @@ def test_teacher_layers_student_keeps_evenly_spaced_layers(llama):
     student, kept = student_models.keep_layers(teacher, 2)
     assert kept == [0, 3] and student.config.num_hidden_layers == 2
     for i, k in enumerate(kept):
-        assert torch.equal(student.model.layers[i].self_attn.q_proj.weight, teacher.model.layers[k].self_attn.q_proj.weight)
+        assert torch.equal(
+            student.model.layers[i].self_attn.q_proj.weight, teacher.model.layers[k].self_attn.q_proj.weight
+        )
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     assert torch.equal(student.model.norm.weight, teacher.model.norm.weight)
     with pytest.raises(HpdError, match="distill.n_layer=5: the teacher has 4 layers"):
@@ -114,14 +121,26 @@ def test_teacher_shape_student_is_a_fresh_narrower_model_of_the_teachers_class(l
     teacher, tok = hf_models.load_causal_lm(hf)
     t = teacher.config
     torch.manual_seed(0)
-    student = student_models.same_shape_fresh(t, n_layer=2, n_embd=t.hidden_size // 2, n_head=t.num_attention_heads // 2)
+    student = student_models.same_shape_fresh(
+        t, n_layer=2, n_embd=t.hidden_size // 2, n_head=t.num_attention_heads // 2
+    )
     s = student.config
     assert type(student) is type(teacher) and s.vocab_size == t.vocab_size
-    changed = {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-               "intermediate_size"}
+    changed = {
+        "num_hidden_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+    }
     same = lambda c: {k: v for k, v in c.to_dict().items() if k not in changed}  # noqa: E731
     assert same(s) == same(t)  # context, rotary, norms, vocabulary and special tokens are the teacher's
-    assert (s.num_hidden_layers, s.hidden_size, s.num_attention_heads) == (2, t.hidden_size // 2, t.num_attention_heads // 2)
+    assert (s.num_hidden_layers, s.hidden_size, s.num_attention_heads) == (
+        2,
+        t.hidden_size // 2,
+        t.num_attention_heads // 2,
+    )
     assert s.num_key_value_heads * t.num_attention_heads == s.num_attention_heads * t.num_key_value_heads
     assert s.intermediate_size == round(t.intermediate_size / 2 / 8) * 8
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters()) / 2
@@ -132,8 +151,14 @@ def test_teacher_shape_student_is_a_fresh_narrower_model_of_the_teachers_class(l
         student_models.same_shape_fresh(t, n_layer=1, n_embd=30, n_head=4)
 
 
-QUESTIONS = ["What is the capital of France?", "How are you today?", "Tell me about the weather.",
-             "Can you help me?", "What is 12 plus 30?", "What is 7 plus 5?"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "How are you today?",
+    "Tell me about the weather.",
+    "Can you help me?",
+    "What is 12 plus 30?",
+    "What is 7 plus 5?",
+]
 
 
 def test_gguf_teacher_through_the_whole_command_line_without_references(llama, tmp_path):
@@ -147,14 +172,35 @@ def test_gguf_teacher_through_the_whole_command_line_without_references(llama, t
     _, tok = hf_models.load_causal_lm(hf)
     prompts, heldout = tmp_path / "prompts.jsonl", tmp_path / "heldout.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS * 4))
-    heldout.write_text(json.dumps({"prompt": "What is 12 plus 30?", "answer": 42}) + "\n"
-                       + json.dumps({"prompt": "Can you help me?"}) + "\n")
-    sets = ['run.name="llama"', f'teacher.path="{file}"', 'data.builtin=""', f'generate.prompts="{prompts}"',
-            'generate.mode="teacher"', "generate.num_prompts=0", "generate.samples_per_prompt=2",
-            "generate.max_new_tokens=12", "generate.shard_size=16", "score.top_k=16", "score.shard_size=16",
-            'distill.student_init="teacher-layers"', "distill.n_layer=2", "distill.steps=3", "distill.batch_size=4",
-            "distill.warmup_steps=1", f'eval.heldout="{heldout}"', "eval.max_new_tokens=10"]
-    outputs = [hpd_cli(tmp_path / "home", *cmd, overrides=sets, tiny=False) for cmd in (["run"], ["status"], ["report"])]
+    heldout.write_text(
+        json.dumps({"prompt": "What is 12 plus 30?", "answer": 42})
+        + "\n"
+        + json.dumps({"prompt": "Can you help me?"})
+        + "\n"
+    )
+    sets = [
+        'run.name="llama"',
+        f'teacher.path="{file}"',
+        'data.builtin=""',
+        f'generate.prompts="{prompts}"',
+        'generate.mode="teacher"',
+        "generate.num_prompts=0",
+        "generate.samples_per_prompt=2",
+        "generate.max_new_tokens=12",
+        "generate.shard_size=16",
+        "score.top_k=16",
+        "score.shard_size=16",
+        'distill.student_init="teacher-layers"',
+        "distill.n_layer=2",
+        "distill.steps=3",
+        "distill.batch_size=4",
+        "distill.warmup_steps=1",
+        f'eval.heldout="{heldout}"',
+        "eval.max_new_tokens=10",
+    ]
+    outputs = [
+        hpd_cli(tmp_path / "home", *cmd, overrides=sets, tiny=False) for cmd in (["run"], ["status"], ["report"])
+    ]
     for r in outputs:
         assert r.exit_code == 0 and "Traceback" not in r.output, (r.output, r.stderr, r.exception)
     runs = tmp_path / "home" / "runs" / "llama"
@@ -166,5 +212,5 @@ def test_gguf_teacher_through_the_whole_command_line_without_references(llama, t
     assert student["kl_to_teacher_nats"] > 0 and 0 < teacher["response_nll_nats"] < math.log(len(tok))
     config = json.loads((runs / "distill" / "student" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 2
-    table = outputs[1].output[outputs[1].output.index("\nmodel"):]
+    table = outputs[1].output[outputs[1].output.index("\nmodel") :]
     assert all(row in table for row in ("distill (fkl)", "baseline (sft)", "teacher", "ROUGE-L", "KL to teacher"))

@@ -1,5 +1,6 @@
 """The GPU check (bench/gpu_check.sh) runs its CPU-checkable parts here: at CPU size (--small), with the packages a
 CUDA image may lack (pyarrow, datasets, zstandard) made unimportable, and it says what it skipped."""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,14 @@ def _run(tmp_path, *args):
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in BLOCKED))
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "gpu.json"), *args], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "gpu.json"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_gpu_check_at_cpu_size_without_the_storage_packages(tmp_path):
@@ -37,6 +44,7 @@ def test_gpu_check_at_cpu_size_without_the_storage_packages(tmp_path):
 def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
     proc = _run(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((tmp_path / "gpu.json").read_text()) == {"skipped": {"everything": proc.stdout.splitlines()[0]
-                                                                          .split("skipped everything: ")[1]}}
+    assert json.loads((tmp_path / "gpu.json").read_text()) == {
+        "skipped": {"everything": proc.stdout.splitlines()[0].split("skipped everything: ")[1]}
+    }
     assert "no CUDA GPU" in proc.stdout

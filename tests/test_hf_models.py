@@ -1,6 +1,7 @@
 """The student's logits at response positions only: the output head hooked to the kept positions
 (`hf_models.head_only_at`, any transformers version) against the full logits and against a boolean
 `logits_to_keep` (transformers >= 5.20), in values and gradients, for GPT-2 and Llama."""
+
 import inspect
 
 import pytest

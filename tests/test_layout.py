@@ -1,4 +1,5 @@
 """The code's shape, checked: layers import only downwards, and installing hpd adds one top-level name."""
+
 import ast
 import subprocess
 import sys
@@ -14,8 +15,13 @@ def _hpd_imports(path: Path) -> set[str]:
     """The hpd packages a module imports (absolute `hpd.X` imports; relative ones stay inside their package)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module]
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level
+            else []
+        )
         for name in names:
             parts = name.split(".")
             if parts[0] == "hpd" and len(parts) > 1:
@@ -43,14 +49,35 @@ def test_benches_use_the_installed_package_only():
 
 
 def test_the_wheel_installs_one_namespace(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(tmp_path.glob("hpd-*.whl"))
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert tops == {"hpd", wheel.name.split("-py")[0] + ".dist-info"}
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"hpd/__init__.py", "hpd/pipeline/cli.py", "hpd/common/settings.py", "hpd/stages/losses.py",
-            "hpd/storage/logit_cache.py", "hpd/common/errors.py", "hpd/pipeline/presets/smollm2.toml"} <= names
+    assert {
+        "hpd/__init__.py",
+        "hpd/pipeline/cli.py",
+        "hpd/common/settings.py",
+        "hpd/stages/losses.py",
+        "hpd/storage/logit_cache.py",
+        "hpd/common/errors.py",
+        "hpd/pipeline/presets/smollm2.toml",
+    } <= names
 
 
 def test_public_names_come_from_hpd():
@@ -79,7 +106,7 @@ def test_the_readme_python_example_runs(tiny_runner):
     assert isinstance(batch, CacheBatch) and batch.k == cache.top_k
     labels = torch.full((3, length), -100)
     for b, (ids, plen) in enumerate(rows):
-        labels[b, plen:len(ids)] = torch.tensor(ids[plen:].tolist())
+        labels[b, plen : len(ids)] = torch.tensor(ids[plen:].tolist())
     logits = torch.zeros(3, length, run.outputs("teacher").vocab_size, requires_grad=True)
     loss, diagnostics = distill_loss("hpd_fkl", logits, labels, teacher=batch)
     loss.backward()

@@ -1,4 +1,5 @@
 """The cache returns what the teacher produced: checked against a full-vocabulary float64 log-softmax."""
+
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,16 @@ def test_cache_round_trip_matches_full_vocabulary_reference(scored):
             # ids are the true top-k (compare the set of values: ties may order differently)
             assert torch.allclose(ref[t][got_ids].sort().values, top_ref.sort().values, atol=1e-5)
             true = ref[t][got_ids]
-            tol = torch.tensor([cache.encoding.max_error(top1_abs=abs(top_ref[0].item()), logprob_abs=abs(v))
-                                for v in true.tolist()], dtype=torch.float64) + 1e-6
+            tol = (
+                torch.tensor(
+                    [
+                        cache.encoding.max_error(top1_abs=abs(top_ref[0].item()), logprob_abs=abs(v))
+                        for v in true.tolist()
+                    ],
+                    dtype=torch.float64,
+                )
+                + 1e-6
+            )
             in_range = (top_ref[0] - true) <= 255 * cache.encoding.step if cache.encoding.step else true == true
             assert torch.all(((got_lp - true).abs() <= tol)[in_range])
             nxt = int(ids[t + 1])
@@ -77,7 +86,9 @@ def test_small_k_keeps_exact_target_outside_the_top_k(tmp_path, tiny_home):
             outside += nxt not in b.topk_ids[0, t].tolist()
             assert abs(b.target_logprob[0, t].item() - ref[t, nxt].item()) < 1e-5
             # top-2 mass + tail mass = 1, up to the encoding's documented error
-            total = torch.logsumexp(torch.cat([b.topk_logprobs[0, t].double(), b.tail_logmass[0, t:t + 1].double()]), 0)
+            total = torch.logsumexp(
+                torch.cat([b.topk_logprobs[0, t].double(), b.tail_logmass[0, t : t + 1].double()]), 0
+            )
             top1 = abs(b.topk_logprobs[0, t, 0].item())
             assert abs(total.item()) <= cache.encoding.max_error(top1_abs=top1, logprob_abs=top1) + 1e-5
     assert outside > 0

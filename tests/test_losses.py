@@ -1,4 +1,5 @@
 """Every loss against an independent, straightforward float64 implementation: values and gradients."""
+
 import math
 
 import pytest
@@ -29,8 +30,13 @@ def _as_cache(teacher: torch.Tensor, labels: torch.Tensor, k: int) -> CacheBatch
     nxt = torch.cat([labels[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1).clamp_min(0)
     tail = torch.logsumexp(lp.scatter(-1, ids, -math.inf), -1) if k < V else torch.full((B, L), -math.inf)
     mask = torch.cat([labels[:, 1:] != -100, torch.zeros(B, 1, dtype=torch.bool)], 1)
-    return CacheBatch(topk_ids=ids, topk_logprobs=top.float(), target_logprob=lp.gather(-1, nxt[..., None])[..., 0].float(),
-                      tail_logmass=tail.float(), mask=mask)
+    return CacheBatch(
+        topk_ids=ids,
+        topk_logprobs=top.float(),
+        target_logprob=lp.gather(-1, nxt[..., None])[..., 0].float(),
+        tail_logmass=tail.float(),
+        mask=mask,
+    )
 
 
 # -- references: one position's p and q (float64 probability vectors), written the obvious way ----------------
@@ -102,8 +108,17 @@ def ref_loss(method, student, teacher, labels, buckets=None, weights=None, cache
     return total / n
 
 
-DIST = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.9}), ("skl", {"alpha": 0.1}),
-        ("srkl", {"alpha": 0.1}), ("srkl", {"alpha": 0.3}), ("tvd", {}), ("akl", {"mu": 0.5})]
+DIST = [
+    ("fkl", {}),
+    ("rkl", {}),
+    ("jsd", {"beta": 0.5}),
+    ("jsd", {"beta": 0.9}),
+    ("skl", {"alpha": 0.1}),
+    ("srkl", {"alpha": 0.1}),
+    ("srkl", {"alpha": 0.3}),
+    ("tvd", {}),
+    ("akl", {"mu": 0.5}),
+]
 
 
 def _check(method, kw, teacher_input, buckets, seed):
@@ -257,8 +272,23 @@ def test_unknown_method_and_missing_teacher():
         distill_loss("kd", student, labels, teacher=teacher)
     with pytest.raises(ValueError, match="needs a teacher"):
         distill_loss("fkl", student, labels)
-    assert set(METHODS) == {"sft", "seqkd", "hpd", "opd", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl",
-                            "hpd_fkl", "hpd_nsamp", "hpd_expect", "hpd_fkl_expect"}
+    assert set(METHODS) == {
+        "sft",
+        "seqkd",
+        "hpd",
+        "opd",
+        "fkl",
+        "rkl",
+        "jsd",
+        "skl",
+        "srkl",
+        "tvd",
+        "akl",
+        "hpd_fkl",
+        "hpd_nsamp",
+        "hpd_expect",
+        "hpd_fkl_expect",
+    }
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -288,8 +318,13 @@ def test_chunked_loss_at_response_positions_equals_the_whole_batch(method, cache
 # Each is the paper's per-sample HPD loss averaged over candidate tokens a with weights pi(a): the given samples
 # (pi = 1/S) or every vocabulary token (pi = q(a)); "dist" variants put HPD's forward coefficient f on every
 # outcome's p(v) instead of on p(a*) alone.
-VARIANTS = {"hpd": ("token", "sample"), "hpd_fkl": ("dist", "sample"), "hpd_nsamp": ("token", "samples"),
-            "hpd_expect": ("token", "expect"), "hpd_fkl_expect": ("dist", "expect")}
+VARIANTS = {
+    "hpd": ("token", "sample"),
+    "hpd_fkl": ("dist", "sample"),
+    "hpd_nsamp": ("token", "samples"),
+    "hpd_expect": ("token", "expect"),
+    "hpd_fkl_expect": ("dist", "expect"),
+}
 
 
 def ref_hpd_family(method, student, teacher, labels, samples, k=V, weights=None, shift=None, cache=None):
@@ -395,8 +430,9 @@ def test_hpd_nsamp_is_hpd_for_one_sample_and_tends_to_hpd_expect():
     grads = {}
     for method, kw in (("hpd_nsamp", {"hpd_samples": 20000}), ("hpd_expect", {})):
         s = student.float().requires_grad_()
-        loss, _ = distill_loss(method, s, labels, teacher=teacher.float(), generator=torch.Generator().manual_seed(0),
-                               **kw)
+        loss, _ = distill_loss(
+            method, s, labels, teacher=teacher.float(), generator=torch.Generator().manual_seed(0), **kw
+        )
         loss.backward()
         grads[method] = (loss.item(), s.grad)
     assert grads["hpd_nsamp"][0] == pytest.approx(grads["hpd_expect"][0], rel=0.02)
@@ -444,8 +480,9 @@ def test_sequence_weights_and_advantages_on_token_losses():
     for method in ("sft", "seqkd", "opd"):
         s32 = student.float().requires_grad_()
         adv = ROW_ADVANTAGE if method == "opd" else None
-        loss, _ = distill_loss(method, s32, labels, teacher=teacher.float(), sequence_weight=ROW_WEIGHT,
-                               sequence_advantage=adv)
+        loss, _ = distill_loss(
+            method, s32, labels, teacher=teacher.float(), sequence_weight=ROW_WEIGHT, sequence_advantage=adv
+        )
         loss.backward()
         s64 = student.clone().requires_grad_()
         lq = torch.log_softmax(s64[:, :-1][sel], -1).gather(-1, y[:, None])[:, 0]
@@ -465,8 +502,15 @@ def test_hpd_variants_with_sequence_weights_and_advantages(method, k):
     samples = _variant_samples(method, labels, 6)
     s32 = student.float().requires_grad_()
     t_in = teacher.float() if k is None else _as_cache(teacher, labels, k)
-    loss, diag = distill_loss(method, s32, labels, teacher=t_in, sampled_tokens=samples, sequence_weight=ROW_WEIGHT,
-                              sequence_advantage=ROW_ADVANTAGE)
+    loss, diag = distill_loss(
+        method,
+        s32,
+        labels,
+        teacher=t_in,
+        sampled_tokens=samples,
+        sequence_weight=ROW_WEIGHT,
+        sequence_advantage=ROW_ADVANTAGE,
+    )
     loss.backward()
     s64 = student.clone().requires_grad_()
     ref = ref_hpd_family(method, s64, teacher, labels, samples, k=k or V, weights=ROW_WEIGHT, shift=ROW_ADVANTAGE)
@@ -496,8 +540,14 @@ def test_a_cache_covering_the_vocabulary_with_a_rounding_tail_is_the_full_loss(m
     for t_in in (teacher.float(), cache):
         s = student.float().requires_grad_()
         nsamp = method == "hpd_nsamp"
-        loss, _ = distill_loss(method, s, labels, teacher=t_in, sampled_tokens=sample[..., None] if nsamp else sample,
-                               **({"hpd_samples": 1} if nsamp else {}))
+        loss, _ = distill_loss(
+            method,
+            s,
+            labels,
+            teacher=t_in,
+            sampled_tokens=sample[..., None] if nsamp else sample,
+            **({"hpd_samples": 1} if nsamp else {}),
+        )
         loss.backward()
         outs.append((loss.item(), s.grad))
     assert math.isfinite(outs[1][0]) and torch.isfinite(outs[1][1]).all()

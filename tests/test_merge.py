@@ -1,4 +1,5 @@
 """Teacher ensembles (hpd/storage/merge.py): the mixture of several teachers' caches, against a float64 reference."""
+
 import json
 import os
 import subprocess
@@ -20,8 +21,7 @@ V, N = 12, 40
 def _teachers(seed: int, count: int = 2, sharp=(1.0, 1.0)):
     """Random full distributions [N, V] per teacher, float64, and a next token per position."""
     g = torch.Generator().manual_seed(seed)
-    logp = [torch.log_softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * 2 * s, -1)
-            for s in sharp[:count]]
+    logp = [torch.log_softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * 2 * s, -1) for s in sharp[:count]]
     return logp, torch.randint(0, V, (N,), generator=g)
 
 
@@ -103,9 +103,16 @@ def test_a_published_merge_equals_the_mixture_read_at_load_time(two_teachers):
     assert merge([ca, cb], [3, 1], root, k=8, encoding="fp16").id == merged.id  # found, not redone
     assert merge([ca, cb], [1, 1], root, k=8, encoding="fp16").id != merged.id  # the weights are in the key
     # the key changes with any teacher, weight, k or weighting (and not with how the weights are scaled)
-    ids = {MixedCache(cs, w, k, weighting=g).id for cs, w, k, g in [
-        ([ca, cb], [3, 1], 8, "fixed"), ([ca, cb], [6, 2], 8, "fixed"), ([ca, cb], [1, 3], 8, "fixed"),
-        ([ca, cb], [3, 1], 6, "fixed"), ([ca, cb], [3, 1], 8, "confidence")]}
+    ids = {
+        MixedCache(cs, w, k, weighting=g).id
+        for cs, w, k, g in [
+            ([ca, cb], [3, 1], 8, "fixed"),
+            ([ca, cb], [6, 2], 8, "fixed"),
+            ([ca, cb], [1, 3], 8, "fixed"),
+            ([ca, cb], [3, 1], 6, "fixed"),
+            ([ca, cb], [3, 1], 8, "confidence"),
+        ]
+    }
     assert len(ids) == 4
     with pytest.raises(ValueError, match=f"cache {ca.id} is named twice"):  # one teacher is no mixture
         MixedCache([ca, ca], [3, 1], 8)
@@ -118,18 +125,22 @@ def test_a_published_merge_equals_the_mixture_read_at_load_time(two_teachers):
     one, two = ca.batch(seqs), cb.batch(seqs)
     m, vocab = one.mask, ca.manifest["vocab_size"]
     assert ca.k == cb.k == vocab
-    p = 0.75 * torch.zeros(m.sum(), vocab).scatter(-1, one.topk_ids[m], one.topk_logprobs[m].exp()) + \
-        0.25 * torch.zeros(m.sum(), vocab).scatter(-1, two.topk_ids[m], two.topk_logprobs[m].exp())
-    assert torch.allclose(b.target_logprob[m].exp(), 0.75 * one.target_logprob[m].exp() + 0.25 * two.target_logprob[m].exp(),
-                          atol=1e-6)
+    p = 0.75 * torch.zeros(m.sum(), vocab).scatter(
+        -1, one.topk_ids[m], one.topk_logprobs[m].exp()
+    ) + 0.25 * torch.zeros(m.sum(), vocab).scatter(-1, two.topk_ids[m], two.topk_logprobs[m].exp())
+    assert torch.allclose(
+        b.target_logprob[m].exp(), 0.75 * one.target_logprob[m].exp() + 0.25 * two.target_logprob[m].exp(), atol=1e-6
+    )
     assert torch.allclose(b.topk_logprobs[m].exp(), p.gather(-1, b.topk_ids[m]), atol=1e-5)
 
 
 def test_merge_killed_mid_write_resumes_to_identical_bytes(two_teachers, tmp_path):
     home, ca, cb = two_teachers
-    code = ("import sys; from pathlib import Path; from hpd.storage.logit_cache import CacheRoot, LogitCache; "
-            "from hpd.storage.merge import merge; r = CacheRoot(Path(sys.argv[1])); "
-            "merge([LogitCache(Path(sys.argv[2])), LogitCache(Path(sys.argv[3]))], [1, 2], r, k=6)")
+    code = (
+        "import sys; from pathlib import Path; from hpd.storage.logit_cache import CacheRoot, LogitCache; "
+        "from hpd.storage.merge import merge; r = CacheRoot(Path(sys.argv[1])); "
+        "merge([LogitCache(Path(sys.argv[2])), LogitCache(Path(sys.argv[3]))], [1, 2], r, k=6)"
+    )
     args = [sys.executable, "-c", code, str(tmp_path / "killed"), str(ca.dir), str(cb.dir)]
     killed = subprocess.run(args, env={**os.environ, "HPD_KILL_AT": "shard:2"}, capture_output=True)
     assert killed.returncode == -9 and not list((tmp_path / "killed").glob("*/manifest.json"))

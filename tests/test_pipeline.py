@@ -1,4 +1,5 @@
 """Stage skip / resume logic, reproducibility and cache keys, through the real stages."""
+
 import json
 from pathlib import Path
 
@@ -89,8 +90,12 @@ def test_cache_key_changes_with_teacher_data_and_k(tiny_home, tmp_path):
     home = copy_home(tiny_home, tmp_path / "home")
     base = make_runner(home).manifest("score")["outputs"]["cache_id"]
     ids = {"base": base}
-    for name, override in [("k", "score.top_k=3"), ("temperature", "score.temperature=2.0"),
-                           ("data", "generate.num_prompts=150"), ("teacher", "teacher.steps=9")]:
+    for name, override in [
+        ("k", "score.top_k=3"),
+        ("temperature", "score.temperature=2.0"),
+        ("data", "generate.num_prompts=150"),
+        ("teacher", "teacher.steps=9"),
+    ]:
         r = make_runner(home, override, run=name)
         r.run()
         ids[name] = r.manifest("score")["outputs"]["cache_id"]
@@ -149,17 +154,25 @@ def test_distill_table_has_the_sft_baseline_from_the_eval_report(tiny_home, tiny
     for key in ("student_steps", "train_sequences", "parameters"):
         assert baseline[key] == distilled[key]
     printed = hpd_process(tiny_home, "status").stdout
-    table = printed[printed.index("\nmodel") + 1:].rstrip("\n")
+    table = printed[printed.index("\nmodel") + 1 :].rstrip("\n")
     rows = {line.split(" | ")[0].strip(): line for line in table.splitlines()}
     assert list(rows) == ["model", "distill (hpd)", "baseline (sft)", "teacher"]
     for name, judged in (("distill (hpd)", "student"), ("baseline (sft)", "baseline"), ("teacher", "teacher")):
         r = report[judged]
         cells = [c.strip() for c in rows[name].split(" | ")]
-        assert cells[1:] == [f"{r['parameters'] / 1e3:,.0f}k", f"{r['accuracy']:.1%}", f"{r['avg@4']:.1%}",
-                             f"{r['response_nll_nats']:.3f}",
-                             f"{r['kl_to_teacher_nats']:.3f}" if "kl_to_teacher_nats" in r else "-"]
+        assert cells[1:] == [
+            f"{r['parameters'] / 1e3:,.0f}k",
+            f"{r['accuracy']:.1%}",
+            f"{r['avg@4']:.1%}",
+            f"{r['response_nll_nats']:.3f}",
+            f"{r['kl_to_teacher_nats']:.3f}" if "kl_to_teacher_nats" in r else "-",
+        ]
     # the cells follow the report, not a constant
-    named = [("distill (hpd)", report["student"]), ("baseline (sft)", report["baseline"]), ("teacher", report["teacher"])]
+    named = [
+        ("distill (hpd)", report["student"]),
+        ("baseline (sft)", report["baseline"]),
+        ("teacher", report["teacher"]),
+    ]
     assert summary_table(named) == table
     named[1] = ("baseline (sft)", {**report["baseline"], "accuracy": 0.4321, "response_nll_nats": 9.876})
     changed = summary_table(named)
@@ -199,7 +212,9 @@ def test_teacher_dtype_keys_the_cache_and_stays_close(tiny_home, tmp_path):
     assert torch.equal(m, rb.mask.bool())
     gap = (ra.target_logprob[m] - rb.target_logprob[m]).abs()
     assert 0 < gap.max() < 0.15  # bf16 keeps 8 bits of mantissa: differences, but small ones
-    with pytest.raises(HpdError, match="teacher.dtype='int8' is unknown; choose one of auto, float32, bfloat16, float16"):
+    with pytest.raises(
+        HpdError, match="teacher.dtype='int8' is unknown; choose one of auto, float32, bfloat16, float16"
+    ):
         make_runner(home, 'teacher.dtype="int8"')
 
 

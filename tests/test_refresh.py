@@ -1,4 +1,5 @@
 """On-policy refresh rounds: student samples rescored into caches of their own, mixed into training by share."""
+
 import json
 import signal
 from collections import Counter
@@ -17,8 +18,15 @@ from hpd.storage.sequences import SequenceStore
 from conftest import copy_home, hpd_cli, hpd_process, make_runner
 
 # One round: 25% of the 240 prompts, 2 samples each, in shards of 20 prompts; a quarter of every batch refreshed.
-ROUND = ["rounds.count=1", "rounds.steps=5", "rounds.warmup_steps=1", "rounds.refresh_share=0.25",
-         "refresh.prompt_fraction=0.25", "refresh.samples_per_prompt=2", "refresh.shard_size=20"]
+ROUND = [
+    "rounds.count=1",
+    "rounds.steps=5",
+    "rounds.warmup_steps=1",
+    "rounds.refresh_share=0.25",
+    "refresh.prompt_fraction=0.25",
+    "refresh.samples_per_prompt=2",
+    "refresh.shard_size=20",
+]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +96,7 @@ def test_mixture_plan_respects_shares_and_reads_each_source_in_passes():
     for s, size in enumerate(sizes):
         rows = [i for b in plan for src, i in b if src == s]
         for p in range(len(rows) // size):  # every full pass holds each row exactly once
-            assert sorted(rows[p * size:(p + 1) * size]) == list(range(size))
+            assert sorted(rows[p * size : (p + 1) * size]) == list(range(size))
     assert mixture_plan(sizes, shares, batch, 40, seed=3) == plan != mixture_plan(sizes, shares, batch, 40, seed=4)
 
 
@@ -103,8 +111,11 @@ def test_round_training_reads_the_planned_mixture(round_home):
     assert all(a + b == 16 for a, b in counts)
     assert [b for _, b in counts] == [4] * 5  # a quarter of each batch of 16
     assert out["report"]["round"] == 1 and out["report"]["student_steps"] == 4 + 5
-    assert out["report"]["mixture"]["refresh"] == {"share": 0.25, "method": "hpd",
-                                                   "cache": outputs(r, "rescore-1")["cache_id"]}
+    assert out["report"]["mixture"]["refresh"] == {
+        "share": 0.25,
+        "method": "hpd",
+        "cache": outputs(r, "rescore-1")["cache_id"],
+    }
 
 
 def test_mixture_loss_is_each_sources_loss_weighted_by_its_tokens(round_home):
@@ -121,9 +132,13 @@ def test_mixture_loss_is_each_sources_loss_weighted_by_its_tokens(round_home):
     torch.manual_seed(0)
     logits = torch.randn(*batch["input_ids"].shape, 18, dtype=torch.float64).float()
     cb = batch["teacher"]  # the collator's CacheBatch, rows in batch order whatever their cache
-    sources = [Source("offline", stores[0], caches[0], "fkl", 0.75), Source("refresh", stores[1], caches[1], "opd", 0.25)]
-    loss, diag = mixture_loss(sources, logits[response_positions(batch["labels"])], batch["labels"], CachedTargets(cb),
-                              batch["source"], {})
+    sources = [
+        Source("offline", stores[0], caches[0], "fkl", 0.75),
+        Source("refresh", stores[1], caches[1], "opd", 0.25),
+    ]
+    loss, diag = mixture_loss(
+        sources, logits[response_positions(batch["labels"])], batch["labels"], CachedTargets(cb), batch["source"], {}
+    )
     parts = []
     for s, src in enumerate(sources):
         m = batch["source"] == s
@@ -142,8 +157,12 @@ def test_on_policy_loss_is_refused_for_offline_sequences(round_home):
 def test_more_rounds_keep_the_finished_ones_and_status_shows_the_round(round_home, tmp_path):
     home = copy_home(round_home[0], tmp_path / "home")
     r = make_runner(home, *ROUND, "rounds.count=2")
-    assert [r.state(s)[0] for s in ("distill-1", "refresh-2", "rescore-2", "distill-2")] == \
-        ["done", "missing", "waiting", "waiting"]
+    assert [r.state(s)[0] for s in ("distill-1", "refresh-2", "rescore-2", "distill-2")] == [
+        "done",
+        "missing",
+        "waiting",
+        "waiting",
+    ]
     res = hpd_cli(home, "status", overrides=[*ROUND, "rounds.count=2"])
     assert res.exit_code == 0 and "round: 1 of 2 refresh rounds finished; next: refresh-2" in res.output
     assert "distill-1 (hpd 75% offline + hpd 25% refresh)" in res.output

@@ -1,6 +1,7 @@
 """Sampled targets and compact ids on disk: each encoding round-trips, a sampled cache hands the losses exactly the
 draws it was given, the score stage's draws do not depend on batching and resume byte for byte after SIGKILL,
 and what cannot be derived or mixed is refused with one line."""
+
 import signal
 from pathlib import Path
 
@@ -70,14 +71,28 @@ def test_a_sampled_cache_gives_back_the_draws_as_unbiased_weights(tmp_path, enco
     V, rows, head = 500, [], enc.get(encoding).head
     for s in range(5):
         logits, nxt, d = _draws(7 + s, V, 32, s, head=head)
-        rows.append(ScoredSequence(seq_id=s, input_ids=np.arange(9 + s), start=2, topk_ids=d.ids.numpy(),
-                                   topk_logprobs=d.logprob.numpy(), target_logprob=d.target.numpy(),
-                                   tail_logmass=d.tail.numpy(), counts=d.counts.numpy(),
-                                   rest_logmass=d.rest.numpy() if head else None))
+        rows.append(
+            ScoredSequence(
+                seq_id=s,
+                input_ids=np.arange(9 + s),
+                start=2,
+                topk_ids=d.ids.numpy(),
+                topk_logprobs=d.logprob.numpy(),
+                target_logprob=d.target.numpy(),
+                tail_logmass=d.tail.numpy(),
+                counts=d.counts.numpy(),
+                rest_logmass=d.rest.numpy() if head else None,
+            )
+        )
     root = CacheRoot(tmp_path)
     key = cache_key(teacher="t", tokenizer="t", data="d", top_k=32, temperature=1.0, encoding=encoding)
-    w = root.writer(key, shard_size=3, num_sequences=5, vocab_size=V,
-                    learn_order=lambda: np.concatenate([r.topk_ids[r.topk_logprobs > -np.inf] for r in rows[:2]]))
+    w = root.writer(
+        key,
+        shard_size=3,
+        num_sequences=5,
+        vocab_size=V,
+        learn_order=lambda: np.concatenate([r.topk_ids[r.topk_logprobs > -np.inf] for r in rows[:2]]),
+    )
     w.write_rows(0, rows[:3])
     w.write_rows(1, rows[3:])
     w.finish(2)
@@ -92,27 +107,32 @@ def test_a_sampled_cache_gives_back_the_draws_as_unbiased_weights(tmp_path, enco
         assert batch.mask[b, sl].all() and not batch.mask[b, :2].any()
         for t in range(len(r.target_logprob)):
             drawn = {int(i): int(c) for i, c in zip(r.topk_ids[t], r.counts[t]) if c > 0}
-            got = {int(i): float(w.exp()) for i, w in zip(batch.ids[b, 2 + t], batch.log_weight[b, 2 + t])
-                   if w > -np.inf}
+            got = {
+                int(i): float(w.exp()) for i, w in zip(batch.ids[b, 2 + t], batch.log_weight[b, 2 + t]) if w > -np.inf
+            }
             heads = {int(i): float(lp) for i, lp in zip(r.topk_ids[t][:head], r.topk_logprobs[t][:head])}
             assert got.keys() == drawn.keys() | heads.keys()
             rest = float(np.exp(r.rest_logmass[t])) if head else 1.0  # the mass outside the head (float16 on disk)
             assert all(abs(got[i] / (c / 32 * rest) - 1) < 2e-3 for i, c in drawn.items())  # p_hat = count / N x rest
-            assert all(abs(np.log(got[i]) - float(batch.logprob[b, 2 + t][batch.ids[b, 2 + t] == i][0])) < 1e-5
-                       for i in heads)  # the head: p itself (as stored)
+            assert all(
+                abs(np.log(got[i]) - float(batch.logprob[b, 2 + t][batch.ids[b, 2 + t] == i][0])) < 1e-5 for i in heads
+            )  # the head: p itself (as stored)
             exact = dict(zip(r.topk_ids[t].tolist(), r.topk_logprobs[t].tolist()))
             logp = {int(i): float(lp) for i, lp in zip(batch.ids[b, 2 + t], batch.logprob[b, 2 + t]) if lp > -np.inf}
             assert logp.keys() == drawn.keys() | heads.keys()
             if encoding.startswith("sampled:"):  # the exact log-probs, companded
                 top1 = max(exact[i] for i in logp)
                 code = enc.get(encoding)
-                assert all(abs(logp[i] - exact[i]) <= code.max_error(abs(top1), gap=top1 - exact[i]) + 1e-6
-                           for i in logp)
+                assert all(
+                    abs(logp[i] - exact[i]) <= code.max_error(abs(top1), gap=top1 - exact[i]) + 1e-6 for i in logp
+                )
             else:  # p_hat scaled to the drawn mass: with the tail, a distribution
                 total = sum(np.exp(v) for v in logp.values()) + np.exp(float(batch.tail_logmass[b, 2 + t]))
                 assert abs(total - 1) < 1e-5
-                assert all(abs(np.exp(logp[i]) / (c / 32) - np.exp(logp[min(drawn)]) / (drawn[min(drawn)] / 32))
-                           < 1e-5 for i, c in drawn.items())
+                assert all(
+                    abs(np.exp(logp[i]) / (c / 32) - np.exp(logp[min(drawn)]) / (drawn[min(drawn)] / 32)) < 1e-5
+                    for i, c in drawn.items()
+                )
     (cache.dir / VOCAB_ORDER).write_bytes(b"damaged")
     assert any(VOCAB_ORDER in m for m in verify(cache.dir))
 
@@ -121,9 +141,15 @@ def test_a_sampled_cache_gives_back_the_draws_as_unbiased_weights(tmp_path, enco
 def test_an_encoding_this_version_does_not_know_is_named_not_misread(tmp_path):
     with pytest.raises(ValueError, match="unknown encoding 'zigzag'"):
         enc.get({"name": "zigzag", "step": 0.1})
-    for bad, says in [("sampled:0", "from 1 to 255"), ("sampled:300", "from 1 to 255"), ("sampled:x", "whole number"),
-                      ("sampled:16:0.5", "proposal"), ("compact:fine", "number of nats"),
-                      ("sampled:200+100", "at most 255"), ("sampled-counts:8+8", "keeps no exact head")]:
+    for bad, says in [
+        ("sampled:0", "from 1 to 255"),
+        ("sampled:300", "from 1 to 255"),
+        ("sampled:x", "whole number"),
+        ("sampled:16:0.5", "proposal"),
+        ("compact:fine", "number of nats"),
+        ("sampled:200+100", "at most 255"),
+        ("sampled-counts:8+8", "keeps no exact head"),
+    ]:
         with pytest.raises(ValueError, match=says):
             enc.get(bad)
 
@@ -157,14 +183,16 @@ def test_sampled_scoring_resumes_after_sigkill_to_the_bytes_of_an_uninterrupted_
 
 def test_training_from_sampled_targets_and_compact_ids_by_configuration_alone(home):
     for encoding, method in [("sampled:8", "fkl"), ("sampled:8", "hpd"), ("compact", "hpd")]:
-        runner = make_runner(home, f'score.encoding="{encoding}"', f'distill.method="{method}"',
-                             run=f"{encoding.split(':')[0]}-{method}")
+        runner = make_runner(
+            home, f'score.encoding="{encoding}"', f'distill.method="{method}"', run=f"{encoding.split(':')[0]}-{method}"
+        )
         runner.run(until="distill")
         out = runner.manifest("score")["outputs"]
         assert out["encoding"] == encoding.split(":")[0] and out["bytes_per_token"] > 0
         assert runner.state("distill")[0] == "done"
-    compact = LogitCache(Path(make_runner(home, 'score.encoding="compact"', run="compact-hpd")
-                              .manifest("score")["outputs"]["cache"]))
+    compact = LogitCache(
+        Path(make_runner(home, 'score.encoding="compact"', run="compact-hpd").manifest("score")["outputs"]["cache"])
+    )
     plain = LogitCache(Path(make_runner(home).manifest("score")["outputs"]["cache"]))  # idsort-q8, the same teacher
     ids = list(range(plain.num_sequences))
     a, b = compact.batch(ids), plain.batch(ids)
@@ -179,8 +207,10 @@ def test_what_cannot_be_derived_or_mixed_from_sampled_targets_is_refused(home):
     listed = hpd_cli(home, "cache", "ls").stdout  # named as the user wrote it
     assert any(line.startswith(cache_id) and " sampled:8 " in line for line in listed.splitlines()), listed
     assert enc.get("sampled:4+12").label == "sampled:4+12" and enc.get("compact").label == "compact:0.125"
-    for args in [(cache_id, "--k", "4"), (make_runner(home).manifest("score")["outputs"]["cache_id"], "--k", "4",
-                                          "--encoding", "sampled:4")]:
+    for args in [
+        (cache_id, "--k", "4"),
+        (make_runner(home).manifest("score")["outputs"]["cache_id"], "--k", "4", "--encoding", "sampled:4"),
+    ]:
         r = hpd_cli(home, "cache", "repack", *args)
         assert r.exit_code != 0 and "cannot be derived without the teacher" in r.stderr, r.output
     root = CacheRoot(home / "caches")
@@ -189,8 +219,10 @@ def test_what_cannot_be_derived_or_mixed_from_sampled_targets_is_refused(home):
         merge([root.open(make_runner(home).manifest("score")["outputs"]["cache_id"]), cache], [1, 1], root, 4)
     with pytest.raises(ValueError, match="cannot be derived"):
         repack(cache, root, 4)
-    for overrides, says in [(['score.engine="vllm"'], "vLLM does not return"),
-                            (['teachers.runs="s"', 'teachers.mode="ensemble"'], "sampled targets do not keep")]:
+    for overrides, says in [
+        (['score.engine="vllm"'], "vLLM does not return"),
+        (['teachers.runs="s"', 'teachers.mode="ensemble"'], "sampled targets do not keep"),
+    ]:
         r = hpd_cli(home, "run", "--set", SAMPLED, *[x for o in overrides for x in ("--set", o)])
         assert r.exit_code != 0 and says in r.stderr and "Traceback" not in r.output, r.output
 
@@ -204,8 +236,9 @@ def test_methods_that_weigh_the_students_mass_train_a_finite_student_from_a_samp
     no outcomes: rkl and akl once saw them as tokens with p = 0 and trained a student full of NaN."""
     from safetensors.torch import load_file
 
-    runner = make_runner(home, 'score.encoding="sampled:16"', f'distill.method="{method}"', run=f"s16-{method}",
-                         *EVAL_BRIEFLY)
+    runner = make_runner(
+        home, 'score.encoding="sampled:16"', f'distill.method="{method}"', run=f"s16-{method}", *EVAL_BRIEFLY
+    )
     runner.run()
     cache = LogitCache(Path(runner.manifest("score")["outputs"]["cache"]))
     batch = cache.batch(range(cache.num_sequences))

@@ -1,6 +1,7 @@
 """Sampled teacher targets (random-sampling KD): the draws' estimate of p is unbiased, fkl's gradient from them
 converges to the full-vocabulary gradient, and every method runs on them (exactly the full loss where the slots
 cover the vocabulary). Float64 references; the mean over many seeds against the expectation."""
+
 import math
 from types import SimpleNamespace
 
@@ -9,15 +10,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_losses import _inputs as _loss_inputs
+from test_losses import _variant_samples, ref_hpd_family, ref_loss, ref_token_loss
 
 from hpd.stages.losses import DISTRIBUTION_METHODS, HPD_FAMILY, METHODS, distill_loss
 from hpd.stages.scoring import sample_positions, score_batch
 from hpd.storage import encodings as enc
 from hpd.storage.cache_batch import SampledBatch, ScoredSequence
 from hpd.storage.logit_cache import round_trip
-
-from test_losses import _inputs as _loss_inputs
-from test_losses import _variant_samples, ref_hpd_family, ref_loss, ref_token_loss
 
 pytestmark = pytest.mark.unit
 
@@ -37,22 +37,36 @@ def _sampled(teacher, labels, draws, seed, proposal=1.0) -> SampledBatch:
     """What a sampled-targets cache would hold for the batch (entry t describes token t+1)."""
     nxt = torch.cat([labels[:, 1:], torch.zeros(B, 1, dtype=torch.long)], 1).clamp_min(0)
     g = torch.Generator().manual_seed(seed)
-    ids, log_w, logp, target, tail, *_ = sample_positions(teacher.float().reshape(B * L, V), nxt.reshape(-1), draws=draws,
-                                                proposal=proposal, generator=g)
+    ids, log_w, logp, target, tail, *_ = sample_positions(
+        teacher.float().reshape(B * L, V), nxt.reshape(-1), draws=draws, proposal=proposal, generator=g
+    )
     mask = torch.cat([labels[:, 1:] != -100, torch.zeros(B, 1, dtype=torch.bool)], 1)
-    return SampledBatch(ids=ids.reshape(B, L, -1), log_weight=log_w.reshape(B, L, -1), logprob=logp.reshape(B, L, -1),
-                        target_logprob=target.reshape(B, L), tail_logmass=tail.reshape(B, L), mask=mask)
+    return SampledBatch(
+        ids=ids.reshape(B, L, -1),
+        log_weight=log_w.reshape(B, L, -1),
+        logprob=logp.reshape(B, L, -1),
+        target_logprob=target.reshape(B, L),
+        tail_logmass=tail.reshape(B, L),
+        mask=mask,
+    )
 
 
-@pytest.mark.parametrize("proposal,head,systematic", [(1.0, 0, True), (1.0, 0, False), (0.5, 0, True), (1.0, 3, True),
-                                                      (1.0, 3, False)])
+@pytest.mark.parametrize(
+    "proposal,head,systematic", [(1.0, 0, True), (1.0, 0, False), (0.5, 0, True), (1.0, 3, True), (1.0, 3, False)]
+)
 def test_the_estimate_of_p_is_unbiased(proposal, head, systematic):
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1)) * 2
     p = torch.softmax(logits.double(), -1)
     runs = 4000  # 4000 independent copies of the 4 positions, drawn in one call
-    ids, log_w, logp, *_ = sample_positions(logits.repeat(runs, 1), torch.zeros(4 * runs, dtype=torch.long), draws=4,
-                                            proposal=proposal, generator=torch.Generator().manual_seed(0), head=head,
-                                            systematic=systematic)
+    ids, log_w, logp, *_ = sample_positions(
+        logits.repeat(runs, 1),
+        torch.zeros(4 * runs, dtype=torch.long),
+        draws=4,
+        proposal=proposal,
+        generator=torch.Generator().manual_seed(0),
+        head=head,
+        systematic=systematic,
+    )
     assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # distinct slots
     assert torch.allclose(logp.double(), p.repeat(runs, 1).log().gather(-1, ids), atol=1e-5)  # exact log p everywhere
     if head:  # the head is the top tokens, exactly
@@ -68,8 +82,13 @@ def test_systematic_draws_estimate_p_with_less_variance_than_independent_ones():
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(2)) * 2
     runs, spread = 2000, {}
     for systematic in (True, False):
-        ids, log_w, *_ = sample_positions(logits.repeat(runs, 1), torch.zeros(4 * runs, dtype=torch.long), draws=8,
-                                          generator=torch.Generator().manual_seed(0), systematic=systematic)
+        ids, log_w, *_ = sample_positions(
+            logits.repeat(runs, 1),
+            torch.zeros(4 * runs, dtype=torch.long),
+            draws=8,
+            generator=torch.Generator().manual_seed(0),
+            systematic=systematic,
+        )
         p_hat = torch.zeros(4 * runs, V, dtype=torch.float64).scatter_add_(-1, ids, log_w.double().exp())
         spread[systematic] = p_hat.view(runs, 4, V).var(0).sum()
     assert spread[True] < 0.5 * spread[False], spread
@@ -100,8 +119,13 @@ def test_hpd_fkl_forward_part_is_unbiased_when_the_sample_term_is_off():
     samples = labels.clamp_min(0)
     full, _ = _grad("hpd_fkl", student, teacher.float(), labels, sampled_tokens=samples)
     runs = 1500
-    mean = sum(_grad("hpd_fkl", student, _sampled(teacher, labels, 4, seed), labels, sampled_tokens=samples)[0]
-               for seed in range(runs)) / runs
+    mean = (
+        sum(
+            _grad("hpd_fkl", student, _sampled(teacher, labels, 4, seed), labels, sampled_tokens=samples)[0]
+            for seed in range(runs)
+        )
+        / runs
+    )
     assert torch.allclose(mean, full, atol=4e-3), (mean - full).abs().max()
 
 
@@ -142,8 +166,9 @@ def test_slots_and_tail_hold_the_whole_distribution_for_every_head_draws_and_voc
     logits = torch.randn(4, vocab, generator=g) * 3
     lp = torch.log_softmax(logits.double(), -1)
     runs = 1000
-    d = sample_positions(logits.repeat(runs, 1), torch.zeros(4 * runs, dtype=torch.long), draws=draws, head=head,
-                         generator=g, fill=False)
+    d = sample_positions(
+        logits.repeat(runs, 1), torch.zeros(4 * runs, dtype=torch.long), draws=draws, head=head, generator=g, fill=False
+    )
     lp_all, kept = lp.repeat(runs, 1), d.logprob > -math.inf
     assert (torch.zeros(4 * runs, vocab).scatter_add_(-1, d.ids, kept.float()) <= 1).all()  # distinct
     assert torch.equal(d.ids[:, :head], lp_all.topk(head).indices) and kept[:, :head].all()
@@ -156,10 +181,17 @@ def test_slots_and_tail_hold_the_whole_distribution_for_every_head_draws_and_voc
     # is within 0.05 of p by 3 standard errors
     assert torch.allclose(p_hat.view(runs, 4, vocab).mean(0), lp.exp(), atol=0.05)
     code = enc.get(f"sampled:{head}+{draws}" if head else f"sampled:{draws}")
-    row = ScoredSequence(seq_id=0, input_ids=np.arange(5), start=0, topk_ids=d.ids[:4].numpy(),
-                         topk_logprobs=d.logprob[:4].numpy(), target_logprob=d.target[:4].numpy(),
-                         tail_logmass=d.tail[:4].numpy(), counts=d.counts[:4].numpy(),
-                         rest_logmass=d.rest[:4].numpy() if head else None)
+    row = ScoredSequence(
+        seq_id=0,
+        input_ids=np.arange(5),
+        start=0,
+        topk_ids=d.ids[:4].numpy(),
+        topk_logprobs=d.logprob[:4].numpy(),
+        target_logprob=d.target[:4].numpy(),
+        tail_logmass=d.tail[:4].numpy(),
+        counts=d.counts[:4].numpy(),
+        rest_logmass=d.rest[:4].numpy() if head else None,
+    )
     order = enc.VocabOrder.learn(d.ids[:4][kept[:4]].numpy(), vocab)
     back = round_trip([row], code.spec, vocab, order)
     for t in range(4):  # the sum of the stored probabilities, against the bound on each
@@ -167,8 +199,11 @@ def test_slots_and_tail_hold_the_whole_distribution_for_every_head_draws_and_voc
         assert stored.keys() == set(d.ids[t][kept[t]].tolist())
         top1 = max(float(lp[t, i]) for i in stored)
         tail = float(d.tail[t])  # float16 on disk
-        slack = sum(math.exp(lp[t, i]) * math.expm1(code.max_error(abs(top1), gap=top1 - float(lp[t, i])))
-                    for i in stored) + (math.exp(tail) * math.expm1(-tail * 2 ** -11) if tail > -math.inf else 0) + 1e-5
+        slack = (
+            sum(math.exp(lp[t, i]) * math.expm1(code.max_error(abs(top1), gap=top1 - float(lp[t, i]))) for i in stored)
+            + (math.exp(tail) * math.expm1(-tail * 2**-11) if tail > -math.inf else 0)
+            + 1e-5
+        )
         assert abs(sum(math.exp(v) for v in stored.values()) + math.exp(back.tail_logmass[0, t]) - 1) <= slack
 
 
@@ -180,13 +215,14 @@ def test_a_head_as_large_as_the_vocabulary_is_refused():
 # -- every method on every encoding a cache can hold, through the score stage's rows and a cache's encode/decode --
 class _GivenTeacher:
     """A teacher whose logits are given, for score_batch (the score stage's pass)."""
+
     device = torch.device("cpu")
 
     def __init__(self, logits):
         self.logits = logits
 
     def __call__(self, input_ids, attention_mask):
-        return SimpleNamespace(logits=self.logits[:, :input_ids.shape[1]])
+        return SimpleNamespace(logits=self.logits[:, : input_ids.shape[1]])
 
 
 def _through_a_cache(teacher, labels, encoding):
@@ -194,13 +230,25 @@ def _through_a_cache(teacher, labels, encoding):
     (score_batch: top-k, or the drawn slots only), encoded as a shard holds them and decoded (round_trip)."""
     code = enc.get(encoding)
     keep = labels != -100  # row 0 starts with a prompt (labels -100), row 1 ends with padding
-    seqs = [labels[b].clamp_min(0)[:int(keep[b].nonzero().max()) + 1].numpy() for b in range(len(labels))]
+    seqs = [labels[b].clamp_min(0)[: int(keep[b].nonzero().max()) + 1].numpy() for b in range(len(labels))]
     plens = [max(1, int(keep[b].nonzero().min())) for b in range(len(labels))]  # (no position predicts token 0)
-    scored = score_batch(_GivenTeacher(teacher.float()), seqs, plens, top_k=min(64, teacher.shape[-1]),
-                         temperature=1.0, pad_id=0, draws=code.draws, head=code.head, seeds=[11, 12])
+    scored = score_batch(
+        _GivenTeacher(teacher.float()),
+        seqs,
+        plens,
+        top_k=min(64, teacher.shape[-1]),
+        temperature=1.0,
+        pad_id=0,
+        draws=code.draws,
+        head=code.head,
+        seeds=[11, 12],
+    )
     rows = [ScoredSequence(seq_id=b, input_ids=seqs[b], **sc) for b, sc in enumerate(scored)]
-    order = enc.VocabOrder.learn(np.concatenate([r.topk_ids[r.topk_logprobs > -np.inf] for r in rows]),
-                                 teacher.shape[-1]) if code.vocab_ordered else None
+    order = (
+        enc.VocabOrder.learn(np.concatenate([r.topk_ids[r.topk_logprobs > -np.inf] for r in rows]), teacher.shape[-1])
+        if code.vocab_ordered
+        else None
+    )
     return round_trip(rows, encoding, teacher.shape[-1], order, length=labels.shape[1])
 
 

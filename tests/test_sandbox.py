@@ -1,6 +1,7 @@
 """Generated or supplied code: refused without the opt-in, and once allowed confined by hpd/stages/sandbox.py. Each
 attack is a real program run in each layer this machine has (bwrap where bubblewrap works, the fallback always);
 then a run whose HumanEval-style prompts carry malicious tests finishes with those counted as failed."""
+
 import json
 import os
 import shutil
@@ -22,9 +23,12 @@ from hpd.storage.values import ValueStore
 from conftest import hpd_cli
 
 ROOT = os.geteuid() == 0
-LAYERS = [pytest.param("bwrap", marks=pytest.mark.skipif(bool(sandbox._works("bwrap")),
-                                                          reason=sandbox._works("bwrap") or "works")),
-          "process"]
+LAYERS = [
+    pytest.param(
+        "bwrap", marks=pytest.mark.skipif(bool(sandbox._works("bwrap")), reason=sandbox._works("bwrap") or "works")
+    ),
+    "process",
+]
 
 
 def _run(source: str, layer: str, timeout: float = 5.0) -> dict:
@@ -57,8 +61,10 @@ def test_running_code_needs_the_opt_in(monkeypatch):
 def test_settings_that_run_code_need_the_opt_in(monkeypatch, tmp_path):
     monkeypatch.delenv(sandbox.ENV, raising=False)
     code_prompts = ['value.function="verifier"', 'value.judge="generate"', f'generate.prompts="{tmp_path}/p.jsonl"']
-    for sets, says in ((code_prompts, "runs the test code of the prompts"),
-                       (["eval.humaneval=true"], "runs the student's HumanEval completions")):
+    for sets, says in (
+        (code_prompts, "runs the test code of the prompts"),
+        (["eval.humaneval=true"], "runs the student's HumanEval completions"),
+    ):
         with pytest.raises(HpdError, match=f"{says}.*allow it with code.execute=true or HPD_ALLOW_CODE_EVAL=1"):
             config.load("tiny", sets)
         assert config.load("tiny", [*sets, "code.execute=true"]).code.execute is True
@@ -109,9 +115,11 @@ def test_a_program_cannot_write_outside_its_directory(layer, tmp_path):
 @pytest.mark.parametrize("layer", LAYERS)
 def test_a_program_cannot_start_another_process(layer, open_dir):
     mark = open_dir / "mark"
-    programs = [f"import os\nif os.fork() == 0:\n    open({str(mark)!r}, 'w').write('forked')\n    os._exit(0)\n",
-                f"import subprocess\nsubprocess.run(['/bin/sh', '-c', 'echo x > {mark}'])\n",
-                f"import threading\nthreading.Thread(target=open, args=({str(mark)!r}, 'w')).start()\n"]
+    programs = [
+        f"import os\nif os.fork() == 0:\n    open({str(mark)!r}, 'w').write('forked')\n    os._exit(0)\n",
+        f"import subprocess\nsubprocess.run(['/bin/sh', '-c', 'echo x > {mark}'])\n",
+        f"import threading\nthreading.Thread(target=open, args=({str(mark)!r}, 'w')).start()\n",
+    ]
     results = [_run(p, layer) for p in programs]
     time.sleep(0.2)  # a process that did escape has had time to write
     assert not mark.exists()
@@ -142,12 +150,14 @@ def test_a_program_cannot_reach_the_network(layer):
 @pytest.mark.unit
 @pytest.mark.parametrize("layer", LAYERS)
 def test_memory_bombs_and_endless_programs_are_stopped_quickly(layer):
-    cases = [("x = bytearray(64 << 30)\n", ("failed: MemoryError",)),
-             # filling the address space page by page may take longer than its second of CPU
-             ("a = []\nwhile True:\n    a.append(bytearray(1 << 20))\n", ("failed: MemoryError", "timed out")),
-             ("open('big', 'wb').write(bytes(64 << 20))\n", ("File too large",)),
-             ("while True:\n    pass\n", ("timed out",)),
-             ("import time\ntime.sleep(3600)\n", ("timed out",))]
+    cases = [
+        ("x = bytearray(64 << 30)\n", ("failed: MemoryError",)),
+        # filling the address space page by page may take longer than its second of CPU
+        ("a = []\nwhile True:\n    a.append(bytearray(1 << 20))\n", ("failed: MemoryError", "timed out")),
+        ("open('big', 'wb').write(bytes(64 << 20))\n", ("File too large",)),
+        ("while True:\n    pass\n", ("timed out",)),
+        ("import time\ntime.sleep(3600)\n", ("timed out",)),
+    ]
     for program, says in cases:
         start = time.monotonic()
         r = _run(program, layer, timeout=1.0)
@@ -159,16 +169,16 @@ def test_memory_bombs_and_endless_programs_are_stopped_quickly(layer):
 @pytest.mark.parametrize("layer", LAYERS)
 def test_a_program_sees_no_secret_runs_unprivileged_and_under_limits(layer, monkeypatch):
     monkeypatch.setenv("HPD_TEST_SECRET", "hunter2")
-    program = """import os, resource
+    program = f"""import os, resource
 assert "hunter2" not in repr(os.environ), sorted(os.environ)
-assert set(os.environ) <= {"PATH", "LANG", "HOME", "TMPDIR", "PWD", "LC_CTYPE"}, sorted(os.environ)
+assert set(os.environ) <= {{"PATH", "LANG", "HOME", "TMPDIR", "PWD", "LC_CTYPE"}}, sorted(os.environ)
 assert os.getuid() != 0 and os.geteuid() != 0 and 0 not in os.getgroups(), os.getuid()
 R = resource
-for limit, want in ((R.RLIMIT_NPROC, 1), (R.RLIMIT_CORE, 0), (R.RLIMIT_CPU, 2), (R.RLIMIT_AS, %d), (R.RLIMIT_FSIZE, %d),
-                    (R.RLIMIT_NOFILE, %d)):
+for limit, want in ((R.RLIMIT_NPROC, 1), (R.RLIMIT_CORE, 0), (R.RLIMIT_CPU, 2), (R.RLIMIT_AS, {sandbox.MEMORY}),
+                    (R.RLIMIT_FSIZE, {sandbox.FILE_SIZE}), (R.RLIMIT_NOFILE, {sandbox.OPEN_FILES})):
     assert R.getrlimit(limit)[0] == want, (limit, R.getrlimit(limit))
 assert os.listdir(".") == ["program.py"]
-""" % (sandbox.MEMORY, sandbox.FILE_SIZE, sandbox.OPEN_FILES)
+"""
     r = _run(program, layer, timeout=2.0)
     assert r == {"passed": True, "result": "passed"}, r
     if ROOT or layer == "bwrap":
@@ -214,8 +224,10 @@ def _code_prompts(path: Path, mark: Path) -> Path:
     """Prompts the tiny math tokenizer can write ("1" answered "+2" is the Python `1+2`): one honest test, then
     the malicious ones."""
     rows = [{"prompt": "1", "response": "+2", "entry_point": "1", "test": "def check(f):\n    assert f + 2 == 3\n"}]
-    rows += [{"prompt": str(i + 2), "response": "+2", "entry_point": "1", "test": t.format(mark=str(mark))}
-             for i, t in enumerate(MALICIOUS.values())]
+    rows += [
+        {"prompt": str(i + 2), "response": "+2", "entry_point": "1", "test": t.format(mark=str(mark))}
+        for i, t in enumerate(MALICIOUS.values())
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -223,8 +235,13 @@ def _code_prompts(path: Path, mark: Path) -> Path:
 def test_a_run_counts_malicious_tests_as_failed_and_refuses_without_the_opt_in(tmp_path, monkeypatch):
     monkeypatch.delenv(sandbox.ENV, raising=False)
     mark = tmp_path / "mark"
-    sets = ['run.name="code"', 'value.function="verifier"', 'value.judge="generate"', "value.timeout=1.0",
-            f'generate.prompts="{_code_prompts(tmp_path / "code.jsonl", mark)}"']
+    sets = [
+        'run.name="code"',
+        'value.function="verifier"',
+        'value.judge="generate"',
+        "value.timeout=1.0",
+        f'generate.prompts="{_code_prompts(tmp_path / "code.jsonl", mark)}"',
+    ]
     refused = hpd_cli(tmp_path / "home", "run", "--until", "judge", overrides=sets)
     assert refused.exit_code != 0 and "Traceback" not in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and "code.execute=true" in refused.stderr

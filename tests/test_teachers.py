@@ -1,4 +1,5 @@
 """Several teachers ([teachers]): other runs' caches routed into one student, or mixed into ensemble targets."""
+
 import json
 from pathlib import Path
 
@@ -40,8 +41,9 @@ def test_routing_fills_each_batch_by_the_teachers_weights(with_second_teacher):
 
 def test_ensemble_trains_on_the_teachers_mixture(with_second_teacher):
     home = with_second_teacher
-    r = make_runner(home, *STEPS, 'teachers.runs="b"', 'teachers.mode="ensemble"', 'distill.method="fkl"',
-                    run="ensemble")
+    r = make_runner(
+        home, *STEPS, 'teachers.runs="b"', 'teachers.mode="ensemble"', 'distill.method="fkl"', run="ensemble"
+    )
     r.run()
     a = LogitCache(Path(r.outputs("score").cache))
     b = LogitCache(Path(make_runner(home, "teacher.steps=12", run="b").outputs("score").cache))
@@ -59,13 +61,16 @@ def test_a_missing_teacher_run_is_said_before_anything_runs(tiny_home, tmp_path)
     assert not (home / "runs" / "lonely").exists()
 
 
-@pytest.mark.parametrize("setting, message", [
-    ('teachers.runs="b:-1"', "must be a run name, optionally with :WEIGHT"),
-    ('teachers.runs="b,b"', "names run 'b' twice"),
-    ('teachers.runs="tiny"', "or this run itself"),
-    ('teachers.mode="vote"', "teachers.mode='vote' is unknown"),
-    ('teachers.weighting="loud"', "teachers.weighting='loud' is unknown"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ('teachers.runs="b:-1"', "must be a run name, optionally with :WEIGHT"),
+        ('teachers.runs="b,b"', "names run 'b' twice"),
+        ('teachers.runs="tiny"', "or this run itself"),
+        ('teachers.mode="vote"', "teachers.mode='vote' is unknown"),
+        ('teachers.weighting="loud"', "teachers.weighting='loud' is unknown"),
+    ],
+)
 def test_bad_teacher_settings_are_one_line_errors(tmp_path, setting, message):
     r = hpd_cli(tmp_path, "run", overrides=[setting])
     assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, r.output
@@ -89,8 +94,9 @@ def test_ensemble_of_other_sequences_is_refused_before_any_stage(with_second_tea
     assert not list((home / "runs" / "mismatch").glob("*/manifest.json"))
     # once this run has its own sequences, they are compared exactly (here: 120 against run b's 240)
     make_runner(home, *STEPS, "generate.num_prompts=120", run="own").run(until="generate")
-    r = make_runner(home, *STEPS, "generate.num_prompts=120", 'teachers.runs="b"', 'teachers.mode="ensemble"',
-                    run="own")
+    r = make_runner(
+        home, *STEPS, "generate.num_prompts=120", 'teachers.runs="b"', 'teachers.mode="ensemble"', run="own"
+    )
     with pytest.raises(HpdError, match="run b scored other sequences than this run's;"):
         r.run()
     assert not (home / "runs" / "own" / "score" / "manifest.json").exists()
@@ -100,8 +106,7 @@ def test_teachers_runs_that_form_a_loop_are_one_line_errors(tiny_home, tmp_path)
     home = copy_home(tiny_home, tmp_path / "home")
     for name, other in (("x", "y"), ("y", "x")):  # each names the other: saved configs, as finished runs leave
         (home / "runs" / name).mkdir(parents=True)
-        (home / "runs" / name / "config.toml").write_text(
-            f'[run]\nname = "{name}"\n[teachers]\nruns = "{other}"\n')
+        (home / "runs" / name / "config.toml").write_text(f'[run]\nname = "{name}"\n[teachers]\nruns = "{other}"\n')
     for run in ("x", "y"):
         r = hpd_cli(home, "status", overrides=[f'run.name="{run}"', f'teachers.runs="{"y" if run == "x" else "x"}"'])
         loop = "x -> y -> x" if run == "x" else "y -> x -> y"
@@ -136,9 +141,18 @@ def test_teachers_with_other_tokenizers_are_refused_before_any_teacher_pass(with
 
 def test_an_ensembles_rounds_rescore_with_every_teacher(with_second_teacher):
     home = with_second_teacher
-    r = make_runner(home, *STEPS, 'teachers.runs="b"', 'teachers.mode="ensemble"', 'distill.method="fkl"',
-                    "rounds.count=1", "rounds.steps=4", "refresh.prompt_fraction=0.1", 'rounds.method="fkl"',
-                    run="ensemble-rounds")
+    r = make_runner(
+        home,
+        *STEPS,
+        'teachers.runs="b"',
+        'teachers.mode="ensemble"',
+        'distill.method="fkl"',
+        "rounds.count=1",
+        "rounds.steps=4",
+        "refresh.prompt_fraction=0.1",
+        'rounds.method="fkl"',
+        run="ensemble-rounds",
+    )
     assert r.stages["rescore-1-b"].inputs == ("teacher@b", "refresh-1")
     r.run()
     own, theirs = (LogitCache(Path(r.outputs(s).cache)) for s in ("rescore-1", "rescore-1-b"))

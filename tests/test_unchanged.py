@@ -2,9 +2,10 @@
 
 Refactors of the path from prompt to gradient (issue 18) are meant to leave every number alone: the same
 sequences, the same teacher, the same cache bytes, the same student weights and the same evaluation. These
-fingerprints were recorded on the tiny run (hpd/pipeline/presets/tiny.toml, the suite's scale) before that redesign. A change
-that is meant to alter results updates them, and says so in its commit.
+fingerprints were recorded on the tiny run (hpd/pipeline/presets/tiny.toml, the suite's scale) before that redesign.
+A change that is meant to alter results updates them, and says so in its commit.
 """
+
 import hashlib
 import json
 from pathlib import Path
@@ -23,7 +24,8 @@ RECORDED = {
 }
 # eval's judgement of the student, the baseline and the teacher (its report also holds paths and timings)
 JUDGED = "4a052b270da00e9e5311da1909850c285514dd9259b6b88683a23de6857823f0"
-CACHE_BYTES = "b512e920ca2e8d29b8a964c384e2db4b6e0028d80bb80c5caea42b04ed1b92b2"  # sha256 over the cache's shard files, in name order
+# sha256 over the cache's shard files, in name order
+CACHE_BYTES = "b512e920ca2e8d29b8a964c384e2db4b6e0028d80bb80c5caea42b04ed1b92b2"
 
 
 # Float sums in training split across CPU threads, so bytes are equal only at the thread count they were recorded
@@ -34,10 +36,14 @@ RECORDED_THREADS = 2
 RECORDED_TRANSFORMERS = "5.23.0"
 
 
-@pytest.mark.skipif(torch.get_num_threads() != RECORDED_THREADS,
-                    reason=f"fingerprints recorded with {RECORDED_THREADS} torch threads (this machine's and CI's cores)")
-@pytest.mark.skipif(transformers.__version__ != RECORDED_TRANSFORMERS,
-                    reason=f"fingerprints recorded with transformers {RECORDED_TRANSFORMERS} (constraints/pinned.txt)")
+@pytest.mark.skipif(
+    torch.get_num_threads() != RECORDED_THREADS,
+    reason=f"fingerprints recorded with {RECORDED_THREADS} torch threads (this machine's and CI's cores)",
+)
+@pytest.mark.skipif(
+    transformers.__version__ != RECORDED_TRANSFORMERS,
+    reason=f"fingerprints recorded with transformers {RECORDED_TRANSFORMERS} (constraints/pinned.txt)",
+)
 def test_default_run_is_byte_identical_to_the_recorded_one(tiny_runner):
     fingerprints = {name: tiny_runner.manifest(name)["outputs"]["fingerprint"] for name in RECORDED}
     assert fingerprints == RECORDED

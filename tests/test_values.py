@@ -1,5 +1,6 @@
 """Value-guided distillation: each value function on known cases, selection and weights against a hand
 computation, the judge stage's resumption, bad reward models, and a run guided by configuration alone."""
+
 import math
 import signal
 from pathlib import Path
@@ -58,8 +59,10 @@ def test_verifier_runs_humaneval_style_tests_in_the_sandbox(monkeypatch):
     judge = Verifier(tok, [problem], timeout=10.0, execute_code=True)  # no answer-checking task: test, entry_point
     prompt = batching.encode_pair(tok, problem["prompt"], None)[0]
     passing = tok(problem["canonical_solution"], add_special_tokens=False)["input_ids"]
-    failing = tok("    return not " + problem["canonical_solution"].strip().splitlines()[-1].split("return ")[-1] + "\n",
-                  add_special_tokens=False)["input_ids"]
+    failing = tok(
+        "    return not " + problem["canonical_solution"].strip().splitlines()[-1].split("return ")[-1] + "\n",
+        add_special_tokens=False,
+    )["input_ids"]
     assert judge([prompt, prompt], [passing, failing]).tolist() == [1.0, 0.0]
 
 
@@ -73,8 +76,17 @@ def _reward_model(out: Path, tok, num_labels: int = 1) -> Path:
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1,
-                                                     n_head=2, num_labels=num_labels, pad_token_id=tok.pad_token_id))
+    model = GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=64,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            num_labels=num_labels,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -121,7 +133,7 @@ def test_teacher_value_is_the_mean_log_prob_of_the_response(tiny_runner, teacher
     lp, _ = hf_models.log_probs(model, [s.tolist() for s in seqs], tok.pad_token_id)
     expected_mean, expected_sum = [], []
     for b, (s, p) in enumerate(zip(seqs, plens)):
-        token_lp = lp[b, p - 1:len(s) - 1].double().gather(-1, torch.tensor(s[p:], dtype=torch.long)[:, None])[:, 0]
+        token_lp = lp[b, p - 1 : len(s) - 1].double().gather(-1, torch.tensor(s[p:], dtype=torch.long)[:, None])[:, 0]
         expected_mean.append(token_lp.mean().item())
         expected_sum.append(token_lp.sum().item())
     np.testing.assert_allclose(TeacherValue(cache, "mean").of(seq_ids), expected_mean, rtol=1e-4)
@@ -197,9 +209,17 @@ def test_value_guidance_from_configuration_alone(tiny_home, tmp_path):
     """Offline selection and weights, and a refresh round judged by the teacher with an advantage: hpd run, status."""
     home = copy_home(tiny_home, tmp_path / "home")
     threshold = _median_value(home, *GUIDED)
-    sets = ['value.function="teacher"', 'value.judge="generate,refresh"', 'value.select="threshold"',
-            f"value.threshold={threshold!r}", 'value.weighting="advantage"', "value.advantage=0.5", "rounds.count=1",
-            "rounds.steps=2", "rounds.refresh_share=0.5"]
+    sets = [
+        'value.function="teacher"',
+        'value.judge="generate,refresh"',
+        'value.select="threshold"',
+        f"value.threshold={threshold!r}",
+        'value.weighting="advantage"',
+        "value.advantage=0.5",
+        "rounds.count=1",
+        "rounds.steps=2",
+        "rounds.refresh_share=0.5",
+    ]
     result = hpd_cli(home, "run", overrides=sets)
     assert result.exit_code == 0, result.output
     runner = make_runner(home, *sets)
@@ -221,30 +241,48 @@ def test_value_guidance_from_configuration_alone(tiny_home, tmp_path):
     assert other.state("judge")[0] == "done" and other.state("distill")[0] == "stale"
 
 
-@pytest.mark.parametrize("case, fix", [("causal", "not a sequence classifier"), ("two", "has 2 outputs"),
-                                       ("missing", "has no config.json")])
+@pytest.mark.parametrize(
+    "case, fix", [("causal", "not a sequence classifier"), ("two", "has 2 outputs"), ("missing", "has no config.json")]
+)
 def test_a_bad_reward_model_is_one_line_and_nothing_is_written(tiny_home, teacher_dir, tmp_path, case, fix):
-    path = {"causal": teacher_dir, "missing": tmp_path / "nowhere",
-            "two": _reward_model(tmp_path / "rm2", arithmetic.build_tokenizer(), num_labels=2)}[case]
+    path = {
+        "causal": teacher_dir,
+        "missing": tmp_path / "nowhere",
+        "two": _reward_model(tmp_path / "rm2", arithmetic.build_tokenizer(), num_labels=2),
+    }[case]
     home = tmp_path / "home"
-    result = hpd_cli(home, "run", overrides=['value.function="reward_model"', f'value.reward_model="{path}"',
-                                             'value.judge="generate"', 'run.name="rm"'])
+    result = hpd_cli(
+        home,
+        "run",
+        overrides=[
+            'value.function="reward_model"',
+            f'value.reward_model="{path}"',
+            'value.judge="generate"',
+            'run.name="rm"',
+        ],
+    )
     assert result.exit_code != 0
     assert fix in result.stderr and len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (home / "runs" / "rm").exists()
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("sets, says", [
-    (['value.select="top"'], "needs values to act on"),
-    (['value.function="verifier"'], "no refreshed samples"),
-    (['value.function="verifier"', 'value.judge="generate"', 'value.select="top"'], "one per prompt"),
-    (['value.function="verifier"', "rounds.count=1", 'rounds.method="fkl"', "value.advantage=1.0"], "make one of them opd"),
-    (['value.function="teacher"', 'value.judge="generate"', 'distill.teacher_source="online"'], "from the cache"),
-    (['value.function="verifier"', 'value.judge="generate"', 'data.builtin="dialogue"'], "answers to check"),
-    (['value.function="verifier"', 'value.judge="offline"'], "must name generate, refresh"),
-    (['value.function="verifier"', 'value.judge="generate"', 'value.weighting="softmax"'], "value.weighting"),
-])
+@pytest.mark.parametrize(
+    "sets, says",
+    [
+        (['value.select="top"'], "needs values to act on"),
+        (['value.function="verifier"'], "no refreshed samples"),
+        (['value.function="verifier"', 'value.judge="generate"', 'value.select="top"'], "one per prompt"),
+        (
+            ['value.function="verifier"', "rounds.count=1", 'rounds.method="fkl"', "value.advantage=1.0"],
+            "make one of them opd",
+        ),
+        (['value.function="teacher"', 'value.judge="generate"', 'distill.teacher_source="online"'], "from the cache"),
+        (['value.function="verifier"', 'value.judge="generate"', 'data.builtin="dialogue"'], "answers to check"),
+        (['value.function="verifier"', 'value.judge="offline"'], "must name generate, refresh"),
+        (['value.function="verifier"', 'value.judge="generate"', 'value.weighting="softmax"'], "value.weighting"),
+    ],
+)
 def test_value_settings_are_checked_before_any_stage(tmp_path, sets, says):
     result = hpd_cli(tmp_path, "run", overrides=sets)
     assert result.exit_code != 0 and says in result.stderr, result.stderr
@@ -255,8 +293,12 @@ def test_value_settings_are_checked_before_any_stage(tmp_path, sets, says):
 def test_a_selection_that_keeps_nothing_gives_no_rows_with_any_weighting():
     prompt, value = np.array([0, 0, 1]), np.array([0.1, 0.2, 0.3])
     for how in ("none", "exp", "advantage"):
-        g = guidance(np.arange(3), prompt, value, ValueSettings(select="threshold", keep=0.25, threshold=5.0,
-                                                                weighting=how, tau=1.0, advantage=1.0))
+        g = guidance(
+            np.arange(3),
+            prompt,
+            value,
+            ValueSettings(select="threshold", keep=0.25, threshold=5.0, weighting=how, tau=1.0, advantage=1.0),
+        )
         assert len(g.rows) == 0 and (g.weight is None or len(g.weight) == 0) and len(g.advantage) == 0
 
 
@@ -280,18 +322,31 @@ def test_a_reward_model_giving_nan_stops_the_judge_naming_the_sequence(tiny_home
         model.score.weight.fill_(float("nan"))
     model.save_pretrained(path)
     home = copy_home(tiny_home, tmp_path / "home")
-    result = hpd_cli(home, "run", "judge", overrides=['value.function="reward_model"', f'value.reward_model="{path}"',
-                                                      'value.judge="generate"'])
+    result = hpd_cli(
+        home,
+        "run",
+        "judge",
+        overrides=['value.function="reward_model"', f'value.reward_model="{path}"', 'value.judge="generate"'],
+    )
     assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1].startswith(
-        "error: value.function=reward_model gave nan for sequence 0 "), result.stderr
+        "error: value.function=reward_model gave nan for sequence 0 "
+    ), result.stderr
     assert not (home / "runs" / "tiny" / "judge" / "values").exists()
     assert not (home / "runs" / "tiny" / "judge" / "manifest.json").exists()
 
 
 def test_a_round_whose_samples_all_fail_the_threshold_trains_on_the_offline_sequences(tiny_home, tmp_path):
     home = copy_home(tiny_home, tmp_path / "home")
-    sets = ['value.function="teacher"', 'value.judge="refresh"', 'value.select="threshold"', "value.threshold=1.0",
-            'value.weighting="exp"', "rounds.count=1", "rounds.steps=2", "rounds.refresh_share=0.5"]
+    sets = [
+        'value.function="teacher"',
+        'value.judge="refresh"',
+        'value.select="threshold"',
+        "value.threshold=1.0",
+        'value.weighting="exp"',
+        "rounds.count=1",
+        "rounds.steps=2",
+        "rounds.refresh_share=0.5",
+    ]
     result = hpd_cli(home, "run", overrides=sets)  # a mean log-prob is never above 0: no sample passes
     assert result.exit_code == 0, result.output
     assert "kept none of the refresh sequences" in result.output

@@ -1,5 +1,6 @@
 """The optional vLLM engine (hpd/stages/vllm_engine.py) against the transformers engine on the tiny teacher.
 These run only where vLLM and a CUDA GPU are present (`pip install '.[vllm]'` on a GPU machine)."""
+
 import numpy as np
 import pytest
 
@@ -20,8 +21,9 @@ def test_vllm_scoring_matches_transformers(tiny_runner, teacher_dir):
     _, plens, seqs = _sequences(tiny_runner)
     model, tok = hf_models.load_causal_lm(teacher_dir)
     want = score_batch(model, seqs, list(plens), top_k=8, temperature=1.0, pad_id=tok.pad_token_id)
-    got = vllm_engine.score(vllm_engine.load(teacher_dir, scoring=True, top_k=8), seqs, list(plens), top_k=8,
-                            temperature=1.0)
+    got = vllm_engine.score(
+        vllm_engine.load(teacher_dir, scoring=True, top_k=8), seqs, list(plens), top_k=8, temperature=1.0
+    )
     for w, g in zip(want, got):
         assert g["start"] == w["start"]
         np.testing.assert_allclose(g["target_logprob"], w["target_logprob"], atol=2e-3)

@@ -1,6 +1,7 @@
 """A tiny Llama with a real byte-level BPE tokenizer and a ChatML chat template, the shape of SmolLM2 at a
 thousandth of its size, saved as an HF directory and written as a GGUF file the way llama.cpp's converter
 writes one (llama.cpp's tensor names, its Q/K row order, the tokenizer as metadata). Only the scale is fake."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CORPUS = ["What is the capital of France? The capital of France is Paris.",
-          "How are you today? I am fine, thank you for asking.",
-          "What is 12 plus 30? 12 plus 30 is 42.", "Tell me about the weather. It is sunny and warm.",
-          "Can you help me? Of course, what do you need?"] * 20
+CORPUS = [
+    "What is the capital of France? The capital of France is Paris.",
+    "How are you today? I am fine, thank you for asking.",
+    "What is 12 plus 30? 12 plus 30 is 42.",
+    "Tell me about the weather. It is sunny and warm.",
+    "Can you help me? Of course, what do you need?",
+] * 20
 
 
 def make_tokenizer(vocab_size: int = 320):
@@ -25,24 +31,41 @@ def make_tokenizer(vocab_size: int = 320):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    core.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    core.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     tok.chat_template = CHATML
     return tok
 
 
-def make_llama(out: Path, n_layer: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
-               seed: int = 0) -> Path:
+def make_llama(out: Path, n_layer: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
     """A randomly initialised tiny Llama saved with its tokenizer at `out`."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=n_layer, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=256, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=n_layer,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger than the default init, so its distributions are far from uniform
@@ -50,8 +73,9 @@ def make_llama(out: Path, n_layer: int = 4, hidden: int = 32, heads: int = 4, kv
             p.mul_(8.0 if p.dim() > 1 else 1.0)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id).save_pretrained(out)
+    GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    ).save_pretrained(out)
     return out
 
 

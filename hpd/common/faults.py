@@ -7,6 +7,7 @@ many seconds after the stage starts (the soak draws the moment at random, so kil
 stage, mid-write and mid-step included).
 HPD_DISK_FULL_AT=<event>:<n> makes the n-th <event> fail half-written with ENOSPC, as a full disk would.
 """
+
 from __future__ import annotations
 
 import errno

@@ -1,4 +1,5 @@
 """The `hpd` command line."""
+
 from __future__ import annotations
 
 import errno
@@ -10,21 +11,32 @@ import click
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from hpd.common.errors import HpdError  # noqa: E402
+from hpd.stages.artifacts import Cache, EvalReport, Sequences, Student, Teacher, Values  # noqa: E402
 from hpd.storage import encodings  # noqa: E402
 from hpd.storage.logit_cache import CacheMismatchError  # noqa: E402
 from hpd.storage.shards import CorruptShardError  # noqa: E402
 
-from hpd.common.errors import HpdError  # noqa: E402
 from .runs import open_run  # noqa: E402
 from .stage import Runner, referenced_caches  # noqa: E402
-from hpd.stages.artifacts import Cache, EvalReport, Sequences, Student, Teacher, Values  # noqa: E402
 
 USER_ERRORS = (HpdError, CorruptShardError, CacheMismatchError)
 
-config_option = click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
-                             help="run configuration (TOML); defaults to the built-in math run")
-set_option = click.option("--set", "-s", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                          help="override one config value, e.g. --set score.top_k=32 (repeatable)")
+config_option = click.option(
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="run configuration (TOML); defaults to the built-in math run",
+)
+set_option = click.option(
+    "--set",
+    "-s",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="override one config value, e.g. --set score.top_k=32 (repeatable)",
+)
 
 
 def _runner(config_path, overrides) -> Runner:
@@ -33,6 +45,7 @@ def _runner(config_path, overrides) -> Runner:
 
 class UserError(click.ClickException):
     """Printed as one `error: ...` line, exit status 2."""
+
     exit_code = 2
 
     def show(self, file=None):
@@ -44,11 +57,13 @@ class UserError(click.ClickException):
 
 
 # Failures of the machine rather than of the code: said in one line with what to do, like bad input.
-OS_ERRORS = {errno.ENOSPC: "the disk is full; free space (e.g. `hpd cache gc`) and rerun: finished shards are kept",
-             errno.EDQUOT: "the disk quota is exceeded; free space and rerun: finished shards are kept",
-             errno.EACCES: "permission denied; make it writable or set run.home (or HPD_HOME) to a directory you own",
-             errno.EPERM: "operation not permitted; set run.home (or HPD_HOME) to a directory you own",
-             errno.EROFS: "the file system is read-only; set run.home (or HPD_HOME) to a writable directory"}
+OS_ERRORS = {
+    errno.ENOSPC: "the disk is full; free space (e.g. `hpd cache gc`) and rerun: finished shards are kept",
+    errno.EDQUOT: "the disk quota is exceeded; free space and rerun: finished shards are kept",
+    errno.EACCES: "permission denied; make it writable or set run.home (or HPD_HOME) to a directory you own",
+    errno.EPERM: "operation not permitted; set run.home (or HPD_HOME) to a directory you own",
+    errno.EROFS: "the file system is read-only; set run.home (or HPD_HOME) to a writable directory",
+}
 
 
 class HpdGroup(click.Group):
@@ -109,16 +124,30 @@ def _print_status(runner: Runner, as_json: bool = False) -> None:
     for name in runner.order:
         state, detail = runner.state(name)
         m = runner.manifest(name) or {}
-        rows.append({"stage": name, "state": state, "detail": detail, "seconds": m.get("seconds"),
-                     "outputs": m.get("outputs", {})})
+        rows.append(
+            {
+                "stage": name,
+                "state": state,
+                "detail": detail,
+                "seconds": m.get("seconds"),
+                "outputs": m.get("outputs", {}),
+            }
+        )
     total = runner.cfg.rounds.count
-    finished = sum(1 for r in rows if runner.stages[r["stage"]].trains_student and runner.stages[r["stage"]].round
-                   and r["state"] == "done")
+    finished = sum(
+        1
+        for r in rows
+        if runner.stages[r["stage"]].trains_student and runner.stages[r["stage"]].round and r["state"] == "done"
+    )
     current = next((r["stage"] for r in rows if r["state"] != "done"), None)
     rounds = {"rounds": total, "finished": finished, "next": current}
     if as_json:
-        click.echo(json.dumps({"run": runner.ctx.run_name, "run_dir": str(runner.ctx.run_dir), "stages": rows,
-                               "rounds": rounds}, indent=1))
+        click.echo(
+            json.dumps(
+                {"run": runner.ctx.run_name, "run_dir": str(runner.ctx.run_dir), "stages": rows, "rounds": rounds},
+                indent=1,
+            )
+        )
         return
     click.echo(f"run {runner.ctx.run_name}  ({runner.ctx.run_dir})")
     for r in rows:
@@ -126,8 +155,7 @@ def _print_status(runner: Runner, as_json: bool = False) -> None:
         summary = _summary(runner.outputs(r["stage"])) if r["state"] == "done" else ""
         click.echo(f"  {r['stage']:<10} {r['state']:<12} {secs:>8}  {r['detail'] or summary}")
     if total:
-        click.echo(f"round: {finished} of {total} refresh rounds finished"
-                   + (f"; next: {current}" if current else ""))
+        click.echo(f"round: {finished} of {total} refresh rounds finished" + (f"; next: {current}" if current else ""))
     named = _judged_models(runner, {r["stage"]: r for r in rows})
     if named:
         from .report import summary_table
@@ -170,8 +198,11 @@ def _summary(out) -> str:
         return f"{out.count:,} sequences judged by {out.function}, mean value {out.mean:.4g}"
     if isinstance(out, EvalReport):
         s = out.report["student"]
-        shown = [(k, v) for k, v in s.items() if k in ("accuracy", "rouge_l", "humaneval_pass@1", "kl_to_teacher_nats")
-                 or k.startswith("avg@")]
+        shown = [
+            (k, v)
+            for k, v in s.items()
+            if k in ("accuracy", "rouge_l", "humaneval_pass@1", "kl_to_teacher_nats") or k.startswith("avg@")
+        ]
         return "student " + ", ".join(f"{k} {v:.3g}" for k, v in shown)
     return ""
 
@@ -249,13 +280,17 @@ def cache_ls(config_path, overrides, as_json):
     if not rows:
         click.echo(f"no caches under {root.root}")
         return
-    click.echo(f"{'id':<22}{'k':>4} {'encoding':<14}{'seqs':>8}{'tokens':>11}{'size':>10}{'B/tok':>8}  "
-               f"{'last use':<10} teacher / data / runs")
+    click.echo(
+        f"{'id':<22}{'k':>4} {'encoding':<14}{'seqs':>8}{'tokens':>11}{'size':>10}{'B/tok':>8}  "
+        f"{'last use':<10} teacher / data / runs"
+    )
     for r in rows:
         enc = encodings.get(r["encoding"]).label
-        click.echo(f"{r['id']:<22}{r['k']:>4} {enc:<14}{r['sequences']:>8,}{r['tokens']:>11,}"
-                   f"{r['bytes'] / 1e6:>8.1f}MB{r['bytes_per_token']:>8}  {catalog.age(r['last_used']):<10} "
-                   f"{r['teacher']} / {r['data']} / {','.join(r['runs']) or '-'}")
+        click.echo(
+            f"{r['id']:<22}{r['k']:>4} {enc:<14}{r['sequences']:>8,}{r['tokens']:>11,}"
+            f"{r['bytes'] / 1e6:>8.1f}MB{r['bytes_per_token']:>8}  {catalog.age(r['last_used']):<10} "
+            f"{r['teacher']} / {r['data']} / {','.join(r['runs']) or '-'}"
+        )
 
 
 @cache.command("show")
@@ -269,13 +304,31 @@ def cache_show(cache_id, config_path, overrides, as_json):
 
     _, root = _root(config_path, overrides)
     c = _open(root, cache_id)
-    info = {**catalog.describe(c), "full_key": c.key, "provenance": c.manifest.get("provenance", {}),
-            "shard_list": c.manifest["shards"]}
+    info = {
+        **catalog.describe(c),
+        "full_key": c.key,
+        "provenance": c.manifest.get("provenance", {}),
+        "shard_list": c.manifest["shards"],
+    }
     if as_json:
         click.echo(json.dumps(info, indent=1))
         return
-    for name in ("id", "path", "teacher", "data", "k", "encoding", "temperature", "sequences", "tokens", "bytes",
-                 "bytes_per_token", "shards", "runs", "derived_from"):
+    for name in (
+        "id",
+        "path",
+        "teacher",
+        "data",
+        "k",
+        "encoding",
+        "temperature",
+        "sequences",
+        "tokens",
+        "bytes",
+        "bytes_per_token",
+        "shards",
+        "runs",
+        "derived_from",
+    ):
         click.echo(f"{name:<16}{info[name]}")
     click.echo(f"{'last used':<16}{catalog.age(info['last_used'])}")
     click.echo("key             " + json.dumps(c.key, sort_keys=True))
@@ -293,8 +346,11 @@ def cache_verify(cache_id, config_path, overrides):
     _, root = _root(config_path, overrides)
     dirs = [p for p in root.published_dirs() if p.name.startswith(cache_id or "")]
     if not dirs:
-        raise HpdError(f"no cache under {root.root}" + (f" with an id starting {cache_id!r}" if cache_id else "")
-                       + "; `hpd cache ls` lists them")
+        raise HpdError(
+            f"no cache under {root.root}"
+            + (f" with an id starting {cache_id!r}" if cache_id else "")
+            + "; `hpd cache ls` lists them"
+        )
     failed = 0
     for d in dirs:
         bad = catalog.verify(d)
@@ -311,7 +367,9 @@ def cache_verify(cache_id, config_path, overrides):
 @cache.command("repack")
 @click.argument("cache_id")
 @click.option("--k", "k", type=int, required=True, help="the new, smaller k")
-@click.option("--encoding", default=None, help="fp16 | rank-q8[:STEP] | idsort-q8[:STEP] | compact[:STEP] (default: the same)")
+@click.option(
+    "--encoding", default=None, help="fp16 | rank-q8[:STEP] | idsort-q8[:STEP] | compact[:STEP] (default: the same)"
+)
 @config_option
 @set_option
 def cache_repack(cache_id, k, encoding, config_path, overrides):
@@ -332,18 +390,27 @@ def _derive(make, how: str) -> None:
     except ValueError as e:
         raise HpdError(str(e)) from None
     d = catalog.describe(new)
-    click.echo(f"{new.id}: k={d['k']} {d['encoding']['name']}, {d['bytes'] / 1e6:.1f} MB, "
-               f"{d['bytes_per_token']} B/token ({how})")
+    click.echo(
+        f"{new.id}: k={d['k']} {d['encoding']['name']}, {d['bytes'] / 1e6:.1f} MB, "
+        f"{d['bytes_per_token']} B/token ({how})"
+    )
 
 
 @cache.command("merge")
 @click.argument("cache_ids", nargs=-1, required=True)
 @click.option("--weights", default="", help="one weight per cache, comma-separated (default: equal)")
 @click.option("--k", "k", type=int, default=None, help="the merged cache's k (default: the largest of the caches')")
-@click.option("--weighting", type=click.Choice(["fixed", "confidence"]), default="fixed",
-              help="fixed: the weights as given; confidence: per position, each weight times exp(-entropy)")
-@click.option("--encoding", default=None,
-              help="compact[:STEP] | idsort-q8[:STEP] | rank-q8[:STEP] | fp16 (default: the first cache's)")
+@click.option(
+    "--weighting",
+    type=click.Choice(["fixed", "confidence"]),
+    default="fixed",
+    help="fixed: the weights as given; confidence: per position, each weight times exp(-entropy)",
+)
+@click.option(
+    "--encoding",
+    default=None,
+    help="compact[:STEP] | idsort-q8[:STEP] | rank-q8[:STEP] | fp16 (default: the first cache's)",
+)
 @config_option
 @set_option
 def cache_merge(cache_ids, weights, k, weighting, encoding, config_path, overrides):
@@ -359,9 +426,10 @@ def cache_merge(cache_ids, weights, k, weighting, encoding, config_path, overrid
         w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(caches)
     except ValueError:
         raise HpdError(f"--weights {weights!r} must be numbers separated by commas, one per cache") from None
-    _derive(lambda: merge_mod.merge(caches, w, root, max(c.k for c in caches) if k is None else k, encoding,
-                                    weighting),
-            f"the {weighting} mixture of {', '.join(c.id for c in caches)}")
+    _derive(
+        lambda: merge_mod.merge(caches, w, root, max(c.k for c in caches) if k is None else k, encoding, weighting),
+        f"the {weighting} mixture of {', '.join(c.id for c in caches)}",
+    )
 
 
 @cache.command("gc")

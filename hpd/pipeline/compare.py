@@ -5,6 +5,7 @@ data, teacher, generate and score stages, so the teacher is trained and the cach
 gets the same number of student steps (compare.steps); hpd->opd spends compare.opd_rounds of them in
 on-policy rounds (HPD offline first, then OPD on refreshed sequences, as --config hpd-opd).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,14 @@ def method_overrides(method: str, cfg: Settings) -> list[str]:
     c = cfg.compare
     if method == "hpd->opd":
         first = c.steps - c.opd_rounds * cfg.rounds.steps
-        return ['distill.method="hpd"', f"distill.steps={first}", f"rounds.count={c.opd_rounds}",
-                'rounds.method="opd"', 'rounds.offline_method="hpd"', 'distill.baseline=""']
+        return [
+            'distill.method="hpd"',
+            f"distill.steps={first}",
+            f"rounds.count={c.opd_rounds}",
+            'rounds.method="opd"',
+            'rounds.offline_method="hpd"',
+            'distill.baseline=""',
+        ]
     # every method is a run of its own (sft among them): no run trains a baseline student beside it
     return [f'distill.method="{method}"', f"distill.steps={c.steps}", "rounds.count=0", 'distill.baseline=""']
 
@@ -44,20 +51,34 @@ def compare(config_path, overrides: list[str], out: Path | None = None, log=prin
         extra = method_overrides(method, cfg)
         for seed in range(c.seeds):
             name = f"{cfg.run.name}-{slug(method)}-s{seed}"
-            r = open_run(config_path, [*overrides, *extra, f"distill.seed={seed}",
-                                       f"distill.curve_every={c.curve_every}",
-                                       # the teacher is judged once, in the first run
-                                       f"eval.teacher={'true' if not results else 'false'}", f'run.name="{name}"'])
+            r = open_run(
+                config_path,
+                [
+                    *overrides,
+                    *extra,
+                    f"distill.seed={seed}",
+                    f"distill.curve_every={c.curve_every}",
+                    # the teacher is judged once, in the first run
+                    f"eval.teacher={'true' if not results else 'false'}",
+                    f'run.name="{name}"',
+                ],
+            )
             r.adopt(cfg.run.name, shared)
             log(f"[compare] {method} seed {seed}: run {name}")
             r.run()
             distills = r.student_stages()
-            results.append({"method": method, "seed": seed, "run": name, "eval": r.outputs("eval").report,
-                            "student": r.outputs(distills[-1]).report,
-                            # the student stages' own seconds (training and their held-out report), from the manifests
-                            "train_seconds": sum(r.manifest(s)["seconds"] for s in distills),
-                            "log": training_logs(r)})
+            results.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "run": name,
+                    "eval": r.outputs("eval").report,
+                    "student": r.outputs(distills[-1]).report,
+                    # the student stages' own seconds (training and their held-out report), from the manifests
+                    "train_seconds": sum(r.manifest(s)["seconds"] for s in distills),
+                    "log": training_logs(r),
+                }
+            )
     out = out or base.ctx.home / "compare" / cfg.run.name
-    title = (f"{cfg.run.name}: {len(methods)} methods x {c.seeds} seeds, {c.steps} student steps each, "
-             f"one shared cache")
+    title = f"{cfg.run.name}: {len(methods)} methods x {c.seeds} seeds, {c.steps} student steps each, one shared cache"
     return compare_report(results, out, title)

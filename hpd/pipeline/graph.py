@@ -17,6 +17,7 @@ stages that made them, with their caches, losses, shares and values, and its sch
 plan names; its `params` (round, the other teachers' weights, the baseline's method and steps) are what the
 stage's fingerprint keeps of the plan besides its config sections.
 """
+
 from dataclasses import replace
 
 from hpd.common.settings import Settings
@@ -52,12 +53,17 @@ def _first_plan(cfg: Settings, judged: set[str]) -> StudentPlan:
     if not shares:
         return StudentPlan((own,), **schedule, online=online)
     if cfg.teachers.mode == "ensemble":
-        mixed = replace(own, caches=("score", *(f"score@{n}" for n, _ in shares[1:])),
-                        weights=tuple(w for _, w in shares))
+        mixed = replace(
+            own, caches=("score", *(f"score@{n}" for n, _ in shares[1:])), weights=tuple(w for _, w in shares)
+        )
         return StudentPlan((mixed,), **schedule, weighting=cfg.teachers.weighting)
-    sources = [replace(own, share=w) if name == "offline" else
-               SourcePlan(name, f"generate@{name}", (f"score@{name}",), method=d.method, share=w)
-               for name, w in shares if w > 0]
+    sources = [
+        replace(own, share=w)
+        if name == "offline"
+        else SourcePlan(name, f"generate@{name}", (f"score@{name}",), method=d.method, share=w)
+        for name, w in shares
+        if w > 0
+    ]
     return StudentPlan(tuple(sources), **schedule, planned=True)
 
 
@@ -68,21 +74,61 @@ def _round_plan(cfg: Settings, r: int, previous: str, judged: set[str]) -> Stude
     ensemble = linked_runs(cfg) and cfg.teachers.mode == "ensemble"
     others = [n for n, _ in _shares(cfg)[1:]] if ensemble else []
     weights = tuple(w for _, w in _shares(cfg)) if ensemble else ()
-    sources = [SourcePlan("offline", "generate", ("score", *(f"score@{n}" for n in others)), weights,
-                          rounds.offline_method or cfg.distill.method, 1 - rounds.refresh_share,
-                          "judge" if "generate" in judged else "")]
+    sources = [
+        SourcePlan(
+            "offline",
+            "generate",
+            ("score", *(f"score@{n}" for n in others)),
+            weights,
+            rounds.offline_method or cfg.distill.method,
+            1 - rounds.refresh_share,
+            "judge" if "generate" in judged else "",
+        )
+    ]
     if rounds.refresh_share > 0:
-        sources.append(SourcePlan("refresh", f"refresh-{r}", (f"rescore-{r}", *(f"rescore-{r}-{n}" for n in others)),
-                                  weights, rounds.method, rounds.refresh_share,
-                                  f"judge-{r}" if "refresh" in judged else ""))
-    return StudentPlan(tuple(sources), rounds.steps, rounds.learning_rate, rounds.warmup_steps, planned=True,
-                       previous=previous, weighting=cfg.teachers.weighting)
+        sources.append(
+            SourcePlan(
+                "refresh",
+                f"refresh-{r}",
+                (f"rescore-{r}", *(f"rescore-{r}-{n}" for n in others)),
+                weights,
+                rounds.method,
+                rounds.refresh_share,
+                f"judge-{r}" if "refresh" in judged else "",
+            )
+        )
+    return StudentPlan(
+        tuple(sources),
+        rounds.steps,
+        rounds.learning_rate,
+        rounds.warmup_steps,
+        planned=True,
+        previous=previous,
+        weighting=cfg.teachers.weighting,
+    )
 
 
-def _student(name: str, plan: StudentPlan, doc: str, round_: int | None, extra: tuple[str, ...], params: dict,
-             unkeyed: tuple[str, ...]) -> Stage:
-    return Stage(name, distill.STAGE, "distill", ("data", "teacher", *plan.inputs()), doc, round=round_,
-                 extra_sections=extra, params=params, unkeyed=unkeyed, plan=plan)
+def _student(
+    name: str,
+    plan: StudentPlan,
+    doc: str,
+    round_: int | None,
+    extra: tuple[str, ...],
+    params: dict,
+    unkeyed: tuple[str, ...],
+) -> Stage:
+    return Stage(
+        name,
+        distill.STAGE,
+        "distill",
+        ("data", "teacher", *plan.inputs()),
+        doc,
+        round=round_,
+        extra_sections=extra,
+        params=params,
+        unkeyed=unkeyed,
+        plan=plan,
+    )
 
 
 def build(cfg: Settings) -> list[Stage]:
@@ -92,15 +138,25 @@ def build(cfg: Settings) -> list[Stage]:
     judged = value_targets(cfg) if cfg.value.function else set()
     needs_cache = cfg.value.function == "teacher"  # the teacher's value is read from its cache
     if "generate" in judged:
-        stages.append(_judge("judge", ("generate", "score") if needs_cache else ("generate",), 0,
-                             "the offline sequences' values"))
+        stages.append(
+            _judge("judge", ("generate", "score") if needs_cache else ("generate",), 0, "the offline sequences' values")
+        )
     others = linked_runs(cfg)
     linked = {"linked": [[r, w] for r, w in others]} if others else {}  # the other teachers, as fingerprinted
     first = _first_plan(cfg, judged)
     extra = (*(("value",) if "generate" in judged else ()), *(("teachers",) if others else ()))
     online = cfg.distill.teacher_source == "online"
-    stages.append(_student("distill", first, "a student trained with the teacher online" if online else
-                           "a student trained from the cache", 0, extra, linked, ("distill.baseline",)))
+    stages.append(
+        _student(
+            "distill",
+            first,
+            "a student trained with the teacher online" if online else "a student trained from the cache",
+            0,
+            extra,
+            linked,
+            ("distill.baseline",),
+        )
+    )
     # An ensemble's rounds mix every teacher's targets: each round's refreshed samples are rescored by every
     # teacher, and the offline sequences keep their mixture. Routed specialists' rounds use this run's teacher.
     ensemble = others and cfg.teachers.mode == "ensemble"
@@ -108,23 +164,59 @@ def build(cfg: Settings) -> list[Stage]:
     for r in range(1, rounds.count + 1):
         if rounds.refresh_share > 0:
             stages += [
-                Stage(f"refresh-{r}", refresh.STAGE, "refresh", ("generate", previous), "student samples",
-                      round=r, roles={previous: "student"}, params={"round": r}),
-                Stage(f"rescore-{r}", score.STAGE, "score", ("teacher", f"refresh-{r}"),
-                      "teacher top-k of the student samples -> a cache of their own", round=r,
-                      roles={f"refresh-{r}": "generate"}),
+                Stage(
+                    f"refresh-{r}",
+                    refresh.STAGE,
+                    "refresh",
+                    ("generate", previous),
+                    "student samples",
+                    round=r,
+                    roles={previous: "student"},
+                    params={"round": r},
+                ),
+                Stage(
+                    f"rescore-{r}",
+                    score.STAGE,
+                    "score",
+                    ("teacher", f"refresh-{r}"),
+                    "teacher top-k of the student samples -> a cache of their own",
+                    round=r,
+                    roles={f"refresh-{r}": "generate"},
+                ),
             ]
             for n, _ in others if ensemble else ():
-                stages.append(Stage(f"rescore-{r}-{n}", score.STAGE, "score", (f"teacher@{n}", f"refresh-{r}"),
-                                    f"run {n}'s teacher scores the round's samples too (ensemble)", round=r,
-                                    roles={f"teacher@{n}": "teacher", f"refresh-{r}": "generate"}))
+                stages.append(
+                    Stage(
+                        f"rescore-{r}-{n}",
+                        score.STAGE,
+                        "score",
+                        (f"teacher@{n}", f"refresh-{r}"),
+                        f"run {n}'s teacher scores the round's samples too (ensemble)",
+                        round=r,
+                        roles={f"teacher@{n}": "teacher", f"refresh-{r}": "generate"},
+                    )
+                )
             if "refresh" in judged:
-                stages.append(_judge(f"judge-{r}", (f"refresh-{r}", f"rescore-{r}") if needs_cache else
-                                     (f"refresh-{r}",), r, f"round {r}: the student samples' values"))
+                stages.append(
+                    _judge(
+                        f"judge-{r}",
+                        (f"refresh-{r}", f"rescore-{r}") if needs_cache else (f"refresh-{r}",),
+                        r,
+                        f"round {r}: the student samples' values",
+                    )
+                )
         extra = ("rounds", *(("value",) if judged else ()), *(("teachers",) if ensemble else ()))
-        stages.append(_student(f"distill-{r}", _round_plan(cfg, r, previous, judged),
-                               f"round {r}: the student trained on offline + refreshed data", r, extra,
-                               {"round": r, **(linked if ensemble else {})}, ("rounds.count",)))
+        stages.append(
+            _student(
+                f"distill-{r}",
+                _round_plan(cfg, r, previous, judged),
+                f"round {r}: the student trained on offline + refreshed data",
+                r,
+                extra,
+                {"round": r, **(linked if ensemble else {})},
+                ("rounds.count",),
+            )
+        )
         previous = f"distill-{r}"
     final = (previous,)
     baseline = cfg.distill.baseline
@@ -132,21 +224,51 @@ def build(cfg: Settings) -> list[Stage]:
         # The same sequences as round 0 (every teacher's, with several), with that method throughout, for round 0's
         # steps plus every refresh round's. SFT reads no teacher signal, so no cache (a rescored one retrains nothing).
         steps = cfg.distill.steps + rounds.count * rounds.steps
-        plan = replace(first, steps=steps, sources=tuple(replace(s, method=baseline, **(
-            {"caches": (), "weights": ()} if baseline == "sft" else {})) for s in first.sources))
+        plan = replace(
+            first,
+            steps=steps,
+            sources=tuple(
+                replace(s, method=baseline, **({"caches": (), "weights": ()} if baseline == "sft" else {}))
+                for s in first.sources
+            ),
+        )
         d = next(s for s in stages if s.name == "distill")
-        stages.append(_student("baseline", plan, f"a {baseline} student for comparison, same data, seed and steps",
-                               None, d.extra_sections, {**d.params, "method": baseline, "steps": steps},
-                               ("distill.method", "distill.steps", "distill.baseline")))
+        stages.append(
+            _student(
+                "baseline",
+                plan,
+                f"a {baseline} student for comparison, same data, seed and steps",
+                None,
+                d.extra_sections,
+                {**d.params, "method": baseline, "steps": steps},
+                ("distill.method", "distill.steps", "distill.baseline"),
+            )
+        )
         final += ("baseline",)
-    stages.append(Stage("eval", evaluate.STAGE, "eval", ("data", "teacher", *final),
-                        "the final student (the baseline and the teacher) on held-out data",
-                        roles={previous: "student"}))
+    stages.append(
+        Stage(
+            "eval",
+            evaluate.STAGE,
+            "eval",
+            ("data", "teacher", *final),
+            "the final student (the baseline and the teacher) on held-out data",
+            roles={previous: "student"},
+        )
+    )
     return stages
 
 
 def _judge(name: str, sequences: tuple[str, ...], round_: int, doc: str) -> Stage:
     """A judge stage on a sequence set (and, for the teacher's value, its cache): read as generate (and score)."""
     roles = dict(zip(sequences, ("generate", "score")))
-    return Stage(name, judge.STAGE, "value", ("data", "teacher", *sequences), doc, round=round_, roles=roles,
-                 extra_sections=("generate",), unkeyed=judge.GUIDANCE_KEYS)
+    return Stage(
+        name,
+        judge.STAGE,
+        "value",
+        ("data", "teacher", *sequences),
+        doc,
+        round=round_,
+        roles=roles,
+        extra_sections=("generate",),
+        unkeyed=judge.GUIDANCE_KEYS,
+    )

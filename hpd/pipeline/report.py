@@ -1,4 +1,5 @@
 """Reports: markdown tables and PNG plots for one run (`hpd report RUN`) and for a comparison (`hpd compare`)."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,6 @@ from pathlib import Path
 
 from hpd.stages.evaluators import LOWER_IS_BETTER, metric_keys
 from hpd.stages.losses import HPD_DIAGNOSTICS
-
-
 
 
 def student_name(stage: str, report: dict) -> str:
@@ -29,8 +28,13 @@ def summary_table(named: list[tuple[str, dict]]) -> str:
     metrics = metric_keys({k: v for _, r in named for k, v in r.items()})
     rows = [("model", "parameters", *(label for _, label, _ in metrics))]
     for name, r in named:
-        rows.append((name, f"{r['parameters'] / 1e3:,.0f}k" if "parameters" in r else "-",
-                     *(fmt.format(r[k]) if k in r else "-" for k, _, fmt in metrics)))
+        rows.append(
+            (
+                name,
+                f"{r['parameters'] / 1e3:,.0f}k" if "parameters" in r else "-",
+                *(fmt.format(r[k]) if k in r else "-" for k, _, fmt in metrics),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(" | ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -104,12 +108,14 @@ def run_report(run, out: Path) -> Path:
     if run.state("eval")[0] == "done":
         ev = run.outputs("eval").report
         keys = metric_keys(ev["student"])
-        lines += ["| model | " + " | ".join(label for _, label, _ in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
+        lines += ["| model | " + " | ".join(label for _, label, _ in keys) + " |", "|---|" + "---|" * len(keys)]
         for name in ("student", "teacher"):
             if name in ev:
-                lines.append(f"| {name} | " + " | ".join(fmt.format(ev[name][k]) if k in ev[name] else "-"
-                                                     for k, _, fmt in keys) + " |")
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(fmt.format(ev[name][k]) if k in ev[name] else "-" for k, _, fmt in keys)
+                    + " |"
+                )
         lines.append("")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -128,7 +134,9 @@ def paired_differences(results: list[dict], key: str) -> dict[str, list[float]]:
     order), for every seed both have: the seed-to-seed spread cancels, so the comparison is sharper than two
     means with their standard deviations."""
     first = results[0]["method"]
-    ref = {r["seed"]: r["eval"]["student"][key] for r in results if r["method"] == first and key in r["eval"]["student"]}
+    ref = {
+        r["seed"]: r["eval"]["student"][key] for r in results if r["method"] == first and key in r["eval"]["student"]
+    }
     out: dict[str, list[float]] = {}
     for r in results:
         if r["method"] != first and r["seed"] in ref and key in r["eval"]["student"]:
@@ -144,8 +152,12 @@ def paired_table(results: list[dict], keys: list[tuple[str, str, str]]) -> list[
     if not methods:
         return []
     first = results[0]["method"]
-    lines = [f"Paired by student seed, each method minus {first} (better on how many seeds):", "",
-             "| method | " + " | ".join(f"Δ {label}" for _, label, _ in keys) + " |", "|---|" + "---|" * len(keys)]
+    lines = [
+        f"Paired by student seed, each method minus {first} (better on how many seeds):",
+        "",
+        "| method | " + " | ".join(f"Δ {label}" for _, label, _ in keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
     for m in methods:
         cells = []
         for k, _, fmt in keys:
@@ -153,8 +165,11 @@ def paired_table(results: list[dict], keys: list[tuple[str, str, str]]) -> list[
             lower_is_better = k in LOWER_IS_BETTER
             better = sum((x < 0) if lower_is_better else (x > 0) for x in d)
             sd = statistics.stdev(d) if len(d) > 1 else 0.0
-            cells.append(f"{fmt.replace(':', ':+').format(statistics.mean(d))} ± {fmt.format(sd)} "
-                         f"({better}/{len(d)})" if d else "-")
+            cells.append(
+                f"{fmt.replace(':', ':+').format(statistics.mean(d))} ± {fmt.format(sd)} ({better}/{len(d)})"
+                if d
+                else "-"
+            )
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -167,16 +182,27 @@ def compare_report(results: list[dict], out: Path, title: str) -> Path:
     methods = list(dict.fromkeys(r["method"] for r in results))
     keys = metric_keys(results[0]["eval"]["student"])
     teacher = results[0]["eval"].get("teacher", {})
-    lines = [f"# {title}", "", "| method | seeds | " + " | ".join(label for _, label, _ in keys) + " |",
-             "|---|---|" + "---|" * len(keys)]
+    lines = [
+        f"# {title}",
+        "",
+        "| method | seeds | " + " | ".join(label for _, label, _ in keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
     for m in methods:
         rs = [r for r in results if r["method"] == m]
-        lines.append(f"| {m} | {len(rs)} | " + " | ".join(
-            _mean_std([r["eval"]["student"][k] for r in rs if k in r["eval"]["student"]], fmt) for k, _, fmt in keys)
-            + " |")
+        lines.append(
+            f"| {m} | {len(rs)} | "
+            + " | ".join(
+                _mean_std([r["eval"]["student"][k] for r in rs if k in r["eval"]["student"]], fmt) for k, _, fmt in keys
+            )
+            + " |"
+        )
     if teacher:
-        lines.append("| teacher | - | " + " | ".join(fmt.format(teacher[k]) if k in teacher else "-"
-                                                  for k, _, fmt in keys) + " |")
+        lines.append(
+            "| teacher | - | "
+            + " | ".join(fmt.format(teacher[k]) if k in teacher else "-" for k, _, fmt in keys)
+            + " |"
+        )
     lines += ["", *paired_table(results, keys)]
     # Training curves per method (losses differ in scale between methods, so one panel each).
     cols = min(4, len(methods))
@@ -188,7 +214,7 @@ def compare_report(results: list[dict], out: Path, title: str) -> Path:
             ax.plot([e["student_step"] for e in steps], [e["loss"] for e in steps], lw=0.8)
         ax.set_title(m, fontsize=9)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(methods):]:
+    for ax in list(axes.flat)[len(methods) :]:
         ax.axis("off")
     fig.supxlabel("student step", fontsize=8), fig.supylabel("training loss (one line per seed)", fontsize=8)
     fig.tight_layout(), fig.savefig(out / "training_curves.png", dpi=100), plt.close(fig)
@@ -202,8 +228,14 @@ def compare_report(results: list[dict], out: Path, title: str) -> Path:
             n = min(len(c) for c in runs)
             if n:
                 x = [runs[0][i]["input_tokens"] for i in range(n)]
-                ax.plot(x, [statistics.mean(c[j][curve_key] for c in runs) for j in range(n)], label=m, marker=".",
-                        color=colors[(2 * i) % 20 + (2 * i) // 20], ls="-" if i % 2 == 0 else "--")
+                ax.plot(
+                    x,
+                    [statistics.mean(c[j][curve_key] for c in runs) for j in range(n)],
+                    label=m,
+                    marker=".",
+                    color=colors[(2 * i) % 20 + (2 * i) // 20],
+                    ls="-" if i % 2 == 0 else "--",
+                )
         ax.set(xlabel="training tokens (input, non-padding)", ylabel=f"held-out {curve_key[6:]} (mean over seeds)")
         ax.legend(fontsize=7, ncol=2), fig.tight_layout()
         fig.savefig(out / "learning_curves.png", dpi=100), plt.close(fig)

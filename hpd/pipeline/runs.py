@@ -5,6 +5,7 @@ graph. The `hpd` command line, `hpd compare`, the benches and your own code all 
     run.run(until="score")              # the teacher cache alone (`make teacher-cache`)
     cache = run.outputs("score")        # a stages.artifacts.Cache
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -17,8 +18,15 @@ from .graph import build
 from .stage import Runner, context_from_config
 
 
-def open_run(config: str | Path | None = None, overrides=(), *, home: str | Path | None = None,
-             log=None, observers=(), _via: tuple[str, ...] = ()) -> Runner:
+def open_run(
+    config: str | Path | None = None,
+    overrides=(),
+    *,
+    home: str | Path | None = None,
+    log=None,
+    observers=(),
+    _via: tuple[str, ...] = (),
+) -> Runner:
     """A runner for the run `config` and `overrides` describe (`run.name`, `run.seed`, ... among them). `home`
     replaces run.home (and HPD_HOME); `log` replaces printing; `observers` hear what stages measure of
     themselves (observer(stage, figures): seconds, memory), for benches and profiling. (`_via`: the runs whose
@@ -33,9 +41,11 @@ def open_run(config: str | Path | None = None, overrides=(), *, home: str | Path
     linked = {}  # [teachers] runs: each opened as it was configured when it last ran
     for name, _ in config_mod.linked_runs(cfg):
         if name in via:
-            loop = " -> ".join((*via[via.index(name):], name))
-            raise HpdError(f"teachers.runs forms a loop ({loop}): a run cannot learn from itself through other runs; "
-                           f"remove one of these links")
+            loop = " -> ".join((*via[via.index(name) :], name))
+            raise HpdError(
+                f"teachers.runs forms a loop ({loop}): a run cannot learn from itself through other runs; "
+                f"remove one of these links"
+            )
         saved = ctx.home / "runs" / name / "config.toml"
         linked[name] = open_run(saved, home=ctx.home, log=ctx.log, _via=via) if saved.is_file() else None
     return Runner(build(cfg), cfg, replace(ctx, observers=tuple(observers)), linked)

@@ -8,6 +8,7 @@ A stage whose manifest matches its current config and inputs, and whose outputs 
 Stages publish their bulk outputs atomically themselves (hpd/storage/ does that) and resume from their last
 published shard, so the runner only has to rerun what is not done.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,30 +19,30 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
-
-from hpd.storage import atomic
-from hpd.common.faults import stage_started
-from hpd.stages.artifacts import Artifact, StageKind
-from hpd.storage.fingerprint import digest
 
 from hpd.common import ranks
 from hpd.common.errors import HpdError
+from hpd.common.faults import stage_started
 from hpd.common.settings import Settings
+from hpd.stages.artifacts import Artifact, StageKind
+from hpd.storage import atomic
+from hpd.storage.fingerprint import digest
 
 
 @dataclass
 class Context:
     """Where a run keeps its things. Caches and models are shared by every run under the same home."""
+
     home: Path
     run_name: str
     seed: int
     log: Callable[[str], None] = print
     stage: str = ""  # the stage being run and its refresh round (the runner sets them): round stages share a kind
     round: int = 0
-    rank: int = 0        # this process among world_size under torchrun (hpd/common/ranks.py)
+    rank: int = 0  # this process among world_size under torchrun (hpd/common/ranks.py)
     world_size: int = 1
     # Called as observer(stage, figures) with what a stage measured of its own run (seconds per phase, memory):
     # figures for benches and profiling, kept out of the artifacts so that results never depend on them.
@@ -77,11 +78,11 @@ class Context:
 @dataclass
 class Stage:
     name: str
-    kind: StageKind                   # what it runs: kind.run(ctx, settings, **inputs) -> kind.output
-    section: str                      # the one config section it reads
+    kind: StageKind  # what it runs: kind.run(ctx, settings, **inputs) -> kind.output
+    section: str  # the one config section it reads
     inputs: tuple[str, ...] = ()
     doc: str = ""
-    round: int | None = None          # its refresh round (0: the offline pipeline's); None outside the rounds
+    round: int | None = None  # its refresh round (0: the offline pipeline's); None outside the rounds
     # Round stages reuse a module on other inputs: `roles` renames an input for run() (rescore-2 reads
     # refresh-2 as its "generate"), `extra_sections` are further config sections it reads (run() gets the
     # settings with its own and these sections, the others None), `params` are this instance's constants (its
@@ -117,7 +118,7 @@ def _to_home(value, home: Path):
 
 def _from_home(value, home: Path):
     if isinstance(value, str) and value.startswith(_HOME):
-        return str(home / value[len(_HOME):])
+        return str(home / value[len(_HOME) :])
     return value
 
 
@@ -137,9 +138,15 @@ def context_from_config(cfg: Settings) -> Context:
     home = Path(os.environ.get("HPD_HOME") or cfg.run.home).resolve()
     rank, world_size = ranks.world()
     ranks.init()
-    return Context(home=home, run_name=cfg.run.name, seed=cfg.run.seed, rank=rank,
-                   world_size=world_size, log=print if rank == 0 else (lambda _msg: None),
-                   execute_code=cfg.code.execute)
+    return Context(
+        home=home,
+        run_name=cfg.run.name,
+        seed=cfg.run.seed,
+        rank=rank,
+        world_size=world_size,
+        log=print if rank == 0 else (lambda _msg: None),
+        execute_code=cfg.code.execute,
+    )
 
 
 def linked(name: str) -> tuple[str, str] | None:
@@ -184,9 +191,12 @@ class Runner:
 
         def keyed(s: str) -> dict:
             section = self.cfg.section(s)
-            return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
-                    if f"{s}.{f.name}" not in stage.unkeyed
-                    and not (f.metadata["later"] and getattr(section, f.name) == f.default)}
+            return {
+                f.name: getattr(section, f.name)
+                for f in dataclasses.fields(section)
+                if f"{s}.{f.name}" not in stage.unkeyed
+                and not (f.metadata["later"] and getattr(section, f.name) == f.default)
+            }
 
         what = {"section": keyed(stage.section), "seed": self.ctx.seed, "version": stage.kind.version}
         if stage.extra_sections or stage.params:
@@ -200,8 +210,9 @@ class Runner:
         of its own section (the baseline's method and steps)."""
         stage = self.stages[name]
         readable = (stage.section, *stage.extra_sections)
-        view = Settings(**{s: copy.deepcopy(self.cfg.section(s)) if s in readable else None
-                           for s in self.cfg.sections()})
+        view = Settings(
+            **{s: copy.deepcopy(self.cfg.section(s)) if s in readable else None for s in self.cfg.sections()}
+        )
         own = view.section(stage.section)
         for key, value in stage.params.items():
             if hasattr(own, key):
@@ -268,8 +279,10 @@ class Runner:
         for up in stage.inputs:
             st, detail = self.state(up)
             if st != "done":
-                raise HpdError(f"stage {name} needs {up}, which is {st}{f' ({detail})' if detail else ''}; "
-                               f"run `hpd run {up}` first, or `hpd run` for everything")
+                raise HpdError(
+                    f"stage {name} needs {up}, which is {st}{f' ({detail})' if detail else ''}; "
+                    f"run `hpd run {up}` first, or `hpd run` for everything"
+                )
         if not force and self.state(name)[0] == "done":
             self.ctx.log(f"[{name}] up to date")
             return self.manifest(name)
@@ -296,12 +309,18 @@ class Runner:
             self.ctx.barrier()
             return self.manifest(name)
         manifest = {
-            "stage": name, "kind": stage.kind.name, "round": stage.round, "run": self.ctx.run_name,
-            "config": {s: dataclasses.asdict(section.section(s)) for s in (stage.section, *stage.extra_sections)}, "seed": self.ctx.seed, "config_fingerprint": self.config_fingerprint(name),
+            "stage": name,
+            "kind": stage.kind.name,
+            "round": stage.round,
+            "run": self.ctx.run_name,
+            "config": {s: dataclasses.asdict(section.section(s)) for s in (stage.section, *stage.extra_sections)},
+            "seed": self.ctx.seed,
+            "config_fingerprint": self.config_fingerprint(name),
             "inputs": {up: self.outputs(up).fingerprint for up in stage.inputs},
             "code_version": stage.code_version(),
             "outputs": {k: _to_home(v, self.ctx.home) for k, v in output.to_manifest().items()},
-            "finished_at": time.time(), "seconds": round(seconds, 2),
+            "finished_at": time.time(),
+            "seconds": round(seconds, 2),
         }
         atomic.write_json(self.manifest_path(name), manifest)
         attempt.unlink(missing_ok=True)
@@ -314,22 +333,26 @@ class Runner:
         for name in (target, until):
             if name is not None and name not in self.stages:
                 raise HpdError(f"unknown stage {name!r}; stages: {', '.join(self.order)}")
-        planned = [target] if target is not None else self.order[:self.order.index(until) + 1 if until else None]
+        planned = [target] if target is not None else self.order[: self.order.index(until) + 1 if until else None]
         for name in planned:  # other runs' stages cannot be built from here: say so before anything runs
             for up in self.stages[name].inputs:
                 if linked(up) and self.state(up)[0] != "done":
                     stage, other = linked(up)
-                    raise HpdError(f"stage {name} needs {up} ({self.state(up)[1] or self.state(up)[0]}); build run "
-                                   f"{other} through {stage} first (hpd run --until {stage} with its config and "
-                                   f"run.name=\"{other}\")")
+                    raise HpdError(
+                        f"stage {name} needs {up} ({self.state(up)[1] or self.state(up)[0]}); build run "
+                        f"{other} through {stage} first (hpd run --until {stage} with its config and "
+                        f'run.name="{other}")'
+                    )
         self.check_ensemble_sequences()
         for d in (self.ctx.run_dir, self.ctx.cache_root, self.ctx.model_root):  # fail now, not hours in
             try:
                 d.mkdir(parents=True, exist_ok=True)
                 tempfile.TemporaryFile(dir=d).close()
             except OSError as e:
-                raise HpdError(f"{d} is not writable ({e.strerror}); make it writable or set run.home (or "
-                               f"HPD_HOME) to a directory you can write") from None
+                raise HpdError(
+                    f"{d} is not writable ({e.strerror}); make it writable or set run.home (or "
+                    f"HPD_HOME) to a directory you can write"
+                ) from None
         from .config import dumps
 
         if self.ctx.rank == 0:
@@ -337,7 +360,7 @@ class Runner:
         if target is not None:
             self.run_stage(target, force=force)
             return
-        for name in self.order[:self.order.index(until) + 1 if until else None]:
+        for name in self.order[: self.order.index(until) + 1 if until else None]:
             self.run_stage(name, force=force)
 
     # What makes two runs' sequences the same: [generate] less the keys that only say how fast they are made.
@@ -355,20 +378,28 @@ class Runner:
                 continue  # (Runner.run names a run that is not built yet)
             if mine:
                 if other.outputs("generate").fingerprint != mine:
-                    raise HpdError(f"teachers.mode=\"ensemble\": run {name} scored other sequences than this run's; "
-                                   f"an ensemble's teachers score the same sequences (give both runs the same [data] "
-                                   f"and [generate]), or use teachers.mode=\"route\"")
+                    raise HpdError(
+                        f'teachers.mode="ensemble": run {name} scored other sequences than this run\'s; '
+                        f"an ensemble's teachers score the same sequences (give both runs the same [data] "
+                        f'and [generate]), or use teachers.mode="route"'
+                    )
                 continue
             sections = {**self._SEQUENCE_KEYS, **({"teacher": None} if self.cfg.generate.mode == "teacher" else {})}
             mine_cfg, theirs = self.cfg.as_dict(), other.cfg.as_dict()
-            differ = [f"{s}.{k}" for s, skip in sections.items() for k in mine_cfg[s]
-                      if k not in (skip or ()) and mine_cfg[s][k] != theirs[s].get(k)]
+            differ = [
+                f"{s}.{k}"
+                for s, skip in sections.items()
+                for k in mine_cfg[s]
+                if k not in (skip or ()) and mine_cfg[s][k] != theirs[s].get(k)
+            ]
             if self.cfg.run.seed != other.cfg.run.seed:
                 differ.insert(0, "run.seed")
             if differ:
-                raise HpdError(f"teachers.mode=\"ensemble\": run {name} scored other sequences than this run would "
-                               f"({', '.join(differ[:3])} differ); an ensemble's teachers score the same sequences: "
-                               f"set them as run {name} has them, or use teachers.mode=\"route\"")
+                raise HpdError(
+                    f'teachers.mode="ensemble": run {name} scored other sequences than this run would '
+                    f"({', '.join(differ[:3])} differ); an ensemble's teachers score the same sequences: "
+                    f'set them as run {name} has them, or use teachers.mode="route"'
+                )
 
     def check_linked_tokenizers(self) -> None:
         """Several teachers share one tokenizer: this run's teacher against each linked run's, once this run's
@@ -378,7 +409,12 @@ class Runner:
             return
         own = self.outputs("teacher").tokenizer_fingerprint
         for run in sorted(others):
-            if self.linked_runs.get(run) and self.linked_runs[run].state("teacher")[0] == "done" and \
-                    self.linked_runs[run].outputs("teacher").tokenizer_fingerprint != own:
-                raise HpdError(f"teachers.runs: run {run}'s teacher uses another tokenizer than this run's; several "
-                               f"teachers must share one tokenizer (distilling across tokenizers is not supported)")
+            if (
+                self.linked_runs.get(run)
+                and self.linked_runs[run].state("teacher")[0] == "done"
+                and self.linked_runs[run].outputs("teacher").tokenizer_fingerprint != own
+            ):
+                raise HpdError(
+                    f"teachers.runs: run {run}'s teacher uses another tokenizer than this run's; several "
+                    f"teachers must share one tokenizer (distilling across tokenizers is not supported)"
+                )

@@ -3,17 +3,18 @@
 A stage is a function `run(ctx, settings, **inputs) -> Artifact`: `settings` holds the config sections it reads
 (hpd/common/settings.py; score reads `settings.score`), its keyword arguments are the artifacts of the stages it
 reads (score gets `teacher: Teacher` and `generate: Sequences`, and returns a `Cache`). A student stage gets its
-typed plan and every input by stage name instead: `run(ctx, settings, plan, artifacts)` (hpd/stages/distill.py). The runner
-(hpd/pipeline/stage.py) writes each artifact into its stage's manifest as a flat JSON object and rebuilds it from
-there for the next stage, the CLI, reports and benches. Every artifact has a `fingerprint`, which is what
-downstream stages are keyed on, and says whether what it points at is still on disk (`published`).
+typed plan and every input by stage name instead: `run(ctx, settings, plan, artifacts)` (hpd/stages/distill.py).
+The runner (hpd/pipeline/stage.py) writes each artifact into its stage's manifest as a flat JSON object and
+rebuilds it from there for the next stage, the CLI, reports and benches. Every artifact has a `fingerprint`, which
+is what downstream stages are keyed on, and says whether what it points at is still on disk (`published`).
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Artifact:
 @dataclass(frozen=True)
 class TaskData(Artifact):
     """A built-in task's JSONL files (and its own tokenizer), or nothing when the user brings prompts."""
+
     builtin: str = ""
     train: str = ""
     heldout: str = ""
@@ -50,6 +52,7 @@ class TaskData(Artifact):
 @dataclass(frozen=True)
 class Teacher(Artifact):
     """A teacher model directory, with the fingerprints caches are keyed on (`fingerprint` covers the dtype)."""
+
     model_dir: str
     model_fingerprint: str
     tokenizer_fingerprint: str
@@ -60,13 +63,15 @@ class Teacher(Artifact):
     def published(self) -> bool:
         from .hf_models import teacher_identity  # recomputed (memoised by size and mtime): weights changed in place
 
-        return (Path(self.model_dir) / "config.json").is_file() and teacher_identity(self.model_dir,
-                                                                                      self.dtype) == self.fingerprint
+        return (Path(self.model_dir) / "config.json").is_file() and teacher_identity(
+            self.model_dir, self.dtype
+        ) == self.fingerprint
 
 
 @dataclass(frozen=True)
 class Sequences(Artifact):
     """A sequence store: prompt + response token ids (generate's, or a refresh round's student samples)."""
+
     sequences: str
     source: str
     count: int
@@ -83,6 +88,7 @@ class Sequences(Artifact):
 @dataclass(frozen=True)
 class Cache(Artifact):
     """A teacher logit cache (`fingerprint` is its key id)."""
+
     cache: str
     cache_id: str
     top_k: int
@@ -99,6 +105,7 @@ class Cache(Artifact):
 @dataclass(frozen=True)
 class Values(Artifact):
     """A value store: one number per sequence of a sequence store, from value.function (hpd/stages/values.py)."""
+
     values: str
     function: str
     count: int
@@ -113,6 +120,7 @@ class Values(Artifact):
 @dataclass(frozen=True)
 class Student(Artifact):
     """A trained student as an HF directory, with its own held-out report and the teacher's."""
+
     student_dir: str
     report: dict
     seed: int
@@ -125,6 +133,7 @@ class Student(Artifact):
 @dataclass(frozen=True)
 class EvalReport(Artifact):
     """eval's judgement of the final student (the baseline and the teacher), also written to report_path."""
+
     report_path: str
     report: dict
 
@@ -136,6 +145,7 @@ class EvalReport(Artifact):
 class StageKind:
     """What a stage module declares about itself. The graph (hpd/pipeline/graph.py) makes stages of these:
     several stages may be of one kind (score and every round's rescore; distill, each round's and the baseline)."""
+
     name: str
     run: Callable  # run(ctx, settings, **inputs) -> output
     output: type

@@ -1,4 +1,5 @@
 """Text to token ids (through a chat template when the tokenizer has one), and token ids to padded batches."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,9 +18,11 @@ def encode_pair(tokenizer, prompt: str, response: str | None) -> tuple[list[int]
             return p_ids, []
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
         if not full.startswith(p_text):
-            raise HpdError("the tokenizer's chat template does not render the prompt as a prefix of the "
-                           "conversation; responses cannot be separated from prompts")
-        return p_ids, tokenizer(full[len(p_text):], add_special_tokens=False)["input_ids"]
+            raise HpdError(
+                "the tokenizer's chat template does not render the prompt as a prefix of the "
+                "conversation; responses cannot be separated from prompts"
+            )
+        return p_ids, tokenizer(full[len(p_text) :], add_special_tokens=False)["input_ids"]
     p_ids = tokenizer(prompt)["input_ids"]
     if response is None:
         return p_ids, []
@@ -34,8 +37,8 @@ def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -44,8 +47,8 @@ def pad_right(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.from_numpy(np.array(s, dtype=np.int64))
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.from_numpy(np.array(s, dtype=np.int64))
+        mask[i, : len(s)] = 1
     return ids, mask
 
 

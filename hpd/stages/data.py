@@ -1,5 +1,6 @@
 """data: materialise a built-in task as JSONL files (train and held-out) plus its tokenizer, or nothing
 when the user brings their own prompts."""
+
 from __future__ import annotations
 
 import shutil
@@ -33,9 +34,15 @@ def run(ctx, cfg: Settings) -> TaskData:
     files = {f: file_digest(final / f) for f in ("train.jsonl", "heldout.jsonl")}
     if own_tokenizer:
         files["tokenizer"] = file_digest(final / "tokenizer" / "tokenizer.json")
-    return TaskData(builtin=name, train=str(final / "train.jsonl"), heldout=str(final / "heldout.jsonl"),
-                    tokenizer=str(final / "tokenizer") if own_tokenizer else "", train_examples=counts["train"],
-                    heldout_examples=counts["heldout"], fingerprint=digest(files))
+    return TaskData(
+        builtin=name,
+        train=str(final / "train.jsonl"),
+        heldout=str(final / "heldout.jsonl"),
+        tokenizer=str(final / "tokenizer") if own_tokenizer else "",
+        train_examples=counts["train"],
+        heldout_examples=counts["heldout"],
+        fingerprint=digest(files),
+    )
 
 
 STAGE = StageKind("data", run, TaskData)

@@ -12,6 +12,7 @@ cache is measured against (bench/cached_vs_online.py): the teacher sits in memor
 gives full-vocabulary logits for every batch; data, student, schedule and losses are the same. It needs no
 score stage (hpd/pipeline/graph.py leaves it out) and trains round 0 only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,11 +30,28 @@ from hpd.storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 from . import hf_models, student_models
 from .artifacts import StageKind, Student, TaskData, Teacher
 from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
-from .losses import (METHOD_PARAMS, REWARD_METHODS, CachedTargets, SampledTargets, TeacherLogits, distill_loss,
-                     response_positions, teacher_signal as signal_of)
+from .losses import (
+    METHOD_PARAMS,
+    REWARD_METHODS,
+    CachedTargets,
+    SampledTargets,
+    TeacherLogits,
+    distill_loss,
+    response_positions,
+)
+from .losses import teacher_signal as signal_of
 from .tasks import TASKS
-from .training import (PeriodicEval, ResponseCollator, check_finite_loss, job_dir, peak_rss_mb, publish_model, rss_mb,
-                       train, training_arguments)
+from .training import (
+    PeriodicEval,
+    ResponseCollator,
+    check_finite_loss,
+    job_dir,
+    peak_rss_mb,
+    publish_model,
+    rss_mb,
+    train,
+    training_arguments,
+)
 from .training_set import Source, StudentPlan, open_sources, training_set
 
 
@@ -45,11 +63,15 @@ class CacheCollator(ResponseCollator):
         super().__init__(pad_id)
         self.caches = caches
         if len({c.sampled for c in caches}) > 1:
-            raise HpdError(f"the caches of one mixture mix sampled targets and top-k "
-                           f"({', '.join(c.id for c in caches)}); score them with the same score.encoding")
+            raise HpdError(
+                f"the caches of one mixture mix sampled targets and top-k "
+                f"({', '.join(c.id for c in caches)}); score them with the same score.encoding"
+            )
         if len({c.k for c in caches}) > 1:
-            raise HpdError(f"the caches of one mixture have different k ({', '.join(str(c.k) for c in caches)}); "
-                           f"score them with the same score.top_k")
+            raise HpdError(
+                f"the caches of one mixture have different k ({', '.join(str(c.k) for c in caches)}); "
+                f"score them with the same score.top_k"
+            )
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = super().__call__(rows)
@@ -60,9 +82,16 @@ class CacheCollator(ResponseCollator):
             if not idx:
                 continue
             try:
-                parts.append((idx, cache.batch([rows[i]["seq_id"] for i in idx],
-                                               input_ids=[rows[i]["input_ids"] for i in idx],
-                                               length=batch["input_ids"].shape[1])))
+                parts.append(
+                    (
+                        idx,
+                        cache.batch(
+                            [rows[i]["seq_id"] for i in idx],
+                            input_ids=[rows[i]["input_ids"] for i in idx],
+                            length=batch["input_ids"].shape[1],
+                        ),
+                    )
+                )
             except (KeyError, CacheMismatchError) as e:
                 raise HpdError(f"cache {cache.id} does not match the training sequences: {e.args[0]}") from None
         return {**batch, "teacher": CacheBatch.stack(parts, len(rows)), "source": source}
@@ -91,16 +120,19 @@ def no_teacher(batch: dict) -> None:  # sft: no teacher signal at all
 
 
 # -- the loss of a batch -----------------------------------------------------------------------------------
-def mixture_loss(sources: list[Source], logits, labels, teacher, source, loss_params: dict, weight=None,
-                 advantage=None):
+def mixture_loss(
+    sources: list[Source], logits, labels, teacher, source, loss_params: dict, weight=None, advantage=None
+):
     """Each source's loss on its own rows, averaged over all response tokens of the batch (so a token counts
     the same whichever source it came from). Diagnostics are prefixed by source name when there are several.
     `logits`: the student's [N, V] at the response positions; `teacher`: the batch's teacher signal;
     `weight`, `advantage`: per row, from value guidance ([value]), or None."""
+
     def loss_of(src, lg, lb, t, rows=slice(None)):
-        guided = {"sequence_weight": None if weight is None else weight[rows],
-                  "sequence_advantage": None if advantage is None or src.method not in REWARD_METHODS
-                  else advantage[rows]}
+        guided = {
+            "sequence_weight": None if weight is None else weight[rows],
+            "sequence_advantage": None if advantage is None or src.method not in REWARD_METHODS else advantage[rows],
+        }
         return distill_loss(src.method, lg, lb, teacher=t, **guided, **loss_params.get(src.method, {}))
 
     if len(sources) == 1:
@@ -121,8 +153,10 @@ def mixture_loss(sources: list[Source], logits, labels, teacher, source, loss_pa
 
 
 # What to do about a NaN or inf loss or gradient (hpd/stages/training.py stops training at the first one).
-NON_FINITE_HINT = ("lower distill.learning_rate (rounds.learning_rate in a round); if it persists, the method and "
-                   "cache encoding named here are a bug to report")
+NON_FINITE_HINT = (
+    "lower distill.learning_rate (rounds.learning_rate in a round); if it persists, the method and "
+    "cache encoding named here are a bug to report"
+)
 
 
 class DistillTrainer(Trainer):
@@ -171,24 +205,30 @@ def _new_student(cfg: DistillSettings, teacher: Teacher, teacher_tok, seed: int,
     if cfg.student_path:
         model, tok = hf_models.load_causal_lm(cfg.student_path)
         if tok.get_vocab() != teacher_tok.get_vocab():
-            raise HpdError(f"the student at {cfg.student_path} uses a different tokenizer than the teacher; "
-                           f"distillation from this cache needs the teacher's tokenizer")
+            raise HpdError(
+                f"the student at {cfg.student_path} uses a different tokenizer than the teacher; "
+                f"distillation from this cache needs the teacher's tokenizer"
+            )
         if model.get_output_embeddings().weight.shape[0] < len(teacher_tok):
-            raise HpdError(f"the student's output layer has fewer rows than the tokenizer has tokens "
-                           f"({len(teacher_tok)}); resize its embeddings first")
+            raise HpdError(
+                f"the student's output layer has fewer rows than the tokenizer has tokens "
+                f"({len(teacher_tok)}); resize its embeddings first"
+            )
         return model
     torch.manual_seed(seed)
     if cfg.student_init == "teacher-layers":
         model, _ = hf_models.load_causal_lm(teacher.model_dir)
         return student_models.keep_layers(model, cfg.n_layer)[0]
     if cfg.student_init == "teacher-shape":
-        return student_models.same_shape_fresh(hf_models.check_causal_lm(teacher.model_dir), n_layer=cfg.n_layer,
-                                         n_embd=cfg.n_embd, n_head=cfg.n_head)
+        return student_models.same_shape_fresh(
+            hf_models.check_causal_lm(teacher.model_dir), n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head
+        )
     context = hf_models.context_length(hf_models.check_causal_lm(teacher.model_dir))
     if longest > context:
         context = 1 << (longest - 1).bit_length()
-    return student_models.new_gpt2(teacher_tok, n_positions=context, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
-                             n_head=cfg.n_head)
+    return student_models.new_gpt2(
+        teacher_tok, n_positions=context, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head
+    )
 
 
 def _learning_curve(cfg: DistillSettings, data: TaskData, tok, before: dict) -> list:
@@ -199,6 +239,7 @@ def _learning_curve(cfg: DistillSettings, data: TaskData, tok, before: dict) -> 
     def measure(m):
         r = answer_accuracy(m, tok, rows, task) if hasattr(task, "is_correct") else {}
         return {**r, "nll": teacher_forced(m, tok, rows)["response_nll_nats"]}
+
     return [PeriodicEval(measure, cfg.curve_every, before.get("student_steps", 0), before.get("input_tokens", 0))]
 
 
@@ -220,14 +261,25 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
     # were drawn to fit the student, so they are not read again here)
     others = sources[1:] if previous is None else []
     longest = max((len(x) for s in others for x in s.store.range(0, len(s.store))[2]), default=0)
-    model = _new_student(d, teacher, tok, seed, longest) if previous is None else \
-        hf_models.load_causal_lm(previous.student_dir)[0]
+    model = (
+        _new_student(d, teacher, tok, seed, longest)
+        if previous is None
+        else hf_models.load_causal_lm(previous.student_dir)[0]
+    )
     if longest > hf_models.context_length(model):
-        raise HpdError(f"the student's context ({hf_models.context_length(model)} tokens) is shorter than the other "
-                       f"teachers' longest sequence ({longest}); use a student with a longer context")
-    job = digest({"cfg": {s: dataclasses.asdict(cfg.section(s)) for s in cfg.sections() if cfg.section(s)},
-                  "plan": dataclasses.asdict(plan), "seed": seed, "world": ctx.world_size,
-                  "inputs": {name: a.fingerprint for name, a in artifacts.items()}})
+        raise HpdError(
+            f"the student's context ({hf_models.context_length(model)} tokens) is shorter than the other "
+            f"teachers' longest sequence ({longest}); use a student with a longer context"
+        )
+    job = digest(
+        {
+            "cfg": {s: dataclasses.asdict(cfg.section(s)) for s in cfg.sections() if cfg.section(s)},
+            "plan": dataclasses.asdict(plan),
+            "seed": seed,
+            "world": ctx.world_size,
+            "inputs": {name: a.fingerprint for name, a in artifacts.items()},
+        }
+    )
     out = ctx.stage_dir() / "student"
     tmp = job_dir(out.with_name(".tmp-student"), job) if ctx.rank == 0 else out.with_name(".tmp-student")
     ctx.barrier()  # rank 0 has cleared another job's leftovers
@@ -237,53 +289,104 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
     if caches:
         collator, signal, where = CacheCollator(tok.pad_token_id, *caches), from_cache, "cache"
     elif plan.online and any(s.method != "sft" for s in sources):
-        collator, signal, where = ResponseCollator(tok.pad_token_id), OnlineTeacher(
-            hf_models.load_teacher(teacher)[0]), "teacher online"
+        collator, signal, where = (
+            ResponseCollator(tok.pad_token_id),
+            OnlineTeacher(hf_models.load_teacher(teacher)[0]),
+            "teacher online",
+        )
     else:
         collator, signal, where = ResponseCollator(tok.pad_token_id), no_teacher, "no teacher"
-    mix = ", ".join(f"{s.share:.0%} {s.name} ({s.method}, {f'cache {s.cache.id}' if s.cache else where}"
-                    f"{f', {len(s)} of {len(s.store)} kept by value' if s.guided else ''})" for s in sources)
+    mix = ", ".join(
+        f"{s.share:.0%} {s.name} ({s.method}, {f'cache {s.cache.id}' if s.cache else where}"
+        f"{f', {len(s)} of {len(s.store)} kept by value' if s.guided else ''})"
+        for s in sources
+    )
     for name in dropped:
-        ctx.log(f"[{ctx.stage}] warning: value.select kept none of the {name} sequences; this round trains on the "
-                f"others alone")
-    ctx.log(f"[{ctx.stage}] a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter student, "
-            f"{plan.steps} steps on {mix}")
+        ctx.log(
+            f"[{ctx.stage}] warning: value.select kept none of the {name} sequences; this round trains on the "
+            f"others alone"
+        )
+    ctx.log(
+        f"[{ctx.stage}] a {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter student, "
+        f"{plan.steps} steps on {mix}"
+    )
 
     # Under DDP each rank reads every world_size-th planned batch: a step's global batch is world_size of them.
     planned = plan.steps * d.gradient_accumulation_steps if plan.planned else 0
     dataset = training_set(sources, d.batch_size, planned * ctx.world_size, seed * 1009 + ctx.round)
-    args = training_arguments(tmp / "checkpoints", steps=plan.steps, batch_size=d.batch_size,
-                              learning_rate=plan.learning_rate, warmup_steps=plan.warmup_steps, seed=seed,
-                              save_steps=d.checkpoint_steps, gradient_accumulation_steps=d.gradient_accumulation_steps,
-                              bf16=d.bf16, sequential=planned > 0, fsdp=d.fsdp, deepspeed=d.deepspeed)
+    args = training_arguments(
+        tmp / "checkpoints",
+        steps=plan.steps,
+        batch_size=d.batch_size,
+        learning_rate=plan.learning_rate,
+        warmup_steps=plan.warmup_steps,
+        seed=seed,
+        save_steps=d.checkpoint_steps,
+        gradient_accumulation_steps=d.gradient_accumulation_steps,
+        bf16=d.bf16,
+        sequential=planned > 0,
+        fsdp=d.fsdp,
+        deepspeed=d.deepspeed,
+    )
     loss_params = {s.method: {k: getattr(d, k) for k in METHOD_PARAMS.get(s.method, ())} for s in sources}
     before = previous.report if previous is not None else {}
-    trainer = DistillTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                             callbacks=_learning_curve(d, data, tok, before) if ctx.rank == 0 else [],
-                             sources=sources, loss_params=loss_params, teacher_signal=signal)
-    train(trainer, log=lambda line: ctx.log(f"[{ctx.stage}] {line}"), what=f"the {trainer.loss_name} loss",
-          hint=NON_FINITE_HINT)
+    trainer = DistillTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=_learning_curve(d, data, tok, before) if ctx.rank == 0 else [],
+        sources=sources,
+        loss_params=loss_params,
+        teacher_signal=signal,
+    )
+    train(
+        trainer,
+        log=lambda line: ctx.log(f"[{ctx.stage}] {line}"),
+        what=f"the {trainer.loss_name} loss",
+        hint=NON_FINITE_HINT,
+    )
     if ctx.rank > 0:
         return None  # rank 0 judges and publishes the student
 
     model.eval()
     sequences = plan.steps * d.batch_size * d.gradient_accumulation_steps * ctx.world_size
-    report = {"parameters": sum(p.numel() for p in model.parameters()), "method": d.method, "round": ctx.round,
-              "teacher_source": d.teacher_source,
-              "mixture": {s.name: {"share": s.share, "method": s.method, "cache": s.cache.id if s.cache else None,
-                                   **({"kept": len(s), "judged": len(s.store)} if s.guided else {})}
-                          for s in sources},
-              "student_steps": before.get("student_steps", 0) + plan.steps,
-              "train_sequences": before.get("train_sequences", 0) + sequences,
-              "input_tokens": before.get("input_tokens", 0) + trainer.state.num_input_tokens_seen}
-    ctx.measure(train_seconds=trainer.state.log_history[-1].get("train_runtime"), rss_start_mb=rss_start,
-                peak_rss_mb=peak_rss_mb(), input_tokens=trainer.state.num_input_tokens_seen, steps=plan.steps,
-                parameters=report["parameters"])
+    report = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "method": d.method,
+        "round": ctx.round,
+        "teacher_source": d.teacher_source,
+        "mixture": {
+            s.name: {
+                "share": s.share,
+                "method": s.method,
+                "cache": s.cache.id if s.cache else None,
+                **({"kept": len(s), "judged": len(s.store)} if s.guided else {}),
+            }
+            for s in sources
+        },
+        "student_steps": before.get("student_steps", 0) + plan.steps,
+        "train_sequences": before.get("train_sequences", 0) + sequences,
+        "input_tokens": before.get("input_tokens", 0) + trainer.state.num_input_tokens_seen,
+    }
+    ctx.measure(
+        train_seconds=trainer.state.log_history[-1].get("train_runtime"),
+        rss_start_mb=rss_start,
+        peak_rss_mb=peak_rss_mb(),
+        input_tokens=trainer.state.num_input_tokens_seen,
+        steps=plan.steps,
+        parameters=report["parameters"],
+    )
     if data.builtin:
         report.update(heldout_report(model, tok, data.heldout, d.eval_examples, TASKS[data.builtin]))
     publish_model(model, tok, tmp, out, {"training_log.json": trainer.state.log_history, "hpd-student.json": report})
-    return Student(student_dir=str(out), report=report, teacher_report=teacher.report, seed=seed,
-                   fingerprint=digest(hf_models.model_fingerprints(out)))
+    return Student(
+        student_dir=str(out),
+        report=report,
+        teacher_report=teacher.report,
+        seed=seed,
+        fingerprint=digest(hf_models.model_fingerprints(out)),
+    )
 
 
 STAGE = StageKind("distill", run, Student, distributed=True)  # the Trainer's DDP; rank 0 publishes

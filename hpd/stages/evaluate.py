@@ -5,13 +5,13 @@ references get ROUGE-L; with eval.humaneval, code students get HumanEval pass@1,
 sandbox (hpd/stages/sandbox.py; the run must opt in to running code: code.execute); every task gets the held-out
 per-token NLL and the full-vocabulary KL to the teacher.
 """
+
 from __future__ import annotations
 
-
 from hpd.common.errors import HpdError
+from hpd.common.faults import crash_point
 from hpd.common.settings import EvalSettings, Settings
 from hpd.storage import atomic
-from hpd.common.faults import crash_point
 from hpd.storage.fingerprint import digest
 
 from . import evaluators, hf_models
@@ -21,16 +21,32 @@ from .tasks import TASKS
 VERSION = 3  # 2: the baseline student, parameters; 3: the teacher's replies as references
 
 
-def judge(model, tokenizer, rows: list[dict], cfg: EvalSettings, task, teacher=None, rouge: bool = True,
-          execute_code: bool = False) -> dict:
+def judge(
+    model,
+    tokenizer,
+    rows: list[dict],
+    cfg: EvalSettings,
+    task,
+    teacher=None,
+    rouge: bool = True,
+    execute_code: bool = False,
+) -> dict:
     report: dict = {"examples": len(rows), "parameters": sum(p.numel() for p in model.parameters())}
     if task is not None and hasattr(task, "is_correct"):
-        report.update(evaluators.answer_accuracy(model, tokenizer, rows, task, samples=cfg.samples,
-                                                 temperature=cfg.temperature))
+        report.update(
+            evaluators.answer_accuracy(model, tokenizer, rows, task, samples=cfg.samples, temperature=cfg.temperature)
+        )
     else:
-        replies = [g[0] for g in evaluators.generate_texts(model, tokenizer, [r["prompt"] for r in rows],
-                                                           max_new_tokens=cfg.max_new_tokens,
-                                                           batch_tokens=cfg.batch_tokens)]
+        replies = [
+            g[0]
+            for g in evaluators.generate_texts(
+                model,
+                tokenizer,
+                [r["prompt"] for r in rows],
+                max_new_tokens=cfg.max_new_tokens,
+                batch_tokens=cfg.batch_tokens,
+            )
+        ]
         if rouge:
             report["rouge_l"] = sum(evaluators.rouge_l(g, r["response"]) for g, r in zip(replies, rows)) / len(rows)
         checkable = [(g, r["answer"]) for g, r in zip(replies, rows) if "answer" in r]
@@ -40,22 +56,32 @@ def judge(model, tokenizer, rows: list[dict], cfg: EvalSettings, task, teacher=N
     report.update(evaluators.teacher_forced(model, tokenizer, rows, teacher, batch_tokens=cfg.batch_tokens))
     if cfg.humaneval:
         problems = evaluators.humaneval_problems(cfg.humaneval_problems)
-        report.update(evaluators.humaneval_pass_at_1(model, tokenizer, problems, timeout=cfg.timeout,
-                                                     max_new_tokens=cfg.max_new_tokens or 384,
-                                                     execute_code=execute_code))
+        report.update(
+            evaluators.humaneval_pass_at_1(
+                model,
+                tokenizer,
+                problems,
+                timeout=cfg.timeout,
+                max_new_tokens=cfg.max_new_tokens or 384,
+                execute_code=execute_code,
+            )
+        )
     return report
 
 
 def _heldout_rows(cfg: EvalSettings, data: TaskData) -> tuple[str, list[dict]]:
     heldout = cfg.heldout or data.heldout
     if not heldout:
-        raise HpdError("eval.heldout is empty and there is no built-in task; set eval.heldout to a JSONL file "
-                       "with a prompt field (and a response field, or the teacher's replies are the references)")
+        raise HpdError(
+            "eval.heldout is empty and there is no built-in task; set eval.heldout to a JSONL file "
+            "with a prompt field (and a response field, or the teacher's replies are the references)"
+        )
     return heldout, evaluators.heldout_rows(heldout, cfg.examples)
 
 
-def run(ctx, settings: Settings, data: TaskData, teacher: Teacher, student: Student,
-        baseline: Student | None = None) -> EvalReport:
+def run(
+    ctx, settings: Settings, data: TaskData, teacher: Teacher, student: Student, baseline: Student | None = None
+) -> EvalReport:
     cfg = settings.eval
     heldout, rows = _heldout_rows(cfg, data)
     task = TASKS.get(data.builtin)
@@ -64,22 +90,38 @@ def run(ctx, settings: Settings, data: TaskData, teacher: Teacher, student: Stud
     ctx.log(f"[eval] {len(rows)} held-out examples from {heldout}")
     references = "data" if "response" in rows[0] else "teacher"
     if references == "teacher":  # no reference answers: the teacher's greedy replies are what to match
-        replies = evaluators.generate_texts(teacher_model, tok, [r["prompt"] for r in rows],
-                                            max_new_tokens=cfg.max_new_tokens, batch_tokens=cfg.batch_tokens)
+        replies = evaluators.generate_texts(
+            teacher_model,
+            tok,
+            [r["prompt"] for r in rows],
+            max_new_tokens=cfg.max_new_tokens,
+            batch_tokens=cfg.batch_tokens,
+        )
         rows = [{**r, "response": g[0]} for r, g in zip(rows, replies)]
     reference = teacher_model if cfg.kl_to_teacher else None
-    report = {"references": references,
-              "student": judge(model, tok, rows, cfg, task, teacher=reference, execute_code=ctx.execute_code),
-              "student_dir": student.student_dir, "student_report": student.report}
+    report = {
+        "references": references,
+        "student": judge(model, tok, rows, cfg, task, teacher=reference, execute_code=ctx.execute_code),
+        "student_dir": student.student_dir,
+        "student_report": student.report,
+    }
     if baseline is not None:  # the same student trained without the teacher's distribution (distill.baseline)
-        report["baseline"] = judge(hf_models.load_causal_lm(baseline.student_dir)[0], tok, rows, cfg, task,
-                                   teacher=reference, execute_code=ctx.execute_code)
+        report["baseline"] = judge(
+            hf_models.load_causal_lm(baseline.student_dir)[0],
+            tok,
+            rows,
+            cfg,
+            task,
+            teacher=reference,
+            execute_code=ctx.execute_code,
+        )
         report["baseline_report"] = baseline.report
     crash_point("judged")
     if cfg.teacher:
         # against its own replies the teacher's ROUGE-L is 1 by construction: not reported
-        report["teacher"] = judge(teacher_model, tok, rows, cfg, task, rouge=references == "data",
-                                  execute_code=ctx.execute_code)
+        report["teacher"] = judge(
+            teacher_model, tok, rows, cfg, task, rouge=references == "data", execute_code=ctx.execute_code
+        )
     path = ctx.stage_dir() / "report.json"
     atomic.write_json(path, report)
     s = report["student"]

@@ -3,6 +3,7 @@
 Small functions, each usable on its own: the teacher and distill stages report `heldout_report`, the eval
 stage adds avg@k, ROUGE-L, HumanEval pass@1 and the KL to the teacher.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,11 +18,15 @@ from hpd.common.errors import HpdError
 
 from . import batching, hf_models, sampling
 
-
 # What a judged model's report holds, in the order tables show it: (key, label, format); "avg@" is avg@k for any k.
-METRICS = [("accuracy", "accuracy", "{:.1%}"), ("avg@", "avg@k", "{:.1%}"), ("rouge_l", "ROUGE-L", "{:.4f}"),
-           ("humaneval_pass@1", "HumanEval pass@1", "{:.1%}"), ("response_nll_nats", "held-out NLL", "{:.3f}"),
-           ("kl_to_teacher_nats", "KL to teacher", "{:.3f}")]
+METRICS = [
+    ("accuracy", "accuracy", "{:.1%}"),
+    ("avg@", "avg@k", "{:.1%}"),
+    ("rouge_l", "ROUGE-L", "{:.4f}"),
+    ("humaneval_pass@1", "HumanEval pass@1", "{:.1%}"),
+    ("response_nll_nats", "held-out NLL", "{:.3f}"),
+    ("kl_to_teacher_nats", "KL to teacher", "{:.3f}"),
+]
 LOWER_IS_BETTER = ("response_nll_nats", "kl_to_teacher_nats")
 
 
@@ -55,8 +60,9 @@ def heldout_rows(path: str, n: int = 0) -> list[dict]:
     try:
         rows = read_rows(path, n)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HpdError(f"eval.heldout {path} is not JSONL ({str(e).splitlines()[0]}); give one JSON object per "
-                       f"line") from None
+        raise HpdError(
+            f"eval.heldout {path} is not JSONL ({str(e).splitlines()[0]}); give one JSON object per line"
+        ) from None
     if not rows:
         raise HpdError(f"eval.heldout {path} has no rows; give at least one prompt")
     for i, r in enumerate(rows):
@@ -70,8 +76,10 @@ def heldout_rows(path: str, n: int = 0) -> list[dict]:
     refs = sum("response" in r for r in rows)
     if 0 < refs < len(rows):
         bad = next(i for i, r in enumerate(rows) if "response" not in r)
-        raise HpdError(f"{path} row {bad + 1} has no response (or an empty one) while other rows have one; give "
-                       f"responses for every row, or for none (then the teacher's greedy replies are the references)")
+        raise HpdError(
+            f"{path} row {bad + 1} has no response (or an empty one) while other rows have one; give "
+            f"responses for every row, or for none (then the teacher's greedy replies are the references)"
+        )
     return rows
 
 
@@ -81,24 +89,42 @@ def _room(model, prompts: list[list[int]]) -> int:
     return hf_models.context_length(model) - max(map(len, prompts)) - 1
 
 
-def generate_texts(model, tokenizer, prompts: list[str], *, samples: int = 1, greedy: bool = True,
-                   temperature: float = 1.0, max_new_tokens: int = 0, batch_size: int = 250,
-                   batch_tokens: int = 0) -> list[list[str]]:
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    samples: int = 1,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    max_new_tokens: int = 0,
+    batch_size: int = 250,
+    batch_tokens: int = 0,
+) -> list[list[str]]:
     """`samples` decoded responses per prompt (greedy: one)."""
     ids = [batching.encode_pair(tokenizer, p, None)[0] for p in prompts]
     room = _room(model, ids)
     if room < 1:
         longest = max(range(len(ids)), key=lambda i: len(ids[i]))
-        raise HpdError(f"a prompt of {len(ids[longest])} tokens ({prompts[longest][:40]!r}...) leaves the model no room "
-                       f"to answer in its context of {hf_models.context_length(model)} tokens; use a model with a "
-                       f"longer context, or shorter prompts")
+        raise HpdError(
+            f"a prompt of {len(ids[longest])} tokens ({prompts[longest][:40]!r}...) leaves the model no room "
+            f"to answer in its context of {hf_models.context_length(model)} tokens; use a model with a "
+            f"longer context, or shorter prompts"
+        )
     n = 1 if greedy else samples
-    outs = sampling.sample(model, tokenizer, [p for p in ids for _ in range(n)],
-                           max_new_tokens=min(max_new_tokens or room, room), greedy=greedy,
-                           temperature=temperature, batch_size=batch_size, batch_tokens=batch_tokens,
-                           desc="eval sampling")
+    outs = sampling.sample(
+        model,
+        tokenizer,
+        [p for p in ids for _ in range(n)],
+        max_new_tokens=min(max_new_tokens or room, room),
+        greedy=greedy,
+        temperature=temperature,
+        batch_size=batch_size,
+        batch_tokens=batch_tokens,
+        desc="eval sampling",
+    )
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 # -- math: exact answers -------------------------------------------------------------------------------------
@@ -107,10 +133,12 @@ def answer_accuracy(model, tokenizer, rows: list[dict], task, *, samples: int = 
     greedy = generate_texts(model, tokenizer, [r["prompt"] for r in rows])
     report = {"accuracy": sum(task.is_correct(g[0], r) for g, r in zip(greedy, rows)) / len(rows)}
     if samples > 1:
-        sampled = generate_texts(model, tokenizer, [r["prompt"] for r in rows], samples=samples, greedy=False,
-                                 temperature=temperature)
+        sampled = generate_texts(
+            model, tokenizer, [r["prompt"] for r in rows], samples=samples, greedy=False, temperature=temperature
+        )
         report[f"avg@{samples}"] = sum(task.is_correct(s, r) for ss, r in zip(sampled, rows) for s in ss) / (
-            samples * len(rows))
+            samples * len(rows)
+        )
     return report
 
 
@@ -151,8 +179,11 @@ def check_humaneval(problem: dict, completion: str, timeout: float, *, execute_c
     the caller's opt-in: execute_code=True (or HPD_ALLOW_CODE_EVAL=1)."""
     from . import sandbox
 
-    sandbox.require(f"checking {problem.get('task_id', 'a HumanEval-style problem')} runs the completion with its "
-                    f"tests", execute_code, how="execute_code=True")
+    sandbox.require(
+        f"checking {problem.get('task_id', 'a HumanEval-style problem')} runs the completion with its tests",
+        execute_code,
+        how="execute_code=True",
+    )
     program = problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
     return {"task_id": problem.get("task_id"), **sandbox.run(program, timeout, allow=execute_code)}
 
@@ -164,26 +195,36 @@ def humaneval_problems(limit: int = 0) -> list[dict]:
     return problems[:limit] if limit else problems
 
 
-def humaneval_pass_at_1(model, tokenizer, problems: list[dict], *, timeout: float, max_new_tokens: int,
-                        execute_code: bool = False) -> dict:
+def humaneval_pass_at_1(
+    model, tokenizer, problems: list[dict], *, timeout: float, max_new_tokens: int, execute_code: bool = False
+) -> dict:
     """Greedy completions of the problems, each run against its tests in the sandbox (execute_code: the opt-in)."""
     from . import sandbox
 
-    sandbox.require("eval.humaneval runs the model's HumanEval completions", execute_code,
-                    how="execute_code=True (code.execute=true in a config)")  # before minutes of generating
-    completions = generate_texts(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens=max_new_tokens,
-                                 batch_size=8)
-    results = [check_humaneval(p, truncate_completion(c[0]), timeout, execute_code=execute_code)
-               for p, c in zip(problems, completions)]
-    return {"humaneval_pass@1": sum(r["passed"] for r in results) / len(results),
-            "humaneval_problems": len(results),
-            "humaneval_timed_out": sum(r["result"] == "timed out" for r in results)}
+    sandbox.require(
+        "eval.humaneval runs the model's HumanEval completions",
+        execute_code,
+        how="execute_code=True (code.execute=true in a config)",
+    )  # before minutes of generating
+    completions = generate_texts(
+        model, tokenizer, [p["prompt"] for p in problems], max_new_tokens=max_new_tokens, batch_size=8
+    )
+    results = [
+        check_humaneval(p, truncate_completion(c[0]), timeout, execute_code=execute_code)
+        for p, c in zip(problems, completions)
+    ]
+    return {
+        "humaneval_pass@1": sum(r["passed"] for r in results) / len(results),
+        "humaneval_problems": len(results),
+        "humaneval_timed_out": sum(r["result"] == "timed out" for r in results),
+    }
 
 
 # -- any task: likelihood of the references, and distance to the teacher ---------------------------------------
 @torch.no_grad()
-def teacher_forced(model, tokenizer, rows: list[dict], teacher=None, batch_size: int = 32,
-                   batch_tokens: int = 0) -> dict:
+def teacher_forced(
+    model, tokenizer, rows: list[dict], teacher=None, batch_size: int = 32, batch_tokens: int = 0
+) -> dict:
     """Per-token NLL of the reference responses, the model's mean next-token entropy on them, and (given a
     teacher) the mean full-vocabulary KL(teacher || model) at the same positions."""
     sums = {"response_nll_nats": 0.0, "response_entropy_nats": 0.0, "kl_to_teacher_nats": 0.0}
@@ -196,11 +237,11 @@ def teacher_forced(model, tokenizer, rows: list[dict], teacher=None, batch_size:
         lp = hf_models.log_probs(teacher, seqs, tokenizer.pad_token_id)[0] if teacher is not None else None
         for b, (ids, plen) in enumerate(enc):
             sl = slice(plen - 1, len(ids) - 1)
-            q = lq[b, sl, :len(tokenizer)]
+            q = lq[b, sl, : len(tokenizer)]
             sums["response_entropy_nats"] -= (q.exp() * q).sum().item()
             sums["response_nll_nats"] -= q.gather(-1, torch.tensor(ids[plen:]).unsqueeze(-1)).sum().item()
             if lp is not None:
-                p = lp[b, sl, :len(tokenizer)]
+                p = lp[b, sl, : len(tokenizer)]
                 sums["kl_to_teacher_nats"] += (p.exp() * (p - q)).sum().item()
             count += len(ids) - plen
     report = {k: v / max(count, 1) for k, v in sums.items()}
@@ -220,4 +261,3 @@ def heldout_report(model, tokenizer, heldout: str, n: int, task=None) -> dict:
         report["heldout_accuracy"] = answer_accuracy(model, tokenizer, rows, task)["accuracy"]
     report.update(teacher_forced(model, tokenizer, rows))
     return report
-

@@ -1,4 +1,5 @@
 """A GGUF file (llama.cpp's and Ollama's format) as a teacher: checked whole, converted once into an HF directory."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,6 @@ from pathlib import Path
 import torch
 
 from hpd.common.errors import HpdError
-
 
 GGUF_MAGIC = b"GGUF"
 
@@ -29,6 +29,7 @@ def gguf_expected_size(file: Path) -> int:
 
     scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
     with open(file, "rb") as f:
+
         def read(fmt: str):
             raw = f.read(struct.calcsize("<" + fmt))
             if len(raw) < struct.calcsize("<" + fmt):
@@ -75,13 +76,16 @@ def _check_gguf_size(file: Path) -> None:
     try:
         expected = gguf_expected_size(file)
     except EOFError:
-        raise HpdError(f"{file.name} is truncated: it ends inside its header ({size:,} bytes); download or copy the "
-                       f"file again") from None
+        raise HpdError(
+            f"{file.name} is truncated: it ends inside its header ({size:,} bytes); download or copy the file again"
+        ) from None
     except (ValueError, KeyError):
         return  # a header this reader does not know: transformers' reader says what is wrong with it
     if size < expected:
-        raise HpdError(f"{file.name} is truncated: {size:,} bytes, its header describes {expected:,}; download or "
-                       f"copy the file again")
+        raise HpdError(
+            f"{file.name} is truncated: {size:,} bytes, its header describes {expected:,}; download or "
+            f"copy the file again"
+        )
 
 
 def import_gguf(file: str | Path, model_root: Path) -> Path:
@@ -96,8 +100,10 @@ def import_gguf(file: str | Path, model_root: Path) -> Path:
 
     file = Path(file).expanduser().resolve()
     if not is_gguf(file):
-        raise HpdError(f"teacher.path {file} is not a GGUF file (it does not start with the GGUF magic bytes); "
-                       f"give a .gguf file or a local HF model directory")
+        raise HpdError(
+            f"teacher.path {file} is not a GGUF file (it does not start with the GGUF magic bytes); "
+            f"give a .gguf file or a local HF model directory"
+        )
     _check_gguf_size(file)  # before the lock: a file that cannot be converted leaves nothing behind
     final = model_root / f"gguf-{file.stem[:40]}-{file_digest(file)[:12]}"
     model_root.mkdir(parents=True, exist_ok=True)
@@ -116,8 +122,10 @@ def import_gguf(file: str | Path, model_root: Path) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
             loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
         except Exception as e:  # noqa: BLE001 - transformers raises ValueError, KeyError, NotImplementedError...
-            raise HpdError(f"{file.name}: transformers cannot read this GGUF file ({_gguf_problem(file, e)}); "
-                           f"convert it from its HF checkpoint instead") from None
+            raise HpdError(
+                f"{file.name}: transformers cannot read this GGUF file ({_gguf_problem(file, e)}); "
+                f"convert it from its HF checkpoint instead"
+            ) from None
         # save_pretrained refuses a model loaded from GGUF: rebuild it from its config and weights.
         model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())

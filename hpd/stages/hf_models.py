@@ -1,5 +1,6 @@
 """Local Hugging Face causal LMs: checked before use, loaded, identified by their files, and the two things a
 forward pass here needs beyond transformers (the output head at chosen positions only, fp32 log-probs)."""
+
 from __future__ import annotations
 
 import os
@@ -13,12 +14,18 @@ from hpd.storage.fingerprint import digest, files_digest
 
 from .batching import pad_right
 
-
 WEIGHT_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.bin"]
 
 
-TOKENIZER_FILES = ["tokenizer*", "vocab*", "merges*", "special_tokens_map.json", "chat_template*", "*.model",
-                   "added_tokens.json"]
+TOKENIZER_FILES = [
+    "tokenizer*",
+    "vocab*",
+    "merges*",
+    "special_tokens_map.json",
+    "chat_template*",
+    "*.model",
+    "added_tokens.json",
+]
 
 
 def read_config(path: str | Path, what: str = "model path", saved: str = "config, weights and tokenizer"):
@@ -36,8 +43,10 @@ def read_config(path: str | Path, what: str = "model path", saved: str = "config
 
 def check_causal_lm(path: str | Path):
     """The model's config, or a one-line error saying why `path` is not a local causal LM."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     path = Path(path)
     config = read_config(path)
@@ -45,11 +54,17 @@ def check_causal_lm(path: str | Path):
     saved_as = getattr(config, "architectures", None) or []
     # Encoder families (BERT, RoBERTa, ...) are registered for causal LM too, but only as decoders.
     encoder_only = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder
-    if (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.is_encoder_decoder or encoder_only
-            or (saved_as and not causal_classes.intersection(saved_as))):
+    if (
+        config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or config.is_encoder_decoder
+        or encoder_only
+        or (saved_as and not causal_classes.intersection(saved_as))
+    ):
         what = saved_as[0] if saved_as else config.model_type
-        raise HpdError(f"model path {path} holds a {what!r} model, which is not a causal LM; "
-                       f"give a decoder model that AutoModelForCausalLM can load")
+        raise HpdError(
+            f"model path {path} holds a {what!r} model, which is not a causal LM; "
+            f"give a decoder model that AutoModelForCausalLM can load"
+        )
     return config
 
 
@@ -62,11 +77,15 @@ def load_causal_lm(path: str | Path, dtype=torch.float32):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001
-        raise HpdError(f"model path {path}: tokenizer cannot be loaded ({str(e).splitlines()[0]}); "
-                       f"save it next to the model with tokenizer.save_pretrained") from None
+        raise HpdError(
+            f"model path {path}: tokenizer cannot be loaded ({str(e).splitlines()[0]}); "
+            f"save it next to the model with tokenizer.save_pretrained"
+        ) from None
     if not any(next(Path(path).glob(pattern), None) for pattern in ("*.safetensors", "*.bin")):
-        raise HpdError(f"model path {path} has a config but no weights (*.safetensors or *.bin); "
-                       f"save the model there with save_pretrained")
+        raise HpdError(
+            f"model path {path} has a config but no weights (*.safetensors or *.bin); "
+            f"save the model there with save_pretrained"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - truncated or mismatched weights raise many types

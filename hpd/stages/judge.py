@@ -6,6 +6,7 @@ beside them (hpd/storage/values.py): a judging run killed midway resumes after i
 distill stages read the values and apply value.select / weighting / advantage; those settings are not part of
 this stage's key, so trying another selection reuses the values.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,14 @@ from .tasks import TASKS
 GUIDANCE_KEYS = tuple(f"value.{k}" for k in ("judge", "select", "keep", "threshold", "weighting", "tau", "advantage"))
 
 
-def value_function(cfg: ValueSettings, gen: GenerateSettings, data: TaskData, teacher: Teacher, score: Cache | None, execute_code: bool = False):
+def value_function(
+    cfg: ValueSettings,
+    gen: GenerateSettings,
+    data: TaskData,
+    teacher: Teacher,
+    score: Cache | None,
+    execute_code: bool = False,
+):
     """(callable(seq_ids, prompts, responses) -> values, identity for the store's key). execute_code: the run's
     opt-in to running the prompts' test code (code.execute), for the verifier on HumanEval-style prompts."""
     from transformers import AutoTokenizer
@@ -36,24 +44,33 @@ def value_function(cfg: ValueSettings, gen: GenerateSettings, data: TaskData, te
     name = cfg.function
     if name == "teacher":
         judge = fn.TeacherValue(LogitCache(Path(score.cache)), cfg.teacher_reduce)
-        return (lambda ids, p, r: judge.of(ids)), {"function": name, "cache": score.cache_id,
-                                                   "reduce": cfg.teacher_reduce}
+        return (lambda ids, p, r: judge.of(ids)), {
+            "function": name,
+            "cache": score.cache_id,
+            "reduce": cfg.teacher_reduce,
+        }
     tok = AutoTokenizer.from_pretrained(teacher.model_dir)
     if name == "reward_model":
         from .hf_models import model_fingerprints
 
         judge = fn.RewardModel(cfg.reward_model, tok, cfg.batch_size)
-        return (lambda ids, p, r: judge(p, r)), {"function": name,
-                                                 "model": model_fingerprints(Path(cfg.reward_model))}
+        return (lambda ids, p, r: judge(p, r)), {"function": name, "model": model_fingerprints(Path(cfg.reward_model))}
     source = gen.prompts or data.train  # the prompts the sequences answer, with what the checker needs
     rows = prompt_rows(source, gen.prompt_field, gen.num_prompts)
-    judge = fn.Verifier(tok, rows, gen.prompt_field, TASKS.get(data.builtin) if not gen.prompts else None,
-                        cfg.timeout, execute_code=execute_code)
+    judge = fn.Verifier(
+        tok,
+        rows,
+        gen.prompt_field,
+        TASKS.get(data.builtin) if not gen.prompts else None,
+        cfg.timeout,
+        execute_code=execute_code,
+    )
     return (lambda ids, p, r: judge(p, r)), {"function": name, "task": data.builtin, "prompts": str(source)}
 
 
-def run(ctx, settings: Settings, data: TaskData, teacher: Teacher, generate: Sequences,
-        score: Cache | None = None) -> Values:
+def run(
+    ctx, settings: Settings, data: TaskData, teacher: Teacher, generate: Sequences, score: Cache | None = None
+) -> Values:
     cfg = settings.value
     store = SequenceStore(Path(generate.sequences))
     judge, identity = value_function(cfg, settings.generate, data, teacher, score, ctx.execute_code)
@@ -68,8 +85,13 @@ def run(ctx, settings: Settings, data: TaskData, teacher: Teacher, generate: Seq
         out.write(shard, valuestore.values_table(seq_ids, store.prompt_index(shard), values))
     manifest = out.finish()
     _, _, values = valuestore.ValueStore(final).arrays()
-    return Values(values=str(final), function=cfg.function, count=len(values), mean=float(np.mean(values)),
-                  fingerprint=manifest["fingerprint"])
+    return Values(
+        values=str(final),
+        function=cfg.function,
+        count=len(values),
+        mean=float(np.mean(values)),
+        fingerprint=manifest["fingerprint"],
+    )
 
 
 STAGE = StageKind("judge", run, Values, distributed=True)  # ranks share the shards

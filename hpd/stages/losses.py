@@ -16,6 +16,7 @@ batch (storage.logit_cache.CacheBatch) is aligned the same way (entry t describe
 TRL's GKD: m = beta p + (1 - beta) q, loss = beta KL(p||m) + (1 - beta) KL(q||m), beta = 0 is forward KL and
 beta = 1 reverse KL. All arithmetic is fp32, mixtures via logsumexp.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ class Outcomes:
     """The teacher's and the student's log-probs over the same outcomes, per response position [N, S]. `keep`
     [N, S] says which columns are outcomes (None: all): a column that is not (a sampled cache's empty slot, the
     tail bucket of slots that cover the vocabulary) has logp = -inf and a finite logq that no method weighs."""
-    logp: torch.Tensor   # teacher, detached
-    logq: torch.Tensor   # student, with grad; finite everywhere (a weight of 0 times it must give 0, not nan)
+
+    logp: torch.Tensor  # teacher, detached
+    logq: torch.Tensor  # student, with grad; finite everywhere (a weight of 0 times it must give 0, not nan)
     keep: torch.Tensor | None = None
 
 
@@ -104,8 +106,7 @@ def _akl(o, q, mu=0.5):
     return a_h[:, 0] * v_f + (1 - a_h[:, 0]) * v_r, a_h * w_f + (1 - a_h) * w_r
 
 
-DISTRIBUTION_METHODS = {"fkl": _fkl, "rkl": _rkl, "jsd": _jsd, "skl": _skl, "srkl": _srkl, "tvd": _tvd,
-                        "akl": _akl}
+DISTRIBUTION_METHODS = {"fkl": _fkl, "rkl": _rkl, "jsd": _jsd, "skl": _skl, "srkl": _srkl, "tvd": _tvd, "akl": _akl}
 
 # HPD (the paper's) and this project's variants of it, which a cache makes affordable: name -> (forward part,
 # sampled-token term). Forward part "token": HPD's weight f * p(a*) on the sequence's token only; "dist": the
@@ -113,10 +114,20 @@ DISTRIBUTION_METHODS = {"fkl": _fkl, "rkl": _rkl, "jsd": _jsd, "skl": _skl, "srk
 # vocabulary). Sampled-token term "sample": one student sample per position (the paper); "samples": the mean of
 # HPD over `hpd_samples` independent samples; "expect": its exact expectation under the student, every token v
 # weighted by q(v), with p(v) from the cache (estimated outside the top-k as `_CachedTeacher.token` does).
-HPD_FAMILY = {"hpd": ("token", "sample"), "hpd_fkl": ("dist", "sample"), "hpd_nsamp": ("token", "samples"),
-              "hpd_expect": ("token", "expect"), "hpd_fkl_expect": ("dist", "expect")}
-METHOD_PARAMS = {"jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",), "akl": ("mu",),  # what each accepts
-                 "hpd_nsamp": ("hpd_samples",)}
+HPD_FAMILY = {
+    "hpd": ("token", "sample"),
+    "hpd_fkl": ("dist", "sample"),
+    "hpd_nsamp": ("token", "samples"),
+    "hpd_expect": ("token", "expect"),
+    "hpd_fkl_expect": ("dist", "expect"),
+}
+METHOD_PARAMS = {
+    "jsd": ("beta",),
+    "skl": ("alpha",),
+    "srkl": ("alpha",),
+    "akl": ("mu",),  # what each accepts
+    "hpd_nsamp": ("hpd_samples",),
+}
 TOKEN_METHODS = ("sft", "seqkd", "opd", *HPD_FAMILY)
 REWARD_METHODS = ("opd", *HPD_FAMILY)  # a per-token teacher reward log p - log q, which a value advantage shifts
 METHODS = (*TOKEN_METHODS, *DISTRIBUTION_METHODS)
@@ -173,10 +184,16 @@ class _CachedTeacher(_TeacherView):
     @classmethod
     def of(cls, cache, sel: torch.Tensor) -> _CachedTeacher:
         if not bool(cache.mask[:, :-1][sel].all()):
-            raise ValueError("the cache batch has no teacher entry for some labelled positions: cache rows and "
-                             "token batch are misaligned (join them by sequence id)")
-        return cls(cache.topk_ids[:, :-1][sel], cache.topk_logprobs[:, :-1][sel].float(),
-                   cache.tail_logmass[:, :-1][sel].float(), cache.target_logprob[:, :-1][sel].float())
+            raise ValueError(
+                "the cache batch has no teacher entry for some labelled positions: cache rows and "
+                "token batch are misaligned (join them by sequence id)"
+            )
+        return cls(
+            cache.topk_ids[:, :-1][sel],
+            cache.topk_logprobs[:, :-1][sel].float(),
+            cache.tail_logmass[:, :-1][sel].float(),
+            cache.target_logprob[:, :-1][sel].float(),
+        )
 
     def rows(self, part: slice) -> _CachedTeacher:
         return _CachedTeacher(self.ids[part], self.top[part], self.tail[part], self.target[part], self.keep[part])
@@ -206,8 +223,9 @@ class _CachedTeacher(_TeacherView):
         """log p over the whole vocabulary [n, V], estimated outside the top-k as in `token`."""
         q = logq.detach()
         held, q_out, _ = self._held(q)
-        stored = torch.full_like(q, NEG_INF).scatter_reduce(-1, self.ids, self.top.masked_fill(~self.keep, NEG_INF),
-                                                            "amax")  # a repeated id: its kept slot's value
+        stored = torch.full_like(q, NEG_INF).scatter_reduce(
+            -1, self.ids, self.top.masked_fill(~self.keep, NEG_INF), "amax"
+        )  # a repeated id: its kept slot's value
         return torch.where(held, stored, self.tail[:, None] + q - q_out[:, None]), held
 
     def outcomes(self, logq: torch.Tensor) -> Outcomes:
@@ -233,14 +251,22 @@ class _SampledTeacher(_CachedTeacher):
     @classmethod
     def of(cls, batch, sel: torch.Tensor) -> _SampledTeacher:
         if not bool(batch.mask[:, :-1][sel].all()):
-            raise ValueError("the sampled batch has no teacher entry for some labelled positions: rows and token "
-                             "batch are misaligned (join them by sequence id)")
-        return cls(batch.ids[:, :-1][sel], batch.logprob[:, :-1][sel].float(), batch.tail_logmass[:, :-1][sel].float(),
-                   batch.target_logprob[:, :-1][sel].float(), batch.log_weight[:, :-1][sel].float())
+            raise ValueError(
+                "the sampled batch has no teacher entry for some labelled positions: rows and token "
+                "batch are misaligned (join them by sequence id)"
+            )
+        return cls(
+            batch.ids[:, :-1][sel],
+            batch.logprob[:, :-1][sel].float(),
+            batch.tail_logmass[:, :-1][sel].float(),
+            batch.target_logprob[:, :-1][sel].float(),
+            batch.log_weight[:, :-1][sel].float(),
+        )
 
     def rows(self, part: slice) -> _SampledTeacher:
-        return _SampledTeacher(self.ids[part], self.top[part], self.tail[part], self.target[part], self.log_w[part],
-                               self.keep[part])
+        return _SampledTeacher(
+            self.ids[part], self.top[part], self.tail[part], self.target[part], self.log_w[part], self.keep[part]
+        )
 
     def linear_outcomes(self, logq: torch.Tensor) -> Outcomes:
         """The stored ids with p_hat, unbiased for a loss linear in p (no tail bucket: p_hat sums to 1 in
@@ -267,6 +293,7 @@ class TeacherSignal:
 @dataclass
 class TeacherLogits(TeacherSignal):
     """The teacher's full-vocabulary logits [B, L, V] for the batch (an online teacher, or a test's)."""
+
     logits: torch.Tensor
 
     def at(self, sel: torch.Tensor, temperature: float) -> _FullTeacher:
@@ -279,6 +306,7 @@ class TeacherLogits(TeacherSignal):
 @dataclass
 class CachedTargets(TeacherSignal):
     """A cache batch (storage.logit_cache.CacheBatch): the teacher's top-k, tail and target log-probs."""
+
     batch: CacheBatch
 
     def at(self, sel: torch.Tensor, temperature: float) -> _CachedTeacher:
@@ -291,6 +319,7 @@ class CachedTargets(TeacherSignal):
 @dataclass
 class SampledTargets(TeacherSignal):
     """A sampled-targets batch (storage.cache_batch.SampledBatch): drawn ids with p_hat and exact log-probs."""
+
     batch: SampledBatch
 
     def at(self, sel: torch.Tensor, temperature: float) -> _SampledTeacher:
@@ -339,11 +368,20 @@ def response_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor, teacher=None,
-                 sampled_tokens: torch.Tensor | None = None, *, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, chunk_elements: int = LOSS_CHUNK_ELEMENTS,
-                 sequence_weight: torch.Tensor | None = None, sequence_advantage: torch.Tensor | None = None,
-                 **params):
+def distill_loss(
+    method: str,
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher=None,
+    sampled_tokens: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+    sequence_weight: torch.Tensor | None = None,
+    sequence_advantage: torch.Tensor | None = None,
+    **params,
+):
     """(scalar loss, diagnostics): the mean over labelled positions. `student_logits`: [B, L, V], or [N, V] at
     the `response_positions(labels)` only. `teacher`: a teacher signal (TeacherLogits, CachedTargets), or the
     logits [B, L, V] or CacheBatch it wraps; unused by sft.
@@ -368,17 +406,23 @@ def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
         return student_logits.sum() * 0.0, {"tokens": 0}
     z = student_logits[:, :-1][sel] if student_logits.dim() == 3 else student_logits
     if z.shape[0] != n:
-        raise ValueError(f"student logits have {z.shape[0]} positions but the labels {n}: give logits for every "
-                         f"position or for response_positions(labels) only")
+        raise ValueError(
+            f"student logits have {z.shape[0]} positions but the labels {n}: give logits for every "
+            f"position or for response_positions(labels) only"
+        )
     if method != "sft" and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher (logits or a cache batch)")
     view = None if method == "sft" else teacher_signal(teacher).at(sel, temperature)
     target = y[sel]
     if sequence_advantage is not None and method not in REWARD_METHODS:
-        raise ValueError(f"a value advantage shifts a teacher reward; method {method!r} has none "
-                         f"(use one of {', '.join(REWARD_METHODS)})")
-    per_row = [None if x is None else x.to(z.device, torch.float32)[:, None].expand_as(y)[sel]
-               for x in (sequence_weight, sequence_advantage)]
+        raise ValueError(
+            f"a value advantage shifts a teacher reward; method {method!r} has none "
+            f"(use one of {', '.join(REWARD_METHODS)})"
+        )
+    per_row = [
+        None if x is None else x.to(z.device, torch.float32)[:, None].expand_as(y)[sel]
+        for x in (sequence_weight, sequence_advantage)
+    ]
     samples = None if sampled_tokens is None else sampled_tokens[:, 1:][sel]
     rows = max(1, chunk_elements // z.shape[-1])
     total, sums = 0.0, {}
@@ -388,10 +432,18 @@ def distill_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
         draws = _draws(method, params)
         if draws and sample is None:  # drawn outside the chunk so that its recomputation sees the same
             with torch.no_grad():
-                sample = torch.multinomial(torch.softmax(z[part].detach().float(), -1), draws, replacement=True,
-                                           generator=generator)
-        args = (method, None if view is None else view.rows(part), params, z[part], target[part], sample,
-                *(None if x is None else x[part] for x in per_row))
+                sample = torch.multinomial(
+                    torch.softmax(z[part].detach().float(), -1), draws, replacement=True, generator=generator
+                )
+        args = (
+            method,
+            None if view is None else view.rows(part),
+            params,
+            z[part],
+            target[part],
+            sample,
+            *(None if x is None else x[part] for x in per_row),
+        )
         if z.requires_grad and n > rows:
             loss_sum, stats = checkpoint(_position_losses, *args, use_reentrant=False)
         else:
@@ -408,8 +460,9 @@ def _draws(method: str, params: dict) -> int:
     return {"sample": 1, "samples": int(params.get("hpd_samples", 4))}.get(terms, 0)
 
 
-def _position_losses(method: str, view, params: dict, z: torch.Tensor, target: torch.Tensor, sample,
-                     weight=None, shift=None):
+def _position_losses(
+    method: str, view, params: dict, z: torch.Tensor, target: torch.Tensor, sample, weight=None, shift=None
+):
     """Summed loss over a chunk of positions (its gradient the weighted log-likelihood's), and summed
     diagnostics. z: the student's logits [n, V] at those positions; `weight` [n] multiplies each position's
     loss and `shift` [n] is added to its teacher reward (value guidance; None: neither)."""
@@ -445,14 +498,21 @@ def _per_position(method: str, view, params: dict, z: torch.Tensor, target: torc
         adv = (logp_star - logq_star).detach() + (0.0 if shift is None else shift)
         return -(adv * logq_star), {"reward": adv.sum()}
 
-    return _hpd_family(*HPD_FAMILY[method], view, logq, logq_star, logp_star, target, sample,
-                       0.0 if shift is None else shift)
+    return _hpd_family(
+        *HPD_FAMILY[method], view, logq, logq_star, logp_star, target, sample, 0.0 if shift is None else shift
+    )
 
 
 # What the HPD family reports per position (means in the training log): the share of sampled candidates whose
 # term is active, outside the cached top-k, equal to the expert token; the mean weights; the share with k1 > 0.
-HPD_DIAGNOSTICS = ("sample_term_active", "sample_outside_topk", "sample_is_expert", "mean_w_star", "mean_w_sample",
-                   "k1_positive")
+HPD_DIAGNOSTICS = (
+    "sample_term_active",
+    "sample_outside_topk",
+    "sample_is_expert",
+    "mean_w_star",
+    "mean_w_sample",
+    "k1_positive",
+)
 
 
 def _hpd_family(forward: str, draws: str, view, logq, logq_star, logp_star, target, sample, shift=0.0):
@@ -473,8 +533,9 @@ def _hpd_family(forward: str, draws: str, view, logq, logq_star, logp_star, targ
     logp_c = torch.where(same, logp_star[:, None], logp_c)  # the expert token's log-prob is stored exactly
     logq_c = logq if draws == "expect" else logq.gather(-1, cand)
     shift = shift[:, None] if isinstance(shift, torch.Tensor) else shift
-    _, w_c, k1, k1s, f_c = hpd_weights(logp_star[:, None], logq_star.detach()[:, None], logp_c, q.gather(-1, cand),
-                                       same, shift)
+    _, w_c, k1, k1s, f_c = hpd_weights(
+        logp_star[:, None], logq_star.detach()[:, None], logp_c, q.gather(-1, cand), same, shift
+    )
     k1, f, w = k1[:, 0], (pi * f_c).sum(-1), pi * w_c
     if forward == "dist":
         o = view.linear_outcomes(logq)
@@ -482,6 +543,11 @@ def _hpd_family(forward: str, draws: str, view, logq, logq_star, logp_star, targ
     else:
         forward_loss = -(f * logp_star.exp()) * logq_star
     loss = forward_loss - k1 * logq_star - (w * logq_c).sum(-1)
-    return loss, {"sample_outside_topk": (pi * ~inside).sum(), "sample_term_active": (pi * (w_c != 0)).sum(),
-                  "sample_is_expert": (pi * same).sum(), "mean_w_star": (f * logp_star.exp() + k1).sum(),
-                  "mean_w_sample": w.sum(), "k1_positive": (k1 > 0).sum()}
+    return loss, {
+        "sample_outside_topk": (pi * ~inside).sum(),
+        "sample_term_active": (pi * (w_c != 0)).sum(),
+        "sample_is_expert": (pi * same).sum(),
+        "mean_w_star": (f * logp_star.exp() + k1).sum(),
+        "mean_w_sample": w.sum(),
+        "k1_positive": (k1 > 0).sum(),
+    }

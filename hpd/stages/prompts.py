@@ -1,6 +1,7 @@
 """Prompt files: JSONL / JSON / Parquet / Arrow files or saved dataset directories, read with `datasets`,
 with a one-line error for every way one can be wrong (generate reads prompts and responses; judge's verifier
 reads whole rows, the fields its checker needs)."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,10 @@ def open_prompt_file(path: str, fields=()):
         raise HpdError(f"{p} has no rows; give a file with at least one prompt")
     for field in filter(None, fields):
         if field not in ds.column_names:
-            raise HpdError(f"{p} has no field {field!r} (fields: {', '.join(ds.column_names)}); "
-                           f"set generate.prompt_field / generate.response_field")
+            raise HpdError(
+                f"{p} has no field {field!r} (fields: {', '.join(ds.column_names)}); "
+                f"set generate.prompt_field / generate.response_field"
+            )
     return ds
 
 
@@ -71,8 +74,10 @@ def read_prompts(path: str, prompt_field: str, response_field: str | None, limit
     if responses is not None:
         for i, text in enumerate(responses):
             if not isinstance(text, str) or not text:
-                raise HpdError(f"{p} row {i + 1}: the response is empty; fill it in, remove the row, "
-                               f"or use generate.mode=\"teacher\"")
+                raise HpdError(
+                    f"{p} row {i + 1}: the response is empty; fill it in, remove the row, "
+                    f'or use generate.mode="teacher"'
+                )
     return prompts, responses
 
 
@@ -110,11 +115,8 @@ def _read_json(p: Path):
                 except json.JSONDecodeError as e:
                     raise HpdError(f"{p} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
                 if not isinstance(obj, dict):
-                    raise HpdError(f"{p} line {n} is not a JSON object; each line must be "
-                                   f"{{\"prompt\": ...}}") from None
+                    raise HpdError(f'{p} line {n} is not a JSON object; each line must be {{"prompt": ...}}') from None
                 seen = True
         if not seen:
             raise HpdError(f"{p} has no rows; give a file with at least one prompt") from None
         raise
-
-

@@ -1,5 +1,6 @@
 """A model continues prompts: in memory (`sample`), or shard by shard into a resumable sequence store
 (`sample_to_store`, what generate in teacher mode and the refresh rounds do)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,18 @@ from .batching import length_batches, pad_left
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-           greedy: bool = False, batch_size: int = 64, batch_tokens: int = 0,
-           desc: str = "sampling") -> list[list[int]]:
+def sample(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    batch_size: int = 64,
+    batch_tokens: int = 0,
+    desc: str = "sampling",
+) -> list[list[int]]:
     """Continue each prompt; returns the response ids (in the prompts' order), cut after the first
     end-of-sequence token. batch_tokens > 0 batches by prompt plus new tokens instead of by count."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -22,18 +32,40 @@ def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, t
     batches = length_batches([len(p) + max_new_tokens for p in prompts], batch_size, batch_tokens)
     for idx in tqdm(batches, desc=desc, leave=False, disable=len(batches) <= 1):
         ids, mask = (t.to(model.device) for t in pad_left([prompts[i] for i in idx], pad))
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=not greedy, temperature=temperature if not greedy else None,
-                             top_k=None, top_p=None, pad_token_id=pad, eos_token_id=eos)
-        for i, row in zip(idx, gen[:, ids.shape[1]:].tolist()):
-            out[i] = row[:row.index(eos) + 1] if eos in row else row
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=not greedy,
+            temperature=temperature if not greedy else None,
+            top_k=None,
+            top_p=None,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        for i, row in zip(idx, gen[:, ids.shape[1] :].tolist()):
+            out[i] = row[: row.index(eos) + 1] if eos in row else row
     return out
 
 
-def sample_to_store(ctx, model, tokenizer, prompts: list[list[int]], final: Path, meta: dict, *,
-                    samples_per_prompt: int, prompts_per_shard: int, max_new_tokens: int, temperature: float,
-                    batch_size: int, seed: int, desc: str, engine: str = "transformers",
-                    batch_tokens: int = 0) -> dict:
+def sample_to_store(
+    ctx,
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    final: Path,
+    meta: dict,
+    *,
+    samples_per_prompt: int,
+    prompts_per_shard: int,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int,
+    desc: str,
+    engine: str = "transformers",
+    batch_tokens: int = 0,
+) -> dict:
     """N sampled responses per prompt, published as a sequence store in shards; returns its manifest. An
     interrupted run resumes after its last written shard and samples exactly what it would have (each shard
     has its own seed), which is also why ranks can share the shards out (hpd/common/ranks.py)."""
@@ -42,8 +74,11 @@ def sample_to_store(ctx, model, tokenizer, prompts: list[list[int]], final: Path
 
     n_per = samples_per_prompt
     num_shards = -(-len(prompts) // prompts_per_shard)
-    out = ShardedWrite(ctx, lambda rank: seqstore.SequenceWriter(
-        final, {**meta, "shard_size": prompts_per_shard * n_per}, rank), num_shards)
+    out = ShardedWrite(
+        ctx,
+        lambda rank: seqstore.SequenceWriter(final, {**meta, "shard_size": prompts_per_shard * n_per}, rank),
+        num_shards,
+    )
     if engine == "vllm":
         from . import vllm_engine
 
@@ -53,13 +88,33 @@ def sample_to_store(ctx, model, tokenizer, prompts: list[list[int]], final: Path
         torch.manual_seed(seed * 100003 + shard)
         prompt_ids = [prompts[i] for i in range(lo, hi) for _ in range(n_per)]
         if engine == "vllm":
-            responses = vllm_engine.sample(llm, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                           seed=seed * 100003 + shard, eos_token_id=tokenizer.eos_token_id)
+            responses = vllm_engine.sample(
+                llm,
+                prompt_ids,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed * 100003 + shard,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         else:
-            responses = sample(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                               batch_size=batch_size, batch_tokens=batch_tokens, desc=f"sampling shard {shard}")
+            responses = sample(
+                model,
+                tokenizer,
+                prompt_ids,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                batch_size=batch_size,
+                batch_tokens=batch_tokens,
+                desc=f"sampling shard {shard}",
+            )
         first = lo * n_per
-        out.write(shard, seqstore.rows_table(
-            range(first, first + len(prompt_ids)), [i for i in range(lo, hi) for _ in range(n_per)],
-            [len(p) for p in prompt_ids], [p + r for p, r in zip(prompt_ids, responses)]))
+        out.write(
+            shard,
+            seqstore.rows_table(
+                range(first, first + len(prompt_ids)),
+                [i for i in range(lo, hi) for _ in range(n_per)],
+                [len(p) for p in prompt_ids],
+                [p + r for p, r in zip(prompt_ids, responses)],
+            ),
+        )
     return out.finish()

@@ -15,6 +15,7 @@ HF_ALLOW_CODE_EVAL); `require` refuses without it. Once allowed, every program g
     where that works. The file system is then guarded by the unprivileged user's rights alone.
 Neither is a virtual machine: the kernel is shared (README: Running generated code).
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,11 +35,11 @@ from hpd.common.errors import HpdError
 ENV = "HPD_ALLOW_CODE_EVAL"
 LAYERS = ("bwrap", "process")
 NOBODY = 65534
-MEMORY = 1 << 30       # address space: a memory bomb ends in MemoryError
-FILE_SIZE = 16 << 20   # bytes per file written
+MEMORY = 1 << 30  # address space: a memory bomb ends in MemoryError
+FILE_SIZE = 16 << 20  # bytes per file written
 OPEN_FILES = 64
-STARTUP = 1.0          # wall-clock seconds on top of the timeout: bwrap and the interpreter starting
-INSIDE = "/sandbox"    # the work directory as a bwrap-ed program sees it
+STARTUP = 1.0  # wall-clock seconds on top of the timeout: bwrap and the interpreter starting
+INSIDE = "/sandbox"  # the work directory as a bwrap-ed program sees it
 
 log = logging.getLogger("hpd.sandbox")
 
@@ -51,9 +52,11 @@ def allowed(explicit: bool = False) -> bool:
 def require(what: str, explicit: bool, how: str = "code.execute=true") -> None:
     """A one-line error unless running code is allowed; `what` says what would run, `how` the caller's switch."""
     if not allowed(explicit):
-        raise HpdError(f"{what}, and running generated or supplied code is off by default; allow it with {how} "
-                       f"or {ENV}=1 (each program then runs in hpd's sandbox, hpd/stages/sandbox.py; README: Running "
-                       f"generated code)")
+        raise HpdError(
+            f"{what}, and running generated or supplied code is off by default; allow it with {how} "
+            f"or {ENV}=1 (each program then runs in hpd's sandbox, hpd/stages/sandbox.py; README: Running "
+            f"generated code)"
+        )
 
 
 # Runs first in the child, before the program and before any thread exists, which makes dropping rights here safe
@@ -92,8 +95,10 @@ def _interpreter() -> str:
             path = Path(os.path.realpath(candidate))
             if not _root() or _others_may_run(path):
                 return str(path)
-    raise HpdError("no Python interpreter that the unprivileged user nobody may run (hpd's own lies in a "
-                   "directory closed to others); install python3 system-wide (apt-get install python3)")
+    raise HpdError(
+        "no Python interpreter that the unprivileged user nobody may run (hpd's own lies in a "
+        "directory closed to others); install python3 system-wide (apt-get install python3)"
+    )
 
 
 @functools.cache
@@ -121,10 +126,38 @@ def _bwrap(work: Path, boot: list[str]) -> list[str]:
         elif os.path.isdir(path) and path != "/":
             mounts += ["--ro-bind", path, path]
     env = [a for k, v in _env(INSIDE).items() for a in ("--setenv", k, v)]
-    return [shutil.which("bwrap"), "--unshare-all", "--unshare-user", *_bwrap_flags(), "--die-with-parent",
-            "--new-session", "--cap-drop", "ALL", "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox",
-            "--clearenv", *env, *mounts, "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-            "--bind", str(work), INSIDE, "--chdir", INSIDE, "--", *boot]
+    return [
+        shutil.which("bwrap"),
+        "--unshare-all",
+        "--unshare-user",
+        *_bwrap_flags(),
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--uid",
+        str(NOBODY),
+        "--gid",
+        str(NOBODY),
+        "--hostname",
+        "sandbox",
+        "--clearenv",
+        *env,
+        *mounts,
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+        "--bind",
+        str(work),
+        INSIDE,
+        "--chdir",
+        INSIDE,
+        "--",
+        *boot,
+    ]
 
 
 def _env(work: str) -> dict[str, str]:
@@ -138,15 +171,29 @@ def _execute(source: str, timeout: float, layer: str) -> dict:
         drop = _root() and layer == "process"  # bwrap is itself started as nobody (below)
         if _root():
             os.chown(work, NOBODY, NOBODY)
-        boot = [_interpreter(), "-I", "-S", "-c", _BOOT,
-                *map(str, (math.ceil(timeout), MEMORY, FILE_SIZE, OPEN_FILES, int(drop)))]
+        boot = [
+            _interpreter(),
+            "-I",
+            "-S",
+            "-c",
+            _BOOT,
+            *map(str, (math.ceil(timeout), MEMORY, FILE_SIZE, OPEN_FILES, int(drop))),
+        ]
         argv = _bwrap(work, boot) if layer == "bwrap" else [*_unshare_net(), *boot]
         # bwrap started as nobody, not root: inside its user namespace the program is then nobody to the kernel
         # too, and RLIMIT_NPROC holds (as root it would be uid 0 outside, which the limit exempts)
         user = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if _root() and layer == "bwrap" else {}
         with tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(argv, cwd=work, env=_env(str(work)), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, **user)
+            proc = subprocess.Popen(
+                argv,
+                cwd=work,
+                env=_env(str(work)),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+                **user,
+            )
             try:
                 code = proc.wait(timeout + STARTUP)
             except subprocess.TimeoutExpired:
@@ -194,15 +241,23 @@ def best_layer() -> str:
 def _choose() -> str:
     why_not = _works("bwrap")
     if not why_not:
-        log.warning("generated code runs under bubblewrap: namespaces of its own (no network), a read-only /usr, "
-                    "uid %d, resource limits", NOBODY)
+        log.warning(
+            "generated code runs under bubblewrap: namespaces of its own (no network), a read-only /usr, "
+            "uid %d, resource limits",
+            NOBODY,
+        )
         return "bwrap"
     if _works("process"):
         raise HpdError(f"cannot run generated code in a sandbox here: {_works('process')}")
     net = "no network (unshare --net)" if _unshare_net() else "THE NETWORK REACHABLE (unshare --net fails)"
     user = f"uid {NOBODY}" if _root() else "your uid"
-    log.warning("%s; generated code runs in the fallback sandbox: a process of its own as %s, resource limits, "
-                "%s, the file system guarded by file permissions alone", why_not, user, net)
+    log.warning(
+        "%s; generated code runs in the fallback sandbox: a process of its own as %s, resource limits, "
+        "%s, the file system guarded by file permissions alone",
+        why_not,
+        user,
+        net,
+    )
     return "process"
 
 

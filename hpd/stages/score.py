@@ -8,10 +8,10 @@ teacher's weights, its tokenizer, the sequences' content (and, for refreshed seq
 checkpoint that sampled them), k and temperature: a run that asks for the same
 ones reuses the cache at once, and any other teacher, data or k gets a cache of its own.
 """
+
 from __future__ import annotations
 
 import dataclasses
-
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,16 +42,27 @@ def run(ctx, settings: Settings, teacher: Teacher, generate: Sequences) -> Cache
     k = encoding.head + encoding.draws if encoding.sampled else cfg.top_k or min(DEFAULT_K, teacher.vocab_size)
     temperature = cfg.temperature
     if not encoding.sampled and not 1 <= k <= teacher.vocab_size:
-        raise HpdError(f"score.top_k={k} must be between 1 and the teacher's vocabulary size "
-                       f"({teacher.vocab_size}); lower it")
+        raise HpdError(
+            f"score.top_k={k} must be between 1 and the teacher's vocabulary size ({teacher.vocab_size}); lower it"
+        )
     if encoding.head >= teacher.vocab_size:  # (more draws than the rest of the vocabulary are fine: slots stay empty)
-        raise HpdError(f"score.encoding={encoding.label} keeps a head of {encoding.head} tokens, which leaves nothing "
-                       f"to draw from the teacher's vocabulary of {teacher.vocab_size}; keep fewer than "
-                       f"{teacher.vocab_size}, e.g. sampled:{teacher.vocab_size // 4}+{encoding.draws}")
+        raise HpdError(
+            f"score.encoding={encoding.label} keeps a head of {encoding.head} tokens, which leaves nothing "
+            f"to draw from the teacher's vocabulary of {teacher.vocab_size}; keep fewer than "
+            f"{teacher.vocab_size}, e.g. sampled:{teacher.vocab_size // 4}+{encoding.draws}"
+        )
     # Refreshed sequences carry their origin (round, student checkpoint): it is part of their cache's key.
-    key = cache_key(teacher=teacher.model_fingerprint, tokenizer=teacher.tokenizer_fingerprint,
-                    data=gen.fingerprint, top_k=k, temperature=temperature, encoding=encoding.spec,
-                    origin=gen.origin, engine=cfg.engine, dtype=teacher.dtype)
+    key = cache_key(
+        teacher=teacher.model_fingerprint,
+        tokenizer=teacher.tokenizer_fingerprint,
+        data=gen.fingerprint,
+        top_k=k,
+        temperature=temperature,
+        encoding=encoding.spec,
+        origin=gen.origin,
+        engine=cfg.engine,
+        dtype=teacher.dtype,
+    )
     root = CacheRoot(ctx.cache_root)
     with ranks.held_by_rank0(ctx, root.lock(key)):  # under torchrun the ranks build it together
         cache = root.find(key)
@@ -63,9 +74,17 @@ def run(ctx, settings: Settings, teacher: Teacher, generate: Sequences) -> Cache
         if ctx.rank == 0:
             root.record_use(cache, ctx.run_name)
     m = cache.manifest
-    return Cache(cache=str(cache.dir), cache_id=cache.id, fingerprint=key_id(key), top_k=k, encoding=encoding.name,
-                 sequences=m["rows"], tokens=m["tokens"], bytes=cache.bytes,
-                 bytes_per_token=round(cache.bytes / max(m["tokens"], 1), 2))
+    return Cache(
+        cache=str(cache.dir),
+        cache_id=cache.id,
+        fingerprint=key_id(key),
+        top_k=k,
+        encoding=encoding.name,
+        sequences=m["rows"],
+        tokens=m["tokens"],
+        bytes=cache.bytes,
+        bytes_per_token=round(cache.bytes / max(m["tokens"], 1), 2),
+    )
 
 
 def _build(ctx, cfg: ScoreSettings, teacher: Teacher, gen: Sequences, root: CacheRoot, key: dict) -> LogitCache:
@@ -86,19 +105,31 @@ def _build(ctx, cfg: ScoreSettings, teacher: Teacher, gen: Sequences, root: Cach
         if model is None:
             with timer("forward"):
                 return vllm_engine.score(llm, batch, batch_plens, top_k=cfg.top_k, temperature=cfg.temperature)
-        return score_batch(model, batch, batch_plens, top_k=cfg.top_k, temperature=cfg.temperature,
-                           pad_id=pad, timer=timer, draws=draws, head=head,
-                           seeds=[seed_base * 1_000_003 + int(s) for s in batch_ids])
+        return score_batch(
+            model,
+            batch,
+            batch_plens,
+            top_k=cfg.top_k,
+            temperature=cfg.temperature,
+            pad_id=pad,
+            timer=timer,
+            draws=draws,
+            head=head,
+            seeds=[seed_base * 1_000_003 + int(s) for s in batch_ids],
+        )
 
     def learn_order():  # the ids the cache stores for its first positions (only when no order is stored yet)
         ids, positions, start = [], 0, 0
         while positions < LEARN_POSITIONS and start < len(store):  # the first sequences, a shard's worth at a time
             seq_ids, plens, seqs = store.range(start, min(start + cfg.shard_size, len(store)))
-            n = int(np.searchsorted(np.cumsum([len(x) - p for x, p in zip(seqs, plens)]),
-                                    LEARN_POSITIONS - positions)) + 1
+            n = (
+                int(np.searchsorted(np.cumsum([len(x) - p for x, p in zip(seqs, plens)]), LEARN_POSITIONS - positions))
+                + 1
+            )
             for part in batching.length_batches([len(x) for x in seqs[:n]], cfg.batch_size, cfg.batch_tokens):
-                for sc in score([seqs[i] for i in part], [int(plens[i]) for i in part], [seq_ids[i] for i in part],
-                                Timer()):
+                for sc in score(
+                    [seqs[i] for i in part], [int(plens[i]) for i in part], [seq_ids[i] for i in part], Timer()
+                ):
                     ids.append(sc["topk_ids"][sc["topk_logprobs"] > -np.inf])  # the stored slots
                     positions += len(sc["target_logprob"])
             start += cfg.shard_size
@@ -106,19 +137,40 @@ def _build(ctx, cfg: ScoreSettings, teacher: Teacher, gen: Sequences, root: Cach
 
     size = cfg.shard_size
     num_shards = -(-len(store) // size)
-    out = ShardedWrite(ctx, lambda rank: root.writer(
-        key, shard_size=size, num_sequences=len(store), vocab_size=teacher.vocab_size, rank=rank,
-        provenance={"teacher": teacher.model_dir, "sequences": gen.sequences, "sequences_source": gen.source,
-                    "run": ctx.run_name, "origin": gen.origin}, learn_order=learn_order),
-        num_shards)
+    out = ShardedWrite(
+        ctx,
+        lambda rank: root.writer(
+            key,
+            shard_size=size,
+            num_sequences=len(store),
+            vocab_size=teacher.vocab_size,
+            rank=rank,
+            provenance={
+                "teacher": teacher.model_dir,
+                "sequences": gen.sequences,
+                "sequences_source": gen.source,
+                "run": ctx.run_name,
+                "origin": gen.origin,
+            },
+            learn_order=learn_order,
+        ),
+        num_shards,
+    )
     if out.resumed:
         ctx.log(f"[{ctx.stage}] resuming: {out.resumed} of {num_shards} shards already published")
     # A shard is encoded, compressed and written by a background thread while the teacher scores the next
     # one (zstd, Arrow and file I/O release the GIL); at most one shard waits, so memory stays bounded.
     timer, pending, t0 = Timer(), None, time.perf_counter()
-    with tqdm(total=len(store), desc=f"teacher scoring ({ctx.stage})", unit="seq", initial=out.resumed * size,
-              disable=ctx.rank > 0) as bar, \
-            ThreadPoolExecutor(max_workers=1) as io:  # the bar closes (ends its line) even on an error
+    with (
+        tqdm(
+            total=len(store),
+            desc=f"teacher scoring ({ctx.stage})",
+            unit="seq",
+            initial=out.resumed * size,
+            disable=ctx.rank > 0,
+        ) as bar,
+        ThreadPoolExecutor(max_workers=1) as io,
+    ):  # the bar closes (ends its line) even on an error
         for shard in out.todo():
             seq_ids, plens, seqs = store.range(shard * size, min((shard + 1) * size, len(store)))
             rows = [None] * len(seqs)  # in the shard's order, whatever order the batches take

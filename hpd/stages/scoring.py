@@ -1,6 +1,7 @@
 """The teacher pass's arithmetic, in torch alone (no storage): from a batch of sequences to what a cache stores
 per response position. The score stage (hpd/stages/score.py) writes it into the cache; bench/gpu_check.py measures it
 on a GPU machine that has torch and transformers but none of the storage packages."""
+
 from __future__ import annotations
 
 import time
@@ -41,9 +42,19 @@ def score_positions(logits: torch.Tensor, targets: torch.Tensor, *, top_k: int, 
 
 
 @torch.no_grad()
-def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k: int, temperature: float,
-                pad_id: int, timer: Timer | None = None, draws: int = 0, head: int = 0,
-                seeds: list[int] | None = None) -> list[dict]:
+def score_batch(
+    model,
+    seqs: list[np.ndarray],
+    prompt_lens: list[int],
+    *,
+    top_k: int,
+    temperature: float,
+    pad_id: int,
+    timer: Timer | None = None,
+    draws: int = 0,
+    head: int = 0,
+    seeds: list[int] | None = None,
+) -> list[dict]:
     """Top-k, exact target log-prob and tail log-mass for every response position of each sequence. With `draws`,
     sampled targets instead (sample_positions, drawn slots only, with their counts), each sequence's draws from its
     own seed in `seeds`: a sequence gets the same draws whatever batch it is scored in (resume, other batch sizes)."""
@@ -64,18 +75,28 @@ def score_batch(model, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k:
         kept = logits[rows, cols].float()
         if not torch.isfinite(kept).all():  # a broken teacher must not become a cache that students trust
             bad = int((~torch.isfinite(kept)).any(-1).sum())
-            raise HpdError(f"the teacher's logits are NaN or inf at {bad} of {len(kept)} positions of a batch; "
-                           f"the teacher is broken (check its weights and dtype, e.g. fp16 overflow)")
+            raise HpdError(
+                f"the teacher's logits are NaN or inf at {bad} of {len(kept)} positions of a batch; "
+                f"the teacher is broken (check its weights and dtype, e.g. fp16 overflow)"
+            )
         nxt = ids[rows, cols + 1]
         if draws:
             return _sampled_rows(kept, nxt, spans, draws, head, temperature, seeds)
-        top_ids, top_lp, target, tail = (x.cpu() for x in score_positions(kept, nxt, top_k=top_k,
-                                                                           temperature=temperature))
+        top_ids, top_lp, target, tail = (
+            x.cpu() for x in score_positions(kept, nxt, top_k=top_k, temperature=temperature)
+        )
         out, i = [], 0
-        for (st, e) in spans:
+        for st, e in spans:
             sl = slice(i, i + e - st)
-            out.append({"start": st, "topk_ids": top_ids[sl].numpy(), "topk_logprobs": top_lp[sl].numpy(),
-                        "target_logprob": target[sl].numpy(), "tail_logmass": tail[sl].numpy()})
+            out.append(
+                {
+                    "start": st,
+                    "topk_ids": top_ids[sl].numpy(),
+                    "topk_logprobs": top_lp[sl].numpy(),
+                    "target_logprob": target[sl].numpy(),
+                    "tail_logmass": tail[sl].numpy(),
+                }
+            )
             i += e - st
     return out
 
@@ -85,30 +106,49 @@ def _sampled_rows(kept, nxt, spans, draws: int, head: int, temperature: float, s
     for (st, e), seed in zip(spans, seeds):
         sl = slice(i, i + e - st)
         g = torch.Generator(device=kept.device).manual_seed(int(seed))
-        d = sample_positions(kept[sl], nxt[sl], draws=draws, temperature=temperature, generator=g, fill=False,
-                             head=head)
-        out.append({"start": st, "topk_ids": d.ids.cpu().numpy(), "topk_logprobs": d.logprob.cpu().numpy(),
-                    "counts": d.counts.cpu().numpy(), "target_logprob": d.target.cpu().numpy(),
-                    "tail_logmass": d.tail.cpu().numpy(), **({"rest_logmass": d.rest.cpu().numpy()} if head else {})})
+        d = sample_positions(
+            kept[sl], nxt[sl], draws=draws, temperature=temperature, generator=g, fill=False, head=head
+        )
+        out.append(
+            {
+                "start": st,
+                "topk_ids": d.ids.cpu().numpy(),
+                "topk_logprobs": d.logprob.cpu().numpy(),
+                "counts": d.counts.cpu().numpy(),
+                "target_logprob": d.target.cpu().numpy(),
+                "tail_logmass": d.tail.cpu().numpy(),
+                **({"rest_logmass": d.rest.cpu().numpy()} if head else {}),
+            }
+        )
         i += e - st
     return out
 
 
 class Draws(NamedTuple):
     """sample_positions' result, per position: S = head + draws slots."""
-    ids: torch.Tensor         # [N, S] the head's ids, then the drawn ones (distinct; an empty slot repeats the last)
+
+    ids: torch.Tensor  # [N, S] the head's ids, then the drawn ones (distinct; an empty slot repeats the last)
     log_weight: torch.Tensor  # [N, S] log p_hat: exact log p for the head, -inf where undrawn
-    logprob: torch.Tensor     # [N, S] exact log p
-    target: torch.Tensor      # [N] exact log p of the next token
-    tail: torch.Tensor        # [N] log of the mass outside the slots
-    counts: torch.Tensor      # [N, S] times each slot's id was drawn (0 for the head)
-    rest: torch.Tensor        # [N] log of the mass outside the head, that the draws estimate (0 without a head)
+    logprob: torch.Tensor  # [N, S] exact log p
+    target: torch.Tensor  # [N] exact log p of the next token
+    tail: torch.Tensor  # [N] log of the mass outside the slots
+    counts: torch.Tensor  # [N, S] times each slot's id was drawn (0 for the head)
+    rest: torch.Tensor  # [N] log of the mass outside the head, that the draws estimate (0 without a head)
 
 
 @torch.no_grad()
-def sample_positions(logits: torch.Tensor, targets: torch.Tensor, *, draws: int, temperature: float = 1.0,
-                     proposal: float = 1.0, generator: torch.Generator | None = None, fill: bool = True,
-                     head: int = 0, systematic: bool = True) -> Draws:
+def sample_positions(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    draws: int,
+    temperature: float = 1.0,
+    proposal: float = 1.0,
+    generator: torch.Generator | None = None,
+    fill: bool = True,
+    head: int = 0,
+    systematic: bool = True,
+) -> Draws:
     """What a sampled-targets cache stores for N positions (random-sampling KD, Anshumann et al. 2025), from their
     [N, V] float32 logits and the [N] tokens that follow. With `head`, the `head` most probable tokens are kept
     exactly and the draws estimate the rest of the distribution only (lower variance for the same draws).
@@ -159,8 +199,9 @@ def sample_positions(logits: torch.Tensor, targets: torch.Tensor, *, draws: int,
     filled = torch.arange(draws, device=lp.device) < V - head
     c = counts.gather(-1, ids) * filled
     logp = lp.gather(-1, ids)
-    log_w = torch.where(c > 0, torch.log(c / draws) + base.gather(-1, ids) - log_r.gather(-1, ids) + rest[:, None],
-                        -float("inf"))
+    log_w = torch.where(
+        c > 0, torch.log(c / draws) + base.gather(-1, ids) - log_r.gather(-1, ids) + rest[:, None], -float("inf")
+    )
     logp = torch.where((c > 0) if not fill else filled, logp, -float("inf"))
     if head:
         ids, logp = torch.cat([head_ids, ids], -1), torch.cat([head_lp, logp], -1)

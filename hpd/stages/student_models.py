@@ -1,5 +1,6 @@
 """Students made from nothing or from their teacher: a fresh GPT-2, the teacher with some of its layers kept
 (depth pruning), a fresh model of the teacher's architecture at a smaller shape (width)."""
+
 from __future__ import annotations
 
 import torch
@@ -12,10 +13,21 @@ def new_gpt2(tokenizer, *, n_positions: int, n_layer: int, n_embd: int, n_head: 
     both slowed the teacher (41-50% instead of 93% held-out) and made gradient measurements noisy."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=n_positions,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
 
 
 def keep_layers(teacher, n: int):
@@ -29,13 +41,18 @@ def keep_layers(teacher, n: int):
     config = teacher.config.get_text_config()
     total = config.num_hidden_layers
     if not 1 <= n <= total:
-        raise HpdError(f"distill.n_layer={n}: the teacher has {total} layers, so a student made by keeping "
-                       f"layers can have 1 to {total}")
-    stack = next((name for name, m in teacher.named_modules()
-                  if isinstance(m, torch.nn.ModuleList) and len(m) == total), None)
+        raise HpdError(
+            f"distill.n_layer={n}: the teacher has {total} layers, so a student made by keeping "
+            f"layers can have 1 to {total}"
+        )
+    stack = next(
+        (name for name, m in teacher.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == total), None
+    )
     if stack is None:
-        raise HpdError(f"cannot find the {total} decoder layers of this {type(teacher).__name__}; "
-                       f"use distill.student_init=\"gpt2\" or give distill.student_path")
+        raise HpdError(
+            f"cannot find the {total} decoder layers of this {type(teacher).__name__}; "
+            f'use distill.student_init="gpt2" or give distill.student_path'
+        )
     kept = [round(i * (total - 1) / max(n - 1, 1)) for i in range(n)]
     student_config = copy.deepcopy(teacher.config)
     student_config.num_hidden_layers = n
@@ -47,7 +64,7 @@ def keep_layers(teacher, n: int):
     state = {}
     for key in student.state_dict():
         if key.startswith(prefix):
-            i, rest = key[len(prefix):].split(".", 1)
+            i, rest = key[len(prefix) :].split(".", 1)
             state[key] = source[f"{prefix}{kept[int(i)]}.{rest}"]
         else:
             state[key] = source[key]
@@ -58,8 +75,10 @@ def keep_layers(teacher, n: int):
 def check_heads(n_embd: int, n_head: int) -> None:
     """The one check of a student width against its heads (config time and build time alike)."""
     if n_embd % n_head:
-        raise HpdError(f"distill.n_embd={n_embd} is not a multiple of distill.n_head={n_head}; choose a width "
-                       f"that divides into the heads")
+        raise HpdError(
+            f"distill.n_embd={n_embd} is not a multiple of distill.n_head={n_head}; choose a width "
+            f"that divides into the heads"
+        )
 
 
 def same_shape_fresh(teacher_config, *, n_layer: int, n_embd: int, n_head: int):

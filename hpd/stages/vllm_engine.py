@@ -9,6 +9,7 @@ one gives the same outputs through vLLM's own batching and kernels:
   log-probs. vLLM reports log-probs of the raw logits, so only score.temperature = 1 is accepted, and the tail
   mass is 1 - sum(top-k) (vLLM does not return it), which loses precision when the top-k hold nearly all of it.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,15 +37,22 @@ def unavailable() -> str | None:
 def load(model_dir: str, *, scoring: bool, top_k: int = 0, seed: int = 0):
     reason = unavailable()
     if reason:
-        raise HpdError(f"engine=\"vllm\": {reason}; use engine=\"transformers\"")
+        raise HpdError(f'engine="vllm": {reason}; use engine="transformers"')
     from vllm import LLM
 
-    return LLM(model=str(model_dir), tokenizer=str(model_dir), seed=seed, enable_prefix_caching=not scoring,
-               max_logprobs=max(top_k, 20), skip_tokenizer_init=False)
+    return LLM(
+        model=str(model_dir),
+        tokenizer=str(model_dir),
+        seed=seed,
+        enable_prefix_caching=not scoring,
+        max_logprobs=max(top_k, 20),
+        skip_tokenizer_init=False,
+    )
 
 
-def sample(llm, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int,
-           eos_token_id: int | None) -> list[list[int]]:
+def sample(
+    llm, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int, eos_token_id: int | None
+) -> list[list[int]]:
     """One sampled continuation per prompt (token ids), cut after the first end-of-sequence token."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -55,7 +63,7 @@ def sample(llm, prompts: list[list[int]], *, max_new_tokens: int, temperature: f
     for out in outs:
         row = list(out.outputs[0].token_ids)
         if eos_token_id is not None and eos_token_id in row:
-            row = row[:row.index(eos_token_id) + 1]
+            row = row[: row.index(eos_token_id) + 1]
         responses.append(row)
     return responses
 
@@ -71,7 +79,7 @@ def score(llm, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k: int, te
     scored = []
     for s, p, out in zip(seqs, prompt_lens, outs):
         # prompt_logprobs[t] describes token t given tokens < t; the cache's entry at t - 1 describes token t
-        positions = out.prompt_logprobs[p:len(s)]
+        positions = out.prompt_logprobs[p : len(s)]
         ids = np.zeros((len(positions), top_k), np.int64)
         top = np.zeros((len(positions), top_k), np.float32)
         target, tail = np.zeros(len(positions), np.float32), np.zeros(len(positions), np.float32)
@@ -82,6 +90,7 @@ def score(llm, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k: int, te
             target[i] = entry[int(tok)].logprob
             rest = 1.0 - float(np.exp(top[i].astype(np.float64)).sum())
             tail[i] = math.log(rest) if rest > 0 else -math.inf
-        scored.append({"start": p - 1, "topk_ids": ids, "topk_logprobs": top, "target_logprob": target,
-                       "tail_logmass": tail})
+        scored.append(
+            {"start": p - 1, "topk_ids": ids, "topk_logprobs": top, "target_logprob": target, "tail_logmass": tail}
+        )
     return scored

@@ -1,4 +1,5 @@
 """Atomic publishing: a reader sees a file or directory complete, or not at all."""
+
 from __future__ import annotations
 
 import json

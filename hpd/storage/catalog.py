@@ -1,4 +1,5 @@
 """The catalog of caches under a cache root: listing, verification, repacking and garbage collection."""
+
 from __future__ import annotations
 
 import os
@@ -21,14 +22,24 @@ def describe(cache: LogitCache) -> dict:
     prov = m.get("provenance", {})
     used = users(cache)
     return {
-        "id": cache.id, "key": key_id(key), "teacher": prov.get("teacher", key["teacher"][:12]),
+        "id": cache.id,
+        "key": key_id(key),
+        "teacher": prov.get("teacher", key["teacher"][:12]),
         "data": prov.get("sequences_source") or prov.get("sequences") or key["data"][:12],
-        "k": key["top_k"], "encoding": enc.get(key["encoding"]).spec, "temperature": key["temperature"],
-        "sequences": m["rows"], "tokens": m["tokens"], "bytes": cache.bytes,
-        "bytes_per_token": round(cache.bytes / max(m["tokens"], 1), 2), "shards": len(m["shards"]),
-        "created": m.get("published_at"), "last_used": max(used.values(), default=m.get("published_at")),
-        "runs": sorted(used), "derived_from": key.get("derived_from"),
-        "origin": key.get("origin"), "path": str(cache.dir),
+        "k": key["top_k"],
+        "encoding": enc.get(key["encoding"]).spec,
+        "temperature": key["temperature"],
+        "sequences": m["rows"],
+        "tokens": m["tokens"],
+        "bytes": cache.bytes,
+        "bytes_per_token": round(cache.bytes / max(m["tokens"], 1), 2),
+        "shards": len(m["shards"]),
+        "created": m.get("published_at"),
+        "last_used": max(used.values(), default=m.get("published_at")),
+        "runs": sorted(used),
+        "derived_from": key.get("derived_from"),
+        "origin": key.get("origin"),
+        "path": str(cache.dir),
     }
 
 
@@ -62,9 +73,11 @@ def repack(cache: LogitCache, root: CacheRoot, k: int, encoding: str | dict | No
     """
     encoding = enc.get(encoding or cache.key["encoding"])
     if cache.sampled or encoding.sampled:
-        raise ValueError(f"cache {cache.id} is {'sampled targets' if cache.sampled else 'a top-k cache'}: sampled "
-                         f"targets cannot be derived without the teacher (a top-k cache has no tail shape to "
-                         f"draw from); rescore with score.encoding=\"sampled:N\"")
+        raise ValueError(
+            f"cache {cache.id} is {'sampled targets' if cache.sampled else 'a top-k cache'}: sampled "
+            f"targets cannot be derived without the teacher (a top-k cache has no tail shape to "
+            f'draw from); rescore with score.encoding="sampled:N"'
+        )
     if not 1 <= k <= cache.k:
         raise ValueError(f"repack k={k} must be between 1 and the cache's k ({cache.k})")
     if k < 2 and encoding.name != "fp16":
@@ -74,10 +87,14 @@ def repack(cache: LogitCache, root: CacheRoot, k: int, encoding: str | dict | No
         found = root.find(key)
         if found is not None:
             return found
-        writer = root.writer(key, shard_size=cache.shard_size, num_sequences=cache.num_sequences,
-                             vocab_size=cache.manifest["vocab_size"],
-                             provenance={**cache.manifest.get("provenance", {}), "repacked_from": cache.id},
-                             learn_order=lambda: _first_ids(cache, k))
+        writer = root.writer(
+            key,
+            shard_size=cache.shard_size,
+            num_sequences=cache.num_sequences,
+            vocab_size=cache.manifest["vocab_size"],
+            provenance={**cache.manifest.get("provenance", {}), "repacked_from": cache.id},
+            learn_order=lambda: _first_ids(cache, k),
+        )
         ranked = cache.encoding.name in ("fp16", "rank-q8")
         for shard in range(cache.shards.num_shards):
             if writer.done(shard):
@@ -93,10 +110,18 @@ def repack(cache: LogitCache, root: CacheRoot, k: int, encoding: str | dict | No
                 tail = d.tail_logmass if dropped is None else torch.logaddexp(d.tail_logmass, dropped)
                 for r in range(len(d.seq_ids)):
                     sl = slice(d.offsets[r], d.offsets[r + 1])
-                    rows.append(ScoredSequence(
-                        seq_id=int(d.seq_ids[r]), input_ids=None, crc=int(d.crcs[r]), start=int(d.starts[r]),
-                        topk_ids=ids[sl, :k].numpy(), topk_logprobs=lps[sl, :k].numpy(),
-                        target_logprob=d.target_logprob[sl].numpy(), tail_logmass=tail[sl].numpy()))
+                    rows.append(
+                        ScoredSequence(
+                            seq_id=int(d.seq_ids[r]),
+                            input_ids=None,
+                            crc=int(d.crcs[r]),
+                            start=int(d.starts[r]),
+                            topk_ids=ids[sl, :k].numpy(),
+                            topk_logprobs=lps[sl, :k].numpy(),
+                            target_logprob=d.target_logprob[sl].numpy(),
+                            tail_logmass=tail[sl].numpy(),
+                        )
+                    )
             writer.write_rows(shard, rows)
         writer.finish(cache.shards.num_shards)
     return LogitCache(root.path_for(key))

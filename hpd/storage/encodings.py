@@ -28,6 +28,7 @@ Common to all: the exact next-token log-prob and the tail log-mass are float32 c
               layout). Losses linear in p (fkl) are as unbiased as from sampled:N; every other use sees p_hat scaled
               to the drawn mass (the exact tail keeps the rest) in place of the exact log-probs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-F16_REL_ERROR = 2.0 ** -11
+F16_REL_ERROR = 2.0**-11
 
 
 def id_dtype(vocab_size: int):
@@ -84,13 +85,17 @@ def _unplanes(cols: dict[str, np.ndarray], idt) -> np.ndarray:
 class Encoding:
     name: str
     step: float = 0.0  # quantisation step (nats) of the q8 encodings
-    draws: int = 0     # sampled: tokens drawn per position
-    head: int = 0      # sampled: the most probable tokens kept exactly, the draws estimating the rest
+    draws: int = 0  # sampled: tokens drawn per position
+    head: int = 0  # sampled: the most probable tokens kept exactly, the draws estimating the rest
 
     @property
     def spec(self) -> dict:
-        return {"name": self.name, "step": self.step, **({"draws": self.draws} if self.draws else {}),
-                **({"head": self.head} if self.head else {})}
+        return {
+            "name": self.name,
+            "step": self.step,
+            **({"draws": self.draws} if self.draws else {}),
+            **({"head": self.head} if self.head else {}),
+        }
 
     @property
     def label(self) -> str:
@@ -135,8 +140,15 @@ class Encoding:
         return (G0 * np.expm1(codes.astype(np.float64) * (self.step / G0))).astype(np.float32)
 
     # -- encode: ids [P, k], logprobs [P, k] sorted descending along k -> flat column arrays ------------
-    def encode(self, ids: np.ndarray, lps: np.ndarray, vocab_size: int, *, counts: np.ndarray | None = None,
-               order: VocabOrder | None = None) -> dict[str, np.ndarray]:
+    def encode(
+        self,
+        ids: np.ndarray,
+        lps: np.ndarray,
+        vocab_size: int,
+        *,
+        counts: np.ndarray | None = None,
+        order: VocabOrder | None = None,
+    ) -> dict[str, np.ndarray]:
         """`counts` (sampled: draws per slot, 0 = an empty slot) and `order` (compact, sampled) as they need."""
         P, k = ids.shape
         idt = id_dtype(vocab_size)
@@ -215,13 +227,16 @@ class Encoding:
 
     # -- decode: flat column arrays -> ids [P, k] int64, logprobs [P, k] float32 (torch) ----------------
     # float16 widening goes through torch (vectorised), integer work through numpy (faster cumsum).
-    def decode(self, cols: dict[str, np.ndarray], P: int, k: int,
-               order: VocabOrder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, cols: dict[str, np.ndarray], P: int, k: int, order: VocabOrder | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.vocab_ordered:
             return self._decode_ordered(cols, P, k, order)
         if self.name == "fp16":
-            return (torch.from_numpy(cols["ids"].reshape(P, k).astype(np.int64)),
-                    torch.from_numpy(cols["lp16"].copy()).view(P, k).float())  # copy: Arrow's buffer is read-only
+            return (
+                torch.from_numpy(cols["ids"].reshape(P, k).astype(np.int64)),
+                torch.from_numpy(cols["lp16"].copy()).view(P, k).float(),
+            )  # copy: Arrow's buffer is read-only
         top1 = cols["top1"].astype(np.float32).reshape(P, 1)
         if self.name == "rank-q8":
             q = np.zeros((P, k), np.uint16)  # integer cumsum: faster than float, exact up to 255 * 255
@@ -241,21 +256,39 @@ class Encoding:
         """Column name -> True if it holds k (or k-1, or n) values per position, False if one per position."""
         if self.vocab_ordered:
             planes = {f"ids{b}": True for b in range(np.dtype(id_dtype(vocab_size)).itemsize)}
-            return {**planes, **({"top1": False, "q": True} if self.logprobs else {}),
-                    **({"n": False, "count": True} if self.sampled else {})}
-        return {"fp16": {"ids": True, "lp16": True}, "rank-q8": {"ids": True, "top1": False, "q": True},
-                "idsort-q8": {"ids": True, "top1": False, "q": True}}[self.name]
+            return {
+                **planes,
+                **({"top1": False, "q": True} if self.logprobs else {}),
+                **({"n": False, "count": True} if self.sampled else {}),
+            }
+        return {
+            "fp16": {"ids": True, "lp16": True},
+            "rank-q8": {"ids": True, "top1": False, "q": True},
+            "idsort-q8": {"ids": True, "top1": False, "q": True},
+        }[self.name]
 
     def arrow_types(self, vocab_size: int) -> dict[str, pa.DataType]:
         idt = pa.uint16() if vocab_size <= 1 << 16 else pa.uint32()
         planes = {f"ids{b}": pa.uint8() for b in range(4)}
-        return {"ids": idt, "lp16": pa.float16(), "top1": pa.float16(), "q": pa.uint8(), **planes,
-                "n": pa.uint8(), "count": pa.uint8()}
+        return {
+            "ids": idt,
+            "lp16": pa.float16(),
+            "top1": pa.float16(),
+            "q": pa.uint8(),
+            **planes,
+            "n": pa.uint8(),
+            "count": pa.uint8(),
+        }
 
 
-ENCODINGS = {"fp16": Encoding("fp16"), "rank-q8": Encoding("rank-q8", 1 / 16),
-             "idsort-q8": Encoding("idsort-q8", 1 / 16), "compact": Encoding("compact", 1 / 8),
-             "sampled": Encoding("sampled", 1 / 8, 16), "sampled-counts": Encoding("sampled-counts", 1 / 8, 16)}
+ENCODINGS = {
+    "fp16": Encoding("fp16"),
+    "rank-q8": Encoding("rank-q8", 1 / 16),
+    "idsort-q8": Encoding("idsort-q8", 1 / 16),
+    "compact": Encoding("compact", 1 / 8),
+    "sampled": Encoding("sampled", 1 / 8, 16),
+    "sampled-counts": Encoding("sampled-counts", 1 / 8, 16),
+}
 MAX_DRAWS = 255  # draw counts are stored as uint8
 
 
@@ -263,14 +296,18 @@ def get(spec: dict | str) -> Encoding:
     if isinstance(spec, str):
         name, _, arg = spec.partition(":")
         if name not in ENCODINGS:
-            raise ValueError(f"unknown encoding {name!r}; choose one of {', '.join(ENCODINGS)} "
-                             f"(q8 encodings and compact take a step, e.g. rank-q8:0.0625; sampled takes its "
-                             f"draws per position, e.g. sampled:32)")
+            raise ValueError(
+                f"unknown encoding {name!r}; choose one of {', '.join(ENCODINGS)} "
+                f"(q8 encodings and compact take a step, e.g. rank-q8:0.0625; sampled takes its "
+                f"draws per position, e.g. sampled:32)"
+            )
         if name.startswith("sampled"):
             head, _, draws = arg.rpartition("+")
             if head and name == "sampled-counts":
-                raise ValueError(f"{spec!r}: sampled-counts stores no log-probs, so it keeps no exact head; use "
-                                 f"sampled:{arg} (the head and the draws with their log-probs)")
+                raise ValueError(
+                    f"{spec!r}: sampled-counts stores no log-probs, so it keeps no exact head; use "
+                    f"sampled:{arg} (the head and the draws with their log-probs)"
+                )
             head = _draws(name, head, what="head tokens", low=0) if head else 0
             draws = _draws(name, draws)
             if head + draws > MAX_DRAWS:
@@ -281,21 +318,27 @@ def get(spec: dict | str) -> Encoding:
         except ValueError:
             raise ValueError(f"{spec!r}: the step after ':' must be a number of nats, e.g. {name}:0.0625") from None
     if spec.get("name") not in ENCODINGS:  # a cache written by a newer version: name it, never misread it
-        raise ValueError(f"unknown encoding {spec.get('name')!r} (this version reads {', '.join(ENCODINGS)}); "
-                         f"read the cache with the hpd version that wrote it, or rescore it")
+        raise ValueError(
+            f"unknown encoding {spec.get('name')!r} (this version reads {', '.join(ENCODINGS)}); "
+            f"read the cache with the hpd version that wrote it, or rescore it"
+        )
     return Encoding(spec["name"], spec.get("step", 0.0), spec.get("draws", 0), spec.get("head", 0))
 
 
 def _draws(name: str, arg: str, what: str = "draws per position", low: int = 1) -> int:
     if ":" in arg:
-        raise ValueError(f"{name}:{arg}: only draws from the teacher's own distribution are stored (a proposal "
-                         f"p^tau needs its normaliser per position and measured worse: README); use {name}:N")
+        raise ValueError(
+            f"{name}:{arg}: only draws from the teacher's own distribution are stored (a proposal "
+            f"p^tau needs its normaliser per position and measured worse: README); use {name}:N"
+        )
     try:
         n = int(arg or ENCODINGS[name].draws)
     except ValueError:
         n = -1
     if not low <= n <= MAX_DRAWS:
-        raise ValueError(f"{name}:{arg}: the {what} must be a whole number from {low} to {MAX_DRAWS} (counts are "
-                         f"stored in one byte), e.g. {name}:32, or {name}:8+16 for the top 8 and 16 draws from the "
-                         f"rest")
+        raise ValueError(
+            f"{name}:{arg}: the {what} must be a whole number from {low} to {MAX_DRAWS} (counts are "
+            f"stored in one byte), e.g. {name}:32, or {name}:8+16 for the top 8 and 16 draws from the "
+            f"rest"
+        )
     return n

@@ -1,4 +1,5 @@
 """Content fingerprints: the identities that cache keys and stage manifests are built from."""
+
 from __future__ import annotations
 
 import hashlib

@@ -5,6 +5,7 @@ exits. A SIGKILLed reader leaves its file behind; it is ignored (and cleaned up)
 judged by pid and process start time so a recycled pid does not keep a cache alive forever. Leases from other
 hosts (a shared file system) cannot be checked and count as live.
 """
+
 from __future__ import annotations
 
 import atexit

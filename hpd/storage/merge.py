@@ -20,6 +20,7 @@ counts more at that token, one unsure counts less.
 `merge` publishes a mixture as a cache of its own (keyed with `derived_from`, like a repack), so any method trains
 from it unchanged; `MixedCache` reads the same mixture batch by batch without writing one.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,16 @@ import torch
 
 from . import encodings as enc
 from .fingerprint import digest
-from .logit_cache import (CacheBatch, CacheMismatchError, CacheRoot, LogitCache, ScoredSequence, cache_key,
-                          grid_batch, key_id)
+from .logit_cache import (
+    CacheBatch,
+    CacheMismatchError,
+    CacheRoot,
+    LogitCache,
+    ScoredSequence,
+    cache_key,
+    grid_batch,
+    key_id,
+)
 
 WEIGHTINGS = ("fixed", "confidence")
 CHUNK = 1024  # positions mixed at once: the candidate x top-k comparison is [CHUNK, sum of k, k] booleans
@@ -88,8 +97,12 @@ def mix_positions(teachers: list[tuple], weights, vocab_size: int, k: int, weigh
         rest = torch.zeros(sl.stop - sl.start, dtype=torch.float64)
         for i in range(len(teachers)):
             kept_listed = listed_by[i].gather(1, pos)  # kept tokens teacher i listed
-            rest += w[i, sl] * (tail[i][sl] + p[i][sl].sum(1) - (p[i][sl][:, :, None] * (ids[i][sl][:, :, None] ==
-                                out_ids[sl][:, None, :])).sum((1, 2)) - (~kept_listed).sum(1) * even[i][sl])
+            rest += w[i, sl] * (
+                tail[i][sl]
+                + p[i][sl].sum(1)
+                - (p[i][sl][:, :, None] * (ids[i][sl][:, :, None] == out_ids[sl][:, None, :])).sum((1, 2))
+                - (~kept_listed).sum(1) * even[i][sl]
+            )
         out_tail[sl] = rest.clamp_min(0.0).log()
     mixed_target = torch.logsumexp(target + w.log(), 0)
     return out_ids, out_lp.float(), out_tail.float(), mixed_target.float()
@@ -102,35 +115,46 @@ def _check(caches: list[LogitCache], weights, k: int, weighting: str, encoding=N
     ids = [c.id for c in caches]
     twice = next((i for i in ids if ids.count(i) > 1), None)
     if twice:
-        raise ValueError(f"cache {twice} is named twice; a merge mixes different teachers' caches (to weight one "
-                         f"teacher more, give it a larger --weights entry)")
+        raise ValueError(
+            f"cache {twice} is named twice; a merge mixes different teachers' caches (to weight one "
+            f"teacher more, give it a larger --weights entry)"
+        )
     sampled = [c.id for c in caches if c.sampled]
     if sampled:
-        raise ValueError(f"cache {sampled[0]} holds sampled targets: a mixture of teachers needs each teacher's top-k "
-                         f"and tail (draws from different teachers do not mix into draws from the mixture); score "
-                         f"every teacher with a top-k encoding")
+        raise ValueError(
+            f"cache {sampled[0]} holds sampled targets: a mixture of teachers needs each teacher's top-k "
+            f"and tail (draws from different teachers do not mix into draws from the mixture); score "
+            f"every teacher with a top-k encoding"
+        )
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
     if not 1 <= k <= max(c.k for c in caches):
-        raise ValueError(f"merged k={k} must be between 1 and the largest k of the merged caches "
-                         f"({max(c.k for c in caches)})")
+        raise ValueError(
+            f"merged k={k} must be between 1 and the largest k of the merged caches ({max(c.k for c in caches)})"
+        )
     if len(weights) != len(caches) or not all(math.isfinite(x) and x >= 0 for x in weights) or sum(weights) <= 0:
         raise ValueError(f"weights {list(weights)} must be one non-negative number per cache, summing to more than 0")
     if encoding is not None:
         out = enc.get(encoding)
         if out.sampled:
-            raise ValueError(f"a merge writes the mixture's top-k; encoding {out.label} holds draws, which the "
-                             f"teachers' top-k cannot give; use a top-k encoding (compact, idsort-q8, rank-q8, fp16)")
+            raise ValueError(
+                f"a merge writes the mixture's top-k; encoding {out.label} holds draws, which the "
+                f"teachers' top-k cannot give; use a top-k encoding (compact, idsort-q8, rank-q8, fp16)"
+            )
         if k < 2 and out.name != "fp16":
             raise ValueError(f"encoding {out.name} needs k >= 2; use encoding fp16 for k=1")
     first = caches[0]
     for c in caches[1:]:
         if c.key["tokenizer"] != first.key["tokenizer"]:
-            raise ValueError(f"caches {first.id} and {c.id} come from teachers with different tokenizers; a merge "
-                             f"mixes distributions over one vocabulary")
+            raise ValueError(
+                f"caches {first.id} and {c.id} come from teachers with different tokenizers; a merge "
+                f"mixes distributions over one vocabulary"
+            )
         if c.key["data"] != first.key["data"] or c.num_sequences != first.num_sequences:
-            raise ValueError(f"caches {first.id} and {c.id} were scored on different sequences; score the same "
-                             f"sequences with every teacher (an ensemble) or train on both caches (routing)")
+            raise ValueError(
+                f"caches {first.id} and {c.id} were scored on different sequences; score the same "
+                f"sequences with every teacher (an ensemble) or train on both caches (routing)"
+            )
         if c.key["temperature"] != first.key["temperature"]:
             raise ValueError(f"caches {first.id} and {c.id} were scored at different temperatures")
         if c.manifest["vocab_size"] != first.manifest["vocab_size"]:
@@ -143,15 +167,29 @@ def _mixed_rows(caches: list[LogitCache], weights, seq_ids, k: int, weighting: s
         for a, b in zip(rows[0], rs):
             if a.crc != b.crc or a.start != b.start or len(a.target_logprob) != len(b.target_logprob):
                 raise CacheMismatchError(f"caches {caches[0].id} and {c.id} disagree on sequence {a.seq_id}'s tokens")
-    cat = [tuple(np.concatenate([getattr(r, f) for r in rs]) for f in
-                 ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob")) for rs in rows]
+    cat = [
+        tuple(
+            np.concatenate([getattr(r, f) for r in rs])
+            for f in ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob")
+        )
+        for rs in rows
+    ]
     ids, lp, tail, target = mix_positions(cat, weights, caches[0].manifest["vocab_size"], k, weighting)
     out, at = [], 0
     for r in rows[0]:
         sl = slice(at, at + len(r.target_logprob))
-        out.append(ScoredSequence(seq_id=r.seq_id, input_ids=None, crc=r.crc, start=r.start,
-                                  topk_ids=ids[sl].numpy(), topk_logprobs=lp[sl].numpy(),
-                                  tail_logmass=tail[sl].numpy(), target_logprob=target[sl].numpy()))
+        out.append(
+            ScoredSequence(
+                seq_id=r.seq_id,
+                input_ids=None,
+                crc=r.crc,
+                start=r.start,
+                topk_ids=ids[sl].numpy(),
+                topk_logprobs=lp[sl].numpy(),
+                tail_logmass=tail[sl].numpy(),
+                target_logprob=target[sl].numpy(),
+            )
+        )
         at = sl.stop
     return out
 
@@ -159,14 +197,20 @@ def _mixed_rows(caches: list[LogitCache], weights, seq_ids, k: int, weighting: s
 def merged_key(caches: list[LogitCache], weights, k: int, encoding, weighting: str) -> dict:
     total = float(sum(weights))
     first = caches[0].key
-    return cache_key(teacher=digest([c.key["teacher"] for c in caches]), tokenizer=first["tokenizer"],
-                     data=first["data"], top_k=k, temperature=first["temperature"], encoding=encoding,
-                     derived_from={"merge": [c.id for c in caches], "weights": [w / total for w in weights],
-                                   "weighting": weighting})
+    return cache_key(
+        teacher=digest([c.key["teacher"] for c in caches]),
+        tokenizer=first["tokenizer"],
+        data=first["data"],
+        top_k=k,
+        temperature=first["temperature"],
+        encoding=encoding,
+        derived_from={"merge": [c.id for c in caches], "weights": [w / total for w in weights], "weighting": weighting},
+    )
 
 
-def merge(caches: list[LogitCache], weights, root: CacheRoot, k: int, encoding=None,
-          weighting: str = "fixed") -> LogitCache:
+def merge(
+    caches: list[LogitCache], weights, root: CacheRoot, k: int, encoding=None, weighting: str = "fixed"
+) -> LogitCache:
     """Publish the mixture of `caches` (the same sequences scored by several teachers) as a cache at `k`.
     Resumable shard by shard like any cache; a merge asked for again is found, not redone."""
     encoding = encoding or caches[0].key["encoding"]
@@ -178,12 +222,16 @@ def merge(caches: list[LogitCache], weights, root: CacheRoot, k: int, encoding=N
             return found
         first = caches[0]
         size = first.shard_size
-        writer = root.writer(key, shard_size=size, num_sequences=first.num_sequences,
-                             vocab_size=first.manifest["vocab_size"],
-                             provenance={"merged_from": [c.id for c in caches], "weights": list(weights),
-                                         "weighting": weighting},
-                             learn_order=lambda: np.concatenate([r.topk_ids for r in _mixed_rows(
-                                 caches, weights, range(min(first.num_sequences, 256)), k, weighting)]))
+        writer = root.writer(
+            key,
+            shard_size=size,
+            num_sequences=first.num_sequences,
+            vocab_size=first.manifest["vocab_size"],
+            provenance={"merged_from": [c.id for c in caches], "weights": list(weights), "weighting": weighting},
+            learn_order=lambda: np.concatenate(
+                [r.topk_ids for r in _mixed_rows(caches, weights, range(min(first.num_sequences, 256)), k, weighting)]
+            ),
+        )
         num_shards = -(-first.num_sequences // size)
         for shard in range(num_shards):  # a cache's row i is sequence i
             if not writer.done(shard):

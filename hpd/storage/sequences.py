@@ -1,4 +1,5 @@
 """Token sequences (prompt + response) that the teacher scores and students train on."""
+
 from __future__ import annotations
 
 import functools
@@ -8,26 +9,31 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .fingerprint import digest
 from . import shards
+from .fingerprint import digest
 from .shards import CorruptShardError, ShardSet, ShardWriter
 
-SCHEMA = pa.schema([
-    ("seq_id", pa.int64()),
-    ("prompt_index", pa.int64()),   # which prompt the sequence answers (N samples share one)
-    ("prompt_len", pa.int32()),     # response starts at this token
-    ("input_ids", pa.list_(pa.int32())),
-])
+SCHEMA = pa.schema(
+    [
+        ("seq_id", pa.int64()),
+        ("prompt_index", pa.int64()),  # which prompt the sequence answers (N samples share one)
+        ("prompt_len", pa.int32()),  # response starts at this token
+        ("input_ids", pa.list_(pa.int32())),
+    ]
+)
 FORMAT = "hpd-sequences/2"  # 2: zstd-framed shards
 
 
 def rows_table(seq_ids, prompt_index, prompt_lens, input_ids) -> pa.Table:
-    return pa.table({
-        "seq_id": pa.array(seq_ids, pa.int64()),
-        "prompt_index": pa.array(prompt_index, pa.int64()),
-        "prompt_len": pa.array(prompt_lens, pa.int32()),
-        "input_ids": pa.array([list(map(int, x)) for x in input_ids], pa.list_(pa.int32())),
-    }, schema=SCHEMA)
+    return pa.table(
+        {
+            "seq_id": pa.array(seq_ids, pa.int64()),
+            "prompt_index": pa.array(prompt_index, pa.int64()),
+            "prompt_len": pa.array(prompt_lens, pa.int32()),
+            "input_ids": pa.array([list(map(int, x)) for x in input_ids], pa.list_(pa.int32())),
+        },
+        schema=SCHEMA,
+    )
 
 
 def is_published(directory: Path) -> bool:
@@ -66,8 +72,10 @@ class SequenceStore:
         self.shards = ShardSet(directory)
         self.manifest = self.shards.manifest
         if self.manifest.get("format") != FORMAT:
-            raise CorruptShardError(f"sequences in {directory} have format {self.manifest.get('format')!r}, this "
-                                    f"hpd reads {FORMAT!r}; rerun the generate stage")
+            raise CorruptShardError(
+                f"sequences in {directory} have format {self.manifest.get('format')!r}, this "
+                f"hpd reads {FORMAT!r}; rerun the generate stage"
+            )
         self.shard_size = self.manifest["shard_size"]
 
     @property
@@ -83,7 +91,7 @@ class SequenceStore:
         t = self.shards.table(index)
         ids = t.column("input_ids").combine_chunks()
         offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
-        seqs = [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+        seqs = [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
         return t.column("seq_id").to_numpy(), t.column("prompt_len").to_numpy(), seqs
 
     def prompt_index(self, index: int) -> np.ndarray:

@@ -5,10 +5,11 @@ may clear the leftovers of other settings), skip the shards a crashed attempt al
 other ranks (shard i is rank i mod N's), write the rest, and publish once every rank has written its own.
 `ranks` is anything with rank, world_size and barrier() (the pipeline's run context).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .shards import read_manifest
 

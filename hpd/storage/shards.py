@@ -13,6 +13,7 @@ The journal lists every shard that was fully written (rows, bytes, checksum), so
 resumes after its last published shard. Only `finish()` writes manifest.json and renames the directory,
 so a reader never mistakes a partial set for finished work.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,9 @@ import pyarrow as pa
 import zstandard
 from filelock import FileLock
 
-from . import atomic
 from hpd.common.faults import crash_point, disk_full_point
+
+from . import atomic
 from .fingerprint import digest, file_digest
 
 MANIFEST = "manifest.json"
@@ -41,8 +43,9 @@ class FramedShard:
         outer = pa.ipc.open_file(pa.memory_map(str(path), "r"))
         meta = outer.schema.metadata or {}
         if _FRAME_SCHEMA_KEY not in meta:
-            raise CorruptShardError(f"shard {path} was written in an older layout; rebuild it by rerunning the "
-                                    f"stage that wrote it")
+            raise CorruptShardError(
+                f"shard {path} was written in an older layout; rebuild it by rerunning the stage that wrote it"
+            )
         self.schema = pa.ipc.read_schema(pa.py_buffer(meta[_FRAME_SCHEMA_KEY]))
         self._frames = outer.read_all().column("frame").combine_chunks()
         self._dctx = zstandard.ZstdDecompressor()
@@ -63,7 +66,8 @@ def write_framed(path: Path, table: pa.Table, rows_per_batch: int | None, zstd_l
     cctx = zstandard.ZstdCompressor(level=zstd_level)
     frames = [cctx.compress(rb.serialize().to_pybytes()) for rb in table.to_batches(max_chunksize=rows_per_batch)]
     outer = pa.table({"frame": pa.array(frames, pa.large_binary())}).replace_schema_metadata(
-        {_FRAME_SCHEMA_KEY: table.schema.serialize().to_pybytes()})
+        {_FRAME_SCHEMA_KEY: table.schema.serialize().to_pybytes()}
+    )
     with pa.OSFile(str(path), "wb") as sink:
         with pa.ipc.new_file(sink, outer.schema) as writer:
             writer.write_table(outer)
@@ -90,8 +94,9 @@ def read_manifest(directory: Path) -> dict:
     except (ValueError, UnicodeDecodeError):
         raise CorruptShardError(f"manifest {path} is not valid JSON; {fix}") from None
     if not isinstance(manifest, dict) or manifest.get(SEAL) != seal(manifest):
-        raise CorruptShardError(f"manifest {path} was edited or damaged (its checksum does not match its "
-                                f"content); {fix}")
+        raise CorruptShardError(
+            f"manifest {path} was edited or damaged (its checksum does not match its content); {fix}"
+        )
     return manifest
 
 
@@ -163,8 +168,13 @@ class ShardWriter:
         with open(part, "rb+") as f:
             os.fsync(f.fileno())
         part.replace(self.tmp_dir / name)
-        entry = {"file": name, "rows": table.num_rows, "bytes": (self.tmp_dir / name).stat().st_size,
-                 "checksum": file_digest(self.tmp_dir / name), **stats}
+        entry = {
+            "file": name,
+            "rows": table.num_rows,
+            "bytes": (self.tmp_dir / name).stat().st_size,
+            "checksum": file_digest(self.tmp_dir / name),
+            **stats,
+        }
         self.shards[index] = entry
         self._save_journal()
         crash_point("shard")
@@ -176,9 +186,14 @@ class ShardWriter:
         if missing:
             raise RuntimeError(f"cannot publish {self.final_dir.name}: shards {missing[:5]} were never written")
         shards = [self.shards[i] for i in range(num_shards)]
-        manifest = {**self.meta, **summary, "shards": shards,
-                    "rows": sum(s["rows"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
-                    "published_at": time.time()}
+        manifest = {
+            **self.meta,
+            **summary,
+            "shards": shards,
+            "rows": sum(s["rows"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "published_at": time.time(),
+        }
         manifest[SEAL] = seal(manifest)
         atomic.write_json(self.tmp_dir / MANIFEST, manifest)
         for j in self._journals():
@@ -208,7 +223,8 @@ class ShardSet:
         if not path.exists() or file_digest(path) != entry["checksum"]:
             raise CorruptShardError(
                 f"shard {path} is missing or corrupt (checksum mismatch); rebuild it by rerunning the stage "
-                f"that wrote {self.dir.name}")
+                f"that wrote {self.dir.name}"
+            )
 
     def reader(self, index: int) -> FramedShard:
         """The shard's memory-mapped reader; its checksum is checked on first open."""

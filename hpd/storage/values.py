@@ -5,6 +5,7 @@ last published shard): per sequence its seq_id, the prompt it answers (samples o
 each other) and its value in float64. The manifest names the sequences (their fingerprint) and the value
 function, so a store is never read against other sequences.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,18 +18,25 @@ from . import shards
 from .fingerprint import digest
 from .shards import CorruptShardError, ShardSet, ShardWriter
 
-SCHEMA = pa.schema([
-    ("seq_id", pa.int64()),
-    ("prompt_index", pa.int64()),  # the prompt the sequence answers: a prompt's samples share one
-    ("value", pa.float64()),
-])
+SCHEMA = pa.schema(
+    [
+        ("seq_id", pa.int64()),
+        ("prompt_index", pa.int64()),  # the prompt the sequence answers: a prompt's samples share one
+        ("value", pa.float64()),
+    ]
+)
 FORMAT = "hpd-values/1"
 
 
 def values_table(seq_ids, prompt_index, values) -> pa.Table:
-    return pa.table({"seq_id": pa.array(np.asarray(seq_ids, np.int64)),
-                     "prompt_index": pa.array(np.asarray(prompt_index, np.int64)),
-                     "value": pa.array(np.asarray(values, np.float64))}, schema=SCHEMA)
+    return pa.table(
+        {
+            "seq_id": pa.array(np.asarray(seq_ids, np.int64)),
+            "prompt_index": pa.array(np.asarray(prompt_index, np.int64)),
+            "value": pa.array(np.asarray(values, np.float64)),
+        },
+        schema=SCHEMA,
+    )
 
 
 def is_published(directory: Path) -> bool:
@@ -57,8 +65,10 @@ class ValueStore:
         self.shards = ShardSet(Path(directory))
         self.manifest = self.shards.manifest
         if self.manifest.get("format") != FORMAT:
-            raise CorruptShardError(f"values in {directory} have format {self.manifest.get('format')!r}, this hpd "
-                                    f"reads {FORMAT!r}; rerun the judge stage")
+            raise CorruptShardError(
+                f"values in {directory} have format {self.manifest.get('format')!r}, this hpd "
+                f"reads {FORMAT!r}; rerun the judge stage"
+            )
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(seq_ids, prompt_index, values) of every sequence, in seq_id order."""

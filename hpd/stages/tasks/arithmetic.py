@@ -9,6 +9,7 @@ genuine choice, so a teacher that learned the task spreads its next-token mass o
 written (about a quarter of response positions are such choices), while the sums are deterministic and
 require carrying information across steps. That mix is what gives distillation something to transfer.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,21 +28,22 @@ def _column_width(operands: int) -> int:
 
 
 def make_example(rng: random.Random, operands: int, digits: int, nums: list[int] | None = None) -> dict:
-    nums = nums or [rng.randrange(10 ** digits) for _ in range(operands)]
+    nums = nums or [rng.randrange(10**digits) for _ in range(operands)]
     prompt = "+".join(f"{n:0{digits}d}" for n in nums) + ":"
     steps, carry = [], 0
     for col in range(digits):
-        terms = [(n // 10 ** col) % 10 for n in nums] + [carry]
+        terms = [(n // 10**col) % 10 for n in nums] + [carry]
         rng.shuffle(terms)
         total = sum(terms)
         steps.append("+".join(map(str, terms)) + f"={total:0{_column_width(operands)}d}")
         carry = total // 10
-    answer = f"{sum(nums):0{len(str(operands * (10 ** digits - 1)))}d}"
+    answer = f"{sum(nums):0{len(str(operands * (10**digits - 1)))}d}"
     return {"prompt": prompt, "response": ",".join(steps) + "|" + answer, "answer": answer}
 
 
-def write_split(path: Path, n: int, seed: int, operands: int | list[int], digits: int,
-                exclude: set[str] = frozenset()) -> set:
+def write_split(
+    path: Path, n: int, seed: int, operands: int | list[int], digits: int, exclude: set[str] = frozenset()
+) -> set:
     """Write n distinct problems as JSONL (prompt, response, answer); returns their prompts. `operands` a list:
     each problem draws its number of operands from it (a mixed task, e.g. for a generalist teacher)."""
     rng = random.Random(seed)
@@ -94,5 +96,6 @@ def build_tokenizer(train_path=None, cfg=None):
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>", padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
+    )

@@ -9,6 +9,7 @@ student's replies with the teacher's and checks the arithmetic answers.
 Train and held-out prompts are disjoint. There is no tokenizer to build: the teacher brings its own, with the
 chat template the prompts are rendered through.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,11 +57,15 @@ def write_data(out: Path, cfg: DataSettings, seed: int) -> dict:
     need = {kind: (n["train"] + n["heldout"]) // 3 + 1 for kind in KINDS}
     chat, code = _chat_turns(rng), _code(rng)
     if len(code) < need["code"] or len(chat) < need["chat"]:
-        raise ValueError(f"data.train_examples + data.heldout_examples is at most {3 * min(len(code), len(chat))} "
-                         f"for the chat prompts ({len(code)} HumanEval problems, {len(chat)} chat questions)")
-    pools = {"chat": [{"prompt": t, "kind": "chat"} for t in chat[:need["chat"]]],
-             "code": [{"prompt": c, "kind": "code"} for c in code[:need["code"]]],
-             "arithmetic": _arithmetic(rng, need["arithmetic"], set())}
+        raise ValueError(
+            f"data.train_examples + data.heldout_examples is at most {3 * min(len(code), len(chat))} "
+            f"for the chat prompts ({len(code)} HumanEval problems, {len(chat)} chat questions)"
+        )
+    pools = {
+        "chat": [{"prompt": t, "kind": "chat"} for t in chat[: need["chat"]]],
+        "code": [{"prompt": c, "kind": "code"} for c in code[: need["code"]]],
+        "arithmetic": _arithmetic(rng, need["arithmetic"], set()),
+    }
     splits = {"heldout": [], "train": []}
     for split in ("heldout", "train"):  # held-out first, each kind in turn, so both splits mix the three
         while len(splits[split]) < n[split]:

@@ -9,6 +9,7 @@ trained on the training split with the `tokenizers` library, so its vocabulary (
 teacher's distributions look like a real LLM's, only smaller: this is the task cache compression is
 measured on.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,14 @@ def write_data(out: Path, cfg: DataSettings, seed: int) -> dict:
     """train.jsonl / heldout.jsonl from disjoint conversations; returns the counts."""
     convs = load_conversations()
     random.Random(seed).shuffle(convs)
-    ex = lambda conv: list(_examples(conv, cfg.history_messages, cfg.max_prompt_chars,  # noqa: E731
-                                     cfg.max_response_chars))
+    ex = lambda conv: list(
+        _examples(
+            conv,
+            cfg.history_messages,
+            cfg.max_prompt_chars,  # noqa: E731
+            cfg.max_response_chars,
+        )
+    )
     heldout, used = [], 0
     while len(heldout) < cfg.heldout_examples and used < len(convs):
         heldout += ex(convs[used])
@@ -50,7 +57,7 @@ def write_data(out: Path, cfg: DataSettings, seed: int) -> dict:
         if len(train) >= cfg.train_examples:
             break
         train += ex(conv)
-    splits = {"heldout": heldout[:cfg.heldout_examples], "train": train[:cfg.train_examples]}
+    splits = {"heldout": heldout[: cfg.heldout_examples], "train": train[: cfg.train_examples]}
     for split, rows in splits.items():
         with open(out / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -71,8 +78,11 @@ def build_tokenizer(train_path: str | Path, cfg: DataSettings):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator(texts(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
-                                   padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", padding_side="left")
