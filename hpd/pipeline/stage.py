@@ -344,6 +344,7 @@ class Runner:
                         f'run.name="{other}")'
                     )
         self.check_ensemble_sequences()
+        self.check_fetched_models()
         for d in (self.ctx.run_dir, self.ctx.cache_root, self.ctx.model_root):  # fail now, not hours in
             try:
                 d.mkdir(parents=True, exist_ok=True)
@@ -400,6 +401,20 @@ class Runner:
                     f"({', '.join(differ[:3])} differ); an ensemble's teachers score the same sequences: "
                     f'set them as run {name} has them, or use teachers.mode="route"'
                 )
+
+    def check_fetched_models(self) -> None:
+        """`fetched:NAME` model paths name a file `hpd fetch` has assembled, where a stage still has to read it."""
+        from hpd.storage import fetched
+
+        for stage, what, path in (
+            ("teacher", "teacher.path", self.cfg.teacher.path),
+            ("distill", "distill.student_path", self.cfg.distill.student_path),
+        ):
+            if fetched.is_fetched_name(path) and stage in self.stages and self.state(stage)[0] != "done":
+                try:
+                    fetched.resolve(path, self.ctx.home / "fetched")
+                except fetched.FetchError as e:
+                    raise HpdError(f"{what}: {e}") from None
 
     def check_linked_tokenizers(self) -> None:
         """Several teachers share one tokenizer: this run's teacher against each linked run's, once this run's

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -199,11 +200,11 @@ class DistillTrainer(Trainer):
 
 
 # -- the student it starts from ----------------------------------------------------------------------------
-def _new_student(cfg: DistillSettings, teacher: Teacher, teacher_tok, seed: int, longest: int = 0):
+def _new_student(cfg: DistillSettings, teacher: Teacher, teacher_tok, seed: int, home: Path, longest: int = 0):
     """A fresh student (or the given one). `longest`: the longest sequence it must read, when other teachers'
     sequences may be longer than this run's teacher's context (a fresh GPT-2 is made long enough)."""
     if cfg.student_path:
-        model, tok = hf_models.load_causal_lm(cfg.student_path)
+        model, tok = hf_models.load_causal_lm(hf_models.local_model(cfg.student_path, home, "distill.student_path"))
         if tok.get_vocab() != teacher_tok.get_vocab():
             raise HpdError(
                 f"the student at {cfg.student_path} uses a different tokenizer than the teacher; "
@@ -262,7 +263,7 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
     others = sources[1:] if previous is None else []
     longest = max((len(x) for s in others for x in s.store.range(0, len(s.store))[2]), default=0)
     model = (
-        _new_student(d, teacher, tok, seed, longest)
+        _new_student(d, teacher, tok, seed, ctx.home, longest)
         if previous is None
         else hf_models.load_causal_lm(previous.student_dir)[0]
     )

