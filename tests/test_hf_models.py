@@ -1,6 +1,7 @@
 """The student's logits at response positions only: the output head hooked to the kept positions
 (`hf_models.head_only_at`, any transformers version) against the full logits and against a boolean
-`logits_to_keep` (transformers >= 5.20), in values and gradients, for GPT-2 and Llama."""
+`logits_to_keep` (transformers >= 5.20), and the head moved into the loss (`hf_models.hidden_at` with a
+losses.StudentHead), in values and gradients, for GPT-2 and Llama."""
 
 import inspect
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from hpd.stages import hf_models, student_models
-from hpd.stages.losses import distill_loss, response_positions
+from hpd.stages.losses import StudentHead, distill_loss, response_positions
 from hpd.stages.tasks import arithmetic
 
 from tiny_llama import make_llama
@@ -45,6 +46,15 @@ def _loss_and_grads(model, ids, mask, labels, how: str):
     if how == "hook":
         with hf_models.head_only_at(model, keep):
             logits = model(input_ids=ids, attention_mask=mask).logits
+    elif how == "fused":  # the loss makes the logits itself, a few positions at a time (here 2 per chunk)
+        with hf_models.hidden_at(model, keep) as head:
+            hidden = model(input_ids=ids, attention_mask=mask).logits
+        loss, _ = distill_loss(
+            "sft", StudentHead(hidden, head.weight, head.bias), labels, chunk_elements=2 * model.config.vocab_size
+        )
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return hidden.detach(), loss.item(), grads
     elif how == "logits_to_keep":
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
     else:
@@ -67,6 +77,21 @@ def test_head_only_at_the_kept_positions_equals_the_full_logits(make, tmp_path):
     for name in full[2]:
         torch.testing.assert_close(hooked[2][name], full[2][name], rtol=1e-5, atol=1e-7)
     assert model(input_ids=ids).logits.shape[:2] == ids.shape  # the hook is gone after the context
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_the_head_inside_the_loss_equals_the_full_logits(make, tmp_path):
+    model = make(tmp_path)
+    assert hf_models.fused_head_works(model)
+    ids, mask, labels = _batch(model.config.vocab_size)
+    full = _loss_and_grads(model, ids, mask, labels, "full")
+    fused = _loss_and_grads(model, ids, mask, labels, "fused")
+    assert fused[0].shape == (int(response_positions(labels).sum()), model.config.hidden_size)  # no logits made
+    assert fused[1] == pytest.approx(full[1], rel=1e-6)
+    assert fused[2].keys() == full[2].keys()  # the head's weight (tied to the embedding in GPT-2) learns too
+    for name in full[2]:  # (float32 sums in another order: a few entries differ by ~1e-7)
+        torch.testing.assert_close(fused[2][name], full[2][name], rtol=1e-4, atol=1e-6)
+    assert model(input_ids=ids).logits.shape == (*ids.shape, model.config.vocab_size)  # the head is itself again
 
 
 @pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])

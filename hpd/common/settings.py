@@ -192,6 +192,13 @@ class DistillSettings:
     )
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", low=1)
     bf16: bool = key(False, "mixed precision (losses are still computed in fp32)")
+    fused_head: bool = key(
+        True,
+        "the student's output layer and the loss computed together a chunk of positions at a "
+        "time: its [positions, vocabulary] logits never exist (off: the head's logits at "
+        "response positions, then the loss; FSDP, DeepSpeed and soft-capped heads use that)",
+        later=True,
+    )
     fsdp: str = key(
         "", 'under torchrun: the Trainer\'s FSDP option, e.g. "full_shard auto_wrap" (default: DDP)', later=True
     )

@@ -36,6 +36,7 @@ from .losses import (
     REWARD_METHODS,
     CachedTargets,
     SampledTargets,
+    StudentHead,
     TeacherLogits,
     distill_loss,
     response_positions,
@@ -126,8 +127,8 @@ def mixture_loss(
 ):
     """Each source's loss on its own rows, averaged over all response tokens of the batch (so a token counts
     the same whichever source it came from). Diagnostics are prefixed by source name when there are several.
-    `logits`: the student's [N, V] at the response positions; `teacher`: the batch's teacher signal;
-    `weight`, `advantage`: per row, from value guidance ([value]), or None."""
+    `logits`: the student's [N, V] at the response positions (or its StudentHead there); `teacher`: the batch's
+    teacher signal; `weight`, `advantage`: per row, from value guidance ([value]), or None."""
 
     def loss_of(src, lg, lb, t, rows=slice(None)):
         guided = {
@@ -164,9 +165,10 @@ class DistillTrainer(Trainer):
     """The HF Trainer with a distillation loss (like TRL's GKDTrainer: compute_loss, and log for its diagnostics).
     `teacher_signal(batch)` takes the batch's teacher signal out of it (from_cache, OnlineTeacher, no_teacher)."""
 
-    def __init__(self, *args, sources: list[Source], loss_params: dict, teacher_signal, **kwargs):
+    def __init__(self, *args, sources: list[Source], loss_params: dict, teacher_signal, fused_head=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.sources, self.loss_params, self.teacher_signal = sources, loss_params, teacher_signal
+        self.fused_head = fused_head
         # how errors name the loss: "rkl", or per source "offline fkl + refresh opd"
         self.loss_name = " + ".join(f"{s.name} {s.method}" if len(sources) > 1 else s.method for s in sources)
         self._diag: list[dict] = []
@@ -179,10 +181,15 @@ class DistillTrainer(Trainer):
         # Student logits only where a loss is taken: the [B, L, V] logits and their gradient were most of a
         # step's memory (response positions are a fraction of a padded batch; prompts take none).
         keep = response_positions(labels)
-        with hf_models.head_only_at(model, keep):
-            outputs = model(**inputs)
-        logits = outputs.logits
-        loss, diag = mixture_loss(self.sources, logits, labels, teacher, source, self.loss_params, weight, advantage)
+        if self.fused_head:  # nor even there: the head runs inside the loss, a chunk of positions at a time
+            with hf_models.hidden_at(model, keep) as head:
+                outputs = model(**inputs)
+            student = StudentHead(outputs.logits, head.weight, head.bias)
+        else:
+            with hf_models.head_only_at(model, keep):
+                outputs = model(**inputs)
+            student = outputs.logits
+        loss, diag = mixture_loss(self.sources, student, labels, teacher, source, self.loss_params, weight, advantage)
         check_finite_loss(loss, self.state.global_step + 1, f"the {self.loss_name} loss", NON_FINITE_HINT)
         self._diag.append(diag)
         return (loss, outputs) if return_outputs else loss
@@ -340,6 +347,7 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
         sources=sources,
         loss_params=loss_params,
         teacher_signal=signal,
+        fused_head=d.fused_head and not (d.fsdp or d.deepspeed) and hf_models.fused_head_works(model),
     )
     train(
         trainer,

@@ -182,6 +182,34 @@ def head_only_at(model, keep: torch.Tensor):
         handle.remove()
 
 
+@contextmanager
+def hidden_at(model, keep: torch.Tensor):
+    """Inside this context the model's output head returns its own input at the positions where `keep` [B, L] is
+    true: a forward's `.logits` are the last hidden states [N, H], in row-major order of `keep`, and no logits are
+    made; the head itself is yielded, for its weight and bias (losses.StudentHead makes the logits chunk by chunk).
+    Like head_only_at it goes through the model's own forward (and a DDP wrapper's)."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][keep.to(args[0].device)], *args[1:]))
+    head.forward = lambda hidden, *args, **kwargs: hidden  # an instance attribute, over the class's forward
+    try:
+        yield head
+    finally:
+        del head.forward
+        handle.remove()
+
+
+def fused_head_works(model) -> bool:
+    """Whether the logits are the head's plain linear map of the last hidden states (and nothing after it: no soft
+    capping, no logit scale), so that hidden_at and a StudentHead compute exactly what the model would."""
+    model = getattr(model, "module", model)
+    head, config = model.get_output_embeddings(), model.config.get_text_config()
+    return (
+        type(head) is torch.nn.Linear
+        and not getattr(config, "final_logit_softcapping", None)
+        and getattr(config, "logit_scale", None) in (None, 1, 1.0)
+    )
+
+
 def log_probs(model, seqs: list, pad_id: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 next-token log-probs [B, L, V] of right-padded sequences, and the padding mask."""
     ids, mask = pad_right(seqs, pad_id)

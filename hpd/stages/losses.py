@@ -355,9 +355,67 @@ def hpd_weights(logp_star, logq_star, logp_samp, logq_samp, same, shift=0.0):
 
 
 # Positions x vocabulary entries per loss chunk. The loss's vocabulary-wide tensors (log-softmax, weights and
-# their gradients) exist for one chunk at a time, recomputed in the backward pass (activation checkpointing),
-# so the loss's memory stays ~16 MB per tensor whatever the batch; only the logits and their gradient are whole.
+# their gradients) exist for one chunk at a time, so the loss's memory stays ~16 MB per tensor whatever the batch.
+# Given logits, they are recomputed in the backward pass (activation checkpointing) and only the logits and their
+# gradient are whole; given the student's head (StudentHead), not even those exist.
 LOSS_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class StudentHead:
+    """The student's last hidden states at the response positions [N, H] and its output layer (weight [V, H], bias
+    [V] or None), in place of its logits: the loss then makes the logits a chunk of positions at a time and takes
+    their gradient there, so neither the [N, V] logits nor their gradient ever exist (Liger's fused linear losses;
+    hf_models.hidden_at gives the hidden states)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def __getitem__(self, rows) -> StudentHead:
+        return StudentHead(self.hidden[rows], self.weight, self.bias)
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
+
+
+class _HeadLoss(torch.autograd.Function):
+    """The summed loss of `chunk_loss(logits of a chunk, its slice)` over chunks of positions, its gradient taken
+    chunk by chunk in the forward pass (three matmuls a chunk, as the unchunked head takes in all): what the
+    backward pass returns is the gradient of the hidden states, the weight and the bias, already summed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, chunk_loss, parts):
+        need = any(ctx.needs_input_grad[:3])  # (judging a model needs the loss alone)
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for part in parts:
+            h = hidden[part]
+            z = torch.nn.functional.linear(h, weight, bias).detach().requires_grad_(need)
+            with torch.enable_grad():
+                loss = chunk_loss(z, part)
+            if need and loss.requires_grad:
+                (gz,) = torch.autograd.grad(loss, z)
+                gz = gz.to(weight.dtype)
+                if grad_h is not None:
+                    grad_h[part] = gz @ weight
+                if grad_w is not None:
+                    grad_w.addmm_(gz.t(), h)
+                if grad_b is not None:
+                    grad_b += gz.sum(0)
+            total += loss.detach().float()
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        def scaled(g):  # (a loss taken as it is, the usual case, hands its buffers on without a copy)
+            return None if g is None else g if bool(grad == 1) else g * grad
+
+        return (*map(scaled, ctx.saved_tensors), None, None)
 
 
 def response_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -370,7 +428,7 @@ def response_positions(labels: torch.Tensor) -> torch.Tensor:
 
 def distill_loss(
     method: str,
-    student_logits: torch.Tensor,
+    student_logits: torch.Tensor | StudentHead,
     labels: torch.Tensor,
     teacher=None,
     sampled_tokens: torch.Tensor | None = None,
@@ -383,8 +441,9 @@ def distill_loss(
     **params,
 ):
     """(scalar loss, diagnostics): the mean over labelled positions. `student_logits`: [B, L, V], or [N, V] at
-    the `response_positions(labels)` only. `teacher`: a teacher signal (TeacherLogits, CachedTargets), or the
-    logits [B, L, V] or CacheBatch it wraps; unused by sft.
+    the `response_positions(labels)` only, or a StudentHead at those positions (the logits made chunk by chunk,
+    never whole: the same loss and gradient, far less memory). `teacher`: a teacher signal (TeacherLogits,
+    CachedTargets, SampledTargets), or the logits [B, L, V], CacheBatch or SampledBatch it wraps; unused by sft.
 
     `sampled_tokens` [B, L] fixes HPD's per-position student sample (aligned with `labels`, i.e. the token
     sampled for label position t+1 sits at index t+1); without it one token is drawn from the student in fp32.
@@ -402,9 +461,10 @@ def distill_loss(
     y = labels[:, 1:]
     sel = y != -100
     n = int(sel.sum())
+    head = student_logits if isinstance(student_logits, StudentHead) else None
     if n == 0:
-        return student_logits.sum() * 0.0, {"tokens": 0}
-    z = student_logits[:, :-1][sel] if student_logits.dim() == 3 else student_logits
+        return (head.hidden if head else student_logits).sum() * 0.0, {"tokens": 0}
+    z = head.hidden if head else student_logits[:, :-1][sel] if student_logits.dim() == 3 else student_logits
     if z.shape[0] != n:
         raise ValueError(
             f"student logits have {z.shape[0]} positions but the labels {n}: give logits for every "
@@ -424,33 +484,38 @@ def distill_loss(
         for x in (sequence_weight, sequence_advantage)
     ]
     samples = None if sampled_tokens is None else sampled_tokens[:, 1:][sel]
-    rows = max(1, chunk_elements // z.shape[-1])
-    total, sums = 0.0, {}
-    for lo in range(0, n, rows):
-        part = slice(lo, min(lo + rows, n))
+    rows = max(1, chunk_elements // (head.vocab if head else z.shape[-1]))
+    parts = [slice(lo, min(lo + rows, n)) for lo in range(0, n, rows)]
+    draws, sums = _draws(method, params), {}
+
+    def chunk_loss(zp: torch.Tensor, part: slice) -> torch.Tensor:
         sample = None if samples is None else samples[part]
-        draws = _draws(method, params)
-        if draws and sample is None:  # drawn outside the chunk so that its recomputation sees the same
+        if draws and sample is None:  # drawn before the loss (and outside a checkpoint: its recomputation sees it)
             with torch.no_grad():
                 sample = torch.multinomial(
-                    torch.softmax(z[part].detach().float(), -1), draws, replacement=True, generator=generator
+                    torch.softmax(zp.detach().float(), -1), draws, replacement=True, generator=generator
                 )
         args = (
             method,
             None if view is None else view.rows(part),
             params,
-            z[part],
+            zp,
             target[part],
             sample,
             *(None if x is None else x[part] for x in per_row),
         )
-        if z.requires_grad and n > rows:
+        if head is None and zp.requires_grad and n > rows:
             loss_sum, stats = checkpoint(_position_losses, *args, use_reentrant=False)
         else:
             loss_sum, stats = _position_losses(*args)
-        total = total + loss_sum
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + float(v)
+        return loss_sum
+
+    if head is not None:
+        total = _HeadLoss.apply(head.hidden, head.weight, head.bias, chunk_loss, parts)
+    else:
+        total = sum(chunk_loss(z[part], part) for part in parts)
     return total / n, {"tokens": n, **{k: v / n for k, v in sums.items()}}
 
 
