@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from hpd.stages import hf_models
+from hpd.stages import heads
 from hpd.stages.losses import CachedTargets, TeacherLogits, distill_loss, response_positions
 from hpd.stages.scoring import Timer, score_batch
 from hpd.storage.cache_batch import ScoredSequence, grid_batch
@@ -185,7 +185,7 @@ def distill_steps(student, data: list, s: dict, device, teacher=None) -> dict:
             else:
                 with torch.no_grad():
                     signal = TeacherLogits(teacher(input_ids=ids).logits)
-            with hf_models.head_only_at(student, response_positions(labels)):
+            with heads.head_only_at(student, response_positions(labels)):
                 logits = student(input_ids=ids).logits
         loss, diag = distill_loss("fkl", logits, labels, teacher=signal)
         loss.backward()

@@ -4,7 +4,7 @@
 
   full            the model's [B, L, V] logits, then the response positions picked out (what any version can do);
   logits_to_keep  transformers' boolean `logits_to_keep` (5.20 and later);
-  head hook       `hf_models.head_only_at`: a forward pre-hook runs the output head on the response positions only
+  head hook       `heads.head_only_at`: a forward pre-hook runs the output head on the response positions only
                   (what distill uses, on every transformers version).
 A GPT-2 student of the dialogue task's shape (vocabulary 8,192) does forward + sft loss + backward on a batch
 whose responses are half its positions; the three are interleaved, repeat after repeat, and the median step time
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from hpd.stages import hf_models
+from hpd.stages import heads
 from hpd.stages.losses import distill_loss, response_positions
 
 OUT = Path(__file__).resolve().parent / "results" / "response_head.json"
@@ -32,7 +32,7 @@ def step(model, ids, labels, how: str) -> float:
     keep = response_positions(labels)
     t0 = time.perf_counter()
     if how == "head hook":
-        with hf_models.head_only_at(model, keep):
+        with heads.head_only_at(model, keep):
             logits = model(input_ids=ids).logits
     elif how == "logits_to_keep":
         logits = model(input_ids=ids, logits_to_keep=keep).logits

@@ -5,12 +5,11 @@ compute in float32 inside, so the paths agree to float32's rounding)."""
 
 import pytest
 import torch
+from test_sampled_targets import _through_a_cache
 
 from hpd.stages.losses import METHODS, StudentHead, distill_loss, response_positions
 from hpd.storage.cache_batch import CacheBatch
 from hpd.storage.merge import mix_positions
-
-from test_sampled_targets import _through_a_cache
 
 pytestmark = pytest.mark.unit
 

@@ -1,6 +1,6 @@
 """The student's logits at response positions only: the output head hooked to the kept positions
-(`hf_models.head_only_at`, any transformers version) against the full logits and against a boolean
-`logits_to_keep` (transformers >= 5.20), and the head moved into the loss (`hf_models.hidden_at` with a
+(`heads.head_only_at`, any transformers version) against the full logits and against a boolean
+`logits_to_keep` (transformers >= 5.20), and the head moved into the loss (`heads.hidden_at` with a
 losses.StudentHead), in values and gradients, for GPT-2 and Llama."""
 
 import inspect
@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 
-from hpd.stages import hf_models, student_models
+from hpd.stages import heads, student_models
 from hpd.stages.losses import StudentHead, distill_loss, response_positions
 from hpd.stages.tasks import arithmetic
 
@@ -44,10 +44,10 @@ def _loss_and_grads(model, ids, mask, labels, how: str):
     model.zero_grad()
     keep = response_positions(labels)
     if how == "hook":
-        with hf_models.head_only_at(model, keep):
+        with heads.head_only_at(model, keep):
             logits = model(input_ids=ids, attention_mask=mask).logits
     elif how == "fused":  # the loss makes the logits itself, a few positions at a time (here 2 per chunk)
-        with hf_models.hidden_at(model, keep) as head:
+        with heads.hidden_at(model, keep) as head:
             hidden = model(input_ids=ids, attention_mask=mask).logits
         loss, _ = distill_loss(
             "sft", StudentHead(hidden, head.weight, head.bias), labels, chunk_elements=2 * model.config.vocab_size
@@ -82,7 +82,7 @@ def test_head_only_at_the_kept_positions_equals_the_full_logits(make, tmp_path):
 @pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
 def test_the_head_inside_the_loss_equals_the_full_logits(make, tmp_path):
     model = make(tmp_path)
-    assert hf_models.fused_head_works(model)
+    assert heads.fused_head_works(model)
     ids, mask, labels = _batch(model.config.vocab_size)
     full = _loss_and_grads(model, ids, mask, labels, "full")
     fused = _loss_and_grads(model, ids, mask, labels, "fused")

@@ -28,7 +28,7 @@ from hpd.common.settings import DistillSettings, Settings
 from hpd.storage.fingerprint import digest
 from hpd.storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 
-from . import hf_models, student_models
+from . import heads, hf_models, student_models
 from .artifacts import StageKind, Student, TaskData, Teacher
 from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
 from .losses import (
@@ -182,11 +182,11 @@ class DistillTrainer(Trainer):
         # step's memory (response positions are a fraction of a padded batch; prompts take none).
         keep = response_positions(labels)
         if self.fused_head:  # nor even there: the head runs inside the loss, a chunk of positions at a time
-            with hf_models.hidden_at(model, keep) as head:
+            with heads.hidden_at(model, keep) as head:
                 outputs = model(**inputs)
             student = StudentHead(outputs.logits, head.weight, head.bias)
         else:
-            with hf_models.head_only_at(model, keep):
+            with heads.head_only_at(model, keep):
                 outputs = model(**inputs)
             student = outputs.logits
         loss, diag = mixture_loss(self.sources, student, labels, teacher, source, self.loss_params, weight, advantage)
@@ -347,7 +347,7 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
         sources=sources,
         loss_params=loss_params,
         teacher_signal=signal,
-        fused_head=d.fused_head and not (d.fsdp or d.deepspeed) and hf_models.fused_head_works(model),
+        fused_head=d.fused_head and not (d.fsdp or d.deepspeed) and heads.fused_head_works(model),
     )
     train(
         trainer,

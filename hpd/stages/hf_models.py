@@ -1,10 +1,9 @@
-"""Local Hugging Face causal LMs: checked before use, loaded, identified by their files, and the two things a
-forward pass here needs beyond transformers (the output head at chosen positions only, fp32 log-probs)."""
+"""Local Hugging Face causal LMs: named by a setting (a directory, a GGUF file, fetched:NAME, pkg:MODULE/FILE), checked
+before use, loaded, identified by their files; and their fp32 log-probs."""
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -162,52 +161,6 @@ def to_accelerator(model):
     if torch.cuda.is_available():
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return model
-
-
-@torch.no_grad()
-@contextmanager
-def head_only_at(model, keep: torch.Tensor):
-    """Inside this context the model's output head (lm_head) runs only at the positions where `keep` [B, L] is
-    true, so a forward returns logits [N, V] in row-major order of `keep` instead of [B, L, V]: the [B, L, V]
-    logits and their gradient were most of a training step's memory. A forward pre-hook selects the positions
-    from the head's input, so it works on any decoder and any transformers version that has the model, through a
-    DDP / FSDP wrapper (whose forward runs as usual) and with tied weights (the module tree is untouched).
-    Transformers >= 5.20 can do the same with a boolean `logits_to_keep`; tests/test_hf_models.py shows both equal
-    in values and gradients."""
-    head = getattr(model, "module", model).get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][keep.to(args[0].device)], *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def hidden_at(model, keep: torch.Tensor):
-    """Inside this context the model's output head returns its own input at the positions where `keep` [B, L] is
-    true: a forward's `.logits` are the last hidden states [N, H], in row-major order of `keep`, and no logits are
-    made; the head itself is yielded, for its weight and bias (losses.StudentHead makes the logits chunk by chunk).
-    Like head_only_at it goes through the model's own forward (and a DDP wrapper's)."""
-    head = getattr(model, "module", model).get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][keep.to(args[0].device)], *args[1:]))
-    head.forward = lambda hidden, *args, **kwargs: hidden  # an instance attribute, over the class's forward
-    try:
-        yield head
-    finally:
-        del head.forward
-        handle.remove()
-
-
-def fused_head_works(model) -> bool:
-    """Whether the logits are the head's plain linear map of the last hidden states (and nothing after it: no soft
-    capping, no logit scale), so that hidden_at and a StudentHead compute exactly what the model would."""
-    model = getattr(model, "module", model)
-    head, config = model.get_output_embeddings(), model.config.get_text_config()
-    return (
-        type(head) is torch.nn.Linear
-        and not getattr(config, "final_logit_softcapping", None)
-        and getattr(config, "logit_scale", None) in (None, 1, 1.0)
-    )
 
 
 def log_probs(model, seqs: list, pad_id: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

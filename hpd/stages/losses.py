@@ -366,7 +366,7 @@ class StudentHead:
     """The student's last hidden states at the response positions [N, H] and its output layer (weight [V, H], bias
     [V] or None), in place of its logits: the loss then makes the logits a chunk of positions at a time and takes
     their gradient there, so neither the [N, V] logits nor their gradient ever exist (Liger's fused linear losses;
-    hf_models.hidden_at gives the hidden states)."""
+    heads.hidden_at gives the hidden states)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor

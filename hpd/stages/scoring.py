@@ -13,7 +13,7 @@ import torch
 
 from hpd.common.errors import HpdError
 
-from . import batching
+from . import batching, heads
 
 
 class Timer(dict):
@@ -31,14 +31,21 @@ class Timer(dict):
 @torch.no_grad()
 def score_positions(logits: torch.Tensor, targets: torch.Tensor, *, top_k: int, temperature: float = 1.0):
     """What a cache stores for N positions, from their [N, V] float32 logits and the [N] tokens that follow:
-    top-k ids and log-probs (sorted), the target's exact log-prob, the tail's log-mass."""
-    lp = torch.log_softmax(logits / temperature, dim=-1)  # [N, V]
-    top_lp, top_ids = torch.topk(lp, top_k, dim=-1)  # sorted by log-prob
-    target = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    top-k ids and log-probs (sorted), the target's exact log-prob, the tail's log-mass. Lean: the top-k of the raw
+    logits (the same tokens: dividing by T and normalising keep their order), one logsumexp for the normaliser, and
+    the tail summed over the logits with the top-k masked in place: no [N, V] log-softmax is made."""
+    z = logits / temperature if temperature != 1.0 else logits.clone()  # (modified in place below)
+    top_z, top_ids = torch.topk(z, top_k, dim=-1)  # sorted
+    norm = torch.logsumexp(z, dim=-1, keepdim=True)
+    target = z.gather(-1, targets.unsqueeze(-1)) - norm
     # The tail is summed directly over the tokens outside the top-k: log(1 - sum(top)) loses all precision
     # when the top-k hold nearly all the mass, which is exactly the common case.
-    tail = torch.logsumexp(lp.scatter(-1, top_ids, -float("inf")), dim=-1)
-    return top_ids, top_lp, target, tail
+    tail = torch.logsumexp(z.scatter_(-1, top_ids, -float("inf")), dim=-1, keepdim=True) - norm
+    return top_ids, top_z - norm, target.squeeze(-1), tail.squeeze(-1)
+
+
+# Response positions x vocabulary entries whose logits exist at once while scoring: the head runs a chunk at a time.
+SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
 @torch.no_grad()
@@ -57,34 +64,33 @@ def score_batch(
 ) -> list[dict]:
     """Top-k, exact target log-prob and tail log-mass for every response position of each sequence. With `draws`,
     sampled targets instead (sample_positions, drawn slots only, with their counts), each sequence's draws from its
-    own seed in `seeds`: a sequence gets the same draws whatever batch it is scored in (resume, other batch sizes)."""
+    own seed in `seeds`: a sequence gets the same draws whatever batch it is scored in (resume, other batch sizes).
+
+    The teacher's output head runs at the response positions only (prompts and padding are most of a batch), a
+    chunk of positions at a time (heads.hidden_at), so its [B, L, V] logits are never built; a head that is not a
+    plain linear map (soft capping) runs whole at those positions instead (heads.head_only_at)."""
     timer = timer if timer is not None else Timer()
+    spans = [(p - 1, len(s) - 1) for s, p in zip(seqs, prompt_lens)]
     with timer("forward"):
         ids, mask = batching.pad_right(seqs, pad_id)
         ids = ids.to(model.device)
-        logits = model(input_ids=ids, attention_mask=mask.to(model.device)).logits
-        if logits.is_cuda:  # (kernels run asynchronously: the forward's time is the forward's)
-            torch.cuda.synchronize(logits.device)
+        keep = torch.zeros_like(ids, dtype=torch.bool)
+        for b, (st, e) in enumerate(spans):
+            keep[b, st:e] = True
+        logits_of, vocab = heads.logits_at(model, ids, mask.to(model.device), keep)
+        if ids.is_cuda:  # (kernels run asynchronously: the forward's time is the forward's)
+            torch.cuda.synchronize(ids.device)
     with timer("topk"):
-        # Only response positions are kept; prompts and padding are most of a batch's positions, so select
-        # them before anything touches the vocabulary dimension. All of it on the teacher's device: only the
-        # top-k leave it (the [B, L, V] logits of a large vocabulary are gigabytes per batch).
-        spans = [(p - 1, len(s) - 1) for s, p in zip(seqs, prompt_lens)]
-        rows = torch.cat([torch.full((e - st,), b) for b, (st, e) in enumerate(spans)]).to(logits.device)
-        cols = torch.cat([torch.arange(st, e) for st, e in spans]).to(logits.device)
-        kept = logits[rows, cols].float()
-        if not torch.isfinite(kept).all():  # a broken teacher must not become a cache that students trust
-            bad = int((~torch.isfinite(kept)).any(-1).sum())
-            raise HpdError(
-                f"the teacher's logits are NaN or inf at {bad} of {len(kept)} positions of a batch; "
-                f"the teacher is broken (check its weights and dtype, e.g. fp16 overflow)"
-            )
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major: each sequence's positions in order, as `keep` selects
         nxt = ids[rows, cols + 1]
-        if draws:
-            return _sampled_rows(kept, nxt, spans, draws, head, temperature, seeds)
-        top_ids, top_lp, target, tail = (
-            x.cpu() for x in score_positions(kept, nxt, top_k=top_k, temperature=temperature)
-        )
+        if draws:  # a sequence at a time: its draws come from its own generator
+            return _sampled_rows(logits_of, nxt, spans, draws, head, temperature, seeds)
+        n, step = len(nxt), max(1, SCORE_CHUNK_ELEMENTS // vocab)
+        parts = [
+            _checked(logits_of(slice(lo, lo + step)), top_k, nxt[lo : lo + step], temperature)
+            for lo in range(0, n, step)
+        ]
+        top_ids, top_lp, target, tail = (torch.cat(x).cpu() for x in zip(*parts))
         out, i = [], 0
         for st, e in spans:
             sl = slice(i, i + e - st)
@@ -101,14 +107,28 @@ def score_batch(
     return out
 
 
-def _sampled_rows(kept, nxt, spans, draws: int, head: int, temperature: float, seeds: list[int]) -> list[dict]:
+def _finite(z: torch.Tensor) -> torch.Tensor:
+    """The logits as they are, or a one-line error: a broken teacher must not become a cache that students trust."""
+    if not torch.isfinite(z).all():
+        bad = int((~torch.isfinite(z)).any(-1).sum())
+        raise HpdError(
+            f"the teacher's logits are NaN or inf at {bad} of {len(z)} positions of a batch; "
+            f"the teacher is broken (check its weights and dtype, e.g. fp16 overflow)"
+        )
+    return z
+
+
+def _checked(z, top_k, nxt, temperature):
+    return score_positions(_finite(z), nxt, top_k=top_k, temperature=temperature)
+
+
+def _sampled_rows(logits_of, nxt, spans, draws: int, head: int, temperature: float, seeds: list[int]) -> list[dict]:
     out, i = [], 0
     for (st, e), seed in zip(spans, seeds):
         sl = slice(i, i + e - st)
+        kept = _finite(logits_of(sl))
         g = torch.Generator(device=kept.device).manual_seed(int(seed))
-        d = sample_positions(
-            kept[sl], nxt[sl], draws=draws, temperature=temperature, generator=g, fill=False, head=head
-        )
+        d = sample_positions(kept, nxt[sl], draws=draws, temperature=temperature, generator=g, fill=False, head=head)
         out.append(
             {
                 "start": st,
