@@ -190,3 +190,22 @@ def test_checkpoints_of_another_config_are_dropped_not_resumed(tiny_home, tmp_pa
     runner.run("distill")
     student = AutoModelForCausalLM.from_pretrained(runner.manifest("distill")["outputs"]["student_dir"])
     assert student.config.n_embd == 24
+
+
+def test_gradient_checkpointing_trains_the_same_student(tiny_home, tmp_path):
+    """distill.gradient_checkpointing recomputes the layers' activations in the backward pass: the same numbers
+    (nothing random in a layer here), so the same student, for less memory."""
+    plain = make_runner(copy_home(tiny_home, tmp_path / "plain"), "distill.steps=3", 'distill.baseline=""')
+    saved = make_runner(
+        copy_home(tiny_home, tmp_path / "saved"),
+        "distill.steps=3",
+        'distill.baseline=""',
+        "distill.gradient_checkpointing=true",
+    )
+    for r in (plain, saved):
+        r.run("distill")
+    a, b = (
+        AutoModelForCausalLM.from_pretrained(r.manifest("distill")["outputs"]["student_dir"]) for r in (plain, saved)
+    )
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert plain.config_fingerprint("distill") != saved.config_fingerprint("distill")  # set, it is part of the key

@@ -335,6 +335,7 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
         sequential=planned > 0,
         fsdp=d.fsdp,
         deepspeed=d.deepspeed,
+        gradient_checkpointing=d.gradient_checkpointing,
     )
     loss_params = {s.method: {k: getattr(d, k) for k in METHOD_PARAMS.get(s.method, ())} for s in sources}
     before = previous.report if previous is not None else {}

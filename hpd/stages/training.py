@@ -159,6 +159,7 @@ def training_arguments(
     sequential: bool = False,
     fsdp: str = "",
     deepspeed: str = "",
+    gradient_checkpointing: bool = False,
 ):
     """The one training recipe every model here gets (teacher, students, rounds): AdamW with a cosine schedule
     to 10% of the peak rate, a checkpoint every `save_steps`. `sequential`: read the dataset in its own order
@@ -191,6 +192,8 @@ def training_arguments(
         bf16=bf16,
         train_sampling_strategy="sequential" if sequential else "random",
         include_num_input_tokens_seen="non_padding",
+        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+           if gradient_checkpointing else {}),
         **({"fsdp": fsdp} if fsdp else {}),
         **({"deepspeed": deepspeed} if deepspeed else {}),
     )
