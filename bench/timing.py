@@ -9,7 +9,7 @@ import ctypes
 import gc
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 _LIBC = ctypes.CDLL("libc.so.6")
 _LIBC.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MB, fixed: blocks above it are mapped, and unmapped when freed
@@ -48,6 +48,8 @@ def alternate(arms: dict[str, Callable[[], object]], rounds: int = 5, warmup: in
             figures = measured(fn)
             if r >= warmup:
                 runs[name].append(figures)
-            log(f"  round {r}{' (warm-up)' if r < warmup else ''} {name}: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+            log(
+                f"  round {r}{' (warm-up)' if r < warmup else ''} {name}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
+            )
     return {a: {k: summary([x[k] for x in rs]) for k in rs[0]} for a, rs in runs.items()}

@@ -192,10 +192,13 @@ class DistillSettings:
     )
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", low=1)
     bf16: bool = key(False, "mixed precision (losses are still computed in fp32)")
-    gradient_checkpointing: bool = key(False, "recompute each layer's activations in the backward pass instead of "
-                                              "keeping them (the Trainer's option): far less memory for about a third "
-                                              "more compute; what lets a larger student train where memory is short",
-                                       later=True)
+    gradient_checkpointing: bool = key(
+        False,
+        "recompute each layer's activations in the backward pass instead of "
+        "keeping them (the Trainer's option): far less memory for about a third "
+        "more compute; what lets a larger student train where memory is short",
+        later=True,
+    )
     fused_head: bool = key(
         True,
         "the student's output layer and the loss computed together a chunk of positions at a "

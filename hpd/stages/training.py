@@ -192,8 +192,11 @@ def training_arguments(
         bf16=bf16,
         train_sampling_strategy="sequential" if sequential else "random",
         include_num_input_tokens_seen="non_padding",
-        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-           if gradient_checkpointing else {}),
+        **(
+            {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+            if gradient_checkpointing
+            else {}
+        ),
         **({"fsdp": fsdp} if fsdp else {}),
         **({"deepspeed": deepspeed} if deepspeed else {}),
     )
