@@ -960,7 +960,7 @@ def reliability() -> str:
             f"exactly the uninterrupted run's outputs (sequences and values, every cache shard's checksum, "
             f"the students' and the converted teacher's weights, the evaluation report, leftover "
             f"temporaries). **Bytes lost: {soak['mismatched_outputs']}.** Per stage: "
-            f"bench/results/soak.md."
+            f"bench/results/soak.md (made at commit {soak.get('made', {}).get('commit', '?')})."
         )
     else:
         soak_line = "**Soak:** not run yet (`make soak`)."

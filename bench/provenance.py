@@ -1,0 +1,36 @@
+"""What every results file records of how it was made: the commit, the machine and the command."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stamp() -> dict:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    with open("/proc/meminfo") as f:
+        memory_kb = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return {
+        "commit": git("rev-parse", "--short=12", "HEAD")
+        + ("-dirty" if git("status", "--porcelain", "--", "hpd") else ""),
+        "machine": {
+            "cores": os.cpu_count(),
+            "memory_gb": round(memory_kb / 2**20, 1),
+            "cpu": cpu,
+            "python": platform.python_version(),
+        },
+        "command": " ".join(
+            ["python -m", Path(sys.argv[0]).with_suffix("").name if sys.argv[0] else "?", *sys.argv[1:]]
+        ),
+        "date": time.strftime("%Y-%m-%d"),
+    }
