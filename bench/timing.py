@@ -21,8 +21,11 @@ def _status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def measured(fn: Callable[[], object]) -> dict:
-    """Run `fn` once: its seconds, and the peak resident memory it added over what the process held before (MB)."""
+def measured(fn: Callable[[], object], prepare: Callable[[], object] | None = None) -> dict:
+    """Run `fn` once: its seconds, and the peak resident memory it added over what the process held before (MB),
+    after `prepare` (not measured; e.g. dropping the last step's gradients)."""
+    if prepare is not None:
+        prepare()
     gc.collect()
     _LIBC.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
@@ -38,14 +41,21 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
-def alternate(arms: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1, log=print) -> dict:
-    """{arm: {figure: summary}}: `warmup` rounds discarded, then `rounds` rounds of every arm in turn."""
+def alternate(
+    arms: dict[str, Callable[[], object]],
+    rounds: int = 5,
+    warmup: int = 1,
+    log=print,
+    prepare: Callable[[], object] | None = None,
+) -> dict:
+    """{arm: {figure: summary}}: `warmup` rounds discarded, then `rounds` rounds of every arm in turn (each call after
+    `prepare`, unmeasured)."""
     if rounds < 5:
         raise ValueError("at least 5 runs per arm: these machines are noisy")
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     for r in range(warmup + rounds):
         for name, fn in arms.items():
-            figures = measured(fn)
+            figures = measured(fn, prepare)
             if r >= warmup:
                 runs[name].append(figures)
             log(

@@ -89,3 +89,17 @@ def test_no_gradient_wanted_computes_none():
         loss, _ = distill_loss("fkl", StudentHead(hidden[keep], weight, bias), labels, teacher=teacher)
     full, _ = distill_loss("fkl", torch.nn.functional.linear(hidden, weight, bias), labels, teacher=teacher)
     assert not loss.requires_grad and torch.allclose(loss, full.detach().float(), rtol=1e-6)
+
+
+def test_a_scaled_loss_scales_every_gradient():
+    """A mixture weighs each source's loss by its share of tokens: the head's gradients must follow the scale."""
+    hidden, weight, bias, teacher, labels = _student(5)
+    keep = response_positions(labels)
+    grads = []
+    for scale in (1.0, 3.0):
+        h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+        loss, _ = distill_loss("jsd", StudentHead(h[keep], w, b), labels, teacher=teacher, chunk_elements=2 * V)
+        (loss * scale).backward()
+        grads.append((h.grad, w.grad, b.grad))
+    for one, three in zip(*grads):
+        assert torch.allclose(three, 3 * one, rtol=1e-12, atol=0)

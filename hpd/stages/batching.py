@@ -52,14 +52,15 @@ def pad_right(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def length_batches(lengths: list[int], batch_size: int, batch_tokens: int = 0) -> list[list[int]]:
-    """Indices of each batch. By count: consecutive runs of batch_size. With a token budget: longest first, as
-    many sequences as keep the padded batch (count x longest) within batch_tokens, so a batch of short prompts
-    is wide and one of long prompts narrow, and little of either is padding. A sequence longer than the budget
-    gets a batch of its own."""
+def length_batches(lengths: list[int], batch_size: int, batch_tokens: int = 0, sort: bool = False) -> list[list[int]]:
+    """Indices of each batch. By count: runs of batch_size, consecutive, or with `sort` longest first (batches of
+    alike lengths: little padding). With a token budget: longest first, as many sequences as keep the padded batch
+    (count x longest) within batch_tokens, so a batch of short prompts is wide and one of long prompts narrow, and
+    little of either is padding. A sequence longer than the budget gets a batch of its own."""
     n = len(lengths)
     if not batch_tokens:
-        return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+        order = sorted(range(n), key=lambda i: -lengths[i]) if sort else list(range(n))
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
     batches, current = [], []
     for i in sorted(range(n), key=lambda i: -lengths[i]):  # stable: equal lengths keep their order
         if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:

@@ -407,15 +407,18 @@ class _HeadLoss(torch.autograd.Function):
                 if grad_b is not None:
                     grad_b += gz.sum(0)
             total += loss.detach().float()
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        # Kept on ctx, not save_for_backward, and handed over in backward: the one reference left is the one returned,
+        # so a weight whose gradient was dropped since the last step (the Trainer's zero_grad) takes grad_w as its
+        # .grad without a copy: the head's gradient costs no more memory than an unfused head's would.
+        ctx.grads = (grad_h, grad_w, grad_b)
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        def scaled(g):  # (a loss taken as it is, the usual case, hands its buffers on without a copy)
-            return None if g is None else g if bool(grad == 1) else g * grad
-
-        return (*map(scaled, ctx.saved_tensors), None, None)
+        grads, ctx.grads = ctx.grads, None
+        if not bool(grad == 1):  # (a loss taken as it is, the usual case, hands its buffers on without a copy)
+            grads = tuple(None if g is None else g.mul_(grad) for g in grads)
+        return (*grads, None, None)
 
 
 def response_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,17 @@ def sample(
     greedy: bool = False,
     batch_size: int = 64,
     batch_tokens: int = 0,
+    sort: bool = False,
+    static_cache: bool = False,
     desc: str = "sampling",
 ) -> list[list[int]]:
     """Continue each prompt; returns the response ids (in the prompts' order), cut after the first
-    end-of-sequence token. batch_tokens > 0 batches by prompt plus new tokens instead of by count."""
+    end-of-sequence token. batch_tokens > 0 batches by prompt plus new tokens instead of by count; `sort` batches
+    by count longest first (alike lengths: little padding); `static_cache` preallocates the KV cache."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
     out: list[list[int] | None] = [None] * len(prompts)
-    batches = length_batches([len(p) + max_new_tokens for p in prompts], batch_size, batch_tokens)
+    batches = length_batches([len(p) + max_new_tokens for p in prompts], batch_size, batch_tokens, sort)
     for idx in tqdm(batches, desc=desc, leave=False, disable=len(batches) <= 1):
         ids, mask = (t.to(model.device) for t in pad_left([prompts[i] for i in idx], pad))
         gen = model.generate(
@@ -42,6 +45,7 @@ def sample(
             top_p=None,
             pad_token_id=pad,
             eos_token_id=eos,
+            **({"cache_implementation": "static"} if static_cache else {}),
         )
         for i, row in zip(idx, gen[:, ids.shape[1] :].tolist()):
             out[i] = row[: row.index(eos) + 1] if eos in row else row

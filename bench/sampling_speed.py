@@ -1,0 +1,110 @@
+"""Teacher sampling speed: new tokens per second for the ways hpd can batch `model.generate`, against a plain
+generate loop, on the real teacher and its own prompts.
+
+    python -m bench.sampling_speed [--prompts 64]      (after `make smollm2-teacher`)
+
+SmolLM2-135M-Instruct (fp32) continues the first `--prompts` chat prompts of --config smollm2 (chat questions,
+arithmetic, HumanEval: lengths from tens to hundreds of tokens) by 64 new tokens at temperature 1, as the preset's
+generate stage does. Arms:
+  plain loop        `model.generate` on batches of 32 in the prompts' own order (what a user writes first);
+  token budget      hpd's sampling with the preset's budget before this bench: longest first, (prompt + 64) x
+                    count <= 6144;
+  sorted, batch N   prompts sorted by length, N at a time (little padding, full batches);
+  sorted + static   the same with a static KV cache (`cache_implementation="static"`).
+bench/timing.py: a warm-up round, then 5 rounds of the arms in turn; medians and spread. Every arm draws from the same
+seed; tokens/s counts the new tokens each arm made (up to each reply's end-of-text). Writes
+bench/results/sampling_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from bench.provenance import stamp
+from bench.timing import alternate
+from hpd import open_run
+from hpd.stages import batching, hf_models, sampling
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NEW = 64
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--sizes", default="16,32,64,128")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    run = open_run("smollm2", [], home=args.home, log=lambda s: None)
+    run.run(until="teacher")
+    teacher, data = run.outputs("teacher"), run.outputs("data")
+    model, tok = hf_models.load_teacher(teacher)
+    rows = [json.loads(line) for line in open(data.train)][: args.prompts]
+    prompts = [batching.encode_pair(tok, r["prompt"], None)[0] for r in rows]
+    made: dict[str, int] = {}
+
+    def arm(name, **kw):
+        def go():
+            torch.manual_seed(0)
+            out = sampling.sample(model, tok, prompts, max_new_tokens=NEW, temperature=1.0, desc=name, **kw)
+            made[name] = sum(len(o) for o in out)
+
+        return go
+
+    def plain():
+        torch.manual_seed(0)
+        eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        total = 0
+        with torch.no_grad():
+            for lo in range(0, len(prompts), 32):
+                ids, mask = batching.pad_left(prompts[lo : lo + 32], pad)
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=NEW,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=None,
+                    top_p=None,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                )
+                total += sum(row.index(eos) + 1 if eos in row else len(row) for row in gen[:, ids.shape[1] :].tolist())
+        made["plain loop, batch 32"] = total
+
+    arms = {
+        "plain loop, batch 32": plain,
+        "token budget 6144": arm("token budget 6144", batch_size=32, batch_tokens=6144),
+    }
+    for n in map(int, args.sizes.split(",")):
+        arms[f"sorted, batch {n}"] = arm(f"sorted, batch {n}", batch_size=n, sort=True)
+        arms[f"sorted + static cache, batch {n}"] = arm(
+            f"sorted + static cache, batch {n}", batch_size=n, sort=True, static_cache=True
+        )
+    results = alternate(arms, rounds=args.rounds)
+    for name, r in results.items():
+        r["new_tokens"] = made[name]
+        r["tokens_per_s"] = {k: made[name] / v for k, v in r["seconds"].items() if k != "runs"}
+    out = {
+        "made": stamp(),
+        "model": teacher.model_dir,
+        "prompts": len(prompts),
+        "new_tokens_max": NEW,
+        "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
+        "threads": torch.get_num_threads(),
+        "arms": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "sampling_speed.json").write_text(json.dumps(out, indent=1) + "\n")
+    for name, r in results.items():
+        print(f"{name:36s} {r['tokens_per_s']['median']:7.1f} new tokens/s")
+
+
+if __name__ == "__main__":
+    main()
