@@ -102,4 +102,4 @@ def test_a_scaled_loss_scales_every_gradient():
         (loss * scale).backward()
         grads.append((h.grad, w.grad, b.grad))
     for one, three in zip(*grads):
-        assert torch.allclose(three, 3 * one, rtol=1e-12, atol=0)
+        assert torch.allclose(three, 3 * one, rtol=1e-6, atol=0)  # (the scale passes through the float32 loss)
