@@ -11,8 +11,9 @@ checkpointing, distill.gradient_checkpointing), where the head's logits are the 
 Measured per step: forward and backward (the optimizer's step is the same in every arm and left out), its seconds
 and the peak resident memory it adds over what the process held before it: the weights (and optimizer state) are
 there already; the gradients are made by the step, as under the Trainer, which drops them between steps. Also shown:
-that peak less the gradients (the weights' size in every arm), what the head and the loss can change. The teacher signal is a
-top-64 cache batch made by the score stage's own pass (stages/scoring.py) on the same positions. bench/timing.py:
+that peak less the gradients (the weights' size in every arm), what the head and the loss can change. The teacher
+signal is a top-64 cache batch made by the score stage's own pass (stages/scoring.py) on the same positions.
+bench/timing.py:
 a warm-up round, then 5 rounds of the arms in turn; medians and spread. The targets: the fused step adds at most
 plain SFT's peak less the [B, L, V] float32 logits SFT holds, at most half of the unfused step's, and takes no
 longer than the unfused step. Writes bench/results/head_memory_<student>.json.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from bench.provenance import stamp
 from bench.timing import alternate
 from hpd.stages import batching, heads, hf_models
 from hpd.stages.losses import StudentHead, distill_loss, response_positions
@@ -149,6 +151,8 @@ def main():
                 "no_slower_than_before": fused["seconds"]["median"] <= before["seconds"]["median"],
             }
     out = {
+        "made": stamp(),
+        "gradients_mb": grads_mb,
         "student": args.student,
         "model": STUDENTS[args.student],
         "vocab": vocab,

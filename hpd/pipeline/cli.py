@@ -198,7 +198,8 @@ def _judged_models(runner: Runner, rows: dict) -> list[tuple[str, dict]]:
             report = judged.get(role) if role in judged else as_judged(out.report)
             named.append((student_name(name, out.report), report))
     teacher = judged.get("teacher") or as_judged((done["teacher"].report if "teacher" in done else None) or {})
-    return named + [("teacher", teacher)] if named else []
+    initial = [("student before distillation", judged["initial"])] if "initial" in judged else []
+    return initial + named + [("teacher", teacher)] if named else []
 
 
 def _summary(out) -> str:

@@ -44,6 +44,7 @@ class TaskData(Artifact):
     tokenizer: str = ""
     train_examples: int = 0
     heldout_examples: int = 0
+    retention: str = ""  # general replies a student should not forget (the code task's chat exchanges)
 
     def published(self) -> bool:
         return not self.builtin or all(Path(p).is_file() for p in (self.train, self.heldout))

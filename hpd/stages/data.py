@@ -34,7 +34,9 @@ def run(ctx, cfg: Settings) -> TaskData:
     files = {f: file_digest(final / f) for f in ("train.jsonl", "heldout.jsonl")}
     if own_tokenizer:
         files["tokenizer"] = file_digest(final / "tokenizer" / "tokenizer.json")
+    retention = final / "retention.jsonl"
     return TaskData(
+        retention=str(retention) if retention.is_file() else "",
         builtin=name,
         train=str(final / "train.jsonl"),
         heldout=str(final / "heldout.jsonl"),

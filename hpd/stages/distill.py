@@ -30,7 +30,7 @@ from hpd.storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 
 from . import heads, hf_models, student_models
 from .artifacts import StageKind, Student, TaskData, Teacher
-from .evaluators import answer_accuracy, heldout_report, read_rows, teacher_forced
+from .evaluators import answer_accuracy, generate_texts, heldout_report, heldout_rows, teacher_forced
 from .losses import (
     METHOD_PARAMS,
     REWARD_METHODS,
@@ -239,14 +239,33 @@ def _new_student(cfg: DistillSettings, teacher: Teacher, teacher_tok, seed: int,
     )
 
 
-def _learning_curve(cfg: DistillSettings, data: TaskData, tok, before: dict) -> list:
+# The teacher's greedy replies to held-out prompts that have none (chat and code prompts), as learning-curve
+# references: at most this many tokens each.
+CURVE_REPLY_TOKENS = 128
+
+
+def _learning_curve(cfg: DistillSettings, data: TaskData, tok, before: dict, teacher: Teacher) -> list:
+    """Every distill.curve_every steps: held-out accuracy (a task that checks answers), NLL and KL to the teacher (the
+    teacher loaded for the measurement and let go after, so it takes no memory while the student trains)."""
     if not (cfg.curve_every and data.builtin):
         return []
-    rows, task = read_rows(data.heldout, cfg.curve_examples), TASKS[data.builtin]
+    task, rows = TASKS[data.builtin], heldout_rows(data.heldout, cfg.curve_examples)
+    references = []
 
     def measure(m):
-        r = answer_accuracy(m, tok, rows, task) if hasattr(task, "is_correct") else {}
-        return {**r, "nll": teacher_forced(m, tok, rows)["response_nll_nats"]}
+        t = hf_models.load_teacher(teacher)[0]
+        if not references:  # once: the held-out replies, or the teacher's own where the rows have none
+            replies = (
+                [None] * len(rows)
+                if "response" in rows[0]
+                else [
+                    g[0] for g in generate_texts(t, tok, [r["prompt"] for r in rows], max_new_tokens=CURVE_REPLY_TOKENS)
+                ]
+            )
+            references.extend(r if g is None else {**r, "response": g} for r, g in zip(rows, replies))
+        r = answer_accuracy(m, tok, references, task) if hasattr(task, "is_correct") else {}
+        forced = teacher_forced(m, tok, references, t)
+        return {**r, "nll": forced["response_nll_nats"], "kl": forced["kl_to_teacher_nats"]}
 
     return [PeriodicEval(measure, cfg.curve_every, before.get("student_steps", 0), before.get("input_tokens", 0))]
 
@@ -274,6 +293,10 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
         if previous is None
         else hf_models.load_causal_lm(previous.student_dir)[0]
     )
+    cut = ctx.stage_dir() / "initial"  # a student cut from its teacher, as cut: eval judges it beside the trained one
+    if previous is None and d.student_init == "teacher-layers" and not d.student_path and ctx.rank == 0:
+        if not (cut / "config.json").is_file():
+            publish_model(model, tok, cut.with_name(".tmp-initial"), cut, {})
     if longest > hf_models.context_length(model):
         raise HpdError(
             f"the student's context ({hf_models.context_length(model)} tokens) is shorter than the other "
@@ -344,7 +367,7 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
         args=args,
         train_dataset=dataset,
         data_collator=collator,
-        callbacks=_learning_curve(d, data, tok, before) if ctx.rank == 0 else [],
+        callbacks=_learning_curve(d, data, tok, before, teacher) if ctx.rank == 0 else [],
         sources=sources,
         loss_params=loss_params,
         teacher_signal=signal,
@@ -361,7 +384,16 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
 
     model.eval()
     sequences = plan.steps * d.batch_size * d.gradient_accumulation_steps * ctx.world_size
+    # a given (or cut) student as it was before any distillation, for eval to judge beside it (through the rounds)
+    initial = before.get("initial_dir") or (
+        str(hf_models.local_model(d.student_path, ctx.home, "distill.student_path"))
+        if d.student_path
+        else str(cut)
+        if (cut / "config.json").is_file()
+        else ""
+    )
     report = {
+        **({"initial_dir": initial} if initial else {}),
         "parameters": sum(p.numel() for p in model.parameters()),
         "method": d.method,
         "round": ctx.round,

@@ -30,6 +30,7 @@ def judge(
     teacher=None,
     rouge: bool = True,
     execute_code: bool = False,
+    retention: list[dict] = (),
 ) -> dict:
     report: dict = {"examples": len(rows), "parameters": sum(p.numel() for p in model.parameters())}
     if task is not None and hasattr(task, "is_correct"):
@@ -54,6 +55,9 @@ def judge(
             report["accuracy"] = sum(evaluators.last_number_is(g, a) for g, a in checkable) / len(checkable)
             report["checked_examples"] = len(checkable)
     report.update(evaluators.teacher_forced(model, tokenizer, rows, teacher, batch_tokens=cfg.batch_tokens))
+    if retention:  # what it still knows of general replies (the code task's chat exchanges)
+        nll = evaluators.teacher_forced(model, tokenizer, retention, batch_tokens=cfg.batch_tokens)
+        report["retention_nll_nats"] = nll["response_nll_nats"]
     if cfg.humaneval:
         problems = evaluators.humaneval_problems(cfg.humaneval_problems)
         report.update(
@@ -99,28 +103,25 @@ def run(
         )
         rows = [{**r, "response": g[0]} for r, g in zip(rows, replies)]
     reference = teacher_model if cfg.kl_to_teacher else None
+    retention = evaluators.heldout_rows(data.retention, cfg.examples) if data.retention else []
+    same = {"teacher": reference, "execute_code": ctx.execute_code, "retention": retention}
     report = {
         "references": references,
-        "student": judge(model, tok, rows, cfg, task, teacher=reference, execute_code=ctx.execute_code),
+        "student": judge(model, tok, rows, cfg, task, **same),
         "student_dir": student.student_dir,
         "student_report": student.report,
     }
+    initial = student.report.get("initial_dir")
+    if initial:  # a given student (distill.student_path), as it was before distillation: what distilling changed
+        report["initial"] = judge(hf_models.load_causal_lm(initial)[0], tok, rows, cfg, task, **same)
     if baseline is not None:  # the same student trained without the teacher's distribution (distill.baseline)
-        report["baseline"] = judge(
-            hf_models.load_causal_lm(baseline.student_dir)[0],
-            tok,
-            rows,
-            cfg,
-            task,
-            teacher=reference,
-            execute_code=ctx.execute_code,
-        )
+        report["baseline"] = judge(hf_models.load_causal_lm(baseline.student_dir)[0], tok, rows, cfg, task, **same)
         report["baseline_report"] = baseline.report
     crash_point("judged")
     if cfg.teacher:
         # against its own replies the teacher's ROUGE-L is 1 by construction: not reported
         report["teacher"] = judge(
-            teacher_model, tok, rows, cfg, task, rouge=references == "data", execute_code=ctx.execute_code
+            teacher_model, tok, rows, cfg, task, **{**same, "teacher": None}, rouge=references == "data"
         )
     path = ctx.stage_dir() / "report.json"
     atomic.write_json(path, report)

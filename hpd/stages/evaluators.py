@@ -26,8 +26,9 @@ METRICS = [
     ("humaneval_pass@1", "HumanEval pass@1", "{:.1%}"),
     ("response_nll_nats", "held-out NLL", "{:.3f}"),
     ("kl_to_teacher_nats", "KL to teacher", "{:.3f}"),
+    ("retention_nll_nats", "retention NLL", "{:.3f}"),
 ]
-LOWER_IS_BETTER = ("response_nll_nats", "kl_to_teacher_nats")
+LOWER_IS_BETTER = ("response_nll_nats", "kl_to_teacher_nats", "retention_nll_nats")
 
 
 def metric_keys(report: dict) -> list[tuple[str, str, str]]:
@@ -217,6 +218,7 @@ def humaneval_pass_at_1(
         "humaneval_pass@1": sum(r["passed"] for r in results) / len(results),
         "humaneval_problems": len(results),
         "humaneval_timed_out": sum(r["result"] == "timed out" for r in results),
+        "humaneval_passed": [bool(r["passed"]) for r in results],  # problem by problem, for paired tests
     }
 
 

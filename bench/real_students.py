@@ -1,0 +1,166 @@
+"""Students worth using from real teachers: does distillation give a small model that keeps its teacher's skill, and
+which loss to use there. Hours on 2 CPU cores: `make bench-real`, outside `make bench` and `make test`.
+
+    python -m bench.real_students --pair B     (prune then distil: SmolLM2-135M-Instruct and a half of it)
+    python -m bench.real_students --pair A     (Qwen2.5-Coder-1.5B-Instruct teaches Qwen2.5-Coder-0.5B-Instruct)
+
+Pair B (--config smollm2-half): the student is cut from its teacher to half; first both ways are tried briefly (15
+of the 30 layers kept, `teacher-layers`; or the teacher's architecture at half width, `teacher-shape`, fkl, one seed)
+and the one whose KL to the teacher falls further is kept. Then `hpd compare`: SeqKD (sft on the teacher's replies),
+fkl, jsd, hpd and hpd_fkl, 3 seeds each, the same steps and one shared cache. The primary measure, named before any
+run: the held-out KL to the teacher on its own replies (lower is better); beside it NLL, the arithmetic questions'
+accuracy and ROUGE-L. Each method against SeqKD, paired by seed, with a 95% interval (bench/stats.py). Recovery: the
+share of the KL the cut cost that training won back, (KL of the cut student - KL after) / KL of the cut student.
+Plateau: whether the last 20% of steps improved held-out KL by under 2% (from the learning curves).
+
+Pair A (--config qwen-coder): the student before distillation, after SeqKD, after fkl and after hpd_fkl (the HPD
+variant the regime study recommends), one seed each (each run costs hours here), with their learning curves;
+HumanEval pass@1 on all 164 problems (greedy; each pair of models compared by McNemar's exact test and a paired
+bootstrap over problems), KL and NLL on held-out teacher replies, and retention (NLL on general chat replies). The
+primary measure: HumanEval pass@1. Running the students' code needs the opt-in: HPD_ALLOW_CODE_EVAL=1.
+
+Writes bench/results/real_students_<pair>.json (the compare report under bench/results/real_students_<pair>/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+from bench.provenance import stamp
+from bench.stats import mcnemar, paired_t
+from hpd import open_run
+from hpd.pipeline.compare import compare
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRIMARY = {"B": "kl_to_teacher_nats", "A": "humaneval_pass@1"}
+CONFIG = {"B": "smollm2-half", "A": "qwen-coder"}
+HIGHER = ("accuracy", "rouge_l", "humaneval_pass@1")
+
+
+def choose_cut(home: str, steps: int) -> dict:
+    """Pair B: 15 of 30 layers kept against the teacher's architecture at half width; fkl, one seed, `steps` steps.
+    The one with the lower held-out KL to the teacher after training is kept."""
+    tried = {}
+    for name, sets in (
+        ("teacher-layers", ['distill.student_init="teacher-layers"', "distill.n_layer=15"]),
+        (
+            "teacher-shape",
+            ['distill.student_init="teacher-shape"', "distill.n_layer=30", "distill.n_embd=288", "distill.n_head=9"],
+        ),
+    ):
+        run = open_run(
+            "smollm2-half",
+            [
+                *sets,
+                'distill.method="fkl"',
+                f"distill.steps={steps}",
+                'distill.baseline=""',
+                "eval.teacher=false",
+                f'run.name="smollm2-half-cut-{name}"',
+            ],
+            home=home,
+        )
+        run.run()
+        report = run.outputs("eval").report
+        tried[name] = {
+            "sets": sets,
+            "kl": report["student"]["kl_to_teacher_nats"],
+            "kl_before": report.get("initial", {}).get("kl_to_teacher_nats"),
+        }
+    kept = min(tried, key=lambda n: tried[n]["kl"])
+    return {"tried": tried, "kept": kept, "steps": steps}
+
+
+def plateau(log: list[dict], steps: int) -> dict:
+    """Whether held-out KL improved by under 2% over the last 20% of the steps (curve points)."""
+    curve = [(e["student_step"], e["curve_kl"]) for e in log if "curve_kl" in e]
+    if len(curve) < 2:
+        return {"points": len(curve), "plateau": None}
+    start = [kl for s, kl in curve if s <= 0.8 * steps]
+    before, last = (start[-1] if start else curve[0][1]), curve[-1][1]
+    gain = (before - last) / before if before else 0.0
+    return {
+        "points": len(curve),
+        "kl_at_80pct": before,
+        "kl_final": last,
+        "gain_last_20pct": gain,
+        "plateau": gain < 0.02,
+    }
+
+
+def summarise(results: list[dict], pair: str) -> dict:
+    by = {}
+    for r in results:
+        by.setdefault(r["method"], {})[r["seed"]] = r
+    reference = "sft"
+    measures = [
+        k
+        for k in (
+            "kl_to_teacher_nats",
+            "response_nll_nats",
+            "accuracy",
+            "rouge_l",
+            "humaneval_pass@1",
+            "retention_nll_nats",
+        )
+        if k in results[0]["eval"]["student"]
+    ]
+    out = {"primary": PRIMARY[pair], "reference": reference, "methods": {}}
+    initial = next((r["eval"]["initial"] for r in results if "initial" in r["eval"]), None)
+    teacher = next((r["eval"]["teacher"] for r in results if "teacher" in r["eval"]), None)
+    for method, seeds in by.items():
+        m = {"seeds": sorted(seeds)}
+        for k in measures:
+            values = {s: r["eval"]["student"][k] for s, r in seeds.items() if k in r["eval"]["student"]}
+            m[k] = {
+                "mean": statistics.mean(values.values()),
+                "sd": statistics.stdev(values.values()) if len(values) > 1 else 0.0,
+            }
+            if method != reference and reference in by:
+                ref = {s: r["eval"]["student"][k] for s, r in by[reference].items() if k in r["eval"]["student"]}
+                m[k]["minus_" + reference] = paired_t(values, ref, higher_is_better=k in HIGHER)
+        if initial and "kl_to_teacher_nats" in initial:
+            before = initial["kl_to_teacher_nats"]
+            m["kl_recovered"] = (before - m["kl_to_teacher_nats"]["mean"]) / before
+        m["plateau"] = [
+            plateau(r["log"], max((e["student_step"] for e in r["log"]), default=0)) for r in seeds.values()
+        ]
+        out["methods"][method] = m
+    if pair == "A":  # HumanEval problem by problem, each distilled student against the student before and SeqKD
+        passed = {method: seeds[min(seeds)]["eval"]["student"].get("humaneval_passed") for method, seeds in by.items()}
+        base = (initial or {}).get("humaneval_passed")
+        out["humaneval_paired"] = {
+            f"{a} vs {b}": mcnemar(passed[a], other)
+            for a in passed
+            for b, other in (("before", base), ("sft", passed.get("sft")))
+            if a != b and passed[a] and other
+        }
+    out["initial"], out["teacher"] = initial, teacher
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pair", choices=("A", "B"), required=True)
+    ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
+    ap.add_argument("--choice-steps", type=int, default=120)
+    args = ap.parse_args()
+    overrides, result = [], {"made": stamp(), "pair": args.pair, "config": CONFIG[args.pair]}
+    if args.pair == "B":
+        result["cut"] = choose_cut(args.home, args.choice_steps)
+        overrides = result["cut"]["tried"][result["cut"]["kept"]]["sets"]
+    out = RESULTS / f"real_students_{args.pair}"
+    os.environ["HPD_HOME"] = args.home
+    compare(CONFIG[args.pair], overrides, out=out)
+    results = json.loads((out / "results.json").read_text())
+    result["summary"] = summarise(results, args.pair)
+    (RESULTS / f"real_students_{args.pair}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["summary"]["methods"], indent=1)[:3000])
+
+
+if __name__ == "__main__":
+    main()

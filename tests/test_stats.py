@@ -1,0 +1,42 @@
+"""The verdicts' statistics against hand computations: Student's t interval paired by seed, McNemar's exact test."""
+
+import math
+
+import pytest
+
+from bench.stats import mcnemar, paired_t, t95
+
+pytestmark = pytest.mark.unit
+
+
+def test_paired_t_interval_by_hand():
+    arm = {0: 1.0, 1: 2.0, 2: 3.0, 3: 3.0, 4: 5.0}
+    ref = {0: 0.5, 1: 1.0, 2: 1.0, 3: 2.5, 4: 2.0, 9: 100.0}  # seed 9 has no pair: left out
+    d = [0.5, 1.0, 2.0, 0.5, 3.0]  # mean 1.4, half-width 1.35: the interval is above 0
+    mean = sum(d) / 5
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
+    half = 2.776 * sd / math.sqrt(5)  # t with 4 degrees of freedom
+    r = paired_t(arm, ref)
+    assert r["seeds"] == 5 and r["mean"] == pytest.approx(mean)
+    assert r["ci95"] == pytest.approx([mean - half, mean + half])
+    assert r["verdict"] == "worse"  # lower is better by default, and the interval is above 0
+    assert paired_t(arm, ref, higher_is_better=True)["verdict"] == "better"
+
+
+def test_an_interval_holding_zero_is_no_difference_detected():
+    r = paired_t({0: 1.0, 1: -1.0, 2: 0.5}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert r["ci95"][0] < 0 < r["ci95"][1] and r["verdict"] == "no difference detected"
+    assert t95(2) == 4.303 and t95(27) == 2.060 and t95(100) == 1.96
+
+
+def test_mcnemar_exact_by_hand():
+    # 10 problems: 6 only a passes, 1 only b passes, 3 both
+    a = [True] * 6 + [False] + [True] * 3
+    b = [False] * 6 + [True] + [True] * 3
+    r = mcnemar(a, b)
+    p = 2 * (math.comb(7, 0) + math.comb(7, 1)) / 2**7  # two-sided binomial, 1 of 7 discordant
+    assert (r["only_a"], r["only_b"]) == (6, 1) and r["p_mcnemar"] == pytest.approx(p)
+    assert r["difference"] == pytest.approx(0.5) and r["ci95"][0] <= 0.5 <= r["ci95"][1]
+    assert mcnemar(a, a)["p_mcnemar"] == 1.0 and mcnemar(a, a)["verdict"] == "no difference detected"
+    with pytest.raises(ValueError, match="same problems"):
+        mcnemar(a, b[:-1])
