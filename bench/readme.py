@@ -1641,6 +1641,97 @@ def versions() -> str:
     )
 
 
+def real_students() -> str:
+    """Students from real teachers (bench/real_students.py): pair B (prune then distil) and pair A (Qwen2.5-Coder)."""
+    out = []
+    names = {
+        "kl_to_teacher_nats": ("KL to teacher", "{:.3f}"),
+        "response_nll_nats": ("NLL on teacher replies", "{:.3f}"),
+        "accuracy": ("arithmetic accuracy", "{:.1%}"),
+        "rouge_l": ("ROUGE-L", "{:.3f}"),
+        "humaneval_pass@1": ("HumanEval pass@1", "{:.1%}"),
+        "retention_nll_nats": ("retention NLL", "{:.3f}"),
+    }
+    for pair, title in (("B", "Pair B: prune then distil"), ("A", "Pair A: Qwen2.5-Coder-1.5B teaches 0.5B")):
+        r = _result(RESULTS / f"real_students_{pair}.json")
+        if r is None:
+            continue
+        s = r["summary"]
+        methods = s["methods"]
+        measures = [k for k in names if k in next(iter(methods.values()))]
+        seeds = max(len(m["seeds"]) for m in methods.values())
+        out += [
+            f"**{title}** (`--config {r['config']}`, commit {r['made']['commit']}, {r['made']['date']}; "
+            f"{seeds} seed{'s' if seeds > 1 else ''} per method; primary measure, named before the runs: "
+            f"{names[s['primary']][0]}). Means over seeds; below each method, its difference from SeqKD (sft) paired "
+            "by seed with the 95% interval:",
+            "",
+            "| model | " + " | ".join(names[k][0] for k in measures) + " |",
+            "|---|" + "---|" * len(measures),
+        ]
+        for label, row in (("teacher", s.get("teacher")), ("student before distillation", s.get("initial"))):
+            if row:
+                out.append(
+                    f"| {label} | "
+                    + " | ".join(names[k][1].format(row[k]) if k in row else "" for k in measures)
+                    + " |"
+                )
+        for method, m in methods.items():
+            cells = []
+            for k in measures:
+                cell = names[k][1].format(m[k]["mean"])
+                d = m[k].get("minus_sft")
+                if d and d["seeds"] > 1:
+                    lo, hi = d["ci95"]
+                    cell += f" ({d['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]: {d['verdict']})"
+                elif d:
+                    cell += f" ({d['mean']:+.3f})"
+                cells.append(cell)
+            label = "SeqKD (sft)" if method == "sft" else method
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("")
+        if "cut" in r:
+            c = r["cut"]
+            out.append(
+                "The cut, tried briefly (fkl, one seed, "
+                f"{c['steps']} steps): "
+                + "; ".join(f"{n} KL {t['kl_before']:.3f} -> {t['kl']:.3f}" for n, t in c["tried"].items())
+                + f"; kept: **{c['kept']}**."
+            )
+        flat = {method: sum(bool(p.get("plateau")) for p in m["plateau"]) for method, m in methods.items()}
+        out.append(
+            "Plateau (the last 20% of steps improve held-out KL by under 2%), seeds that reached it: "
+            + ", ".join(f"{k} {v}/{len(methods[k]['plateau'])}" for k, v in flat.items())
+            + "."
+        )
+        if "kl_recovered" in next(iter(methods.values())):
+            best = min(methods, key=lambda k: methods[k]["kl_to_teacher_nats"]["mean"])
+            m = methods[best]
+            t_acc = (s.get("teacher") or {}).get("accuracy")
+            lines = [
+                f"best by KL: **{best}**, {m['kl_recovered']:.0%} of the KL the cut cost won back "
+                f"(target at least 80%: {'met' if m['kl_recovered'] >= 0.8 else 'not met'})"
+            ]
+            if t_acc and "accuracy" in m:
+                share = m["accuracy"]["mean"] / t_acc
+                lines.append(
+                    f"arithmetic accuracy {share:.0%} of the teacher's (target at least 80%: "
+                    f"{'met' if share >= 0.8 else 'not met'})"
+                )
+            if best != "sft":
+                v = m["kl_to_teacher_nats"]["minus_sft"]["verdict"]
+                lines.append(f"against SeqKD on KL: {v} (target: better beyond the interval)")
+            out.append("Targets: " + "; ".join(lines) + ".")
+        for name, t in s.get("humaneval_paired", {}).items():
+            out.append(
+                f"- HumanEval {name}: {t['difference']:+.1%} [{t['ci95'][0]:+.1%}, {t['ci95'][1]:+.1%}], "
+                f"McNemar p = {t['p_mcnemar']:.3f} ({t['only_a']} problems only the first passes, {t['only_b']} only "
+                "the second)"
+            )
+        out.append("")
+    return "\n".join(out) + "\n" if out else "Not run yet: `make bench-real`.\n"
+
+
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -1662,6 +1753,7 @@ def main():
         ("sampled-targets", sampled_targets),
         ("versions", versions),
         ("performance", performance),
+        ("real-students", real_students),
     ):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text, flags=re.S)

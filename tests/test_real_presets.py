@@ -1,0 +1,81 @@
+"""The presets of the students-from-real-teachers study (--config smollm2-half, --config qwen-coder) end to end at
+tiny scale: tiny Llama GGUF files stand in for the real teacher and, for qwen-coder, for the pretrained student
+file. Only the scale is faked: the presets' own stages, tasks, evaluation rows and opt-ins run."""
+
+import json
+
+import pytest
+
+from conftest import hpd_cli
+from tiny_llama import make_llama, write_gguf
+
+TINY_SCALE = [
+    "data.train_examples=16",
+    "data.heldout_examples=6",
+    "generate.max_new_tokens=8",
+    "generate.batch_size=8",
+    "score.batch_size=8",
+    "distill.steps=4",
+    "distill.batch_size=4",
+    "distill.gradient_accumulation_steps=1",
+    "distill.warmup_steps=1",
+    "distill.checkpoint_steps=2",
+    "distill.eval_examples=4",
+    "distill.curve_every=2",
+    "distill.curve_examples=3",
+    "eval.examples=4",
+    "eval.max_new_tokens=8",
+]
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory):
+    """(a 4-layer teacher, a 2-layer student of the same tokenizer), as GGUF files."""
+    d = tmp_path_factory.mktemp("llamas")
+    teacher = write_gguf(make_llama(d / "teacher"), d / "teacher.gguf")
+    student = write_gguf(make_llama(d / "student", n_layer=2, seed=1), d / "student.gguf")
+    return teacher, student
+
+
+def _report(home, name):
+    return json.loads((home / "runs" / name / "eval" / "report.json").read_text())
+
+
+def test_smollm2_half_cuts_the_teacher_and_reports_the_cut_student(ggufs, tmp_path):
+    teacher, _ = ggufs
+    sets = [*TINY_SCALE, f'teacher.path="{teacher}"', "distill.n_layer=2", 'run.name="half"']
+    r = hpd_cli(tmp_path, "run", "--config", "smollm2-half", overrides=sets, tiny=False)
+    assert r.exit_code == 0, (r.output, r.stderr, r.exception)
+    report = _report(tmp_path, "half")
+    initial, student, t = report["initial"], report["student"], report["teacher"]
+    # the row before distillation is the cut student itself: the same size as the distilled one, half the teacher's
+    assert initial["parameters"] == student["parameters"] < t["parameters"]
+    assert initial["kl_to_teacher_nats"] > 0 and student["kl_to_teacher_nats"] > 0
+    log = json.loads((tmp_path / "runs" / "half" / "distill" / "student" / "training_log.json").read_text())
+    curve = [e for e in log if "curve_kl" in e]
+    assert [e["student_step"] for e in curve] == [2, 4] and all(e["curve_kl"] > 0 for e in curve)
+
+
+def test_qwen_coder_needs_the_code_opt_in_then_reports_humaneval_and_retention(ggufs, tmp_path):
+    teacher, student = ggufs
+    sets = [
+        *TINY_SCALE,
+        f'teacher.path="{teacher}"',
+        f'distill.student_path="{student}"',
+        "eval.humaneval_problems=3",
+        'run.name="coder"',
+    ]
+    refused = hpd_cli(tmp_path, "run", "--config", "qwen-coder", overrides=sets, tiny=False)
+    assert refused.exit_code == 2 and "HPD_ALLOW_CODE_EVAL=1" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs" / "coder").exists()
+    r = hpd_cli(
+        tmp_path, "run", "--config", "qwen-coder", overrides=sets, tiny=False, env={"HPD_ALLOW_CODE_EVAL": "1"}
+    )
+    assert r.exit_code == 0, (r.output, r.stderr, r.exception)
+    report = _report(tmp_path, "coder")
+    for row in ("initial", "student", "baseline"):
+        m = report[row]
+        assert len(m["humaneval_passed"]) == m["humaneval_problems"] == 3, row
+        assert m["retention_nll_nats"] > 0 and m["kl_to_teacher_nats"] > 0, row
+    # the student before distillation is the student file as given: as large as the distilled one
+    assert report["initial"]["parameters"] == report["student"]["parameters"] < report["teacher"]["parameters"]
