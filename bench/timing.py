@@ -53,13 +53,16 @@ def alternate(
     if rounds < 5:
         raise ValueError("at least 5 runs per arm: these machines are noisy")
     runs: dict[str, list[dict]] = {a: [] for a in arms}
+    first: dict[str, list[float]] = {a: [] for a in arms}  # the warm-up's seconds: what a first call pays (compiling)
     for r in range(warmup + rounds):
         for name, fn in arms.items():
             figures = measured(fn, prepare)
-            if r >= warmup:
-                runs[name].append(figures)
+            (runs[name] if r >= warmup else first[name]).append(figures)
             log(
                 f"  round {r}{' (warm-up)' if r < warmup else ''} {name}: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
             )
-    return {a: {k: summary([x[k] for x in rs]) for k in rs[0]} for a, rs in runs.items()}
+    return {
+        a: {**{k: summary([x[k] for x in rs]) for k in rs[0]}, "warmup_seconds": [x["seconds"] for x in first[a]]}
+        for a, rs in runs.items()
+    }

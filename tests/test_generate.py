@@ -97,3 +97,18 @@ def test_length_batches_cover_every_sequence_within_the_budget():
     for b in batches[1:]:
         assert len(b) * max(lengths[i] for i in b) <= 80
     assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+    # by count, sorted: longest first, alike lengths together
+    assert length_batches(lengths, 3, sort=True) == [[6, 1, 3], [4, 7, 2], [0, 5]]
+
+
+def test_sorted_static_cache_sampling_gives_the_same_greedy_replies_in_the_prompts_order(tmp_path):
+    """Sorting prompts by length and a static KV cache change how replies are batched and cached, not which replies
+    a prompt gets: greedy replies are the plain loop's, each at its own prompt's index."""
+    from tiny_llama import make_llama
+
+    model, tok = hf_models.load_causal_lm(make_llama(tmp_path / "llama"))
+    prompts = [tok(t)["input_ids"] for t in ("the cat", "a dog sat on the mat and", "hi", "one two three four")]
+    plain = sampling.sample(model, tok, prompts, max_new_tokens=6, greedy=True, batch_size=1)
+    for kw in ({"sort": True}, {"sort": True, "static_cache": True}):
+        got = sampling.sample(model, tok, prompts, max_new_tokens=6, greedy=True, batch_size=2, **kw)
+        assert got == plain, kw

@@ -108,3 +108,17 @@ def test_head_only_at_equals_a_boolean_logits_to_keep(make, tmp_path):
     assert torch.equal(hooked[0], kept[0]) and hooked[1] == kept[1]
     for name in kept[2]:
         assert torch.equal(hooked[2][name], kept[2][name]), name
+
+
+def test_auto_teacher_dtype_is_bf16_only_for_large_models_on_a_bf16_cpu():
+    import torch
+
+    from hpd.stages.teacher import BF16_CPU_MIN_PARAMETERS, native_bf16_cpu, resolved_dtype
+
+    assert resolved_dtype("float32", 10**10) == "float32" and resolved_dtype("bfloat16") == "bfloat16"
+    if torch.cuda.is_available():
+        return
+    assert resolved_dtype("auto", BF16_CPU_MIN_PARAMETERS - 1) == "float32"  # the suite's tiny teachers stay exact
+    flags = open("/proc/cpuinfo").read()
+    assert native_bf16_cpu() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert resolved_dtype("auto", BF16_CPU_MIN_PARAMETERS) == ("bfloat16" if native_bf16_cpu() else "float32")

@@ -71,8 +71,8 @@ class TeacherSettings:
     )
     dtype: str = key(
         "auto",
-        "what generate, score and eval run the teacher in (auto: bfloat16 on a GPU, float32 on "
-        "a CPU); part of the cache key",
+        "what generate, score and eval run the teacher in (auto: bfloat16 on a GPU, and on a CPU with native bf16 "
+        "for a model of 50M parameters or more; float32 otherwise); part of the cache key",
         choices=DTYPES,
         later=True,
     )
@@ -123,6 +123,10 @@ class GenerateSettings:
     batch_tokens: int = key(
         0, "> 0: batches of prompts sorted by length, (prompt + max_new_tokens) x count <= this", low=0, later=True
     )
+    length_sorted: bool = key(
+        False, "count batches (batch_tokens = 0) of prompts sorted by length, longest first: little padding", later=True
+    )
+    static_cache: bool = key(False, "sample with a preallocated (static) KV cache", later=True)
     shard_size: int = key(4096, "prompts per shard (a shard is the unit of resumption)", low=1)
 
 

@@ -70,6 +70,8 @@ def run(ctx, settings: Settings, data: TaskData, teacher: Teacher) -> Sequences:
             desc="generate",
             engine=cfg.engine,
             batch_tokens=cfg.batch_tokens,
+            sort=cfg.length_sorted,
+            static_cache=cfg.static_cache,
         )
     tokens = sum(s["tokens"] for s in manifest["shards"])
     return Sequences(

@@ -24,11 +24,13 @@ def sample(
     batch_tokens: int = 0,
     sort: bool = False,
     static_cache: bool = False,
+    compiled: bool = False,
     desc: str = "sampling",
 ) -> list[list[int]]:
     """Continue each prompt; returns the response ids (in the prompts' order), cut after the first
     end-of-sequence token. batch_tokens > 0 batches by prompt plus new tokens instead of by count; `sort` batches
-    by count longest first (alike lengths: little padding); `static_cache` preallocates the KV cache."""
+    by count longest first (alike lengths: little padding); `static_cache` preallocates the KV cache; `compiled`
+    also compiles the decoding step with torch.compile (transformers does that by itself on GPUs only)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
     out: list[list[int] | None] = [None] * len(prompts)
@@ -45,11 +47,20 @@ def sample(
             top_p=None,
             pad_token_id=pad,
             eos_token_id=eos,
-            **({"cache_implementation": "static"} if static_cache else {}),
+            **({"cache_implementation": "static"} if static_cache or compiled else {}),
+            **({"compile_config": _cpu_compile()} if compiled else {}),
         )
         for i, row in zip(idx, gen[:, ids.shape[1] :].tolist()):
             out[i] = row[: row.index(eos) + 1] if eos in row else row
     return out
+
+
+def _cpu_compile():
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+    config._compile_all_devices = True  # transformers' own switch for compiling off a GPU
+    return config
 
 
 def sample_to_store(
@@ -69,6 +80,8 @@ def sample_to_store(
     desc: str,
     engine: str = "transformers",
     batch_tokens: int = 0,
+    sort: bool = False,
+    static_cache: bool = False,
 ) -> dict:
     """N sampled responses per prompt, published as a sequence store in shards; returns its manifest. An
     interrupted run resumes after its last written shard and samples exactly what it would have (each shard
@@ -109,6 +122,8 @@ def sample_to_store(
                 temperature=temperature,
                 batch_size=batch_size,
                 batch_tokens=batch_tokens,
+                sort=sort,
+                static_cache=static_cache,
                 desc=f"sampling shard {shard}",
             )
         first = lo * n_per

@@ -44,19 +44,39 @@ def _outputs(model_dir: Path, report: dict | None, dtype: str) -> Teacher:
     )
 
 
-def resolved_dtype(setting: str) -> str:
-    """teacher.dtype: "auto" is bfloat16 on a GPU (what teachers are served in) and float32 on a CPU."""
-    if setting == "auto":
-        return "bfloat16" if torch.cuda.is_available() else "float32"
-    return setting
+# teacher.dtype "auto" on a CPU: bfloat16 where the CPU does bf16 arithmetic natively and the model is large enough
+# for its matmuls to dominate. bench/bf16_cpu.py (SmolLM2-135M, AVX512-BF16): bf16 scores 1.9x, samples 2.1x and
+# trains 1.7x as fast as fp32, and its distribution is a bucket KL of 0.0011 from the fp32 one on average (0.006 at
+# the 99th percentile): within the 0.01 a cache encoding may cost. Smaller models keep fp32: there the difference is
+# small, and the tiny models of the tests keep their exact caches.
+BF16_CPU_MIN_PARAMETERS = 50_000_000
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), as Linux reports it."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolved_dtype(setting: str, parameters: int = 0) -> str:
+    """teacher.dtype: "auto" is bfloat16 on a GPU (what teachers are served in); on a CPU, bfloat16 for a model of
+    at least BF16_CPU_MIN_PARAMETERS where the CPU has native bf16, float32 otherwise."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bfloat16"
+    return "bfloat16" if parameters >= BF16_CPU_MIN_PARAMETERS and native_bf16_cpu() else "float32"
 
 
 def run(ctx, cfg: Settings, data: TaskData) -> Teacher:
     t = cfg.teacher
     if t.path:
         path = hf_models.local_model(t.path, ctx.home, "teacher.path")
-        hf_models.load_causal_lm(path)  # proves it loads before anything downstream relies on it
-        return _outputs(path, None, resolved_dtype(t.dtype))
+        model, _ = hf_models.load_causal_lm(path)  # proves it loads before anything downstream relies on it
+        return _outputs(path, None, resolved_dtype(t.dtype, sum(p.numel() for p in model.parameters())))
     ident = {"cfg": dataclasses.asdict(t), "data": data.fingerprint, "seed": ctx.seed, "recipe": VERSION}
     name = f"{data.builtin}-teacher-{digest(ident)[:12]}"
     final = ctx.model_root / name
@@ -66,7 +86,8 @@ def run(ctx, cfg: Settings, data: TaskData) -> Teacher:
             _train(ctx, t, data, final)  # every rank: the Trainer's DDP
         else:
             ctx.log(f"[teacher] reusing {final}")
-    return _outputs(final, json.loads((final / REPORT).read_text()), resolved_dtype(t.dtype))
+    report = json.loads((final / REPORT).read_text())
+    return _outputs(final, report, resolved_dtype(t.dtype, report.get("parameters", 0)))
 
 
 def _train(ctx, cfg: TeacherSettings, data: TaskData, final: Path) -> None:
