@@ -27,8 +27,8 @@ from bench.provenance import stamp
 from bench.timing import alternate
 from hpd import open_run
 from hpd.stages import batching, heads, hf_models, sampling
+from hpd.stages.cache_rows import score_batch
 from hpd.stages.losses import StudentHead, distill_loss, response_positions
-from hpd.stages.scoring import score_batch
 from hpd.storage.cache_batch import ScoredSequence, grid_batch
 from hpd.storage.sequences import SequenceStore
 

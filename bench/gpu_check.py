@@ -3,7 +3,7 @@
     bench/gpu_check.sh [OUT.json]     (or python -m bench.gpu_check --out OUT.json; --small: a CPU-sized run)
 
 It needs torch and transformers only (what a CUDA image has): the part of hpd it runs, the teacher pass's
-arithmetic (hpd/stages/scoring.py), the losses, the response-position head and the cache's in-memory batch, imports
+arithmetic (hpd/stages/cache_rows.py), the losses, the response-position head and the cache's in-memory batch, imports
 nothing else (tests/test_gpu_check.py runs it with pyarrow, datasets and zstandard blocked). Parts:
 
 1. teacher side, bf16, on a randomly initialised model of a current architecture (Qwen2 at the 0.5B shape, its
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from hpd.stages import heads
+from hpd.stages.cache_rows import Timer, score_batch
 from hpd.stages.losses import CachedTargets, TeacherLogits, distill_loss, response_positions
-from hpd.stages.scoring import Timer, score_batch
 from hpd.storage.cache_batch import ScoredSequence, grid_batch
 
 OUT = Path(__file__).resolve().parent / "results" / "gpu_check.json"

@@ -12,7 +12,7 @@ Measured per step: forward and backward (the optimizer's step is the same in eve
 and the peak resident memory it adds over what the process held before it: the weights (and optimizer state) are
 there already; the gradients are made by the step, as under the Trainer, which drops them between steps. Also shown:
 that peak less the gradients (the weights' size in every arm), what the head and the loss can change. The teacher
-signal is a top-64 cache batch made by the score stage's own pass (stages/scoring.py) on the same positions.
+signal is a top-64 cache batch made by the score stage's own pass (stages/cache_rows.py) on the same positions.
 bench/timing.py:
 a warm-up round, then 5 rounds of the arms in turn; medians and spread. The targets: the fused step adds at most
 plain SFT's peak less the [B, L, V] float32 logits SFT holds, at most half of the unfused step's, and takes no
@@ -31,8 +31,8 @@ import torch
 from bench.provenance import stamp
 from bench.timing import alternate
 from hpd.stages import batching, heads, hf_models
+from hpd.stages.cache_rows import score_batch
 from hpd.stages.losses import StudentHead, distill_loss, response_positions
-from hpd.stages.scoring import score_batch
 from hpd.stages.tasks.dialogue import load_conversations
 from hpd.storage.cache_batch import ScoredSequence, grid_batch
 

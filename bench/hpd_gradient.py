@@ -27,8 +27,8 @@ import torch
 
 from hpd import open_run
 from hpd.stages import batching, hf_models, student_models
+from hpd.stages.cache_rows import score_positions
 from hpd.stages.losses import distill_loss
-from hpd.stages.scoring import score_positions
 from hpd.storage import encodings as enc
 from hpd.storage.logit_cache import DEFAULT_ENCODING, CacheBatch
 from hpd.storage.sequences import SequenceStore

@@ -987,7 +987,7 @@ RELIABILITY = [
             (
                 "held-out rows with empty responses (no references, or refused naming the row); a truncated GGUF file "
                 "(expected vs found bytes, no lock left)",
-                "test_evaluators, test_gguf",
+                "test_metrics, test_gguf",
             ),
             (
                 "`hpd cache merge` to a sampled encoding, of one cache twice, with `--k 0`",

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpd.stages.cache_rows import sample_positions, score_positions
 from hpd.stages.losses import distill_loss
-from hpd.stages.scoring import sample_positions, score_positions
 from hpd.storage import encodings as enc
 from hpd.storage.logit_cache import CacheRoot, LogitCache, ScoredSequence, cache_key, round_trip
 

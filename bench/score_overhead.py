@@ -31,8 +31,8 @@ from bench.provenance import stamp
 from bench.timing import alternate
 from hpd import open_run
 from hpd.stages import batching, hf_models
+from hpd.stages.cache_rows import score_batch
 from hpd.stages.score import DEFAULT_K
-from hpd.stages.scoring import score_batch
 from hpd.storage.logit_cache import CacheRoot, ScoredSequence, cache_key
 from hpd.storage.sequences import SequenceStore
 

@@ -60,7 +60,7 @@ def test_compare_runs_methods_by_seeds_from_one_cache_and_writes_the_report(tiny
 
 def test_paired_table_counts_seeds_where_a_method_is_better():
     from hpd.pipeline.report import paired_table
-    from hpd.stages.evaluators import METRICS
+    from hpd.stages.metrics import METRICS
 
     def run(method, seed, kl, acc):
         return {"method": method, "seed": seed, "eval": {"student": {"kl_to_teacher_nats": kl, "accuracy": acc}}}

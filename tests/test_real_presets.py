@@ -68,9 +68,7 @@ def test_qwen_coder_needs_the_code_opt_in_then_reports_humaneval_and_retention(g
     refused = hpd_cli(tmp_path, "run", "--config", "qwen-coder", overrides=sets, tiny=False)
     assert refused.exit_code == 2 and "HPD_ALLOW_CODE_EVAL=1" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs" / "coder").exists()
-    r = hpd_cli(
-        tmp_path, "run", "--config", "qwen-coder", overrides=sets, tiny=False, env={"HPD_ALLOW_CODE_EVAL": "1"}
-    )
+    r = hpd_cli(tmp_path, "run", "--config", "qwen-coder", overrides=sets, tiny=False, env={"HPD_ALLOW_CODE_EVAL": "1"})
     assert r.exit_code == 0, (r.output, r.stderr, r.exception)
     report = _report(tmp_path, "coder")
     for row in ("initial", "student", "baseline"):

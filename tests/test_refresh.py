@@ -11,7 +11,7 @@ import torch
 from hpd.common.errors import HpdError
 from hpd.stages.distill import CacheCollator, mixture_loss
 from hpd.stages.losses import CachedTargets, distill_loss, response_positions
-from hpd.stages.training_set import Source, mixture_plan
+from hpd.stages.sources import Source, mixture_plan
 from hpd.storage.logit_cache import LogitCache, tokens_crc
 from hpd.storage.sequences import SequenceStore
 

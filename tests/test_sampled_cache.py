@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpd.stages.scoring import sample_positions
+from hpd.stages.cache_rows import sample_positions
 from hpd.storage import encodings as enc
 from hpd.storage.cache_batch import SampledBatch
 from hpd.storage.catalog import repack, verify

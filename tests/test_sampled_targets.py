@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from test_losses import _inputs as _loss_inputs
 from test_losses import _variant_samples, ref_hpd_family, ref_loss, ref_token_loss
 
+from hpd.stages.cache_rows import sample_positions, score_batch
 from hpd.stages.losses import DISTRIBUTION_METHODS, HPD_FAMILY, METHODS, distill_loss
-from hpd.stages.scoring import sample_positions, score_batch
 from hpd.storage import encodings as enc
 from hpd.storage.cache_batch import SampledBatch, ScoredSequence
 from hpd.storage.logit_cache import round_trip

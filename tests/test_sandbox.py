@@ -18,7 +18,7 @@ import pytest
 from hpd.common.errors import HpdError
 from hpd.pipeline import config
 from hpd.stages import sandbox
-from hpd.storage.values import ValueStore
+from hpd.storage.value_store import ValueStore
 
 from conftest import hpd_cli
 

@@ -13,10 +13,10 @@ from hpd.common.errors import HpdError
 from hpd.common.settings import ValueSettings
 from hpd.stages import batching, hf_models
 from hpd.stages.tasks import arithmetic
-from hpd.stages.values import RewardModel, TeacherValue, Verifier, guidance, prompt_means, select, weights
+from hpd.stages.value_functions import RewardModel, TeacherValue, Verifier, guidance, prompt_means, select, weights
 from hpd.storage.logit_cache import LogitCache
 from hpd.storage.sequences import SequenceStore
-from hpd.storage.values import ValueStore
+from hpd.storage.value_store import ValueStore
 
 from conftest import copy_home, hpd_cli, hpd_process, make_runner
 from tiny_llama import make_tokenizer
@@ -165,7 +165,7 @@ def test_selection_weights_and_advantages_by_hand():
 
 
 def test_training_set_holds_the_kept_rows_with_their_weights(tiny_home, tmp_path):
-    from hpd.stages.training_set import open_source, training_set
+    from hpd.stages.sources import open_source, training_set
 
     home = copy_home(tiny_home, tmp_path / "home")
     threshold = _median_value(home, *GUIDED)

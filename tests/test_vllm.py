@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hpd.stages import hf_models, vllm_engine
-from hpd.stages.scoring import score_batch
+from hpd.stages.cache_rows import score_batch
 from hpd.storage.sequences import SequenceStore
 
 REASON = vllm_engine.unavailable()

@@ -3,7 +3,7 @@ sets the same variables: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
 
 Every copy walks the same stage graph. The teacher-side stages (generate, score, refresh, rescore) split
 their shards between the ranks (shard i goes to rank i mod N), each rank writes its own shards into the same
-hidden directory, and rank 0 publishes one manifest once all are written (hpd/storage/sharded.py): the same cache,
+hidden directory, and rank 0 publishes one manifest once all are written (hpd/storage/shard_writer.py): the same cache,
 byte for byte, as one process would build. distill trains with the Trainer's own DDP (or FSDP / DeepSpeed through its
 options). Every other stage runs on rank 0 while the others wait. Rank 0 alone writes run manifests and logs.
 """

@@ -215,7 +215,7 @@ def _check_choices(cfg: Settings) -> None:
         raise HpdError("teachers.weight and the weights in teachers.runs sum to 0; give some teacher a weight above 0")
     _check_value(cfg)
     if cfg.eval.heldout:  # read now: a bad row found after hours of teacher work costs those hours
-        from hpd.stages.evaluators import heldout_rows
+        from hpd.stages.metrics import heldout_rows
 
         heldout_rows(cfg.eval.heldout, cfg.eval.examples)
 
@@ -224,7 +224,7 @@ def _check_value(cfg: Settings) -> None:
     """[value]: value-guided distillation's settings, and that the run has what they act on."""
     from hpd.stages.losses import REWARD_METHODS
     from hpd.stages.tasks import TASKS
-    from hpd.stages.values import check_reward_model
+    from hpd.stages.value_functions import check_reward_model
 
     value, rounds = cfg.value, cfg.rounds
     targets = value_targets(cfg)

@@ -12,7 +12,7 @@ sequences (judge) or each round's samples (judge-r) a value each, which the dist
 judges the final student (and the baseline and the teacher). With distill.teacher_source = "online" there is no
 score stage.
 
-Every student stage gets a typed plan (stages/training_set.py `StudentPlan`): its sources by the names of the
+Every student stage gets a typed plan (stages/sources.py `StudentPlan`): its sources by the names of the
 stages that made them, with their caches, losses, shares and values, and its schedule. Its inputs are what the
 plan names; its `params` (round, the other teachers' weights, the baseline's method and steps) are what the
 stage's fingerprint keeps of the plan besides its config sections.
@@ -22,7 +22,7 @@ from dataclasses import replace
 
 from hpd.common.settings import Settings
 from hpd.stages import data, distill, evaluate, generate, judge, refresh, score, teacher
-from hpd.stages.training_set import SourcePlan, StudentPlan
+from hpd.stages.sources import SourcePlan, StudentPlan
 
 from .config import linked_runs, value_targets
 from .stage import Stage

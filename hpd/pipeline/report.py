@@ -6,8 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
-from hpd.stages.evaluators import LOWER_IS_BETTER, metric_keys
 from hpd.stages.losses import HPD_DIAGNOSTICS
+from hpd.stages.metrics import LOWER_IS_BETTER, metric_keys
 
 
 def student_name(stage: str, report: dict) -> str:

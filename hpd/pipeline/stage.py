@@ -93,7 +93,7 @@ class Stage:
     extra_sections: tuple[str, ...] = ()
     params: dict = field(default_factory=dict)
     unkeyed: tuple[str, ...] = ()
-    # A student stage's typed plan (hpd/stages/training_set.py StudentPlan): its sources by the names of the stages
+    # A student stage's typed plan (hpd/stages/sources.py StudentPlan): its sources by the names of the stages
     # that made them; its run() then receives plan= and artifacts= (every input by stage name) instead of roles.
     plan: object = None
 

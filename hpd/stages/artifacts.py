@@ -105,7 +105,8 @@ class Cache(Artifact):
 
 @dataclass(frozen=True)
 class Values(Artifact):
-    """A value store: one number per sequence of a sequence store, from value.function (hpd/stages/values.py)."""
+    """A value store: one number per sequence of a sequence store, from value.function
+    (hpd/stages/value_functions.py)."""
 
     values: str
     function: str
@@ -113,7 +114,7 @@ class Values(Artifact):
     mean: float
 
     def published(self) -> bool:
-        from hpd.storage.values import is_published
+        from hpd.storage.value_store import is_published
 
         return is_published(Path(self.values))
 

@@ -30,7 +30,6 @@ from hpd.storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 
 from . import heads, hf_models, student_models
 from .artifacts import StageKind, Student, TaskData, Teacher
-from .evaluators import answer_accuracy, generate_texts, heldout_report, heldout_rows, teacher_forced
 from .losses import (
     METHOD_PARAMS,
     REWARD_METHODS,
@@ -42,6 +41,8 @@ from .losses import (
     response_positions,
 )
 from .losses import teacher_signal as signal_of
+from .metrics import answer_accuracy, generate_texts, heldout_report, heldout_rows, teacher_forced
+from .sources import Source, StudentPlan, open_sources, training_set
 from .tasks import TASKS
 from .training import (
     PeriodicEval,
@@ -54,7 +55,6 @@ from .training import (
     train,
     training_arguments,
 )
-from .training_set import Source, StudentPlan, open_sources, training_set
 
 
 # -- the teacher signal of a batch: cache rows, or the online teacher's logits ------------------------------

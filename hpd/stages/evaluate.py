@@ -14,7 +14,7 @@ from hpd.common.settings import EvalSettings, Settings
 from hpd.storage import atomic
 from hpd.storage.fingerprint import digest
 
-from . import evaluators, hf_models
+from . import hf_models, metrics
 from .artifacts import EvalReport, StageKind, Student, TaskData, Teacher
 from .tasks import TASKS
 
@@ -35,12 +35,12 @@ def judge(
     report: dict = {"examples": len(rows), "parameters": sum(p.numel() for p in model.parameters())}
     if task is not None and hasattr(task, "is_correct"):
         report.update(
-            evaluators.answer_accuracy(model, tokenizer, rows, task, samples=cfg.samples, temperature=cfg.temperature)
+            metrics.answer_accuracy(model, tokenizer, rows, task, samples=cfg.samples, temperature=cfg.temperature)
         )
     else:
         replies = [
             g[0]
-            for g in evaluators.generate_texts(
+            for g in metrics.generate_texts(
                 model,
                 tokenizer,
                 [r["prompt"] for r in rows],
@@ -49,19 +49,19 @@ def judge(
             )
         ]
         if rouge:
-            report["rouge_l"] = sum(evaluators.rouge_l(g, r["response"]) for g, r in zip(replies, rows)) / len(rows)
+            report["rouge_l"] = sum(metrics.rouge_l(g, r["response"]) for g, r in zip(replies, rows)) / len(rows)
         checkable = [(g, r["answer"]) for g, r in zip(replies, rows) if "answer" in r]
         if checkable:  # questions with a known answer (arithmetic): the last number of the reply must be it
-            report["accuracy"] = sum(evaluators.last_number_is(g, a) for g, a in checkable) / len(checkable)
+            report["accuracy"] = sum(metrics.last_number_is(g, a) for g, a in checkable) / len(checkable)
             report["checked_examples"] = len(checkable)
-    report.update(evaluators.teacher_forced(model, tokenizer, rows, teacher, batch_tokens=cfg.batch_tokens))
+    report.update(metrics.teacher_forced(model, tokenizer, rows, teacher, batch_tokens=cfg.batch_tokens))
     if retention:  # what it still knows of general replies (the code task's chat exchanges)
-        nll = evaluators.teacher_forced(model, tokenizer, retention, batch_tokens=cfg.batch_tokens)
+        nll = metrics.teacher_forced(model, tokenizer, retention, batch_tokens=cfg.batch_tokens)
         report["retention_nll_nats"] = nll["response_nll_nats"]
     if cfg.humaneval:
-        problems = evaluators.humaneval_problems(cfg.humaneval_problems)
+        problems = metrics.humaneval_problems(cfg.humaneval_problems)
         report.update(
-            evaluators.humaneval_pass_at_1(
+            metrics.humaneval_pass_at_1(
                 model,
                 tokenizer,
                 problems,
@@ -80,7 +80,7 @@ def _heldout_rows(cfg: EvalSettings, data: TaskData) -> tuple[str, list[dict]]:
             "eval.heldout is empty and there is no built-in task; set eval.heldout to a JSONL file "
             "with a prompt field (and a response field, or the teacher's replies are the references)"
         )
-    return heldout, evaluators.heldout_rows(heldout, cfg.examples)
+    return heldout, metrics.heldout_rows(heldout, cfg.examples)
 
 
 def run(
@@ -94,7 +94,7 @@ def run(
     ctx.log(f"[eval] {len(rows)} held-out examples from {heldout}")
     references = "data" if "response" in rows[0] else "teacher"
     if references == "teacher":  # no reference answers: the teacher's greedy replies are what to match
-        replies = evaluators.generate_texts(
+        replies = metrics.generate_texts(
             teacher_model,
             tok,
             [r["prompt"] for r in rows],
@@ -103,7 +103,7 @@ def run(
         )
         rows = [{**r, "response": g[0]} for r, g in zip(rows, replies)]
     reference = teacher_model if cfg.kl_to_teacher else None
-    retention = evaluators.heldout_rows(data.retention, cfg.examples) if data.retention else []
+    retention = metrics.heldout_rows(data.retention, cfg.examples) if data.retention else []
     same = {"teacher": reference, "execute_code": ctx.execute_code, "retention": retention}
     report = {
         "references": references,
@@ -126,7 +126,7 @@ def run(
     path = ctx.stage_dir() / "report.json"
     atomic.write_json(path, report)
     s = report["student"]
-    ctx.log("[eval] student: " + ", ".join(f"{k} {s[k]:.4g}" for k, _, _ in evaluators.metric_keys(s)))
+    ctx.log("[eval] student: " + ", ".join(f"{k} {s[k]:.4g}" for k, _, _ in metrics.metric_keys(s)))
     return EvalReport(report_path=str(path), report=report, fingerprint=digest(report))
 
 

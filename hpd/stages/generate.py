@@ -14,7 +14,7 @@ from hpd.common.errors import HpdError
 from hpd.common.settings import GenerateSettings, Settings
 from hpd.storage import sequences as seqstore
 from hpd.storage.fingerprint import file_digest
-from hpd.storage.sharded import ShardedWrite
+from hpd.storage.shard_writer import ShardedWrite
 
 from . import batching, hf_models, sampling
 from .artifacts import Sequences, StageKind, TaskData, Teacher

@@ -1,8 +1,8 @@
 """judge: a value function gives every sequence of a store one number (value-guided distillation, [value]).
 
 The offline sequences (judge) or a round's refreshed samples (judge-r) are judged by the verifier, a reward
-model or the teacher's own log-prob of the response (hpd/stages/values.py), shard by shard into a value store
-beside them (hpd/storage/values.py): a judging run killed midway resumes after its last published shard. The
+model or the teacher's own log-prob of the response (hpd/stages/value_functions.py), shard by shard into a value store
+beside them (hpd/storage/value_store.py): a judging run killed midway resumes after its last published shard. The
 distill stages read the values and apply value.select / weighting / advantage; those settings are not part of
 this stage's key, so trying another selection reuses the values.
 """
@@ -15,12 +15,12 @@ import numpy as np
 from tqdm import tqdm
 
 from hpd.common.settings import GenerateSettings, Settings, ValueSettings
-from hpd.storage import values as valuestore
+from hpd.storage import value_store as valuestore
 from hpd.storage.logit_cache import LogitCache
 from hpd.storage.sequences import SequenceStore
-from hpd.storage.sharded import ShardedWrite
+from hpd.storage.shard_writer import ShardedWrite
 
-from . import values as fn
+from . import value_functions as fn
 from .artifacts import Cache, Sequences, StageKind, TaskData, Teacher, Values
 from .prompts import prompt_rows
 from .tasks import TASKS

@@ -87,7 +87,7 @@ def sample_to_store(
     interrupted run resumes after its last written shard and samples exactly what it would have (each shard
     has its own seed), which is also why ranks can share the shards out (hpd/common/ranks.py)."""
     from hpd.storage import sequences as seqstore
-    from hpd.storage.sharded import ShardedWrite
+    from hpd.storage.shard_writer import ShardedWrite
 
     n_per = samples_per_prompt
     num_shards = -(-len(prompts) // prompts_per_shard)

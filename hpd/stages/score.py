@@ -2,7 +2,7 @@
 
 For each response position the teacher's top-k, the exact log-prob of the sequence's own next token and
 the log of the mass outside the top-k are kept (see hpd/storage/logit_cache.py); with score.encoding = "sampled:N",
-tokens drawn from the teacher instead (scoring.sample_positions), each sequence's draws from a seed of its own
+tokens drawn from the teacher instead (cache_rows.sample_positions), each sequence's draws from a seed of its own
 derived from the cache key, so that a resumed or re-batched build writes the same bytes. The cache is keyed by the
 teacher's weights, its tokenizer, the sequences' content (and, for refreshed sequences, the round and student
 checkpoint that sampled them), k and temperature: a run that asks for the same
@@ -25,11 +25,11 @@ from hpd.common.settings import ScoreSettings, Settings
 from hpd.storage import encodings
 from hpd.storage.logit_cache import LEARN_POSITIONS, CacheRoot, LogitCache, ScoredSequence, cache_key, key_id
 from hpd.storage.sequences import SequenceStore
-from hpd.storage.sharded import ShardedWrite
+from hpd.storage.shard_writer import ShardedWrite
 
 from . import batching, hf_models
 from .artifacts import Cache, Sequences, StageKind, Teacher
-from .scoring import Timer, score_batch  # the teacher pass's math, in torch only
+from .cache_rows import Timer, score_batch  # the teacher pass's math, in torch only
 
 DEFAULT_K = 64
 

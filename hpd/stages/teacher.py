@@ -20,7 +20,7 @@ from hpd.storage.shards import lock_for
 
 from . import hf_models, student_models
 from .artifacts import StageKind, TaskData, Teacher
-from .evaluators import encode_example, heldout_report
+from .metrics import encode_example, heldout_report
 from .tasks import TASKS
 from .training import ResponseCollator, publish_model, train, training_arguments
 

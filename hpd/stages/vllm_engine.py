@@ -69,7 +69,7 @@ def sample(
 
 
 def score(llm, seqs: list[np.ndarray], prompt_lens: list[int], *, top_k: int, temperature: float) -> list[dict]:
-    """What scoring.score_batch returns, from vLLM's prompt log-probs."""
+    """What cache_rows.score_batch returns, from vLLM's prompt log-probs."""
     assert temperature == 1.0, "vLLM reports raw log-probs: config.validate allows temperature 1 only"
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt

@@ -81,7 +81,7 @@ class CacheBatch(_Batch):
 class SampledBatch(_Batch):
     """Sampled teacher targets (random-sampling KD): per position, S slots of distinct tokens: the teacher's most
     probable ones when the cache keeps a head (p_hat = p), then tokens drawn from the teacher (outside the head), each
-    with its estimated probability p_hat (unbiased: its expectation is p, scoring.sample_positions) and its exact
+    with its estimated probability p_hat (unbiased: its expectation is p, cache_rows.sample_positions) and its exact
     log-prob; empty slots (fewer distinct draws) have -inf in both, and an id that means nothing (a cache's repeats
     the last stored one): a reader tells them by their log-prob (hpd/stages/losses.py `_SampledTeacher`)."""
 

@@ -19,10 +19,10 @@ Common to all: the exact next-token log-prob and the tail log-mass are float32 c
               gaps g to the top-1 companded: code = round(A ln(1 + g/G0)), A = G0/step, G0 = 1 nat, so the
               step is `step` near the top-1 and grows with g, where a token's probability (and its share of
               any KL) is small. |error| <= (step/2)(1 + g) + |top-1| * 2**-11 (to first order).
-  sampled:N   random-sampling KD: N tokens drawn from the teacher per position (hpd/stages/scoring.py: systematic draws,
-              or with sampled:M+N the top M kept exactly and N draws for the rest); only the distinct drawn ids are
-              stored (a variable number per position, `n`), coded as in compact, each with its draw count
-              (uint8, so N <= 255) and its exact log-prob (companded gap to the largest drawn one).
+  sampled:N   random-sampling KD: N tokens drawn from the teacher per position (hpd/stages/cache_rows.py:
+              systematic draws, or with sampled:M+N the top M kept exactly and N draws for the rest); only the
+              distinct drawn ids are stored (a variable number per position, `n`), coded as in compact, each
+              with its draw count (uint8, so N <= 255) and its exact log-prob (companded gap to the largest drawn one).
               p_hat = count / N is an unbiased estimate of p (hpd/storage/cache_batch.SampledBatch).
   sampled-counts:N  the same draws without the log-probs: ids and counts only (the random-sampling KD paper's
               layout). Losses linear in p (fkl) are as unbiased as from sampled:N; every other use sees p_hat scaled

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hpd.common.errors import HpdError
-from hpd.stages import evaluators, hf_models
+from hpd.stages import hf_models, metrics
 from hpd.stages.tasks import arithmetic
 
 from conftest import copy_home, make_runner
@@ -52,36 +52,36 @@ def _rouge_l_reference(pred: str, ref: str) -> float:
 
 
 def test_rouge_l_known_values():
-    assert evaluators.rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
-    assert evaluators.rouge_l("a b c d", "a c") == pytest.approx(2 / 3)  # LCS 2: precision 1/2, recall 1
-    assert evaluators.rouge_l("Hello there", "hello there") == pytest.approx(1.0)
-    assert evaluators.rouge_l("good morning", "see you later") == 0.0
+    assert metrics.rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    assert metrics.rouge_l("a b c d", "a c") == pytest.approx(2 / 3)  # LCS 2: precision 1/2, recall 1
+    assert metrics.rouge_l("Hello there", "hello there") == pytest.approx(1.0)
+    assert metrics.rouge_l("good morning", "see you later") == 0.0
     rng = random.Random(0)
     words = "a b c d e f".split()
     for _ in range(50):
         pred = " ".join(rng.choices(words, k=rng.randint(1, 9)))
         ref = " ".join(rng.choices(words, k=rng.randint(1, 9)))
-        assert evaluators.rouge_l(pred, ref) == pytest.approx(_rouge_l_reference(pred, ref))
+        assert metrics.rouge_l(pred, ref) == pytest.approx(_rouge_l_reference(pred, ref))
 
 
 def _problem():
-    return evaluators.humaneval_problems(1)[0]  # HumanEval/0, has_close_elements
+    return metrics.humaneval_problems(1)[0]  # HumanEval/0, has_close_elements
 
 
 def test_humaneval_canonical_solution_passes():
     p = _problem()
-    assert p["task_id"] == "HumanEval/0" and len(evaluators.humaneval_problems()) == 164
-    r = evaluators.check_humaneval(p, p["canonical_solution"], timeout=5.0, execute_code=True)
+    assert p["task_id"] == "HumanEval/0" and len(metrics.humaneval_problems()) == 164
+    r = metrics.check_humaneval(p, p["canonical_solution"], timeout=5.0, execute_code=True)
     assert r["passed"] and r["result"] == "passed" and r["task_id"] == "HumanEval/0"
 
 
 def test_humaneval_broken_solution_fails():
-    r = evaluators.check_humaneval(_problem(), "    return False\n", timeout=5.0, execute_code=True)
+    r = metrics.check_humaneval(_problem(), "    return False\n", timeout=5.0, execute_code=True)
     assert not r["passed"] and r["result"] == "failed: AssertionError"
 
 
 def test_humaneval_looping_solution_is_killed_by_the_time_limit():
-    r = evaluators.check_humaneval(_problem(), "    while True:\n        pass\n", timeout=1.0, execute_code=True)
+    r = metrics.check_humaneval(_problem(), "    while True:\n        pass\n", timeout=1.0, execute_code=True)
     assert not r["passed"] and r["result"] == "timed out"
 
 
@@ -89,28 +89,28 @@ def test_humaneval_runs_nothing_without_the_opt_in(monkeypatch, tmp_path):
     monkeypatch.delenv("HPD_ALLOW_CODE_EVAL", raising=False)
     mark = tmp_path / "ran"
     with pytest.raises(HpdError, match="HumanEval/0 runs the completion.*off by default"):
-        evaluators.check_humaneval(_problem(), f"    open({str(mark)!r}, 'w')\n", timeout=5.0)
+        metrics.check_humaneval(_problem(), f"    open({str(mark)!r}, 'w')\n", timeout=5.0)
     with pytest.raises(HpdError, match="eval.humaneval runs the model's HumanEval completions"):
-        evaluators.humaneval_pass_at_1(None, None, [_problem()], timeout=5.0, max_new_tokens=8)
+        metrics.humaneval_pass_at_1(None, None, [_problem()], timeout=5.0, max_new_tokens=8)
     assert not mark.exists()
 
 
 def test_completion_is_cut_where_the_function_ends():
     text = "    return 1\n\ndef helper():\n    pass\n"
-    assert evaluators.truncate_completion(text) == "    return 1\n"
-    assert evaluators.truncate_completion("    return 2\n") == "    return 2\n"
+    assert metrics.truncate_completion(text) == "    return 1\n"
+    assert metrics.truncate_completion("    return 2\n") == "    return 2\n"
 
 
 def test_teacher_forced_nll_and_kl_match_a_float64_reference(tiny_runner, teacher_dir):
     student_dir = tiny_runner.manifest("distill")["outputs"]["student_dir"]
     student, tok = hf_models.load_causal_lm(student_dir)
     teacher, _ = hf_models.load_causal_lm(teacher_dir)
-    rows = evaluators.read_rows(tiny_runner.manifest("data")["outputs"]["heldout"], 6)
-    got = evaluators.teacher_forced(student, tok, rows, teacher)
+    rows = metrics.read_rows(tiny_runner.manifest("data")["outputs"]["heldout"], 6)
+    got = metrics.teacher_forced(student, tok, rows, teacher)
     nll = kl = 0.0
     n = 0
     for r in rows:
-        ids, plen = evaluators.encode_example(tok, r["prompt"], r["response"])
+        ids, plen = metrics.encode_example(tok, r["prompt"], r["response"])
         x = torch.tensor([ids])
         q = torch.log_softmax(student(x).logits[0].double(), -1)
         p = torch.log_softmax(teacher(x).logits[0].double(), -1)
@@ -120,7 +120,7 @@ def test_teacher_forced_nll_and_kl_match_a_float64_reference(tiny_runner, teache
             n += 1
     assert got["response_nll_nats"] == pytest.approx(nll / n, rel=1e-4)
     assert got["kl_to_teacher_nats"] == pytest.approx(kl / n, rel=1e-3) and kl > 0
-    assert evaluators.teacher_forced(teacher, tok, rows, teacher)["kl_to_teacher_nats"] == pytest.approx(0, abs=1e-6)
+    assert metrics.teacher_forced(teacher, tok, rows, teacher)["kl_to_teacher_nats"] == pytest.approx(0, abs=1e-6)
 
 
 class _MatchTask:
@@ -133,12 +133,12 @@ class _MatchTask:
 
 def test_greedy_accuracy_and_avg_at_k_bookkeeping(tiny_runner, teacher_dir):
     teacher, tok = hf_models.load_causal_lm(teacher_dir)
-    rows = evaluators.read_rows(tiny_runner.manifest("data")["outputs"]["heldout"], 8)
-    greedy = evaluators.generate_texts(teacher, tok, [r["prompt"] for r in rows])
+    rows = metrics.read_rows(tiny_runner.manifest("data")["outputs"]["heldout"], 8)
+    greedy = metrics.generate_texts(teacher, tok, [r["prompt"] for r in rows])
     for i, (r, g) in enumerate(zip(rows, greedy)):
         r["target"] = g[0] if i % 4 else g[0] + "?"  # 6 of 8 targets are the greedy answer
     torch.manual_seed(0)
-    report = evaluators.answer_accuracy(teacher, tok, rows, _MatchTask, samples=3, temperature=1e-4)
+    report = metrics.answer_accuracy(teacher, tok, rows, _MatchTask, samples=3, temperature=1e-4)
     assert report == {"accuracy": 0.75, "avg@3": 0.75}  # near-zero temperature samples the greedy answer
 
 
@@ -166,12 +166,12 @@ def test_empty_held_out_responses_are_no_references(tmp_path):
         )
         return str(path)
 
-    assert all("response" not in r for r in evaluators.heldout_rows(rows("", "  ", None)))  # the teacher's replies
-    assert [r["response"] for r in evaluators.heldout_rows(rows("2", "3"))] == ["2", "3"]
+    assert all("response" not in r for r in metrics.heldout_rows(rows("", "  ", None)))  # the teacher's replies
+    assert [r["response"] for r in metrics.heldout_rows(rows("2", "3"))] == ["2", "3"]
     with pytest.raises(HpdError, match=r"h.jsonl row 2 has no response \(or an empty one\) while other rows"):
-        evaluators.heldout_rows(rows("2", "", "4"))
+        metrics.heldout_rows(rows("2", "", "4"))
     with pytest.raises(HpdError, match="row 1: the response is a int, not text"):
-        evaluators.heldout_rows(rows(7))
+        metrics.heldout_rows(rows(7))
 
 
 def test_eval_on_empty_responses_judges_against_the_teachers_replies(tiny_home, tmp_path):
@@ -193,4 +193,4 @@ def test_prompts_longer_than_the_context_are_one_line_errors(tiny_runner, teache
 
     model, tok = hf_models.load_causal_lm(teacher_dir)
     with pytest.raises(HpdError, match="leaves the model no room to answer in its context of"):
-        evaluators.generate_texts(model, tok, ["1+1:", "1+" * 200 + "1:"])
+        metrics.generate_texts(model, tok, ["1+1:", "1+" * 200 + "1:"])

@@ -19,9 +19,9 @@ from hpd.common.errors import HpdError
 from hpd.storage.logit_cache import LogitCache
 from hpd.storage.merge import MixedCache
 from hpd.storage.sequences import SequenceStore
-from hpd.storage.values import ValueStore
+from hpd.storage.value_store import ValueStore
 
-from .values import Guidance, guidance
+from .value_functions import Guidance, guidance
 
 
 @dataclass

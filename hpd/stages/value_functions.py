@@ -7,7 +7,7 @@ A value function maps (prompt ids, response ids) to one number per sequence, in 
   - `reward_model`: a local Hugging Face sequence classifier with one output (AutoModelForSequenceClassification);
   - `teacher`: the teacher's own judgement, its mean (or summed) log-prob of the response, read from the logit
     cache (the exact target log-probs score stored; no teacher pass).
-The judge stage stores the values beside the sequences (hpd/storage/values.py). `guidance` turns them into what
+The judge stage stores the values beside the sequences (hpd/storage/value_store.py). `guidance` turns them into what
 training uses: which sequences are kept (best-of-N, rejection sampling), a weight per sequence, and a value
 advantage for the on-policy losses (hpd/stages/losses.py adds it to the per-token teacher reward).
 """
@@ -65,7 +65,7 @@ class Verifier:
     def check(self, response: str, row: dict) -> bool:
         if self.task is not None and hasattr(self.task, "is_correct"):
             return self.task.is_correct(response, row)
-        from .evaluators import check_humaneval, truncate_completion
+        from .metrics import check_humaneval, truncate_completion
 
         problem = {"task_id": str(row.get("task_id", "prompt")), **row, "prompt": row[self.prompt_field]}
         return check_humaneval(problem, truncate_completion(response), self.timeout, execute_code=self.execute_code)[
