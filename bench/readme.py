@@ -229,6 +229,28 @@ def performance() -> str:
                 f"{t['beyond_gradients_ratio_to_before']:.2f}x); no slower: "
                 f"**{'met' if t['no_slower_than_before'] else 'not met'}** ({t['time_ratio_to_before']:.2f}x)"
             )
+        sft_ck = h["arms"].get("sft (transformers' loss), checkpointed layers")
+        if sft_ck:
+            after = sft_ck["beyond_gradients_mb"]["median"] < h["logits_mb"]
+            out += [
+                "",
+                f"Why half of the whole step is out of reach: the step's gradients alone are {h['gradients_mb']:.0f} MB "
+                "in every arm (and without checkpointing, the layers' activations come on top)"
+                + (
+                    f"; with checkpointed layers SFT's peak is the gradients plus "
+                    f"{sft_ck['beyond_gradients_mb']['median']:.0f} MB, less than its logits: the peak comes at the "
+                    "end of the backward pass, after SFT has let them go"
+                    if after
+                    else ""
+                )
+                + ". What the head and the loss can change is the part beyond the gradients: "
+                + "; ".join(
+                    f"{name} {t['beyond_gradients_ratio_to_before']:.2f}x of the unfused step's "
+                    f"({'at most half: met' if t['beyond_gradients_ratio_to_before'] <= 0.5 else 'more than half'})"
+                    for name, t in h["targets"].items()
+                )
+                + ".",
+            ]
         out.append("")
     for name, label in (
         ("smollm2", "SmolLM2-135M"),

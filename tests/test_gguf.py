@@ -27,6 +27,8 @@ def test_gguf_converts_once_into_the_same_model(llama, tmp_path):
     hf, file = llama
     out = gguf_import.import_gguf(file, tmp_path / "models")
     assert (out / "model.safetensors").is_file() and (out / "chat_template.jinja").is_file()
+    # the weights are dequantised: the config names no quantisation (the Trainer would refuse it as a student)
+    assert "quantization_config" not in (out / "config.json").read_text()
     ref, ref_tok = hf_models.load_causal_lm(hf)
     got, tok = hf_models.load_causal_lm(out)
     chat = [{"role": "user", "content": "What is the capital of France?"}]

@@ -30,10 +30,11 @@ TINY_SCALE = [
 
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory):
-    """(a 4-layer teacher, a 2-layer student of the same tokenizer), as GGUF files."""
+    """(a 4-layer teacher, a 2-layer student of the same tokenizer), as GGUF files; a context that holds the chat
+    task's HumanEval prompts in this near-byte-level tokenizer."""
     d = tmp_path_factory.mktemp("llamas")
-    teacher = write_gguf(make_llama(d / "teacher"), d / "teacher.gguf")
-    student = write_gguf(make_llama(d / "student", n_layer=2, seed=1), d / "student.gguf")
+    teacher = write_gguf(make_llama(d / "teacher", context=4096), d / "teacher.gguf")
+    student = write_gguf(make_llama(d / "student", n_layer=2, seed=1, context=4096), d / "student.gguf")
     return teacher, student
 
 

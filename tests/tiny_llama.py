@@ -48,7 +48,9 @@ def make_tokenizer(vocab_size: int = 320):
     return tok
 
 
-def make_llama(out: Path, n_layer: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
+def make_llama(
+    out: Path, n_layer: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0, context: int = 256
+) -> Path:
     """A randomly initialised tiny Llama saved with its tokenizer at `out`."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -60,7 +62,7 @@ def make_llama(out: Path, n_layer: int = 4, hidden: int = 32, heads: int = 4, kv
         num_hidden_layers=n_layer,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

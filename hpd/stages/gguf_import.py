@@ -109,6 +109,7 @@ def import_gguf(file: str | Path, model_root: Path) -> Path:
     model_root.mkdir(parents=True, exist_ok=True)
     with lock_for(final):
         if (final / "config.json").is_file():
+            _drop_gguf_quantization(final / "config.json")  # directories converted before the weights said so
             return final
         try:
             import gguf  # noqa: F401 - transformers reads GGUF files through it
@@ -126,7 +127,11 @@ def import_gguf(file: str | Path, model_root: Path) -> Path:
                 f"{file.name}: transformers cannot read this GGUF file ({_gguf_problem(file, e)}); "
                 f"convert it from its HF checkpoint instead"
             ) from None
-        # save_pretrained refuses a model loaded from GGUF: rebuild it from its config and weights.
+        # save_pretrained refuses a model loaded from GGUF: rebuild it from its config and weights. The weights are
+        # dequantised fp32, so the config no longer names a quantisation (with it, the Trainer refuses to train the
+        # model as a student: "cannot perform fine-tuning on purely quantized models").
+        if hasattr(loaded.config, "quantization_config"):
+            del loaded.config.quantization_config
         model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
         tmp = final.with_name(f".tmp-{final.name}")
@@ -137,6 +142,17 @@ def import_gguf(file: str | Path, model_root: Path) -> Path:
         atomic.write_json(tmp / "hpd-gguf.json", {"source": str(file), "file_digest": file_digest(file)})
         atomic.publish_dir(tmp, final)
     return final
+
+
+def _drop_gguf_quantization(config_path: Path) -> None:
+    import json
+
+    from hpd.storage import atomic
+
+    config = json.loads(config_path.read_text())
+    if config.get("quantization_config", {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        atomic.write_json(config_path, config)
 
 
 def _gguf_problem(file: Path, error: Exception) -> str:
