@@ -39,6 +39,12 @@ def make_distill() -> str:
         if fresh
         else ""
     )
+    if fresh and fresh.get("printed") and fresh["printed"].strip() != r["printed"].strip():
+        timing += (
+            f" That fresh clone (commit {fresh['commit']}) printed a different table from the one above, which "
+            f"`bench/default_task.py` measured at an earlier commit; its seeds have not been re-run since:\n\n```\n"
+            f"{fresh['printed']}\n```\n"
+        )
     return f"""What `make distill` prints at the end (the run's own seed 0; `bench/results/default_task.json`):
 
 ```
