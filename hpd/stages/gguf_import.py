@@ -145,11 +145,9 @@ def import_gguf(file: str | Path, model_root: Path) -> Path:
 
 
 def _drop_gguf_quantization(config_path: Path) -> None:
-    import json
-
     from hpd.storage import atomic
 
-    config = json.loads(config_path.read_text())
+    config = atomic.read_json(config_path)
     if config.get("quantization_config", {}).get("quant_method") == "gguf":
         del config["quantization_config"]
         atomic.write_json(config_path, config)
