@@ -33,7 +33,7 @@ from pathlib import Path
 from bench.provenance import stamp
 from bench.stats import mcnemar, paired_t
 from hpd import open_run
-from hpd.pipeline.compare import compare
+from hpd.pipeline.compare import OFFLINE, compare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRIMARY = {"B": "kl_to_teacher_nats", "A": "humaneval_pass@1"}
@@ -43,7 +43,10 @@ HIGHER = ("accuracy", "rouge_l", "humaneval_pass@1")
 
 def choose_cut(home: str, steps: int) -> dict:
     """Pair B: 15 of 30 layers kept against the teacher's architecture at half width; fkl, one seed, `steps` steps.
-    The one with the lower held-out KL to the teacher after training is kept."""
+    The one with the lower held-out KL to the teacher after training is kept. Both adopt the base run's teacher
+    stages and cache (made once, then shared with the comparison)."""
+    base = open_run("smollm2-half", [], home=home)
+    base.run(until="score")
     tried = {}
     for name, sets in (
         ("teacher-layers", ['distill.student_init="teacher-layers"', "distill.n_layer=15"]),
@@ -64,6 +67,7 @@ def choose_cut(home: str, steps: int) -> dict:
             ],
             home=home,
         )
+        run.adopt("smollm2-half", OFFLINE)
         run.run()
         report = run.outputs("eval").report
         tried[name] = {
@@ -148,11 +152,20 @@ def main():
     ap.add_argument("--pair", choices=("A", "B"), required=True)
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
     ap.add_argument("--choice-steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=None, help="student steps per arm (default: the preset's)")
+    ap.add_argument("--curve-every", type=int, default=None, help="held-out KL every N steps (default: the preset's)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="a config override for every arm")
     args = ap.parse_args()
     overrides, result = [], {"made": stamp(), "pair": args.pair, "config": CONFIG[args.pair]}
     if args.pair == "B":
         result["cut"] = choose_cut(args.home, args.choice_steps)
         overrides = result["cut"]["tried"][result["cut"]["kept"]]["sets"]
+    overrides = [*overrides, *args.sets]
+    if args.steps:
+        overrides.append(f"compare.steps={args.steps}")
+    if args.curve_every:
+        overrides.append(f"compare.curve_every={args.curve_every}")
+    result["overrides"] = overrides
     out = RESULTS / f"real_students_{args.pair}"
     os.environ["HPD_HOME"] = args.home
     compare(CONFIG[args.pair], overrides, out=out)

@@ -1,6 +1,7 @@
 """distill: a student trained from the cache, joined by sequence id, resumable, with clear mismatch errors."""
 
 import json
+import math
 import random
 import shutil
 import signal
@@ -51,20 +52,50 @@ def test_collator_joins_by_sequence_id_not_position(tiny_runner):
         CacheCollator(0, cache)(rows)
 
 
-def test_student_with_another_tokenizer_is_refused_before_training(tiny_home, tmp_path, teacher_dir):
+def test_students_of_other_tokenizers_train_from_one_cache_without_rescoring(tiny_home, tmp_path, teacher_dir):
+    """Across tokenizers (hpd/stages/token_bridge.py): a student whose tokenizer has one more token, and a fresh
+    GPT-2 with a byte-level BPE of its own and a ChatML chat template (the math teacher's tokenizer has none), both
+    train from the tiny run's cache, which neither rescores; each is published with its own tokenizer and
+    judged without the per-token KL to a teacher of other tokens."""
+    from hpd.stages import student_models
+
+    from tiny_llama import make_tokenizer
+
     home = copy_home(tiny_home, tmp_path / "home")
-    other = tmp_path / "other-student"
+    extra = tmp_path / "extra-token"
     model = AutoModelForCausalLM.from_pretrained(teacher_dir)
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     tok.add_tokens(["<extra>"])
     model.resize_token_embeddings(len(tok))
-    model.save_pretrained(other)
-    tok.save_pretrained(other)
-    r = make_runner(home, f'distill.student_path="{other}"', run="other")
-    r.run("data"), r.run("teacher"), r.run("generate"), r.run("score")
-    with pytest.raises(HpdError, match="different tokenizer than the teacher"):
-        r.run("distill")
-    assert r.manifest("distill") is None
+    model.save_pretrained(extra)
+    tok.save_pretrained(extra)
+    bpe = tmp_path / "bpe"
+    other = make_tokenizer(320, corpus=[f"{a} plus {b} is {a + b}" for a in range(30) for b in range(9)])
+    student_models.new_gpt2(other, n_positions=128, n_layer=1, n_embd=16, n_head=2).save_pretrained(bpe)
+    other.save_pretrained(bpe)
+    cache = Path(make_runner(tiny_home).manifest("score")["outputs"]["cache"]).name
+    caches_before = sorted(p.name for p in (home / "caches").iterdir())
+    for name, path, share in (("extra", extra, 1.0), ("bpe", bpe, 0.9)):
+        r = make_runner(home, f'distill.student_path="{path}"', 'distill.method="fkl"', run=name)
+        r.run()
+        assert Path(r.manifest("score")["outputs"]["cache"]).name == cache  # the teacher's cache, not rescored
+        assert sorted(p.name for p in (home / "caches").iterdir()) == caches_before
+        out = r.manifest("distill")["outputs"]
+        assert out["report"]["teacher_target_share"] >= share
+        assert (
+            AutoTokenizer.from_pretrained(out["student_dir"]).get_vocab()
+            == AutoTokenizer.from_pretrained(path).get_vocab()
+        )
+        log = json.loads((Path(out["student_dir"]) / "training_log.json").read_text())
+        assert all(math.isfinite(e["loss"]) and e["tokens"] > 0 for e in log if "loss" in e)
+        report = r.outputs("eval").report
+        assert "kl_to_teacher_nats" not in report["student"] and report["student"]["response_nll_nats"] > 0
+    with pytest.raises(HpdError, match="across tokenizers a student trains from one offline cache"):
+        make_runner(home, f'distill.student_path="{bpe}"', "rounds.count=1", run="bpe-rounds").run()
+    assert (
+        make_runner(home, f'distill.student_path="{bpe}"', "rounds.count=1", run="bpe-rounds").manifest("distill")
+        is None
+    )
     with pytest.raises(HpdError, match="distill.method='kd' is unknown"):
         make_runner(home, 'distill.method="kd"', run="other").run("distill")
 

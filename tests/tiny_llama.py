@@ -24,15 +24,21 @@ CORPUS = [
 ] * 20
 
 
-def make_tokenizer(vocab_size: int = 320):
+def make_tokenizer(vocab_size: int = 320, corpus: list[str] = CORPUS, split_digits: bool = False):
+    """A byte-level BPE trained on `corpus` (split_digits: every digit a token of its own, as Qwen2's and Llama 3's
+    pre-tokenizers do)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        core.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
     core.decoder = decoders.ByteLevel()
     core.train_from_iterator(
-        CORPUS,
+        corpus,
         trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         ),

@@ -288,6 +288,7 @@ class Runner:
             return self.manifest(name)
         if name not in ("data", "teacher"):
             self.check_linked_tokenizers()  # before this run's teacher passes (generate, score) and any student
+            self.check_student_tokenizer()
         section = self.stage_config(name)
         attempt = self.ctx.stage_dir(name) / "attempt.json"
         main = self.ctx.rank == 0
@@ -415,6 +416,27 @@ class Runner:
                     fetched.resolve(path, self.ctx.home / "fetched")
                 except fetched.FetchError as e:
                     raise HpdError(f"{what}: {e}") from None
+
+    def check_student_tokenizer(self) -> None:
+        """A given student of another tokenizer than the teacher's trains from one offline cache (token_bridge):
+        refused with refresh rounds or several teachers before any of this run's teacher passes and students."""
+        cfg = self.cfg
+        several = bool(cfg.teachers.runs)
+        if not cfg.distill.student_path or not (cfg.rounds.count or several):
+            return
+        if self.state("teacher")[0] != "done" or self.state("distill")[0] == "done":
+            return
+        from transformers import AutoTokenizer
+
+        from hpd.stages import hf_models
+
+        student = hf_models.local_model(cfg.distill.student_path, self.ctx.home, "distill.student_path")
+        teacher = self.outputs("teacher").model_dir
+        if AutoTokenizer.from_pretrained(student).get_vocab() != AutoTokenizer.from_pretrained(teacher).get_vocab():
+            raise HpdError(
+                "the student's tokenizer differs from the teacher's: across tokenizers a student trains from one "
+                'offline cache (no refresh rounds or several teachers); set rounds.count = 0 and teachers.runs = ""'
+            )
 
     def check_linked_tokenizers(self) -> None:
         """Several teachers share one tokenizer: this run's teacher against each linked run's, once this run's

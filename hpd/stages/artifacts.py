@@ -79,6 +79,7 @@ class Sequences(Artifact):
     tokens: int
     truncated: int = 0
     origin: dict | None = None  # refreshed sequences: the round and the student that sampled them
+    prompt_field: str = "prompt"  # the prompt text's field in `source` (a student of another tokenizer reads it)
 
     def published(self) -> bool:
         from hpd.storage.sequences import is_published

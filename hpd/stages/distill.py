@@ -25,13 +25,15 @@ from transformers import Trainer
 
 from hpd.common.errors import HpdError
 from hpd.common.settings import DistillSettings, Settings
+from hpd.storage.cache_batch import tokens_crc
 from hpd.storage.fingerprint import digest
 from hpd.storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 
-from . import heads, hf_models, student_models
+from . import heads, hf_models, student_models, token_bridge
 from .artifacts import StageKind, Student, TaskData, Teacher
 from .losses import (
     METHOD_PARAMS,
+    ON_POLICY_ONLY,
     REWARD_METHODS,
     CachedTargets,
     SampledTargets,
@@ -42,6 +44,7 @@ from .losses import (
 )
 from .losses import teacher_signal as signal_of
 from .metrics import answer_accuracy, generate_texts, heldout_report, heldout_rows, teacher_forced
+from .prompts import read_prompts
 from .sources import Source, StudentPlan, open_sources, training_set
 from .tasks import TASKS
 from .training import (
@@ -97,6 +100,44 @@ class CacheCollator(ResponseCollator):
             except (KeyError, CacheMismatchError) as e:
                 raise HpdError(f"cache {cache.id} does not match the training sequences: {e.args[0]}") from None
         return {**batch, "teacher": CacheBatch.stack(parts, len(rows)), "source": source}
+
+
+class BridgeCollator(ResponseCollator):
+    """Across tokenizers: pads the student's tokens and carries each row's cache entry (looked up by seq_id, checked
+    against the teacher's tokens it was scored on) into the student's vocabulary and positions (token_bridge). A
+    response token with no teacher target (past the teacher's text) is not trained on."""
+
+    def __init__(self, pad_id: int, cache: LogitCache, bridge: token_bridge.Bridge):
+        super().__init__(pad_id)
+        self.cache, self.bridge = cache, bridge
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = super().__call__(rows)
+        scored = []
+        for r in rows:
+            row = self.cache.rows(r["seq_id"])
+            if row.tokens_crc != tokens_crc(r["teacher_ids"]):
+                raise HpdError(
+                    f"cache {self.cache.id} does not match the training sequences: sequence {r['seq_id']} was "
+                    f"scored on other tokens"
+                )
+            scored.append(row)
+        aligned = [
+            token_bridge.Aligned(
+                r["input_ids"], r["prompt_len"], *(np.asarray(r[k]) for k in ("first", "offset", "last"))
+            )
+            for r in rows
+        ]
+        teacher = self.bridge.batch(
+            scored,
+            [r["teacher_ids"] for r in rows],
+            [r["teacher_prompt_len"] for r in rows],
+            aligned,
+            batch["input_ids"].shape[1],
+            self.cache.k,
+        )
+        batch["labels"][:, 1:][~teacher.mask[:, :-1]] = -100
+        return {**batch, "teacher": teacher, "source": torch.zeros(len(rows), dtype=torch.long)}
 
 
 class OnlineTeacher:
@@ -208,35 +249,55 @@ class DistillTrainer(Trainer):
 
 # -- the student it starts from ----------------------------------------------------------------------------
 def _new_student(cfg: DistillSettings, teacher: Teacher, teacher_tok, seed: int, home: Path, longest: int = 0):
-    """A fresh student (or the given one). `longest`: the longest sequence it must read, when other teachers'
-    sequences may be longer than this run's teacher's context (a fresh GPT-2 is made long enough)."""
+    """(a fresh student or the given one, its tokenizer). `longest`: the longest sequence it must read, when other
+    teachers' sequences may be longer than this run's teacher's context (a fresh GPT-2 is made long enough)."""
     if cfg.student_path:
         model, tok = hf_models.load_causal_lm(hf_models.local_model(cfg.student_path, home, "distill.student_path"))
-        if tok.get_vocab() != teacher_tok.get_vocab():
+        if model.get_output_embeddings().weight.shape[0] < len(tok):
             raise HpdError(
-                f"the student at {cfg.student_path} uses a different tokenizer than the teacher; "
-                f"distillation from this cache needs the teacher's tokenizer"
+                f"the student's output layer has fewer rows than its tokenizer has tokens "
+                f"({len(tok)}); resize its embeddings first"
             )
-        if model.get_output_embeddings().weight.shape[0] < len(teacher_tok):
-            raise HpdError(
-                f"the student's output layer has fewer rows than the tokenizer has tokens "
-                f"({len(teacher_tok)}); resize its embeddings first"
-            )
-        return model
+        return model, tok
     torch.manual_seed(seed)
     if cfg.student_init == "teacher-layers":
         model, _ = hf_models.load_causal_lm(teacher.model_dir)
-        return student_models.keep_layers(model, cfg.n_layer)[0]
+        return student_models.keep_layers(model, cfg.n_layer)[0], teacher_tok
     if cfg.student_init == "teacher-shape":
         return student_models.same_shape_fresh(
             hf_models.check_causal_lm(teacher.model_dir), n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head
-        )
+        ), teacher_tok
     context = hf_models.context_length(hf_models.check_causal_lm(teacher.model_dir))
     if longest > context:
         context = 1 << (longest - 1).bit_length()
     return student_models.new_gpt2(
         teacher_tok, n_positions=context, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head
+    ), teacher_tok
+
+
+def _bridge(plan: StudentPlan, sources: list[Source], model, teacher_tok, student_tok, cache_vocab: int):
+    """A token bridge when the student reads other tokens than the cache's (another tokenizer, or the same one with
+    a head smaller than the teacher's padded one); None when the cache's ids are the student's. Checked here, before
+    any training: what a bridge cannot carry."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if teacher_tok.get_vocab() == student_tok.get_vocab() and rows >= cache_vocab:
+        return None
+    what = (
+        "the student's tokenizer differs from the teacher's"
+        if rows >= cache_vocab
+        else (f"the student's head has {rows} rows, the teacher's {cache_vocab}")
     )
+    if plan.previous or plan.online or len(sources) > 1 or len(plan.sources[0].caches) > 1:
+        raise HpdError(
+            f"{what}: across tokenizers a student trains from one offline cache (no refresh rounds, several "
+            f'teachers or distill.teacher_source="online"); distil from one teacher with rounds.count = 0'
+        )
+    src = sources[0]
+    if src.method in ON_POLICY_ONLY:
+        raise HpdError(f"{what}: {src.method} needs the student's own samples scored by the teacher in its tokens")
+    if src.cache is not None and src.cache.sampled:
+        raise HpdError(f'{what}: a sampled cache cannot be carried across tokenizers; score with encoding = "topk"')
+    return token_bridge.Bridge(teacher_tok, student_tok)
 
 
 # The teacher's greedy replies to held-out prompts that have none (chat and code prompts), as learning-curve
@@ -253,19 +314,25 @@ def _learning_curve(cfg: DistillSettings, data: TaskData, tok, before: dict, tea
     references = []
 
     def measure(m):
-        t = hf_models.load_teacher(teacher)[0]
+        t, t_tok = hf_models.load_teacher(teacher)
         if not references:  # once: the held-out replies, or the teacher's own where the rows have none
             replies = (
                 [None] * len(rows)
                 if "response" in rows[0]
                 else [
-                    g[0] for g in generate_texts(t, tok, [r["prompt"] for r in rows], max_new_tokens=CURVE_REPLY_TOKENS)
+                    g[0]
+                    for g in generate_texts(t, t_tok, [r["prompt"] for r in rows], max_new_tokens=CURVE_REPLY_TOKENS)
                 ]
             )
             references.extend(r if g is None else {**r, "response": g} for r, g in zip(rows, replies))
         r = answer_accuracy(m, tok, references, task) if hasattr(task, "is_correct") else {}
-        forced = teacher_forced(m, tok, references, t)
-        return {**r, "nll": forced["response_nll_nats"], "kl": forced["kl_to_teacher_nats"]}
+        same_tokens = t_tok.get_vocab() == tok.get_vocab()  # KL to the teacher is per token: one vocabulary only
+        forced = teacher_forced(m, tok, references, t if same_tokens else None)
+        return {
+            **r,
+            "nll": forced["response_nll_nats"],
+            **({"kl": forced["kl_to_teacher_nats"]} if same_tokens else {}),
+        }
 
     return [PeriodicEval(measure, cfg.curve_every, before.get("student_steps", 0), before.get("input_tokens", 0))]
 
@@ -288,11 +355,13 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
     # were drawn to fit the student, so they are not read again here)
     others = sources[1:] if previous is None else []
     longest = max((len(x) for s in others for x in s.store.range(0, len(s.store))[2]), default=0)
-    model = (
+    model, student_tok = (
         _new_student(d, teacher, tok, seed, ctx.home, longest)
         if previous is None
-        else hf_models.load_causal_lm(previous.student_dir)[0]
+        else hf_models.load_causal_lm(previous.student_dir)
     )
+    vocab_rows = hf_models.check_causal_lm(teacher.model_dir).vocab_size
+    bridge = _bridge(plan, sources, model, tok, student_tok, vocab_rows)
     cut = ctx.stage_dir() / "initial"  # a student cut from its teacher, as cut: eval judges it beside the trained one
     if previous is None and d.student_init == "teacher-layers" and not d.student_path and ctx.rank == 0:
         if not (cut / "config.json").is_file():
@@ -317,7 +386,12 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
 
     # the teacher signal: cache rows joined to each batch, the teacher online, or none (sft)
     caches = [s.cache for s in sources if s.cache is not None]
-    if caches:
+    pad_id = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
+    if bridge is not None and caches:
+        collator, signal, where = BridgeCollator(pad_id, caches[0], bridge), from_cache, "cache"
+    elif bridge is not None:  # sft across tokenizers: the student's tokens of the teacher's text
+        collator, signal, where = ResponseCollator(pad_id), no_teacher, "no teacher"
+    elif caches:
         collator, signal, where = CacheCollator(tok.pad_token_id, *caches), from_cache, "cache"
     elif plan.online and any(s.method != "sft" for s in sources):
         collator, signal, where = (
@@ -345,6 +419,11 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
     # Under DDP each rank reads every world_size-th planned batch: a step's global batch is world_size of them.
     planned = plan.steps * d.gradient_accumulation_steps if plan.planned else 0
     dataset = training_set(sources, d.batch_size, planned * ctx.world_size, seed * 1009 + ctx.round)
+    if bridge is not None:  # the same texts in the student's tokens, each token placed in the teacher's
+        seqs = artifacts[plan.sources[0].sequences]
+        prompts = read_prompts(seqs.source, seqs.prompt_field, None)[0]  # prompt_index counts from its first row
+        dataset, covered = token_bridge.student_dataset(bridge, dataset, sources[0].store, prompts)
+        ctx.log(f"[{ctx.stage}] across tokenizers: {covered:.1%} of the student's response tokens get a teacher target")
     args = training_arguments(
         tmp / "checkpoints",
         steps=plan.steps,
@@ -367,7 +446,7 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
         args=args,
         train_dataset=dataset,
         data_collator=collator,
-        callbacks=_learning_curve(d, data, tok, before, teacher) if ctx.rank == 0 else [],
+        callbacks=_learning_curve(d, data, student_tok, before, teacher) if ctx.rank == 0 else [],
         sources=sources,
         loss_params=loss_params,
         teacher_signal=signal,
@@ -419,9 +498,13 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
         steps=plan.steps,
         parameters=report["parameters"],
     )
+    if bridge is not None:
+        report["teacher_target_share"] = covered
     if data.builtin:
-        report.update(heldout_report(model, tok, data.heldout, d.eval_examples, TASKS[data.builtin]))
-    publish_model(model, tok, tmp, out, {"training_log.json": trainer.state.log_history, "hpd-student.json": report})
+        report.update(heldout_report(model, student_tok, data.heldout, d.eval_examples, TASKS[data.builtin]))
+    publish_model(
+        model, student_tok, tmp, out, {"training_log.json": trainer.state.log_history, "hpd-student.json": report}
+    )
     return Student(
         student_dir=str(out),
         report=report,

@@ -90,19 +90,22 @@ def run(
     heldout, rows = _heldout_rows(cfg, data)
     task = TASKS.get(data.builtin)
     model, tok = hf_models.load_causal_lm(student.student_dir)
-    teacher_model, _ = hf_models.load_teacher(teacher)
+    teacher_model, teacher_tok = hf_models.load_teacher(teacher)
+    # a student of another tokenizer (token_bridge): judged in its own tokens, the teacher in its; the KL between
+    # them is per token and so is left out
+    same_tokens = teacher_tok.get_vocab() == tok.get_vocab()
     ctx.log(f"[eval] {len(rows)} held-out examples from {heldout}")
     references = "data" if "response" in rows[0] else "teacher"
     if references == "teacher":  # no reference answers: the teacher's greedy replies are what to match
         replies = metrics.generate_texts(
             teacher_model,
-            tok,
+            teacher_tok,
             [r["prompt"] for r in rows],
             max_new_tokens=cfg.max_new_tokens,
             batch_tokens=cfg.batch_tokens,
         )
         rows = [{**r, "response": g[0]} for r, g in zip(rows, replies)]
-    reference = teacher_model if cfg.kl_to_teacher else None
+    reference = teacher_model if cfg.kl_to_teacher and same_tokens else None
     retention = metrics.heldout_rows(data.retention, cfg.examples) if data.retention else []
     same = {"teacher": reference, "execute_code": ctx.execute_code, "retention": retention}
     report = {
@@ -121,7 +124,7 @@ def run(
     if cfg.teacher:
         # against its own replies the teacher's ROUGE-L is 1 by construction: not reported
         report["teacher"] = judge(
-            teacher_model, tok, rows, cfg, task, **{**same, "teacher": None}, rouge=references == "data"
+            teacher_model, teacher_tok, rows, cfg, task, **{**same, "teacher": None}, rouge=references == "data"
         )
     path = ctx.stage_dir() / "report.json"
     atomic.write_json(path, report)

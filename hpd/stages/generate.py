@@ -81,6 +81,7 @@ def run(ctx, settings: Settings, data: TaskData, teacher: Teacher) -> Sequences:
         tokens=tokens,
         truncated=truncated,
         fingerprint=manifest["fingerprint"],
+        prompt_field=cfg.prompt_field,
     )
 
 

@@ -188,11 +188,15 @@ class _CachedTeacher(_TeacherView):
                 "the cache batch has no teacher entry for some labelled positions: cache rows and "
                 "token batch are misaligned (join them by sequence id)"
             )
+        top = cache.topk_logprobs[:, :-1][sel].float()
+        # a slot of log p = -inf is no outcome (fewer distinct tokens than slots, as a cache carried into another
+        # tokenizer's vocabulary has where candidates merge): its id is a filler, not a token of probability 0
         return cls(
             cache.topk_ids[:, :-1][sel],
-            cache.topk_logprobs[:, :-1][sel].float(),
+            top,
             cache.tail_logmass[:, :-1][sel].float(),
             cache.target_logprob[:, :-1][sel].float(),
+            top > NEG_INF,
         )
 
     def rows(self, part: slice) -> _CachedTeacher:
