@@ -1,13 +1,13 @@
-"""The presets of the students-from-real-teachers study (--config smollm2-half, --config qwen-coder) end to end at
-tiny scale: tiny Llama GGUF files stand in for the real teacher and, for qwen-coder, for the pretrained student
-file. Only the scale is faked: the presets' own stages, tasks, evaluation rows and opt-ins run."""
+"""The presets of the students-from-real-teachers study (--config smollm2-half, --config qwen-coder, --config
+qwen-smollm2) end to end at tiny scale: tiny Llama GGUF files stand in for the real teacher and, for qwen-coder and
+qwen-smollm2, for the pretrained student file (for qwen-smollm2 one of another tokenizer). Only the scale is faked: the presets' own stages, tasks, evaluation rows and opt-ins run."""
 
 import json
 
 import pytest
 
 from conftest import hpd_cli
-from tiny_llama import make_llama, write_gguf
+from tiny_llama import make_llama, make_tokenizer, write_gguf
 
 TINY_SCALE = [
     "data.train_examples=16",
@@ -78,3 +78,30 @@ def test_qwen_coder_needs_the_code_opt_in_then_reports_humaneval_and_retention(g
         assert m["retention_nll_nats"] > 0 and m["kl_to_teacher_nats"] > 0, row
     # the student before distillation is the student file as given: as large as the distilled one
     assert report["initial"]["parameters"] == report["student"]["parameters"] < report["teacher"]["parameters"]
+
+
+def test_qwen_smollm2_distils_across_tokenizers_from_the_cache(ggufs, tmp_path):
+    """The student file has a tokenizer of its own (another byte-level BPE, digits split otherwise): it trains from
+    the teacher's cache through the token bridge, and sft (the baseline) on the same replies in its tokens."""
+    teacher, _ = ggufs
+    d = tmp_path / "other"
+    other = make_tokenizer(300, split_digits=True)
+    student = write_gguf(make_llama(d / "student", n_layer=2, seed=2, context=4096, tokenizer=other), d / "s.gguf")
+    sets = [
+        *TINY_SCALE,
+        f'teacher.path="{teacher}"',
+        f'distill.student_path="{student}"',
+        "eval.humaneval_problems=2",
+        'run.name="cross"',
+    ]
+    home = tmp_path / "home"
+    r = hpd_cli(home, "run", "--config", "qwen-smollm2", overrides=sets, tiny=False, env={"HPD_ALLOW_CODE_EVAL": "1"})
+    assert r.exit_code == 0, (r.output, r.stderr, r.exception)
+    report = _report(home, "cross")
+    for row in ("initial", "student", "baseline"):
+        m = report[row]
+        assert len(m["humaneval_passed"]) == 2 and m["response_nll_nats"] > 0, row
+        assert "kl_to_teacher_nats" not in m, row  # no per-token KL across vocabularies
+    assert report["student_report"]["teacher_target_share"] >= 0.9
+    student_log = json.loads((home / "runs" / "cross" / "distill" / "student" / "training_log.json").read_text())
+    assert [e["student_step"] for e in student_log if "curve_nll" in e] == [2, 4]

@@ -254,3 +254,17 @@ def test_padded_head_rows_and_unknown_specials_go_to_the_tail(big):
     im_start = big.convert_tokens_to_ids("<|im_start|>")
     assert bridge.phi(bridge.t_bytes[im_start]) == student.convert_tokens_to_ids("<|im_start|>")
     assert Bridge(student, make_tokenizer(270)).phi(SPECIAL + b"<tool>") == -1
+
+
+def test_a_stray_byte_in_the_teachers_reply_does_not_shift_the_rest(big, small):
+    """A model can write a byte that is not UTF-8 on its own (half a character, cut off or not): the student gets
+    its byte token there, and every token after it stays on the teacher's bytes."""
+    bridge = Bridge(big, small)
+    stray = bridge.t_bytes.index(b"\xe2")
+    head = big("It is sunny", add_special_tokens=False)["input_ids"]
+    tail = big(" and warm.", add_special_tokens=False)["input_ids"]
+    a = bridge.align([1], head + [stray] + tail + [big.eos_token_id])
+    response = a.input_ids[a.prompt_len :]
+    assert bridge.s_bytes.index(b"\xe2") in response
+    assert (a.first >= 0).all()
+    assert a.first[-1] == len(head) + len(tail) + 1  # the end of turn on the teacher's end of turn

@@ -55,12 +55,19 @@ def make_tokenizer(vocab_size: int = 320, corpus: list[str] = CORPUS, split_digi
 
 
 def make_llama(
-    out: Path, n_layer: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0, context: int = 256
+    out: Path,
+    n_layer: int = 4,
+    hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    context: int = 256,
+    tokenizer=None,
 ) -> Path:
-    """A randomly initialised tiny Llama saved with its tokenizer at `out`."""
+    """A randomly initialised tiny Llama saved with its tokenizer (make_tokenizer's, unless given) at `out`."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tok = make_tokenizer()
+    tok = tokenizer or make_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden,

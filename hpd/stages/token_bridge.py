@@ -26,6 +26,7 @@ identical tokenizers every d is 0, every candidate keeps its id, and the batch i
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -119,60 +120,69 @@ class Bridge:
         return b"".join(self.t_bytes[i] if 0 <= i < len(self.t_bytes) else b"" for i in ids)
 
     def student_response(self, teacher_response: list[int]) -> list[int]:
-        """The student's tokens of the teacher's response: the text between special tokens tokenized as text (an
-        incomplete character at a cut-off end left out), special tokens by name, the end of turn as the student's."""
+        """The student's tokens of the teacher's response: the text between special tokens tokenized as text, a
+        byte that is not UTF-8 (a character cut off, a stray byte a model wrote) as the student's token of that
+        byte where it has one, special tokens by name, the end of turn as the student's."""
         out, text = [], b""
 
-        def flush():
-            if text:
-                s = text.decode("utf-8", errors="ignore")
-                out.extend(self.student_tok(s, add_special_tokens=False)["input_ids"])
+        def flush(text: bytes):
+            while text:
+                try:
+                    out.extend(self.student_tok(text.decode("utf-8"), add_special_tokens=False)["input_ids"])
+                    return
+                except UnicodeDecodeError as e:
+                    if e.start:
+                        out.extend(self.student_tok(text[: e.start].decode(), add_special_tokens=False)["input_ids"])
+                    out.extend(
+                        self.by_bytes[x] for x in (text[i : i + 1] for i in range(e.start, e.end)) if x in self.by_bytes
+                    )
+                    text = text[e.end :]
 
         for i in teacher_response:
             b = self.t_bytes[i] if 0 <= i < len(self.t_bytes) else b""
             if b.startswith(SPECIAL):
-                flush()
+                flush(text)
                 text = b""
                 if b in self.by_bytes:
                     out.append(self.by_bytes[b])
             else:
                 text += b
-        flush()
+        flush(text)
         return out
 
     def align(self, prompt_ids: list[int], teacher_response: list[int]) -> Aligned:
         """The student's sequence for a teacher's (`prompt_ids`: the student's own rendering of the prompt) and,
-        per student response token, the teacher token it starts in and how far into it."""
+        per student response token, the teacher token it starts in and how far into it. The two byte strings are
+        matched (difflib): they differ where the student's tokenizer adds a space before the first word or leaves
+        out a byte it cannot write. A student token is placed where its bytes are the teacher's, bytes it adds
+        before them aside; one that is not the teacher's text has no teacher position."""
         response = list(teacher_response) if self.identical else self.student_response(teacher_response)
         t_len = np.array([len(self.t_bytes[i]) if 0 <= i < len(self.t_bytes) else 0 for i in teacher_response])
         t_end = np.cumsum(t_len).astype(np.int64)  # the byte after each teacher token
         t_start = t_end - t_len
         teacher_text, student_text = self.teacher_bytes(teacher_response), b"".join(self.s_bytes[i] for i in response)
-        # a SentencePiece student writes a space before the first word that the text does not have
-        lead = int(student_text[:1] == b" " and teacher_text[:1] != b" ")
-        s_len = np.array([len(self.s_bytes[i]) for i in response], dtype=np.int64)
-        s_end = np.cumsum(s_len).astype(np.int64) - lead  # in the teacher's text
-        s_start = np.maximum(s_end - s_len, 0)
-        # each student token must be the teacher's text where it says it is (past a cut-off end, or where a
-        # template writes something else, there is nothing to carry)
-        ok = (s_end <= len(teacher_text)) & (s_end > s_start)
-        for j in np.nonzero(ok)[0]:
-            a, e = int(s_start[j]), int(s_end[j])
-            ok[j] = teacher_text[a:e] == student_text[a + lead : e + lead]
-        first = np.searchsorted(t_end, s_start, side="right")
-        last = np.searchsorted(t_end, s_end - 1, side="right")
-        first, last = np.where(ok, first, -1), np.where(ok, last, -1)
-        offset = (
-            np.where(ok, s_start - t_start[np.clip(first, 0, max(len(t_start) - 1, 0))], 0)
-            if len(t_start)
-            else 0 * first
-        )
+        at = np.full(len(student_text) + 1, -1, dtype=np.int64)  # each student byte's place in the teacher's text
+        if teacher_text == student_text:
+            at[:-1] = np.arange(len(student_text))
+        else:
+            matcher = difflib.SequenceMatcher(None, teacher_text, student_text, autojunk=False)
+            for block in matcher.get_matching_blocks():
+                at[block.b : block.b + block.size] = np.arange(block.a, block.a + block.size)
+        s_len = [len(self.s_bytes[i]) for i in response]
+        s_off = np.concatenate([[0], np.cumsum(s_len)]).astype(np.int64)
+        first = np.full(len(response), -1, dtype=np.int64)
+        offset, last = np.zeros_like(first), np.full_like(first, -1)
+        for j in range(len(response)):
+            where = at[s_off[j] : s_off[j + 1]]
+            added = int(np.argmax(where >= 0)) if (where >= 0).any() else len(where)
+            placed = where[added:]
+            if not len(placed) or (placed < 0).any() or (len(placed) > 1 and (np.diff(placed) != 1).any()):
+                continue
+            i = int(np.searchsorted(t_end, placed[0], side="right"))
+            first[j], offset[j] = i, placed[0] - t_start[i]
+            last[j] = int(np.searchsorted(t_end, placed[-1], side="right"))
         return Aligned(
-            input_ids=list(prompt_ids) + response,
-            prompt_len=len(prompt_ids),
-            first=first.astype(np.int64),
-            offset=offset.astype(np.int64),
-            last=last.astype(np.int64),
+            input_ids=list(prompt_ids) + response, prompt_len=len(prompt_ids), first=first, offset=offset, last=last
         )
 
     # -- the teacher's distribution in the student's vocabulary ----------------------------------------------------
