@@ -1,6 +1,7 @@
 """The presets of the students-from-real-teachers study (--config smollm2-half, --config qwen-coder, --config
 qwen-smollm2) end to end at tiny scale: tiny Llama GGUF files stand in for the real teacher and, for qwen-coder and
-qwen-smollm2, for the pretrained student file (for qwen-smollm2 one of another tokenizer). Only the scale is faked: the presets' own stages, tasks, evaluation rows and opt-ins run."""
+qwen-smollm2, for the pretrained student file (for qwen-smollm2 one of another tokenizer).
+Only the scale is faked: the presets' own stages, tasks, evaluation rows and opt-ins run."""
 
 import json
 

@@ -251,8 +251,30 @@ def report(run_name, config_path, overrides, out):
     """Markdown and PNGs for one run: loss curves, HPD diagnostics, learning curve, evaluation."""
     from pathlib import Path
 
-    from .config import check_run_name
     from .report import run_report
+
+    run = _saved_run(run_name, config_path, overrides)
+    click.echo(f"report: {run_report(run, Path(out) if out else run.ctx.run_dir / 'report')}")
+
+
+@cli.command("export")
+@click.argument("run_name", required=False)
+@config_option
+@set_option
+@click.option("--format", "fmt", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True)
+@click.option("--type", "kind", type=click.Choice(["f32", "f16", "q8_0"]), default="f16", show_default=True)
+@click.option("--stage", help="a round's student (distill-2) or the baseline; default: the run's final student")
+@click.option("--out", type=click.Path(), help="the file (gguf) or directory (hf); default <run dir>/export/")
+def export_cmd(run_name, config_path, overrides, fmt, kind, stage, out):
+    """The run's student as a GGUF file for llama.cpp and Ollama, or a transformers directory, with a model card."""
+    from .export import export
+
+    click.echo(f"exported: {export(_saved_run(run_name, config_path, overrides), fmt, kind, stage, out)}")
+
+
+def _saved_run(run_name, config_path, overrides) -> Runner:
+    """The run named (or the config's), as it was configured when it last ran."""
+    from .config import check_run_name
 
     if run_name is not None:
         check_run_name(run_name, "RUN_NAME")
@@ -261,8 +283,7 @@ def report(run_name, config_path, overrides, out):
     if not (run_dir / "config.toml").is_file():
         runs = sorted(p.name for p in (ctx.home / "runs").glob("*")) if (ctx.home / "runs").is_dir() else []
         raise HpdError(f"no run {run_dir.name} under {ctx.home / 'runs'}; runs: {', '.join(runs) or 'none'}")
-    run = open_run(run_dir / "config.toml", home=ctx.home)  # the run as it was configured when it last ran
-    click.echo(f"report: {run_report(run, Path(out) if out else run_dir / 'report')}")
+    return open_run(run_dir / "config.toml", home=ctx.home)
 
 
 # -- hpd cache ------------------------------------------------------------------------------------------
