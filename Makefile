@@ -45,6 +45,7 @@ teacher-cache: $(STAMP)
 
 distill: $(STAMP)
 	$(HPD) run
+	$(HPD) export --type q8_0 --replace
 
 # bubblewrap, the namespace sandbox generated code runs in (hpd/stages/sandbox.py), where apt can install it (as root,
 # e.g. CI's fresh Debian machine); without it the tests check the fallback layer. Never fails the build.
@@ -103,6 +104,7 @@ $(FETCHED): $(STAMP)
 bench-real: $(STAMP) $(SMOLLM2) $(FETCHED)
 	$(PY) -m bench.real_students --pair B
 	HPD_ALLOW_CODE_EVAL=1 $(PY) -m bench.real_students --pair A
+	HPD_ALLOW_CODE_EVAL=1 $(PY) -m bench.real_students --pair X
 	$(PY) -m bench.readme
 
 bench: $(STAMP) $(SMOLLM2) $(FETCHED)

@@ -132,7 +132,7 @@ def test_hpd_export_writes_the_runs_student_with_its_model_card(tiny_home, tmp_p
 
     r = hpd_cli(home, "export", "tiny", "--type", "f32", tiny=False)
     assert r.exit_code == 0, (r.output, r.stderr)
-    path = Path(r.output.strip().split("exported: ")[1])
+    path = Path(r.output.strip().split("exported: ")[1].split(" (")[0])
     assert path == home / "runs" / "tiny" / "export" / "tiny-distill.f32.gguf"
     meta = read_metadata(path, "hpd.")
     assert meta["hpd.method"] == "hpd" and meta["hpd.cache"] == run.outputs("score").cache_id
@@ -152,11 +152,14 @@ def test_hpd_export_writes_the_runs_student_with_its_model_card(tiny_home, tmp_p
     for g, w in zip(_logits(AutoModelForCausalLM.from_pretrained(hf).eval(), tok, texts), _logits(model, tok, texts)):
         assert torch.equal(g, w)
 
+    r = hpd_cli(home, "export", "tiny", "--format", "hf", "--replace", tiny=False)
+    assert r.exit_code == 0 and (hf / "README.md").read_text() == card
     exports = sorted(p.name for p in (home / "runs" / "tiny" / "export").iterdir())
+    assert exports == ["tiny-distill", "tiny-distill.f32.gguf"]
     for args, message in (
         (("nosuch",), "no run nosuch under"),
         (("tiny", "--stage", "distill-3"), "run tiny has no student stage distill-3; its students: distill"),
-        (("tiny", "--format", "hf"), "exists; remove it or give --out another path"),
+        (("tiny", "--format", "hf"), "exists; give --replace to write over it, or --out another path"),
     ):
         r = hpd_cli(home, "export", *args, tiny=False)
         assert r.exit_code == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr

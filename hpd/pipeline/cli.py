@@ -265,11 +265,14 @@ def report(run_name, config_path, overrides, out):
 @click.option("--type", "kind", type=click.Choice(["f32", "f16", "q8_0"]), default="f16", show_default=True)
 @click.option("--stage", help="a round's student (distill-2) or the baseline; default: the run's final student")
 @click.option("--out", type=click.Path(), help="the file (gguf) or directory (hf); default <run dir>/export/")
-def export_cmd(run_name, config_path, overrides, fmt, kind, stage, out):
+@click.option("--replace", is_flag=True, help="write over an earlier export of the same name")
+def export_cmd(run_name, config_path, overrides, fmt, kind, stage, out, replace):
     """The run's student as a GGUF file for llama.cpp and Ollama, or a transformers directory, with a model card."""
     from .export import export
 
-    click.echo(f"exported: {export(_saved_run(run_name, config_path, overrides), fmt, kind, stage, out)}")
+    path = export(_saved_run(run_name, config_path, overrides), fmt, kind, stage, out, replace)
+    size = sum(p.stat().st_size for p in path.rglob("*")) if path.is_dir() else path.stat().st_size
+    click.echo(f"exported: {path} ({size / 1e6:.1f} MB)")
 
 
 def _saved_run(run_name, config_path, overrides) -> Runner:

@@ -110,9 +110,16 @@ def _gguf_pre(run: Runner, student_dir: Path, tokenizer) -> str:
     return "default"
 
 
-def export(run: Runner, fmt: str = "gguf", kind: str = "f16", stage: str | None = None, out: str | None = None) -> Path:
+def export(
+    run: Runner,
+    fmt: str = "gguf",
+    kind: str = "f16",
+    stage: str | None = None,
+    out: str | None = None,
+    replace: bool = False,
+) -> Path:
     """Write the run's student (see student_stage) as `fmt` ("gguf" with tensors of `kind`, or "hf") at `out`
-    (default: <run dir>/export/); returns the path."""
+    (default: <run dir>/export/; an existing one only with `replace`, once the new one is whole); returns the path."""
     from hpd.stages import hf_models
 
     if fmt not in ("gguf", "hf"):
@@ -123,8 +130,8 @@ def export(run: Runner, fmt: str = "gguf", kind: str = "f16", stage: str | None 
     student_dir = Path(run.outputs(name).student_dir)
     base = f"{run.ctx.run_name}-{name}"
     target = Path(out) if out else run.ctx.run_dir / "export" / (f"{base}.{kind}.gguf" if fmt == "gguf" else base)
-    if target.exists():
-        raise HpdError(f"{target} exists; remove it or give --out another path")
+    if target.exists() and not replace:
+        raise HpdError(f"{target} exists; give --replace to write over it, or --out another path")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
@@ -149,7 +156,11 @@ def export(run: Runner, fmt: str = "gguf", kind: str = "f16", stage: str | None 
                 gguf_export.write_gguf(model, tok, tmp, kind, metadata, pre=_gguf_pre(run, student_dir, tok))
             except gguf_export.ExportError as e:
                 raise HpdError(str(e)) from None
+        old = target.with_name(f".old-{target.name}")
+        if target.is_dir():  # a directory cannot be renamed over: the old one steps aside first
+            os.replace(target, old)
         os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     return target
