@@ -36,17 +36,15 @@ import numpy as np
 import torch
 
 from hpd.storage.cache_batch import CacheBatch, ScoredSequence
+from hpd.storage.gguf_export import byte_encoder
 
 SPECIAL = b"\xff"  # never in UTF-8 text: a special token's bytes are this and its name, so only its namesake matches
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet read backwards: printable bytes stand for themselves, the other 68 for the
-    characters from U+0100 on, in byte order (what every byte-level BPE tokenizer writes its pieces in)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+    """GPT-2's byte-level alphabet read backwards: each character a byte-level piece is written in, to its byte."""
+    return {c: b for b, c in byte_encoder().items()}
 
 
 def _is_byte_level(tokenizer) -> bool:

@@ -21,7 +21,7 @@ class ExportError(ValueError):
     pass
 
 
-def _byte_encoder() -> dict[int, str]:
+def byte_encoder() -> dict[int, str]:
     """GPT-2's byte-level alphabet: printable bytes stand for themselves, the other 68 for U+0100 on, in order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 256)]
     others = [b for b in range(256) if b not in printable]
@@ -50,7 +50,7 @@ def tokenizer_vocabulary(tokenizer, rows: int) -> tuple[list[str], list[int], li
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
         tokens = list(pieces)
     elif model["type"] == "WordLevel" and all(i in added or len(p) == 1 for i, p in enumerate(pieces)):
-        enc = _byte_encoder()
+        enc = byte_encoder()
         merges = []
         tokens = [p if i in added else "".join(enc[b] for b in p.encode()) for i, p in enumerate(pieces)]
     else:
