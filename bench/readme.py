@@ -1688,7 +1688,8 @@ def versions() -> str:
 
 
 def real_students() -> str:
-    """Students from real teachers (bench/real_students.py): pair B (prune then distil) and pair A (Qwen2.5-Coder)."""
+    """Students from real teachers (bench/real_students.py): pair B (prune then distil), pair A (Qwen2.5-Coder) and
+    pair X (across tokenizers)."""
     out = []
     names = {
         "kl_to_teacher_nats": ("KL to teacher", "{:.3f}"),
@@ -1698,7 +1699,11 @@ def real_students() -> str:
         "humaneval_pass@1": ("HumanEval pass@1", "{:.1%}"),
         "retention_nll_nats": ("retention NLL", "{:.3f}"),
     }
-    for pair, title in (("B", "Pair B: prune then distil"), ("A", "Pair A: Qwen2.5-Coder-1.5B teaches 0.5B")):
+    for pair, title in (
+        ("B", "Pair B: prune then distil"),
+        ("A", "Pair A: Qwen2.5-Coder-1.5B teaches 0.5B"),
+        ("X", "Pair X: across tokenizers, Qwen2.5-Coder-0.5B's cache teaches SmolLM2-135M"),
+    ):
         r = _result(RESULTS / f"real_students_{pair}.json")
         if r is None:
             continue
@@ -1768,6 +1773,13 @@ def real_students() -> str:
                 v = m["kl_to_teacher_nats"]["minus_sft"]["verdict"]
                 lines.append(f"against SeqKD on KL: {v} (target: better beyond the interval)")
             out.append("Targets: " + "; ".join(lines) + ".")
+        shares = {k: m["teacher_target_share"] for k, m in methods.items() if "teacher_target_share" in m}
+        if shares:
+            out.append(
+                "Student response tokens that got a teacher distribution through the token bridge: "
+                + ", ".join(f"{k} {v:.1%}" for k, v in shares.items())
+                + " (target at least 90%)."
+            )
         for name, t in s.get("humaneval_paired", {}).items():
             out.append(
                 f"- HumanEval {name}: {t['difference']:+.1%} [{t['ci95'][0]:+.1%}, {t['ci95'][1]:+.1%}], "
