@@ -266,6 +266,26 @@ def test_hpd_samples_from_the_student_when_no_sample_is_given():
     assert a.item() == b.item()
 
 
+@pytest.mark.parametrize("method, draws", [("hpd", 1), ("hpd_nsamp", 4)])
+def test_hpd_draws_its_samples_from_the_students_distribution(method, draws):
+    """The draws follow the student's q, not the teacher's p nor the uniform: over 4,000 positions whose student puts
+    q(a*) on the expert token, the share of draws equal to it is q(a*) within 4 binomial standard errors, and p(a*)
+    and 1/V lie far outside that band."""
+    n, V = 4000, 8
+    z_student = torch.tensor([1.5, 0.2, 0.0, -1.0, 0.3, -0.5, 0.8, 0.1])
+    z_teacher = torch.tensor([-1.0, 0.2, 2.0, -1.0, 0.3, 1.5, 0.8, 0.1])
+    student = z_student.expand(1, n + 1, V).clone()
+    teacher = z_teacher.expand(1, n + 1, V).clone()
+    labels = torch.zeros(1, n + 1, dtype=torch.long)
+    labels[0, 0] = -100  # logits at t predict the label at t + 1: n expert tokens, all token 0
+    params = {"hpd_samples": draws} if draws > 1 else {}
+    _, d = distill_loss(method, student, labels, teacher=teacher, generator=torch.Generator().manual_seed(3), **params)
+    q, p = torch.softmax(z_student, -1)[0].item(), torch.softmax(z_teacher, -1)[0].item()
+    se = math.sqrt(q * (1 - q) / (n * draws))
+    assert abs(d["sample_is_expert"] - q) < 4 * se
+    assert min(abs(p - q), abs(1 / V - q)) > 20 * se
+
+
 def test_unknown_method_and_missing_teacher():
     student, teacher, labels = _inputs(0)
     with pytest.raises(ValueError, match="unknown distillation method 'kd'"):
