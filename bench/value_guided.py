@@ -18,7 +18,9 @@ them), and the same refresh guided by the verifier: selection (only the samples 
 teacher reward). The guided arms share the plain arm's samples and rescoring.
 
 Every student is judged on the 500 held-out problems: greedy accuracy, avg@4 (sampled at temperature 1), held-out
-NLL and KL to the teacher. Writes bench/results/value_guided.json; bench/readme.py puts the tables in the README.
+NLL and KL to the teacher. The primary measure, named here before the runs: greedy accuracy (PRIMARY); the verdict
+is read on it alone, each arm against its reference paired by seed with a 95% interval; the others are reported
+beside it. Writes bench/results/value_guided.json; bench/readme.py puts the tables in the README.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from pathlib import Path
 from hpd import open_run
 
 from .measure import paired_summary
+
+PRIMARY = "accuracy"  # the measure the verdict is read on, named before the runs
 
 OUT = Path(__file__).resolve().parent / "results" / "value_guided.json"
 METRICS = ("accuracy", "avg@4", "response_nll_nats", "kl_to_teacher_nats")
