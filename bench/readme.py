@@ -1800,9 +1800,79 @@ def real_students() -> str:
     return "\n".join(out) + "\n" if out else "Not run yet: `make bench-real`.\n"
 
 
-def main():
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def headline() -> str:
+    """The front page's table: one measured line per question a newcomer asks, each from its results file, with
+    the page that has the rest."""
+    rows = []
+    d = _result(RESULTS / "default_task.json")
+    if d:
+        a, t = d["arms"], d["teacher"]["accuracy"]
+        rows.append(
+            f"| does the built-in student learn? (`make distill`, {d['seeds']} seeds) | {d['method']} student "
+            f"{a['student']['accuracy']['mean']:.1%} held-out accuracy, {d['baseline']} "
+            f"{a['baseline']['accuracy']['mean']:.1%}, teacher {t:.1%} | [below](#two-commands) |"
+        )
+    r = _result(RESULTS / "real_cached_vs_online.json")
+    if r:
+        runs = r["runs"]
+        med = {
+            arm: {
+                k: statistics.median(x[k] for x in runs if x["arm"] == arm)
+                for k in ("seconds_per_step", "training_memory_mb")
+            }
+            for arm in ("cached", "online")
+        }
+        rows.append(
+            "| what does the cache buy on a real teacher? (SmolLM2-135M-Instruct, its 6-layer student) | "
+            f"{med['online']['seconds_per_step'] / med['cached']['seconds_per_step']:.1f}x faster steps, "
+            f"{med['cached']['training_memory_mb'] / 1e3:.1f} GB instead of {med['online']['training_memory_mb'] / 1e3:.1f} GB "
+            f"(medians of {sum(x['arm'] == 'cached' for x in runs)} runs per arm) | [results](docs/results.md) |"
+        )
+    f = _result(RESULTS / "cache_formats_smollm2.json")
+    if f:
+        c = _k64(f, COMPACT)
+        rows.append(
+            f"| how big is the cache? (SmolLM2, top-64 of {f['vocab_size']:,}) | {c['bytes_per_token']:.1f} bytes per "
+            f"token (`compact`), bucket KL {c['kl_bucket']:.4f} | [cache](docs/cache.md) |"
+        )
+    b = _result(RESULTS / "real_students_B.json")
+    if b:
+        m = b["summary"]["methods"]
+        best = min(m, key=lambda k: m[k]["kl_to_teacher_nats"]["mean"])
+        rows.append(
+            f"| does a pruned student recover? (SmolLM2 cut to half, {len(m[best]['seeds'])} seeds) | best "
+            f"`{best}`: {m[best].get('kl_recovered', float('nan')):.0%} of the KL the cut cost won back | "
+            "[real models](docs/real-models.md) |"
+        )
+    else:
+        rows.append(
+            "| does a pruned student recover? do real pairs distil? | not measured yet (`make bench-real`) | "
+            "[real models](docs/real-models.md) |"
+        )
+    return "| question | measured | more |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+
+
+DOCUMENTS = ("README.md", *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md"))))
+
+
+def main(check: bool = False) -> int:
+    """Regenerate every `<!-- bench:NAME -->` section of the README and docs/ from the results files; with `check`,
+    write nothing and return how many files would change."""
+    changed = 0
+    for doc in DOCUMENTS:
+        path = ROOT / doc
+        text = path.read_text()
+        new = _regenerate(text)
+        if new != text:
+            changed += 1
+            if check:
+                print(f"{doc} is out of date: python -m bench.readme")
+            else:
+                path.write_text(new)
+    return changed
+
+
+def _regenerate(text: str) -> str:
     for name, fn in (
         ("make-distill", make_distill),
         ("default-task", default_task),
@@ -1822,11 +1892,17 @@ def main():
         ("versions", versions),
         ("performance", performance),
         ("real-students", real_students),
+        ("headline", headline),
     ):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text, flags=re.S)
-    readme.write_text(text)
+        if begin in text:
+            text = re.sub(
+                re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text, flags=re.S
+            )
+    return text
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    raise SystemExit(1 if main(check="--check" in sys.argv) and "--check" in sys.argv else 0)

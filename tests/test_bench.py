@@ -17,3 +17,11 @@ def test_a_stage_measured_in_its_own_process(tmp_path):
     assert figures["steps"] == run.cfg.distill.steps and figures["input_tokens"] > 0
     student = run.outputs("distill")  # published like any run's, with no figures in its report
     assert Path(student.student_dir, "hpd-student.json").is_file() and "train_seconds" not in student.report
+
+
+def test_the_readme_and_docs_are_what_their_results_files_say():
+    """Every generated section of README.md and docs/ regenerates byte for byte from bench/results/ (a figure
+    typed by hand, or a results file changed without `python -m bench.readme`, fails here)."""
+    from bench.readme import main
+
+    assert main(check=True) == 0

@@ -90,7 +90,7 @@ def test_public_names_come_from_hpd():
 
 
 def test_the_readme_python_example_runs(tiny_runner):
-    """README "From Python": a cache read through the public names gives a loss with a gradient."""
+    """docs/guide.md "From Python": a cache read through the public names gives a loss with a gradient."""
     import torch
 
     from hpd import CacheBatch, LogitCache, distill_loss, open_run

@@ -144,7 +144,7 @@ class ScoreSettings:
     encoding: str = key(
         "idsort-q8",
         "fp16 | rank-q8[:STEP] | idsort-q8[:STEP] | compact[:STEP] | sampled:[M+]N | "
-        "sampled-counts:N (hpd/storage/encodings.py; the README's \"which to use at which "
+        'sampled-counts:N (hpd/storage/encodings.py; docs/losses.md "which to use at which '
         'budget")',
     )
     temperature: float = key(1.0, "the teacher's temperature for its targets", above=0)
@@ -163,7 +163,7 @@ class DistillSettings:
     method: str = key(
         "fkl",
         "sft seqkd fkl rkl jsd skl srkl tvd akl hpd opd, and this project's HPD variants "
-        "hpd_fkl hpd_nsamp hpd_expect hpd_fkl_expect (hpd/stages/losses.py; README: which to use)",
+        "hpd_fkl hpd_nsamp hpd_expect hpd_fkl_expect (hpd/stages/losses.py; docs/losses.md: which to use)",
     )
     teacher_source: str = key(
         "cache",
@@ -367,7 +367,7 @@ class CodeSettings:
         "false: a run that would run code stops before any stage, saying so. true (or the "
         "environment variable HPD_ALLOW_CODE_EVAL=1): each program runs in hpd's sandbox "
         "(hpd/stages/sandbox.py; bubblewrap where installed), which limits what it can do; it "
-        "is not a virtual machine (README: Running generated code)",
+        "is not a virtual machine (docs/value.md: Running generated code)",
     )
 
 

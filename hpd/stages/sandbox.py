@@ -13,7 +13,7 @@ HF_ALLOW_CODE_EVAL); `require` refuses without it. Once allowed, every program g
     interpreter only, a private /tmp, the work directory the one writable place;
   - layer "process" (the fallback): the above without bwrap, in a network namespace of its own (`unshare --net`)
     where that works. The file system is then guarded by the unprivileged user's rights alone.
-Neither is a virtual machine: the kernel is shared (README: Running generated code).
+Neither is a virtual machine: the kernel is shared (docs/value.md: Running generated code).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def require(what: str, explicit: bool, how: str = "code.execute=true") -> None:
     if not allowed(explicit):
         raise HpdError(
             f"{what}, and running generated or supplied code is off by default; allow it with {how} "
-            f"or {ENV}=1 (each program then runs in hpd's sandbox, hpd/stages/sandbox.py; README: Running "
+            f"or {ENV}=1 (each program then runs in hpd's sandbox, hpd/stages/sandbox.py; docs/value.md: Running "
             f"generated code)"
         )
 

@@ -329,7 +329,7 @@ def _draws(name: str, arg: str, what: str = "draws per position", low: int = 1) 
     if ":" in arg:
         raise ValueError(
             f"{name}:{arg}: only draws from the teacher's own distribution are stored (a proposal "
-            f"p^tau needs its normaliser per position and measured worse: README); use {name}:N"
+            f"p^tau needs its normaliser per position and measured worse: docs/losses.md); use {name}:N"
         )
     try:
         n = int(arg or ENCODINGS[name].draws)
