@@ -326,6 +326,13 @@ def performance() -> str:
     return "\n".join(out) + "\n" if out else "Not run yet: `make bench`.\n"
 
 
+def _speedup_bound(r: dict) -> float:
+    """The most a cache can speed training up, from measured steps: a cached step costs at least a plain SFT step
+    of the same student (no teacher signal at all), so the speed-up is at most online / SFT."""
+    m = r["median"]
+    return m["online"]["seconds_per_step"] / m["sft"]["seconds_per_step"]
+
+
 def _real_cached_vs_online() -> str:
     r = _result(RESULTS / "real_cached_vs_online.json")
     if r is None:
@@ -345,9 +352,10 @@ median of {r["repeats"]}):
 |---|---|---|---|---|
 {rows}
 
-Speed-up of the cache {r["speedup"]:.2f}x against a limit of {r["speedup_limit"]:.2f}x (1 + the teacher's forward per batch,
-{r["teacher_forward_s_per_batch"]:.2f} s, over a cached step): **{r["share_of_limit"]:.0%} of the limit** (target at least 90%:
-{"met" if r["share_of_limit"] >= 0.9 else "not met"}{"; above 100% because the online arm also carries the full [batch, length, vocabulary] teacher logits through its loss, which the bare forward does not count" if r["share_of_limit"] > 1 else ""}). Training memory cached / online: **{r["memory_ratio"]:.2f}** (target at most 0.6:
+Speed-up of the cache {r["speedup"]:.2f}x against the most a cache can give here, {_speedup_bound(r):.2f}x (the online
+step over a plain SFT step of the same student: a cached step costs at least that): **{r["speedup"] / _speedup_bound(r):.0%}
+of the bound** (target at least 90%: {"met" if r["speedup"] / _speedup_bound(r) >= 0.9 else "not met"}; the rest is the
+distillation loss's own cost, below). Training memory cached / online: **{r["memory_ratio"]:.2f}** (target at most 0.6:
 {"met" if r["memory_ratio"] <= 0.6 else "not met"}{_memory_floor(m)}). Plain SFT of the same student is {r["loss_overhead_vs_sft"]:+.0%} faster than the
 cached distillation: the distillation loss's own cost at a 49k vocabulary (target at most 15%:
 {"met" if r["loss_overhead_vs_sft"] <= 0.15 else "not met"}).
@@ -403,9 +411,9 @@ def _real_targets() -> str:
         r = json.loads(f.read_text())
         rows += [
             (
-                "cached training speed: at least 90% of the limit 1 + teacher forward / student step",
-                f"{r['share_of_limit']:.0%} ({r['speedup']:.2f}x against {r['speedup_limit']:.2f}x)",
-                "met" if r["share_of_limit"] >= 0.9 else "not met",
+                "cached training speed: at least 90% of the bound online step / SFT step",
+                f"{r['speedup'] / _speedup_bound(r):.0%} ({r['speedup']:.2f}x against {_speedup_bound(r):.2f}x)",
+                "met" if r["speedup"] / _speedup_bound(r) >= 0.9 else "not met",
             ),
             (
                 "training memory cached / online: at most 0.6",
