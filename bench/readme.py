@@ -1759,6 +1759,16 @@ def real_students() -> str:
             label = "SeqKD (sft)" if method == "sft" else method
             out.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("")
+        sets = dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o)
+        cfg = load_config(r["config"], r.get("overrides", [])).as_dict()
+        out.append(
+            f"Budget per arm: {cfg['compare']['steps']} steps of {cfg['distill']['batch_size']} teacher replies "
+            f"(learning rate {cfg['distill']['learning_rate']:g}), the learning curve every "
+            f"{cfg['compare']['curve_every']} steps on {cfg['distill']['curve_examples']} held-out prompts, eval on "
+            f"{cfg['eval']['examples']}; the command: `{r['made']['command']}`"
+            + (f" (overrides: {', '.join(f'{k}={v}' for k, v in sets.items())})" if sets else "")
+            + "."
+        )
         if "cut" in r:
             c = r["cut"]
             out.append(

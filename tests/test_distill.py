@@ -7,6 +7,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -111,6 +112,38 @@ def test_student_with_padded_vocabulary_is_accepted(tiny_home, tmp_path, teacher
     r = make_runner(home, f'distill.student_path="{padded}"', 'distill.method="fkl"', run="padded")
     r.run()
     assert AutoModelForCausalLM.from_pretrained(r.manifest("distill")["outputs"]["student_dir"]).config.vocab_size == 32
+
+
+def test_a_teacher_head_padded_past_the_student_trains_through_the_bridge(tiny_home, tmp_path, teacher_dir):
+    """The same tokenizer, the teacher's head padded past it (Qwen2.5's 152,064 rows against a student's 151,936):
+    the cache's ids past the student's head are tail mass (the tokenizer's real vocabulary decides, not the heads'
+    sizes), and the student trains finite."""
+    home = copy_home(tiny_home, tmp_path / "home")
+    padded = tmp_path / "padded-teacher"
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    rows = model.config.vocab_size
+    model.resize_token_embeddings(rows + 14, mean_resizing=False)
+    with torch.no_grad():  # the padded rows get real mass, so the cache's top-k holds some of them
+        model.get_output_embeddings().weight[rows:] = model.get_output_embeddings().weight[:14] * 3
+    model.save_pretrained(padded)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(padded)
+    r = make_runner(
+        home,
+        f'teacher.path="{padded}"',
+        f'distill.student_path="{teacher_dir}"',
+        'distill.method="fkl"',
+        "score.top_k=24",
+        run="padded-teacher",
+    )
+    r.run()
+    cache = LogitCache(Path(r.manifest("score")["outputs"]["cache"]))
+    ids = np.concatenate([cache.rows(i).topk_ids.ravel() for i in range(8)])
+    assert (ids >= rows).any()  # the cache does hold padded rows
+    out = r.manifest("distill")["outputs"]
+    assert out["report"]["teacher_target_share"] == 1.0
+    log = json.loads((Path(out["student_dir"]) / "training_log.json").read_text())
+    assert all(math.isfinite(e["loss"]) for e in log if "loss" in e)
+    assert AutoModelForCausalLM.from_pretrained(out["student_dir"]).config.vocab_size == rows
 
 
 def test_gradient_accumulation_comes_from_the_trainer(tiny_home, tmp_path):
