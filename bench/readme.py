@@ -1769,6 +1769,11 @@ def real_students() -> str:
             + (f" (overrides: {', '.join(f'{k}={v}' for k, v in sets.items())})" if sets else "")
             + "."
         )
+        if r.get("unfinished"):
+            out.append(
+                f"Not finished when this was written: {', '.join(r['unfinished'])} (the table holds the finished arms; "
+                "the comparison resumes where it stopped: `make bench-real`)."
+            )
         if "cut" in r:
             c = r["cut"]
             out.append(

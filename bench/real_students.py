@@ -48,12 +48,13 @@ CONFIG = {"B": "smollm2-half", "A": "qwen-coder", "X": "qwen-smollm2"}
 HIGHER = ("accuracy", "rouge_l", "humaneval_pass@1")
 
 
-def choose_cut(home: str, steps: int) -> dict:
+def choose_cut(home: str, steps: int, run: bool = True) -> dict:
     """Pair B: 15 of 30 layers kept against the teacher's architecture at half width; fkl, one seed, `steps` steps.
     The one with the lower held-out KL to the teacher after training is kept. Both adopt the base run's teacher
     stages and cache (made once, then shared with the comparison)."""
     base = open_run("smollm2-half", [], home=home)
-    base.run(until="score")
+    if run:
+        base.run(until="score")
     tried = {}
     for name, sets in (
         ("teacher-layers", ['distill.student_init="teacher-layers"', "distill.n_layer=15"]),
@@ -62,7 +63,7 @@ def choose_cut(home: str, steps: int) -> dict:
             ['distill.student_init="teacher-shape"', "distill.n_layer=30", "distill.n_embd=288", "distill.n_head=9"],
         ),
     ):
-        run = open_run(
+        cut = open_run(
             "smollm2-half",
             [
                 *sets,
@@ -74,9 +75,10 @@ def choose_cut(home: str, steps: int) -> dict:
             ],
             home=home,
         )
-        run.adopt("smollm2-half", OFFLINE)
-        run.run()
-        report = run.outputs("eval").report
+        if run:
+            cut.adopt("smollm2-half", OFFLINE)
+            cut.run()
+        report = cut.outputs("eval").report
         tried[name] = {
             "sets": sets,
             "kl": report["student"]["kl_to_teacher_nats"],
@@ -171,10 +173,11 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="student steps per arm (default: the preset's)")
     ap.add_argument("--curve-every", type=int, default=None, help="held-out KL every N steps (default: the preset's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="a config override for every arm")
+    ap.add_argument("--finished-only", action="store_true", help="report the arms finished so far, run nothing")
     args = ap.parse_args()
     overrides, result = [], {"made": stamp(), "pair": args.pair, "config": CONFIG[args.pair]}
     if args.pair == "B":
-        result["cut"] = choose_cut(args.home, args.choice_steps)
+        result["cut"] = choose_cut(args.home, args.choice_steps, run=not args.finished_only)
         overrides = result["cut"]["tried"][result["cut"]["kept"]]["sets"]
     overrides = [*overrides, *args.sets]
     if args.steps:
@@ -184,8 +187,17 @@ def main():
     result["overrides"] = overrides
     out = RESULTS / f"real_students_{args.pair}"
     os.environ["HPD_HOME"] = args.home
-    compare(CONFIG[args.pair], overrides, out=out)
+    compare(CONFIG[args.pair], overrides, out=out, run_missing=not args.finished_only)
     results = json.loads((out / "results.json").read_text())
+    if args.finished_only:  # which arms the comparison has not finished yet
+        cfg = open_run(CONFIG[args.pair], overrides, home=args.home).cfg
+        done = {(r["method"], r["seed"]) for r in results}
+        result["unfinished"] = [
+            f"{m} seed {s}"
+            for m in cfg.compare.methods.split(",")
+            for s in range(cfg.compare.seeds)
+            if (m, s) not in done
+        ]
     result["summary"] = summarise(results, args.pair)
     (RESULTS / f"real_students_{args.pair}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"]["methods"], indent=1)[:3000])

@@ -39,13 +39,16 @@ def method_overrides(method: str, cfg: Settings) -> list[str]:
     return [f'distill.method="{method}"', f"distill.steps={c.steps}", "rounds.count=0", 'distill.baseline=""']
 
 
-def compare(config_path, overrides: list[str], out: Path | None = None, log=print) -> Path:
+def compare(config_path, overrides: list[str], out: Path | None = None, log=print, run_missing: bool = True) -> Path:
+    """Run every (method, seed) arm that is not finished and report them all; with run_missing=False, report the
+    finished arms alone and run nothing (a comparison still under way, read so far)."""
     base = open_run(config_path, overrides)
     cfg = base.cfg
     c = cfg.compare
     methods = compare_methods(cfg)
     shared = [s for s in OFFLINE if s in base.stages]  # no score stage with the teacher online
-    base.run(until=shared[-1])  # the teacher and the cache, once for every method and seed
+    if run_missing:
+        base.run(until=shared[-1])  # the teacher and the cache, once for every method and seed
     results = []
     for method in methods:
         extra = method_overrides(method, cfg)
@@ -63,9 +66,14 @@ def compare(config_path, overrides: list[str], out: Path | None = None, log=prin
                     f'run.name="{name}"',
                 ],
             )
-            r.adopt(cfg.run.name, shared)
-            log(f"[compare] {method} seed {seed}: run {name}")
-            r.run()
+            if not run_missing:
+                if r.state("eval")[0] != "done":
+                    log(f"[compare] {method} seed {seed}: not finished, left out")
+                    continue
+            else:
+                r.adopt(cfg.run.name, shared)
+                log(f"[compare] {method} seed {seed}: run {name}")
+                r.run()
             distills = r.student_stages()
             results.append(
                 {
