@@ -1779,7 +1779,12 @@ def real_students() -> str:
             out.append(
                 "The cut, tried briefly (fkl, one seed, "
                 f"{c['steps']} steps): "
-                + "; ".join(f"{n} KL {t['kl_before']:.3f} -> {t['kl']:.3f}" for n, t in c["tried"].items())
+                + "; ".join(
+                    f"{n} KL {t['kl_before']:.3f} -> {t['kl']:.3f}"
+                    if t.get("kl_before") is not None
+                    else f"{n} (initialised fresh) KL {t['kl']:.3f}"
+                    for n, t in c["tried"].items()
+                )
                 + f"; kept: **{c['kept']}**."
             )
         flat = {method: sum(bool(p.get("plateau")) for p in m["plateau"]) for method, m in methods.items()}
