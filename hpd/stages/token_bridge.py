@@ -221,7 +221,10 @@ class Bridge:
                 continue  # inconsistent with the bytes already written
             consistent += p
             rest = wb[d:]
-            v = self.phi(rest) if rest else -1
+            if self.identical:  # one vocabulary: each id is itself (a padded head's rows past it are tail)
+                v = w if w < len(self.s_bytes) else -1
+            else:
+                v = self.phi(rest) if rest else -1
             if v < 0:
                 to_tail += p
             else:
