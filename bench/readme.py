@@ -1811,6 +1811,17 @@ def real_students() -> str:
                 v = m["kl_to_teacher_nats"]["minus_sft"]["verdict"]
                 lines.append(f"against SeqKD on KL: {v} (target: better beyond the interval)")
             out.append("Targets: " + "; ".join(lines) + ".")
+        primary = s["primary"]
+        claims = [
+            f"`{k}` {methods[k][primary]['minus_sft']['verdict']}"
+            for k in ("hpd", "hpd_fkl")
+            if k in methods and "minus_sft" in methods[k].get(primary, {})
+        ]
+        if claims:
+            out.append(
+                f"HPD's claim on this pair, read on the primary measure against SeqKD: {', '.join(claims)} "
+                "(better / worse: beyond the 95% interval)."
+            )
         shares = {k: m["teacher_target_share"] for k, m in methods.items() if "teacher_target_share" in m}
         if shares:
             out.append(
