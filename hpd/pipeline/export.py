@@ -110,6 +110,11 @@ def _gguf_pre(run: Runner, student_dir: Path, tokenizer) -> str:
     return "default"
 
 
+def _remove(path: Path) -> None:
+    """A file or a directory, if it is there."""
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def export(
     run: Runner,
     fmt: str = "gguf",
@@ -134,7 +139,7 @@ def export(
         raise HpdError(f"{target} exists; give --replace to write over it, or --out another path")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    _remove(tmp)  # a killed export's leftover
     facts = card_facts(run, name)
     card = card_markdown(facts, target.name)
     model, tok = hf_models.load_causal_lm(student_dir)
@@ -162,5 +167,5 @@ def export(
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        _remove(tmp)
     return target

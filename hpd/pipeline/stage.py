@@ -163,6 +163,7 @@ class Runner:
         self.order = [s.name for s in stages]
         self.cfg, self.ctx = cfg, ctx
         self.linked_runs = linked_runs or {}
+        self._student_tokenizer_checked = False  # check_student_tokenizer reads the tokenizers once
 
     # -- manifests -------------------------------------------------------------------------------------
     def manifest_path(self, name: str) -> Path:
@@ -422,7 +423,7 @@ class Runner:
         refused with refresh rounds or several teachers before any of this run's teacher passes and students."""
         cfg = self.cfg
         several = bool(cfg.teachers.runs)
-        if not cfg.distill.student_path or not (cfg.rounds.count or several):
+        if not cfg.distill.student_path or not (cfg.rounds.count or several) or self._student_tokenizer_checked:
             return
         if self.state("teacher")[0] != "done" or self.state("distill")[0] == "done":
             return
@@ -437,6 +438,7 @@ class Runner:
                 "the student's tokenizer differs from the teacher's: across tokenizers a student trains from one "
                 'offline cache (no refresh rounds or several teachers); set rounds.count = 0 and teachers.runs = ""'
             )
+        self._student_tokenizer_checked = True
 
     def check_linked_tokenizers(self) -> None:
         """Several teachers share one tokenizer: this run's teacher against each linked run's, once this run's

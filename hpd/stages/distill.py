@@ -25,7 +25,7 @@ from transformers import Trainer
 
 from hpd.common.errors import HpdError
 from hpd.common.settings import DistillSettings, Settings
-from hpd.storage.cache_batch import tokens_crc
+from hpd.storage.cache_batch import check_tokens
 from hpd.storage.fingerprint import digest
 from hpd.storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
 
@@ -113,15 +113,11 @@ class BridgeCollator(ResponseCollator):
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = super().__call__(rows)
-        scored = []
-        for r in rows:
-            row = self.cache.rows(r["seq_id"])
-            if row.tokens_crc != tokens_crc(r["teacher_ids"]):
-                raise HpdError(
-                    f"cache {self.cache.id} does not match the training sequences: sequence {r['seq_id']} was "
-                    f"scored on other tokens"
-                )
-            scored.append(row)
+        try:  # the rows the teacher scored, checked against its tokens (the batch holds the student's)
+            scored = [self.cache.rows(r["seq_id"]) for r in rows]
+            check_tokens(scored, [r["teacher_ids"] for r in rows], self.cache.id)
+        except (KeyError, CacheMismatchError) as e:
+            raise HpdError(f"cache {self.cache.id} does not match the training sequences: {e.args[0]}") from None
         aligned = [
             token_bridge.Aligned(
                 r["input_ids"], r["prompt_len"], *(np.asarray(r[k]) for k in ("first", "offset", "last"))
@@ -360,8 +356,7 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
         if previous is None
         else hf_models.load_causal_lm(previous.student_dir)
     )
-    vocab_rows = hf_models.check_causal_lm(teacher.model_dir).vocab_size
-    bridge = _bridge(plan, sources, model, tok, student_tok, vocab_rows)
+    bridge = _bridge(plan, sources, model, tok, student_tok, teacher.vocab_size)
     cut = ctx.stage_dir() / "initial"  # a student cut from its teacher, as cut: eval judges it beside the trained one
     if previous is None and d.student_init == "teacher-layers" and not d.student_path and ctx.rank == 0:
         if not (cut / "config.json").is_file():

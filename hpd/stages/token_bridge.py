@@ -27,7 +27,6 @@ identical tokenizers every d is 0, every candidate keeps its id, and the batch i
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from hpd.storage.cache_batch import CacheBatch, ScoredSequence
-from hpd.storage.gguf_export import byte_encoder
+from hpd.storage.gguf_export import byte_encoder, is_byte_level
 
 SPECIAL = b"\xff"  # never in UTF-8 text: a special token's bytes are this and its name, so only its namesake matches
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -47,20 +46,13 @@ def _byte_decoder() -> dict[str, int]:
     return {c: b for b, c in byte_encoder().items()}
 
 
-def _is_byte_level(tokenizer) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return False
-    return '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
-
-
 def vocabulary_bytes(tokenizer) -> list[bytes]:
     """Each id's bytes: byte-level pieces through GPT-2's byte table, SentencePiece pieces with their '▁' as a space
     and byte-fallback pieces (<0xE2>) as that byte, added tokens as their text (special ones marked, see SPECIAL)."""
     n = len(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
     added = tokenizer.added_tokens_decoder
-    decoder = _byte_decoder() if _is_byte_level(tokenizer) else None
+    decoder = _byte_decoder() if is_byte_level(tokenizer) else None
     out = []
     for i, piece in enumerate(pieces):
         if piece is not None and (m := _BYTE_PIECE.fullmatch(piece)):  # byte fallback, however it was registered

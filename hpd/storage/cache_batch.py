@@ -97,6 +97,16 @@ class CacheMismatchError(RuntimeError):
     pass
 
 
+def check_tokens(rows: list[ScoredSequence], input_ids: list, cache_id: str = "") -> None:
+    """Each scored row against the tokens it is to be joined with (by their CRC)."""
+    for i, (row, ids) in enumerate(zip(rows, input_ids)):
+        if row.tokens_crc != tokens_crc(ids):
+            raise CacheMismatchError(
+                f"cache {cache_id}: row for sequence {row.seq_id} was scored on different tokens than "
+                f"batch item {i}; the cache does not belong to these sequences"
+            )
+
+
 def grid_batch(
     rows: list[ScoredSequence],
     k: int,
@@ -110,12 +120,7 @@ def grid_batch(
     batch's `input_ids`, every row's token CRC is checked against them. With `draws`, the rows are sampled
     targets (k slots, `counts` per row; a head's slots have count 0 and a log-prob) and a SampledBatch comes back."""
     if input_ids is not None:
-        for i, (row, ids) in enumerate(zip(rows, input_ids)):
-            if row.tokens_crc != tokens_crc(ids):
-                raise CacheMismatchError(
-                    f"cache {cache_id}: row for sequence {row.seq_id} was scored on different tokens than "
-                    f"batch item {i}; the cache does not belong to these sequences"
-                )
+        check_tokens(rows, input_ids, cache_id)
     need = max(r.start + len(r.target_logprob) for r in rows)
     L = length or need
     if L < need:

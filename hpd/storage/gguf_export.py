@@ -28,6 +28,16 @@ def byte_encoder() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
+def is_byte_level(tokenizer) -> bool:
+    """Whether the tokenizer writes its pieces in GPT-2's byte-level alphabet (its pre-tokenizer or decoder is
+    ByteLevel)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    spec = json.loads(backend.to_str())
+    return any('"ByteLevel"' in json.dumps(spec.get(part)) for part in ("pre_tokenizer", "decoder"))
+
+
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's converter reorders a Llama Q or K matrix's rows per head (its rotary layout; transformers'
     GGUF loader undoes it)."""
@@ -42,9 +52,7 @@ def tokenizer_vocabulary(tokenizer, rows: int) -> tuple[list[str], list[int], li
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model, added = spec["model"], tokenizer.added_tokens_decoder
-    byte_level = '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer")) or '"ByteLevel"' in json.dumps(
-        spec.get("decoder")
-    )
+    byte_level = is_byte_level(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     if model["type"] == "BPE" and byte_level:
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
