@@ -29,8 +29,14 @@ def stamp() -> dict:
             "cpu": cpu,
             "python": platform.python_version(),
         },
-        "command": " ".join(
-            ["python -m", Path(sys.argv[0]).with_suffix("").name if sys.argv[0] else "?", *sys.argv[1:]]
-        ),
+        "command": " ".join(["python -m", _module(), *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def _module() -> str:
+    """The module the bench was run as (`bench.real_students`), from the running script's path in the repository."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is None or not script.is_relative_to(ROOT):
+        return "?"
+    return ".".join(script.relative_to(ROOT).with_suffix("").parts)

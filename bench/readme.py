@@ -1705,6 +1705,48 @@ def versions() -> str:
     )
 
 
+def _pair_targets(pair: str, s: dict) -> str:
+    """The code pairs' targets, each read from the results: for pair X the best distilled student (by the primary
+    measure) against SeqKD; for pair A the gap it closes and what it forgets."""
+    methods, paired = s["methods"], s.get("humaneval_paired", {})
+    best = min(
+        (k for k in methods if k != "sft"),
+        key=lambda k: methods[k][s["primary"]]["mean"] * (-1 if s["primary"] == "humaneval_pass@1" else 1),
+    )
+    m, lines = methods[best], []
+    nll = m["response_nll_nats"].get("minus_sft")
+    if nll:
+        lines.append(f"held-out NLL against SeqKD: {nll['verdict']} (target: better beyond the interval)")
+    he = paired.get(f"{best} vs sft")
+    if he:
+        worse = he["ci95"][1] < 0
+        lines.append(
+            f"HumanEval pass@1 against SeqKD {he['difference']:+.1%} [{he['ci95'][0]:+.1%}, {he['ci95'][1]:+.1%}] "
+            f"(target: not worse, the interval not wholly below 0: {'not met' if worse else 'met'})"
+        )
+    if pair == "X" and "teacher_target_share" in m:
+        share = m["teacher_target_share"]
+        lines.append(
+            f"student response tokens with a teacher distribution {share:.1%} (target at least 90%: "
+            f"{'met' if share >= 0.9 else 'not met'})"
+        )
+    before, teacher = s.get("initial") or {}, s.get("teacher") or {}
+    if pair == "A" and "humaneval_pass@1" in before and "humaneval_pass@1" in teacher:
+        gap = teacher["humaneval_pass@1"] - before["humaneval_pass@1"]
+        closed = (m["humaneval_pass@1"]["mean"] - before["humaneval_pass@1"]) / gap if gap else float("nan")
+        lines.append(
+            f"share of the pass@1 gap to the teacher closed {closed:.0%} (target at least a third: "
+            f"{'met' if closed >= 1 / 3 else 'not met'})"
+        )
+    if pair == "A" and "retention_nll_nats" in before and "retention_nll_nats" in m:
+        lost = m["retention_nll_nats"]["mean"] - before["retention_nll_nats"]
+        lines.append(
+            f"retention NLL {lost:+.3f} nats against the student before (target: at most +0.05: "
+            f"{'met' if lost <= 0.05 else 'not met'})"
+        )
+    return f"Targets, for the best distilled student by the primary measure (**{best}**): " + "; ".join(lines) + "."
+
+
 def real_students() -> str:
     """Students from real teachers (bench/real_students.py): pair B (prune then distil), pair A (Qwen2.5-Coder) and
     pair X (across tokenizers)."""
@@ -1811,6 +1853,8 @@ def real_students() -> str:
                 v = m["kl_to_teacher_nats"]["minus_sft"]["verdict"]
                 lines.append(f"against SeqKD on KL: {v} (target: better beyond the interval)")
             out.append("Targets: " + "; ".join(lines) + ".")
+        if pair in ("A", "X"):
+            out.append(_pair_targets(pair, s))
         primary = s["primary"]
         claims = [
             f"`{k}` {methods[k][primary]['minus_sft']['verdict']}"

@@ -89,8 +89,10 @@ def choose_cut(home: str, steps: int, run: bool = True) -> dict:
 
 
 def plateau(log: list[dict], steps: int) -> dict:
-    """Whether held-out KL improved by under 2% over the last 20% of the steps (curve points)."""
-    curve = [(e["student_step"], e["curve_kl"]) for e in log if "curve_kl" in e]
+    """Whether held-out KL improved by under 2% over the last 20% of the steps (curve points); across tokenizers,
+    where the curve has no per-token KL, the held-out NLL of the teacher's replies."""
+    key = "curve_kl" if any("curve_kl" in e for e in log) else "curve_nll"
+    curve = [(e["student_step"], e[key]) for e in log if key in e]
     if len(curve) < 2:
         return {"points": len(curve), "plateau": None}
     start = [kl for s, kl in curve if s <= 0.8 * steps]
@@ -98,8 +100,9 @@ def plateau(log: list[dict], steps: int) -> dict:
     gain = (before - last) / before if before else 0.0
     return {
         "points": len(curve),
-        "kl_at_80pct": before,
-        "kl_final": last,
+        "measure": key,
+        "at_80pct": before,
+        "final": last,
         "gain_last_20pct": gain,
         "plateau": gain < 0.02,
     }

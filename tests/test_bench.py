@@ -25,3 +25,15 @@ def test_the_readme_and_docs_are_what_their_results_files_say():
     from bench.readme import main
 
     assert main(check=True) == 0
+
+
+def test_a_results_file_names_the_command_that_made_it(monkeypatch):
+    """The stamp's command is one a reader can paste: the bench's module path, not its file name."""
+    import sys
+
+    from bench.provenance import ROOT, stamp
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "bench" / "real_students.py"), "--pair", "X"])
+    made = stamp()
+    assert made["command"] == "python -m bench.real_students --pair X"
+    assert made["machine"]["cores"] >= 1 and made["machine"]["memory_gb"] > 0 and made["commit"]

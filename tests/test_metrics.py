@@ -9,7 +9,7 @@ import torch
 
 from hpd.common.errors import HpdError
 from hpd.stages import hf_models, metrics
-from hpd.stages.tasks import arithmetic
+from hpd.stages.tasks import TASKS, arithmetic
 
 from conftest import copy_home, make_runner
 
@@ -140,6 +140,29 @@ def test_greedy_accuracy_and_avg_at_k_bookkeeping(tiny_runner, teacher_dir):
     torch.manual_seed(0)
     report = metrics.answer_accuracy(teacher, tok, rows, _MatchTask, samples=3, temperature=1e-4)
     assert report == {"accuracy": 0.75, "avg@3": 0.75}  # near-zero temperature samples the greedy answer
+
+
+def test_a_judgement_samples_the_same_answers_whatever_the_global_generator(tiny_runner, teacher_dir):
+    """avg@k's draws come from the judge's own seed (common random numbers for every model and bench), and the
+    caller's generator is left where it was."""
+    from hpd.common.settings import EvalSettings
+    from hpd.stages import evaluate
+
+    teacher, tok = hf_models.load_causal_lm(teacher_dir)
+    rows = metrics.read_rows(tiny_runner.manifest("data")["outputs"]["heldout"], 6)
+    task = TASKS["math"]
+    cfg = EvalSettings(samples=3, temperature=1.5)
+    torch.manual_seed(1)
+    first = evaluate.judge(teacher, tok, rows, cfg, task)
+    after_first = torch.rand(1)
+    torch.manual_seed(2)
+    second = evaluate.judge(teacher, tok, rows, cfg, task)
+    assert first == second
+    torch.manual_seed(evaluate.JUDGE_SEED)
+    direct = metrics.answer_accuracy(teacher, tok, rows, task, samples=3, temperature=1.5)
+    assert first["avg@3"] == direct["avg@3"] and first["accuracy"] == direct["accuracy"]
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after_first)  # the judge forked the generator: the caller's draws unchanged
 
 
 def test_eval_stage_reports_student_and_teacher(tiny_home, tmp_path):

@@ -8,10 +8,16 @@ per-token NLL and the full-vocabulary KL to the teacher.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import torch
+
 from hpd.common.errors import HpdError
 from hpd.common.faults import crash_point
 from hpd.common.settings import EvalSettings, Settings
-from hpd.storage import atomic
+from hpd.storage import atomic, memo
 from hpd.storage.fingerprint import digest
 
 from . import hf_models, metrics
@@ -19,6 +25,12 @@ from .artifacts import EvalReport, StageKind, Student, TaskData, Teacher
 from .tasks import TASKS
 
 VERSION = 3  # 2: the baseline student, parameters; 3: the teacher's replies as references
+# Sampled answers (avg@k) are drawn from this seed for every model judged: the same draws for every arm and bench
+# (common random numbers: a paired difference then holds no sampling noise of the judge's own), and a judgement that
+# depends on nothing but its model, rows and settings, which is what lets fixed models' judgements be remembered.
+JUDGE_SEED = 0
+# What a remembered judgement was computed by: the source of this module and of the metrics.
+_JUDGE_CODE = hashlib.sha256(b"".join(Path(f).read_bytes() for f in (__file__, metrics.__file__))).hexdigest()[:16]
 
 
 def judge(
@@ -32,6 +44,12 @@ def judge(
     execute_code: bool = False,
     retention: list[dict] = (),
 ) -> dict:
+    with torch.random.fork_rng():
+        torch.manual_seed(JUDGE_SEED)
+        return _judge(model, tokenizer, rows, cfg, task, teacher, rouge, execute_code, retention)
+
+
+def _judge(model, tokenizer, rows, cfg, task, teacher, rouge, execute_code, retention) -> dict:
     report: dict = {"examples": len(rows), "parameters": sum(p.numel() for p in model.parameters())}
     if task is not None and hasattr(task, "is_correct"):
         report.update(
@@ -83,6 +101,13 @@ def _heldout_rows(cfg: EvalSettings, data: TaskData) -> tuple[str, list[dict]]:
     return heldout, metrics.heldout_rows(heldout, cfg.examples)
 
 
+def _once(ctx, what: dict, make):
+    """A judgement of a fixed model (the teacher's reference replies, the given student before distillation) made once
+    per home: every arm of a comparison, each seed and method, judges the same ones, for minutes each (HumanEval, a
+    teacher writing the references). Keyed by everything the judgement reads, the judging code included."""
+    return memo.remembered(ctx.home / "judged", digest({**what, "code": _JUDGE_CODE}), make)
+
+
 def run(
     ctx, settings: Settings, data: TaskData, teacher: Teacher, student: Student, baseline: Student | None = None
 ) -> EvalReport:
@@ -97,17 +122,39 @@ def run(
     ctx.log(f"[eval] {len(rows)} held-out examples from {heldout}")
     references = "data" if "response" in rows[0] else "teacher"
     if references == "teacher":  # no reference answers: the teacher's greedy replies are what to match
-        replies = metrics.generate_texts(
-            teacher_model,
-            teacher_tok,
-            [r["prompt"] for r in rows],
-            max_new_tokens=cfg.max_new_tokens,
-            batch_tokens=cfg.batch_tokens,
+        prompts = [r["prompt"] for r in rows]
+        replies = _once(
+            ctx,
+            {
+                "replies_of": teacher.fingerprint,
+                "prompts": prompts,
+                "max_new_tokens": cfg.max_new_tokens,
+                "batch_tokens": cfg.batch_tokens,
+            },
+            lambda: [
+                g[0]
+                for g in metrics.generate_texts(
+                    teacher_model,
+                    teacher_tok,
+                    prompts,
+                    max_new_tokens=cfg.max_new_tokens,
+                    batch_tokens=cfg.batch_tokens,
+                )
+            ],
         )
-        rows = [{**r, "response": g[0]} for r, g in zip(rows, replies)]
+        rows = [{**r, "response": g} for r, g in zip(rows, replies)]
     reference = teacher_model if cfg.kl_to_teacher and same_tokens else None
     retention = metrics.heldout_rows(data.retention, cfg.examples) if data.retention else []
     same = {"teacher": reference, "execute_code": ctx.execute_code, "retention": retention}
+    # what a fixed model's judgement reads besides the model (the key it is remembered by)
+    fixed = {
+        "rows": rows,
+        "retention": retention,
+        "eval": {**dataclasses.asdict(cfg), "teacher": None},
+        "task": data.builtin,
+        "kl_to": teacher.fingerprint if reference is not None else None,
+        "execute_code": ctx.execute_code,
+    }
     report = {
         "references": references,
         "student": judge(model, tok, rows, cfg, task, **same),
@@ -116,15 +163,23 @@ def run(
     }
     initial = student.report.get("initial_dir")
     if initial:  # a given student (distill.student_path), as it was before distillation: what distilling changed
-        report["initial"] = judge(hf_models.load_causal_lm(initial)[0], tok, rows, cfg, task, **same)
+        report["initial"] = _once(
+            ctx,
+            {**fixed, "judged": hf_models.model_fingerprints(initial)},
+            lambda: judge(hf_models.load_causal_lm(initial)[0], tok, rows, cfg, task, **same),
+        )
     if baseline is not None:  # the same student trained without the teacher's distribution (distill.baseline)
         report["baseline"] = judge(hf_models.load_causal_lm(baseline.student_dir)[0], tok, rows, cfg, task, **same)
         report["baseline_report"] = baseline.report
     crash_point("judged")
     if cfg.teacher:
         # against its own replies the teacher's ROUGE-L is 1 by construction: not reported
-        report["teacher"] = judge(
-            teacher_model, teacher_tok, rows, cfg, task, **{**same, "teacher": None}, rouge=references == "data"
+        report["teacher"] = _once(
+            ctx,
+            {**fixed, "judged": teacher.fingerprint, "kl_to": None, "rouge": references == "data"},
+            lambda: judge(
+                teacher_model, teacher_tok, rows, cfg, task, **{**same, "teacher": None}, rouge=references == "data"
+            ),
         )
     path = ctx.stage_dir() / "report.json"
     atomic.write_json(path, report)
