@@ -7,11 +7,33 @@ import re
 import statistics
 from pathlib import Path
 
+import jinja2
+
 from bench.stats import t95
 from hpd.pipeline.config import load as load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+# The prose of each section is a markdown template in bench/templates/ (Jinja2); Python computes only the figures it
+# names. StrictUndefined: a template that names a figure its results file does not have fails the render, and with it
+# `python -m bench.readme --check` (a test), instead of printing a blank.
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(TEMPLATES),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    autoescape=False,
+)
+_ENV.filters["f"] = lambda x, spec: format(x, spec)  # {{ x|f(".1%") }}: Python's format spec
+_ENV.globals.update(min=min, max=max, mean=statistics.mean, met=lambda ok: "met" if ok else "not met")
+
+
+def render(name: str, **figures) -> str:
+    """Section `name`'s template filled with `figures`."""
+    return _ENV.get_template(f"{name}.md").render(**figures)
 
 
 def _result(path: Path) -> dict | None:
@@ -25,179 +47,88 @@ def _pct(x: dict) -> str:
 
 def make_distill() -> str:
     r = json.loads((RESULTS / "default_task.json").read_text())
-    fresh = json.loads((RESULTS / "fresh_clone.json").read_text()) if (RESULTS / "fresh_clone.json").exists() else None
-    t, a, b, d, n = (
-        r["teacher"],
-        r["arms"]["student"],
-        r["arms"]["baseline"],
-        r["paired_student_minus_baseline"],
-        r["seeds"],
-    )
+    fresh = _result(RESULTS / "fresh_clone.json")
+    d = r["paired_student_minus_baseline"]
     above = r["seeds_above_80pct_of_teacher"]
-    timing = (
-        f"On a fresh clone (2 CPU cores) `make distill` took **{fresh['make_distill_seconds'] / 60:.1f} minutes**, "
-        f"{fresh['install_seconds']:.0f} s of them the install (`bench/fresh_clone.py`)."
-        if fresh
-        else ""
+    return render(
+        "make-distill",
+        r=r,
+        t=r["teacher"],
+        a=r["arms"]["student"],
+        b=r["arms"]["baseline"],
+        d=d,
+        n=r["seeds"],
+        above=(above["student"], above["baseline"]),
+        nll_lower=sum(x < 0 for x in d["response_nll_nats"]["values"]),
+        fresh=fresh,
+        fresh_differs=bool(fresh and fresh.get("printed") and fresh["printed"].strip() != r["printed"].strip()),
+        v=_verdict(r),
     )
-    if fresh and fresh.get("printed") and fresh["printed"].strip() != r["printed"].strip():
-        timing += (
-            f" That fresh clone (commit {fresh['commit']}) printed a different table from the one above, which "
-            f"`bench/default_task.py` measured at an earlier commit; its seeds have not been re-run since:\n\n```\n"
-            f"{fresh['printed']}\n```\n"
-        )
-    return f"""What `make distill` prints at the end (the run's own seed 0; `bench/results/default_task.json`):
-
-```
-{r["printed"]}
-```
-
-Each row is a model judged by the `eval` stage on the same {t["examples"]} held-out problems:
-**distill ({r["method"]})** is the student trained from the teacher's cache; **baseline ({r["baseline"]})** is the
-same student (same {r["sizes"]["student"] / 1e3:.0f}k parameters, sequences, steps, learning rate and seed) trained
-on the sequences alone, without the teacher's distribution; **teacher** is the
-{r["sizes"]["teacher"] / 1e6:.2f}M-parameter model that wrote the cache ({r["sizes"]["ratio"]:.1f}x the student).
-*accuracy*: greedy answers whose total is exactly right; *avg@4*: the same over 4 sampled answers per problem
-(temperature 1); *held-out NLL*: nats per response token on the reference traces; *KL to teacher*: the
-full-vocabulary KL(teacher || model) per response token on those traces. {timing}
-
-Over {n} student seeds (`make bench`, `bench/default_task.py`; seed 0 is the run above):
-
-| | held-out accuracy, mean (min, max) | avg@4 | held-out NLL | KL to teacher | seeds at >= 80% of the teacher's accuracy |
-|---|---|---|---|---|---|
-| {r["method"]} student | **{_pct(a["accuracy"])}** | {a["avg@4"]["mean"]:.1%} | {a["response_nll_nats"]["mean"]:.3f} | {a["kl_to_teacher_nats"]["mean"]:.3f} | **{above["student"]} of {n}** |
-| {r["baseline"]} student | {_pct(b["accuracy"])} | {b["avg@4"]["mean"]:.1%} | {b["response_nll_nats"]["mean"]:.3f} | {b["kl_to_teacher_nats"]["mean"]:.3f} | {above["baseline"]} of {n} |
-| teacher | {t["accuracy"]:.1%} | {t["avg@4"]:.1%} | {t["response_nll_nats"]:.3f} | - | - |
-
-Paired by seed, {r["method"]} minus {r["baseline"]}: accuracy {d["accuracy"]["mean"]:+.1%} ± {d["accuracy"]["sd"]:.1%},
-held-out NLL {d["response_nll_nats"]["mean"]:+.3f} ± {d["response_nll_nats"]["sd"]:.3f} (lower on
-{sum(x < 0 for x in d["response_nll_nats"]["values"])} of {n} seeds). The weakest {r["method"]} student reaches
-{r["student_over_teacher_accuracy_min"]:.0%} of the teacher's accuracy.
-
-{_verdict(r)}
-"""
 
 
-def _verdict(r: dict) -> str:
+def _verdict(r: dict) -> dict:
     """What the teacher's distribution bought over SFT in this run, read off the per-seed results."""
-    m, b, n, t = r["method"], r["baseline"], r["seeds"], r["teacher"]["accuracy"]
-    runs = r["runs"]
+    n, t, runs = r["seeds"], r["teacher"]["accuracy"], r["runs"]
     failed = [i for i, x in enumerate(runs) if x["baseline"]["accuracy"] < 0.8 * t]
     learned = [i for i in range(n) if i not in failed]
-    closer = sum(
-        x["baseline"]["response_nll_nats"] < x["student"]["response_nll_nats"] for x in (runs[i] for i in learned)
-    )
     d = r["paired_student_minus_baseline"]["accuracy"]
     half = t95(n - 1) * d["sd"] / n**0.5 if n > 1 else float("inf")
-    lo, hi = d["mean"] - half, d["mean"] + half
-    separable = lo > 0 or hi < 0
-    out = (
-        f"**Verdict.** The {m} student reached the teacher's level on {n - len([i for i, x in enumerate(runs) if x['student']['accuracy'] < 0.8 * t])} "
-        f"of {n} seeds; {b} on {len(learned)} of {n}"
-        + (
-            f" (it stayed near 0% on seed{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}"
-            + (", the `make distill` run itself" if 0 in failed else "")
-            + ")"
-            if failed
-            else ""
-        )
-        + ". "
-    )
-    if separable:
-        out += f"Paired by seed, the accuracy difference is {d['mean']:+.1%} (95% interval [{lo:+.1%}, {hi:+.1%}]). "
-    else:
-        out += (
-            f"Paired by seed, no difference in accuracy detected over {n} seeds (mean {d['mean']:+.1%}, 95% interval "
-            f"[{lo:+.1%}, {hi:+.1%}], t with {n - 1} degrees of freedom). One {b} seed that never learned is not "
-            f"evidence that the teacher's distribution makes learning reliable: {m} students too stayed near 0% on "
-            f"some seeds elsewhere in this README (the regime study's math-limited runs, the several-teachers and "
-            f"value-guided benches). "
-        )
-    if learned and closer:
-        out += (
-            f"Where {b} did learn, its held-out NLL is lower than the {m} student's on {closer} of "
-            f"{len(learned)} seeds: it fits the reference traces themselves, while the {m} student matches "
-            f"the teacher (KL to teacher {r['arms']['student']['kl_to_teacher_nats']['mean']:.3f}), whose own "
-            f"NLL on those traces is {r['teacher']['response_nll_nats']:.3f}."
-        )
-    smaller = RESULTS / "default_2048"
-    if (smaller / "fkl.json").exists() and (smaller / "sft.json").exists():  # `hpd compare` at 2,048 sequences
-        acc = {
+    smaller = RESULTS / "default_2048"  # `hpd compare` at 2,048 sequences
+    return {
+        "m": r["method"],
+        "b": r["baseline"],
+        "n": n,
+        "failed": failed,
+        "learned": learned,
+        "student_reached": sum(x["student"]["accuracy"] >= 0.8 * t for x in runs),
+        "closer": sum(
+            x["baseline"]["response_nll_nats"] < x["student"]["response_nll_nats"] for x in (runs[i] for i in learned)
+        ),
+        "d": d,
+        "lo": d["mean"] - half,
+        "hi": d["mean"] + half,
+        "separable": d["mean"] - half > 0 or d["mean"] + half < 0,
+        "student_kl": r["arms"]["student"]["kl_to_teacher_nats"]["mean"],
+        "teacher_nll": r["teacher"]["response_nll_nats"],
+        "smaller": {
             arm: [x["eval"]["student"]["accuracy"] for x in json.loads((smaller / f"{arm}.json").read_text())]
             for arm in ("fkl", "sft")
         }
-        out += (
-            f" Halving the data to 2,048 sequences (`hpd compare`, {len(acc['fkl'])} seeds per arm, "
-            f"`bench/results/default_2048/`): fkl {statistics.mean(acc['fkl']):.1%} (min "
-            f"{min(acc['fkl']):.1%}), sft {statistics.mean(acc['sft']):.1%} (min {min(acc['sft']):.1%}). The "
-            f"regime study below is where fewer data separate the losses on this task."
-        )
-    return out
+        if (smaller / "fkl.json").exists() and (smaller / "sft.json").exists()
+        else None,
+    }
 
 
 def default_task() -> str:
     r = json.loads((RESULTS / "default_task.json").read_text())
-    t, c, st, cfg = r["teacher"], r["cache"], r["stage_seconds"], r["config"]
-    stages = ", ".join(f"{k} {v:.0f} s" if v >= 10 else f"{k} {v:.1f} s" for k, v in st.items())
-    return f"""**Measured** (`make bench`, 2 CPU cores, `bench/results/default_task.json`):
-
-| | |
-|---|---|
-| teacher | GPT-2, {cfg["teacher"]["n_layer"]} layers, width {cfg["teacher"]["n_embd"]}, {t["parameters"] / 1e6:.2f}M parameters, {cfg["teacher"]["steps"]} steps of batch {cfg["teacher"]["batch_size"]} on {cfg["data"]["train_examples"]:,} problems, lr {cfg["teacher"]["learning_rate"]:g} cosine to 0.1x |
-| teacher held-out exact-answer accuracy (greedy, {t["examples"]} problems) | **{t["accuracy"]:.1%}** (avg@4 {t["avg@4"]:.1%}) |
-| teacher held-out NLL per response token | {t["response_nll_nats"]:.3f} nats |
-| student | GPT-2, {cfg["distill"]["n_layer"]} layers, width {cfg["distill"]["n_embd"]}, {r["sizes"]["student"] / 1e3:.0f}k parameters ({r["sizes"]["ratio"]:.1f}x smaller), {cfg["distill"]["steps"]} steps of batch {cfg["distill"]["batch_size"]}, lr {cfg["distill"]["learning_rate"]:g} |
-| cache | {c["sequences"]:,} sequences, {c["tokens"]:,} scored tokens, {c["bytes"] / 1e6:.1f} MB, **{c["bytes_per_token"]} bytes/token** at k = {c["top_k"]} (the whole vocabulary) |
-
-Stage wall times of a from-scratch `hpd run` (install excluded): {stages}; {r["make_distill_seconds"] / 60:.1f} minutes
-in all. A second run finds every stage up to date and takes {r["up_to_date_seconds"]:.0f} s, nearly all of it Python
-start-up and imports.
-"""
+    stages = ", ".join(f"{k} {v:.0f} s" if v >= 10 else f"{k} {v:.1f} s" for k, v in r["stage_seconds"].items())
+    return render("default-task", r=r, t=r["teacher"], c=r["cache"], cfg=r["config"], stages=stages)
 
 
 def real_teacher() -> str:
     r = _result(RESULTS / "real_teacher.json")
     if r is None:
-        return "Not measured yet: run `make smollm2-teacher` and `python -m bench.real_teacher`.\n"
-    c, g, sc, st = r["config"], r["generate"], r["score"], r["stage_seconds"]
-    d, b = r["distill"], r["baseline"]
-    stages = ", ".join(f"{k} {v:.0f} s" for k, v in st.items())
-    return f"""Measured by `bench/real_teacher.py` (`hpd run --config smollm2` in a fresh home, {r["cpus"]} CPU cores, fp32;
-`bench/results/real_teacher.json`): {c["data"]["train_examples"]} training prompts and {c["data"]["heldout_examples"]} held-out ones, one teacher
-reply each (at most {c["generate"]["max_new_tokens"]} new tokens, temperature {c["generate"]["temperature"]:g}), scored at top-{sc["top_k"]}; a
-{r["student_parameters"] / 1e6:.1f}M-parameter student ({c["distill"]["n_layer"]} of the teacher's layers kept) trained {c["distill"]["steps"]} steps
-of {c["distill"]["batch_size"]} sequences with `{c["distill"]["method"]}`, and the same student by SFT on the teacher's replies.
-
-```
-{r["printed"]}
-```
-
-| | |
-|---|---|
-| whole run | {r["wall_seconds"] / 60:.1f} minutes: {stages} |
-| teacher sampling (generate) | {g["response_tokens"]:,} reply tokens for {g["sequences"]} prompts, **{g["new_tokens_per_s"]:.0f} new tokens/s** (stage wall time) |
-| teacher scoring (score) | **{sc["tokens_per_s_forward"]:.0f} response tokens/s** in the forward (which also reads the prompts, HumanEval's long ones among them), {sc["tokens_per_s_wall"]:.0f}/s wall; overhead over the forward {sc["overhead"]:.1%} as the stage measures it, writer running beside it (the writer's share of the two cores lands in it; timed apart in the row below) |
-| cache | **{sc["bytes_per_token"]} bytes/token** at k = {sc["top_k"]} ({sc["encoding"]}) |
-| students' training | {c["distill"]["method"]}: {d["response_tokens_per_s"]:.0f} response tokens/s; sft: {b["response_tokens_per_s"]:.0f} tokens/s |
-{_overhead_row("smollm2")}
-Held-out references are the teacher's own greedy replies (the prompts have no answers); *accuracy* counts the
-{r["eval"]["teacher"].get("checked_examples", 0)} arithmetic questions whose reply ends in the right number. One seed and {c["distill"]["steps"]} steps: a pipeline
-measurement, not a method comparison: that, 5 methods x 3 seeds on this teacher, is under `hpd compare` below.
-{_real_cached_vs_online()}{_real_cache_formats()}{_real_targets()}"""
+        return render("real-teacher", r=None)
+    return render(
+        "real-teacher",
+        r=r,
+        c=r["config"],
+        g=r["generate"],
+        sc=r["score"],
+        stages=", ".join(f"{k} {v:.0f} s" for k, v in r["stage_seconds"].items()),
+        overhead_row=_overhead_row("smollm2"),
+        cached_vs_online=_real_cached_vs_online(),
+        cache_formats=_real_cache_formats(),
+        targets=_real_targets(),
+    )
 
 
 def _overhead_row(config: str) -> str:
     o = _result(RESULTS / f"score_overhead_{config}.json")
     if o is None:
         return ""
-    target = "met" if o["overhead_compute"] <= 0.10 else "not met"
     rounds = len(o["arms"]["bare"]["seconds"]["runs"]) if "arms" in o else o.get("repeats", 0)
-    return (
-        f"| score overhead, timed apart (`bench/score_overhead.py`) | the same {o['batches']} batches, arms in turn, "
-        f"median of {rounds}: bare forward {o['bare_forward_s']:.1f} s, scored (the head at response positions, "
-        f"top-k, target log-prob and tail) {o['scored_s']:.1f} s: **{o['overhead_compute']:+.1%}** (target at most "
-        f"+10%: {target}); writing the shard, which the stage does on a background thread, {o['write_s']:.2f} s more |\n"
-    )
+    return render("overhead-row", o=o, rounds=rounds)
 
 
 def _spread(x: dict, fmt: str = "{:.2f}") -> str:
@@ -206,124 +137,40 @@ def _spread(x: dict, fmt: str = "{:.2f}") -> str:
 
 def performance() -> str:
     """Memory and speed at real vocabularies: the head inside the loss, the lean score stage, sampling, bf16."""
-    out = []
-    heads = {s: _result(RESULTS / f"head_memory_{s}.json") for s in ("smollm2", "qwen0.5b")}
-    for student, h in heads.items():
-        if h is None:
-            continue
-        out += [
-            f"**A distillation step, {h['student']} as the student** ({h['parameters'] / 1e6:.0f}M parameters, vocabulary "
-            f"{h['vocab']:,}; {h['batch']} sequences of {h['prompt_tokens']} prompt + {h['response_tokens']} response "
-            f"tokens; forward and backward, the gradients counted; `bench/head_memory.py`, commit "
-            f"{h.get('made', {}).get('commit', '?')}). Median (min-max) over {len(next(iter(h['arms'].values()))['seconds']['runs'])} "
-            "rounds of the arms in turn:",
-            "",
-            "| step | seconds | peak MB added | of it beyond the gradients |",
-            "|---|---|---|---|",
-        ]
-        out += [
-            f"| {arm} | {_spread(r['seconds'])} | {_spread(r['peak_mb'], '{:.0f}')} | "
-            f"{r['beyond_gradients_mb']['median']:.0f} |"
-            for arm, r in h["arms"].items()
-        ]
-        out += [
-            "",
-            "Targets, head inside the loss against head then loss (the [B, L, V] float32 logits SFT holds: "
-            f"{h['logits_mb']:.0f} MB):",
-            "",
-        ]
-        for name, t in h["targets"].items():
-            out.append(
-                f"- {name}: peak at most SFT's less those logits: **{'met' if t['peak_at_most_sft_less_logits'] else 'not met'}**; "
-                f"at most half the unfused step's: **{'met' if t['peak_at_most_half_before'] else 'not met'}** "
-                f"(whole step {t['peak_ratio_to_before']:.2f}x, beyond the gradients "
-                f"{t['beyond_gradients_ratio_to_before']:.2f}x); no slower: "
-                f"**{'met' if t['no_slower_than_before'] else 'not met'}** ({t['time_ratio_to_before']:.2f}x)"
-            )
-        sft_ck = h["arms"].get("sft (transformers' loss), checkpointed layers")
-        if sft_ck:
-            after = sft_ck["beyond_gradients_mb"]["median"] < h["logits_mb"]
-            out += [
-                "",
-                f"Why half of the whole step is out of reach: the step's gradients alone are {h['gradients_mb']:.0f} MB "
-                "in every arm (and without checkpointing, the layers' activations come on top)"
-                + (
-                    f"; with checkpointed layers SFT's peak is the gradients plus "
-                    f"{sft_ck['beyond_gradients_mb']['median']:.0f} MB, less than its logits: the peak comes at the "
-                    "end of the backward pass, after SFT has let them go"
-                    if after
-                    else ""
-                )
-                + ". What the head and the loss can change is the part beyond the gradients: "
-                + "; ".join(
-                    f"{name} {t['beyond_gradients_ratio_to_before']:.2f}x of the unfused step's "
-                    f"({'at most half: met' if t['beyond_gradients_ratio_to_before'] <= 0.5 else 'more than half'})"
-                    for name, t in h["targets"].items()
-                )
-                + ".",
-            ]
-        out.append("")
-    for name, label in (
-        ("smollm2", "SmolLM2-135M"),
-        ("smollm2_qwen0.5b", "Qwen2.5-Coder-0.5B"),
-        ("math", "the math teacher"),
-    ):
-        o = _result(RESULTS / f"score_overhead_{name}.json")
-        if o and "arms" in o:
-            out.append(
-                f"- **score stage, {label}** ({o['response_tokens']:,} response tokens of {o['sequences']} sequences, "
-                f"vocabulary {o.get('vocab', '?'):,}): bare forward {_spread(o['arms']['bare']['seconds'], '{:.1f}')} s, "
-                f"scored {_spread(o['arms']['scored']['seconds'], '{:.1f}')} s: **{o['overhead_compute']:+.1%}** "
-                f"(target at most +10%: {'met' if o['overhead_compute'] <= 0.10 else 'not met'}); peak memory "
-                f"{o['arms']['bare']['peak_mb']['median']:.0f} MB bare, {o['arms']['scored']['peak_mb']['median']:.0f} "
-                "MB scored"
-            )
-    if any(_result(RESULTS / f"score_overhead_{n}.json") for n in ("smollm2", "smollm2_qwen0.5b")):
-        out.append(
-            "  (`bench/score_overhead.py`: the bare forward is `model(ids)`, logits at every position, prompts included, "
-            "which the score stage never builds; so at a large vocabulary scoring costs less than the bare forward.)"
+    heads = [h for h in (_result(RESULTS / f"head_memory_{x}.json") for x in ("smollm2", "qwen0.5b")) if h]
+    overheads = [
+        (label, o)
+        for name, label in (
+            ("smollm2", "SmolLM2-135M"),
+            ("smollm2_qwen0.5b", "Qwen2.5-Coder-0.5B"),
+            ("math", "the math teacher"),
         )
+        if (o := _result(RESULTS / f"score_overhead_{name}.json")) and "arms" in o
+    ]
     s = _result(RESULTS / "sampling_speed.json")
+    sampling = {}
     if s:
         arms = s["arms"]
-        plain = arms["plain loop, batch 32"]["tokens_per_s"]["median"]
         before = arms["token budget 6144"]["tokens_per_s"]["median"]
-        out += [
-            "",
-            f"**Teacher sampling** (SmolLM2-135M, {s['prompts']} of the preset's prompts, {s['new_tokens_max']} "
-            f"new tokens at temperature 1; `bench/sampling_speed.py`), new tokens/s, median (min-max):",
-            "",
-            "| arm | new tokens/s | against the plain loop | against the budget before |",
-            "|---|---|---|---|",
-        ]
-        out += [
-            f"| {a} | {_spread(r['tokens_per_s'], '{:.1f}')} | {r['tokens_per_s']['median'] / plain:.2f}x | "
-            f"{r['tokens_per_s']['median'] / before:.2f}x |"
-            for a, r in arms.items()
-        ]
         best = max(arms, key=lambda a: arms[a]["tokens_per_s"]["median"])
-        gain = arms[best]["tokens_per_s"]["median"] / before
-        out += [
-            "",
-            f"Target, at least 2x the preset's sampling before (the token budget, fp32): **{gain:.2f}x** with "
-            f"{best} ({'met' if gain >= 2 else 'not met'}). The presets for real teachers now batch by count, sorted "
-            'by length (`generate.length_sorted`), and `teacher.dtype = "auto"` runs a teacher of 50M parameters '
-            "or more in bf16 on a CPU that has it.",
-        ]
+        sampling = {
+            "plain": arms["plain loop, batch 32"]["tokens_per_s"]["median"],
+            "before": before,
+            "best": best,
+            "gain": arms[best]["tokens_per_s"]["median"] / before,
+        }
     b = _result(RESULTS / "bf16_cpu.json")
-    if b:
-        kl = b["bucket_kl_fp32_to_bf16"]
-        out += [
-            "",
-            f"**bfloat16 on this CPU** (AVX512-BF16: {b['cpu_bf16']}; `bench/bf16_cpu.py`): bf16 over fp32 "
-            + ", ".join(f"{k} {v:.2f}x" for k, v in b["speedup"].items())
-            + f" as fast; a bf16 teacher's distribution against the fp32 one, bucket KL over the fp32 top-64 and "
-            f"tail: mean {kl['mean']:.2e}, 99th percentile {kl['p99']:.2e}, max {kl['max']:.2e} nats over "
-            f"{kl['positions']:,} positions. Where the CPU has bf16 and the mean stays within the 0.01 a cache "
-            'encoding may cost, bf16 wins everywhere measured: `teacher.dtype = "auto"` picks it for teachers of 50M '
-            "parameters or more (`hpd/stages/teacher.py`), and the real presets train with `distill.bf16 = true`.",
-        ]
-    return "\n".join(out) + "\n" if out else "Not run yet: `make bench`.\n"
+    return render(
+        "performance",
+        heads=heads,
+        overheads=overheads,
+        real_overhead=any(_result(RESULTS / f"score_overhead_{n}.json") for n in ("smollm2", "smollm2_qwen0.5b")),
+        s=s,
+        **sampling,
+        b=b,
+        kl=b and b["bucket_kl_fp32_to_bf16"],
+        spread=_spread,
+    )
 
 
 def _speedup_bound(r: dict) -> float:
@@ -337,29 +184,7 @@ def _real_cached_vs_online() -> str:
     r = _result(RESULTS / "real_cached_vs_online.json")
     if r is None:
         return ""
-    m = r["median"]
-    rows = "\n".join(
-        f"| {arm} | {m[arm]['seconds_per_step']:.2f} | {m[arm]['response_tokens_per_s']:.0f} | "
-        f"{m[arm]['training_memory_mb']:.0f} | {m[arm]['peak_rss_mb']:.0f} |"
-        for arm in ("cached", "online", "sft")
-    )
-    return f"""
-**Cached against online with this teacher** (`bench/real_cached_vs_online.py`, `bench/results/real_cached_vs_online.json`;
-the preset's layer-kept student, {r["steps"]} steps per arm, each arm `hpd run distill` in a process of its own, arms alternating,
-median of {r["repeats"]}):
-
-| arm | s/step | response tokens/s | training memory (MB) | peak RSS (MB) |
-|---|---|---|---|---|
-{rows}
-
-Speed-up of the cache {r["speedup"]:.2f}x against the most a cache can give here, {_speedup_bound(r):.2f}x (the online
-step over a plain SFT step of the same student: a cached step costs at least that): **{r["speedup"] / _speedup_bound(r):.0%}
-of the bound** (target at least 90%: {"met" if r["speedup"] / _speedup_bound(r) >= 0.9 else "not met"}; the rest is the
-distillation loss's own cost, below). Training memory cached / online: **{r["memory_ratio"]:.2f}** (target at most 0.6:
-{"met" if r["memory_ratio"] <= 0.6 else "not met"}{_memory_floor(m)}). Plain SFT of the same student is {r["loss_overhead_vs_sft"]:+.0%} faster than the
-cached distillation: the distillation loss's own cost at a 49k vocabulary (target at most 15%:
-{"met" if r["loss_overhead_vs_sft"] <= 0.15 else "not met"}).
-"""
+    return render("real-cached-vs-online", r=r, m=r["median"], bound=_speedup_bound(r), memory_floor=_memory_floor(r["median"]))
 
 
 COMPACT = "compact:0.125"  # the shipped compact step (hpd/storage/encodings.py)
