@@ -202,128 +202,46 @@ def _shard_bytes(r: dict, row: dict) -> float:
 
 
 def _real_targets() -> str:
-    """Issue 17's targets on the real teacher, each with its measurement and whether it was met."""
-    rows = []
-    f = RESULTS / "cache_formats_smollm2.json"
-    if f.exists():
-        r = json.loads(f.read_text())
-        k64, plain = (_k64(r, e) for e in (COMPACT, "idsort-q8:0.0625"))
-        shards = _shard_bytes(r, k64)
-        ok = shards <= 100 and k64["kl_bucket"] <= 0.01
-        rows.append(
-            (
-                "cache at k = 64: at most 100 bytes/token, bucket KL at most 0.01",
-                f"`{COMPACT}`: {shards:.1f} bytes/token in shards + its vocabulary order once "
-                f"({k64['order_bytes'] / 1e3:.1f} kB), bucket KL {k64['kl_bucket']:.5f}",
-                ("met" if ok else "not met") + f" (`idsort-q8`: {plain['bytes_per_token']:.1f} bytes/token, bucket KL "
-                f"{plain['kl_bucket']:.5f}): ids renumbered by frequency in byte planes, gaps companded; over this "
-                f"bench's {r['scored_tokens']:,} tokens the order adds {k64['order_bytes'] / r['scored_tokens']:.1f} "
-                f"bytes/token ({k64['bytes_per_token']:.1f} in all), under 0.5 from 100k tokens on",
-            )
-        )
-    f = RESULTS / "score_overhead_smollm2.json"
-    if f.exists():
-        o = json.loads(f.read_text())
-        rows.append(
-            (
-                "score stage's overhead over a bare forward, timed apart: at most 10%",
-                f"{o['overhead_compute']:.1%}",
-                "met" if o["overhead_compute"] <= 0.10 else "not met",
-            )
-        )
-    f = RESULTS / "real_cached_vs_online.json"
-    if f.exists():
-        r = json.loads(f.read_text())
-        rows += [
-            (
-                "cached training speed: at least 90% of the bound online step / SFT step",
-                f"{r['speedup'] / _speedup_bound(r):.0%} ({r['speedup']:.2f}x against {_speedup_bound(r):.2f}x)",
-                "met" if r["speedup"] / _speedup_bound(r) >= 0.9 else "not met",
-            ),
-            (
-                "training memory cached / online: at most 0.6",
-                f"{r['memory_ratio']:.2f}",
-                "met" if r["memory_ratio"] <= 0.6 else "not met: the cached arm is at plain SFT's memory, the floor",
-            ),
-            (
-                "the loss's own cost against SFT of the same student: at most 15%",
-                f"{r['loss_overhead_vs_sft']:+.0%}",
-                "met" if r["loss_overhead_vs_sft"] <= 0.15 else "not met",
-            ),
-        ]
-    f = RESULTS / "hpd_gradient_smollm2.json"
-    if f.exists():
-        r = json.loads(f.read_text())
-        rows.append(
-            (
-                "cached gradient against the full-vocabulary one, hpd / hpd_fkl / fkl at k = 16 and 64",
-                ", ".join(f"{n} {x['cosine_mean']:.4f}" for n, x in r.items() if "@" in n),
-                "measured (section below)",
-            )
-        )
-    results = _result(RESULTS / "compare_smollm2" / "results.json")
-    if results:
-        nll: dict = {}
-        for x in results:
-            nll.setdefault(x["method"], []).append(x["eval"]["student"]["response_nll_nats"])
-        order = sorted(nll, key=lambda m: statistics.mean(nll[m]))
-        rows.append(
-            (
-                "method comparison: sft, fkl, jsd, hpd, hpd_fkl, 3 seeds each, paired",
-                "held-out NLL: " + ", ".join(f"{m} {statistics.mean(nll[m]):.3f}" for m in order),
-                "measured (`hpd compare --config smollm2`, section below)",
-            )
-        )
-    if not rows:
-        return ""
-    return (
-        "\n**Targets on this teacher**, where each stands:\n\n| target | measured | |\n|---|---|---|\n"
-        + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
-        + "\n"
+    """The real teacher's targets, each with its measurement and whether it was met."""
+    formats = _result(RESULTS / "cache_formats_smollm2.json")
+    if formats:
+        k64 = _k64(formats, COMPACT)
+        formats = {"r": formats, "k64": k64, "plain": _k64(formats, "idsort-q8:0.0625"), "shards": _shard_bytes(formats, k64)}
+    cvo = _result(RESULTS / "real_cached_vs_online.json")
+    compared = _result(RESULTS / "compare_smollm2" / "results.json")
+    nll: dict = {}
+    for x in compared or []:
+        nll.setdefault(x["method"], []).append(x["eval"]["student"]["response_nll_nats"])
+    return render(
+        "real-targets",
+        compact=COMPACT,
+        formats=formats,
+        overhead=_result(RESULTS / "score_overhead_smollm2.json"),
+        cvo=cvo,
+        bound=cvo and _speedup_bound(cvo),
+        gradient=_result(RESULTS / "hpd_gradient_smollm2.json"),
+        compare=sorted(((m, statistics.mean(v)) for m, v in nll.items()), key=lambda x: x[1]),
     )
 
 
 def _memory_floor(m: dict) -> str:
     """Why a memory target may be out of reach: the cached arm cannot need less than SFT of the same student."""
     cached, online, sft = (m[a]["training_memory_mb"] for a in ("cached", "online", "sft"))
-    if cached > 1.05 * sft:
-        return ""
-    return (
-        f"; the cached arm already trains in what plain SFT of the same student needs ({cached:.0f} against "
-        f"{sft:.0f} MB), the floor for any loss, and that floor is {sft / online:.2f} of the online arm: with this "
-        f"student 0.6 is out of reach for any cache"
-    )
+    return "" if cached > 1.05 * sft else render("memory-floor", cached=cached, online=online, sft=sft)
 
 
 def _real_cache_formats() -> str:
     r = _result(RESULTS / "cache_formats_smollm2.json")
     if r is None:
         return ""
-    rows = [x for x in r["results"] if x["zstd_level"] == r["zstd_level"] and x["k"] in (16, 32, 64, 128)]
-    table = [
-        "| k | encoding | bytes/token | KL bucket (nats) | KL full vocab (nats) | tail mass |",
-        "|---|---|---|---|---|---|",
-    ]
-    table += [
-        f"| {x['k']} | {x['encoding']} | {x['bytes_per_token']:.1f} | {x['kl_bucket']:.5f} | {x['kl_full']:.3f} | "
-        f"{r['tail_mass_mean'][str(x['k'])]:.3f} |"
-        for x in rows
-    ]
-    k64, plain = _k64(r, COMPACT), _k64(r, "idsort-q8:0.0625")
-    met = _shard_bytes(r, k64) <= 100 and k64["kl_bucket"] <= 0.01
-    return (
-        f"""
-**Cache size and fidelity on this teacher** (`python -m bench.cache_formats --config smollm2`,
-`bench/results/cache_formats_smollm2.json`): {r["sequences"]} of its replies, {r["scored_tokens"]:,} scored tokens
-(KL over the first {r["kl_sequences"]} sequences), mean teacher entropy {r["teacher_entropy_nats"]:.2f} nats, against the
-teacher's full float64 distribution. Target at k = 64: at most 100 bytes/token with bucket KL at most 0.01:
-**{"met" if met else "not met"}** by `compact` at k = 64: {_shard_bytes(r, k64):.1f} bytes/token in shards (plus its vocabulary
-order, {k64["order_bytes"] / 1e3:.1f} kB once: {k64["bytes_per_token"]:.1f} over these {r["scored_tokens"]:,} tokens), bucket KL {k64["kl_bucket"]:.5f}
-(the default `idsort-q8`: {plain["bytes_per_token"]:.1f} bytes/token, bucket KL {plain["kl_bucket"]:.5f}).
-
-"""
-        + "\n".join(table)
-        + "\n"
+    k64 = _k64(r, COMPACT)
+    return render(
+        "real-cache-formats",
+        r=r,
+        rows=[x for x in r["results"] if x["zstd_level"] == r["zstd_level"] and x["k"] in (16, 32, 64, 128)],
+        k64=k64,
+        plain=_k64(r, "idsort-q8:0.0625"),
+        shards=_shard_bytes(r, k64),
     )
 
 
@@ -334,33 +252,16 @@ def cache_formats() -> str:
         for x in r["results"]
         if x["k"] == 64 and x["encoding"].startswith("idsort") and x["zstd_level"] == r["zstd_level"]
     )
-    c, ld, cb = r["container_decode_tokens_per_s"], r["loader"], r["column_bytes_per_token_k64"]
-    compact = _k64(r, COMPACT)
-    table = (RESULTS / "cache_formats.md").read_text()
-    return f"""### Size, fidelity and speed (measured on the dialogue teacher)
-
-`make bench` (`bench/cache_formats.py`) scores {r["sequences"]:,} dialogue sequences with the built-in dialogue
-teacher (`hpd run --config dialogue`: real conversations from `chitchat-dataset`, byte-level BPE with
-{r["vocab_size"]:,} tokens, {r["teacher"]["parameters"] / 1e6:.2f}M-parameter GPT-2 trained for a few minutes)
-and writes real shards for every k and encoding. Fidelity is measured against the teacher's full float64
-distribution in two ways: **KL bucket** is KL(p || p-hat) over the k+1 outcomes the cache represents (the
-top-k tokens and one tail bucket), i.e. what the encoding loses; **KL full vocab** spreads the tail bucket's
-mass uniformly over the other tokens and so adds what truncation to k loses (the shape of the tail is not
-stored by any top-k cache).
-
-Targets at k = 64 and where the default (`idsort-q8`, step 1/16 nat, zstd level {r["zstd_level"]}) stands:
-
-| target | measured | |
-|---|---|---|
-| at most 100 bytes/token (stretch 64) | **{row["bytes_per_token"]:.1f}** | met; the stretch is met by `compact` ({compact["bytes_per_token"]:.1f} bytes/token, bucket KL {compact["kl_bucket"]:.5f}), not by the default. Where the default's bytes go (each column compressed alone): quantised log-prob gaps {cb["q"]:.1f}, ids {cb["ids"]:.1f}, exact target + tail {cb["target_logprob"] + cb["tail_logmass"]:.1f}, top-1 {cb["top1"]:.1f}; compact renumbers the ids by frequency and compands the gaps |
-| mean KL(p, p-hat) at most 0.01 nats (top-k plus tail bucket) | **{row["kl_bucket"]:.5f}** (bucket) | met; over the full vocabulary {row["kl_full"]:.3f}, which is truncation: this small teacher is diffuse (mean entropy {r["teacher_entropy_nats"]:.1f} nats, {r["tail_mass_mean"]["64"]:.0%} of its mass outside the top 64), and no encoding of a top-64 cache changes that |
-| decode at least 1M tokens/s at k = 64, one core | **{c["zstd_frames"] / 1e6:.2f}M** (warm) | met with zstd frames per record batch; Arrow's own per-buffer IPC compression decoded {c["arrow_ipc_zstd"] / 1e6:.2f}M in the same run, which is why shards use frames |
-| loader never the bottleneck | {ld["loader_fraction_of_step"]:.1%} of a student step | a random batch of {ld["batch"]} sequences: {ld["loader_seconds_per_batch"] * 1e3:.0f} ms, against {ld["student_step_seconds"] * 1e3:.0f} ms for a {ld["student_parameters"] / 1e3:.0f}k-parameter student's step |
-
-{table}
-The per-row decode column is one pass over a freshly opened cache of {r["sequences"]:,} sequences and is noisier
-than the interleaved, repeated container measurement; these machines vary by up to 2x between runs.
-"""
+    return render(
+        "cache-formats",
+        r=r,
+        row=row,
+        c=r["container_decode_tokens_per_s"],
+        ld=r["loader"],
+        cb=r["column_bytes_per_token_k64"],
+        compact=_k64(r, COMPACT),
+        table=(RESULTS / "cache_formats.md").read_text(),
+    )
 
 
 def hpd_gradient() -> str:
