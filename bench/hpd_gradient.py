@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from bench.provenance import stamp
 from hpd import open_run
 from hpd.stages import batching, hf_models, student_models
 from hpd.stages.cache_rows import score_positions
@@ -213,6 +214,8 @@ def main():
         summary[name] = s
     out.parent.mkdir(parents=True, exist_ok=True)
     summary["student_kl_to_teacher_nats"] = float(np.mean(start_kl))  # at the response positions, before any step
+    summary["vocab_size"] = int(t_logits.shape[-1])
+    summary["made"] = stamp()
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     md = [
         "| loss @ k | cosine(cached, full) mean (min) | relative norm of the difference | sampled token outside top-k "

@@ -184,7 +184,9 @@ def _real_cached_vs_online() -> str:
     r = _result(RESULTS / "real_cached_vs_online.json")
     if r is None:
         return ""
-    return render("real-cached-vs-online", r=r, m=r["median"], bound=_speedup_bound(r), memory_floor=_memory_floor(r["median"]))
+    return render(
+        "real-cached-vs-online", r=r, m=r["median"], bound=_speedup_bound(r), memory_floor=_memory_floor(r["median"])
+    )
 
 
 COMPACT = "compact:0.125"  # the shipped compact step (hpd/storage/encodings.py)
@@ -206,7 +208,12 @@ def _real_targets() -> str:
     formats = _result(RESULTS / "cache_formats_smollm2.json")
     if formats:
         k64 = _k64(formats, COMPACT)
-        formats = {"r": formats, "k64": k64, "plain": _k64(formats, "idsort-q8:0.0625"), "shards": _shard_bytes(formats, k64)}
+        formats = {
+            "r": formats,
+            "k64": k64,
+            "plain": _k64(formats, "idsort-q8:0.0625"),
+            "shards": _shard_bytes(formats, k64),
+        }
     cvo = _result(RESULTS / "real_cached_vs_online.json")
     compared = _result(RESULTS / "compare_smollm2" / "results.json")
     nll: dict = {}
@@ -268,69 +275,38 @@ def hpd_gradient() -> str:
     path = RESULTS / "hpd_gradient.md"
     if not path.exists():
         return ""
-    text = (
-        "How far a cache moves the gradient (`bench/hpd_gradient.py`, dialogue task, vocabulary 8,192): "
-        "the gradient with respect to a small student's parameters, computed with the same student "
-        "samples from the teacher's full logits and from a cache batch (default encoding) at k:\n\n"
-        + path.read_text()
-        + "\nHPD needs the teacher only at the expert token (stored exactly) and at one sampled "
-        "token, so its cached gradient stays close to the full one even though most samples of this "
-        "diffuse teacher/student pair fall outside the top-k. Forward KL over the top-k plus a tail bucket "
-        f"cannot shape the tail ({_tail_share('cache_formats.json')} of this teacher's mass), so its gradient points well away from "
-        "full-vocabulary forward KL, and some batches' gradients even point the other way: the truncation cost the "
-        "RS-KD paper reports (30-58 degrees at 8B). `hpd_fkl`, whose forward part is that same forward KL over "
-        "the cached distribution (gated, plus HPD's sampled-token term), follows fkl's cosines. Students here "
-        "train without dropout, so both passes see the same network.\n"
+    real = _result(RESULTS / "hpd_gradient_smollm2.json")
+    figures = {}
+    if real:
+        c = {name: x["cosine_mean"] for name, x in real.items() if "@" in name}
+        figures = {
+            "real_vocab": real.get("vocab_size") or _result(RESULTS / "cache_formats_smollm2.json")["vocab_size"],
+            "n_layer": load_config("smollm2").distill.n_layer,
+            "real_table": (RESULTS / "hpd_gradient_smollm2.md").read_text(),
+            "c": c,
+            "order": sorted(c, key=c.get, reverse=True),
+        }
+    dialogue = _result(RESULTS / "hpd_gradient.json") or {}
+    return render(
+        "hpd-gradient",
+        table=path.read_text(),
+        vocab=dialogue.get("vocab_size") or _result(RESULTS / "cache_formats.json")["vocab_size"],
+        tail=_tail_share("cache_formats.json"),
+        real=real,
+        **figures,
     )
-    real = RESULTS / "hpd_gradient_smollm2.json"
-    if real.exists():
-        r = json.loads(real.read_text())
-        text += (
-            "\nOn the real teacher (`bench/hpd_gradient.py --config smollm2`: SmolLM2-135M-Instruct, vocabulary "
-            f"49,152, its own replies; the preset's student, {load_config('smollm2').distill.n_layer} of its "
-            f"layers kept, untrained; "
-            f"{r['fkl@k=64']['batches']} batches of 8; `bench/results/hpd_gradient_smollm2.json`):\n\n"
-            + (RESULTS / "hpd_gradient_smollm2.md").read_text()
-            + "\n"
-            + _gradient_reading(r)
-            + "\n"
-        )
-    return text
 
 
 def _tail_share(results_file: str) -> str:
     """The teacher's mass outside its top-64 and top-16, as the cache-format bench measured it."""
     r = _result(RESULTS / results_file)
-    return f"{r['tail_mass_mean']['64'] * 100:.0f}-{r['tail_mass_mean']['16']:.0%}" if r else "most"
-
-
-def _gradient_reading(r: dict) -> str:
-    c = {name: x["cosine_mean"] for name, x in r.items() if "@" in name}
-    start = (
-        f"KL {r['student_kl_to_teacher_nats']:.1f} nats before training"
-        if "student_kl_to_teacher_nats" in r
-        else "before training"
-    )
-    order = sorted(c, key=c.get, reverse=True)
-    return (
-        f"Closest to its full-vocabulary gradient: {order[0]} (cosine {c[order[0]]:.4f}); furthest: {order[-1]} "
-        f"({c[order[-1]]:.4f}). Going from k = 16 to 64 moves fkl from {c['fkl@k=16']:.3f} to {c['fkl@k=64']:.3f}, "
-        f"hpd_fkl from {c['hpd_fkl@k=16']:.3f} to {c['hpd_fkl@k=64']:.3f} and hpd from {c['hpd@k=16']:.4f} to "
-        f"{c['hpd@k=64']:.4f}. The ranking is the dialogue task's turned around, and the student explains it: freshly "
-        f"cut from the teacher, it is far from it ({start}) and spreads its mass widely, so "
-        f"{r['hpd@k=64']['sample_outside_topk']:.0%} of its samples fall outside the teacher's top-64, where HPD must "
-        f"estimate the teacher's log-prob from the tail bucket; forward KL's gradient (student minus teacher "
-        f"probabilities) is then dominated by the student's own diffuse mass, which the cache does not need. These "
-        f"cosines describe the start of training, not a trained student. A cosine says where the step points, not how "
-        f"good the loss is: the method comparison on this teacher below measures that."
-    )
+    return f"{r['tail_mass_mean']['64'] * 100:.0f}-{r['tail_mass_mean']['16']:.0%}"
 
 
 def refresh_rounds() -> str:
     r = _result(RESULTS / "refresh_rounds.json")
     if r is None:
         return ""
-    c, t = r["config"], r["teacher_cost"]
     last = r["rounds"]
     runs = {(x["arm"], x["seed"]): x for x in r["runs"]}
 
@@ -338,52 +314,33 @@ def refresh_rounds() -> str:
         d = [runs[(arm, s)]["rounds"][last][key] - runs[("offline", s)]["rounds"][last][key] for s in range(r["seeds"])]
         return statistics.mean(d), (statistics.stdev(d) if len(d) > 1 else 0.0), d
 
-    def per_round(key):
-        vals = [y[key] for x in r["runs"] if x["arm"] != "offline" for y in x["rounds"][1:]]
-        return statistics.mean(vals)
-
     diffs = []
     for arm in ("hpd+refresh", "hpd->opd"):
         (am, asd, ad), (nm, nsd, _) = paired(arm, "heldout_accuracy"), paired(arm, "nll")
-        ahead = sum(x > 0 for x in ad)
         diffs.append(
-            f"**{arm}** minus offline: accuracy {am * 100:+.1f} ± {asd * 100:.1f} points (per seed "
-            + ", ".join(f"{x * 100:+.1f}" for x in ad)
-            + f"; ahead on {ahead} of {len(ad)} seeds), "
-            f"NLL {nm:+.3f} ± {nsd:.3f}"
+            {
+                "arm": arm,
+                "acc_mean": am,
+                "acc_sd": asd,
+                "acc": ad,
+                "ahead": sum(x > 0 for x in ad),
+                "nll_mean": nm,
+                "nll_sd": nsd,
+            }
         )
-    return f"""**Measured** (`bench/refresh_rounds.py`, default math task, {r["seeds"]} student seeds, 2 CPU cores): one
-offline HPD student per seed ({c["distill_steps"]} steps, batch {c["batch"]}) continued for {r["rounds"]} rounds of
-{c["round_steps"]} steps in three arms that differ only in the rounds' data and loss: **offline** (more offline
-epochs, `rounds.refresh_share=0`), **hpd+refresh** ({c["refresh_share"]:.0%} of each batch refreshed, HPD on both)
-and **hpd->opd** (`--config hpd-opd`: OPD on the refreshed sequences, HPD on the offline ones). Each refresh
-sampled {c["samples_per_prompt"]} responses for {c["prompt_fraction"]:.0%} of the 20,000 training prompts. Held-out
-exact-answer accuracy (greedy, 500 problems) and response NLL after each round, mean ± std over seeds:
-
-{(RESULTS / "refresh_rounds.md").read_text()}
-Paired by seed after the last round: {diffs[0]}; {diffs[1]}.
-
-What this says: the extra steps are what lift every arm, and the refresh adds at most a few points that
-{r["seeds"]} seeds cannot separate from noise on a task whose accuracy jumps by tens of points between seeds
-(see the spreads of rounds 1 and 2); the held-out NLL does not move. The offline traces here are the task's
-own distribution, so a student trained on them has little drift for a refresh to correct. `make distill`
-therefore keeps `rounds.count = 0`; the rounds and `--config hpd-opd` are there to use and to measure on
-data where the student's outputs do drift from the offline set (teacher-generated responses, long free-form
-answers), not as a claimed gain.
-
-**Cost.** A round's extra work over an offline round: the student samples {c["samples_per_prompt"]} x
-{c["prompt_fraction"] * 20000:,.0f} responses in {per_round("refresh_seconds"):.0f} s and the teacher rescores
-them in {per_round("rescore_seconds"):.0f} s, next to {per_round("distill_seconds"):.0f} s of training and
-evaluation (wall-clock on 2 shared cores, noisy; the tests ran beside parts of this bench).
-
-**Teacher time.** Online distillation runs the teacher on every training batch: measured here at
-{t["teacher_forward_seconds_per_batch"] * 1e3:.0f} ms per batch of {c["batch"]}, {t["online_teacher_seconds"]:.0f} s over the
-{t["total_student_steps"]} student steps of a run. The refreshes rescored {t["refreshed_sequences"]:,.0f} sequences in
-{t["refresh_rescore_seconds"]:.0f} s of teacher-side time in all (forward, top-k, encoding and writing):
-**{t["rescore_fraction_of_online"]:.1%} of the online teacher time** ({t["forward_fraction_of_online"]:.1%} of the
-sequences an online run would have the teacher process), on top of the one offline scoring pass that every
-experiment on this cache shares.
-"""
+    per_round = {
+        key: statistics.mean(y[key] for x in r["runs"] if x["arm"] != "offline" for y in x["rounds"][1:])
+        for key in ("refresh_seconds", "rescore_seconds", "distill_seconds")
+    }
+    return render(
+        "refresh-rounds",
+        r=r,
+        c=r["config"],
+        t=r["teacher_cost"],
+        table=(RESULTS / "refresh_rounds.md").read_text(),
+        diffs=diffs,
+        per_round=per_round,
+    )
 
 
 def compare() -> str:

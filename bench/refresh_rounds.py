@@ -24,6 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.provenance import stamp
 from hpd import open_run
 
 RESULTS = Path(__file__).parent / "results"
@@ -141,6 +142,7 @@ def main():
         }
     result = {
         "machine": {"cpus": os.cpu_count()},
+        "made": stamp(),
         "seeds": args.seeds,
         "rounds": args.rounds,
         "config": {
@@ -150,6 +152,8 @@ def main():
             "refresh_share": cfg.rounds.refresh_share,
             "prompt_fraction": cfg.refresh.prompt_fraction,
             "samples_per_prompt": cfg.refresh.samples_per_prompt,
+            "train_examples": cfg.data.train_examples,
+            "heldout_examples": cfg.distill.eval_examples,
         },
         "runs": runs,
         "summary": summary,
