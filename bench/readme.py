@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jinja2
 
-from bench.stats import t95
+from bench.stats import paired_t, t95
 from hpd.pipeline.config import load as load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,9 @@ _ENV = jinja2.Environment(
     autoescape=False,
 )
 _ENV.filters["f"] = lambda x, spec: format(x, spec)  # {{ x|f(".1%") }}: Python's format spec
-_ENV.globals.update(min=min, max=max, mean=statistics.mean, met=lambda ok: "met" if ok else "not met")
+_ENV.globals.update(
+    min=min, max=max, mean=statistics.mean, met=lambda ok: "met" if ok else "not met", ordinal=lambda n: _ordinal(n)
+)
 
 
 def render(name: str, **figures) -> str:
@@ -352,159 +354,150 @@ def compare() -> str:
         md = (d / "report.md").read_text().replace("](", f"](bench/results/compare_{task}/")
         results = json.loads((d / "results.json").read_text())
         seeds = len({r["seed"] for r in results})
-        command = {
-            "math": f"hpd compare --set compare.seeds={seeds}",
-            "dialogue": f"hpd compare --config dialogue --set compare.seeds={seeds}",
-            "smollm2": "hpd compare --config smollm2",
-        }[task]
-        label = "the real teacher, SmolLM2-135M-Instruct" if task == "smollm2" else task
         parts.append(
-            f"**Measured: {label}** (`{command} --out bench/results/compare_{task}`, 2 CPU cores):\n\n"
-            + md.split("\n", 2)[2]
+            {
+                "task": task,
+                "label": "the real teacher, SmolLM2-135M-Instruct" if task == "smollm2" else task,
+                "command": {
+                    "math": f"hpd compare --set compare.seeds={seeds}",
+                    "dialogue": f"hpd compare --config dialogue --set compare.seeds={seeds}",
+                    "smollm2": "hpd compare --config smollm2",
+                }[task],
+                "table": md.split("\n", 2)[2],
+                "verdict": {"math": _math_verdict, "dialogue": _dialogue_verdict, "smollm2": _real_verdict}[task](
+                    results
+                ),
+            }
         )
-        parts.append({"math": _math_verdict, "dialogue": _dialogue_verdict, "smollm2": _real_verdict}[task](results))
-    return "\n".join(parts)
+    return render("compare", parts=parts)
+
+
+def _by_seed(results: list[dict], key: str) -> dict:
+    """{method: {seed: the student's `key`}} of a comparison's results."""
+    by: dict = {}
+    for r in results:
+        by.setdefault(r["method"], {})[r["seed"]] = r["eval"]["student"][key]
+    return by
+
+
+def _opd_split(results: list[dict]) -> dict:
+    """The hpd->opd arm's steps: HPD in the offline distill stage, then the OPD round's."""
+    r = next(x for x in results if x["method"] == "hpd->opd")
+    first = max(e["student_step"] for e in r["log"] if e.get("stage") == "distill" and "student_step" in e)
+    return {"hpd_steps": first, "opd_steps": r["student"]["student_steps"] - first}
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'st' if n == 1 else 'nd' if n == 2 else 'rd' if n == 3 else 'th'}"
 
 
 def _math_verdict(results: list[dict]) -> str:
-    acc: dict = {}
-    for r in results:
-        acc.setdefault(r["method"], []).append(r["eval"]["student"]["accuracy"])
-    mean = {m: statistics.mean(v) for m, v in acc.items()}
+    acc = _by_seed(results, "accuracy")
+    nll, kl = _by_seed(results, "response_nll_nats"), _by_seed(results, "kl_to_teacher_nats")
+    mean = {m: statistics.mean(v.values()) for m, v in acc.items()}
     ranked = sorted(mean, key=mean.get, reverse=True)
-    best, hpd = ranked[0], mean["hpd"]
-    seeds = len(acc["hpd"])
-    return f"""**The paper's target is not met here.** HPD is {ranked.index("hpd") + 1}th of {len(ranked)} by mean
-accuracy ({hpd:.1%}, against {mean[best]:.1%} for {best} and {mean["sft"]:.1%} for SFT), and its held-out NLL and
-KL to the teacher are worse than those of FKL, RKL, JSD, SKL, SRKL and AKL (only TVD, which learns slowly here,
-and SeqKD are worse). As the prototype found (`shared/docs/default-task-findings.md`), the divergences over the
-teacher's whole cached distribution at every position learn this task fastest, while HPD, which looks at the teacher only at the
-sequence's token and one sampled token, trails SFT; HPD -> OPD (HPD for {600 - 300} steps, then one OPD round)
-does not recover within this budget. With {seeds} seeds per method and per-seed accuracy that jumps by tens of
-points near the learning transition, only the large gaps (distribution methods vs HPD and SeqKD) are clear; the
-order among JSD, RKL, SRKL and SKL is not. The regime study below settles which loss to use with 5 seeds,
-paired differences and this project's HPD variants.
-"""
+    best = ranked[0]
+    second = ranked[1]
+
+    def below(m, d):  # m's mean below hpd's on measure d
+        return statistics.mean(d[m].values()) < statistics.mean(d["hpd"].values())
+
+    others = [m for m in ranked if m != "hpd"]
+    return render(
+        "math-verdict",
+        place=ranked.index("hpd") + 1,
+        n=len(ranked),
+        mean=mean,
+        best=best,
+        second=second,
+        better_both=[m for m in others if below(m, nll) and below(m, kl)],
+        worse_both=[m for m in others if not below(m, nll) and not below(m, kl)],
+        opd=_opd_split(results),
+        seeds=len(acc["hpd"]),
+        vs_hpd=paired_t(acc[best], acc["hpd"], higher_is_better=True),
+        vs_second=paired_t(acc[best], acc[second], higher_is_better=True),
+    )
 
 
 def _dialogue_verdict(results: list[dict]) -> str:
-    by: dict = {}
-    for r in results:
-        by.setdefault(r["method"], []).append(r["eval"]["student"])
-
-    def mean(m, key):
-        return statistics.mean(x[key] for x in by[m])
-
-    ranked = sorted(by, key=lambda m: mean(m, "response_nll_nats"))
-    teacher = next(r["eval"]["teacher"] for r in results if r["eval"].get("teacher"))
-    place = ranked.index("hpd") + 1
-    online = ""
-    q = RESULTS / "cached_vs_online_quality.json"
-    if q.exists():
-        runs = [r["eval"]["response_nll_nats"] for r in json.loads(q.read_text())["dialogue"] if r["arm"] == "online"]
-        online = (
-            f" Even HPD with the teacher online (exact log-probs over the whole vocabulary, "
-            f"{statistics.mean(runs):.3f} over {len(runs)} seeds in the cached-vs-online bench) stays behind "
-            f"{ranked[0]} from the top-64 cache ({mean(ranked[0], 'response_nll_nats'):.3f})."
-        )
-    by_kl = sorted(by, key=lambda m: mean(m, "kl_to_teacher_nats"))
-    kl_order = "the same way" if by_kl == ranked else "as " + ", ".join(by_kl)
-    hpd_vs_sft = "ahead of" if mean("hpd", "response_nll_nats") < mean("sft", "response_nll_nats") else "behind"
-    return f"""**Dialogue, read by held-out NLL and KL to the teacher.** ROUGE-L of greedy replies is near the floor
-for students this small (the teacher itself scores {teacher["rouge_l"]:.3f}, the students
-{min(mean(m, "rouge_l") for m in by):.3f} to {max(mean(m, "rouge_l") for m in by):.3f}), so it separates little. By NLL the
-order is {", ".join(f"{m} {mean(m, 'response_nll_nats'):.3f}" for m in ranked)} (teacher
-{teacher["response_nll_nats"]:.3f}); KL to the teacher ranks them {kl_order}. HPD is {place}th of
-{len(ranked)}: {hpd_vs_sft} SFT here (unlike on math), behind every divergence over the cached distribution except TVD, and HPD -> OPD (200 HPD steps, then one 100-step OPD round) loses what the HPD steps gained.
-The cache holds the top-64 of 8,192 tokens plus the tail bucket, so the distribution methods see a truncated
-teacher; they still lead, by more than the spread over seeds.{online}
-"""
+    nll_by = _by_seed(results, "response_nll_nats")
+    nll = {m: statistics.mean(v.values()) for m, v in nll_by.items()}
+    kl = {m: statistics.mean(v.values()) for m, v in _by_seed(results, "kl_to_teacher_nats").items()}
+    rouge = {m: statistics.mean(v.values()) for m, v in _by_seed(results, "rouge_l").items()}
+    ranked = sorted(nll, key=nll.get)
+    online = None
+    q = _result(RESULTS / "cached_vs_online_quality.json")
+    if q:
+        runs = [r["eval"]["response_nll_nats"] for r in q["dialogue"] if r["arm"] == "online"]
+        online = {"nll": statistics.mean(runs), "seeds": len(runs)}
+    rest = [m for m in ranked if m not in ("hpd", "sft", "hpd->opd")]
+    return render(
+        "dialogue-verdict",
+        teacher=next(r["eval"]["teacher"] for r in results if r["eval"].get("teacher")),
+        rouge_low=min(rouge.values()),
+        rouge_high=max(rouge.values()),
+        ranked=ranked,
+        nll=nll,
+        by_kl=sorted(kl, key=kl.get),
+        place=ranked.index("hpd") + 1,
+        behind=[m for m in rest if nll[m] < nll["hpd"]],
+        ahead=[m for m in rest if nll[m] >= nll["hpd"]],
+        opd=_opd_split(results),
+        top_k=load_config("dialogue").score.top_k,
+        vocab=_result(RESULTS / "cache_formats.json")["vocab_size"],
+        lead=paired_t(nll_by[ranked[0]], nll_by["hpd"]),
+        online=online,
+    )
 
 
 def _real_verdict(results: list[dict]) -> str:
     """Does the regime study's pick for a truncated cache of a large vocabulary (hpd_fkl) hold on a real LLM?"""
-    by: dict = {}
-    for r in results:
-        by.setdefault(r["method"], {})[r["seed"]] = r["eval"]["student"]
-    teacher = next(r["eval"]["teacher"] for r in results if r["eval"].get("teacher"))
-    nll, kl = "response_nll_nats", "kl_to_teacher_nats"
-
-    def mean(m, key):
-        return statistics.mean(x[key] for x in by[m].values())
-
-    def paired(a, b, key):  # a minus b, seed by seed: (mean, std, seeds, seeds where a is lower), as the study's
-        d = [by[a][s][key] - by[b][s][key] for s in by[a] if s in by[b]]
-        return statistics.mean(d), statistics.stdev(d) if len(d) > 1 else 0.0, len(d), sum(x < 0 for x in d)
-
-    ranked = sorted(by, key=lambda m: mean(m, nll))
-    by_kl = sorted(by, key=lambda m: mean(m, kl))
+    nll_by, kl_by = _by_seed(results, "response_nll_nats"), _by_seed(results, "kl_to_teacher_nats")
+    nll = {m: statistics.mean(v.values()) for m, v in nll_by.items()}
+    kl = {m: statistics.mean(v.values()) for m, v in kl_by.items()}
+    ranked, by_kl = sorted(nll, key=nll.get), sorted(kl, key=kl.get)
     pick = "hpd_fkl"
-    others = {m: (paired(pick, m, nll), paired(pick, m, kl)) for m in ranked if m != pick}
-    lines = "\n".join(
-        f"| {pick} - {m} | "
-        + " | ".join(
-            f"{x[0]:+.3f} ± {x[1]:.3f} ({x[3]}/{x[2]} lower{', beyond the 95% interval' if _separable(x) else ''})"
-            for x in pair
-        )
-        + " |"
-        for m, pair in others.items()
-    )
-    first_nll, first_kl = ranked[0], by_kl[0]
-    beaten = [m for m, (x, _) in others.items() if x[0] < 0 and _separable(x)]
-    if first_nll == pick and first_kl == pick and len(beaten) == len(by) - 1:
-        holds = f"**It holds.** {pick} has the lowest held-out NLL and KL to the teacher, and is ahead of every other method beyond the 95% interval"
-    elif first_nll == pick or first_kl == pick:
-        holds = (
-            f"**It holds in part.** {pick} leads by {'NLL' if first_nll == pick else 'KL'} but not by "
-            f"{'KL' if first_nll == pick else 'NLL'} (first there: {first_kl if first_nll == pick else first_nll}); "
-            f"ahead beyond the 95% interval of {', '.join(beaten) or 'none of the others'}"
-        )
-    else:
-        lowest = (
-            f"{first_nll} has the lowest held-out NLL and KL"
-            if first_nll == first_kl
-            else f"{first_nll} has the lowest held-out NLL and {first_kl} the lowest KL"
-        )
-        place = ranked.index(pick) + 1
-        holds = (
-            f"**It does not hold here.** {lowest}; {pick} is {place}{'nd' if place == 2 else 'rd' if place == 3 else 'th'} "
-            f"of {len(ranked)} by NLL" + (f", ahead of {', '.join(beaten)} beyond the 95% interval" if beaten else "")
-        )
-    cfg = load_config("smollm2").as_dict()
-    d, fmt = cfg["distill"], _result(RESULTS / "cache_formats_smollm2.json") or {}
-    outside = f", {fmt['tail_mass_mean']['64']:.0%} of the mass outside it" if fmt else ""
-    kls = [r["eval"]["student"][kl] for r in results]
-    student = results[0]["eval"]["student"]["parameters"]
-    study_seeds = max(
-        (
-            x["seeds"]
-            for s in _result(RESULTS / "study" / "summary.json") or []
-            if s["task"] == "dialogue"
-            for x in s["table"].values()
+    others = [(m, (paired_t(nll_by[pick], nll_by[m]), paired_t(kl_by[pick], kl_by[m]))) for m in ranked if m != pick]
+    cfg = load_config("smollm2")
+    fmt = _result(RESULTS / "cache_formats_smollm2.json") or {}
+    kls = [r["eval"]["student"]["kl_to_teacher_nats"] for r in results]
+    return render(
+        "real-verdict",
+        pick=pick,
+        dialogue_k=load_config("dialogue").score.top_k,
+        dialogue_vocab=_result(RESULTS / "cache_formats.json")["vocab_size"],
+        top_k=cfg.score.top_k,
+        vocab=fmt.get("vocab_size") or results[0]["eval"]["teacher"].get("vocab_size", 0),
+        outside=fmt["tail_mass_mean"]["64"] if fmt else None,
+        ranked=ranked,
+        by_kl=by_kl,
+        first_nll=ranked[0],
+        first_kl=by_kl[0],
+        beaten=[m for m, (x, _) in others if x["verdict"] == "better"],
+        nll=nll,
+        kl=kl,
+        teacher=next(r["eval"]["teacher"] for r in results if r["eval"].get("teacher")),
+        others=others,
+        d=cfg.distill,
+        student=results[0]["eval"]["student"]["parameters"],
+        steps=cfg.compare.steps,
+        prompts=cfg.data.train_examples,
+        minutes=sum(r.get("train_seconds") or r["student"].get("train_seconds", 0) for r in results) / 60,
+        kl_low=min(kls),
+        kl_high=max(kls),
+        seeds=len(nll_by[pick]),
+        hpd_vs_sft_in_study=_hpd_vs_sft_in_study(),
+        preset_method=cfg.distill.method,
+        study_seeds=max(
+            (
+                x["seeds"]
+                for s in _result(RESULTS / "study" / "summary.json") or []
+                if s["task"] == "dialogue"
+                for x in s["table"].values()
+            ),
+            default=0,
         ),
-        default=0,
     )
-    return f"""Does the regime study's recommendation (`hpd_fkl` for a top-k cache of a large vocabulary, chosen on the
-dialogue task's top-64 of 8,192) carry over to a real LLM (top-64 of {fmt.get("vocab_size", 49152):,}{outside})?
-{holds}. By held-out NLL on the teacher's greedy replies the order is {", ".join(f"{m} {mean(m, nll):.3f}" for m in ranked)}
-(teacher {teacher[nll]:.3f}); by KL to the teacher {", ".join(f"{m} {mean(m, kl):.3f}" for m in by_kl)}.
-Paired by seed, {pick} minus each other method (held-out NLL / KL to teacher, nats; *beyond the 95% interval*: the
-paired t interval with n - 1 degrees of freedom excludes 0; otherwise no difference detected):
-
-| | NLL | KL |
-|---|---|---|
-{lines}
-
-Every student starts from the same {d["n_layer"]} of the teacher's layers ({student / 1e6:.1f}M parameters) and takes
-{cfg["compare"]["steps"]} steps of {d["batch_size"]} of the teacher's replies at learning rate {d["learning_rate"]:.0e}
-({cfg["compare"]["steps"] * d["batch_size"] / cfg["data"]["train_examples"]:g} epochs of {cfg["data"]["train_examples"]} prompts):
-a small budget, sized to the hour this machine gives it ({_compare_hours(results)}), so these are early-training
-differences: every student is still {min(kls):.1f}-{max(kls):.1f} nats from the teacher. With {len(by[pick])} seeds,
-the interval is wide. The accuracy column counts
-{teacher.get("checked_examples", 0)} arithmetic questions and separates nothing at this size. What it says: the published
-HPD {"trails" if mean("hpd", nll) > mean("sft", nll) else "leads"} plain SFT on this teacher ({_hpd_vs_sft_in_study()}), {ranked[-1]} learns slowest from a
-student this far from the teacher, and {" and ".join(ranked[:2])} lead.{_preset_remark(first_nll, pick, study_seeds, len(by[pick]), cfg["compare"]["steps"])}
-"""
 
 
 def _hpd_vs_sft_in_study() -> str:
@@ -522,22 +515,6 @@ def _hpd_vs_sft_in_study() -> str:
                 f"on {task} it {'trailed' if all(g > 0 for g in gaps) else 'led' if all(g < 0 for g in gaps) else 'was mixed'}"
             )
     return ", ".join(said) or "the regime study has not run"
-
-
-def _preset_remark(best: str, pick: str, study_seeds: int, seeds: int, steps: int) -> str:
-    if best == pick:
-        return ""
-    return (
-        f" `--config smollm2` still trains with {pick}: the dialogue evidence for it comes from {study_seeds} seeds "
-        f"trained to the end of their budget, this from {seeds} seeds in their first {steps} steps; a longer comparison on this "
-        f"teacher (a GPU's work) should decide, and `--set distill.method={best}` is the alternative."
-    )
-
-
-def _compare_hours(results: list[dict]) -> str:
-    # the students' seconds: `hpd compare` records them beside each run (older results: in the student report)
-    seconds = sum(r.get("train_seconds") or r["student"].get("train_seconds", 0) for r in results)
-    return f"{seconds / 60:.0f} minutes of student training in all, plus evaluation"
 
 
 def _overhead_verdict(big: dict) -> str:
