@@ -11,6 +11,7 @@ import jinja2
 
 from bench.stats import paired_t, t95
 from hpd.pipeline.config import load as load_config
+from hpd.stages.tasks import arithmetic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -517,31 +518,6 @@ def _hpd_vs_sft_in_study() -> str:
     return ", ".join(said) or "the regime study has not run"
 
 
-def _overhead_verdict(big: dict) -> str:
-    """Score overhead at most 10% of the forward: judged on the timing apart from the background writer
-    (bench/score_overhead.py), with the stage's own in-run figure beside it."""
-    found = {
-        name: _result(RESULTS / f"score_overhead_{cfg}.json")
-        for name, cfg in (
-            (f"math ({_trained_teacher_parameters('math') / 1e6:.2f}M teacher)", "math"),
-            (f"dialogue ({_trained_teacher_parameters('dialogue') / 1e6:.2f}M)", "dialogue"),
-            ("SmolLM2-135M", "smollm2"),
-        )
-    }
-    found = {n: o["overhead_compute"] for n, o in found.items() if o}
-    met = [n for n, x in found.items() if x <= 0.10]
-    state = "met" if len(met) == len(found) else f"met only for {', '.join(met)}" if met else "not met"
-    return (
-        f"- **teacher-score overhead at most 10% of the forward**: {state}, timed apart from the writer with the "
-        f"same batches alternating with a bare forward (`bench/score_overhead.py`): "
-        + ", ".join(f"{n} {x:.1%}" for n, x in found.items())
-        + ". The tiny math teacher's forward is so cheap that the log-softmax and top-k weigh in; SmolLM2's "
-        "[positions x 49,152] log-softmax, top-k and tail pass cost nearly a third of its forward. As the "
-        "stage measures it in the cached-vs-online runs (the writer sharing the two cores): "
-        + ", ".join(f"{k} {r['score_timing']['overhead']:.1%}" for k, r in big.items())
-    )
-
-
 def _outside_topk(quality: dict) -> str:
     """The cached dialogue runs' share of HPD samples outside the top-k, first and last logged (recorded by the
     quality runs since issue 18; older results files lack it)."""
@@ -568,68 +544,60 @@ def cached_vs_online() -> str:
         return ""
     t = json.loads(timing.read_text())
     big = {k: r for k, r in t.items() if r["size_ratio"] >= 8}
-
-    def verdict(name, ok, shown):
-        good = [k for k in big if ok(big[k])]
-        return (
-            f"- **{name}**: met at {', '.join(good)} ({shown})"
-            if len(good) == len(big)
-            else f"- **{name}**: {'met only at ' + ', '.join(good) if good else 'not met'} ({shown})"
-        )
-
-    lines = [
-        verdict(
-            "cached training at least 2x the tokens/s of online at 8x or more",
-            lambda r: r["speedup"] >= 2,
-            ", ".join(f"{k}: {r['speedup']:.2f}x" for k, r in big.items()),
-        ),
-        verdict(
-            "training memory at most 0.6x online",
-            lambda r: r["training_mb_ratio"] <= 0.6,
-            ", ".join(
+    verdicts = [
+        {
+            "name": "cached training at least 2x the tokens/s of online at 8x or more",
+            "good": [k for k, r in big.items() if r["speedup"] >= 2],
+            "shown": ", ".join(f"{k}: {r['speedup']:.2f}x" for k, r in big.items()),
+        },
+        {
+            "name": "training memory at most 0.6x online",
+            "good": [k for k, r in big.items() if r["training_mb_ratio"] <= 0.6],
+            "shown": ", ".join(
                 f"{k}: {r['training_mb_ratio']:.2f}x; whole process {r['peak_rss_ratio']:.2f}x" for k, r in big.items()
             ),
-        ),
-        _overhead_verdict(big),
+        },
     ]
-    summary = json.loads((RESULTS / "cached_vs_online.json").read_text())["summary"]
+    overheads = [
+        (name, o["overhead_compute"])
+        for name, cfg in (
+            (f"math ({_trained_teacher_parameters('math') / 1e6:.2f}M teacher)", "math"),
+            (f"dialogue ({_trained_teacher_parameters('dialogue') / 1e6:.2f}M)", "dialogue"),
+            ("SmolLM2-135M", "smollm2"),
+        )
+        if (o := _result(RESULTS / f"score_overhead_{cfg}.json"))
+    ]
+    m = json.loads((RESULTS / "cached_vs_online.json").read_text())["summary"]["math"]
     quality = json.loads((RESULTS / "cached_vs_online_quality.json").read_text())
-    m = summary["math"]
     dq = {arm: [r["eval"] for r in quality["dialogue"] if r["arm"] == arm] for arm in ("cached", "online")}
     dn = [a["response_nll_nats"] - b["response_nll_nats"] for a, b in zip(dq["cached"], dq["online"])]
     dk = [a["kl_to_teacher_nats"] - b["kl_to_teacher_nats"] for a, b in zip(dq["cached"], dq["online"])]
-    worse = sum(x > 0 for x in dn)
-    lines.append(
-        f"- **student quality equal within noise**: on math (k = the whole 18-token vocabulary, 8-bit "
-        f"log-probs) yes: cached minus online accuracy {m['paired'][0] * 100:+.1f} ± "
-        f"{m['paired'][1] * 100:.1f} points over {len(dq['cached'])} paired seeds. On dialogue (top-64 of "
-        f"8,192) {'**no**' if worse == len(dn) else 'not clearly'}: the cached HPD student's held-out NLL "
-        f"is worse on {worse} of {len(dn)} seeds "
-        f"(by {statistics.mean(dn):+.3f} ± {statistics.stdev(dn) if len(dn) > 1 else 0:.3f} nats) and its KL "
-        f"to the teacher by {statistics.mean(dk):+.3f}. HPD's push-down term needs the teacher's "
-        f"log-prob of the student's own sample; a cache has it only inside the top-k, and a fresh "
-        f"student's samples fall outside the top-64 at most positions{_outside_topk(quality)}, where the cache can only "
-        f"share the tail mass out in "
-        f"proportion to the student. Online, the exact value is at hand. The HPD variants that use the whole "
-        f"cached distribution instead, and which loss to use, are in the regime study below."
+    math_acc = {
+        arm: {r["seed"]: r["eval"]["accuracy"] for r in quality["math"] if r["arm"] == arm}
+        for arm in ("cached", "online")
+    }
+    math_key = min((k for k in t if k.startswith("math")), key=lambda k: t[k]["teacher_parameters"])
+    return render(
+        "cached-vs-online",
+        big=big,
+        verdicts=verdicts,
+        dialogue_sizes=[(k, r) for k, r in t.items() if k.startswith("dialogue")],
+        math=t[math_key],
+        math_vocab=len(arithmetic.SPECIALS) + len(arithmetic.CHARS),  # the math task's character vocabulary
+        overheads=overheads,
+        met_overhead=[n for n, x in overheads if x <= 0.10],
+        m=m,
+        math_same=paired_t(math_acc["cached"], math_acc["online"], higher_is_better=True),
+        math_seeds=len(math_acc["cached"]),
+        dialogue_k=load_config("dialogue").score.top_k,
+        dialogue_vocab=_result(RESULTS / "cache_formats.json")["vocab_size"],
+        worse=sum(x > 0 for x in dn),
+        dn=dn,
+        dn_sd=statistics.stdev(dn) if len(dn) > 1 else 0.0,
+        dk=dk,
+        outside=_outside_topk(quality),
+        body=md.read_text().split("\n", 2)[2].replace("\n## ", "\n#### "),
     )
-    lines[1] += (
-        ". Both arms compute the student's logits only at response positions (the output head at those positions) and "
-        "its loss in checkpointed chunks of positions (hpd/stages/losses.py), so what the cached arm holds "
-        "beyond fixed costs is the student's logits and their gradient at response positions. The online "
-        "arm adds the teacher's weights, its activations and its full [batch, length, vocabulary] "
-        "logits, as TRL computes them. The ratio therefore falls as the teacher grows (dialogue: "
-        + ", ".join(f"{r['training_mb_ratio']:.2f} at {k.split()[1]}" for k, r in t.items() if k.startswith("dialogue"))
-        + "; a 7B teacher's 14 GB of bf16 weights would dominate "
-        f"completely). On math the vocabulary has 18 tokens and the teacher weighs "
-        f"{t['math 7.6x']['teacher_parameters'] * 4 / 1e6:.1f} MB in fp32: both arms are "
-        f"the same ~{t['math 7.6x']['arms']['cached']['training_mb']:.0f} MB of fixed costs (Trainer, batches, "
-        "allocator), and no cache can change that. "
-        "The quality runs below predate the chunked loss, which gives the same values and gradients "
-        "(tests/test_losses.py) but draws HPD's samples in a different order"
-    )
-    body = md.read_text().split("\n", 2)[2].replace("\n## ", "\n#### ")
-    return "**Against the targets** (teachers at least 8x the student):\n\n" + "\n".join(lines) + "\n\n" + body
 
 
 # The reliability matrix: every fault the suite injects, and the test that injects it (tests/).
