@@ -712,30 +712,8 @@ RELIABILITY = [
 
 
 def reliability() -> str:
-    rows = ["| fault | case | what is checked |", "|---|---|---|"]
-    for kind, cases in RELIABILITY:
-        rows += [f"| {kind if i == 0 else ''} | {case} | {check} |" for i, (case, check) in enumerate(cases)]
-    n = sum(len(c) for _, c in RELIABILITY)
-    soak_file = RESULTS / "soak.json"
-    if soak_file.exists():
-        soak = json.loads(soak_file.read_text())
-        by_scenario = ", ".join(f"{s} {k}" for s, k in soak["kills_by_scenario"].items())
-        soak_line = (
-            f"**Soak** (`make soak`, bench/soak.py): {soak['trials']} trials, {soak['kills']} SIGKILLs at "
-            f"random moments over six scenarios ({by_scenario}): the whole pipeline with its judge stages, "
-            f"the same with sampled (`sampled:4+8`) and with `compact` caches, a student of a two-teacher "
-            f"ensemble (its rounds rescored by both), `hpd cache merge`, and a GGUF teacher's conversion. "
-            f"After the reruns, {soak['trials_matching_reference']} of {soak['trials']} trials published "
-            f"exactly the uninterrupted run's outputs (sequences and values, every cache shard's checksum, "
-            f"the students' and the converted teacher's weights, the evaluation report, leftover "
-            f"temporaries). **Bytes lost: {soak['mismatched_outputs']}.** Per stage: "
-            f"bench/results/soak.md (made at commit {soak.get('made', {}).get('commit', '?')})."
-        )
-    else:
-        soak_line = "**Soak:** not run yet (`make soak`)."
-    return (
-        f"{n} fault rows, all in `make test` except the soak; every one is survived: the fault is named in "
-        f"one line and nothing wrong is published or trained on.\n\n" + "\n".join(rows) + "\n\n" + soak_line + "\n"
+    return render(
+        "reliability", matrix=RELIABILITY, n=sum(len(c) for _, c in RELIABILITY), soak=_result(RESULTS / "soak.json")
     )
 
 
@@ -747,46 +725,29 @@ def _separable(d) -> bool:
 
 def study() -> str:
     summary = _result(RESULTS / "study" / "summary.json")
-    if summary is None:
-        return "Not run yet: `python -m bench.regime_study`.\n"
-    out = []
-    for st in summary:
-        q, fmt = st["quality"], "{:.1%}" if st["quality"] == "accuracy" else "{:.4f}"
-        label = "accuracy" if q == "accuracy" else "ROUGE-L"
-        out += [
-            f"**{st['task']}, {st['regime']}** ({st['data']}; teacher: {label} {fmt.format(st['teacher'][q])}, "
-            f"NLL {st['teacher']['response_nll_nats']:.3f}):",
-            "",
-            f"| method | seeds | {label} | held-out NLL | KL to teacher | NLL - hpd (paired) | NLL - fkl (paired) "
-            f"| NLL - {st['best']} (paired) |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for m in st["ranking"]:
-            t, d = st["table"][m], st["diffs"][m]
+    settings = []
+    for st in summary or []:
 
-            def cell(ref):
-                x = d.get(f"vs_{ref}", {}).get("response_nll_nats")
-                if not x or ref == m:
-                    return "-"
-                mark = "**" if _separable(x) else ""
-                return f"{mark}{x[0]:+.3f} ± {x[1]:.3f}{mark} ({x[3]}/{x[2]} lower)"
+        def cell(d, m, ref):
+            x = d.get(f"vs_{ref}", {}).get("response_nll_nats")
+            return None if not x or ref == m else {"d": x, "sep": _separable(x)}
 
-            ms = lambda k, f: f"{f.format(t[k][0])} ± {f.format(t[k][1])}"  # noqa: E731
-            out.append(
-                f"| {m} | {t['seeds']} | {ms(q, fmt)} | {ms('response_nll_nats', '{:.3f}')} | "
-                f"{ms('kl_to_teacher_nats', '{:.3f}')} | {cell('hpd')} | {cell('fkl')} | {cell(st['best'])} |"
-            )
-        out.append("")
-    out += [
-        "Rows ranked by held-out NLL (mean over seeds). Paired columns: the mean and standard deviation over "
-        "seeds of this method's NLL minus the other's, student seed by student seed, and on how many seeds it "
-        "is lower; **bold** where the mean is more than twice its standard error. Produced by "
-        "`bench/regime_study.py`.",
-        "",
-        "![held-out NLL against training tokens](bench/results/study/learning_curves.png)",
-        "",
-    ]
-    return "\n".join(out)
+        settings.append(
+            {
+                **st,
+                "label": "accuracy" if st["quality"] == "accuracy" else "ROUGE-L",
+                "fmt": ".1%" if st["quality"] == "accuracy" else ".4f",
+                "rows": [
+                    {
+                        "m": m,
+                        "t": st["table"][m],
+                        "cells": [cell(st["diffs"][m], m, ref) for ref in ("hpd", "fkl", st["best"])],
+                    }
+                    for m in st["ranking"]
+                ],
+            }
+        )
+    return render("study", summary=summary, settings=settings)
 
 
 def _study_runs() -> dict:
