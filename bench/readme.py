@@ -776,112 +776,90 @@ def study_recommendation() -> str:
     runs = _study_runs()
     summary = _result(RESULTS / "study" / "summary.json")
     if not runs or summary is None:
-        return "Not run yet: `python -m bench.regime_study`.\n"
+        return render("study-recommendation", ready=False)
     nll = "response_nll_nats"
     mean = {k: {m: statistics.mean(x[nll] for x in by.values()) for m, by in v.items()} for k, v in runs.items()}
     rank = {k: sorted(v, key=v.get) for k, v in mean.items()}
-    seeds = max(len(by) for v in runs.values() for by in v.values())
     dia = [k for k in runs if k[0] == "dialogue"]
+    maths = [k for k in runs if k[0] == "math"]
     pick = load_config("dialogue").distill.method
-
-    def vs(k, other):
-        return _paired(runs[k], pick, other)
-
-    def lower(k, other):
-        x = vs(k, other)
-        return f"{x[3]} of {x[2]}"
-
     real = _result(RESULTS / "compare_smollm2" / "results.json")
-    real_text = ""
+    lead = None
     if real:
         by: dict = {}
         for r in real:
             by.setdefault(r["method"], {})[r["seed"]] = r["eval"]["student"]
-        lead = min(("fkl", pick), key=lambda m: statistics.mean(x[nll] for x in by[m].values()))
-        other = "fkl" if lead == pick else pick
-        n = _paired(by, lead, other)
-        real_text = (
-            f" **On the real teacher** (SmolLM2-135M-Instruct, {n[2]} seeds, "
-            f"{real[0]['student']['student_steps']} steps: early training) `{lead}` led `{other}` on {n[3]} of "
-            f"{n[2]} seeds (the real-teacher comparison under `hpd compare`)"
-        )
+        first = min(("fkl", pick), key=lambda m: statistics.mean(x[nll] for x in by[m].values()))
+        other = "fkl" if first == pick else pick
+        lead = {
+            "lead": first,
+            "other": other,
+            "n": _paired(by, first, other),
+            "steps": real[0]["student"]["student_steps"],
+        }
     ml, mp = ("math", "limited"), ("math", "plenty")
-    behind = lambda k, m: mean[k][m] - mean[k][rank[k][0]]  # noqa: E731
-    hpd_ranks = [len(rank[k]) - rank[k].index("hpd") for k in runs]  # 1 = last
-    sep = lambda x: "beyond the 95% interval" if _separable(x) else "no difference detected"  # noqa: E731
-    vs_fkl = ", ".join(f"{lower(k, 'fkl')} seeds in the {k[1]} regime, {sep(vs(k, 'fkl'))}" for k in dia)
-    rows = [
-        f"| a real LLM teacher: large vocabulary, top-k cache (the dialogue task: top-64 of 8,192) | **`{pick}`** (the "
-        f"default of `--config dialogue` and `--config smollm2`), or `hpd_fkl_expect` (deterministic, costs a "
-        f"[positions x vocabulary] expectation) | ranked {', '.join(f'{rank[k].index(pick) + 1} of {len(rank[k])} ({k[1]})' for k in dia)}: "
-        f"NLL {_span([-vs(k, 'hpd')[0] for k in dia])} nats below HPD ({', '.join(lower(k, 'hpd') for k in dia)} seeds), "
-        f"{_span([-vs(k, 'fkl')[0] for k in dia])} below plain `fkl` ({vs_fkl}), "
-        f"{_span([-vs(k, 'jsd')[0] for k in dia])} below `jsd`.{real_text} |",
-        f"| the whole distribution fits the cache (tiny vocabulary, k = V: the math task), data-limited | "
-        f"`{rank[ml][0]}` or `fkl` (`fkl` is `make distill`'s default) | `{rank[ml][0]}` best ({mean[ml][rank[ml][0]]:.3f}), "
-        f"`fkl` {mean[ml]['fkl']:.3f} ({sep(_paired(runs[ml], 'fkl', rank[ml][0]))}); `hpd_fkl` "
-        f"{_paired(runs[ml], 'hpd_fkl', 'fkl')[0]:.3f} behind `fkl`, higher on "
-        f"{_paired(runs[ml], 'hpd_fkl', 'fkl')[2] - _paired(runs[ml], 'hpd_fkl', 'fkl')[3]} of {seeds} seeds |",
-        f"| the whole distribution fits the cache, plenty of fresh data | `{rank[mp][0]}` is as good as any "
-        f"distillation | `{rank[mp][0]}` best ({mean[mp][rank[mp][0]]:.3f}); `fkl` and `hpd_fkl` "
-        f"{_span([behind(mp, 'fkl'), behind(mp, 'hpd_fkl')])} behind, "
-        f"{sep(_paired(runs[mp], 'fkl', 'hpd_fkl'))} from each other |",
-        f"| HPD as published (`hpd`) | not from a cache | {'last' if max(hpd_ranks) == 1 else 'last or next to last' if max(hpd_ranks) <= 2 else 'low'} "
-        f"in all {len(runs)} settings: {_span([behind(k, 'hpd') for k in runs if k[0] == 'math'])} nats behind the best on math, "
-        f"{_span([behind(k, 'hpd') for k in dia])} on dialogue; "
-        f"{'behind' if all(mean[k]['hpd'] > mean[k]['sft'] for k in runs if k[0] == 'math') else 'not always behind'} SFT on math |",
-    ]
     top3 = rank[dia[0]][:3]
     gaps = [_paired(runs[k], a, b) for k in dia for a in top3 for b in ("hpd", "jsd", "sft") if a in runs[k]]
-    spread = {k: [statistics.stdev(x[nll] for x in by.values()) for by in runs[k].values()] for k in runs}
-    acc = {
-        k: [statistics.stdev(x["accuracy"] for x in by.values()) for by in runs[k].values()]
-        for k in runs
-        if k[0] == "math"
-    }
+    math_pairs = [(k, m) for k in maths for m in runs[k] if m != rank[k][0]]
     expect = [_paired(runs[k], "hpd_expect", "hpd") for k in runs]
     fwd = {t: [-_paired(runs[k], "hpd_fkl", "hpd")[0] for k in runs if k[0] == t] for t in ("math", "dialogue")}
-    push = [-_paired(runs[k], "hpd_fkl", "fkl")[0] for k in dia]
-    gate = [_paired(runs[k], "hpd_fkl", "fkl")[0] for k in runs if k[0] == "math"]
     beats = [_paired(runs[k], pick, "hpd") for k in runs]
-    return "\n".join(
-        [
-            f"**Recommendation** ({seeds} seeds per method and setting, ranked by held-out NLL; tables and paired "
-            f"differences below):",
-            "",
-            "| your situation | use | evidence |",
-            "|---|---|---|",
-            *rows,
-            "",
-            f"**How confident.** On dialogue the top three ({', '.join(top3)}) lead HPD, JSD and SFT by paired "
-            f"differences of {_span([-g[0] for g in gaps])} nats with standard deviations of {_span([g[1] for g in gaps])}, "
-            f"every seed the same way in {sum(g[3] == g[2] for g in gaps)} of {len(gaps)} pairs. On math the student seed "
-            f"decides when the student crosses the learning transition, so held-out NLL varies by "
-            f"{_span([x for k in runs if k[0] == 'math' for x in spread[k]])} (standard deviation over seeds) and accuracy "
-            f"by {_span([x * 100 for v in acc.values() for x in v], '{:.0f}')} points between seeds of one method; paired by seed, "
-            f"only the larger gaps are beyond the 95% interval, and no accuracy difference is. `hpd_expect` beats `hpd` on "
-            f"{sum(x[3] for x in expect)} of {sum(x[2] for x in expect)} paired seeds, but by "
-            f"{_span([-x[0] for x in expect], '{:.3f}')} nats: the sampled-token term is not what holds HPD back. What "
-            f"does is its forward part: one token's weight p(a*) instead of the teacher's distribution. Moving it to the "
-            f"cached distribution (`hpd_fkl`) is worth {_span(fwd['math'])} nats on math and {_span(fwd['dialogue'])} on "
-            f"dialogue, and on dialogue HPD's reverse-KL push-down then adds a further {_span(push)} over plain forward "
-            f"KL, where the cache's top-64 truncates the teacher and the push-down keeps the student's mass off tokens "
-            f"the teacher rules out. On math, where the cache holds the whole 18-token distribution, the same gating "
-            f"costs {_span(gate, '{:.3f}')} nats.",
-            "",
-            f"**Default.** No method wins all {len(runs)} settings (best: "
-            f'{", ".join(f"{k[0]} {k[1]} {rank[k][0]}" for k in runs)}), so the rule "make a variant the default if it '
-            f'wins across regimes" does not strictly apply. The presets that look like real LLM distillation '
-            f"(`--config dialogue`, `--config smollm2`: a large vocabulary, a truncated cache) train with `{pick}`: it "
-            f"has a lower held-out NLL than the published HPD on {sum(x[3] for x in beats)} of "
-            f"{sum(x[2] for x in beats)} paired seeds, beyond the 95% interval in "
-            f"{sum(_separable(x) for x in beats)} of the {len(runs)} settings, and is among the top two in both "
-            f"regimes of the dialogue task. "
-            f"`make distill`'s math default is `fkl`, the exact full-distribution loss when the cache holds the whole "
-            f'18-token distribution and the data are limited (see "Why this default" at the top). '
-            f'`distill.method = "hpd"` runs the paper\'s method unchanged.',
-            "",
-        ]
+    return render(
+        "study-recommendation",
+        ready=True,
+        seeds=max(len(by) for v in runs.values() for by in v.values()),
+        dialogue_k=load_config("dialogue").score.top_k,
+        dialogue_vocab=_result(RESULTS / "cache_formats.json")["vocab_size"],
+        math_vocab=len(arithmetic.SPECIALS) + len(arithmetic.CHARS),
+        pick=pick,
+        pick_presets=[c for c in ("dialogue", "smollm2") if load_config(c).distill.method == pick],
+        rank=rank,
+        mean=mean,
+        dia=dia,
+        dia_vs={o: [-_paired(runs[k], pick, o)[0] for k in dia] for o in ("hpd", "fkl", "jsd")},
+        dia_pairs={"hpd": [_paired(runs[k], pick, "hpd") for k in dia]},
+        dia_fkl=[(k, _paired(runs[k], pick, "fkl")) for k in dia],
+        real=lead,
+        ml=ml,
+        mp=mp,
+        ml_fkl_best=_paired(runs[ml], "fkl", rank[ml][0]),
+        ml_hpdfkl=_paired(runs[ml], "hpd_fkl", "fkl"),
+        mp_fkl_hpdfkl=_paired(runs[mp], "fkl", "hpd_fkl"),
+        behind=lambda k, m: mean[k][m] - mean[k][rank[k][0]],
+        hpd_ranks=[len(rank[k]) - rank[k].index("hpd") for k in runs],  # 1 = last
+        n_settings=len(runs),
+        settings=list(runs),
+        hpd_behind_math=[mean[k]["hpd"] - mean[k][rank[k][0]] for k in maths],
+        hpd_behind_dia=[mean[k]["hpd"] - mean[k][rank[k][0]] for k in dia],
+        hpd_behind_sft_math=all(mean[k]["hpd"] > mean[k]["sft"] for k in maths),
+        top3=top3,
+        gaps_mean=[-g[0] for g in gaps],
+        gaps_sd=[g[1] for g in gaps],
+        gaps_same=sum(g[3] == g[2] for g in gaps),
+        math_spread=[statistics.stdev(x[nll] for x in by.values()) for k in maths for by in runs[k].values()],
+        math_acc_spread=[
+            statistics.stdev(x["accuracy"] for x in by.values()) * 100 for k in maths for by in runs[k].values()
+        ],
+        math_pairs=len(math_pairs),
+        math_nll_beyond=sum(_separable(_paired(runs[k], m, rank[k][0])) for k, m in math_pairs),
+        math_acc_beyond=sum(_separable(_paired(runs[k], m, rank[k][0], "accuracy")) for k, m in math_pairs),
+        expect_lower=sum(x[3] for x in expect),
+        expect_n=sum(x[2] for x in expect),
+        expect_gain=[-x[0] for x in expect],
+        fwd=fwd,
+        forward_matters=all(
+            -_paired(runs[k], "hpd_expect", "hpd")[0] < -_paired(runs[k], "hpd_fkl", "hpd")[0] for k in runs
+        ),
+        push=[-_paired(runs[k], "hpd_fkl", "fkl")[0] for k in dia],
+        gate=[_paired(runs[k], "hpd_fkl", "fkl")[0] for k in maths],
+        winners={rank[k][0] for k in runs},
+        beats_lower=sum(x[3] for x in beats),
+        beats_n=sum(x[2] for x in beats),
+        beats_sep=sum(_separable(x) for x in beats),
+        top2_both=all(pick in rank[k][:2] for k in dia),
+        math_default=load_config(None).distill.method,
+        span=_span,
+        sep=lambda x: "beyond the 95% interval" if _separable(x) else "no difference detected",
     )
 
 
