@@ -904,19 +904,9 @@ def _stuck(rows: list[dict], seeds: int) -> str:
 def multi_teacher() -> str:
     r = _result(RESULTS / "multi_teacher.json")
     if r is None:
-        return "Not measured yet: `python -m bench.multi_teacher`.\n"
-
-    def table(part: str) -> list[str]:
-        lines = ["| student from | held-out accuracy | held-out NLL |", "|---|---|---|"]
-        for arm, s in r[part]["summary"].items():
-            a, n = s["accuracy"], s["response_nll_nats"]
-            lines.append(f"| {arm} | {a['mean']:.1%} ± {a['sd']:.1%} | {n['mean']:.3f} ± {n['sd']:.3f} |")
-        for run, t in r["teacher_judged"].get(part, {}).items():
-            lines.append(f"| *(teacher {run} itself)* | {t['accuracy']:.1%} | {t['response_nll_nats']:.3f} |")
-        return lines + [""]
-
+        return render("multi-teacher", r=None)
     route, ens = r["routing"]["rows"], r["ensemble"]["rows"]
-    routed, gen = "add2 + add4 routed", "generalist"
+    routed, gen, both = "add2 + add4 routed", "generalist", "ensemble of 1 and 2"
 
     def judged(rows, a, b, whom: str) -> str:  # by accuracy, then NLL: beats or trails beyond the 95% interval
         for key, label in (("accuracy", "accuracy"), ("response_nll_nats", "held-out NLL")):
@@ -925,40 +915,27 @@ def multi_teacher() -> str:
                 return f"{'beats' if (x[0] > 0) == (key == 'accuracy') else 'trails'} {whom} by {label}"
         return f"shows no difference detected from {whom} (95% intervals)"
 
-    def stuck(rows) -> str:
-        return _stuck(rows, r["seeds"])
-
-    alone = [judged(route, routed, f"{t} alone", f"the {t}-only student") for t in ("add2", "add4")]
-    generalist = "the student of the generalist (the same teacher compute)"
-    single = [judged(ens, "ensemble of 1 and 2", f"teacher {t} alone", f"teacher {t}'s student") for t in (1, 2)]
-    verdict = (
-        f"**Verdict.** Routed from both specialists, the student {alone[0]} and {alone[1]} on the mixed "
-        f"held-out set, and {judged(route, routed, gen, generalist)}; the ensemble's student {single[0]} and {single[1]}.{stuck(route + ens)}"
+    return render(
+        "multi-teacher",
+        r=r,
+        method=r.get("method") or load_config(None).distill.method,
+        operands={t: load_config(None, r["teachers"][f"mt-{t}"]["settings"]).data.operands for t in ("add2", "add4")},
+        vs={
+            "add2": _vs(route, routed, "add2 alone"),
+            "add4": _vs(route, routed, "add4 alone"),
+            "generalist": _vs(route, routed, gen),
+            "t1": _vs(ens, both, "teacher 1 alone"),
+            "t2": _vs(ens, both, "teacher 2 alone"),
+        },
+        judged={
+            "add2": judged(route, routed, "add2 alone", "the add2-only student"),
+            "add4": judged(route, routed, "add4 alone", "the add4-only student"),
+            "generalist": judged(route, routed, gen, "the student of the generalist (the same teacher compute)"),
+            "t1": judged(ens, both, "teacher 1 alone", "teacher 1's student"),
+            "t2": judged(ens, both, "teacher 2 alone", "teacher 2's student"),
+        },
+        stuck=_stuck(route + ens, r["seeds"]),
     )
-    out = [
-        f"Measured by `bench/multi_teacher.py` (`make bench`): {r['seeds']} student seeds per arm, every student the "
-        f"same shape, method (`fkl`) and {r['student_steps']} steps; mean ± standard deviation over seeds, and paired "
-        f"by seed below (*beyond the 95% interval*: the paired t interval with n - 1 degrees of freedom excludes 0).",
-        "",
-        "**Routing two specialists.** `add2` learned sums of 2 numbers, `add4` sums of 4; the generalist learned "
-        "both kinds for their two training budgets together. Every student is judged on the generalist's held-out "
-        "set (both skills):",
-        "",
-        *table("routing"),
-        f"Routed minus add2 alone: {_vs(route, routed, 'add2 alone')}. Routed minus add4 alone: "
-        f"{_vs(route, routed, 'add4 alone')}. Routed minus the generalist's student: {_vs(route, routed, gen)}.",
-        "",
-        "**Ensemble of two teachers** of the default task on the same sequences (the default teacher and a wider, "
-        "longer-trained one; targets their equal mixture), judged on the default held-out set:",
-        "",
-        *table("ensemble"),
-        f"Ensemble minus teacher 1 alone: {_vs(ens, 'ensemble of 1 and 2', 'teacher 1 alone')}. Ensemble minus "
-        f"teacher 2 alone: {_vs(ens, 'ensemble of 1 and 2', 'teacher 2 alone')}.",
-        "",
-        verdict,
-        "",
-    ]
-    return "\n".join(out)
 
 
 VALUE_METRICS = (
@@ -967,17 +944,6 @@ VALUE_METRICS = (
     ("response_nll_nats", "held-out NLL", "{:.3f}"),
     ("kl_to_teacher_nats", "KL to teacher", "{:.3f}"),
 )
-
-
-def _value_table(part: dict, trained_on) -> list[str]:
-    lines = [
-        "| student from | trained on | " + " | ".join(label for _, label, _ in VALUE_METRICS) + " |",
-        "|---|---|" + "---|" * len(VALUE_METRICS),
-    ]
-    for arm, summary in part["summary"].items():
-        cells = [f"{fmt.format(summary[k]['mean'])} ± {fmt.format(summary[k]['sd'])}" for k, _, fmt in VALUE_METRICS]
-        lines.append(f"| {arm} | {trained_on(arm)} | " + " | ".join(cells) + " |")
-    return lines + [""]
 
 
 def _value_vs(rows: list[dict], a: str, b: str) -> str:
@@ -1028,66 +994,45 @@ def _drift(rows: list[dict], arms: list[str], reference: str) -> str:
 def value_guided() -> str:
     r = _result(RESULTS / "value_guided.json")
     if r is None or "seqkd" not in r or "refresh" not in r:
-        return "Not measured yet: `python -m bench.value_guided`.\n"
+        return render("value-guided", r=None)
     seqkd, rnd = r["seqkd"], r["refresh"]
-    sampled = seqkd["teacher_samples"]
+    settings = r["settings"]
+    seqkd_cfg = load_config(None, settings["common"] + settings["seqkd"])
+    round_cfg = load_config(None, settings["common"] + settings["round"])
 
-    def trained_on(part, what):
-        def cell(arm):
+    def trained_on(part, what) -> dict:
+        cells = {}
+        for arm in part["summary"]:
             rows = [row["samples"] for row in part["rows"] if row["arm"] == arm]
             kept = sorted({x["kept"] for x in rows})
             if not rows[0]["judged"] or arm == "offline":  # (a round without samples)
-                return "offline sequences only"
-            span = f"{kept[0]:,}" if len(kept) == 1 else f"{kept[0]:,}-{kept[-1]:,}"
-            return f"{span} of {rows[0]['judged']:,} {what}"
+                cells[arm] = "offline sequences only"
+            else:
+                span = f"{kept[0]:,}" if len(kept) == 1 else f"{kept[0]:,}-{kept[-1]:,}"
+                cells[arm] = f"{span} of {rows[0]['judged']:,} {what}"
+        return cells
 
-        return cell
-
-    teacher = sampled.get("teacher", {})
     seqkd_arms = [a for a in seqkd["summary"] if a != "plain"]
-    round_arms = [a for a in rnd["summary"] if a.startswith("refresh +")]
-    verdict = (
-        "**Verdict.** SeqKD from teacher samples: "
-        + "; ".join(f"{a} {_value_judged(seqkd['rows'], a, 'plain')}" for a in seqkd_arms)
-        + ". Refresh rounds: "
-        + "; ".join(f"{a} {_value_judged(rnd['rows'], a, 'refresh')}" for a in round_arms)
-        + "; plain refresh "
-        + _value_judged(rnd["rows"], "refresh", "offline")
-        + "."
-        + _drift(seqkd["rows"], seqkd_arms, "plain")
-        + _stuck(seqkd["rows"] + rnd["rows"], r["seeds"])
+    return render(
+        "value-guided",
+        r=r,
+        seqkd=seqkd,
+        rnd=rnd,
+        seqkd_cfg=seqkd_cfg,
+        round_cfg=round_cfg,
+        per_prompt=seqkd_cfg.generate.samples_per_prompt,
+        sampled=seqkd["teacher_samples"],
+        teacher=seqkd["teacher_samples"].get("teacher", {}),
+        metrics=[(k, label, fmt[2:-1]) for k, label, fmt in VALUE_METRICS],
+        seqkd_cells=trained_on(seqkd, "samples"),
+        round_cells=trained_on(rnd, "student samples"),
+        seqkd_arms=seqkd_arms,
+        round_arms=[a for a in rnd["summary"] if a.startswith("refresh +")],
+        value_vs=_value_vs,
+        value_judged=_value_judged,
+        drift=_drift(seqkd["rows"], seqkd_arms, "plain"),
+        stuck=_stuck(seqkd["rows"] + rnd["rows"], r["seeds"]),
     )
-    out = [
-        f"Measured by `bench/value_guided.py` (`make bench`) on the math task with the task's verifier: "
-        f"{r['seeds']} student seeds per arm, paired by seed; mean ± standard deviation over seeds, and each arm "
-        f"minus its reference below (*beyond the 95% interval*: the paired t interval excludes 0). "
-        f"Every student is `make distill`'s shape, judged on the 500 held-out problems (greedy accuracy, avg@4 at "
-        f"temperature 1, NLL of the reference answers, KL to the teacher).",
-        "",
-        f"**SeqKD from teacher samples.** The default teacher (greedy accuracy {teacher.get('accuracy', 0):.1%}, "
-        f"avg@4 {teacher.get('avg@4', 0):.1%}) sampled 4 responses for each of the {sampled['sequences'] // 4:,} "
-        f"training prompts; "
-        f"{sampled['verified_share']:.1%} of them reach the right answer. Students learn them by SFT for 600 steps; "
-        "best-of-4 keeps one sample per prompt, chosen by the verifier or by the teacher's mean log-prob of the "
-        "response (no checker: read from the cache); *verified only* keeps every right one:",
-        "",
-        *_value_table(seqkd, trained_on(seqkd, "samples")),
-        *[f"- {a} minus plain: {_value_vs(seqkd['rows'], a, 'plain')}." for a in seqkd_arms],
-        "",
-        "**Refresh rounds.** Each seed's round-0 student is `make distill`'s (fkl, 600 steps); one round of 300 "
-        "steps continues it: from the offline cache only, or with half of each batch from its own samples (4 for "
-        "each of a quarter of the prompts, rescored by the teacher, HPD on them), unguided or guided by the "
-        "verifier (*selection*: only the right ones; *weighting*: 1 + advantage over the prompt's other samples; "
-        "*advantage*: the advantage added to HPD's per-token teacher reward):",
-        "",
-        *_value_table(rnd, trained_on(rnd, "student samples")),
-        *[f"- {a} minus refresh: {_value_vs(rnd['rows'], a, 'refresh')}." for a in round_arms],
-        f"- refresh minus offline: {_value_vs(rnd['rows'], 'refresh', 'offline')}.",
-        "",
-        verdict,
-        "",
-    ]
-    return "\n".join(out)
 
 
 def response_head() -> str:
