@@ -1038,34 +1038,8 @@ def value_guided() -> str:
 def response_head() -> str:
     r = _result(RESULTS / "response_head.json")
     if r is None:
-        return "Not measured yet: `python -m bench.response_head`.\n"
-    m, rel = r["median_step_seconds"], r["relative_to_full"]
-    kept = (
-        f", `logits_to_keep` {m['logits_to_keep']:.3f} s ({rel['logits_to_keep']:.2f}x)"
-        if "logits_to_keep" in m
-        else ""
-    )
-    return (
-        f"Timed side by side (`bench/response_head.py`, {r['model']}, batch {r['batch']} x {r['length']} tokens, "
-        f"half of them response, {r['threads']} threads, median of {r['repeats']} interleaved training steps): full "
-        f"logits {m['full']:.3f} s per step, the head hook {m['head hook']:.3f} s ({rel['head hook']:.2f}x){kept}.\n"
-    )
-
-
-def _sampled_table(r: dict) -> list[str]:
-    lines = [
-        "| teacher targets | `score.encoding` | bytes/token | ids per position | fkl | hpd_fkl | hpd |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for arm, a in sorted(r["arms"].items(), key=lambda x: x[1]["bytes_per_token"]):
-        ids = f"{a['distinct_ids_per_position']:.1f}" if "distinct_ids_per_position" in a else arm.split()[0][4:]
-        k = "" if "sampled" in a["encoding"] else f" (top_k={arm.split()[0][4:]})"
-        lines.append(
-            f"| {arm} | `{a['encoding']}`{k} | {a['bytes_per_token']:.1f} | {ids} | "
-            + " | ".join(f"{a[m]['cosine_mean']:.3f}" for m in ("fkl", "hpd_fkl", "hpd"))
-            + " |"
-        )
-    return lines
+        return render("response-head", r=None)
+    return render("response-head", r=r, m=r["median_step_seconds"], rel=r["relative_to_full"])
 
 
 def _best_within(r: dict, budget: float, method: str = "fkl") -> tuple[str, dict]:
@@ -1099,63 +1073,34 @@ def _budgets(r: dict) -> list[str]:
 def sampled_targets() -> str:
     r = _result(RESULTS / "sampled_targets.json")
     if r is None or "tokens" not in r:
-        return "Not measured yet: `python -m bench.sampled_targets`.\n"
+        return render("sampled-targets", r=None)
     real = _result(RESULTS / "sampled_targets_smollm2_fresh.json")
+    real = real if real is not None and "tokens" in real else None
     sampled_only = {"arms": {a: x for a, x in r["arms"].items() if "sampled" in x["encoding"]}}
     verdicts = []
     for ref in ("top-16 idsort-q8", "top-16 compact"):
         budget = r["arms"][ref]["bytes_per_token"]
         arm, best = _best_within(sampled_only, budget)
-        met = best["fkl"]["cosine_mean"] >= 0.95
-        verdicts.append(
-            f"against top-16 in `{r['arms'][ref]['encoding']}` ({budget:.1f} B/token): "
-            f"**{'met' if met else 'not met'}**, best within it {arm} (`{best['encoding']}`, "
-            f"{best['bytes_per_token']:.1f} B/token, cosine {best['fkl']['cosine_mean']:.3f})"
-        )
-    iid = r["arms"].get("sampled-counts 16 (iid draws)")
-    out = (
-        "Per arm (`bench/sampled_targets.py`): bytes per scored token of a real cache of the bench's sequences "
-        "(the vocabulary order, stored once per cache, not counted: it does not grow with the cache), and the "
-        "cosine between the gradient from the arm and from the teacher's full logits (the batches and student of "
-        f"the gradient table above, one set of draws per sequence as the score stage makes them, through the cache's "
-        f"encode/decode path). The dialogue teacher (vocabulary {r['vocab_size']:,}), {r['batches']} batches, "
-        f"{r['tokens']:,} scored tokens:\n\n"
-        + "\n".join(_sampled_table(r))
-        + f"\n\nTarget: sampled targets with fkl cosine at least 0.95 at no more bytes than top-16 (whose own cosine "
-        f"is {r['arms']['top-16 compact']['fkl']['cosine_mean']:.3f}): "
-        + "; ".join(verdicts)
-        + ". "
-        + (
-            f"Systematic draws (the score stage's) against independent ones at 16 draws: cosine "
-            f"{r['arms']['sampled-counts 16']['fkl']['cosine_mean']:.3f} against {iid['fkl']['cosine_mean']:.3f}. "
-            if iid
-            else ""
-        )
-        + "hpd reads the teacher only at the expert token (exact) and at its sampled token, so every arm serves "
-        "it alike."
-    )
-    if real is not None and "tokens" in real:
-        out += (
-            f"\n\nThe real teacher (SmolLM2-135M-Instruct on its own replies, vocabulary {real['vocab_size']:,}, "
-            f"{real['batches']} batches, {real['tokens']:,} scored tokens), with a fresh small student briefly "
-            "trained by SFT on other replies, as on dialogue (`--student fresh`; the preset's layer-kept student "
-            "starts so close to the teacher that every arm's fkl gradient has cosine 0.998 or more, "
-            "bench/results/hpd_gradient_smollm2.md):\n\n" + "\n".join(_sampled_table(real))
-        )
-    out += (
-        "\n\n**Which to use at which budget** (best gradient within the bytes of a top-k cache, from these runs):\n\n"
-    )
-    for name, res in (("dialogue teacher", r), ("real teacher (SmolLM2)", real)):
-        if res is not None and "tokens" in res:
-            out += f"- {name}: " + "; ".join(_budgets(res)) + ".\n"
+        verdicts.append({"encoding": r["arms"][ref]["encoding"], "budget": budget, "arm": arm, "best": best})
+    students = ""
     for name, what in (
         ("sampled_students.json", "the dialogue teacher"),
         ("sampled_students_smollm2.json", "the real teacher, the preset's layer-kept student"),
     ):
         st = _result(RESULTS / name)
         if st is not None:
-            out += _students_table(st, what)
-    return out
+            students += _students_table(st, what)
+    return render(
+        "sampled-targets",
+        r=r,
+        real=real,
+        verdicts=verdicts,
+        iid=r["arms"].get("sampled-counts 16 (iid draws)"),
+        budgets=[
+            (name, _budgets(res)) for name, res in (("dialogue teacher", r), ("real teacher (SmolLM2)", real)) if res
+        ],
+        students=students,
+    )
 
 
 def _students_table(st: dict, what: str) -> str:
