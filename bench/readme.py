@@ -44,10 +44,6 @@ def _result(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _pct(x: dict) -> str:
-    return f"{x['mean']:.1%} (min {x['min']:.1%}, max {x['max']:.1%})"
-
-
 def make_distill() -> str:
     r = json.loads((RESULTS / "default_task.json").read_text())
     fresh = _result(RESULTS / "fresh_clone.json")
@@ -1104,65 +1100,15 @@ def sampled_targets() -> str:
 
 
 def _students_table(st: dict, what: str) -> str:
-    out = (
-        f"\nStudents trained from these caches (`bench/sampled_students.py`, {what}, fkl, {st['steps']} steps, "
-        f"{st['seeds']} seeds paired by seed; held-out NLL of the reference responses and KL to the teacher, lower "
-        "is better; the difference to top-16 with its sd over seeds and on how many seeds the arm was better):\n\n"
-        "| arm | `score.encoding` | bytes/token | NLL | KL to teacher | NLL vs top-16 | KL vs top-16 |\n"
-        "|---|---|---|---|---|---|---|\n"
-    )
-    for a, m in st["summary"].items():
-        c = st["caches"][a]
-        diff = [m[k]["minus_reference"] for k in ("response_nll_nats", "kl_to_teacher_nats")]
-        out += (
-            f"| {a} | `{c['encoding']}` | {c['bytes_per_token']:.1f} | {m['response_nll_nats']['mean']:.4f} | "
-            f"{m['kl_to_teacher_nats']['mean']:.4f} | "
-            + " | ".join(
-                "-" if a == "top-16 compact" else f"{d['mean']:+.4f} ± {d['sd']:.4f} ({d['better']}/{d['seeds']})"
-                for d in diff
-            )
-            + " |\n"
-        )
-    return out
+    return render("students-table", st=st, what=what)
 
 
 def versions() -> str:
     r = _result(RESULTS / "versions.json")
-    if r is None:
-        return "Not measured yet: `python -m bench.versions`.\n"
-
-    def minutes(seconds: float) -> str:
-        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
-
-    def line(name: str, what: str) -> str:
-        e = r.get(name)
-        if e is None:
-            return f"- {what}: not measured (`bench/versions.py --skip-vllm`)."
-        v, suite = e["versions"], e["suite"]
-        skipped = "; ".join(e["skip_reasons"])
-        return (
-            f"- {what}: resolved {', '.join(f'{k} {x}' for k, x in v.items())}; installed in "
-            f"{minutes(e['install_seconds'])}, {e['size_bytes'] / 1e9:.1f} GB on disk; `pip check`: "
-            f'"{e["pip_check"]}"; the whole suite {suite.get("passed", 0)} passed, {suite.get("failed", 0)} '
-            f"failed, {suite.get('skipped', 0)} skipped in {minutes(e['suite_seconds'])}"
-            + (f" (skipped: {skipped})" if skipped else "")
-            + "."
-        )
-
-    return (
-        "Each built from scratch in a fresh virtual environment on this machine "
-        f"({r['machine']['cpus']} cores, PyPI over the network) by `bench/versions.py`:\n\n"
-        + line("oldest", "the oldest supported transformers (constraints/oldest.txt, what `make test-compat` installs)")
-        + "\n"
-        + line("vllm", "`pip install -e '.[vllm]'` as a GPU machine gets it (torch from PyPI, the CUDA build)")
-        + "\n\nWith this machine's local CPU build of torch instead (its pip configuration prefers it) the vLLM "
-        "extra also resolves, but PyPI's torchvision, which vLLM requires, is built for the CUDA torch and fails to "
-        'load beside the CPU one ("operator torchvision::nms does not exist"), and transformers then cannot import '
-        "its Trainer: on a CPU-only machine install the CUDA torch, or use hpd without the extra.\n"
-    )
+    return render("versions", r=r, minutes=lambda seconds: f"{int(seconds // 60)} min {int(seconds % 60)} s")
 
 
-def _pair_targets(pair: str, s: dict) -> str:
+def _pair_targets(pair: str, s: dict) -> dict:
     """The code pairs' targets, each read from the results: for pair X the best distilled student (by the primary
     measure) against SeqKD; for pair A the gap it closes and what it forgets."""
     methods, paired = s["methods"], s.get("humaneval_paired", {})
@@ -1171,51 +1117,50 @@ def _pair_targets(pair: str, s: dict) -> str:
         key=lambda k: methods[k][s["primary"]]["mean"] * (-1 if s["primary"] == "humaneval_pass@1" else 1),
     )
     m, lines = methods[best], []
+    met = lambda ok: "met" if ok else "not met"  # noqa: E731
     nll = m["response_nll_nats"].get("minus_sft")
     if nll:
         lines.append(f"held-out NLL against SeqKD: {nll['verdict']} (target: better beyond the interval)")
     he = paired.get(f"{best} vs sft")
     if he:
-        worse = he["ci95"][1] < 0
         lines.append(
             f"HumanEval pass@1 against SeqKD {he['difference']:+.1%} [{he['ci95'][0]:+.1%}, {he['ci95'][1]:+.1%}] "
-            f"(target: not worse, the interval not wholly below 0: {'not met' if worse else 'met'})"
+            f"(target: not worse, the interval not wholly below 0: {met(he['ci95'][1] >= 0)})"
         )
     if pair == "X" and "teacher_target_share" in m:
         share = m["teacher_target_share"]
         lines.append(
-            f"student response tokens with a teacher distribution {share:.1%} (target at least 90%: "
-            f"{'met' if share >= 0.9 else 'not met'})"
+            f"student response tokens with a teacher distribution {share:.1%} (target at least 90%: {met(share >= 0.9)})"
         )
     before, teacher = s.get("initial") or {}, s.get("teacher") or {}
     if pair == "A" and "humaneval_pass@1" in before and "humaneval_pass@1" in teacher:
         gap = teacher["humaneval_pass@1"] - before["humaneval_pass@1"]
         closed = (m["humaneval_pass@1"]["mean"] - before["humaneval_pass@1"]) / gap if gap else float("nan")
         lines.append(
-            f"share of the pass@1 gap to the teacher closed {closed:.0%} (target at least a third: "
-            f"{'met' if closed >= 1 / 3 else 'not met'})"
+            f"share of the pass@1 gap to the teacher closed {closed:.0%} (target at least a third: {met(closed >= 1 / 3)})"
         )
     if pair == "A" and "retention_nll_nats" in before and "retention_nll_nats" in m:
         lost = m["retention_nll_nats"]["mean"] - before["retention_nll_nats"]
         lines.append(
-            f"retention NLL {lost:+.3f} nats against the student before (target: at most +0.05: "
-            f"{'met' if lost <= 0.05 else 'not met'})"
+            f"retention NLL {lost:+.3f} nats against the student before (target: at most +0.05: {met(lost <= 0.05)})"
         )
-    return f"Targets, for the best distilled student by the primary measure (**{best}**): " + "; ".join(lines) + "."
+    return {"best": best, "lines": lines}
+
+
+REAL_MEASURES = {
+    "kl_to_teacher_nats": ("KL to teacher", ".3f"),
+    "response_nll_nats": ("NLL on teacher replies", ".3f"),
+    "accuracy": ("arithmetic accuracy", ".1%"),
+    "rouge_l": ("ROUGE-L", ".3f"),
+    "humaneval_pass@1": ("HumanEval pass@1", ".1%"),
+    "retention_nll_nats": ("retention NLL", ".3f"),
+}
 
 
 def real_students() -> str:
     """Students from real teachers (bench/real_students.py): pair B (prune then distil), pair A (Qwen2.5-Coder) and
     pair X (across tokenizers)."""
-    out = []
-    names = {
-        "kl_to_teacher_nats": ("KL to teacher", "{:.3f}"),
-        "response_nll_nats": ("NLL on teacher replies", "{:.3f}"),
-        "accuracy": ("arithmetic accuracy", "{:.1%}"),
-        "rouge_l": ("ROUGE-L", "{:.3f}"),
-        "humaneval_pass@1": ("HumanEval pass@1", "{:.1%}"),
-        "retention_nll_nats": ("retention NLL", "{:.3f}"),
-    }
+    pairs = []
     for pair, title in (
         ("B", "Pair B: prune then distil"),
         ("A", "Pair A: Qwen2.5-Coder-1.5B teaches 0.5B"),
@@ -1226,170 +1171,68 @@ def real_students() -> str:
             continue
         s = r["summary"]
         methods = s["methods"]
-        measures = [k for k in names if k in next(iter(methods.values()))]
-        seeds = max(len(m["seeds"]) for m in methods.values())
-        out += [
-            f"**{title}** (`--config {r['config']}`, commit {r['made']['commit']}, {r['made']['date']}; "
-            f"{seeds} seed{'s' if seeds > 1 else ''} per method; primary measure, named before the runs: "
-            f"{names[s['primary']][0]}). Means over seeds; below each method, its difference from SeqKD (sft) paired "
-            "by seed with the 95% interval:",
-            "",
-            "| model | " + " | ".join(names[k][0] for k in measures) + " |",
-            "|---|" + "---|" * len(measures),
-        ]
-        for label, row in (("teacher", s.get("teacher")), ("student before distillation", s.get("initial"))):
-            if row:
-                out.append(
-                    f"| {label} | "
-                    + " | ".join(names[k][1].format(row[k]) if k in row else "" for k in measures)
-                    + " |"
-                )
-        for method, m in methods.items():
-            cells = []
-            for k in measures:
-                cell = names[k][1].format(m[k]["mean"])
-                d = m[k].get("minus_sft")
-                if d and d["seeds"] > 1:
-                    lo, hi = d["ci95"]
-                    cell += f" ({d['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]: {d['verdict']})"
-                elif d:
-                    cell += f" ({d['mean']:+.3f})"
-                cells.append(cell)
-            label = "SeqKD (sft)" if method == "sft" else method
-            out.append(f"| {label} | " + " | ".join(cells) + " |")
-        out.append("")
-        sets = dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o)
-        cfg = load_config(r["config"], r.get("overrides", [])).as_dict()
-        out.append(
-            f"Budget per arm: {cfg['compare']['steps']} steps of {cfg['distill']['batch_size']} teacher replies "
-            f"(learning rate {cfg['distill']['learning_rate']:g}), the learning curve every "
-            f"{cfg['compare']['curve_every']} steps on {cfg['distill']['curve_examples']} held-out prompts, eval on "
-            f"{cfg['eval']['examples']}; the command: `{r['made']['command']}`"
-            + (f" (overrides: {', '.join(f'{k}={v}' for k, v in sets.items())})" if sets else "")
-            + "."
-        )
-        if r.get("unfinished"):
-            out.append(
-                f"Not finished when this was written: {', '.join(r['unfinished'])} (the table holds the finished arms; "
-                "the comparison resumes where it stopped: `make bench-real`)."
-            )
-        if "cut" in r:
-            c = r["cut"]
-            out.append(
-                "The cut, tried briefly (fkl, one seed, "
-                f"{c['steps']} steps): "
-                + "; ".join(
-                    f"{n} KL {t['kl_before']:.3f} -> {t['kl']:.3f}"
-                    if t.get("kl_before") is not None
-                    else f"{n} (initialised fresh) KL {t['kl']:.3f}"
-                    for n, t in c["tried"].items()
-                )
-                + f"; kept: **{c['kept']}**."
-            )
-        flat = {method: sum(bool(p.get("plateau")) for p in m["plateau"]) for method, m in methods.items()}
-        out.append(
-            "Plateau (the last 20% of steps improve held-out KL by under 2%), seeds that reached it: "
-            + ", ".join(f"{k} {v}/{len(methods[k]['plateau'])}" for k, v in flat.items())
-            + "."
-        )
+        recovery = None
         if "kl_recovered" in next(iter(methods.values())):
             best = min(methods, key=lambda k: methods[k]["kl_to_teacher_nats"]["mean"])
-            m = methods[best]
             t_acc = (s.get("teacher") or {}).get("accuracy")
-            lines = [
-                f"best by KL: **{best}**, {m['kl_recovered']:.0%} of the KL the cut cost won back "
-                f"(target at least 80%: {'met' if m['kl_recovered'] >= 0.8 else 'not met'})"
-            ]
-            if t_acc and "accuracy" in m:
-                share = m["accuracy"]["mean"] / t_acc
-                lines.append(
-                    f"arithmetic accuracy {share:.0%} of the teacher's (target at least 80%: "
-                    f"{'met' if share >= 0.8 else 'not met'})"
-                )
-            if best != "sft":
-                v = m["kl_to_teacher_nats"]["minus_sft"]["verdict"]
-                lines.append(f"against SeqKD on KL: {v} (target: better beyond the interval)")
-            out.append("Targets: " + "; ".join(lines) + ".")
-        if pair in ("A", "X"):
-            out.append(_pair_targets(pair, s))
+            share = methods[best]["accuracy"]["mean"] / t_acc if t_acc and "accuracy" in methods[best] else None
+            recovery = {"best": best, "m": methods[best], "share": share}
         primary = s["primary"]
-        claims = [
-            f"`{k}` {methods[k][primary]['minus_sft']['verdict']}"
-            for k in ("hpd", "hpd_fkl")
-            if k in methods and "minus_sft" in methods[k].get(primary, {})
-        ]
-        if claims:
-            out.append(
-                f"HPD's claim on this pair, read on the primary measure against SeqKD: {', '.join(claims)} "
-                "(better / worse: beyond the 95% interval)."
-            )
-        shares = {k: m["teacher_target_share"] for k, m in methods.items() if "teacher_target_share" in m}
-        if shares:
-            out.append(
-                "Student response tokens that got a teacher distribution through the token bridge: "
-                + ", ".join(f"{k} {v:.1%}" for k, v in shares.items())
-                + " (target at least 90%)."
-            )
-        for name, t in s.get("humaneval_paired", {}).items():
-            out.append(
-                f"- HumanEval {name}: {t['difference']:+.1%} [{t['ci95'][0]:+.1%}, {t['ci95'][1]:+.1%}], "
-                f"McNemar p = {t['p_mcnemar']:.3f} ({t['only_a']} problems only the first passes, {t['only_b']} only "
-                "the second)"
-            )
-        out.append("")
-    return "\n".join(out) + "\n" if out else "Not run yet: `make bench-real`.\n"
+        pairs.append(
+            {
+                "r": r,
+                "title": title,
+                "measures": [k for k in REAL_MEASURES if k in next(iter(methods.values()))],
+                "seeds": max(len(m["seeds"]) for m in methods.values()),
+                "cfg": load_config(r["config"], r.get("overrides", [])),
+                "sets": dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o),
+                "plateau_kl": all(
+                    x.get("measure", "curve_kl") == "curve_kl" for m in methods.values() for x in m["plateau"]
+                ),
+                "recovery": recovery,
+                "targets": _pair_targets(pair, s) if pair in ("A", "X") else None,
+                "claims": [
+                    f"`{k}` {methods[k][primary]['minus_sft']['verdict']}"
+                    for k in ("hpd", "hpd_fkl")
+                    if k in methods and "minus_sft" in methods[k].get(primary, {})
+                ],
+                "shares": {k: m["teacher_target_share"] for k, m in methods.items() if "teacher_target_share" in m},
+            }
+        )
+    return render("real-students", pairs=pairs, names=REAL_MEASURES)
 
 
 def headline() -> str:
     """The front page's table: one measured line per question a newcomer asks, each from its results file, with
     the page that has the rest."""
-    rows = []
-    d = _result(RESULTS / "default_task.json")
-    if d:
-        a, t = d["arms"], d["teacher"]["accuracy"]
-        rows.append(
-            f"| does the built-in student learn? (`make distill`, {d['seeds']} seeds) | {d['method']} student "
-            f"{a['student']['accuracy']['mean']:.1%} held-out accuracy, {d['baseline']} "
-            f"{a['baseline']['accuracy']['mean']:.1%}, teacher {t:.1%} | [below](#two-commands) |"
-        )
     r = _result(RESULTS / "real_cached_vs_online.json")
+    cvo = None
     if r:
         runs = r["runs"]
-        med = {
+        cvo = {
             arm: {
                 k: statistics.median(x[k] for x in runs if x["arm"] == arm)
                 for k in ("seconds_per_step", "training_memory_mb")
             }
             for arm in ("cached", "online")
         }
-        rows.append(
-            "| what does the cache buy on a real teacher? (SmolLM2-135M-Instruct, its 6-layer student) | "
-            f"{med['online']['seconds_per_step'] / med['cached']['seconds_per_step']:.1f}x faster steps, "
-            f"{med['cached']['training_memory_mb'] / 1e3:.1f} GB instead of {med['online']['training_memory_mb'] / 1e3:.1f} GB "
-            f"(medians of {sum(x['arm'] == 'cached' for x in runs)} runs per arm) | [results](docs/results.md) |"
-        )
+        cvo["runs"] = sum(x["arm"] == "cached" for x in runs)
     f = _result(RESULTS / "cache_formats_smollm2.json")
-    if f:
-        c = _k64(f, COMPACT)
-        rows.append(
-            f"| how big is the cache? (SmolLM2, top-64 of {f['vocab_size']:,}) | {c['bytes_per_token']:.1f} bytes per "
-            f"token (`compact`), bucket KL {c['kl_bucket']:.4f} | [cache](docs/cache.md) |"
-        )
     b = _result(RESULTS / "real_students_B.json")
+    pruned = None
     if b:
         m = b["summary"]["methods"]
         best = min(m, key=lambda k: m[k]["kl_to_teacher_nats"]["mean"])
-        rows.append(
-            f"| does a pruned student recover? (SmolLM2 cut to half, {len(m[best]['seeds'])} seeds) | best "
-            f"`{best}`: {m[best].get('kl_recovered', float('nan')):.0%} of the KL the cut cost won back | "
-            "[real models](docs/real-models.md) |"
-        )
-    else:
-        rows.append(
-            "| does a pruned student recover? do real pairs distil? | not measured yet (`make bench-real`) | "
-            "[real models](docs/real-models.md) |"
-        )
-    return "| question | measured | more |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+        pruned = {"best": best, "seeds": len(m[best]["seeds"]), "recovered": m[best].get("kl_recovered", float("nan"))}
+    return render(
+        "headline",
+        d=_result(RESULTS / "default_task.json"),
+        cvo=cvo,
+        n_layer=load_config("smollm2").distill.n_layer,
+        formats=f,
+        compact=f and _k64(f, COMPACT),
+        pruned=pruned,
+    )
 
 
 DOCUMENTS = ("README.md", *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md"))))

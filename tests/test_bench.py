@@ -37,3 +37,32 @@ def test_a_results_file_names_the_command_that_made_it(monkeypatch):
     made = stamp()
     assert made["command"] == "python -m bench.real_students --pair X"
     assert made["machine"]["cores"] >= 1 and made["machine"]["memory_gb"] > 0 and made["commit"]
+
+
+def test_a_template_naming_a_figure_its_results_lack_fails_the_render():
+    """The README's prose lives in bench/templates/; a figure a template names but nothing supplies is an error, not a
+    blank in the page (so `python -m bench.readme --check`, above, fails on it)."""
+    import jinja2
+    import pytest
+
+    from bench import readme
+
+    with pytest.raises(jinja2.UndefinedError):
+        readme.render("default-task", r={"stage_seconds": {}}, t={}, c={}, cfg={}, stages="")
+    probe = readme._ENV.from_string("{{ a|f('.1%') }} of {{ b }}\n")  # the environment every template renders in
+    assert probe.render(a=0.25, b="x") == "25.0% of x\n"
+    with pytest.raises(jinja2.UndefinedError, match="'b' is undefined"):
+        probe.render(a=0.25)
+
+
+def test_every_template_is_used():
+    """No orphan templates: each one in bench/templates/ is rendered by bench/readme.py or included by another."""
+    import re
+
+    from bench import readme
+
+    code = Path(readme.__file__).read_text()
+    texts = "".join(p.read_text() for p in readme.TEMPLATES.glob("*.md"))
+    for p in readme.TEMPLATES.glob("*.md"):
+        name = p.stem
+        assert f'"{name}"' in code or re.search(rf'include "{re.escape(p.name)}"', texts), name
