@@ -179,6 +179,9 @@ def main():
     ap.add_argument("--finished-only", action="store_true", help="report the arms finished so far, run nothing")
     args = ap.parse_args()
     overrides, result = [], {"made": stamp(), "pair": args.pair, "config": CONFIG[args.pair]}
+    if args.finished_only:  # the command that trains the arms is the same without the flag; this run only reports
+        result["made"]["command"] = result["made"]["command"].replace(" --finished-only", "")
+        result["made"]["reported_only"] = True
     if args.pair == "B":
         result["cut"] = choose_cut(args.home, args.choice_steps, run=not args.finished_only)
         overrides = result["cut"]["tried"][result["cut"]["kept"]]["sets"]
