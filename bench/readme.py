@@ -39,13 +39,26 @@ def render(name: str, **figures) -> str:
     return _ENV.get_template(f"{name}.md").render(**figures)
 
 
+# The results files the section being rendered has read: each section ends with where its figures come from.
+_SOURCES: set[Path] = set()
+
+
 def _result(path: Path) -> dict | None:
     """A bench's results file, or None where that bench has not been run (its README section is left empty)."""
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    _SOURCES.add(path)
+    return json.loads(path.read_text())
+
+
+def _text(path: Path) -> str:
+    """A table a bench wrote beside its results file."""
+    _SOURCES.add(path)
+    return path.read_text()
 
 
 def make_distill() -> str:
-    r = json.loads((RESULTS / "default_task.json").read_text())
+    r = _result(RESULTS / "default_task.json")
     fresh = _result(RESULTS / "fresh_clone.json")
     d = r["paired_student_minus_baseline"]
     above = r["seeds_above_80pct_of_teacher"]
@@ -72,7 +85,6 @@ def _verdict(r: dict) -> dict:
     learned = [i for i in range(n) if i not in failed]
     d = r["paired_student_minus_baseline"]["accuracy"]
     half = t95(n - 1) * d["sd"] / n**0.5 if n > 1 else float("inf")
-    smaller = RESULTS / "default_2048"  # `hpd compare` at 2,048 sequences
     return {
         "m": r["method"],
         "b": r["baseline"],
@@ -89,17 +101,22 @@ def _verdict(r: dict) -> dict:
         "separable": d["mean"] - half > 0 or d["mean"] + half < 0,
         "student_kl": r["arms"]["student"]["kl_to_teacher_nats"]["mean"],
         "teacher_nll": r["teacher"]["response_nll_nats"],
-        "smaller": {
-            arm: [x["eval"]["student"]["accuracy"] for x in json.loads((smaller / f"{arm}.json").read_text())]
-            for arm in ("fkl", "sft")
-        }
-        if (smaller / "fkl.json").exists() and (smaller / "sft.json").exists()
-        else None,
     }
 
 
+def history() -> str:
+    """Figures no make target measures again, each with the commit and date it was measured at."""
+    smaller = RESULTS / "default_2048"  # `hpd compare` at 2,048 sequences
+    acc = None
+    if (smaller / "fkl.json").exists() and (smaller / "sft.json").exists():
+        acc = {
+            arm: [x["eval"]["student"]["accuracy"] for x in _result(smaller / f"{arm}.json")] for arm in ("fkl", "sft")
+        }
+    return render("history", acc=acc)
+
+
 def default_task() -> str:
-    r = json.loads((RESULTS / "default_task.json").read_text())
+    r = _result(RESULTS / "default_task.json")
     stages = ", ".join(f"{k} {v:.0f} s" if v >= 10 else f"{k} {v:.1f} s" for k, v in r["stage_seconds"].items())
     return render("default-task", r=r, t=r["teacher"], c=r["cache"], cfg=r["config"], stages=stages)
 
@@ -252,7 +269,7 @@ def _real_cache_formats() -> str:
 
 
 def cache_formats() -> str:
-    r = json.loads((RESULTS / "cache_formats.json").read_text())
+    r = _result(RESULTS / "cache_formats.json")
     row = next(
         x
         for x in r["results"]
@@ -266,7 +283,7 @@ def cache_formats() -> str:
         ld=r["loader"],
         cb=r["column_bytes_per_token_k64"],
         compact=_k64(r, COMPACT),
-        table=(RESULTS / "cache_formats.md").read_text(),
+        table=_text(RESULTS / "cache_formats.md"),
     )
 
 
@@ -281,14 +298,14 @@ def hpd_gradient() -> str:
         figures = {
             "real_vocab": real.get("vocab_size") or _result(RESULTS / "cache_formats_smollm2.json")["vocab_size"],
             "n_layer": load_config("smollm2").distill.n_layer,
-            "real_table": (RESULTS / "hpd_gradient_smollm2.md").read_text(),
+            "real_table": _text(RESULTS / "hpd_gradient_smollm2.md"),
             "c": c,
             "order": sorted(c, key=c.get, reverse=True),
         }
     dialogue = _result(RESULTS / "hpd_gradient.json") or {}
     return render(
         "hpd-gradient",
-        table=path.read_text(),
+        table=_text(path),
         vocab=dialogue.get("vocab_size") or _result(RESULTS / "cache_formats.json")["vocab_size"],
         tail=_tail_share("cache_formats.json"),
         real=real,
@@ -336,7 +353,7 @@ def refresh_rounds() -> str:
         r=r,
         c=r["config"],
         t=r["teacher_cost"],
-        table=(RESULTS / "refresh_rounds.md").read_text(),
+        table=_text(RESULTS / "refresh_rounds.md"),
         diffs=diffs,
         per_round=per_round,
     )
@@ -348,8 +365,8 @@ def compare() -> str:
         d = RESULTS / f"compare_{task}"
         if not (d / "report.md").exists():
             continue
-        md = (d / "report.md").read_text().replace("](", f"](bench/results/compare_{task}/")
-        results = json.loads((d / "results.json").read_text())
+        md = _text(d / "report.md").replace("](", f"](bench/results/compare_{task}/")
+        results = _result(d / "results.json")
         seeds = len({r["seed"] for r in results})
         parts.append(
             {
@@ -538,7 +555,7 @@ def cached_vs_online() -> str:
     md, timing = RESULTS / "cached_vs_online.md", RESULTS / "cached_vs_online_timing.json"
     if not md.exists():
         return ""
-    t = json.loads(timing.read_text())
+    t = _result(timing)
     big = {k: r for k, r in t.items() if r["size_ratio"] >= 8}
     verdicts = [
         {
@@ -563,8 +580,8 @@ def cached_vs_online() -> str:
         )
         if (o := _result(RESULTS / f"score_overhead_{cfg}.json"))
     ]
-    m = json.loads((RESULTS / "cached_vs_online.json").read_text())["summary"]["math"]
-    quality = json.loads((RESULTS / "cached_vs_online_quality.json").read_text())
+    m = _result(RESULTS / "cached_vs_online.json")["summary"]["math"]
+    quality = _result(RESULTS / "cached_vs_online_quality.json")
     dq = {arm: [r["eval"] for r in quality["dialogue"] if r["arm"] == arm] for arm in ("cached", "online")}
     dn = [a["response_nll_nats"] - b["response_nll_nats"] for a, b in zip(dq["cached"], dq["online"])]
     dk = [a["kl_to_teacher_nats"] - b["kl_to_teacher_nats"] for a, b in zip(dq["cached"], dq["online"])]
@@ -592,7 +609,7 @@ def cached_vs_online() -> str:
         dn_sd=statistics.stdev(dn) if len(dn) > 1 else 0.0,
         dk=dk,
         outside=_outside_topk(quality),
-        body=md.read_text().split("\n", 2)[2].replace("\n## ", "\n#### "),
+        body=_text(md).split("\n", 2)[2].replace("\n## ", "\n#### "),
     )
 
 
@@ -751,7 +768,7 @@ def _study_runs() -> dict:
     out = {}
     for path in sorted((RESULTS / "study").glob("*-*/results.json")):
         task, regime = path.parent.name.split("-")
-        for r in json.loads(path.read_text()):
+        for r in _result(path):
             out.setdefault((task, regime), {}).setdefault(r["method"], {})[r["seed"]] = r["eval"]["student"]
     return out
 
@@ -1276,13 +1293,47 @@ def _regenerate(text: str) -> str:
         ("performance", performance),
         ("real-students", real_students),
         ("headline", headline),
+        ("history", history),
     ):
         begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         if begin in text:
             text = re.sub(
-                re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{fn()}{end}", text, flags=re.S
+                re.escape(begin) + ".*?" + re.escape(end), lambda m: f"{begin}\n{_sourced(fn)}{end}", text, flags=re.S
             )
     return text
+
+
+def _sourced(section) -> str:
+    """A section followed by where its figures come from: each results file it read, the commit and date its bench
+    stamped in it, and the make target that measures it again."""
+    _SOURCES.clear()
+    body = section()
+    files = sorted(p for p in _SOURCES if p.suffix == ".json")
+    if not files:
+        return body
+    groups: dict = {}
+    for path in files:
+        r = json.loads(path.read_text())
+        made = (r.get("made") if isinstance(r, dict) else None) or {}
+        name = path.relative_to(RESULTS).as_posix()
+        key = (_target(name), made.get("commit"), made.get("date"))
+        groups.setdefault(key, []).append(name)
+    groups = [{"target": t, "commit": c, "date": d, "files": f} for (t, c, d), f in groups.items()]
+    return body + ("" if body.endswith("\n\n") else "\n") + render("sources", groups=groups)
+
+
+def _target(name: str) -> str | None:
+    """The make target whose benches write results file `name` (relative to bench/results/); None: none does."""
+    for prefix, target in (
+        ("real_students", "make bench-real"),
+        ("soak", "make soak"),
+        ("compare_", "make compare"),
+        ("study", "make study"),
+        ("default_2048", None),
+    ):
+        if name.startswith(prefix):
+            return target
+    return "make bench"
 
 
 if __name__ == "__main__":
