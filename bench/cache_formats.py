@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from bench.provenance import stamp
 from hpd import open_run
 from hpd.stages import batching, hf_models, student_models
 from hpd.storage import encodings as enc
@@ -343,6 +344,7 @@ def main():
         column_bytes[name] = len(cctx.compress(raw)) / tokens
 
     summary = {
+        "made": stamp(),
         "teacher": teacher.report or {"parameters": parameters},
         "config": args.config,
         "container_decode_tokens_per_s": container,

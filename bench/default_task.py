@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.provenance import stamp
 from hpd import open_run
 
 OUT = Path(__file__).resolve().parent / "results" / "default_task.json"
@@ -79,6 +80,7 @@ def main():
     score = base.outputs("score")
     result = {
         "machine": {"cpus": os.cpu_count()},
+        "made": stamp(),
         "config": cfg.as_dict(),
         "seeds": args.seeds,
         "make_distill_seconds": round(cold, 1),

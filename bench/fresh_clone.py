@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.provenance import stamp
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "fresh_clone.json"
 
@@ -36,6 +38,7 @@ def main():
     printed = run.stdout[run.stdout.index("\nmodel") :].strip()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     result = {
+        "made": stamp(),
         "commit": commit.strip(),
         "cpus": os.cpu_count(),
         "install_seconds": round(installed, 1),

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from bench.provenance import stamp
 from hpd.stages import heads
 from hpd.stages.cache_rows import Timer, score_batch
 from hpd.stages.losses import CachedTargets, TeacherLogits, distill_loss, response_positions
@@ -291,6 +292,7 @@ def main():
             except Exception as e:  # noqa: BLE001 - the other figures stand; say what stopped vLLM
                 skipped["vllm"] = f"vLLM failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         result = {
+            "made": stamp(),
             "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
             "versions": {
                 "torch": torch.__version__,

@@ -24,6 +24,7 @@ import os
 import time
 from pathlib import Path
 
+from bench.provenance import stamp
 from hpd import open_run
 
 from .measure import paired_summary
@@ -112,6 +113,7 @@ def main():
                 k: _run(home, name, []).outputs("eval").report["teacher"][k] for k in METRICS
             }
     result = {
+        "made": stamp(),
         "seeds": args.seeds,
         "student_steps": args.steps,
         "teachers": teachers,

@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def stamp() -> dict:
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        try:
+            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        except OSError:  # no git here (a bare CUDA image running bench/gpu_check.sh): the commit is left blank
+            return ""
         return done.stdout.strip() if done.returncode == 0 else ""
 
     with open("/proc/meminfo") as f:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench.provenance import stamp
 from hpd import open_run
 from hpd.stages import batching, hf_models
 from hpd.storage.sequences import SequenceStore
@@ -111,6 +112,7 @@ def main():
     limit = 1 + forward / med["cached"]["seconds_per_step"]
     speedup = med["cached"]["response_tokens_per_s"] / med["online"]["response_tokens_per_s"]
     result = {
+        "made": stamp(),
         "steps": args.steps,
         "repeats": args.repeats,
         "runs": runs,

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.provenance import stamp
 from hpd import open_run
 
 from .measure import Measured
@@ -57,6 +58,7 @@ def main():
     score, gen, timing = r.outputs("score"), r.outputs("generate"), measured["score"]
     ev = r.outputs("eval").report
     result = {
+        "made": stamp(),
         "config": cfg,
         "cpus": os.cpu_count(),
         "wall_seconds": round(wall, 1),

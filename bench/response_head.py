@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench.provenance import stamp
 from hpd.stages import heads
 from hpd.stages.losses import distill_loss, response_positions
 
@@ -71,6 +72,7 @@ def main():
             times[w].append(step(model, ids, labels, w))
     median = {w: statistics.median(t) for w, t in times.items()}
     result = {
+        "made": stamp(),
         "model": "GPT-2 2x128, vocabulary 8192",
         "batch": batch,
         "length": length,

@@ -25,6 +25,7 @@ import os
 import time
 from pathlib import Path
 
+from bench.provenance import stamp
 from hpd import open_run
 
 from .measure import paired_summary
@@ -126,6 +127,7 @@ def main():
             if seed == 0 and arm == REFERENCE:
                 teacher = {k: r.outputs("eval").report["teacher"].get(k) for k in METRICS}
     result = {
+        "made": stamp(),
         "seeds": args.seeds,
         "steps": args.steps,
         "method": "fkl",

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.provenance import stamp
 from hpd.stages.cache_rows import sample_positions, score_positions
 from hpd.stages.losses import distill_loss
 from hpd.storage import encodings as enc
@@ -164,7 +165,14 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(
         json.dumps(
-            {"config": args.config, "batches": args.batches, "tokens": tokens, "vocab_size": vocab, "arms": arms},
+            {
+                "made": stamp(),
+                "config": args.config,
+                "batches": args.batches,
+                "tokens": tokens,
+                "vocab_size": vocab,
+                "arms": arms,
+            },
             indent=1,
         )
         + "\n"

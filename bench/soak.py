@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.provenance import stamp
+
 RESULTS = Path(__file__).resolve().parent / "results"
 HPD = [sys.executable, "-m", "hpd.pipeline.cli"]
 # The tiny preset made big enough that every stage has several shards or checkpoints to be killed between (and inside).
@@ -260,6 +262,7 @@ def write(trials: list[dict], references: dict, chosen: list[Scenario], args) ->
             by[(t["scenario"], k["stage"])] = by.get((t["scenario"], k["stage"]), 0) + 1
     kills = sum(by.values())
     summary = {
+        "made": stamp(),
         "trials": len(trials),
         "kills": kills,
         "kills_by_scenario": {s.name: sum(n for (sc, _), n in by.items() if sc == s.name) for s in chosen},

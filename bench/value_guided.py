@@ -31,6 +31,7 @@ import os
 import time
 from pathlib import Path
 
+from bench.provenance import stamp
 from hpd import open_run
 
 from .measure import paired_summary
@@ -192,7 +193,7 @@ def main():
 def save(out: Path, part: dict) -> None:
     """Merges one part's results into the results file (the parts may run as two processes at once)."""
     result = json.loads(out.read_text()) if out.is_file() else {}
-    out.write_text(json.dumps({**result, **part}, indent=1) + "\n")
+    out.write_text(json.dumps({**result, **part, "made": stamp()}, indent=1) + "\n")
     print(json.dumps({k: v["summary"] for k, v in part.items() if isinstance(v, dict) and "summary" in v}, indent=1))
 
 

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.provenance import stamp
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "versions.json"
 
@@ -98,6 +100,7 @@ def main():
             print("vllm:", json.dumps(result["vllm"]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["made"] = stamp()
     OUT.write_text(json.dumps(result, indent=1) + "\n")
 
 
