@@ -158,10 +158,11 @@ def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None)
         }
         built[cache.cache_id] = score
         arms = {arm: [] for arm in ARMS}
-        for i in range(repeats):  # cached, online, online, cached, ...: drift on this machine hits both arms
+        # a warm-up round (i = -1) discarded, then cached, online, online, cached, ...: drift hits both arms
+        for i in range(-1, repeats):
             for arm in list(ARMS) if i % 2 == 0 else list(ARMS)[::-1]:
                 extra = ARMS[arm]
-                arms[arm].append(
+                (arms[arm] if i >= 0 else []).append(
                     timed_distill(
                         scratch,
                         config,
@@ -455,13 +456,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["all", "timing", "quality", "report"], default="all")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per arm (the order of the arms alternating)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed runs per arm, at least 5 (arms alternating, after a warm-up round)",
+    )
     ap.add_argument("--math-steps", type=int, default=600)
     ap.add_argument("--dialogue-steps", type=int, default=300)
     ap.add_argument("--timing-steps", type=int, default=40)
     ap.add_argument("--only", default="", help="timing: measure only these pairs again (comma-separated labels)")
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"), help="shares the default teachers")
     args = ap.parse_args()
+    if args.repeats < 5:
+        ap.error("--repeats: at least 5 runs per arm (these machines are noisy)")
     home = Path(args.home).resolve()
     for config, name in [(None, "math"), ("dialogue", "dialogue")]:  # the default runs' teachers and caches
         runner(home, config, name, []).run(until="score")

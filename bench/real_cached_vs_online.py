@@ -5,9 +5,10 @@ student for the loss's own cost at a 49k vocabulary.
     python -m bench.real_cached_vs_online     (after `hpd run --config smollm2 --until score`)
 
 Each arm is `hpd run distill` in a process of its own on the run's own sequences and cache (the same data order,
-student and schedule), the arms alternating, repeated. The best a cache can do is to remove the teacher's forward
-from each step: the limit of the speed-up is 1 + (teacher forward per batch) / (cached step), both timed here, the
-forward in this process on the first training batches. Writes bench/results/real_cached_vs_online.json.
+student and schedule), the arms alternating, a warm-up round discarded, then at least 5 rounds; medians and spread.
+The bound on the speed-up is the online step over a plain SFT step of the same student (a cached step costs at least
+that); the teacher's forward per batch is timed too, in this process on the first training batches. Writes
+bench/results/real_cached_vs_online.json.
 """
 
 from __future__ import annotations
@@ -91,20 +92,23 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per arm (at least 5), after a warm-up round")
     args = ap.parse_args()
+    if args.repeats < 5:
+        ap.error("--repeats: at least 5 runs per arm (these machines are noisy)")
     home = Path(args.home).resolve()
     runner(home, "smollm2", []).run(until="score")
-    runs = []
-    for rep in range(args.repeats):
+    runs, warmup = [], []
+    for rep in range(-1, args.repeats):  # round -1: the warm-up (file caches, imports), discarded
         order = list(ARMS) if rep % 2 == 0 else list(reversed(ARMS))
         for arm in order:
-            runs.append({**timed(home, arm, args.steps), "repeat": rep})
-            print(runs[-1], flush=True)
-    med = {
+            (warmup if rep < 0 else runs).append({**timed(home, arm, args.steps), "repeat": rep})
+            print(("warm-up " if rep < 0 else "") + str((warmup if rep < 0 else runs)[-1]), flush=True)
+    figures = ("seconds_per_step", "response_tokens_per_s", "training_memory_mb", "peak_rss_mb")
+    med = {arm: {k: statistics.median(r[k] for r in runs if r["arm"] == arm) for k in figures} for arm in ARMS}
+    spread = {
         arm: {
-            k: statistics.median(r[k] for r in runs if r["arm"] == arm)
-            for k in ("seconds_per_step", "response_tokens_per_s", "training_memory_mb", "peak_rss_mb")
+            k: [min(r[k] for r in runs if r["arm"] == arm), max(r[k] for r in runs if r["arm"] == arm)] for k in figures
         }
         for arm in ARMS
     }
@@ -116,7 +120,9 @@ def main():
         "steps": args.steps,
         "repeats": args.repeats,
         "runs": runs,
+        "warmup": warmup,
         "median": med,
+        "spread": spread,
         "teacher_forward_s_per_batch": forward,
         "speedup": speedup,
         "speedup_limit": limit,
