@@ -533,7 +533,7 @@ def _hpd_vs_sft_in_study() -> str:
 
 def _outside_topk(quality: dict) -> str:
     """The cached dialogue runs' share of HPD samples outside the top-k, first and last logged (recorded by the
-    quality runs since issue 18; older results files lack it)."""
+    quality runs; older results files lack it)."""
     runs = [r["outside_topk"] for r in quality["dialogue"] if r["arm"] == "cached" and "outside_topk" in r]
     if not runs:
         return ""

@@ -1,6 +1,6 @@
 """Which loss to use when: SFT, FKL, JSD, HPD and this project's HPD variants, on both built-in tasks, in a
 data-limited regime (a small set repeated for many epochs) and a fresh-data regime (each sequence seen about
-once), 5 student seeds each, every setting one `hpd compare` from one shared cache (issue 9).
+once), 5 student seeds each, every setting one `hpd compare` from one shared cache.
 
     python -m bench.regime_study            # runs what is missing (two settings at a time), then summarises
     python -m bench.regime_study --summary  # only summarises bench/results/study/*/results.json

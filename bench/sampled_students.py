@@ -1,4 +1,4 @@
-"""Students trained from top-k and from sampled-target caches of matched bytes (issue 22), on the dialogue teacher.
+"""Students trained from top-k and from sampled-target caches of matched bytes, on the dialogue teacher.
 
 bench/sampled_targets.py measures each encoding's bytes per token and gradient fidelity; this bench trains students
 from real caches of the encodings it compares, everything else equal: the dialogue preset's sequences and teacher,

@@ -1,4 +1,4 @@
-"""Sampled teacher targets against top-k at matched bytes (issue 22): bytes per token and gradient fidelity.
+"""Sampled teacher targets against top-k at matched bytes: bytes per token and gradient fidelity.
 
 For the batches and student of bench/hpd_gradient.py, every arm is what a cache would hand the student: the score
 stage's own computation for each sequence (top-k: `score_positions`; sampled targets: `sample_positions` with one

@@ -6,7 +6,7 @@ the ninth digit; with distill.fused_head=false the earlier students come back ex
 normaliser by one logsumexp over the raw logits instead of a log-softmax (the same top-k ids and quantised log-probs;
 the float32 target log-probs moved by at most 5e-7, so the cache's bytes and the distilled student's last bits).
 
-Refactors of the path from prompt to gradient (issue 18) are meant to leave every number alone: the same
+Refactors of the path from prompt to gradient are meant to leave every number alone: the same
 sequences, the same teacher, the same cache bytes, the same student weights and the same evaluation. These
 fingerprints were recorded on the tiny run (hpd/pipeline/presets/tiny.toml, the suite's scale) before that redesign.
 A change that is meant to alter results updates them, and says so in its commit.
