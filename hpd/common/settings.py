@@ -346,7 +346,10 @@ class EvalSettings:
     max_new_tokens: int = key(0, "0 = as many as fit the context", low=0)
     kl_to_teacher: bool = key(True, "full-vocabulary KL(teacher || student) on the held-out responses")
     batch_tokens: int = key(
-        0, "> 0: held-out sequences batched by length within this many (padded) tokens", low=0, later=True
+        0,
+        "> 0: held-out sequences and HumanEval prompts batched by length within this many (padded) tokens",
+        low=0,
+        later=True,
     )
     teacher: bool = key(True, "judge the teacher the same way, for comparison")
     humaneval: bool = key(

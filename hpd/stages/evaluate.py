@@ -86,6 +86,7 @@ def _judge(model, tokenizer, rows, cfg, task, teacher, rouge, execute_code, rete
                 timeout=cfg.timeout,
                 max_new_tokens=cfg.max_new_tokens or 384,
                 execute_code=execute_code,
+                batch_tokens=cfg.batch_tokens,
             )
         )
     return report

@@ -197,9 +197,17 @@ def humaneval_problems(limit: int = 0) -> list[dict]:
 
 
 def humaneval_pass_at_1(
-    model, tokenizer, problems: list[dict], *, timeout: float, max_new_tokens: int, execute_code: bool = False
+    model,
+    tokenizer,
+    problems: list[dict],
+    *,
+    timeout: float,
+    max_new_tokens: int,
+    execute_code: bool = False,
+    batch_tokens: int = 0,
 ) -> dict:
-    """Greedy completions of the problems, each run against its tests in the sandbox (execute_code: the opt-in)."""
+    """Greedy completions of the problems, each run against its tests in the sandbox (execute_code: the opt-in);
+    batched 8 at a time, or by length within `batch_tokens` padded tokens (eval.batch_tokens)."""
     from . import sandbox
 
     sandbox.require(
@@ -208,7 +216,12 @@ def humaneval_pass_at_1(
         how="execute_code=True (code.execute=true in a config)",
     )  # before minutes of generating
     completions = generate_texts(
-        model, tokenizer, [p["prompt"] for p in problems], max_new_tokens=max_new_tokens, batch_size=8
+        model,
+        tokenizer,
+        [p["prompt"] for p in problems],
+        max_new_tokens=max_new_tokens,
+        batch_size=250 if batch_tokens else 8,
+        batch_tokens=batch_tokens,
     )
     results = [
         check_humaneval(p, truncate_completion(c[0]), timeout, execute_code=execute_code)
