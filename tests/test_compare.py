@@ -76,3 +76,15 @@ def test_paired_table_counts_seeds_where_a_method_is_better():
     # accuracy: +0.2 (seed 0), -0.1 (seed 1): mean +5.0%, better on 1 of 2; KL: -0.05, -0.10: mean -0.075, 2 of 2
     assert row == "| fkl | +5.0% ± 21.2% (1/2) | -0.075 ± 0.035 (2/2) |"
     assert paired_table(results[:2], keys) == []  # one method: nothing to pair
+
+
+def test_the_teacher_is_judged_in_the_first_arm_only_and_never_against_the_config():
+    from hpd.pipeline.compare import arm_overrides
+    from hpd.pipeline.config import load
+
+    cfg = load("tiny", [])
+    assert "eval.teacher=true" in arm_overrides(cfg, 0, "x", first=True)
+    assert "eval.teacher=false" in arm_overrides(cfg, 1, "x", first=False)
+    off = load("tiny", ["eval.teacher=false"])
+    assert "eval.teacher=false" in arm_overrides(off, 0, "x", first=True)  # the user's eval.teacher = false holds
+    assert arm_overrides(cfg, 2, "tiny-fkl-s2", first=False)[0] == "distill.seed=2"

@@ -39,6 +39,17 @@ def method_overrides(method: str, cfg: Settings) -> list[str]:
     return [f'distill.method="{method}"', f"distill.steps={c.steps}", "rounds.count=0", 'distill.baseline=""']
 
 
+def arm_overrides(cfg: Settings, seed: int, name: str, first: bool) -> list[str]:
+    """What makes one (method, seed) run of a comparison besides its method: its seed, curve, name, and whether it
+    judges the teacher (once, in the first run; never where the config says eval.teacher = false)."""
+    return [
+        f"distill.seed={seed}",
+        f"distill.curve_every={cfg.compare.curve_every}",
+        f"eval.teacher={'true' if cfg.eval.teacher and first else 'false'}",
+        f'run.name="{name}"',
+    ]
+
+
 def compare(config_path, overrides: list[str], out: Path | None = None, log=print, run_missing: bool = True) -> Path:
     """Run every (method, seed) arm that is not finished and report them all; with run_missing=False, report the
     finished arms alone and run nothing (a comparison still under way, read so far)."""
@@ -56,15 +67,7 @@ def compare(config_path, overrides: list[str], out: Path | None = None, log=prin
             name = f"{cfg.run.name}-{slug(method)}-s{seed}"
             r = open_run(
                 config_path,
-                [
-                    *overrides,
-                    *extra,
-                    f"distill.seed={seed}",
-                    f"distill.curve_every={c.curve_every}",
-                    # the teacher is judged once, in the first run
-                    f"eval.teacher={'true' if not results else 'false'}",
-                    f'run.name="{name}"',
-                ],
+                [*overrides, *extra, *arm_overrides(cfg, seed, name, first=(method, seed) == (methods[0], 0))],
             )
             if not run_missing:
                 if r.state("eval")[0] != "done":
