@@ -1125,10 +1125,12 @@ def versions() -> str:
     return render("versions", r=r, minutes=lambda seconds: f"{int(seconds // 60)} min {int(seconds % 60)} s")
 
 
-def _pair_targets(pair: str, s: dict) -> dict:
+def _pair_targets(pair: str, s: dict) -> dict | None:
     """The code pairs' targets, each read from the results: for pair X the best distilled student (by the primary
     measure) against SeqKD; for pair A the gap it closes and what it forgets."""
     methods, paired = s["methods"], s.get("humaneval_paired", {})
+    if not any(k != "sft" for k in methods):  # only SeqKD finished so far
+        return None
     best = min(
         (k for k in methods if k != "sft"),
         key=lambda k: methods[k][s["primary"]]["mean"] * (-1 if s["primary"] == "humaneval_pass@1" else 1),
@@ -1201,7 +1203,8 @@ def real_students() -> str:
                 "title": title,
                 "measures": [k for k in REAL_MEASURES if k in next(iter(methods.values()))],
                 "seeds": max(len(m["seeds"]) for m in methods.values()),
-                "cfg": load_config(r["config"], r.get("overrides", [])),
+                # read for its figures only: the code opt-in a code-judging preset's check asks for is not a run's
+                "cfg": load_config(r["config"], [*r.get("overrides", []), "code.execute=true"]),
                 "sets": dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o),
                 "plateau_kl": all(
                     x.get("measure", "curve_kl") == "curve_kl" for m in methods.values() for x in m["plateau"]
@@ -1213,7 +1216,12 @@ def real_students() -> str:
                     for k in ("hpd", "hpd_fkl")
                     if k in methods and "minus_sft" in methods[k].get(primary, {})
                 ],
-                "shares": {k: m["teacher_target_share"] for k, m in methods.items() if "teacher_target_share" in m},
+                # the alignment's coverage, for the methods that train on the teacher's distribution (not SeqKD)
+                "shares": {
+                    k: m["teacher_target_share"]
+                    for k, m in methods.items()
+                    if "teacher_target_share" in m and k != "sft"
+                },
             }
         )
     return render("real-students", pairs=pairs, names=REAL_MEASURES)
