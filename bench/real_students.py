@@ -152,18 +152,19 @@ def summarise(results: list[dict], pair: str) -> dict:
             m["teacher_target_share"] = statistics.mean(shares)
     if pair in ("A", "X"):  # HumanEval problem by problem, each distilled student against the student before and SeqKD
         # each seed's problems in turn (paired by seed and problem); the student before distillation once per seed
-        passed = {
-            method: sum((seeds[s]["eval"]["student"].get("humaneval_passed") or [] for s in sorted(seeds)), [])
-            for method, seeds in by.items()
-        }
-        n_seeds = len(next(iter(by.values())))
-        base = ((initial or {}).get("humaneval_passed") or []) * n_seeds
-        out["humaneval_paired"] = {
-            f"{a} vs {b}": mcnemar(passed[a], other)
-            for a in passed
-            for b, other in (("before", base), ("sft", passed.get("sft")))
-            if a != b and passed[a] and other
-        }
+        def passed(method: str, seeds: list[int]) -> list[bool]:
+            return sum((by[method][x]["eval"]["student"].get("humaneval_passed") or [] for x in seeds), [])
+
+        base = (initial or {}).get("humaneval_passed") or []
+        out["humaneval_paired"] = {}
+        for a in by:
+            for b in ("before", "sft"):
+                if a == b or (b != "before" and b not in by):
+                    continue
+                seeds = sorted(by[a]) if b == "before" else sorted(set(by[a]) & set(by[b]))  # paired by seed
+                first, other = passed(a, seeds), base * len(seeds) if b == "before" else passed(b, seeds)
+                if first and other:
+                    out["humaneval_paired"][f"{a} vs {b}"] = mcnemar(first, other)
     out["initial"], out["teacher"] = initial, teacher
     return out
 

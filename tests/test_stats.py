@@ -56,3 +56,24 @@ def test_plateau_reads_the_last_fifth_of_the_learning_curve():
     nll = [{"student_step": e["student_step"], "curve_nll": e["curve_kl"] + 1} for e in falling]
     r = plateau(nll, 200)
     assert r["measure"] == "curve_nll" and r["at_80pct"] == 2.0 and r["final"] == 1.9 and r["plateau"] is False
+
+
+def test_humaneval_is_paired_over_the_seeds_both_arms_finished():
+    """A comparison read while it runs: SeqKD has two seeds, fkl one; McNemar pairs fkl's seed with SeqKD's same seed
+    (and the student before distillation once per fkl seed), never problems of different seeds."""
+    from bench.real_students import summarise
+
+    def arm(method, seed, passed):
+        student = {"response_nll_nats": 1.0 + seed, "humaneval_pass@1": sum(passed) / 4, "humaneval_passed": passed}
+        return {
+            "method": method,
+            "seed": seed,
+            "eval": {"student": student, "initial": {"humaneval_passed": [0] * 4}},
+            "student": {},
+            "log": [],
+        }
+
+    results = [arm("sft", 0, [1, 0, 0, 0]), arm("sft", 1, [1, 1, 1, 1]), arm("fkl", 0, [1, 1, 0, 0])]
+    paired = summarise(results, "X")["humaneval_paired"]
+    assert paired["fkl vs sft"]["only_a"] == 1 and paired["fkl vs sft"]["only_b"] == 0  # seed 0 against seed 0
+    assert paired["fkl vs before"]["only_a"] == 2 and paired["sft vs before"]["only_a"] == 5
