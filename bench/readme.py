@@ -39,21 +39,22 @@ def render(name: str, **figures) -> str:
     return _ENV.get_template(f"{name}.md").render(**figures)
 
 
-# The results files the section being rendered has read: each section ends with where its figures come from.
-_SOURCES: set[Path] = set()
+# The results files the section being rendered has read (parsed; None for a bench's table): each section ends with
+# where its figures come from.
+_SOURCES: dict[Path, object] = {}
 
 
 def _result(path: Path) -> dict | None:
     """A bench's results file, or None where that bench has not been run (its README section is left empty)."""
     if not path.exists():
         return None
-    _SOURCES.add(path)
-    return json.loads(path.read_text())
+    _SOURCES[path] = json.loads(path.read_text())
+    return _SOURCES[path]
 
 
 def _text(path: Path) -> str:
     """A table a bench wrote beside its results file."""
-    _SOURCES.add(path)
+    _SOURCES[path] = None
     return path.read_text()
 
 
@@ -1321,7 +1322,7 @@ def _sourced(section) -> str:
         return body
     groups: dict = {}
     for path in files:
-        r = json.loads(path.read_text())
+        r = _SOURCES[path]
         made = (r.get("made") if isinstance(r, dict) else None) or {}
         name = path.relative_to(RESULTS).as_posix()
         key = (_target(name), made.get("commit"), made.get("date"))
