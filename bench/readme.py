@@ -39,6 +39,19 @@ def render(name: str, **figures) -> str:
     return _ENV.get_template(f"{name}.md").render(**figures)
 
 
+def say(phrase: str, *figures) -> str:
+    """A phrase several sections share (a macro of bench/templates/phrases.md) filled with `figures`."""
+    return str(getattr(_ENV.get_template("phrases.md").module, phrase)(*figures))
+
+
+def _interval(d: tuple) -> dict:
+    """A paired difference (mean, sd, seeds, seeds where it is better) with its 95% interval (Student's t, n - 1
+    degrees of freedom), as phrases.md's `paired` reads it."""
+    mean, sd, n, better = d
+    half = t95(n - 1) * sd / n**0.5 if n > 1 else float("inf")
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "better": better, "beyond": _separable(d)}
+
+
 # The results files the section being rendered has read (parsed; None for a bench's table): each section ends with
 # where its figures come from.
 _SOURCES: dict[Path, object] = {}
@@ -502,6 +515,7 @@ def _real_verdict(results: list[dict]) -> str:
         kl_high=max(kls),
         seeds=len(nll_by[pick]),
         hpd_vs_sft_in_study=_hpd_vs_sft_in_study(),
+        hpd_sft=paired_t(nll_by["hpd"], nll_by["sft"]),
         preset_method=cfg.distill.method,
         study_seeds=max(
             (
@@ -516,20 +530,15 @@ def _real_verdict(results: list[dict]) -> str:
 
 
 def _hpd_vs_sft_in_study() -> str:
-    """Whether HPD trailed or led SFT by held-out NLL on each built-in task of the regime study (all its settings)."""
-    runs, said = _study_runs(), []
+    """In how many of the regime study's settings of each built-in task HPD trailed (or led) SFT by held-out NLL
+    beyond the paired 95% interval."""
+    runs, tasks = _study_runs(), []
     for task in ("math", "dialogue"):
-        gaps = [
-            statistics.mean(x["response_nll_nats"] for x in runs[k]["hpd"].values())
-            - statistics.mean(x["response_nll_nats"] for x in runs[k]["sft"].values())
-            for k in runs
-            if k[0] == task
-        ]
+        gaps = [_paired(runs[k], "hpd", "sft") for k in runs if k[0] == task]
         if gaps:
-            said.append(
-                f"on {task} it {'trailed' if all(g > 0 for g in gaps) else 'led' if all(g < 0 for g in gaps) else 'was mixed'}"
-            )
-    return ", ".join(said) or "the regime study has not run"
+            worse = sum(_separable(g) and g[0] > 0 for g in gaps)
+            tasks.append((task, worse, sum(_separable(g) and g[0] < 0 for g in gaps), len(gaps)))
+    return say("hpd_vs_sft", tasks)
 
 
 def _outside_topk(quality: dict) -> str:
@@ -539,10 +548,7 @@ def _outside_topk(quality: dict) -> str:
     if not runs:
         return ""
     first, last = statistics.mean(r[0][1] for r in runs), statistics.mean(r[-1][1] for r in runs)
-    return (
-        f" (`sample_outside_topk` in the training log: {first:.2f} at step {runs[0][0][0]}, {last:.2f} at step "
-        f"{runs[0][-1][0]}, mean over {len(runs)} seeds)"
-    )
+    return say("outside_topk", first, runs[0][0][0], last, runs[0][-1][0], len(runs))
 
 
 def _trained_teacher_parameters(task: str) -> int:
@@ -892,11 +898,7 @@ def _higher_is_better(key: str) -> bool:
 
 def _vs(rows, a, b) -> str:
     acc, nll = _paired_rows(rows, a, b, "accuracy"), _paired_rows(rows, a, b, "response_nll_nats")
-    sep = lambda x: ", beyond the 95% interval" if _separable(x) else ""  # noqa: E731
-    return (
-        f"accuracy {acc[0] * 100:+.1f} ± {acc[1] * 100:.1f} points (better on {acc[3]} of {acc[2]} seeds{sep(acc)}), "
-        f"NLL {nll[0]:+.3f} ± {nll[1]:.3f} (lower on {nll[3]} of {nll[2]}{sep(nll)})"
-    )
+    return say("versus", _interval(acc), _interval(nll))
 
 
 def _stuck(rows: list[dict], seeds: int) -> str:
@@ -926,8 +928,8 @@ def multi_teacher() -> str:
         for key, label in (("accuracy", "accuracy"), ("response_nll_nats", "held-out NLL")):
             x = _paired_rows(rows, a, b, key)
             if _separable(x):
-                return f"{'beats' if (x[0] > 0) == (key == 'accuracy') else 'trails'} {whom} by {label}"
-        return f"shows no difference detected from {whom} (95% intervals)"
+                return say("judged", "beats" if (x[0] > 0) == (key == "accuracy") else "trails", whom, label)
+        return say("judged", "", whom, "accuracy or held-out NLL")
 
     return render(
         "multi-teacher",
@@ -962,15 +964,8 @@ VALUE_METRICS = (
 
 def _value_vs(rows: list[dict], a: str, b: str) -> str:
     """a minus b, paired by seed, on every metric (marked where the 95% interval excludes 0)."""
-    out = []
-    for key, label, _ in VALUE_METRICS:
-        mean, sd, n, better = _paired_rows(rows, a, b, key)
-        scale, unit = (100, " points") if _higher_is_better(key) else (1, "")
-        out.append(
-            f"{label} {mean * scale:+.{1 if scale == 100 else 3}f} ± {sd * scale:.{1 if scale == 100 else 3}f}"
-            f"{unit} (better on {better} of {n}{', beyond the 95% interval' if _separable((mean, sd, n, better)) else ''})"
-        )
-    return "; ".join(out)
+    items = [(label, _interval(_paired_rows(rows, a, b, key)), _higher_is_better(key)) for key, label, _ in VALUE_METRICS]
+    return say("value_versus", items)
 
 
 def _value_judged(rows: list[dict], a: str, b: str) -> str:
@@ -980,9 +975,8 @@ def _value_judged(rows: list[dict], a: str, b: str) -> str:
 
     label = next(label for key, label, _ in VALUE_METRICS if key == PRIMARY)
     x = _paired_rows(rows, a, b, PRIMARY)
-    if _separable(x):
-        return f"{'beats' if (x[0] > 0) == _higher_is_better(PRIMARY) else 'trails'} {b} by {label}"
-    return f"shows no {label} difference detected from {b}"
+    verb = ("beats" if (x[0] > 0) == _higher_is_better(PRIMARY) else "trails") if _separable(x) else ""
+    return say("judged", verb, b, label)
 
 
 def _drift(rows: list[dict], arms: list[str], reference: str) -> str:
@@ -995,14 +989,7 @@ def _drift(rows: list[dict], arms: list[str], reference: str) -> str:
         and _separable(y := _paired_rows(rows, a, reference, "kl_to_teacher_nats"))
         and y[0] > 0
     ]
-    return (
-        (
-            f" Selecting teacher samples by value moves the student away from the teacher's own sampling distribution "
-            f"towards its right answers: for {', '.join(moved)}, avg@4 and the KL to the teacher rise together."
-        )
-        if moved
-        else ""
-    )
+    return say("drift", moved)
 
 
 def value_guided() -> str:
@@ -1136,35 +1123,16 @@ def _pair_targets(pair: str, s: dict) -> dict | None:
         (k for k in methods if k != "sft"),
         key=lambda k: methods[k][s["primary"]]["mean"] * (-1 if s["primary"] == "humaneval_pass@1" else 1),
     )
-    m, lines = methods[best], []
-    met = lambda ok: "met" if ok else "not met"  # noqa: E731
-    nll = m["response_nll_nats"].get("minus_sft")
-    if nll:
-        lines.append(f"held-out NLL against SeqKD: {nll['verdict']} (target: better beyond the interval)")
-    he = paired.get(f"{best} vs sft")
-    if he:
-        lines.append(
-            f"HumanEval pass@1 against SeqKD {he['difference']:+.1%} [{he['ci95'][0]:+.1%}, {he['ci95'][1]:+.1%}] "
-            f"(target: not worse, the interval not wholly below 0: {met(he['ci95'][1] >= 0)})"
-        )
+    m, before, teacher = methods[best], s.get("initial") or {}, s.get("teacher") or {}
+    t = {"best": best, "nll": m["response_nll_nats"].get("minus_sft"), "he": paired.get(f"{best} vs sft")}
     if pair == "X" and "teacher_target_share" in m:
-        share = m["teacher_target_share"]
-        lines.append(
-            f"student response tokens with a teacher distribution {share:.1%} (target at least 90%: {met(share >= 0.9)})"
-        )
-    before, teacher = s.get("initial") or {}, s.get("teacher") or {}
+        t["share"] = m["teacher_target_share"]
     if pair == "A" and "humaneval_pass@1" in before and "humaneval_pass@1" in teacher:
         gap = teacher["humaneval_pass@1"] - before["humaneval_pass@1"]
-        closed = (m["humaneval_pass@1"]["mean"] - before["humaneval_pass@1"]) / gap if gap else float("nan")
-        lines.append(
-            f"share of the pass@1 gap to the teacher closed {closed:.0%} (target at least a third: {met(closed >= 1 / 3)})"
-        )
+        t["closed"] = (m["humaneval_pass@1"]["mean"] - before["humaneval_pass@1"]) / gap if gap else float("nan")
     if pair == "A" and "retention_nll_nats" in before and "retention_nll_nats" in m:
-        lost = m["retention_nll_nats"]["mean"] - before["retention_nll_nats"]
-        lines.append(
-            f"retention NLL {lost:+.3f} nats against the student before (target: at most +0.05: {met(lost <= 0.05)})"
-        )
-    return {"best": best, "lines": lines}
+        t["lost"] = m["retention_nll_nats"]["mean"] - before["retention_nll_nats"]
+    return t
 
 
 REAL_MEASURES = {

@@ -56,7 +56,8 @@ def test_a_template_naming_a_figure_its_results_lack_fails_the_render():
 
 
 def test_every_template_is_used():
-    """No orphan templates: each one in bench/templates/ is rendered by bench/readme.py or included by another."""
+    """No orphan templates: each one in bench/templates/ is rendered by bench/readme.py (a section by its name, the
+    shared phrases by their file's) or included by another."""
     import re
 
     from bench import readme
@@ -65,4 +66,25 @@ def test_every_template_is_used():
     texts = "".join(p.read_text() for p in readme.TEMPLATES.glob("*.md"))
     for p in readme.TEMPLATES.glob("*.md"):
         name = p.stem
-        assert f'"{name}"' in code or re.search(rf'include "{re.escape(p.name)}"', texts), name
+        assert f'"{name}"' in code or f'"{p.name}"' in code or re.search(rf'include "{re.escape(p.name)}"', texts), name
+
+
+def test_a_shared_phrase_reports_the_paired_t_interval():
+    """The phrases several sections share (bench/templates/phrases.md) print the paired difference with its 95%
+    interval, t with n - 1 degrees of freedom, computed here in float64 from the differences themselves."""
+    import math
+    import statistics
+
+    from bench import readme
+
+    d = [0.31, -0.12, 0.44, 0.08, 0.27]
+    mean, sd = statistics.mean(d), statistics.stdev(d)
+    half = 2.776445105 * sd / math.sqrt(len(d))  # t(0.975, 4)
+    x = readme._interval((mean, sd, len(d), 4))
+    assert math.isclose((x["lo"] + x["hi"]) / 2, mean, rel_tol=1e-12)
+    assert math.isclose(x["hi"] - x["lo"], 2 * half, rel_tol=1e-3)  # the t table holds 3 decimals
+    assert not x["beyond"]  # the interval holds 0
+    said = readme.say("paired", x)
+    assert said == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (better on 4 of 5 seeds)"
+    shifted = readme._interval((mean + 1, sd, len(d), 5))
+    assert shifted["beyond"] and readme.say("paired", shifted).endswith("beyond the 95% interval)")
