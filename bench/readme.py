@@ -964,7 +964,9 @@ VALUE_METRICS = (
 
 def _value_vs(rows: list[dict], a: str, b: str) -> str:
     """a minus b, paired by seed, on every metric (marked where the 95% interval excludes 0)."""
-    items = [(label, _interval(_paired_rows(rows, a, b, key)), _higher_is_better(key)) for key, label, _ in VALUE_METRICS]
+    items = [
+        (label, _interval(_paired_rows(rows, a, b, key)), _higher_is_better(key)) for key, label, _ in VALUE_METRICS
+    ]
     return say("value_versus", items)
 
 
