@@ -564,20 +564,10 @@ def cached_vs_online() -> str:
         return ""
     t = _result(timing)
     big = {k: r for k, r in t.items() if r["size_ratio"] >= 8}
-    verdicts = [
-        {
-            "name": "cached training at least 2x the tokens/s of online at 8x or more",
-            "good": [k for k, r in big.items() if r["speedup"] >= 2],
-            "shown": ", ".join(f"{k}: {r['speedup']:.2f}x" for k, r in big.items()),
-        },
-        {
-            "name": "training memory at most 0.6x online",
-            "good": [k for k, r in big.items() if r["training_mb_ratio"] <= 0.6],
-            "shown": ", ".join(
-                f"{k}: {r['training_mb_ratio']:.2f}x; whole process {r['peak_rss_ratio']:.2f}x" for k, r in big.items()
-            ),
-        },
-    ]
+    met = {  # the sizes where each target is met: at least 2x the tokens/s, at most 0.6x the training memory
+        "speed": [k for k, r in big.items() if r["speedup"] >= 2],
+        "memory": [k for k, r in big.items() if r["training_mb_ratio"] <= 0.6],
+    }
     overheads = [
         (name, o["overhead_compute"])
         for name, cfg in (
@@ -589,9 +579,15 @@ def cached_vs_online() -> str:
     ]
     m = _result(RESULTS / "cached_vs_online.json")["summary"]["math"]
     quality = _result(RESULTS / "cached_vs_online_quality.json")
-    dq = {arm: [r["eval"] for r in quality["dialogue"] if r["arm"] == arm] for arm in ("cached", "online")}
-    dn = [a["response_nll_nats"] - b["response_nll_nats"] for a, b in zip(dq["cached"], dq["online"])]
-    dk = [a["kl_to_teacher_nats"] - b["kl_to_teacher_nats"] for a, b in zip(dq["cached"], dq["online"])]
+    dialogue = {  # cached minus online, paired by seed
+        key: paired_t(
+            *(
+                {r["seed"]: r["eval"][key] for r in quality["dialogue"] if r["arm"] == arm}
+                for arm in ("cached", "online")
+            )
+        )
+        for key in ("response_nll_nats", "kl_to_teacher_nats")
+    }
     math_acc = {
         arm: {r["seed"]: r["eval"]["accuracy"] for r in quality["math"] if r["arm"] == arm}
         for arm in ("cached", "online")
@@ -600,7 +596,7 @@ def cached_vs_online() -> str:
     return render(
         "cached-vs-online",
         big=big,
-        verdicts=verdicts,
+        met_at=met,
         dialogue_sizes=[(k, r) for k, r in t.items() if k.startswith("dialogue")],
         math=t[math_key],
         math_vocab=len(arithmetic.SPECIALS) + len(arithmetic.CHARS),  # the math task's character vocabulary
@@ -611,10 +607,7 @@ def cached_vs_online() -> str:
         math_seeds=len(math_acc["cached"]),
         dialogue_k=load_config("dialogue").score.top_k,
         dialogue_vocab=_result(RESULTS / "cache_formats.json")["vocab_size"],
-        worse=sum(x > 0 for x in dn),
-        dn=dn,
-        dn_sd=statistics.stdev(dn) if len(dn) > 1 else 0.0,
-        dk=dk,
+        dialogue=dialogue,
         outside=_outside_topk(quality),
         body=_text(md).split("\n", 2)[2].replace("\n## ", "\n#### "),
     )
@@ -1052,24 +1045,16 @@ def _best_within(r: dict, budget: float, method: str = "fkl") -> tuple[str, dict
     return arm, within[arm]
 
 
-def _budgets(r: dict) -> list[str]:
+def _budgets(r: dict) -> list[tuple]:
+    """For each top-k arm's bytes/token and each of fkl, hpd: (the top-k arm, its figures, the method, the best
+    sampled arm within that budget, its figures, whether it beats the top-k's cosine)."""
     out = []
     sampled = {"arms": {a: x for a, x in r["arms"].items() if "sampled" in x["encoding"] and "iid" not in a}}
     for ref in ("top-16 compact", "top-64 compact"):
-        budget, own = r["arms"][ref]["bytes_per_token"], r["arms"][ref]
+        own = r["arms"][ref]
         for method in ("fkl", "hpd"):
-            arm, x = _best_within(sampled, budget, method)
-            if x[method]["cosine_mean"] > own[method]["cosine_mean"]:
-                out.append(
-                    f"within {ref}'s {budget:.0f} bytes/token, for {method}: **{arm}** (`{x['encoding']}`, "
-                    f"{x['bytes_per_token']:.1f} B/token, cosine {x[method]['cosine_mean']:.3f} against the "
-                    f"top-k's {own[method]['cosine_mean']:.3f})"
-                )
-            else:
-                out.append(
-                    f"within {ref}'s {budget:.0f} bytes/token, for {method}: **the top-k itself** (cosine "
-                    f"{own[method]['cosine_mean']:.3f}; the best sampled arm, {arm}, {x[method]['cosine_mean']:.3f})"
-                )
+            arm, x = _best_within(sampled, own["bytes_per_token"], method)
+            out.append((ref, own, method, arm, x, x[method]["cosine_mean"] > own[method]["cosine_mean"]))
     return out
 
 
