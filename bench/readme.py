@@ -86,6 +86,7 @@ def make_distill() -> str:
         n=r["seeds"],
         above=(above["student"], above["baseline"]),
         nll_lower=sum(x < 0 for x in d["response_nll_nats"]["values"]),
+        ci={k: _interval((x["mean"], x["sd"], r["seeds"], 0)) for k, x in d.items()},  # paired t, n - 1 df
         fresh=fresh,
         fresh_differs=bool(fresh and fresh.get("printed") and fresh["printed"].strip() != r["printed"].strip()),
         v=_verdict(r),
