@@ -99,6 +99,35 @@ def test_completion_is_cut_where_the_function_ends():
     text = "    return 1\n\ndef helper():\n    pass\n"
     assert metrics.truncate_completion(text) == "    return 1\n"
     assert metrics.truncate_completion("    return 2\n") == "    return 2\n"
+    assert metrics.truncate_completion("    return 3\n```\n\nThis returns 3.\n") == "    return 3\n"
+
+
+def test_a_chat_model_is_asked_for_the_function_and_continues_its_body():
+    """A chat model gets a user turn holding the problem and its own reply opened with the problem's code in a
+    Python block (it then writes the body, as a base model continuing the code does); a base model the code."""
+    from tiny_llama import make_tokenizer
+
+    prompt = _problem()["prompt"]
+    tok = make_tokenizer()  # ChatML, as SmolLM2's and Qwen's
+    assert "<|im_start|>" in tok.chat_template
+    base = make_tokenizer()
+    base.chat_template = None
+    assert metrics.humaneval_prompt_ids(base, prompt) == base(prompt)["input_ids"]
+    text = tok.decode(metrics.humaneval_prompt_ids(tok, prompt))
+    user, reply = text.split("<|im_start|>assistant\n")
+    assert user.startswith("<|im_start|>user\nComplete the following Python function.") and prompt in user
+    assert reply == "```python\n" + prompt  # the reply opens with the code: what comes next is the body
+
+
+def test_a_chat_reply_that_closes_its_code_block_and_explains_passes():
+    """What a chat model writes after that opening: the body, the block's close, then prose. The body is judged,
+    not the prose (before the reply was opened with the code, every chat reply failed on its prose)."""
+    p = _problem()
+    reply = p["canonical_solution"] + "```\n\nThis function compares every pair of numbers.\n"
+    r = metrics.check_humaneval(p, metrics.truncate_completion(reply), timeout=5.0, execute_code=True)
+    assert r["passed"]
+    prose = "Here is the function:\n```python\n" + p["prompt"] + p["canonical_solution"] + "```\n"
+    assert not metrics.check_humaneval(p, metrics.truncate_completion(prose), timeout=5.0, execute_code=True)["passed"]
 
 
 def test_teacher_forced_nll_and_kl_match_a_float64_reference(tiny_runner, teacher_dir):

@@ -169,9 +169,27 @@ def last_number_is(reply: str, answer) -> bool:
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")  # where a function body ends (Codex paper)
 
 
+FENCE = "```python\n"
+
+
 def truncate_completion(text: str) -> str:
+    """The function body a completion holds: up to the close of its code block (a chat model's reply), then up to
+    where the body ends (STOP)."""
+    text = text.split("```", 1)[0]
     cut = min([text.index(s) for s in STOP if s in text], default=len(text))
     return text[:cut]
+
+
+def humaneval_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """What the model continues: a base model (no chat template) the problem's code itself, as HumanEval was
+    written for; a chat model a user turn asking for the function, and its own reply opened with the problem's
+    code in a Python code block, so that what it writes next is the body (the prompt + completion program the
+    tests run). Without that prefill a chat model answers in prose and markdown, which is no body at all."""
+    if not tokenizer.chat_template:
+        return tokenizer(prompt)["input_ids"]
+    ask = [{"role": "user", "content": f"Complete the following Python function.\n{FENCE}{prompt}```"}]
+    text = tokenizer.apply_chat_template(ask, tokenize=False, add_generation_prompt=True) + FENCE + prompt
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def check_humaneval(problem: dict, completion: str, timeout: float, *, execute_code: bool = False) -> dict:
@@ -215,16 +233,20 @@ def humaneval_pass_at_1(
         execute_code,
         how="execute_code=True (code.execute=true in a config)",
     )  # before minutes of generating
-    completions = generate_texts(
+    ids = [humaneval_prompt_ids(tokenizer, p["prompt"]) for p in problems]
+    outs = sampling.sample(
         model,
         tokenizer,
-        [p["prompt"] for p in problems],
-        max_new_tokens=max_new_tokens,
+        ids,
+        max_new_tokens=min(max_new_tokens, _room(model, ids)),
+        greedy=True,
         batch_size=250 if batch_tokens else 8,
         batch_tokens=batch_tokens,
+        desc="HumanEval",
     )
+    completions = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
     results = [
-        check_humaneval(p, truncate_completion(c[0]), timeout, execute_code=execute_code)
+        check_humaneval(p, truncate_completion(c), timeout, execute_code=execute_code)
         for p, c in zip(problems, completions)
     ]
     return {
