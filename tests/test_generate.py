@@ -112,3 +112,27 @@ def test_sorted_static_cache_sampling_gives_the_same_greedy_replies_in_the_promp
     for kw in ({"sort": True}, {"sort": True, "static_cache": True}):
         got = sampling.sample(model, tok, prompts, max_new_tokens=6, greedy=True, batch_size=2, **kw)
         assert got == plain, kw
+
+
+def test_a_stop_string_ends_each_reply_where_it_is_written(teacher_dir):
+    """`stop` ends a reply as the end-of-sequence token does (HumanEval stops a chat model at its code block's close):
+    each greedy reply is the plain one up to and including the first place the string is written, the rest as
+    they were. The stop string is what the longest reply writes first (the tiny teacher, trained for seconds,
+    writes "1+++..." or "+++..."), so it is written before that reply's end at least once."""
+    model, tok = hf_models.load_causal_lm(teacher_dir)
+    prompts = [tok(r["prompt"])["input_ids"] for r in ROWS]
+    plain = sampling.sample(model, tok, prompts, max_new_tokens=24, greedy=True, batch_size=4)
+    longest = max(plain, key=len)
+    assert len(longest) > 2
+    stop = tok.decode(longest[:2])
+    got = sampling.sample(model, tok, prompts, max_new_tokens=24, greedy=True, batch_size=4, stop=(stop,))
+    cut = 0
+    for short, full in zip(got, plain):
+        text = tok.decode(full)
+        if stop in text:  # cut at the first token that completes the string
+            end = next(i for i in range(1, len(full) + 1) if stop in tok.decode(full[:i]))
+            assert short == full[:end] and tok.decode(short).endswith(stop)
+            cut += end < len(full)
+        else:
+            assert short == full
+    assert cut >= 1, [tok.decode(x) for x in plain]  # the string was written, and the reply ended there

@@ -242,6 +242,7 @@ def humaneval_pass_at_1(
         greedy=True,
         batch_size=250 if batch_tokens else 8,
         batch_tokens=batch_tokens,
+        stop=("```",),  # a chat model's code block closes where the body ends: what follows is prose
         desc="HumanEval",
     )
     completions = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .batching import length_batches, pad_left
 
@@ -25,12 +26,15 @@ def sample(
     sort: bool = False,
     static_cache: bool = False,
     compiled: bool = False,
+    stop: tuple[str, ...] = (),
     desc: str = "sampling",
 ) -> list[list[int]]:
     """Continue each prompt; returns the response ids (in the prompts' order), cut after the first
     end-of-sequence token. batch_tokens > 0 batches by prompt plus new tokens instead of by count; `sort` batches
     by count longest first (alike lengths: little padding); `static_cache` preallocates the KV cache; `compiled`
-    also compiles the decoding step with torch.compile (transformers does that by itself on GPUs only)."""
+    also compiles the decoding step with torch.compile (transformers does that by itself on GPUs only). `stop`:
+    strings that end a response as the end-of-sequence token does (the response keeps them), so a batch ends when
+    every row has written one instead of running to max_new_tokens."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
     out: list[list[int] | None] = [None] * len(prompts)
@@ -47,12 +51,43 @@ def sample(
             top_p=None,
             pad_token_id=pad,
             eos_token_id=eos,
+            **({"stopping_criteria": StoppingCriteriaList([_Written(tokenizer, stop, ids.shape[1])])} if stop else {}),
             **({"cache_implementation": "static"} if static_cache or compiled else {}),
             **({"compile_config": _cpu_compile()} if compiled else {}),
         )
         for i, row in zip(idx, gen[:, ids.shape[1] :].tolist()):
-            out[i] = row[: row.index(eos) + 1] if eos in row else row
+            row = row[: row.index(eos) + 1] if eos in row else row
+            out[i] = _through_stop(tokenizer, row, stop) if stop else row
     return out
+
+
+class _Written(StoppingCriteria):
+    """Done: the rows whose response (from `start` on) holds one of `stops`. transformers' own stop_strings match
+    on the vocabulary's pieces and fail on some tokenizers (a character-level one); decoding the responses works
+    on any, for the cost of a decode per step."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], start: int):
+        self.tokenizer, self.stops, self.start = tokenizer, stops, start
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+def _through_stop(tokenizer, row: list[int], stops: tuple[str, ...]) -> list[int]:
+    """The shortest prefix of `row` whose text holds a stop string (the row itself when none does): a finished row
+    is padded after its stop. Holding one only grows with the prefix, so a bisection finds it."""
+
+    def holds(n: int) -> bool:
+        return any(s in tokenizer.decode(row[:n], skip_special_tokens=True) for s in stops)
+
+    if not holds(len(row)):
+        return row
+    lo, hi = 1, len(row)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if holds(mid) else (mid + 1, hi)
+    return row[:lo]
 
 
 def _cpu_compile():
