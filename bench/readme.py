@@ -1113,6 +1113,8 @@ def _pair_targets(pair: str, s: dict) -> dict | None:
     )
     m, before, teacher = methods[best], s.get("initial") or {}, s.get("teacher") or {}
     t = {"best": best, "nll": m["response_nll_nats"].get("minus_sft"), "he": paired.get(f"{best} vs sft")}
+    if "humaneval_pass@1" in m and "humaneval_pass@1" in methods.get("sft", {}):  # both at 0%: "not worse" says little
+        t["he_none_pass"] = m["humaneval_pass@1"]["mean"] == methods["sft"]["humaneval_pass@1"]["mean"] == 0
     if pair == "X" and "teacher_target_share" in m:
         t["share"] = m["teacher_target_share"]
     if pair == "A" and "humaneval_pass@1" in before and "humaneval_pass@1" in teacher:
