@@ -49,7 +49,8 @@ def _interval(d: tuple) -> dict:
     degrees of freedom), as phrases.md's `paired` reads it."""
     mean, sd, n, better = d
     half = t95(n - 1) * sd / n**0.5 if n > 1 else float("inf")
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "better": better, "beyond": _separable(d)}
+    lo, hi = mean - half, mean + half
+    return {"mean": mean, "lo": lo, "hi": hi, "n": n, "better": better, "beyond": lo > 0 or hi < 0}
 
 
 # The results files the section being rendered has read (parsed; None for a bench's table): each section ends with
@@ -733,8 +734,7 @@ def reliability() -> str:
 
 def _separable(d) -> bool:
     """A paired difference (mean, sd, n, ...) whose 95% interval (Student's t, n - 1 degrees of freedom) excludes 0."""
-    mean, sd, n, _ = d
-    return n > 1 and abs(mean) > t95(n - 1) * sd / n**0.5
+    return _interval(d)["beyond"]
 
 
 def study() -> str:

@@ -84,10 +84,18 @@ def heldout_rows(path: str, n: int = 0) -> list[dict]:
     return rows
 
 
-def _room(model, prompts: list[list[int]]) -> int:
+def _room(model, prompts: list[list[int]], texts: list[str]) -> int:
     """New tokens that fit every prompt's context, less one: a reply scored later as a reference gets the
-    end-of-text token appended (encode_example), and must still fit."""
-    return hf_models.context_length(model) - max(map(len, prompts)) - 1
+    end-of-text token appended (encode_example), and must still fit. None fit: a one-line error naming the prompt."""
+    room = hf_models.context_length(model) - max(map(len, prompts)) - 1
+    if room < 1:
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        raise HpdError(
+            f"a prompt of {len(prompts[longest])} tokens ({texts[longest][:40]!r}...) leaves the model no room "
+            f"to answer in its context of {hf_models.context_length(model)} tokens; use a model with a "
+            f"longer context, or shorter prompts"
+        )
+    return room
 
 
 def generate_texts(
@@ -104,14 +112,7 @@ def generate_texts(
 ) -> list[list[str]]:
     """`samples` decoded responses per prompt (greedy: one)."""
     ids = [batching.encode_pair(tokenizer, p, None)[0] for p in prompts]
-    room = _room(model, ids)
-    if room < 1:
-        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
-        raise HpdError(
-            f"a prompt of {len(ids[longest])} tokens ({prompts[longest][:40]!r}...) leaves the model no room "
-            f"to answer in its context of {hf_models.context_length(model)} tokens; use a model with a "
-            f"longer context, or shorter prompts"
-        )
+    room = _room(model, ids, prompts)
     n = 1 if greedy else samples
     outs = sampling.sample(
         model,
@@ -238,7 +239,7 @@ def humaneval_pass_at_1(
         model,
         tokenizer,
         ids,
-        max_new_tokens=min(max_new_tokens, _room(model, ids)),
+        max_new_tokens=min(max_new_tokens, _room(model, ids, [p["prompt"] for p in problems])),
         greedy=True,
         batch_size=250 if batch_tokens else 8,
         batch_tokens=batch_tokens,
