@@ -217,6 +217,11 @@ def main():
             for s in range(cfg.compare.seeds)
             if (m, s) not in done
         ]
+    base = open_run(CONFIG[args.pair], overrides, home=args.home)
+    # what the teacher side cost once, for every arm (from the shared stages' manifests)
+    result["teacher_side_seconds"] = {
+        s: base.manifest(s)["seconds"] for s in ("generate", "score") if s in base.stages and base.manifest(s)
+    }
     result["summary"] = summarise(results, args.pair)
     (RESULTS / f"real_students_{args.pair}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"]["methods"], indent=1)[:3000])
