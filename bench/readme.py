@@ -397,7 +397,7 @@ def compare() -> str:
         d = RESULTS / f"compare_{task}"
         if not (d / "report.md").exists():
             continue
-        md = _text(d / "report.md").replace("](", f"](bench/results/compare_{task}/")
+        md = _text(d / "report.md").replace("](", f"](../bench/results/compare_{task}/")
         results = _result(d / "results.json")
         seeds = len({r["seed"] for r in results})
         parts.append(
