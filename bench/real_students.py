@@ -194,7 +194,8 @@ def main():
     result["overrides"] = overrides
     out = RESULTS / f"real_students_{args.pair}"
     os.environ["HPD_HOME"] = args.home
-    compare(CONFIG[args.pair], overrides, out=out, run_missing=not args.finished_only)
+    # each arm in a process of its own: a 0.5B student beside its 1.5B teacher's leftovers does not fit in 24 GB
+    compare(CONFIG[args.pair], overrides, out=out, run_missing=not args.finished_only, isolate=True)
     results = json.loads((out / "results.json").read_text())
     if args.finished_only:  # which arms the comparison has not finished yet
         cfg = open_run(CONFIG[args.pair], overrides, home=args.home).cfg

@@ -88,3 +88,30 @@ def test_the_teacher_is_judged_in_the_first_arm_only_and_never_against_the_confi
     off = load("tiny", ["eval.teacher=false"])
     assert "eval.teacher=false" in arm_overrides(off, 0, "x", first=True)  # the user's eval.teacher = false holds
     assert arm_overrides(cfg, 2, "tiny-fkl-s2", first=False)[0] == "distill.seed=2"
+
+
+def test_compare_runs_each_arm_in_a_process_of_its_own_when_asked(tiny_home, tmp_path, monkeypatch):
+    """isolate=True: each arm is `hpd run` in a child process (its memory is given back before the next arm), with
+    the same report as an arm run in this process; a failing child is a one-line error."""
+    import sys
+
+    import pytest
+
+    from hpd.common.errors import HpdError
+    from hpd.pipeline import compare as compare_module
+    from hpd.pipeline.stage import Runner
+
+    home = copy_home(tiny_home, tmp_path / "home")
+    monkeypatch.setenv("HPD_HOME", str(home))
+    sets = ['compare.methods="sft"', "compare.seeds=1", "compare.steps=2", "eval.examples=4", "eval.samples=1"]
+    here, run = [], Runner.run
+    monkeypatch.setattr(
+        Runner, "run", lambda self, *a, **k: (here.append((self.cfg.run.name, a, k)), run(self, *a, **k))
+    )
+    compare_module.compare("tiny", sets, out=tmp_path / "apart", log=lambda s: None, isolate=True)
+    assert [name for name, *_ in here] == ["tiny"]  # only the shared teacher stages ran in this process
+    apart = json.loads((tmp_path / "apart" / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in apart] == [("sft", 0)] and apart[0]["student"]["student_steps"] == 2
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(HpdError, match=r"an arm's `hpd run` failed \(exit 1\)"):
+        compare_module.compare("tiny", [*sets, "compare.steps=3"], out=tmp_path / "bad", isolate=True)

@@ -130,7 +130,7 @@ def test_a_chat_reply_that_closes_its_code_block_and_explains_passes():
     assert not metrics.check_humaneval(p, metrics.truncate_completion(prose), timeout=5.0, execute_code=True)["passed"]
 
 
-def test_teacher_forced_nll_and_kl_match_a_float64_reference(tiny_runner, teacher_dir):
+def test_teacher_forced_nll_and_kl_match_a_float64_reference(tiny_runner, teacher_dir, monkeypatch):
     student_dir = tiny_runner.manifest("distill")["outputs"]["student_dir"]
     student, tok = hf_models.load_causal_lm(student_dir)
     teacher, _ = hf_models.load_causal_lm(teacher_dir)
@@ -150,6 +150,10 @@ def test_teacher_forced_nll_and_kl_match_a_float64_reference(tiny_runner, teache
     assert got["response_nll_nats"] == pytest.approx(nll / n, rel=1e-4)
     assert got["kl_to_teacher_nats"] == pytest.approx(kl / n, rel=1e-3) and kl > 0
     assert metrics.teacher_forced(teacher, tok, rows, teacher)["kl_to_teacher_nats"] == pytest.approx(0, abs=1e-6)
+    monkeypatch.setattr(metrics, "LOGITS_BYTES", 4 * teacher.config.vocab_size * 8)  # 8 tokens: a row a batch
+    again = metrics.teacher_forced(student, tok, rows, teacher)
+    assert again["response_nll_nats"] == pytest.approx(nll / n, rel=1e-4)
+    assert again["kl_to_teacher_nats"] == pytest.approx(kl / n, rel=1e-3)
 
 
 class _MatchTask:
@@ -246,3 +250,16 @@ def test_prompts_longer_than_the_context_are_one_line_errors(tiny_runner, teache
     model, tok = hf_models.load_causal_lm(teacher_dir)
     with pytest.raises(HpdError, match="leaves the model no room to answer in its context of"):
         metrics.generate_texts(model, tok, ["1+1:", "1+" * 200 + "1:"])
+
+
+def test_teacher_forced_batches_stay_within_the_log_prob_budget():
+    """A large vocabulary: the batches teacher_forced makes keep each [tokens, vocabulary] fp32 tensor within
+    LOGITS_BYTES (a 151,936-token head at 32 rows of 300 tokens would be 5.8 GB a tensor); a small one keeps the
+    batches it asked for; a budget asked for is never raised."""
+    from hpd.stages import metrics
+
+    lengths = [300] * 32
+    assert metrics._token_budget(lengths, 151_936, 32, 0) == metrics.LOGITS_BYTES // (4 * 151_936) == 883
+    assert metrics._token_budget(lengths, 151_936, 32, 8192) == 883
+    assert metrics._token_budget(lengths, 18, 32, 0) == 0  # 32 x 300 x 18 floats: the plain batches
+    assert metrics._token_budget(lengths, 18, 32, 600) == 600

@@ -4,12 +4,19 @@ Each (method, seed) is a run of its own, named <run>-<method>-s<seed>, that adop
 data, teacher, generate and score stages, so the teacher is trained and the cache scored once. Every method
 gets the same number of student steps (compare.steps); hpd->opd spends compare.opd_rounds of them in
 on-policy rounds (HPD offline first, then OPD on refreshed sequences, as --config hpd-opd).
+
+With `isolate`, each arm runs as `hpd run` in a process of its own: a large student and its teacher leave memory
+behind in a process (the models, the allocator's arenas) that the next arm would otherwise start on top of.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+from hpd.common.errors import HpdError
 from hpd.common.settings import Settings
 
 from .config import compare_methods
@@ -50,9 +57,26 @@ def arm_overrides(cfg: Settings, seed: int, name: str, first: bool) -> list[str]
     ]
 
 
-def compare(config_path, overrides: list[str], out: Path | None = None, log=print, run_missing: bool = True) -> Path:
+def run_apart(config_path, overrides: list[str], home: Path) -> None:
+    """`hpd run` with these settings in a process of its own (its output is this process's)."""
+    cmd = [sys.executable, "-m", "hpd.pipeline.cli", "run", *(["--config", str(config_path)] if config_path else [])]
+    cmd += [a for o in overrides for a in ("--set", o)]
+    rc = subprocess.run(cmd, env={**os.environ, "HPD_HOME": str(home)}).returncode
+    if rc:
+        raise HpdError(f"an arm's `hpd run` failed (exit {rc}); rerun the comparison: it resumes where it stopped")
+
+
+def compare(
+    config_path,
+    overrides: list[str],
+    out: Path | None = None,
+    log=print,
+    run_missing: bool = True,
+    isolate: bool = False,
+) -> Path:
     """Run every (method, seed) arm that is not finished and report them all; with run_missing=False, report the
-    finished arms alone and run nothing (a comparison still under way, read so far)."""
+    finished arms alone and run nothing (a comparison still under way, read so far); with isolate, each arm in a
+    process of its own."""
     base = open_run(config_path, overrides)
     cfg = base.cfg
     c = cfg.compare
@@ -65,18 +89,20 @@ def compare(config_path, overrides: list[str], out: Path | None = None, log=prin
         extra = method_overrides(method, cfg)
         for seed in range(c.seeds):
             name = f"{cfg.run.name}-{slug(method)}-s{seed}"
-            r = open_run(
-                config_path,
-                [*overrides, *extra, *arm_overrides(cfg, seed, name, first=(method, seed) == (methods[0], 0))],
-            )
+            arm = [*overrides, *extra, *arm_overrides(cfg, seed, name, first=(method, seed) == (methods[0], 0))]
+            r = open_run(config_path, arm)
             if not run_missing:
                 if r.state("eval")[0] != "done":
                     log(f"[compare] {method} seed {seed}: not finished, left out")
                     continue
             else:
                 r.adopt(cfg.run.name, shared)
-                log(f"[compare] {method} seed {seed}: run {name}")
-                r.run()
+                log(f"[compare] {method} seed {seed}: run {name}{' (a process of its own)' if isolate else ''}")
+                if isolate:
+                    run_apart(config_path, arm, base.ctx.home)
+                    r = open_run(config_path, arm)  # what the other process finished
+                else:
+                    r.run()
             distills = r.student_stages()
             results.append(
                 {

@@ -260,6 +260,21 @@ def humaneval_pass_at_1(
 
 
 # -- any task: likelihood of the references, and distance to the teacher ---------------------------------------
+# What one [tokens, vocabulary] fp32 tensor of log-probs may take: each batch makes several (the model's and the
+# teacher's logits and log-softmax), so with a 151,936-token vocabulary 32 rows of 300 tokens (5.8 GB a tensor)
+# would put a student that is training, or judged beside its teacher, past this machine's memory.
+LOGITS_BYTES = 1 << 29
+
+
+def _token_budget(lengths: list[int], vocab: int, batch_size: int, batch_tokens: int) -> int:
+    """The batch_tokens teacher_forced uses: the one asked for, bounded so a batch's log-probs fit LOGITS_BYTES
+    (a row longer than that is a batch of its own); 0 (batches of batch_size) where those fit anyway."""
+    cap = max(LOGITS_BYTES // (4 * vocab), 1)
+    if batch_tokens:
+        return min(batch_tokens, cap)
+    return cap if batch_size * max(lengths, default=0) > cap else 0
+
+
 @torch.no_grad()
 def teacher_forced(
     model, tokenizer, rows: list[dict], teacher=None, batch_size: int = 32, batch_tokens: int = 0
@@ -269,7 +284,10 @@ def teacher_forced(
     sums = {"response_nll_nats": 0.0, "response_entropy_nats": 0.0, "kl_to_teacher_nats": 0.0}
     count = 0
     encoded = [encode_example(tokenizer, r["prompt"], r["response"]) for r in rows]
-    for part in batching.length_batches([len(ids) for ids, _ in encoded], batch_size, batch_tokens):
+    lengths = [len(ids) for ids, _ in encoded]
+    vocab = max(m.config.vocab_size for m in (model, teacher) if m is not None)
+    batch_tokens = _token_budget(lengths, vocab, batch_size, batch_tokens)
+    for part in batching.length_batches(lengths, batch_size, batch_tokens):
         enc = [encoded[i] for i in part]
         seqs = [e[0] for e in enc]
         lq, _ = hf_models.log_probs(model, seqs, tokenizer.pad_token_id)
