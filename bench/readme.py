@@ -1151,6 +1151,24 @@ REAL_MEASURES = {
 }
 
 
+def _curve_table(methods: dict) -> dict | None:
+    """The learning curves of a pair's summary as one table: each method's held-out measure at each student step,
+    the mean over its seeds (None for a summary written before curves were kept)."""
+    if not all("curves" in m for m in methods.values()):
+        return None
+    rows: dict[int, dict[str, list[float]]] = {}
+    for name, m in methods.items():
+        for c in m["curves"].values():
+            for step, value in c["points"]:
+                rows.setdefault(step, {}).setdefault(name, []).append(value)
+    measure = next(c["measure"] for m in methods.values() for c in m["curves"].values())
+    return {
+        "measure": measure,
+        "steps": {s: {k: statistics.mean(v) for k, v in row.items()} for s, row in sorted(rows.items())},
+        "minutes": {k: m["train_seconds"] / 60 for k, m in methods.items()},
+    }
+
+
 def real_students() -> str:
     """Students from real teachers (bench/real_students.py): pair B (prune then distil), pair A (Qwen2.5-Coder) and
     pair X (across tokenizers)."""
@@ -1192,6 +1210,8 @@ def real_students() -> str:
                     for k in ("hpd", "hpd_fkl")
                     if k in methods and "minus_sft" in methods[k].get(primary, {})
                 ],
+                "curves": _curve_table(methods),
+                "figure": (RESULTS / f"real_students_{pair}" / "learning_curves.png").exists(),
                 # the alignment's coverage, for the methods that train on the teacher's distribution (not SeqKD)
                 "shares": {
                     k: m["teacher_target_share"]

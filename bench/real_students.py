@@ -108,6 +108,13 @@ def plateau(log: list[dict], steps: int) -> dict:
     }
 
 
+def curve(log: list[dict]) -> dict:
+    """The held-out learning curve of one run: its measure (KL to the teacher, or across tokenizers NLL) and its
+    (student step, value) points."""
+    key = "curve_kl" if any("curve_kl" in e for e in log) else "curve_nll"
+    return {"measure": key, "points": [(e["student_step"], e[key]) for e in log if key in e]}
+
+
 def summarise(results: list[dict], pair: str) -> dict:
     by = {}
     for r in results:
@@ -145,6 +152,8 @@ def summarise(results: list[dict], pair: str) -> dict:
         m["plateau"] = [
             plateau(r["log"], max((e["student_step"] for e in r["log"]), default=0)) for r in seeds.values()
         ]
+        m["curves"] = {s: curve(r["log"]) for s, r in seeds.items()}  # the learning curves, seed by seed
+        m["train_seconds"] = statistics.mean(r["train_seconds"] for r in seeds.values())
         out["methods"][method] = m
     for method, m in out["methods"].items():  # across tokenizers: how many student tokens the bridge reached
         shares = [r["student"].get("teacher_target_share") for r in by[method].values()]
@@ -157,6 +166,8 @@ def summarise(results: list[dict], pair: str) -> dict:
 
         base = (initial or {}).get("humaneval_passed") or []
         out["humaneval_paired"] = {}
+        if base and (teacher or {}).get("humaneval_passed"):  # the gap distillation is to close
+            out["humaneval_paired"]["teacher vs before"] = mcnemar(teacher["humaneval_passed"], base)
         for a in by:
             for b in ("before", "sft"):
                 if a == b or (b != "before" and b not in by):

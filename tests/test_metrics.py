@@ -259,7 +259,7 @@ def test_teacher_forced_batches_stay_within_the_log_prob_budget():
     from hpd.stages import metrics
 
     lengths = [300] * 32
-    assert metrics._token_budget(lengths, 151_936, 32, 0) == metrics.LOGITS_BYTES // (4 * 151_936) == 883
-    assert metrics._token_budget(lengths, 151_936, 32, 8192) == 883
+    assert metrics._token_budget(lengths, 151_936, 32, 0) == metrics.LOGITS_BYTES // (4 * 151_936) == 441
+    assert metrics._token_budget(lengths, 151_936, 32, 8192) == 441
     assert metrics._token_budget(lengths, 18, 32, 0) == 0  # 32 x 300 x 18 floats: the plain batches
     assert metrics._token_budget(lengths, 18, 32, 600) == 600

@@ -263,7 +263,7 @@ def humaneval_pass_at_1(
 # What one [tokens, vocabulary] fp32 tensor of log-probs may take: each batch makes several (the model's and the
 # teacher's logits and log-softmax), so with a 151,936-token vocabulary 32 rows of 300 tokens (5.8 GB a tensor)
 # would put a student that is training, or judged beside its teacher, past this machine's memory.
-LOGITS_BYTES = 1 << 29
+LOGITS_BYTES = 1 << 28
 
 
 def _token_budget(lengths: list[int], vocab: int, batch_size: int, batch_tokens: int) -> int:
