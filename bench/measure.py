@@ -12,10 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 from hpd import open_run
 
@@ -54,8 +58,19 @@ class Measured(dict):
         self.setdefault(stage, {}).update(figures)
 
 
-def in_own_process(stage: str, config: str | None, sets: list[str], home: Path) -> dict:
-    """`stage` run in a fresh Python process (after its run directory was cleared by the caller); its figures."""
+class DoesNotFit(Exception):
+    """The stage's process outgrew its memory cap (or the kernel's OOM killer ended it): the figure is that it does
+    not fit, with the resident memory it had reached."""
+
+    def __init__(self, peak_rss_mb: float, cap_mb: float | None):
+        super().__init__(f"needed more than {cap_mb or 'the machine'} MB (reached {peak_rss_mb:.0f} MB)")
+        self.peak_rss_mb, self.cap_mb = peak_rss_mb, cap_mb
+
+
+def in_own_process(stage: str, config: str | None, sets: list[str], home: Path, memory_cap_mb: float | None = None):
+    """`stage` run in a fresh Python process (after its run directory was cleared by the caller); its figures. With
+    memory_cap_mb, the process is watched and killed once its resident memory passes the cap (DoesNotFit): a cap a
+    little under the machine's memory keeps the kernel's OOM killer away from everything else."""
     out = Path(home) / f".measure-{os.getpid()}.json"
     cmd = [
         sys.executable,
@@ -69,7 +84,22 @@ def in_own_process(stage: str, config: str | None, sets: list[str], home: Path) 
         *(["--config", config] if config else []),
         *[a for s in sets for a in ("--set", s)],
     ]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watched, peak = psutil.Process(child.pid), 0.0
+    while child.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss / 2**20)
+        except psutil.NoSuchProcess:
+            break
+        if memory_cap_mb and peak > memory_cap_mb:
+            child.kill()
+            child.wait()
+            raise DoesNotFit(peak, memory_cap_mb)
+        time.sleep(0.1)
+    if child.wait() == -signal.SIGKILL:  # the kernel's OOM killer
+        raise DoesNotFit(peak, memory_cap_mb)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, cmd)
     figures = json.loads(out.read_text())
     out.unlink()
     return figures

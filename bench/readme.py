@@ -212,6 +212,22 @@ def _speedup_bound(r: dict) -> float:
     return m["online"]["seconds_per_step"] / m["sft"]["seconds_per_step"]
 
 
+def _pair_cached_vs_online(config: str) -> str:
+    """A real pair's training from its cache against its teacher online (bench/real_cached_vs_online.py --config)."""
+    r = _result(RESULTS / f"real_cached_vs_online_{config}.json")
+    if r is None:
+        return ""
+    labels = {"cached": "from the cache", "online": "teacher online, same process", "sft": "plain SFT (no teacher)"}
+    batch = load_config(r["config"], [*r["overrides"], "code.execute=true"]).distill.batch_size
+    return render(
+        "pair-cached-vs-online",
+        r=r,
+        arms=[a for a in labels if a in {x["arm"] for x in r["warmup"]}],
+        labels=labels,
+        batch=batch,
+    )
+
+
 def _real_cached_vs_online() -> str:
     r = _result(RESULTS / "real_cached_vs_online.json")
     if r is None:
@@ -381,7 +397,7 @@ def compare() -> str:
         d = RESULTS / f"compare_{task}"
         if not (d / "report.md").exists():
             continue
-        md = _text(d / "report.md").replace("](", f"](bench/results/compare_{task}/")
+        md = _text(d / "report.md").replace("](", f"](../bench/results/compare_{task}/")
         results = _result(d / "results.json")
         seeds = len({r["seed"] for r in results})
         parts.append(
@@ -1188,6 +1204,7 @@ def real_students() -> str:
                 ),
                 "recovery": recovery,
                 "targets": _pair_targets(pair, s) if pair in ("A", "X") else None,
+                "cached_vs_online": _pair_cached_vs_online(r["config"]) if pair == "A" else "",
                 "claims": [
                     f"`{k}` {methods[k][primary]['minus_sft']['verdict']}"
                     for k in ("hpd", "hpd_fkl")

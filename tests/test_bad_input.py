@@ -175,7 +175,7 @@ def test_student_with_another_tokenizer(home, tmp_path, teacher_dir):
         "run",
         overrides=['run.name="othertok"', f'distill.student_path="{tmp_path / "student"}"', "rounds.count=1"],
     )
-    _assert_clean_failure(r, home, "othertok", "distill", "across tokenizers a student trains from one offline cache")
+    _assert_clean_failure(r, home, "othertok", "distill", "across tokenizers a student trains from offline caches")
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,9 @@ through the public API's observers, and leaves the run's results as an ordinary 
 
 from pathlib import Path
 
-from bench.measure import Measured, in_own_process
+import pytest
+
+from bench.measure import DoesNotFit, Measured, in_own_process
 from hpd import open_run
 
 
@@ -12,6 +14,9 @@ def test_a_stage_measured_in_its_own_process(tmp_path):
     run = open_run("tiny", home=tmp_path, log=lambda s: None, observers=[measured])
     run.run(until="score")
     assert set(measured) == {"score"} and measured["score"]["forward_s"] > 0  # observers hear the build
+    with pytest.raises(DoesNotFit) as capped:  # past its memory cap the stage's process is killed: it does not fit
+        in_own_process("distill", "tiny", [], tmp_path, memory_cap_mb=64)
+    assert capped.value.peak_rss_mb > 64 and run.state("distill")[0] != "done"  # and leaves no finished student
     figures = in_own_process("distill", "tiny", [], tmp_path)
     assert figures["train_seconds"] > 0 and figures["peak_rss_mb"] >= figures["rss_start_mb"] > 0
     assert figures["steps"] == run.cfg.distill.steps and figures["input_tokens"] > 0

@@ -111,3 +111,20 @@ def test_the_readme_python_example_runs(tiny_runner):
     loss, diagnostics = distill_loss("hpd_fkl", logits, labels, teacher=batch)
     loss.backward()
     assert diagnostics["tokens"] == int((labels[:, 1:] != -100).sum()) and logits.grad.abs().sum() > 0
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    """A link or image in README.md or docs/*.md that names a file of the repository names one that exists,
+    relative to the page it is on (a generated docs page once pointed its images at bench/ from docs/)."""
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#", 1)[0]
+            if not path or "://" in path or path.startswith("mailto:"):
+                continue
+            if not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken

@@ -1,6 +1,7 @@
 """Several teachers ([teachers]): other runs' caches routed into one student, or mixed into ensemble targets."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,43 @@ def test_an_ensembles_rounds_rescore_with_every_teacher(with_second_teacher):
     mixture = r.outputs("distill-1").report["mixture"]
     assert mixture["refresh"]["cache"] == MixedCache([own, theirs], [0.5, 0.5], own.k).id
     assert mixture["offline"]["cache"].startswith("mix-")
+
+
+def test_an_ensemble_of_teachers_with_other_tokenizers_trains_a_given_student(tiny_home, tmp_path):
+    """Across tokenizers, several teachers: the tiny run's character-level teacher and a byte-level BPE teacher
+    score the same texts (generate.mode = "dataset", the same [data]), each in its own tokens; a given student of
+    the BPE tokenizer trains on their mixture, each cache carried into its vocabulary by its own bridge, neither
+    cache rescored. With refresh rounds, or routed, the same teachers are refused before any teacher pass."""
+    from transformers import AutoTokenizer
+
+    from hpd.stages import student_models
+
+    from tiny_llama import make_tokenizer
+
+    home = copy_home(tiny_home, tmp_path / "home")
+    bpe = tmp_path / "bpe"
+    tok = make_tokenizer(320, corpus=[f"{a} plus {b} is {a + b}" for a in range(30) for b in range(9)])
+    student_models.new_gpt2(tok, n_positions=128, n_layer=1, n_embd=16, n_head=2).save_pretrained(bpe)
+    tok.save_pretrained(bpe)
+    other = make_runner(home, f'teacher.path="{bpe}"', run="bpe")
+    other.run(until="score")
+    tiny = make_runner(home)
+    assert AutoTokenizer.from_pretrained(tiny.outputs("teacher").model_dir).get_vocab() != tok.get_vocab()
+    caches = sorted(p.name for p in (home / "caches").iterdir())
+    sets = [*STEPS, 'teachers.runs="bpe"', 'teachers.mode="ensemble"', 'distill.method="fkl"']
+    r = make_runner(home, *sets, f'distill.student_path="{bpe}"', run="mixed-tokenizers")
+    assert {"teacher@bpe", "generate@bpe", "score@bpe"} <= set(r.stages["distill"].inputs)
+    r.run(until="distill")
+    assert sorted(p.name for p in (home / "caches").iterdir()) == caches  # both caches reused, none rescored
+    report = r.outputs("distill").report
+    assert report["teacher_target_share"] >= 0.9
+    mixture = report["mixture"]["offline"]
+    assert mixture["cache"] == tiny.outputs("score").cache_id and mixture["mixed_with"] == [
+        other.outputs("score").cache_id
+    ]
+    losses = [e["loss"] for e in _log(r) if "loss" in e]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    for extra, message in (("rounds.count=1", "without rounds"), ('teachers.mode="route"', "mix only as teachers.mode")):
+        with pytest.raises(HpdError, match=message):
+            make_runner(home, *sets, f'distill.student_path="{bpe}"', extra, run="refused").run()
+        assert not any((home / "runs" / "refused" / s / "manifest.json").exists() for s in ("generate", "distill"))

@@ -268,3 +268,68 @@ def test_a_stray_byte_in_the_teachers_reply_does_not_shift_the_rest(big, small):
     assert bridge.s_bytes.index(b"\xe2") in response
     assert (a.first >= 0).all()
     assert a.first[-1] == len(head) + len(tail) + 1  # the end of turn on the teacher's end of turn
+
+
+def test_an_ensemble_of_teachers_with_other_tokenizers_mixes_what_each_carries(big, small):
+    """Two teachers of other tokenizers (byte-level BPE, SentencePiece with byte fallback) score the same text; each
+    cache row is carried into the student's tokens by its own bridge, aligned to the same student tokens, then
+    mixed: where both have a target, 0.7 / 0.3 of each carried distribution (ids both list: exactly that; the own
+    token's log-prob: exactly log of the mixture; total mass 1); where only one has (the second teacher's text stops
+    early), that teacher's distribution alone."""
+    from hpd.stages.token_bridge import mixed_batch
+
+    sp, k, text = sentencepiece_tokenizer(), 24, TEXTS[1]
+    ids_a, row_a, _ = teacher_row(big, text, k, seed=1)
+    cut = text[: text.index("Of")]  # the second teacher's text ends before the first's
+    ids_b, row_b, _ = teacher_row(sp, cut, k, seed=2)
+    ab, bb = Bridge(big, small), Bridge(sp, small)
+    a = ab.align([1, 2], ids_a[row_a.start + 1 :])
+    b = bb.align([1, 2], ids_b[row_b.start + 1 :], a.input_ids[a.prompt_len :])
+    length = len(a.input_ids)
+    pa = ab.batch([row_a], [ids_a], [row_a.start + 1], [a], length, k)
+    pb = bb.batch([row_b], [ids_b], [row_b.start + 1], [b], length, k)
+    mixed = mixed_batch([pa, pb], [0.7, 0.3], len(small), k)
+    both, only_a = pa.mask & pb.mask, pa.mask & ~pb.mask
+    assert both.sum() >= 5 and only_a.sum() >= 3 and torch.equal(mixed.mask, pa.mask | pb.mask)
+    for g in both[0].nonzero()[:, 0].tolist():
+        da, ta = distribution(pa, g)
+        db, tb = distribution(pb, g)
+        dm, tm = distribution(mixed, g)
+        for v in set(da) & set(db) & set(dm):
+            assert dm[v] == pytest.approx(0.7 * da[v] + 0.3 * db[v], rel=1e-5)
+        assert sum(dm.values()) + tm == pytest.approx(1.0, abs=1e-5)
+        want = math.log(0.7 * math.exp(float(pa.target_logprob[0, g])) + 0.3 * math.exp(float(pb.target_logprob[0, g])))
+        assert float(mixed.target_logprob[0, g]) == pytest.approx(want, abs=1e-5)
+    for g in only_a[0].nonzero()[:, 0].tolist():
+        da, ta = distribution(pa, g)
+        dm, tm = distribution(mixed, g)
+        assert dm.keys() == da.keys() and all(dm[v] == pytest.approx(da[v], rel=1e-5) for v in da)
+        assert tm == pytest.approx(ta, rel=1e-4, abs=1e-7)
+        assert float(mixed.target_logprob[0, g]) == pytest.approx(float(pa.target_logprob[0, g]), abs=1e-6)
+
+
+def test_an_ensemble_through_identical_bridges_is_the_same_tokenizer_mixture(big):
+    """With every tokenizer the teachers' own, mixing after the bridges gives the cache mixture the same-tokenizer
+    ensemble trains on (hpd/storage/merge.py, each row mixed directly)."""
+    from hpd.stages.token_bridge import mixed_batch
+    from hpd.storage.merge import mix_positions
+
+    k = 16
+    ids, row_a, _ = teacher_row(big, TEXTS[0], k, seed=3)
+    _, row_b, _ = teacher_row(big, TEXTS[0], k, seed=4)
+    bridge = Bridge(big, big)
+    a = bridge.align(ids[: row_a.start + 1], ids[row_a.start + 1 :])
+    parts = [bridge.batch([r], [ids], [r.start + 1], [a], len(ids), k) for r in (row_a, row_b)]
+    mixed = mixed_batch(parts, [0.25, 0.75], len(big), k)
+    n = len(row_a.target_logprob)
+    ref = mix_positions(
+        [(r.topk_ids, r.topk_logprobs, r.tail_logmass, r.target_logprob) for r in (row_a, row_b)],
+        [0.25, 0.75],
+        len(big),
+        k,
+    )
+    g = slice(row_a.start, row_a.start + n)
+    assert torch.equal(mixed.topk_ids[0, g], ref[0])
+    assert torch.allclose(mixed.topk_logprobs[0, g], ref[1], atol=1e-5)
+    assert torch.allclose(mixed.tail_logmass[0, g], ref[2], atol=1e-4)
+    assert torch.allclose(mixed.target_logprob[0, g], ref[3], atol=1e-6)

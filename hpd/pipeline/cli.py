@@ -232,13 +232,14 @@ def _summary(out) -> str:
 @config_option
 @set_option
 @click.option("--out", type=click.Path(file_okay=False), help="report directory (default <home>/compare/<run>)")
-def compare(config_path, overrides, out):
+@click.option("--isolate", is_flag=True, help="each arm in a process of its own (a large model's memory between arms)")
+def compare(config_path, overrides, out, isolate):
     """Methods x seeds from one shared cache; writes a markdown table (mean +- std) and PNG plots."""
     from pathlib import Path
 
     from .compare import compare as run_compare
 
-    path = run_compare(config_path, list(overrides), Path(out) if out else None)
+    path = run_compare(config_path, list(overrides), Path(out) if out else None, isolate=isolate)
     click.echo(f"report: {path}")
 
 

@@ -54,7 +54,10 @@ def _first_plan(cfg: Settings, judged: set[str]) -> StudentPlan:
         return StudentPlan((own,), **schedule, online=online)
     if cfg.teachers.mode == "ensemble":
         mixed = replace(
-            own, caches=("score", *(f"score@{n}" for n, _ in shares[1:])), weights=tuple(w for _, w in shares)
+            own,
+            caches=("score", *(f"score@{n}" for n, _ in shares[1:])),
+            weights=tuple(w for _, w in shares),
+            linked=tuple(n for n, _ in shares[1:]) if d.student_path else (),  # their tokenizers may differ
         )
         return StudentPlan((mixed,), **schedule, weighting=cfg.teachers.weighting)
     sources = [

@@ -376,10 +376,13 @@ class Runner:
         if self.cfg.teachers.mode != "ensemble":
             return
         mine = self.state("generate")[0] == "done" and self.outputs("generate").fingerprint
+        own_tok = self.state("teacher")[0] == "done" and self.outputs("teacher").tokenizer_fingerprint
         for name, other in sorted(self.linked_runs.items()):
             if other is None or other.state("generate")[0] != "done":
                 continue  # (Runner.run names a run that is not built yet)
-            if mine:
+            # teachers of other tokenizers write the same texts in other tokens: compared by their settings
+            same_tokens = not own_tok or other.outputs("teacher").tokenizer_fingerprint == own_tok
+            if mine and same_tokens:
                 if other.outputs("generate").fingerprint != mine:
                     raise HpdError(
                         f'teachers.mode="ensemble": run {name} scored other sequences than this run\'s; '
@@ -418,11 +421,18 @@ class Runner:
                 except fetched.FetchError as e:
                     raise HpdError(f"{what}: {e}") from None
 
-    def check_student_tokenizer(self) -> None:
-        """A given student of another tokenizer than the teacher's trains from one offline cache (token_bridge):
-        refused with refresh rounds or several teachers before any of this run's teacher passes and students."""
+    def _bridged_ensemble(self) -> bool:
+        """Several teachers that may differ in tokenizer: an ensemble into a given student, without rounds (each
+        teacher's cache carried into the student's vocabulary through its own token bridge, then mixed)."""
         cfg = self.cfg
-        several = bool(cfg.teachers.runs)
+        return cfg.teachers.mode == "ensemble" and bool(cfg.distill.student_path) and not cfg.rounds.count
+
+    def check_student_tokenizer(self) -> None:
+        """A given student of another tokenizer than the teacher's trains from offline caches of one set of texts
+        (token_bridge): refused with refresh rounds or routed teachers before any of this run's teacher passes and
+        students."""
+        cfg = self.cfg
+        several = bool(cfg.teachers.runs) and not self._bridged_ensemble()
         if not cfg.distill.student_path or not (cfg.rounds.count or several) or self._student_tokenizer_checked:
             return
         if self.state("teacher")[0] != "done" or self.state("distill")[0] == "done":
@@ -435,16 +445,17 @@ class Runner:
         teacher = self.outputs("teacher").model_dir
         if AutoTokenizer.from_pretrained(student).get_vocab() != AutoTokenizer.from_pretrained(teacher).get_vocab():
             raise HpdError(
-                "the student's tokenizer differs from the teacher's: across tokenizers a student trains from one "
-                'offline cache (no refresh rounds or several teachers); set rounds.count = 0 and teachers.runs = ""'
+                "the student's tokenizer differs from the teacher's: across tokenizers a student trains from "
+                'offline caches (no refresh rounds; several teachers only as teachers.mode="ensemble"); set '
+                'rounds.count = 0, and teachers.runs = "" or teachers.mode = "ensemble"'
             )
         self._student_tokenizer_checked = True
 
     def check_linked_tokenizers(self) -> None:
-        """Several teachers share one tokenizer: this run's teacher against each linked run's, once this run's
-        teacher exists (distilling across tokenizers is not supported)."""
+        """Several teachers share one tokenizer, unless they are an ensemble into a given student (each carried into
+        its vocabulary): this run's teacher against each linked run's, once this run's teacher exists."""
         others = {linked(up)[1] for s in self.stages.values() for up in s.inputs if linked(up)}
-        if not others or self.state("teacher")[0] != "done":
+        if not others or self.state("teacher")[0] != "done" or self._bridged_ensemble():
             return
         own = self.outputs("teacher").tokenizer_fingerprint
         for run in sorted(others):
@@ -454,6 +465,7 @@ class Runner:
                 and self.linked_runs[run].outputs("teacher").tokenizer_fingerprint != own
             ):
                 raise HpdError(
-                    f"teachers.runs: run {run}'s teacher uses another tokenizer than this run's; several "
-                    f"teachers must share one tokenizer (distilling across tokenizers is not supported)"
+                    f"teachers.runs: run {run}'s teacher uses another tokenizer than this run's; teachers of "
+                    f'other tokenizers mix only as teachers.mode="ensemble" into a given student '
+                    f"(distill.student_path) without rounds"
                 )

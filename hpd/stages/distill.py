@@ -28,6 +28,7 @@ from hpd.common.settings import DistillSettings, Settings
 from hpd.storage.cache_batch import check_tokens
 from hpd.storage.fingerprint import digest
 from hpd.storage.logit_cache import CacheBatch, CacheMismatchError, LogitCache
+from hpd.storage.sequences import SequenceStore
 
 from . import heads, hf_models, student_models, token_bridge
 from .artifacts import StageKind, Student, TaskData, Teacher
@@ -104,33 +105,45 @@ class CacheCollator(ResponseCollator):
 
 class BridgeCollator(ResponseCollator):
     """Across tokenizers: pads the student's tokens and carries each row's cache entry (looked up by seq_id, checked
-    against the teacher's tokens it was scored on) into the student's vocabulary and positions (token_bridge). A
-    response token with no teacher target (past the teacher's text) is not trained on."""
+    against the teacher's tokens it was scored on) into the student's vocabulary and positions (token_bridge). An
+    ensemble's teachers each through their own bridge, then mixed by `weights` (token_bridge.mixed_batch). A
+    response token with no teacher target (past the teachers' text) is not trained on."""
 
-    def __init__(self, pad_id: int, cache: LogitCache, bridge: token_bridge.Bridge):
+    def __init__(self, pad_id: int, caches: list, bridges: list, weights=(1.0,), weighting="fixed", vocab: int = 0):
         super().__init__(pad_id)
-        self.cache, self.bridge = cache, bridge
+        self.caches, self.bridges, self.weights, self.weighting, self.vocab = caches, bridges, weights, weighting, vocab
+        self.k = max(c.k for c in caches)  # (a teacher of a small vocabulary may list fewer candidates)
 
-    def __call__(self, rows: list[dict]) -> dict:
-        batch = super().__call__(rows)
+    def _teacher(self, t: int, rows: list[dict], length: int) -> CacheBatch:
+        cache, bridge, sfx = self.caches[t], self.bridges[t], f"_{t}" if t else ""
         try:  # the rows the teacher scored, checked against its tokens (the batch holds the student's)
-            scored = [self.cache.rows(r["seq_id"]) for r in rows]
-            check_tokens(scored, [r["teacher_ids"] for r in rows], self.cache.id)
+            scored = [cache.rows(r["seq_id"]) for r in rows]
+            check_tokens(scored, [r["teacher_ids" + sfx] for r in rows], cache.id)
         except (KeyError, CacheMismatchError) as e:
-            raise HpdError(f"cache {self.cache.id} does not match the training sequences: {e.args[0]}") from None
+            raise HpdError(f"cache {cache.id} does not match the training sequences: {e.args[0]}") from None
         aligned = [
             token_bridge.Aligned(
-                r["input_ids"], r["prompt_len"], *(np.asarray(r[k]) for k in ("first", "offset", "last"))
+                r["input_ids"], r["prompt_len"], *(np.asarray(r[k + sfx]) for k in ("first", "offset", "last"))
             )
             for r in rows
         ]
-        teacher = self.bridge.batch(
+        return bridge.batch(
             scored,
-            [r["teacher_ids"] for r in rows],
-            [r["teacher_prompt_len"] for r in rows],
+            [r["teacher_ids" + sfx] for r in rows],
+            [r["teacher_prompt_len" + sfx] for r in rows],
             aligned,
-            batch["input_ids"].shape[1],
-            self.cache.k,
+            length,
+            cache.k,
+        )
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = super().__call__(rows)
+        length = batch["input_ids"].shape[1]
+        parts = [self._teacher(t, rows, length) for t in range(len(self.caches))]
+        teacher = (
+            parts[0]
+            if len(parts) == 1
+            else token_bridge.mixed_batch(parts, self.weights, self.vocab, self.k, self.weighting)
         )
         batch["labels"][:, 1:][~teacher.mask[:, :-1]] = -100
         return {**batch, "teacher": teacher, "source": torch.zeros(len(rows), dtype=torch.long)}
@@ -271,29 +284,38 @@ def _new_student(cfg: DistillSettings, teacher: Teacher, teacher_tok, seed: int,
     ), teacher_tok
 
 
-def _bridge(plan: StudentPlan, sources: list[Source], model, teacher_tok, student_tok, cache_vocab: int):
-    """A token bridge when the student reads other tokens than the cache's (another tokenizer, or the same one with
-    a head smaller than the teacher's padded one); None when the cache's ids are the student's. Checked here, before
-    any training: what a bridge cannot carry."""
+def _bridges(plan: StudentPlan, sources: list[Source], model, teacher_tok, student_tok, cache_vocab: int, artifacts):
+    """Token bridges when the student reads other tokens than the caches' (another tokenizer, or the same one with
+    a head smaller than the teacher's padded one): one per cache, this run's first, then an ensemble's other
+    teachers' (kept apart because their tokenizers differ); None when the cache's ids are the student's. Checked
+    here, before any training: what a bridge cannot carry."""
+    from transformers import AutoTokenizer
+
     rows = model.get_output_embeddings().weight.shape[0]
-    if teacher_tok.get_vocab() == student_tok.get_vocab() and rows >= cache_vocab:
+    src = sources[0]
+    if not src.apart and teacher_tok.get_vocab() == student_tok.get_vocab() and rows >= cache_vocab:
         return None
     what = (
-        "the student's tokenizer differs from the teacher's"
+        "the teachers' tokenizers differ"
+        if src.apart
+        else "the student's tokenizer differs from the teacher's"
         if rows >= cache_vocab
-        else (f"the student's head has {rows} rows, the teacher's {cache_vocab}")
+        else f"the student's head has {rows} rows, the teacher's {cache_vocab}"
     )
-    if plan.previous or plan.online or len(sources) > 1 or len(plan.sources[0].caches) > 1:
+    if plan.previous or plan.online or len(sources) > 1 or (len(plan.sources[0].caches) > 1 and not src.apart):
         raise HpdError(
-            f"{what}: across tokenizers a student trains from one offline cache (no refresh rounds, several "
-            f'teachers or distill.teacher_source="online"); distil from one teacher with rounds.count = 0'
+            f"{what}: across tokenizers a student trains from offline caches of one set of texts (no refresh "
+            f'rounds, routed teachers or distill.teacher_source="online"); distil from one teacher, or several as '
+            f'teachers.mode="ensemble", with rounds.count = 0'
         )
-    src = sources[0]
     if src.method in ON_POLICY_ONLY:
         raise HpdError(f"{what}: {src.method} needs the student's own samples scored by the teacher in its tokens")
     if src.cache is not None and src.cache.sampled:
         raise HpdError(f'{what}: a sampled cache cannot be carried across tokenizers; score with encoding = "topk"')
-    return token_bridge.Bridge(teacher_tok, student_tok)
+    others = [AutoTokenizer.from_pretrained(artifacts[f"teacher@{run}"].model_dir) for run in plan.sources[0].linked][
+        : len(src.apart)
+    ]
+    return [token_bridge.Bridge(t, student_tok) for t in (teacher_tok, *others)]
 
 
 # The teacher's greedy replies to held-out prompts that have none (chat and code prompts), as learning-curve
@@ -356,7 +378,7 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
         if previous is None
         else hf_models.load_causal_lm(previous.student_dir)
     )
-    bridge = _bridge(plan, sources, model, tok, student_tok, teacher.vocab_size)
+    bridges = _bridges(plan, sources, model, tok, student_tok, teacher.vocab_size, artifacts)
     cut = ctx.stage_dir() / "initial"  # a student cut from its teacher, as cut: eval judges it beside the trained one
     if previous is None and d.student_init == "teacher-layers" and not d.student_path and ctx.rank == 0:
         if not (cut / "config.json").is_file():
@@ -382,9 +404,17 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
     # the teacher signal: cache rows joined to each batch, the teacher online, or none (sft)
     caches = [s.cache for s in sources if s.cache is not None]
     pad_id = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
-    if bridge is not None and caches:
-        collator, signal, where = BridgeCollator(pad_id, caches[0], bridge), from_cache, "cache"
-    elif bridge is not None:  # sft across tokenizers: the student's tokens of the teacher's text
+    if bridges is not None and caches:
+        collator = BridgeCollator(
+            pad_id,
+            [caches[0], *sources[0].apart],
+            bridges,
+            plan.sources[0].weights or (1.0,),
+            plan.weighting,
+            model.get_output_embeddings().weight.shape[0],
+        )
+        signal, where = from_cache, "cache" if not sources[0].apart else "caches mixed across tokenizers"
+    elif bridges is not None:  # sft across tokenizers: the student's tokens of the teacher's text
         collator, signal, where = ResponseCollator(pad_id), no_teacher, "no teacher"
     elif caches:
         collator, signal, where = CacheCollator(tok.pad_token_id, *caches), from_cache, "cache"
@@ -414,10 +444,14 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
     # Under DDP each rank reads every world_size-th planned batch: a step's global batch is world_size of them.
     planned = plan.steps * d.gradient_accumulation_steps if plan.planned else 0
     dataset = training_set(sources, d.batch_size, planned * ctx.world_size, seed * 1009 + ctx.round)
-    if bridge is not None:  # the same texts in the student's tokens, each token placed in the teacher's
+    if bridges is not None:  # the same texts in the student's tokens, each token placed in the teacher's
         seqs = artifacts[plan.sources[0].sequences]
         prompts = read_prompts(seqs.source, seqs.prompt_field, None)[0]  # prompt_index counts from its first row
-        dataset, covered = token_bridge.student_dataset(bridge, dataset, sources[0].store, prompts)
+        others = [
+            (b, SequenceStore(Path(artifacts[f"generate@{run}"].sequences)))
+            for b, run in zip(bridges[1:], plan.sources[0].linked)
+        ]
+        dataset, covered = token_bridge.student_dataset(bridges[0], dataset, sources[0].store, prompts, others)
         ctx.log(f"[{ctx.stage}] across tokenizers: {covered:.1%} of the student's response tokens get a teacher target")
     args = training_arguments(
         tmp / "checkpoints",
@@ -477,6 +511,9 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
                 "share": s.share,
                 "method": s.method,
                 "cache": s.cache.id if s.cache else None,
+                **(
+                    {"mixed_with": [c.id for c in s.apart], "weights": list(plan.sources[0].weights)} if s.apart else {}
+                ),
                 **({"kept": len(s), "judged": len(s.store)} if s.guided else {}),
             }
             for s in sources
@@ -493,7 +530,7 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
         steps=plan.steps,
         parameters=report["parameters"],
     )
-    if bridge is not None:
+    if bridges is not None:
         report["teacher_target_share"] = covered
     if data.builtin:
         report.update(heldout_report(model, student_tok, data.heldout, d.eval_examples, TASKS[data.builtin]))

@@ -36,6 +36,7 @@ class Source:
     method: str
     share: float
     guided: Guidance | None = None
+    apart: tuple = ()  # an ensemble's other caches, when their teachers' tokenizers differ (mixed after the bridge)
 
     def __len__(self) -> int:
         return len(self.store) if self.guided is None else len(self.guided.rows)
@@ -55,6 +56,9 @@ class SourcePlan:
     method: str = "fkl"
     share: float = 1.0
     values: str = ""  # e.g. "judge", "judge-1"; "" = no value guidance
+    # an ensemble into a given student: the other teachers' runs, whose teachers and sequences a token bridge reads
+    # where their tokenizers differ (each cache carried into the student's vocabulary, then mixed)
+    linked: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class StudentPlan:
         names = [self.previous] if self.previous else []
         for s in self.sources:
             names += [s.sequences, *s.caches, *([s.values] if s.values else [])]
+            names += [f"{stage}@{run}" for run in s.linked for stage in ("teacher", "generate")]
         return tuple(dict.fromkeys(names))
 
 
@@ -106,6 +111,8 @@ def open_source(plan: SourcePlan, artifacts: dict, value_cfg, weighting: str = "
     for cache in caches[:1]:
         if cache.key["data"] != store.fingerprint or cache.num_sequences != len(store):
             raise HpdError(f"cache {cache.id} was scored on other sequences than {generate.sequences}; rerun score")
+    if len({c.key["tokenizer"] for c in caches}) > 1:  # teachers of other tokenizers: mixed after the bridge
+        return Source(plan.name, store, caches[0], plan.method, plan.share, guided, apart=tuple(caches[1:]))
     if len(caches) > 1:  # an ensemble: the teachers' mixture, read batch by batch
         try:
             caches = [MixedCache(caches, list(plan.weights), k=caches[0].k, weighting=weighting)]

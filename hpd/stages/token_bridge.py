@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpd.common.errors import HpdError
 from hpd.storage.cache_batch import CacheBatch, ScoredSequence
 from hpd.storage.gguf_export import byte_encoder, is_byte_level
 
@@ -140,13 +141,15 @@ class Bridge:
         flush(text)
         return out
 
-    def align(self, prompt_ids: list[int], teacher_response: list[int]) -> Aligned:
+    def align(self, prompt_ids: list[int], teacher_response: list[int], response: list[int] | None = None) -> Aligned:
         """The student's sequence for a teacher's (`prompt_ids`: the student's own rendering of the prompt) and,
         per student response token, the teacher token it starts in and how far into it. The two byte strings are
         matched (difflib): they differ where the student's tokenizer adds a space before the first word or leaves
         out a byte it cannot write. A student token is placed where its bytes are the teacher's, bytes it adds
-        before them aside; one that is not the teacher's text has no teacher position."""
-        response = list(teacher_response) if self.identical else self.student_response(teacher_response)
+        before them aside; one that is not the teacher's text has no teacher position. `response`: the student's
+        tokens when they are already fixed (another teacher's of the same text, in an ensemble)."""
+        if response is None:
+            response = list(teacher_response) if self.identical else self.student_response(teacher_response)
         t_len = np.array([len(self.t_bytes[i]) if 0 <= i < len(self.t_bytes) else 0 for i in teacher_response])
         t_end = np.cumsum(t_len).astype(np.int64)  # the byte after each teacher token
         t_start = t_end - t_len
@@ -270,11 +273,39 @@ class Bridge:
         return out
 
 
-def student_dataset(bridge: Bridge, dataset, store, prompts: list[str]):
+def mixed_batch(parts: list[CacheBatch], weights, vocab_size: int, k: int, weighting: str = "fixed") -> CacheBatch:
+    """Several teachers' batches on one student grid (each from its own cache through its own bridge) as their
+    mixture (hpd/storage/merge.py), at every position where at least one teacher has a target: there each teacher
+    that has one counts with its weight, renormalised over them."""
+    from hpd.storage.merge import mix_positions
+
+    has = torch.stack([p.mask for p in parts])  # [T, B, L]
+    mask = has.any(0)
+    at = mask.nonzero(as_tuple=True)
+    B, L = mask.shape
+    out = CacheBatch(
+        topk_ids=torch.zeros(B, L, k, dtype=torch.long),
+        topk_logprobs=torch.full((B, L, k), -math.inf),
+        target_logprob=torch.zeros(B, L),
+        tail_logmass=torch.full((B, L), -math.inf),
+        mask=mask,
+    )
+    if not len(at[0]):
+        return out
+    w = torch.as_tensor(np.asarray(weights, np.float64))[:, None] * has[(slice(None), *at)].double()
+    teachers = [(p.topk_ids[at], p.topk_logprobs[at], p.tail_logmass[at], p.target_logprob[at]) for p in parts]
+    ids, lp, tail, target = mix_positions(teachers, w.numpy(), vocab_size, k, weighting)
+    out.topk_ids[at], out.topk_logprobs[at], out.tail_logmass[at], out.target_logprob[at] = ids, lp, tail, target
+    return out
+
+
+def student_dataset(bridge: Bridge, dataset, store, prompts: list[str], others=()):
     """(the training rows in the student's tokens, the share of their response tokens that get a teacher target).
     Each row keeps the teacher's tokens it was scored on (`teacher_ids`, `teacher_prompt_len`: the cache row is
     checked against them) and its alignment (`first`, `offset`, `last`); the prompt is the student's own chat
-    template's rendering of the prompt the teacher answered."""
+    template's rendering of the prompt the teacher answered. `others`: an ensemble's other teachers, each (its
+    bridge, its sequences of the same texts in its tokens), aligned to the same student tokens (columns suffixed
+    _1, _2, ...); a token counts as covered when any teacher has a target there."""
     from datasets import Dataset
 
     from .batching import encode_pair
@@ -298,7 +329,31 @@ def student_dataset(bridge: Bridge, dataset, store, prompts: list[str]):
         out["first"].append(a.first.tolist())
         out["offset"].append(a.offset.tolist())
         out["last"].append(a.last.tolist())
+    any_teacher = {s: a.first >= 0 for s, a in aligned.items()}
+    for t, (other, other_store) in enumerate(others, 1):
+        seq_ids, plens, seqs = other_store.range(0, len(other_store))
+        theirs = {int(i): (x.tolist(), int(n)) for i, n, x in zip(seq_ids, plens, seqs)}
+        mine: dict[int, Aligned] = {}
+        for name in ("teacher_ids", "teacher_prompt_len", "first", "offset", "last"):
+            out[f"{name}_{t}"] = []
+        for seq_id in cols["seq_id"]:
+            if seq_id not in theirs:
+                raise HpdError(
+                    f'teachers.mode="ensemble": sequence {seq_id} has no counterpart among another teacher\'s '
+                    f"sequences; an ensemble's teachers score the same texts (the same [data] and [generate])"
+                )
+            ids, plen = theirs[seq_id]
+            if seq_id not in mine:
+                a = aligned[seq_id]
+                mine[seq_id] = other.align(a.input_ids[: a.prompt_len], ids[plen:], a.input_ids[a.prompt_len :])
+                any_teacher[seq_id] = any_teacher[seq_id] | (mine[seq_id].first >= 0)
+            b = mine[seq_id]
+            out[f"teacher_ids_{t}"].append(ids)
+            out[f"teacher_prompt_len_{t}"].append(plen)
+            out[f"first_{t}"].append(b.first.tolist())
+            out[f"offset_{t}"].append(b.offset.tolist())
+            out[f"last_{t}"].append(b.last.tolist())
     cols["input_ids"] = [aligned[s].input_ids for s in cols["seq_id"]]
     cols["prompt_len"] = [aligned[s].prompt_len for s in cols["seq_id"]]
-    covered = sum(a.covered for a in aligned.values()) / max(sum(len(a.first) for a in aligned.values()), 1)
+    covered = sum(int(c.sum()) for c in any_teacher.values()) / max(sum(len(c) for c in any_teacher.values()), 1)
     return Dataset.from_dict({**cols, **out}), covered

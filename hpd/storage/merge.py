@@ -54,8 +54,10 @@ def _entropy(p: torch.Tensor, tail: torch.Tensor, outside: int) -> torch.Tensor:
 
 def mix_positions(teachers: list[tuple], weights, vocab_size: int, k: int, weighting: str = "fixed"):
     """The mixture of T teachers at n positions. `teachers`: per teacher (ids [n, k_i] int, log-probs [n, k_i],
-    tail log-mass [n], target log-prob [n]); returns the merged (ids [n, k] by descending probability, log-probs
-    [n, k] float32, tail log-mass [n] float32, target log-prob [n] float32). Arithmetic in float64."""
+    tail log-mass [n], target log-prob [n]); `weights`: [T], or [T, n] where a teacher's weight differs by position
+    (0 where it has nothing to say: across tokenizers, a position it is not aligned to; every position needs one
+    teacher with weight > 0). Returns the merged (ids [n, k] by descending probability, log-probs [n, k] float32,
+    tail log-mass [n] float32, target log-prob [n] float32). Arithmetic in float64."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
     if not 1 <= k <= max(t[0].shape[1] for t in teachers):
@@ -66,7 +68,8 @@ def mix_positions(teachers: list[tuple], weights, vocab_size: int, k: int, weigh
     target = torch.stack([torch.as_tensor(t[3], dtype=torch.float64) for t in teachers])  # [T, n]
     outside = [vocab_size - x.shape[1] for x in ids]
     even = [tl / o if o else torch.zeros_like(tl) for tl, o in zip(tail, outside)]  # per unlisted token
-    w = torch.as_tensor(np.asarray(weights, np.float64))[:, None].expand(len(teachers), len(target[0])).clone()
+    w = torch.as_tensor(np.asarray(weights, np.float64))
+    w = (w if w.dim() == 2 else w[:, None]).expand(len(teachers), len(target[0])).clone()
     if weighting == "confidence":
         h = torch.stack([_entropy(pi, ti, o) for pi, ti, o in zip(p, tail, outside)])
         w = w * torch.exp(-(h - h.min(0).values))  # shifted for range; renormalised below
@@ -78,6 +81,9 @@ def mix_positions(teachers: list[tuple], weights, vocab_size: int, k: int, weigh
     for lo in range(0, n, CHUNK):
         sl = slice(lo, min(lo + CHUNK, n))
         cand = torch.cat([x[sl] for x in ids], 1)  # [m, sum k_i], ids repeated where teachers agree
+        # a teacher without weight at a position lists nothing there: its columns become distinct non-ids
+        silent = torch.cat([(w[i, sl] == 0)[:, None].expand(-1, x.shape[1]) for i, x in enumerate(ids)], 1)
+        cand = torch.where(silent, -1 - torch.arange(cand.shape[1]).expand_as(cand), cand)
         first = torch.ones_like(cand, dtype=torch.bool)  # keep each id once: its first column
         srt, order = cand.sort(dim=1, stable=True)
         dup = torch.zeros_like(first)
@@ -91,17 +97,22 @@ def mix_positions(teachers: list[tuple], weights, vocab_size: int, k: int, weigh
             value = torch.where(listed, (hit * p[i][sl][:, None, :]).sum(-1), even[i][sl][:, None])
             mixed += w[i, sl][:, None] * value
             listed_by.append(listed)
-        mixed = torch.where(first, mixed, torch.full_like(mixed, -1.0))  # duplicates never chosen
+        mixed = torch.where(first & ~silent, mixed, torch.full_like(mixed, -1.0))  # duplicates never chosen
         top, pos = mixed.topk(k, dim=1)
-        out_ids[sl], out_lp[sl] = cand.gather(1, pos), top.log()
+        # fewer than k distinct candidates (a bridged position whose mass fell on a few student tokens): the
+        # columns past them repeat the first kept id with no mass, and count for nothing below
+        real = top >= 0
+        chosen = cand.gather(1, pos)
+        out_ids[sl], out_lp[sl] = torch.where(real, chosen, chosen[:, :1]), top.clamp_min(0.0).log()
         rest = torch.zeros(sl.stop - sl.start, dtype=torch.float64)
         for i in range(len(teachers)):
             kept_listed = listed_by[i].gather(1, pos)  # kept tokens teacher i listed
+            kept = (ids[i][sl][:, :, None] == out_ids[sl][:, None, :]) & real[:, None, :]
             rest += w[i, sl] * (
                 tail[i][sl]
                 + p[i][sl].sum(1)
-                - (p[i][sl][:, :, None] * (ids[i][sl][:, :, None] == out_ids[sl][:, None, :])).sum((1, 2))
-                - (~kept_listed).sum(1) * even[i][sl]
+                - (p[i][sl][:, :, None] * kept).sum((1, 2))
+                - (~kept_listed & real).sum(1) * even[i][sl]
             )
         out_tail[sl] = rest.clamp_min(0.0).log()
     mixed_target = torch.logsumexp(target + w.log(), 0)
