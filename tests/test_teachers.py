@@ -198,7 +198,10 @@ def test_an_ensemble_of_teachers_with_other_tokenizers_trains_a_given_student(ti
     ]
     losses = [e["loss"] for e in _log(r) if "loss" in e]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
-    for extra, message in (("rounds.count=1", "without rounds"), ('teachers.mode="route"', "mix only as teachers.mode")):
+    for extra, message in (
+        ("rounds.count=1", "without rounds"),
+        ('teachers.mode="route"', "mix only as teachers.mode"),
+    ):
         with pytest.raises(HpdError, match=message):
             make_runner(home, *sets, f'distill.student_path="{bpe}"', extra, run="refused").run()
         assert not any((home / "runs" / "refused" / s / "manifest.json").exists() for s in ("generate", "distill"))
