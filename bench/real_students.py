@@ -115,6 +115,12 @@ def curve(log: list[dict]) -> dict:
     return {"measure": key, "points": [(e["student_step"], e[key]) for e in log if key in e]}
 
 
+def step_seconds(log: list[dict]) -> float:
+    """The training steps' own seconds, from each step's tokens and tokens/s in the training log (a run resumed
+    from a checkpoint after a crash counts its steps before the crash too; learning-curve points not at all)."""
+    return sum(e["tokens"] / e["tokens_per_s"] for e in log if e.get("tokens_per_s"))
+
+
 def summarise(results: list[dict], pair: str) -> dict:
     by = {}
     for r in results:
@@ -153,7 +159,7 @@ def summarise(results: list[dict], pair: str) -> dict:
             plateau(r["log"], max((e["student_step"] for e in r["log"]), default=0)) for r in seeds.values()
         ]
         m["curves"] = {s: curve(r["log"]) for s, r in seeds.items()}  # the learning curves, seed by seed
-        m["train_seconds"] = statistics.mean(r["train_seconds"] for r in seeds.values())
+        m["train_seconds"] = statistics.mean(step_seconds(r["log"]) for r in seeds.values())
         out["methods"][method] = m
     for method, m in out["methods"].items():  # across tokenizers: how many student tokens the bridge reached
         shares = [r["student"].get("teacher_target_share") for r in by[method].values()]
