@@ -1184,7 +1184,7 @@ def real_students() -> str:
         s = r["summary"]
         methods = s["methods"]
         recovery = None
-        if "kl_recovered" in next(iter(methods.values())):
+        if pair == "B" and "kl_recovered" in next(iter(methods.values())):  # what a cut student won back
             best = min(methods, key=lambda k: methods[k]["kl_to_teacher_nats"]["mean"])
             t_acc = (s.get("teacher") or {}).get("accuracy")
             share = methods[best]["accuracy"]["mean"] / t_acc if t_acc and "accuracy" in methods[best] else None

@@ -152,7 +152,7 @@ def summarise(results: list[dict], pair: str) -> dict:
             if method != reference and reference in by:
                 ref = {s: r["eval"]["student"][k] for s, r in by[reference].items() if k in r["eval"]["student"]}
                 m[k]["minus_" + reference] = paired_t(values, ref, higher_is_better=k in HIGHER)
-        if initial and "kl_to_teacher_nats" in initial:
+        if pair == "B" and initial and "kl_to_teacher_nats" in initial:  # the share of what the cut cost won back
             before = initial["kl_to_teacher_nats"]
             m["kl_recovered"] = (before - m["kl_to_teacher_nats"]["mean"]) / before
         m["plateau"] = [
