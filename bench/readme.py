@@ -1135,7 +1135,10 @@ def _pair_targets(pair: str, s: dict) -> dict | None:
         t["share"] = m["teacher_target_share"]
     if pair == "A" and "humaneval_pass@1" in before and "humaneval_pass@1" in teacher:
         gap = teacher["humaneval_pass@1"] - before["humaneval_pass@1"]
-        t["closed"] = (m["humaneval_pass@1"]["mean"] - before["humaneval_pass@1"]) / gap if gap else float("nan")
+        if gap > 0:
+            t["closed"] = (m["humaneval_pass@1"]["mean"] - before["humaneval_pass@1"]) / gap
+        else:  # the teacher no better than the student before on these problems: there is no gap to close
+            t["no_gap"] = {"teacher": teacher["humaneval_pass@1"], "before": before["humaneval_pass@1"]}
     if pair == "A" and "retention_nll_nats" in before and "retention_nll_nats" in m:
         t["lost"] = m["retention_nll_nats"]["mean"] - before["retention_nll_nats"]
     return t

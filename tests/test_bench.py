@@ -93,3 +93,29 @@ def test_a_shared_phrase_reports_the_paired_t_interval():
     assert said == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (better on 4 of 5 seeds)"
     shifted = readme._interval((mean + 1, sd, len(d), 5))
     assert shifted["beyond"] and readme.say("paired", shifted).endswith("beyond the 95% interval)")
+
+
+def test_pair_a_reads_the_gap_closed_only_where_the_teacher_is_ahead():
+    """Pair A's target is a share of the pass@1 gap between the student before and the teacher: read from the
+    results where the teacher is ahead, and said to be unreadable (not a division by zero, nor a share with its sign
+    flipped) where it is not."""
+    from bench import readme
+
+    def summary(teacher):
+        m = lambda he, ret: {
+            "humaneval_pass@1": {"mean": he},
+            "retention_nll_nats": {"mean": ret},  # noqa: E731
+            "response_nll_nats": {"mean": 0.4},
+        }
+        return {
+            "primary": "humaneval_pass@1",
+            "methods": {"sft": m(0.70, 4.80), "fkl": m(0.75, 4.83), "hpd_fkl": m(0.85, 4.90)},
+            "initial": {"humaneval_pass@1": 0.80, "retention_nll_nats": 4.80},
+            "teacher": {"humaneval_pass@1": teacher},
+        }
+
+    ahead = readme._pair_targets("A", summary(0.95))
+    assert ahead["best"] == "hpd_fkl" and abs(ahead["closed"] - 1 / 3) < 1e-12 and abs(ahead["lost"] - 0.10) < 1e-12
+    level = readme._pair_targets("A", summary(0.80))
+    assert "closed" not in level and level["no_gap"] == {"teacher": 0.80, "before": 0.80}
+    assert "closed" not in readme._pair_targets("A", summary(0.60))

@@ -103,8 +103,8 @@ def _heldout_rows(cfg: EvalSettings, data: TaskData) -> tuple[str, list[dict]]:
 
 
 def _once(ctx, what: dict, make):
-    """A judgement of a fixed model (the teacher's reference replies, the given student before distillation) made once
-    per home: every arm of a comparison, each seed and method, judges the same ones, for minutes each (HumanEval, a
+    """A judgement of a fixed model (the teacher's reference replies, the given student before distillation, a
+    finished student) made once per home: every arm of a comparison, each seed and method, judges the same ones, for minutes each (HumanEval, a
     teacher writing the references). Keyed by everything the judgement reads, the judging code included."""
     return memo.remembered(ctx.home / "judged", digest({**what, "code": _JUDGE_CODE}), make)
 
@@ -158,7 +158,13 @@ def run(
     }
     report = {
         "references": references,
-        "student": judge(model, tok, rows, cfg, task, **same),
+        # remembered too: an eval run again for another reason (the teacher's row added to a finished arm) does not
+        # judge the same student again
+        "student": _once(
+            ctx,
+            {**fixed, "judged": hf_models.model_fingerprints(student.student_dir)},
+            lambda: judge(model, tok, rows, cfg, task, **same),
+        ),
         "student_dir": student.student_dir,
         "student_report": student.report,
     }
