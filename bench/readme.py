@@ -1256,7 +1256,40 @@ def headline() -> str:
         formats=f,
         compact=f and _k64(f, COMPACT),
         pruned=pruned,
+        coder=_headline_coder(_result(RESULTS / "real_students_A.json")),
+        across=_headline_across(_result(RESULTS / "real_students_X.json")),
     )
+
+
+def _headline_coder(a: dict | None) -> dict | None:
+    """Pair A in one line: HumanEval pass@1 of the student before, after SeqKD, after the best distillation loss
+    finished, and of the teacher where it was judged."""
+    if not a:
+        return None
+    s = a["summary"]
+    m = s["methods"]
+    losses = [k for k in m if k != "sft"]
+    best = max(losses, key=lambda k: m[k]["humaneval_pass@1"]["mean"]) if losses else None
+    return {
+        "problems": s["initial"]["humaneval_problems"],
+        "before": s["initial"]["humaneval_pass@1"],
+        "sft": m["sft"]["humaneval_pass@1"]["mean"] if "sft" in m else None,
+        "best": best,
+        "best_pass": best and m[best]["humaneval_pass@1"]["mean"],
+        "teacher": (s.get("teacher") or {}).get("humaneval_pass@1"),
+    }
+
+
+def _headline_across(x: dict | None) -> dict | None:
+    """Pair X in one line: the distillation loss against SFT on the teacher's replies, on the primary measure."""
+    if not x:
+        return None
+    m = x["summary"]["methods"]
+    k = next((k for k in m if k != "sft"), None)
+    if not k:
+        return None
+    d = m[k]["response_nll_nats"]["minus_sft"]
+    return {"method": k, "seeds": d["seeds"], "d": d, "share": m[k].get("teacher_target_share")}
 
 
 DOCUMENTS = ("README.md", *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md"))))
