@@ -49,15 +49,20 @@ HIGHER = ("accuracy", "rouge_l", "humaneval_pass@1")
 
 
 def choose_cut(home: str, steps: int, run: bool = True) -> dict:
-    """Pair B: 15 of 30 layers kept against the teacher's architecture at half width; fkl, one seed, `steps` steps.
-    The one with the lower held-out KL to the teacher after training is kept. Both adopt the base run's teacher
-    stages and cache (made once, then shared with the comparison)."""
+    """Pair B: 15 of 30 layers kept (evenly spaced, or the 15 of most block influence) against the teacher's
+    architecture at half width; fkl, one seed, `steps` steps. The one with the lower held-out KL to the teacher
+    after training is kept. All adopt the base run's teacher stages and cache (made once, then shared with the
+    comparison). With run=False, the cuts not tried yet are left out."""
     base = open_run("smollm2-half", [], home=home)
     if run:
         base.run(until="score")
     tried = {}
     for name, sets in (
         ("teacher-layers", ['distill.student_init="teacher-layers"', "distill.n_layer=15"]),
+        (
+            "teacher-layers-influence",
+            ['distill.student_init="teacher-layers"', 'distill.layer_choice="influence"', "distill.n_layer=15"],
+        ),
         (
             "teacher-shape",
             ['distill.student_init="teacher-shape"', "distill.n_layer=30", "distill.n_embd=288", "distill.n_head=9"],
@@ -78,6 +83,8 @@ def choose_cut(home: str, steps: int, run: bool = True) -> dict:
         if run:
             cut.adopt("smollm2-half", OFFLINE)
             cut.run()
+        elif cut.state("eval")[0] != "done":
+            continue
         report = cut.outputs("eval").report
         tried[name] = {
             "sets": sets,

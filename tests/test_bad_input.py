@@ -191,6 +191,7 @@ def test_student_with_another_tokenizer(home, tmp_path, teacher_dir):
             'distill.student_init="teacher-shape" distill.n_head=3',
             "distill.n_embd=16 is not a multiple of distill.n_head=3",
         ),
+        ('distill.layer_choice="influence"', "distill.layer_choice='influence' chooses which of the teacher's"),
     ],
 )
 def test_invalid_config_values(home, override, message):

@@ -273,3 +273,31 @@ def test_gradient_checkpointing_trains_the_same_student(tiny_home, tmp_path):
     )
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert plain.config_fingerprint("distill") != saved.config_fingerprint("distill")  # set, it is part of the key
+
+
+def test_a_layer_kept_student_keeps_the_layers_of_most_block_influence_on_the_runs_sequences(tiny_home, tmp_path):
+    """layer_choice = "influence": the teacher's layers are weighed on the run's first training sequences and the
+    student is made of the most influential, which its config.json names (checked against block_influence on
+    the same sequences, and against the layers even spacing would keep)."""
+    from hpd.stages import distill, hf_models, student_models
+    from hpd.storage.sequences import SequenceStore
+
+    r = make_runner(
+        copy_home(tiny_home, tmp_path / "home"),
+        "teacher.n_layer=4",  # the tiny preset's teacher has one layer: nothing to choose from
+        'distill.student_init="teacher-layers"',
+        'distill.layer_choice="influence"',
+        "distill.n_layer=2",
+        "distill.steps=1",
+        'distill.baseline=""',
+        run="influence",
+    )
+    r.adopt("tiny", ["data"])
+    r.run(until="distill")
+    config = json.loads((Path(r.outputs("distill").student_dir) / "config.json").read_text())
+    teacher, _ = hf_models.load_causal_lm(r.outputs("teacher").model_dir)
+    store = SequenceStore(Path(r.outputs("generate").sequences))
+    influence = student_models.block_influence(teacher, store.range(0, distill.INFLUENCE_SEQUENCES)[2])
+    most = sorted(sorted(range(len(influence)), key=lambda i: -influence[i])[:2])
+    assert config["n_layer"] == 2 and config["hpd_kept_layers"] == most, influence
+    assert most != [0, 3]  # what even spacing keeps: here the choice differs

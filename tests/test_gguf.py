@@ -216,3 +216,36 @@ def test_gguf_teacher_through_the_whole_command_line_without_references(llama, t
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 2
     table = outputs[1].output[outputs[1].output.index("\nmodel") :]
     assert all(row in table for row in ("distill (fkl)", "baseline (sft)", "teacher", "ROUGE-L", "KL to teacher"))
+
+
+def test_block_influence_matches_a_float64_reference_and_drops_the_layers_that_do_nothing(llama):
+    """Block influence is 1 - cos(a layer's input, its output), the mean over tokens: checked against the model's
+    own hidden states in float64 (layers before the last, whose returned state has the final norm applied); a layer
+    whose attention and MLP write nothing (output projections zeroed: the identity) scores 0 and is the one dropped,
+    where even spacing would keep it."""
+    hf, _ = llama
+    teacher, tok = hf_models.load_causal_lm(hf)
+    teacher.double()
+    seqs = [tok(t)["input_ids"] for t in ("What is 12 plus 30?", "Write a haiku about the sea, please.")]
+    got = student_models.block_influence(teacher, seqs)
+    total = teacher.config.num_hidden_layers
+    sums, tokens = [0.0] * total, 0
+    with torch.no_grad():
+        for ids in seqs:
+            hs = teacher(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            for i in range(total - 1):
+                sums[i] += (1 - torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)).sum().item()
+            tokens += len(ids)
+    for i in range(total - 1):
+        assert abs(got[i] - sums[i] / tokens) < 1e-12, i
+    assert all(0 < g < 2 for g in got)
+    with torch.no_grad():
+        teacher.model.layers[3].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[3].mlp.down_proj.weight.zero_()
+    influence = student_models.block_influence(teacher, seqs)
+    assert abs(influence[3]) < 1e-12
+    student, kept = student_models.keep_layers(teacher, 3, influence)
+    assert kept == [0, 1, 2] and student_models.keep_layers(teacher, 3)[1] == [0, 2, 3]  # even spacing keeps it
+    x = torch.tensor([seqs[0]])
+    with torch.no_grad():  # dropping the identity layer changes nothing the model computes
+        assert torch.allclose(student.double()(x).logits, teacher(x).logits, atol=1e-10)

@@ -185,6 +185,13 @@ class DistillSettings:
         choices=("gpt2", "teacher-layers", "teacher-shape"),
         later=True,
     )
+    layer_choice: str = key(
+        "even",
+        'which layers "teacher-layers" keeps: "even", evenly spaced from the first to the last; "influence", the '
+        "n_layer that turn the hidden state most on the run's first training sequences (block influence, "
+        "ShortGPT)",
+        choices=("even", "influence"),
+    )
     n_layer: int = key(2, "student layers", low=1)
     n_embd: int = key(
         64, "student width (the default student: 105k parameters, 7.6x smaller than the default teacher)", low=1

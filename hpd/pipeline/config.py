@@ -169,6 +169,11 @@ def _check_choices(cfg: Settings) -> None:
         )
     if distill.student_init == "teacher-shape":
         check_heads(distill.n_embd, distill.n_head)
+    if distill.layer_choice != "even" and (distill.student_init != "teacher-layers" or distill.student_path):
+        raise HpdError(
+            f"distill.layer_choice={distill.layer_choice!r} chooses which of the teacher's layers a "
+            'student_init="teacher-layers" student keeps; set that, or leave layer_choice="even"'
+        )
     if distill.teacher_source == "online" and rounds.count:
         raise HpdError(
             'refresh rounds train from teacher caches; use distill.teacher_source="cache" with rounds.count > 0'

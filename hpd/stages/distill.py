@@ -257,9 +257,17 @@ class DistillTrainer(Trainer):
 
 
 # -- the student it starts from ----------------------------------------------------------------------------
-def _new_student(cfg: DistillSettings, teacher: Teacher, teacher_tok, seed: int, home: Path, longest: int = 0):
+# how many of the run's first training sequences the block influence of the teacher's layers is read on
+INFLUENCE_SEQUENCES = 16
+
+
+def _new_student(
+    cfg: DistillSettings, teacher: Teacher, teacher_tok, seed: int, home: Path, longest: int = 0, store=None
+):
     """(a fresh student or the given one, its tokenizer). `longest`: the longest sequence it must read, when other
-    teachers' sequences may be longer than this run's teacher's context (a fresh GPT-2 is made long enough)."""
+    teachers' sequences may be longer than this run's teacher's context (a fresh GPT-2 is made long enough).
+    `store`: the training sequences, the first of which the teacher's layers are weighed on (layer_choice =
+    "influence")."""
     if cfg.student_path:
         model, tok = hf_models.load_causal_lm(hf_models.local_model(cfg.student_path, home, "distill.student_path"))
         if model.get_output_embeddings().weight.shape[0] < len(tok):
@@ -271,7 +279,12 @@ def _new_student(cfg: DistillSettings, teacher: Teacher, teacher_tok, seed: int,
     torch.manual_seed(seed)
     if cfg.student_init == "teacher-layers":
         model, _ = hf_models.load_causal_lm(teacher.model_dir)
-        return student_models.keep_layers(model, cfg.n_layer)[0], teacher_tok
+        influence = None
+        if cfg.layer_choice == "influence":
+            influence = student_models.block_influence(model, store.range(0, min(len(store), INFLUENCE_SEQUENCES))[2])
+        student, kept = student_models.keep_layers(model, cfg.n_layer, influence)
+        student.config.hpd_kept_layers = kept  # which of the teacher's layers it was made of, in its config.json
+        return student, teacher_tok
     if cfg.student_init == "teacher-shape":
         return student_models.same_shape_fresh(
             hf_models.check_causal_lm(teacher.model_dir), n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head
@@ -374,7 +387,7 @@ def run(ctx, cfg: Settings, plan: StudentPlan, artifacts: dict) -> Student:
     others = sources[1:] if previous is None else []
     longest = max((len(x) for s in others for x in s.store.range(0, len(s.store))[2]), default=0)
     model, student_tok = (
-        _new_student(d, teacher, tok, seed, ctx.home, longest)
+        _new_student(d, teacher, tok, seed, ctx.home, longest, sources[0].store)
         if previous is None
         else hf_models.load_causal_lm(previous.student_dir)
     )

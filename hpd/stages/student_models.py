@@ -30,21 +30,9 @@ def new_gpt2(tokenizer, *, n_positions: int, n_layer: int, n_embd: int, n_head: 
     )
 
 
-def keep_layers(teacher, n: int):
-    """A student made from `teacher` by keeping `n` of its decoder layers, evenly spaced from the first to the
-    last, with its embeddings, final norm and output head (DistilBERT's and Minitron's depth pruning). Works on
-    any decoder whose layers sit in one ModuleList of num_hidden_layers blocks (GPT-2, Llama, Qwen, ...)."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    config = teacher.config.get_text_config()
-    total = config.num_hidden_layers
-    if not 1 <= n <= total:
-        raise HpdError(
-            f"distill.n_layer={n}: the teacher has {total} layers, so a student made by keeping "
-            f"layers can have 1 to {total}"
-        )
+def _layer_stack(teacher) -> tuple[str, int]:
+    """(the name of the ModuleList holding the decoder's layers, how many there are)."""
+    total = teacher.config.get_text_config().num_hidden_layers
     stack = next(
         (name for name, m in teacher.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == total), None
     )
@@ -53,7 +41,61 @@ def keep_layers(teacher, n: int):
             f"cannot find the {total} decoder layers of this {type(teacher).__name__}; "
             f'use distill.student_init="gpt2" or give distill.student_path'
         )
-    kept = [round(i * (total - 1) / max(n - 1, 1)) for i in range(n)]
+    return stack, total
+
+
+def block_influence(teacher, sequences) -> list[float]:
+    """Each decoder layer's block influence (ShortGPT): 1 - cos(the hidden state it reads, the one it writes), the
+    mean over every token of `sequences` (lists of token ids). A layer that barely turns the residual stream scores
+    near 0 and is the cheapest to drop. Read with hooks on the layers themselves: the model's returned hidden
+    states have the final norm applied to the last one."""
+    stack, total = _layer_stack(teacher)
+    sums = torch.zeros(total, dtype=torch.float64)
+    tokens = 0
+
+    def hook(i):
+        def record(module, args, kwargs, out):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
+            sums[i] += (1 - cos).sum()
+
+        return record
+
+    layers = teacher.get_submodule(stack)
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for ids in sequences:  # one at a time: no padding to mask out of the means
+                x = torch.as_tensor([list(ids)])
+                teacher(input_ids=x, attention_mask=torch.ones_like(x))
+                tokens += len(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / max(tokens, 1)).tolist()
+
+
+def keep_layers(teacher, n: int, influence: list[float] | None = None):
+    """A student made from `teacher` by keeping `n` of its decoder layers, with its embeddings, final norm and
+    output head (DistilBERT's and Minitron's depth pruning): evenly spaced from the first to the last, or, given
+    each layer's `influence` (block_influence), the n most influential in their order (ShortGPT). Works on any
+    decoder whose layers sit in one ModuleList of num_hidden_layers blocks (GPT-2, Llama, Qwen, ...)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    total = teacher.config.get_text_config().num_hidden_layers
+    if not 1 <= n <= total:
+        raise HpdError(
+            f"distill.n_layer={n}: the teacher has {total} layers, so a student made by keeping "
+            f"layers can have 1 to {total}"
+        )
+    stack, _ = _layer_stack(teacher)
+    if influence is None:
+        kept = [round(i * (total - 1) / max(n - 1, 1)) for i in range(n)]
+    else:  # ties go to the earlier layer
+        kept = sorted(sorted(range(total), key=lambda i: (-influence[i], i))[:n])
     student_config = copy.deepcopy(teacher.config)
     student_config.num_hidden_layers = n
     if isinstance(getattr(student_config, "layer_types", None), list):  # per-layer attention kinds (Qwen3, Gemma)
