@@ -191,6 +191,7 @@ class DistillSettings:
         "n_layer that turn the hidden state most on the run's first training sequences (block influence, "
         "ShortGPT)",
         choices=("even", "influence"),
+        later=True,
     )
     n_layer: int = key(2, "student layers", low=1)
     n_embd: int = key(
