@@ -104,8 +104,9 @@ def _heldout_rows(cfg: EvalSettings, data: TaskData) -> tuple[str, list[dict]]:
 
 def _once(ctx, what: dict, make):
     """A judgement of a fixed model (the teacher's reference replies, the given student before distillation, a
-    finished student) made once per home: every arm of a comparison, each seed and method, judges the same ones, for minutes each (HumanEval, a
-    teacher writing the references). Keyed by everything the judgement reads, the judging code included."""
+    finished student) made once per home: every arm of a comparison, each seed and method, judges the same ones,
+    for minutes each (HumanEval, a teacher writing the references). Keyed by everything the judgement reads, the
+    judging code included."""
     return memo.remembered(ctx.home / "judged", digest({**what, "code": _JUDGE_CODE}), make)
 
 
