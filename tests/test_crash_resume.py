@@ -63,3 +63,34 @@ def test_sigkilled_teacher_training_resumes_from_its_checkpoint(tmp_path):
         runner.manifest("teacher")["outputs"]["fingerprint"] == reference.manifest("teacher")["outputs"]["fingerprint"]
     )
     assert not partial[0].exists()
+
+
+def test_a_checkpoint_missing_its_trainer_state_or_a_ranks_rng_is_removed_and_the_one_before_resumed(
+    tmp_path, monkeypatch
+):
+    """A process killed mid-save leaves checkpoint-N without trainer_state.json (written last by rank 0) or,
+    under several ranks, without the RNG state of a rank killed before it wrote it: resume from the one before."""
+    from hpd.stages.training import latest_checkpoint
+
+    def checkpoint(step: int, *files: str) -> Path:
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        for f in files:
+            (d / f).write_text("{}")
+        return d
+
+    two_ranks = ("trainer_state.json", "rng_state_0.pth", "rng_state_1.pth")
+    checkpoint(3, *two_ranks)
+    checkpoint(6, "trainer_state.json", "rng_state_0.pth")  # rank 1's RNG state never written
+    checkpoint(9, "rng_state_0.pth", "rng_state_1.pth")  # trainer_state.json never written
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process writes rng_state.pth: rank files are not asked for
+    checkpoint(12, "trainer_state.json", "rng_state.pth")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-12")
+    monkeypatch.setenv("RANK", "1")  # a rank other than 0 never removes (rank 0 has, before the barrier)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    assert (tmp_path / "checkpoint-12").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from hpd.common import ranks
 from hpd.common.errors import HpdError
 from hpd.common.faults import crash_point
 from hpd.storage import atomic
@@ -149,15 +150,30 @@ def job_dir(tmp: Path, key: str) -> Path:
 def latest_checkpoint(output_dir: Path) -> str | None:
     """The newest complete checkpoint. The Trainer writes a checkpoint in place, trainer_state.json last, so
     a process killed while saving leaves a directory without it (or with it cut short): such a directory is
-    removed, and training resumes from the one before (found by `make soak`)."""
-    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    while ckpts:
-        try:
-            atomic.read_json(ckpts[-1] / "trainer_state.json")
-            return str(ckpts[-1])
-        except (OSError, ValueError):
-            shutil.rmtree(ckpts.pop())
-    return None
+    removed, and training resumes from the one before (found by `make soak`); under several ranks, so is
+    one that lacks a rank's RNG state (rank 0 writes trainer_state.json without waiting for it). Rank 0
+    alone removes, and the others look once it has: two ranks removing one directory at once fail on each
+    other's deletions, and a rank that looked before the removal would resume from another step (CI)."""
+
+    def newest(prune: bool) -> str | None:
+        ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        while ckpts:
+            try:
+                atomic.read_json(ckpts[-1] / "trainer_state.json")
+                for r in range(size if size > 1 else 0):  # each rank writes its own; a killed one may not have
+                    (ckpts[-1] / f"rng_state_{r}.pth").stat()
+                return str(ckpts[-1])
+            except (OSError, ValueError):
+                gone = ckpts.pop()
+                if prune:
+                    shutil.rmtree(gone, ignore_errors=True)
+        return None
+
+    rank, size = ranks.world()
+    if rank == 0:
+        newest(prune=True)
+    ranks.barrier()
+    return newest(prune=False)
 
 
 def training_arguments(
