@@ -9,8 +9,6 @@ per-token NLL and the full-vocabulary KL to the teacher.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from pathlib import Path
 
 import torch
 
@@ -18,7 +16,7 @@ from hpd.common.errors import HpdError
 from hpd.common.faults import crash_point
 from hpd.common.settings import EvalSettings, Settings
 from hpd.storage import atomic, memo
-from hpd.storage.fingerprint import digest
+from hpd.storage.fingerprint import code_digest, digest
 
 from . import hf_models, metrics
 from .artifacts import EvalReport, StageKind, Student, TaskData, Teacher
@@ -29,8 +27,8 @@ VERSION = 3  # 2: the baseline student, parameters; 3: the teacher's replies as 
 # (common random numbers: a paired difference then holds no sampling noise of the judge's own), and a judgement that
 # depends on nothing but its model, rows and settings, which is what lets fixed models' judgements be remembered.
 JUDGE_SEED = 0
-# What a remembered judgement was computed by: the source of this module and of the metrics.
-_JUDGE_CODE = hashlib.sha256(b"".join(Path(f).read_bytes() for f in (__file__, metrics.__file__))).hexdigest()[:16]
+# What a remembered judgement was computed by: the code of this module and of the metrics (not their comments).
+_JUDGE_CODE = code_digest(__file__, metrics.__file__)[:16]
 
 
 def judge(
