@@ -813,7 +813,11 @@ def _real_fkl_vs_hpd_fkl() -> list[dict]:
     """fkl minus hpd_fkl on each real comparison's primary measure, paired by seed: the evidence for the real
     presets' loss (a pair whose results lack either arm is left out)."""
     sources = [
-        ("SmolLM2-135M-Instruct, its 6-layer student", RESULTS / "compare_smollm2" / "results.json", "response_nll_nats"),
+        (
+            "SmolLM2-135M-Instruct, its 6-layer student",
+            RESULTS / "compare_smollm2" / "results.json",
+            "response_nll_nats",
+        ),
         ("SmolLM2 cut to half (pair B)", RESULTS / "real_students_B" / "results.json", "kl_to_teacher_nats"),
         ("Qwen2.5-Coder-1.5B into 0.5B (pair A)", RESULTS / "real_students_A" / "results.json", "kl_to_teacher_nats"),
     ]
