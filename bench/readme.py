@@ -218,10 +218,12 @@ def _pair_cached_vs_online(config: str) -> str:
     if r is None:
         return ""
     labels = {"cached": "from the cache", "online": "teacher online, same process", "sft": "plain SFT (no teacher)"}
-    batch = load_config(r["config"], [*r["overrides"], "code.execute=true"]).distill.batch_size
+    d = load_config(r["config"], [*r["overrides"], "code.execute=true"]).distill
+    batch = d.batch_size
     return render(
         "pair-cached-vs-online",
         r=r,
+        accum=d.gradient_accumulation_steps,
         arms=[a for a in labels if a in {x["arm"] for x in r["warmup"]}],
         labels=labels,
         batch=batch,
