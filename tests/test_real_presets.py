@@ -83,12 +83,12 @@ def test_qwen_coder_needs_the_code_opt_in_then_reports_humaneval_and_retention(g
     # are): the student before distillation, the teacher and the teacher's reference replies are judged once per home
     judged = {f: f.stat().st_mtime_ns for f in (tmp_path / "judged").glob("*.json")}
     assert len(judged) == 4  # the teacher's replies, the student before, the teacher, the student
-    sets2 = [*sets, 'run.name="coder-fkl"', 'distill.method="fkl"', 'distill.baseline=""']
+    sets2 = [*sets, 'run.name="coder-hpd"', 'distill.method="hpd_fkl"', 'distill.baseline=""']  # not the preset's loss
     r = hpd_cli(
         tmp_path, "run", "--config", "qwen-coder", overrides=sets2, tiny=False, env={"HPD_ALLOW_CODE_EVAL": "1"}
     )
     assert r.exit_code == 0, (r.output, r.stderr, r.exception)
-    again = _report(tmp_path, "coder-fkl")
+    again = _report(tmp_path, "coder-hpd")
     now = {f: f.stat().st_mtime_ns for f in (tmp_path / "judged").glob("*.json")}
     assert {f: now[f] for f in judged} == judged and len(now) == 5  # none made again; the new student's added
     assert again["initial"] == report["initial"] and again["teacher"] == report["teacher"]
