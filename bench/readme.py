@@ -58,6 +58,12 @@ def _interval(d: tuple) -> dict:
 _SOURCES: dict[Path, object] = {}
 
 
+def _settings(config: str, overrides=()):
+    """A preset's settings as a bench ran them; the code opt-in is given because a code preset's checks ask for it
+    (reading its settings runs nothing)."""
+    return load_config(config, [*overrides, "code.execute=true"])
+
+
 def _result(path: Path) -> dict | None:
     """A bench's results file, or None where that bench has not been run (its README section is left empty)."""
     if not path.exists():
@@ -218,15 +224,14 @@ def _pair_cached_vs_online(config: str) -> str:
     if r is None:
         return ""
     labels = {"cached": "from the cache", "online": "teacher online, same process", "sft": "plain SFT (no teacher)"}
-    d = load_config(r["config"], [*r["overrides"], "code.execute=true"]).distill
-    batch = d.batch_size
+    d = _settings(r["config"], r["overrides"]).distill
     return render(
         "pair-cached-vs-online",
         r=r,
         accum=d.gradient_accumulation_steps,
         arms=[a for a in labels if a in {x["arm"] for x in r["warmup"]}],
         labels=labels,
-        batch=batch,
+        batch=d.batch_size,
     )
 
 
@@ -807,8 +812,7 @@ REAL_PRESETS = ("smollm2", "smollm2-half", "qwen-coder")
 
 
 def _preset_method(name: str) -> str:
-    # a code preset's settings are checked with its HumanEval on, which asks for the code opt-in: read the loss only
-    return load_config(name, ["eval.humaneval=false"]).distill.method
+    return _settings(name).distill.method
 
 
 def _real_fkl_vs_hpd_fkl() -> list[dict]:
@@ -1243,7 +1247,7 @@ def real_students() -> str:
                 "measures": [k for k in REAL_MEASURES if k in next(iter(methods.values()))],
                 "seeds": max(len(m["seeds"]) for m in methods.values()),
                 # read for its figures only: the code opt-in a code-judging preset's check asks for is not a run's
-                "cfg": load_config(r["config"], [*r.get("overrides", []), "code.execute=true"]),
+                "cfg": _settings(r["config"], r.get("overrides", [])),
                 "sets": dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o),
                 "plateau_kl": all(
                     x.get("measure", "curve_kl") == "curve_kl" for m in methods.values() for x in m["plateau"]

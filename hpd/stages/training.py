@@ -155,13 +155,17 @@ def latest_checkpoint(output_dir: Path) -> str | None:
     alone removes, and the others look once it has: two ranks removing one directory at once fail on each
     other's deletions, and a rank that looked before the removal would resume from another step (CI)."""
 
+    rank, size = ranks.world()
+    # each rank writes its own RNG state (one process: rng_state.pth, not asked for); a killed rank may not have
+    rng_files = [f"rng_state_{r}.pth" for r in range(size)] if size > 1 else []
+
     def newest(prune: bool) -> str | None:
         ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         while ckpts:
             try:
                 atomic.read_json(ckpts[-1] / "trainer_state.json")
-                for r in range(size if size > 1 else 0):  # each rank writes its own; a killed one may not have
-                    (ckpts[-1] / f"rng_state_{r}.pth").stat()
+                for name in rng_files:
+                    (ckpts[-1] / name).stat()
                 return str(ckpts[-1])
             except (OSError, ValueError):
                 gone = ckpts.pop()
@@ -169,7 +173,6 @@ def latest_checkpoint(output_dir: Path) -> str | None:
                     shutil.rmtree(gone, ignore_errors=True)
         return None
 
-    rank, size = ranks.world()
     if rank == 0:
         newest(prune=True)
     ranks.barrier()
