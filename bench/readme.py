@@ -425,12 +425,17 @@ def compare() -> str:
     return render("compare", parts=parts)
 
 
-def _by_seed(results: list[dict], key: str) -> dict:
-    """{method: {seed: the student's `key`}} of a comparison's results."""
+def _students(results: list[dict]) -> dict:
+    """{method: {seed: the student's eval report}} of a comparison's results."""
     by: dict = {}
     for r in results:
-        by.setdefault(r["method"], {})[r["seed"]] = r["eval"]["student"][key]
+        by.setdefault(r["method"], {})[r["seed"]] = r["eval"]["student"]
     return by
+
+
+def _by_seed(results: list[dict], key: str) -> dict:
+    """{method: {seed: the student's `key`}} of a comparison's results."""
+    return {m: {s: x[key] for s, x in seeds.items()} for m, seeds in _students(results).items()}
 
 
 def _opd_split(results: list[dict]) -> dict:
@@ -850,9 +855,7 @@ def study_recommendation() -> str:
     real = _result(RESULTS / "compare_smollm2" / "results.json")
     lead = None
     if real:
-        by: dict = {}
-        for r in real:
-            by.setdefault(r["method"], {})[r["seed"]] = r["eval"]["student"]
+        by = _students(real)
         first = min(("fkl", pick), key=lambda m: statistics.mean(x[nll] for x in by[m].values()))
         other = "fkl" if first == pick else pick
         lead = {

@@ -17,7 +17,11 @@ Pair A (--config qwen-coder): the student before distillation, after SeqKD, afte
 variant the regime study recommends), one seed each (each run costs hours here), with their learning curves;
 HumanEval pass@1 on all 164 problems (greedy; each pair of models compared by McNemar's exact test and a paired
 bootstrap over problems), KL and NLL on held-out teacher replies, and retention (NLL on general chat replies). The
-primary measure: HumanEval pass@1. Running the students' code needs the opt-in: HPD_ALLOW_CODE_EVAL=1.
+primary measure: HumanEval pass@1. Running the students' code needs the opt-in: HPD_ALLOW_CODE_EVAL=1. Arms judged
+on fewer problems (--set eval.humaneval_problems=N, minutes a model less) are judged on all 164 afterwards, every
+model in one process, and reported with them:
+
+    python -m bench.real_students --pair A [the arms' flags] --finished-only --humaneval-all 16384
 
 Pair X, across tokenizers (--config qwen-smollm2): Qwen2.5-Coder-0.5B-Instruct's cache teaches SmolLM2-135M-Instruct,
 a complete pretrained student of another tokenizer, through the token bridge; SeqKD (sft on the teacher's replies in
@@ -35,6 +39,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
 from bench.provenance import stamp
@@ -193,6 +198,76 @@ def summarise(results: list[dict], pair: str) -> dict:
     return out
 
 
+def judge_humaneval(home: str, overrides: list[str], batch_tokens: int) -> Path:
+    """Pair A on all of HumanEval: the teacher, the student before distillation and each finished arm's student
+    judged one after another in one process, on the same 164 problems with the same batching (greedy, so the
+    problems' verdicts pair up across models). Each model's verdicts are written as it finishes, so a rerun judges
+    only the models not judged yet. The arms' own eval judged fewer problems (eval.humaneval_problems), minutes per
+    model less; this replaces their pass@1 in the summary."""
+    from hpd.stages import hf_models, metrics, sandbox
+
+    path = RESULTS / "real_students_A" / "humaneval_all.json"
+    done = json.loads(path.read_text()) if path.exists() else {"made": stamp(), "models": {}}
+    arms = json.loads((RESULTS / "real_students_A" / "results.json").read_text())
+    cfg = open_run(CONFIG["A"], overrides, home=home).cfg.eval
+    teacher = open_run(CONFIG["A"], overrides, home=home).outputs("teacher")
+    models = {  # the two that make the gap to close first
+        "before": arms[0]["eval"]["student_report"]["initial_dir"],
+        "teacher": teacher.model_dir,
+        **{r["method"]: r["eval"]["student_dir"] for r in arms if r["seed"] == 0},
+    }
+    problems = metrics.humaneval_problems()
+    for name, where in models.items():
+        if name in done["models"]:
+            continue
+        print(f"[humaneval] {name}: {len(problems)} problems ({where})", flush=True)
+        started = time.perf_counter()
+        model, tok = hf_models.load_causal_lm(where)
+        verdicts = metrics.humaneval_pass_at_1(
+            model,
+            tok,
+            problems,
+            timeout=cfg.timeout,
+            max_new_tokens=cfg.max_new_tokens or 384,
+            execute_code=sandbox.allowed(False),
+            batch_tokens=batch_tokens,
+        )
+        del model
+        done["models"][name] = {**verdicts, "seconds": time.perf_counter() - started, "model": where}
+        done["batch_tokens"] = batch_tokens
+        path.write_text(json.dumps(done, indent=1) + "\n")
+        print(f"[humaneval] {name}: pass@1 {verdicts['humaneval_pass@1']:.3f}", flush=True)
+    return path
+
+
+def all_problems(results: list[dict], path: Path = RESULTS / "real_students_A" / "humaneval_all.json") -> dict | None:
+    """Pair A's verdicts on all of HumanEval (judge_humaneval) in place of the arms' own, fewer problems: the
+    teacher's, the student's before and each arm's, once every one of them is judged (a McNemar test pairs two
+    models' verdicts on the same problems). Returns what the judgement was, for the README (while incomplete, which
+    models are judged so far), or None where none is."""
+    if not path.exists():
+        return None
+    judged = json.loads(path.read_text())
+    models = judged["models"]
+    needed = {"before", "teacher", *(r["method"] for r in results)}
+    if not needed <= set(models) or any(r["seed"] != 0 for r in results):
+        return {"complete": False, "judged": sorted(models)}
+    keys = ("humaneval_pass@1", "humaneval_problems", "humaneval_timed_out", "humaneval_passed")
+    for r in results:
+        for row, name in ((r["eval"]["student"], r["method"]), (r["eval"].get("initial"), "before")):
+            if row is not None:
+                row.update({k: models[name][k] for k in keys})
+        if r["eval"].get("teacher") is not None:
+            r["eval"]["teacher"].update({k: models["teacher"][k] for k in keys})
+    return {
+        "complete": True,
+        "problems": models["teacher"]["humaneval_problems"],
+        "batch_tokens": judged["batch_tokens"],
+        "made": judged["made"],
+        "minutes": {k: m["seconds"] / 60 for k, m in models.items()},
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pair", choices=("A", "B", "X"), required=True)
@@ -202,6 +277,13 @@ def main():
     ap.add_argument("--curve-every", type=int, default=None, help="held-out KL every N steps (default: the preset's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="a config override for every arm")
     ap.add_argument("--finished-only", action="store_true", help="report the arms finished so far, run nothing")
+    ap.add_argument(
+        "--humaneval-all",
+        type=int,
+        metavar="BATCH_TOKENS",
+        default=0,
+        help="pair A, after its arms: judge its five models on all 164 HumanEval problems, batched by this many tokens",
+    )
     args = ap.parse_args()
     overrides, result = [], {"made": stamp(), "pair": args.pair, "config": CONFIG[args.pair]}
     if args.finished_only:  # the command that trains the arms is the same without the flag; this run only reports
@@ -216,6 +298,8 @@ def main():
     if args.curve_every:
         overrides.append(f"compare.curve_every={args.curve_every}")
     result["overrides"] = overrides
+    if args.humaneval_all:  # pair A's finished models judged again on every problem, then reported
+        judge_humaneval(args.home, overrides, args.humaneval_all)
     out = RESULTS / f"real_students_{args.pair}"
     os.environ["HPD_HOME"] = args.home
     # each arm in a process of its own: a 0.5B student beside its 1.5B teacher's leftovers does not fit in 24 GB
@@ -235,6 +319,8 @@ def main():
     result["teacher_side_seconds"] = {
         s: base.manifest(s)["seconds"] for s in ("generate", "score") if s in base.stages and base.manifest(s)
     }
+    if args.pair == "A":
+        result["humaneval_all"] = all_problems(results)
     result["summary"] = summarise(results, args.pair)
     (RESULTS / f"real_students_{args.pair}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"]["methods"], indent=1)[:3000])

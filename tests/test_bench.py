@@ -119,3 +119,46 @@ def test_pair_a_reads_the_gap_closed_only_where_the_teacher_is_ahead():
     level = readme._pair_targets("A", summary(0.80))
     assert "closed" not in level and level["no_gap"] == {"teacher": 0.80, "before": 0.80}
     assert "closed" not in readme._pair_targets("A", summary(0.60))
+
+
+def test_pair_a_takes_every_problems_verdicts_only_once_every_model_is_judged(tmp_path):
+    """Pair A's models judged again on all of HumanEval replace the arms' verdicts on fewer problems: every row
+    (the student before, the teacher, each arm) at once, so McNemar pairs verdicts on the same problems; with a
+    model still unjudged nothing is replaced, and the report says which are judged so far."""
+    import json
+
+    from bench.real_students import all_problems, summarise
+
+    def verdicts(passed):
+        return {
+            "humaneval_pass@1": sum(passed) / len(passed),
+            "humaneval_problems": len(passed),
+            "humaneval_timed_out": 0,
+            "humaneval_passed": passed,
+            "seconds": 60.0,
+        }
+
+    def arm(method, passed):
+        student = {**verdicts(passed), "kl_to_teacher_nats": 0.2}
+        student.pop("seconds")
+        return {
+            "method": method,
+            "seed": 0,
+            "eval": {"student": student, "initial": verdicts([True, False]), "teacher": verdicts([True, True])},
+            "student": {},
+            "log": [],
+        }
+
+    arms = [arm("sft", [True, False]), arm("fkl", [False, True])]
+    path = tmp_path / "humaneval_all.json"
+    models = {"before": verdicts([True, False, False, False]), "teacher": verdicts([True, True, True, False])}
+    path.write_text(json.dumps({"made": {"commit": "x"}, "batch_tokens": 64, "models": models}))
+    assert all_problems(arms, path) == {"complete": False, "judged": ["before", "teacher"]}
+    assert arms[0]["eval"]["student"]["humaneval_problems"] == 2  # left as the arm judged it
+    models |= {"sft": verdicts([True, False, True, False]), "fkl": verdicts([True, True, True, False])}
+    path.write_text(json.dumps({"made": {"commit": "x"}, "batch_tokens": 64, "models": models}))
+    assert all_problems(arms, path)["problems"] == 4
+    s = summarise(arms, "A")
+    assert s["methods"]["fkl"]["humaneval_pass@1"]["mean"] == 0.75 and s["initial"]["humaneval_pass@1"] == 0.25
+    assert s["humaneval_paired"]["fkl vs before"]["only_a"] == 2 and s["humaneval_paired"]["fkl vs sft"]["only_a"] == 1
+    assert s["humaneval_paired"]["teacher vs before"]["problems"] == 4
