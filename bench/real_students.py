@@ -209,16 +209,17 @@ def judge_humaneval(home: str, overrides: list[str], batch_tokens: int) -> Path:
     path = RESULTS / "real_students_A" / "humaneval_all.json"
     done = json.loads(path.read_text()) if path.exists() else {"made": stamp(), "models": {}}
     arms = json.loads((RESULTS / "real_students_A" / "results.json").read_text())
-    cfg = open_run(CONFIG["A"], overrides, home=home).cfg.eval
-    teacher = open_run(CONFIG["A"], overrides, home=home).outputs("teacher")
+    base = open_run(CONFIG["A"], overrides, home=home)
+    cfg = base.cfg.eval
     models = {  # the two that make the gap to close first
         "before": arms[0]["eval"]["student_report"]["initial_dir"],
-        "teacher": teacher.model_dir,
+        "teacher": base.outputs("teacher").model_dir,
         **{r["method"]: r["eval"]["student_dir"] for r in arms if r["seed"] == 0},
     }
     problems = metrics.humaneval_problems()
     for name, where in models.items():
-        if name in done["models"]:
+        weights = hf_models.model_fingerprints(where)["model"]
+        if done["models"].get(name, {}).get("weights") == weights:  # judged already (an arm trained again is not)
             continue
         print(f"[humaneval] {name}: {len(problems)} problems ({where})", flush=True)
         started = time.perf_counter()
@@ -233,7 +234,12 @@ def judge_humaneval(home: str, overrides: list[str], batch_tokens: int) -> Path:
             batch_tokens=batch_tokens,
         )
         del model
-        done["models"][name] = {**verdicts, "seconds": time.perf_counter() - started, "model": where}
+        done["models"][name] = {
+            **verdicts,
+            "seconds": time.perf_counter() - started,
+            "model": where,
+            "weights": weights,
+        }
         done["batch_tokens"] = batch_tokens
         path.write_text(json.dumps(done, indent=1) + "\n")
         print(f"[humaneval] {name}: pass@1 {verdicts['humaneval_pass@1']:.3f}", flush=True)
@@ -285,6 +291,8 @@ def main():
         help="pair A, after its arms: judge its five models on all 164 HumanEval problems, batched by this many tokens",
     )
     args = ap.parse_args()
+    if args.humaneval_all and args.pair != "A":
+        ap.error("--humaneval-all judges pair A's models; drop it, or use --pair A")
     overrides, result = [], {"made": stamp(), "pair": args.pair, "config": CONFIG[args.pair]}
     if args.finished_only:  # the command that trains the arms is the same without the flag; this run only reports
         result["made"]["command"] = result["made"]["command"].replace(" --finished-only", "")
