@@ -1321,6 +1321,9 @@ def _headline_coder(a: dict | None) -> dict | None:
     best = _best_loss(s)
     return {
         "problems": s["initial"]["humaneval_problems"],
+        # every problem: judged on all afterwards (bench.real_students --humaneval-all), or by the arms' own eval
+        "all": bool((a.get("humaneval_all") or {}).get("complete"))
+        or _settings(a["config"], a["overrides"]).eval.humaneval_problems == 0,
         "before": s["initial"]["humaneval_pass@1"],
         "sft": m["sft"]["humaneval_pass@1"]["mean"] if "sft" in m else None,
         "best": best,

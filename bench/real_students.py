@@ -51,6 +51,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PRIMARY = {"B": "kl_to_teacher_nats", "A": "humaneval_pass@1", "X": "response_nll_nats"}
 CONFIG = {"B": "smollm2-half", "A": "qwen-coder", "X": "qwen-smollm2"}
 HIGHER = ("accuracy", "rouge_l", "humaneval_pass@1")
+HUMANEVAL_ALL = RESULTS / "real_students_A" / "humaneval_all.json"  # pair A's models judged on every problem
 
 
 def choose_cut(home: str, steps: int, run: bool = True) -> dict:
@@ -206,7 +207,7 @@ def judge_humaneval(home: str, overrides: list[str], batch_tokens: int) -> Path:
     model less; this replaces their pass@1 in the summary."""
     from hpd.stages import hf_models, metrics, sandbox
 
-    path = RESULTS / "real_students_A" / "humaneval_all.json"
+    path = HUMANEVAL_ALL
     done = json.loads(path.read_text()) if path.exists() else {"made": stamp(), "models": {}}
     arms = json.loads((RESULTS / "real_students_A" / "results.json").read_text())
     base = open_run(CONFIG["A"], overrides, home=home)
@@ -246,7 +247,7 @@ def judge_humaneval(home: str, overrides: list[str], batch_tokens: int) -> Path:
     return path
 
 
-def all_problems(results: list[dict], path: Path = RESULTS / "real_students_A" / "humaneval_all.json") -> dict | None:
+def all_problems(results: list[dict], path: Path = HUMANEVAL_ALL) -> dict | None:
     """Pair A's verdicts on all of HumanEval (judge_humaneval) in place of the arms' own, fewer problems: the
     teacher's, the student's before and each arm's, once every one of them is judged (a McNemar test pairs two
     models' verdicts on the same problems). Returns what the judgement was, for the README (while incomplete, which
