@@ -9,10 +9,10 @@ loss) is the same code. Every teacher here is at least 8x the student's size unl
    both. Training tokens/s, and memory as the process's peak RSS both in total and above its RSS before any
    model was loaded (the part that lives on the accelerator on a GPU: weights, optimizer, activations,
    logits; the Python runtime under it is the same for both). Measured on the math task (the trained 0.80M
-   teacher with the default 105k student, 7.6x, and an 81k one, 9.9x) and on the dialogue vocabulary (8192) at
-   three teacher sizes: the trained
-   1.9M teacher (2.9x, below the 8x line, for the trend) and two randomly initialised ones of 5.3M and 23M
-   (8.4x and 37x; a forward pass costs the same whatever the weights).
+   teacher with the default 105k student, and an 81k one) and on the dialogue vocabulary (8192) at three teacher
+   sizes: the trained 1.9M teacher (below the 8x line, for the trend) and two randomly initialised ones of 5.3M
+   and 23M (a forward pass costs the same whatever the weights). Each row is labelled by its task and the size
+   ratio measured from the two models' parameters (e.g. "math 7.6x"), never a typed one.
 2. Teacher-score overhead: the score stage's own phase timings (forward, log-softmax and top-k, waiting for
    the background shard writer) for the same teachers; overhead = (wall - forward) / forward.
 3. Quality (`quality`): HPD from the cache against HPD online, several student seeds, default students. Math (k = the
@@ -43,8 +43,8 @@ from hpd import open_run
 from .measure import Measured, in_own_process
 
 RESULTS = Path(__file__).parent / "results"
-MATH_STUDENT = ["distill.n_layer=2", "distill.n_embd=56", "distill.n_head=2"]  # 81k: 9.9x the 0.80M teacher
-RANDOM_TEACHERS = {"dialogue 8.4x": (4, 256, 4), "dialogue 37x": (6, 512, 8)}  # n_layer, n_embd, n_head
+MATH_STUDENT = ["distill.n_layer=2", "distill.n_embd=56", "distill.n_head=2"]  # 81k parameters
+RANDOM_TEACHERS = {"dialogue-5m": (4, 256, 4), "dialogue-23m": (6, 512, 8)}  # n_layer, n_embd, n_head
 ARMS = {"cached": ['distill.teacher_source="cache"'], "online": ['distill.teacher_source="online"']}
 
 
@@ -83,16 +83,17 @@ def random_teacher(home: Path, like: str, name: str, shape: tuple[int, int, int]
 
 
 def setups(home: Path) -> dict:
-    """name -> (config, overrides): the teacher/student pairs, each teacher given as a local HF directory."""
+    """setup -> (config, overrides): the teacher/student pairs, each teacher given as a local HF directory. The
+    setup names the runs; the results label each row by its measured size ratio (`label`)."""
     trained = {
         task: runner(home, config, task, []).outputs("teacher").model_dir
         for task, config in [("math", None), ("dialogue", "dialogue")]
     }
     dialogue = ["generate.num_prompts=1024"]
     out = {
-        "math 7.6x": (None, [f'teacher.path="{trained["math"]}"', "generate.num_prompts=6144"]),
-        "math 9.9x": (None, [f'teacher.path="{trained["math"]}"', "generate.num_prompts=6144", *MATH_STUDENT]),
-        "dialogue 2.9x": ("dialogue", [f'teacher.path="{trained["dialogue"]}"', *dialogue]),
+        "math": (None, [f'teacher.path="{trained["math"]}"', "generate.num_prompts=6144"]),
+        "math-small": (None, [f'teacher.path="{trained["math"]}"', "generate.num_prompts=6144", *MATH_STUDENT]),
+        "dialogue": ("dialogue", [f'teacher.path="{trained["dialogue"]}"', *dialogue]),
     }
     for name, shape in RANDOM_TEACHERS.items():
         out[name] = (
@@ -132,20 +133,29 @@ def timed_distill(home: Path, config, name: str, overrides: list[str], steps: in
     }
 
 
+def label(setup: str, ratio: float) -> str:
+    """A row's label: its task and the teacher/student size ratio measured from their parameters."""
+    return f"{setup.split('-')[0]} {ratio:.1f}x" if ratio < 10 else f"{setup.split('-')[0]} {ratio:.0f}x"
+
+
 def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None) -> dict:
-    """In a fresh home of its own, so every cache is built (and its scoring timed) here. `only`: these pairs
+    """In a fresh home of its own, so every cache is built (and its scoring timed) here. `only`: these setups
     are measured again and the others kept from the last timing file."""
     scratch = home / "bench-timing"
     shutil.rmtree(scratch, ignore_errors=True)
     out, built = {}, {}
     last = RESULTS / "cached_vs_online_timing.json"
     if only and last.exists():
-        out = {k: v for k, v in json.loads(last.read_text()).items() if k not in only}
+        out = {
+            v["setup"]: (k, v)
+            for k, v in json.loads(last.read_text()).items()
+            if v.get("setup") and v["setup"] not in only
+        }
     pairs = setups(home)
-    for label, (config, overrides) in pairs.items():
-        if only and label not in only:
+    for setup, (config, overrides) in pairs.items():
+        if only and setup not in only:
             continue
-        name = f"cvo-{label.replace(' ', '-')}"
+        name = f"cvo-{setup}"
         measured = Measured()
         r = runner(scratch, config, name, overrides, observers=[measured])
         r.run(until="score")
@@ -168,12 +178,13 @@ def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None)
                         config,
                         name,
                         [*overrides, *extra],
-                        steps["math" if label.startswith("math") else "dialogue"],
+                        steps[setup.split("-")[0]],
                     )
                 )
         med = {arm: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for arm, runs in arms.items()}
         teacher_parameters = _parameters(teacher.model_dir)
-        out[label] = {
+        row = {
+            "setup": setup,
             "method": r.cfg.distill.method,
             "repeats": repeats,
             "teacher_parameters": teacher_parameters,
@@ -188,18 +199,18 @@ def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None)
             "peak_rss_ratio": med["cached"]["peak_rss_mb"] / med["online"]["peak_rss_mb"],
             "training_mb_ratio": med["cached"]["training_mb"] / med["online"]["training_mb"],
         }
+        out[setup] = (label(setup, row["size_ratio"]), row)
         print(
-            f"[timing] {label}: {out[label]['speedup']:.2f}x tokens/s, peak RSS "
-            f"{out[label]['peak_rss_ratio']:.2f}x, training memory {out[label]['training_mb_ratio']:.2f}x, "
-            f"score overhead {score['timing']['overhead']:.1%}",
+            f"[timing] {out[setup][0]}: {row['speedup']:.2f}x tokens/s, peak RSS {row['peak_rss_ratio']:.2f}x, "
+            f"training memory {row['training_mb_ratio']:.2f}x, score overhead {score['timing']['overhead']:.1%}",
             flush=True,
         )
-    return {k: out[k] for k in pairs if k in out}
+    return dict(out[k] for k in pairs if k in out)
 
 
 def quality(home: Path, seeds: int, math_steps: int, dialogue_steps: int) -> dict:
     out = {}
-    # The default students (math 105k: 7.6x, below the 8x line; an 81k one learns nothing with HPD in 600 steps)
+    # The default students (math 105k, below the 8x line; an 81k one learns nothing with HPD in 600 steps)
     for task, config, steps, base, student in [
         ("math", None, math_steps, "math", []),
         ("dialogue", "dialogue", dialogue_steps, "dialogue", []),
@@ -300,10 +311,9 @@ def summarise(t: dict, q: dict, k_values=(1, 4, 16)) -> dict:
             "targets": {"accuracy": acc_target, "nll": nll_target},
             "steps_to_target": reach,
         }
-        if "math 7.6x" in t:  # steps from the curves x seconds per step measured on an idle machine
-            per_step = {
-                arm: t["math 7.6x"]["arms"][arm]["seconds"] / t["math 7.6x"]["arms"][arm]["steps"] for arm in ARMS
-            }
+        default = next((row for row in t.values() if row.get("setup") == "math"), None)
+        if default:  # steps from the curves x seconds per step measured on an idle machine
+            per_step = {arm: default["arms"][arm]["seconds"] / default["arms"][arm]["steps"] for arm in ARMS}
             s["math"]["seconds_per_step"] = per_step
             s["math"]["seconds_to_target"] = {
                 what: {
@@ -387,7 +397,7 @@ def markdown(t: dict, q: dict, s: dict) -> str:
         tg = m["targets"]
         lines += [
             "",
-            "## Student quality and time to a fixed level (math, HPD, the default 7.6x pair)",
+            "## Student quality and time to a fixed level (math, HPD, the default pair)",
             "",
             f"| arm | seeds | held-out accuracy | held-out NLL | steps to {tg['accuracy']:.1%} accuracy "
             f"(seeds reaching it) | seconds to it | steps to NLL {tg['nll']:.3f} | seconds to it |",
@@ -465,7 +475,12 @@ def main():
     ap.add_argument("--math-steps", type=int, default=600)
     ap.add_argument("--dialogue-steps", type=int, default=300)
     ap.add_argument("--timing-steps", type=int, default=40)
-    ap.add_argument("--only", default="", help="timing: measure only these pairs again (comma-separated labels)")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="timing: measure only these setups again (comma-separated, of: math, math-small, dialogue, dialogue-5m, "
+        "dialogue-23m)",
+    )
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"), help="shares the default teachers")
     args = ap.parse_args()
     if args.repeats < 5:
