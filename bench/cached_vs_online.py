@@ -184,6 +184,7 @@ def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None)
         med = {arm: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for arm, runs in arms.items()}
         teacher_parameters = _parameters(teacher.model_dir)
         row = {
+            "made": stamp(),  # the file stays {label: row}, so each row carries the stamp
             "setup": setup,
             "method": r.cfg.distill.method,
             "repeats": repeats,

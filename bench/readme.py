@@ -1406,12 +1406,20 @@ def _sourced(section) -> str:
     groups: dict = {}
     for path in files:
         r = _SOURCES[path]
-        made = (r.get("made") if isinstance(r, dict) else None) or {}
+        made = (r.get("made") if isinstance(r, dict) else None) or _rows_made(r)
         name = path.relative_to(RESULTS).as_posix()
         key = (_target(name), made.get("commit"), made.get("date"))
         groups.setdefault(key, []).append(name)
     groups = [{"target": t, "commit": c, "date": d, "files": f} for (t, c, d), f in groups.items()]
     return body + ("" if body.endswith("\n\n") else "\n") + render("sources", groups=groups)
+
+
+def _rows_made(r) -> dict:
+    """The stamp of a file keyed by row (the cached-vs-online timing's {label: row}): its rows', where they agree."""
+    if not isinstance(r, dict) or not r or not all(isinstance(v, dict) for v in r.values()):
+        return {}
+    stamps = [v.get("made") or {} for v in r.values()]
+    return stamps[0] if all(m == stamps[0] for m in stamps) else {}
 
 
 def _target(name: str) -> str | None:

@@ -172,3 +172,12 @@ def test_a_timing_row_is_labelled_by_its_measured_size_ratio():
     assert label("dialogue-5m", 5_315_072 / 640_768) == "dialogue 8.3x"
     assert label("dialogue-23m", 23_240_000 / 640_768) == "dialogue 36x"
     assert label("math-small", 804_000 / 81_424) == "math 9.9x" and label("math", 804_000 / 105_344) == "math 7.6x"
+
+
+def test_a_file_keyed_by_row_is_stamped_by_its_rows_where_they_agree():
+    from bench.readme import _rows_made
+
+    made = {"commit": "abc", "date": "2026-12-03"}
+    assert _rows_made({"math 7.6x": {"made": made}, "dialogue 36x": {"made": made}}) == made
+    assert _rows_made({"math 7.6x": {"made": made}, "dialogue 36x": {}}) == {}  # a row from an older run: unstamped
+    assert _rows_made({"rows": [1, 2]}) == {} and _rows_made([]) == {}
