@@ -135,7 +135,12 @@ def timed_distill(home: Path, config, name: str, overrides: list[str], steps: in
 
 def label(setup: str, ratio: float) -> str:
     """A row's label: its task and the teacher/student size ratio measured from their parameters."""
-    return f"{setup.split('-')[0]} {ratio:.1f}x" if ratio < 10 else f"{setup.split('-')[0]} {ratio:.0f}x"
+    return f"{_task(setup)} {ratio:.{1 if ratio < 10 else 0}f}x"
+
+
+def _task(setup: str) -> str:
+    """The task a setup trains on (its name's first part: "dialogue-5m" -> "dialogue")."""
+    return setup.split("-")[0]
 
 
 def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None) -> dict:
@@ -178,7 +183,7 @@ def timing(home: Path, steps: dict, repeats: int, only: list[str] | None = None)
                         config,
                         name,
                         [*overrides, *extra],
-                        steps[setup.split("-")[0]],
+                        steps[_task(setup)],
                     )
                 )
         med = {arm: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for arm, runs in arms.items()}
