@@ -1148,7 +1148,16 @@ def sampled_targets() -> str:
 
 
 def _students_table(st: dict, what: str) -> str:
-    return render("students-table", st=st, what=what)
+    """A students-from-caches results file as a table: each arm minus top-16, paired by seed with its 95% interval,
+    and the verdict on the bench's primary measure (KL to the teacher where the file predates naming one)."""
+    diffs = {
+        arm: {
+            k: _interval((d["mean"], d["sd"], d["seeds"], d["better"]))
+            for k, d in ((k, m[k]["minus_reference"]) for k in ("response_nll_nats", "kl_to_teacher_nats"))
+        }
+        for arm, m in st["summary"].items()
+    }
+    return render("students-table", st=st, what=what, diffs=diffs, primary=st.get("primary", "kl_to_teacher_nats"))
 
 
 def versions() -> str:
