@@ -365,24 +365,14 @@ def refresh_rounds() -> str:
     last = r["rounds"]
     runs = {(x["arm"], x["seed"]): x for x in r["runs"]}
 
-    def paired(arm, key):
+    def paired(arm, key):  # arm minus offline after the last round, paired by seed, with its 95% interval
         d = [runs[(arm, s)]["rounds"][last][key] - runs[("offline", s)]["rounds"][last][key] for s in range(r["seeds"])]
-        return statistics.mean(d), (statistics.stdev(d) if len(d) > 1 else 0.0), d
+        better = sum((x > 0) if key == "heldout_accuracy" else (x < 0) for x in d)
+        return {**_interval((statistics.mean(d), statistics.stdev(d) if len(d) > 1 else 0.0, len(d), better)), "d": d}
 
-    diffs = []
-    for arm in ("hpd+refresh", "hpd->opd"):
-        (am, asd, ad), (nm, nsd, _) = paired(arm, "heldout_accuracy"), paired(arm, "nll")
-        diffs.append(
-            {
-                "arm": arm,
-                "acc_mean": am,
-                "acc_sd": asd,
-                "acc": ad,
-                "ahead": sum(x > 0 for x in ad),
-                "nll_mean": nm,
-                "nll_sd": nsd,
-            }
-        )
+    diffs = [
+        {"arm": a, "acc": paired(a, "heldout_accuracy"), "nll": paired(a, "nll")} for a in ("hpd+refresh", "hpd->opd")
+    ]
     per_round = {
         key: statistics.mean(y[key] for x in r["runs"] if x["arm"] != "offline" for y in x["rounds"][1:])
         for key in ("refresh_seconds", "rescore_seconds", "distill_seconds")

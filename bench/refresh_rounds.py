@@ -6,8 +6,9 @@ for R rounds in three arms that differ only in the rounds' data and loss:
   - hpd+refresh:  10% of each batch from the round's refreshed sequences, HPD on both;
   - hpd->opd:     the same refresh, OPD on the refreshed sequences and HPD on the offline ones (--config hpd-opd).
 Every round of every arm has the same steps, batch and schedule. Held-out accuracy (greedy, 500 problems) and
-NLL are measured after each round. The teacher time the refreshes cost is compared with what online
-distillation would spend: one teacher forward per training batch, measured here on batches of the same size.
+NLL are measured after each round; the verdict is read on held-out accuracy after the last round (PRIMARY, named
+before the runs), each arm minus offline paired by seed. The teacher time the refreshes cost is compared with what
+online distillation would spend: one teacher forward per training batch, measured here on batches of the same size.
 
 Writes bench/results/refresh_rounds.json and .md.
 """
@@ -28,6 +29,7 @@ from bench.provenance import stamp
 from hpd import open_run
 
 RESULTS = Path(__file__).parent / "results"
+PRIMARY = "heldout_accuracy"  # the measure the verdict is read on, named before the runs
 ARMS = {
     "offline": ["rounds.refresh_share=0"],
     "hpd+refresh": ['rounds.method="hpd"'],
@@ -59,7 +61,7 @@ def teacher_seconds_per_batch(r, batch: int, batches: int = 12) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"), help="shares the default teacher and cache")
     args = ap.parse_args()
@@ -144,6 +146,7 @@ def main():
         "machine": {"cpus": os.cpu_count()},
         "made": stamp(),
         "seeds": args.seeds,
+        "primary": PRIMARY,
         "rounds": args.rounds,
         "config": {
             "distill_steps": cfg.distill.steps,
