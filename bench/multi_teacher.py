@@ -13,6 +13,9 @@ Ensemble. Two teachers of the default task on the same sequences: the default on
 (`teachers.mode = "ensemble"`: the targets are their equal mixture). Students from each alone and from the
 ensemble, judged on the default held-out set.
 
+The verdicts are read on held-out accuracy (PRIMARY, named before the runs: the task's skill), each arm minus its
+comparison paired by student seed with a 95% interval; held-out NLL is reported beside it.
+
 Writes bench/results/multi_teacher.json; bench/readme.py puts the tables in the README.
 """
 
@@ -30,6 +33,7 @@ from hpd import open_run
 from .measure import paired_summary
 
 OUT = Path(__file__).resolve().parent / "results" / "multi_teacher.json"
+PRIMARY = "accuracy"  # the measure the verdicts are read on, named before the runs
 TEACHERS = {  # run name -> settings; every teacher run stops at its cache
     "mt-add2": ["data.operands=2"],
     "mt-add4": ["data.operands=4"],
@@ -115,6 +119,7 @@ def main():
     result = {
         "made": stamp(),
         "seeds": args.seeds,
+        "primary": PRIMARY,
         "student_steps": args.steps,
         "teachers": teachers,
         "teacher_judged": judged,

@@ -963,12 +963,17 @@ def multi_teacher() -> str:
     route, ens = r["routing"]["rows"], r["ensemble"]["rows"]
     routed, gen, both = "add2 + add4 routed", "generalist", "ensemble of 1 and 2"
 
-    def judged(rows, a, b, whom: str) -> str:  # by accuracy, then NLL: beats or trails beyond the 95% interval
-        for key, label in (("accuracy", "accuracy"), ("response_nll_nats", "held-out NLL")):
-            x = _paired_rows(rows, a, b, key)
-            if _separable(x):
-                return say("judged", "beats" if (x[0] > 0) == (key == "accuracy") else "trails", whom, label)
-        return say("judged", "", whom, "accuracy or held-out NLL")
+    primary = r.get("primary", "accuracy")  # files before the bench named it: its verdicts re-read on accuracy
+    label = {"accuracy": "accuracy", "response_nll_nats": "held-out NLL"}[primary]
+
+    def judged(rows, a, b, whom: str) -> str:  # beats / trails b on the primary measure beyond the 95% interval
+        x = _paired_rows(rows, a, b, primary)
+        return say(
+            "judged",
+            ("beats" if (x[0] > 0) == _higher_is_better(primary) else "trails") if _separable(x) else "",
+            whom,
+            label,
+        )
 
     return render(
         "multi-teacher",
