@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jinja2
 
-from bench.stats import paired_t, t95
+from hpd.common.stats import paired_t, t95
 from hpd.pipeline.config import load as load_config
 from hpd.stages.tasks import arithmetic
 

@@ -9,9 +9,9 @@ of the 30 layers kept, `teacher-layers`; or the teacher's architecture at half w
 and the one whose KL to the teacher falls further is kept. Then `hpd compare`: SeqKD (sft on the teacher's replies),
 fkl, jsd, hpd and hpd_fkl, 3 seeds each, the same steps and one shared cache. The primary measure, named before any
 run: the held-out KL to the teacher on its own replies (lower is better); beside it NLL, the arithmetic questions'
-accuracy and ROUGE-L. Each method against SeqKD, paired by seed, with a 95% interval (bench/stats.py). Recovery: the
-share of the KL the cut cost that training won back, (KL of the cut student - KL after) / KL of the cut student.
-Plateau: whether the last 20% of steps improved held-out KL by under 2% (from the learning curves).
+accuracy and ROUGE-L. Each method against SeqKD, paired by seed, with a 95% interval (hpd/common/stats.py).
+Recovery: the share of the KL the cut cost that training won back, (KL of the cut student - KL after) / KL of the
+cut student. Plateau: whether the last 20% of steps improved held-out KL by under 2% (from the learning curves).
 
 Pair A (--config qwen-coder): the student before distillation, after SeqKD, after fkl and after hpd_fkl (the HPD
 variant the regime study recommends), one seed each (each run costs hours here), with their learning curves;
@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 
 from bench.provenance import stamp
-from bench.stats import mcnemar, paired_t
 from hpd import open_run
+from hpd.common.stats import mcnemar, paired_t
 from hpd.pipeline.compare import OFFLINE, compare
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -58,7 +58,7 @@ def test_compare_runs_methods_by_seeds_from_one_cache_and_writes_the_report(tiny
     assert res.exit_code == 2 and "no run nope" in res.output
 
 
-def test_paired_table_counts_seeds_where_a_method_is_better():
+def test_paired_table_gives_each_difference_its_95_interval():
     from hpd.pipeline.report import paired_table
     from hpd.stages.metrics import METRICS
 
@@ -73,8 +73,13 @@ def test_paired_table_counts_seeds_where_a_method_is_better():
     ]
     keys = [m for m in METRICS if m[0] in ("accuracy", "kl_to_teacher_nats")]
     row = next(line for line in paired_table(results, keys) if line.startswith("| fkl |"))
-    # accuracy: +0.2 (seed 0), -0.1 (seed 1): mean +5.0%, better on 1 of 2; KL: -0.05, -0.10: mean -0.075, 2 of 2
-    assert row == "| fkl | +5.0% ± 21.2% (1/2) | -0.075 ± 0.035 (2/2) |"
+    # accuracy: +0.2 (seed 0), -0.1 (seed 1): mean +5.0%, sd 0.2121, half-width t(1) 12.706 x sd / sqrt 2 = 1.906;
+    # better on 1 of 2. KL: -0.05, -0.10: mean -0.075, sd 0.0354, half-width 0.318; lower on 2 of 2.
+    assert row == "| fkl | +5.0% [-185.6%, +195.6%] (1/2) | -0.075 [-0.393, +0.243] (2/2) |"
+    # a third seed (KL -0.06): mean -0.07, sd 0.0265, half-width t(2) 4.303 x sd / sqrt 3 = 0.0657: excludes 0, bold
+    more = [*results, run("sft", 2, 0.40, 0.20), run("fkl", 2, 0.34, 0.20)]
+    row = next(line for line in paired_table(more, keys) if line.startswith("| fkl |"))
+    assert row.endswith("| **-0.070 [-0.136, -0.004]** (3/3) |"), row
     assert paired_table(results[:2], keys) == []  # one method: nothing to pair
 
 

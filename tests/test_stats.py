@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bench.stats import mcnemar, paired_t, t95
+from hpd.common.stats import mcnemar, paired_t, t95
 
 pytestmark = pytest.mark.unit
 

@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+from hpd.common.stats import paired_t
 from hpd.stages.losses import HPD_DIAGNOSTICS
 from hpd.stages.metrics import LOWER_IS_BETTER, metric_keys
 
@@ -145,15 +146,17 @@ def paired_differences(results: list[dict], key: str) -> dict[str, list[float]]:
 
 
 def paired_table(results: list[dict], keys: list[tuple[str, str, str]]) -> list[str]:
-    """Markdown: every method against the first, paired by seed: mean difference ± std, and on how many seeds the
-    method came out better (lower NLL and KL, higher accuracy, ROUGE-L)."""
+    """Markdown: every method against the first, paired by seed: the mean difference with its 95% interval (Student's
+    t, n - 1 degrees of freedom; bold where it excludes 0), and on how many seeds the method came out better (lower
+    NLL and KL, higher accuracy, ROUGE-L)."""
     diffs = {k: paired_differences(results, k) for k, _, _ in keys}
     methods = list(dict.fromkeys(m for d in diffs.values() for m in d))
     if not methods:
         return []
     first = results[0]["method"]
     lines = [
-        f"Paired by student seed, each method minus {first} (better on how many seeds):",
+        f"Paired by student seed, each method minus {first}: mean difference [95% interval] (better on how many"
+        " seeds); **bold**: the interval excludes 0, otherwise no difference is detected:",
         "",
         "| method | " + " | ".join(f"Δ {label}" for _, label, _ in keys) + " |",
         "|---|" + "---|" * len(keys),
@@ -162,14 +165,15 @@ def paired_table(results: list[dict], keys: list[tuple[str, str, str]]) -> list[
         cells = []
         for k, _, fmt in keys:
             d = diffs[k].get(m, [])
+            if not d:
+                cells.append("-")
+                continue
             lower_is_better = k in LOWER_IS_BETTER
             better = sum((x < 0) if lower_is_better else (x > 0) for x in d)
-            sd = statistics.stdev(d) if len(d) > 1 else 0.0
-            cells.append(
-                f"{fmt.replace(':', ':+').format(statistics.mean(d))} ± {fmt.format(sd)} ({better}/{len(d)})"
-                if d
-                else "-"
-            )
+            t = paired_t(dict(enumerate(d)), dict.fromkeys(range(len(d)), 0.0))
+            signed = fmt.replace(":", ":+")
+            cell = f"{signed.format(t['mean'])} [{signed.format(t['ci95'][0])}, {signed.format(t['ci95'][1])}]"
+            cells.append(f"{f'**{cell}**' if t['verdict'] != 'no difference detected' else cell} ({better}/{len(d)})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 

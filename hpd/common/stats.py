@@ -1,4 +1,5 @@
-"""The statistics every verdict in the README is read from: paired by seed (or by problem), with a 95% interval.
+"""The statistics every verdict is read from (`hpd compare`'s report, the README's benches): paired by seed (or by
+problem), with a 95% interval.
 
 paired_t       arm minus reference, paired by seed: mean, the 95% confidence interval of Student's t with n - 1
                degrees of freedom, and the verdict: "better" / "worse" when the interval excludes 0, "no difference
