@@ -389,7 +389,7 @@ class CompareSettings:
     methods: str = key(
         "sft,seqkd,fkl,rkl,jsd,skl,srkl,tvd,akl,hpd,hpd_fkl,hpd->opd", "the methods compared, comma-separated"
     )
-    seeds: int = key(3, "student seeds per method", low=1)
+    seeds: int = key(5, "student seeds per method, paired (5: a 95% interval that can exclude 0)", low=1)
     steps: int = key(600, "student steps per run, the same for every method (hpd->opd: some are rounds)", low=1)
     opd_rounds: int = key(1, "hpd->opd: on-policy rounds of rounds.steps at the end of the budget", low=0)
     curve_every: int = key(100, "learning-curve points (distill.curve_every)", low=0)
