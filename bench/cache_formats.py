@@ -8,7 +8,8 @@ Writes bench/results/cache_formats.json and bench/results/cache_formats.md. Meas
       kl_full    KL over the whole vocabulary with the tail mass spread uniformly over the other tokens:
                  what truncation to k loses on top of it (no encoding can recover the tail's shape);
   - encode and decode throughput (tokens/s, one core), and the reader's time for a training batch as a
-    fraction of a student training step.
+    fraction of a student training step: every timing a median over rounds that run the arms in turn after a
+    discarded warm-up (bench/timing.py), with its spread.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import ctypes
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from bench.provenance import stamp
+from bench.timing import alternate
 from hpd import open_run
 from hpd.stages import batching, hf_models, student_models
 from hpd.storage import encodings as enc
@@ -84,6 +87,15 @@ def rebuild_kl(full_lp: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail
     q_each = (q_tail - np.log(V - k))[:, None]
     kl_tail = torch.where(outside, full_lp.exp() * (full_lp - q_each), torch.zeros_like(full_lp)).sum(1)
     return kl_bucket, kl_top + kl_tail
+
+
+def tokens_per_s(seconds: dict, tokens: int) -> dict:
+    """A timing summary's seconds (bench/timing.py) as throughput: median and the spread's ends, tokens/s."""
+    return {"median": tokens / seconds["median"], "min": tokens / seconds["max"], "max": tokens / seconds["min"]}
+
+
+def spread(rate: list[float]) -> str:
+    return "-".join(f"{x / 1e6:.2f}" for x in rate) + "M"
 
 
 def first_ids(rows) -> np.ndarray:
@@ -189,35 +201,36 @@ def main():
         return out
 
     results, tmp = [], Path(tempfile.mkdtemp(prefix="hpd-formats-"))
-    decode_speed = {}
+
+    def write_cache(root: CacheRoot, krows, k: int, code, level: int, teacher: str = ""):
+        key = cache_key(
+            teacher=teacher or f"bench-{level}", tokenizer="t", data="d", top_k=k, temperature=1.0, encoding=code.spec
+        )
+        w = root.writer(
+            key,
+            shard_size=len(krows),
+            num_sequences=len(krows),
+            vocab_size=V,
+            zstd_level=level,
+            learn_order=lambda: first_ids(krows),
+        )
+        w.write_rows(0, krows)
+        w.finish(1)
+        return LogitCache(root.path_for(key))
+
+    def decoded(cache: LogitCache) -> None:
+        assert sum(int(d.offsets[-1]) for d in cache.iter_decoded()) == tokens
+
+    speeds = {}
     for k in KS:
         krows = with_k(k)
+        shipped = {}
         for e in ENCODINGS:
             code = enc.get(e)
             for level in [1, 3, SHIPPED_LEVEL, 19] if k == 64 else [SHIPPED_LEVEL]:
-                key = cache_key(
-                    teacher=f"bench-{level}", tokenizer="t", data="d", top_k=k, temperature=1.0, encoding=code.spec
-                )
-                root = CacheRoot(tmp / f"z{level}")
-                w = root.writer(
-                    key,
-                    shard_size=len(krows),
-                    num_sequences=len(krows),
-                    vocab_size=V,
-                    zstd_level=level,
-                    learn_order=lambda: first_ids(krows),
-                )
-                t0 = time.perf_counter()
-                w.write_rows(0, krows)
-                w.finish(1)
-                t_enc = time.perf_counter() - t0
-                cache = LogitCache(root.path_for(key))
-                for i in range(cache.shards.num_shards):  # open + verify checksums once, outside the timing
-                    cache.shards.reader(i)
-                t0 = time.perf_counter()
-                decoded_tokens = sum(int(d.offsets[-1]) for d in cache.iter_decoded())
-                t_dec = time.perf_counter() - t0
-                assert decoded_tokens == tokens
+                cache = write_cache(CacheRoot(tmp / f"z{level}"), krows, k, code, level)
+                if level == SHIPPED_LEVEL:
+                    shipped[e] = cache
                 kb, kf = (torch.cat(x).mean().item() for x in kl[(k, e)])
                 results.append(
                     {
@@ -228,12 +241,28 @@ def main():
                         "order_bytes": cache.bytes - cache.manifest["bytes"],
                         "kl_bucket": kb,
                         "kl_full": kf,
-                        "encode_tokens_per_s": tokens / t_enc,
-                        "decode_tokens_per_s": tokens / t_dec,
                     }
                 )
-                if level == SHIPPED_LEVEL:
-                    decode_speed[(k, e)] = tokens / t_dec
+        # Encode (rows to finished shards) and decode (shards to the student's arrays, warm) at the shipped level:
+        # every encoding in turn, a warm-up round discarded, 5 rounds (bench/timing.py).
+        written = iter(range(10**6))
+        arms = {}
+        for e, cache in shipped.items():
+            for i in range(cache.shards.num_shards):  # open + verify checksums once, outside the timing
+                cache.shards.reader(i)
+            code = enc.get(e)
+            arms[f"encode {e}"] = lambda code=code: write_cache(
+                CacheRoot(tmp / "speed"), krows, k, code, SHIPPED_LEVEL, teacher=f"speed-{next(written)}"
+            )
+            arms[f"decode {e}"] = lambda cache=cache: decoded(cache)
+        timed = alternate(arms, log=lambda line: None, prepare=lambda: shutil.rmtree(tmp / "speed", ignore_errors=True))
+        for e in ENCODINGS:
+            speeds[(k, e)] = {op: tokens_per_s(timed[f"{op} {e}"]["seconds"], tokens) for op in ("encode", "decode")}
+    for row in results:
+        if row["zstd_level"] == SHIPPED_LEVEL:
+            sp = speeds[(row["k"], row["encoding"])]
+            row.update({f"{op}_tokens_per_s": sp[op]["median"] for op in sp})
+            row.update({f"{op}_tokens_per_s_range": [sp[op]["min"], sp[op]["max"]] for op in sp})
 
     # The VocabOrder learned from the first LEARN_POSITIONS positions against one learned from the whole cache
     # (the best any order learned from this data can do), at k=64, the shipped level.
@@ -274,28 +303,33 @@ def main():
     )
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
-    t_load = t_step = 0.0
-    for _ in range(10):
+    loaded = {}
+
+    def load():  # a random batch of 32 sequences from the cache, as the trainer asks for it
         ids = rng.choice(n, 32, replace=False)
-        batch_seqs = [seqs[j] for j in ids]
-        t0 = time.perf_counter()
-        cb = cache.batch(ids, input_ids=batch_seqs, length=max(map(len, batch_seqs)))
-        t_load += time.perf_counter() - t0
-        x, m = batching.pad_right(batch_seqs, tok.pad_token_id)
-        t0 = time.perf_counter()
-        logits = student(input_ids=x, attention_mask=m).logits
-        logq = torch.log_softmax(logits.float(), -1)
+        loaded["seqs"] = [seqs[j] for j in ids]
+        loaded["cb"] = cache.batch(ids, input_ids=loaded["seqs"], length=max(map(len, loaded["seqs"])))
+
+    def step():  # one training step on the batch just loaded
+        x, m = batching.pad_right(loaded["seqs"], tok.pad_token_id)
+        cb = loaded["cb"]
+        logq = torch.log_softmax(student(input_ids=x, attention_mask=m).logits.float(), -1)
         loss = -(cb.topk_logprobs.exp() * logq.gather(-1, cb.topk_ids))[cb.mask].sum() / cb.mask.sum()
         loss.backward()
         opt.step()
         opt.zero_grad()
-        t_step += time.perf_counter() - t0
+
+    timed = alternate({"load": load, "step": step}, rounds=10, log=lambda line: None)
+    t_load, t_step = (timed[a]["seconds"] for a in ("load", "step"))
     loader = {
         "batch": 32,
         "student_parameters": sum(p.numel() for p in student.parameters()),
-        "loader_seconds_per_batch": t_load / 10,
-        "student_step_seconds": t_step / 10,
-        "loader_fraction_of_step": t_load / t_step,
+        "loader_seconds_per_batch": t_load["median"],
+        "student_step_seconds": t_step["median"],
+        "loader_fraction_of_step": t_load["median"] / t_step["median"],
+        "rounds": len(t_load["runs"]),
+        "loader_seconds_range": [t_load["min"], t_load["max"]],
+        "student_step_seconds_range": [t_step["min"], t_step["max"]],
     }
 
     # The container: shards hold one zstd frame per serialised record batch (shipped) against Arrow's own
@@ -317,20 +351,19 @@ def main():
     native = pa.ipc.open_file(native_buf)
 
     def run_native():
-        for i in range(native.num_record_batches):
-            decode_batch(native.get_batch(i), code, 64)
+        for _ in range(3):
+            for i in range(native.num_record_batches):
+                decode_batch(native.get_batch(i), code, 64)
 
     def run_framed():
-        for i in range(framed.num_record_batches):
-            decode_batch(framed.get_batch(i), code, 64)
-
-    container = {}
-    for name, fn in (("zstd_frames", run_framed), ("arrow_ipc_zstd", run_native)) * 2:
-        t0 = time.perf_counter()
         for _ in range(3):
-            fn()
-        container.setdefault(name, []).append(3 * tokens / (time.perf_counter() - t0))
-    container = {name: max(v) for name, v in container.items()}
+            for i in range(framed.num_record_batches):
+                decode_batch(framed.get_batch(i), code, 64)
+
+    timed = alternate({"zstd_frames": run_framed, "arrow_ipc_zstd": run_native}, log=lambda line: None)
+    rates = {name: tokens_per_s(t["seconds"], 3 * tokens) for name, t in timed.items()}
+    container = {name: r["median"] for name, r in rates.items()}
+    container.update({f"{name}_range": [r["min"], r["max"]] for name, r in rates.items()})
     container["arrow_ipc_zstd_bytes_per_token"] = len(native_buf) / tokens
     container["zstd_frames_bytes_per_token"] = cache.manifest["bytes"] / tokens
 
@@ -375,7 +408,7 @@ def main():
         f"Teacher of `--config {args.config}` ({parameters / 1e6:.2f}M parameters, vocabulary {V:,}), "
         f"{n:,} sequences, {tokens:,} scored tokens (KL over the first {summary['kl_sequences']}), mean teacher "
         f"entropy {summary['teacher_entropy_nats']:.2f} nats; zstd level {SHIPPED_LEVEL}; throughput on "
-        f"one core.",
+        f"one core, the median of 5 rounds that run every encoding of a k in turn after a discarded warm-up.",
         "",
         "| k | encoding | bytes/token | KL bucket (nats) | KL full vocab (nats) | tail mass | decode tok/s "
         "| encode tok/s |",
@@ -418,16 +451,21 @@ def main():
     md += [
         "",
         f"Container, k=64 {DEFAULT_ENCODING}, read + decode on one core, same run: one zstd frame per "
-        f"record batch (shipped) {container['zstd_frames'] / 1e6:.2f}M tok/s at "
-        f"{container['zstd_frames_bytes_per_token']:.1f} B/token; Arrow's per-buffer IPC zstd "
-        f"{container['arrow_ipc_zstd'] / 1e6:.2f}M tok/s at {container['arrow_ipc_zstd_bytes_per_token']:.1f} B/token.",
+        f"record batch (shipped) {container['zstd_frames'] / 1e6:.2f}M tok/s "
+        f"({spread(container['zstd_frames_range'])}) at {container['zstd_frames_bytes_per_token']:.1f} B/token; "
+        f"Arrow's per-buffer IPC zstd {container['arrow_ipc_zstd'] / 1e6:.2f}M tok/s "
+        f"({spread(container['arrow_ipc_zstd_range'])}) at {container['arrow_ipc_zstd_bytes_per_token']:.1f} "
+        "B/token; medians of 5 alternating rounds after a warm-up.",
     ]
     md += [
         "",
         f"Reader: a batch of {loader['batch']} random sequences takes "
-        f"{loader['loader_seconds_per_batch'] * 1e3:.1f} ms, "
+        f"{loader['loader_seconds_per_batch'] * 1e3:.1f} ms "
+        f"({'-'.join(f'{x * 1e3:.1f}' for x in loader['loader_seconds_range'])}), "
         f"{loader['loader_fraction_of_step']:.1%} of a {loader['student_parameters'] / 1e3:.0f}k-parameter student's "
-        f"training step ({loader['student_step_seconds'] * 1e3:.0f} ms).",
+        f"training step ({loader['student_step_seconds'] * 1e3:.0f} ms, "
+        f"{'-'.join(f'{x * 1e3:.0f}' for x in loader['student_step_seconds_range'])}); medians of "
+        f"{loader['rounds']} rounds, loading and stepping in turn.",
     ]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
