@@ -63,7 +63,7 @@ ANCHORS = {
     "Megatron-LM top-128 before zstd": 528,
     "DistillKit recommended k=128": "312-344",
     "DistillKit budget k=50": "114-127",
-    "small model k=64 int32+fp16 after zstd (field.md)": "152-203",
+    "small model k=64 int32+fp16 after zstd (DistillKit, side by side)": "152-203",
     "same, 8-bit log-probs": "137-144",
 }
 
@@ -444,7 +444,7 @@ def main():
     ]
     md += [
         "",
-        "Anchors from other systems (bytes per token, field.md): "
+        "Anchors from other systems (bytes per token of their formats, as reported for them): "
         + "; ".join(f"{name}: {v if isinstance(v, str) else f'{v:,}'}" for name, v in ANCHORS.items())
         + ".",
     ]
