@@ -59,7 +59,7 @@ def main():
     ev = r.outputs("eval").report
     result = {
         "made": stamp(),
-        "config": cfg,
+        "config": cfg.as_dict(),
         "cpus": os.cpu_count(),
         "wall_seconds": round(wall, 1),
         "stage_seconds": {s: m[s]["seconds"] for s in r.order},
