@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jinja2
 
-from hpd.common.stats import paired_t, t95
+from hpd.common.stats import interval95, paired_t
 from hpd.pipeline.config import load as load_config
 from hpd.stages.tasks import arithmetic
 
@@ -48,8 +48,7 @@ def _interval(d: tuple) -> dict:
     """A paired difference (mean, sd, seeds, seeds where it is better) with its 95% interval (Student's t, n - 1
     degrees of freedom), as phrases.md's `paired` reads it."""
     mean, sd, n, better = d
-    half = t95(n - 1) * sd / n**0.5 if n > 1 else float("inf")
-    lo, hi = mean - half, mean + half
+    lo, hi = interval95(mean, sd, n)
     return {"mean": mean, "lo": lo, "hi": hi, "n": n, "better": better, "beyond": lo > 0 or hi < 0}
 
 
@@ -107,7 +106,7 @@ def _verdict(r: dict) -> dict:
     failed = [i for i, x in enumerate(runs) if x["baseline"]["accuracy"] < 0.8 * t]
     learned = [i for i in range(n) if i not in failed]
     d = r["paired_student_minus_baseline"]["accuracy"]
-    half = t95(n - 1) * d["sd"] / n**0.5 if n > 1 else float("inf")
+    lo, hi = interval95(d["mean"], d["sd"], n)
     return {
         "m": r["method"],
         "b": r["baseline"],
@@ -119,9 +118,9 @@ def _verdict(r: dict) -> dict:
             x["baseline"]["response_nll_nats"] < x["student"]["response_nll_nats"] for x in (runs[i] for i in learned)
         ),
         "d": d,
-        "lo": d["mean"] - half,
-        "hi": d["mean"] + half,
-        "separable": d["mean"] - half > 0 or d["mean"] + half < 0,
+        "lo": lo,
+        "hi": hi,
+        "separable": lo > 0 or hi < 0,
         "student_kl": r["arms"]["student"]["kl_to_teacher_nats"]["mean"],
         "teacher_nll": r["teacher"]["response_nll_nats"],
     }
@@ -1146,13 +1145,11 @@ def sampled_targets() -> str:
 def _students_table(st: dict, what: str) -> str:
     """A students-from-caches results file as a table: each arm minus top-16, paired by seed with its 95% interval,
     and the verdict on the bench's primary measure (KL to the teacher where the file predates naming one)."""
-    diffs = {
-        arm: {
-            k: _interval((d["mean"], d["sd"], d["seeds"], d["better"]))
-            for k, d in ((k, m[k]["minus_reference"]) for k in ("response_nll_nats", "kl_to_teacher_nats"))
-        }
-        for arm, m in st["summary"].items()
-    }
+    diffs = {}
+    for arm, m in st["summary"].items():
+        for k in ("response_nll_nats", "kl_to_teacher_nats"):
+            d = m[k]["minus_reference"]  # measure.paired_summary's: mean, sd, seeds, seeds better
+            diffs.setdefault(arm, {})[k] = _interval((d["mean"], d["sd"], d["seeds"], d["better"]))
     return render("students-table", st=st, what=what, diffs=diffs, primary=st.get("primary", "kl_to_teacher_nats"))
 
 

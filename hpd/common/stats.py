@@ -48,20 +48,30 @@ def t95(df: int) -> float:
     return T95[below] if df <= 30 else 1.96
 
 
-def paired_t(arm: dict, reference: dict, higher_is_better: bool = False) -> dict:
-    """`arm`, `reference`: {seed: value}. The difference arm - reference over the seeds both have."""
-    seeds = sorted(set(arm) & set(reference))
-    d = [arm[s] - reference[s] for s in seeds]
+def interval95(mean: float, sd: float, n: int) -> tuple[float, float]:
+    """The 95% confidence interval of a mean of n paired differences with standard deviation sd (Student's t, n - 1
+    degrees of freedom); unbounded for a single difference."""
+    half = t95(n - 1) * sd / math.sqrt(n) if n > 1 else float("inf")
+    return mean - half, mean + half
+
+
+def differences_t(d: list[float], higher_is_better: bool = False) -> dict:
+    """Paired differences (arm - reference, one per seed): their mean, 95% interval and verdict."""
     n = len(d)
     mean = statistics.mean(d) if d else float("nan")
-    half = t95(n - 1) * statistics.stdev(d) / math.sqrt(n) if n > 1 else float("inf")
-    low, high = mean - half, mean + half
+    low, high = interval95(mean, statistics.stdev(d) if n > 1 else 0.0, n)
     if low > 0 or high < 0:
         good = (low > 0) == higher_is_better
         verdict = "better" if good else "worse"
     else:
         verdict = "no difference detected"
     return {"mean": mean, "ci95": [low, high], "seeds": n, "verdict": verdict}
+
+
+def paired_t(arm: dict, reference: dict, higher_is_better: bool = False) -> dict:
+    """`arm`, `reference`: {seed: value}. The difference arm - reference over the seeds both have."""
+    seeds = sorted(set(arm) & set(reference))
+    return differences_t([arm[s] - reference[s] for s in seeds], higher_is_better)
 
 
 def mcnemar(a: list[bool], b: list[bool], resamples: int = 10000, seed: int = 0) -> dict:

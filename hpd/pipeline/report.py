@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from hpd.common.stats import paired_t
+from hpd.common.stats import differences_t
 from hpd.stages.losses import HPD_DIAGNOSTICS
 from hpd.stages.metrics import LOWER_IS_BETTER, metric_keys
 
@@ -170,7 +170,7 @@ def paired_table(results: list[dict], keys: list[tuple[str, str, str]]) -> list[
                 continue
             lower_is_better = k in LOWER_IS_BETTER
             better = sum((x < 0) if lower_is_better else (x > 0) for x in d)
-            t = paired_t(dict(enumerate(d)), dict.fromkeys(range(len(d)), 0.0))
+            t = differences_t(d)
             signed = fmt.replace(":", ":+")
             cell = f"{signed.format(t['mean'])} [{signed.format(t['ci95'][0])}, {signed.format(t['ci95'][1])}]"
             cells.append(f"{f'**{cell}**' if t['verdict'] != 'no difference detected' else cell} ({better}/{len(d)})")
