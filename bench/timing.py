@@ -47,16 +47,18 @@ def alternate(
     warmup: int = 1,
     log=print,
     prepare: Callable[[], object] | None = None,
+    measure: Callable[..., dict] = measured,
 ) -> dict:
     """{arm: {figure: summary}}: `warmup` rounds discarded, then `rounds` rounds of every arm in turn (each call after
-    `prepare`, unmeasured)."""
+    `prepare`, unmeasured). `measure(fn, prepare)` gives one call's figures: by default seconds and the process's
+    peak memory (measured); bench/gpu_check.py passes one that waits for the GPU and reads its allocator."""
     if rounds < 5:
         raise ValueError("at least 5 runs per arm: these machines are noisy")
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     first: dict[str, list[float]] = {a: [] for a in arms}  # the warm-up's seconds: what a first call pays (compiling)
     for r in range(warmup + rounds):
         for name, fn in arms.items():
-            figures = measured(fn, prepare)
+            figures = measure(fn, prepare)
             (runs[name] if r >= warmup else first[name]).append(figures)
             log(
                 f"  round {r}{' (warm-up)' if r < warmup else ''} {name}: "
