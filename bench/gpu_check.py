@@ -390,7 +390,7 @@ def main():
     else:
         device = torch.device("cuda" if cuda else "cpu")
         made = stamp()
-        made["commit"] = made["commit"] or os.environ.get("HPD_COMMIT", "")  # a copy of the tree without .git
+        made["commit"] = os.environ.get("HPD_COMMIT") or made["commit"]  # a copy of the tree: its .git may be stale
         result = {
             "made": made,
             "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",

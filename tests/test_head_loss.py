@@ -103,3 +103,12 @@ def test_a_scaled_loss_scales_every_gradient():
         grads.append((h.grad, w.grad, b.grad))
     for one, three in zip(*grads):
         assert torch.allclose(three, 3 * one, rtol=1e-6, atol=0)  # (the scale passes through the float32 loss)
+
+
+def test_chunks_are_larger_on_a_gpu_and_unchanged_on_a_cpu():
+    # a GPU pays per chunk in kernel launches (the 4M-element CPU chunk is 27 positions of a 151,936-token vocabulary)
+    from hpd.stages.heads import GPU_CHUNK_ELEMENTS, chunk_elements
+
+    assert chunk_elements(1 << 22, "cpu") == 1 << 22 and chunk_elements(1 << 22, torch.device("cpu")) == 1 << 22
+    assert chunk_elements(1 << 22, "cuda") == GPU_CHUNK_ELEMENTS and GPU_CHUNK_ELEMENTS // 151936 > 800
+    assert chunk_elements(1 << 30, "cuda:0") == 1 << 30  # never smaller than asked

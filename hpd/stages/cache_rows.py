@@ -44,7 +44,8 @@ def score_positions(logits: torch.Tensor, targets: torch.Tensor, *, top_k: int, 
     return top_ids, top_z - norm, target.squeeze(-1), tail.squeeze(-1)
 
 
-# Response positions x vocabulary entries whose logits exist at once while scoring: the head runs a chunk at a time.
+# Response positions x vocabulary entries whose logits exist at once while scoring on a CPU: the head runs a chunk at a
+# time (on a GPU chunks are larger: heads.chunk_elements).
 SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -85,7 +86,7 @@ def score_batch(
         nxt = ids[rows, cols + 1]
         if draws:  # a sequence at a time: its draws come from its own generator
             return _sampled_rows(logits_of, nxt, spans, draws, head, temperature, seeds)
-        n, step = len(nxt), max(1, SCORE_CHUNK_ELEMENTS // vocab)
+        n, step = len(nxt), max(1, heads.chunk_elements(SCORE_CHUNK_ELEMENTS, ids.device) // vocab)
         parts = [
             _checked(logits_of(slice(lo, lo + step)), top_k, nxt[lo : lo + step], temperature)
             for lo in range(0, n, step)

@@ -10,6 +10,18 @@ from contextlib import contextmanager
 
 import torch
 
+# A chunk of positions x vocabulary entries (the loss's and the scoring's vocabulary-wide tensors exist a chunk at a
+# time). On a CPU small chunks keep memory flat at no cost. On a GPU each chunk costs a few dozen kernel launches
+# whatever its size: with a 151,936-token vocabulary a 4M-element chunk is 27 positions, and a 0.5B student's training
+# step was launch-bound at 4.5k tokens/s on an H200 (bench/results/gpu_check_loss_chunk_4m.json). There a chunk is at
+# least 2^27 elements (512 MB per float32 tensor), which a GPU that holds the model has room for.
+GPU_CHUNK_ELEMENTS = 1 << 27
+
+
+def chunk_elements(cpu_elements: int, device) -> int:
+    """The elements per chunk on `device`: `cpu_elements` on a CPU, at least GPU_CHUNK_ELEMENTS on a GPU."""
+    return max(cpu_elements, GPU_CHUNK_ELEMENTS) if torch.device(device).type == "cuda" else cpu_elements
+
 
 @torch.no_grad()
 @contextmanager

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from hpd.stages import heads
 from hpd.storage.cache_batch import CacheBatch, SampledBatch
 
 NEG_INF = -float("inf")
@@ -358,10 +359,11 @@ def hpd_weights(logp_star, logq_star, logp_samp, logq_samp, same, shift=0.0):
     return f * logp_star.exp() + k1, w, k1, k1s, f
 
 
-# Positions x vocabulary entries per loss chunk. The loss's vocabulary-wide tensors (log-softmax, weights and
-# their gradients) exist for one chunk at a time, so the loss's memory stays ~16 MB per tensor whatever the batch.
-# Given logits, they are recomputed in the backward pass (activation checkpointing) and only the logits and their
-# gradient are whole; given the student's head (StudentHead), not even those exist.
+# Positions x vocabulary entries per loss chunk on a CPU (on a GPU larger: heads.chunk_elements). The loss's
+# vocabulary-wide tensors (log-softmax, weights and their gradients) exist for one chunk at a time, so the loss's
+# memory stays ~16 MB per tensor whatever the batch. Given logits, they are recomputed in the backward pass
+# (activation checkpointing) and only the logits and their gradient are whole; given the student's head
+# (StudentHead), not even those exist.
 LOSS_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -442,7 +444,7 @@ def distill_loss(
     *,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
-    chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     sequence_weight: torch.Tensor | None = None,
     sequence_advantage: torch.Tensor | None = None,
     **params,
@@ -491,6 +493,7 @@ def distill_loss(
         for x in (sequence_weight, sequence_advantage)
     ]
     samples = None if sampled_tokens is None else sampled_tokens[:, 1:][sel]
+    chunk_elements = chunk_elements or heads.chunk_elements(LOSS_CHUNK_ELEMENTS, z.device)
     rows = max(1, chunk_elements // (head.vocab if head else z.shape[-1]))
     parts = [slice(lo, min(lo + rows, n)) for lo in range(0, n, rows)]
     draws, sums = _draws(method, params), {}
