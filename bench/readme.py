@@ -11,6 +11,8 @@ import jinja2
 
 from hpd.common.stats import interval95, paired_t
 from hpd.pipeline.config import load as load_config
+from hpd.stages.heads import GPU_CHUNK_ELEMENTS
+from hpd.stages.losses import LOSS_CHUNK_ELEMENTS
 from hpd.stages.tasks import arithmetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1089,6 +1091,26 @@ def response_head() -> str:
     return render("response-head", r=r, m=r["median_step_seconds"], rel=r["relative_to_full"])
 
 
+def gpu_check() -> str:
+    r = _complete(_result(RESULTS / "gpu_check.json"))
+    if r is None:
+        return render("gpu-check", r=None)
+    d, side = r["distill_bf16"], r["teacher_side"]
+    online_extra_us = 1e6 / d["online"]["tokens_per_s"]["median"] - 1e6 / d["cached"]["tokens_per_s"]["median"]
+    return render(
+        "gpu-check",
+        r=r,
+        d=d,
+        side=side,
+        before=_result(RESULTS / "gpu_check_loss_chunk_4m.json"),
+        online_extra_us=online_extra_us,
+        breakeven=(1e6 / side["scored_tokens_per_s"]["median"]) / online_extra_us,
+        cpu_chunk=LOSS_CHUNK_ELEMENTS,
+        gpu_chunk=GPU_CHUNK_ELEMENTS,
+        k=lambda x: f"{x['median'] / 1e3:.1f}k ({x['min'] / 1e3:.1f}-{x['max'] / 1e3:.1f}k)",
+    )
+
+
 def _best_within(r: dict, budget: float, method: str = "fkl") -> tuple[str, dict]:
     """The arm with the best `method` cosine at no more bytes per token than `budget`."""
     within = {a: x for a, x in r["arms"].items() if x["bytes_per_token"] <= budget + 1e-9}
@@ -1310,7 +1332,13 @@ def headline() -> str:
         pruned=pruned,
         coder=_headline_coder(_result(RESULTS / "real_students_A.json")),
         across=_headline_across(_result(RESULTS / "real_students_X.json")),
+        gpu=_complete(_result(RESULTS / "gpu_check.json")),
     )
+
+
+def _complete(r: dict | None) -> dict | None:
+    """A results file saved part by part (bench/gpu_check.py), where its run finished."""
+    return r if r and r.get("complete") else None
 
 
 def _headline_coder(a: dict | None) -> dict | None:
@@ -1382,6 +1410,7 @@ def _regenerate(text: str) -> str:
         ("multi-teacher", multi_teacher),
         ("value-guided", value_guided),
         ("response-head", response_head),
+        ("gpu-check", gpu_check),
         ("sampled-targets", sampled_targets),
         ("versions", versions),
         ("performance", performance),
@@ -1432,6 +1461,7 @@ def _target(name: str) -> str | None:
         ("compare_", "make compare"),
         ("study", "make study"),
         ("default_2048", None),
+        ("gpu_check", "bench/gpu_check.sh"),
     ):
         if name.startswith(prefix):
             return target
