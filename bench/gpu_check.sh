@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check (bench/gpu_check.py): one CUDA GPU, no network, under 8 minutes, results in one JSON file.
+# The GPU check (bench/gpu_check.py): one CUDA GPU, no network, results in one JSON file (85 s on one H200:
+# bench/results/gpu_check.json, docs/guide.md).
 #   bench/gpu_check.sh [OUT.json]        default: bench/results/gpu_check.json
 # It needs only torch and transformers, which a CUDA image has: the part of hpd it runs imports nothing else, so
 # nothing is installed. hpd is imported from this checkout (a temporary `hpd` link to it on PYTHONPATH) unless an
