@@ -202,7 +202,7 @@ def main():
 
     results, tmp = [], Path(tempfile.mkdtemp(prefix="hpd-formats-"))
 
-    def write_cache(root: CacheRoot, krows, k: int, code, level: int, teacher: str = ""):
+    def write_cache(root: CacheRoot, krows, k: int, code, level: int, teacher: str = "", learn=first_ids):
         key = cache_key(
             teacher=teacher or f"bench-{level}", tokenizer="t", data="d", top_k=k, temperature=1.0, encoding=code.spec
         )
@@ -212,7 +212,7 @@ def main():
             num_sequences=len(krows),
             vocab_size=V,
             zstd_level=level,
-            learn_order=lambda: first_ids(krows),
+            learn_order=lambda: learn(krows),
         )
         w.write_rows(0, krows)
         w.finish(1)
@@ -271,14 +271,8 @@ def main():
         ("first positions", first_ids),
         ("whole cache", lambda r: np.concatenate([x.topk_ids for x in r]).ravel()),
     ):
-        key = cache_key(teacher=f"order-{name}", tokenizer="t", data="d", top_k=64, temperature=1.0, encoding="compact")
-        root = CacheRoot(tmp / "order")
-        w = root.writer(
-            key, shard_size=len(krows), num_sequences=len(krows), vocab_size=V, learn_order=lambda f=ids_from: f(krows)
-        )
-        w.write_rows(0, krows)
-        w.finish(1)
-        c = LogitCache(root.path_for(key))
+        compact = enc.get("compact")
+        c = write_cache(CacheRoot(tmp / "order"), krows, 64, compact, SHIPPED_LEVEL, f"order-{name}", ids_from)
         order_study[name] = {
             "shard_bytes_per_token": c.manifest["bytes"] / tokens,
             "order_bytes": c.bytes - c.manifest["bytes"],

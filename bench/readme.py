@@ -369,7 +369,7 @@ def refresh_rounds() -> str:
 
     def paired(arm, key):  # arm minus offline after the last round, paired by seed, with its 95% interval
         d = [runs[(arm, s)]["rounds"][last][key] - runs[("offline", s)]["rounds"][last][key] for s in range(r["seeds"])]
-        better = sum((x > 0) if key == "heldout_accuracy" else (x < 0) for x in d)
+        better = sum((x > 0) == _higher_is_better(key) for x in d if x != 0)
         return {**_interval((statistics.mean(d), statistics.stdev(d) if len(d) > 1 else 0.0, len(d), better)), "d": d}
 
     diffs = [
@@ -934,7 +934,8 @@ def _paired_rows(rows: list[dict], a: str, b: str, key: str) -> tuple:
 
 
 def _higher_is_better(key: str) -> bool:
-    return key == "accuracy" or key.startswith("avg@")
+    """Whether a larger value of measure `key` is the better (accuracies, pass rates; not NLL or KL)."""
+    return key.endswith("accuracy") or key.startswith("avg@") or "pass@" in key
 
 
 def _vs(rows, a, b) -> str:
