@@ -285,6 +285,12 @@ def main():
     ap.add_argument("--set", dest="sets", action="append", default=[], help="a config override for every arm")
     ap.add_argument("--finished-only", action="store_true", help="report the arms finished so far, run nothing")
     ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the arms (and pair B's cut) the committed results already hold with the same settings: the "
+        "comparison grows across sessions (hpd compare --keep)",
+    )
+    ap.add_argument(
         "--humaneval-all",
         type=int,
         metavar="BATCH_TOKENS",
@@ -295,11 +301,17 @@ def main():
     if args.humaneval_all and args.pair != "A":
         ap.error("--humaneval-all judges pair A's models; drop it, or use --pair A")
     overrides, result = [], {"made": stamp(), "pair": args.pair, "config": CONFIG[args.pair]}
+    path = RESULTS / f"real_students_{args.pair}.json"
+    earlier = json.loads(path.read_text()) if args.keep and path.exists() else {}
     if args.finished_only:  # the command that trains the arms is the same without the flag; this run only reports
         result["made"]["command"] = result["made"]["command"].replace(" --finished-only", "")
         result["made"]["reported_only"] = True
     if args.pair == "B":
-        result["cut"] = choose_cut(args.home, args.choice_steps, run=not args.finished_only)
+        kept_cut = earlier.get("cut")
+        if kept_cut and kept_cut["steps"] == args.choice_steps:
+            result["cut"] = kept_cut  # the cuts' runs are deterministic: the same steps choose the same cut
+        else:
+            result["cut"] = choose_cut(args.home, args.choice_steps, run=not args.finished_only)
         overrides = result["cut"]["tried"][result["cut"]["kept"]]["sets"]
     overrides = [*overrides, *args.sets]
     if args.steps:
@@ -312,7 +324,7 @@ def main():
     out = RESULTS / f"real_students_{args.pair}"
     os.environ["HPD_HOME"] = args.home
     # each arm in a process of its own: a 0.5B student beside its 1.5B teacher's leftovers does not fit in 24 GB
-    compare(CONFIG[args.pair], overrides, out=out, run_missing=not args.finished_only, isolate=True)
+    compare(CONFIG[args.pair], overrides, out=out, run_missing=not args.finished_only, isolate=True, keep=args.keep)
     results = json.loads((out / "results.json").read_text())
     if args.finished_only:  # which arms the comparison has not finished yet
         cfg = open_run(CONFIG[args.pair], overrides, home=args.home).cfg
@@ -327,11 +339,11 @@ def main():
     # what the teacher side cost once, for every arm (from the shared stages' manifests)
     result["teacher_side_seconds"] = {
         s: base.manifest(s)["seconds"] for s in ("generate", "score") if s in base.stages and base.manifest(s)
-    }
+    } or earlier.get("teacher_side_seconds", {})  # every arm kept: no teacher stage ran here
     if args.pair == "A":
         result["humaneval_all"] = all_problems(results)
     result["summary"] = summarise(results, args.pair)
-    (RESULTS / f"real_students_{args.pair}.json").write_text(json.dumps(result, indent=1) + "\n")
+    path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"]["methods"], indent=1)[:3000])
 
 

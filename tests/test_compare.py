@@ -120,3 +120,44 @@ def test_compare_runs_each_arm_in_a_process_of_its_own_when_asked(tiny_home, tmp
     monkeypatch.setattr(sys, "executable", "/bin/false")
     with pytest.raises(HpdError, match=r"an arm's `hpd run` failed \(exit 1\)"):
         compare_module.compare("tiny", [*sets, "compare.steps=3"], out=tmp_path / "bad", isolate=True)
+
+
+def test_a_comparison_keeps_the_arms_of_its_earlier_report_with_the_same_settings(tiny_home, tmp_path, monkeypatch):
+    """keep=True: a comparison grown across machines from its report alone (the first home gone): arms the report
+    holds with the same settings are taken from it, not run; an arm whose settings changed runs again."""
+    from hpd.pipeline import compare as compare_module
+    from hpd.pipeline.stage import Runner
+
+    sets = ['compare.methods="sft,fkl"', "compare.seeds=1", "compare.steps=2", "eval.examples=4", "eval.samples=1"]
+    out = tmp_path / "report"
+    first = copy_home(tiny_home, tmp_path / "first")
+    monkeypatch.setenv("HPD_HOME", str(first))
+    compare_module.compare("tiny", ['compare.methods="sft"', *sets[1:]], out=out, log=lambda s: None, keep=True)
+    reported = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in reported] == [("sft", 0)] and reported[0]["arm_key"]
+
+    second = copy_home(tiny_home, tmp_path / "second")  # another machine: no run of the first is here
+    monkeypatch.setenv("HPD_HOME", str(second))
+    ran, run = [], Runner.run
+    monkeypatch.setattr(Runner, "run", lambda self, *a, **k: (ran.append(self.cfg.run.name), run(self, *a, **k)))
+    logged = []
+    compare_module.compare("tiny", sets, out=out, log=logged.append, keep=True)
+    assert "tiny-sft-s0" not in ran and "tiny-fkl-s0" in ran  # sft kept from the report, fkl run here
+    assert any("sft seed 0: kept from the earlier report" in line for line in logged)
+    both = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in both] == [("sft", 0), ("fkl", 0)] and both[0] == reported[0]
+
+    ran.clear()  # the same arms with another budget: nothing of the report stands
+    compare_module.compare("tiny", [*sets, "compare.steps=3"], out=out, log=lambda s: None, keep=True)
+    assert {"tiny-sft-s0", "tiny-fkl-s0"} <= set(ran)
+    assert all(r["student"]["student_steps"] == 3 for r in json.loads((out / "results.json").read_text()))
+    # without keep nothing is taken from a report
+    ran.clear()
+    monkeypatch.setenv("HPD_HOME", str(copy_home(tiny_home, tmp_path / "third")))
+    compare_module.compare("tiny", sets, out=out, log=lambda s: None)
+    assert {"tiny-sft-s0", "tiny-fkl-s0"} <= set(ran)
+
+
+def test_keep_needs_the_report_directory(tiny_home, tmp_path):
+    res = hpd_cli(copy_home(tiny_home, tmp_path / "home"), "compare", "--keep")
+    assert res.exit_code == 2 and "name its directory with --out" in res.output and "Traceback" not in res.output

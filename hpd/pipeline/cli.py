@@ -233,13 +233,21 @@ def _summary(out) -> str:
 @set_option
 @click.option("--out", type=click.Path(file_okay=False), help="report directory (default <home>/compare/<run>)")
 @click.option("--isolate", is_flag=True, help="each arm in a process of its own (a large model's memory between arms)")
-def compare(config_path, overrides, out, isolate):
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="take the arms --out's results.json already holds with the same settings from it instead of running them "
+    "again (a comparison grown across machines or sessions)",
+)
+def compare(config_path, overrides, out, isolate, keep):
     """Methods x seeds from one shared cache; writes a markdown table (mean +- std) and PNG plots."""
     from pathlib import Path
 
     from .compare import compare as run_compare
 
-    path = run_compare(config_path, list(overrides), Path(out) if out else None, isolate=isolate)
+    if keep and not out:
+        raise HpdError("--keep reads the arms of an earlier report: name its directory with --out")
+    path = run_compare(config_path, list(overrides), Path(out) if out else None, isolate=isolate, keep=keep)
     click.echo(f"report: {path}")
 
 

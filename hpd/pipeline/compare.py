@@ -7,10 +7,16 @@ on-policy rounds (HPD offline first, then OPD on refreshed sequences, as --confi
 
 With `isolate`, each arm runs as `hpd run` in a process of its own: a large student and its teacher leave memory
 behind in a process (the models, the allocator's arenas) that the next arm would otherwise start on top of.
+
+With `keep`, an arm the report directory's results.json already holds is taken from it and not run again, where
+its record's `arm_key` is the arm's own now (every stage's config fingerprint: its settings, the seed, the stage's
+VERSION, the same test by which a run decides a stage is done). A comparison too long for one machine's session
+then grows across sessions or machines from its report alone, the runs' directories gone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +24,7 @@ from pathlib import Path
 
 from hpd.common.errors import HpdError
 from hpd.common.settings import Settings
+from hpd.storage.fingerprint import digest
 
 from .config import compare_methods
 from .report import compare_report, training_logs
@@ -57,6 +64,19 @@ def arm_overrides(cfg: Settings, seed: int, name: str, first: bool) -> list[str]
     ]
 
 
+def arm_key(run) -> str:
+    """What an arm's figures depend on, as a run judges its stages' work: every stage's config fingerprint."""
+    return digest({name: run.config_fingerprint(name) for name in run.stages})
+
+
+def reported_arms(out: Path | None) -> dict:
+    """{(method, seed): record} of an earlier report's results.json in `out` (none there: empty)."""
+    path = out / "results.json" if out else None
+    if path is None or not path.is_file():
+        return {}
+    return {(r["method"], r["seed"]): r for r in json.loads(path.read_text()) if "arm_key" in r}
+
+
 def run_apart(config_path, overrides: list[str], home: Path) -> None:
     """`hpd run` with these settings in a process of its own (its output is this process's)."""
     cmd = [sys.executable, "-m", "hpd.pipeline.cli", "run", *(["--config", str(config_path)] if config_path else [])]
@@ -73,17 +93,19 @@ def compare(
     log=print,
     run_missing: bool = True,
     isolate: bool = False,
+    keep: bool = False,
 ) -> Path:
     """Run every (method, seed) arm that is not finished and report them all; with run_missing=False, report the
     finished arms alone and run nothing (a comparison still under way, read so far); with isolate, each arm in a
-    process of its own."""
+    process of its own; with keep, the arms of an earlier report in `out` are kept where their settings are the
+    same (module docstring)."""
     base = open_run(config_path, overrides)
     cfg = base.cfg
     c = cfg.compare
     methods = compare_methods(cfg)
     shared = [s for s in OFFLINE if s in base.stages]  # no score stage with the teacher online
-    if run_missing:
-        base.run(until=shared[-1])  # the teacher and the cache, once for every method and seed
+    reported = reported_arms(out) if keep else {}
+    cache_made = False
     results = []
     for method in methods:
         extra = method_overrides(method, cfg)
@@ -91,11 +113,19 @@ def compare(
             name = f"{cfg.run.name}-{slug(method)}-s{seed}"
             arm = [*overrides, *extra, *arm_overrides(cfg, seed, name, first=(method, seed) == (methods[0], 0))]
             r = open_run(config_path, arm)
+            earlier = reported.get((method, seed))
+            if r.state("eval")[0] != "done" and earlier and earlier["arm_key"] == arm_key(r):
+                log(f"[compare] {method} seed {seed}: kept from the earlier report (the same settings)")
+                results.append(earlier)
+                continue
             if not run_missing:
                 if r.state("eval")[0] != "done":
                     log(f"[compare] {method} seed {seed}: not finished, left out")
                     continue
             else:
+                if not cache_made:  # the teacher and the cache, once for every method and seed
+                    base.run(until=shared[-1])
+                    cache_made = True
                 r.adopt(cfg.run.name, shared)
                 log(f"[compare] {method} seed {seed}: run {name}{' (a process of its own)' if isolate else ''}")
                 if isolate:
@@ -109,6 +139,7 @@ def compare(
                     "method": method,
                     "seed": seed,
                     "run": name,
+                    "arm_key": arm_key(r),
                     "eval": r.outputs("eval").report,
                     "student": r.outputs(distills[-1]).report,
                     # the student stages' own seconds (training and their held-out report), from the manifests
