@@ -234,6 +234,7 @@ def _pair_cached_vs_online(config: str) -> str:
         arms=[a for a in labels if a in {x["arm"] for x in r["warmup"]}],
         labels=labels,
         batch=d.batch_size,
+        gpu=_complete(_result(RESULTS / "gpu_check.json")) if config == "qwen-coder" else None,
     )
 
 
