@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from bench.provenance import stamp
-from bench.timing import alternate
+from bench.timing import alternate, rate
 from hpd import open_run
 from hpd.stages import batching, hf_models, student_models
 from hpd.storage import encodings as enc
@@ -89,13 +89,8 @@ def rebuild_kl(full_lp: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail
     return kl_bucket, kl_top + kl_tail
 
 
-def tokens_per_s(seconds: dict, tokens: int) -> dict:
-    """A timing summary's seconds (bench/timing.py) as throughput: median and the spread's ends, tokens/s."""
-    return {"median": tokens / seconds["median"], "min": tokens / seconds["max"], "max": tokens / seconds["min"]}
-
-
-def spread(rate: list[float]) -> str:
-    return "-".join(f"{x / 1e6:.2f}" for x in rate) + "M"
+def spread(ends: list[float]) -> str:
+    return "-".join(f"{x / 1e6:.2f}" for x in ends) + "M"
 
 
 def first_ids(rows) -> np.ndarray:
@@ -257,7 +252,7 @@ def main():
             arms[f"decode {e}"] = lambda cache=cache: decoded(cache)
         timed = alternate(arms, log=lambda line: None, prepare=lambda: shutil.rmtree(tmp / "speed", ignore_errors=True))
         for e in ENCODINGS:
-            speeds[(k, e)] = {op: tokens_per_s(timed[f"{op} {e}"]["seconds"], tokens) for op in ("encode", "decode")}
+            speeds[(k, e)] = {op: rate(timed[f"{op} {e}"]["seconds"], tokens) for op in ("encode", "decode")}
     for row in results:
         if row["zstd_level"] == SHIPPED_LEVEL:
             sp = speeds[(row["k"], row["encoding"])]
@@ -355,7 +350,7 @@ def main():
                 decode_batch(framed.get_batch(i), code, 64)
 
     timed = alternate({"zstd_frames": run_framed, "arrow_ipc_zstd": run_native}, log=lambda line: None)
-    rates = {name: tokens_per_s(t["seconds"], 3 * tokens) for name, t in timed.items()}
+    rates = {name: rate(t["seconds"], 3 * tokens) for name, t in timed.items()}
     container = {name: r["median"] for name, r in rates.items()}
     container.update({f"{name}_range": [r["min"], r["max"]] for name, r in rates.items()})
     container["arrow_ipc_zstd_bytes_per_token"] = len(native_buf) / tokens

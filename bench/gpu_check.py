@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from bench.provenance import stamp
-from bench.timing import alternate, measured
+from bench.timing import alternate, measured, rate, summary
 from hpd.stages import heads
 from hpd.stages.cache_rows import Timer, score_batch
 from hpd.stages.losses import CachedTargets, TeacherLogits, distill_loss, response_positions
@@ -148,12 +148,6 @@ def peak_alone(device, fn) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def rate(summary: dict, count: int) -> dict:
-    """A timing summary's seconds (bench/timing.py) as count/s: the median, and the spread's ends."""
-    s = summary["seconds"]
-    return {"median": count / s["median"], "min": count / s["max"], "max": count / s["min"], "rounds": len(s["runs"])}
-
-
 def sequences(s: dict, vocab: int, n: int, seed: int) -> list:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (s["seq_len"],), generator=g).numpy() for _ in range(n)]
@@ -190,13 +184,9 @@ def teacher_side(teacher, s: dict, device, measure) -> tuple[dict, list]:
     overhead = [b / a - 1 for a, b in zip(fwd["runs"], sc["runs"])]  # per round: the two arms ran back to back
     return {
         "response_tokens": n,
-        "forward_tokens_per_s": rate(timed["forward"], n),
-        "scored_tokens_per_s": rate(timed["scored"], n),
-        "overhead_over_forward": {
-            "median": sorted(overhead)[len(overhead) // 2],
-            "min": min(overhead),
-            "max": max(overhead),
-        },
+        "forward_tokens_per_s": rate(fwd, n),
+        "scored_tokens_per_s": rate(sc, n),
+        "overhead_over_forward": summary(overhead),
         "phases_seconds_last_round": dict(timer),
     }, list(zip(batches, rows))
 
@@ -335,7 +325,7 @@ def check(s: dict, device, result: dict, save) -> None:
     timed = alternate(arms, log=lambda line: None, measure=measure)
     distill = {
         arm: {
-            "tokens_per_s": rate(timed[arm], arms[arm].tokens_per_call),
+            "tokens_per_s": rate(timed[arm]["seconds"], arms[arm].tokens_per_call),
             "steps_per_call": s["steps"],
             "peak_mb_over_resident": timed[arm]["peak_mb"]["median"],
             "final_loss": arms[arm].loss,

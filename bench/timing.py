@@ -41,6 +41,16 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
+def rate(seconds: dict, count: float) -> dict:
+    """A summary of seconds (summary above) as a rate, count per second: the median, the spread's ends, the runs."""
+    return {
+        "median": count / seconds["median"],
+        "min": count / seconds["max"],
+        "max": count / seconds["min"],
+        "rounds": len(seconds["runs"]),
+    }
+
+
 def alternate(
     arms: dict[str, Callable[[], object]],
     rounds: int = 5,

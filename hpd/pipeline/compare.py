@@ -113,13 +113,13 @@ def compare(
             name = f"{cfg.run.name}-{slug(method)}-s{seed}"
             arm = [*overrides, *extra, *arm_overrides(cfg, seed, name, first=(method, seed) == (methods[0], 0))]
             r = open_run(config_path, arm)
-            earlier = reported.get((method, seed))
-            if r.state("eval")[0] != "done" and earlier and earlier["arm_key"] == arm_key(r):
+            done, earlier = r.state("eval")[0] == "done", reported.get((method, seed))
+            if not done and earlier and earlier["arm_key"] == arm_key(r):
                 log(f"[compare] {method} seed {seed}: kept from the earlier report (the same settings)")
                 results.append(earlier)
                 continue
             if not run_missing:
-                if r.state("eval")[0] != "done":
+                if not done:
                     log(f"[compare] {method} seed {seed}: not finished, left out")
                     continue
             else:
