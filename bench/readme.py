@@ -1282,6 +1282,8 @@ def real_students() -> str:
                     x.get("measure", "curve_kl") == "curve_kl" for m in methods.values() for x in m["plateau"]
                 ),
                 "recovery": recovery,
+                # how far the plateau is: the preset's method trained longer (bench/real_students.py --plateau-probe)
+                "probe": _result(RESULTS / "real_students_B_probe.json") if pair == "B" else None,
                 "targets": _pair_targets(pair, s) if pair in ("A", "X") else None,
                 "cached_vs_online": _pair_cached_vs_online(r["config"]) if pair == "A" else "",
                 "claims": [

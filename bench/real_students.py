@@ -45,7 +45,8 @@ from pathlib import Path
 from bench.provenance import stamp
 from hpd import open_run
 from hpd.common.stats import mcnemar, paired_t
-from hpd.pipeline.compare import OFFLINE, compare
+from hpd.pipeline.compare import OFFLINE, arm_key, compare
+from hpd.pipeline.report import training_logs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRIMARY = {"B": "kl_to_teacher_nats", "A": "humaneval_pass@1", "X": "response_nll_nats"}
@@ -99,6 +100,35 @@ def choose_cut(home: str, steps: int, run: bool = True) -> dict:
         }
     kept = min(tried, key=lambda n: tried[n]["kl"])
     return {"tried": tried, "kept": kept, "steps": steps}
+
+
+def plateau_probe(home: str, overrides: list[str], steps: int, kept: dict) -> dict:
+    """Pair B: how far the plateau is. The preset's method, seed 0, trained `steps` steps (a multiple of the
+    comparison's) on the same cut and cache, its held-out learning curve and the plateau test read on it; distill only
+    (the curve is in its training log). `kept`, an earlier probe's results, is taken as it is when its run's settings
+    are these (the same key as a comparison's arm: every stage's config fingerprint)."""
+    base = open_run("smollm2-half", overrides, home=home).cfg.run.name  # whose teacher stages and cache it shares
+    run = open_run(
+        "smollm2-half",
+        [*overrides, f"distill.steps={steps}", 'distill.baseline=""', f'run.name="{base}-probe-{steps}"'],
+        home=home,
+    )
+    if kept.get("arm_key") == arm_key(run):
+        return kept
+    run.adopt(base, OFFLINE)
+    run.run(until="distill")
+    log = training_logs(run)
+    return {
+        "made": stamp(),
+        "method": run.cfg.distill.method,
+        "steps": steps,
+        "batch_size": run.cfg.distill.batch_size,
+        "learning_rate": run.cfg.distill.learning_rate,
+        "curve": curve(log),
+        "plateau": plateau(log, steps),
+        "train_seconds": step_seconds(log),
+        "arm_key": arm_key(run),
+    }
 
 
 def plateau(log: list[dict], steps: int) -> dict:
@@ -297,7 +327,17 @@ def main():
         default=0,
         help="pair A, after its arms: judge its five models on all 164 HumanEval problems, batched by this many tokens",
     )
+    ap.add_argument(
+        "--plateau-probe",
+        type=int,
+        metavar="STEPS",
+        default=0,
+        help="pair B, after its arms: the preset's method, seed 0, trained this many steps, to show how far the "
+        "plateau is (bench/results/real_students_B_probe.json)",
+    )
     args = ap.parse_args()
+    if args.plateau_probe and args.pair != "B":
+        ap.error("--plateau-probe trains pair B's student longer; drop it, or use --pair B")
     if args.humaneval_all and args.pair != "A":
         ap.error("--humaneval-all judges pair A's models; drop it, or use --pair A")
     overrides, result = [], {"made": stamp(), "pair": args.pair, "config": CONFIG[args.pair]}
@@ -345,6 +385,12 @@ def main():
     result["summary"] = summarise(results, args.pair)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"]["methods"], indent=1)[:3000])
+    probe_path = RESULTS / "real_students_B_probe.json"
+    if args.plateau_probe and not args.finished_only:  # kept, like the arms, when its run's settings are the same
+        kept = json.loads(probe_path.read_text()) if args.keep and probe_path.exists() else {}
+        probe = plateau_probe(args.home, overrides, args.plateau_probe, kept)
+        probe_path.write_text(json.dumps(probe, indent=1) + "\n")
+        print(json.dumps(probe["plateau"]))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,19 @@ def test_smollm2_half_cuts_the_teacher_and_reports_the_cut_student(ggufs, tmp_pa
     curve = [e for e in log if "curve_kl" in e]
     assert [e["student_step"] for e in curve] == [2, 4] and all(e["curve_kl"] > 0 for e in curve)
 
+    # how far the plateau is (bench.real_students --plateau-probe): the same cut and cache trained longer, its curve
+    # and plateau test read from its own training log; an earlier probe of the same settings is kept, not rerun
+    from bench.real_students import plateau_probe
+
+    probe = plateau_probe(str(tmp_path), sets, 6, kept={})
+    assert probe["steps"] == 6 and probe["method"] == "fkl"
+    assert [s for s, _ in probe["curve"]["points"]] == [2, 4, 6]
+    assert probe["plateau"]["final"] == probe["curve"]["points"][-1][1] and probe["plateau"]["plateau"] is not None
+    assert (tmp_path / "runs" / "half-probe-6" / "distill" / "manifest.json").is_file()
+    assert not (tmp_path / "runs" / "half-probe-6" / "eval").exists()  # the curve needs no eval
+    assert plateau_probe(str(tmp_path), sets, 6, kept=probe) is probe
+    assert plateau_probe(str(tmp_path), sets, 6, kept={**probe, "arm_key": "other"})["arm_key"] == probe["arm_key"]
+
 
 def test_qwen_coder_needs_the_code_opt_in_then_reports_humaneval_and_retention(ggufs, tmp_path):
     teacher, student = ggufs
