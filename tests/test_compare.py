@@ -117,7 +117,11 @@ def test_compare_runs_each_arm_in_a_process_of_its_own_when_asked(tiny_home, tmp
     assert [name for name, *_ in here] == ["tiny"]  # only the shared teacher stages ran in this process
     apart = json.loads((tmp_path / "apart" / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in apart] == [("sft", 0)] and apart[0]["student"]["student_steps"] == 2
-    monkeypatch.setattr(sys, "executable", "/bin/false")
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # from here on, any arm's process fails
+    logged = []  # an arm finished in this home starts no process: the same report, nothing run
+    compare_module.compare("tiny", sets, out=tmp_path / "again", log=logged.append, isolate=True)
+    assert json.loads((tmp_path / "again" / "results.json").read_text()) == apart
+    assert any("sft seed 0: finished in tiny-sft-s0" in line for line in logged)
     with pytest.raises(HpdError, match=r"an arm's `hpd run` failed \(exit 1\)"):
         compare_module.compare("tiny", [*sets, "compare.steps=3"], out=tmp_path / "bad", isolate=True)
 

@@ -118,10 +118,11 @@ def compare(
                 log(f"[compare] {method} seed {seed}: kept from the earlier report (the same settings)")
                 results.append(earlier)
                 continue
-            if not run_missing:
-                if not done:
-                    log(f"[compare] {method} seed {seed}: not finished, left out")
-                    continue
+            if done:  # finished in this home (its stages judged against these settings): nothing to run
+                log(f"[compare] {method} seed {seed}: finished in {name}")
+            elif not run_missing:
+                log(f"[compare] {method} seed {seed}: not finished, left out")
+                continue
             else:
                 if not cache_made:  # the teacher and the cache, once for every method and seed
                     base.run(until=shared[-1])
