@@ -113,7 +113,8 @@ def plateau_probe(home: str, overrides: list[str], steps: int, kept: dict) -> di
         [*overrides, f"distill.steps={steps}", 'distill.baseline=""', f'run.name="{base}-probe-{steps}"'],
         home=home,
     )
-    if kept.get("arm_key") == arm_key(run):
+    key = arm_key(run)
+    if kept.get("arm_key") == key:
         return kept
     run.adopt(base, OFFLINE)
     run.run(until="distill")
@@ -127,7 +128,7 @@ def plateau_probe(home: str, overrides: list[str], steps: int, kept: dict) -> di
         "curve": curve(log),
         "plateau": plateau(log, steps),
         "train_seconds": step_seconds(log),
-        "arm_key": arm_key(run),
+        "arm_key": key,
     }
 
 
@@ -385,8 +386,8 @@ def main():
     result["summary"] = summarise(results, args.pair)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"]["methods"], indent=1)[:3000])
-    probe_path = RESULTS / "real_students_B_probe.json"
     if args.plateau_probe and not args.finished_only:  # kept, like the arms, when its run's settings are the same
+        probe_path = RESULTS / "real_students_B_probe.json"
         kept = json.loads(probe_path.read_text()) if args.keep and probe_path.exists() else {}
         probe = plateau_probe(args.home, overrides, args.plateau_probe, kept)
         probe_path.write_text(json.dumps(probe, indent=1) + "\n")
