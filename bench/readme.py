@@ -1262,12 +1262,19 @@ def real_students() -> str:
             continue
         s = r["summary"]
         methods = s["methods"]
-        recovery = None
+        recovery = arithmetic = None
+        if pair == "B":  # the larger arithmetic set every model answered (bench/real_students.py --arithmetic)
+            arithmetic = _result(RESULTS / "real_students_B_arithmetic.json")
         if pair == "B" and "kl_recovered" in next(iter(methods.values())):  # what a cut student won back
             best = min(methods, key=lambda k: methods[k]["kl_to_teacher_nats"]["mean"])
-            t_acc = (s.get("teacher") or {}).get("accuracy")
-            share = methods[best]["accuracy"]["mean"] / t_acc if t_acc and "accuracy" in methods[best] else None
-            recovery = {"best": best, "m": methods[best], "share": share}
+            if arithmetic and best in arithmetic["summary"]["methods"]:  # the target read on the larger set
+                a = arithmetic["summary"]
+                t_acc, b_acc = a["teacher"], a["methods"][best]["mean"]
+            else:
+                t_acc = (s.get("teacher") or {}).get("accuracy")
+                b_acc = methods[best]["accuracy"]["mean"] if "accuracy" in methods[best] else None
+            share = b_acc / t_acc if t_acc and b_acc is not None else None
+            recovery = {"best": best, "m": methods[best], "share": share, "larger_set": bool(arithmetic)}
         primary = s["primary"]
         pairs.append(
             {
@@ -1283,7 +1290,10 @@ def real_students() -> str:
                 ),
                 "recovery": recovery,
                 # how far the plateau is: the preset's method trained longer (bench/real_students.py --plateau-probe)
-                "probe": _result(RESULTS / "real_students_B_probe.json") if pair == "B" else None,
+                "probes": (_result(RESULTS / "real_students_B_probe.json") or {}).get("probes")
+                if pair == "B"
+                else None,
+                "arithmetic": arithmetic,
                 "targets": _pair_targets(pair, s) if pair in ("A", "X") else None,
                 "cached_vs_online": _pair_cached_vs_online(r["config"]) if pair == "A" else "",
                 "claims": [

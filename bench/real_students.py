@@ -38,15 +38,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import time
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
 
 from bench.provenance import stamp
 from hpd import open_run
 from hpd.common.stats import mcnemar, paired_t
 from hpd.pipeline.compare import OFFLINE, arm_key, compare
 from hpd.pipeline.report import training_logs
+from hpd.stages import hf_models, metrics
+from hpd.stages.tasks import chat
+from hpd.storage.fingerprint import digest
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRIMARY = {"B": "kl_to_teacher_nats", "A": "humaneval_pass@1", "X": "response_nll_nats"}
@@ -102,11 +109,11 @@ def choose_cut(home: str, steps: int, run: bool = True) -> dict:
     return {"tried": tried, "kept": kept, "steps": steps}
 
 
-def plateau_probe(home: str, overrides: list[str], steps: int, kept: dict) -> dict:
+def plateau_probe(home: str, overrides: list[str], steps: int, kept: list[dict]) -> dict:
     """Pair B: how far the plateau is. The preset's method, seed 0, trained `steps` steps (a multiple of the
     comparison's) on the same cut and cache, its held-out learning curve and the plateau test read on it; distill only
-    (the curve is in its training log). `kept`, an earlier probe's results, is taken as it is when its run's settings
-    are these (the same key as a comparison's arm: every stage's config fingerprint)."""
+    (the curve is in its training log). Of `kept`, earlier probes' results, the one whose run's settings are these
+    (the same key as a comparison's arm: every stage's config fingerprint) is taken as it is."""
     base = open_run("smollm2-half", overrides, home=home).cfg.run.name  # whose teacher stages and cache it shares
     run = open_run(
         "smollm2-half",
@@ -114,8 +121,9 @@ def plateau_probe(home: str, overrides: list[str], steps: int, kept: dict) -> di
         home=home,
     )
     key = arm_key(run)
-    if kept.get("arm_key") == key:
-        return kept
+    earlier = next((p for p in kept if p.get("arm_key") == key), None)
+    if earlier:
+        return earlier
     run.adopt(base, OFFLINE)
     run.run(until="distill")
     log = training_logs(run)
@@ -230,6 +238,79 @@ def summarise(results: list[dict], pair: str) -> dict:
     return out
 
 
+def judge_arithmetic(home: str, overrides: list[str], n: int, results: list[dict], kept: dict) -> dict:
+    """Pair B: the teacher, the cut student before distillation and every finished arm's student answer the same
+    `n` arithmetic questions that are neither training nor held-out prompts (the held-out split has only 16), greedy,
+    graded like the eval's (the reply's last number). Each model's verdicts are kept in `kept` (an earlier file's
+    "models") under a key of what they depend on (an arm by its arm_key, the teacher and the cut by their weights'
+    fingerprints, and the questions and generation settings) and judged again only when that changed."""
+    base = open_run("smollm2-half", overrides, home=home)
+    data, teacher, cfg = base.outputs("data"), base.outputs("teacher"), base.cfg.eval
+    seen = {json.loads(line)["prompt"] for path in (data.train, data.heldout) for line in open(path)}
+    pool = [q for q in chat.arithmetic_questions() if q["prompt"] not in seen]
+    random.Random(0).shuffle(pool)
+    if len(pool) < n:
+        raise SystemExit(f"--arithmetic {n}: only {len(pool)} arithmetic questions are unseen by pair B; ask for fewer")
+    rows = pool[:n]
+    how = {"questions": digest([r["prompt"] for r in rows]), "max_new_tokens": cfg.max_new_tokens}
+    models = {"teacher": (teacher.model_dir, teacher.dtype, teacher.model_fingerprint)}
+    initial = results[0]["student"]["initial_dir"]  # the cut, before distillation: the same in every arm
+    models["before"] = (initial, "float32", digest(hf_models.model_fingerprints(Path(initial))))
+    for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
+        models[f"{r['method']} s{r['seed']}"] = (r["eval"]["student_dir"], "float32", r["arm_key"])
+    judged = {}
+    for name, (model_dir, dtype, identity) in tqdm(models.items(), desc="arithmetic", unit="model"):
+        key = digest({**how, "model": identity})
+        if kept.get(name, {}).get("key") == key:
+            judged[name] = kept[name]
+            continue
+        if not Path(model_dir).is_dir():  # an arm kept from the report whose run directory is gone
+            raise SystemExit(f"--arithmetic: {name}'s model is not on this machine ({model_dir}); run its arm again")
+        model, tok = hf_models.load_causal_lm(model_dir, dtype=getattr(torch, dtype))
+        start = time.perf_counter()
+        replies = metrics.generate_texts(
+            model, tok, [r["prompt"] for r in rows], max_new_tokens=cfg.max_new_tokens, batch_tokens=cfg.batch_tokens
+        )
+        correct = [metrics.last_number_is(g[0], r["answer"]) for g, r in zip(replies, rows)]
+        judged[name] = {
+            "key": key,
+            "correct": correct,
+            "accuracy": sum(correct) / n,
+            "seconds": time.perf_counter() - start,
+            "examples": [[r["prompt"], g[0]] for r, g in zip(rows[:4], replies)],  # what its replies look like
+        }
+        del model
+    return {"made": stamp(), "questions": n, "unseen": len(pool), **how, "models": judged}
+
+
+def arithmetic_summary(judged: dict) -> dict:
+    """Each loss's accuracy (mean over seeds) and, paired by seed and question, against SeqKD and the teacher; the
+    teacher against the cut student (the gap distillation is to close)."""
+    models = judged["models"]
+    by: dict[str, dict[int, list[bool]]] = {}
+    for name, m in models.items():
+        if name not in ("teacher", "before"):
+            method, seed = name.rsplit(" s", 1)
+            by.setdefault(method, {})[int(seed)] = m["correct"]
+    teacher, before = models["teacher"]["correct"], models["before"]["correct"]
+    out = {
+        "teacher": models["teacher"]["accuracy"],
+        "before": models["before"]["accuracy"],
+        "teacher vs before": mcnemar(teacher, before),
+        "methods": {},
+    }
+    for method, seeds in by.items():
+        order = sorted(seeds)
+        flat = sum((seeds[s] for s in order), [])
+        m = {"accuracy": {s: sum(seeds[s]) / len(seeds[s]) for s in order}, "mean": sum(flat) / len(flat)}
+        m["vs teacher"] = mcnemar(flat, teacher * len(order))
+        if method != "sft" and "sft" in by:
+            both = [s for s in order if s in by["sft"]]
+            m["vs sft"] = mcnemar(sum((seeds[s] for s in both), []), sum((by["sft"][s] for s in both), []))
+        out["methods"][method] = m
+    return out
+
+
 def judge_humaneval(home: str, overrides: list[str], batch_tokens: int) -> Path:
     """Pair A on all of HumanEval: the teacher, the student before distillation and each finished arm's student
     judged one after another in one process, on the same 164 problems with the same batching (greedy, so the
@@ -332,13 +413,22 @@ def main():
         "--plateau-probe",
         type=int,
         metavar="STEPS",
-        default=0,
+        action="append",
+        default=[],
         help="pair B, after its arms: the preset's method, seed 0, trained this many steps, to show how far the "
-        "plateau is (bench/results/real_students_B_probe.json)",
+        "plateau is (bench/results/real_students_B_probe.json); repeat it for several lengths",
+    )
+    ap.add_argument(
+        "--arithmetic",
+        type=int,
+        metavar="N",
+        default=0,
+        help="pair B, after its arms: the teacher, the cut and every arm's student answer N arithmetic questions "
+        "none of them trained or was judged on (bench/results/real_students_B_arithmetic.json)",
     )
     args = ap.parse_args()
-    if args.plateau_probe and args.pair != "B":
-        ap.error("--plateau-probe trains pair B's student longer; drop it, or use --pair B")
+    if (args.plateau_probe or args.arithmetic) and args.pair != "B":
+        ap.error("--plateau-probe and --arithmetic are pair B's; drop them, or use --pair B")
     if args.humaneval_all and args.pair != "A":
         ap.error("--humaneval-all judges pair A's models; drop it, or use --pair A")
     overrides, result = [], {"made": stamp(), "pair": args.pair, "config": CONFIG[args.pair]}
@@ -386,12 +476,19 @@ def main():
     result["summary"] = summarise(results, args.pair)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"]["methods"], indent=1)[:3000])
+    if args.arithmetic and not args.finished_only:  # each model kept while its key is the same
+        arith_path = RESULTS / "real_students_B_arithmetic.json"
+        kept = json.loads(arith_path.read_text())["models"] if args.keep and arith_path.exists() else {}
+        judged = judge_arithmetic(args.home, overrides, args.arithmetic, results, kept)
+        judged["summary"] = arithmetic_summary(judged)
+        arith_path.write_text(json.dumps(judged, indent=1) + "\n")
+        print(json.dumps({k: m["mean"] for k, m in judged["summary"]["methods"].items()}))
     if args.plateau_probe and not args.finished_only:  # kept, like the arms, when its run's settings are the same
         probe_path = RESULTS / "real_students_B_probe.json"
-        kept = json.loads(probe_path.read_text()) if args.keep and probe_path.exists() else {}
-        probe = plateau_probe(args.home, overrides, args.plateau_probe, kept)
-        probe_path.write_text(json.dumps(probe, indent=1) + "\n")
-        print(json.dumps(probe["plateau"]))
+        kept = json.loads(probe_path.read_text())["probes"] if args.keep and probe_path.exists() else []
+        probes = [plateau_probe(args.home, overrides, steps, kept) for steps in sorted(set(args.plateau_probe))]
+        probe_path.write_text(json.dumps({"made": stamp(), "probes": probes}, indent=1) + "\n")
+        print(json.dumps([p["plateau"] for p in probes]))
 
 
 if __name__ == "__main__":

@@ -61,14 +61,41 @@ def test_smollm2_half_cuts_the_teacher_and_reports_the_cut_student(ggufs, tmp_pa
     # and plateau test read from its own training log; an earlier probe of the same settings is kept, not rerun
     from bench.real_students import plateau_probe
 
-    probe = plateau_probe(str(tmp_path), sets, 6, kept={})
+    probe = plateau_probe(str(tmp_path), sets, 6, kept=[])
     assert probe["steps"] == 6 and probe["method"] == "fkl"
     assert [s for s, _ in probe["curve"]["points"]] == [2, 4, 6]
     assert probe["plateau"]["final"] == probe["curve"]["points"][-1][1] and probe["plateau"]["plateau"] is not None
     assert (tmp_path / "runs" / "half-probe-6" / "distill" / "manifest.json").is_file()
     assert not (tmp_path / "runs" / "half-probe-6" / "eval").exists()  # the curve needs no eval
-    assert plateau_probe(str(tmp_path), sets, 6, kept=probe) is probe
-    assert plateau_probe(str(tmp_path), sets, 6, kept={**probe, "arm_key": "other"})["arm_key"] == probe["arm_key"]
+    other = {**probe, "arm_key": "other"}
+    assert plateau_probe(str(tmp_path), sets, 6, kept=[other, probe]) is probe
+    assert plateau_probe(str(tmp_path), sets, 6, kept=[other])["arm_key"] == probe["arm_key"]
+
+    # the larger arithmetic set (bench.real_students --arithmetic): questions no model trained or was judged on, the
+    # same ones for the teacher, the cut and every arm's student, graded like the eval; kept while its key holds
+    from bench.real_students import arithmetic_summary, judge_arithmetic
+    from hpd.stages.tasks import chat
+
+    record = {"arm_key": "k", "student": report["student_report"], "eval": report}
+    arms = [{**record, "method": "sft", "seed": 0}, {**record, "method": "fkl", "seed": 0, "arm_key": "k2"}]
+    judged = judge_arithmetic(str(tmp_path), sets, 5, arms, kept={})
+    data = tmp_path / "runs" / "half" / "data" / "chat"
+    seen = {json.loads(line)["prompt"] for f in ("train.jsonl", "heldout.jsonl") for line in open(data / f)}
+    assert judged["unseen"] == len(chat.arithmetic_questions()) - sum("What is" in q for q in seen)
+    assert set(judged["models"]) == {"teacher", "before", "sft s0", "fkl s0"}
+    for m in judged["models"].values():
+        assert len(m["correct"]) == 5 and m["accuracy"] == sum(m["correct"]) / 5
+        assert all(q not in seen for q, _ in m["examples"])
+    summary = arithmetic_summary(judged)
+    # sft and fkl here are one model: the same replies, so nothing tells them apart
+    assert summary["methods"]["fkl"]["vs sft"]["only_a"] == summary["methods"]["fkl"]["vs sft"]["only_b"] == 0
+    assert summary["teacher vs before"]["problems"] == 5
+    marked = {**judged["models"], "teacher": {**judged["models"]["teacher"], "seconds": -1.0}}
+    again = judge_arithmetic(str(tmp_path), sets, 5, arms, kept=marked)
+    assert again["models"]["teacher"]["seconds"] == -1.0  # kept, not judged again
+    assert judge_arithmetic(str(tmp_path), sets, 4, arms, kept=marked)["models"]["teacher"]["seconds"] >= 0
+    with pytest.raises(SystemExit, match="ask for fewer"):
+        judge_arithmetic(str(tmp_path), sets, 10_000, arms, kept={})
 
 
 def test_qwen_coder_needs_the_code_opt_in_then_reports_humaneval_and_retention(ggufs, tmp_path):

@@ -29,16 +29,34 @@ def _chat_turns(rng: random.Random) -> list[str]:
     return turns
 
 
+# Small numbers: SmolLM2-135M gets 3-digit sums wrong (347 + 582 is not in reach).
+NUMBERS, OPS = range(1, 21), "+-"
+
+
+def _question(a: int, op: str, b: int) -> dict:
+    return {"prompt": f"What is {a} {op} {b}?", "answer": a + b if op == "+" else a - b, "kind": "arithmetic"}
+
+
+def arithmetic_questions() -> list[dict]:
+    """Every arithmetic question the chat prompts draw from, in a fixed order: a larger arithmetic eval than the
+    held-out split's third takes those that are not among a run's prompts."""
+    return [_question(a, op, b) for a in NUMBERS for op in OPS for b in NUMBERS]
+
+
 def _arithmetic(rng: random.Random, n: int, exclude: set) -> list[dict]:
     rows, seen = [], set(exclude)
-    if n > 2 * 20 * 20:
-        raise ValueError(f"the chat prompts hold at most {2 * 20 * 20} arithmetic questions")
-    while len(rows) < n:  # small numbers: SmolLM2-135M gets 3-digit sums wrong (347 + 582 is not in reach)
-        a, b, op = rng.randrange(1, 21), rng.randrange(1, 21), rng.choice("+-")
-        q = f"What is {a} {op} {b}?"
-        if q not in seen:
-            seen.add(q)
-            rows.append({"prompt": q, "answer": a + b if op == "+" else a - b, "kind": "arithmetic"})
+    if n > len(OPS) * len(NUMBERS) ** 2:
+        raise ValueError(f"the chat prompts hold at most {len(OPS) * len(NUMBERS) ** 2} arithmetic questions")
+    while len(rows) < n:
+        a, b, op = (
+            rng.randrange(NUMBERS.start, NUMBERS.stop),
+            rng.randrange(NUMBERS.start, NUMBERS.stop),
+            rng.choice(OPS),
+        )
+        row = _question(a, op, b)
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
     return rows
 
 
