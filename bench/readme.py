@@ -1252,19 +1252,21 @@ def real_students() -> str:
     """Students from real teachers (bench/real_students.py): pair B (prune then distil), pair A (Qwen2.5-Coder) and
     pair X (across tokenizers)."""
     pairs = []
-    for pair, title in (
-        ("B", "Pair B: prune then distil"),
-        ("A", "Pair A: Qwen2.5-Coder-1.5B teaches 0.5B"),
-        ("X", "Pair X: across tokenizers, Qwen2.5-Coder-0.5B's cache teaches SmolLM2-135M"),
+    for pair, stem, title in (
+        ("B", "real_students_B", "Pair B: prune then distil"),
+        # the same comparison trained to the plateau the probes found (bench/real_students.py --budget plateau)
+        ("B", "real_students_B_plateau", "Pair B at the plateau budget: prune then distil, trained longer"),
+        ("A", "real_students_A", "Pair A: Qwen2.5-Coder-1.5B teaches 0.5B"),
+        ("X", "real_students_X", "Pair X: across tokenizers, Qwen2.5-Coder-0.5B's cache teaches SmolLM2-135M"),
     ):
-        r = _result(RESULTS / f"real_students_{pair}.json")
+        r = _result(RESULTS / f"{stem}.json")
         if r is None:
             continue
         s = r["summary"]
         methods = s["methods"]
         recovery = arithmetic = None
         if pair == "B":  # the larger arithmetic set every model answered (bench/real_students.py --arithmetic)
-            arithmetic = _result(RESULTS / "real_students_B_arithmetic.json")
+            arithmetic = _result(RESULTS / f"{stem}_arithmetic.json")
         if pair == "B" and "kl_recovered" in next(iter(methods.values())):  # what a cut student won back
             best = min(methods, key=lambda k: methods[k]["kl_to_teacher_nats"]["mean"])
             if arithmetic and best in arithmetic["summary"]["methods"]:  # the target read on the larger set
@@ -1290,9 +1292,8 @@ def real_students() -> str:
                 ),
                 "recovery": recovery,
                 # how far the plateau is: the preset's method trained longer (bench/real_students.py --plateau-probe)
-                "probes": (_result(RESULTS / "real_students_B_probe.json") or {}).get("probes")
-                if pair == "B"
-                else None,
+                "probes": (_result(RESULTS / f"{stem}_probe.json") or {}).get("probes"),
+                "stem": stem,
                 "arithmetic": arithmetic,
                 "targets": _pair_targets(pair, s) if pair in ("A", "X") else None,
                 "cached_vs_online": _pair_cached_vs_online(r["config"]) if pair == "A" else "",
@@ -1302,7 +1303,7 @@ def real_students() -> str:
                     if k in methods and "minus_sft" in methods[k].get(primary, {})
                 ],
                 "curves": _curve_table(methods),
-                "figure": (RESULTS / f"real_students_{pair}" / "learning_curves.png").exists(),
+                "figure": (RESULTS / stem / "learning_curves.png").exists(),
                 # the alignment's coverage, for the methods that train on the teacher's distribution (not SeqKD)
                 "shares": {
                     k: m["teacher_target_share"]

@@ -30,7 +30,11 @@ steps. The primary measure, named before any run: held-out NLL of the teacher's 
 beside it HumanEval pass@1 (paired by problem) and the share of the student's response tokens that got a teacher
 distribution.
 
-Writes bench/results/real_students_<pair>.json (the compare report under bench/results/real_students_<pair>/).
+Pair B also: the arithmetic questions again on a larger set (--arithmetic N: the held-out split holds 16), and how
+far a plateau is (--plateau-probe STEPS: the preset's loss, seed 0, trained longer). A comparison at another budget
+(--budget NAME, with its --steps) keeps its own results and runs beside the main one, so both can be shown.
+
+Writes bench/results/real_students_<pair>[_<budget>].json (the compare report under the folder of that name).
 """
 
 from __future__ import annotations
@@ -280,7 +284,7 @@ def judge_arithmetic(home: str, overrides: list[str], n: int, results: list[dict
             "examples": [[r["prompt"], g[0]] for r, g in zip(rows[:4], replies)],  # what its replies look like
         }
         del model
-    return {"made": stamp(), "questions": n, "unseen": len(pool), **how, "models": judged}
+    return {"made": stamp(), **how, "asked": n, "unseen": len(pool), "models": judged}
 
 
 def arithmetic_summary(judged: dict) -> dict:
@@ -426,25 +430,36 @@ def main():
         help="pair B, after its arms: the teacher, the cut and every arm's student answer N arithmetic questions "
         "none of them trained or was judged on (bench/results/real_students_B_arithmetic.json)",
     )
+    ap.add_argument(
+        "--budget",
+        default="",
+        metavar="NAME",
+        help="a comparison at another budget beside the pair's main one: its results in real_students_<pair>_NAME "
+        "(.json and a folder), its runs named <preset>-NAME-<method>-s<seed>",
+    )
     args = ap.parse_args()
     if (args.plateau_probe or args.arithmetic) and args.pair != "B":
         ap.error("--plateau-probe and --arithmetic are pair B's; drop them, or use --pair B")
     if args.humaneval_all and args.pair != "A":
         ap.error("--humaneval-all judges pair A's models; drop it, or use --pair A")
     overrides, result = [], {"made": stamp(), "pair": args.pair, "config": CONFIG[args.pair]}
-    path = RESULTS / f"real_students_{args.pair}.json"
+    stem = f"real_students_{args.pair}" + (f"_{args.budget}" if args.budget else "")
+    path, main_path = RESULTS / f"{stem}.json", RESULTS / f"real_students_{args.pair}.json"
     earlier = json.loads(path.read_text()) if args.keep and path.exists() else {}
     if args.finished_only:  # the command that trains the arms is the same without the flag; this run only reports
         result["made"]["command"] = result["made"]["command"].replace(" --finished-only", "")
         result["made"]["reported_only"] = True
     if args.pair == "B":
-        kept_cut = earlier.get("cut")
+        # another budget's comparison starts from the cut the main one chose
+        kept_cut = earlier.get("cut") or (json.loads(main_path.read_text()).get("cut") if main_path.exists() else None)
         if kept_cut and kept_cut["steps"] == args.choice_steps:
             result["cut"] = kept_cut  # the cuts' runs are deterministic: the same steps choose the same cut
         else:
             result["cut"] = choose_cut(args.home, args.choice_steps, run=not args.finished_only)
         overrides = result["cut"]["tried"][result["cut"]["kept"]]["sets"]
     overrides = [*overrides, *args.sets]
+    if args.budget:  # its own runs: the main comparison's arms stay as they are
+        overrides.append(f'run.name="{CONFIG[args.pair]}-{args.budget}"')
     if args.steps:
         overrides.append(f"compare.steps={args.steps}")
     if args.curve_every:
@@ -452,7 +467,7 @@ def main():
     result["overrides"] = overrides
     if args.humaneval_all:  # pair A's finished models judged again on every problem, then reported
         judge_humaneval(args.home, overrides, args.humaneval_all)
-    out = RESULTS / f"real_students_{args.pair}"
+    out = RESULTS / stem
     os.environ["HPD_HOME"] = args.home
     # each arm in a process of its own: a 0.5B student beside its 1.5B teacher's leftovers does not fit in 24 GB
     compare(CONFIG[args.pair], overrides, out=out, run_missing=not args.finished_only, isolate=True, keep=args.keep)
@@ -477,14 +492,14 @@ def main():
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"]["methods"], indent=1)[:3000])
     if args.arithmetic and not args.finished_only:  # each model kept while its key is the same
-        arith_path = RESULTS / "real_students_B_arithmetic.json"
+        arith_path = RESULTS / f"{stem}_arithmetic.json"
         kept = json.loads(arith_path.read_text())["models"] if args.keep and arith_path.exists() else {}
         judged = judge_arithmetic(args.home, overrides, args.arithmetic, results, kept)
         judged["summary"] = arithmetic_summary(judged)
         arith_path.write_text(json.dumps(judged, indent=1) + "\n")
         print(json.dumps({k: m["mean"] for k, m in judged["summary"]["methods"].items()}))
     if args.plateau_probe and not args.finished_only:  # kept, like the arms, when its run's settings are the same
-        probe_path = RESULTS / "real_students_B_probe.json"
+        probe_path = RESULTS / f"{stem}_probe.json"
         kept = json.loads(probe_path.read_text())["probes"] if args.keep and probe_path.exists() else []
         probes = [plateau_probe(args.home, overrides, steps, kept) for steps in sorted(set(args.plateau_probe))]
         probe_path.write_text(json.dumps({"made": stamp(), "probes": probes}, indent=1) + "\n")

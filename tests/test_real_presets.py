@@ -82,7 +82,7 @@ def test_smollm2_half_cuts_the_teacher_and_reports_the_cut_student(ggufs, tmp_pa
     data = tmp_path / "runs" / "half" / "data" / "chat"
     seen = {json.loads(line)["prompt"] for f in ("train.jsonl", "heldout.jsonl") for line in open(data / f)}
     assert judged["unseen"] == len(chat.arithmetic_questions()) - sum("What is" in q for q in seen)
-    assert set(judged["models"]) == {"teacher", "before", "sft s0", "fkl s0"}
+    assert judged["asked"] == 5 and set(judged["models"]) == {"teacher", "before", "sft s0", "fkl s0"}
     for m in judged["models"].values():
         assert len(m["correct"]) == 5 and m["accuracy"] == sum(m["correct"]) / 5
         assert all(q not in seen for q, _ in m["examples"])

@@ -107,9 +107,11 @@ def compare(
     reported = reported_arms(out) if keep else {}
     cache_made = False
     results = []
-    for method in methods:
-        extra = method_overrides(method, cfg)
-        for seed in range(c.seeds):
+    # seed by seed, every method of a seed before the next seed: a comparison stopped midway holds whole seeds,
+    # each a complete paired block
+    for seed in range(c.seeds):
+        for method in methods:
+            extra = method_overrides(method, cfg)
             name = f"{cfg.run.name}-{slug(method)}-s{seed}"
             arm = [*overrides, *extra, *arm_overrides(cfg, seed, name, first=(method, seed) == (methods[0], 0))]
             r = open_run(config_path, arm)
