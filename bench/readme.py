@@ -1452,7 +1452,7 @@ def _sourced(section) -> str:
     groups: dict = {}
     for path in files:
         r = _SOURCES[path]
-        made = (r.get("made") if isinstance(r, dict) else None) or _rows_made(r)
+        made = (r.get("made") if isinstance(r, dict) else None) or _rows_made(r) or _beside_made(path)
         name = path.relative_to(RESULTS).as_posix()
         key = (_target(name), made.get("commit"), made.get("date"))
         groups.setdefault(key, []).append(name)
@@ -1466,6 +1466,16 @@ def _rows_made(r) -> dict:
         return {}
     stamps = [v.get("made") or {} for v in r.values()]
     return stamps[0] if all(m == stamps[0] for m in stamps) else {}
+
+
+def _beside_made(path: Path) -> dict:
+    """The stamp of a comparison's report (<name>/results.json, a list of arms, written by `hpd compare`), where the
+    bench that ran it wrote its own results beside the folder (<name>.json) in the same command."""
+    beside = path.parent.with_suffix(".json")
+    if path.name != "results.json" or not beside.is_file():
+        return {}
+    r = json.loads(beside.read_text())
+    return (r.get("made") or {}) if isinstance(r, dict) else {}
 
 
 def _target(name: str) -> str | None:

@@ -1,6 +1,7 @@
 """The benches' own machinery, on the tiny preset: a stage timed in a process of its own reports its figures
 through the public API's observers, and leaves the run's results as an ordinary run would."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,15 @@ def test_a_file_keyed_by_row_is_stamped_by_its_rows_where_they_agree():
     assert _rows_made({"math 7.6x": {"made": made}, "dialogue 36x": {"made": made}}) == made
     assert _rows_made({"math 7.6x": {"made": made}, "dialogue 36x": {}}) == {}  # a row from an older run: unstamped
     assert _rows_made({"rows": [1, 2]}) == {} and _rows_made([]) == {}
+
+
+def test_a_comparisons_report_takes_the_stamp_its_bench_wrote_beside_it(tmp_path):
+    from bench.readme import _beside_made
+
+    made = {"commit": "abc", "date": "2026-12-04"}
+    (tmp_path / "pair").mkdir()
+    (tmp_path / "pair" / "results.json").write_text("[]")
+    assert _beside_made(tmp_path / "pair" / "results.json") == {}  # nothing beside it: unstamped
+    (tmp_path / "pair.json").write_text(json.dumps({"made": made, "summary": {}}))
+    assert _beside_made(tmp_path / "pair" / "results.json") == made
+    assert _beside_made(tmp_path / "pair" / "other.json") == {}  # only a comparison's report
