@@ -1298,7 +1298,12 @@ def real_students() -> str:
                 "targets": _pair_targets(pair, s) if pair in ("A", "X") else None,
                 "cached_vs_online": _pair_cached_vs_online(r["config"]) if pair == "A" else "",
                 "claims": [
-                    f"`{k}` {methods[k][primary]['minus_sft']['verdict']}"
+                    f"`{k}` "
+                    + (
+                        methods[k][primary]["minus_sft"]["verdict"]
+                        if methods[k][primary]["minus_sft"].get("seeds", 2) > 1
+                        else "one seed so far, no interval to read"
+                    )
                     for k in ("hpd", "hpd_fkl")
                     if k in methods and "minus_sft" in methods[k].get(primary, {})
                 ],

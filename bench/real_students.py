@@ -475,10 +475,10 @@ def main():
     if args.finished_only:  # which arms the comparison has not finished yet
         cfg = open_run(CONFIG[args.pair], overrides, home=args.home).cfg
         done = {(r["method"], r["seed"]) for r in results}
-        result["unfinished"] = [
+        result["unfinished"] = [  # in the order the comparison runs them: seed by seed
             f"{m} seed {s}"
-            for m in cfg.compare.methods.split(",")
             for s in range(cfg.compare.seeds)
+            for m in cfg.compare.methods.split(",")
             if (m, s) not in done
         ]
     base = open_run(CONFIG[args.pair], overrides, home=args.home)
