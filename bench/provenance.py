@@ -12,20 +12,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def stamp() -> dict:
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-        except OSError:  # no git here (a bare CUDA image running bench/gpu_check.sh): the commit is left blank
-            return ""
-        return done.stdout.strip() if done.returncode == 0 else ""
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    except OSError:  # no git here (a bare CUDA image running bench/gpu_check.sh): the commit is left blank
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
+
+def _commit() -> str:
+    return _git("rev-parse", "--short=12", "HEAD") + ("-dirty" if _git("status", "--porcelain", "--", "hpd") else "")
+
+
+# Taken once, when a bench imports this module (as it starts): the code it loaded. A file written hours later would
+# otherwise name whatever the checkout held by then (a commit made, or an edit begun, while the bench ran).
+COMMIT_AT_START = _commit()
+
+
+def stamp() -> dict:
     with open("/proc/meminfo") as f:
         memory_kb = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     return {
-        "commit": git("rev-parse", "--short=12", "HEAD")
-        + ("-dirty" if git("status", "--porcelain", "--", "hpd") else ""),
+        "commit": COMMIT_AT_START,
         "machine": {
             "cores": os.cpu_count(),
             "memory_gb": round(memory_kb / 2**20, 1),

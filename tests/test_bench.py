@@ -194,3 +194,11 @@ def test_a_comparisons_report_takes_the_stamp_its_bench_wrote_beside_it(tmp_path
     (tmp_path / "pair.json").write_text(json.dumps({"made": made, "summary": {}}))
     assert _beside_made(tmp_path / "pair" / "results.json") == made
     assert _beside_made(tmp_path / "pair" / "other.json") == {}  # only a comparison's report
+
+
+def test_a_results_file_names_the_commit_its_bench_started_from(monkeypatch):
+    """A bench that runs for hours stamps the code it loaded, not whatever the checkout holds when it writes."""
+    from bench import provenance
+
+    monkeypatch.setattr(provenance, "_git", lambda *args: "a-later-commit")
+    assert provenance.stamp()["commit"] == provenance.COMMIT_AT_START != provenance._commit()
