@@ -399,7 +399,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="student steps per arm (default: the preset's)")
     ap.add_argument("--curve-every", type=int, default=None, help="held-out KL every N steps (default: the preset's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="a config override for every arm")
-    ap.add_argument("--finished-only", action="store_true", help="report the arms finished so far, run nothing")
+    ap.add_argument("--finished-only", action="store_true", help="report the arms finished so far, train none (--humaneval-all and --arithmetic still judge them)")
     ap.add_argument(
         "--keep",
         action="store_true",
@@ -491,7 +491,7 @@ def main():
     result["summary"] = summarise(results, args.pair)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"]["methods"], indent=1)[:3000])
-    if args.arithmetic and not args.finished_only:  # each model kept while its key is the same
+    if args.arithmetic:  # each model kept while its key is the same; a finished-only run judges the finished arms
         arith_path = RESULTS / f"{stem}_arithmetic.json"
         kept = json.loads(arith_path.read_text())["models"] if args.keep and arith_path.exists() else {}
         judged = judge_arithmetic(args.home, overrides, args.arithmetic, results, kept)
