@@ -399,7 +399,11 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="student steps per arm (default: the preset's)")
     ap.add_argument("--curve-every", type=int, default=None, help="held-out KL every N steps (default: the preset's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="a config override for every arm")
-    ap.add_argument("--finished-only", action="store_true", help="report the arms finished so far, train none (--humaneval-all and --arithmetic still judge them)")
+    ap.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="report the arms finished so far, train none (--humaneval-all and --arithmetic still judge them)",
+    )
     ap.add_argument(
         "--keep",
         action="store_true",
