@@ -102,7 +102,7 @@ $(FETCHED): $(STAMP)
 # Students from real teachers (bench/real_students.py): hours on 2 cores, so a target of its own, outside make bench.
 # Pair A runs the students' HumanEval code in hpd's sandbox: the opt-in is given here, for this bench alone.
 bench-real: $(STAMP) $(SMOLLM2) $(FETCHED)
-	$(PY) -m bench.real_students --pair B --keep --choice-steps 60 --plateau-probe 360 --plateau-probe 600 --arithmetic 640
+	$(PY) -m bench.real_students --pair B --keep --choice-steps 60 --steps 120 --curve-every 24 --plateau-probe 360 --plateau-probe 600 --arithmetic 640
 	$(PY) -m bench.real_students --pair B --budget plateau --keep --choice-steps 60 --steps 600 --curve-every 120 --arithmetic 640
 	HPD_ALLOW_CODE_EVAL=1 $(PY) -m bench.real_students --pair A
 	HPD_ALLOW_CODE_EVAL=1 $(PY) -m bench.real_students --pair X

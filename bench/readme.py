@@ -822,7 +822,7 @@ def _real_fkl_vs_hpd_fkl() -> list[dict]:
             RESULTS / "compare_smollm2" / "results.json",
             "response_nll_nats",
         ),
-        ("SmolLM2 cut to half (pair B)", RESULTS / "real_students_B" / "results.json", "kl_to_teacher_nats"),
+        ("SmolLM2 cut to half (pair B)", RESULTS / _pair_b_stem() / "results.json", "kl_to_teacher_nats"),
         ("Qwen2.5-Coder-1.5B into 0.5B (pair A)", RESULTS / "real_students_A" / "results.json", "kl_to_teacher_nats"),
     ]
     out = []
@@ -1336,12 +1336,18 @@ def headline() -> str:
         }
         cvo["runs"] = sum(x["arm"] == "cached" for x in runs)
     f = _result(RESULTS / "cache_formats_smollm2.json")
-    b = _result(RESULTS / "real_students_B.json")
+    b = _result(RESULTS / f"{_pair_b_stem()}.json")
     pruned = None
     if b:
         m = b["summary"]["methods"]
         best = min(m, key=lambda k: m[k]["kl_to_teacher_nats"]["mean"])
-        pruned = {"best": best, "seeds": len(m[best]["seeds"]), "recovered": m[best].get("kl_recovered", float("nan"))}
+        steps = next(o.split("=")[1] for o in b["overrides"] if o.startswith("compare.steps="))
+        pruned = {
+            "best": best,
+            "seeds": len(m[best]["seeds"]),
+            "steps": steps,
+            "recovered": m[best].get("kl_recovered", float("nan")),
+        }
     return render(
         "headline",
         d=_result(RESULTS / "default_task.json"),
@@ -1354,6 +1360,17 @@ def headline() -> str:
         across=_headline_across(_result(RESULTS / "real_students_X.json")),
         gpu=_complete(_result(RESULTS / "gpu_check.json")),
     )
+
+
+def _pair_b_stem() -> str:
+    """Pair B's comparison at the budget the smollm2-half preset trains with (what a user of the preset gets); the
+    main comparison where none ran at that budget."""
+    steps = f"compare.steps={_settings('smollm2-half').compare.steps}"
+    for stem in ("real_students_B", "real_students_B_plateau"):
+        r = _result(RESULTS / f"{stem}.json")
+        if r and steps in r["overrides"]:
+            return stem
+    return "real_students_B"
 
 
 def _complete(r: dict | None) -> dict | None:

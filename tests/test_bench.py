@@ -202,3 +202,15 @@ def test_a_results_file_names_the_commit_its_bench_started_from(monkeypatch):
 
     monkeypatch.setattr(provenance, "_git", lambda *args: "a-later-commit")
     assert provenance.stamp()["commit"] == provenance.COMMIT_AT_START != provenance._commit()
+
+
+def test_the_headline_reads_pair_b_at_the_budget_the_preset_trains_with(tmp_path, monkeypatch):
+    """What a user of --config smollm2-half gets: the comparison run at its compare.steps, not another budget's."""
+    from bench import readme
+
+    steps = readme._settings("smollm2-half").compare.steps
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    (tmp_path / "real_students_B.json").write_text(json.dumps({"overrides": [f"compare.steps={steps // 5}"]}))
+    assert readme._pair_b_stem() == "real_students_B"  # nothing at the preset's budget: the main comparison
+    (tmp_path / "real_students_B_plateau.json").write_text(json.dumps({"overrides": [f"compare.steps={steps}"]}))
+    assert readme._pair_b_stem() == "real_students_B_plateau"
