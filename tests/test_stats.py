@@ -77,3 +77,14 @@ def test_humaneval_is_paired_over_the_seeds_both_arms_finished():
     paired = summarise(results, "X")["humaneval_paired"]
     assert paired["fkl vs sft"]["only_a"] == 1 and paired["fkl vs sft"]["only_b"] == 0  # seed 0 against seed 0
     assert paired["fkl vs before"]["only_a"] == 2 and paired["sft vs before"]["only_a"] == 5
+
+
+def test_seeds_that_all_differ_by_the_same_amount_prove_nothing_until_the_sign_test_does():
+    """A coarse measure (one question in 16) can give every seed the same difference: t's interval then has no width.
+    The exact sign test's two-sided p for n alike signs is 2 / 2^n: below 0.05 from 6 seeds."""
+    for n in (2, 5):
+        r = paired_t(dict.fromkeys(range(n), 0.0), dict.fromkeys(range(n), 0.0625))
+        assert r["ci95"] == [-math.inf, math.inf] and r["verdict"] == "no difference detected"
+    r = paired_t(dict.fromkeys(range(6), 0.0), dict.fromkeys(range(6), 0.0625))
+    assert r["ci95"] == [-0.0625, -0.0625] and r["verdict"] == "better"  # lower is better by default
+    assert paired_t({0: 1.0, 1: 1.0}, {0: 1.0, 1: 1.0})["verdict"] == "no difference detected"

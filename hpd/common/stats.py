@@ -3,7 +3,8 @@ problem), with a 95% interval.
 
 paired_t       arm minus reference, paired by seed: mean, the 95% confidence interval of Student's t with n - 1
                degrees of freedom, and the verdict: "better" / "worse" when the interval excludes 0, "no difference
-               detected" when it holds 0.
+               detected" when it holds 0. Where every seed differs by the same amount (no spread to read), the
+               interval is unbounded unless the exact sign test separates them (6 seeds or more).
 mcnemar        two models on the same problems, pass or fail each: the exact McNemar test (a binomial on the
                problems only one of them passes), and a paired bootstrap interval of the difference in pass rates.
 """
@@ -60,6 +61,10 @@ def differences_t(d: list[float], higher_is_better: bool = False) -> dict:
     n = len(d)
     mean = statistics.mean(d) if d else float("nan")
     low, high = interval95(mean, statistics.stdev(d) if n > 1 else 0.0, n)
+    if n > 1 and low == high != 0 and 2 * 0.5**n >= 0.05:
+        # every seed differs by the same amount (a coarse measure: one question in 16): the spread is 0, so t's
+        # interval has no width and proves nothing; the exact sign test (all n alike: p = 2 / 2^n) needs 6 seeds
+        low, high = -math.inf, math.inf
     if low > 0 or high < 0:
         good = (low > 0) == higher_is_better
         verdict = "better" if good else "worse"
