@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -30,7 +31,8 @@ _ENV = jinja2.Environment(
     lstrip_blocks=True,
     autoescape=False,
 )
-_ENV.filters["f"] = lambda x, spec: format(x, spec)  # {{ x|f(".1%") }}: Python's format spec
+# {{ x|f(".1%") }}: Python's format spec; an unbounded interval's end (no spread to read it from) as the sign of infinity
+_ENV.filters["f"] = lambda x, spec: ("-" if x < 0 else "+") + "∞" if math.isinf(x) else format(x, spec)
 _ENV.globals.update(
     min=min, max=max, mean=statistics.mean, met=lambda ok: "met" if ok else "not met", ordinal=lambda n: _ordinal(n)
 )

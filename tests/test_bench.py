@@ -57,6 +57,7 @@ def test_a_template_naming_a_figure_its_results_lack_fails_the_render():
         readme.render("default-task", r={"stage_seconds": {}}, t={}, c={}, cfg={}, stages="")
     probe = readme._ENV.from_string("{{ a|f('.1%') }} of {{ b }}\n")  # the environment every template renders in
     assert probe.render(a=0.25, b="x") == "25.0% of x\n"
+    assert probe.render(a=float("-inf"), b="an unbounded interval's end") == "-\u221e of an unbounded interval's end\n"
     with pytest.raises(jinja2.UndefinedError, match="'b' is undefined"):
         probe.render(a=0.25)
 
