@@ -88,3 +88,5 @@ def test_seeds_that_all_differ_by_the_same_amount_prove_nothing_until_the_sign_t
     r = paired_t(dict.fromkeys(range(6), 0.0), dict.fromkeys(range(6), 0.0625))
     assert r["ci95"] == [-0.0625, -0.0625] and r["verdict"] == "better"  # lower is better by default
     assert paired_t({0: 1.0, 1: 1.0}, {0: 1.0, 1: 1.0})["verdict"] == "no difference detected"
+    r = paired_t({0: 0.3, 1: 0.2}, {0: 0.2, 1: 0.1})  # 0.09999999999999998 and 0.1: the same difference
+    assert r["ci95"] == [-math.inf, math.inf] and r["verdict"] == "no difference detected"
