@@ -33,8 +33,20 @@ _ENV = jinja2.Environment(
 )
 # {{ x|f(".1%") }}: Python's format spec; an unbounded interval's end (no spread to read it from) as the sign of infinity
 _ENV.filters["f"] = lambda x, spec: ("-" if x < 0 else "+") + "∞" if math.isinf(x) else format(x, spec)
+
+
+def _paired_verdict(d: dict) -> str:
+    """A paired difference's verdict, or what one seed gives instead (its interval is unbounded: nothing to read)."""
+    return d["verdict"] if d.get("seeds", 2) > 1 else "one seed so far, no interval to read"
+
+
 _ENV.globals.update(
-    min=min, max=max, mean=statistics.mean, met=lambda ok: "met" if ok else "not met", ordinal=lambda n: _ordinal(n)
+    min=min,
+    max=max,
+    mean=statistics.mean,
+    met=lambda ok: "met" if ok else "not met",
+    ordinal=lambda n: _ordinal(n),
+    verdict=_paired_verdict,
 )
 
 
@@ -1300,12 +1312,7 @@ def real_students() -> str:
                 "targets": _pair_targets(pair, s) if pair in ("A", "X") else None,
                 "cached_vs_online": _pair_cached_vs_online(r["config"]) if pair == "A" else "",
                 "claims": [
-                    f"`{k}` "
-                    + (
-                        methods[k][primary]["minus_sft"]["verdict"]
-                        if methods[k][primary]["minus_sft"].get("seeds", 2) > 1
-                        else "one seed so far, no interval to read"
-                    )
+                    f"`{k}` {_paired_verdict(methods[k][primary]['minus_sft'])}"
                     for k in ("hpd", "hpd_fkl")
                     if k in methods and "minus_sft" in methods[k].get(primary, {})
                 ],
