@@ -214,4 +214,6 @@ def test_the_headline_reads_pair_b_at_the_budget_the_preset_trains_with(tmp_path
     (tmp_path / "real_students_B.json").write_text(json.dumps({"overrides": [f"compare.steps={steps // 5}"]}))
     assert readme._pair_b_stem() == "real_students_B"  # nothing at the preset's budget: the main comparison
     (tmp_path / "real_students_B_plateau.json").write_text(json.dumps({"overrides": [f"compare.steps={steps}"]}))
+    readme._SOURCES.clear()
     assert readme._pair_b_stem() == "real_students_B_plateau"
+    assert not readme._SOURCES  # choosing a file uses none of its figures: no section lists it as a source
