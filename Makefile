@@ -104,8 +104,8 @@ $(FETCHED): $(STAMP)
 bench-real: $(STAMP) $(SMOLLM2) $(FETCHED)
 	$(PY) -m bench.real_students --pair B --keep --choice-steps 60 --steps 120 --curve-every 24 --plateau-probe 360 --plateau-probe 600 --arithmetic 640
 	$(PY) -m bench.real_students --pair B --budget plateau --keep --choice-steps 60 --steps 600 --curve-every 120 --arithmetic 640
-	HPD_ALLOW_CODE_EVAL=1 $(PY) -m bench.real_students --pair A
-	HPD_ALLOW_CODE_EVAL=1 $(PY) -m bench.real_students --pair X
+	HPD_ALLOW_CODE_EVAL=1 $(PY) -m bench.real_students --pair A --steps 32 --curve-every 8 --set data.train_examples=128 --set data.heldout_examples=32 --set eval.examples=16 --set distill.eval_examples=32 --set eval.batch_tokens=8192 --set eval.humaneval_problems=40 --set compare.methods=sft,hpd_fkl,fkl --humaneval-all 16384
+	HPD_ALLOW_CODE_EVAL=1 $(PY) -m bench.real_students --pair X --keep --steps 32 --curve-every 16 --set compare.methods='"sft,fkl,hpd_fkl"' --set eval.batch_tokens=8192 --set eval.teacher=false --set compare.seeds=3
 	$(PY) -m bench.readme
 
 bench: $(STAMP) $(SMOLLM2) $(FETCHED)

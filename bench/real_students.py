@@ -391,7 +391,7 @@ def all_problems(results: list[dict], path: Path = HUMANEVAL_ALL) -> dict | None
     }
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pair", choices=("A", "B", "X"), required=True)
     ap.add_argument("--home", default=os.environ.get("HPD_HOME", "work"))
@@ -441,6 +441,23 @@ def main():
         help="a comparison at another budget beside the pair's main one: its results in real_students_<pair>_NAME "
         "(.json and a folder), its runs named <preset>-NAME-<method>-s<seed>",
     )
+    return ap
+
+
+def arm_overrides(args, cut_sets: list[str]) -> list[str]:
+    """Every arm's settings, from the command's flags and (pair B) the cut's: what its results file records."""
+    overrides = [*cut_sets, *args.sets]
+    if args.budget:  # its own runs: the main comparison's arms stay as they are
+        overrides.append(f'run.name="{CONFIG[args.pair]}-{args.budget}"')
+    if args.steps:
+        overrides.append(f"compare.steps={args.steps}")
+    if args.curve_every:
+        overrides.append(f"compare.curve_every={args.curve_every}")
+    return overrides
+
+
+def main():
+    ap = parser()
     args = ap.parse_args()
     if (args.plateau_probe or args.arithmetic) and args.pair != "B":
         ap.error("--plateau-probe and --arithmetic are pair B's; drop them, or use --pair B")
@@ -461,13 +478,7 @@ def main():
         else:
             result["cut"] = choose_cut(args.home, args.choice_steps, run=not args.finished_only)
         overrides = result["cut"]["tried"][result["cut"]["kept"]]["sets"]
-    overrides = [*overrides, *args.sets]
-    if args.budget:  # its own runs: the main comparison's arms stay as they are
-        overrides.append(f'run.name="{CONFIG[args.pair]}-{args.budget}"')
-    if args.steps:
-        overrides.append(f"compare.steps={args.steps}")
-    if args.curve_every:
-        overrides.append(f"compare.curve_every={args.curve_every}")
+    overrides = arm_overrides(args, overrides)
     result["overrides"] = overrides
     if args.humaneval_all:  # pair A's finished models judged again on every problem, then reported
         judge_humaneval(args.home, overrides, args.humaneval_all)

@@ -217,3 +217,26 @@ def test_the_headline_reads_pair_b_at_the_budget_the_preset_trains_with(tmp_path
     readme._SOURCES.clear()
     assert readme._pair_b_stem() == "real_students_B_plateau"
     assert not readme._SOURCES  # choosing a file uses none of its figures: no section lists it as a source
+
+
+def test_make_bench_real_runs_the_settings_its_committed_results_hold():
+    """`make bench-real` measures every real-student figure again: each committed comparison's arm settings are what
+    one line of its recipe asks for (same pair, budget and resolved settings), so its arms are the ones it reruns."""
+    import shlex
+
+    from bench import readme, real_students
+
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    recipe = makefile.split("\nbench-real:", 1)[1].split("\n\n", 1)[0]
+    lines = [line.split("-m bench.real_students", 1)[1] for line in recipe.splitlines() if "real_students" in line]
+    asked = {}
+    for line in lines:
+        args = real_students.parser().parse_args(shlex.split(line))
+        stem = f"real_students_{args.pair}" + (f"_{args.budget}" if args.budget else "")
+        r = json.loads((readme.RESULTS / f"{stem}.json").read_text())
+        cut = r["cut"]["tried"][r["cut"]["kept"]]["sets"] if "cut" in r else []
+        config = real_students.CONFIG[args.pair]
+        asked[stem] = readme._settings(config, real_students.arm_overrides(args, cut))
+        assert asked[stem] == readme._settings(config, r["overrides"]), stem
+    committed = {p.stem for p in readme.RESULTS.glob("real_students_*.json")}
+    assert committed - {s for s in committed if s.endswith(("_arithmetic", "_probe"))} == set(asked)
