@@ -79,12 +79,15 @@ def _settings(config: str, overrides=()):
     return load_config(config, [*overrides, "code.execute=true"])
 
 
-def _result(path: Path) -> dict | None:
-    """A bench's results file, or None where that bench has not been run (its README section is left empty)."""
+def _result(path: Path, source: bool = True) -> dict | None:
+    """A bench's results file, or None where that bench has not been run (its README section is left empty); with
+    source=False it is only looked at (to choose a file), so the section does not list it among its sources."""
     if not path.exists():
         return None
-    _SOURCES[path] = json.loads(path.read_text())
-    return _SOURCES[path]
+    r = json.loads(path.read_text())
+    if source:
+        _SOURCES[path] = r
+    return r
 
 
 def _text(path: Path) -> str:
@@ -1376,9 +1379,7 @@ def _pair_b_stem() -> str:
     main comparison where none ran at that budget."""
     steps = f"compare.steps={_settings('smollm2-half').compare.steps}"
     for stem in ("real_students_B", "real_students_B_plateau"):
-        path = RESULTS / f"{stem}.json"
-        # Read without _result: choosing a file is not using its figures, so it is not listed among the sources.
-        r = json.loads(path.read_text()) if path.exists() else None
+        r = _result(RESULTS / f"{stem}.json", source=False)  # choosing a file is not using its figures
         if r and steps in r["overrides"]:
             return stem
     return "real_students_B"

@@ -228,7 +228,8 @@ def test_make_bench_real_runs_the_settings_its_committed_results_hold():
 
     makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
     recipe = makefile.split("\nbench-real:", 1)[1].split("\n\n", 1)[0]
-    lines = [line.split("-m bench.real_students", 1)[1] for line in recipe.splitlines() if "real_students" in line]
+    bench = "-m bench.real_students"
+    lines = [line.split(bench, 1)[1] for line in recipe.splitlines() if bench in line]
     asked = {}
     for line in lines:
         args = real_students.parser().parse_args(shlex.split(line))
